@@ -1,0 +1,84 @@
+"""Triton adapter for the torch in-flight batching engine (orpheus_triton.engine).
+
+execute() only parses requests and hands them to the engine; the engine's loop
+thread sends one response per generated token through each request's
+response sender, and the final one with the FINAL flag.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from orpheus_triton import constants as c
+from orpheus_triton.engine import CapacityError, GenerationRequest
+from orpheus_triton.serving import ActiveStreams, LlmRequest, StreamIdError, model_parameters
+from orpheus_triton.triton_llm import EngineMetrics, build_engine
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _send_error(sender, message):
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus llm: {message}")), flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.engine = build_engine(model_parameters(args))
+        self.active = ActiveStreams()
+        self.metrics = EngineMetrics(pb_utils, self.engine, self.active)
+        self.engine.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            request_id = request.request_id()
+            try:
+
+                def get(name, request=request):
+                    tensor = pb_utils.get_input_tensor_by_name(request, name)
+                    return None if tensor is None else tensor.as_numpy()
+
+                spec = LlmRequest.from_tensors(get)
+                self.active.claim(request_id)
+            except (ValueError, StreamIdError) as error:
+                _send_error(sender, error)
+                continue
+            try:
+                self.engine.submit(
+                    GenerationRequest(
+                        prompt=spec.prompt, max_new_tokens=spec.max_new_tokens, end_id=spec.end_id,
+                        temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+                        repetition_penalty=spec.repetition_penalty, seed=spec.seed, audio_guard=spec.audio_guard,
+                        emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
+                        is_cancelled=request.is_cancelled, request_id=request_id,
+                    )
+                )
+            except (CapacityError, ValueError) as error:
+                self.active.release(request_id)
+                _send_error(sender, error)
+        return None
+
+    def _emitter(self, sender, request_id):
+        generated = [0]
+
+        def emit(tokens, finished):
+            generated[0] += len(tokens)
+            response = pb_utils.InferenceResponse([
+                pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[tokens]], dtype=np.int32)),
+                pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([generated[0]], dtype=np.int32)),
+            ])
+            if finished:
+                self.active.release(request_id)
+            sender.send(response, flags=FINAL if finished else 0)
+
+        return emit
+
+    def _failer(self, sender, request_id):
+        def fail(message):
+            self.active.release(request_id)
+            _send_error(sender, message)
+
+        return fail
+
+    def finalize(self):
+        self.metrics.stop()
+        self.engine.stop()

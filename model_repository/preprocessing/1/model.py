@@ -1,0 +1,46 @@
+"""Triton adapter: request tensors -> orpheus_triton.preprocess -> LLM input tensors."""
+
+import triton_python_backend_utils as pb_utils
+
+from orpheus_triton import constants as c
+from orpheus_triton.preprocess import SynthesisOptions, llm_inputs
+from orpheus_triton.prompt import PromptError, load_tokenizer
+from orpheus_triton.serving import model_parameters
+
+
+def _optional(request, name, cast):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)
+    if value.size != 1:
+        raise PromptError(f"input {name!r} must hold exactly one value, got {value.size}")
+    value = value[0]
+    return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.tokenizer = load_tokenizer(model_parameters(args)["llm_dir"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                given = {
+                    "text": _optional(request, c.IN_TEXT, str),
+                    "voice": _optional(request, c.IN_VOICE, str),
+                    "max_tokens": _optional(request, c.IN_MAX_TOKENS, int),
+                    "temperature": _optional(request, c.IN_TEMPERATURE, float),
+                    "top_p": _optional(request, c.IN_TOP_P, float),
+                    "repetition_penalty": _optional(request, c.IN_REPETITION_PENALTY, float),
+                    "seed": _optional(request, c.IN_SEED, int),
+                }
+                if given["text"] is None:
+                    raise PromptError(f"input {c.IN_TEXT!r} is required")
+                options = SynthesisOptions(**{k: v for k, v in given.items() if v is not None})
+                tensors = llm_inputs(self.tokenizer, options)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
+            except (PromptError, UnicodeDecodeError, ValueError) as error:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus: {error}")))
+        return responses

@@ -1,0 +1,46 @@
+"""Triton adapter for the batched SNAC decoder (orpheus_triton.serving + orpheus_triton.snac_codec).
+
+Each request is one LLM response (a few token ids) of one stream. All windows
+that the batch completes, whatever their stream, go through SNAC in one call.
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from orpheus_triton import constants as c
+from orpheus_triton.serving import StreamDecoderState, StreamIdError, model_parameters, require_stream_id
+from orpheus_triton.snac_codec import WindowDecoder, load_snac, warm_up
+from orpheus_triton.triton_llm import pick_device
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.decoder = WindowDecoder(load_snac(params["snac_dir"], device=pick_device(params.get("device", "auto"))))
+        warm_up(self.decoder)
+        self.state = StreamDecoderState()
+
+    def execute(self, requests):
+        valid, chunks = [], []
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                stream_id = require_stream_id(request.request_id())
+            except StreamIdError as error:
+                error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus decoder: {error}"))
+                sender.send(error_response, flags=FINAL)
+                continue
+            tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
+            valid.append(sender)
+            chunks.append((stream_id, tokens))
+        per_request = self.state.windows_for(chunks)
+        audio = iter(self.decoder.decode([w for windows in per_request for w in windows]))
+        for sender, windows in zip(valid, per_request, strict=True):
+            if windows:
+                pcm = np.concatenate([next(audio) for _ in windows])[None, :]
+                sender.send(pb_utils.InferenceResponse([pb_utils.Tensor(c.DECODER_AUDIO, pcm)]), flags=FINAL)
+            else:
+                sender.send(flags=FINAL)
+        return None

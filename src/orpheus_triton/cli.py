@@ -1,0 +1,202 @@
+"""`orpheus-triton`: serve the model repository, synthesize speech, fetch weights."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .constants import DEFAULT_VOICE, SAMPLE_RATE, VOICES
+from .demo_models import ModelSet, cache_dir, demo_model_set
+
+DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
+
+
+def _log(message: str) -> None:
+    print(f"[orpheus-triton] {message}", file=sys.stderr, flush=True)
+
+
+def _model_set(models: str | None) -> ModelSet:
+    if models is None:
+        _log("no --models given: serving the demo model set (random weights: the audio is noise)")
+        return demo_model_set(log=_log)
+    model_set = ModelSet(Path(models).expanduser().resolve())
+    model_set.check()
+    return model_set
+
+
+def _render(args, model_set: ModelSet) -> Path:
+    from .repository import RepositorySettings, render  # noqa: PLC0415
+
+    settings = RepositorySettings(
+        llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
+        max_streams=args.max_streams, max_seq_len=args.max_seq_len,
+    )
+    root = cache_dir() / "repositories"
+    root.mkdir(parents=True, exist_ok=True)
+    return render(settings, Path(tempfile.mkdtemp(prefix="repository-", dir=root)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_serve(args) -> int:
+    from .server import Ports, start_server  # noqa: PLC0415
+
+    repository = _render(args, _model_set(args.models))
+    ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
+    _log(f"model repository: {repository}")
+    _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
+    process = start_server(repository, ports)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        return process.wait()
+    finally:
+        shutil.rmtree(repository, ignore_errors=True)
+
+
+def _synthesize_to_wav(url: str, text: str, output: Path, **options) -> None:
+    from .client import OrpheusClient  # noqa: PLC0415
+    from .wav import StreamingWavWriter  # noqa: PLC0415
+
+    client = OrpheusClient(url)
+    with StreamingWavWriter(output) as wav:
+        result = client.synthesize(text, on_chunk=wav.write, **options)
+    client.close()
+    if not result.chunks:
+        raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
+    print(
+        f"wrote {output} ({result.audio_seconds:.2f} s of {SAMPLE_RATE} Hz audio in {len(result.chunks)} chunks)\n"
+        f"time to first audio: {result.time_to_first_audio * 1000:.0f} ms\n"
+        f"real-time factor:    {result.real_time_factor:.2f} (wall time / audio time; < 1 is faster than real time)"
+    )
+
+
+def _options(args) -> dict:
+    return {"voice": args.voice, "seed": args.seed, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
+
+
+def cmd_say(args) -> int:
+    from .client import SynthesisError  # noqa: PLC0415
+
+    try:
+        _synthesize_to_wav(args.url, args.text, Path(args.output), **_options(args))
+    except SynthesisError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # connection refused and friends
+        print(f"error: could not synthesize via {args.url}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Serve the repository on free local ports, synthesize one WAV through the ensemble, stop."""
+    from .server import Ports, start_server, wait_until_ready  # noqa: PLC0415
+
+    repository = _render(args, _model_set(args.models))
+    ports = Ports(_free_port(), _free_port(), _free_port())
+    log_path = cache_dir() / "demo-server.log"
+    _log(f"starting tritonserver (log: {log_path}) ...")
+    with open(log_path, "w") as log_file:
+        process = start_server(repository, ports, log_file=log_file)
+        try:
+            wait_until_ready(process, f"localhost:{ports.grpc}")
+            _log("server ready; synthesizing through the 'orpheus' ensemble")
+            _synthesize_to_wav(f"localhost:{ports.grpc}", args.text, Path(args.output), **_options(args))
+        finally:
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=30)
+            if process.poll() is None:
+                process.kill()
+            shutil.rmtree(repository, ignore_errors=True)
+    return 0
+
+
+def cmd_download(args) -> int:
+    try:
+        from huggingface_hub import snapshot_download  # noqa: PLC0415
+    except ImportError:
+        print("error: `pip install huggingface_hub` (or orpheus-triton[download]) first", file=sys.stderr)
+        return 1
+    target = ModelSet(Path(args.dir).expanduser().resolve())
+    _log(f"downloading {args.llm_repo} -> {target.llm}")
+    snapshot_download(args.llm_repo, local_dir=target.llm, token=args.token,
+                      allow_patterns=["*.json", "*.safetensors"])
+    _log(f"downloading {args.snac_repo} -> {target.snac}")
+    snapshot_download(args.snac_repo, local_dir=target.snac, token=args.token,
+                      allow_patterns=["config.json", "pytorch_model.bin"])
+    target.check()
+    _log(f"done: orpheus-triton serve --models {target.root}")
+    return 0
+
+
+def _server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    parser.add_argument("--max-streams", type=int, default=16, help="concurrent streams the LLM engine batches")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
+
+
+def _synthesis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", default="out.wav", help="WAV file to write (default: out.wav)")
+    parser.add_argument("--voice", default=DEFAULT_VOICE, choices=VOICES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=None, help="audio tokens to generate at most (7 per 85 ms)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orpheus-triton", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run tritonserver in the foreground with the model repository")
+    _server_options(serve)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.set_defaults(run=cmd_serve)
+
+    say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")
+    say.add_argument("text")
+    say.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
+    _synthesis_options(say)
+    say.set_defaults(run=cmd_say)
+
+    demo = commands.add_parser("demo", help="start a server, synthesize one WAV through it, stop")
+    demo.add_argument("text", nargs="?", default=DEFAULT_TEXT)
+    _server_options(demo)
+    _synthesis_options(demo)
+    demo.set_defaults(run=cmd_demo)
+
+    download = commands.add_parser("download", help="fetch Orpheus 3B and SNAC 24 kHz weights (Hugging Face hub)")
+    download.add_argument("dir", help="model set directory to create (llm/ and snac/)")
+    download.add_argument("--token", help="Hugging Face token (Orpheus is a gated model)")
+    download.add_argument("--llm-repo", default="canopylabs/orpheus-3b-0.1-ft")
+    download.add_argument("--snac-repo", default="hubertsiuzdak/snac_24khz")
+    download.set_defaults(run=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Streaming gRPC client for the `orpheus` ensemble.
+
+Every stream gets a fresh uuid4 request id: the server keys each stream's
+decoder state by it (see orpheus_triton.serving).
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .constants import (
+    DEFAULT_VOICE,
+    ENSEMBLE_MODEL,
+    IN_MAX_TOKENS,
+    IN_REPETITION_PENALTY,
+    IN_SEED,
+    IN_TEMPERATURE,
+    IN_TEXT,
+    IN_TOP_P,
+    IN_VOICE,
+    OUT_AUDIO,
+    SAMPLE_RATE,
+)
+
+
+class SynthesisError(RuntimeError):
+    """The server refused or failed the request; the message is the server's."""
+
+
+@dataclass
+class Chunk:
+    audio: np.ndarray  # int16
+    arrived: float  # seconds since the request was sent
+
+
+@dataclass
+class SynthesisResult:
+    request_id: str
+    chunks: list[Chunk] = field(default_factory=list)
+    total_seconds: float = 0.0
+
+    @property
+    def audio(self) -> np.ndarray:
+        if not self.chunks:
+            return np.zeros(0, dtype=np.int16)
+        return np.concatenate([c.audio for c in self.chunks])
+
+    @property
+    def time_to_first_audio(self) -> float | None:
+        return self.chunks[0].arrived if self.chunks else None
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(len(c.audio) for c in self.chunks) / SAMPLE_RATE
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Wall time over audio time: below 1 means faster than real time."""
+        return self.total_seconds / self.audio_seconds if self.audio_seconds else None
+
+
+def request_inputs(
+    text: str,
+    voice: str | None = DEFAULT_VOICE,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+):
+    """tritonclient gRPC input tensors for one `orpheus` request (options left out take server defaults)."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    def tensor(name, value, dtype, triton_type):
+        t = grpcclient.InferInput(name, [1], triton_type)
+        t.set_data_from_numpy(np.array([value], dtype=dtype))
+        return t
+
+    inputs = [tensor(IN_TEXT, text.encode("utf-8"), np.object_, "BYTES")]
+    optional = [
+        (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_, "BYTES"),
+        (IN_MAX_TOKENS, max_tokens, np.int32, "INT32"),
+        (IN_TEMPERATURE, temperature, np.float32, "FP32"),
+        (IN_TOP_P, top_p, np.float32, "FP32"),
+        (IN_REPETITION_PENALTY, repetition_penalty, np.float32, "FP32"),
+        (IN_SEED, seed, np.uint64, "UINT64"),
+    ]
+    inputs += [tensor(name, value, dtype, kind) for name, value, dtype, kind in optional if value is not None]
+    return inputs
+
+
+class OrpheusClient:
+    """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread)."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = ENSEMBLE_MODEL):
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+        self.url = url
+        self.model = model
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def synthesize(
+        self,
+        text: str,
+        on_chunk: Callable[[np.ndarray], None] | None = None,
+        timeout: float = 600.0,
+        request_id: str | None = None,
+        **options,
+    ) -> SynthesisResult:
+        """Stream one utterance; ``on_chunk`` sees each int16 chunk as it arrives."""
+        events: queue.Queue = queue.Queue()
+        result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
+        self.client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
+        try:
+            started = time.perf_counter()
+            self.client.async_stream_infer(
+                self.model, request_inputs(text, **options), request_id=result.request_id,
+                enable_empty_final_response=True,
+            )
+            while True:
+                try:
+                    response, error, arrived = events.get(timeout=max(0.0, started + timeout - time.perf_counter()))
+                except queue.Empty:
+                    raise TimeoutError(f"no response for {timeout:.0f} s") from None
+                if error is not None:
+                    raise SynthesisError(str(error))
+                audio = response.as_numpy(OUT_AUDIO)
+                if audio is not None and audio.size:
+                    audio = audio.reshape(-1)
+                    result.chunks.append(Chunk(audio, arrived - started))
+                    if on_chunk:
+                        on_chunk(audio)
+                final = response.get_response().parameters.get("triton_final_response")
+                if final is not None and final.bool_param:
+                    break
+            result.total_seconds = time.perf_counter() - started
+            return result
+        finally:
+            self.client.stop_stream(cancel_requests=True)
+
+    def close(self) -> None:
+        self.client.close()

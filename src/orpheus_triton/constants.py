@@ -1,0 +1,87 @@
+"""Every fact the server, the client, the tests and the config renderer share.
+
+Orpheus 3B is Llama-3.2-3B with 28,684 extra tokens appended to the Llama-3
+vocabulary: a handful of control tokens and seven banks of 4096 SNAC codes.
+The ids below are those of the published checkpoints; nothing else in the
+project spells them out.
+"""
+
+from __future__ import annotations
+
+# --- Orpheus vocabulary layout --------------------------------------------------
+VOCAB_SIZE = 156_940
+BEGIN_OF_TEXT = 128_000  # Llama-3 BOS
+END_OF_TEXT = 128_009  # Llama-3 <|eot_id|>, closes the text turn
+START_OF_SPEECH = 128_257
+END_OF_SPEECH = 128_258  # generation stops here
+START_OF_HUMAN = 128_259
+END_OF_HUMAN = 128_260
+START_OF_AI = 128_261
+END_OF_AI = 128_262
+PAD_TOKEN = 128_263
+CUSTOM_TOKEN_BASE = 128_256  # "<custom_token_N>" has id CUSTOM_TOKEN_BASE + N
+AUDIO_TOKEN_BASE = 128_266  # id of code 0 in frame slot 0
+
+# --- SNAC frame layout -------------------------------------------------------------
+CODEBOOK_SIZE = 4096
+TOKENS_PER_FRAME = 7
+# Which SNAC codebook each of the 7 slots of a frame belongs to. Codebook 0 runs
+# at 12 Hz (1 code per frame), codebook 1 at 23 Hz (2), codebook 2 at 47 Hz (4).
+SLOT_CODEBOOK = (0, 1, 2, 2, 1, 2, 2)
+CODES_PER_FRAME = (1, 2, 4)
+SAMPLE_RATE = 24_000
+SAMPLES_PER_FRAME = 2048  # one frame of codes is 2048 samples (~85 ms) of audio
+FRAMES_PER_WINDOW = 4  # the streaming decoder decodes 4 frames at a time ...
+WINDOW_TOKENS = FRAMES_PER_WINDOW * TOKENS_PER_FRAME  # ... i.e. 28 tokens
+WINDOW_KEEP_START = 2048  # ... and keeps the second frame's samples,
+WINDOW_KEEP_END = 4096  # where context on both sides hides window seams.
+REAL_TIME_TOKENS_PER_SECOND = TOKENS_PER_FRAME * SAMPLE_RATE / SAMPLES_PER_FRAME  # ~82
+
+# --- Voices and sampling defaults ---------------------------------------------------
+VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
+DEFAULT_VOICE = "tara"
+EMOTIVE_TAGS = ("<laugh>", "<chuckle>", "<sigh>", "<cough>", "<sniffle>", "<groan>", "<yawn>", "<gasp>")
+DEFAULT_TEMPERATURE = 0.6
+DEFAULT_TOP_P = 0.8
+DEFAULT_TOP_K = 0  # 0 = no top-k cut
+DEFAULT_REPETITION_PENALTY = 1.1
+DEFAULT_MAX_TOKENS = 1200  # ~14 s of audio
+MAX_TEXT_CHARS = 2000
+
+# --- Triton model names ---------------------------------------------------------------
+ENSEMBLE_MODEL = "orpheus"
+PREPROCESSING_MODEL = "preprocessing"
+LLM_MODEL = "llm"
+DECODER_MODEL = "snac_decoder"
+
+# --- Public tensor contract of the `orpheus` ensemble ----------------------------------
+IN_TEXT = "text"
+IN_VOICE = "voice"
+IN_MAX_TOKENS = "max_tokens"
+IN_TEMPERATURE = "temperature"
+IN_TOP_P = "top_p"
+IN_REPETITION_PENALTY = "repetition_penalty"
+IN_SEED = "seed"
+OUT_AUDIO = "audio"
+
+# --- The LLM stage: the TensorRT-LLM backend's tensor names -----------------------------
+LLM_INPUT_IDS = "input_ids"
+LLM_INPUT_LENGTHS = "input_lengths"
+LLM_REQUEST_OUTPUT_LEN = "request_output_len"
+LLM_END_ID = "end_id"
+LLM_PAD_ID = "pad_id"
+LLM_STREAMING = "streaming"
+LLM_TEMPERATURE = "temperature"
+LLM_TOP_P = "runtime_top_p"
+LLM_TOP_K = "runtime_top_k"
+LLM_REPETITION_PENALTY = "repetition_penalty"
+LLM_SEED = "random_seed"
+LLM_OUTPUT_IDS = "output_ids"
+LLM_SEQUENCE_LENGTH = "sequence_length"
+# Not part of TensorRT-LLM's contract: the torch engine's per-request switch for
+# the audio-token guard (on when absent).
+LLM_AUDIO_GUARD = "audio_token_guard"
+
+# --- snac_decoder -----------------------------------------------------------------------
+DECODER_TOKENS = "output_ids"
+DECODER_AUDIO = "audio"

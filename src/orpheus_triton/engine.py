@@ -1,0 +1,302 @@
+"""In-flight batching for the torch LLM stage.
+
+One scheduler loop owns the model. Each iteration (a *step*):
+
+1. drops streams whose client went away and admits queued requests into free
+   slots;
+2. prefills waiting prompts in the scratch slot, at most ``prefill_chunk``
+   prompt tokens per step, so a long prompt never stalls running streams for
+   more than one chunk; a finished prefill moves into the next decode slot;
+3. runs ONE batched forward over every decoding stream (slots ``0..n-1``),
+   samples a token per stream and hands it to the stream's callback.
+
+A stream that finishes leaves at once: the last stream's cache moves into its
+slot so the decoding slots stay contiguous (views, no gathers), and the freed
+slot serves the next request at the following step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .constants import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    END_OF_SPEECH,
+)
+from .llama import Llama
+from .sampling import SamplingBatch, sample
+
+log = logging.getLogger(__name__)
+
+
+class CapacityError(RuntimeError):
+    """The engine cannot take this request (queue full or sequence too long)."""
+
+
+@dataclass
+class GenerationRequest:
+    """What one stream asks for; ``emit(tokens, finished)`` receives its output as it is made."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    emit: Callable[[list[int], bool], None]
+    end_id: int = END_OF_SPEECH
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    seed: int = 0
+    audio_guard: bool = True
+    is_cancelled: Callable[[], bool] = lambda: False
+    fail: Callable[[str], None] | None = None  # told why, if the engine has to drop the stream
+    request_id: str = ""
+
+
+@dataclass
+class _Stream:
+    request: GenerationRequest
+    length: int = 0  # cached positions
+    generated: list[int] = field(default_factory=list)
+    audio_tokens: int = 0
+    prefilled: int = 0  # prompt tokens already in the cache
+    enqueued_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters for metrics; read without the lock (single writer, word-sized values)."""
+
+    active_streams: int = 0
+    queued_requests: int = 0
+    tokens_generated: int = 0
+    steps: int = 0
+    last_step_seconds: float = 0.0
+    last_batch_size: int = 0
+    cancelled: int = 0
+
+
+class InflightEngine:
+    def __init__(
+        self,
+        model: Llama,
+        max_streams: int = 8,
+        max_seq_len: int = 2048,
+        max_queue: int = 256,
+        prefill_chunk: int = 256,
+    ):
+        if max_streams < 1:
+            raise ValueError("max_streams must be >= 1")
+        self.model = model
+        self.device = model.embed_tokens.weight.device
+        self.max_streams = max_streams
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.scratch_slot = max_streams  # prompts are prefilled here, then moved
+        model.allocate_cache(max_streams + 1, max_seq_len)
+        vocab = model.config.vocab_size
+        # Tokens each slot has seen (prompt + output), for the repetition penalty.
+        self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
+        self.decoding: list[_Stream] = []  # stream i lives in slot i
+        self.prefilling: _Stream | None = None
+        self.queue: collections.deque[_Stream] = collections.deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self.stats = EngineStats()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- public API ------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; raises CapacityError with a clear reason if it cannot be served."""
+        if not request.prompt:
+            raise ValueError("empty prompt")
+        if len(request.prompt) + request.max_new_tokens > self.max_seq_len:
+            raise CapacityError(
+                f"prompt of {len(request.prompt)} tokens + max_tokens {request.max_new_tokens} exceeds the "
+                f"engine's max_seq_len {self.max_seq_len}; shorten the text or lower max_tokens"
+            )
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
+        with self.lock:
+            if len(self.queue) >= self.max_queue:
+                raise CapacityError(
+                    f"server busy: {len(self.queue)} requests already queued (max_queue {self.max_queue}); retry later"
+                )
+            self.queue.append(_Stream(request))
+            self.stats.queued_requests = len(self.queue)
+        self.wakeup.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="inflight-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wakeup.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def idle(self) -> bool:
+        return not (self.decoding or self.prefilling or self.queue)
+
+    def run_until_idle(self) -> None:
+        """Step until every request is done (for tests and in-process benchmarks)."""
+        while not self.idle():
+            self.step()
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping:
+            if self.idle():
+                self.wakeup.wait(timeout=0.5)
+                self.wakeup.clear()
+                continue
+            try:
+                self.step()
+            except Exception:  # keep serving others; fail the streams of this step
+                log.exception("engine step failed")
+                self._fail_all("internal error in the LLM engine step; see server log")
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        started = time.perf_counter()
+        self._drop_cancelled()
+        self._prefill()
+        if self.decoding:
+            self._decode()
+        self.stats.steps += 1
+        self.stats.last_step_seconds = time.perf_counter() - started
+        self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
+        self.stats.queued_requests = len(self.queue)
+
+    def _drop_cancelled(self) -> None:
+        dropped = []
+        for index in reversed(range(len(self.decoding))):
+            if self.decoding[index].request.is_cancelled():
+                dropped.append(self.decoding[index])
+                self._leave(index)
+        if self.prefilling and self.prefilling.request.is_cancelled():
+            dropped.append(self.prefilling)
+            self.prefilling = None
+        with self.lock:
+            if any(s.request.is_cancelled() for s in self.queue):
+                dropped += [s for s in self.queue if s.request.is_cancelled()]
+                self.queue = collections.deque(s for s in self.queue if not s.request.is_cancelled())
+        self.stats.cancelled += len(dropped)
+        self._notify(dropped, "request cancelled by the client")
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while budget > 0 and len(self.decoding) < self.max_streams:
+            if self.prefilling is None:
+                with self.lock:
+                    if not self.queue:
+                        return
+                    self.prefilling = self.queue.popleft()
+                self.seen[self.scratch_slot] = False
+                prompt = torch.tensor(self.prefilling.request.prompt, device=self.device)
+                self.seen[self.scratch_slot, prompt] = True
+            stream = self.prefilling
+            prompt = stream.request.prompt
+            chunk = prompt[stream.prefilled : stream.prefilled + budget]
+            tokens = torch.tensor([chunk], device=self.device)
+            positions = torch.arange(stream.prefilled, stream.prefilled + len(chunk), device=self.device)[None]
+            logits = self.model(tokens, positions, first_slot=self.scratch_slot)
+            stream.prefilled += len(chunk)
+            stream.length = stream.prefilled
+            budget -= len(chunk)
+            if stream.prefilled < len(prompt):
+                return  # rest of the prompt next step
+            # Prompt done: move into the next decode slot and sample its first token.
+            slot = len(self.decoding)
+            self.model.copy_slot(self.scratch_slot, slot, stream.length)
+            self.seen[slot] = self.seen[self.scratch_slot]
+            self.decoding.append(stream)
+            self.prefilling = None
+            self._sample_and_emit([slot], logits)
+
+    def _decode(self) -> None:
+        batch = len(self.decoding)
+        last = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)
+        positions = torch.tensor([[s.length] for s in self.decoding], device=self.device)
+        context = max(s.length for s in self.decoding) + 1
+        logits = self.model(last, positions, first_slot=0, context_len=context)
+        for stream in self.decoding:
+            stream.length += 1
+        self.stats.last_batch_size = batch
+        self._sample_and_emit(list(range(batch)), logits)
+
+    def _sample_and_emit(self, slots: list[int], logits: torch.Tensor) -> None:
+        streams = [self.decoding[s] for s in slots]
+        dev = self.device
+        params = SamplingBatch(
+            temperature=torch.tensor([s.request.temperature for s in streams], device=dev),
+            top_p=torch.tensor([s.request.top_p for s in streams], device=dev),
+            top_k=torch.tensor([s.request.top_k for s in streams], device=dev),
+            repetition_penalty=torch.tensor([s.request.repetition_penalty for s in streams], device=dev),
+            seed=torch.tensor([s.request.seed for s in streams], dtype=torch.int64, device=dev),
+            step=torch.tensor([len(s.generated) for s in streams], device=dev),
+            audio_guard=torch.tensor([s.request.audio_guard for s in streams], device=dev),
+            audio_position=torch.tensor([s.audio_tokens for s in streams], device=dev),
+        )
+        slot_index = torch.tensor(slots, device=dev)
+        tokens = sample(logits, params, self.seen[slot_index])
+        self.seen[slot_index, tokens] = True
+        finished = []
+        now = time.monotonic()
+        for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):
+            stream.generated.append(token)
+            stream.first_token_at = stream.first_token_at or now
+            if token != stream.request.end_id:
+                stream.audio_tokens += 1
+            ended = token == stream.request.end_id
+            done = ended or len(stream.generated) >= stream.request.max_new_tokens
+            self.stats.tokens_generated += 1
+            # A stream always ends with end_id, even when cut at max_new_tokens:
+            # downstream stages use it to know the stream is complete.
+            out = [token] if ended or not done else [token, stream.request.end_id]
+            try:
+                stream.request.emit(out, done)
+            except Exception:
+                log.exception("emit failed for request %r; dropping it", stream.request.request_id)
+                done = True
+            if done:
+                finished.append(slot)
+        for slot in sorted(finished, reverse=True):
+            self._leave(slot)
+
+    def _leave(self, slot: int) -> None:
+        """Free ``slot`` now; the last decoding stream moves in to keep slots contiguous."""
+        last = len(self.decoding) - 1
+        if slot != last:
+            moved = self.decoding[last]
+            self.model.copy_slot(last, slot, moved.length)
+            self.seen[slot] = self.seen[last]
+            self.decoding[slot] = moved
+        self.decoding.pop()
+
+    def _fail_all(self, message: str) -> None:
+        streams = self.decoding + ([self.prefilling] if self.prefilling else [])
+        self.decoding, self.prefilling = [], None
+        self._notify(streams, message)
+
+    @staticmethod
+    def _notify(streams: list[_Stream], message: str) -> None:
+        for stream in streams:
+            try:
+                if stream.request.fail:
+                    stream.request.fail(message)
+            except Exception:
+                log.exception("could not notify request %r", stream.request.request_id)

@@ -1,0 +1,122 @@
+"""Audio tokens <-> SNAC codes, and the streaming window framer.
+
+An Orpheus audio token carries both a SNAC code and the slot of the frame it
+belongs to: ``id = AUDIO_TOKEN_BASE + code + CODEBOOK_SIZE * slot``. Seven
+consecutive tokens form one frame; the framer below turns a token stream into
+the 28-token windows that the SNAC decoder turns into audio, exactly as the
+reference Orpheus streaming decoder does (one window every 7 tokens once 28 are
+buffered), with one deliberate fix: the reference drops every code 0 (its
+``if token > 0`` test), which silently shifts the frame alignment; here code 0
+is a code like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .constants import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    SLOT_CODEBOOK,
+    TOKENS_PER_FRAME,
+    WINDOW_TOKENS,
+)
+
+
+def audio_token_id(code: int, position: int) -> int:
+    """Token id of SNAC ``code`` at stream ``position`` (counted from the first audio token)."""
+    if not 0 <= code < CODEBOOK_SIZE:
+        raise ValueError(f"SNAC code {code} outside [0, {CODEBOOK_SIZE})")
+    return AUDIO_TOKEN_BASE + code + CODEBOOK_SIZE * (position % TOKENS_PER_FRAME)
+
+
+def token_slot(token_id: int) -> int | None:
+    """Frame slot (0..6) an audio token belongs to, or None for a non-audio token."""
+    offset = token_id - AUDIO_TOKEN_BASE
+    if not 0 <= offset < CODEBOOK_SIZE * TOKENS_PER_FRAME:
+        return None
+    return offset // CODEBOOK_SIZE
+
+
+def token_code(token_id: int, position: int) -> int | None:
+    """SNAC code of ``token_id`` if it is a valid audio token for ``position``, else None."""
+    code = token_id - AUDIO_TOKEN_BASE - CODEBOOK_SIZE * (position % TOKENS_PER_FRAME)
+    return code if 0 <= code < CODEBOOK_SIZE else None
+
+
+def split_codebooks(window_codes: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split whole frames of codes into SNAC's three codebooks (1, 2 and 4 codes a frame)."""
+    codes = np.asarray(window_codes, dtype=np.int64)
+    if codes.size % TOKENS_PER_FRAME:
+        raise ValueError(f"{codes.size} codes is not a whole number of {TOKENS_PER_FRAME}-code frames")
+    frames = codes.reshape(-1, TOKENS_PER_FRAME)
+    books = []
+    for book in range(3):
+        slots = [s for s, b in enumerate(SLOT_CODEBOOK) if b == book]
+        books.append(frames[:, slots].reshape(-1))
+    return books[0], books[1], books[2]
+
+
+def window_seed(window_codes: Sequence[int], frame_index: int) -> int:
+    """Seed for the noise SNAC draws while decoding one window.
+
+    It depends only on what is decoded (the codes and where the window sits in
+    its stream), so a stream's audio is the same whether it is decoded alone or
+    batched with others, and the same seed + text gives the same audio without
+    the decoder needing to know the request's seed.
+    """
+    digest = hashlib.blake2b(np.asarray(window_codes, dtype=np.int32).tobytes(), digest_size=8,
+                             key=frame_index.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class Window:
+    """28 codes (4 frames) ready for SNAC; ``frame_index`` is its first frame's index in the stream."""
+
+    codes: tuple[int, ...]
+    frame_index: int
+
+    @property
+    def seed(self) -> int:
+        return window_seed(self.codes, self.frame_index)
+
+
+@dataclass
+class StreamFramer:
+    """Per-stream state of the streaming decoder: the last codes and the stream position.
+
+    ``push`` takes generated token ids in order and returns the windows that
+    became complete. Tokens that are not audio (end-of-speech, stray text) are
+    skipped as the reference does. An audio token whose slot does not match its
+    position (possible only with the LLM's audio-token guard switched off) is
+    dropped and counted in ``misaligned``: keeping it would shift every later
+    frame, which is the reference decoder's skipped-frames glitch.
+    """
+
+    recent_codes: list[int] = field(default_factory=list)  # at most one window
+    position: int = 0  # audio tokens accepted so far
+    misaligned: int = 0  # audio tokens dropped for arriving in the wrong slot
+
+    def push(self, token_ids: Iterable[int]) -> list[Window]:
+        windows = []
+        for token in token_ids:
+            token = int(token)
+            slot = token_slot(token)
+            if slot is None:
+                continue
+            expected = self.position % TOKENS_PER_FRAME
+            if slot != expected:
+                self.misaligned += 1
+                continue
+            self.recent_codes.append(token - AUDIO_TOKEN_BASE - CODEBOOK_SIZE * slot)
+            del self.recent_codes[:-WINDOW_TOKENS]
+            self.position += 1
+            if self.position % TOKENS_PER_FRAME == 0 and self.position >= WINDOW_TOKENS:
+                first_frame = self.position // TOKENS_PER_FRAME - WINDOW_TOKENS // TOKENS_PER_FRAME
+                windows.append(Window(tuple(self.recent_codes), first_frame))
+        return windows

@@ -1,0 +1,263 @@
+"""Llama-3 in plain torch, with a slot-based static KV cache, loading Hugging Face checkpoints.
+
+The model is written for a serving loop, not for training:
+
+* The KV cache is preallocated for ``max_streams`` slots of ``max_seq_len``
+  positions (plus one scratch slot where prompts are prefilled). A forward call
+  works on a contiguous run of slots, so the decode step over the active
+  streams ``0..n-1`` reads the cache through views and never gathers.
+* Every row carries its own positions, so rows of different lengths share one
+  batched forward; the mask hides each row's unused cache positions.
+
+Checkpoints are read in Hugging Face's format (``config.json`` plus one or more
+``*.safetensors`` files); Orpheus 3B is such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500_000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 131_072
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> LlamaConfig:
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads", heads),
+            intermediate_size=hf["intermediate_size"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta", 10_000.0),
+            rope_scaling=hf.get("rope_scaling"),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+        )
+
+
+def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3's long-context rescaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: llama3, default)")
+    return inv_freq
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply the rotary embedding (Hugging Face's half-split layout). x: [B, T, H, D]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
+        self.k_cache: torch.Tensor | None = None  # [slots, kv_heads, max_seq_len, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, positions, first_slot: int, context_len: int, mask) -> torch.Tensor:
+        batch, steps, _ = x.shape
+        hd = self.config.head_dim
+        q = self.q_proj(x).view(batch, steps, self.config.num_heads, hd)
+        k = self.k_proj(x).view(batch, steps, self.config.num_kv_heads, hd)
+        v = self.v_proj(x).view(batch, steps, self.config.num_kv_heads, hd)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+
+        slots = slice(first_slot, first_slot + batch)
+        k_cache, v_cache = self.k_cache[slots], self.v_cache[slots]  # views
+        rows = torch.arange(batch, device=x.device)[:, None].expand(batch, steps)
+        k_cache[rows, :, positions] = k.to(k_cache.dtype)
+        v_cache[rows, :, positions] = v.to(v_cache.dtype)
+
+        keys, values = k_cache[:, :, :context_len], v_cache[:, :, :context_len]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(batch, steps, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, positions, first_slot, context_len, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, first_slot, context_len, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Llama-3 decoder; parameter names follow Hugging Face so checkpoints load as they are."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        self.max_seq_len = 0
+        self.num_slots = 0
+
+    def allocate_cache(self, num_slots: int, max_seq_len: int) -> None:
+        """Preallocate the KV cache; its size is fixed for the engine's lifetime."""
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        param = self.embed_tokens.weight
+        shape = (num_slots, self.config.num_kv_heads, max_seq_len, self.config.head_dim)
+        for layer in self.layers:
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
+        self.max_seq_len, self.num_slots = max_seq_len, num_slots
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Move the first ``length`` cached positions of one slot to another."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.k_cache[target, :, :length] = attn.k_cache[source, :, :length]
+            attn.v_cache[target, :, :length] = attn.v_cache[source, :, :length]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        first_slot: int = 0,
+        context_len: int | None = None,
+        last_only: bool = True,
+    ) -> torch.Tensor:
+        """Logits for ``tokens`` [B, T] at absolute ``positions`` [B, T], rows in slots first_slot.. .
+
+        ``context_len`` bounds how much of the cache attention reads; it must cover
+        every row's largest position. ``last_only`` returns logits of the last
+        step only ([B, V]) instead of all steps ([B, T, V]).
+        """
+        if context_len is None:
+            context_len = int(positions.max()) + 1
+        x = self.embed_tokens(tokens)
+        angles = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        key_positions = torch.arange(context_len, device=tokens.device)
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+        for layer in self.layers:
+            x = layer(x, cos, sin, positions, first_slot, context_len, mask)
+        if last_only:
+            x = x[:, -1]
+        return self.lm_head(self.norm(x)).float()
+
+
+def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
+    """Load a Hugging Face Llama checkpoint (config.json + *.safetensors) from a local directory."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"LLM directory {path} has no config.json (expected a Hugging Face Llama checkpoint)")
+    hf_config = json.loads(config_file.read_text())
+    if hf_config.get("model_type", "llama") != "llama":
+        raise ValueError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not 'llama'")
+    config = LlamaConfig.from_hf(hf_config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"LLM directory {path} has no *.safetensors weights")
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    with torch.device("meta"):
+        model = Llama(config)
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = key.removeprefix("model.")
+                state[name] = f.get_tensor(key).to(dtype)
+    if config.tie_word_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing = set(model.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(config)
+    return model.to(device).eval()

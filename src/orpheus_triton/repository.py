@@ -1,0 +1,60 @@
+"""Rendering the model repository: config.pbtxt templates + settings -> a directory Triton loads.
+
+``model_repository/`` holds one folder per model, ``config.pbtxt`` beside
+``1/model.py`` as Triton expects, with ``${name}`` placeholders for what
+changes between deployments (weight directories, engine capacity, device).
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .constants import DECODER_MODEL, ENSEMBLE_MODEL, LLM_MODEL, PREPROCESSING_MODEL
+
+MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
+
+
+def template_dir() -> Path:
+    """The model_repository/ folder of this checkout or installation."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parents[2] / "model_repository", here.parent / "model_repository"):
+        if (candidate / ENSEMBLE_MODEL / "config.pbtxt").is_file():
+            return candidate
+    raise FileNotFoundError("model_repository/ templates not found next to the orpheus_triton package")
+
+
+@dataclass(frozen=True)
+class RepositorySettings:
+    llm_dir: str
+    snac_dir: str
+    device: str = "auto"  # auto = cuda if available, else cpu
+    max_streams: int = 16
+    max_seq_len: int = 2048
+    max_queue: int = 256
+    prefill_chunk: int = 256
+    llm_max_batch_size: int = 64
+    preprocessing_instances: int = 2
+    decoder_max_batch_size: int = 64
+    decoder_queue_delay_us: int = 2000
+
+
+def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
+    """Write a loadable repository to ``out`` (replaced if present) and return it."""
+    templates = templates or template_dir()
+    values = {k: str(v) for k, v in asdict(settings).items()}
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    for model in MODELS:
+        source = templates / model
+        shutil.copytree(source, out / model, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        config = (source / "config.pbtxt").read_text()
+        try:
+            rendered = string.Template(config).substitute(values)
+        except KeyError as missing:
+            raise ValueError(f"{source / 'config.pbtxt'} uses unknown setting {missing}") from None
+        (out / model / "config.pbtxt").write_text(rendered)
+    return out

@@ -1,0 +1,115 @@
+"""Per-row sampling for a batch of streams: penalties, audio-token guard, top-k/top-p, seeded draws.
+
+Randomness is counter-based: the Gumbel noise added to token ``v`` of a stream
+at generation step ``s`` is a hash of (seed, s, v). A stream's draws therefore
+depend only on its own seed and logits, never on which other streams share the
+batch or on the order rows happen to be in, and the same holds on CPU and GPU.
+Taking the argmax of logits + Gumbel noise is an exact draw from the softmax
+(the Gumbel-max trick), so filtered sampling keeps its usual meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer ("lowbias32") on int64 tensors holding values < 2**32."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise for rows (seed, step) and candidate ``token_ids`` [B, C] -> float32 [B, C]."""
+    seeds = seeds.to(torch.int64)
+    row = _hash32(_hash32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
+    row = _hash32(row ^ _hash32(steps.to(torch.int64) + 0x9E3779B9))
+    bits_a = _hash32(row[:, None] ^ _hash32(token_ids.to(torch.int64)))
+    bits_b = _hash32(bits_a ^ 0x68E31DA4)
+    # 53 random bits -> uniform in (0, 1), open at both ends.
+    uniform = ((bits_a >> 6).double() * 2**26 + (bits_b >> 5).double() + 0.5) / 2**53
+    return -torch.log(-torch.log(uniform)).float()
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings, as tensors of shape [B] on the logits' device."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # 0 = off
+    repetition_penalty: torch.Tensor
+    seed: torch.Tensor  # int64
+    step: torch.Tensor  # tokens generated so far
+    audio_guard: torch.Tensor  # bool
+    audio_position: torch.Tensor  # audio tokens generated so far (frame slot = position % 7)
+
+
+def guard_candidates(audio_position: torch.Tensor) -> torch.Tensor:
+    """Token ids a guarded row may produce: the 4096 codes of its frame slot, then end-of-speech."""
+    slot = audio_position % TOKENS_PER_FRAME
+    codes = AUDIO_TOKEN_BASE + slot[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=slot.device)
+    eos = torch.full_like(slot[:, None], END_OF_SPEECH)
+    return torch.cat((codes, eos), dim=1)
+
+
+def sample(logits: torch.Tensor, params: SamplingBatch, seen: torch.Tensor) -> torch.Tensor:
+    """Pick one token per row. ``seen`` [B, V] bool marks prompt and generated tokens (for the penalty)."""
+    batch, vocab = logits.shape
+    device = logits.device
+    guard = params.audio_guard
+    next_tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    for rows, restricted in ((guard.nonzero().flatten(), True), ((~guard).nonzero().flatten(), False)):
+        if rows.numel() == 0:
+            continue
+        if restricted:
+            candidates = guard_candidates(params.audio_position[rows])
+            allowed = torch.ones_like(candidates, dtype=torch.bool)
+            # End-of-speech only where a frame is complete.
+            allowed[:, -1] = params.audio_position[rows] % TOKENS_PER_FRAME == 0
+        else:
+            candidates = torch.arange(vocab, device=device).expand(rows.numel(), vocab)
+            allowed = torch.ones_like(candidates, dtype=torch.bool)
+        sub = {name: getattr(params, name)[rows] for name in params.__dataclass_fields__}
+        scores = logits[rows].gather(1, candidates)
+        next_tokens[rows] = _choose(scores, candidates, allowed, seen[rows].gather(1, candidates), sub)
+    return next_tokens
+
+
+def _choose(scores, candidates, allowed, seen, p) -> torch.Tensor:
+    # Repetition penalty as in Hugging Face and TensorRT-LLM: shrink the logit of
+    # every token already in the sequence (divide if positive, multiply if negative).
+    penalty = p["repetition_penalty"][:, None]
+    penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
+    scores = torch.where(seen, penalised, scores)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    greedy = p["temperature"] <= 0
+    scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
+
+    order = scores.argsort(dim=1, descending=True)
+    sorted_scores = scores.gather(1, order)
+    rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
+    top_k = p["top_k"][:, None]
+    drop = (top_k > 0) & (rank >= top_k)
+    probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    mass_before = probs.cumsum(dim=1) - probs
+    drop |= mass_before >= p["top_p"][:, None]
+    drop[:, 0] = False
+    sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+    sorted_ids = candidates.gather(1, order)
+
+    noise = gumbel_noise(p["seed"], p["step"], sorted_ids)
+    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+    pick = (sorted_scores + noise).argmax(dim=1, keepdim=True)
+    return sorted_ids.gather(1, pick).squeeze(1)

@@ -1,0 +1,126 @@
+"""Running the real tritonserver: from the NGC image if present, else from the nvidia-pytriton wheel.
+
+The wheel bundles tritonserver 2.51, its Python backend and a backend stub per
+Python version. The stub embeds Python and must import this environment's
+packages (numpy, torch, orpheus_triton), so the launcher hands it this
+interpreter's home, library and package paths explicitly; it works the same
+from an activated venv, a bare `.venv/bin/orpheus-triton`, or a container.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orpheus_triton
+
+from .demo_models import cache_dir
+
+
+@dataclass(frozen=True)
+class Ports:
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+
+def _pytriton_dist() -> tuple[Path, Path]:
+    """(tritonserver folder, bundled shared libraries) of the nvidia-pytriton wheel."""
+    try:
+        import pytriton  # noqa: PLC0415
+    except ImportError as error:
+        raise RuntimeError(
+            "tritonserver not found: install nvidia-pytriton or run inside the Triton NGC image"
+        ) from error
+    root = Path(pytriton.__file__).parent
+    return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def backend_directory() -> Path:
+    """A backends/ folder whose Python backend uses the stub built for this interpreter's version."""
+    dist, _ = _pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise RuntimeError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
+    target = cache_dir() / "tritonserver" / f"py{version}" / "backends"
+    python = target / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for source in (dist / "backends/python/libtriton_python.so",
+                   dist / "backends/python/triton_python_backend_utils.py", stub):
+        link = python / source.name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == source.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(source)
+    return target
+
+
+def server_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(orpheus_triton.__file__).resolve().parents[1])
+    paths = [package_root, *site.getsitepackages()]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYTHONHOME"] = sys.base_prefix  # the stdlib of the libpython loaded below
+    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    if not shutil.which("tritonserver"):
+        libs.append(str(_pytriton_dist()[1]))
+    if env.get("LD_LIBRARY_PATH"):
+        libs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    return env
+
+
+def server_command(repository: Path, ports: Ports, extra: list[str] | None = None) -> list[str]:
+    installed = shutil.which("tritonserver")
+    if installed:
+        binary, backends = installed, None
+    else:
+        binary, backends = str(_pytriton_dist()[0] / "bin" / "tritonserver"), backend_directory()
+    command = [
+        binary,
+        f"--model-repository={repository}",
+        f"--grpc-port={ports.grpc}",
+        f"--http-port={ports.http}",
+        f"--metrics-port={ports.metrics}",
+        "--allow-metrics=true",
+        "--log-verbose=0",
+    ]
+    if backends:
+        command.append(f"--backend-directory={backends}")
+    return command + list(extra or [])
+
+
+def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        server_command(repository, ports, extra), env=server_environment(),
+        stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+    )
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = 300.0) -> None:
+    """Block until every model is loaded; raise with the reason if the server exits or times out."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    client = grpcclient.InferenceServerClient(url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {process.returncode} while loading models")
+        try:
+            if client.is_server_ready():
+                return
+        except Exception:  # noqa: BLE001 (not listening yet)
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver at {url} not ready after {timeout:.0f} s")

@@ -1,0 +1,175 @@
+"""Triton-independent logic of the LLM and decoder stages (the model.py files only adapt tensors).
+
+Stream identity: Triton hands every composing model of the ensemble the
+client's request id, and nothing else can travel from the preprocessor to the
+decoder (a step after a decoupled model may only take that model's outputs).
+So the request id *is* the stream key, and both stages guard it:
+
+* the LLM stage refuses a request with no id, or with the id of a stream it is
+  still generating, so two live streams can never share a key;
+* the LLM stage always ends a stream with ``end_id`` (appended when the stream
+  stops at ``max_tokens``), and the decoder drops a stream's state when it sees
+  it, so a later request may reuse the id and starts clean;
+* the decoder refuses chunks with no id.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .constants import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    END_OF_SPEECH,
+    LLM_AUDIO_GUARD,
+    LLM_END_ID,
+    LLM_INPUT_IDS,
+    LLM_INPUT_LENGTHS,
+    LLM_REPETITION_PENALTY,
+    LLM_REQUEST_OUTPUT_LEN,
+    LLM_SEED,
+    LLM_TEMPERATURE,
+    LLM_TOP_K,
+    LLM_TOP_P,
+)
+from .frames import StreamFramer, Window
+
+GetInput = Callable[[str], "np.ndarray | None"]
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The ``parameters`` of a Python model's config.pbtxt, from the args Triton passes to initialize()."""
+    config = json.loads(args["model_config"])
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+class StreamIdError(ValueError):
+    """The request's id cannot serve as a stream key."""
+
+
+def require_stream_id(request_id: str) -> str:
+    if not request_id:
+        raise StreamIdError(
+            "this request has no id: set a unique request id for every stream (tritonclient: "
+            "async_stream_infer(..., request_id=str(uuid.uuid4())))"
+        )
+    return request_id
+
+
+def _scalar(get: GetInput, name: str, default, cast):
+    value = get(name)
+    if value is None or value.size == 0:
+        return default
+    return cast(value.reshape(-1)[0])
+
+
+@dataclass(frozen=True)
+class LlmRequest:
+    """An LLM-stage request in engine terms."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    end_id: int = END_OF_SPEECH
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    seed: int = 0
+    audio_guard: bool = True
+
+    @classmethod
+    def from_tensors(cls, get: GetInput) -> LlmRequest:
+        ids = get(LLM_INPUT_IDS)
+        if ids is None:
+            raise ValueError(f"missing input {LLM_INPUT_IDS!r}")
+        ids = ids.reshape(-1)
+        length = _scalar(get, LLM_INPUT_LENGTHS, ids.size, int)
+        if not 0 < length <= ids.size:
+            raise ValueError(f"{LLM_INPUT_LENGTHS}={length} does not fit {ids.size} input ids")
+        max_new = _scalar(get, LLM_REQUEST_OUTPUT_LEN, None, int)
+        if max_new is None:
+            raise ValueError(f"missing input {LLM_REQUEST_OUTPUT_LEN!r}")
+        return cls(
+            prompt=[int(t) for t in ids[:length]],
+            max_new_tokens=max_new,
+            end_id=_scalar(get, LLM_END_ID, END_OF_SPEECH, int),
+            temperature=_scalar(get, LLM_TEMPERATURE, DEFAULT_TEMPERATURE, float),
+            top_p=_scalar(get, LLM_TOP_P, DEFAULT_TOP_P, float),
+            top_k=_scalar(get, LLM_TOP_K, DEFAULT_TOP_K, int),
+            repetition_penalty=_scalar(get, LLM_REPETITION_PENALTY, DEFAULT_REPETITION_PENALTY, float),
+            seed=_scalar(get, LLM_SEED, 0, int),
+            audio_guard=_scalar(get, LLM_AUDIO_GUARD, True, bool),
+        )
+
+
+class ActiveStreams:
+    """Ids of the streams the LLM stage is generating; a second live stream with one id is refused."""
+
+    def __init__(self):
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, request_id: str) -> None:
+        require_stream_id(request_id)
+        with self._lock:
+            if request_id in self._ids:
+                raise StreamIdError(
+                    f"request id {request_id!r} is already streaming; every concurrent stream needs its own id"
+                )
+            self._ids.add(request_id)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._ids.discard(request_id)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+@dataclass
+class _DecoderStream:
+    framer: StreamFramer = field(default_factory=StreamFramer)
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class StreamDecoderState:
+    """Per-stream framing for the SNAC decoder, keyed by request id.
+
+    ``windows_for`` turns one batch of token chunks (one per request, in
+    arrival order) into the windows to decode and which request each belongs
+    to. A stream's state goes when its ``end_id`` arrives, or after
+    ``idle_seconds`` without tokens (a client that vanished mid-stream).
+    """
+
+    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = 120.0):
+        self.end_id = end_id
+        self.idle_seconds = idle_seconds
+        self.streams: dict[str, _DecoderStream] = {}
+
+    def windows_for(self, chunks: Sequence[tuple[str, np.ndarray]]) -> list[list[Window]]:
+        now = time.monotonic()
+        result = []
+        for request_id, tokens in chunks:
+            stream = self.streams.get(request_id)
+            if stream is None:
+                stream = self.streams[request_id] = _DecoderStream()
+            stream.last_seen = now
+            flat = np.asarray(tokens).reshape(-1)
+            result.append(stream.framer.push(flat))
+            if (flat == self.end_id).any():
+                del self.streams[request_id]
+        self._evict(now)
+        return result
+
+    def _evict(self, now: float) -> None:
+        stale = [k for k, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
+        for key in stale:
+            del self.streams[key]

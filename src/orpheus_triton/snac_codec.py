@@ -1,0 +1,153 @@
+"""SNAC decoding of Orpheus windows, batched across streams, with per-window seeded noise.
+
+The weights and architecture are upstream SNAC's (``config.json`` +
+``pytorch_model.bin``, as published for ``hubertsiuzdak/snac_24khz``). Two
+things change for serving:
+
+* SNAC's noise blocks call ``torch.randn`` on the global generator, so a
+  window's audio would depend on what else was decoded before it and on the
+  batch it sits in. Each noise block is swapped for one that draws row ``b``'s
+  noise from generator ``b``; seeded with ``Window.seed`` this gives exactly the
+  noise upstream draws after ``torch.manual_seed(seed)`` for a batch of one.
+* Weight-norm parametrisations are folded into plain weights once at load,
+  instead of being recomputed on every call.
+* On CPU, dense (groups=1) convolutions, plain and transposed, run one row at a time inside the
+  batched call. Their GEMMs round differently for a batch of one than for a
+  larger batch, which moves about 0.1% of int16 samples by one step; row by row
+  they compute exactly what upstream computes for a single window, so a stream
+  sounds the same, sample for sample, alone or batched. Depthwise convolutions
+  and the elementwise layers stay batched (they are batch-invariant already).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from snac import SNAC
+from snac.layers import NoiseBlock
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .constants import WINDOW_KEEP_END, WINDOW_KEEP_START, WINDOW_TOKENS
+from .frames import Window, split_codebooks
+
+SNAC_CONFIG = "config.json"
+SNAC_WEIGHTS = "pytorch_model.bin"
+
+
+class SeededNoise(nn.Module):
+    """Drop-in for SNAC's ``NoiseBlock`` that takes its noise from per-row generators."""
+
+    def __init__(self, block: NoiseBlock):
+        super().__init__()
+        self.linear = block.linear  # same attribute name: upstream state dicts still load
+        self.generators: Sequence[torch.Generator] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, length = x.shape
+        if self.generators is None:
+            noise = torch.randn((batch, 1, length), device=x.device, dtype=x.dtype)
+        else:
+            if len(self.generators) != batch:
+                raise ValueError(f"{len(self.generators)} generators for a batch of {batch}")
+            noise = torch.cat([
+                torch.randn((1, 1, length), generator=g, device=g.device, dtype=x.dtype).to(x.device)
+                for g in self.generators
+            ])
+        return x + noise * self.linear(x)
+
+
+class RowwiseConv1d(nn.Module):
+    """A dense (transposed) Conv1d applied to each batch row separately (batch-invariant rounding)."""
+
+    def __init__(self, conv: nn.Conv1d | nn.ConvTranspose1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return self.conv(x)
+        return torch.cat([self.conv(x[i : i + 1]) for i in range(x.shape[0])])
+
+
+def check_snac_dir(path: Path) -> None:
+    missing = [name for name in (SNAC_CONFIG, SNAC_WEIGHTS) if not (path / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"SNAC model directory {path} lacks {', '.join(missing)}; expected upstream SNAC's "
+            f"{SNAC_CONFIG} and {SNAC_WEIGHTS} (e.g. a local copy of hubertsiuzdak/snac_24khz)"
+        )
+
+
+def load_snac(path: str | Path, device: str | torch.device = "cpu", batch_invariant: bool | None = None) -> SNAC:
+    """Load upstream-format SNAC from a local directory, ready for seeded, batched decoding.
+
+    ``batch_invariant`` (default: on for CPU) runs dense convolutions row by row,
+    see the module docstring.
+    """
+    path = Path(path)
+    check_snac_dir(path)
+    model = SNAC(**json.loads((path / SNAC_CONFIG).read_text()))
+    state = torch.load(path / SNAC_WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    # The encoder is never used for synthesis.
+    model.encoder = nn.Identity()
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    if batch_invariant is None:
+        batch_invariant = torch.device(device).type == "cpu"
+    _swap_modules(model, batch_invariant)
+    return model.to(device).eval()
+
+
+def _swap_modules(module: nn.Module, batch_invariant: bool) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, NoiseBlock):
+            setattr(module, name, SeededNoise(child))
+        elif batch_invariant and type(child) in (nn.Conv1d, nn.ConvTranspose1d) and child.groups == 1:
+            setattr(module, name, RowwiseConv1d(child))
+        else:
+            _swap_modules(child, batch_invariant)
+
+
+class WindowDecoder:
+    """Decodes any number of windows, from any streams, in one SNAC call."""
+
+    def __init__(self, model: SNAC):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.noise_blocks = [m for m in model.modules() if isinstance(m, SeededNoise)]
+
+    @torch.inference_mode()
+    def decode(self, windows: Sequence[Window]) -> list[np.ndarray]:
+        """Return each window's kept samples (2048, int16), in order."""
+        if not windows:
+            return []
+        books = [split_codebooks(w.codes) for w in windows]
+        codes = [torch.from_numpy(np.stack([b[i] for b in books])).to(self.device) for i in range(3)]
+        generators = [torch.Generator().manual_seed(w.seed) for w in windows]
+        for block in self.noise_blocks:
+            block.generators = generators
+        try:
+            audio = self.model.decode(codes)
+        finally:
+            for block in self.noise_blocks:
+                block.generators = None
+        kept = audio[:, 0, WINDOW_KEEP_START:WINDOW_KEEP_END].float().cpu().numpy()
+        return list(to_int16(kept))
+
+
+def to_int16(audio: np.ndarray) -> np.ndarray:
+    """Float audio in [-1, 1] to int16 the way the reference decoder does (scale, truncate)."""
+    return (audio * 32767).astype(np.int16)
+
+
+def warm_up(decoder: WindowDecoder) -> None:
+    """One throwaway decode, so the first listener does not pay for lazy initialisation."""
+    decoder.decode([Window(tuple([0] * WINDOW_TOKENS), 0)])

@@ -1,0 +1,81 @@
+"""Building the torch LLM engine from a model config's parameters, and its Prometheus metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from .engine import InflightEngine
+from .llama import load_llama
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> str:
+    """'auto' -> cuda when a GPU is visible, else cpu; anything else is used as given."""
+    if name in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_engine(params: dict[str, str]) -> InflightEngine:
+    device = pick_device(params.get("device", "auto"))
+    model = load_llama(params["llm_dir"], device=device)
+    engine = InflightEngine(
+        model,
+        max_streams=int(params.get("max_streams", 8)),
+        max_seq_len=int(params.get("max_seq_len", 2048)),
+        max_queue=int(params.get("max_queue", 256)),
+        prefill_chunk=int(params.get("prefill_chunk", 256)),
+    )
+    log.info("torch LLM engine on %s: %d streams x %d positions", device, engine.max_streams, engine.max_seq_len)
+    return engine
+
+
+class EngineMetrics:
+    """Engine gauges and counters as Triton custom metrics (served on the server's /metrics)."""
+
+    def __init__(self, pb_utils, engine: InflightEngine, active, interval: float = 0.5):
+        kinds = pb_utils.MetricFamily
+
+        # Triton requires each MetricFamily to outlive its Metrics: keep both here.
+        self.families = []
+
+        def metric(name, text, kind):
+            family = kinds(name=name, description=text, kind=kind)
+            self.families.append(family)
+            return family.Metric(labels={"model": "llm"})
+
+        def gauge(name, text):
+            return metric(name, text, kinds.GAUGE)
+
+        self.engine = engine
+        self.active = active
+        self.active_streams = gauge("orpheus_llm_active_streams", "Streams holding a KV-cache slot")
+        self.queued = gauge("orpheus_llm_queued_requests", "Requests waiting for a free slot")
+        self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step")
+        self.batch_size = gauge("orpheus_llm_decode_batch_size", "Streams in the last batched decode")
+        self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
+        self.tokens = metric("orpheus_llm_generated_tokens_total", "Tokens generated", kinds.COUNTER)
+        self._reported_tokens = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), name="llm-metrics", daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            stats = self.engine.stats
+            self.active_streams.set(stats.active_streams)
+            self.queued.set(stats.queued_requests)
+            self.step_seconds.set(stats.last_step_seconds)
+            self.batch_size.set(stats.last_batch_size)
+            produced = stats.tokens_generated - self._reported_tokens
+            self._reported_tokens += produced
+            self.tokens.increment(produced)
+            self.tokens_per_second.set(produced / interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,60 @@
+"""A WAV writer that can be read while it grows: the header is patched with the final sizes on close."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from .constants import SAMPLE_RATE
+
+
+def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATE, channels: int = 1, bits: int = 16) -> bytes:
+    block = channels * bits // 8
+    return (
+        b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE"
+        + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits)
+        + b"data" + struct.pack("<I", data_bytes)
+    )
+
+
+class StreamingWavWriter:
+    """Append int16 mono chunks as they arrive; sizes in the header are fixed up on close()."""
+
+    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE):
+        self.path = Path(path)
+        self.sample_rate = sample_rate
+        self.file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+        self.file.write(wav_header(0, sample_rate))
+        self.data_bytes = 0
+
+    def write(self, pcm: np.ndarray) -> None:
+        data = np.asarray(pcm, dtype="<i2").tobytes()
+        self.file.write(data)
+        self.file.flush()
+        self.data_bytes += len(data)
+
+    def close(self) -> None:
+        if self.file.closed:
+            return
+        self.file.seek(0)
+        self.file.write(wav_header(self.data_bytes, self.sample_rate))
+        self.file.close()
+
+    def __enter__(self) -> StreamingWavWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_wav(path: str | Path) -> tuple[int, np.ndarray]:
+    """(sample rate, int16 samples) of a mono 16-bit PCM WAV file."""
+    import wave  # noqa: PLC0415
+
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
+            raise ValueError(f"{path}: expected mono 16-bit PCM")
+        return wav.getframerate(), np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
