@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Build the TensorRT-LLM engine that serves Orpheus's `llm` stage on NVIDIA GPUs.
+
+Run it inside the Triton TensorRT-LLM image (nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3),
+which holds tensorrt_llm and trtllm-build:
+
+    python3 build_engines/build_trtllm.py --llm-dir /models/llm --output-dir /engines/orpheus-3b
+
+1. checks the Hugging Face checkpoint (the llm/ folder of a model set, see `orpheus-triton download`);
+2. converts it to a TensorRT-LLM checkpoint (tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face);
+3. compiles it with trtllm-build for in-flight batching: paged KV cache, packed (padding-free) inputs,
+   the GPT attention plugin with fused context attention, chunked prefill;
+4. writes orpheus_engine.json beside the engine: how it was built, with which TensorRT-LLM, on which GPU.
+   With --skip-if-built a later run that would build the same engine does nothing.
+
+An engine only runs on the GPU model and TensorRT-LLM version it was built with.
+`--dry-run` checks the checkpoint and prints the steps without needing TensorRT-LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import importlib
+import importlib.util
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from orpheus_triton.constants import VOCAB_SIZE
+
+METADATA = "orpheus_engine.json"
+DTYPES = ("bfloat16", "float16")
+NGC_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3"
+
+
+class BuildError(RuntimeError):
+    """The engine cannot be built; the message says why and what to do.
+
+    ``exit_code`` 2: the input or the environment is wrong (nothing was built); 1: a build step failed.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _log(message: str) -> None:
+    print(f"[build-engines] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything that decides what engine comes out (and so what --skip-if-built compares)."""
+
+    dtype: str = "bfloat16"
+    tp_size: int = 1
+    max_batch_size: int = 256  # concurrent streams the engine can schedule
+    max_input_len: int = 2048  # prompt tokens: a 2,000-character text plus voice and control tokens
+    max_seq_len: int = 4096  # prompt + generated audio tokens (~82 tokens per second of audio)
+    max_num_tokens: int = 8192  # tokens per engine step across the batch (prefill chunks + one per stream)
+    max_beam_width: int = 1
+    extra_build_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}")
+        for name in ("tp_size", "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width"):
+            if getattr(self, name) < 1:
+                raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_input_len >= self.max_seq_len:
+            raise BuildError(
+                f"--max-input-len ({self.max_input_len}) must be below --max-seq-len ({self.max_seq_len}): "
+                "the rest of the sequence is the audio the model generates"
+            )
+
+
+def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: Path) -> list[str]:
+    """The trtllm-build command line for an in-flight batching engine."""
+    return [
+        "trtllm-build",
+        "--checkpoint_dir", str(checkpoint_dir),
+        "--output_dir", str(output_dir),
+        "--max_batch_size", str(options.max_batch_size),
+        "--max_input_len", str(options.max_input_len),
+        "--max_seq_len", str(options.max_seq_len),
+        "--max_num_tokens", str(options.max_num_tokens),
+        "--max_beam_width", str(options.max_beam_width),
+        "--kv_cache_type", "paged",
+        "--remove_input_padding", "enable",
+        "--gpt_attention_plugin", "auto",  # the checkpoint's dtype
+        "--gemm_plugin", "auto",
+        "--context_fmha", "enable",
+        "--use_paged_context_fmha", "enable",  # chunked prefill and KV cache reuse need it
+        "--multiple_profiles", "enable",
+        "--workers", str(options.tp_size),
+        *options.extra_build_args,
+    ]
+
+
+def resolve_llm_dir(path: Path) -> Path:
+    """The Hugging Face checkpoint folder: ``path`` itself, or ``path/llm`` when given a model set."""
+    path = Path(path).expanduser().resolve()
+    if not (path / "config.json").is_file() and (path / "llm" / "config.json").is_file():
+        _log(f"{path} is a model set; using its llm/ folder")
+        return path / "llm"
+    return path
+
+
+def check_checkpoint(llm_dir: Path, options: BuildOptions) -> dict:
+    """Check that ``llm_dir`` is an Orpheus (Llama) checkpoint the options fit; return its config."""
+    if not llm_dir.is_dir():
+        raise BuildError(f"checkpoint directory {llm_dir} does not exist (pass a model set's llm/ folder)")
+    config_path = llm_dir / "config.json"
+    if not config_path.is_file():
+        raise BuildError(
+            f"{config_path} not found: --llm-dir must be a Hugging Face Llama checkpoint "
+            "(config.json, *.safetensors, tokenizer.json), e.g. the llm/ folder `orpheus-triton download` writes"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise BuildError(f"{config_path} is not valid JSON: {error}") from None
+    architectures = config.get("architectures") or []
+    if config.get("model_type") != "llama" and "LlamaForCausalLM" not in architectures:
+        raise BuildError(f"{config_path} describes {architectures or config.get('model_type')}, not a Llama model")
+    if config.get("vocab_size") != VOCAB_SIZE:
+        raise BuildError(
+            f"{config_path} has vocab_size {config.get('vocab_size')}; Orpheus checkpoints have {VOCAB_SIZE} "
+            "(Llama-3 plus the SNAC audio tokens the pipeline relies on)"
+        )
+    if not list(llm_dir.glob("*.safetensors")):
+        raise BuildError(f"{llm_dir} holds no *.safetensors weights")
+    if not (llm_dir / "tokenizer.json").is_file():
+        _log(f"warning: {llm_dir} has no tokenizer.json; the preprocessing model will need it to serve")
+    positions = config.get("max_position_embeddings")
+    if isinstance(positions, int) and options.max_seq_len > positions:
+        raise BuildError(f"--max-seq-len {options.max_seq_len} exceeds the model's {positions} positions")
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or 1
+    if heads % options.tp_size:
+        raise BuildError(f"--tp-size {options.tp_size} does not divide the model's {heads} KV heads")
+    return config
+
+
+def check_toolchain() -> str:
+    """Return the TensorRT-LLM version, or say why this environment cannot build engines."""
+    where = f"Run this script inside {NGC_IMAGE} (see build_engines/README.md)."
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        raise BuildError(f"the tensorrt_llm package is not importable from {sys.executable}. {where}")
+    try:
+        tensorrt_llm = importlib.import_module("tensorrt_llm")
+    except Exception as error:  # noqa: BLE001 (CUDA or MPI libraries missing, no driver, ...)
+        raise BuildError(f"importing tensorrt_llm failed: {error}. {where}") from error
+    if shutil.which("trtllm-build") is None:
+        raise BuildError(f"trtllm-build is not on PATH (tensorrt_llm {tensorrt_llm.__version__} is). {where}")
+    return str(tensorrt_llm.__version__)
+
+
+def gpu_name() -> str:
+    try:
+        import torch  # noqa: PLC0415
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def source_fingerprint(llm_dir: Path) -> str:
+    """Identifies the weights without reading them: config.json's bytes and each weight file's name and size."""
+    digest = hashlib.sha256((llm_dir / "config.json").read_bytes())
+    for weights in sorted(llm_dir.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def engine_metadata(options: BuildOptions, llm_dir: Path, trtllm_version: str, gpu: str) -> dict:
+    return {
+        "options": asdict(options) | {"extra_build_args": list(options.extra_build_args)},
+        "source": source_fingerprint(llm_dir),
+        "tensorrt_llm": trtllm_version,
+        "gpu": gpu,
+    }
+
+
+def engine_is_current(output_dir: Path, expected: dict) -> tuple[bool, str]:
+    """Whether ``output_dir`` holds the engine ``expected`` (engine_metadata) describes, and if not, why."""
+    if not (output_dir / "config.json").is_file() or not list(output_dir.glob("rank*.engine")):
+        return False, f"no engine in {output_dir}"
+    try:
+        recorded = json.loads((output_dir / METADATA).read_text())
+    except (OSError, ValueError):
+        return False, f"{output_dir / METADATA} missing or unreadable"
+    for key in ("options", "source", "tensorrt_llm", "gpu"):
+        if recorded.get(key) != expected[key]:
+            return False, f"{key} changed: built with {recorded.get(key)!r}, now {expected[key]!r}"
+    return True, "engine is up to date"
+
+
+def convert_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptions) -> None:
+    """Hugging Face weights -> TensorRT-LLM checkpoint (one rank per tensor-parallel shard)."""
+    from tensorrt_llm.mapping import Mapping  # noqa: PLC0415
+    from tensorrt_llm.models import LLaMAForCausalLM  # noqa: PLC0415
+
+    for rank in range(options.tp_size):
+        mapping = Mapping(world_size=options.tp_size, rank=rank, tp_size=options.tp_size, pp_size=1)
+        model = LLaMAForCausalLM.from_hugging_face(str(llm_dir), dtype=options.dtype, mapping=mapping)
+        model.save_checkpoint(str(checkpoint_dir), save_config=rank == 0)
+        del model
+        gc.collect()
+
+
+def _empty(directory: Path) -> None:
+    """Remove what ``directory`` holds, keeping the directory (it may be a mount point)."""
+    for child in directory.iterdir() if directory.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _step(number: int, title: str):
+    _log(f"step {number}/3: {title}")
+    return time.monotonic()
+
+
+def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir: Path | None = None,
+          skip_if_built: bool = False, dry_run: bool = False) -> Path:
+    """Check, convert and compile; return the engine directory."""
+    options.check()
+    _step(1, f"checking {llm_dir}")
+    config = check_checkpoint(llm_dir, options)
+    _log(f"  Llama {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
+         f"vocab {config.get('vocab_size')}; engine: {options.dtype}, tp {options.tp_size}, "
+         f"batch {options.max_batch_size}, input {options.max_input_len}, sequence {options.max_seq_len}")
+    keep_checkpoint = checkpoint_dir is not None
+    if dry_run:
+        checkpoint_dir = checkpoint_dir or output_dir.with_name(output_dir.name + ".checkpoint")
+        _log(f"step 2/3 (dry run): LLaMAForCausalLM.from_hugging_face({str(llm_dir)!r}, dtype={options.dtype!r})"
+             f" -> {checkpoint_dir}")
+        _log("step 3/3 (dry run): " + shlex.join(trtllm_build_argv(options, checkpoint_dir, output_dir)))
+        return output_dir
+    version = check_toolchain()
+    gpu = gpu_name()
+    if gpu in ("none", "unknown"):
+        raise BuildError("no CUDA GPU is visible: an engine is compiled on the GPU model that will run it "
+                         "(start the container with --gpus all)")
+    expected = engine_metadata(options, llm_dir, version, gpu)
+    _log(f"  tensorrt_llm {version} on GPU {gpu}")
+    if skip_if_built:
+        current, reason = engine_is_current(output_dir, expected)
+        if current:
+            _log(f"{output_dir}: {reason}; nothing to build")
+            return output_dir
+        _log(f"building: {reason}")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if checkpoint_dir is None:
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.checkpoint-", dir=output_dir.parent))
+    try:
+        started = _step(2, f"converting the Hugging Face weights to a TensorRT-LLM checkpoint in {checkpoint_dir}")
+        try:
+            convert_checkpoint(llm_dir, checkpoint_dir, options)
+        except Exception as error:
+            raise BuildError(f"checkpoint conversion failed: {error}", exit_code=1) from error
+        _log(f"  converted in {time.monotonic() - started:.0f} s")
+        _empty(output_dir)  # no stale engine or metadata survives a failed build
+        argv = trtllm_build_argv(options, checkpoint_dir, output_dir)
+        started = _step(3, "compiling the engine (several minutes): " + shlex.join(argv))
+        result = subprocess.run(argv, check=False)
+        if result.returncode != 0:
+            raise BuildError(f"trtllm-build exited with code {result.returncode} (its log is above)", exit_code=1)
+        expected["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        (output_dir / METADATA).write_text(json.dumps(expected, indent=2) + "\n")
+        _log(f"  compiled in {time.monotonic() - started:.0f} s")
+    finally:
+        if not keep_checkpoint:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    _log(f"engine ready: {output_dir}")
+    return output_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = BuildOptions()
+    parser = argparse.ArgumentParser(
+        prog="build_trtllm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--llm-dir", required=True, help="Hugging Face Orpheus checkpoint (a model set's llm/)")
+    parser.add_argument("--output-dir", required=True, help="engine directory to write (replaced)")
+    parser.add_argument("--checkpoint-dir", help="keep the TensorRT-LLM checkpoint here (default: temporary)")
+    parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    parser.add_argument("--tp-size", type=int, default=defaults.tp_size, help="tensor-parallel GPUs")
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-input-len", type=int, default=defaults.max_input_len)
+    parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
+    parser.add_argument("--max-num-tokens", type=int, default=defaults.max_num_tokens)
+    parser.add_argument("--trtllm-build-arg", action="append", default=[], metavar="ARG",
+                        help="extra trtllm-build argument, repeatable (e.g. --trtllm-build-arg=--log_level=verbose)")
+    parser.add_argument("--skip-if-built", action="store_true",
+                        help="do nothing when --output-dir already holds this engine for this GPU")
+    parser.add_argument("--dry-run", action="store_true", help="check the checkpoint and print the steps only")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = BuildOptions(
+        dtype=args.dtype, tp_size=args.tp_size, max_batch_size=args.max_batch_size,
+        max_input_len=args.max_input_len, max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+        extra_build_args=tuple(args.trtllm_build_arg),
+    )
+    checkpoint_dir = Path(args.checkpoint_dir).expanduser().resolve() if args.checkpoint_dir else None
+    try:
+        build(resolve_llm_dir(Path(args.llm_dir)), Path(args.output_dir).expanduser().resolve(), options,
+              checkpoint_dir=checkpoint_dir, skip_if_built=args.skip_if_built, dry_run=args.dry_run)
+    except BuildError as error:
+        _log(f"error: {error}")
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

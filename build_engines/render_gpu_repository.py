@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Render the model repository for NVIDIA GPUs: the `llm` stage served by Triton's TensorRT-LLM backend.
+
+The repository is the one ``orpheus-triton serve`` renders (preprocessing ->
+llm -> snac_decoder behind the ``orpheus`` ensemble) with one model swapped:
+``llm/config.pbtxt`` becomes build_engines/llm_tensorrtllm.pbtxt, which names
+the engine built by build_trtllm.py, and ``llm/1/`` is left empty (the C++
+backend needs no model file). The ensemble keeps calling ``llm`` with the
+same tensors; the one rename is the sampling seed's input, which recent
+TensorRT-LLM backends call ``seed`` (see ``--seed-tensor``).
+
+    python build_engines/render_gpu_repository.py --models /models --engine-dir /engines/orpheus-3b \\
+        --out /tmp/orpheus-gpu-repository            # render only
+    python build_engines/render_gpu_repository.py --models /models --engine-dir /engines/orpheus-3b --serve
+
+``--serve`` then runs the image's ``tritonserver`` on the repository (ports as
+``orpheus-triton serve``), replacing this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import string
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from orpheus_triton.constants import ENSEMBLE_MODEL, LLM_MODEL, LLM_SEED
+from orpheus_triton.demo_models import ModelSet, cache_dir
+from orpheus_triton.repository import RepositorySettings, render
+
+TEMPLATE = Path(__file__).resolve().with_name("llm_tensorrtllm.pbtxt")
+SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
+SEED_TENSORS = ("seed", LLM_SEED)  # current TensorRT-LLM backends, older ones
+DEFAULT_MAX_BATCH_SIZE = 256  # build_trtllm.py's default engine capacity
+TRITON_BACKENDS = Path("/opt/tritonserver/backends")
+
+
+def _log(message: str) -> None:
+    print(f"[render-gpu-repository] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class TrtllmSettings:
+    """What the TensorRT-LLM ``llm`` model needs beyond RepositorySettings."""
+
+    engine_dir: str
+    triton_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 0  # 0: Triton's queue is unbounded; the executor schedules from its own
+    batch_scheduler_policy: str = "guaranteed_no_evict"  # a started stream is never paused
+    kv_cache_free_gpu_mem_fraction: float = 0.7  # leaves room for the SNAC decoder on the same GPU
+    enable_chunked_context: bool = True
+    enable_kv_cache_reuse: bool = False
+    cancellation_check_period_ms: int = 100
+    seed_tensor: str = "seed"
+
+    def check(self) -> None:
+        if self.triton_max_batch_size < 1:
+            raise ValueError("the llm's max batch size must be at least 1")
+        if not 0 < self.kv_cache_free_gpu_mem_fraction <= 1:
+            raise ValueError("kv_cache_free_gpu_mem_fraction must be in (0, 1]")
+        if self.batch_scheduler_policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"batch_scheduler_policy must be one of {', '.join(SCHEDULER_POLICIES)}")
+        if self.seed_tensor not in SEED_TENSORS:
+            raise ValueError(f"seed_tensor must be one of {', '.join(SEED_TENSORS)}")
+
+
+def _pbtxt_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def render_llm_config(trt: TrtllmSettings, template: Path = TEMPLATE) -> str:
+    """The TensorRT-LLM backend's config.pbtxt for the ``llm`` model."""
+    trt.check()
+    values = {key: _pbtxt_value(value) for key, value in asdict(trt).items()}
+    try:
+        return string.Template(template.read_text()).substitute(values)
+    except KeyError as missing:
+        raise ValueError(f"{template} uses unknown setting {missing}") from None
+
+
+def rename_ensemble_input(ensemble_config: str, model: str, old: str, new: str) -> str:
+    """Point the ensemble step that calls ``model`` at its input ``new`` where it fed ``old``."""
+    step = re.search(rf'model_name:\s*"{re.escape(model)}"(?P<body>.*?)(?=model_name:|\Z)', ensemble_config, re.S)
+    if step is None:
+        raise ValueError(f"the ensemble has no step calling {model!r}")
+    body, count = re.subn(rf'(input_map\s*\{{\s*key:\s*)"{re.escape(old)}"', rf'\1"{new}"', step["body"])
+    if count != 1:
+        raise ValueError(f"the ensemble step calling {model!r} maps input {old!r} {count} times, expected once")
+    return ensemble_config[: step.start("body")] + body + ensemble_config[step.end("body"):]
+
+
+def render_gpu_repository(settings: RepositorySettings, trt: TrtllmSettings, out: Path) -> Path:
+    """Write the GPU repository to ``out`` (replaced if present) and return it."""
+    trt.check()
+    llm_config = render_llm_config(trt)
+    root = render(settings, Path(out))
+    llm = root / LLM_MODEL
+    shutil.rmtree(llm)
+    (llm / "1").mkdir(parents=True)
+    (llm / "config.pbtxt").write_text(llm_config)
+    if trt.seed_tensor != LLM_SEED:
+        ensemble = root / ENSEMBLE_MODEL / "config.pbtxt"
+        ensemble.write_text(rename_ensemble_input(ensemble.read_text(), LLM_MODEL, LLM_SEED, trt.seed_tensor))
+    return root
+
+
+def engine_max_batch_size(engine_dir: Path) -> int | None:
+    """The max_batch_size the engine in ``engine_dir`` was built with, if its config.json says."""
+    try:
+        config = json.loads((Path(engine_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("build_config", {}).get("max_batch_size")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="render_gpu_repository.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", required=True, help="model set directory with llm/ (tokenizer) and snac/")
+    parser.add_argument("--engine-dir", required=True, help="TensorRT-LLM engine directory (build_trtllm.py)")
+    parser.add_argument("--out", help="repository to write (default: the cache's repositories/tensorrtllm)")
+    parser.add_argument("--device", default="cuda", help="device of the SNAC decoder (default: cuda)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="the llm's Triton max batch size (default: the engine's max_batch_size)")
+    parser.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
+                        default=TrtllmSettings.kv_cache_free_gpu_mem_fraction,
+                        help="share of the GPU memory free after loading the engine that the KV cache may take")
+    parser.add_argument("--batch-scheduler-policy", choices=SCHEDULER_POLICIES,
+                        default=TrtllmSettings.batch_scheduler_policy)
+    parser.add_argument("--no-chunked-context", action="store_true",
+                        help="disable chunked prefill (needs an engine built with paged context FMHA)")
+    parser.add_argument("--kv-cache-reuse", action="store_true", help="reuse KV blocks of shared prompt prefixes")
+    parser.add_argument("--seed-tensor", choices=SEED_TENSORS, default=TrtllmSettings.seed_tensor,
+                        help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
+    parser.add_argument("--decoder-max-batch-size", type=int, default=RepositorySettings.decoder_max_batch_size)
+    parser.add_argument("--preprocessing-instances", type=int, default=RepositorySettings.preprocessing_instances)
+    parser.add_argument("--serve", action="store_true", help="then run tritonserver on the repository")
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    return parser
+
+
+def _serve(repository: Path, args) -> int:
+    from orpheus_triton.server import Ports, server_command, server_environment  # noqa: PLC0415
+
+    if not shutil.which("tritonserver"):
+        _log("error: tritonserver is not on PATH; the TensorRT-LLM backend ships in the Triton TensorRT-LLM "
+             "image (nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3), see build_engines/README.md")
+        return 2
+    if TRITON_BACKENDS.is_dir() and not (TRITON_BACKENDS / "tensorrtllm").is_dir():
+        _log(f"error: {TRITON_BACKENDS} has no tensorrtllm backend; use the -trtllm-python-py3 Triton image")
+        return 2
+    command = server_command(repository, Ports(args.grpc_port, args.http_port, args.metrics_port))
+    _log(f"gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}")
+    _log(" ".join(command))
+    os.execvpe(command[0], command, server_environment())
+    return 0  # not reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    models = ModelSet(Path(args.models).expanduser().resolve())
+    engine_dir = Path(args.engine_dir).expanduser().resolve()
+    try:
+        models.check()
+    except (FileNotFoundError, ValueError) as error:
+        _log(f"error: {error}")
+        return 2
+    if not (engine_dir / "config.json").is_file():
+        _log(f"warning: {engine_dir} holds no engine yet (config.json missing); build it with build_trtllm.py")
+    max_batch_size = args.max_batch_size or engine_max_batch_size(engine_dir) or DEFAULT_MAX_BATCH_SIZE
+    settings = RepositorySettings(
+        llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
+        decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
+    )
+    trt = TrtllmSettings(
+        engine_dir=str(engine_dir), triton_max_batch_size=max_batch_size,
+        kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
+        batch_scheduler_policy=args.batch_scheduler_policy, enable_chunked_context=not args.no_chunked_context,
+        enable_kv_cache_reuse=args.kv_cache_reuse, seed_tensor=args.seed_tensor,
+    )
+    out = Path(args.out).expanduser().resolve() if args.out else cache_dir() / "repositories" / "tensorrtllm"
+    try:
+        repository = render_gpu_repository(settings, trt, out)
+    except ValueError as error:
+        _log(f"error: {error}")
+        return 2
+    _log(f"model repository: {repository} (llm: TensorRT-LLM engine {engine_dir}, max batch {max_batch_size})")
+    if args.serve:
+        return _serve(repository, args)
+    print(repository)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""build_engines/: the TensorRT-LLM build steps and the GPU repository, checked without a GPU or TensorRT-LLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from orpheus_triton.constants import (
+    DECODER_MODEL,
+    DECODER_TOKENS,
+    ENSEMBLE_MODEL,
+    LLM_MODEL,
+    LLM_OUTPUT_IDS,
+    LLM_SEED,
+    PREPROCESSING_MODEL,
+    VOCAB_SIZE,
+)
+from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ModelSet, llama_config
+from orpheus_triton.repository import MODELS, RepositorySettings, render, template_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"build_engines_{name}", ROOT / "build_engines" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+build_trtllm = _load("build_trtllm")
+gpu_repository = _load("render_gpu_repository")
+
+SETTINGS = RepositorySettings(llm_dir="/models/llm", snac_dir="/models/snac", device="cuda")
+ENGINE_DIR = "/engines/orpheus-3b"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def flag_values(argv: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a command line (argv[0] is the program)."""
+    pairs = argv[1:]
+    assert all(flag.startswith("--") for flag in pairs[::2]), pairs
+    return dict(zip(pairs[::2], pairs[1::2], strict=True))
+
+
+def fake_checkpoint(root: Path, **overrides) -> Path:
+    """An Orpheus-shaped HF folder: real config.json, a placeholder weights file, a tokenizer.json."""
+    llm = root / "llm"
+    llm.mkdir(parents=True)
+    (llm / "config.json").write_text(json.dumps(llama_config(DEMO_LLM_SHAPE) | overrides))
+    (llm / "model.safetensors").write_bytes(b"\0" * 16)
+    (llm / "tokenizer.json").write_text("{}")
+    return llm
+
+
+@pytest.fixture(scope="module")
+def gpu_repo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpu") / "repository"
+    trt = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, triton_max_batch_size=128)
+    return gpu_repository.render_gpu_repository(SETTINGS, trt, out)
+
+
+@pytest.fixture(scope="module")
+def configs(gpu_repo) -> dict[str, model_config_pb2.ModelConfig]:
+    return {model: parse_config(gpu_repo / model / "config.pbtxt") for model in MODELS}
+
+
+def ensemble_step(ensemble: model_config_pb2.ModelConfig, model: str):
+    (step,) = [s for s in ensemble.ensemble_scheduling.step if s.model_name == model]
+    return step
+
+
+# --- trtllm-build command line ------------------------------------------------------------------
+
+def test_build_argv_enables_inflight_batching_features():
+    argv = build_trtllm.trtllm_build_argv(build_trtllm.BuildOptions(), Path("/ckpt"), Path("/engine"))
+    assert argv[0] == "trtllm-build"
+    flags = flag_values(argv)
+    assert flags["--checkpoint_dir"] == "/ckpt" and flags["--output_dir"] == "/engine"
+    assert flags["--kv_cache_type"] == "paged"
+    assert flags["--remove_input_padding"] == "enable"
+    assert flags["--gpt_attention_plugin"] == "auto"  # follows the checkpoint's dtype (bf16)
+    assert flags["--context_fmha"] == "enable"
+    assert flags["--use_paged_context_fmha"] == "enable"
+    assert (flags["--max_batch_size"], flags["--max_input_len"], flags["--max_seq_len"]) == ("256", "2048", "4096")
+    assert flags["--max_beam_width"] == "1"
+
+
+def test_build_argv_follows_options_and_appends_extra_arguments():
+    options = build_trtllm.BuildOptions(max_batch_size=32, max_input_len=512, max_seq_len=2048, max_num_tokens=4096,
+                                        tp_size=2, extra_build_args=("--log_level", "verbose"))
+    flags = flag_values(build_trtllm.trtllm_build_argv(options, Path("c"), Path("e")))
+    assert flags["--max_batch_size"] == "32"
+    assert flags["--max_input_len"] == "512"
+    assert flags["--max_seq_len"] == "2048"
+    assert flags["--max_num_tokens"] == "4096"
+    assert flags["--workers"] == "2"
+    assert flags["--log_level"] == "verbose"
+
+
+def test_parser_defaults_suit_orpheus():
+    args = build_trtllm.build_parser().parse_args(["--llm-dir", "m/llm", "--output-dir", "e"])
+    assert (args.dtype, args.max_batch_size, args.max_input_len, args.max_seq_len) == ("bfloat16", 256, 2048, 4096)
+    assert not args.skip_if_built and not args.dry_run
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_input_len": 4096, "max_seq_len": 4096}, "below --max-seq-len"),
+    ({"max_batch_size": 0}, "--max-batch-size must be at least 1"),
+    ({"dtype": "float32"}, "--dtype"),
+])
+def test_options_are_checked(options, message):
+    with pytest.raises(build_trtllm.BuildError, match=message):
+        build_trtllm.BuildOptions(**options).check()
+
+
+# --- checkpoint checks and the missing toolchain ----------------------------------------------------
+
+def test_checkpoint_check_accepts_an_orpheus_llama(tmp_path):
+    llm = fake_checkpoint(tmp_path)
+    config = build_trtllm.check_checkpoint(llm, build_trtllm.BuildOptions())
+    assert config["vocab_size"] == VOCAB_SIZE
+
+
+def test_model_set_root_resolves_to_its_llm_folder(tmp_path):
+    llm = fake_checkpoint(tmp_path)
+    assert build_trtllm.resolve_llm_dir(tmp_path) == llm.resolve()
+    assert build_trtllm.resolve_llm_dir(llm) == llm.resolve()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"vocab_size": 128_256}, "Orpheus checkpoints have 156940"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "not a Llama model"),
+    ({"max_position_embeddings": 2048}, "exceeds the model's 2048 positions"),
+])
+def test_checkpoint_check_names_the_problem(tmp_path, overrides, message):
+    llm = fake_checkpoint(tmp_path, **overrides)
+    with pytest.raises(build_trtllm.BuildError, match=message):
+        build_trtllm.check_checkpoint(llm, build_trtllm.BuildOptions())
+
+
+def test_checkpoint_check_wants_config_and_weights(tmp_path):
+    with pytest.raises(build_trtllm.BuildError, match="does not exist"):
+        build_trtllm.check_checkpoint(tmp_path / "missing", build_trtllm.BuildOptions())
+    with pytest.raises(build_trtllm.BuildError, match="config.json not found"):
+        build_trtllm.check_checkpoint(tmp_path, build_trtllm.BuildOptions())
+    llm = fake_checkpoint(tmp_path)
+    (llm / "model.safetensors").unlink()
+    with pytest.raises(build_trtllm.BuildError, match="no \\*.safetensors"):
+        build_trtllm.check_checkpoint(llm, build_trtllm.BuildOptions())
+
+
+def test_wrong_checkpoint_fails_before_anything_is_built(tmp_path, capsys):
+    assert build_trtllm.main(["--llm-dir", str(tmp_path), "--output-dir", str(tmp_path / "engine")]) == 2
+    assert "config.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="tensorrt_llm is installed here")
+def test_missing_tensorrt_llm_is_reported_with_the_image_to_use(tmp_path, capsys):
+    fake_checkpoint(tmp_path)
+    code = build_trtllm.main(["--llm-dir", str(tmp_path), "--output-dir", str(tmp_path / "engine")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "tensorrt_llm package is not importable" in err
+    assert "trtllm-python-py3" in err
+    assert not (tmp_path / "engine").exists()
+
+
+def test_dry_run_prints_every_step_without_tensorrt_llm(tmp_path, capsys):
+    fake_checkpoint(tmp_path)
+    engine = tmp_path / "engine"
+    assert build_trtllm.main(["--llm-dir", str(tmp_path), "--output-dir", str(engine), "--dry-run",
+                              "--max-batch-size", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "step 1/3" in err and "step 2/3" in err and "step 3/3" in err
+    assert "LLaMAForCausalLM.from_hugging_face" in err
+    assert f"trtllm-build --checkpoint_dir {engine}.checkpoint --output_dir {engine}" in err
+    assert "--max_batch_size 64" in err
+    assert not engine.exists()
+
+
+def test_no_gpu_is_reported_before_converting(tmp_path, monkeypatch, capsys):
+    fake_checkpoint(tmp_path)
+    monkeypatch.setattr(build_trtllm, "check_toolchain", lambda: "1.1.0")
+    monkeypatch.setattr(build_trtllm, "gpu_name", lambda: "none")
+    assert build_trtllm.main(["--llm-dir", str(tmp_path), "--output-dir", str(tmp_path / "engine")]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+class StandIns:
+    """TensorRT-LLM's two steps replaced by stand-ins that record their calls and write what they would."""
+
+    def __init__(self, monkeypatch, build_exit_code: int = 0):
+        self.conversions, self.builds = [], []
+        self.build_exit_code = build_exit_code
+        monkeypatch.setattr(build_trtllm, "check_toolchain", lambda: "1.1.0")
+        monkeypatch.setattr(build_trtllm, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+        monkeypatch.setattr(build_trtllm, "convert_checkpoint", self.convert)
+        monkeypatch.setattr(build_trtllm.subprocess, "run", self.run)
+
+    def convert(self, llm_dir, checkpoint_dir, options):
+        self.conversions.append(checkpoint_dir)
+        (checkpoint_dir / "config.json").write_text("{}")
+
+    def run(self, argv, check):
+        self.builds.append(argv)
+        flags = flag_values(argv)
+        assert (Path(flags["--checkpoint_dir"]) / "config.json").is_file()
+        output = Path(flags["--output_dir"])
+        output.mkdir(parents=True, exist_ok=True)
+        if self.build_exit_code == 0:
+            (output / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 256}}))
+            (output / "rank0.engine").write_bytes(b"engine")
+        return build_trtllm.subprocess.CompletedProcess(argv, self.build_exit_code)
+
+
+def test_build_converts_compiles_records_and_cleans_up(tmp_path, monkeypatch):
+    fake_checkpoint(tmp_path / "models")
+    engines = tmp_path / "engines"
+    stand_ins = StandIns(monkeypatch)
+    argv = ["--llm-dir", str(tmp_path / "models"), "--output-dir", str(engines / "orpheus-3b"), "--skip-if-built"]
+    assert build_trtllm.main(argv) == 0
+    assert len(stand_ins.conversions) == len(stand_ins.builds) == 1
+    metadata = json.loads((engines / "orpheus-3b" / build_trtllm.METADATA).read_text())
+    assert metadata["gpu"] == "NVIDIA H100 80GB HBM3" and metadata["tensorrt_llm"] == "1.1.0"
+    assert metadata["options"]["max_batch_size"] == 256
+    assert sorted(p.name for p in engines.iterdir()) == ["orpheus-3b"]  # the temporary checkpoint is gone
+
+    assert build_trtllm.main(argv) == 0  # same engine: nothing to do
+    assert len(stand_ins.builds) == 1
+    assert build_trtllm.main([*argv, "--max-batch-size", "64"]) == 0  # other options: rebuilt
+    assert len(stand_ins.builds) == 2
+    assert json.loads((engines / "orpheus-3b" / build_trtllm.METADATA).read_text())["options"]["max_batch_size"] == 64
+
+
+def test_failed_compile_leaves_no_engine_that_looks_built(tmp_path, monkeypatch, capsys):
+    fake_checkpoint(tmp_path / "models")
+    engine = tmp_path / "engines" / "orpheus-3b"
+    engine.mkdir(parents=True)
+    (engine / build_trtllm.METADATA).write_text("{}")  # from an earlier build
+    StandIns(monkeypatch, build_exit_code=1)
+    assert build_trtllm.main(["--llm-dir", str(tmp_path / "models"), "--output-dir", str(engine)]) == 1
+    assert "trtllm-build exited with code 1" in capsys.readouterr().err
+    assert not (engine / build_trtllm.METADATA).exists()
+    assert sorted(p.name for p in engine.parent.iterdir()) == ["orpheus-3b"]
+
+
+# --- --skip-if-built ---------------------------------------------------------------------------------
+
+def test_engine_is_current_only_for_the_same_build(tmp_path):
+    llm = fake_checkpoint(tmp_path)
+    engine = tmp_path / "engine"
+    options = build_trtllm.BuildOptions()
+    expected = build_trtllm.engine_metadata(options, llm, "1.1.0", "NVIDIA H100 80GB HBM3")
+    assert build_trtllm.engine_is_current(engine, expected) == (False, f"no engine in {engine}")
+
+    engine.mkdir()
+    (engine / "config.json").write_text("{}")
+    (engine / "rank0.engine").write_bytes(b"")
+    assert not build_trtllm.engine_is_current(engine, expected)[0]  # no metadata: an interrupted build
+    (engine / build_trtllm.METADATA).write_text(json.dumps(expected | {"built_at": "earlier"}))
+    assert build_trtllm.engine_is_current(engine, expected) == (True, "engine is up to date")
+
+    other_gpu = build_trtllm.engine_metadata(options, llm, "1.1.0", "NVIDIA A100-SXM4-80GB")
+    current, reason = build_trtllm.engine_is_current(engine, other_gpu)
+    assert not current and reason.startswith("gpu changed")
+    bigger = build_trtllm.engine_metadata(build_trtllm.BuildOptions(max_batch_size=512), llm, "1.1.0",
+                                          "NVIDIA H100 80GB HBM3")
+    assert not build_trtllm.engine_is_current(engine, bigger)[0]
+    (llm / "model.safetensors").write_bytes(b"\0" * 32)  # other weights
+    reweighted = build_trtllm.engine_metadata(options, llm, "1.1.0", "NVIDIA H100 80GB HBM3")
+    assert build_trtllm.engine_is_current(engine, reweighted)[1].startswith("source changed")
+
+
+# --- the GPU repository -----------------------------------------------------------------------------
+
+def test_every_rendered_config_parses_and_has_no_placeholders(gpu_repo, configs):
+    for model in MODELS:
+        text = (gpu_repo / model / "config.pbtxt").read_text()
+        assert "${" not in text, model
+        assert configs[model].name == model
+
+
+def test_llm_is_served_by_the_tensorrtllm_backend(gpu_repo, configs):
+    llm = configs[LLM_MODEL]
+    assert llm.backend == "tensorrtllm"
+    assert llm.model_transaction_policy.decoupled
+    assert llm.max_batch_size == 128
+    parameters = {key: value.string_value for key, value in llm.parameters.items()}
+    assert parameters["gpt_model_type"] == "inflight_fused_batching"
+    assert parameters["gpt_model_path"] == ENGINE_DIR
+    assert parameters["batch_scheduler_policy"] == "guaranteed_no_evict"
+    assert 0 < float(parameters["kv_cache_free_gpu_mem_fraction"]) <= 1
+    assert parameters["exclude_input_in_output"] == "true"  # stream only the generated tokens
+    assert (gpu_repo / LLM_MODEL / "1").is_dir()
+    assert list((gpu_repo / LLM_MODEL / "1").iterdir()) == []  # no model.py for the C++ backend
+
+
+def test_the_other_models_are_the_standard_ones(gpu_repo, tmp_path):
+    standard = render(SETTINGS, tmp_path / "standard")
+    for model in (PREPROCESSING_MODEL, DECODER_MODEL):
+        assert (gpu_repo / model / "config.pbtxt").read_text() == (standard / model / "config.pbtxt").read_text()
+        assert (gpu_repo / model / "1" / "model.py").is_file()
+
+
+def test_ensemble_feeds_the_llm_tensors_it_declares_with_matching_types(configs):
+    ensemble, llm = configs[ENSEMBLE_MODEL], configs[LLM_MODEL]
+    producers = {}  # ensemble tensor -> dtype of the model output that produces it
+    for step in ensemble.ensemble_scheduling.step:
+        if step.model_name == LLM_MODEL:
+            continue
+        outputs = {o.name: o.data_type for o in configs[step.model_name].output}
+        producers |= {tensor: outputs[name] for name, tensor in step.output_map.items()}
+    llm_inputs = {i.name: i for i in llm.input}
+    step = ensemble_step(ensemble, LLM_MODEL)
+    for name, tensor in step.input_map.items():
+        assert name in llm_inputs, f"the ensemble feeds {name!r}, which the llm does not declare"
+        assert llm_inputs[name].data_type == producers[tensor], name
+    required = {i.name for i in llm.input if not i.optional}
+    assert required <= set(step.input_map), "a required llm input is not fed by the ensemble"
+
+    llm_outputs = {o.name: o.data_type for o in llm.output}
+    decoder_inputs = {i.name: i.data_type for i in configs[DECODER_MODEL].input}
+    decoder_step = ensemble_step(ensemble, DECODER_MODEL)
+    for name, tensor in step.output_map.items():
+        assert name in llm_outputs
+        consumers = [n for n, t in decoder_step.input_map.items() if t == tensor]
+        assert all(decoder_inputs[n] == llm_outputs[name] for n in consumers)
+    assert step.output_map[LLM_OUTPUT_IDS] == decoder_step.input_map[DECODER_TOKENS]
+
+
+def test_llm_contract_matches_the_torch_engine_for_every_ensemble_tensor(configs, tmp_path):
+    torch_llm = parse_config(render(SETTINGS, tmp_path / "standard") / LLM_MODEL / "config.pbtxt")
+    torch_io = {t.name: t for t in [*torch_llm.input, *torch_llm.output]}
+    trt_io = {t.name: t for t in [*configs[LLM_MODEL].input, *configs[LLM_MODEL].output]}
+    step = ensemble_step(configs[ENSEMBLE_MODEL], LLM_MODEL)
+    renamed = {"seed": LLM_SEED}  # the TensorRT-LLM backend's name for the torch engine's random_seed
+    for name in [*step.input_map, *step.output_map]:
+        torch_name = renamed.get(name, name)
+        assert trt_io[name].data_type == torch_io[torch_name].data_type, name
+        assert list(trt_io[name].dims) == list(torch_io[torch_name].dims), name
+        if name in step.input_map:
+            assert trt_io[name].optional == torch_io[torch_name].optional, name
+
+
+def test_seed_goes_to_the_backends_seed_input(configs, tmp_path):
+    step = ensemble_step(configs[ENSEMBLE_MODEL], LLM_MODEL)
+    assert "seed" in step.input_map and LLM_SEED not in step.input_map
+    seed = next(i for i in configs[LLM_MODEL].input if i.name == "seed")
+    assert seed.data_type == model_config_pb2.TYPE_UINT64
+
+    legacy = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, seed_tensor=LLM_SEED)
+    repo = gpu_repository.render_gpu_repository(SETTINGS, legacy, tmp_path / "legacy")
+    standard = render(SETTINGS, tmp_path / "standard")
+    ensemble = (repo / ENSEMBLE_MODEL / "config.pbtxt").read_text()
+    assert ensemble == (standard / ENSEMBLE_MODEL / "config.pbtxt").read_text()
+    assert LLM_SEED in {i.name for i in parse_config(repo / LLM_MODEL / "config.pbtxt").input}
+
+
+def test_rename_touches_only_the_llm_step():
+    text = (template_dir() / ENSEMBLE_MODEL / "config.pbtxt").read_text()
+    renamed = gpu_repository.rename_ensemble_input(text, LLM_MODEL, LLM_SEED, "seed")
+    before = parse_config_text(text)
+    after = parse_config_text(renamed)
+    assert ensemble_step(after, PREPROCESSING_MODEL) == ensemble_step(before, PREPROCESSING_MODEL)
+    assert ensemble_step(after, DECODER_MODEL) == ensemble_step(before, DECODER_MODEL)
+    with pytest.raises(ValueError, match="maps input 'missing' 0 times"):
+        gpu_repository.rename_ensemble_input(text, LLM_MODEL, "missing", "seed")
+    with pytest.raises(ValueError, match="no step calling"):
+        gpu_repository.rename_ensemble_input(text, "nope", LLM_SEED, "seed")
+
+
+def parse_config_text(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("kv_cache_free_gpu_mem_fraction", 1.5, "kv_cache_free_gpu_mem_fraction"),
+    ("batch_scheduler_policy", "fifo", "batch_scheduler_policy"),
+    ("seed_tensor", "rng", "seed_tensor"),
+    ("triton_max_batch_size", 0, "max batch size"),
+])
+def test_trtllm_settings_are_checked(tmp_path, field, value, message):
+    trt = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, **{field: value})
+    with pytest.raises(ValueError, match=message):
+        gpu_repository.render_gpu_repository(SETTINGS, trt, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 96}}))
+    assert gpu_repository.engine_max_batch_size(engine) == 96
+    assert gpu_repository.engine_max_batch_size(tmp_path / "none") is None
+
+    models = tmp_path / "models"
+    monkeypatch.setattr(ModelSet, "check", lambda self: None)  # the model set's files are checked elsewhere
+    out = tmp_path / "repo"
+    argv = ["--models", str(models), "--engine-dir", str(engine), "--out", str(out)]
+    assert gpu_repository.main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    llm = parse_config(out / LLM_MODEL / "config.pbtxt")
+    assert llm.max_batch_size == 96
+    assert {k: v.string_value for k, v in llm.parameters.items()}["gpt_model_path"] == str(engine)
+    preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
+    assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
+
+    assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED]) == 0
+    assert parse_config(out / LLM_MODEL / "config.pbtxt").max_batch_size == 8
+
+
+def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ModelSet, "check", lambda self: None)
+    monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: None)
+    argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
+            "--serve"]
+    assert gpu_repository.main(argv) == 2
+    assert "tritonserver is not on PATH" in capsys.readouterr().err
