@@ -1,0 +1,33 @@
+#!/bin/sh
+# Entry point of the CPU image: arguments are an `orpheus-triton` command (default: serve).
+# `serve` and `demo` use the model set at $ORPHEUS_MODELS (default /models) when one is
+# mounted there and no --models is given; otherwise the demo model set.
+# Anything that is not an orpheus-triton command (bash, python, ...) runs as is.
+set -eu
+
+models="${ORPHEUS_MODELS:-/models}"
+
+if [ "$#" -eq 0 ]; then
+    set -- serve
+fi
+case "$1" in
+    -*) set -- serve "$@" ;;
+    serve | demo | say | download) ;;
+    *) exec "$@" ;;
+esac
+
+case "$1" in
+    serve | demo)
+        case " $* " in
+            *" --models "* | *" --models="*) ;;
+            *)
+                if [ -f "$models/llm/config.json" ]; then
+                    set -- "$@" --models "$models"
+                else
+                    echo "[orpheus-entrypoint] no model set at $models (llm/config.json): serving the demo set" >&2
+                fi
+                ;;
+        esac
+        ;;
+esac
+exec orpheus-triton "$@"

@@ -1,0 +1,30 @@
+#!/bin/sh
+# Entry point of the GPU image: build the TensorRT-LLM engine when $ORPHEUS_ENGINE_DIR lacks
+# one for these options, this GPU and this TensorRT-LLM, then render the repository and serve.
+# Arguments starting with "-" go to render_gpu_repository.py (ports, KV cache share, ...);
+# $ORPHEUS_BUILD_ARGS goes to build_trtllm.py. Any other command (bash, orpheus-triton say, ...)
+# runs as is.
+set -eu
+
+home="${ORPHEUS_HOME:-/opt/orpheus-triton}"
+models="${ORPHEUS_MODELS:-/models}"
+engine="${ORPHEUS_ENGINE_DIR:-/engines/orpheus-3b}"
+python="${ORPHEUS_PYTHON:-python3}"
+
+case "${1:-}" in
+    "" | -*) ;;
+    *) exec "$@" ;;
+esac
+
+if [ ! -f "$models/llm/config.json" ]; then
+    echo "[orpheus-gpu] no model set at $models: mount one with llm/ and snac/ there" \
+        "(orpheus-triton download DIR --token HF_TOKEN writes one)" >&2
+    exit 2
+fi
+
+# ORPHEUS_BUILD_ARGS is a list of flags: split on blanks on purpose.
+# shellcheck disable=SC2086
+"$python" "$home/build_engines/build_trtllm.py" --llm-dir "$models/llm" --output-dir "$engine" \
+    --skip-if-built ${ORPHEUS_BUILD_ARGS:-}
+exec "$python" "$home/build_engines/render_gpu_repository.py" --models "$models" --engine-dir "$engine" \
+    --serve "$@"

