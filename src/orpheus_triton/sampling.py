@@ -37,7 +37,7 @@ def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tens
     bits_a = _hash32(row[:, None] ^ _hash32(token_ids.to(torch.int64)))
     bits_b = _hash32(bits_a ^ 0x68E31DA4)
     # 53 random bits -> uniform in (0, 1), open at both ends.
-    uniform = ((bits_a >> 6).double() * 2**26 + (bits_b >> 5).double() + 0.5) / 2**53
+    uniform = ((bits_a >> 6).double() * 2**27 + (bits_b >> 5).double() + 0.5) / 2**53
     return -torch.log(-torch.log(uniform)).float()
 
 
@@ -63,39 +63,39 @@ def guard_candidates(audio_position: torch.Tensor) -> torch.Tensor:
     return torch.cat((codes, eos), dim=1)
 
 
+# Without the guard, a row samples among its most likely tokens only: as many as
+# the guard allows (4096 codes + end-of-speech), so both paths cost the same.
+UNGUARDED_CANDIDATES = CODEBOOK_SIZE + 1
+
+
 def sample(logits: torch.Tensor, params: SamplingBatch, seen: torch.Tensor) -> torch.Tensor:
     """Pick one token per row. ``seen`` [B, V] bool marks prompt and generated tokens (for the penalty)."""
+    # Repetition penalty as in Hugging Face and TensorRT-LLM: shrink the logit of
+    # every token already in the sequence (divide if positive, multiply if negative).
+    penalty = params.repetition_penalty[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     batch, vocab = logits.shape
-    device = logits.device
+    next_tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     guard = params.audio_guard
-    next_tokens = torch.empty(batch, dtype=torch.int64, device=device)
-    for rows, restricted in ((guard.nonzero().flatten(), True), ((~guard).nonzero().flatten(), False)):
+    for rows, guarded in ((guard.nonzero().flatten(), True), ((~guard).nonzero().flatten(), False)):
         if rows.numel() == 0:
             continue
-        if restricted:
-            candidates = guard_candidates(params.audio_position[rows])
-            allowed = torch.ones_like(candidates, dtype=torch.bool)
-            # End-of-speech only where a frame is complete.
-            allowed[:, -1] = params.audio_position[rows] % TOKENS_PER_FRAME == 0
-        else:
-            candidates = torch.arange(vocab, device=device).expand(rows.numel(), vocab)
-            allowed = torch.ones_like(candidates, dtype=torch.bool)
         sub = {name: getattr(params, name)[rows] for name in params.__dataclass_fields__}
-        scores = logits[rows].gather(1, candidates)
-        next_tokens[rows] = _choose(scores, candidates, allowed, seen[rows].gather(1, candidates), sub)
+        if guarded:
+            candidates = guard_candidates(sub["audio_position"])
+            scores = logits[rows].gather(1, candidates)
+            # End-of-speech only where a frame is complete.
+            at_boundary = sub["audio_position"] % TOKENS_PER_FRAME == 0
+            scores[:, -1] = torch.where(at_boundary, scores[:, -1], float("-inf"))
+        else:
+            scores, candidates = logits[rows].topk(min(vocab, UNGUARDED_CANDIDATES), dim=1)
+        next_tokens[rows] = _choose(scores, candidates, sub)
     return next_tokens
 
 
-def _choose(scores, candidates, allowed, seen, p) -> torch.Tensor:
-    # Repetition penalty as in Hugging Face and TensorRT-LLM: shrink the logit of
-    # every token already in the sequence (divide if positive, multiply if negative).
-    penalty = p["repetition_penalty"][:, None]
-    penalised = torch.where(scores > 0, scores / penalty, scores * penalty)
-    scores = torch.where(seen, penalised, scores)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     greedy = p["temperature"] <= 0
     scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
-
     order = scores.argsort(dim=1, descending=True)
     sorted_scores = scores.gather(1, order)
     rank = torch.arange(scores.shape[1], device=scores.device)[None, :]

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random model set in upstream formats, and a real tritonserver serving it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from orpheus_triton.demo_models import ModelSet, write_model_set
+
+TINY_LLM = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 128}
+
+
+@pytest.fixture(scope="session")
+def model_set(tmp_path_factory) -> ModelSet:
+    return write_model_set(tmp_path_factory.mktemp("models"), llm_shape=TINY_LLM, seed=1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(model_set, tmp_path_factory):
+    """A real tritonserver with the rendered repository; yields its gRPC url."""
+    from orpheus_triton.repository import RepositorySettings, render
+    from orpheus_triton.server import Ports, start_server, wait_until_ready
+
+    work = tmp_path_factory.mktemp("server")
+    os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
+    repository = render(
+        RepositorySettings(llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device="cpu",
+                           max_streams=4, max_seq_len=1024, preprocessing_instances=1),
+        work / "repository",
+    )
+    ports = Ports(free_port(), free_port(), free_port())
+    log_path = work / "server.log"
+    with open(log_path, "w") as log:
+        process = start_server(repository, ports, log_file=log)
+        try:
+            wait_until_ready(process, f"localhost:{ports.grpc}", timeout=180)
+        except Exception:
+            process.kill()
+            raise RuntimeError(f"server did not start:\n{Path(log_path).read_text()[-4000:]}") from None
+        process.ports = ports
+        process.log_path = log_path
+        yield process
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture
+def grpc_url(server) -> str:
+    return f"localhost:{server.ports.grpc}"

@@ -1,0 +1,190 @@
+"""In-flight batching, sampling and the audio-token guard of the torch engine (CPU, fp32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+from orpheus_triton.engine import CapacityError, GenerationRequest, InflightEngine
+from orpheus_triton.frames import StreamFramer, token_slot
+from orpheus_triton.llama import load_llama
+from orpheus_triton.sampling import SamplingBatch, gumbel_noise, sample
+
+
+@pytest.fixture(scope="module")
+def model(model_set):
+    return load_llama(model_set.llm)
+
+
+def make_engine(model, **kw):
+    kw.setdefault("max_streams", 4)
+    kw.setdefault("max_seq_len", 512)
+    return InflightEngine(model, **kw)
+
+
+class Collector:
+    def __init__(self):
+        self.tokens, self.finished, self.errors = [], False, []
+
+    def emit(self, tokens, finished):
+        self.tokens += tokens
+        self.finished = finished
+
+    def fail(self, message):
+        self.errors.append(message)
+
+
+def request(prompt, out: Collector, **kw):
+    kw.setdefault("max_new_tokens", 60)
+    return GenerationRequest(prompt=prompt, emit=out.emit, fail=out.fail, **kw)
+
+
+PROMPTS = [list(range(200, 200 + n)) for n in (9, 23, 5, 40, 14, 31)]
+
+
+def test_stream_is_identical_alone_and_in_a_busy_batch(model):
+    alone = Collector()
+    engine = make_engine(model)
+    engine.submit(request(PROMPTS[0], alone, seed=42))
+    engine.run_until_idle()
+
+    busy = make_engine(model, prefill_chunk=16)
+    outs = [Collector() for _ in PROMPTS]
+    for i in (1, 2, 3):
+        busy.submit(request(PROMPTS[i], outs[i], seed=i, max_new_tokens=20 + 15 * i))
+    for _ in range(7):  # others are mid-stream when ours joins
+        busy.step()
+    busy.submit(request(PROMPTS[0], outs[0], seed=42))
+    busy.submit(request(PROMPTS[4], outs[4], seed=4))
+    busy.run_until_idle()
+    assert outs[0].tokens == alone.tokens
+    assert len(alone.tokens) >= 2 and alone.finished
+
+
+def test_newcomer_joins_at_next_step_and_slots_are_reused(model):
+    engine = make_engine(model, max_streams=2)
+    long_a, long_b, newcomer = Collector(), Collector(), Collector()
+    engine.submit(request(PROMPTS[1], long_a, max_new_tokens=200, audio_guard=False, end_id=-1))
+    engine.submit(request(PROMPTS[2], long_b, max_new_tokens=12, audio_guard=False, end_id=-1))
+    engine.step()
+    assert len(engine.decoding) == 2
+    engine.submit(request(PROMPTS[3], newcomer, max_new_tokens=5, audio_guard=False, end_id=-1))
+    while not long_b.finished:  # the newcomer waits only for a free slot ...
+        engine.step()
+    assert len(newcomer.tokens) == 0
+    engine.step()  # ... and gets its first tokens in the very next step, while long_a keeps running
+    assert len(newcomer.tokens) >= 1 and not long_a.finished
+    engine.run_until_idle()
+    assert len(long_a.tokens) == 201 and len(newcomer.tokens) == 6  # max_new_tokens + appended end_id
+
+
+def test_long_prompt_prefill_is_chunked(model):
+    engine = make_engine(model, prefill_chunk=8)
+    running, long_prompt = Collector(), Collector()
+    engine.submit(request(PROMPTS[2], running, max_new_tokens=50, audio_guard=False, end_id=-1))
+    engine.step()
+    engine.submit(request(list(range(300, 340)), long_prompt, max_new_tokens=3))
+    produced = []
+    for _ in range(5):  # 40 prompt tokens in chunks of 8: the running stream advances every step
+        before = len(running.tokens)
+        engine.step()
+        produced.append(len(running.tokens) - before)
+    assert produced == [1, 1, 1, 1, 1]
+    assert len(long_prompt.tokens) == 2  # first token right after the last chunk, then it joins the decode
+
+
+def test_cancellation_frees_the_slot_within_one_step(model):
+    engine = make_engine(model, max_streams=1)
+    cancelled = {"flag": False}
+    victim, waiting = Collector(), Collector()
+    engine.submit(request(PROMPTS[0], victim, max_new_tokens=400, is_cancelled=lambda: cancelled["flag"]))
+    engine.submit(request(PROMPTS[1], waiting, max_new_tokens=3))
+    for _ in range(3):
+        engine.step()
+    produced = len(victim.tokens)
+    cancelled["flag"] = True
+    engine.step()
+    assert len(victim.tokens) == produced and victim.errors == ["request cancelled by the client"]
+    assert len(waiting.tokens) >= 1  # the freed slot served the waiting request in the same step
+    assert engine.stats.cancelled == 1
+
+
+def test_capacity_errors_are_clear(model):
+    engine = make_engine(model, max_seq_len=64, max_queue=1)
+    with pytest.raises(CapacityError, match="exceeds the engine's max_seq_len 64"):
+        engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=60))
+    engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    with pytest.raises(CapacityError, match="server busy"):
+        engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+
+
+def test_guard_keeps_every_token_in_its_frame_slot(model):
+    engine = make_engine(model)
+    guarded, free = Collector(), Collector()
+    engine.submit(request(PROMPTS[2], guarded, max_new_tokens=294, seed=7))
+    engine.submit(request(PROMPTS[2], free, max_new_tokens=294, seed=7, audio_guard=False))
+    engine.run_until_idle()
+    audio = [t for t in guarded.tokens if t != END_OF_SPEECH]
+    assert all(token_slot(t) == i % TOKENS_PER_FRAME for i, t in enumerate(audio))
+    assert guarded.tokens[-1] == END_OF_SPEECH and len(audio) % TOKENS_PER_FRAME == 0
+    # Unguarded, the random model emits text and wrong-slot tokens: the framer has to drop them,
+    # and upstream's decoder would shift frames.
+    framer = StreamFramer()
+    framer.push(free.tokens)
+    stray = sum(1 for t in free.tokens if token_slot(t) is None) + framer.misaligned
+    assert stray > 0
+
+
+def sampling_params(batch, **kw):
+    zeros = torch.zeros(batch, dtype=torch.long)
+    base = dict(temperature=torch.full((batch,), 1.0), top_p=torch.ones(batch), top_k=zeros,
+                repetition_penalty=torch.ones(batch), seed=torch.arange(batch), step=zeros,
+                audio_guard=torch.zeros(batch, dtype=torch.bool), audio_position=zeros)
+    base.update(kw)
+    return SamplingBatch(**base)
+
+
+def test_greedy_top_k_and_repetition_penalty_match_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000)
+    seen = torch.zeros(3, 1000, dtype=torch.bool)
+    history = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    seen.scatter_(1, history, True)
+    penalised = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    params = sampling_params(3, temperature=torch.zeros(3), repetition_penalty=torch.full((3,), 1.3))
+    greedy = sample(logits, params, seen)
+    assert greedy.tolist() == penalised.argmax(1).tolist()
+    top1 = sample(logits, sampling_params(3, top_k=torch.ones(3, dtype=torch.long)), torch.zeros_like(seen))
+    assert top1.tolist() == logits.argmax(1).tolist()
+
+
+def test_seeded_draws_follow_the_softmax_and_ignore_batch_neighbours():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = [sample(logits, sampling_params(1, seed=torch.tensor([s])), torch.zeros(1, 4, dtype=torch.bool)).item()
+             for s in range(4000)]
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    # Row 0 of a batch draws the same as the same row alone.
+    batch_logits = torch.cat([logits, torch.randn(5, 4)])
+    seeds = torch.tensor([123, 1, 2, 3, 4, 5])
+    together = sample(batch_logits, sampling_params(6, seed=seeds), torch.zeros(6, 4, dtype=torch.bool))
+    alone = sample(logits, sampling_params(1, seed=seeds[:1]), torch.zeros(1, 4, dtype=torch.bool))
+    assert together[0] == alone[0]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample(logits, sampling_params(1, seed=torch.tensor([s]), top_p=torch.tensor([0.75])),
+                    torch.zeros(1, 4, dtype=torch.bool)).item() for s in range(300)}
+    assert draws == {0, 1}
+
+
+def test_gumbel_noise_is_a_pure_function_of_seed_step_token():
+    ids = torch.arange(AUDIO_TOKEN_BASE, AUDIO_TOKEN_BASE + CODEBOOK_SIZE)[None]
+    a = gumbel_noise(torch.tensor([7]), torch.tensor([3]), ids)
+    b = gumbel_noise(torch.tensor([7]), torch.tensor([3]), ids)
+    c = gumbel_noise(torch.tensor([7]), torch.tensor([4]), ids)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert abs(a.mean().item() - 0.5772) < 0.05  # Euler-Mascheroni: the mean of Gumbel(0, 1)

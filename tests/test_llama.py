@@ -1,0 +1,76 @@
+"""The torch engine's Llama against transformers' LlamaForCausalLM on the same weights."""
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from orpheus_triton.demo_models import write_random_llama
+from orpheus_triton.llama import LlamaConfig, load_llama, rope_frequencies
+
+SHAPE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 160}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    write_random_llama(path, SHAPE, seed=3, tie_word_embeddings=request.param)
+    return path
+
+
+def hf_logits(path, rows):
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [model(torch.tensor([r])).logits[0] for r in rows]
+
+
+def test_prefill_and_batched_decode_match_transformers(checkpoint):
+    torch.manual_seed(0)
+    rows = [torch.randint(0, 156940, (n,)).tolist() for n in (11, 4, 7)]
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=4, max_seq_len=64)
+    with torch.inference_mode():
+        # Prefill each row into its slot (rows of different lengths) ...
+        prefill = [model(torch.tensor([r]), torch.arange(len(r))[None], first_slot=i, last_only=False)[0]
+                   for i, r in enumerate(rows)]
+        # ... then one batched decode step over all three rows at their own positions.
+        nxt = [5, 6, 7]
+        decode = model(torch.tensor([[t] for t in nxt]), torch.tensor([[len(r)] for r in rows]), first_slot=0)
+    expected = hf_logits(checkpoint, rows)
+    extended = hf_logits(checkpoint, [r + [t] for r, t in zip(rows, nxt, strict=True)])
+    for got, want in zip(prefill, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for i, want in enumerate(extended):
+        torch.testing.assert_close(decode[i], want[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_whole_prefill(checkpoint):
+    row = torch.randint(0, 156940, (20,)).tolist()
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=2, max_seq_len=64)
+    with torch.inference_mode():
+        whole = model(torch.tensor([row]), torch.arange(20)[None], first_slot=0)
+        model(torch.tensor([row[:8]]), torch.arange(8)[None], first_slot=1)
+        chunked = model(torch.tensor([row[8:]]), torch.arange(8, 20)[None], first_slot=1)
+    torch.testing.assert_close(whole, chunked, rtol=1e-5, atol=1e-5)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from transformers import LlamaConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from orpheus_triton.demo_models import llama_config
+
+    hf = llama_config({"hidden_size": 3072, "num_hidden_layers": 1, "num_attention_heads": 24,
+                       "num_key_value_heads": 8, "intermediate_size": 8192})
+    ours = rope_frequencies(LlamaConfig.from_hf(hf))
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](HFConfig(**hf), "cpu")
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_bad_checkpoint_dirs_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_llama(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "mistral"}')
+    with pytest.raises(ValueError, match="not 'llama'"):
+        load_llama(tmp_path)

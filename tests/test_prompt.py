@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from orpheus_triton import constants as c
+from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
+from orpheus_triton.prompt import PromptError, build_prompt, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_set):
+    return load_tokenizer(model_set.llm)
+
+
+def test_prompt_is_orpheus_format(tokenizer):
+    ids = build_prompt(tokenizer, "Hello <laugh> there", "leo")
+    text_ids = tokenizer.encode("leo: Hello <laugh> there").ids
+    assert text_ids[0] == c.BEGIN_OF_TEXT
+    assert ids == [c.START_OF_HUMAN, *text_ids, c.END_OF_TEXT, c.END_OF_HUMAN, c.START_OF_AI, c.START_OF_SPEECH]
+    assert ids[:2] == [128259, 128000] and ids[-4:] == [128009, 128260, 128261, 128257]
+    # Emotive tags are plain text: they survive a round trip through the tokenizer.
+    assert "<laugh>" in tokenizer.decode(ids[1:-4], skip_special_tokens=True)
+
+
+def test_special_ids_of_demo_tokenizer(tokenizer):
+    assert tokenizer.token_to_id("<|begin_of_text|>") == c.BEGIN_OF_TEXT
+    assert tokenizer.token_to_id("<|eot_id|>") == c.END_OF_TEXT
+    assert tokenizer.token_to_id("<custom_token_2>") == c.END_OF_SPEECH
+    assert tokenizer.token_to_id("<custom_token_10>") == c.AUDIO_TOKEN_BASE
+    assert tokenizer.get_vocab_size() == c.VOCAB_SIZE
+
+
+@pytest.mark.parametrize(("text", "voice", "message"), [
+    ("", "tara", "text is empty"),
+    ("   ", "tara", "text is empty"),
+    ("hi", "bob", "unknown voice 'bob'"),
+    ("x" * (c.MAX_TEXT_CHARS + 1), "tara", "limit is"),
+])
+def test_bad_text_and_voice_are_named(tokenizer, text, voice, message):
+    with pytest.raises(PromptError, match=message):
+        build_prompt(tokenizer, text, voice)
+
+
+def test_voice_is_case_insensitive(tokenizer):
+    assert build_prompt(tokenizer, "hi", "TARA") == build_prompt(tokenizer, "hi", "tara")
+
+
+def test_llm_inputs_follow_tensorrt_llm_contract(tokenizer):
+    tensors = llm_inputs(tokenizer, SynthesisOptions(text="hi", voice="zoe", max_tokens=77, seed=5))
+    ids = tensors[c.LLM_INPUT_IDS]
+    assert ids.dtype == np.int32 and ids.shape[0] == 1
+    assert tensors[c.LLM_INPUT_LENGTHS].tolist() == [[ids.shape[1]]]
+    assert tensors[c.LLM_REQUEST_OUTPUT_LEN].tolist() == [[77]]
+    assert tensors[c.LLM_END_ID].tolist() == [[c.END_OF_SPEECH]]
+    assert tensors[c.LLM_SEED].dtype == np.uint64
+    assert tensors[OUT_TEMPERATURE].tolist() == [[pytest.approx(c.DEFAULT_TEMPERATURE)]]
+    assert tensors[OUT_REPETITION_PENALTY].tolist() == [[pytest.approx(c.DEFAULT_REPETITION_PENALTY)]]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("max_tokens", 0, "max_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"),
+    ("repetition_penalty", 0.5, "repetition_penalty"), ("temperature", float("nan"), "temperature"),
+])
+def test_option_ranges(field, value, message):
+    with pytest.raises(PromptError, match=message):
+        SynthesisOptions(text="hi", **{field: value})

@@ -1,0 +1,146 @@
+"""End to end through a real tritonserver: the `orpheus` ensemble streamed over gRPC."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from snac import SNAC
+
+from orpheus_triton import constants as c
+from orpheus_triton.client import OrpheusClient, SynthesisError
+from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
+from orpheus_triton.prompt import load_tokenizer
+
+from reference_decoder import reference_decode
+
+pytestmark = pytest.mark.server
+TEXT = "Hey there, <chuckle> this is a streaming test."
+
+
+def llm_tokens(url: str, model_set, **options) -> list[int]:
+    """The tokens the `llm` model generates for a request, asked of it directly."""
+    tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(**options))
+    renamed = {OUT_TEMPERATURE: c.LLM_TEMPERATURE, OUT_REPETITION_PENALTY: c.LLM_REPETITION_PENALTY}
+    inputs = []
+    for name, value in tensors.items():
+        tensor = grpcclient.InferInput(renamed.get(name, name), list(value.shape), _triton_type(value))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    return _stream(url, c.LLM_MODEL, inputs, c.LLM_OUTPUT_IDS)
+
+
+def _triton_type(value: np.ndarray) -> str:
+    return {np.int32: "INT32", np.float32: "FP32", np.uint64: "UINT64", np.bool_: "BOOL"}[value.dtype.type]
+
+
+def _stream(url, model, inputs, output, request_id=None):
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    client.async_stream_infer(model, inputs, request_id=str(uuid.uuid4()) if request_id is None else request_id,
+                              enable_empty_final_response=True)
+    values = []
+    while True:
+        result, error = events.get(timeout=120)
+        if error:
+            client.stop_stream()
+            raise SynthesisError(str(error))
+        array = result.as_numpy(output)
+        if array is not None:
+            values += array.reshape(-1).tolist()
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    return values
+
+
+def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set):
+    options = {"text": TEXT, "voice": "leah", "seed": 11, "max_tokens": 210}
+    result = OrpheusClient(grpc_url).synthesize(**options)
+    tokens = llm_tokens(grpc_url, model_set, **options)
+    assert tokens[-1] == c.END_OF_SPEECH
+    reference = reference_decode(SNAC.from_pretrained(str(model_set.snac)).eval(), tokens, drop_zero_codes=False)
+    assert len(result.chunks) > 10
+    np.testing.assert_array_equal(result.audio, np.concatenate(reference))
+    # Streaming: the first chunk arrives well before the last.
+    assert result.chunks[0].arrived < 0.5 * result.chunks[-1].arrived
+
+
+def test_same_seed_same_audio_and_concurrent_streams_do_not_mix(grpc_url):
+    def run(seed, text, out):
+        out[seed] = OrpheusClient(grpc_url).synthesize(text, seed=seed, max_tokens=140).audio
+
+    solo: dict = {}
+    run(1, TEXT, solo)
+    run(2, "A different sentence for the second stream.", solo)
+    together: dict = {}
+    threads = [threading.Thread(target=run, args=(1, TEXT, together)),
+               threading.Thread(target=run, args=(2, "A different sentence for the second stream.", together))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert solo[1].size > 0 and not np.array_equal(solo[1], solo[2])
+    np.testing.assert_array_equal(together[1], solo[1])
+    np.testing.assert_array_equal(together[2], solo[2])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"text": "hello", "voice": "bob"}, "unknown voice 'bob'"),
+    ({"text": "   "}, "text is empty"),
+    ({"text": "x" * (c.MAX_TEXT_CHARS + 1)}, "limit is"),
+    ({"text": "hello", "temperature": -2.0}, "temperature must be"),
+    ({"text": "hello", "max_tokens": 5000}, "exceeds the engine's max_seq_len"),
+])
+def test_bad_requests_get_clear_errors_and_server_stays_healthy(grpc_url, options, message):
+    client = OrpheusClient(grpc_url)
+    with pytest.raises(SynthesisError, match=message):
+        client.synthesize(**options)
+    assert client.client.is_server_live() and client.client.is_server_ready()
+    assert client.synthesize("still working", max_tokens=35).audio.size > 0
+
+
+def test_request_without_id_is_refused(grpc_url):
+    from orpheus_triton.client import request_inputs
+
+    with pytest.raises(SynthesisError, match="no id"):
+        _stream(grpc_url, c.ENSEMBLE_MODEL, request_inputs("hello", max_tokens=35), c.OUT_AUDIO, request_id="")
+
+
+def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
+    shared = f"dup-{uuid.uuid4()}"
+    first: dict = {}
+
+    def long_stream():
+        first["audio"] = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=420, request_id=shared).audio
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    time.sleep(0.5)
+    with pytest.raises(SynthesisError, match="already streaming"):
+        OrpheusClient(grpc_url).synthesize("intruder", max_tokens=35, request_id=shared)
+    thread.join()
+    assert first["audio"].size > 0  # the first stream was not disturbed
+    # Once it has finished, the id may be used again and starts a clean stream.
+    again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
+    fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
+    np.testing.assert_array_equal(again.audio, fresh.audio)
+
+
+def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
+    import urllib.request
+
+    OrpheusClient(grpc_url).synthesize("metrics please", max_tokens=35)
+    time.sleep(1.2)
+    text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
+    for name in ("orpheus_llm_active_streams", "orpheus_llm_queued_requests", "orpheus_llm_step_seconds",
+                 "orpheus_llm_tokens_per_second", "orpheus_llm_generated_tokens_total"):
+        assert name in text
+    total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
+    assert float(total[0].split()[-1]) > 0

@@ -1,0 +1,74 @@
+"""The batched, seeded SNAC decoder against the upstream Orpheus streaming decoder."""
+
+import numpy as np
+import pytest
+from snac import SNAC
+
+from orpheus_triton.constants import END_OF_SPEECH, SAMPLES_PER_FRAME
+from orpheus_triton.frames import StreamFramer, audio_token_id
+from orpheus_triton.snac_codec import WindowDecoder, load_snac
+
+from reference_decoder import reference_decode
+
+
+@pytest.fixture(scope="module")
+def decoder(model_set):
+    return WindowDecoder(load_snac(model_set.snac))
+
+
+@pytest.fixture(scope="module")
+def upstream(model_set):
+    return SNAC.from_pretrained(str(model_set.snac)).eval()  # upstream loader, local directory
+
+
+def token_stream(seed, frames, allow_zero=False):
+    codes = np.random.default_rng(seed).integers(0 if allow_zero else 1, 4096, frames * 7).tolist()
+    return [audio_token_id(code, i) for i, code in enumerate(codes)] + [END_OF_SPEECH]
+
+
+def serve_decode(decoder, tokens):
+    framer = StreamFramer()
+    return decoder.decode(framer.push(tokens))
+
+
+def test_matches_upstream_sample_for_sample(decoder, upstream):
+    tokens = token_stream(1, frames=9)
+    ours = serve_decode(decoder, tokens)
+    theirs = reference_decode(upstream, tokens)
+    assert len(ours) == len(theirs) == 6
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == np.int16 and a.shape == (SAMPLES_PER_FRAME,)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_batched_across_streams_equals_each_stream_alone(decoder):
+    streams = [token_stream(seed, frames=6) for seed in range(5)]
+    framers = [StreamFramer() for _ in streams]
+    windows = [f.push(t) for f, t in zip(framers, streams, strict=True)]
+    # Interleave all windows of all streams into one batched call.
+    batch = [w for group in zip(*windows, strict=True) for w in group]
+    audio = decoder.decode(batch)
+    for index, tokens in enumerate(streams):
+        alone = serve_decode(decoder, tokens)
+        together = audio[index :: len(streams)]
+        for a, b in zip(alone, together, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_code_zero_does_not_shift_frames(decoder, upstream):
+    """Improvement over upstream: its `if token > 0` drops code 0 and misaligns every later frame."""
+    tokens = token_stream(2, frames=8)
+    with_zero = list(tokens)
+    with_zero[9] = audio_token_id(0, 9)  # code 0 in frame 1, slot 2
+    ours = serve_decode(decoder, with_zero)
+    assert len(ours) == 5  # one window per frame from the 4th on, as for any stream of 8 frames
+    fixed_reference = reference_decode(upstream, with_zero, drop_zero_codes=False)
+    for a, b in zip(ours, fixed_reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+    upstream_chunks = reference_decode(upstream, with_zero)  # verbatim upstream
+    assert len(upstream_chunks) < len(ours)  # upstream loses audio after the zero
+
+
+def test_missing_snac_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        load_snac(tmp_path)
