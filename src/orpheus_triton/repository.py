@@ -57,4 +57,5 @@ def render(settings: RepositorySettings, out: Path, templates: Path | None = Non
         except KeyError as missing:
             raise ValueError(f"{source / 'config.pbtxt'} uses unknown setting {missing}") from None
         (out / model / "config.pbtxt").write_text(rendered)
+        (out / model / "1").mkdir(exist_ok=True)  # Triton wants a version folder, even an ensemble's
     return out
