@@ -144,3 +144,31 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
         assert name in text
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
+
+
+def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orpheus_triton.wav import read_wav
+
+    say = subprocess.run(
+        [sys.executable, "-m", "orpheus_triton.cli", "say", "Hello from the command line", "-o",
+         str(tmp_path / "say.wav"), "--url", grpc_url, "--max-tokens", "70", "--voice", "zac"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert say.returncode == 0, say.stderr
+    assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
+    rate, audio = read_wav(tmp_path / "say.wav")
+    assert rate == c.SAMPLE_RATE and audio.size == 7 * c.SAMPLES_PER_FRAME  # 10 frames -> 7 windows
+
+    example = Path(__file__).parents[1] / "client" / "stream_to_wav.py"
+    run = subprocess.run([sys.executable, str(example), "Hello from the example", str(tmp_path / "ex.wav"),
+                          "--url", grpc_url, "--max-tokens", "70"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert read_wav(tmp_path / "ex.wav")[1].size > 0
+
+    bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "hi", "-o", str(tmp_path / "x.wav"),
+                          "--url", "localhost:1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "could not synthesize" in bad.stderr

@@ -71,6 +71,12 @@ def _synthesize_to_wav(url: str, text: str, output: Path, **options) -> None:
     from .wav import StreamingWavWriter  # noqa: PLC0415
 
     client = OrpheusClient(url)
+    try:
+        ready = client.client.is_server_ready()
+    except Exception:  # noqa: BLE001 (grpc raises several kinds for "nobody listening")
+        ready = False
+    if not ready:
+        raise ConnectionError(f"no ready Triton server at {url} (start one with `orpheus-triton serve`)")
     with StreamingWavWriter(output) as wav:
         result = client.synthesize(text, on_chunk=wav.write, **options)
     client.close()
@@ -96,8 +102,8 @@ def cmd_say(args) -> int:
     except SynthesisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # connection refused and friends
-        print(f"error: could not synthesize via {args.url}: {error}", file=sys.stderr)
+    except ConnectionError as error:
+        print(f"error: could not synthesize: {error}", file=sys.stderr)
         return 1
     return 0
 

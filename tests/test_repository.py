@@ -1,0 +1,72 @@
+"""The config.pbtxt templates agree with orpheus_triton.constants and render into loadable configs."""
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from orpheus_triton import constants as c
+from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE
+from orpheus_triton.repository import MODELS, RepositorySettings, render
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> dict[str, model_config_pb2.ModelConfig]:
+    out = render(RepositorySettings(llm_dir="/models/llm", snac_dir="/models/snac"), tmp_path_factory.mktemp("r"))
+    parsed = {}
+    for model in MODELS:
+        text = (out / model / "config.pbtxt").read_text()
+        assert "${" not in text
+        assert (out / model / "1").is_dir()
+        parsed[model] = text_format.Parse(text, model_config_pb2.ModelConfig())
+    return parsed
+
+
+def names(tensors):
+    return [t.name for t in tensors]
+
+
+def test_ensemble_public_contract(configs):
+    ensemble = configs[c.ENSEMBLE_MODEL]
+    assert ensemble.name == c.ENSEMBLE_MODEL and ensemble.max_batch_size == 0
+    assert ensemble.model_transaction_policy.decoupled
+    assert names(ensemble.input) == [c.IN_TEXT, c.IN_VOICE, c.IN_MAX_TOKENS, c.IN_TEMPERATURE, c.IN_TOP_P,
+                                     c.IN_REPETITION_PENALTY, c.IN_SEED]
+    assert [i.name for i in ensemble.input if not i.optional] == [c.IN_TEXT]
+    types = {i.name: model_config_pb2.DataType.Name(i.data_type) for i in ensemble.input}
+    assert types == {c.IN_TEXT: "TYPE_STRING", c.IN_VOICE: "TYPE_STRING", c.IN_MAX_TOKENS: "TYPE_INT32",
+                     c.IN_TEMPERATURE: "TYPE_FP32", c.IN_TOP_P: "TYPE_FP32", c.IN_REPETITION_PENALTY: "TYPE_FP32",
+                     c.IN_SEED: "TYPE_UINT64"}
+    (audio,) = ensemble.output
+    assert (audio.name, list(audio.dims), audio.data_type) == (c.OUT_AUDIO, [-1], model_config_pb2.TYPE_INT16)
+    assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
+        c.PREPROCESSING_MODEL, c.LLM_MODEL, c.DECODER_MODEL]
+
+
+def test_every_mapped_tensor_exists_with_the_constant_names(configs):
+    for step in configs[c.ENSEMBLE_MODEL].ensemble_scheduling.step:
+        model = configs[step.model_name]
+        assert set(step.input_map) <= set(names(model.input)), step.model_name
+        assert set(step.output_map) <= set(names(model.output)), step.model_name
+    llm = configs[c.LLM_MODEL]
+    assert {c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS, c.LLM_REQUEST_OUTPUT_LEN, c.LLM_END_ID, c.LLM_PAD_ID,
+            c.LLM_STREAMING, c.LLM_TEMPERATURE, c.LLM_TOP_P, c.LLM_TOP_K, c.LLM_REPETITION_PENALTY, c.LLM_SEED,
+            c.LLM_AUDIO_GUARD} == set(names(llm.input))
+    assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH]
+    assert llm.model_transaction_policy.decoupled
+    decoder = configs[c.DECODER_MODEL]
+    assert names(decoder.input) == [c.DECODER_TOKENS] and names(decoder.output) == [c.DECODER_AUDIO]
+    assert decoder.model_transaction_policy.decoupled and decoder.HasField("dynamic_batching")
+    pre_outputs = set(names(configs[c.PREPROCESSING_MODEL].output))
+    assert {OUT_TEMPERATURE, OUT_REPETITION_PENALTY} <= pre_outputs
+
+
+def test_unknown_placeholder_is_named(tmp_path):
+    templates = tmp_path / "templates"
+    for model in MODELS:
+        (templates / model).mkdir(parents=True)
+        (templates / model / "config.pbtxt").write_text('name: "x"')
+    (templates / c.LLM_MODEL / "config.pbtxt").write_text('name: "${no_such_setting}"')
+    with pytest.raises(ValueError, match="no_such_setting"):
+        render(RepositorySettings(llm_dir="a", snac_dir="b"), tmp_path / "out", templates=Path(templates))
