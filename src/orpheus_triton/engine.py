@@ -34,7 +34,7 @@ from .constants import (
     END_OF_SPEECH,
 )
 from .llama import Llama
-from .sampling import SamplingBatch, sample
+from .sampling import LmHead, SamplingBatch, sample
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class InflightEngine:
             chunk = prompt[stream.prefilled : stream.prefilled + budget]
             tokens = torch.tensor([chunk], device=self.device)
             positions = torch.arange(stream.prefilled, stream.prefilled + len(chunk), device=self.device)[None]
-            logits = self.model(tokens, positions, first_slot=self.scratch_slot)
+            hidden = self.model(tokens, positions, first_slot=self.scratch_slot, hidden_only=True)
             stream.prefilled += len(chunk)
             stream.length = stream.prefilled
             budget -= len(chunk)
@@ -225,20 +225,20 @@ class InflightEngine:
             self.seen[slot] = self.seen[self.scratch_slot]
             self.decoding.append(stream)
             self.prefilling = None
-            self._sample_and_emit([slot], logits)
+            self._sample_and_emit([slot], hidden)
 
     def _decode(self) -> None:
         batch = len(self.decoding)
         last = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)
         positions = torch.tensor([[s.length] for s in self.decoding], device=self.device)
         context = max(s.length for s in self.decoding) + 1
-        logits = self.model(last, positions, first_slot=0, context_len=context)
+        hidden = self.model(last, positions, first_slot=0, context_len=context, hidden_only=True)
         for stream in self.decoding:
             stream.length += 1
         self.stats.last_batch_size = batch
-        self._sample_and_emit(list(range(batch)), logits)
+        self._sample_and_emit(list(range(batch)), hidden)
 
-    def _sample_and_emit(self, slots: list[int], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, slots: list[int], hidden: torch.Tensor) -> None:
         streams = [self.decoding[s] for s in slots]
         dev = self.device
         params = SamplingBatch(
@@ -252,7 +252,7 @@ class InflightEngine:
             audio_position=torch.tensor([s.audio_tokens for s in streams], device=dev),
         )
         slot_index = torch.tensor(slots, device=dev)
-        tokens = sample(logits, params, self.seen[slot_index])
+        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen[slot_index])
         self.seen[slot_index, tokens] = True
         finished = []
         now = time.monotonic()

@@ -206,12 +206,15 @@ class Llama(nn.Module):
         first_slot: int = 0,
         context_len: int | None = None,
         last_only: bool = True,
+        hidden_only: bool = False,
     ) -> torch.Tensor:
         """Logits for ``tokens`` [B, T] at absolute ``positions`` [B, T], rows in slots first_slot.. .
 
         ``context_len`` bounds how much of the cache attention reads; it must cover
         every row's largest position. ``last_only`` returns logits of the last
-        step only ([B, V]) instead of all steps ([B, T, V]).
+        step only ([B, V]) instead of all steps ([B, T, V]). ``hidden_only`` returns the
+        normed final hidden states instead of logits, for a sampler that computes only
+        the logits it needs (see sampling.LmHead).
         """
         if context_len is None:
             context_len = int(positions.max()) + 1
@@ -225,7 +228,8 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, positions, first_slot, context_len, mask)
         if last_only:
             x = x[:, -1]
-        return self.lm_head(self.norm(x)).float()
+        x = self.norm(x)
+        return x if hidden_only else self.lm_head(x).float()
 
 
 def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:

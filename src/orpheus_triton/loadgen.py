@@ -1,0 +1,445 @@
+"""Streaming TTS load generator: many concurrent gRPC streams against the `orpheus` ensemble.
+
+What a listener experiences, per stream:
+
+* **time to first audio (TTFA)**: request sent -> first audio chunk received;
+* **playback starvation**: playback starts when the first chunk arrives and
+  plays the delivered audio at 24 kHz; a chunk that arrives after everything
+  delivered before it has finished playing means the listener heard a gap
+  (a *stall*). The stall lasts until that chunk arrives, and playback resumes
+  from there;
+* **headroom**: at each chunk's arrival, how much delivered audio was still
+  waiting to be played (negative = a stall of that length);
+* **real-time factor**: stream wall time / audio duration (< 1: faster than real time).
+
+Per concurrency level the sweep reports p50/p95/p99 TTFA and how many streams
+starved; the **real-time capacity** is the largest level whose p99 TTFA is
+under the limit (500 ms by default) with no starved stream and no error.
+
+Two arrival patterns, both bounded in stream count and in time:
+
+* closed loop: N workers, each starts its next utterance when one ends;
+* Poisson: streams start at exponential inter-arrival times of rate lambda.
+
+Only loopback servers are accepted as targets.
+
+    python -m orpheus_triton.loadgen --url localhost:8001 --concurrency 1,2,4 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+from .constants import SAMPLE_RATE, VOICES
+
+DEFAULT_TTFA_LIMIT = 0.5  # seconds, p99
+STALL_TOLERANCE = 1e-6  # seconds: a chunk this close to the end of playback is on time (float rounding)
+
+# The benchmark texts, short to long; perf/data/ holds the same texts in perf_analyzer's format.
+TEXTS = {
+    "short": "Hello! How can I help you today?",
+    "medium": (
+        "Thanks for calling. Your order shipped this morning and should arrive on Thursday. "
+        "<chuckle> Is there anything else I can do for you?"
+    ),
+    "long": (
+        "Once upon a time, in a small village at the edge of a great forest, there lived an old clockmaker. "
+        "Every morning he opened his shop, wound every clock on the wall, and listened as they ticked in unison. "
+        "<sigh> One winter night, a traveller knocked on his door, carrying a clock that had stopped at midnight "
+        "many years before, and asked whether it could ever be made to run again."
+    ),
+}
+# max_tokens per text: about the audio such a text takes (7 tokens per 85 ms frame).
+MAX_TOKENS = {"short": 250, "medium": 600, "long": 1200}
+
+
+@dataclass(frozen=True)
+class Utterance:
+    label: str
+    text: str
+    voice: str
+    max_tokens: int
+    seed: int = 0
+
+
+def workload(labels: Sequence[str] = ("short", "medium", "long"), voices: Sequence[str] = VOICES,
+             max_tokens: dict[str, int] | None = None, count: int | None = None) -> list[Utterance]:
+    """Utterances cycling through ``labels`` and ``voices`` (``count`` of them, default one per voice)."""
+    limits = {**MAX_TOKENS, **(max_tokens or {})}
+    count = count or max(len(labels), len(voices))
+    return [
+        Utterance(labels[i % len(labels)], TEXTS[labels[i % len(labels)]], voices[i % len(voices)],
+                  limits[labels[i % len(labels)]], seed=i)
+        for i in range(count)
+    ]
+
+
+# ---- per-stream measurements ------------------------------------------------------------------
+
+
+@dataclass
+class Playback:
+    starved: bool
+    stalls: int
+    stall_seconds: float
+    gaps: list[float]  # seconds between consecutive chunk arrivals
+    headroom: list[float]  # buffered audio (s) when each chunk after the first arrived; < 0 = stall
+    buffer_needed: float = 0.0  # start delay (s) after the first chunk that would have avoided every stall
+
+
+def playback(arrivals: Sequence[float], samples: Sequence[int], sample_rate: int = SAMPLE_RATE,
+             start_buffer: float = 0.0) -> Playback:
+    """Replay a stream's chunk arrivals through a player that starts at the first chunk.
+
+    ``arrivals`` are chunk arrival times (s, any origin, non-decreasing) and
+    ``samples`` each chunk's length. ``start_buffer`` delays the start of
+    playback after the first chunk (0: play at once, what TTFA promises).
+    """
+    if len(arrivals) != len(samples):
+        raise ValueError(f"{len(arrivals)} arrival times for {len(samples)} chunks")
+    if not arrivals:
+        return Playback(False, 0, 0.0, [], [])
+    play_end = arrivals[0] + start_buffer + samples[0] / sample_rate
+    stalls, stall_seconds, headroom = 0, 0.0, []
+    delivered, buffer_needed = 0, 0.0
+    for arrived, length in zip(arrivals, samples, strict=True):
+        # Without stalls, a chunk is due when the audio before it has played from the first arrival on.
+        buffer_needed = max(buffer_needed, arrived - arrivals[0] - delivered / sample_rate)
+        delivered += length
+    for arrived, length in zip(arrivals[1:], samples[1:], strict=True):
+        buffered = play_end - arrived
+        headroom.append(buffered)
+        if buffered < -STALL_TOLERANCE:
+            stalls += 1
+            stall_seconds -= buffered
+            play_end = arrived + length / sample_rate
+        else:
+            play_end += length / sample_rate
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    return Playback(stalls > 0, stalls, stall_seconds, gaps, headroom, buffer_needed)
+
+
+@dataclass
+class StreamRecord:
+    """One stream as the client saw it; times in seconds."""
+
+    label: str
+    voice: str
+    started: float  # since the start of the run
+    arrivals: list[float] = field(default_factory=list)  # since the stream's request was sent
+    samples: list[int] = field(default_factory=list)
+    total: float = 0.0
+    error: str | None = None
+
+    @property
+    def ttfa(self) -> float | None:
+        return self.arrivals[0] if self.arrivals else None
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(self.samples) / SAMPLE_RATE
+
+    @property
+    def real_time_factor(self) -> float | None:
+        return self.total / self.audio_seconds if self.audio_seconds else None
+
+    def playback(self, start_buffer: float = 0.0) -> Playback:
+        return playback(self.arrivals, self.samples, start_buffer=start_buffer)
+
+
+# ---- aggregation --------------------------------------------------------------------------------
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0-100, linear interpolation between ranks); None for no values."""
+    data = sorted(values)
+    if not data:
+        return None
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside [0, 100]")
+    rank = (len(data) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (rank - low)
+
+
+def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None) -> dict:
+    """Aggregate one load level: TTFA percentiles, starvation, RTF, chunk gaps, throughput."""
+    ok = [r for r in records if r.error is None and r.arrivals]
+    plays = [r.playback() for r in ok]
+    ttfa = [r.ttfa for r in ok]
+    rtf = [r.real_time_factor for r in ok]
+    gaps = [g for p in plays for g in p.gaps]
+    headroom = [h for p in plays for h in p.headroom]
+    if wall_seconds is None:
+        wall_seconds = max((r.started + r.total for r in records), default=0.0) - min(
+            (r.started for r in records), default=0.0)
+    audio = sum(r.audio_seconds for r in ok)
+    return {
+        "streams": len(records),
+        "errors": sum(r.error is not None for r in records),
+        "no_audio": sum(r.error is None and not r.arrivals for r in records),
+        "error_examples": sorted({r.error for r in records if r.error})[:3],
+        "ttfa_p50": percentile(ttfa, 50),
+        "ttfa_p95": percentile(ttfa, 95),
+        "ttfa_p99": percentile(ttfa, 99),
+        "ttfa_max": max(ttfa, default=None),
+        "rtf_p50": percentile(rtf, 50),
+        "rtf_p95": percentile(rtf, 95),
+        "starved_streams": sum(p.starved for p in plays),
+        "stalls": sum(p.stalls for p in plays),
+        "stall_seconds": sum(p.stall_seconds for p in plays),
+        "gap_p50": percentile(gaps, 50),
+        "gap_p99": percentile(gaps, 99),
+        "gap_max": max(gaps, default=None),
+        "headroom_min": min(headroom, default=None),
+        "buffer_needed_p50": percentile((p.buffer_needed for p in plays), 50),
+        "buffer_needed_p99": percentile((p.buffer_needed for p in plays), 99),
+        "audio_seconds": audio,
+        "wall_seconds": wall_seconds,
+        # Audio produced per second of wall time: how many listeners the run kept fed on average.
+        "realtime_streams_served": audio / wall_seconds if wall_seconds else None,
+    }
+
+
+def meets_realtime(level: dict, ttfa_limit: float = DEFAULT_TTFA_LIMIT) -> bool:
+    """A level is real-time if every stream produced audio, none starved, and p99 TTFA < the limit."""
+    return (
+        level["streams"] > 0
+        and level["errors"] == 0
+        and level["no_audio"] == 0
+        and level["starved_streams"] == 0
+        and level["ttfa_p99"] is not None
+        and level["ttfa_p99"] < ttfa_limit
+    )
+
+
+def realtime_capacity(levels: dict[int, dict], ttfa_limit: float = DEFAULT_TTFA_LIMIT) -> int:
+    """Largest concurrency whose level meets real time (0 if none does)."""
+    return max((c for c, level in levels.items() if meets_realtime(level, ttfa_limit)), default=0)
+
+
+def poisson_schedule(rate: float, max_count: int, max_duration: float, seed: int = 0) -> list[float]:
+    """Start offsets (s) of a Poisson arrival process of ``rate``/s, cut at ``max_count`` and ``max_duration``."""
+    if rate <= 0:
+        raise ValueError(f"arrival rate must be > 0, got {rate}")
+    if max_count < 0 or max_duration < 0:
+        raise ValueError("max_count and max_duration must be >= 0")
+    rng = random.Random(seed)
+    starts, now = [], 0.0
+    while len(starts) < max_count:
+        now += rng.expovariate(rate)
+        if now >= max_duration:
+            break
+        starts.append(now)
+    return starts
+
+
+# ---- running streams -------------------------------------------------------------------------------
+
+
+def check_loopback(url: str) -> str:
+    """Refuse any target but this machine: the load generator is for local servers only."""
+    address = url.split("://", 1)[-1].split("/", 1)[0]
+    if address.startswith("["):
+        host = address[1 : address.index("]")]
+    elif address.count(":") == 1:
+        host = address.split(":", 1)[0]
+    else:
+        host = address
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise ValueError(f"the load generator targets this machine only (localhost, 127.x, ::1), not {url!r}")
+    return url
+
+
+def grpc_stream(url: str, timeout: float = 120.0) -> Callable[[Utterance, float], StreamRecord]:
+    """A function that runs one utterance as one gRPC stream and records what arrived when."""
+    from .client import OrpheusClient  # noqa: PLC0415 (tritonclient import only when streaming)
+
+    check_loopback(url)
+    local = threading.local()
+
+    def run(utterance: Utterance, run_start: float) -> StreamRecord:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = OrpheusClient(url)
+        record = StreamRecord(utterance.label, utterance.voice, time.perf_counter() - run_start)
+        try:
+            result = client.synthesize(utterance.text, voice=utterance.voice, max_tokens=utterance.max_tokens,
+                                       seed=utterance.seed, timeout=timeout)
+            record.arrivals = [c.arrived for c in result.chunks]
+            record.samples = [len(c.audio) for c in result.chunks]
+            record.total = result.total_seconds
+        except Exception as error:  # noqa: BLE001 (recorded, counted as an error)
+            record.error = f"{type(error).__name__}: {error}"[:300]
+            record.total = time.perf_counter() - run_start - record.started
+        return record
+
+    return run
+
+
+def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurrency: int,
+                    utterances: Sequence[Utterance], max_streams: int, max_seconds: float) -> list[StreamRecord]:
+    """``concurrency`` workers, each starting its next utterance when one ends.
+
+    Stops starting streams after ``max_streams`` in all or ``max_seconds``; streams
+    already running finish (each is bounded by the stream function's timeout).
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be >= 1")
+    records: list[StreamRecord] = []
+    lock = threading.Lock()
+    issued = [0]
+    start = time.perf_counter()
+
+    def worker():
+        while True:
+            with lock:
+                if issued[0] >= max_streams or time.perf_counter() - start >= max_seconds:
+                    return
+                utterance = utterances[issued[0] % len(utterances)]
+                issued[0] += 1
+            record = stream(utterance, start)
+            with lock:
+                records.append(record)
+
+    threads = [threading.Thread(target=worker, name=f"loadgen-{i}", daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(records, key=lambda r: r.started)
+
+
+def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float, utterances: Sequence[Utterance],
+                max_streams: int, max_seconds: float, seed: int = 0) -> list[StreamRecord]:
+    """Streams started at Poisson arrival times (``rate``/s), at most ``max_streams`` within ``max_seconds``."""
+    schedule = poisson_schedule(rate, max_streams, max_seconds, seed)
+    records: list[StreamRecord] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def one(utterance):
+        record = stream(utterance, start)
+        with lock:
+            records.append(record)
+
+    threads = []
+    for i, offset in enumerate(schedule):
+        time.sleep(max(0.0, start + offset - time.perf_counter()))
+        thread = threading.Thread(target=one, args=(utterances[i % len(utterances)],), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for t in threads:
+        t.join()
+    return sorted(records, key=lambda r: r.started)
+
+
+@dataclass
+class SweepSettings:
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])
+    streams_per_worker: int = 2  # closed loop: streams per level = concurrency x this (at least min_streams)
+    min_streams: int = 4
+    max_seconds_per_level: float = 120.0
+    poisson_rates: list[float] = field(default_factory=list)
+    poisson_streams: int = 8
+    poisson_seconds: float = 60.0
+    ttfa_limit: float = DEFAULT_TTFA_LIMIT
+    stream_timeout: float = 120.0
+    labels: list[str] = field(default_factory=lambda: ["short", "medium", "long"])
+    max_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def record_dict(record: StreamRecord) -> dict:
+    out = asdict(record)
+    out["ttfa"] = record.ttfa
+    return out
+
+
+def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print) -> dict:
+    """Closed-loop concurrency sweep (+ optional Poisson runs): summaries, capacity and per-stream records."""
+    stream = grpc_stream(url, settings.stream_timeout)
+    utterances = workload(settings.labels, max_tokens=settings.max_tokens,
+                          count=max(len(settings.labels) * len(VOICES), 8))
+    closed, raw = {}, {}
+    for concurrency in settings.concurrency:
+        count = max(settings.min_streams, concurrency * settings.streams_per_worker)
+        started = time.perf_counter()
+        records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level)
+        closed[concurrency] = summarize(records, time.perf_counter() - started)
+        closed[concurrency]["load_average_1m"] = os.getloadavg()[0]  # other work on the machine skews timings
+        raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
+        level = closed[concurrency]
+        log(f"closed loop c={concurrency}: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
+            f"p99 {_ms(level['ttfa_p99'])}, starved {level['starved_streams']}, errors {level['errors']}")
+    poisson = {}
+    for rate in settings.poisson_rates:
+        started = time.perf_counter()
+        records = run_poisson(stream, rate, utterances, settings.poisson_streams, settings.poisson_seconds)
+        poisson[rate] = summarize(records, time.perf_counter() - started)
+        poisson[rate]["load_average_1m"] = os.getloadavg()[0]
+        raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
+        level = poisson[rate]
+        log(f"poisson {rate}/s: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
+            f"p99 {_ms(level['ttfa_p99'])}, starved {level['starved_streams']}, errors {level['errors']}")
+    return {
+        "settings": asdict(settings),
+        "closed_loop": closed,
+        "poisson": poisson,
+        "realtime_capacity": realtime_capacity(closed, settings.ttfa_limit),
+        "records": raw,
+    }
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _numbers(text: str, cast=int) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orpheus_triton.loadgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="localhost:8001", help="gRPC endpoint on this machine")
+    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels, comma separated")
+    parser.add_argument("--streams-per-worker", type=int, default=2)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per level")
+    parser.add_argument("--poisson-rates", default="", help="arrival rates (streams/s), comma separated")
+    parser.add_argument("--poisson-streams", type=int, default=8)
+    parser.add_argument("--texts", default="short,medium,long", help="which benchmark texts: short, medium, long")
+    parser.add_argument("--ttfa-limit", type=float, default=DEFAULT_TTFA_LIMIT)
+    parser.add_argument("--out", help="write the result JSON here")
+    args = parser.parse_args(argv)
+    settings = SweepSettings(
+        concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
+        max_seconds_per_level=args.max_seconds, poisson_rates=_numbers(args.poisson_rates, float),
+        poisson_streams=args.poisson_streams, poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit,
+        labels=_numbers(args.texts, str),
+    )
+    result = sweep(args.url, settings)
+    print(f"real-time capacity: {result['realtime_capacity']} streams "
+          f"(p99 TTFA < {settings.ttfa_limit * 1000:.0f} ms, no starved stream)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
