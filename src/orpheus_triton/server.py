@@ -2,24 +2,22 @@
 
 The wheel bundles tritonserver 2.51, its Python backend and a backend stub per
 Python version. The stub embeds Python and must import this environment's
-packages (numpy, torch, orpheus_triton), so the launcher hands it this
-interpreter's home, library and package paths explicitly; it works the same
-from an activated venv, a bare `.venv/bin/orpheus-triton`, or a container.
+packages (numpy, torch, orpheus_triton), so the launcher sets the server's
+environment up for this interpreter (see ``server_environment``); it works
+the same from an activated venv, a bare `.venv/bin/orpheus-triton`, or a
+container.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import site
 import subprocess
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import orpheus_triton
 
 from .demo_models import cache_dir
 
@@ -65,13 +63,19 @@ def backend_directory() -> Path:
 
 
 def server_environment() -> dict[str, str]:
+    """Environment for tritonserver whose Python backend stubs import from *this* interpreter.
+
+    The stub embeds libpython and ignores PYTHONPATH; like any embedded Python it
+    finds its prefix from the first ``python3`` on PATH, and a virtual
+    environment through that interpreter's pyvenv.cfg. So this interpreter's
+    bin folder goes first on PATH (what activating a venv does), and its
+    libpython first on LD_LIBRARY_PATH so stdlib and extension modules match.
+    """
     env = dict(os.environ)
-    package_root = str(Path(orpheus_triton.__file__).resolve().parents[1])
-    paths = [package_root, *site.getsitepackages()]
-    if env.get("PYTHONPATH"):
-        paths.append(env["PYTHONPATH"])
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    env["PYTHONHOME"] = sys.base_prefix  # the stdlib of the libpython loaded below
+    env.pop("PYTHONHOME", None)
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
     libs = [sysconfig.get_config_var("LIBDIR") or ""]
     if not shutil.which("tritonserver"):
         libs.append(str(_pytriton_dist()[1]))
