@@ -33,7 +33,7 @@ from .constants import (
     DEFAULT_TOP_P,
     END_OF_SPEECH,
 )
-from .llama import Llama
+from .llama import BucketedDecoder, Llama
 from .sampling import LmHead, SamplingBatch, sample
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class InflightEngine:
         max_seq_len: int = 2048,
         max_queue: int = 256,
         prefill_chunk: int = 256,
+        cuda_graphs: bool | None = None,
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
@@ -105,6 +106,10 @@ class InflightEngine:
         self.prefill_chunk = prefill_chunk
         self.scratch_slot = max_streams  # prompts are prefilled here, then moved
         model.allocate_cache(max_streams + 1, max_seq_len)
+        # On GPU, decode steps run at bucketed shapes, replayed from CUDA graphs unless
+        # cuda_graphs=False. On CPU padding would only add work: steps run at their own shape.
+        on_gpu = self.device.type == "cuda"
+        self.decoder = BucketedDecoder(model, use_graphs=cuda_graphs is not False) if on_gpu else None
         vocab = model.config.vocab_size
         # Tokens each slot has seen (prompt + output), for the repetition penalty.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
@@ -232,7 +237,10 @@ class InflightEngine:
         last = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)
         positions = torch.tensor([[s.length] for s in self.decoding], device=self.device)
         context = max(s.length for s in self.decoding) + 1
-        hidden = self.model(last, positions, first_slot=0, context_len=context, hidden_only=True)
+        if self.decoder is not None:
+            hidden = self.decoder(last, positions, context)
+        else:
+            hidden = self.model(last, positions, first_slot=0, context_len=context, hidden_only=True)
         for stream in self.decoding:
             stream.length += 1
         self.stats.last_batch_size = batch

@@ -265,3 +265,67 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(config)
     return model.to(device).eval()
+
+
+class BucketedDecoder:
+    """The decode step at a few fixed shapes, replayed from CUDA graphs on GPU.
+
+    A decode step's shapes vary with the number of streams and the longest
+    context. Rounding both up to buckets (batch: powers of two up to the slot
+    count; context: multiples of ``context_step``) leaves a handful of shapes,
+    each captured once as a CUDA graph on first use, so a step costs one graph
+    launch whatever the batch. Rows past the real batch read token 0 at
+    position 0 and write only into free slots, which are overwritten when a
+    stream moves in. On CPU the same padding runs eagerly (it keeps the
+    logic testable; there is no launch overhead to save).
+    """
+
+    def __init__(self, model: Llama, context_step: int = 256, use_graphs: bool | None = None):
+        device = model.embed_tokens.weight.device
+        self.model = model
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.context_step = context_step
+        max_batch = model.num_slots - 1  # the last slot is the engine's prefill scratch slot
+        self.batch_buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def bucket(self, batch: int, context_len: int) -> tuple[int, int]:
+        rows = next(b for b in self.batch_buckets if b >= batch)
+        context = min(-(-context_len // self.context_step) * self.context_step, self.model.max_seq_len)
+        return rows, context
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, context_len: int) -> torch.Tensor:
+        """Final hidden states [B, H] for one decode step of slots 0..B-1."""
+        batch = tokens.shape[0]
+        rows, context = self.bucket(batch, context_len)
+        self.tokens[:batch].copy_(tokens)
+        self.tokens[batch:rows].zero_()
+        self.positions[:batch].copy_(positions)
+        self.positions[batch:rows].zero_()
+        if not self.use_graphs:
+            return self._forward(rows, context)[:batch]
+        graph, out = self.graphs.get((rows, context)) or self._capture(rows, context)
+        graph.replay()
+        return out[:batch]
+
+    def _forward(self, rows: int, context: int) -> torch.Tensor:
+        return self.model(self.tokens[:rows], self.positions[:rows], first_slot=0, context_len=context,
+                          hidden_only=True)
+
+    def _capture(self, rows: int, context: int):
+        # Warm-up runs compute exactly this step (the buffers hold its inputs), so
+        # the cache entries they write are the ones the replay writes again.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(rows, context)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self._forward(rows, context)
+        self.graphs[(rows, context)] = (graph, out)
+        return graph, out
