@@ -21,7 +21,10 @@ Two arrival patterns, both bounded in stream count and in time:
 * closed loop: N workers, each starts its next utterance when one ends;
 * Poisson: streams start at exponential inter-arrival times of rate lambda.
 
-Only loopback servers are accepted as targets.
+Each stream runs in its own thread on its own gRPC connection
+(``orpheus_triton.client.OrpheusClient``, a fresh uuid4 request id per stream);
+arrival times are taken in the gRPC callback, so a busy worker thread does not
+delay them. Only loopback servers are accepted as targets.
 
     python -m orpheus_triton.loadgen --url localhost:8001 --concurrency 1,2,4 --out result.json
 """
@@ -32,7 +35,6 @@ import argparse
 import ipaddress
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -369,28 +371,31 @@ def record_dict(record: StreamRecord) -> dict:
     return out
 
 
-def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print) -> dict:
-    """Closed-loop concurrency sweep (+ optional Poisson runs): summaries, capacity and per-stream records."""
+def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
+          monitor: Callable[[], Callable[[], dict]] | None = None) -> dict:
+    """Closed-loop concurrency sweep (+ optional Poisson runs): summaries, capacity and per-stream records.
+
+    ``monitor``, if given, is called as each level starts; what the function it returns
+    gives at the level's end (e.g. how busy the machine was) is added to that level's summary.
+    """
     stream = grpc_stream(url, settings.stream_timeout)
     utterances = workload(settings.labels, max_tokens=settings.max_tokens,
                           count=max(len(settings.labels) * len(VOICES), 8))
     closed, raw = {}, {}
     for concurrency in settings.concurrency:
         count = max(settings.min_streams, concurrency * settings.streams_per_worker)
-        started = time.perf_counter()
+        started, finish = time.perf_counter(), (monitor or _no_monitor)()
         records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level)
-        closed[concurrency] = summarize(records, time.perf_counter() - started)
-        closed[concurrency]["load_average_1m"] = os.getloadavg()[0]  # other work on the machine skews timings
+        closed[concurrency] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
         level = closed[concurrency]
         log(f"closed loop c={concurrency}: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
             f"p99 {_ms(level['ttfa_p99'])}, starved {level['starved_streams']}, errors {level['errors']}")
     poisson = {}
     for rate in settings.poisson_rates:
-        started = time.perf_counter()
+        started, finish = time.perf_counter(), (monitor or _no_monitor)()
         records = run_poisson(stream, rate, utterances, settings.poisson_streams, settings.poisson_seconds)
-        poisson[rate] = summarize(records, time.perf_counter() - started)
-        poisson[rate]["load_average_1m"] = os.getloadavg()[0]
+        poisson[rate] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
         level = poisson[rate]
         log(f"poisson {rate}/s: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
@@ -402,6 +407,10 @@ def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print)
         "realtime_capacity": realtime_capacity(closed, settings.ttfa_limit),
         "records": raw,
     }
+
+
+def _no_monitor() -> Callable[[], dict]:
+    return dict
 
 
 def _ms(seconds: float | None) -> str:

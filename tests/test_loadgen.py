@@ -1,0 +1,271 @@
+"""Unit tests of the load generator's arithmetic: playback starvation, percentiles, capacity, Poisson schedule."""
+
+import threading
+
+import pytest
+
+from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
+from orpheus_triton.loadgen import (
+    StreamRecord,
+    Utterance,
+    check_loopback,
+    meets_realtime,
+    percentile,
+    playback,
+    poisson_schedule,
+    realtime_capacity,
+    run_closed_loop,
+    run_poisson,
+    summarize,
+    workload,
+)
+
+CHUNK = SAMPLES_PER_FRAME / SAMPLE_RATE  # seconds of audio in one chunk
+
+
+# ---- playback ---------------------------------------------------------------------------------
+
+
+def test_chunks_arriving_in_time_never_starve():
+    arrivals = [0.3 + i * CHUNK * 0.9 for i in range(20)]  # a bit faster than real time
+    play = playback(arrivals, [SAMPLES_PER_FRAME] * 20)
+    assert not play.starved and play.stalls == 0 and play.stall_seconds == 0
+    assert all(h > 0 for h in play.headroom)
+    assert play.gaps == pytest.approx([CHUNK * 0.9] * 19)
+
+
+def test_exactly_real_time_is_not_a_stall():
+    arrivals = [1.0 + i * CHUNK for i in range(10)]  # each chunk lands as the previous one ends
+    play = playback(arrivals, [SAMPLES_PER_FRAME] * 10)
+    assert not play.starved
+    assert play.headroom == pytest.approx([0.0] * 9, abs=1e-12)
+
+
+def test_late_chunk_stalls_by_how_late_it_is():
+    # Two chunks in a burst give 2 chunks of audio; the third arrives 0.1 s after both have played.
+    arrivals = [0.0, 0.0, 2 * CHUNK + 0.1]
+    play = playback(arrivals, [SAMPLES_PER_FRAME] * 3)
+    assert play.starved and play.stalls == 1
+    assert play.stall_seconds == pytest.approx(0.1)
+    assert play.headroom == pytest.approx([CHUNK, -0.1])
+
+
+def test_playback_resumes_from_the_late_chunk():
+    # After the stall at t=1.0 the late chunk plays until 1.0 + CHUNK; the next one arrives just in time.
+    arrivals = [0.0, 1.0, 1.0 + CHUNK]
+    play = playback(arrivals, [SAMPLES_PER_FRAME] * 3)
+    assert play.stalls == 1
+    assert play.stall_seconds == pytest.approx(1.0 - CHUNK)
+    assert play.headroom[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_burst_ahead_covers_a_later_gap():
+    # Five chunks at once buy 5 x 85 ms of playback: a sixth 0.4 s later is in time.
+    arrivals = [0.0] * 5 + [0.4]
+    assert not playback(arrivals, [SAMPLES_PER_FRAME] * 6).starved
+    assert playback([0.0] * 4 + [0.4], [SAMPLES_PER_FRAME] * 5).starved
+
+
+def test_chunk_length_counts_not_chunk_count():
+    # One big first chunk (1 s of audio) covers a 0.9 s gap; a small one would not.
+    assert not playback([0.0, 0.9], [SAMPLE_RATE, 100]).starved
+    assert playback([0.0, 0.9], [100, 100]).starved
+
+
+def test_start_buffer_delays_playback():
+    arrivals = [0.0, 2 * CHUNK]
+    assert playback(arrivals, [SAMPLES_PER_FRAME] * 2).starved
+    assert not playback(arrivals, [SAMPLES_PER_FRAME] * 2, start_buffer=CHUNK).starved
+
+
+def test_buffer_needed_is_the_start_delay_that_avoids_every_stall():
+    arrivals = [0.2, 0.2 + CHUNK, 0.2 + 3 * CHUNK + 0.05, 0.2 + 3 * CHUNK + 0.06]
+    samples = [SAMPLES_PER_FRAME] * 4
+    play = playback(arrivals, samples)
+    assert play.buffer_needed == pytest.approx(CHUNK + 0.05)
+    assert not playback(arrivals, samples, start_buffer=play.buffer_needed + 1e-9).starved
+    assert playback(arrivals, samples, start_buffer=play.buffer_needed - 1e-3).starved
+    assert playback([0.0, 0.01], samples[:2]).buffer_needed == 0.0
+
+
+def test_playback_edge_cases():
+    empty = playback([], [])
+    assert not empty.starved and empty.gaps == [] and empty.headroom == []
+    one = playback([0.5], [SAMPLES_PER_FRAME])
+    assert not one.starved and one.gaps == []
+    with pytest.raises(ValueError):
+        playback([0.0, 1.0], [SAMPLES_PER_FRAME])
+
+
+# ---- records and summaries ------------------------------------------------------------------------
+
+
+def record(arrivals, total=None, error=None, started=0.0):
+    total = total if total is not None else (arrivals[-1] if arrivals else 0.0)
+    return StreamRecord("short", "tara", started, list(arrivals), [SAMPLES_PER_FRAME] * len(arrivals), total, error)
+
+
+def test_stream_record_properties():
+    r = record([0.25, 0.3, 0.35, 0.4], total=0.5)
+    assert r.ttfa == 0.25
+    assert r.audio_seconds == pytest.approx(4 * CHUNK)
+    assert r.real_time_factor == pytest.approx(0.5 / (4 * CHUNK))
+    empty = record([], total=1.0)
+    assert empty.ttfa is None and empty.real_time_factor is None
+
+
+def test_percentile_interpolates_between_ranks():
+    values = [10, 20, 30, 40, 50]
+    assert percentile(values, 0) == 10
+    assert percentile(values, 50) == 30
+    assert percentile(values, 100) == 50
+    assert percentile(values, 25) == 20
+    assert percentile(values, 90) == pytest.approx(46)
+    assert percentile([3, 1, 2], 50) == 2  # unsorted input
+    assert percentile([7], 99) == 7
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError):
+        percentile(values, 101)
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    values = [0.31, 0.52, 0.18, 0.77, 0.43, 0.95, 0.12, 0.66]
+    for q in (50, 95, 99):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_summarize_counts_starvation_and_errors():
+    fed = record([0.2 + i * CHUNK * 0.5 for i in range(10)], started=0.0)
+    starved = record([0.3, 0.3 + 3 * CHUNK], started=0.1)
+    failed = record([], total=0.05, error="SynthesisError: boom", started=0.2)
+    level = summarize([fed, starved, failed], wall_seconds=2.0)
+    assert level["streams"] == 3 and level["errors"] == 1 and level["no_audio"] == 0
+    assert level["starved_streams"] == 1 and level["stalls"] == 1
+    assert level["stall_seconds"] == pytest.approx(2 * CHUNK)
+    assert level["ttfa_p50"] == pytest.approx(0.25)
+    assert level["audio_seconds"] == pytest.approx(12 * CHUNK)
+    assert level["realtime_streams_served"] == pytest.approx(12 * CHUNK / 2.0)
+    assert level["error_examples"] == ["SynthesisError: boom"]
+
+
+def test_summarize_without_wall_time_uses_the_records_span():
+    level = summarize([record([0.1], total=1.0, started=0.0), record([0.1], total=1.0, started=0.5)])
+    assert level["wall_seconds"] == pytest.approx(1.5)
+
+
+def level(p99, starved=0, errors=0, streams=8, no_audio=0):
+    return {"streams": streams, "errors": errors, "no_audio": no_audio, "starved_streams": starved, "ttfa_p99": p99}
+
+
+def test_realtime_needs_low_p99_no_starvation_and_no_errors():
+    assert meets_realtime(level(0.2))
+    assert not meets_realtime(level(0.5))  # strictly below the limit
+    assert not meets_realtime(level(0.2, starved=1))
+    assert not meets_realtime(level(0.2, errors=1))
+    assert not meets_realtime(level(0.2, no_audio=1))
+    assert not meets_realtime(level(None, streams=0))
+    assert meets_realtime(level(0.15), ttfa_limit=0.2) and not meets_realtime(level(0.25), ttfa_limit=0.2)
+
+
+def test_capacity_is_the_largest_passing_level():
+    levels = {1: level(0.1), 2: level(0.2), 4: level(0.3), 8: level(0.6), 16: level(0.9, starved=3)}
+    assert realtime_capacity(levels) == 4
+    assert realtime_capacity(levels, ttfa_limit=0.25) == 2
+    assert realtime_capacity({1: level(0.7), 2: level(0.8)}) == 0
+    assert realtime_capacity({}) == 0
+    # A failing level in between does not hide a larger passing one (noise at one level is reported as is).
+    assert realtime_capacity({1: level(0.1), 2: level(0.1, starved=1), 4: level(0.2)}) == 4
+
+
+# ---- Poisson schedule --------------------------------------------------------------------------------
+
+
+def test_poisson_schedule_is_bounded_by_count_and_duration():
+    by_count = poisson_schedule(rate=100.0, max_count=25, max_duration=60.0, seed=1)
+    assert len(by_count) == 25
+    by_time = poisson_schedule(rate=2.0, max_count=10_000, max_duration=5.0, seed=1)
+    assert 0 < len(by_time) < 10_000 and by_time[-1] < 5.0
+    assert poisson_schedule(rate=1.0, max_count=0, max_duration=10.0) == []
+    assert poisson_schedule(rate=1.0, max_count=10, max_duration=0.0) == []
+
+
+def test_poisson_schedule_is_increasing_seeded_and_near_its_rate():
+    starts = poisson_schedule(rate=4.0, max_count=100_000, max_duration=500.0, seed=7)
+    assert all(b > a for a, b in zip(starts, starts[1:], strict=False))
+    assert starts == poisson_schedule(rate=4.0, max_count=100_000, max_duration=500.0, seed=7)
+    assert starts != poisson_schedule(rate=4.0, max_count=100_000, max_duration=500.0, seed=8)
+    assert len(starts) / 500.0 == pytest.approx(4.0, rel=0.1)
+
+
+def test_poisson_schedule_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        poisson_schedule(rate=0.0, max_count=5, max_duration=5.0)
+    with pytest.raises(ValueError):
+        poisson_schedule(rate=1.0, max_count=-1, max_duration=5.0)
+
+
+# ---- runners with a fake stream (no server) ----------------------------------------------------------------
+
+
+def fake_stream(active, peak, lock):
+    def run(utterance: Utterance, run_start: float) -> StreamRecord:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        threading.Event().wait(0.01)
+        with lock:
+            active[0] -= 1
+        return StreamRecord(utterance.label, utterance.voice, 0.0, [0.001], [SAMPLES_PER_FRAME], 0.01)
+
+    return run
+
+
+def test_closed_loop_runs_the_count_with_at_most_n_streams_at_once():
+    active, peak, lock = [0], [0], threading.Lock()
+    records = run_closed_loop(fake_stream(active, peak, lock), 3, workload(count=4), max_streams=10,
+                              max_seconds=30.0)
+    assert len(records) == 10
+    assert peak[0] <= 3
+
+
+def test_closed_loop_stops_at_its_time_bound():
+    active, peak, lock = [0], [0], threading.Lock()
+    records = run_closed_loop(fake_stream(active, peak, lock), 2, workload(count=2), max_streams=10_000,
+                              max_seconds=0.1)
+    assert 0 < len(records) < 10_000
+
+
+def test_poisson_runner_starts_the_scheduled_streams():
+    active, peak, lock = [0], [0], threading.Lock()
+    records = run_poisson(fake_stream(active, peak, lock), rate=200.0, utterances=workload(count=3),
+                          max_streams=12, max_seconds=5.0)
+    assert len(records) == 12
+
+
+def test_closed_loop_rejects_zero_workers():
+    with pytest.raises(ValueError):
+        run_closed_loop(lambda u, s: None, 0, workload(count=1), 1, 1.0)
+
+
+# ---- workload and targets ------------------------------------------------------------------------------------
+
+
+def test_workload_cycles_texts_and_voices():
+    items = workload(["short", "long"], voices=["tara", "leo", "mia"], max_tokens={"long": 99}, count=6)
+    assert [u.label for u in items] == ["short", "long"] * 3
+    assert [u.voice for u in items] == ["tara", "leo", "mia"] * 2
+    assert {u.max_tokens for u in items if u.label == "long"} == {99}
+    assert len({u.seed for u in items}) == 6
+
+
+@pytest.mark.parametrize("url", ["localhost:8001", "127.0.0.1:8001", "127.1.2.3:9", "[::1]:8001", "localhost"])
+def test_loopback_targets_are_accepted(url):
+    assert check_loopback(url) == url
+
+
+@pytest.mark.parametrize("url", ["10.0.0.5:8001", "192.168.1.2:8001", "example.com:8001", "8.8.8.8:8001",
+                                 "[2001:db8::1]:8001"])
+def test_other_targets_are_refused(url):
+    with pytest.raises(ValueError, match="this machine only"):
+        check_loopback(url)
