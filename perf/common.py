@@ -1,0 +1,222 @@
+"""Shared pieces of the benchmark scripts: the machine's name, run folders, a local server."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PERF = Path(__file__).resolve().parent
+RESULTS = PERF / "results"
+
+
+def log(message: str) -> None:
+    print(f"[perf] {message}", flush=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def gpu_name() -> str | None:
+    try:
+        import torch  # noqa: PLC0415
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def machine_name() -> str:
+    """Short name for run folders: the GPU model, else cpu-<cores>core."""
+    gpu = gpu_name()
+    if gpu:
+        return _slug(gpu.replace("NVIDIA", ""))
+    return f"cpu-{os.cpu_count()}core"
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        memory = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+    import torch  # noqa: PLC0415
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory,
+        "gpu": gpu_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "hostname": platform.node(),
+    }
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def busy_cores(seconds: float = 5.0) -> float | None:
+    """Cores' worth of CPU time the whole machine spent busy over the next ``seconds`` (None off Linux)."""
+
+    try:
+        total0, idle0 = _machine_jiffies()
+        time.sleep(seconds)
+        total1, idle1 = _machine_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    return (os.cpu_count() or 1) * (elapsed - (idle1 - idle0)) / elapsed if elapsed else 0.0
+
+
+def _tree_jiffies(root: int) -> int:
+    """CPU time (clock ticks) used so far by process ``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+
+def other_load_monitor():
+    """Start measuring; the returned function gives the cores' worth of CPU that processes outside
+    this benchmark (this process and its children, the server among them) used meanwhile."""
+    try:
+        total0, idle0 = _machine_jiffies()
+        ours0 = _tree_jiffies(os.getpid())
+    except (OSError, ValueError, IndexError):
+        return lambda: {}
+
+    def finish() -> dict:
+        total1, idle1 = _machine_jiffies()
+        ours = _tree_jiffies(os.getpid()) - ours0
+        elapsed = total1 - total0
+        if elapsed <= 0:
+            return {}
+        cores = os.cpu_count() or 1
+        busy = (elapsed - (idle1 - idle0)) * cores / elapsed
+        ours_cores = ours * cores / elapsed
+        return {"cores_busy": round(busy, 2), "cores_other": round(max(0.0, busy - ours_cores), 2)}
+
+    return finish
+
+
+def wait_quiet(max_seconds: float, below: float = 0.3) -> float | None:
+    """Wait (up to ``max_seconds``) until other work uses less than ``below`` cores; returns the last reading."""
+    deadline = time.monotonic() + max_seconds
+    busy = busy_cores()
+    while busy is not None and busy >= below and time.monotonic() < deadline:
+        log(f"waiting for a quiet machine: {busy:.1f} cores busy")
+        busy = busy_cores()
+    return busy
+
+
+def run_folder(machine: str | None = None, root: Path = RESULTS) -> Path:
+    folder = root / f"{dt.date.today().isoformat()}_{machine or machine_name()}"
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str  # gRPC host:port
+    metrics_url: str | None
+    process: subprocess.Popen | None = None
+
+
+def metric_values(metrics_url: str, name: str) -> list[float]:
+    """Values of one Prometheus metric family on the server's /metrics page."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (localhost only)
+        text = response.read().decode()
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+
+
+def wait_idle(server: RunningServer, timeout: float = 120.0) -> bool:
+    """Wait until the LLM engine holds no stream and queues no request (True), or ``timeout`` passes."""
+    if not server.metrics_url:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = sum(metric_values(server.metrics_url, "orpheus_llm_active_streams")) + sum(
+                metric_values(server.metrics_url, "orpheus_llm_queued_requests"))
+        except OSError:
+            return False
+        if busy == 0:
+            time.sleep(1.0)  # the gauges are sampled every 0.5 s
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@contextlib.contextmanager
+def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
+                 max_seq_len: int = 2048) -> Iterator[RunningServer]:
+    """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
+    from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
+    from orpheus_triton.server import Ports, start_server, wait_until_ready  # noqa: PLC0415
+
+    repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
+    settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
+                                  max_streams=max_streams, max_seq_len=max_seq_len)
+    render(settings, repository)
+    ports = Ports(free_port(), free_port(), free_port())
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:
+        started = time.perf_counter()
+        process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"])
+        try:
+            wait_until_ready(process, f"localhost:{ports.grpc}", timeout=900)
+            log(f"tritonserver ready in {time.perf_counter() - started:.1f} s (gRPC :{ports.grpc}, log {log_path})")
+            yield RunningServer(f"localhost:{ports.grpc}", f"http://localhost:{ports.metrics}/metrics", process)
+        finally:
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            shutil.rmtree(repository, ignore_errors=True)
