@@ -1,0 +1,220 @@
+"""Side-by-side measurements, each reported as a ratio.
+
+(a) serving cost: time to first audio through Triton (gRPC, ensemble, three
+    Python-backend models) vs the same models called in-process (engine thread +
+    framer + SNAC in the caller), one stream at a time, runs interleaved;
+(b) SNAC batching: decoding 8 windows from 8 streams in one call vs one call per
+    window, in CPU time of this process (time.process_time, all torch threads);
+(c) in-flight batching: the torch engine generating 8 streams together vs the same
+    8 requests one after another, in aggregate tokens per second.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import random
+import statistics
+import time
+from contextlib import redirect_stdout
+
+import torch
+
+from orpheus_triton.constants import CODEBOOK_SIZE, WINDOW_TOKENS
+from orpheus_triton.engine import GenerationRequest, InflightEngine
+from orpheus_triton.frames import StreamFramer, Window
+from orpheus_triton.llama import load_llama
+from orpheus_triton.loadgen import StreamRecord, Utterance
+from orpheus_triton.prompt import build_prompt, load_tokenizer
+from orpheus_triton.snac_codec import WindowDecoder, load_snac, warm_up
+from orpheus_triton.triton_llm import pick_device
+
+SERVING_TARGET = 1.25  # served TTFA / in-process TTFA at concurrency 1
+SNAC_TARGET = 0.5  # batched CPU time / one-by-one CPU time, 8 windows
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+class InProcessPipeline:
+    """The serving pipeline without Triton: engine loop thread -> framer -> SNAC, in this process."""
+
+    def __init__(self, models, device: str = "auto", max_streams: int = 8, max_seq_len: int = 2048):
+        device = pick_device(device)
+        self.tokenizer = load_tokenizer(models.llm)
+        self.engine = InflightEngine(load_llama(models.llm, device=device), max_streams=max_streams,
+                                     max_seq_len=max_seq_len)
+        self.decoder = WindowDecoder(load_snac(models.snac, device=device))
+        warm_up(self.decoder)
+        self.engine.start()
+
+    def synthesize(self, utterance: Utterance, run_start: float = 0.0) -> StreamRecord:
+        tokens: queue.Queue = queue.Queue()
+        record = StreamRecord(utterance.label, utterance.voice, time.perf_counter() - run_start)
+        sent = time.perf_counter()
+        prompt = build_prompt(self.tokenizer, utterance.text, utterance.voice)
+        self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=utterance.max_tokens,
+                                             emit=lambda ids, done: tokens.put((ids, done)), seed=utterance.seed))
+        framer, finished = StreamFramer(), False
+        while not finished:
+            batch = [tokens.get(timeout=600)]
+            while not tokens.empty():  # decode everything that is ready in one call, as the server does
+                batch.append(tokens.get_nowait())
+            windows = [w for ids, _ in batch for w in framer.push(ids)]
+            finished = any(done for _, done in batch)
+            for audio in self.decoder.decode(windows):
+                record.arrivals.append(time.perf_counter() - sent)
+                record.samples.append(len(audio))
+        record.total = time.perf_counter() - sent
+        return record
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def compare_serving(served, in_process, utterances: list[Utterance], repeats: int) -> dict:
+    """TTFA at concurrency 1, served vs in-process; the two alternate so both see the same machine load."""
+    served_records, local_records = [], []
+    for i in range(repeats):
+        utterance = utterances[i % len(utterances)]
+        served_records.append(served(utterance, time.perf_counter()))
+        local_records.append(in_process(utterance, time.perf_counter()))
+    served_ttfa = [r.ttfa for r in served_records if r.error is None]
+    local_ttfa = [r.ttfa for r in local_records if r.error is None]
+    served_total = [r.total for r in served_records if r.error is None]
+    local_total = [r.total for r in local_records if r.error is None]
+    ratio = _median(served_ttfa) / _median(local_ttfa) if served_ttfa and local_ttfa else None
+    return {
+        "repeats": repeats,
+        "errors": [r.error for r in served_records if r.error],
+        "served_ttfa": served_ttfa,
+        "in_process_ttfa": local_ttfa,
+        "served_ttfa_median": _median(served_ttfa),
+        "in_process_ttfa_median": _median(local_ttfa),
+        "served_total_median": _median(served_total),
+        "in_process_total_median": _median(local_total),
+        "ttfa_ratio": ratio,
+        "total_ratio": (_median(served_total) / _median(local_total)) if served_total and local_total else None,
+        "target": SERVING_TARGET,
+        "target_met": ratio is not None and ratio <= SERVING_TARGET,
+    }
+
+
+def random_windows(count: int, seed: int = 0) -> list[Window]:
+    """``count`` windows as from ``count`` different streams (random codes, different positions)."""
+    rng = random.Random(seed)
+    return [Window(tuple(rng.randrange(CODEBOOK_SIZE) for _ in range(WINDOW_TOKENS)), rng.randrange(200))
+            for _ in range(count)]
+
+
+def _timed(fn) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def _snac_ratio(decoder: WindowDecoder, windows: list[Window], repeats: int) -> dict:
+    batched, single = [], []
+    for _ in range(repeats):  # interleaved, so drift in machine load hits both alike
+        batched.append(_timed(lambda: decoder.decode(windows)))
+        single.append(_timed(lambda: [decoder.decode([w]) for w in windows]))
+    out = {
+        "batched_cpu_s": _median([c for c, _ in batched]),
+        "one_by_one_cpu_s": _median([c for c, _ in single]),
+        "batched_wall_s": _median([w for _, w in batched]),
+        "one_by_one_wall_s": _median([w for _, w in single]),
+    }
+    out["cpu_ratio"] = out["batched_cpu_s"] / out["one_by_one_cpu_s"]
+    out["wall_ratio"] = out["batched_wall_s"] / out["one_by_one_wall_s"]
+    return out
+
+
+def _op_times(fn) -> tuple[dict[str, tuple[int, float]], str]:
+    """Self CPU ms and calls per torch operator while running ``fn``, and the profiler's table."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    averages = prof.key_averages()
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=15))
+    return {e.key: (e.count, e.self_cpu_time_total / 1000) for e in averages}, buffer.getvalue()
+
+
+def _profile(decoder: WindowDecoder, windows: list[Window], rows: int = 8) -> tuple[str, list[dict]]:
+    """Where the CPU time goes, by torch operator: one batched decode vs the same windows one by one."""
+    batched, batched_table = _op_times(lambda: decoder.decode(windows))
+    single, single_table = _op_times(lambda: [decoder.decode([w]) for w in windows])
+    total = sum(ms for _, ms in batched.values()) or 1.0
+    top = sorted(batched, key=lambda op: batched[op][1], reverse=True)[:rows]
+    table = [{"op": op, "calls": batched[op][0], "self_cpu_ms": batched[op][1], "share": batched[op][1] / total,
+              "one_by_one_calls": single.get(op, (0, 0.0))[0], "one_by_one_ms": single.get(op, (0, 0.0))[1]}
+             for op in top]
+    text = f"batched ({len(windows)} windows, one call)\n{batched_table}\none by one\n{single_table}"
+    return text, table
+
+
+def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repeats: int = 5) -> dict:
+    """8 windows of 8 streams in one SNAC call vs 8 calls; also without the row-by-row convolutions."""
+    device = pick_device(device)
+    batch = random_windows(windows)
+    decoder = WindowDecoder(load_snac(snac_dir, device=device))
+    warm_up(decoder)
+    decoder.decode(batch)
+    result = {"windows": windows, "device": device, "repeats": repeats, "target": SNAC_TARGET,
+              "batch_invariant": any(type(m).__name__ == "RowwiseConv1d" for m in decoder.model.modules())}
+    result.update(_snac_ratio(decoder, batch, repeats))
+    result["target_met"] = result["cpu_ratio"] <= SNAC_TARGET
+    profile_text, result["profile_top"] = _profile(decoder, batch)
+    if result["batch_invariant"]:
+        # The same model with dense convolutions batched (what serving gives up for batch invariance).
+        plain = WindowDecoder(load_snac(snac_dir, device=device, batch_invariant=False))
+        warm_up(plain)
+        plain.decode(batch)
+        result["without_row_by_row"] = _snac_ratio(plain, batch, repeats)
+    return result | {"profile_table": profile_text}
+
+
+def compare_engine_batching(llm_dir, device: str = "auto", streams: int = 8, max_new_tokens: int = 200) -> dict:
+    """Aggregate tokens/s: ``streams`` requests generated together (in-flight batching) vs one at a time."""
+    device = pick_device(device)
+    tokenizer = load_tokenizer(llm_dir)
+    model = load_llama(llm_dir, device=device)
+    engine = InflightEngine(model, max_streams=streams, max_seq_len=max_new_tokens + 256)
+    prompts = [build_prompt(tokenizer, "Benchmarking the in-flight batching engine.", "tara")] * streams
+
+    def requests():
+        # end_id -1 is never sampled: every stream runs to max_new_tokens, so both runs make the same tokens.
+        return [GenerationRequest(prompt=p, max_new_tokens=max_new_tokens, emit=lambda ids, done: None, seed=i,
+                                  end_id=-1) for i, p in enumerate(prompts)]
+
+    def run(batched: bool) -> tuple[int, float]:
+        before = engine.stats.tokens_generated
+        started = time.perf_counter()
+        if batched:
+            for request in requests():
+                engine.submit(request)
+            engine.run_until_idle()
+        else:
+            for request in requests():
+                engine.submit(request)
+                engine.run_until_idle()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return engine.stats.tokens_generated - before, time.perf_counter() - started
+
+    run(True)  # warm-up
+    batched_tokens, batched_s = run(True)
+    single_tokens, single_s = run(False)
+    result = {
+        "streams": streams, "max_new_tokens": max_new_tokens, "device": device,
+        "batched_tokens": batched_tokens, "batched_seconds": batched_s,
+        "one_at_a_time_tokens": single_tokens, "one_at_a_time_seconds": single_s,
+        "batched_tokens_per_s": batched_tokens / batched_s,
+        "one_at_a_time_tokens_per_s": single_tokens / single_s,
+    }
+    result["speedup"] = result["batched_tokens_per_s"] / result["one_at_a_time_tokens_per_s"]
+    return result

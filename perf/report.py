@@ -1,0 +1,351 @@
+"""Turn a run's result.json into report.md and PNG plots (matplotlib, headless).
+
+    python perf/report.py perf/results/<date>_<machine>/result.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
+from orpheus_triton.loadgen import StreamRecord  # noqa: E402
+
+CHUNK_MS = 1000 * SAMPLES_PER_FRAME / SAMPLE_RATE
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _f(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _levels(block: dict) -> list[tuple[int, dict]]:
+    return sorted(((int(k), v) for k, v in block.items()), key=lambda kv: kv[0])
+
+
+def _records(result: dict, key: str) -> list[StreamRecord]:
+    fields = {"label", "voice", "started", "arrivals", "samples", "total", "error"}
+    return [StreamRecord(**{k: v for k, v in r.items() if k in fields})
+            for r in result["tts"]["records"].get(key, [])]
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ttfa(result: dict, path: Path) -> None:
+    tts = result["tts"]
+    levels = _levels(tts["closed_loop"])
+    limit = tts["settings"]["ttfa_limit"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    xs = [c for c, _ in levels]
+    for key, style in (("ttfa_p50", "o-"), ("ttfa_p95", "s--"), ("ttfa_p99", "^-")):
+        ax.plot(xs, [1000 * (lv[key] or 0) for _, lv in levels], style, label=key.replace("ttfa_", "TTFA "))
+    starved = [(c, lv) for c, lv in levels if lv["starved_streams"] or lv["errors"]]
+    if starved:
+        ax.scatter([c for c, _ in starved], [1000 * (lv["ttfa_p99"] or 0) for _, lv in starved], s=160,
+                   facecolors="none", edgecolors="red", linewidths=1.5, label="level with starved streams", zorder=5)
+    pa = result.get("perf_analyzer") or {}
+    pa_levels = [(int(c), lv["streams"]) for c, lv in (pa.get("orpheus") or {}).items() if "streams" in lv]
+    if pa_levels:
+        ax.plot([c for c, _ in pa_levels], [1000 * (s["ttfa_p99"] or 0) for _, s in pa_levels], "x:",
+                color="gray", label="TTFA p99 (perf_analyzer)")
+    ax.axhline(1000 * limit, color="red", lw=1, ls=":", label=f"{1000 * limit:.0f} ms limit")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("concurrent streams (closed loop)")
+    ax.set_ylabel("time to first audio (ms)")
+    ax.set_title(f"Time to first audio vs concurrency: real-time capacity {tts['realtime_capacity']} streams\n"
+                 f"({result['machine_name']}, {result['model_set']})", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_capacity(result: dict, path: Path) -> None:
+    tts = result["tts"]
+    levels = _levels(tts["closed_loop"])
+    xs = [c for c, _ in levels]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    served = [lv["realtime_streams_served"] or 0 for _, lv in levels]
+    left.plot(xs, served, "o-", label="audio produced per wall second")
+    left.plot(xs, xs, ":", color="gray", label="needed to keep every stream fed")
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.set_xlabel("concurrent streams")
+    left.set_ylabel("audio seconds per second")
+    left.set_title("Throughput vs demand", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fraction = [lv["starved_streams"] / max(1, lv["streams"] - lv["errors"]) for _, lv in levels]
+    bars = right.bar([str(x) for x in xs], [100 * f for f in fraction], color="tab:red", alpha=0.7)
+    for bar, (_, lv) in zip(bars, levels, strict=True):
+        right.annotate(f"RTF {_f(lv['rtf_p50'])}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                       ha="center", va="bottom", fontsize=8)
+    right.set_ylim(0, 115)
+    right.set_xlabel("concurrent streams")
+    right.set_ylabel("streams that starved (%)")
+    right.set_title(f"Starvation (median real-time factor on bars); capacity = {tts['realtime_capacity']}",
+                    fontsize=10)
+    _save(fig, path)
+
+
+def plot_gaps(result: dict, path: Path) -> None:
+    levels = _levels(result["tts"]["closed_loop"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    longest = 0.0
+    for c, _ in levels:
+        plays = [r.playback() for r in _records(result, f"closed_{c}") if r.error is None and r.arrivals]
+        gaps = sorted(1000 * g for p in plays for g in p.gaps)
+        headroom = sorted(1000 * h for p in plays for h in p.headroom)
+        if gaps:
+            longest = max(longest, gaps[-1])
+            left.plot(gaps, [i / len(gaps) for i in range(1, len(gaps) + 1)], label=f"{c} streams")
+        if headroom:
+            right.plot(headroom, [i / len(headroom) for i in range(1, len(headroom) + 1)], label=f"{c} streams")
+    left.axvline(CHUNK_MS, color="gray", ls=":", lw=1, label=f"chunk length {CHUNK_MS:.0f} ms")
+    left.set_xscale("symlog", linthresh=10)
+    left.set_xlim(0, max(longest, CHUNK_MS) * 1.5)
+    left.set_xlabel("gap between consecutive chunks (ms)")
+    left.set_ylabel("fraction of gaps <= x")
+    left.set_title("Chunk gap distribution (CDF)", fontsize=10)
+    right.axvline(0, color="red", ls=":", lw=1, label="0: playback stalls")
+    right.set_xlabel("audio buffered when a chunk arrives (ms); < 0 = stall")
+    right.set_ylabel("fraction of chunks <= x")
+    right.set_title("Playback headroom (CDF)", fontsize=10)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_comparisons(result: dict, path: Path) -> None:
+    comp = result.get("comparisons") or {}
+    bars = []
+    if comp.get("serving", {}).get("ttfa_ratio") is not None:
+        bars.append(("served / in-process\nTTFA, 1 stream", comp["serving"]["ttfa_ratio"], comp["serving"]["target"],
+                     "lower is better"))
+    if comp.get("snac"):
+        bars.append(("SNAC 8 windows batched /\none by one, CPU time", comp["snac"]["cpu_ratio"],
+                     comp["snac"]["target"], "lower is better"))
+    if comp.get("engine"):
+        bars.append(("engine 8 streams in-flight /\none at a time, tokens/s", comp["engine"]["speedup"], None,
+                     "higher is better"))
+    if not bars:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    xs = range(len(bars))
+    colors = ["tab:green" if target is None or value <= target else "tab:red" for _, value, target, _ in bars]
+    ax.bar(xs, [b[1] for b in bars], color=colors, alpha=0.75)
+    for x, (_, value, target, sense) in zip(xs, bars, strict=True):
+        if target is not None:
+            ax.hlines(target, x - 0.4, x + 0.4, colors="black", linestyles="--", lw=1.2)
+            ax.annotate(f"target <= {target:g}", (x, target), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=8)
+        ax.annotate(f"{value:.2f}x ({sense})", (x, value), xytext=(0, -14 if value > 0.3 else 4),
+                    textcoords="offset points", ha="center", fontsize=9, weight="bold")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=8)
+    ax.set_ylabel("ratio")
+    ax.set_title(f"Comparisons ({result['machine_name']}, {result['model_set']})", fontsize=10)
+    ax.set_ylim(0, max(max(b[1] for b in bars), 1.3) * 1.15)
+    _save(fig, path)
+
+
+def _met(flag) -> str:
+    return "**met**" if flag else "**missed**"
+
+
+def markdown(result: dict) -> str:
+    tts, machine = result["tts"], result["machine"]
+    limit = tts["settings"]["ttfa_limit"]
+    lines = [
+        f"# Benchmark run {result['run']}",
+        "",
+        f"* machine: **{result['machine_name']}**: {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory_gib']} GiB; GPU: {machine['gpu'] or 'none'}; torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), Python {machine['python']}",
+        f"* models: {result['model_set']} (random weights; speed depends on shapes only)",
+        f"* server: tritonserver from {result.get('tritonserver', '?')}, engine max_streams "
+        f"{result['server_settings']['max_streams']}, device {result['server_settings']['device']}",
+        (f"* cores busy with other work just before the run: {result['busy_cores_before']:.2f}\n"
+           if result.get("busy_cores_before") is not None else "")
+        + f"* load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']} "
+        f"(*other cores*, in the tables: the cores' worth of CPU that processes outside this benchmark used "
+        f"during that step; above 0.2 or so, other work shared the {machine['cores']} cores and slowed it)",
+        f"* wall time of the whole run: {result['seconds']:.0f} s; command: `{result['command']}`",
+        "",
+        "## Streaming TTS load (closed loop)",
+        "",
+        f"Texts: {', '.join(tts['settings']['labels'])}; max_tokens "
+        f"{tts['settings']['max_tokens'] or 'per text'}; streams per level = max({tts['settings']['min_streams']}, "
+        f"{tts['settings']['streams_per_worker']} x concurrency). TTFA = request sent -> first audio chunk. "
+        f"A stream *starves* when a chunk arrives after all audio delivered before it has played "
+        f"(playback starting at the first chunk); *buffer needed* is how long a player would have to wait after "
+        f"the first chunk to play that stream without a stall. p99 of a few streams is close to their maximum.",
+        "",
+        "| streams | done | errors | TTFA p50 ms | p95 ms | p99 ms | RTF p50 | starved | stall s | "
+        "gap p99 ms | buffer needed p99 s | audio s / s | other cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, lv in _levels(tts["closed_loop"]):
+        lines.append(
+            f"| {c} | {lv['streams']} | {lv['errors']} | {_ms(lv['ttfa_p50'])} | {_ms(lv['ttfa_p95'])} | "
+            f"{_ms(lv['ttfa_p99'])} | {_f(lv['rtf_p50'])} | {lv['starved_streams']} | {_f(lv['stall_seconds'], 1)} | "
+            f"{_ms(lv['gap_p99'])} | {_f(lv.get('buffer_needed_p99'))} | {_f(lv['realtime_streams_served'])} | "
+            f"{_f(lv.get('cores_other'), 1)} |"
+        )
+    lines += [
+        "",
+        f"**Real-time capacity: {tts['realtime_capacity']} concurrent streams** (largest level with p99 TTFA < "
+        f"{1000 * limit:.0f} ms, no starved stream, no error)."
+        + "".join(f" With p99 TTFA < {1000 * float(other):.0f} ms: {capacity}."
+                  for other, capacity in (tts.get("realtime_capacity_by_limit") or {}).items()
+                  if float(other) != limit),
+        "",
+        "![TTFA vs concurrency](ttfa_vs_concurrency.png)",
+        "",
+        "![capacity](capacity.png)",
+        "",
+        "![chunk gaps](chunk_gaps.png)",
+        "",
+    ]
+    if tts["poisson"]:
+        lines += ["### Poisson arrivals", "",
+                  "| rate /s | streams | errors | TTFA p50 ms | p99 ms | RTF p50 | starved | other cores |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for rate, lv in sorted(tts["poisson"].items(), key=lambda kv: float(kv[0])):
+            lines.append(f"| {rate} | {lv['streams']} | {lv['errors']} | {_ms(lv['ttfa_p50'])} | "
+                         f"{_ms(lv['ttfa_p99'])} | {_f(lv['rtf_p50'])} | {lv['starved_streams']} | "
+                         f"{_f(lv.get('cores_other'), 1)} |")
+        lines.append("")
+    lines += _perf_analyzer_section(result.get("perf_analyzer"))
+    lines += _comparison_section(result.get("comparisons") or {})
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"* {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _perf_analyzer_section(pa: dict | None) -> list[str]:
+    lines = ["## perf_analyzer", ""]
+    if not pa:
+        return lines + ["Not run (perf_analyzer not installed; `perf/install_perf_analyzer.sh`).", ""]
+    if pa.get("skipped"):
+        return lines + [f"Not run: {pa['skipped']}", ""]
+    lines += [
+        f"`{pa['version_output']}`, gRPC streaming, concurrency mode, input `{pa['input_data']}`. "
+        "perf_analyzer's latency for this decoupled model is the time to a stream's last response; TTFA and "
+        "starvation come from its profile export (per-response timestamps).",
+        "",
+        "| `orpheus` concurrency | streams/s | responses/s | stream latency p50 ms | p99 ms | TTFA p50 ms | "
+        "TTFA p99 ms | starved | other cores |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, lv in _levels(pa["orpheus"]):
+        if "error" in lv:
+            lines.append(f"| {c} | failed: {lv['error'][:80]} |||||||")
+            continue
+        row, s = lv["csv"], lv.get("streams", {})
+        lines.append(f"| {c} | {_f(row.get('Inferences/Second'))} | {_f(row.get('Response Throughput'))} | "
+                     f"{_ms(row.get('p50 latency', 0) / 1e6)} | {_ms(row.get('p99 latency', 0) / 1e6)} | "
+                     f"{_ms(s.get('ttfa_p50'))} | {_ms(s.get('ttfa_p99'))} | {s.get('starved_streams', '-')}"
+                     f"/{s.get('streams', '-')} | {_f(lv.get('cores_other'), 1)} |")
+    lines += ["", "| `snac_decoder` concurrency | windows/s | audio s / s | latency p50 ms | p99 ms | "
+              "server compute ms | server queue ms | other cores |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, lv in _levels(pa["snac_decoder"]):
+        if "error" in lv:
+            lines.append(f"| {c} | failed: {lv['error'][:80]} ||||||")
+            continue
+        row = lv["csv"]
+        rate = row.get("Inferences/Second") or 0
+        lines.append(f"| {c} | {_f(rate, 1)} | {_f(rate * SAMPLES_PER_FRAME / SAMPLE_RATE)} | "
+                     f"{_ms(row.get('p50 latency', 0) / 1e6)} | {_ms(row.get('p99 latency', 0) / 1e6)} | "
+                     f"{_ms(row.get('Server Compute Infer', 0) / 1e6)} | {_ms(row.get('Server Queue', 0) / 1e6)} | "
+                     f"{_f(lv.get('cores_other'), 1)} |")
+    lines += ["", "Each `snac_decoder` request is one stream of one window (28 codes + end of speech), so windows/s "
+              f"x {SAMPLES_PER_FRAME / SAMPLE_RATE * 1000:.1f} ms is the audio the decoder alone can produce per "
+              "second, and concurrency c lets the dynamic batcher decode up to c windows in one call.", ""]
+    return lines
+
+
+def _comparison_section(comp: dict) -> list[str]:
+    lines = ["## Comparisons", "", "![comparisons](comparisons.png)", ""]
+    serving = comp.get("serving")
+    if serving:
+        lines += [
+            f"**(a) Serving cost, TTFA at concurrency 1**: through Triton {_ms(serving['served_ttfa_median'])} ms vs "
+            f"in-process {_ms(serving['in_process_ttfa_median'])} ms (medians of {serving['repeats']} interleaved "
+            f"streams): ratio **{_f(serving['ttfa_ratio'])}** (target <= {serving['target']}: "
+            f"{_met(serving['target_met'])}). Whole stream: ratio {_f(serving['total_ratio'])}. "
+            f"Other cores meanwhile: {_f(serving.get('cores_other'), 1)}.",
+            "",
+        ]
+    snac = comp.get("snac")
+    if snac:
+        lines += [
+            f"**(b) SNAC, {snac['windows']} windows of {snac['windows']} streams in one call vs one call each** "
+            f"({snac['device']}, medians of {snac['repeats']}): CPU time {snac['batched_cpu_s']:.3f} s vs "
+            f"{snac['one_by_one_cpu_s']:.3f} s, ratio **{_f(snac['cpu_ratio'])}** (target <= {snac['target']}: "
+            f"{_met(snac['target_met'])}); wall ratio {_f(snac['wall_ratio'])}. Other cores meanwhile: "
+            f"{_f(snac.get('cores_other'), 1)}.",
+        ]
+        plain = snac.get("without_row_by_row")
+        if plain:
+            lines += [
+                f"With the dense convolutions batched instead of row by row (giving up batch invariance): CPU ratio "
+                f"{_f(plain['cpu_ratio'])} ({plain['batched_cpu_s']:.3f} s vs {plain['one_by_one_cpu_s']:.3f} s).",
+            ]
+        lines += ["", "Where the CPU time goes (torch profiler, self time, one profiled run each):", "",
+                  "| operator | batched: calls | batched: ms | share | one by one: calls | one by one: ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| `{row['op']}` | {row['calls']} | {row['self_cpu_ms']:.1f} | {100 * row['share']:.0f}% | "
+                  f"{row.get('one_by_one_calls', '-')} | {_f(row.get('one_by_one_ms'), 1)} |"
+                  for row in snac["profile_top"]]
+        lines.append("")
+    engine = comp.get("engine")
+    if engine:
+        lines += [
+            f"**(c) In-flight batching**, {engine['streams']} streams x {engine['max_new_tokens']} tokens "
+            f"({engine['device']}): {engine['batched_tokens_per_s']:.0f} tokens/s batched vs "
+            f"{engine['one_at_a_time_tokens_per_s']:.0f} tokens/s one at a time: **{engine['speedup']:.2f}x**. "
+            f"Other cores meanwhile: {_f(engine.get('cores_other'), 1)}.",
+            "",
+        ]
+    return lines
+
+
+def write_report(result: dict, folder: Path) -> Path:
+    plot_ttfa(result, folder / "ttfa_vs_concurrency.png")
+    plot_capacity(result, folder / "capacity.png")
+    plot_gaps(result, folder / "chunk_gaps.png")
+    plot_comparisons(result, folder / "comparisons.png")
+    path = folder / "report.md"
+    path.write_text(markdown(result))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print(__doc__)
+        return 2
+    path = Path(argv[0])
+    print(write_report(json.loads(path.read_text()), path.parent))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

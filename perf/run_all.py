@@ -1,0 +1,236 @@
+"""One command for the whole benchmark: comparisons, server, TTS sweep, perf_analyzer, report.
+
+    python perf/run_all.py                  # small CPU defaults, a few minutes on 2 cores
+    python perf/run_all.py --shape orpheus-3b --concurrency 1,8,32,64,128,216,256 \\
+        --max-streams 256 --max-seq-len 1400 --max-tokens 0        # a GPU run (see perf/gpu/README.md)
+
+Order: (c) engine batching and (b) SNAC batching in-process on a quiet machine;
+then a server on free local ports; (a) served vs in-process TTFA, interleaved;
+the closed-loop concurrency sweep and Poisson runs; perf_analyzer if installed;
+the server stops and perf/results/<date>_<machine>/ gets result.json, report.md
+and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import comparisons
+import run_perf_analyzer
+from common import (
+    PERF,
+    load_average,
+    local_server,
+    log,
+    machine_info,
+    machine_name,
+    other_load_monitor,
+    run_folder,
+    wait_quiet,
+)
+
+from orpheus_triton.demo_models import (
+    DEMO_LLM_SHAPE,
+    ORPHEUS_3B_SHAPE,
+    ModelSet,
+    cache_dir,
+    demo_model_set,
+    write_random_llama,
+    write_random_snac,
+    write_tokenizer,
+)
+from orpheus_triton.loadgen import SweepSettings, Utterance, grpc_stream, realtime_capacity, sweep, workload
+
+BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
+
+SHAPES = {"demo": DEMO_LLM_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
+
+
+def model_set(shape: str, models: str | None) -> tuple[ModelSet, str]:
+    """The models to serve and a line describing them."""
+    if models:
+        chosen = ModelSet(Path(models).expanduser().resolve())
+        chosen.check()
+        return chosen, f"model set {chosen.root}"
+    if shape == "demo":
+        return demo_model_set(log=log), "demo model set (Llama hidden 128 x 2 layers, full SNAC 24 kHz)"
+    import torch  # noqa: PLC0415
+
+    root = cache_dir() / f"random-{shape}"
+    chosen = ModelSet(root)
+    if not (root / ".complete").is_file():
+        log(f"writing a random-weight {shape} model set to {root} (bf16; takes a minute or two) ...")
+        write_random_llama(chosen.llm, SHAPES[shape], dtype=torch.bfloat16)
+        write_tokenizer(chosen.llm)
+        write_random_snac(chosen.snac)
+        (root / ".complete").write_text(shape)
+    dims = SHAPES[shape]
+    return chosen, (f"random-weight {shape} model set (Llama hidden {dims['hidden_size']} x "
+                    f"{dims['num_hidden_layers']} layers, full SNAC 24 kHz)")
+
+
+def release_memory() -> None:
+    """Give back what the in-process models held, so the server process can have the GPU memory."""
+    import gc  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tritonserver_source() -> str:
+    import shutil  # noqa: PLC0415
+
+    found = shutil.which("tritonserver")
+    return found if found else "the nvidia-pytriton wheel"
+
+
+def _numbers(text: str, cast=int) -> list:
+    return [cast(x) for x in text.split(",") if x.strip()]
+
+
+def _round_records(records: dict) -> dict:
+    for streams in records.values():
+        for r in streams:
+            r["arrivals"] = [round(t, 5) for t in r["arrivals"]]
+            r["started"], r["total"] = round(r["started"], 5), round(r["total"], 5)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="random-weight LLM shape")
+    parser.add_argument("--models", help="a real model set directory instead (llm/ + snac/)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--max-streams", type=int, default=16, help="engine slots (>= the largest concurrency)")
+    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels")
+    parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
+    parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
+    parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
+    parser.add_argument("--streams-per-worker", type=int, default=2)
+    parser.add_argument("--min-streams", type=int, default=4)
+    parser.add_argument("--level-seconds", type=float, default=120.0, help="time bound per load level")
+    parser.add_argument("--poisson-rates", default="0.25", help="Poisson arrival rates (streams/s); empty: none")
+    parser.add_argument("--poisson-streams", type=int, default=6)
+    parser.add_argument("--serving-repeats", type=int, default=5, help="streams each for comparison (a)")
+    parser.add_argument("--snac-repeats", type=int, default=5)
+    parser.add_argument("--engine-tokens", type=int, default=200, help="tokens per stream for comparison (c)")
+    parser.add_argument("--pa-concurrency", default="1,2", help="perf_analyzer levels for `orpheus`")
+    parser.add_argument("--pa-decoder-concurrency", default="1,4,8")
+    parser.add_argument("--pa-max-tokens", type=int, default=100)
+    parser.add_argument("--pa-request-count", type=int, default=4)
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--install-perf-analyzer", action="store_true", help="install it first if missing")
+    parser.add_argument("--skip-comparisons", action="store_true")
+    parser.add_argument("--wait-quiet", type=float, default=0.0,
+                        help="first wait up to this many seconds for other work to leave the CPU idle")
+    parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core)")
+    parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
+    args = parser.parse_args(argv)
+
+    busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
+    started = time.perf_counter()
+    folder = Path(args.out) if args.out else run_folder(args.machine)
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
+    models, description = model_set(args.shape, args.models)
+    result = {
+        "run": folder.name,
+        "command": "python perf/run_all.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine_name": args.machine or machine_name(),
+        "machine": machine_info(),
+        "model_set": description,
+        "tritonserver": tritonserver_source(),
+        "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device},
+        "load_average_start": load_average(),
+        "busy_cores_before": busy_before,
+        "comparisons": {},
+        "notes": [],
+    }
+    log(f"run folder {folder}; {description}")
+
+    if not args.skip_comparisons:
+        log("(c) engine: 8 streams in-flight vs one at a time ...")
+        finish = other_load_monitor()
+        result["comparisons"]["engine"] = comparisons.compare_engine_batching(
+            models.llm, args.device, streams=8, max_new_tokens=args.engine_tokens) | finish()
+        log(f"    speedup {result['comparisons']['engine']['speedup']:.2f}x")
+        log("(b) SNAC: 8 windows batched vs one by one ...")
+        finish = other_load_monitor()
+        snac = comparisons.compare_snac_batching(models.snac, args.device, repeats=args.snac_repeats) | finish()
+        (folder / "raw" / "snac_profile.txt").write_text(snac.pop("profile_table"))
+        result["comparisons"]["snac"] = snac
+        log(f"    CPU time ratio {snac['cpu_ratio']:.2f} (target <= {snac['target']})")
+        release_memory()
+
+    labels = _numbers(args.texts, str)
+    caps = {label: args.max_tokens for label in labels} if args.max_tokens else {}
+    settings = SweepSettings(
+        concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
+        min_streams=args.min_streams, max_seconds_per_level=args.level_seconds,
+        poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
+        poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,
+    )
+    with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
+                      max_seq_len=args.max_seq_len) as server:
+        stream = grpc_stream(server.url)
+        warm = workload(labels, max_tokens=caps, count=1)[0]
+        stream(warm, time.perf_counter())  # first request pays for lazy initialisation
+        if not args.skip_comparisons:
+            log("(a) TTFA at concurrency 1: served vs in-process, interleaved ...")
+            pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8,
+                                                     max_seq_len=args.max_seq_len)
+            try:
+                pipeline.synthesize(warm)
+                utterances = [Utterance(u.label, u.text, u.voice, u.max_tokens, u.seed)
+                              for u in workload(labels, max_tokens=caps, count=args.serving_repeats)]
+                finish = other_load_monitor()
+                result["comparisons"]["serving"] = comparisons.compare_serving(
+                    stream, pipeline.synthesize, utterances, args.serving_repeats) | finish()
+            finally:
+                pipeline.close()
+                del pipeline
+                release_memory()
+            log(f"    ratio {result['comparisons']['serving']['ttfa_ratio']:.2f} (target <= 1.25)")
+        log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
+        result["tts"] = sweep(server.url, settings, log=lambda m: log("    " + m), monitor=other_load_monitor)
+        result["tts"]["records"] = _round_records(result["tts"]["records"])
+        result["tts"]["realtime_capacity_by_limit"] = {
+            str(limit): realtime_capacity(result["tts"]["closed_loop"], limit)
+            for limit in sorted({BAR_TTFA, args.ttfa_limit})}
+        if args.no_perf_analyzer:
+            result["perf_analyzer"] = {"skipped": "--no-perf-analyzer"}
+        else:
+            binary = run_perf_analyzer.find_perf_analyzer(install=args.install_perf_analyzer)
+            if binary:
+                log(f"perf_analyzer sweep with {binary} ...")
+                result["perf_analyzer"] = run_perf_analyzer.run(
+                    binary, server, folder, _numbers(args.pa_concurrency), _numbers(args.pa_decoder_concurrency),
+                    PERF / "data" / "orpheus_short.json", args.pa_max_tokens, args.pa_request_count,
+                    16, 300.0)
+            else:
+                result["perf_analyzer"] = {"skipped": "perf_analyzer not found (perf/install_perf_analyzer.sh)"}
+    result["load_average_end"] = load_average()
+    result["seconds"] = time.perf_counter() - started
+    (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    try:
+        from report import write_report  # noqa: PLC0415 (matplotlib: the `perf` extra)
+    except ImportError as error:
+        log(f"wrote {folder / 'result.json'}; no report ({error}): pip install 'orpheus-triton[perf]', then "
+            f"python perf/report.py {folder / 'result.json'}")
+    else:
+        report = write_report(json.loads((folder / "result.json").read_text()), folder)
+        log(f"wrote {folder / 'result.json'} and {report}")
+    log(f"real-time capacity: {result['tts']['realtime_capacity']} streams")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
