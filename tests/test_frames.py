@@ -66,3 +66,16 @@ def test_window_seed_depends_on_codes_and_position_only():
     assert window_seed(codes, 0) != window_seed(codes, 1)
     assert window_seed(codes, 0) != window_seed([1] + codes[1:], 0)
     assert 0 <= window_seed(codes, 5) < 2**63
+
+
+def test_frame_chunker_sends_whole_frames_and_flushes_at_the_end():
+    from orpheus_triton.serving import FrameChunker
+
+    chunker = FrameChunker(7)
+    sent = [chunker.add([t], finished=False) for t in range(13)]
+    assert [s for s in sent if s] == [list(range(7))]
+    assert chunker.add([13, END_OF_SPEECH], finished=True) == [7, 8, 9, 10, 11, 12, 13, END_OF_SPEECH]
+    assert chunker.sent == 15
+    assert FrameChunker(1).add([5], finished=False) == [5]
+    with pytest.raises(ValueError, match=">= 1"):
+        FrameChunker(0)

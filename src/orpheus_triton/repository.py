@@ -35,6 +35,7 @@ class RepositorySettings:
     max_seq_len: int = 2048
     max_queue: int = 256
     prefill_chunk: int = 256
+    tokens_per_response: int = 7  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64
     preprocessing_instances: int = 2
     decoder_max_batch_size: int = 64

@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.engine import CapacityError, GenerationRequest
-from orpheus_triton.serving import ActiveStreams, LlmRequest, StreamIdError, model_parameters
+from orpheus_triton.serving import ActiveStreams, FrameChunker, LlmRequest, StreamIdError, model_parameters
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -22,7 +22,9 @@ def _send_error(sender, message):
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.engine = build_engine(model_parameters(args))
+        params = model_parameters(args)
+        self.engine = build_engine(params)
+        self.tokens_per_response = int(params.get("tokens_per_response", c.TOKENS_PER_FRAME))
         self.active = ActiveStreams()
         self.metrics = EngineMetrics(pb_utils, self.engine, self.active)
         self.engine.start()
@@ -58,13 +60,15 @@ class TritonPythonModel:
         return None
 
     def _emitter(self, sender, request_id):
-        generated = [0]
+        chunks = FrameChunker(self.tokens_per_response)
 
         def emit(tokens, finished):
-            generated[0] += len(tokens)
+            ready = chunks.add(tokens, finished)
+            if ready is None:
+                return
             response = pb_utils.InferenceResponse([
-                pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[tokens]], dtype=np.int32)),
-                pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([generated[0]], dtype=np.int32)),
+                pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[ready]], dtype=np.int32)),
+                pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([chunks.sent], dtype=np.int32)),
             ])
             if finished:
                 self.active.release(request_id)

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""The torch LLM engine alone: in-flight batching throughput, newcomer latency, step time vs streams.
+
+    python perf/engine_bench.py                       # CPU, demo-sized model
+    python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
+
+Measures, in process (no Triton):
+1. aggregate tokens/s of N concurrent streams vs one stream (in-flight batching gain);
+2. a newcomer's time to first token while N-1 streams are mid-generation (it must not wait
+   for them to finish: it should cost about one step);
+3. step time vs active streams, and how many streams stay at or above real time
+   (REAL_TIME_TOKENS_PER_SECOND, ~82 tokens/s per stream).
+Writes JSON and a markdown table to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from orpheus_triton.constants import REAL_TIME_TOKENS_PER_SECOND
+from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
+from orpheus_triton.engine import GenerationRequest, InflightEngine
+from orpheus_triton.llama import load_llama
+from orpheus_triton.triton_llm import pick_device
+
+SHAPES = {"demo": DEMO_LLM_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
+PROMPT_LEN = 40  # about what "tara: <one sentence>" tokenizes to, plus the Orpheus wrapper
+
+
+def prompt(i: int) -> list[int]:
+    return [1000 + (i * 7919 + k) % 100_000 for k in range(PROMPT_LEN)]
+
+
+def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
+    sink[i] = {"tokens": 0, "first": None, "submitted": time.perf_counter()}
+
+    def emit(new, finished, i=i):
+        entry = sink[i]
+        entry["tokens"] += len(new)
+        entry["first"] = entry["first"] or time.perf_counter()
+        if finished:
+            entry["done"] = time.perf_counter()
+
+    # end_id=-1: never stop early, so every stream generates exactly `tokens`.
+    engine.submit(GenerationRequest(prompt=prompt(i), max_new_tokens=tokens, emit=emit, seed=i, end_id=-1))
+
+
+def throughput(engine: InflightEngine, streams: int, tokens: int) -> float:
+    sink: dict = {}
+    for i in range(streams):
+        submit(engine, i, tokens, sink)
+    start = time.perf_counter()
+    engine.run_until_idle()
+    return sum(s["tokens"] for s in sink.values()) / (time.perf_counter() - start)
+
+
+def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
+    """Time to first token of a request arriving while `running` streams are mid-way."""
+    sink: dict = {}
+    for i in range(running):
+        submit(engine, i, tokens, sink)
+    for _ in range(tokens // 4):
+        engine.step()
+    step_times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t)
+    submit(engine, running, 8, sink)
+    while sink[running]["first"] is None:
+        engine.step()
+    ttft = sink[running]["first"] - sink[running]["submitted"]
+    others_done = all("done" in sink[i] for i in range(running))
+    engine.run_until_idle()
+    return {"running_streams": running, "newcomer_ttft_s": ttft, "step_s_before": sorted(step_times)[2],
+            "others_finished_first": others_done}
+
+
+def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
+    """Median step time with n streams decoding (a fresh engine per n)."""
+    rows = []
+    for n in counts:
+        engine = make_engine()
+        sink: dict = {}
+        for i in range(n):
+            submit(engine, i, context, sink)
+        for _ in range(8):  # prefill all, capture graphs
+            engine.step()
+        times = []
+        for _ in range(20):
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.step()
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        step = sorted(times)[len(times) // 2]
+        per_stream = 1.0 / step
+        rows.append({"streams": n, "step_ms": step * 1000, "tokens_per_s_per_stream": per_stream,
+                     "aggregate_tokens_per_s": n / step, "real_time": per_stream >= REAL_TIME_TOKENS_PER_SECOND})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="demo")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream in the throughput runs")
+    parser.add_argument("--sweep", default="1,2,4,8", help="active-stream counts for the step-time sweep")
+    parser.add_argument("--max-streams", type=int, default=None)
+    parser.add_argument("--out", default="perf/results/engine")
+    args = parser.parse_args()
+
+    device = pick_device(args.device)
+    counts = [int(x) for x in args.sweep.split(",")]
+    max_streams = args.max_streams or max(counts + [args.streams])
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
+        write_random_llama(Path(tmp), SHAPES[args.shape], dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+        model = load_llama(tmp, device=device)
+    def make_engine():
+        return InflightEngine(model, max_streams=max_streams, max_seq_len=PROMPT_LEN + max(args.tokens, 600) + 16)
+
+    engine = make_engine()
+
+    throughput(engine, 1, 16)  # warm-up
+    single = throughput(engine, 1, args.tokens)
+    batched = throughput(engine, args.streams, args.tokens)
+    newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
+    sweep = step_sweep(make_engine, counts, context=300)
+
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                    "torch_threads": torch.get_num_threads()},
+        "shape": args.shape, "model": SHAPES[args.shape],
+        "single_stream_tokens_per_s": single, "streams": args.streams,
+        "batched_tokens_per_s": batched, "batching_gain": batched / single,
+        "newcomer": newcomer, "step_sweep": sweep,
+        "real_time_streams": max((r["streams"] for r in sweep if r["real_time"]), default=0),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"engine_{args.shape}_{device.split(':')[0]}.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# Torch engine, {args.shape} shape, on {result['machine']['device']} ({result['machine']['processor']})",
+        "",
+        f"- 1 stream: {single:.0f} tokens/s; {args.streams} streams: {batched:.0f} tokens/s aggregate "
+        f"(**{batched / single:.2f}x**)",
+        f"- newcomer beside {newcomer['running_streams']} running streams: first token after "
+        f"{newcomer['newcomer_ttft_s'] * 1000:.1f} ms (one step was {newcomer['step_s_before'] * 1000:.1f} ms; "
+        f"running streams finished first: {newcomer['others_finished_first']})",
+        f"- streams at or above real time ({REAL_TIME_TOKENS_PER_SECOND:.0f} tokens/s each): "
+        f"{result['real_time_streams']} of those measured",
+        "",
+        "| active streams | step (ms) | tokens/s per stream | aggregate tokens/s | real time |",
+        "|---:|---:|---:|---:|:---:|",
+        *[f"| {r['streams']} | {r['step_ms']:.2f} | {r['tokens_per_s_per_stream']:.0f} | "
+          f"{r['aggregate_tokens_per_s']:.0f} | {'yes' if r['real_time'] else 'no'} |" for r in sweep],
+    ]
+    (out / f"engine_{args.shape}_{device.split(':')[0]}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
