@@ -172,3 +172,63 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "hi", "-o", str(tmp_path / "x.wav"),
                           "--url", "localhost:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "could not synthesize" in bad.stderr
+
+
+def _metric(server, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+
+def test_cancelling_the_grpc_stream_stops_generation(server, grpc_url):
+    from orpheus_triton.client import request_inputs
+
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    client.async_stream_infer(c.ENSEMBLE_MODEL, request_inputs("a long one", max_tokens=900),
+                              request_id=str(uuid.uuid4()))
+    result, error = events.get(timeout=60)  # first audio chunk: generation is under way
+    assert error is None
+    before = _metric(server, "orpheus_llm_generated_tokens_total")
+    client.stop_stream(cancel_requests=True)
+    deadline = time.monotonic() + 10
+    while _metric(server, "orpheus_llm_active_streams") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "orpheus_llm_active_streams") == 0
+    generated = _metric(server, "orpheus_llm_generated_tokens_total") - before
+    assert generated < 600  # stopped long before its 900 tokens
+    # The freed slot serves the next request.
+    assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
+
+
+def test_serve_command_runs_tritonserver_in_the_foreground(model_set, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    from orpheus_triton.server import wait_until_ready
+
+    grpc_port = free_port()
+    env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(model_set.root), "--device", "cpu",
+         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
+         "--max-streams", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until_ready(process, f"localhost:{grpc_port}", timeout=180)
+        assert OrpheusClient(f"localhost:{grpc_port}").synthesize("served", max_tokens=35).audio.size > 0
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    assert "gRPC on" in process.stderr.read()
+
+    bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
