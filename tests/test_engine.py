@@ -188,3 +188,36 @@ def test_gumbel_noise_is_a_pure_function_of_seed_step_token():
     c = gumbel_noise(torch.tensor([7]), torch.tensor([4]), ids)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert abs(a.mean().item() - 0.5772) < 0.05  # Euler-Mascheroni: the mean of Gumbel(0, 1)
+
+
+def test_llm_stage_tensors_to_settings():
+    from orpheus_triton import constants as c
+    from orpheus_triton.serving import generation_settings
+
+    tensors = {c.LLM_INPUT_IDS: np.array([[5, 6, 7, 0]], dtype=np.int32),
+               c.LLM_INPUT_LENGTHS: np.array([[3]], dtype=np.int32),
+               c.LLM_REQUEST_OUTPUT_LEN: np.array([[50]], dtype=np.int32),
+               c.LLM_SEED: np.array([[2**63 + 5]], dtype=np.uint64),
+               c.LLM_AUDIO_GUARD: np.array([[False]])}
+    settings = generation_settings(tensors.get)
+    assert settings == {"prompt": [5, 6, 7], "max_new_tokens": 50, "seed": 2**63 + 5, "audio_guard": False}
+    request = GenerationRequest(**settings, emit=lambda *_: None)
+    assert request.temperature == 0.6 and request.top_p == 0.8 and request.repetition_penalty == 1.1
+    with pytest.raises(ValueError, match="request_output_len"):
+        generation_settings({c.LLM_INPUT_IDS: tensors[c.LLM_INPUT_IDS]}.get)
+    with pytest.raises(ValueError, match="does not fit"):
+        generation_settings({**tensors, c.LLM_INPUT_LENGTHS: np.array([[9]], dtype=np.int32)}.get)
+
+
+def test_out_of_range_sampling_is_refused(model):
+    with pytest.raises(ValueError, match="top_p 0.0"):
+        make_engine(model).submit(request(PROMPTS[0], Collector(), top_p=0.0))
+
+
+def test_full_uint64_seed_range(model):
+    outs = [Collector(), Collector()]
+    engine = make_engine(model)
+    engine.submit(request(PROMPTS[0], outs[0], seed=2**64 - 1, max_new_tokens=14))
+    engine.submit(request(PROMPTS[0], outs[1], seed=2**63 - 1, max_new_tokens=14))
+    engine.run_until_idle()
+    assert len(outs[0].tokens) >= 7 and outs[0].tokens != outs[1].tokens

@@ -134,6 +134,12 @@ class InflightEngine:
             )
         if request.max_new_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
+        if not (request.temperature >= 0 and 0 < request.top_p <= 1 and request.top_k >= 0
+                and request.repetition_penalty > 0):
+            raise ValueError(
+                f"sampling settings out of range: temperature {request.temperature} (>= 0), top_p {request.top_p} "
+                f"(0, 1], top_k {request.top_k} (>= 0), repetition_penalty {request.repetition_penalty} (> 0)"
+            )
         with self.lock:
             if len(self.queue) >= self.max_queue:
                 raise CapacityError(
@@ -254,7 +260,9 @@ class InflightEngine:
             top_p=torch.tensor([s.request.top_p for s in streams], device=dev),
             top_k=torch.tensor([s.request.top_k for s in streams], device=dev),
             repetition_penalty=torch.tensor([s.request.repetition_penalty for s in streams], device=dev),
-            seed=torch.tensor([s.request.seed for s in streams], dtype=torch.int64, device=dev),
+            # UINT64 seeds as the same 64 bits in int64 (the hash only looks at bits).
+            seed=torch.tensor([(s.request.seed + 2**63) % 2**64 - 2**63 for s in streams], dtype=torch.int64,
+                              device=dev),
             step=torch.tensor([len(s.generated) for s in streams], device=dev),
             audio_guard=torch.tensor([s.request.audio_guard for s in streams], device=dev),
             audio_position=torch.tensor([s.audio_tokens for s in streams], device=dev),

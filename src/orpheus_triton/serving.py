@@ -24,10 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constants import (
-    DEFAULT_REPETITION_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
     END_OF_SPEECH,
     LLM_AUDIO_GUARD,
     LLM_END_ID,
@@ -71,43 +67,32 @@ def _scalar(get: GetInput, name: str, default, cast):
     return cast(value.reshape(-1)[0])
 
 
-@dataclass(frozen=True)
-class LlmRequest:
-    """An LLM-stage request in engine terms."""
+def generation_settings(get: GetInput) -> dict:
+    """An LLM-stage request's tensors (TensorRT-LLM names) -> GenerationRequest keyword arguments.
 
-    prompt: list[int]
-    max_new_tokens: int
-    end_id: int = END_OF_SPEECH
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
-    seed: int = 0
-    audio_guard: bool = True
-
-    @classmethod
-    def from_tensors(cls, get: GetInput) -> LlmRequest:
-        ids = get(LLM_INPUT_IDS)
-        if ids is None:
-            raise ValueError(f"missing input {LLM_INPUT_IDS!r}")
-        ids = ids.reshape(-1)
-        length = _scalar(get, LLM_INPUT_LENGTHS, ids.size, int)
-        if not 0 < length <= ids.size:
-            raise ValueError(f"{LLM_INPUT_LENGTHS}={length} does not fit {ids.size} input ids")
-        max_new = _scalar(get, LLM_REQUEST_OUTPUT_LEN, None, int)
-        if max_new is None:
-            raise ValueError(f"missing input {LLM_REQUEST_OUTPUT_LEN!r}")
-        return cls(
-            prompt=[int(t) for t in ids[:length]],
-            max_new_tokens=max_new,
-            end_id=_scalar(get, LLM_END_ID, END_OF_SPEECH, int),
-            temperature=_scalar(get, LLM_TEMPERATURE, DEFAULT_TEMPERATURE, float),
-            top_p=_scalar(get, LLM_TOP_P, DEFAULT_TOP_P, float),
-            top_k=_scalar(get, LLM_TOP_K, DEFAULT_TOP_K, int),
-            repetition_penalty=_scalar(get, LLM_REPETITION_PENALTY, DEFAULT_REPETITION_PENALTY, float),
-            seed=_scalar(get, LLM_SEED, 0, int),
-            audio_guard=_scalar(get, LLM_AUDIO_GUARD, True, bool),
-        )
+    Optional tensors left out take the engine's defaults; bad values raise ValueError with the reason.
+    """
+    ids = get(LLM_INPUT_IDS)
+    if ids is None:
+        raise ValueError(f"missing input {LLM_INPUT_IDS!r}")
+    ids = ids.reshape(-1)
+    length = _scalar(get, LLM_INPUT_LENGTHS, ids.size, int)
+    if not 0 < length <= ids.size:
+        raise ValueError(f"{LLM_INPUT_LENGTHS}={length} does not fit {ids.size} input ids")
+    max_new = _scalar(get, LLM_REQUEST_OUTPUT_LEN, None, int)
+    if max_new is None:
+        raise ValueError(f"missing input {LLM_REQUEST_OUTPUT_LEN!r}")
+    optional = {
+        "end_id": (LLM_END_ID, int), "temperature": (LLM_TEMPERATURE, float), "top_p": (LLM_TOP_P, float),
+        "top_k": (LLM_TOP_K, int), "repetition_penalty": (LLM_REPETITION_PENALTY, float), "seed": (LLM_SEED, int),
+        "audio_guard": (LLM_AUDIO_GUARD, bool),
+    }
+    settings = {"prompt": [int(t) for t in ids[:length]], "max_new_tokens": max_new}
+    for field_name, (tensor, cast) in optional.items():
+        value = _scalar(get, tensor, None, cast)
+        if value is not None:
+            settings[field_name] = value
+    return settings
 
 
 class ActiveStreams:

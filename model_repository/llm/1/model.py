@@ -10,7 +10,7 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.engine import CapacityError, GenerationRequest
-from orpheus_triton.serving import ActiveStreams, FrameChunker, LlmRequest, StreamIdError, model_parameters
+from orpheus_triton.serving import ActiveStreams, FrameChunker, StreamIdError, generation_settings, model_parameters
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -39,7 +39,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     return None if tensor is None else tensor.as_numpy()
 
-                spec = LlmRequest.from_tensors(get)
+                settings = generation_settings(get)
                 self.active.claim(request_id)
             except (ValueError, StreamIdError) as error:
                 _send_error(sender, error)
@@ -47,10 +47,7 @@ class TritonPythonModel:
             try:
                 self.engine.submit(
                     GenerationRequest(
-                        prompt=spec.prompt, max_new_tokens=spec.max_new_tokens, end_id=spec.end_id,
-                        temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
-                        repetition_penalty=spec.repetition_penalty, seed=spec.seed, audio_guard=spec.audio_guard,
-                        emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
+                        **settings, emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
                         is_cancelled=request.is_cancelled, request_id=request_id,
                     )
                 )
