@@ -164,6 +164,21 @@ def plot_comparisons(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _source_line(source: dict | None) -> str:
+    if not source:
+        return "* code: not recorded"
+    line = f"* code: commit {source.get('commit')}"
+    if source.get("uncommitted"):
+        line += f", with uncommitted changes to {', '.join(source['uncommitted'])}"
+    return line
+
+
+def _other(step: dict) -> str:
+    """Other processes' CPU during a step, and how many tries it took to get a quiet one."""
+    tries = step.get("attempts", 1)
+    return _f(step.get("cores_other"), 1) + (f" ({tries} tries)" if tries > 1 else "")
+
+
 def _met(flag) -> str:
     return "**met**" if flag else "**missed**"
 
@@ -178,6 +193,7 @@ def markdown(result: dict) -> str:
         f"{machine['memory_gib']} GiB; GPU: {machine['gpu'] or 'none'}; torch {machine['torch']} "
         f"({machine['torch_threads']} threads), Python {machine['python']}",
         f"* models: {result['model_set']} (random weights; speed depends on shapes only)",
+        _source_line(result.get("source")),
         f"* server: tritonserver from {result.get('tritonserver', '?')}, engine max_streams "
         f"{result['server_settings']['max_streams']}, device {result['server_settings']['device']}",
         (f"* cores busy with other work just before the run: {result['busy_cores_before']:.2f}\n"
@@ -205,7 +221,7 @@ def markdown(result: dict) -> str:
             f"| {c} | {lv['streams']} | {lv['errors']} | {_ms(lv['ttfa_p50'])} | {_ms(lv['ttfa_p95'])} | "
             f"{_ms(lv['ttfa_p99'])} | {_f(lv['rtf_p50'])} | {lv['starved_streams']} | {_f(lv['stall_seconds'], 1)} | "
             f"{_ms(lv['gap_p99'])} | {_f(lv.get('buffer_needed_p99'))} | {_f(lv['realtime_streams_served'])} | "
-            f"{_f(lv.get('cores_other'), 1)} |"
+            f"{_other(lv)} |"
         )
     lines += [
         "",
@@ -229,7 +245,7 @@ def markdown(result: dict) -> str:
         for rate, lv in sorted(tts["poisson"].items(), key=lambda kv: float(kv[0])):
             lines.append(f"| {rate} | {lv['streams']} | {lv['errors']} | {_ms(lv['ttfa_p50'])} | "
                          f"{_ms(lv['ttfa_p99'])} | {_f(lv['rtf_p50'])} | {lv['starved_streams']} | "
-                         f"{_f(lv.get('cores_other'), 1)} |")
+                         f"{_other(lv)} |")
         lines.append("")
     lines += _perf_analyzer_section(result.get("perf_analyzer"))
     lines += _comparison_section(result.get("comparisons") or {})
@@ -245,7 +261,8 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
     if pa.get("skipped"):
         return lines + [f"Not run: {pa['skipped']}", ""]
     lines += [
-        f"`{pa['version_output']}`, gRPC streaming, concurrency mode, input `{pa['input_data']}`. "
+        f"`{pa['version_output']}`, gRPC streaming, concurrency mode, input `{pa.get('source_data', pa['input_data'])}`"
+        + (f" with max_tokens {pa['max_tokens']}" if pa.get("max_tokens") else "") + ". "
         "perf_analyzer's latency for this decoupled model is the time to a stream's last response; TTFA and "
         "starvation come from its profile export (per-response timestamps).",
         "",
@@ -289,7 +306,7 @@ def _comparison_section(comp: dict) -> list[str]:
             f"in-process {_ms(serving['in_process_ttfa_median'])} ms (medians of {serving['repeats']} interleaved "
             f"streams): ratio **{_f(serving['ttfa_ratio'])}** (target <= {serving['target']}: "
             f"{_met(serving['target_met'])}). Whole stream: ratio {_f(serving['total_ratio'])}. "
-            f"Other cores meanwhile: {_f(serving.get('cores_other'), 1)}.",
+            f"Other cores meanwhile: {_other(serving)}.",
             "",
         ]
     snac = comp.get("snac")
@@ -299,7 +316,7 @@ def _comparison_section(comp: dict) -> list[str]:
             f"({snac['device']}, medians of {snac['repeats']}): CPU time {snac['batched_cpu_s']:.3f} s vs "
             f"{snac['one_by_one_cpu_s']:.3f} s, ratio **{_f(snac['cpu_ratio'])}** (target <= {snac['target']}: "
             f"{_met(snac['target_met'])}); wall ratio {_f(snac['wall_ratio'])}. Other cores meanwhile: "
-            f"{_f(snac.get('cores_other'), 1)}.",
+            f"{_other(snac)}.",
         ]
         plain = snac.get("without_row_by_row")
         if plain:
@@ -320,7 +337,7 @@ def _comparison_section(comp: dict) -> list[str]:
             f"**(c) In-flight batching**, {engine['streams']} streams x {engine['max_new_tokens']} tokens "
             f"({engine['device']}): {engine['batched_tokens_per_s']:.0f} tokens/s batched vs "
             f"{engine['one_at_a_time_tokens_per_s']:.0f} tokens/s one at a time: **{engine['speedup']:.2f}x**. "
-            f"Other cores meanwhile: {_f(engine.get('cores_other'), 1)}.",
+            f"Other cores meanwhile: {_other(engine)}.",
             "",
         ]
     return lines

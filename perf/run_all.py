@@ -18,6 +18,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import comparisons
@@ -85,11 +86,66 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def source_state() -> dict:
+    """The commit measured, and the files of the server code that differ from it (uncommitted edits)."""
+    import subprocess  # noqa: PLC0415
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=PERF.parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "src", "model_repository")
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted": [line[3:] for line in changed.splitlines()]}
+
+
 def tritonserver_source() -> str:
     import shutil  # noqa: PLC0415
 
     found = shutil.which("tritonserver")
     return found if found else "the nvidia-pytriton wheel"
+
+
+class Guard:
+    """Runs a measurement, and runs it again (after waiting for quiet) while other work shared the CPU.
+
+    On a shared machine another process's burst can double a level's TTFA; each
+    result keeps ``cores_other`` (CPU that processes outside this benchmark used
+    meanwhile) and ``attempts``, so the report shows what was measured under what.
+    """
+
+    def __init__(self, retries: int, threshold: float, wait_seconds: float):
+        self.retries, self.threshold, self.wait_seconds = retries, threshold, wait_seconds
+
+    def run(self, name: str, measure) -> dict:
+        for attempt in range(1, self.retries + 2):
+            finish = other_load_monitor()
+            result = measure() | finish()
+            result["attempts"] = attempt
+            other = result.get("cores_other") or 0.0
+            if other <= self.threshold or attempt > self.retries:
+                return result
+            log(f"    {name}: other processes used {other:.1f} cores meanwhile; measuring again when quiet")
+            wait_quiet(self.wait_seconds)
+        raise AssertionError("unreachable")
+
+
+def guarded_sweep(url: str, settings: SweepSettings, guard: Guard) -> dict:
+    """sweep(), one level at a time, each level under ``guard``."""
+    out = {"settings": asdict(settings), "closed_loop": {}, "poisson": {}, "records": {}}
+    runs = [("closed_loop", c, replace(settings, concurrency=[c], poisson_rates=[])) for c in settings.concurrency]
+    runs += [("poisson", r, replace(settings, concurrency=[], poisson_rates=[r])) for r in settings.poisson_rates]
+    for kind, key, one in runs:
+        parts = {}
+
+        def measure(one=one, kind=kind, key=key, parts=parts):
+            parts["result"] = sweep(url, one, log=lambda m: log("    " + m))
+            return parts["result"][kind][key]
+
+        out[kind][key] = guard.run(f"{kind} {key}", measure)
+        out["records"].update(parts["result"]["records"])
+    out["realtime_capacity"] = realtime_capacity(out["closed_loop"], settings.ttfa_limit)
+    return out
 
 
 def _numbers(text: str, cast=int) -> list:
@@ -132,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-comparisons", action="store_true")
     parser.add_argument("--wait-quiet", type=float, default=0.0,
                         help="first wait up to this many seconds for other work to leave the CPU idle")
+    parser.add_argument("--retry-busy", type=int, default=2,
+                        help="measure a step again (up to N times) when other processes used the CPU meanwhile")
+    parser.add_argument("--busy-threshold", type=float, default=0.3, help="cores of other work that count as busy")
     parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     args = parser.parse_args(argv)
@@ -148,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "model_set": description,
         "tritonserver": tritonserver_source(),
+        "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -155,16 +215,16 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [],
     }
     log(f"run folder {folder}; {description}")
+    guard = Guard(args.retry_busy, args.busy_threshold, wait_seconds=max(args.wait_quiet, 120.0))
 
     if not args.skip_comparisons:
         log("(c) engine: 8 streams in-flight vs one at a time ...")
-        finish = other_load_monitor()
-        result["comparisons"]["engine"] = comparisons.compare_engine_batching(
-            models.llm, args.device, streams=8, max_new_tokens=args.engine_tokens) | finish()
+        result["comparisons"]["engine"] = guard.run("engine", lambda: comparisons.compare_engine_batching(
+            models.llm, args.device, streams=8, max_new_tokens=args.engine_tokens))
         log(f"    speedup {result['comparisons']['engine']['speedup']:.2f}x")
         log("(b) SNAC: 8 windows batched vs one by one ...")
-        finish = other_load_monitor()
-        snac = comparisons.compare_snac_batching(models.snac, args.device, repeats=args.snac_repeats) | finish()
+        snac = guard.run("snac", lambda: comparisons.compare_snac_batching(
+            models.snac, args.device, repeats=args.snac_repeats))
         (folder / "raw" / "snac_profile.txt").write_text(snac.pop("profile_table"))
         result["comparisons"]["snac"] = snac
         log(f"    CPU time ratio {snac['cpu_ratio']:.2f} (target <= {snac['target']})")
@@ -191,16 +251,15 @@ def main(argv: list[str] | None = None) -> int:
                 pipeline.synthesize(warm)
                 utterances = [Utterance(u.label, u.text, u.voice, u.max_tokens, u.seed)
                               for u in workload(labels, max_tokens=caps, count=args.serving_repeats)]
-                finish = other_load_monitor()
-                result["comparisons"]["serving"] = comparisons.compare_serving(
-                    stream, pipeline.synthesize, utterances, args.serving_repeats) | finish()
+                result["comparisons"]["serving"] = guard.run("serving", lambda: comparisons.compare_serving(
+                    stream, pipeline.synthesize, utterances, args.serving_repeats))
             finally:
                 pipeline.close()
                 del pipeline
                 release_memory()
             log(f"    ratio {result['comparisons']['serving']['ttfa_ratio']:.2f} (target <= 1.25)")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
-        result["tts"] = sweep(server.url, settings, log=lambda m: log("    " + m), monitor=other_load_monitor)
+        result["tts"] = guarded_sweep(server.url, settings, guard)
         result["tts"]["records"] = _round_records(result["tts"]["records"])
         result["tts"]["realtime_capacity_by_limit"] = {
             str(limit): realtime_capacity(result["tts"]["closed_loop"], limit)

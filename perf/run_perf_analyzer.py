@@ -6,12 +6,11 @@
 
 Each level runs one perf_analyzer process (concurrency mode, count windows) and
 leaves in the run folder: its CSV (``-f --verbose-csv``), its console output and
-its profile export (``raw/``, per-request send and response timestamps). From the
-export this script computes what perf_analyzer does not: time to first audio and
-playback starvation per stream (one non-empty `orpheus` response is one
-2048-sample chunk: the LLM answers one token at a time, and a token completes at
-most one window). perf_analyzer's own latency for this decoupled model is the
-time to the stream's last response.
+its profile export (``raw/``, per-request send and response timestamps and
+outputs). From the export this script computes what perf_analyzer does not: time
+to first audio and playback starvation per stream, from each response's time and
+audio size. perf_analyzer's own latency for this decoupled model is the time to
+the stream's last response.
 
 Request ids: perf_analyzer 2.47 sets one on every request, (worker thread << 48) |
 counter, unique within one perf_analyzer process and restarting with each
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from common import PERF, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
-from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO, SAMPLES_PER_FRAME
+from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import meets_realtime, percentile, playback, realtime_capacity
 
 DATA = PERF / "data"
@@ -76,11 +75,11 @@ def read_csv(path: Path) -> dict:
 def read_profile_export(path: Path) -> list[dict]:
     """Per-request timing from perf_analyzer's profile export: send time and each response's time and size.
 
-    The export writes BYTES and INT16 outputs as raw bytes inside JSON strings, so it is
-    read leniently: only timestamps and whether each response carried audio are used.
+    The export writes BYTES and INT16 outputs as raw bytes inside JSON strings (control
+    bytes escaped), which is not UTF-8: read as Latin-1, every byte is one character, so
+    an audio output's string length is its size in bytes (2 per int16 sample).
     """
-    raw = path.read_bytes().decode("utf-8", errors="replace")
-    document = json.loads(raw, strict=False)
+    document = json.loads(path.read_bytes().decode("latin-1"), strict=False)
     requests = []
     for experiment in document.get("experiments", []):
         for request in experiment.get("requests", []):
@@ -90,7 +89,7 @@ def read_profile_export(path: Path) -> list[dict]:
                 "concurrency": experiment["experiment"]["value"],
                 "sent_ns": sent,
                 "responses": [(t - sent) / 1e9 for t in request["response_timestamps"]],
-                "with_audio": [bool(o and o.get(OUT_AUDIO)) for o in outputs],
+                "samples": [len(o.get(OUT_AUDIO) or "") // 2 if o else 0 for o in outputs],
             })
     return requests
 
@@ -99,11 +98,11 @@ def stream_stats(requests: list[dict]) -> dict:
     """TTFA percentiles and starvation of perf_analyzer's streams (same definitions as the load generator)."""
     ttfa, starved, stalls = [], 0, 0
     for request in requests:
-        arrivals = [t for t, audio in zip(request["responses"], request["with_audio"], strict=True) if audio]
-        if not arrivals:
+        chunks = [(t, n) for t, n in zip(request["responses"], request["samples"], strict=True) if n]
+        if not chunks:
             continue
-        ttfa.append(arrivals[0])
-        play = playback(arrivals, [SAMPLES_PER_FRAME] * len(arrivals))
+        ttfa.append(chunks[0][0])
+        play = playback([t for t, _ in chunks], [n for _, n in chunks])
         starved += play.starved
         stalls += play.stalls
     return {
@@ -160,12 +159,13 @@ def with_max_tokens(data: Path, max_tokens: int, out: Path) -> Path:
 
 def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[int], decoder_concurrency: list[int],
         data: Path, max_tokens: int, request_count: int, decoder_request_count: int, timeout: float) -> dict:
+    source = str(data.relative_to(PERF.parent) if data.is_relative_to(PERF.parent) else data)
     if max_tokens:
         data = with_max_tokens(data, max_tokens, out)
     version = subprocess.run([perf_analyzer, "--version"], capture_output=True, text=True)
     result = {"perf_analyzer": perf_analyzer, "version_output": (version.stdout + version.stderr).strip()[:200],
               "input_data": str(data.relative_to(PERF.parent) if data.is_relative_to(PERF.parent) else data),
-              "orpheus": {}, "snac_decoder": {}}
+              "source_data": source, "max_tokens": max_tokens or None, "orpheus": {}, "snac_decoder": {}}
     for c in concurrency:
         wait_idle(server)
         level = run_level(perf_analyzer, ENSEMBLE_MODEL, server.url, data, c, out,
