@@ -434,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttfa-limit", type=float, default=DEFAULT_TTFA_LIMIT)
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
+    try:
+        check_loopback(args.url)
+    except ValueError as error:
+        parser.error(str(error))
     settings = SweepSettings(
         concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
         max_seconds_per_level=args.max_seconds, poisson_rates=_numbers(args.poisson_rates, float),
