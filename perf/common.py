@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -197,7 +196,7 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
-    from orpheus_triton.server import Ports, start_server, wait_until_ready  # noqa: PLC0415
+    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
     settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
@@ -213,10 +212,5 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
             log(f"tritonserver ready in {time.perf_counter() - started:.1f} s (gRPC :{ports.grpc}, log {log_path})")
             yield RunningServer(f"localhost:{ports.grpc}", f"http://localhost:{ports.metrics}/metrics", process)
         finally:
-            process.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=60)
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            stop_server(process)
             shutil.rmtree(repository, ignore_errors=True)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,7 +29,7 @@ def free_port() -> int:
 def server(model_set, tmp_path_factory):
     """A real tritonserver with the rendered repository; yields its gRPC url."""
     from orpheus_triton.repository import RepositorySettings, render
-    from orpheus_triton.server import Ports, start_server, wait_until_ready
+    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready
 
     work = tmp_path_factory.mktemp("server")
     os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
@@ -52,11 +50,7 @@ def server(model_set, tmp_path_factory):
         process.ports = ports
         process.log_path = log_path
         yield process
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process, timeout=30)
 
 
 @pytest.fixture

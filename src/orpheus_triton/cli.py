@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -56,7 +54,7 @@ def cmd_serve(args) -> int:
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
-    process = start_server(repository, ports)
+    process = start_server(repository, ports, own_session=False)
     try:
         return process.wait()
     except KeyboardInterrupt:
@@ -110,7 +108,7 @@ def cmd_say(args) -> int:
 
 def cmd_demo(args) -> int:
     """Serve the repository on free local ports, synthesize one WAV through the ensemble, stop."""
-    from .server import Ports, start_server, wait_until_ready  # noqa: PLC0415
+    from .server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     repository = _render(args, _model_set(args.models))
     ports = Ports(_free_port(), _free_port(), _free_port())
@@ -123,11 +121,7 @@ def cmd_demo(args) -> int:
             _log("server ready; synthesizing through the 'orpheus' ensemble")
             _synthesize_to_wav(f"localhost:{ports.grpc}", args.text, Path(args.output), **_options(args))
         finally:
-            process.send_signal(signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=30)
-            if process.poll() is None:
-                process.kill()
+            stop_server(process, timeout=30)
             shutil.rmtree(repository, ignore_errors=True)
     return 0
 

@@ -10,8 +10,10 @@ container.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -105,11 +107,28 @@ def server_command(repository: Path, ports: Ports, extra: list[str] | None = Non
     return command + list(extra or [])
 
 
-def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
+def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None,
+                 own_session: bool = True) -> subprocess.Popen:
+    """Start tritonserver in the background; ``own_session`` gives it (and its backend stubs) their
+    own process group, so ``stop_server`` can end them all."""
     return subprocess.Popen(
         server_command(repository, ports, extra), env=server_environment(),
-        stdout=log_file, stderr=subprocess.STDOUT if log_file else None,
+        stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=own_session,
     )
+
+
+def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Graceful stop (SIGINT: finish in-flight requests, unload models), then kill what is left."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=timeout)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getpgid(process.pid) == process.pid:  # its own group: stubs included
+            os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        process.kill()
+    return process.wait()
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = 300.0) -> None:

@@ -59,6 +59,9 @@ class EngineMetrics:
         self.batch_size = gauge("orpheus_llm_decode_batch_size", "Streams in the last batched decode")
         self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
         self.tokens = metric("orpheus_llm_generated_tokens_total", "Tokens generated", kinds.COUNTER)
+        self.cancelled = metric("orpheus_llm_cancelled_requests_total", "Requests dropped because the client "
+                                "cancelled them", kinds.COUNTER)
+        self._reported_cancelled = 0
         self._reported_tokens = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), name="llm-metrics", daemon=True)
@@ -75,6 +78,9 @@ class EngineMetrics:
             self._reported_tokens += produced
             self.tokens.increment(produced)
             self.tokens_per_second.set(produced / interval)
+            cancelled = stats.cancelled - self._reported_cancelled
+            self._reported_cancelled += cancelled
+            self.cancelled.increment(cancelled)
 
     def stop(self) -> None:
         self._stop.set()

@@ -5,6 +5,8 @@ thread sends one response per generated token through each request's
 response sender, and the final one with the FINAL flag.
 """
 
+import contextlib
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -76,7 +78,9 @@ class TritonPythonModel:
     def _failer(self, sender, request_id):
         def fail(message):
             self.active.release(request_id)
-            _send_error(sender, message)
+            # A cancelled request's sender is already closed by Triton: nothing more to say.
+            with contextlib.suppress(Exception):
+                _send_error(sender, message)
 
         return fail
 
