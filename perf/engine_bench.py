@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The torch LLM engine alone: in-flight batching throughput, newcomer latency, step time vs streams.
 
-    python perf/engine_bench.py                       # CPU, demo-sized model
+    python perf/engine_bench.py                       # CPU, small model
+    python perf/engine_bench.py --shape demo          # CPU, the demo model set's tiny LLM
     python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
 
 Measures, in process (no Triton):
@@ -31,7 +32,11 @@ from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.llama import load_llama
 from orpheus_triton.triton_llm import pick_device
 
-SHAPES = {"demo": DEMO_LLM_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
+# "small": a 1/6-width, 1/7-depth Llama-3 (~13M parameters besides the 80M embedding), big enough
+# that weights, not Python overhead, dominate a CPU step, as they do for Orpheus 3B on a GPU.
+SMALL_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+               "num_key_value_heads": 4, "intermediate_size": 1536}
+SHAPES = {"demo": DEMO_LLM_SHAPE, "small": SMALL_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
 PROMPT_LEN = 40  # about what "tara: <one sentence>" tokenizes to, plus the Orpheus wrapper
 
 
@@ -112,7 +117,7 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=SHAPES, default="demo")
+    parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=200, help="tokens per stream in the throughput runs")
