@@ -13,6 +13,7 @@ from pathlib import Path
 from .constants import DEFAULT_VOICE, SAMPLE_RATE, VOICES
 from .demo_models import ModelSet, cache_dir, demo_model_set
 
+DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
 DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
 
 
@@ -110,6 +111,9 @@ def cmd_demo(args) -> int:
     """Serve the repository on free local ports, synthesize one WAV through the ensemble, stop."""
     from .server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
+    if args.models is None and args.max_tokens is None:
+        # Random weights never choose end-of-speech: cap the demo at ~5 s of audio.
+        args.max_tokens = DEMO_MAX_TOKENS
     repository = _render(args, _model_set(args.models))
     ports = Ports(_free_port(), _free_port(), _free_port())
     log_path = cache_dir() / "demo-server.log"

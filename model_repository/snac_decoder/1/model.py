@@ -15,6 +15,10 @@ from orpheus_triton.triton_llm import pick_device
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
+def _send_error(sender, message):
+    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus decoder: {message}")), flags=FINAL)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
@@ -29,14 +33,18 @@ class TritonPythonModel:
             try:
                 stream_id = require_stream_id(request.request_id())
             except StreamIdError as error:
-                error_response = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus decoder: {error}"))
-                sender.send(error_response, flags=FINAL)
+                _send_error(sender, error)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             valid.append(sender)
             chunks.append((stream_id, tokens))
-        per_request = self.state.windows_for(chunks)
-        audio = iter(self.decoder.decode([w for windows in per_request for w in windows]))
+        try:
+            per_request = self.state.windows_for(chunks)
+            audio = iter(self.decoder.decode([w for windows in per_request for w in windows]))
+        except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
+            for sender in valid:
+                _send_error(sender, error)
+            return None
         for sender, windows in zip(valid, per_request, strict=True):
             if windows:
                 pcm = np.concatenate([next(audio) for _ in windows])[None, :]
