@@ -221,3 +221,17 @@ def test_full_uint64_seed_range(model):
     engine.submit(request(PROMPTS[0], outs[1], seed=2**63 - 1, max_new_tokens=14))
     engine.run_until_idle()
     assert len(outs[0].tokens) >= 7 and outs[0].tokens != outs[1].tokens
+
+
+def test_stop_request_drops_a_stream_by_id(model):
+    engine = make_engine(model)
+    victim, other = Collector(), Collector()
+    engine.submit(request(PROMPTS[0], victim, max_new_tokens=300, request_id="victim"))
+    engine.submit(request(PROMPTS[1], other, max_new_tokens=20, request_id="other"))
+    engine.step()
+    assert engine.stop_stream("victim") and not engine.stop_stream("nobody")
+    produced = len(victim.tokens)
+    engine.step()
+    assert len(victim.tokens) == produced and victim.errors == ["request cancelled by the client"]
+    engine.run_until_idle()
+    assert other.finished and not other.errors

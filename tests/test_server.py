@@ -213,6 +213,30 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 
+def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
+    """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
+    cancelled_before = _metric(server, "orpheus_llm_cancelled_requests_total")
+    tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
+
+    class HungUp(Exception):
+        pass
+
+    def hang_up(_chunk):
+        raise HungUp
+
+    with pytest.raises(HungUp):
+        OrpheusClient(grpc_url).synthesize("a long one", max_tokens=1000, on_chunk=hang_up)
+    deadline = time.monotonic() + 10
+    while _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before + 1
+    assert _metric(server, "orpheus_llm_active_streams") == 0
+    assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 1000
+    # A stop for an id that is not streaming is harmless.
+    OrpheusClient(grpc_url).stop("no-such-stream")
+    assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
+
+
 def test_serve_command_runs_tritonserver_in_the_foreground(model_set, tmp_path):
     import os
     import signal

@@ -24,6 +24,8 @@ from .constants import (
     IN_TEXT,
     IN_TOP_P,
     IN_VOICE,
+    LLM_MODEL,
+    LLM_STOP,
     OUT_AUDIO,
     SAMPLE_RATE,
 )
@@ -116,6 +118,7 @@ class OrpheusClient:
         """Stream one utterance; ``on_chunk`` sees each int16 chunk as it arrives."""
         events: queue.Queue = queue.Queue()
         result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
+        completed = False
         self.client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
         try:
             started = time.perf_counter()
@@ -129,6 +132,7 @@ class OrpheusClient:
                 except queue.Empty:
                     raise TimeoutError(f"no response for {timeout:.0f} s") from None
                 if error is not None:
+                    completed = True  # the server ended the stream itself
                     raise SynthesisError(str(error))
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
@@ -140,9 +144,33 @@ class OrpheusClient:
                 if final is not None and final.bool_param:
                     break
             result.total_seconds = time.perf_counter() - started
+            completed = True
             return result
         finally:
             self.client.stop_stream(cancel_requests=True)
+            if not completed:
+                self.stop(result.request_id)
+
+    def stop(self, request_id: str, timeout: float = 10.0) -> None:
+        """End generation of an abandoned stream.
+
+        Cancelling the gRPC stream ends the ensemble at once, but tritonserver does
+        not pass the cancellation to the `llm` request already running inside it;
+        this sends the LLM stage TensorRT-LLM's `stop` control request for the id.
+        """
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+        stop = grpcclient.InferInput(LLM_STOP, [1, 1], "BOOL")
+        stop.set_data_from_numpy(np.array([[True]]))
+        done: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: done.put(error))
+        try:
+            self.client.async_stream_infer(LLM_MODEL, [stop], request_id=request_id, enable_empty_final_response=True)
+            done.get(timeout=timeout)
+        except queue.Empty:
+            pass
+        finally:
+            self.client.stop_stream()
 
     def close(self) -> None:
         self.client.close()

@@ -76,6 +76,7 @@ LLM_TOP_P = "runtime_top_p"
 LLM_TOP_K = "runtime_top_k"
 LLM_REPETITION_PENALTY = "repetition_penalty"
 LLM_SEED = "random_seed"
+LLM_STOP = "stop"  # TensorRT-LLM's "stop this request id" input
 LLM_OUTPUT_IDS = "output_ids"
 LLM_SEQUENCE_LENGTH = "sequence_length"
 # Not part of TensorRT-LLM's contract: the torch engine's per-request switch for

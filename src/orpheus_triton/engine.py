@@ -121,6 +121,7 @@ class InflightEngine:
         self.stats = EngineStats()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_requested: set[str] = set()
 
     # ---- public API ------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -192,19 +193,38 @@ class InflightEngine:
         self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
         self.stats.queued_requests = len(self.queue)
 
+    def stop_stream(self, request_id: str) -> bool:
+        """Ask for the stream with this id to be dropped at the next step (TensorRT-LLM's `stop` input).
+
+        Returns whether such a stream was queued or running.
+        """
+        with self.lock:
+            known = any(s.request.request_id == request_id
+                        for s in [*self.queue, *self.decoding, *([self.prefilling] if self.prefilling else [])])
+            if known and request_id:
+                self._stop_requested.add(request_id)
+        self.wakeup.set()
+        return known
+
     def _drop_cancelled(self) -> None:
+        with self.lock:
+            stop_ids, self._stop_requested = self._stop_requested, set()
+
+        def cancelled(stream: _Stream) -> bool:
+            return stream.request.request_id in stop_ids or stream.request.is_cancelled()
+
         dropped = []
         for index in reversed(range(len(self.decoding))):
-            if self.decoding[index].request.is_cancelled():
+            if cancelled(self.decoding[index]):
                 dropped.append(self.decoding[index])
                 self._leave(index)
-        if self.prefilling and self.prefilling.request.is_cancelled():
+        if self.prefilling and cancelled(self.prefilling):
             dropped.append(self.prefilling)
             self.prefilling = None
         with self.lock:
-            if any(s.request.is_cancelled() for s in self.queue):
-                dropped += [s for s in self.queue if s.request.is_cancelled()]
-                self.queue = collections.deque(s for s in self.queue if not s.request.is_cancelled())
+            if any(cancelled(s) for s in self.queue):
+                dropped += [s for s in self.queue if cancelled(s)]
+                self.queue = collections.deque(s for s in self.queue if not cancelled(s))
         self.stats.cancelled += len(dropped)
         self._notify(dropped, "request cancelled by the client")
 

@@ -32,6 +32,7 @@ from .constants import (
     LLM_REPETITION_PENALTY,
     LLM_REQUEST_OUTPUT_LEN,
     LLM_SEED,
+    LLM_STOP,
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
@@ -65,6 +66,11 @@ def _scalar(get: GetInput, name: str, default, cast):
     if value is None or value.size == 0:
         return default
     return cast(value.reshape(-1)[0])
+
+
+def is_stop_request(get: GetInput) -> bool:
+    """A TensorRT-LLM-style control request: `stop` = true asks to end the stream with the same id."""
+    return bool(_scalar(get, LLM_STOP, False, bool))
 
 
 def generation_settings(get: GetInput) -> dict:

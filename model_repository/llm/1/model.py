@@ -12,7 +12,14 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.engine import CapacityError, GenerationRequest
-from orpheus_triton.serving import ActiveStreams, FrameChunker, StreamIdError, generation_settings, model_parameters
+from orpheus_triton.serving import (
+    ActiveStreams,
+    FrameChunker,
+    StreamIdError,
+    generation_settings,
+    is_stop_request,
+    model_parameters,
+)
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -35,12 +42,15 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             request_id = request.request_id()
+            def get(name, request=request):
+                tensor = pb_utils.get_input_tensor_by_name(request, name)
+                return None if tensor is None else tensor.as_numpy()
+
+            if is_stop_request(get):
+                self.engine.stop_stream(request_id)
+                sender.send(flags=FINAL)
+                continue
             try:
-
-                def get(name, request=request):
-                    tensor = pb_utils.get_input_tensor_by_name(request, name)
-                    return None if tensor is None else tensor.as_numpy()
-
                 settings = generation_settings(get)
                 self.active.claim(request_id)
             except (ValueError, StreamIdError) as error:
