@@ -181,6 +181,15 @@ def _metric(server, name: str) -> float:
     return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
 
 
+def _expect_one_cancellation(server, cancelled_before: float) -> None:
+    """Within 10 s the engine reports exactly one more cancelled stream and no active one."""
+    deadline = time.monotonic() + 10
+    while _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before + 1
+    assert _metric(server, "orpheus_llm_active_streams") == 0
+
+
 def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_url, model_set):
     """gRPC cancellation of an `llm` stream drops it from the engine at the next step.
 
@@ -202,12 +211,8 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     result, error = events.get(timeout=60)  # first frame of tokens: generation is under way
     assert error is None
     client.stop_stream(cancel_requests=True)
-    deadline = time.monotonic() + 10
-    while _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before and time.monotonic() < deadline:
-        time.sleep(0.2)
     # The engine dropped the stream because of the cancellation, long before its 1000 tokens.
-    assert _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before + 1
-    assert _metric(server, "orpheus_llm_active_streams") == 0
+    _expect_one_cancellation(server, cancelled_before)
     assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 500
     # The freed slot serves the next request.
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
@@ -226,11 +231,7 @@ def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
 
     with pytest.raises(HungUp):
         OrpheusClient(grpc_url).synthesize("a long one", max_tokens=1000, on_chunk=hang_up)
-    deadline = time.monotonic() + 10
-    while _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before + 1
-    assert _metric(server, "orpheus_llm_active_streams") == 0
+    _expect_one_cancellation(server, cancelled_before)
     assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 1000
     # A stop for an id that is not streaming is harmless.
     OrpheusClient(grpc_url).stop("no-such-stream")

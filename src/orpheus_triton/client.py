@@ -24,7 +24,10 @@ from .constants import (
     IN_TEXT,
     IN_TOP_P,
     IN_VOICE,
+    LLM_INPUT_IDS,
+    LLM_INPUT_LENGTHS,
     LLM_MODEL,
+    LLM_REQUEST_OUTPUT_LEN,
     LLM_STOP,
     OUT_AUDIO,
     SAMPLE_RATE,
@@ -160,12 +163,19 @@ class OrpheusClient:
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-        stop = grpcclient.InferInput(LLM_STOP, [1, 1], "BOOL")
-        stop.set_data_from_numpy(np.array([[True]]))
+        inputs = []
+        # The required inputs ride along (ignored by a stop request), as TensorRT-LLM expects.
+        for name, value, kind in ((LLM_INPUT_IDS, np.zeros((1, 1), np.int32), "INT32"),
+                                  (LLM_INPUT_LENGTHS, np.ones((1, 1), np.int32), "INT32"),
+                                  (LLM_REQUEST_OUTPUT_LEN, np.ones((1, 1), np.int32), "INT32"),
+                                  (LLM_STOP, np.ones((1, 1), np.bool_), "BOOL")):
+            tensor = grpcclient.InferInput(name, [1, 1], kind)
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
         done: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: done.put(error))
         try:
-            self.client.async_stream_infer(LLM_MODEL, [stop], request_id=request_id, enable_empty_final_response=True)
+            self.client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             done.get(timeout=timeout)
         except queue.Empty:
             pass

@@ -42,6 +42,12 @@ from .frames import StreamFramer, Window
 GetInput = Callable[[str], "np.ndarray | None"]
 
 
+def send_error(pb_utils, sender, stage: str, message) -> None:
+    """End a decoupled request with a Triton error that names the stage and the problem."""
+    error = pb_utils.TritonError(f"orpheus {stage}: {message}")
+    sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
 def model_parameters(args: dict) -> dict[str, str]:
     """The ``parameters`` of a Python model's config.pbtxt, from the args Triton passes to initialize()."""
     config = json.loads(args["model_config"])

@@ -19,14 +19,12 @@ from orpheus_triton.serving import (
     generation_settings,
     is_stop_request,
     model_parameters,
+    send_error,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-def _send_error(sender, message):
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus llm: {message}")), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -54,7 +52,7 @@ class TritonPythonModel:
                 settings = generation_settings(get)
                 self.active.claim(request_id)
             except (ValueError, StreamIdError) as error:
-                _send_error(sender, error)
+                send_error(pb_utils, sender, "llm", error)
                 continue
             try:
                 self.engine.submit(
@@ -65,7 +63,7 @@ class TritonPythonModel:
                 )
             except (CapacityError, ValueError) as error:
                 self.active.release(request_id)
-                _send_error(sender, error)
+                send_error(pb_utils, sender, "llm", error)
         return None
 
     def _emitter(self, sender, request_id):
@@ -90,7 +88,7 @@ class TritonPythonModel:
             self.active.release(request_id)
             # A cancelled request's sender is already closed by Triton: nothing more to say.
             with contextlib.suppress(Exception):
-                _send_error(sender, message)
+                send_error(pb_utils, sender, "llm", message)
 
         return fail
 

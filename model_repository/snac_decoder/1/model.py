@@ -8,15 +8,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.serving import StreamDecoderState, StreamIdError, model_parameters, require_stream_id
+from orpheus_triton.serving import StreamDecoderState, StreamIdError, model_parameters, require_stream_id, send_error
 from orpheus_triton.snac_codec import WindowDecoder, load_snac, warm_up
 from orpheus_triton.triton_llm import pick_device
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-
-def _send_error(sender, message):
-    sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus decoder: {message}")), flags=FINAL)
 
 
 class TritonPythonModel:
@@ -33,7 +30,7 @@ class TritonPythonModel:
             try:
                 stream_id = require_stream_id(request.request_id())
             except StreamIdError as error:
-                _send_error(sender, error)
+                send_error(pb_utils, sender, "decoder", error)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             valid.append(sender)
@@ -43,7 +40,7 @@ class TritonPythonModel:
             audio = iter(self.decoder.decode([w for windows in per_request for w in windows]))
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
             for sender in valid:
-                _send_error(sender, error)
+                send_error(pb_utils, sender, "decoder", error)
             return None
         for sender, windows in zip(valid, per_request, strict=True):
             if windows:
