@@ -79,3 +79,20 @@ def test_frame_chunker_sends_whole_frames_and_flushes_at_the_end():
     assert FrameChunker(1).add([5], finished=False) == [5]
     with pytest.raises(ValueError, match=">= 1"):
         FrameChunker(0)
+
+
+def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
+    from orpheus_triton.serving import StreamDecoderState
+
+    state = StreamDecoderState()
+    a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
+    b = [audio_token_id(c, i) for i, c in enumerate(range(100, 128))]
+    # Interleaved chunks of two streams never mix.
+    out = state.windows_for([("a", np.array(a[:14])), ("b", np.array(b[:20])), ("a", np.array(a[14:])),
+                             ("b", np.array(b[20:] + [END_OF_SPEECH]))])
+    assert [len(w) for w in out] == [0, 0, 1, 1]
+    assert out[2][0].codes == tuple(range(1, 29)) and out[3][0].codes == tuple(range(100, 128))
+    assert set(state.streams) == {"a"}  # b ended
+    # A new stream reusing "b" starts clean.
+    again = state.windows_for([("b", np.array(b))])
+    assert again[0][0].codes == tuple(range(100, 128)) and again[0][0].frame_index == 0

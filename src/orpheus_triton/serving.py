@@ -172,7 +172,7 @@ class StreamDecoderState:
     ``idle_seconds`` without tokens (a client that vanished mid-stream).
     """
 
-    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = 120.0):
+    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = 600.0):
         self.end_id = end_id
         self.idle_seconds = idle_seconds
         self.streams: dict[str, _DecoderStream] = {}
