@@ -121,6 +121,7 @@ def run_level(perf_analyzer: str, model: str, url: str, data: Path, concurrency:
               request_count: int, timeout: float, tag: str) -> dict:
     csv_path = out / f"pa_{tag}_c{concurrency}.csv"
     export = out / "raw" / f"pa_{tag}_c{concurrency}_export.json"
+    export.unlink(missing_ok=True)  # perf_analyzer refuses to overwrite it (reruns into the same folder)
     command = [
         perf_analyzer, "-m", model, "-u", url, "-i", "grpc", "--streaming",
         "--input-data", str(data), "--concurrency-range", str(concurrency),
