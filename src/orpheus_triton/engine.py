@@ -69,8 +69,6 @@ class _Stream:
     generated: list[int] = field(default_factory=list)
     audio_tokens: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
-    enqueued_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
 
 @dataclass
@@ -291,10 +289,8 @@ class InflightEngine:
         tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen[slot_index])
         self.seen[slot_index, tokens] = True
         finished = []
-        now = time.monotonic()
         for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):
             stream.generated.append(token)
-            stream.first_token_at = stream.first_token_at or now
             if token != stream.request.end_id:
                 stream.audio_tokens += 1
             ended = token == stream.request.end_id
