@@ -115,22 +115,45 @@ def test_request_without_id_is_refused(grpc_url):
 
 def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     shared = f"dup-{uuid.uuid4()}"
-    first: dict = {}
+    streaming, first = threading.Event(), {}
 
     def long_stream():
-        first["audio"] = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=420, request_id=shared).audio
+        first["audio"] = OrpheusClient(grpc_url).synthesize(
+            TEXT, max_tokens=420, request_id=shared, on_chunk=lambda _: streaming.set()).audio
 
     thread = threading.Thread(target=long_stream)
     thread.start()
-    time.sleep(0.5)
+    assert streaming.wait(timeout=60)
     with pytest.raises(SynthesisError, match="already streaming"):
         OrpheusClient(grpc_url).synthesize("intruder", max_tokens=35, request_id=shared)
     thread.join()
-    assert first["audio"].size > 0  # the first stream was not disturbed
+    assert first["audio"].size == (420 // 7 - 3) * c.SAMPLES_PER_FRAME  # the first stream was not disturbed
     # Once it has finished, the id may be used again and starts a clean stream.
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
     np.testing.assert_array_equal(again.audio, fresh.audio)
+
+
+def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
+    """A cancelled stream never reached end-of-speech downstream, so its id stays retired."""
+    retired = f"retired-{uuid.uuid4()}"
+
+    def hang_up(_chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=700, request_id=retired, on_chunk=hang_up)
+    deadline = time.monotonic() + 10
+    while True:  # the stop reaches the engine within a step
+        try:
+            OrpheusClient(grpc_url).synthesize("reuse", max_tokens=35, request_id=retired)
+        except SynthesisError as error:
+            if "cancelled or failed" in str(error):
+                break
+            assert "already streaming" in str(error) and time.monotonic() < deadline
+            time.sleep(0.2)
+        else:
+            raise AssertionError("a cancelled stream's id was accepted again")
 
 
 def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
@@ -181,13 +204,23 @@ def _metric(server, name: str) -> float:
     return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
 
 
+def _settled_metric(server, name: str) -> float:
+    """A metric after the engine's metrics thread (0.5 s period) has reported earlier events."""
+    time.sleep(1.1)
+    return _metric(server, name)
+
+
 def _expect_one_cancellation(server, cancelled_before: float) -> None:
     """Within 10 s the engine reports exactly one more cancelled stream and no active one."""
     deadline = time.monotonic() + 10
-    while _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before and time.monotonic() < deadline:
+
+    def state():
+        return (_metric(server, "orpheus_llm_cancelled_requests_total") - cancelled_before,
+                _metric(server, "orpheus_llm_active_streams"))
+
+    while state() != (1, 0) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _metric(server, "orpheus_llm_cancelled_requests_total") == cancelled_before + 1
-    assert _metric(server, "orpheus_llm_active_streams") == 0
+    assert state() == (1, 0)
 
 
 def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_url, model_set):
@@ -202,7 +235,7 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
         tensor = grpcclient.InferInput(name, list(tensors[name].shape), "INT32")
         tensor.set_data_from_numpy(tensors[name])
         inputs.append(tensor)
-    cancelled_before = _metric(server, "orpheus_llm_cancelled_requests_total")
+    cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
     tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(grpc_url)
@@ -220,7 +253,7 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
 
 def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
     """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
-    cancelled_before = _metric(server, "orpheus_llm_cancelled_requests_total")
+    cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
     tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
 
     class HungUp(Exception):

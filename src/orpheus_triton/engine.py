@@ -303,6 +303,7 @@ class InflightEngine:
                 stream.request.emit(out, done)
             except Exception:
                 log.exception("emit failed for request %r; dropping it", stream.request.request_id)
+                self._notify([stream], "could not deliver generated tokens; see server log")
                 done = True
             if done:
                 finished.append(slot)

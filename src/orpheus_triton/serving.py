@@ -108,24 +108,42 @@ def generation_settings(get: GetInput) -> dict:
 
 
 class ActiveStreams:
-    """Ids of the streams the LLM stage is generating; a second live stream with one id is refused."""
+    """Ids of the streams the LLM stage is generating, and of those that ended without end_id.
 
-    def __init__(self):
+    A second live stream with one id is refused. So is, for ``hold_seconds``, the
+    id of a stream that was cancelled or failed: its end_id never reached the
+    decoder, whose state for that id would otherwise carry into the new stream.
+    ``hold_seconds`` matches the decoder's idle eviction (StreamDecoderState).
+    """
+
+    def __init__(self, hold_seconds: float = 600.0):
         self._ids: set[str] = set()
+        self._unfinished: dict[str, float] = {}  # id -> when its stream ended without end_id
+        self.hold_seconds = hold_seconds
         self._lock = threading.Lock()
 
     def claim(self, request_id: str) -> None:
         require_stream_id(request_id)
+        now = time.monotonic()
         with self._lock:
+            self._unfinished = {k: t for k, t in self._unfinished.items() if now - t < self.hold_seconds}
             if request_id in self._ids:
                 raise StreamIdError(
                     f"request id {request_id!r} is already streaming; every concurrent stream needs its own id"
                 )
+            if request_id in self._unfinished:
+                raise StreamIdError(
+                    f"request id {request_id!r} belonged to a stream that was cancelled or failed less than "
+                    f"{self.hold_seconds:.0f} s ago; use a new id for every stream"
+                )
             self._ids.add(request_id)
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str, completed: bool = True) -> None:
+        """The stream left the engine; ``completed`` = it ended with end_id (downstream saw its end)."""
         with self._lock:
             self._ids.discard(request_id)
+            if not completed:
+                self._unfinished[request_id] = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -174,7 +192,7 @@ class StreamDecoderState:
 
     def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = 600.0):
         self.end_id = end_id
-        self.idle_seconds = idle_seconds
+        self.idle_seconds = idle_seconds  # keep in step with ActiveStreams.hold_seconds
         self.streams: dict[str, _DecoderStream] = {}
 
     def windows_for(self, chunks: Sequence[tuple[str, np.ndarray]]) -> list[list[Window]]:

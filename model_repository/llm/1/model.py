@@ -85,7 +85,7 @@ class TritonPythonModel:
 
     def _failer(self, sender, request_id):
         def fail(message):
-            self.active.release(request_id)
+            self.active.release(request_id, completed=False)
             # A cancelled request's sender is already closed by Triton: nothing more to say.
             with contextlib.suppress(Exception):
                 send_error(pb_utils, sender, "llm", message)
