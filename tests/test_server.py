@@ -13,7 +13,7 @@ import tritonclient.grpc as grpcclient
 from snac import SNAC
 
 from orpheus_triton import constants as c
-from orpheus_triton.client import OrpheusClient, SynthesisError
+from orpheus_triton.client import OrpheusClient, SynthesisError, infer_input
 from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
 from orpheus_triton.prompt import load_tokenizer
 
@@ -27,16 +27,8 @@ def llm_tokens(url: str, model_set, **options) -> list[int]:
     """The tokens the `llm` model generates for a request, asked of it directly."""
     tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(**options))
     renamed = {OUT_TEMPERATURE: c.LLM_TEMPERATURE, OUT_REPETITION_PENALTY: c.LLM_REPETITION_PENALTY}
-    inputs = []
-    for name, value in tensors.items():
-        tensor = grpcclient.InferInput(renamed.get(name, name), list(value.shape), _triton_type(value))
-        tensor.set_data_from_numpy(value)
-        inputs.append(tensor)
+    inputs = [infer_input(renamed.get(name, name), value) for name, value in tensors.items()]
     return _stream(url, c.LLM_MODEL, inputs, c.LLM_OUTPUT_IDS)
-
-
-def _triton_type(value: np.ndarray) -> str:
-    return {np.int32: "INT32", np.float32: "FP32", np.uint64: "UINT64", np.bool_: "BOOL"}[value.dtype.type]
 
 
 def _stream(url, model, inputs, output, request_id=None):
@@ -230,11 +222,8 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     ensemble steps and does not pass it to a composing request already running; see README.)
     """
     tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(text="a long one", max_tokens=1000))
-    inputs = []
-    for name in (c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS, c.LLM_REQUEST_OUTPUT_LEN):
-        tensor = grpcclient.InferInput(name, list(tensors[name].shape), "INT32")
-        tensor.set_data_from_numpy(tensors[name])
-        inputs.append(tensor)
+    inputs = [infer_input(name, tensors[name]) for name in (c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS,
+                                                            c.LLM_REQUEST_OUTPUT_LEN)]
     cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
     tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
     events: queue.Queue = queue.Queue()

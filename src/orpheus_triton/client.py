@@ -70,6 +70,16 @@ class SynthesisResult:
         return self.total_seconds / self.audio_seconds if self.audio_seconds else None
 
 
+def infer_input(name: str, array: np.ndarray):
+    """A tritonclient gRPC input holding ``array``; shape and Triton type come from the array."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+    from tritonclient.utils import np_to_triton_dtype  # noqa: PLC0415
+
+    tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
 def request_inputs(
     text: str,
     voice: str | None = DEFAULT_VOICE,
@@ -80,24 +90,16 @@ def request_inputs(
     seed: int | None = None,
 ):
     """tritonclient gRPC input tensors for one `orpheus` request (options left out take server defaults)."""
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
-
-    def tensor(name, value, dtype, triton_type):
-        t = grpcclient.InferInput(name, [1], triton_type)
-        t.set_data_from_numpy(np.array([value], dtype=dtype))
-        return t
-
-    inputs = [tensor(IN_TEXT, text.encode("utf-8"), np.object_, "BYTES")]
-    optional = [
-        (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_, "BYTES"),
-        (IN_MAX_TOKENS, max_tokens, np.int32, "INT32"),
-        (IN_TEMPERATURE, temperature, np.float32, "FP32"),
-        (IN_TOP_P, top_p, np.float32, "FP32"),
-        (IN_REPETITION_PENALTY, repetition_penalty, np.float32, "FP32"),
-        (IN_SEED, seed, np.uint64, "UINT64"),
+    given = [
+        (IN_TEXT, text.encode("utf-8"), np.object_),
+        (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),
+        (IN_MAX_TOKENS, max_tokens, np.int32),
+        (IN_TEMPERATURE, temperature, np.float32),
+        (IN_TOP_P, top_p, np.float32),
+        (IN_REPETITION_PENALTY, repetition_penalty, np.float32),
+        (IN_SEED, seed, np.uint64),
     ]
-    inputs += [tensor(name, value, dtype, kind) for name, value, dtype, kind in optional if value is not None]
-    return inputs
+    return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
 
 class OrpheusClient:
@@ -161,17 +163,11 @@ class OrpheusClient:
         not pass the cancellation to the `llm` request already running inside it;
         this sends the LLM stage TensorRT-LLM's `stop` control request for the id.
         """
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415
-
-        inputs = []
         # The required inputs ride along (ignored by a stop request), as TensorRT-LLM expects.
-        for name, value, kind in ((LLM_INPUT_IDS, np.zeros((1, 1), np.int32), "INT32"),
-                                  (LLM_INPUT_LENGTHS, np.ones((1, 1), np.int32), "INT32"),
-                                  (LLM_REQUEST_OUTPUT_LEN, np.ones((1, 1), np.int32), "INT32"),
-                                  (LLM_STOP, np.ones((1, 1), np.bool_), "BOOL")):
-            tensor = grpcclient.InferInput(name, [1, 1], kind)
-            tensor.set_data_from_numpy(value)
-            inputs.append(tensor)
+        inputs = [infer_input(LLM_INPUT_IDS, np.zeros((1, 1), np.int32)),
+                  infer_input(LLM_INPUT_LENGTHS, np.ones((1, 1), np.int32)),
+                  infer_input(LLM_REQUEST_OUTPUT_LEN, np.ones((1, 1), np.int32)),
+                  infer_input(LLM_STOP, np.ones((1, 1), np.bool_))]
         done: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: done.put(error))
         try:
