@@ -181,6 +181,31 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert draws == {0, 1}
 
 
+def test_unsorted_fast_path_picks_what_sorting_would():
+    """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same."""
+    from orpheus_triton.sampling import _choose, _choose_sorted, gumbel_noise
+
+    gen = torch.Generator().manual_seed(0)
+    rows = 4000
+    scores = torch.randn(rows, 64, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    scores[::5, 3] = float("-inf")  # end-of-speech masked off mid-frame
+    candidates = torch.randperm(64, generator=gen).repeat(rows, 1) + 1000
+    settings = {
+        "temperature": torch.rand(rows, generator=gen) + 0.2,
+        "top_p": torch.rand(rows, generator=gen) * 0.9 + 0.1,
+        "top_k": torch.randint(0, 80, (rows,), generator=gen) * (torch.rand(rows, generator=gen) < 0.5),
+        "seed": torch.arange(rows), "step": torch.full((rows,), 3),
+    }
+    settings["temperature"][::7] = 0.0  # greedy rows
+    settings["top_p"][::3] = 1.0  # top-k alone
+    fast = _choose(scores, candidates, settings)
+    temperature = torch.where(settings["temperature"] <= 0, 1.0, settings["temperature"])[:, None]
+    noise = gumbel_noise(settings["seed"], settings["step"], candidates)
+    noise[::7] = 0.0
+    sorted_ = _choose_sorted(scores / temperature, candidates, noise, settings)
+    assert torch.equal(fast, sorted_)
+
+
 def test_gumbel_noise_is_a_pure_function_of_seed_step_token():
     ids = torch.arange(AUDIO_TOKEN_BASE, AUDIO_TOKEN_BASE + CODEBOOK_SIZE)[None]
     a = gumbel_noise(torch.tensor([7]), torch.tensor([3]), ids)

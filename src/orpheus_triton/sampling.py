@@ -141,8 +141,43 @@ def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Ten
 
 
 def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Gumbel-max over the rows' top-k/top-p filtered candidates.
+
+    Sorting 4097 candidates per row is the costliest part of sampling, and it is
+    rarely needed: the argmax of scores + noise over *all* candidates is also the
+    argmax over the filtered set whenever it lies inside that set, which a row
+    can check in one pass (how many candidates score higher, and their mass).
+    That happens with probability about top_p; only the other rows are sorted.
+    """
     greedy = p["temperature"] <= 0
     scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
+    noise = gumbel_noise(p["seed"], p["step"], candidates)
+    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+    pick = (scores + noise).argmax(dim=1, keepdim=True)
+    picked = scores.gather(1, pick)
+    higher = scores > picked
+    top_k = p["top_k"]
+    inside = (top_k <= 0) | (higher.sum(dim=1) < top_k)
+    weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+    kept = weights
+    if bool((top_k > 0).any()):
+        width = scores.shape[1]
+        kth_index = (top_k.clamp(1, width) - 1)[:, None]
+        kth = scores.topk(min(int(top_k.max()), width), dim=1).values.gather(1, kth_index)
+        kept = torch.where((top_k[:, None] > 0) & (scores < kth), 0.0, weights)
+    mass_before = (weights * higher).sum(dim=1) / kept.sum(dim=1)
+    inside &= greedy | (mass_before < p["top_p"])
+    tokens = candidates.gather(1, pick).squeeze(1)
+    outside = (~inside).nonzero().flatten()
+    if outside.numel():
+        tokens[outside] = _choose_sorted(scores[outside], candidates[outside], noise[outside],
+                                         {name: value[outside] for name, value in p.items()})
+    return tokens
+
+
+def _choose_sorted(scores: torch.Tensor, candidates: torch.Tensor, noise: torch.Tensor,
+                   p: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The filtered Gumbel-max by sorting: ``scores`` already divided by temperature."""
     order = scores.argsort(dim=1, descending=True)
     sorted_scores = scores.gather(1, order)
     rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
@@ -154,9 +189,5 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
     drop |= mass_before >= p["top_p"][:, None]
     drop[:, 0] = False
     sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-    sorted_ids = candidates.gather(1, order)
-
-    noise = gumbel_noise(p["seed"], p["step"], sorted_ids)
-    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
-    pick = (sorted_scores + noise).argmax(dim=1, keepdim=True)
-    return sorted_ids.gather(1, pick).squeeze(1)
+    pick = (sorted_scores + noise.gather(1, order)).argmax(dim=1, keepdim=True)
+    return candidates.gather(1, order).gather(1, pick).squeeze(1)
