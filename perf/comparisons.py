@@ -26,7 +26,7 @@ from orpheus_triton.frames import StreamFramer, Window
 from orpheus_triton.llama import load_llama
 from orpheus_triton.loadgen import StreamRecord, Utterance
 from orpheus_triton.prompt import build_prompt, load_tokenizer
-from orpheus_triton.snac_codec import WindowDecoder, load_snac, warm_up
+from orpheus_triton.snac_codec import WindowDecoder, load_window_decoder, warm_up
 from orpheus_triton.triton_llm import pick_device
 
 SERVING_TARGET = 1.25  # served TTFA / in-process TTFA at concurrency 1
@@ -46,7 +46,7 @@ class InProcessPipeline:
         self.tokenizer = load_tokenizer(models.llm)
         self.engine = InflightEngine(load_llama(models.llm, device=device), max_streams=max_streams,
                                      max_seq_len=max_seq_len)
-        self.decoder = WindowDecoder(load_snac(models.snac, device=device))
+        self.decoder = load_window_decoder(models.snac, device=device)
         warm_up(self.decoder)
         self.engine.start()
 
@@ -158,23 +158,24 @@ def _profile(decoder: WindowDecoder, windows: list[Window], rows: int = 8) -> tu
 
 
 def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repeats: int = 5) -> dict:
-    """8 windows of 8 streams in one SNAC call vs 8 calls; also without the row-by-row convolutions."""
+    """8 windows of 8 streams in one SNAC call vs 8 calls, for the serving decoder and the exact one."""
     device = pick_device(device)
     batch = random_windows(windows)
-    decoder = WindowDecoder(load_snac(snac_dir, device=device))
-    warm_up(decoder)
-    decoder.decode(batch)
+
+    def ready(exact: bool) -> WindowDecoder:
+        decoder = load_window_decoder(snac_dir, device=device, exact=exact)
+        warm_up(decoder)
+        decoder.decode(batch)
+        return decoder
+
+    decoder = ready(exact=False)
     result = {"windows": windows, "device": device, "repeats": repeats, "target": SNAC_TARGET,
-              "batch_invariant": any(type(m).__name__ == "RowwiseConv1d" for m in decoder.model.modules())}
+              "mode": decoder.mode}
     result.update(_snac_ratio(decoder, batch, repeats))
     result["target_met"] = result["cpu_ratio"] <= SNAC_TARGET
     profile_text, result["profile_top"] = _profile(decoder, batch)
-    if result["batch_invariant"]:
-        # The same model with dense convolutions batched (what serving gives up for batch invariance).
-        plain = WindowDecoder(load_snac(snac_dir, device=device, batch_invariant=False))
-        warm_up(plain)
-        plain.decode(batch)
-        result["without_row_by_row"] = _snac_ratio(plain, batch, repeats)
+    # The exact decoder (whole windows, dense convolutions row by row): what sample-identical audio costs.
+    result["exact"] = _snac_ratio(ready(exact=True), batch, repeats)
     return result | {"profile_table": profile_text}
 
 

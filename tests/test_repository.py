@@ -70,3 +70,10 @@ def test_unknown_placeholder_is_named(tmp_path):
     (templates / c.LLM_MODEL / "config.pbtxt").write_text('name: "${no_such_setting}"')
     with pytest.raises(ValueError, match="no_such_setting"):
         render(RepositorySettings(llm_dir="a", snac_dir="b"), tmp_path / "out", templates=Path(templates))
+
+
+def test_decoder_exactness_renders_as_a_model_parameter(configs, tmp_path):
+    assert configs[c.DECODER_MODEL].parameters["exact"].string_value == "false"
+    out = render(RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", decoder_exact=True), tmp_path / "r")
+    exact = text_format.Parse((out / c.DECODER_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert exact.parameters["exact"].string_value == "true"

@@ -23,6 +23,12 @@ pytestmark = pytest.mark.server
 TEXT = "Hey there, <chuckle> this is a streaming test."
 
 
+def assert_same_audio(a: np.ndarray, b: np.ndarray) -> None:
+    """Same tokens decoded in different batches: equal up to the default decoder's one-step rounding."""
+    assert a.shape == b.shape
+    assert np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1
+
+
 def llm_tokens(url: str, model_set, **options) -> list[int]:
     """The tokens the `llm` model generates for a request, asked of it directly."""
     tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(**options))
@@ -59,7 +65,10 @@ def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set)
     assert tokens[-1] == c.END_OF_SPEECH
     reference = reference_decode(SNAC.from_pretrained(str(model_set.snac)).eval(), tokens, drop_zero_codes=False)
     assert len(result.chunks) > 10
-    np.testing.assert_array_equal(result.audio, np.concatenate(reference))
+    # The default decoder computes only the kept samples: within one int16 step of upstream
+    # (sample-identical with --decoder-exact, see test_snac).
+    difference = np.abs(result.audio.astype(np.int32) - np.concatenate(reference).astype(np.int32))
+    assert result.audio.shape == difference.shape and difference.max() <= 1 and (difference > 0).mean() < 0.01
     # Streaming: the first chunk arrives well before the last.
     assert result.chunks[0].arrived < 0.5 * result.chunks[-1].arrived
 
@@ -79,8 +88,8 @@ def test_same_seed_same_audio_and_concurrent_streams_do_not_mix(grpc_url):
     for t in threads:
         t.join()
     assert solo[1].size > 0 and not np.array_equal(solo[1], solo[2])
-    np.testing.assert_array_equal(together[1], solo[1])
-    np.testing.assert_array_equal(together[2], solo[2])
+    assert_same_audio(together[1], solo[1])
+    assert_same_audio(together[2], solo[2])
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -123,7 +132,7 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     # Once it has finished, the id may be used again and starts a clean stream.
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
-    np.testing.assert_array_equal(again.audio, fresh.audio)
+    assert_same_audio(again.audio, fresh.audio)
 
 
 def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):

@@ -6,14 +6,21 @@ from snac import SNAC
 
 from orpheus_triton.constants import END_OF_SPEECH, SAMPLES_PER_FRAME
 from orpheus_triton.frames import StreamFramer, audio_token_id
-from orpheus_triton.snac_codec import WindowDecoder, load_snac
+from orpheus_triton.snac_codec import load_snac, load_window_decoder
 
 from reference_decoder import reference_decode
 
 
 @pytest.fixture(scope="module")
 def decoder(model_set):
-    return WindowDecoder(load_snac(model_set.snac))
+    """The exact decoder: whole windows, dense convolutions row by row."""
+    return load_window_decoder(model_set.snac, exact=True)
+
+
+@pytest.fixture(scope="module")
+def serving_decoder(model_set):
+    """The default decoder: kept samples only, dense convolutions batched."""
+    return load_window_decoder(model_set.snac)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,33 @@ def test_batched_across_streams_equals_each_stream_alone(decoder):
         together = audio[index :: len(streams)]
         for a, b in zip(alone, together, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_serving_decoder_is_within_one_int16_step_of_upstream(serving_decoder, upstream):
+    tokens = token_stream(3, frames=12)
+    ours = np.concatenate(serve_decode(serving_decoder, tokens)).astype(np.int32)
+    theirs = np.concatenate(reference_decode(upstream, tokens)).astype(np.int32)
+    assert ours.shape == theirs.shape == (9 * SAMPLES_PER_FRAME,)
+    difference = np.abs(ours - theirs)
+    assert difference.max() <= 1
+    assert (difference > 0).mean() < 0.01
+
+
+def test_serving_decoder_batched_is_within_one_step_of_alone(serving_decoder):
+    streams = [token_stream(seed, frames=6) for seed in range(10, 14)]
+    windows = [StreamFramer().push(t) for t in streams]
+    audio = serving_decoder.decode([w for group in zip(*windows, strict=True) for w in group])
+    for index, tokens in enumerate(streams):
+        alone = np.concatenate(serve_decode(serving_decoder, tokens)).astype(np.int32)
+        together = np.concatenate(audio[index :: len(streams)]).astype(np.int32)
+        assert np.abs(alone - together).max() <= 1
+
+
+def test_unknown_decode_mode_is_refused(model_set):
+    from orpheus_triton.snac_codec import WindowDecoder
+
+    with pytest.raises(ValueError, match="unknown SNAC decode mode 'fast'"):
+        WindowDecoder(load_snac(model_set.snac), mode="fast")
 
 
 def test_code_zero_does_not_shift_frames(decoder, upstream):

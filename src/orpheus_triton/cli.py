@@ -35,7 +35,7 @@ def _render(args, model_set: ModelSet) -> Path:
 
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
-        max_streams=args.max_streams, max_seq_len=args.max_seq_len,
+        max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
     )
     root = cache_dir() / "repositories"
     root.mkdir(parents=True, exist_ok=True)
@@ -153,6 +153,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     parser.add_argument("--max-streams", type=int, default=16, help="concurrent streams the LLM engine batches")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
+    parser.add_argument("--decoder-exact", action="store_true",
+                        help="decode whole SNAC windows row by row: audio sample-identical to upstream Orpheus, "
+                             "alone or batched, at 2-3x the decoder's CPU time (default: within one int16 step)")
 
 
 def _synthesis_options(parser: argparse.ArgumentParser) -> None:

@@ -40,12 +40,13 @@ class RepositorySettings:
     preprocessing_instances: int = 2
     decoder_max_batch_size: int = 64
     decoder_queue_delay_us: int = 2000
+    decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
 
 
 def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
     """Write a loadable repository to ``out`` (replaced if present) and return it."""
     templates = templates or template_dir()
-    values = {k: str(v) for k, v in asdict(settings).items()}
+    values = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(settings).items()}
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.serving import StreamDecoderState, StreamIdError, model_parameters, require_stream_id, send_error
-from orpheus_triton.snac_codec import WindowDecoder, load_snac, warm_up
+from orpheus_triton.snac_codec import load_window_decoder, warm_up
 from orpheus_triton.triton_llm import pick_device
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -19,7 +19,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        self.decoder = WindowDecoder(load_snac(params["snac_dir"], device=pick_device(params.get("device", "auto"))))
+        self.decoder = load_window_decoder(params["snac_dir"], device=pick_device(params.get("device", "auto")),
+                                           exact=params.get("exact", "false") == "true")
         warm_up(self.decoder)
         self.state = StreamDecoderState()
 
