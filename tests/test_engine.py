@@ -1,5 +1,7 @@
 """In-flight batching, sampling and the audio-token guard of the torch engine (CPU, fp32)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -260,3 +262,19 @@ def test_stop_request_drops_a_stream_by_id(model):
     assert len(victim.tokens) == produced and victim.errors == ["request cancelled by the client"]
     engine.run_until_idle()
     assert other.finished and not other.errors
+
+
+def test_cpu_threads_parameter():
+    from orpheus_triton.triton_llm import set_cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_cpu_threads({"cpu_threads": "auto"}, "cuda") == before  # GPU: left alone
+        cores = len(os.sched_getaffinity(0))
+        assert set_cpu_threads({}, "cpu") == max(1, cores // 2) == torch.get_num_threads()
+        assert set_cpu_threads({"cpu_threads": "3"}, "cpu") == 3 == torch.get_num_threads()
+        for bad in ("0", "-1", "many"):
+            with pytest.raises(ValueError, match=f"cpu_threads must be 'auto' or a whole number >= 1, got '{bad}'"):
+                set_cpu_threads({"cpu_threads": bad}, "cpu")
+    finally:
+        torch.set_num_threads(before)

@@ -96,3 +96,13 @@ def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
     # A new stream reusing "b" starts clean.
     again = state.windows_for([("b", np.array(b))])
     assert again[0][0].codes == tuple(range(100, 128)) and again[0][0].frame_index == 0
+
+
+def test_decode_rounds_take_each_streams_next_request_in_order():
+    from orpheus_triton.serving import decode_rounds
+
+    # Stream a ran ahead (three requests queued), b has two, c one.
+    assert decode_rounds(["a", "b", "a", "c", "a", "b"]) == [[0, 1, 3], [2, 5], [4]]
+    assert decode_rounds(["solo"] * 3) == [[0], [1], [2]]
+    assert decode_rounds(["x", "y", "z"]) == [[0, 1, 2]]
+    assert decode_rounds([]) == []

@@ -74,6 +74,8 @@ def test_unknown_placeholder_is_named(tmp_path):
 
 def test_decoder_exactness_renders_as_a_model_parameter(configs, tmp_path):
     assert configs[c.DECODER_MODEL].parameters["exact"].string_value == "false"
+    for model in (c.DECODER_MODEL, c.LLM_MODEL):
+        assert configs[model].parameters["cpu_threads"].string_value == "auto"
     out = render(RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", decoder_exact=True), tmp_path / "r")
     exact = text_format.Parse((out / c.DECODER_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert exact.parameters["exact"].string_value == "true"

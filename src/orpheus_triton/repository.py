@@ -40,6 +40,10 @@ class RepositorySettings:
     preprocessing_instances: int = 2
     decoder_max_batch_size: int = 64
     decoder_queue_delay_us: int = 2000
+    # Intra-op threads of the LLM and decoder processes: "auto" = on CPU half the cores each, so the two
+    # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
+    llm_cpu_threads: str = "auto"
+    decoder_cpu_threads: str = "auto"
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
 
 

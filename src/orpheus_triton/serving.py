@@ -175,6 +175,27 @@ class FrameChunker:
         return ready
 
 
+def decode_rounds(stream_ids: Sequence[str]) -> list[list[int]]:
+    """A decoder batch's requests (given by stream id, in arrival order) as rounds of request indices.
+
+    Round r holds the r-th request of every stream in the batch. A stream the LLM
+    ran ahead of can have many requests queued in one batch; decoding them all in
+    one call would hold its next chunk back until the whole batch is done, and its
+    listener would hear a gap. Decoding round by round, and answering after each
+    round, sends each stream's chunks as soon as they exist, in order, while every
+    round still batches across streams.
+    """
+    rounds: list[list[int]] = []
+    count: dict[str, int] = {}
+    for index, stream_id in enumerate(stream_ids):
+        position = count.get(stream_id, 0)
+        count[stream_id] = position + 1
+        if position == len(rounds):
+            rounds.append([])
+        rounds[position].append(index)
+    return rounds
+
+
 @dataclass
 class _DecoderStream:
     framer: StreamFramer = field(default_factory=StreamFramer)

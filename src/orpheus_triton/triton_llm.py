@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import torch
@@ -20,8 +21,34 @@ def pick_device(name: str) -> str:
     return name
 
 
+def set_cpu_threads(params: dict[str, str], device: str) -> int:
+    """Apply a model's ``cpu_threads`` parameter; return the intra-op thread count now in use.
+
+    Each Python model runs in its own process with its own thread pool. With a
+    thread per core in both the LLM and the SNAC decoder, the two oversubscribe
+    the cores and their busy-waiting threads stall each other: on 2 cores that
+    alone made streams stutter. "auto" (the default) gives each half the cores
+    on CPU and leaves torch's default on GPU; a number sets it.
+    """
+    value = str(params.get("cpu_threads", "auto") or "auto").strip()
+    if value == "auto":
+        if device != "cpu":
+            return torch.get_num_threads()
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    else:
+        try:
+            threads = int(value)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ValueError(f"cpu_threads must be 'auto' or a whole number >= 1, got {value!r}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def build_engine(params: dict[str, str]) -> InflightEngine:
     device = pick_device(params.get("device", "auto"))
+    threads = set_cpu_threads(params, device)
     model = load_llama(params["llm_dir"], device=device)
     engine = InflightEngine(
         model,
@@ -30,7 +57,8 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
         max_queue=int(params.get("max_queue", 256)),
         prefill_chunk=int(params.get("prefill_chunk", 256)),
     )
-    log.info("torch LLM engine on %s: %d streams x %d positions", device, engine.max_streams, engine.max_seq_len)
+    log.info("torch LLM engine on %s: %d streams x %d positions, %d CPU threads", device, engine.max_streams,
+             engine.max_seq_len, threads)
     return engine
 
 
