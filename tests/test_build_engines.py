@@ -18,6 +18,7 @@ from orpheus_triton.constants import (
     LLM_MODEL,
     LLM_OUTPUT_IDS,
     LLM_SEED,
+    LLM_STOP,
     PREPROCESSING_MODEL,
     VOCAB_SIZE,
 )
@@ -354,6 +355,14 @@ def test_llm_contract_matches_the_torch_engine_for_every_ensemble_tensor(configs
         assert list(trt_io[name].dims) == list(torch_io[torch_name].dims), name
         if name in step.input_map:
             assert trt_io[name].optional == torch_io[torch_name].optional, name
+
+
+def test_stop_control_input_is_declared_as_in_the_torch_engine(configs, tmp_path):
+    """Clients end abandoned streams with a `stop` request (client.OrpheusClient.stop), whichever backend serves."""
+    torch_llm = parse_config(render(SETTINGS, tmp_path / "standard") / LLM_MODEL / "config.pbtxt")
+    ours = next(i for i in torch_llm.input if i.name == LLM_STOP)
+    theirs = next(i for i in configs[LLM_MODEL].input if i.name == LLM_STOP)
+    assert theirs == ours and theirs.optional and theirs.data_type == model_config_pb2.TYPE_BOOL
 
 
 def test_seed_goes_to_the_backends_seed_input(configs, tmp_path):
