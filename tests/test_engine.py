@@ -63,6 +63,28 @@ def test_stream_is_identical_alone_and_in_a_busy_batch(model):
     assert len(alone.tokens) >= 2 and alone.finished
 
 
+def test_a_burst_of_prompts_is_prefilled_together_and_streams_as_if_alone(model):
+    burst = [0, 1, 2, 4]  # prompts of 9, 23, 5 and 14 tokens
+    alone = {}
+    for i in burst:
+        alone[i] = Collector()
+        engine = make_engine(model)
+        engine.submit(request(PROMPTS[i], alone[i], seed=i, max_new_tokens=40))
+        engine.run_until_idle()
+
+    engine = make_engine(model, max_streams=3, prefill_chunk=40)
+    together = {i: Collector() for i in burst}
+    for i in burst:
+        engine.submit(request(PROMPTS[i], together[i], seed=i, max_new_tokens=40))
+    engine.step()
+    # One forward took the first three (3 free slots; 37 of the 40-token budget); the fourth waits.
+    assert [len(together[i].tokens) for i in burst] == [2, 2, 2, 0]  # first token + this step's decode
+    assert len(engine.decoding) == 3 and len(engine.queue) == 1
+    engine.run_until_idle()
+    for i in burst:
+        assert together[i].tokens == alone[i].tokens, i
+
+
 def test_newcomer_joins_at_next_step_and_slots_are_reused(model):
     engine = make_engine(model, max_streams=2)
     long_a, long_b, newcomer = Collector(), Collector(), Collector()

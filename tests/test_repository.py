@@ -79,3 +79,19 @@ def test_decoder_exactness_renders_as_a_model_parameter(configs, tmp_path):
     out = render(RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", decoder_exact=True), tmp_path / "r")
     exact = text_format.Parse((out / c.DECODER_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert exact.parameters["exact"].string_value == "true"
+
+
+def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
+    from orpheus_triton.cli import _render, build_parser
+    from orpheus_triton.demo_models import ModelSet
+
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
+    models = ModelSet(tmp_path / "models")
+    for flags, exact in (([], "false"), (["--decoder-exact"], "true")):
+        args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
+        repository = _render(args, models)
+        decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
+                                    model_config_pb2.ModelConfig())
+        llm = text_format.Parse((repository / c.LLM_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert decoder.parameters["exact"].string_value == exact
+        assert llm.parameters["max_streams"].string_value == "3"

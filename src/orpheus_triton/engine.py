@@ -4,9 +4,11 @@ One scheduler loop owns the model. Each iteration (a *step*):
 
 1. drops streams whose client went away and admits queued requests into free
    slots;
-2. prefills waiting prompts in the scratch slot, at most ``prefill_chunk``
-   prompt tokens per step, so a long prompt never stalls running streams for
-   more than one chunk; a finished prefill moves into the next decode slot;
+2. prefills waiting prompts, at most ``prefill_chunk`` prompt tokens per step,
+   so a long prompt never stalls running streams for more than one chunk:
+   several short prompts together in one forward straight into free decode
+   slots, a long one chunk by chunk in the scratch slot, from which a finished
+   prefill moves into the next decode slot;
 3. runs ONE batched forward over every decoding stream (slots ``0..n-1``),
    samples a token per stream and hands it to the stream's callback.
 
@@ -227,7 +229,7 @@ class InflightEngine:
         self._notify(dropped, "request cancelled by the client")
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk - self._prefill_together()
         while budget > 0 and len(self.decoding) < self.max_streams:
             if self.prefilling is None:
                 with self.lock:
@@ -255,6 +257,48 @@ class InflightEngine:
             self.decoding.append(stream)
             self.prefilling = None
             self._sample_and_emit([slot], hidden)
+
+    def _prefill_together(self) -> int:
+        """Prefill several whole queued prompts in one forward, straight into free decode slots.
+
+        When requests arrive together (a burst of callers), one padded forward over
+        all their prompts costs far less than one forward each. Only prompts that fit
+        the step's prefill budget whole are taken; a longer one goes through the
+        scratch slot in chunks. Padding positions write cache entries past a row's
+        prompt, which its mask hides until its own tokens overwrite them.
+        Returns the prompt tokens used.
+        """
+        if self.prefilling is not None:
+            return 0
+        free = self.max_streams - len(self.decoding)
+        with self.lock:
+            group, used = [], 0
+            for stream in self.queue:
+                size = len(stream.request.prompt)
+                if len(group) == free or used + size > self.prefill_chunk:
+                    break
+                group.append(stream)
+                used += size
+            if len(group) < 2:
+                return 0
+            for _ in group:
+                self.queue.popleft()
+        first = len(self.decoding)
+        lengths = torch.tensor([len(s.request.prompt) for s in group], device=self.device)
+        width = int(lengths.max())
+        tokens = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, stream in enumerate(group):
+            prompt = torch.tensor(stream.request.prompt, device=self.device)
+            tokens[row, : prompt.numel()] = prompt
+            self.seen[first + row] = False
+            self.seen[first + row, prompt] = True
+            stream.prefilled = stream.length = prompt.numel()
+        positions = torch.arange(width, device=self.device).expand(len(group), width)
+        hidden = self.model(tokens, positions, first_slot=first, last_only=False, hidden_only=True)
+        self.decoding.extend(group)
+        last = hidden[torch.arange(len(group), device=self.device), lengths - 1]
+        self._sample_and_emit(list(range(first, first + len(group))), last)
+        return used
 
     def _decode(self) -> None:
         batch = len(self.decoding)
