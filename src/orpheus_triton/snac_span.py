@@ -21,6 +21,7 @@ Layers this module does not know (SNAC's local attention, used by the 32 and
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,9 @@ def _children(module: nn.Module) -> list[nn.Module] | None:
     return None
 
 
+# Both rules are pure functions of (layer, span, length) and run for every layer on
+# every decode: cached, a decode's bookkeeping costs lookups instead of recursion.
+@functools.lru_cache(maxsize=65536)
 def output_length(module: nn.Module, length: int) -> int:
     """Length of ``module``'s output for an input of ``length`` positions."""
     children = _children(module)
@@ -91,6 +95,7 @@ def output_length(module: nn.Module, length: int) -> int:
     raise UnsupportedLayer(f"no span rule for {type(module).__name__}")
 
 
+@functools.lru_cache(maxsize=65536)
 def input_span(module: nn.Module, out: Span, length: int) -> Span:
     """The input positions ``module``'s outputs in ``out`` depend on (input has ``length`` positions)."""
     children = _children(module)
