@@ -106,3 +106,16 @@ def test_code_zero_does_not_shift_frames(decoder, upstream):
 def test_missing_snac_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         load_snac(tmp_path)
+
+
+def test_snake_matches_upstream_bit_for_bit():
+    import torch
+    from snac.layers import Snake1d
+
+    from orpheus_triton.snac_codec import Snake
+
+    upstream = Snake1d(16)
+    with torch.no_grad():
+        upstream.alpha.copy_(torch.rand(1, 16, 1, generator=torch.Generator().manual_seed(0)) + 0.3)
+        x = torch.randn(3, 16, 50, generator=torch.Generator().manual_seed(1)) * 3
+        assert torch.equal(Snake(upstream)(x), upstream(x))

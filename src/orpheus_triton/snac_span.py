@@ -48,6 +48,10 @@ class UnsupportedLayer(ValueError):
 _ELEMENTWISE = (Snake1d, nn.Tanh, nn.Identity)
 
 
+def _is_pointwise(module: nn.Module) -> bool:
+    return isinstance(module, _ELEMENTWISE) or getattr(module, "pointwise", False)
+
+
 def _conv_of(module: nn.Module) -> nn.Conv1d | nn.ConvTranspose1d | None:
     """The convolution inside ``module`` (itself, or one wrapped by RowwiseConv1d)."""
     conv = getattr(module, "conv", module)
@@ -79,7 +83,7 @@ def output_length(module: nn.Module, length: int) -> int:
         if output_length(module.block, length) != length:
             raise UnsupportedLayer("residual unit that changes the length")
         return length
-    if isinstance(module, _ELEMENTWISE) or _is_noise(module):
+    if _is_pointwise(module) or _is_noise(module):
         return length
     conv = _conv_of(module)
     if isinstance(conv, nn.ConvTranspose1d):
@@ -109,7 +113,7 @@ def input_span(module: nn.Module, out: Span, length: int) -> Span:
     if isinstance(module, ResidualUnit):
         inner = input_span(module.block, out, length)
         return Span(min(inner.start, out.start), max(inner.stop, out.stop))
-    if isinstance(module, _ELEMENTWISE) or _is_noise(module):
+    if _is_pointwise(module) or _is_noise(module):
         return out
     conv = _conv_of(module)
     (k,), (p,) = conv.kernel_size, conv.padding
@@ -146,7 +150,7 @@ def run_span(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out:
     if isinstance(module, ResidualUnit):
         y = run_span(module.block, x, x_start, length, out)
         return _cut(x, x_start, out) + y
-    if isinstance(module, _ELEMENTWISE):
+    if _is_pointwise(module):
         return module(_cut(x, x_start, out))
     if _is_noise(module):
         x = _cut(x, x_start, out)
