@@ -87,11 +87,21 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
-    for flags, exact in (([], "false"), (["--decoder-exact"], "true")):
+    for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2"], "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
         decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
                                     model_config_pb2.ModelConfig())
         llm = text_format.Parse((repository / c.LLM_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert decoder.parameters["exact"].string_value == exact
+        assert decoder.parameters["cpu_threads"].string_value == ("2" if flags else "auto")
+        assert llm.parameters["cpu_threads"].string_value == "auto"
         assert llm.parameters["max_streams"].string_value == "3"
+
+
+def test_bad_thread_counts_are_refused_before_serving(capsys):
+    from orpheus_triton.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--llm-cpu-threads", "0"])
+    assert "expected 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err

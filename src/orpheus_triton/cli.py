@@ -36,6 +36,7 @@ def _render(args, model_set: ModelSet) -> Path:
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
+        llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
     root = cache_dir() / "repositories"
     root.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,13 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _thread_count(value: str) -> str:
+    """'auto' or a whole number >= 1, checked before the server starts (the models check it again)."""
+    if value != "auto" and not (value.isdigit() and int(value) >= 1):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, got {value!r}")
+    return value
+
+
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
@@ -156,6 +164,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-exact", action="store_true",
                         help="decode whole SNAC windows row by row: audio sample-identical to upstream Orpheus, "
                              "alone or batched, at 2-3x the decoder's CPU time (default: within one int16 step)")
+    for stage in ("llm", "decoder"):
+        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
+                            help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "
+                                 "torch's default on GPU)")
 
 
 def _synthesis_options(parser: argparse.ArgumentParser) -> None:
