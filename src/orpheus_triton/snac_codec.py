@@ -65,10 +65,10 @@ class SeededNoise(nn.Module):
             return torch.randn((batch, 1, length), device=like.device, dtype=like.dtype)
         if len(self.generators) != batch:
             raise ValueError(f"{len(self.generators)} generators for a batch of {batch}")
+        # Drawn where the generators live (CPU) and moved in one copy, not one per row.
         return torch.cat([
-            torch.randn((1, 1, length), generator=g, device=g.device, dtype=like.dtype).to(like.device)
-            for g in self.generators
-        ])
+            torch.randn((1, 1, length), generator=g, device=g.device, dtype=like.dtype) for g in self.generators
+        ]).to(like.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, length = x.shape
