@@ -160,6 +160,8 @@ def run_span(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out:
     rowwise = conv is not module  # RowwiseConv1d: keep its one-row-at-a-time rounding
     needed = input_span(module, out, length)
     x = _cut(x, x_start, needed)
+    if isinstance(conv, nn.ConvTranspose1d) and _polyphase_weights(conv) is not None:
+        return _run_polyphase(conv, rowwise, x, needed, length, out)
     if isinstance(conv, nn.ConvTranspose1d):
         def apply(rows):
             return F.conv_transpose1d(rows, conv.weight, conv.bias, stride=conv.stride, groups=conv.groups)
@@ -172,6 +174,47 @@ def run_span(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out:
         y_start = needed.start
     y = torch.cat([apply(x[i : i + 1]) for i in range(x.shape[0])]) if rowwise and x.shape[0] > 1 else apply(x)
     return _cut(y, y_start, out)
+
+
+@functools.lru_cache(maxsize=256)
+def _polyphase_weights(conv: nn.ConvTranspose1d) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A stride-s, kernel-2s transposed convolution as a kernel-2 convolution with s x the outputs.
+
+    Output position u = t + padding = s*m + r sums two inputs: x[m] through tap r
+    and x[m-1] through tap r + s. So each phase r is an ordinary 2-tap
+    convolution, and all s phases are one convolution with s x the output
+    channels, whose outputs are then interleaved. On CPU that runs 1.2-4x faster
+    than the transposed convolution (the same sums in another order, so a few
+    positions round differently). Returns None where the layer is not of this
+    form (and the transposed convolution runs as it is).
+    """
+    (k,), (s,), (d,), (op,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.output_padding, conv.padding
+    if conv.groups != 1 or d != 1 or k != 2 * s or op > p:
+        return None
+    w = conv.weight.detach()  # [in, out, 2s]
+    taps = torch.stack((w[:, :, s:], w[:, :, :s]), dim=-1)  # [in, out, s, 2]: tap 0 sees x[m-1], tap 1 x[m]
+    weight = taps.permute(2, 1, 0, 3).reshape(s * w.shape[1], w.shape[0], 2).contiguous()  # [(r, out), in, 2]
+    bias = None if conv.bias is None else conv.bias.detach().repeat(s)
+    return weight, bias
+
+
+def _run_polyphase(conv: nn.ConvTranspose1d, rowwise: bool, x: torch.Tensor, x_span: Span, length: int,
+                   out: Span) -> torch.Tensor:
+    """Outputs ``out`` of ``conv`` from ``x`` (input positions ``x_span``), via ``_polyphase_weights``."""
+    weight, bias = _polyphase_weights(conv)
+    (s,), (p,) = conv.stride, conv.padding
+    first, last = (out.start + p) // s, (out.stop - 1 + p) // s  # the m of the first and last output
+    inputs = Span(first - 1, last + 1)
+    real = inputs.clamp(length)
+    x = F.pad(_cut(x, x_span.start, real), (real.start - inputs.start, inputs.stop - real.stop))
+
+    def apply(rows):
+        return F.conv1d(rows, weight, bias)
+
+    y = torch.cat([apply(x[i : i + 1]) for i in range(x.shape[0])]) if rowwise and x.shape[0] > 1 else apply(x)
+    batch, channels, steps = y.shape[0], weight.shape[0] // s, y.shape[-1]
+    y = y.view(batch, s, channels, steps).permute(0, 2, 3, 1).reshape(batch, channels, steps * s)
+    return _cut(y, first * s - p, out)
 
 
 def _cut(x: torch.Tensor, x_start: int, span: Span) -> torch.Tensor:
