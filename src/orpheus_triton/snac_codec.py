@@ -12,9 +12,9 @@ serving:
 * Weight-norm parametrisations are folded into plain weights once at load,
   instead of being recomputed on every call, and the TorchScript Snake
   activation is replaced by the same arithmetic in eager, in-place ops.
-* Only the kept samples are computed (``snac_span``): a window costs about
-  0.6x of a whole-window decode alone, and batching 8 windows brings it to
-  about 0.3x, because the shortened layers are small enough for batching to pay.
+* Only the kept samples are computed (``snac_span``, which also runs the
+  transposed convolutions as polyphase convolutions): a window costs about
+  half a whole-window decode alone, and about a third in a batch of 8.
 
 Exactness is a choice (``load_window_decoder(exact=...)``). By default the
 dense convolutions run batched on shortened inputs; their GEMMs round
