@@ -168,6 +168,11 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
         assert name in text
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
+    for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds"):
+        assert name in text
+    windows = _metric(server, "orpheus_decoder_windows_total")
+    audio = _metric(server, "orpheus_decoder_audio_seconds_total")
+    assert windows >= 2 and audio == pytest.approx(windows * c.SAMPLES_PER_FRAME / c.SAMPLE_RATE)
 
 
 def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):

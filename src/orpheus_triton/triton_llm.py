@@ -8,8 +8,10 @@ import threading
 
 import torch
 
+from .constants import LLM_MODEL
 from .engine import InflightEngine
 from .llama import load_llama
+from .metrics import MetricSet
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +68,9 @@ class EngineMetrics:
     """Engine gauges and counters as Triton custom metrics (served on the server's /metrics)."""
 
     def __init__(self, pb_utils, engine: InflightEngine, active, interval: float = 0.5):
-        kinds = pb_utils.MetricFamily
-
-        # Triton requires each MetricFamily to outlive its Metrics: keep both here.
-        self.families = []
-
-        def metric(name, text, kind):
-            family = kinds(name=name, description=text, kind=kind)
-            self.families.append(family)
-            return family.Metric(labels={"model": "llm"})
-
-        def gauge(name, text):
-            return metric(name, text, kinds.GAUGE)
-
+        metrics = MetricSet(pb_utils, LLM_MODEL)
+        self.metrics = metrics
+        gauge = metrics.gauge
         self.engine = engine
         self.active = active
         self.active_streams = gauge("orpheus_llm_active_streams", "Streams holding a KV-cache slot")
@@ -86,9 +78,9 @@ class EngineMetrics:
         self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step")
         self.batch_size = gauge("orpheus_llm_decode_batch_size", "Streams in the last batched decode")
         self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
-        self.tokens = metric("orpheus_llm_generated_tokens_total", "Tokens generated", kinds.COUNTER)
-        self.cancelled = metric("orpheus_llm_cancelled_requests_total", "Requests dropped because the client "
-                                "cancelled them", kinds.COUNTER)
+        self.tokens = metrics.counter("orpheus_llm_generated_tokens_total", "Tokens generated")
+        self.cancelled = metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
+                                         "client cancelled them")
         self._reported_cancelled = 0
         self._reported_tokens = 0
         self._stop = threading.Event()

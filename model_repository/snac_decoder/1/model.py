@@ -5,10 +5,13 @@ batch completes go through SNAC in rounds (serving.decode_rounds): each round
 takes the next request of every stream in the batch, in one call.
 """
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
+from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     StreamDecoderState,
     StreamIdError,
@@ -32,6 +35,7 @@ class TritonPythonModel:
         self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true")
         warm_up(self.decoder)
         self.state = StreamDecoderState()
+        self.metrics = DecoderMetrics(pb_utils)
 
     def execute(self, requests):
         valid, chunks = [], []
@@ -53,16 +57,20 @@ class TritonPythonModel:
             return None
         rounds = decode_rounds([stream_id for stream_id, _ in chunks])
         for number, members in enumerate(rounds):
+            windows = [w for i in members for w in per_request[i]]
+            started = time.perf_counter()
             try:
-                audio = iter(self.decoder.decode([w for i in members for w in per_request[i]]))
+                audio = iter(self.decoder.decode(windows))
             except Exception as error:  # noqa: BLE001
                 for i in [i for later in rounds[number:] for i in later]:
                     send_error(pb_utils, valid[i], "decoder", error)
                 return None
+            self.metrics.record_call(len(windows), time.perf_counter() - started)
             for i in members:
                 if per_request[i]:
                     pcm = np.concatenate([next(audio) for _ in per_request[i]])[None, :]
                     valid[i].send(pb_utils.InferenceResponse([pb_utils.Tensor(c.DECODER_AUDIO, pcm)]), flags=FINAL)
                 else:
                     valid[i].send(flags=FINAL)
+        self.metrics.record_streams(len(self.state.streams))
         return None

@@ -1,0 +1,58 @@
+"""Triton custom metrics (served on the server's Prometheus endpoint) for the Python models."""
+
+from __future__ import annotations
+
+from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
+
+
+class MetricSet:
+    """Gauges and counters of one model, labelled ``model=<name>``.
+
+    Triton requires each MetricFamily to outlive its Metrics, so the set keeps
+    the families it creates.
+    """
+
+    def __init__(self, pb_utils, model: str):
+        self.kinds = pb_utils.MetricFamily
+        self.model = model
+        self.families = []
+
+    def gauge(self, name: str, text: str):
+        return self._metric(name, text, self.kinds.GAUGE)
+
+    def counter(self, name: str, text: str):
+        return self._metric(name, text, self.kinds.COUNTER)
+
+    def _metric(self, name: str, text: str, kind):
+        family = self.kinds(name=name, description=text, kind=kind)
+        self.families.append(family)
+        return family.Metric(labels={"model": self.model})
+
+
+class DecoderMetrics:
+    """What the SNAC decoder does: the stage that bounds real-time capacity on small machines.
+
+    ``orpheus_decoder_audio_seconds_total`` grows by the audio produced, so its
+    rate is the audio delivered per second for all streams together (real time
+    for N streams needs N).
+    """
+
+    def __init__(self, pb_utils, model: str = DECODER_MODEL):
+        metrics = MetricSet(pb_utils, model)
+        self.metrics = metrics
+        self.streams = metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)")
+        self.call_windows = metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call")
+        self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
+        self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
+        self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
+
+    def record_call(self, windows: int, seconds: float) -> None:
+        if not windows:
+            return
+        self.call_windows.set(windows)
+        self.call_seconds.set(seconds)
+        self.windows.increment(windows)
+        self.audio_seconds.increment(windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
+
+    def record_streams(self, streams: int) -> None:
+        self.streams.set(streams)
