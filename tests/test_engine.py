@@ -63,6 +63,30 @@ def test_stream_is_identical_alone_and_in_a_busy_batch(model):
     assert len(alone.tokens) >= 2 and alone.finished
 
 
+def test_gpu_decode_path_streams_as_if_alone(model):
+    """The bucketed decode of the GPU path (padded rows write only into free slots), run eagerly here:
+    streams joining, leaving and prefilled in bursts get exactly the tokens they get alone."""
+    alone = {}
+    for i in (0, 2, 4):
+        alone[i] = Collector()
+        engine = make_engine(model)
+        engine.submit(request(PROMPTS[i], alone[i], seed=i, max_new_tokens=30 + 10 * i))
+        engine.run_until_idle()
+
+    engine = make_engine(model, max_streams=5, bucketed=True)
+    assert engine.decoder is not None and engine.decoder.batch_buckets == [1, 2, 4, 5]
+    together = {i: Collector() for i in alone}
+    engine.submit(request(PROMPTS[1], Collector(), seed=9, max_new_tokens=12))  # leaves early
+    engine.submit(request(PROMPTS[0], together[0], seed=0, max_new_tokens=30))
+    for _ in range(5):
+        engine.step()
+    engine.submit(request(PROMPTS[2], together[2], seed=2, max_new_tokens=50))  # a burst of two
+    engine.submit(request(PROMPTS[4], together[4], seed=4, max_new_tokens=70))
+    engine.run_until_idle()
+    for i in alone:
+        assert together[i].tokens == alone[i].tokens, i
+
+
 def test_a_burst_of_prompts_is_prefilled_together_and_streams_as_if_alone(model):
     burst = [0, 1, 2, 4]  # prompts of 9, 23, 5 and 14 tokens
     alone = {}

@@ -95,6 +95,7 @@ class InflightEngine:
         max_queue: int = 256,
         prefill_chunk: int = 256,
         cuda_graphs: bool | None = None,
+        bucketed: bool | None = None,
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
@@ -107,9 +108,12 @@ class InflightEngine:
         self.scratch_slot = max_streams  # prompts are prefilled here, then moved
         model.allocate_cache(max_streams + 1, max_seq_len)
         # On GPU, decode steps run at bucketed shapes, replayed from CUDA graphs unless
-        # cuda_graphs=False. On CPU padding would only add work: steps run at their own shape.
+        # cuda_graphs=False. On CPU padding would only add work: steps run at their own shape
+        # (bucketed=True forces the padded path there, eagerly, to test it without a GPU).
         on_gpu = self.device.type == "cuda"
-        self.decoder = BucketedDecoder(model, use_graphs=cuda_graphs is not False) if on_gpu else None
+        use_buckets = on_gpu if bucketed is None else bucketed
+        self.decoder = (BucketedDecoder(model, use_graphs=on_gpu and cuda_graphs is not False)
+                        if use_buckets else None)
         vocab = model.config.vocab_size
         # Tokens each slot has seen (prompt + output), for the repetition penalty.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
