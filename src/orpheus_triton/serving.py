@@ -107,6 +107,11 @@ def generation_settings(get: GetInput) -> dict:
     return settings
 
 
+# How long a mid-stream decoder state lives without tokens (a client that vanished), and so how
+# long the id of a stream that ended without end_id stays refused: the two must be the same.
+STREAM_STATE_SECONDS = 600.0
+
+
 class ActiveStreams:
     """Ids of the streams the LLM stage is generating, and of those that ended without end_id.
 
@@ -116,7 +121,7 @@ class ActiveStreams:
     ``hold_seconds`` matches the decoder's idle eviction (StreamDecoderState).
     """
 
-    def __init__(self, hold_seconds: float = 600.0):
+    def __init__(self, hold_seconds: float = STREAM_STATE_SECONDS):
         self._ids: set[str] = set()
         self._unfinished: dict[str, float] = {}  # id -> when its stream ended without end_id
         self.hold_seconds = hold_seconds
@@ -211,9 +216,9 @@ class StreamDecoderState:
     ``idle_seconds`` without tokens (a client that vanished mid-stream).
     """
 
-    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = 600.0):
+    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS):
         self.end_id = end_id
-        self.idle_seconds = idle_seconds  # keep in step with ActiveStreams.hold_seconds
+        self.idle_seconds = idle_seconds
         self.streams: dict[str, _DecoderStream] = {}
 
     def windows_for(self, chunks: Sequence[tuple[str, np.ndarray]]) -> list[list[Window]]:
