@@ -102,14 +102,8 @@ def output_length(module: nn.Module, length: int) -> int:
 @functools.lru_cache(maxsize=65536)
 def input_span(module: nn.Module, out: Span, length: int) -> Span:
     """The input positions ``module``'s outputs in ``out`` depend on (input has ``length`` positions)."""
-    children = _children(module)
-    if children is not None:
-        lengths = [length]
-        for child in children:
-            lengths.append(output_length(child, lengths[-1]))
-        for child, child_length in zip(reversed(children), reversed(lengths[:-1]), strict=True):
-            out = input_span(child, out, child_length)
-        return out
+    if _children(module) is not None:
+        return _plan(module, out, length)[1]
     if isinstance(module, ResidualUnit):
         inner = input_span(module.block, out, length)
         return Span(min(inner.start, out.start), max(inner.stop, out.stop))
@@ -125,6 +119,20 @@ def input_span(module: nn.Module, out: Span, length: int) -> Span:
     return Span(out.start - p, out.stop - p + d * (k - 1)).clamp(length)
 
 
+@functools.lru_cache(maxsize=65536)
+def _plan(container: nn.Module, out: Span, length: int) -> tuple[tuple[tuple[nn.Module, int, Span], ...], Span]:
+    """A container's layers as (layer, its input length, the output span it must produce), in order,
+    and the input span the container needs for ``out``."""
+    children = _children(container)
+    lengths = [length]
+    for child in children[:-1]:
+        lengths.append(output_length(child, lengths[-1]))
+    spans = [out]
+    for child, child_length in zip(reversed(children), reversed(lengths), strict=True):
+        spans.insert(0, input_span(child, spans[0], child_length))
+    return tuple(zip(children, lengths, spans[1:], strict=True)), spans[0]
+
+
 def _is_noise(module: nn.Module) -> bool:
     return hasattr(module, "draw_noise")
 
@@ -135,15 +143,8 @@ def run_span(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out:
     ``length`` is the full input length (where zero padding really begins and ends);
     ``x`` must cover ``input_span(module, out, length)``.
     """
-    children = _children(module)
-    if children is not None:
-        lengths = [length]
-        for child in children:
-            lengths.append(output_length(child, lengths[-1]))
-        spans = [out]
-        for child, child_length in zip(reversed(children), reversed(lengths[:-1]), strict=True):
-            spans.insert(0, input_span(child, spans[0], child_length))
-        for child, child_length, child_out in zip(children, lengths[:-1], spans[1:], strict=True):
+    if _children(module) is not None:
+        for child, child_length, child_out in _plan(module, out, length)[0]:
             x = run_span(child, x, x_start, child_length, child_out)
             x_start = child_out.start
         return x
@@ -230,7 +231,6 @@ class SpanDecoder:
         self.decoder, self.latent_length, self.out = decoder, latent_length, out
         try:
             full = output_length(decoder, latent_length)
-            self.needed = input_span(decoder, out, latent_length)
             self.supports = 0 <= out.start < out.stop <= full
         except UnsupportedLayer:
             self.supports = False
