@@ -151,8 +151,12 @@ def cmd_download(args) -> int:
 
 def _thread_count(value: str) -> str:
     """'auto' or a whole number >= 1, checked before the server starts (the models check it again)."""
-    if value != "auto" and not (value.isdigit() and int(value) >= 1):
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, got {value!r}")
+    from .repository import parse_cpu_threads  # noqa: PLC0415
+
+    try:
+        parse_cpu_threads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 1, got {value!r}") from None
     return value
 
 

@@ -47,6 +47,20 @@ class RepositorySettings:
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
 
 
+def parse_cpu_threads(value: str) -> int | None:
+    """A ``*_cpu_threads`` setting: None for 'auto' (or empty), else a whole number >= 1."""
+    value = str(value or "auto").strip()
+    if value == "auto":
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"cpu_threads must be 'auto' or a whole number >= 1, got {value!r}")
+    return threads
+
+
 def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
     """Write a loadable repository to ``out`` (replaced if present) and return it."""
     templates = templates or template_dir()

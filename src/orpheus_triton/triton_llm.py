@@ -12,6 +12,7 @@ from .constants import LLM_MODEL
 from .engine import InflightEngine
 from .llama import load_llama
 from .metrics import MetricSet
+from .repository import parse_cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +33,11 @@ def set_cpu_threads(params: dict[str, str], device: str) -> int:
     alone made streams stutter. "auto" (the default) gives each half the cores
     on CPU and leaves torch's default on GPU; a number sets it.
     """
-    value = str(params.get("cpu_threads", "auto") or "auto").strip()
-    if value == "auto":
+    threads = parse_cpu_threads(params.get("cpu_threads", "auto"))
+    if threads is None:
         if device != "cpu":
             return torch.get_num_threads()
         threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    else:
-        try:
-            threads = int(value)
-        except ValueError:
-            threads = 0
-        if threads < 1:
-            raise ValueError(f"cpu_threads must be 'auto' or a whole number >= 1, got {value!r}")
     torch.set_num_threads(threads)
     return threads
 
