@@ -240,9 +240,7 @@ class InflightEngine:
                     if not self.queue:
                         return
                     self.prefilling = self.queue.popleft()
-                self.seen[self.scratch_slot] = False
-                prompt = torch.tensor(self.prefilling.request.prompt, device=self.device)
-                self.seen[self.scratch_slot, prompt] = True
+                self._mark_prompt(self.scratch_slot, torch.tensor(self.prefilling.request.prompt, device=self.device))
             stream = self.prefilling
             prompt = stream.request.prompt
             chunk = prompt[stream.prefilled : stream.prefilled + budget]
@@ -294,8 +292,7 @@ class InflightEngine:
         for row, stream in enumerate(group):
             prompt = torch.tensor(stream.request.prompt, device=self.device)
             tokens[row, : prompt.numel()] = prompt
-            self.seen[first + row] = False
-            self.seen[first + row, prompt] = True
+            self._mark_prompt(first + row, prompt)
             stream.prefilled = stream.length = prompt.numel()
         positions = torch.arange(width, device=self.device).expand(len(group), width)
         hidden = self.model(tokens, positions, first_slot=first, last_only=False, hidden_only=True)
@@ -303,6 +300,11 @@ class InflightEngine:
         last = hidden[torch.arange(len(group), device=self.device), lengths - 1]
         self._sample_and_emit(list(range(first, first + len(group))), last)
         return used
+
+    def _mark_prompt(self, slot: int, prompt: torch.Tensor) -> None:
+        """A new stream in ``slot`` has seen exactly its prompt (for the repetition penalty)."""
+        self.seen[slot] = False
+        self.seen[slot, prompt] = True
 
     def _decode(self) -> None:
         batch = len(self.decoding)
