@@ -4,19 +4,24 @@ import numpy as np
 import pytest
 import torch
 from snac import SNAC
+from snac.layers import Snake1d
 from torch import nn
 
 from orpheus_triton.constants import WINDOW_KEEP_END, WINDOW_KEEP_START
 from orpheus_triton.frames import Window
-from orpheus_triton.snac_codec import DECODE_FULL, DECODE_SPAN, RowwiseConv1d, WindowDecoder, load_snac
+from orpheus_triton.snac_codec import DECODE_FULL, DECODE_SPAN, RowwiseConv1d, Snake, WindowDecoder, load_snac
 from orpheus_triton.snac_span import Span, SpanDecoder, input_span, output_length, run_span
 
 LAYERS = {
     "conv k7": nn.Conv1d(6, 5, 7, padding=3),
+    "conv k3 dilated, no bias": nn.Conv1d(6, 5, 3, padding=2, dilation=2, bias=False),
+    "grouped conv": nn.Conv1d(6, 4, 3, padding=1, groups=2),
     "depthwise dilated": nn.Conv1d(6, 6, 7, padding=27, dilation=9, groups=6),
     "pointwise, row by row": RowwiseConv1d(nn.Conv1d(6, 4, 1)),
     "transposed x8": nn.ConvTranspose1d(6, 3, 16, stride=8, padding=4),
     "transposed x3, output padding": nn.ConvTranspose1d(6, 3, 6, stride=3, padding=2, output_padding=1),
+    "transposed, kernel 5 stride 2": nn.ConvTranspose1d(6, 3, 5, stride=2, padding=1),
+    "snake": Snake(Snake1d(6)),
 }
 
 
