@@ -254,6 +254,21 @@ def test_unsorted_fast_path_picks_what_sorting_would():
     assert torch.equal(fast, sorted_)
 
 
+def test_ties_at_the_nucleus_edge_are_kept_together():
+    """Equal scores are kept or dropped as a group, so the pick cannot depend on how a sort orders them."""
+    from orpheus_triton.sampling import _choose_sorted, gumbel_noise
+
+    scores = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]])).repeat(300, 1)
+    candidates = torch.arange(4).repeat(300, 1)
+    settings = {"top_p": torch.full((300,), 0.5), "top_k": torch.zeros(300, dtype=torch.long)}
+    noise = gumbel_noise(torch.arange(300), torch.zeros(300, dtype=torch.long), candidates)
+    assert set(_choose_sorted(scores, candidates, noise, settings).tolist()) == {0, 1, 2, 3}
+    settings = {"top_p": torch.ones(300), "top_k": torch.full((300,), 2)}  # top-k 2 cuts inside the tie
+    assert set(_choose_sorted(scores, candidates, noise, settings).tolist()) == {0, 1, 2, 3}
+    settings["top_p"] = torch.full((300,), 0.3)
+    assert set(_choose_sorted(scores, candidates, noise, settings).tolist()) == {0}
+
+
 def test_gumbel_noise_is_a_pure_function_of_seed_step_token():
     ids = torch.arange(AUDIO_TOKEN_BASE, AUDIO_TOKEN_BASE + CODEBOOK_SIZE)[None]
     a = gumbel_noise(torch.tensor([7]), torch.tensor([3]), ids)
