@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--max-streams", type=int, default=16, help="engine slots (>= the largest concurrency)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels")
+    parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
     parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
