@@ -17,6 +17,7 @@ LAYERS = {
     "conv k3 dilated, no bias": nn.Conv1d(6, 5, 3, padding=2, dilation=2, bias=False),
     "grouped conv": nn.Conv1d(6, 4, 3, padding=1, groups=2),
     "depthwise dilated": nn.Conv1d(6, 6, 7, padding=27, dilation=9, groups=6),
+    "depthwise dilated, even kernel": nn.Conv1d(6, 6, 4, padding=3, dilation=2, groups=6),
     "pointwise, row by row": RowwiseConv1d(nn.Conv1d(6, 4, 1)),
     "transposed x8": nn.ConvTranspose1d(6, 3, 16, stride=8, padding=4),
     "transposed x3, output padding": nn.ConvTranspose1d(6, 3, 6, stride=3, padding=2, output_padding=1),

@@ -117,7 +117,13 @@ def input_span(module: nn.Module, out: Span, length: int) -> Span:
         # Output t sums input i over taps j with t = i*s - p + j, 0 <= j < k.
         return Span(-((k - 1 - out.start - p) // s), (out.stop - 1 + p) // s + 1).clamp(length)
     d = conv.dilation[0]
-    return Span(out.start - p, out.stop - p + d * (k - 1)).clamp(length)
+    span = Span(out.start - p, out.stop - p + d * (k - 1)).clamp(length)
+    if _is_depthwise(conv) and (span.stop - span.start) % d:
+        # A few more positions (not needed, but real) make the stretch a whole number of
+        # d-position groups, so _depthwise can view it without copying it into a padded buffer.
+        stop = min(span.stop + (span.start - span.stop) % d, length)
+        span = Span(max(span.start - (span.start - stop) % d, 0), stop)
+    return span
 
 
 @functools.lru_cache(maxsize=65536)
@@ -186,7 +192,7 @@ def _run(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out: Spa
     # A 'same' convolution on a stretch: its zero padding lands where the stretch ends, outside
     # ``out`` unless the stretch ends where the signal does (then it is the layer's own padding).
     (p,) = conv.padding
-    if conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1:
+    if _is_depthwise(conv):
         y = _depthwise(conv, x)  # batch-invariant: no row loop needed
     elif conv.groups == 1:
         y = _rows(lambda rows: _dense(conv, _pad(rows, p, p)), x, rowwise)
@@ -259,21 +265,27 @@ def _phase_weights(conv: nn.Conv1d, phases: int) -> tuple[torch.Tensor, torch.Te
     return weight, bias
 
 
+def _is_depthwise(conv: nn.Conv1d) -> bool:
+    """A depthwise convolution of the form ``_depthwise`` runs (odd kernel: whole groups of padding)."""
+    return conv.groups == conv.in_channels == conv.out_channels > 1 and conv.kernel_size[0] % 2 == 1
+
+
 def _depthwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """A 'same' depthwise convolution (any dilation d) on time-major ``x`` [B, T, C], same length out.
 
     Positions t = q*d + r with the same r only ever meet each other, so [B, T, C]
     viewed as [B, T/d, d*C] (no copy) turns it into an undilated depthwise
-    convolution over d*C channels, which runs as a channels-last 2-D convolution:
-    the fast kernel, where the dilated one in [B, C, T] is 5-10x slower.
+    convolution over d*C channels, whose 'same' padding is (k-1)/2 groups on each
+    side: a channels-last 2-D convolution, the fast kernel, where the dilated one
+    in [B, C, T] is 5-10x slower. ``input_span`` makes T a multiple of d wherever
+    the signal allows; otherwise zeros complete the last group.
     """
-    (d,), (p,) = conv.dilation, conv.padding
+    (k,), (d,) = conv.kernel_size, conv.dilation
     batch, steps, channels = x.shape
-    groups = -(-(steps + 2 * p) // d)  # padded length, in groups of d positions
-    x = _pad(x, p, groups * d - steps - p)
-    image = x.view(batch, 1, groups, d * channels).permute(0, 3, 1, 2)  # [B, d*C, 1, groups], channels-last
+    x = _pad(x, 0, -steps % d)
+    image = x.reshape(batch, 1, -1, d * channels).permute(0, 3, 1, 2)  # [B, d*C, 1, T/d], channels-last
     weight, bias = _phase_weights(conv, d)
-    y = F.conv2d(image, weight, bias, groups=d * channels)  # [B, d*C, 1, groups - k + 1]
+    y = F.conv2d(image, weight, bias, padding=(0, (k - 1) // 2), groups=d * channels)
     return y.permute(0, 2, 3, 1).reshape(batch, -1, channels)[:, :steps]
 
 
