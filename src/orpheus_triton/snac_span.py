@@ -156,7 +156,7 @@ def run_span(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out:
     phases interleave by a reshape, and dilated depthwise convolutions become
     undilated ones on a zero-copy view. In the usual [B, C, T] layout the CPU
     kernels for depthwise and short dense convolutions slow down with the batch
-    (a batch of 8 cost 1.5-3x what its rows cost one by one); time-major, a batch
+    (a batch of 8 cost 1.2-2x what its rows cost one by one); time-major, a batch
     costs less than its rows.
     """
     return _run(module, x.transpose(1, 2), x_start, length, out).transpose(1, 2)
@@ -184,7 +184,8 @@ def _run(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out: Spa
     if isinstance(conv, nn.ConvTranspose1d):
         if _polyphase_weights(conv) is not None:
             return _run_polyphase(conv, rowwise, x, needed, length, out)
-        def transposed(rows):
+
+        def transposed(rows):  # without the layer's padding: the cut below drops those positions
             return F.conv_transpose1d(rows, conv.weight, conv.bias, stride=conv.stride, groups=conv.groups)
 
         y = _rows(lambda rows: _channels_first(transposed, rows), x, rowwise)
@@ -329,8 +330,8 @@ def _run_polyphase(conv: nn.ConvTranspose1d, rowwise: bool, x: torch.Tensor, x_s
 
 
 def _pad(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Time-major ``x`` with zero positions added at both ends, contiguous (``F.pad`` would also zero
-    the interior it then overwrites: a whole extra pass over the signal)."""
+    """Time-major ``x`` with zero positions added at both ends, as a new contiguous tensor (``x``
+    itself when none are added). ``F.pad`` would also zero the interior it then overwrites."""
     if before == after == 0:
         return x
     batch, steps, channels = x.shape
