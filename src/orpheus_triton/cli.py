@@ -167,7 +167,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
     parser.add_argument("--decoder-exact", action="store_true",
                         help="decode whole SNAC windows row by row: audio sample-identical to upstream Orpheus, "
-                             "alone or batched, at 2-3x the decoder's CPU time (default: within one int16 step)")
+                             "alone or batched, at 2.5-5x the decoder's CPU time (default: within one int16 step)")
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
                             help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "
