@@ -229,6 +229,21 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert draws == {0, 1}
 
 
+def test_seen_rows_read_from_a_larger_table_pick_the_same_tokens():
+    """The engine hands sample() its whole seen-token table and the batch's rows in it."""
+    vocab = AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE + 10
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, vocab, generator=gen) * 3
+    table = torch.rand(9, vocab, generator=gen) < 0.3
+    rows = torch.tensor([7, 2, 5, 0])
+    params = sampling_params(4, temperature=torch.full((4,), 0.7), repetition_penalty=torch.full((4,), 1.5),
+                             audio_guard=torch.tensor([True, False, True, False]),
+                             audio_position=torch.tensor([3, 0, 6, 0]))
+    picked = sample(logits, params, table, seen_rows=rows)
+    assert torch.equal(picked, sample(logits, params, table[rows]))
+    assert not torch.equal(picked, sample(logits, params, table[:4]))  # the rows matter
+
+
 def test_unsorted_fast_path_picks_what_sorting_would():
     """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same."""
     from orpheus_triton.sampling import _choose, _choose_sorted, gumbel_noise

@@ -336,7 +336,7 @@ class InflightEngine:
             audio_position=torch.tensor([s.audio_tokens for s in streams], device=dev),
         )
         slot_index = torch.tensor(slots, device=dev)
-        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen[slot_index])
+        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index)
         self.seen[slot_index, tokens] = True
         finished = []
         for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):

@@ -115,10 +115,14 @@ def _penalise(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -
     return torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
 
 
-def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Tensor) -> torch.Tensor:
+def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Tensor,
+           seen_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Pick one token per row. ``seen`` [B, V] bool marks prompt and generated tokens (for the penalty).
 
     ``logits`` is either full logits [B, V] or an ``LmHead`` that computes only what is needed.
+    With ``seen_rows`` [B], ``seen`` is a larger table and row b of the batch is its row
+    ``seen_rows[b]``: guarded rows then read only their 4097 candidates from it, not a whole
+    vocabulary-wide row each.
     """
     head = logits if isinstance(logits, LmHead) else FullLogits(logits)
     batch = params.temperature.shape[0]
@@ -130,14 +134,16 @@ def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Ten
         everyone = rows.numel() == batch  # the usual case: no need to gather the rows' settings
         sub = {name: getattr(params, name) if everyone else getattr(params, name)[rows]
                for name in params.__dataclass_fields__}
+        table_rows = rows if seen_rows is None else seen_rows[rows]
         if guarded:
             slots = sub["audio_position"] % TOKENS_PER_FRAME
             candidates = guard_candidates(slots)
-            scores = _penalise(head.guarded(rows, slots), seen[rows].gather(1, candidates), sub["repetition_penalty"])
+            scores = _penalise(head.guarded(rows, slots), seen[table_rows[:, None], candidates],
+                               sub["repetition_penalty"])
             # End-of-speech only where a frame is complete.
             scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))
         else:
-            scores = _penalise(head.full(rows), seen[rows], sub["repetition_penalty"])
+            scores = _penalise(head.full(rows), seen[table_rows], sub["repetition_penalty"])
             scores, candidates = scores.topk(min(scores.shape[1], UNGUARDED_CANDIDATES), dim=1)
         next_tokens[rows] = _choose(scores, candidates, sub)
     return next_tokens
