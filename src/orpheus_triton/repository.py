@@ -12,7 +12,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .constants import DECODER_MODEL, ENSEMBLE_MODEL, LLM_MODEL, PREPROCESSING_MODEL
+from .constants import DECODER_MODEL, ENSEMBLE_MODEL, LLM_MODEL, PREPROCESSING_MODEL, TOKENS_PER_FRAME
 
 MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
 
@@ -35,7 +35,7 @@ class RepositorySettings:
     max_seq_len: int = 2048
     max_queue: int = 256
     prefill_chunk: int = 256
-    tokens_per_response: int = 7  # one SNAC frame per LLM response (1 = token by token)
+    tokens_per_response: int = TOKENS_PER_FRAME  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64
     preprocessing_instances: int = 2
     decoder_max_batch_size: int = 64

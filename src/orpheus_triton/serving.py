@@ -36,6 +36,7 @@ from .constants import (
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
+    TOKENS_PER_FRAME,
 )
 from .frames import StreamFramer, Window
 
@@ -163,7 +164,7 @@ class FrameChunker:
     TensorRT-LLM does.
     """
 
-    def __init__(self, size: int = 7):
+    def __init__(self, size: int = TOKENS_PER_FRAME):
         if size < 1:
             raise ValueError(f"tokens per response must be >= 1, got {size}")
         self.size = size
