@@ -78,13 +78,12 @@ def busy_cores(seconds: float = 5.0) -> float | None:
     """Cores' worth of CPU time the whole machine spent busy over the next ``seconds`` (None off Linux)."""
 
     try:
-        total0, idle0 = _machine_jiffies()
+        start = _machine_jiffies()
         time.sleep(seconds)
-        total1, idle1 = _machine_jiffies()
+        end = _machine_jiffies()
     except (OSError, ValueError, IndexError):
         return None
-    elapsed = total1 - total0
-    return (os.cpu_count() or 1) * (elapsed - (idle1 - idle0)) / elapsed if elapsed else 0.0
+    return _cores_busy(start, end) if end[0] > start[0] else 0.0
 
 
 def _tree_jiffies(root: int) -> int:
@@ -114,24 +113,29 @@ def _machine_jiffies() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
 
+def _cores_busy(start: tuple[int, int], end: tuple[int, int]) -> float:
+    """Cores' worth of busy CPU between two ``_machine_jiffies`` readings (``end`` strictly later)."""
+    elapsed = end[0] - start[0]
+    return (os.cpu_count() or 1) * (elapsed - (end[1] - start[1])) / elapsed
+
+
 def other_load_monitor():
     """Start measuring; the returned function gives the cores' worth of CPU that processes outside
     this benchmark (this process and its children, the server among them) used meanwhile."""
     try:
-        total0, idle0 = _machine_jiffies()
+        start = _machine_jiffies()
         ours0 = _tree_jiffies(os.getpid())
     except (OSError, ValueError, IndexError):
         return lambda: {}
 
     def finish() -> dict:
-        total1, idle1 = _machine_jiffies()
+        end = _machine_jiffies()
         ours = _tree_jiffies(os.getpid()) - ours0
-        elapsed = total1 - total0
+        elapsed = end[0] - start[0]
         if elapsed <= 0:
             return {}
-        cores = os.cpu_count() or 1
-        busy = (elapsed - (idle1 - idle0)) * cores / elapsed
-        ours_cores = ours * cores / elapsed
+        busy = _cores_busy(start, end)
+        ours_cores = ours * (os.cpu_count() or 1) / elapsed
         return {"cores_busy": round(busy, 2), "cores_other": round(max(0.0, busy - ours_cores), 2)}
 
     return finish
