@@ -10,7 +10,7 @@ from torch import nn
 from orpheus_triton.constants import WINDOW_KEEP_END, WINDOW_KEEP_START
 from orpheus_triton.frames import Window
 from orpheus_triton.snac_codec import DECODE_FULL, DECODE_SPAN, RowwiseConv1d, Snake, WindowDecoder, load_snac
-from orpheus_triton.snac_span import Span, SpanDecoder, input_span, output_length, run_span
+from orpheus_triton.snac_span import Span, SpanDecoder, _dense, _flat_rows, input_span, output_length, run_span
 
 LAYERS = {
     "conv k7": nn.Conv1d(6, 5, 7, padding=3),
@@ -41,6 +41,21 @@ def test_layer_span_equals_the_full_output(name, where):
         # Only the needed inputs are handed over: the span rule must not read beyond them.
         part = run_span(layer, x[..., needed.start : needed.stop], needed.start, length, out)
     torch.testing.assert_close(part, full[..., out.start : out.stop], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("cut", "in_place"), [((2, 38), True), ((10, 20), False)])
+def test_dense_layers_read_a_cut_signal_in_place(cut, in_place):
+    """A cut of a time-major signal [B, T, C] is one matrix with gap rows (computed, then dropped), not a copy;
+    a cut that leaves wide gaps is copied instead."""
+    conv = nn.Conv1d(6, 5, 3, dilation=2)
+    signal = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(2))
+    part = signal[:, cut[0] : cut[1]]
+    flat, row_stride = _flat_rows(part)
+    assert (flat.untyped_storage().data_ptr() == signal.untyped_storage().data_ptr()) == in_place
+    assert row_stride == (40 if in_place else cut[1] - cut[0])
+    with torch.no_grad():
+        expected = conv(part.transpose(1, 2).contiguous()).transpose(1, 2)
+        torch.testing.assert_close(_dense(conv, part), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
