@@ -170,9 +170,17 @@ def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repe
 
     decoder = ready(exact=False)
     result = {"windows": windows, "device": device, "repeats": repeats, "target": SNAC_TARGET,
-              "mode": decoder.mode}
+              "mode": decoder.mode, "threads": torch.get_num_threads()}
     result.update(_snac_ratio(decoder, batch, repeats))
     result["target_met"] = result["cpu_ratio"] <= SNAC_TARGET
+    if device == "cpu" and result["threads"] > 1:
+        # The server's snac_decoder runs one thread beside the LLM's ('auto' cpu_threads), and
+        # a thread pool's busy-waiting weighs more on small calls: report that setting too.
+        torch.set_num_threads(1)
+        try:
+            result["one_thread"] = _snac_ratio(decoder, batch, repeats)
+        finally:
+            torch.set_num_threads(result["threads"])
     profile_text, result["profile_top"] = _profile(decoder, batch)
     # The exact decoder (whole windows, dense convolutions row by row): what sample-identical audio costs.
     result["exact"] = _snac_ratio(ready(exact=True), batch, repeats)

@@ -318,6 +318,14 @@ def _comparison_section(comp: dict) -> list[str]:
             f"{_met(snac['target_met'])}); wall ratio {_f(snac['wall_ratio'])}. Other cores meanwhile: "
             f"{_other(snac)}.",
         ]
+        one = snac.get("one_thread")
+        if one:
+            lines += [
+                "",
+                f"That is with {snac['threads']} torch threads. On one thread, as the server's `snac_decoder` runs "
+                f"beside the LLM: {one['batched_cpu_s']:.3f} s vs {one['one_by_one_cpu_s']:.3f} s, ratio "
+                f"{_f(one['cpu_ratio'])} (a thread pool's busy-waiting costs small calls more).",
+            ]
         exact = snac.get("exact")
         if exact:
             lines += [
