@@ -354,3 +354,36 @@ def test_cpu_threads_parameter():
                 set_cpu_threads({"cpu_threads": bad}, "cpu")
     finally:
         torch.set_num_threads(before)
+
+
+def _openmp_runtime():
+    """The OpenMP runtime torch loaded (its per-thread thread count is what torch's CPU kernels use)."""
+    import ctypes  # noqa: PLC0415
+
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "libgomp" in line or "libiomp" in line:
+                return ctypes.CDLL(line.split()[-1])
+    pytest.skip("torch's OpenMP runtime not found in /proc/self/maps")
+
+
+def test_torch_threads_start_with_the_process_thread_count():
+    """torch.set_num_threads binds the calling thread: a plain thread started later begins with the
+    OpenMP runtime's default (one per core), so its first matrix product may run on every core."""
+    import threading  # noqa: PLC0415
+
+    from orpheus_triton.threads import start_torch_thread  # noqa: PLC0415
+
+    runtime = _openmp_runtime()
+    seen = {}
+    plain = threading.Thread(target=lambda: seen.update(plain=runtime.omp_get_max_threads()))
+    plain.start()
+    plain.join()
+    wanted = seen["plain"] + 1  # anything but what a new thread gets by default
+    before = torch.get_num_threads()
+    torch.set_num_threads(wanted)
+    try:
+        start_torch_thread(lambda: seen.update(torch=runtime.omp_get_max_threads()), "test").join(10)
+    finally:
+        torch.set_num_threads(before)
+    assert seen["torch"] == wanted

@@ -37,6 +37,7 @@ from .constants import (
 )
 from .llama import BucketedDecoder, Llama
 from .sampling import LmHead, SamplingBatch, sample
+from .threads import start_torch_thread
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,7 @@ class InflightEngine:
         self.wakeup.set()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="inflight-engine", daemon=True)
-        self._thread.start()
+        self._thread = start_torch_thread(self._loop, "inflight-engine")
 
     def stop(self) -> None:
         self._stopping = True
