@@ -88,21 +88,101 @@ def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
     a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
     b = [audio_token_id(c, i) for i, c in enumerate(range(100, 128))]
     # Interleaved chunks of two streams never mix.
-    out = state.windows_for([("a", np.array(a[:14])), ("b", np.array(b[:20])), ("a", np.array(a[14:])),
-                             ("b", np.array(b[20:] + [END_OF_SPEECH]))])
-    assert [len(w) for w in out] == [0, 0, 1, 1]
-    assert out[2][0].codes == tuple(range(1, 29)) and out[3][0].codes == tuple(range(100, 128))
+    out = state.items_for([("a", np.array(a[:14]), 0), ("b", np.array(b[:20]), 1), ("a", np.array(a[14:]), 2),
+                           ("b", np.array(b[20:] + [END_OF_SPEECH]), 3)])
+    assert [(i.stream_id, len(i.windows), i.reply, i.last) for i in out] == [
+        ("a", 0, 0, False), ("b", 0, 1, False), ("a", 1, 2, False), ("b", 1, 3, True)]
+    assert out[2].windows[0].codes == tuple(range(1, 29)) and out[3].windows[0].codes == tuple(range(100, 128))
     assert set(state.streams) == {"a"}  # b ended
     # A new stream reusing "b" starts clean.
-    again = state.windows_for([("b", np.array(b))])
-    assert again[0][0].codes == tuple(range(100, 128)) and again[0][0].frame_index == 0
+    again = state.items_for([("b", np.array(b), None)])
+    assert again[0].windows[0].codes == tuple(range(100, 128)) and again[0].windows[0].frame_index == 0
 
 
-def test_decode_rounds_take_each_streams_next_request_in_order():
-    from orpheus_triton.serving import decode_rounds
+def _item(stream_id, windows=1, last=False, arrived=0.0):
+    from orpheus_triton.frames import Window
+    from orpheus_triton.serving import DecodeItem
 
+    return DecodeItem(stream_id, [Window((0,) * 28, i) for i in range(windows)], reply=None, last=last,
+                      arrived=arrived)
+
+
+def _names(items):
+    return [(i.stream_id, i.arrived) for i in items]
+
+
+def test_decoder_rounds_take_each_streams_oldest_request_in_order():
+    from orpheus_triton.serving import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=64)
     # Stream a ran ahead (three requests queued), b has two, c one.
-    assert decode_rounds(["a", "b", "a", "c", "a", "b"]) == [[0, 1, 3], [2, 5], [4]]
-    assert decode_rounds(["solo"] * 3) == [[0], [1], [2]]
-    assert decode_rounds(["x", "y", "z"]) == [[0, 1, 2]]
-    assert decode_rounds([]) == []
+    scheduler.add([_item("a", arrived=1), _item("b", arrived=2), _item("a", arrived=3), _item("c", arrived=4),
+                   _item("a", arrived=5), _item("b", arrived=6)])
+    rounds = [scheduler.next_round(timeout=0)[1] for _ in range(4)]
+    assert [_names(r) for r in rounds] == [[("a", 1), ("b", 2), ("c", 4)], [("a", 3), ("b", 6)], [("a", 5)], []]
+    assert scheduler.queued_windows() == 0
+
+
+def test_a_newcomer_joins_the_next_round_not_the_queue_behind_others():
+    """The round is composed when the decoder is free: a chunk that arrives meanwhile is in it."""
+    from orpheus_triton.serving import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=64)
+    scheduler.add([_item("a", arrived=1), _item("b", arrived=2), _item("a", arrived=3), _item("b", arrived=4)])
+    first = scheduler.next_round(timeout=0)[1]
+    assert _names(first) == [("a", 1), ("b", 2)]
+    scheduler.add([_item("new", arrived=5)])  # while that round decodes
+    for item in first:
+        scheduler.delivered(item, 0.085)
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("new", 5), ("a", 3), ("b", 4)]
+
+
+def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
+    from orpheus_triton.serving import DecodeScheduler
+
+    now = [100.0]
+    scheduler = DecodeScheduler(max_windows=2, clock=lambda: now[0])
+    for stream_id, seconds in (("ahead", 3.0), ("behind", 0.5)):
+        scheduler.delivered(_item(stream_id), seconds)  # both started playing at t=100
+    scheduler.add([_item("ahead", arrived=1), _item("behind", arrived=2), _item("newcomer", arrived=3),
+                   _item("other newcomer", arrived=4)])
+    # Newcomers first (nothing to hear yet), by arrival; then whose audio runs out sooner.
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("newcomer", 3), ("other newcomer", 4)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("behind", 2), ("ahead", 1)]
+    # A stream's end forgets its clock: a later stream with the same id is a newcomer again.
+    scheduler.delivered(_item("ahead", last=True), 0.5)
+    scheduler.add([_item("behind", arrived=7), _item("ahead", arrived=8)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("ahead", 8), ("behind", 7)]
+
+
+def test_requests_without_windows_pass_through_in_stream_order():
+    from orpheus_triton.serving import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=1)
+    scheduler.add([_item("a", 0, arrived=1), _item("a", arrived=2), _item("a", 0, arrived=3),
+                   _item("b", 0, arrived=4), _item("c", 2, arrived=5)])
+    answer, decode = scheduler.next_round(timeout=0)
+    # a's empty head and b's are answered now; a's second empty one waits behind a's window.
+    # c's two windows exceed max_windows but a round always takes its most urgent request.
+    assert _names(answer) == [("a", 1), ("b", 4)] and _names(decode) == [("a", 2)]
+    answer, decode = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("a", 3)] and _names(decode) == [("c", 5)]
+
+
+def test_decoder_scheduler_waits_for_work_and_closes():
+    import threading
+
+    from orpheus_triton.serving import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=8)
+    assert scheduler.next_round(timeout=0.01) == ([], [])
+    got = []
+    worker = threading.Thread(target=lambda: got.append(scheduler.next_round()))
+    worker.start()
+    scheduler.add([_item("a", arrived=1)])
+    worker.join(5)
+    assert _names(got[0][1]) == [("a", 1)]
+    scheduler.close()
+    assert scheduler.next_round() is None
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        DecodeScheduler(max_windows=0)

@@ -168,7 +168,8 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
         assert name in text
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
-    for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds"):
+    for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds",
+                 "orpheus_decoder_queued_windows"):
         assert name in text
     windows = _metric(server, "orpheus_decoder_windows_total")
     audio = _metric(server, "orpheus_decoder_audio_seconds_total")

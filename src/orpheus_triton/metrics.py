@@ -45,6 +45,7 @@ class DecoderMetrics:
         self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
         self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
+        self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
 
     def record_call(self, windows: int, seconds: float) -> None:
         if not windows:
@@ -56,3 +57,6 @@ class DecoderMetrics:
 
     def record_streams(self, streams: int) -> None:
         self.streams.set(streams)
+
+    def record_queued(self, windows: int) -> None:
+        self.queued.set(windows)

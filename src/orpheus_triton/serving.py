@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -181,25 +183,105 @@ class FrameChunker:
         return ready
 
 
-def decode_rounds(stream_ids: Sequence[str]) -> list[list[int]]:
-    """A decoder batch's requests (given by stream id, in arrival order) as rounds of request indices.
+@dataclass
+class DecodeItem:
+    """One decoder request: the windows its tokens completed, and what answers it (the adapter's business)."""
 
-    Round r holds the r-th request of every stream in the batch. A stream the LLM
-    ran ahead of can have many requests queued in one batch; decoding them all in
-    one call would hold its next chunk back until the whole batch is done, and its
-    listener would hear a gap. Decoding round by round, and answering after each
-    round, sends each stream's chunks as soon as they exist, in order, while every
-    round still batches across streams.
+    stream_id: str
+    windows: list[Window]
+    reply: Any
+    last: bool = False  # it carried the stream's end_id
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class DecodeScheduler:
+    """What the SNAC decoder decodes next, one round at a time, from everything that has arrived.
+
+    The adapter hands over requests as they come (``add``) and a worker takes
+    rounds (``next_round``): the oldest waiting request of every stream, in one
+    SNAC call. A stream's requests are answered in the order they came. Because
+    each round is composed when the decoder is free, a newcomer's chunk joins
+    the very next round instead of waiting behind the queued chunks of streams
+    the LLM ran ahead of (with rounds fixed per Triton batch, the second chunk
+    of a newcomer came 100-110 ms after its first at 3 streams on 2 CPU cores:
+    its listener heard a gap).
+
+    When a round is full (``max_windows``), the most urgent streams go first:
+    newcomers (nothing played yet: first audio is due now) by arrival, then
+    streams by when their listener's audio runs out (first audio sent + audio
+    seconds sent since).
     """
-    rounds: list[list[int]] = []
-    count: dict[str, int] = {}
-    for index, stream_id in enumerate(stream_ids):
-        position = count.get(stream_id, 0)
-        count[stream_id] = position + 1
-        if position == len(rounds):
-            rounds.append([])
-        rounds[position].append(index)
-    return rounds
+
+    def __init__(self, max_windows: int, idle_seconds: float = STREAM_STATE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        self.max_windows = max_windows
+        self.idle_seconds = idle_seconds
+        self.clock = clock
+        self._queues: dict[str, deque[DecodeItem]] = {}
+        self._playback: dict[str, tuple[float, float, float]] = {}  # id -> (first sent, seconds sent, last sent)
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def add(self, items: Sequence[DecodeItem]) -> None:
+        with self._ready:
+            for item in items:
+                self._queues.setdefault(item.stream_id, deque()).append(item)
+            self._ready.notify()
+
+    def queued_windows(self) -> int:
+        with self._ready:
+            return sum(len(item.windows) for queue in self._queues.values() for item in queue)
+
+    def next_round(self, timeout: float | None = None) -> tuple[list[DecodeItem], list[DecodeItem]] | None:
+        """(requests to answer in this order without decoding, requests to decode together), oldest first per stream.
+
+        Requests that completed no window are passed through as soon as they reach
+        their stream's head, so they never take a round. Waits up to ``timeout`` for
+        work (([], []) when none came) and returns None once closed.
+        """
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._queues or self._closed, timeout):
+                return [], []
+            if self._closed:
+                return None
+            answer, heads, windows = [], [], 0
+            for stream_id in sorted(self._queues, key=self._urgency):
+                queue = self._queues[stream_id]
+                while queue and not queue[0].windows:
+                    answer.append(queue.popleft())
+                if queue and (not heads or windows + len(queue[0].windows) <= self.max_windows):
+                    heads.append(queue.popleft())
+                    windows += len(heads[-1].windows)
+                if not queue:
+                    del self._queues[stream_id]
+            return answer, heads
+
+    def delivered(self, item: DecodeItem, audio_seconds: float) -> None:
+        """``item`` was answered with ``audio_seconds`` of audio: advance its stream's playback clock."""
+        now = self.clock()
+        with self._ready:
+            if item.last:
+                self._playback.pop(item.stream_id, None)
+            elif audio_seconds > 0:
+                first, sent, _ = self._playback.get(item.stream_id, (now, 0.0, now))
+                self._playback[item.stream_id] = (first, sent + audio_seconds, now)
+            stale = [k for k, (_, _, last) in self._playback.items() if now - last > self.idle_seconds]
+            for key in stale:
+                del self._playback[key]
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def _urgency(self, stream_id: str) -> tuple[int, float]:
+        playback = self._playback.get(stream_id)
+        if playback is None:
+            return 0, self._queues[stream_id][0].arrived
+        first, sent, _ = playback
+        return 1, first + sent
 
 
 @dataclass
@@ -211,10 +293,10 @@ class _DecoderStream:
 class StreamDecoderState:
     """Per-stream framing for the SNAC decoder, keyed by request id.
 
-    ``windows_for`` turns one batch of token chunks (one per request, in
-    arrival order) into the windows to decode and which request each belongs
-    to. A stream's state goes when its ``end_id`` arrives, or after
-    ``idle_seconds`` without tokens (a client that vanished mid-stream).
+    ``items_for`` turns token chunks (one per request, in arrival order) into
+    ``DecodeItem``s: the windows each request completed. A stream's state goes
+    when its ``end_id`` arrives, or after ``idle_seconds`` without tokens (a
+    client that vanished mid-stream).
     """
 
     def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS):
@@ -222,17 +304,19 @@ class StreamDecoderState:
         self.idle_seconds = idle_seconds
         self.streams: dict[str, _DecoderStream] = {}
 
-    def windows_for(self, chunks: Sequence[tuple[str, np.ndarray]]) -> list[list[Window]]:
+    def items_for(self, chunks: Sequence[tuple[str, np.ndarray, Any]]) -> list[DecodeItem]:
+        """One item per (stream id, token ids, reply) chunk."""
         now = time.monotonic()
         result = []
-        for request_id, tokens in chunks:
+        for request_id, tokens, reply in chunks:
             stream = self.streams.get(request_id)
             if stream is None:
                 stream = self.streams[request_id] = _DecoderStream()
             stream.last_seen = now
             flat = np.asarray(tokens).reshape(-1)
-            result.append(stream.framer.push(flat))
-            if (flat == self.end_id).any():
+            last = bool((flat == self.end_id).any())
+            result.append(DecodeItem(request_id, stream.framer.push(flat), reply, last, now))
+            if last:
                 del self.streams[request_id]
         self._evict(now)
         return result

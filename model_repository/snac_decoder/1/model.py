@@ -1,10 +1,13 @@
 """Triton adapter for the batched SNAC decoder (orpheus_triton.serving + orpheus_triton.snac_codec).
 
-Each request is one LLM response (a few token ids) of one stream. The windows the
-batch completes go through SNAC in rounds (serving.decode_rounds): each round
-takes the next request of every stream in the batch, in one call.
+Each request is one LLM response (a few token ids) of one stream. ``execute``
+only frames the tokens into windows and queues them (serving.DecodeScheduler);
+a worker thread decodes round after round, each round the oldest waiting
+request of every stream in one SNAC call, composed when the decoder is free,
+and answers each request as its round finishes.
 """
 
+import json
 import time
 
 import numpy as np
@@ -13,18 +16,19 @@ import triton_python_backend_utils as pb_utils
 from orpheus_triton import constants as c
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
+    DecodeItem,
+    DecodeScheduler,
     StreamDecoderState,
     StreamIdError,
-    decode_rounds,
     model_parameters,
     require_stream_id,
     send_error,
 )
 from orpheus_triton.snac_codec import load_window_decoder, warm_up
+from orpheus_triton.threads import start_torch_thread
 from orpheus_triton.triton_llm import pick_device, set_cpu_threads
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
 
 
 class TritonPythonModel:
@@ -35,10 +39,12 @@ class TritonPythonModel:
         self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true")
         warm_up(self.decoder)
         self.state = StreamDecoderState()
+        self.scheduler = DecodeScheduler(max_windows=json.loads(args["model_config"])["max_batch_size"])
         self.metrics = DecoderMetrics(pb_utils)
+        self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
     def execute(self, requests):
-        valid, chunks = [], []
+        chunks = []
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -46,31 +52,53 @@ class TritonPythonModel:
             except StreamIdError as error:
                 send_error(pb_utils, sender, "decoder", error)
                 continue
-            tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
-            valid.append(sender)
-            chunks.append((stream_id, tokens))
+            chunks.append((stream_id, pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy(), sender))
         try:
-            per_request = self.state.windows_for(chunks)
+            items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
-            for sender in valid:
+            for _, _, sender in chunks:
                 send_error(pb_utils, sender, "decoder", error)
             return None
-        rounds = decode_rounds([stream_id for stream_id, _ in chunks])
-        for number, members in enumerate(rounds):
-            windows = [w for i in members for w in per_request[i]]
-            started = time.perf_counter()
-            try:
-                audio = iter(self.decoder.decode(windows))
-            except Exception as error:  # noqa: BLE001
-                for i in [i for later in rounds[number:] for i in later]:
-                    send_error(pb_utils, valid[i], "decoder", error)
-                return None
-            self.metrics.record_call(len(windows), time.perf_counter() - started)
-            for i in members:
-                if per_request[i]:
-                    pcm = np.concatenate([next(audio) for _ in per_request[i]])[None, :]
-                    valid[i].send(pb_utils.InferenceResponse([pb_utils.Tensor(c.DECODER_AUDIO, pcm)]), flags=FINAL)
-                else:
-                    valid[i].send(flags=FINAL)
+        self.scheduler.add(items)
         self.metrics.record_streams(len(self.state.streams))
+        self.metrics.record_queued(self.scheduler.queued_windows())
         return None
+
+    def finalize(self):
+        self.scheduler.close()
+        self.worker.join(timeout=30)
+
+    def _decode_rounds(self):
+        while (work := self.scheduler.next_round()) is not None:
+            answer, decode = work
+            for item in answer:
+                self._answer(item, None)
+            if decode:
+                self._decode(decode)
+            self.metrics.record_queued(self.scheduler.queued_windows())
+
+    def _decode(self, items: list[DecodeItem]):
+        windows = [w for item in items for w in item.windows]
+        started = time.perf_counter()
+        try:
+            audio = iter(self.decoder.decode(windows))
+        except Exception as error:  # noqa: BLE001 (the worker must outlive one bad round)
+            for item in items:
+                self._answer(item, None, error)
+            return
+        self.metrics.record_call(len(windows), time.perf_counter() - started)
+        for item in items:
+            self._answer(item, np.concatenate([next(audio) for _ in item.windows]))
+
+    def _answer(self, item: DecodeItem, pcm, error=None):
+        try:
+            if error is not None:
+                send_error(pb_utils, item.reply, "decoder", error)
+            elif pcm is None:
+                item.reply.send(flags=FINAL)
+            else:
+                response = pb_utils.InferenceResponse([pb_utils.Tensor(c.DECODER_AUDIO, pcm[None, :])])
+                item.reply.send(response, flags=FINAL)
+        except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
+            pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
+        self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
