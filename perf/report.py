@@ -293,7 +293,7 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
                      f"{_f(lv.get('cores_other'), 1)} |")
     lines += ["", "Each `snac_decoder` request is one stream of one window (28 codes + end of speech), so windows/s "
               f"x {SAMPLES_PER_FRAME / SAMPLE_RATE * 1000:.1f} ms is the audio the decoder alone can produce per "
-              "second, and concurrency c lets the dynamic batcher decode up to c windows in one call.", ""]
+              "second, and concurrency c lets the decoder batch up to c windows in one round.", ""]
     return lines
 
 
