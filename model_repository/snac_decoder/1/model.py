@@ -75,20 +75,26 @@ class TritonPythonModel:
                 self._answer(item, None)
             if decode:
                 self._decode(decode)
-            self.metrics.record_queued(self.scheduler.queued_windows())
+            try:
+                self.metrics.record_queued(self.scheduler.queued_windows())
+            except Exception as failure:  # noqa: BLE001 (metrics must never stop the decoder)
+                pb_utils.Logger.log_error(f"orpheus decoder: metrics failed: {failure}")
 
     def _decode(self, items: list[DecodeItem]):
         windows = [w for item in items for w in item.windows]
         started = time.perf_counter()
-        try:
-            audio = iter(self.decoder.decode(windows))
-        except Exception as error:  # noqa: BLE001 (the worker must outlive one bad round)
+        try:  # every request of the round is answered, whatever fails: the worker must outlive a bad round
+            audio = self.decoder.decode(windows)
+            if len(audio) != len(windows):
+                raise RuntimeError(f"SNAC returned {len(audio)} chunks for {len(windows)} windows")
+            self.metrics.record_call(len(windows), time.perf_counter() - started)
+        except Exception as error:  # noqa: BLE001
             for item in items:
                 self._answer(item, None, error)
             return
-        self.metrics.record_call(len(windows), time.perf_counter() - started)
+        chunks = iter(audio)
         for item in items:
-            self._answer(item, np.concatenate([next(audio) for _ in item.windows]))
+            self._answer(item, np.concatenate([next(chunks) for _ in item.windows]))
 
     def _answer(self, item: DecodeItem, pcm, error=None):
         try:
