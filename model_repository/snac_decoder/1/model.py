@@ -60,8 +60,6 @@ class TritonPythonModel:
                 send_error(pb_utils, sender, "decoder", error)
             return None
         self.scheduler.add(items)
-        self.metrics.record_streams(len(self.state.streams))
-        self.metrics.record_queued(self.scheduler.queued_windows())
         return None
 
     def finalize(self):
@@ -75,8 +73,9 @@ class TritonPythonModel:
                 self._answer(item, None)
             if decode:
                 self._decode(decode)
-            try:
+            try:  # metrics only from this thread: when several threads updated them at once, tritonserver crashed
                 self.metrics.record_queued(self.scheduler.queued_windows())
+                self.metrics.record_streams(len(self.state.streams))
             except Exception as failure:  # noqa: BLE001 (metrics must never stop the decoder)
                 pb_utils.Logger.log_error(f"orpheus decoder: metrics failed: {failure}")
 
