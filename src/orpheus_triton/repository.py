@@ -38,7 +38,10 @@ class RepositorySettings:
     tokens_per_response: int = TOKENS_PER_FRAME  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64
     preprocessing_instances: int = 2
-    decoder_max_batch_size: int = 64
+    # Requests per decoder call from Triton, and windows per SNAC call (serving.DecodeScheduler). A round
+    # takes one window per stream: 216 streams fit one round of 256 instead of four rounds of 64 per
+    # 85 ms frame, and a GPU's time per call grows far slower than its windows (not yet measured there).
+    decoder_max_batch_size: int = 256
     decoder_queue_delay_us: int = 2000
     # Intra-op threads of the LLM and decoder processes: "auto" = on CPU half the cores each, so the two
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
