@@ -73,11 +73,8 @@ class TritonPythonModel:
                 self._answer(item, None)
             if decode:
                 self._decode(decode)
-            try:  # metrics only from this thread: when several threads updated them at once, tritonserver crashed
-                self.metrics.record_queued(self.scheduler.queued_windows())
-                self.metrics.record_streams(len(self.state.streams))
-            except Exception as failure:  # noqa: BLE001 (metrics must never stop the decoder)
-                pb_utils.Logger.log_error(f"orpheus decoder: metrics failed: {failure}")
+            self._metrics(lambda: (self.metrics.record_queued(self.scheduler.queued_windows()),
+                                   self.metrics.record_streams(len(self.state.streams))))
 
     def _decode(self, items: list[DecodeItem]):
         windows = [w for item in items for w in item.windows]
@@ -86,14 +83,24 @@ class TritonPythonModel:
             audio = self.decoder.decode(windows)
             if len(audio) != len(windows):
                 raise RuntimeError(f"SNAC returned {len(audio)} chunks for {len(windows)} windows")
-            self.metrics.record_call(len(windows), time.perf_counter() - started)
         except Exception as error:  # noqa: BLE001
             for item in items:
                 self._answer(item, None, error)
             return
+        seconds = time.perf_counter() - started
+        self._metrics(lambda: self.metrics.record_call(len(windows), seconds))
         chunks = iter(audio)
         for item in items:
             self._answer(item, np.concatenate([next(chunks) for _ in item.windows]))
+
+    @staticmethod
+    def _metrics(update):
+        """Metrics are updated from this thread only (when several threads updated them at once,
+        tritonserver crashed in libtriton_python), and a failed update never stops the decoder."""
+        try:
+            update()
+        except Exception as failure:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"orpheus decoder: metrics failed: {failure}")
 
     def _answer(self, item: DecodeItem, pcm, error=None):
         try:
