@@ -73,8 +73,11 @@ class TritonPythonModel:
                 self._answer(item, None)
             if decode:
                 self._decode(decode)
-            self._metrics(lambda: (self.metrics.record_queued(self.scheduler.queued_windows()),
-                                   self.metrics.record_streams(len(self.state.streams))))
+            self._metrics(self._record_backlog)
+
+    def _record_backlog(self):
+        self.metrics.record_queued(self.scheduler.queued_windows())
+        self.metrics.record_streams(len(self.state.streams))
 
     def _decode(self, items: list[DecodeItem]):
         windows = [w for item in items for w in item.windows]
