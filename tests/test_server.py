@@ -275,32 +275,125 @@ def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 
-def test_serve_command_runs_tritonserver_in_the_foreground(model_set, tmp_path):
-    import os
+class ServeCommand:
+    """`orpheus-triton serve` in a subprocess on free ports, as a user runs it."""
+
+    def __init__(self, model_set, tmp_path, *options: str):
+        import os
+        import subprocess
+        import sys
+
+        from conftest import free_port
+
+        from orpheus_triton.server import wait_until_ready
+
+        self.url = f"localhost:{free_port()}"
+        env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))
+        self.log_path = tmp_path / "serve.log"  # a file, not a pipe: server processes inherit it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(model_set.root), "--device", "cpu",
+             "--grpc-port", self.url.split(":")[1], "--http-port", str(free_port()),
+             "--metrics-port", str(free_port()), "--max-streams", "2", *options],
+            env=env, stdout=subprocess.DEVNULL, stderr=(log_file := self.log_path.open("w")),
+        )
+        log_file.close()  # the command has its own copy
+        try:
+            wait_until_ready(self.process, self.url, timeout=180)
+        except Exception:
+            self.process.kill()
+            raise
+
+    def stream_in_background(self, max_tokens: int) -> tuple[threading.Thread, list]:
+        """A long synthesis on its own thread, under way on return: (thread, [its result or error])."""
+        first_chunk, outcome = threading.Event(), []
+
+        def run() -> None:
+            try:
+                outcome.append(OrpheusClient(self.url).synthesize(TEXT, max_tokens=max_tokens,
+                                                                  on_chunk=lambda _: first_chunk.set()))
+            except SynthesisError as error:
+                outcome.append(error)
+            first_chunk.set()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert first_chunk.wait(timeout=60)
+        return thread, outcome
+
+    def finish(self, timeout: float) -> tuple[int, str, float]:
+        """(exit status, stderr, seconds it took) once the command has ended; fails if a server
+        process outlived it or the rendered repository was left behind."""
+        import re
+        from pathlib import Path
+
+        start = time.monotonic()
+        try:
+            status = self.process.wait(timeout=timeout)
+        finally:
+            self.process.kill()
+        took = time.monotonic() - start
+        log = self.log_path.read_text()
+        repository = re.search(r"model repository: (\S+)", log).group(1)
+        assert not Path(repository).exists()
+        leftovers = [path for path in Path("/proc").glob("[0-9]*/cmdline") if repository.encode() in _read(path)]
+        assert not leftovers, f"server processes left running: {leftovers}\n{log[-3000:]}"
+        return status, log, took
+
+
+def _read(path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended while we looked
+        return b""
+
+
+def test_serve_command_stops_on_sigterm(model_set, tmp_path):
+    """`docker stop` signals the container's first process, the serve command: it passes SIGTERM on."""
     import signal
     import subprocess
     import sys
 
-    from conftest import free_port
-
-    from orpheus_triton.server import wait_until_ready
-
-    grpc_port = free_port()
-    env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(model_set.root), "--device", "cpu",
-         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--metrics-port", str(free_port()),
-         "--max-streams", "2"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        wait_until_ready(process, f"localhost:{grpc_port}", timeout=180)
-        assert OrpheusClient(f"localhost:{grpc_port}").synthesize("served", max_tokens=35).audio.size > 0
-    finally:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    assert "gRPC on" in process.stderr.read()
+    serve = ServeCommand(model_set, tmp_path)
+    assert OrpheusClient(serve.url).synthesize("served", max_tokens=35).audio.size > 0
+    serve.process.send_signal(signal.SIGTERM)
+    status, log, took = serve.finish(timeout=60)
+    assert "gRPC on" in log and "SIGTERM: stopping" in log
+    assert status == 0 and took < 10
 
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=60, env=env)
+                         capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--exit-timeout", "1.5"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "whole number of seconds" in bad.stderr
+
+
+def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_path):
+    """A stopping tritonserver refuses the ensemble's next step, so the stream cannot finish and the
+    server waits out its exit timeout (and 2.51 may hang after it): the command ends it in bounded time."""
+    import signal
+
+    from orpheus_triton.cli import STOP_GRACE_SECONDS
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
+    thread, outcome = serve.stream_in_background(max_tokens=1400)
+    serve.process.send_signal(signal.SIGINT)
+    status, log, took = serve.finish(timeout=30)
+    assert "SIGINT: stopping; streams in flight get up to 1 s" in log
+    assert took < 1 + STOP_GRACE_SECONDS + 3
+    thread.join(timeout=30)
+    assert isinstance(outcome[0], SynthesisError)  # the client hears that its stream was cut off
+
+
+def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
+    import signal
+
+    serve = ServeCommand(model_set, tmp_path)  # exit timeout 10 s
+    serve.stream_in_background(max_tokens=1400)
+    serve.process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert serve.process.poll() is None  # waiting for the stream
+    serve.process.send_signal(signal.SIGINT)
+    status, log, took = serve.finish(timeout=10)
+    assert "stopping at once" in log
+    assert status == 128 + signal.SIGKILL and took < 3

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .constants import DEFAULT_VOICE, SAMPLE_RATE, VOICES
@@ -56,14 +61,57 @@ def cmd_serve(args) -> int:
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
-    process = start_server(repository, ports, own_session=False)
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        return process.wait()
+        process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
+        return _run_in_foreground(process, args.exit_timeout)
     finally:
         shutil.rmtree(repository, ignore_errors=True)
+
+
+# How long past its own exit timeout a stopping tritonserver may take before it is killed:
+# tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
+# ensemble stream is still counted in flight.
+STOP_GRACE_SECONDS = 5.0
+
+
+def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
+    """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it.
+
+    This process forwards them because it may be the only one that gets them: `docker stop`
+    signals the container's first process, and a first process without a handler ignores
+    SIGTERM. The first signal asks for Triton's stop: it refuses new requests and waits up
+    to ``exit_timeout`` for those in flight. A stream through the `orpheus` ensemble cannot
+    finish then (its next step is a new request to a composing model, which a stopping
+    Triton refuses), so it is cut off when that time is up. If the server is still there
+    STOP_GRACE_SECONDS later, or at a second signal, it is killed with its backend stubs.
+    Returns the server's exit status (128 + signal number when a signal ended it).
+    """
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None
+    try:
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = process.wait(timeout=0.2)
+                break
+            if received and deadline is None:
+                _log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
+                     f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
+                process.send_signal(received[0])
+                deadline = time.monotonic() + exit_timeout + STOP_GRACE_SECONDS
+            elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
+                _log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                received[1:] = []  # killed once; the loop collects the exit status
+                deadline = math.inf
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # backend stubs a server that exited in haste left behind
+    return status if status >= 0 else 128 - status
 
 
 def _synthesize_to_wav(url: str, text: str, output: Path, **options) -> None:
@@ -160,6 +208,13 @@ def _thread_count(value: str) -> str:
     return value
 
 
+def _seconds(value: str) -> int:
+    """A whole number of seconds >= 0 (tritonserver's --exit-timeout-secs takes no fractions)."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds >= 0, got {value!r}")
+    return int(value)
+
+
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
@@ -193,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--exit-timeout", type=_seconds, default=10, metavar="SECONDS",
+                       help="on Ctrl-C or SIGTERM, how long requests in flight may take before the server "
+                            "stops (default 10; streams through the orpheus ensemble are cut off then)")
     serve.set_defaults(run=cmd_serve)
 
     say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")

@@ -107,13 +107,12 @@ def server_command(repository: Path, ports: Ports, extra: list[str] | None = Non
     return command + list(extra or [])
 
 
-def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None,
-                 own_session: bool = True) -> subprocess.Popen:
-    """Start tritonserver in the background; ``own_session`` gives it (and its backend stubs) their
-    own process group, so ``stop_server`` can end them all."""
+def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
+    """Start tritonserver in the background, in its own process group (its backend stubs join it), so
+    ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher."""
     return subprocess.Popen(
         server_command(repository, ports, extra), env=server_environment(),
-        stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=own_session,
+        stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
     )
 
 
