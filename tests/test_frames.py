@@ -186,3 +186,58 @@ def test_decoder_scheduler_waits_for_work_and_closes():
     assert scheduler.next_round() is None
     with pytest.raises(ValueError, match="max_windows must be >= 1"):
         DecodeScheduler(max_windows=0)
+
+
+def test_cancellation_watch_asks_off_the_caller_thread_and_stops_asking_once_told():
+    import threading
+    import time
+
+    from orpheus_triton.serving import CancellationWatch
+
+    asked_from, cancelled = set(), threading.Event()
+
+    def is_cancelled():
+        asked_from.add(threading.current_thread().name)
+        return cancelled.is_set()
+
+    def gone():  # Triton raises for a request it has already released
+        raise RuntimeError("request released")
+
+    watch = CancellationWatch(period=0.001)
+    check, check_gone = watch.watch("a", is_cancelled), watch.watch("b", gone)
+    watch.watch("c", lambda: False)
+    watch.forget("c")
+    time.sleep(0.05)
+    assert not check() and check_gone()  # a request that cannot be asked counts as cancelled
+    cancelled.set()
+    deadline = time.monotonic() + 5
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert check() and asked_from == {"cancellation-watch"}
+    assert watch._watched == {}  # told once: no more round trips for it
+    watch.stop()
+
+
+def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
+    from orpheus_triton.serving import ResponseQueue
+
+    sent, errors = [], []
+
+    def send(key, n):
+        def run():
+            if n == "boom":
+                raise RuntimeError("client went away")
+            sent.append((key, n))
+        return run
+
+    queue = ResponseQueue(on_error=lambda key, error: errors.append((key, str(error))))
+    queue.put("a", send("a", 1))
+    queue.put("b", send("b", 1))
+    queue.put("a", send("a", "boom"))
+    queue.put("a", send("a", 2))  # dropped: stream a failed
+    queue.put("b", send("b", 2), last=True)
+    queue.put("a", send("a", 3), last=True)  # dropped, and ends a's failed state
+    queue.put("a", send("a", 1))  # a new stream under the same id
+    queue.close()
+    assert sent == [("a", 1), ("b", 1), ("b", 2), ("a", 1)]
+    assert errors == [("a", "client went away")]

@@ -1,11 +1,13 @@
 """Triton adapter for the torch in-flight batching engine (orpheus_triton.engine).
 
-execute() only parses requests and hands them to the engine; the engine's loop
-thread sends one response per generated token through each request's
-response sender, and the final one with the FINAL flag.
+execute() only parses requests and hands them to the engine. The engine's loop
+thread queues a response per frame of generated tokens (the final one with the
+FINAL flag), which a sender thread sends; another thread asks Triton which
+requests were cancelled. Neither round trip to the server holds up a step.
 """
 
 import contextlib
+import logging
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -14,7 +16,9 @@ from orpheus_triton import constants as c
 from orpheus_triton.engine import CapacityError, GenerationRequest
 from orpheus_triton.serving import (
     ActiveStreams,
+    CancellationWatch,
     FrameChunker,
+    ResponseQueue,
     StreamIdError,
     generation_settings,
     is_stop_request,
@@ -24,7 +28,7 @@ from orpheus_triton.serving import (
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
+log = logging.getLogger(__name__)
 
 
 class TritonPythonModel:
@@ -33,6 +37,8 @@ class TritonPythonModel:
         self.engine = build_engine(params)
         self.tokens_per_response = int(params.get("tokens_per_response", c.TOKENS_PER_FRAME))
         self.active = ActiveStreams()
+        self.cancellations = CancellationWatch()
+        self.responses = ResponseQueue(on_error=self._undeliverable)
         self.metrics = EngineMetrics(pb_utils, self.engine, self.active)
         self.engine.start()
 
@@ -58,10 +64,12 @@ class TritonPythonModel:
                 self.engine.submit(
                     GenerationRequest(
                         **settings, emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
-                        is_cancelled=request.is_cancelled, request_id=request_id,
+                        is_cancelled=self.cancellations.watch(request_id, request.is_cancelled),
+                        request_id=request_id,
                     )
                 )
             except (CapacityError, ValueError) as error:
+                self.cancellations.forget(request_id)
                 self.active.release(request_id)
                 send_error(pb_utils, sender, "llm", error)
         return None
@@ -73,25 +81,41 @@ class TritonPythonModel:
             ready = chunks.add(tokens, finished)
             if ready is None:
                 return
-            response = pb_utils.InferenceResponse([
-                pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[ready]], dtype=np.int32)),
-                pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([chunks.sent], dtype=np.int32)),
-            ])
-            if finished:
+            sent = chunks.sent
+
+            def send():
+                response = pb_utils.InferenceResponse([
+                    pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[ready]], dtype=np.int32)),
+                    pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([sent], dtype=np.int32)),
+                ])
+                sender.send(response, flags=FINAL if finished else 0)
+
+            self.responses.put(request_id, send, last=finished)
+            if finished:  # after the put: a new stream with this id queues behind this one's end
+                self.cancellations.forget(request_id)
                 self.active.release(request_id)
-            sender.send(response, flags=FINAL if finished else 0)
 
         return emit
 
     def _failer(self, sender, request_id):
         def fail(message):
+            def send():
+                # A cancelled request's sender is already closed by Triton: nothing more to say.
+                with contextlib.suppress(Exception):
+                    send_error(pb_utils, sender, "llm", message)
+
+            self.responses.put(request_id, send, last=True)
+            self.cancellations.forget(request_id)
             self.active.release(request_id, completed=False)
-            # A cancelled request's sender is already closed by Triton: nothing more to say.
-            with contextlib.suppress(Exception):
-                send_error(pb_utils, sender, "llm", message)
 
         return fail
+
+    def _undeliverable(self, request_id, error):
+        log.warning("could not deliver tokens of request %r (%s); dropping the stream", request_id, error)
+        self.engine.stop_stream(request_id)
 
     def finalize(self):
         self.metrics.stop()
         self.engine.stop()
+        self.cancellations.stop()
+        self.responses.close()
