@@ -48,6 +48,7 @@ class InProcessPipeline:
                                      max_seq_len=max_seq_len)
         self.decoder = load_window_decoder(models.snac, device=device)
         warm_up(self.decoder)
+        self.engine.capture_graphs()  # before SNAC shares the GPU from another thread
         self.engine.start()
 
     def synthesize(self, utterance: Utterance, run_start: float = 0.0) -> StreamRecord:

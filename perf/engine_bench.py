@@ -97,8 +97,13 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
         sink: dict = {}
         for i in range(n):
             submit(engine, i, context, sink)
-        for _ in range(8):  # prefill all, capture graphs
+        # Admit every stream (a step prefills prefill_chunk prompt tokens: ~6 prompts), then one
+        # more step so this batch's CUDA graph is captured before the timed steps.
+        while engine.queue or engine.prefilling is not None:
             engine.step()
+        engine.step()
+        if len(engine.decoding) != n:
+            raise RuntimeError(f"{len(engine.decoding)} of {n} streams decoding; raise --tokens or --max-streams")
         times = []
         for _ in range(20):
             if engine.device.type == "cuda":
@@ -110,6 +115,8 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
             times.append(time.perf_counter() - t)
         step = sorted(times)[len(times) // 2]
         per_stream = 1.0 / step
+        if len(engine.decoding) != n:
+            raise RuntimeError(f"streams finished during the timed steps of the {n}-stream sweep; raise --tokens")
         rows.append({"streams": n, "step_ms": step * 1000, "tokens_per_s_per_stream": per_stream,
                      "aggregate_tokens_per_s": n / step, "real_time": per_stream >= REAL_TIME_TOKENS_PER_SECOND})
     return rows

@@ -88,6 +88,10 @@ def test_bucketed_decode_step_equals_the_plain_step(checkpoint):
     decoder = BucketedDecoder(model, context_step=16, use_graphs=False)
     assert decoder.batch_buckets == [1, 2, 4, 6]
     assert decoder.bucket(3, 17) == (4, 32) and decoder.bucket(6, 64) == (6, 64)
+    # capture_all (a server's startup) covers every shape a step can take, and only those.
+    reachable = {decoder.bucket(batch, length) for batch in range(1, 7) for length in range(1, 65)}
+    assert set(decoder.shapes()) == reachable and len(decoder.shapes()) == len(reachable)
+    assert decoder.capture_all() == 0  # nothing to capture without CUDA graphs
     rows = [torch.randint(0, 156940, (n,)).tolist() for n in (9, 3, 12)]
     with torch.inference_mode():
         for i, r in enumerate(rows):

@@ -158,6 +158,11 @@ class InflightEngine:
     def start(self) -> None:
         self._thread = start_torch_thread(self._loop, "inflight-engine")
 
+    def capture_graphs(self) -> int:
+        """Capture the decode step's CUDA graphs for every shape now (GPU; 0 elsewhere), so no
+        stream waits for a capture while serving. Returns how many were captured."""
+        return self.decoder.capture_all() if self.decoder is not None else 0
+
     def stop(self) -> None:
         self._stopping = True
         self.wakeup.set()
@@ -174,6 +179,8 @@ class InflightEngine:
 
     # ---- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # a new thread's current device is cuda:0
         while not self._stopping:
             if self.idle():
                 self.wakeup.wait(timeout=0.5)

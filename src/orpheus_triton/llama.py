@@ -320,6 +320,24 @@ class BucketedDecoder:
         graph.replay()
         return out[:batch]
 
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, context) a decode step can run at."""
+        contexts = sorted({self.bucket(1, length)[1]
+                           for length in range(1, self.model.max_seq_len + 1, self.context_step)})
+        return [(rows, context) for rows in self.batch_buckets for context in contexts]
+
+    def capture_all(self) -> int:
+        """Capture every shape's graph now (a server's startup) instead of on first use, where a
+        capture stalls every stream for a few forwards. Returns how many graphs were captured."""
+        if not self.use_graphs:
+            return 0
+        self.tokens.zero_()
+        self.positions.zero_()
+        missing = [shape for shape in self.shapes() if shape not in self.graphs]
+        for rows, context in missing:
+            self._capture(rows, context)
+        return len(missing)
+
     def _forward(self, rows: int, context: int) -> torch.Tensor:
         return self.model(self.tokens[:rows], self.positions[:rows], first_slot=0, context_len=context,
                           hidden_only=True)
@@ -327,14 +345,19 @@ class BucketedDecoder:
     def _capture(self, rows: int, context: int):
         # Warm-up runs compute exactly this step (the buffers hold its inputs), so
         # the cache entries they write are the ones the replay writes again.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(rows, context)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(rows, context)
+        # On the model's device whichever thread captures (a thread's current device is
+        # cuda:0 until it sets one). thread_local: work that other threads of the process
+        # put on the GPU meanwhile (a SNAC decoder) does not invalidate the capture.
+        device = self.tokens.device
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(rows, context)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = self._forward(rows, context)
         self.graphs[(rows, context)] = (graph, out)
         return graph, out

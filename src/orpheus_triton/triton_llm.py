@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import torch
 
@@ -55,6 +56,10 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
     )
     log.info("torch LLM engine on %s: %d streams x %d positions, %d CPU threads", device, engine.max_streams,
              engine.max_seq_len, threads)
+    started = time.perf_counter()
+    graphs = engine.capture_graphs()
+    if graphs:
+        log.info("captured %d CUDA graphs of the decode step in %.1f s", graphs, time.perf_counter() - started)
     return engine
 
 
