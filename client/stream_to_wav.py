@@ -43,27 +43,35 @@ def main() -> None:
 
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(args.url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
     started = time.perf_counter()
-    client.async_stream_infer("orpheus", inputs, request_id=str(uuid.uuid4()), enable_empty_final_response=True)
+    try:
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer("orpheus", inputs, request_id=str(uuid.uuid4()),
+                                  enable_empty_final_response=True)
+    except grpcclient.InferenceServerException as error:  # e.g. nothing listening at --url
+        raise SystemExit(f"could not reach the server at {args.url}: {error}") from None
 
-    samples = 0
-    with wave.open(args.output, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(SAMPLE_RATE)
+    wav, samples = None, 0  # the file is created with the first audio: a failed request leaves none
+    try:
         while True:
             result, error = responses.get(timeout=600)
             if error is not None:
                 raise SystemExit(f"server error: {error}")
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
-                if samples == 0:
+                if wav is None:
                     print(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms")
+                    wav = wave.open(args.output, "wb")  # noqa: SIM115 (closed below)
+                    wav.setnchannels(1)
+                    wav.setsampwidth(2)
+                    wav.setframerate(SAMPLE_RATE)
                 wav.writeframes(audio.astype("<i2").tobytes())
                 samples += audio.size
             if result.get_response().parameters["triton_final_response"].bool_param:
                 break
+    finally:
+        if wav is not None:
+            wav.close()
     client.stop_stream()
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 

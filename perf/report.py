@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 2
     path = Path(argv[0])
+    if not path.is_file():
+        print(f"error: {path} does not exist (expected a run folder's result.json)", file=sys.stderr)
+        return 2
     print(write_report(json.loads(path.read_text()), path.parent))
     return 0
 

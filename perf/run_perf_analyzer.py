@@ -33,6 +33,7 @@ from pathlib import Path
 
 from common import PERF, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
+from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import meets_realtime, percentile, playback, realtime_capacity
 
@@ -219,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
                   max_tokens=args.max_tokens, request_count=args.request_count,
                   decoder_request_count=args.decoder_request_count, timeout=args.timeout)
     if args.url:
+        try:
+            require_ready_server(args.url)
+        except ConnectionError as error:
+            log(f"error: {error}")
+            return 1
         result = run(perf_analyzer, RunningServer(args.url, args.metrics_url), **common)
     else:
         from common import local_server  # noqa: PLC0415
@@ -230,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "perf_analyzer.json"
     path.write_text(json.dumps(result, indent=1))
     log(f"wrote {path}")
+    failed = [f"{model} c={c}" for model in ("orpheus", "snac_decoder")
+              for c, level in result[model].items() if "error" in level]
+    if failed:
+        log(f"error: perf_analyzer failed at {', '.join(failed)} (see {path})")
+        return 1
     return 0
 
 

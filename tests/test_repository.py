@@ -105,3 +105,30 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--llm-cpu-threads", "0"])
     assert "expected 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):
+    import socket
+
+    import torch
+    from conftest import free_port
+
+    from orpheus_triton import cli
+
+    def no_models(_):
+        raise AssertionError("a model set was prepared before the check")
+
+    monkeypatch.setattr(cli, "_model_set", no_models)
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert cli.main(["serve", "--device", "tpu", *ports]) == 2
+    assert "--device 'tpu': expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["serve", "--device", "cuda:0", *ports]) == 2
+        assert "sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--metrics-port", str(port)]) == 2
+    error = capsys.readouterr().err
+    assert f"metrics port {port} is not free" in error and "pick another with --metrics-port" in error

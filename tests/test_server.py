@@ -202,6 +202,16 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "hi", "-o", str(tmp_path / "x.wav"),
                           "--url", "localhost:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "could not synthesize" in bad.stderr
+    # A request that fails leaves a file of that name as it was.
+    refused = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", " ", "-o",
+                              str(tmp_path / "say.wav"), "--url", grpc_url], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 1 and "text is empty" in refused.stderr
+    assert read_wav(tmp_path / "say.wav")[1].size == 7 * c.SAMPLES_PER_FRAME
+    unreachable = subprocess.run([sys.executable, str(example), "hi", str(tmp_path / "none.wav"), "--url",
+                                  "localhost:1"], capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
+    assert not (tmp_path / "none.wav").exists()
 
 
 def _metric(server, name: str) -> float:

@@ -35,8 +35,38 @@ def _model_set(models: str | None) -> ModelSet:
     return model_set
 
 
+def _check_device(name: str) -> None:
+    """Refuse a device this machine cannot serve on before any model loads (the models would fail
+    one by one, the reason buried in the server log)."""
+    if name in ("auto", "cpu"):
+        return
+    if name != "cuda" and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    index = int(name[5:] or 0) if name.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) visible")
+
+
+def _check_ports_free(ports) -> None:
+    """Fail now, not after loading every model, when a port is taken (tritonserver binds 0.0.0.0)."""
+    for label, port in (("gRPC", ports.grpc), ("HTTP", ports.http), ("metrics", ports.metrics)):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing server's TIME_WAIT is fine
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError as error:
+                flag = {"gRPC": "--grpc-port", "HTTP": "--http-port", "metrics": "--metrics-port"}[label]
+                raise RuntimeError(f"{label} port {port} is not free ({error.strerror}): another server is "
+                                   f"running there; stop it or pick another with {flag}") from None
+
+
 def _render(args, model_set: ModelSet) -> Path:
     from .repository import RepositorySettings, render  # noqa: PLC0415
+
 
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
@@ -57,8 +87,10 @@ def _free_port() -> int:
 def cmd_serve(args) -> int:
     from .server import Ports, start_server  # noqa: PLC0415
 
-    repository = _render(args, _model_set(args.models))
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
+    _check_ports_free(ports)
+    _check_device(args.device)
+    repository = _render(args, _model_set(args.models))
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
     try:
@@ -115,16 +147,11 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
 
 
 def _synthesize_to_wav(url: str, text: str, output: Path, **options) -> None:
-    from .client import OrpheusClient  # noqa: PLC0415
+    from .client import OrpheusClient, require_ready_server  # noqa: PLC0415
     from .wav import StreamingWavWriter  # noqa: PLC0415
 
+    require_ready_server(url)
     client = OrpheusClient(url)
-    try:
-        ready = client.client.is_server_ready()
-    except Exception:  # noqa: BLE001 (grpc raises several kinds for "nobody listening")
-        ready = False
-    if not ready:
-        raise ConnectionError(f"no ready Triton server at {url} (start one with `orpheus-triton serve`)")
     with StreamingWavWriter(output) as wav:
         result = client.synthesize(text, on_chunk=wav.write, **options)
     client.close()
@@ -153,6 +180,9 @@ def cmd_say(args) -> int:
     except ConnectionError as error:
         print(f"error: could not synthesize: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the client has cancelled the stream on its way out
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -163,6 +193,7 @@ def cmd_demo(args) -> int:
     if args.models is None and args.max_tokens is None:
         # Random weights never choose end-of-speech: cap the demo at ~5 s of audio.
         args.max_tokens = DEMO_MAX_TOKENS
+    _check_device(args.device)
     repository = _render(args, _model_set(args.models))
     ports = Ports(_free_port(), _free_port(), _free_port())
     log_path = cache_dir() / "demo-server.log"

@@ -102,6 +102,18 @@ def request_inputs(
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
 
+def require_ready_server(url: str) -> None:
+    """Raise ConnectionError naming ``url`` unless a Triton server there is ready to serve."""
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    try:
+        ready = grpcclient.InferenceServerClient(url).is_server_ready()
+    except Exception:  # noqa: BLE001 (grpc raises several kinds for "nobody listening")
+        ready = False
+    if not ready:
+        raise ConnectionError(f"no ready Triton server at {url} (start one with `orpheus-triton serve`)")
+
+
 class OrpheusClient:
     """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread)."""
 

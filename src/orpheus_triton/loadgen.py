@@ -36,11 +36,13 @@ import ipaddress
 import json
 import math
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .client import require_ready_server
 from .constants import SAMPLE_RATE, VOICES
 
 DEFAULT_TTFA_LIMIT = 0.5  # seconds, p99
@@ -436,8 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_loopback(args.url)
+        require_ready_server(args.url)
     except ValueError as error:
         parser.error(str(error))
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     settings = SweepSettings(
         concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
         max_seconds_per_level=args.max_seconds, poisson_rates=_numbers(args.poisson_rates, float),
@@ -450,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+    failed = [level for level in [*result["closed_loop"].values(), *result["poisson"].values()] if level["errors"]]
+    if failed:
+        print(f"error: {sum(level['errors'] for level in failed)} streams failed, e.g. "
+              f"{failed[0]['error_examples'][0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,23 +21,29 @@ def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATE, channels: int = 
 
 
 class StreamingWavWriter:
-    """Append int16 mono chunks as they arrive; sizes in the header are fixed up on close()."""
+    """Append int16 mono chunks as they arrive; sizes in the header are fixed up on close().
+
+    The file is created with the first chunk, so a request that fails before any audio
+    leaves an existing file of that name as it was.
+    """
 
     def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE):
         self.path = Path(path)
         self.sample_rate = sample_rate
-        self.file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed in close())
-        self.file.write(wav_header(0, sample_rate))
+        self.file: BinaryIO | None = None
         self.data_bytes = 0
 
     def write(self, pcm: np.ndarray) -> None:
+        if self.file is None:
+            self.file = open(self.path, "wb")  # noqa: SIM115 (closed in close())
+            self.file.write(wav_header(0, self.sample_rate))
         data = np.asarray(pcm, dtype="<i2").tobytes()
         self.file.write(data)
         self.file.flush()
         self.data_bytes += len(data)
 
     def close(self) -> None:
-        if self.file.closed:
+        if self.file is None or self.file.closed:
             return
         self.file.seek(0)
         self.file.write(wav_header(self.data_bytes, self.sample_rate))
