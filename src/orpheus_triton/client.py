@@ -164,31 +164,59 @@ class OrpheusClient:
             completed = True
             return result
         finally:
-            self.client.stop_stream(cancel_requests=True)
-            if not completed:
-                self.stop(result.request_id)
+            ended = completed or self._end_early(result.request_id, events)
+            self.client.stop_stream(cancel_requests=not ended)
+
+    def _end_early(self, request_id: str, events: queue.Queue, timeout: float = 5.0) -> bool:
+        """End an abandoned stream (an exception in ``on_chunk``, Ctrl-C, a timeout) the clean way.
+
+        Cancelling the gRPC stream alone is not enough with tritonserver 2.51: it does
+        not pass the cancellation to the `llm` request running inside the ensemble (so
+        generation would go on), and the cancelled ensemble request stays counted in
+        flight for good (a graceful stop then waits its whole exit timeout). So the
+        stream's `llm` request gets a `stop` (see ``stop``), which ends it normally
+        within a step, and the ensemble's remaining responses are read to its final
+        one. Returns False if that did not happen within ``timeout`` (then cancel).
+        """
+        self.stop(request_id)
+        deadline = time.perf_counter() + timeout
+        while True:
+            try:
+                response, error, _ = events.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                return False
+            if error is not None:
+                return True
+            final = response.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return True
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:
-        """End generation of an abandoned stream.
+        """Ask the LLM stage to end the stream with this id at its next step.
 
-        Cancelling the gRPC stream ends the ensemble at once, but tritonserver does
-        not pass the cancellation to the `llm` request already running inside it;
-        this sends the LLM stage TensorRT-LLM's `stop` control request for the id.
+        This is TensorRT-LLM's `stop` control request, which both LLM backends take;
+        the stream then ends normally (end of speech), and so does the ensemble
+        around it. It goes over a connection of its own, so it can be sent while
+        the stream is open on this one.
         """
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
         # The required inputs ride along (ignored by a stop request), as TensorRT-LLM expects.
         inputs = [infer_input(LLM_INPUT_IDS, np.zeros((1, 1), np.int32)),
                   infer_input(LLM_INPUT_LENGTHS, np.ones((1, 1), np.int32)),
                   infer_input(LLM_REQUEST_OUTPUT_LEN, np.ones((1, 1), np.int32)),
                   infer_input(LLM_STOP, np.ones((1, 1), np.bool_))]
         done: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: done.put(error))
+        client = grpcclient.InferenceServerClient(self.url)
+        client.start_stream(callback=lambda result, error: done.put(error))
         try:
-            self.client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
+            client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             done.get(timeout=timeout)
         except queue.Empty:
             pass
         finally:
-            self.client.stop_stream()
+            client.stop_stream()
+            client.close()
 
     def close(self) -> None:
         self.client.close()

@@ -205,8 +205,11 @@ class InflightEngine:
         self.stats.queued_requests = len(self.queue)
 
     def stop_stream(self, request_id: str) -> bool:
-        """Ask for the stream with this id to be dropped at the next step (TensorRT-LLM's `stop` input).
+        """Ask for the stream with this id to end at the next step (TensorRT-LLM's `stop` input).
 
+        Like TensorRT-LLM's, a stopped stream finishes normally: its final output is
+        end_id, so the stages after it (and an ensemble around it) complete too. A
+        cancelled one (``is_cancelled``) is failed instead: nobody listens any more.
         Returns whether such a stream was queued or running.
         """
         with self.lock:
@@ -237,7 +240,13 @@ class InflightEngine:
                 dropped += [s for s in self.queue if cancelled(s)]
                 self.queue = collections.deque(s for s in self.queue if not cancelled(s))
         self.stats.cancelled += len(dropped)
-        self._notify(dropped, "request cancelled by the client")
+        stopped = [s for s in dropped if s.request.request_id in stop_ids]
+        for stream in stopped:
+            try:
+                stream.request.emit([stream.request.end_id], True)
+            except Exception:
+                log.exception("could not end stopped request %r", stream.request.request_id)
+        self._notify([s for s in dropped if s not in stopped], "request cancelled by the client")
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk - self._prefill_together()

@@ -51,7 +51,10 @@ class TritonPythonModel:
                 return None if tensor is None else tensor.as_numpy()
 
             if is_stop_request(get):
-                self.engine.stop_stream(request_id)
+                # The stream ends normally, but its client may have cancelled the ensemble,
+                # which then never passes the end to the decoder: the id stays retired.
+                if self.engine.stop_stream(request_id):
+                    self.active.release(request_id, completed=False)
                 sender.send(flags=FINAL)
                 continue
             try:
@@ -112,6 +115,7 @@ class TritonPythonModel:
 
     def _undeliverable(self, request_id, error):
         log.warning("could not deliver tokens of request %r (%s); dropping the stream", request_id, error)
+        self.active.release(request_id, completed=False)  # its end_id will not reach the decoder either
         self.engine.stop_stream(request_id)
 
     def finalize(self):
