@@ -44,6 +44,12 @@ def _log(message: str) -> None:
     print(f"[render-gpu-repository] {message}", file=sys.stderr, flush=True)
 
 
+# TensorRT-LLM leaves end_id out of its output and appends none at max_tokens, so the decoder never
+# sees where a stream ends: its state goes after this long without tokens instead. A running stream
+# gets tokens every step (guaranteed_no_evict never pauses one), so 30 s idle means it is over.
+TRTLLM_STREAM_IDLE_SECONDS = 30.0
+
+
 @dataclass(frozen=True)
 class TrtllmSettings:
     """What the TensorRT-LLM ``llm`` model needs beyond RepositorySettings."""
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = RepositorySettings(
         llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
+        decoder_stream_idle_seconds=TRTLLM_STREAM_IDLE_SECONDS,
     )
     trt = TrtllmSettings(
         engine_dir=str(engine_dir), triton_max_batch_size=max_batch_size,

@@ -427,6 +427,9 @@ def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
     assert {k: v.string_value for k, v in llm.parameters.items()}["gpt_model_path"] == str(engine)
     preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
+    # TensorRT-LLM sends no end_id: the decoder lets an idle stream go after 30 s, not 10 minutes.
+    decoder = parse_config(out / DECODER_MODEL / "config.pbtxt")
+    assert float(decoder.parameters["stream_idle_seconds"].string_value) == gpu_repository.TRTLLM_STREAM_IDLE_SECONDS
 
     assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED]) == 0
     assert parse_config(out / LLM_MODEL / "config.pbtxt").max_batch_size == 8

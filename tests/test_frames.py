@@ -241,3 +241,35 @@ def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
     queue.close()
     assert sent == [("a", 1), ("b", 1), ("b", 2), ("a", 1)]
     assert errors == [("a", "client went away")]
+
+
+def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
+    """A stream whose end never reaches the decoder (a vanished client; TensorRT-LLM, which sends no
+    end_id) loses its state after idle_seconds; idle states are looked for once a sweep period."""
+    from orpheus_triton.serving import STALE_SWEEP_SECONDS, DecodeScheduler, StreamDecoderState
+
+    now = [100.0]
+    state = StreamDecoderState(idle_seconds=30, clock=lambda: now[0])
+    scheduler = DecodeScheduler(max_windows=4, idle_seconds=30, clock=lambda: now[0])
+    tokens = np.array([audio_token_id(c, i) for i, c in enumerate(range(28))])
+    for stream_id in ("gone", "live"):
+        scheduler.delivered(_item(stream_id), 0.085)
+        state.items_for([(stream_id, tokens[:7], None)])
+    now[0] += 20
+    state.items_for([("live", tokens[7:14], None)])
+    scheduler.delivered(_item("live"), 0.085)
+    assert set(state.streams) == {"gone", "live"} and set(scheduler._playback) == {"gone", "live"}
+    now[0] += 15  # "gone" idle 35 s, "live" 15 s
+    state.items_for([("live", tokens[14:21], None)])
+    scheduler.delivered(_item("live"), 0.085)
+    assert set(state.streams) == {"live"} and set(scheduler._playback) == {"live"}
+    # Between sweeps nothing is scanned: an idle state waits for the next one.
+    now[0] = 0.0
+    state = StreamDecoderState(idle_seconds=0.1, clock=lambda: now[0])
+    state.items_for([("idle", tokens[:7], None)])
+    now[0] = STALE_SWEEP_SECONDS / 2
+    state.items_for([("other", tokens[:7], None)])
+    assert set(state.streams) == {"idle", "other"}
+    now[0] = STALE_SWEEP_SECONDS
+    state.items_for([("other", tokens[7:14], None)])
+    assert set(state.streams) == {"other"}

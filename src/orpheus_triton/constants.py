@@ -86,3 +86,7 @@ LLM_AUDIO_GUARD = "audio_token_guard"
 # --- snac_decoder -----------------------------------------------------------------------
 DECODER_TOKENS = "output_ids"
 DECODER_AUDIO = "audio"
+
+# How long the decoder keeps a mid-stream state without tokens (a client that vanished), and so how
+# long the llm stage refuses the id of a stream that ended without end_id: the two must be the same.
+STREAM_STATE_SECONDS = 600.0

@@ -12,7 +12,14 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .constants import DECODER_MODEL, ENSEMBLE_MODEL, LLM_MODEL, PREPROCESSING_MODEL, TOKENS_PER_FRAME
+from .constants import (
+    DECODER_MODEL,
+    ENSEMBLE_MODEL,
+    LLM_MODEL,
+    PREPROCESSING_MODEL,
+    STREAM_STATE_SECONDS,
+    TOKENS_PER_FRAME,
+)
 
 MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
 
@@ -48,6 +55,9 @@ class RepositorySettings:
     llm_cpu_threads: str = "auto"
     decoder_cpu_threads: str = "auto"
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
+    # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
+    # end_id, where the state goes at once; this is for clients that vanish mid-stream.
+    decoder_stream_idle_seconds: float = STREAM_STATE_SECONDS
 
 
 def parse_cpu_threads(value: str) -> int | None:

@@ -38,6 +38,7 @@ from .constants import (
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
+    STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
 )
 from .frames import StreamFramer, Window
@@ -110,9 +111,8 @@ def generation_settings(get: GetInput) -> dict:
     return settings
 
 
-# How long a mid-stream decoder state lives without tokens (a client that vanished), and so how
-# long the id of a stream that ended without end_id stays refused: the two must be the same.
-STREAM_STATE_SECONDS = 600.0
+# Idle states are looked for at most this often: a scan per request would cost O(streams) each.
+STALE_SWEEP_SECONDS = 1.0
 
 
 class ActiveStreams:
@@ -315,6 +315,7 @@ class DecodeScheduler:
         self.max_windows = max_windows
         self.idle_seconds = idle_seconds
         self.clock = clock
+        self._next_sweep = clock() + STALE_SWEEP_SECONDS
         self._queues: dict[str, deque[DecodeItem]] = {}
         self._playback: dict[str, tuple[float, float, float]] = {}  # id -> (first sent, seconds sent, last sent)
         self._ready = threading.Condition()
@@ -363,9 +364,10 @@ class DecodeScheduler:
             elif audio_seconds > 0:
                 first, sent, _ = self._playback.get(item.stream_id, (now, 0.0, now))
                 self._playback[item.stream_id] = (first, sent + audio_seconds, now)
-            stale = [k for k, (_, _, last) in self._playback.items() if now - last > self.idle_seconds]
-            for key in stale:
-                del self._playback[key]
+            if now >= self._next_sweep:  # streams whose end never came (e.g. TensorRT-LLM's, see model.py)
+                self._next_sweep = now + STALE_SWEEP_SECONDS
+                for key in [k for k, (_, _, last) in self._playback.items() if now - last > self.idle_seconds]:
+                    del self._playback[key]
 
     def close(self) -> None:
         with self._ready:
@@ -395,19 +397,22 @@ class StreamDecoderState:
     client that vanished mid-stream).
     """
 
-    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS):
+    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
         self.end_id = end_id
         self.idle_seconds = idle_seconds
+        self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
+        self._next_sweep = clock() + STALE_SWEEP_SECONDS
 
     def items_for(self, chunks: Sequence[tuple[str, np.ndarray, Any]]) -> list[DecodeItem]:
         """One item per (stream id, token ids, reply) chunk."""
-        now = time.monotonic()
+        now = self.clock()
         result = []
         for request_id, tokens, reply in chunks:
             stream = self.streams.get(request_id)
             if stream is None:
-                stream = self.streams[request_id] = _DecoderStream()
+                stream = self.streams[request_id] = _DecoderStream(last_seen=now)
             stream.last_seen = now
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
@@ -418,6 +423,8 @@ class StreamDecoderState:
         return result
 
     def _evict(self, now: float) -> None:
-        stale = [k for k, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
-        for key in stale:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + STALE_SWEEP_SECONDS
+        for key in [k for k, s in self.streams.items() if now - s.last_seen > self.idle_seconds]:
             del self.streams[key]

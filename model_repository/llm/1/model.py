@@ -36,7 +36,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.engine = build_engine(params)
         self.tokens_per_response = int(params.get("tokens_per_response", c.TOKENS_PER_FRAME))
-        self.active = ActiveStreams()
+        self.active = ActiveStreams(hold_seconds=float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS)))
         self.cancellations = CancellationWatch()
         self.responses = ResponseQueue(on_error=self._undeliverable)
         self.metrics = EngineMetrics(pb_utils, self.engine, self.active)

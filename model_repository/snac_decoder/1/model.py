@@ -38,8 +38,10 @@ class TritonPythonModel:
         set_cpu_threads(params, device)
         self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true")
         warm_up(self.decoder)
-        self.state = StreamDecoderState()
-        self.scheduler = DecodeScheduler(max_windows=json.loads(args["model_config"])["max_batch_size"])
+        idle = float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS))
+        self.state = StreamDecoderState(idle_seconds=idle)
+        self.scheduler = DecodeScheduler(max_windows=json.loads(args["model_config"])["max_batch_size"],
+                                         idle_seconds=idle)
         self.metrics = DecoderMetrics(pb_utils)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
