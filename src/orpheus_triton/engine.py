@@ -324,8 +324,9 @@ class InflightEngine:
 
     def _decode(self) -> None:
         batch = len(self.decoding)
-        last = torch.tensor([[s.generated[-1]] for s in self.decoding], device=self.device)
-        positions = torch.tensor([[s.length] for s in self.decoding], device=self.device)
+        # Built on the host and copied over once (on GPU each tensor from a list is a copy of its own).
+        last, positions = torch.tensor([[[s.generated[-1]] for s in self.decoding],
+                                        [[s.length] for s in self.decoding]]).to(self.device)
         context = max(s.length for s in self.decoding) + 1
         if self.decoder is not None:
             hidden = self.decoder(last, positions, context)
@@ -338,20 +339,24 @@ class InflightEngine:
 
     def _sample_and_emit(self, slots: list[int], hidden: torch.Tensor) -> None:
         streams = [self.decoding[s] for s in slots]
-        dev = self.device
+        # Every row's settings in two host tensors (one per dtype, a setting per row), each copied to
+        # the device once: on GPU a tensor made from a list is a host-to-device copy of its own.
+        requests = [s.request for s in streams]
+        reals = torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
+                              [r.repetition_penalty for r in requests]], dtype=torch.float32).to(self.device)
+        whole = torch.tensor([
+            [r.top_k for r in requests],
+            [(r.seed + 2**63) % 2**64 - 2**63 for r in requests],  # UINT64 seeds as the same 64 bits in int64
+            [len(s.generated) for s in streams],
+            [r.audio_guard for r in requests],
+            [s.audio_tokens for s in streams],
+            slots,
+        ], dtype=torch.int64).to(self.device)
         params = SamplingBatch(
-            temperature=torch.tensor([s.request.temperature for s in streams], device=dev),
-            top_p=torch.tensor([s.request.top_p for s in streams], device=dev),
-            top_k=torch.tensor([s.request.top_k for s in streams], device=dev),
-            repetition_penalty=torch.tensor([s.request.repetition_penalty for s in streams], device=dev),
-            # UINT64 seeds as the same 64 bits in int64 (the hash only looks at bits).
-            seed=torch.tensor([(s.request.seed + 2**63) % 2**64 - 2**63 for s in streams], dtype=torch.int64,
-                              device=dev),
-            step=torch.tensor([len(s.generated) for s in streams], device=dev),
-            audio_guard=torch.tensor([s.request.audio_guard for s in streams], device=dev),
-            audio_position=torch.tensor([s.audio_tokens for s in streams], device=dev),
+            temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0], seed=whole[1],
+            step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4],
         )
-        slot_index = torch.tensor(slots, device=dev)
+        slot_index = whole[5]
         tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index)
         self.seen[slot_index, tokens] = True
         finished = []
