@@ -203,10 +203,13 @@ def test_cancellation_watch_asks_off_the_caller_thread_and_stops_asking_once_tol
     def gone():  # Triton raises for a request it has already released
         raise RuntimeError("request released")
 
-    watch = CancellationWatch(period=0.001)
+    watch = CancellationWatch(min_interval=0.001)
     check, check_gone = watch.watch("a", is_cancelled), watch.watch("b", gone)
     watch.watch("c", lambda: False)
     watch.forget("c")
+    time.sleep(0.05)
+    assert not asked_from  # no engine step asked for a pass: no round trips
+    check()  # a step
     time.sleep(0.05)
     assert not check() and check_gone()  # a request that cannot be asked counts as cancelled
     cancelled.set()
