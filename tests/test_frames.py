@@ -188,37 +188,33 @@ def test_decoder_scheduler_waits_for_work_and_closes():
         DecodeScheduler(max_windows=0)
 
 
-def test_cancellation_watch_asks_off_the_caller_thread_and_stops_asking_once_told():
-    import threading
-    import time
-
+def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_forget():
     from orpheus_triton.serving import CancellationWatch
 
-    asked_from, cancelled = set(), threading.Event()
+    passes, asked = [], []
+    cancelled = {"a": False}
 
-    def is_cancelled():
-        asked_from.add(threading.current_thread().name)
-        return cancelled.is_set()
+    def asker(key):
+        def is_cancelled():
+            asked.append(key)
+            if key == "gone":
+                raise RuntimeError("request released")
+            return cancelled.get(key, False)
+        return is_cancelled
 
-    def gone():  # Triton raises for a request it has already released
-        raise RuntimeError("request released")
-
-    watch = CancellationWatch(min_interval=0.001)
-    check, check_gone = watch.watch("a", is_cancelled), watch.watch("b", gone)
-    watch.watch("c", lambda: False)
-    watch.forget("c")
-    time.sleep(0.05)
-    assert not asked_from  # no engine step asked for a pass: no round trips
-    check()  # a step
-    time.sleep(0.05)
-    assert not check() and check_gone()  # a request that cannot be asked counts as cancelled
-    cancelled.set()
-    deadline = time.monotonic() + 5
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert check() and asked_from == {"cancellation-watch"}
-    assert watch._watched == {}  # told once: no more round trips for it
-    watch.stop()
+    watch = CancellationWatch(run=passes.append)  # passes run when the test says (the response thread)
+    check_a, check_b, check_gone = (watch.watch(key, asker(key)) for key in ("a", "b", "gone"))
+    assert not passes  # no step yet: nothing to ask
+    assert not check_a() and not check_b()  # one step's checks ask for one pass
+    assert len(passes) == 1 and not asked
+    passes.pop()()
+    assert sorted(asked) == ["a", "b", "gone"] and check_gone()  # cannot be asked: counts as cancelled
+    cancelled["a"] = True
+    asked.clear()
+    check_a()
+    watch.forget("b")  # b's final response may now be queued: b is not asked again
+    passes.pop()()
+    assert asked == ["a"] and check_a() and watch._watched == {}
 
 
 def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():

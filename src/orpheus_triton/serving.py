@@ -16,6 +16,7 @@ So the request id *is* the stream key, and both stages guard it:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -42,6 +43,8 @@ from .constants import (
     TOKENS_PER_FRAME,
 )
 from .frames import StreamFramer, Window
+
+log = logging.getLogger(__name__)
 
 GetInput = Callable[[str], "np.ndarray | None"]
 
@@ -183,87 +186,29 @@ class FrameChunker:
         return ready
 
 
-class CancellationWatch:
-    """Asks whether requests were cancelled on a thread of its own, so the engine loop never waits for it.
-
-    In Triton's Python backend ``request.is_cancelled()`` is a round trip from the
-    backend stub to the server (20-100 us each, measured on 2 CPU cores): asked by the
-    engine for every stream at every step, that is milliseconds a step at a few hundred
-    streams, serial with the forward. Here the engine's check (``watch``'s return value)
-    only reads a flag and asks for a pass; one thread then asks Triton about every
-    watched request, at most once per ``min_interval`` and never while no step runs, so
-    it makes no more round trips than the engine made itself. A cancellation lands at
-    the first step after the pass that saw it.
-    """
-
-    def __init__(self, min_interval: float = 0.005):
-        self.min_interval = min_interval
-        self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
-        self._lock = threading.Lock()
-        self._wanted = threading.Event()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="cancellation-watch", daemon=True)
-        self._thread.start()
-
-    def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
-        """Start watching; returns the engine's check (no round trip: a flag, and a pass asked for)."""
-        flag = threading.Event()
-        with self._lock:
-            self._watched[key] = (is_cancelled, flag)
-
-        def check() -> bool:
-            self._wanted.set()
-            return flag.is_set()
-
-        return check
-
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._watched.pop(key, None)
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wanted.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            self._wanted.wait()
-            if self._stopping:
-                return
-            self._wanted.clear()
-            with self._lock:
-                watched = list(self._watched.items())
-            for key, (is_cancelled, flag) in watched:
-                try:
-                    cancelled = is_cancelled()
-                except Exception:  # noqa: BLE001 (a request Triton already released: nobody is listening)
-                    cancelled = True
-                if cancelled:
-                    flag.set()
-                    self.forget(key)
-            time.sleep(self.min_interval)
-
-
 class ResponseQueue:
-    """Sends a model's responses on a thread of its own, in the order they were queued.
+    """Talks to Triton for a model on one thread of its own: response sends, and other calls, in order.
 
-    A response send is a round trip to the server too (about 100 us measured): the
-    engine loop only queues it and goes on with the next step. A send that fails (the
-    stream's client went away) is reported to ``on_error`` with the stream's key, and
-    that stream's later responses are dropped, up to the one queued with ``last``.
+    A response send is a round trip from the backend stub to the server (about 100 us
+    measured on 2 CPU cores): the engine loop only queues it and goes on with the next
+    step. A send that fails (the stream's client went away) is reported to ``on_error``
+    with the stream's key, and that stream's later responses are dropped, up to the one
+    queued with ``last``. Keeping every such call on one thread also means a request is
+    never asked anything after its final response went out (the server may have freed
+    it by then: asking crashed tritonserver 2.51).
     """
 
     def __init__(self, on_error: Callable[[str, Exception], None]):
         self.on_error = on_error
-        self._queue: deque[tuple[str, Callable[[], None], bool] | None] = deque()
+        self._queue: deque[tuple[str | None, Callable[[], None], bool] | None] = deque()
         self._ready = threading.Condition()
         self._failed: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="response-queue", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
         self._thread.start()
 
-    def put(self, key: str, send: Callable[[], None], last: bool = False) -> None:
-        """Queue ``send`` for stream ``key``; ``last``: the stream's final response (the key may be reused after)."""
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
+        """Queue ``send`` for stream ``key`` (None: a call for no stream); ``last``: the stream's
+        final response (the key may be reused after it)."""
         with self._ready:
             self._queue.append((key, send, last))
             self._ready.notify()
@@ -287,10 +232,70 @@ class ResponseQueue:
                 try:
                     send()
                 except Exception as error:  # noqa: BLE001 (reported; the stream is dropped)
+                    if key is None:
+                        log.exception("call on the response thread failed")
+                        continue
                     self._failed.add(key)
                     self.on_error(key, error)
             if last:
                 self._failed.discard(key)
+
+
+class CancellationWatch:
+    """Which requests were cancelled, asked of Triton off the engine loop.
+
+    In Triton's Python backend ``request.is_cancelled()`` is a round trip to the server
+    (20-100 us each, measured on 2 CPU cores): asked by the engine for every stream at
+    every step, that is milliseconds a step at a few hundred streams, serial with the
+    forward. Here the engine's check (``watch``'s return value) only reads a flag and
+    asks for a pass; a pass asks Triton about every watched request, on the model's
+    ResponseQueue thread (``run``), so never after a request's final response went out.
+    At most one pass waits at a time, so there are no more round trips than the engine
+    made itself. A cancellation lands at the first step after the pass that saw it.
+    """
+
+    def __init__(self, run: Callable[[Callable[[], None]], None]):
+        self.run = run
+        self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._pass_waiting = False
+
+    def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
+        """Start watching; returns the engine's check (no round trip: a flag, and a pass asked for)."""
+        flag = threading.Event()
+        with self._lock:
+            self._watched[key] = (is_cancelled, flag)
+
+        def check() -> bool:
+            with self._lock:
+                ask, self._pass_waiting = not self._pass_waiting, True
+            if ask:
+                self.run(self._pass)
+            return flag.is_set()
+
+        return check
+
+    def forget(self, key: str) -> None:
+        """Stop asking about ``key``: call it before its request's final response is queued."""
+        with self._lock:
+            self._watched.pop(key, None)
+
+    def _pass(self) -> None:
+        with self._lock:
+            self._pass_waiting = False
+            watched = list(self._watched.items())
+        for key, (is_cancelled, flag) in watched:
+            with self._lock:
+                if key not in self._watched:  # forgotten meanwhile: its final response may be queued
+                    continue
+            try:
+                cancelled = is_cancelled()
+            except Exception:  # noqa: BLE001 (cannot be asked: nobody is listening any more)
+                log.exception("could not ask whether request %r was cancelled", key)
+                cancelled = True
+            if cancelled:
+                flag.set()
+                self.forget(key)
 
 
 @dataclass

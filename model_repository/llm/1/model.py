@@ -37,8 +37,8 @@ class TritonPythonModel:
         self.engine = build_engine(params)
         self.tokens_per_response = int(params.get("tokens_per_response", c.TOKENS_PER_FRAME))
         self.active = ActiveStreams(hold_seconds=float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS)))
-        self.cancellations = CancellationWatch()
         self.responses = ResponseQueue(on_error=self._undeliverable)
+        self.cancellations = CancellationWatch(run=lambda call: self.responses.put(None, call))
         self.metrics = EngineMetrics(pb_utils, self.engine, self.active)
         self.engine.start()
 
@@ -74,7 +74,8 @@ class TritonPythonModel:
             except (CapacityError, ValueError) as error:
                 self.cancellations.forget(request_id)
                 self.active.release(request_id)
-                send_error(pb_utils, sender, "llm", error)
+                # On the response thread, which may be asking about this request right now.
+                self.responses.put(request_id, lambda s=sender, e=error: send_error(pb_utils, s, "llm", e), last=True)
         return None
 
     def _emitter(self, sender, request_id):
@@ -93,10 +94,12 @@ class TritonPythonModel:
                 ])
                 sender.send(response, flags=FINAL if finished else 0)
 
-            self.responses.put(request_id, send, last=finished)
-            if finished:  # after the put: a new stream with this id queues behind this one's end
+            if finished:
+                # Before the put: the client may reuse the id as soon as the final response is out.
+                # A new stream's responses come from this (the engine) thread, after this put.
                 self.cancellations.forget(request_id)
                 self.active.release(request_id)
+            self.responses.put(request_id, send, last=finished)
 
         return emit
 
@@ -107,8 +110,8 @@ class TritonPythonModel:
                 with contextlib.suppress(Exception):
                     send_error(pb_utils, sender, "llm", message)
 
-            self.responses.put(request_id, send, last=True)
             self.cancellations.forget(request_id)
+            self.responses.put(request_id, send, last=True)
             self.active.release(request_id, completed=False)
 
         return fail
@@ -121,5 +124,4 @@ class TritonPythonModel:
     def finalize(self):
         self.metrics.stop()
         self.engine.stop()
-        self.cancellations.stop()
         self.responses.close()
