@@ -35,7 +35,8 @@ def server(model_set, tmp_path_factory):
     os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
     repository = render(
         RepositorySettings(llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device="cpu",
-                           max_streams=4, max_seq_len=1024, preprocessing_instances=1),
+                           max_streams=4, max_seq_len=1024, preprocessing_instances=1,
+                           llm_response_thread="true"),  # as on GPU; the serve-command tests run it inline
         work / "repository",
     )
     ports = Ports(free_port(), free_port(), free_port())

@@ -215,6 +215,19 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
     watch.forget("b")  # b's final response may now be queued: b is not asked again
     passes.pop()()
     assert asked == ["a"] and check_a() and watch._watched == {}
+    # Without a response thread the engine's check asks Triton itself.
+    direct = CancellationWatch(run=None)
+    assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
+
+
+def test_response_thread_is_on_for_gpus_by_default():
+    from orpheus_triton.serving import response_thread
+
+    assert response_thread({}, "cuda") and not response_thread({}, "cpu")
+    assert response_thread({"response_thread": "true"}, "cpu")
+    assert not response_thread({"response_thread": "false"}, "cuda")
+    with pytest.raises(ValueError, match="response_thread must be auto, true or false"):
+        response_thread({"response_thread": "yes"}, "cpu")
 
 
 def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
@@ -229,17 +242,20 @@ def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
             sent.append((key, n))
         return run
 
-    queue = ResponseQueue(on_error=lambda key, error: errors.append((key, str(error))))
-    queue.put("a", send("a", 1))
-    queue.put("b", send("b", 1))
-    queue.put("a", send("a", "boom"))
-    queue.put("a", send("a", 2))  # dropped: stream a failed
-    queue.put("b", send("b", 2), last=True)
-    queue.put("a", send("a", 3), last=True)  # dropped, and ends a's failed state
-    queue.put("a", send("a", 1))  # a new stream under the same id
-    queue.close()
-    assert sent == [("a", 1), ("b", 1), ("b", 2), ("a", 1)]
-    assert errors == [("a", "client went away")]
+    for threaded in (True, False):  # on its own thread, or right where it is put: the same outcome
+        sent.clear()
+        errors.clear()
+        queue = ResponseQueue(on_error=lambda key, error: errors.append((key, str(error))), threaded=threaded)
+        queue.put("a", send("a", 1))
+        queue.put("b", send("b", 1))
+        queue.put("a", send("a", "boom"))
+        queue.put("a", send("a", 2))  # dropped: stream a failed
+        queue.put("b", send("b", 2), last=True)
+        queue.put("a", send("a", 3), last=True)  # dropped, and ends a's failed state
+        queue.put("a", send("a", 1))  # a new stream under the same id
+        queue.close()
+        assert sent == [("a", 1), ("b", 1), ("b", 2), ("a", 1)]
+        assert errors == [("a", "client went away")]
 
 
 def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():

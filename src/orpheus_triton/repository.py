@@ -54,6 +54,8 @@ class RepositorySettings:
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
     llm_cpu_threads: str = "auto"
     decoder_cpu_threads: str = "auto"
+    # The llm adapter's response thread (serving.ResponseQueue): auto = on GPU only, true, false.
+    llm_response_thread: str = "auto"
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.

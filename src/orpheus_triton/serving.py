@@ -196,25 +196,38 @@ class ResponseQueue:
     queued with ``last``. Keeping every such call on one thread also means a request is
     never asked anything after its final response went out (the server may have freed
     it by then: asking crashed tritonserver 2.51).
+
+    ``threaded=False`` makes each call where it is put, in order, as the engine loop did
+    before: on a CPU-only machine the extra thread's work competes with the SNAC
+    decoder for the cores (2 cores, 3 streams: more stalled streams), while the round
+    trips it saves are small beside a CPU step.
     """
 
-    def __init__(self, on_error: Callable[[str, Exception], None]):
+    def __init__(self, on_error: Callable[[str, Exception], None], threaded: bool = True):
         self.on_error = on_error
         self._queue: deque[tuple[str | None, Callable[[], None], bool] | None] = deque()
         self._ready = threading.Condition()
         self._failed: set[str] = set()
-        self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
+            self._thread.start()
 
     def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
         """Queue ``send`` for stream ``key`` (None: a call for no stream); ``last``: the stream's
-        final response (the key may be reused after it)."""
+        final response (the key may be reused after it). Unthreaded, it runs here and now."""
+        if self._thread is None:
+            with self._ready:  # the engine thread and execute() may both be sending
+                self._deliver(key, send, last)
+            return
         with self._ready:
             self._queue.append((key, send, last))
             self._ready.notify()
 
     def close(self) -> None:
         """Send what is queued, then stop."""
+        if self._thread is None:
+            return
         with self._ready:
             self._queue.append(None)
             self._ready.notify()
@@ -227,18 +240,28 @@ class ResponseQueue:
                 entry = self._queue.popleft()
             if entry is None:
                 return
-            key, send, last = entry
-            if key not in self._failed:
-                try:
-                    send()
-                except Exception as error:  # noqa: BLE001 (reported; the stream is dropped)
-                    if key is None:
-                        log.exception("call on the response thread failed")
-                        continue
-                    self._failed.add(key)
-                    self.on_error(key, error)
-            if last:
-                self._failed.discard(key)
+            self._deliver(*entry)
+
+    def _deliver(self, key: str | None, send: Callable[[], None], last: bool) -> None:
+        if key not in self._failed:
+            try:
+                send()
+            except Exception as error:  # noqa: BLE001 (reported; the stream is dropped)
+                if key is None:
+                    log.exception("call on the response thread failed")
+                    return
+                self._failed.add(key)
+                self.on_error(key, error)
+        if last:
+            self._failed.discard(key)
+
+
+def response_thread(params: dict[str, str], device_type: str) -> bool:
+    """The llm model's ``response_thread`` parameter: auto (on GPU only), true or false."""
+    value = params.get("response_thread", "auto").strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"response_thread must be auto, true or false, got {value!r}")
+    return device_type == "cuda" if value == "auto" else value == "true"
 
 
 class CancellationWatch:
@@ -252,9 +275,10 @@ class CancellationWatch:
     ResponseQueue thread (``run``), so never after a request's final response went out.
     At most one pass waits at a time, so there are no more round trips than the engine
     made itself. A cancellation lands at the first step after the pass that saw it.
+    Without ``run`` (no response thread), the check asks Triton itself, there and then.
     """
 
-    def __init__(self, run: Callable[[Callable[[], None]], None]):
+    def __init__(self, run: Callable[[Callable[[], None]], None] | None):
         self.run = run
         self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
         self._lock = threading.Lock()
@@ -262,6 +286,8 @@ class CancellationWatch:
 
     def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
         """Start watching; returns the engine's check (no round trip: a flag, and a pass asked for)."""
+        if self.run is None:
+            return is_cancelled
         flag = threading.Event()
         with self._lock:
             self._watched[key] = (is_cancelled, flag)

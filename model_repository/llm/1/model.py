@@ -23,6 +23,7 @@ from orpheus_triton.serving import (
     generation_settings,
     is_stop_request,
     model_parameters,
+    response_thread,
     send_error,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
@@ -37,8 +38,9 @@ class TritonPythonModel:
         self.engine = build_engine(params)
         self.tokens_per_response = int(params.get("tokens_per_response", c.TOKENS_PER_FRAME))
         self.active = ActiveStreams(hold_seconds=float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS)))
-        self.responses = ResponseQueue(on_error=self._undeliverable)
-        self.cancellations = CancellationWatch(run=lambda call: self.responses.put(None, call))
+        threaded = response_thread(params, self.engine.device.type)
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
+        self.cancellations = CancellationWatch(run=(lambda call: self.responses.put(None, call)) if threaded else None)
         self.metrics = EngineMetrics(pb_utils, self.engine, self.active)
         self.engine.start()
 
