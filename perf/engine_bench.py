@@ -94,6 +94,8 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
     rows = []
     for n in counts:
         engine = make_engine()
+        if n > engine.max_streams:
+            raise SystemExit(f"--sweep {n} exceeds the engine's {engine.max_streams} slots; raise --max-streams")
         sink: dict = {}
         for i in range(n):
             submit(engine, i, context, sink)
