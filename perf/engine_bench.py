@@ -139,6 +139,8 @@ def main() -> int:
     device = pick_device(args.device)
     counts = [int(x) for x in args.sweep.split(",")]
     max_streams = args.max_streams or max(counts + [args.streams])
+    if max(counts + [args.streams]) > max_streams:
+        parser.error(f"--sweep/--streams up to {max(counts + [args.streams])} need --max-streams of at least that")
     with tempfile.TemporaryDirectory() as tmp:
         print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
         write_random_llama(Path(tmp), SHAPES[args.shape], dtype=torch.bfloat16 if device != "cpu" else torch.float32)
