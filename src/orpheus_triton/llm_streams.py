@@ -1,0 +1,103 @@
+"""The torch `llm` model's streams between Triton and the engine, without Triton's types.
+
+The model.py adapter parses a request and hands it here with its response
+sender; this class keeps the rules that make streams safe to serve:
+
+* a stream's id is claimed before it reaches the engine and released before its
+  final response is queued (a client may reuse it the moment that response
+  arrives); the id of a stream whose end never reached the decoder stays retired;
+* responses leave in order through a ``ResponseQueue`` (on its own thread on GPU),
+  and a request is never asked whether it was cancelled after its final response;
+* a send that fails drops the stream at the engine's next step;
+* ``stop`` (TensorRT-LLM's control request) ends a stream normally.
+
+How a response is built and sent is the adapter's business (``respond``,
+``refuse``): here they are plain callables, so all of this is unit tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .engine import CapacityError, GenerationRequest, InflightEngine
+from .serving import ActiveStreams, CancellationWatch, FrameChunker, ResponseQueue
+
+log = logging.getLogger(__name__)
+
+# respond(sender, tokens, tokens sent so far, final) and refuse(sender, message) talk to Triton.
+Respond = Callable[[Any, list[int], int, bool], None]
+Refuse = Callable[[Any, str], None]
+
+
+class LlmStreams:
+    def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, threaded: bool,
+                 tokens_per_response: int, hold_seconds: float):
+        self.engine = engine
+        self.respond, self.refuse = respond, refuse
+        self.tokens_per_response = tokens_per_response
+        self.active = ActiveStreams(hold_seconds=hold_seconds)
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
+        self.cancellations = CancellationWatch(run=(lambda call: self.responses.put(None, call)) if threaded else None)
+
+    def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
+        """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing
+        claimed, nothing sent) for the adapter to refuse, and refuses a request beyond capacity itself."""
+        self.active.claim(request_id)
+        try:
+            self.engine.submit(GenerationRequest(
+                **settings, emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
+                is_cancelled=self.cancellations.watch(request_id, is_cancelled), request_id=request_id,
+            ))
+        except (CapacityError, ValueError) as error:
+            self.cancellations.forget(request_id)
+            self.active.release(request_id)
+            # On the response thread, which may be asking about this request right now.
+            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True)
+
+    def stop(self, request_id: str) -> None:
+        """End the stream with this id at the engine's next step. It ends normally, but its client
+        may have cancelled the ensemble, which then never passes the end on: the id stays retired."""
+        if self.engine.stop_stream(request_id):
+            self.active.release(request_id, completed=False)
+
+    def close(self) -> None:
+        """Send what is queued (call after the engine has stopped)."""
+        self.responses.close()
+
+    def _emitter(self, sender: Any, request_id: str) -> Callable[[list[int], bool], None]:
+        chunks = FrameChunker(self.tokens_per_response)
+
+        def emit(tokens: list[int], finished: bool) -> None:
+            ready = chunks.add(tokens, finished)
+            if ready is None:
+                return
+            sent = chunks.sent
+            if finished:
+                # Before the put: the client may reuse the id as soon as the final response is out.
+                # A new stream's responses come from the engine thread (this one), after this put.
+                self.cancellations.forget(request_id)
+                self.active.release(request_id)
+            self.responses.put(request_id, lambda: self.respond(sender, ready, sent, finished), last=finished)
+
+        return emit
+
+    def _failer(self, sender: Any, request_id: str) -> Callable[[str], None]:
+        def fail(message: str) -> None:
+            def send() -> None:
+                try:
+                    self.refuse(sender, message)
+                except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nothing more to say)
+                    log.debug("could not tell request %r why it ended", request_id)
+
+            self.cancellations.forget(request_id)
+            self.responses.put(request_id, send, last=True)
+            self.active.release(request_id, completed=False)
+
+        return fail
+
+    def _undeliverable(self, request_id: str, error: Exception) -> None:
+        log.warning("could not deliver tokens of request %r (%s); dropping the stream", request_id, error)
+        self.active.release(request_id, completed=False)  # its end_id will not reach the decoder either
+        self.engine.stop_stream(request_id)

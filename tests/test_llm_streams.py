@@ -1,0 +1,94 @@
+"""The llm model's stream rules (orpheus_triton.llm_streams), with a stand-in engine and senders."""
+
+import pytest
+
+from orpheus_triton.constants import END_OF_SPEECH
+from orpheus_triton.engine import CapacityError
+from orpheus_triton.llm_streams import LlmStreams
+from orpheus_triton.serving import StreamIdError
+
+SETTINGS = {"prompt": [1, 2, 3], "max_new_tokens": 70}
+
+
+class Engine:
+    """Records what the streams hand it; the test plays the engine loop by calling emit/fail."""
+
+    def __init__(self):
+        self.requests, self.stopped, self.full = {}, [], False
+
+    def submit(self, request):
+        if self.full:
+            raise CapacityError("server busy: 256 requests already queued")
+        self.requests[request.request_id] = request
+
+    def stop_stream(self, request_id):
+        self.stopped.append(request_id)
+        return request_id in self.requests
+
+
+def make(threaded=False, fail_sends=()):
+    sent, refused = [], []
+    streams = None
+
+    def respond(sender, tokens, count, final):
+        if sender in fail_sends:
+            raise RuntimeError("client went away")
+        # What a client may do the moment the final response arrives: reuse the id.
+        reusable = final and "a" not in streams.active._ids
+        sent.append((sender, tokens, count, final, reusable))
+
+    def refuse(sender, message):
+        refused.append((sender, message))
+
+    engine = Engine()
+    streams = LlmStreams(engine, respond, refuse, threaded=threaded, tokens_per_response=7, hold_seconds=600)
+    return streams, engine, sent, refused
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_stream_sends_frames_in_order_and_frees_its_id_before_the_final_response(threaded):
+    streams, engine, sent, _ = make(threaded)
+    streams.start("a", SETTINGS, "sender-a", lambda: False)
+    emit = engine.requests["a"].emit
+    emit([10, 11, 12], False)  # not a frame yet
+    emit([13, 14, 15, 16], False)
+    emit([17, END_OF_SPEECH], True)
+    streams.close()
+    assert sent == [("sender-a", [10, 11, 12, 13, 14, 15, 16], 7, False, False),
+                    ("sender-a", [17, END_OF_SPEECH], 9, True, True)]
+    streams.active.claim("a")  # free again
+
+
+def test_a_request_beyond_capacity_is_refused_and_claims_nothing():
+    streams, engine, _, refused = make()
+    engine.full = True
+    streams.start("a", SETTINGS, "sender-a", lambda: False)
+    assert refused == [("sender-a", "server busy: 256 requests already queued")]
+    streams.active.claim("a")
+
+
+def test_a_send_that_fails_drops_the_stream_and_retires_its_id():
+    streams, engine, sent, _ = make(fail_sends={"sender-a"})
+    streams.start("a", SETTINGS, "sender-a", lambda: False)
+    engine.requests["a"].emit(list(range(7)), False)
+    assert engine.stopped == ["a"] and not sent
+    engine.requests["a"].emit([END_OF_SPEECH], True)  # the engine ends it: nothing more is sent
+    assert not sent
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        streams.active.claim("a")
+
+
+def test_stop_ends_the_stream_in_the_engine_and_retires_its_id():
+    streams, engine, _, refused = make()
+    streams.start("a", SETTINGS, "sender-a", lambda: False)
+    streams.stop("a")
+    streams.stop("nobody")  # harmless
+    assert engine.stopped == ["a", "nobody"]
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        streams.active.claim("a")
+    # A stream the engine fails (the client cancelled it) is told why, and its id stays retired too.
+    streams.start("b", SETTINGS, "sender-b", lambda: True)
+    engine.requests["b"].fail("request cancelled by the client")
+    assert refused == [("sender-b", "request cancelled by the client")]
+    with pytest.raises(StreamIdError):
+        streams.active.claim("b")
