@@ -118,9 +118,9 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     shared = f"dup-{uuid.uuid4()}"
     streaming, first = threading.Event(), {}
 
-    def long_stream():
+    def long_stream():  # long enough that its first audio comes well before the llm has finished it
         first["audio"] = OrpheusClient(grpc_url).synthesize(
-            TEXT, max_tokens=420, request_id=shared, on_chunk=lambda _: streaming.set()).audio
+            TEXT, max_tokens=900, request_id=shared, on_chunk=lambda _: streaming.set()).audio
 
     thread = threading.Thread(target=long_stream)
     thread.start()
@@ -128,7 +128,7 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     with pytest.raises(SynthesisError, match="already streaming"):
         OrpheusClient(grpc_url).synthesize("intruder", max_tokens=35, request_id=shared)
     thread.join()
-    assert first["audio"].size == (420 // 7 - 3) * c.SAMPLES_PER_FRAME  # the first stream was not disturbed
+    assert first["audio"].size == (900 // 7 - 3) * c.SAMPLES_PER_FRAME  # the first stream was not disturbed
     # Once it has finished, the id may be used again and starts a clean stream.
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
