@@ -122,9 +122,10 @@ def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
         process.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout)
+    # Its own process group (start_server): backend stubs included, also when the server itself is
+    # already gone (a crashed or hastily exited server leaves its stubs running).
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(process.pid) == process.pid:  # its own group: stubs included
-            os.killpg(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
     if process.poll() is None:
         process.kill()
     return process.wait()
