@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
-import os
 import shutil
 import signal
 import socket
@@ -53,20 +51,19 @@ def _check_device(name: str) -> None:
 
 def _check_ports_free(ports) -> None:
     """Fail now, not after loading every model, when a port is taken (tritonserver binds 0.0.0.0)."""
-    for label, port in (("gRPC", ports.grpc), ("HTTP", ports.http), ("metrics", ports.metrics)):
+    for label, port, flag in (("gRPC", ports.grpc, "--grpc-port"), ("HTTP", ports.http, "--http-port"),
+                              ("metrics", ports.metrics, "--metrics-port")):
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing server's TIME_WAIT is fine
             try:
                 probe.bind(("0.0.0.0", port))
             except OSError as error:
-                flag = {"gRPC": "--grpc-port", "HTTP": "--http-port", "metrics": "--metrics-port"}[label]
                 raise RuntimeError(f"{label} port {port} is not free ({error.strerror}): another server is "
                                    f"running there; stop it or pick another with {flag}") from None
 
 
 def _render(args, model_set: ModelSet) -> Path:
     from .repository import RepositorySettings, render  # noqa: PLC0415
-
 
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
@@ -118,15 +115,19 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
     STOP_GRACE_SECONDS later, or at a second signal, it is killed with its backend stubs.
     Returns the server's exit status (128 + signal number when a signal ended it).
     """
+    from .server import kill_server_group  # noqa: PLC0415
+
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM)}
-    deadline = None
+    deadline, killed = None, False
     try:
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 status = process.wait(timeout=0.2)
                 break
+            if killed:
+                continue
             if received and deadline is None:
                 _log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
                      f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
@@ -134,15 +135,12 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
                 deadline = time.monotonic() + exit_timeout + STOP_GRACE_SECONDS
             elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
                 _log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                received[1:] = []  # killed once; the loop collects the exit status
-                deadline = math.inf
+                kill_server_group(process)
+                killed = True
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # backend stubs a server that exited in haste left behind
+    kill_server_group(process)  # backend stubs a server that exited in haste left behind
     return status if status >= 0 else 128 - status
 
 

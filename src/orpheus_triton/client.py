@@ -102,6 +102,12 @@ def request_inputs(
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
 
+def _is_final(response) -> bool:
+    """Whether a streamed response is its request's last (needs enable_empty_final_response)."""
+    final = response.get_response().parameters.get("triton_final_response")
+    return final is not None and final.bool_param
+
+
 def require_ready_server(url: str) -> None:
     """Raise ConnectionError naming ``url`` unless a Triton server there is ready to serve."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
@@ -157,8 +163,7 @@ class OrpheusClient:
                     result.chunks.append(Chunk(audio, arrived - started))
                     if on_chunk:
                         on_chunk(audio)
-                final = response.get_response().parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
+                if _is_final(response):
                     break
             result.total_seconds = time.perf_counter() - started
             completed = True
@@ -185,10 +190,7 @@ class OrpheusClient:
                 response, error, _ = events.get(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 return False
-            if error is not None:
-                return True
-            final = response.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
+            if error is not None or _is_final(response):
                 return True
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:

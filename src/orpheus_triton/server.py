@@ -122,13 +122,17 @@ def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
         process.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout)
-    # Its own process group (start_server): backend stubs included, also when the server itself is
-    # already gone (a crashed or hastily exited server leaves its stubs running).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
+    kill_server_group(process)
     if process.poll() is None:
         process.kill()
     return process.wait()
+
+
+def kill_server_group(process: subprocess.Popen) -> None:
+    """SIGKILL a ``start_server`` process's group: the server and its backend stubs, also when the
+    server itself is already gone (a crashed or hastily exited server leaves its stubs running)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = 300.0) -> None:

@@ -118,6 +118,26 @@ def generation_settings(get: GetInput) -> dict:
 STALE_SWEEP_SECONDS = 1.0
 
 
+def stream_idle_seconds(params: dict[str, str]) -> float:
+    """A model's ``stream_idle_seconds`` parameter (the llm's id hold and the decoder's idle eviction)."""
+    return float(params.get("stream_idle_seconds", STREAM_STATE_SECONDS))
+
+
+class IdleSweep:
+    """Drops per-stream entries idle for over ``idle_seconds``, scanning at most once per STALE_SWEEP_SECONDS."""
+
+    def __init__(self, idle_seconds: float, now: float):
+        self.idle_seconds = idle_seconds
+        self._next = now + STALE_SWEEP_SECONDS
+
+    def __call__(self, entries: dict, last_seen: Callable[[Any], float], now: float) -> None:
+        if now < self._next:
+            return
+        self._next = now + STALE_SWEEP_SECONDS
+        for key in [k for k, entry in entries.items() if now - last_seen(entry) > self.idle_seconds]:
+            del entries[key]
+
+
 class ActiveStreams:
     """Ids of the streams the LLM stage is generating, and of those that ended without end_id.
 
@@ -358,9 +378,8 @@ class DecodeScheduler:
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         self.max_windows = max_windows
-        self.idle_seconds = idle_seconds
         self.clock = clock
-        self._next_sweep = clock() + STALE_SWEEP_SECONDS
+        self._sweep = IdleSweep(idle_seconds, clock())
         self._queues: dict[str, deque[DecodeItem]] = {}
         self._playback: dict[str, tuple[float, float, float]] = {}  # id -> (first sent, seconds sent, last sent)
         self._ready = threading.Condition()
@@ -409,10 +428,8 @@ class DecodeScheduler:
             elif audio_seconds > 0:
                 first, sent, _ = self._playback.get(item.stream_id, (now, 0.0, now))
                 self._playback[item.stream_id] = (first, sent + audio_seconds, now)
-            if now >= self._next_sweep:  # streams whose end never came (e.g. TensorRT-LLM's, see model.py)
-                self._next_sweep = now + STALE_SWEEP_SECONDS
-                for key in [k for k, (_, _, last) in self._playback.items() if now - last > self.idle_seconds]:
-                    del self._playback[key]
+            # Streams whose end never came (a vanished client; TensorRT-LLM sends no end_id).
+            self._sweep(self._playback, lambda playback: playback[2], now)
 
     def close(self) -> None:
         with self._ready:
@@ -445,10 +462,9 @@ class StreamDecoderState:
     def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS,
                  clock: Callable[[], float] = time.monotonic):
         self.end_id = end_id
-        self.idle_seconds = idle_seconds
         self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
-        self._next_sweep = clock() + STALE_SWEEP_SECONDS
+        self._sweep = IdleSweep(idle_seconds, clock())
 
     def items_for(self, chunks: Sequence[tuple[str, np.ndarray, Any]]) -> list[DecodeItem]:
         """One item per (stream id, token ids, reply) chunk."""
@@ -464,12 +480,5 @@ class StreamDecoderState:
             result.append(DecodeItem(request_id, stream.framer.push(flat), reply, last, now))
             if last:
                 del self.streams[request_id]
-        self._evict(now)
+        self._sweep(self.streams, lambda stream: stream.last_seen, now)
         return result
-
-    def _evict(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + STALE_SWEEP_SECONDS
-        for key in [k for k, s in self.streams.items() if now - s.last_seen > self.idle_seconds]:
-            del self.streams[key]

@@ -17,6 +17,7 @@ from orpheus_triton.serving import (
     model_parameters,
     response_thread,
     send_error,
+    stream_idle_seconds,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
@@ -41,7 +42,7 @@ class TritonPythonModel:
         self.streams = LlmStreams(
             self.engine, respond, refuse, threaded=response_thread(params, self.engine.device.type),
             tokens_per_response=int(params.get("tokens_per_response", c.TOKENS_PER_FRAME)),
-            hold_seconds=float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS)),
+            hold_seconds=stream_idle_seconds(params),
         )
         self.metrics = EngineMetrics(pb_utils, self.engine, self.streams.active)
         self.engine.start()

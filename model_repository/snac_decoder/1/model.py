@@ -23,6 +23,7 @@ from orpheus_triton.serving import (
     model_parameters,
     require_stream_id,
     send_error,
+    stream_idle_seconds,
 )
 from orpheus_triton.snac_codec import load_window_decoder, warm_up
 from orpheus_triton.threads import start_torch_thread
@@ -38,7 +39,7 @@ class TritonPythonModel:
         set_cpu_threads(params, device)
         self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true")
         warm_up(self.decoder)
-        idle = float(params.get("stream_idle_seconds", c.STREAM_STATE_SECONDS))
+        idle = stream_idle_seconds(params)
         self.state = StreamDecoderState(idle_seconds=idle)
         self.scheduler = DecodeScheduler(max_windows=json.loads(args["model_config"])["max_batch_size"],
                                          idle_seconds=idle)
