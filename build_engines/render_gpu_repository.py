@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Render the model repository for NVIDIA GPUs: the `llm` stage served by Triton's TensorRT-LLM backend.
+"""Render the model repository for NVIDIA GPUs: the LLM stage served by Triton's TensorRT-LLM backend.
 
 The repository is the one ``orpheus-triton serve`` renders (preprocessing ->
-llm -> snac_decoder behind the ``orpheus`` ensemble) with one model swapped:
-``llm/config.pbtxt`` becomes build_engines/llm_tensorrtllm.pbtxt, which names
-the engine built by build_trtllm.py, and ``llm/1/`` is left empty (the C++
-backend needs no model file). The ensemble keeps calling ``llm`` with the
-same tensors; the one rename is the sampling seed's input, which recent
+llm -> snac_decoder behind the ``orpheus`` ensemble) with the LLM stage in
+two models: ``tensorrt_llm``, served by the TensorRT-LLM backend from the
+engine build_trtllm.py built (build_engines/llm_tensorrtllm.pbtxt; its ``1/``
+is left empty, the C++ backend needs no model file), and in front of it
+``llm``, the relay (model_repository/llm_relay, orpheus_triton.llm_relay),
+which the ensemble calls with the same tensors as the torch engine. The relay
+turns TensorRT-LLM's token-by-token stream into one response per SNAC frame
+ended by end_id, and maps the sampling seed onto the input recent
 TensorRT-LLM backends call ``seed`` (see ``--seed-tensor``).
 
     python build_engines/render_gpu_repository.py --models /models --engine-dir /engines/orpheus-3b \\
@@ -22,16 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import string
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orpheus_triton.constants import ENSEMBLE_MODEL, LLM_MODEL, LLM_SEED
+from orpheus_triton.constants import ENGINE_MODEL, LLM_SEED
 from orpheus_triton.demo_models import ModelSet, cache_dir
-from orpheus_triton.repository import RepositorySettings, render
+from orpheus_triton.repository import RelaySettings, RepositorySettings, render_with_relay
 
 TEMPLATE = Path(__file__).resolve().with_name("llm_tensorrtllm.pbtxt")
 SCHEDULER_POLICIES = ("guaranteed_no_evict", "max_utilization")
@@ -42,12 +44,6 @@ TRITON_BACKENDS = Path("/opt/tritonserver/backends")
 
 def _log(message: str) -> None:
     print(f"[render-gpu-repository] {message}", file=sys.stderr, flush=True)
-
-
-# TensorRT-LLM leaves end_id out of its output and appends none at max_tokens, so the decoder never
-# sees where a stream ends: its state goes after this long without tokens instead. A running stream
-# gets tokens every step (guaranteed_no_evict never pauses one), so 30 s idle means it is over.
-TRTLLM_STREAM_IDLE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -81,7 +77,7 @@ def _pbtxt_value(value) -> str:
 
 
 def render_llm_config(trt: TrtllmSettings, template: Path = TEMPLATE) -> str:
-    """The TensorRT-LLM backend's config.pbtxt for the ``llm`` model."""
+    """The TensorRT-LLM backend's config.pbtxt for the ``tensorrt_llm`` model."""
     trt.check()
     values = {key: _pbtxt_value(value) for key, value in asdict(trt).items()}
     try:
@@ -90,29 +86,16 @@ def render_llm_config(trt: TrtllmSettings, template: Path = TEMPLATE) -> str:
         raise ValueError(f"{template} uses unknown setting {missing}") from None
 
 
-def rename_ensemble_input(ensemble_config: str, model: str, old: str, new: str) -> str:
-    """Point the ensemble step that calls ``model`` at its input ``new`` where it fed ``old``."""
-    step = re.search(rf'model_name:\s*"{re.escape(model)}"(?P<body>.*?)(?=model_name:|\Z)', ensemble_config, re.S)
-    if step is None:
-        raise ValueError(f"the ensemble has no step calling {model!r}")
-    body, count = re.subn(rf'(input_map\s*\{{\s*key:\s*)"{re.escape(old)}"', rf'\1"{new}"', step["body"])
-    if count != 1:
-        raise ValueError(f"the ensemble step calling {model!r} maps input {old!r} {count} times, expected once")
-    return ensemble_config[: step.start("body")] + body + ensemble_config[step.end("body"):]
-
-
 def render_gpu_repository(settings: RepositorySettings, trt: TrtllmSettings, out: Path) -> Path:
     """Write the GPU repository to ``out`` (replaced if present) and return it."""
     trt.check()
-    llm_config = render_llm_config(trt)
-    root = render(settings, Path(out))
-    llm = root / LLM_MODEL
-    shutil.rmtree(llm)
-    (llm / "1").mkdir(parents=True)
-    (llm / "config.pbtxt").write_text(llm_config)
-    if trt.seed_tensor != LLM_SEED:
-        ensemble = root / ENSEMBLE_MODEL / "config.pbtxt"
-        ensemble.write_text(rename_ensemble_input(ensemble.read_text(), LLM_MODEL, LLM_SEED, trt.seed_tensor))
+    engine_config = render_llm_config(trt)
+    relay = RelaySettings(engine_model=ENGINE_MODEL, engine_seed_input=trt.seed_tensor, engine_audio_guard=False)
+    root = render_with_relay(settings, Path(out), relay)
+    engine = root / ENGINE_MODEL
+    shutil.rmtree(engine)
+    (engine / "1").mkdir(parents=True)
+    (engine / "config.pbtxt").write_text(engine_config)
     return root
 
 
@@ -135,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="repository to write (default: the cache's repositories/tensorrtllm)")
     parser.add_argument("--device", default="cuda", help="device of the SNAC decoder (default: cuda)")
     parser.add_argument("--max-batch-size", type=int, default=None,
-                        help="the llm's Triton max batch size (default: the engine's max_batch_size)")
+                        help=f"the {ENGINE_MODEL} model's Triton max batch size (default: the engine's max_batch_size)")
     parser.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
                         default=TrtllmSettings.kv_cache_free_gpu_mem_fraction,
                         help="share of the GPU memory free after loading the engine that the KV cache may take")
@@ -187,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = RepositorySettings(
         llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
-        decoder_stream_idle_seconds=TRTLLM_STREAM_IDLE_SECONDS,
     )
     trt = TrtllmSettings(
         engine_dir=str(engine_dir), triton_max_batch_size=max_batch_size,
@@ -201,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         _log(f"error: {error}")
         return 2
-    _log(f"model repository: {repository} (llm: TensorRT-LLM engine {engine_dir}, max batch {max_batch_size})")
+    _log(f"model repository: {repository} ({ENGINE_MODEL}: TensorRT-LLM engine {engine_dir}, max batch "
+         f"{max_batch_size}, behind the llm relay)")
     if args.serve:
         return _serve(repository, args)
     print(repository)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -25,20 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(model_set, tmp_path_factory):
-    """A real tritonserver with the rendered repository; yields its gRPC url."""
-    from orpheus_triton.repository import RepositorySettings, render
+def server_settings(model_set, **overrides):
+    """The repository settings of the test servers: the tiny model set on CPU, 4 streams."""
+    from orpheus_triton.repository import RepositorySettings
+
+    return RepositorySettings(**{
+        "llm_dir": str(model_set.llm), "snac_dir": str(model_set.snac), "device": "cpu", "max_streams": 4,
+        "max_seq_len": 1024, "preprocessing_instances": 1,
+        "llm_response_thread": "true",  # as on GPU; the serve-command tests run it inline
+    } | overrides)
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, work: Path):
+    """A real tritonserver on free ports serving ``repository``; yields the process (``.ports``, ``.log_path``)."""
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready
 
-    work = tmp_path_factory.mktemp("server")
-    os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
-    repository = render(
-        RepositorySettings(llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device="cpu",
-                           max_streams=4, max_seq_len=1024, preprocessing_instances=1,
-                           llm_response_thread="true"),  # as on GPU; the serve-command tests run it inline
-        work / "repository",
-    )
     ports = Ports(free_port(), free_port(), free_port())
     log_path = work / "server.log"
     with open(log_path, "w") as log:
@@ -52,6 +55,17 @@ def server(model_set, tmp_path_factory):
         process.log_path = log_path
         yield process
         stop_server(process, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server(model_set, tmp_path_factory):
+    """A real tritonserver with the rendered repository; yields its gRPC url."""
+    from orpheus_triton.repository import render
+
+    work = tmp_path_factory.mktemp("server")
+    os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
+    with running_server(render(server_settings(model_set), work / "repository"), work) as process:
+        yield process
 
 
 @pytest.fixture

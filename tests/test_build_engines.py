@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -14,16 +15,20 @@ from tritonclient.grpc import model_config_pb2
 from orpheus_triton.constants import (
     DECODER_MODEL,
     DECODER_TOKENS,
+    ENGINE_MODEL,
     ENSEMBLE_MODEL,
+    LLM_AUDIO_GUARD,
     LLM_MODEL,
     LLM_OUTPUT_IDS,
     LLM_SEED,
-    LLM_STOP,
     PREPROCESSING_MODEL,
+    TOKENS_PER_FRAME,
     VOCAB_SIZE,
 )
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ModelSet, llama_config
-from orpheus_triton.repository import MODELS, RepositorySettings, render, template_dir
+from orpheus_triton.llm_relay import EngineInputs
+from orpheus_triton.repository import MODELS, RepositorySettings, render
+from orpheus_triton.serving import stop_request_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +80,7 @@ def gpu_repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def configs(gpu_repo) -> dict[str, model_config_pb2.ModelConfig]:
-    return {model: parse_config(gpu_repo / model / "config.pbtxt") for model in MODELS}
+    return {model: parse_config(gpu_repo / model / "config.pbtxt") for model in (*MODELS, ENGINE_MODEL)}
 
 
 def ensemble_step(ensemble: model_config_pb2.ModelConfig, model: str):
@@ -288,32 +293,48 @@ def test_engine_is_current_only_for_the_same_build(tmp_path):
 
 # --- the GPU repository -----------------------------------------------------------------------------
 
+GPU_MODELS = (*MODELS, ENGINE_MODEL)
+
+
 def test_every_rendered_config_parses_and_has_no_placeholders(gpu_repo, configs):
-    for model in MODELS:
+    assert sorted(p.name for p in gpu_repo.iterdir()) == sorted(GPU_MODELS)
+    for model in GPU_MODELS:
         text = (gpu_repo / model / "config.pbtxt").read_text()
         assert "${" not in text, model
         assert configs[model].name == model
 
 
-def test_llm_is_served_by_the_tensorrtllm_backend(gpu_repo, configs):
-    llm = configs[LLM_MODEL]
-    assert llm.backend == "tensorrtllm"
-    assert llm.model_transaction_policy.decoupled
-    assert llm.max_batch_size == 128
-    parameters = {key: value.string_value for key, value in llm.parameters.items()}
+def test_engine_is_served_by_the_tensorrtllm_backend(gpu_repo, configs):
+    engine = configs[ENGINE_MODEL]
+    assert engine.backend == "tensorrtllm"
+    assert engine.model_transaction_policy.decoupled
+    assert engine.max_batch_size == 128
+    parameters = {key: value.string_value for key, value in engine.parameters.items()}
     assert parameters["gpt_model_type"] == "inflight_fused_batching"
     assert parameters["gpt_model_path"] == ENGINE_DIR
     assert parameters["batch_scheduler_policy"] == "guaranteed_no_evict"
     assert 0 < float(parameters["kv_cache_free_gpu_mem_fraction"]) <= 1
     assert parameters["exclude_input_in_output"] == "true"  # stream only the generated tokens
-    assert (gpu_repo / LLM_MODEL / "1").is_dir()
-    assert list((gpu_repo / LLM_MODEL / "1").iterdir()) == []  # no model.py for the C++ backend
+    assert (gpu_repo / ENGINE_MODEL / "1").is_dir()
+    assert list((gpu_repo / ENGINE_MODEL / "1").iterdir()) == []  # no model.py for the C++ backend
+
+
+def test_llm_is_the_relay_in_front_of_the_engine(gpu_repo, configs):
+    relay = configs[LLM_MODEL]
+    assert relay.backend == "python" and relay.model_transaction_policy.decoupled
+    assert (gpu_repo / LLM_MODEL / "1" / "model.py").is_file()
+    parameters = {key: value.string_value for key, value in relay.parameters.items()}
+    assert parameters["engine_model"] == ENGINE_MODEL
+    assert parameters["engine_seed_input"] == "seed"
+    assert parameters["engine_audio_guard"] == "false"  # TensorRT-LLM has no audio-token guard
+    assert parameters["tokens_per_response"] == str(TOKENS_PER_FRAME)
 
 
 def test_the_other_models_are_the_standard_ones(gpu_repo, tmp_path):
     standard = render(SETTINGS, tmp_path / "standard")
-    for model in (PREPROCESSING_MODEL, DECODER_MODEL):
+    for model in (ENSEMBLE_MODEL, PREPROCESSING_MODEL, DECODER_MODEL):
         assert (gpu_repo / model / "config.pbtxt").read_text() == (standard / model / "config.pbtxt").read_text()
+    for model in (PREPROCESSING_MODEL, DECODER_MODEL):
         assert (gpu_repo / model / "1" / "model.py").is_file()
 
 
@@ -343,53 +364,44 @@ def test_ensemble_feeds_the_llm_tensors_it_declares_with_matching_types(configs)
     assert step.output_map[LLM_OUTPUT_IDS] == decoder_step.input_map[DECODER_TOKENS]
 
 
-def test_llm_contract_matches_the_torch_engine_for_every_ensemble_tensor(configs, tmp_path):
+def test_relay_has_the_torch_engines_contract(configs, tmp_path):
     torch_llm = parse_config(render(SETTINGS, tmp_path / "standard") / LLM_MODEL / "config.pbtxt")
-    torch_io = {t.name: t for t in [*torch_llm.input, *torch_llm.output]}
-    trt_io = {t.name: t for t in [*configs[LLM_MODEL].input, *configs[LLM_MODEL].output]}
-    step = ensemble_step(configs[ENSEMBLE_MODEL], LLM_MODEL)
-    renamed = {"seed": LLM_SEED}  # the TensorRT-LLM backend's name for the torch engine's random_seed
-    for name in [*step.input_map, *step.output_map]:
-        torch_name = renamed.get(name, name)
-        assert trt_io[name].data_type == torch_io[torch_name].data_type, name
-        assert list(trt_io[name].dims) == list(torch_io[torch_name].dims), name
-        if name in step.input_map:
-            assert trt_io[name].optional == torch_io[torch_name].optional, name
+    relay = configs[LLM_MODEL]
+    assert list(relay.input) == list(torch_llm.input)
+    assert list(relay.output) == list(torch_llm.output)
+    assert relay.max_batch_size == torch_llm.max_batch_size
 
 
-def test_stop_control_input_is_declared_as_in_the_torch_engine(configs, tmp_path):
-    """Clients end abandoned streams with a `stop` request (client.OrpheusClient.stop), whichever backend serves."""
-    torch_llm = parse_config(render(SETTINGS, tmp_path / "standard") / LLM_MODEL / "config.pbtxt")
-    ours = next(i for i in torch_llm.input if i.name == LLM_STOP)
-    theirs = next(i for i in configs[LLM_MODEL].input if i.name == LLM_STOP)
-    assert theirs == ours and theirs.optional and theirs.data_type == model_config_pb2.TYPE_BOOL
+def test_engine_takes_every_input_the_relay_sends_it(configs):
+    """What the relay forwards (EngineInputs.map) is declared by the TensorRT-LLM model, type and shape alike."""
+    relay = configs[LLM_MODEL]
+    engine_io = {t.name: t for t in [*configs[ENGINE_MODEL].input, *configs[ENGINE_MODEL].output]}
+    parameters = {key: value.string_value for key, value in relay.parameters.items()}
+    mapping = EngineInputs(seed=parameters["engine_seed_input"], audio_guard=False)
+    sent = mapping.map({i.name: np.zeros((1, 1), np.int32) for i in relay.input if i.name != LLM_AUDIO_GUARD})
+    relay_inputs = {i.name: i for i in relay.input}
+    relay_name = {mapping.seed: LLM_SEED}
+    for name in sent:
+        ours, theirs = relay_inputs[relay_name.get(name, name)], engine_io[name]
+        assert (theirs.data_type, list(theirs.dims)) == (ours.data_type, list(ours.dims)), name
+    for output in relay.output:
+        theirs = engine_io[output.name]
+        assert (theirs.data_type, list(theirs.dims)) == (output.data_type, list(output.dims)), output.name
+    required = {i.name for i in configs[ENGINE_MODEL].input if not i.optional}
+    assert required <= set(sent)
+    # and the stop request's tensors too
+    assert set(stop_request_inputs()) <= set(engine_io)
 
 
 def test_seed_goes_to_the_backends_seed_input(configs, tmp_path):
-    step = ensemble_step(configs[ENSEMBLE_MODEL], LLM_MODEL)
-    assert "seed" in step.input_map and LLM_SEED not in step.input_map
-    seed = next(i for i in configs[LLM_MODEL].input if i.name == "seed")
+    seed = next(i for i in configs[ENGINE_MODEL].input if i.name == "seed")
     assert seed.data_type == model_config_pb2.TYPE_UINT64
 
     legacy = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, seed_tensor=LLM_SEED)
     repo = gpu_repository.render_gpu_repository(SETTINGS, legacy, tmp_path / "legacy")
-    standard = render(SETTINGS, tmp_path / "standard")
-    ensemble = (repo / ENSEMBLE_MODEL / "config.pbtxt").read_text()
-    assert ensemble == (standard / ENSEMBLE_MODEL / "config.pbtxt").read_text()
-    assert LLM_SEED in {i.name for i in parse_config(repo / LLM_MODEL / "config.pbtxt").input}
-
-
-def test_rename_touches_only_the_llm_step():
-    text = (template_dir() / ENSEMBLE_MODEL / "config.pbtxt").read_text()
-    renamed = gpu_repository.rename_ensemble_input(text, LLM_MODEL, LLM_SEED, "seed")
-    before = parse_config_text(text)
-    after = parse_config_text(renamed)
-    assert ensemble_step(after, PREPROCESSING_MODEL) == ensemble_step(before, PREPROCESSING_MODEL)
-    assert ensemble_step(after, DECODER_MODEL) == ensemble_step(before, DECODER_MODEL)
-    with pytest.raises(ValueError, match="maps input 'missing' 0 times"):
-        gpu_repository.rename_ensemble_input(text, LLM_MODEL, "missing", "seed")
-    with pytest.raises(ValueError, match="no step calling"):
-        gpu_repository.rename_ensemble_input(text, "nope", LLM_SEED, "seed")
+    assert LLM_SEED in {i.name for i in parse_config(repo / ENGINE_MODEL / "config.pbtxt").input}
+    relay = parse_config(repo / LLM_MODEL / "config.pbtxt")
+    assert relay.parameters["engine_seed_input"].string_value == LLM_SEED
 
 
 def parse_config_text(text: str) -> model_config_pb2.ModelConfig:
@@ -422,17 +434,14 @@ def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
     argv = ["--models", str(models), "--engine-dir", str(engine), "--out", str(out)]
     assert gpu_repository.main(argv) == 0
     assert capsys.readouterr().out.strip() == str(out)
-    llm = parse_config(out / LLM_MODEL / "config.pbtxt")
-    assert llm.max_batch_size == 96
-    assert {k: v.string_value for k, v in llm.parameters.items()}["gpt_model_path"] == str(engine)
+    engine_config = parse_config(out / ENGINE_MODEL / "config.pbtxt")
+    assert engine_config.max_batch_size == 96
+    assert {k: v.string_value for k, v in engine_config.parameters.items()}["gpt_model_path"] == str(engine)
     preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
-    # TensorRT-LLM sends no end_id: the decoder lets an idle stream go after 30 s, not 10 minutes.
-    decoder = parse_config(out / DECODER_MODEL / "config.pbtxt")
-    assert float(decoder.parameters["stream_idle_seconds"].string_value) == gpu_repository.TRTLLM_STREAM_IDLE_SECONDS
 
     assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED]) == 0
-    assert parse_config(out / LLM_MODEL / "config.pbtxt").max_batch_size == 8
+    assert parse_config(out / ENGINE_MODEL / "config.pbtxt").max_batch_size == 8
 
 
 def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):

@@ -132,3 +132,24 @@ def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsy
         assert cli.main(["serve", "--metrics-port", str(port)]) == 2
     error = capsys.readouterr().err
     assert f"metrics port {port} is not free" in error and "pick another with --metrics-port" in error
+
+
+def test_render_with_relay_puts_the_relay_in_front_of_the_torch_engine(configs, tmp_path):
+    from orpheus_triton.repository import RelaySettings, render_with_relay
+
+    settings = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac")
+    out = render_with_relay(settings, tmp_path / "r", RelaySettings(engine_seed_input="seed"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([*MODELS, c.ENGINE_MODEL])
+
+    def parse(model):
+        return text_format.Parse((out / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+    relay, engine = parse(c.LLM_MODEL), parse(c.ENGINE_MODEL)
+    assert engine.name == c.ENGINE_MODEL and engine.backend == relay.backend == "python"
+    assert engine.parameters["tokens_per_response"].string_value == "1"  # token by token, as TensorRT-LLM
+    assert relay.parameters["tokens_per_response"].string_value == str(c.TOKENS_PER_FRAME)
+    assert relay.parameters["engine_model"].string_value == c.ENGINE_MODEL
+    assert relay.parameters["engine_seed_input"].string_value == "seed"
+    assert list(relay.input) == list(configs[c.LLM_MODEL].input)
+    assert list(relay.output) == list(configs[c.LLM_MODEL].output)
+    assert (out / c.LLM_MODEL / "1" / "model.py").read_text().find("RelayStreams") > 0

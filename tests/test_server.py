@@ -29,15 +29,18 @@ def assert_same_audio(a: np.ndarray, b: np.ndarray) -> None:
     assert np.abs(a.astype(np.int32) - b.astype(np.int32)).max() <= 1
 
 
-def llm_tokens(url: str, model_set, **options) -> list[int]:
-    """The tokens the `llm` model generates for a request, asked of it directly."""
+def llm_tokens(url: str, model_set, model: str = c.LLM_MODEL, per_response: bool = False, **options):
+    """The tokens an LLM-stage model generates for a request, asked of it directly (a list per
+    response with ``per_response``)."""
     tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(**options))
     renamed = {OUT_TEMPERATURE: c.LLM_TEMPERATURE, OUT_REPETITION_PENALTY: c.LLM_REPETITION_PENALTY}
     inputs = [infer_input(renamed.get(name, name), value) for name, value in tensors.items()]
-    return _stream(url, c.LLM_MODEL, inputs, c.LLM_OUTPUT_IDS)
+    responses = _stream(url, model, inputs, c.LLM_OUTPUT_IDS)
+    return responses if per_response else sum(responses, [])
 
 
-def _stream(url, model, inputs, output, request_id=None):
+def _stream(url, model, inputs, output, request_id=None) -> list[list]:
+    """Every response's values of ``output`` (responses without it left out)."""
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: events.put((result, error)))
@@ -51,7 +54,7 @@ def _stream(url, model, inputs, output, request_id=None):
             raise SynthesisError(str(error))
         array = result.as_numpy(output)
         if array is not None:
-            values += array.reshape(-1).tolist()
+            values.append(array.reshape(-1).tolist())
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
     client.stop_stream()
@@ -265,8 +268,8 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 
-def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
-    """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
+def abandon_a_stream(server, url: str) -> None:
+    """A client walks away mid-stream: within 10 s its engine stream was stopped, long before its 1000 tokens."""
     cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
     tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
 
@@ -277,9 +280,14 @@ def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
         raise HungUp
 
     with pytest.raises(HungUp):
-        OrpheusClient(grpc_url).synthesize("a long one", max_tokens=1000, on_chunk=hang_up)
+        OrpheusClient(url).synthesize("a long one", max_tokens=1000, on_chunk=hang_up)
     _expect_one_cancellation(server, cancelled_before)
     assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 1000
+
+
+def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
+    """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
+    abandon_a_stream(server, grpc_url)
     # A stop for an id that is not streaming is harmless.
     OrpheusClient(grpc_url).stop("no-such-stream")
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0

@@ -24,14 +24,11 @@ from .constants import (
     IN_TEXT,
     IN_TOP_P,
     IN_VOICE,
-    LLM_INPUT_IDS,
-    LLM_INPUT_LENGTHS,
     LLM_MODEL,
-    LLM_REQUEST_OUTPUT_LEN,
-    LLM_STOP,
     OUT_AUDIO,
     SAMPLE_RATE,
 )
+from .serving import stop_request_inputs
 
 
 class SynthesisError(RuntimeError):
@@ -203,11 +200,7 @@ class OrpheusClient:
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-        # The required inputs ride along (ignored by a stop request), as TensorRT-LLM expects.
-        inputs = [infer_input(LLM_INPUT_IDS, np.zeros((1, 1), np.int32)),
-                  infer_input(LLM_INPUT_LENGTHS, np.ones((1, 1), np.int32)),
-                  infer_input(LLM_REQUEST_OUTPUT_LEN, np.ones((1, 1), np.int32)),
-                  infer_input(LLM_STOP, np.ones((1, 1), np.bool_))]
+        inputs = [infer_input(name, value) for name, value in stop_request_inputs().items()]
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=lambda result, error: done.put(error))

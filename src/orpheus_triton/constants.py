@@ -53,6 +53,9 @@ ENSEMBLE_MODEL = "orpheus"
 PREPROCESSING_MODEL = "preprocessing"
 LLM_MODEL = "llm"
 DECODER_MODEL = "snac_decoder"
+# The engine model behind the `llm` relay where the LLM stage streams token by token (TensorRT-LLM's
+# Triton backend); the name tensorrtllm_backend's own repositories give it.
+ENGINE_MODEL = "tensorrt_llm"
 
 # --- Public tensor contract of the `orpheus` ensemble ----------------------------------
 IN_TEXT = "text"

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import shutil
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .constants import (
     DECODER_MODEL,
+    ENGINE_MODEL,
     ENSEMBLE_MODEL,
     LLM_MODEL,
+    LLM_SEED,
     PREPROCESSING_MODEL,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
 )
 
 MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
+RELAY_TEMPLATE = "llm_relay"  # rendered as `llm` in front of an engine model (render_with_relay)
 
 
 def template_dir() -> Path:
@@ -62,6 +65,15 @@ class RepositorySettings:
     decoder_stream_idle_seconds: float = STREAM_STATE_SECONDS
 
 
+@dataclass(frozen=True)
+class RelaySettings:
+    """The relay in front of a token-by-token engine model (model_repository/llm_relay)."""
+
+    engine_model: str = ENGINE_MODEL
+    engine_seed_input: str = LLM_SEED  # TensorRT-LLM: "seed" in current backends
+    engine_audio_guard: bool = True  # whether the engine takes audio_token_guard (TensorRT-LLM: no)
+
+
 def parse_cpu_threads(value: str) -> int | None:
     """A ``*_cpu_threads`` setting: None for 'auto' (or empty), else a whole number >= 1."""
     value = str(value or "auto").strip()
@@ -79,18 +91,47 @@ def parse_cpu_threads(value: str) -> int | None:
 def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
     """Write a loadable repository to ``out`` (replaced if present) and return it."""
     templates = templates or template_dir()
-    values = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(settings).items()}
+    values = _values(settings)
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     for model in MODELS:
-        source = templates / model
-        shutil.copytree(source, out / model, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        config = (source / "config.pbtxt").read_text()
-        try:
-            rendered = string.Template(config).substitute(values)
-        except KeyError as missing:
-            raise ValueError(f"{source / 'config.pbtxt'} uses unknown setting {missing}") from None
-        (out / model / "config.pbtxt").write_text(rendered)
-        (out / model / "1").mkdir(exist_ok=True)  # Triton wants a version folder, even an ensemble's
+        _render_model(templates / model, out / model, values)
     return out
+
+
+def render_with_relay(settings: RepositorySettings, out: Path, relay: RelaySettings,
+                      templates: Path | None = None) -> Path:
+    """Write the repository with the `llm` stage in two models: the relay (orpheus_triton.llm_relay)
+    as `llm`, in front of the engine model ``relay.engine_model``.
+
+    With TensorRT-LLM the engine model's config replaces the one rendered here
+    (build_engines/render_gpu_repository.py). Left as it is, the engine model is the
+    torch engine streaming token by token, as TensorRT-LLM does: how the relay is
+    tested on any machine.
+    """
+    templates = templates or template_dir()
+    root = render(replace(settings, tokens_per_response=1), out, templates)
+    engine = root / relay.engine_model
+    (root / LLM_MODEL).rename(engine)
+    config = engine / "config.pbtxt"
+    name = f'name: "{LLM_MODEL}"'
+    if config.read_text().count(name) != 1:
+        raise ValueError(f"{config}: expected {name!r} once")
+    config.write_text(config.read_text().replace(name, f'name: "{relay.engine_model}"'))
+    _render_model(templates / RELAY_TEMPLATE, root / LLM_MODEL, _values(settings) | _values(relay))
+    return root
+
+
+def _values(settings) -> dict[str, str]:
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(settings).items()}
+
+
+def _render_model(source: Path, target: Path, values: dict[str, str]) -> None:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    try:
+        rendered = string.Template((source / "config.pbtxt").read_text()).substitute(values)
+    except KeyError as missing:
+        raise ValueError(f"{source / 'config.pbtxt'} uses unknown setting {missing}") from None
+    (target / "config.pbtxt").write_text(rendered)
+    (target / "1").mkdir(exist_ok=True)  # Triton wants a version folder, even an ensemble's

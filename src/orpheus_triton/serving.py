@@ -32,9 +32,11 @@ from .constants import (
     LLM_END_ID,
     LLM_INPUT_IDS,
     LLM_INPUT_LENGTHS,
+    LLM_OUTPUT_IDS,
     LLM_REPETITION_PENALTY,
     LLM_REQUEST_OUTPUT_LEN,
     LLM_SEED,
+    LLM_SEQUENCE_LENGTH,
     LLM_STOP,
     LLM_TEMPERATURE,
     LLM_TOP_K,
@@ -53,6 +55,30 @@ def send_error(pb_utils, sender, stage: str, message) -> None:
     """End a decoupled request with a Triton error that names the stage and the problem."""
     error = pb_utils.TritonError(f"orpheus {stage}: {message}")
     sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def llm_responders(pb_utils) -> tuple[Callable[[Any, list[int], int, bool], None], Callable[[Any, Any], None]]:
+    """The llm stage's ``respond(sender, tokens, tokens sent so far, final)`` and ``refuse(sender,
+    message)``, in TensorRT-LLM's tensors: the torch engine's adapter and the relay answer alike."""
+    final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def respond(sender, tokens: list[int], sent: int, final: bool) -> None:
+        sender.send(pb_utils.InferenceResponse([
+            pb_utils.Tensor(LLM_OUTPUT_IDS, np.array([[tokens]], dtype=np.int32)),
+            pb_utils.Tensor(LLM_SEQUENCE_LENGTH, np.array([sent], dtype=np.int32)),
+        ]), flags=final_flag if final else 0)
+
+    def refuse(sender, message) -> None:
+        send_error(pb_utils, sender, "llm", message)
+
+    return respond, refuse
+
+
+def stop_request_inputs() -> dict[str, np.ndarray]:
+    """A `stop` control request's tensors: the flag, and the required inputs riding along
+    (ignored by a stop request), as TensorRT-LLM expects."""
+    return {LLM_INPUT_IDS: np.zeros((1, 1), np.int32), LLM_INPUT_LENGTHS: np.ones((1, 1), np.int32),
+            LLM_REQUEST_OUTPUT_LEN: np.ones((1, 1), np.int32), LLM_STOP: np.ones((1, 1), np.bool_)}
 
 
 def model_parameters(args: dict) -> dict[str, str]:

@@ -5,7 +5,6 @@ the engine's loop produces a response per frame of generated tokens, the final
 one with the FINAL flag, sent in order (on a thread of their own on GPU).
 """
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
@@ -14,25 +13,15 @@ from orpheus_triton.serving import (
     StreamIdError,
     generation_settings,
     is_stop_request,
+    llm_responders,
     model_parameters,
     response_thread,
-    send_error,
     stream_idle_seconds,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def respond(sender, tokens, sent, final):
-    sender.send(pb_utils.InferenceResponse([
-        pb_utils.Tensor(c.LLM_OUTPUT_IDS, np.array([[tokens]], dtype=np.int32)),
-        pb_utils.Tensor(c.LLM_SEQUENCE_LENGTH, np.array([sent], dtype=np.int32)),
-    ]), flags=FINAL if final else 0)
-
-
-def refuse(sender, message):
-    send_error(pb_utils, sender, "llm", message)
+respond, refuse = llm_responders(pb_utils)
 
 
 class TritonPythonModel:

@@ -1,0 +1,69 @@
+"""Triton adapter for the relay in front of a token-by-token engine model (orpheus_triton.llm_relay).
+
+execute() only parses requests and hands them over; the engine model is called
+through BLS, its responses read on a thread per stream.
+"""
+
+import triton_python_backend_utils as pb_utils
+
+from orpheus_triton import constants as c
+from orpheus_triton.llm_relay import EngineInputs, EngineResponse, RelayStreams
+from orpheus_triton.serving import (
+    StreamIdError,
+    is_stop_request,
+    llm_responders,
+    model_parameters,
+    stop_request_inputs,
+    stream_idle_seconds,
+)
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+respond, refuse = llm_responders(pb_utils)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.engine_model = params["engine_model"]
+        self.streams = RelayStreams(
+            self.call, self.stop_engine, respond, refuse,
+            engine_inputs=EngineInputs(seed=params.get("engine_seed_input", c.LLM_SEED),
+                                       audio_guard=params.get("engine_audio_guard", "true") == "true"),
+            tokens_per_response=int(params.get("tokens_per_response", c.TOKENS_PER_FRAME)),
+            hold_seconds=stream_idle_seconds(params),
+        )
+
+    def call(self, request_id, inputs):
+        request = pb_utils.InferenceRequest(
+            model_name=self.engine_model, requested_output_names=[c.LLM_OUTPUT_IDS],
+            inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()], request_id=request_id,
+            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
+        )
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                yield EngineResponse([], response.error().message())
+                return
+            ids = pb_utils.get_output_tensor_by_name(response, c.LLM_OUTPUT_IDS)
+            yield EngineResponse([] if ids is None else ids.as_numpy().reshape(-1).tolist())
+
+    def stop_engine(self, request_id):
+        for _ in self.call(request_id, stop_request_inputs()):
+            pass
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            request_id = request.request_id()
+            inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+            if is_stop_request(inputs.get):
+                self.streams.stop(request_id)
+                sender.send(flags=FINAL)
+                continue
+            try:
+                self.streams.start(request_id, inputs, sender, request.is_cancelled)
+            except (ValueError, StreamIdError) as error:
+                refuse(sender, error)
+        return None
+
+    def finalize(self):
+        self.streams.close()

@@ -1,0 +1,183 @@
+"""The `llm` stage in front of an engine model that streams token by token (TensorRT-LLM).
+
+TensorRT-LLM's Triton backend sends one response per generated token and leaves
+end_id out of its output, also when a stream stops at max_tokens. Behind it,
+each token would be a request of its own through the ensemble into the SNAC
+decoder (about 17,700 a second at 216 real-time streams, seven for every frame
+the decoder can use), and the decoder would never see a stream end. The relay
+is a Python model named `llm`, as the ensemble expects, that calls the engine
+model (``tensorrt_llm``) itself and hands on what the decoder wants:
+
+* one response per SNAC frame of tokens (``tokens_per_response``);
+* every stream ends with end_id, appended when the engine left it out, so the
+  decoder drops the stream's state at once;
+* stream ids are guarded as in the torch engine's adapter (``ActiveStreams``);
+* ``stop`` is passed on to the engine, and so is a client's cancellation of the
+  relay's own request (looked at no more often than ``CANCEL_CHECK_SECONDS``:
+  each look is a round trip to the server);
+* input names are mapped: the seed's input is ``seed`` in current TensorRT-LLM
+  backends; the audio-token guard, which TensorRT-LLM lacks, is refused rather
+  than silently ignored.
+
+Each stream is read on a thread of its own (the engine's response iterator
+blocks). How the engine is called and how responses are built is the
+adapter's business: here they are plain callables, so all of this is unit tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .constants import (
+    END_OF_SPEECH,
+    LLM_AUDIO_GUARD,
+    LLM_SEED,
+    LLM_STOP,
+)
+from .llm_streams import Refuse, Respond
+from .serving import ActiveStreams, FrameChunker, generation_settings
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHECK_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class EngineResponse:
+    """One response of the engine model: its new tokens, or the error that ended the stream."""
+
+    tokens: list[int]
+    error: str | None = None
+
+
+# call(request id, inputs by the engine's names) -> the engine's responses, in order, to its final one.
+CallEngine = Callable[[str, dict[str, np.ndarray]], Iterable[EngineResponse]]
+StopEngine = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """How the relay's inputs (the torch engine's names) map onto the engine model's."""
+
+    seed: str = LLM_SEED
+    audio_guard: bool = True  # whether the engine takes `audio_token_guard`
+
+    def map(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs to send on, each as [1, n]: one request, as a client sends it (the relay's
+        own config may reshape them on the way in). Raises ValueError for one the engine cannot honour."""
+        mapped = {name: value.reshape(1, -1) for name, value in inputs.items()}
+        mapped.pop(LLM_STOP, None)
+        guard = mapped.get(LLM_AUDIO_GUARD)
+        if not self.audio_guard and guard is not None:
+            if guard.size and bool(guard.reshape(-1)[0]):
+                raise ValueError(f"{LLM_AUDIO_GUARD} is not available with this LLM engine (TensorRT-LLM "
+                                 "samples from the whole vocabulary); leave it out or send false")
+            del mapped[LLM_AUDIO_GUARD]
+        if LLM_SEED in mapped and self.seed != LLM_SEED:
+            mapped[self.seed] = mapped.pop(LLM_SEED)
+        return mapped
+
+
+class RelayStreams:
+    def __init__(self, call: CallEngine, stop: StopEngine, respond: Respond, refuse: Refuse, *,
+                 engine_inputs: EngineInputs, tokens_per_response: int, hold_seconds: float,
+                 cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
+        self.call, self.stop_engine = call, stop
+        self.respond, self.refuse = respond, refuse
+        self.engine_inputs = engine_inputs
+        self.tokens_per_response = tokens_per_response
+        self.cancel_check_seconds = cancel_check_seconds
+        self.active = ActiveStreams(hold_seconds=hold_seconds)
+        self._threads: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def start(self, request_id: str, inputs: dict[str, np.ndarray], sender: Any,
+              is_cancelled: Callable[[], bool]) -> None:
+        """Claim the id and start relaying; raises StreamIdError or ValueError (nothing claimed,
+        nothing sent) for the adapter to refuse."""
+        settings = generation_settings(inputs.get)  # the torch engine's checks, for the same clear errors
+        forwarded = self.engine_inputs.map(inputs)
+        if settings["max_new_tokens"] < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {settings['max_new_tokens']}")
+        end_id = settings.get("end_id", END_OF_SPEECH)
+        self.active.claim(request_id)
+        thread = threading.Thread(target=self._relay, name=f"relay-{request_id}", daemon=True,
+                                  args=(request_id, forwarded, end_id, sender, is_cancelled))
+        with self._lock:
+            self._threads[request_id] = thread
+        thread.start()
+
+    def stop(self, request_id: str) -> None:
+        """Pass a `stop` on to the engine. The stream ends normally (with end_id), but its client may
+        have cancelled the ensemble, which then never passes the end on: the id stays retired.
+        Sent on whether or not this relay knows the id: another instance of it may hold the stream."""
+        with self._lock:
+            known = request_id in self._threads
+        if known:
+            self.active.release(request_id, completed=False)
+        self.stop_engine(request_id)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout`` in all) for the streams being relayed to end."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads.values())
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _relay(self, request_id: str, inputs: dict[str, np.ndarray], end_id: int, sender: Any,
+               is_cancelled: Callable[[], bool]) -> None:
+        chunks = FrameChunker(self.tokens_per_response)
+        ended = cancelled = False
+        error = None
+        next_check = time.monotonic() + self.cancel_check_seconds
+        try:
+            for response in self.call(request_id, inputs):
+                if response.error is not None:
+                    error = response.error
+                    break  # an error response is the engine stream's last
+                if ended or cancelled:
+                    continue  # read the engine's stream to its end; nothing more goes out
+                tokens = response.tokens
+                if end_id in tokens:  # the torch engine sends it; it goes out with the final response
+                    chunks.pending += tokens[: tokens.index(end_id) + 1]
+                    ended = True
+                elif (ready := chunks.add(tokens, finished=False)) is not None:
+                    try:
+                        self.respond(sender, ready, chunks.sent, False)
+                    except Exception as failure:  # noqa: BLE001 (the client went away)
+                        log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, failure)
+                        cancelled = True
+                if not cancelled and time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.cancel_check_seconds
+                    cancelled = is_cancelled()
+                if cancelled:
+                    self.stop_engine(request_id)
+        except Exception as failure:  # noqa: BLE001 (the engine call itself failed; told to the client)
+            log.exception("relaying request %r failed", request_id)
+            error = f"the LLM engine call failed: {failure}"
+        finally:
+            with self._lock:
+                self._threads.pop(request_id, None)
+        self._finish(request_id, sender, chunks, end_id, ended, cancelled, error)
+
+    def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, end_id: int, ended: bool,
+                cancelled: bool, error: str | None) -> None:
+        completed = error is None and not cancelled
+        # Before the final response: the client may reuse the id the moment it arrives.
+        self.active.release(request_id, completed=completed)
+        try:
+            if completed:
+                last = chunks.add([] if ended else [end_id], finished=True)
+                self.respond(sender, last, chunks.sent, True)
+            else:
+                self.refuse(sender, error or "request cancelled by the client")
+        except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nobody listens)
+            log.debug("could not send the end of request %r", request_id)

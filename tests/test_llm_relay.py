@@ -1,0 +1,211 @@
+"""The relay in front of a token-by-token engine (orpheus_triton.llm_relay): unit tests with a scripted
+engine, then a real tritonserver with the relay in front of the torch engine streaming token by token."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from orpheus_triton.constants import END_OF_SPEECH, LLM_AUDIO_GUARD, LLM_SEED, LLM_STOP
+from orpheus_triton.llm_relay import EngineInputs, EngineResponse, RelayStreams
+from orpheus_triton.serving import StreamIdError
+
+INPUTS = {"input_ids": np.array([[5, 6, 7]], np.int32), "input_lengths": np.array([3], np.int32),
+          "request_output_len": np.array([100], np.int32)}
+
+
+class Engine:
+    """Plays an engine model: each call's responses are put on a queue by the test (None ends the stream)."""
+
+    def __init__(self):
+        self.streams: dict[str, queue.Queue] = {}
+        self.inputs: dict[str, dict] = {}
+        self.stopped: list[str] = []
+        self.called = threading.Event()
+
+    def call(self, request_id, inputs):
+        self.inputs[request_id] = inputs
+        responses = self.streams.setdefault(request_id, queue.Queue())
+        self.called.set()
+        while (response := responses.get(timeout=10)) is not None:
+            yield response
+
+    def stop(self, request_id):
+        self.stopped.append(request_id)
+
+    def send(self, request_id, *responses):
+        stream = self.streams.setdefault(request_id, queue.Queue())
+        for response in responses:
+            stream.put(response)
+
+
+def make(fail_sends=(), engine_inputs=None, cancel_check_seconds=0.1):
+    engine, sent, refused = Engine(), [], []
+    relay = None
+
+    def respond(sender, tokens, count, final):
+        if sender in fail_sends:
+            raise RuntimeError("client went away")
+        reusable = final and "a" not in relay.active._ids
+        sent.append((tokens, count, final, reusable))
+
+    def refuse(sender, message):
+        refused.append(str(message))
+
+    relay = RelayStreams(engine.call, engine.stop, respond, refuse, engine_inputs=engine_inputs or EngineInputs(),
+                         tokens_per_response=7, hold_seconds=600, cancel_check_seconds=cancel_check_seconds)
+    return relay, engine, sent, refused
+
+
+def tokens(*ids):
+    return [EngineResponse([i]) for i in ids]
+
+
+def test_token_by_token_stream_goes_out_in_frames_and_ends_with_end_id():
+    """TensorRT-LLM: one token per response, end_id left out of the output."""
+    relay, engine, sent, refused = make()
+    relay.start("a", INPUTS, "sender", lambda: False)
+    engine.send("a", *tokens(*range(10, 19)), EngineResponse([]), None)  # an empty final response
+    relay.close()
+    assert sent == [(list(range(10, 17)), 7, False, False),
+                    ([17, 18, END_OF_SPEECH], 10, True, True)]  # the id is free before the final response
+    assert not refused
+    relay.active.claim("a")
+
+
+def test_end_id_from_the_engine_is_not_doubled_and_nothing_after_it_goes_out():
+    relay, engine, sent, _ = make()
+    relay.start("a", INPUTS, "sender", lambda: False)
+    engine.send("a", *tokens(1, 2, 3, 4, 5, 6, 7, 8), EngineResponse([END_OF_SPEECH, 99]), None)
+    relay.close()
+    assert sent == [([1, 2, 3, 4, 5, 6, 7], 7, False, False), ([8, END_OF_SPEECH], 9, True, True)]
+
+
+def test_an_engine_error_reaches_the_client_and_retires_the_id():
+    relay, engine, sent, refused = make()
+    relay.start("a", INPUTS, "sender", lambda: False)
+    engine.send("a", *tokens(1, 2), EngineResponse([], "engine out of KV cache"), None)
+    relay.close()
+    assert sent == [] and refused == ["engine out of KV cache"]
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        relay.active.claim("a")  # its end never reached the decoder
+
+
+def test_a_cancelled_client_stops_the_engine_once_and_gets_nothing_more():
+    cancelled = threading.Event()
+    relay, engine, sent, refused = make(cancel_check_seconds=0.0)
+    relay.start("a", INPUTS, "sender", cancelled.is_set)
+    engine.send("a", *tokens(*range(1, 8)))
+    cancelled.set()
+    engine.send("a", *tokens(*range(8, 30)), None)  # the engine may produce more before it sees the stop
+    relay.close()
+    assert engine.stopped == ["a"]
+    assert all(not final for _, _, final, _ in sent) and len(sent) <= 1
+    assert refused == ["request cancelled by the client"]
+
+
+def test_a_failed_send_stops_the_engine():
+    relay, engine, sent, _ = make(fail_sends=("gone",))
+    relay.start("a", INPUTS, "gone", lambda: False)
+    engine.send("a", *tokens(*range(1, 15)), None)
+    relay.close()
+    assert engine.stopped == ["a"] and sent == []
+
+
+def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
+    relay, engine, sent, _ = make()
+    relay.start("a", INPUTS, "sender", lambda: False)
+    engine.called.wait(5)
+    relay.stop("a")
+    engine.send("a", *tokens(1, 2), None)  # the engine ends a stopped stream
+    relay.close()
+    assert engine.stopped == ["a"]
+    assert sent == [([1, 2, END_OF_SPEECH], 3, True, True)]  # ends normally: the ensemble completes
+    with pytest.raises(StreamIdError):
+        relay.active.claim("a")
+    relay.stop("unknown")  # another relay instance's stream, maybe: the engine is told anyway
+    assert engine.stopped == ["a", "unknown"]
+
+
+def test_requests_are_checked_before_anything_is_claimed():
+    relay, engine, _, _ = make(engine_inputs=EngineInputs(audio_guard=False))
+    with pytest.raises(ValueError, match="missing input 'input_ids'"):
+        relay.start("a", {k: v for k, v in INPUTS.items() if k != "input_ids"}, "sender", lambda: False)
+    with pytest.raises(ValueError, match="audio_token_guard is not available"):
+        relay.start("a", INPUTS | {LLM_AUDIO_GUARD: np.array([True])}, "sender", lambda: False)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        relay.start("a", INPUTS | {"request_output_len": np.array([0], np.int32)}, "sender", lambda: False)
+    with pytest.raises(StreamIdError, match="no id"):
+        relay.start("", INPUTS, "sender", lambda: False)
+    relay.start("a", INPUTS, "sender", lambda: False)
+    with pytest.raises(StreamIdError, match="already streaming"):
+        relay.start("a", INPUTS, "sender", lambda: False)
+    engine.send("a", None)
+    relay.close()
+
+
+def test_engine_inputs_are_mapped_to_the_engines_names_as_single_requests():
+    trtllm = EngineInputs(seed="seed", audio_guard=False)
+    given = INPUTS | {LLM_SEED: np.array([7], np.uint64), LLM_AUDIO_GUARD: np.array([False]),
+                      LLM_STOP: np.array([False])}
+    mapped = trtllm.map(given)
+    assert set(mapped) == {"input_ids", "input_lengths", "request_output_len", "seed"}
+    assert all(value.shape == (1, value.size) for value in mapped.values())
+    assert mapped["seed"].tolist() == [[7]]
+    torch_engine = EngineInputs().map(given)
+    assert set(torch_engine) == {*INPUTS, LLM_SEED, LLM_AUDIO_GUARD}
+
+
+# --- through a real tritonserver -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def relay_server(model_set, tmp_path_factory):
+    """The repository with the relay as `llm` in front of the torch engine streaming token by token,
+    as the GPU repository puts it in front of TensorRT-LLM."""
+    from conftest import running_server, server_settings
+
+    from orpheus_triton.repository import RelaySettings, render_with_relay
+
+    work = tmp_path_factory.mktemp("relay-server")
+    repository = render_with_relay(server_settings(model_set), work / "repository", RelaySettings())
+    with running_server(repository, work) as process:
+        yield process
+
+
+@pytest.mark.server
+def test_relay_serves_the_same_audio_in_frames(relay_server, grpc_url, model_set):
+    from test_server import TEXT, assert_same_audio, llm_tokens
+
+    from orpheus_triton.client import OrpheusClient
+    from orpheus_triton.constants import ENGINE_MODEL, LLM_MODEL, TOKENS_PER_FRAME
+
+    relay_url = f"localhost:{relay_server.ports.grpc}"
+    direct = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=300, seed=11)
+    relayed = OrpheusClient(relay_url).synthesize(TEXT, max_tokens=300, seed=11)
+    assert relayed.audio.size > 0
+    assert_same_audio(relayed.audio, direct.audio)
+
+    # Behind the relay the engine answers token by token; the relay, frame by frame, ended by end_id.
+    engine_responses = llm_tokens(relay_url, model_set, text=TEXT, max_tokens=60, seed=2, model=ENGINE_MODEL,
+                                  per_response=True)
+    assert {len(r) for r in engine_responses[:-1]} == {1}
+    relay_responses = llm_tokens(relay_url, model_set, text=TEXT, max_tokens=60, seed=2, model=LLM_MODEL,
+                                 per_response=True)
+    assert {len(r) for r in relay_responses[:-1]} == {TOKENS_PER_FRAME}
+    assert sum(relay_responses, []) == sum(engine_responses, [])
+    assert relay_responses[-1][-1] == END_OF_SPEECH
+
+
+@pytest.mark.server
+def test_abandoned_stream_is_stopped_through_the_relay(relay_server):
+    """The client's `stop` reaches the engine through the relay; the ensemble completes and the slot frees."""
+    from test_server import abandon_a_stream
+
+    from orpheus_triton.client import OrpheusClient
+
+    url = f"localhost:{relay_server.ports.grpc}"
+    abandon_a_stream(relay_server, url)  # stopped in the engine, through the relay
+    assert OrpheusClient(url).synthesize("next please", max_tokens=35).audio.size > 0
