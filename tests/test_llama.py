@@ -76,6 +76,17 @@ def test_bad_checkpoint_dirs_are_named(tmp_path):
         load_llama(tmp_path)
 
 
+def test_batch_buckets_are_powers_of_two_then_multiples_of_the_step(checkpoint):
+    from orpheus_triton.llama import BucketedDecoder
+
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=257, max_seq_len=64)  # 256 decode slots + scratch
+    decoder = BucketedDecoder(model, context_step=16, use_graphs=False)
+    assert decoder.batch_buckets == [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256]
+    assert decoder.bucket(216, 40) == (224, 48)  # 216 streams run as 224 rows, not 256
+    assert BucketedDecoder(model, batch_step=8, use_graphs=False).batch_buckets[:6] == [1, 2, 4, 8, 16, 24]
+
+
 def test_bucketed_decode_step_equals_the_plain_step(checkpoint):
     """The GPU decode path (padded to bucket shapes) computes the same as the exact-shape step.
 

@@ -280,22 +280,27 @@ class BucketedDecoder:
     """The decode step at a few fixed shapes, replayed from CUDA graphs on GPU.
 
     A decode step's shapes vary with the number of streams and the longest
-    context. Rounding both up to buckets (batch: powers of two up to the slot
-    count; context: multiples of ``context_step``) leaves a handful of shapes,
-    each captured once as a CUDA graph on first use, so a step costs one graph
-    launch whatever the batch. Rows past the real batch read token 0 at
+    context. Rounding both up to buckets (batch: powers of two below
+    ``batch_step``, then multiples of it up to the slot count; context:
+    multiples of ``context_step``) leaves a bounded set of shapes, each captured
+    once as a CUDA graph, so a step costs one graph launch whatever the batch.
+    Multiples rather than powers of two above ``batch_step``: 216 streams run as
+    224 rows, not 256 (a step's weight reads are the same, its compute and KV
+    reads scale with the rows). Rows past the real batch read token 0 at
     position 0 and write only into free slots, which are overwritten when a
     stream moves in. On CPU the same padding runs eagerly (it keeps the
     logic testable; there is no launch overhead to save).
     """
 
-    def __init__(self, model: Llama, context_step: int = 256, use_graphs: bool | None = None):
+    def __init__(self, model: Llama, context_step: int = 256, batch_step: int = 32, use_graphs: bool | None = None):
         device = model.embed_tokens.weight.device
         self.model = model
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.context_step = context_step
         max_batch = model.num_slots - 1  # the last slot is the engine's prefill scratch slot
-        self.batch_buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        small = [2**i for i in range(batch_step.bit_length()) if 2**i < batch_step]
+        self.batch_buckets = sorted({min(size, max_batch)
+                                     for size in [*small, *range(batch_step, max_batch + batch_step, batch_step)]})
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
