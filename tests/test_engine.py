@@ -245,7 +245,8 @@ def test_seen_rows_read_from_a_larger_table_pick_the_same_tokens():
 
 
 def test_unsorted_fast_path_picks_what_sorting_would():
-    """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same."""
+    """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same,
+    and the same as when every row is sorted (on GPU, where reading back which rows need it costs more)."""
     from orpheus_triton.sampling import _choose, _choose_sorted, gumbel_noise
 
     gen = torch.Generator().manual_seed(0)
@@ -261,7 +262,8 @@ def test_unsorted_fast_path_picks_what_sorting_would():
     }
     settings["temperature"][::7] = 0.0  # greedy rows
     settings["top_p"][::3] = 1.0  # top-k alone
-    fast = _choose(scores, candidates, settings)
+    fast = _choose(scores, candidates, settings, sort_all=False)
+    assert torch.equal(_choose(scores, candidates, settings, sort_all=True), fast)  # the GPU's way
     temperature = torch.where(settings["temperature"] <= 0, 1.0, settings["temperature"])[:, None]
     noise = gumbel_noise(settings["seed"], settings["step"], candidates)
     noise[::7] = 0.0

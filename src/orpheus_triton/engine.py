@@ -34,9 +34,10 @@ from .constants import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     END_OF_SPEECH,
+    TOKENS_PER_FRAME,
 )
 from .llama import BucketedDecoder, Llama
-from .sampling import LmHead, SamplingBatch, sample
+from .sampling import HostRows, LmHead, SamplingBatch, host_to_device, sample
 from .threads import start_torch_thread
 
 log = logging.getLogger(__name__)
@@ -325,8 +326,8 @@ class InflightEngine:
     def _decode(self) -> None:
         batch = len(self.decoding)
         # Built on the host and copied over once (on GPU each tensor from a list is a copy of its own).
-        last, positions = torch.tensor([[[s.generated[-1]] for s in self.decoding],
-                                        [[s.length] for s in self.decoding]]).to(self.device)
+        last, positions = host_to_device(torch.tensor([[[s.generated[-1]] for s in self.decoding],
+                                                       [[s.length] for s in self.decoding]]), self.device)
         context = max(s.length for s in self.decoding) + 1
         if self.decoder is not None:
             hidden = self.decoder(last, positions, context)
@@ -340,24 +341,27 @@ class InflightEngine:
     def _sample_and_emit(self, slots: list[int], hidden: torch.Tensor) -> None:
         streams = [self.decoding[s] for s in slots]
         # Every row's settings in two host tensors (one per dtype, a setting per row), each copied to
-        # the device once: on GPU a tensor made from a list is a host-to-device copy of its own.
+        # the device once and without waiting for the forward queued before (sampling.host_to_device).
         requests = [s.request for s in streams]
-        reals = torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
-                              [r.repetition_penalty for r in requests]], dtype=torch.float32).to(self.device)
-        whole = torch.tensor([
+        reals = host_to_device(torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
+                                             [r.repetition_penalty for r in requests]], dtype=torch.float32),
+                               self.device)
+        whole = host_to_device(torch.tensor([
             [r.top_k for r in requests],
             [(r.seed + 2**63) % 2**64 - 2**63 for r in requests],  # UINT64 seeds as the same 64 bits in int64
             [len(s.generated) for s in streams],
             [r.audio_guard for r in requests],
             [s.audio_tokens for s in streams],
             slots,
-        ], dtype=torch.int64).to(self.device)
+        ], dtype=torch.int64), self.device)
         params = SamplingBatch(
             temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0], seed=whole[1],
             step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4],
         )
         slot_index = whole[5]
-        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index)
+        host = HostRows(guarded=[r.audio_guard for r in requests],
+                        slots=[s.audio_tokens % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
+        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index, host=host)
         self.seen[slot_index, tokens] = True
         finished = []
         for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):

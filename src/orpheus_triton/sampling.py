@@ -54,6 +54,35 @@ class SamplingBatch:
     audio_position: torch.Tensor  # audio tokens generated so far (frame slot = position % 7)
 
 
+@dataclass(frozen=True)
+class HostRows:
+    """The settings that decide how rows are grouped, as host values.
+
+    The engine knows them without asking the device. Read from a GPU, each would be
+    a wait for every kernel queued before it (the decode step included), and the
+    sampling kernels after it could no longer be queued while the GPU is still busy
+    with the forward. With these, the only read of a step is its tokens.
+    """
+
+    guarded: list[bool]
+    slots: list[int]  # frame slot of each row: audio_position % 7
+    top_k: list[int]
+
+    @classmethod
+    def read(cls, params: SamplingBatch) -> HostRows:
+        """Read from the device (for callers that do not have them at hand)."""
+        return cls(params.audio_guard.tolist(), (params.audio_position % TOKENS_PER_FRAME).tolist(),
+                   params.top_k.tolist())
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting: torch's blocking copy to a GPU first waits for
+    every queued kernel, a pinned non-blocking one does not (the pinned block is kept until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def guard_candidates(audio_position: torch.Tensor) -> torch.Tensor:
     """Token ids a guarded row may produce: the 4096 codes of its frame slot, then end-of-speech."""
     slot = audio_position % TOKENS_PER_FRAME
@@ -83,11 +112,12 @@ class LmHead:
     def full(self, rows: torch.Tensor) -> torch.Tensor:
         return (self.hidden[rows] @ self.weight.T).float()
 
-    def guarded(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        scores = torch.empty(rows.numel(), CODEBOOK_SIZE + 1, device=self.hidden.device)
+    def guarded(self, rows: torch.Tensor, slots: torch.Tensor, host_slots: list[int]) -> torch.Tensor:
+        device = self.hidden.device
+        scores = torch.empty(len(host_slots), CODEBOOK_SIZE + 1, device=device)
         hidden = self.hidden[rows]
-        for slot in slots.unique().tolist():
-            members = (slots == slot).nonzero().flatten()
+        for slot in sorted(set(host_slots)):
+            members = host_to_device(torch.tensor([i for i, s in enumerate(host_slots) if s == slot]), device)
             start = AUDIO_TOKEN_BASE + slot * CODEBOOK_SIZE
             block = self.weight[start : start + CODEBOOK_SIZE]
             scores[members, :CODEBOOK_SIZE] = (hidden[members] @ block.T).float()
@@ -104,7 +134,7 @@ class FullLogits(LmHead):
     def full(self, rows: torch.Tensor) -> torch.Tensor:
         return self.logits[rows]
 
-    def guarded(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def guarded(self, rows: torch.Tensor, slots: torch.Tensor, host_slots: list[int]) -> torch.Tensor:
         return self.logits[rows].gather(1, guard_candidates(slots))
 
 
@@ -116,48 +146,61 @@ def _penalise(scores: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -
 
 
 def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Tensor,
-           seen_rows: torch.Tensor | None = None) -> torch.Tensor:
+           seen_rows: torch.Tensor | None = None, host: HostRows | None = None) -> torch.Tensor:
     """Pick one token per row. ``seen`` [B, V] bool marks prompt and generated tokens (for the penalty).
 
     ``logits`` is either full logits [B, V] or an ``LmHead`` that computes only what is needed.
     With ``seen_rows`` [B], ``seen`` is a larger table and row b of the batch is its row
     ``seen_rows[b]``: guarded rows then read only their 4097 candidates from it, not a whole
-    vocabulary-wide row each.
+    vocabulary-wide row each. ``host``: the rows' grouping settings as host values (read from
+    the device when not given).
     """
     head = logits if isinstance(logits, LmHead) else FullLogits(logits)
+    host = host or HostRows.read(params)
+    device = params.temperature.device
     batch = params.temperature.shape[0]
-    next_tokens = torch.empty(batch, dtype=torch.int64, device=params.temperature.device)
-    guard = params.audio_guard
-    for rows, guarded in ((guard.nonzero().flatten(), True), ((~guard).nonzero().flatten(), False)):
-        if rows.numel() == 0:
+    next_tokens = torch.empty(batch, dtype=torch.int64, device=device)
+    for guarded in (True, False):
+        members = [row for row, flag in enumerate(host.guarded) if flag == guarded]
+        if not members:
             continue
-        everyone = rows.numel() == batch  # the usual case: no need to gather the rows' settings
+        everyone = len(members) == batch  # the usual case: no need to gather the rows' settings
+        rows = torch.arange(batch, device=device) if everyone else host_to_device(torch.tensor(members), device)
         sub = {name: getattr(params, name) if everyone else getattr(params, name)[rows]
                for name in params.__dataclass_fields__}
         table_rows = rows if seen_rows is None else seen_rows[rows]
+        max_top_k = max(host.top_k[row] for row in members)
         if guarded:
             slots = sub["audio_position"] % TOKENS_PER_FRAME
             candidates = guard_candidates(slots)
-            scores = _penalise(head.guarded(rows, slots), seen[table_rows[:, None], candidates],
-                               sub["repetition_penalty"])
+            scores = _penalise(head.guarded(rows, slots, [host.slots[row] for row in members]),
+                               seen[table_rows[:, None], candidates], sub["repetition_penalty"])
             # End-of-speech only where a frame is complete.
             scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))
         else:
             scores = _penalise(head.full(rows), seen[table_rows], sub["repetition_penalty"])
             scores, candidates = scores.topk(min(scores.shape[1], UNGUARDED_CANDIDATES), dim=1)
-        next_tokens[rows] = _choose(scores, candidates, sub)
+        next_tokens[rows] = _choose(scores, candidates, sub, max_top_k)
     return next_tokens
 
 
-def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor],
+            max_top_k: int | None = None, sort_all: bool | None = None) -> torch.Tensor:
     """Gumbel-max over the rows' top-k/top-p filtered candidates.
 
-    Sorting 4097 candidates per row is the costliest part of sampling, and it is
-    rarely needed: the argmax of scores + noise over *all* candidates is also the
-    argmax over the filtered set whenever it lies inside that set, which a row
+    Sorting 4097 candidates per row is the costliest part of sampling on a CPU, and
+    it is rarely needed: the argmax of scores + noise over *all* candidates is also
+    the argmax over the filtered set whenever it lies inside that set, which a row
     can check in one pass (how many candidates score higher, and their mass).
     That happens with probability about top_p; only the other rows are sorted.
+    On a GPU (``sort_all`` None: by the device) every row is sorted instead:
+    a few hundred rows' sort costs less there than reading back which rows need one.
+    ``max_top_k``: the largest top_k of the rows (read from ``p`` when not given).
     """
+    if max_top_k is None:
+        max_top_k = int(p["top_k"].max())
+    if sort_all is None:
+        sort_all = scores.device.type == "cuda"
     greedy = p["temperature"] <= 0
     scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
     noise = gumbel_noise(p["seed"], p["step"], candidates)
@@ -169,14 +212,16 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
     inside = (top_k <= 0) | (higher.sum(dim=1) < top_k)
     weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
     kept = weights
-    if bool((top_k > 0).any()):
+    if max_top_k > 0:
         width = scores.shape[1]
         kth_index = (top_k.clamp(1, width) - 1)[:, None]
-        kth = scores.topk(min(int(top_k.max()), width), dim=1).values.gather(1, kth_index)
+        kth = scores.topk(min(max_top_k, width), dim=1).values.gather(1, kth_index)
         kept = torch.where((top_k[:, None] > 0) & (scores < kth), 0.0, weights)
     mass_before = (weights * higher).sum(dim=1) / kept.sum(dim=1)
     inside &= greedy | (mass_before < p["top_p"])
     tokens = candidates.gather(1, pick).squeeze(1)
+    if sort_all:
+        return torch.where(inside, tokens, _choose_sorted(scores, candidates, noise, p))
     outside = (~inside).nonzero().flatten()
     if outside.numel():
         tokens[outside] = _choose_sorted(scores[outside], candidates[outside], noise[outside],
