@@ -82,11 +82,50 @@ def test_serving_decoder_batched_is_within_one_step_of_alone(serving_decoder):
         assert np.abs(alone - together).max() <= 1
 
 
-def test_unknown_decode_mode_is_refused(model_set):
+def test_unknown_decode_mode_and_noise_source_are_refused(model_set):
     from orpheus_triton.snac_codec import WindowDecoder
 
     with pytest.raises(ValueError, match="unknown SNAC decode mode 'fast'"):
         WindowDecoder(load_snac(model_set.snac), mode="fast")
+    with pytest.raises(ValueError, match="unknown SNAC noise source 'global'"):
+        WindowDecoder(load_snac(model_set.snac), noise="global")
+
+
+def test_counter_noise_is_batch_independent_and_standard_normal():
+    import torch
+
+    from orpheus_triton.counter_noise import gaussian
+
+    seeds = torch.tensor([7, 2**62 + 5, 123456789])
+    batch = gaussian(seeds, counter=3, length=200_000)
+    assert batch.shape == (3, 1, 200_000) and batch.dtype == torch.float32
+    assert torch.equal(gaussian(seeds[1:2], counter=3, length=200_000)[0], batch[1])  # alone = in a batch
+    assert torch.equal(gaussian(seeds, counter=3, length=100)[..., :100], batch[..., :100])  # prefix-stable
+    for row in batch[:, 0].double():
+        assert abs(row.mean()) < 0.01 and abs(row.std() - 1) < 0.01
+        assert abs((row**4).mean() - 3) < 0.1  # Gaussian tails, not a uniform's
+    other_block = gaussian(seeds, counter=4, length=200_000)
+    assert abs(torch.corrcoef(torch.stack([batch[0, 0], other_block[0, 0]]))[0, 1]) < 0.01
+
+
+def test_counter_noise_decoder_is_batch_independent_and_sounds_alike(model_set):
+    """The GPU's noise source, run here: a stream's audio alone and batched agree, at upstream's loudness."""
+    from orpheus_triton.snac_codec import DECODE_SPAN, NOISE_COUNTER, WindowDecoder
+
+    counter = WindowDecoder(load_snac(model_set.snac), DECODE_SPAN, noise=NOISE_COUNTER)
+    generators = load_window_decoder(model_set.snac)
+    streams = [token_stream(seed, frames=6) for seed in range(20, 24)]
+    windows = [StreamFramer().push(t) for t in streams]
+    audio = counter.decode([w for group in zip(*windows, strict=True) for w in group])
+    for index, tokens in enumerate(streams):
+        alone = np.concatenate(serve_decode(counter, tokens)).astype(np.int32)
+        assert np.array_equal(alone, np.concatenate(serve_decode(counter, tokens)))  # deterministic
+        together = np.concatenate(audio[index :: len(streams)]).astype(np.int32)
+        assert np.abs(alone - together).max() <= 1
+        upstream_noise = np.concatenate(serve_decode(generators, tokens)).astype(np.float64)
+        assert not np.array_equal(alone, upstream_noise)  # other numbers ...
+        ratio = np.sqrt(np.mean(alone.astype(np.float64) ** 2) / np.mean(upstream_noise**2))
+        assert 0.8 < ratio < 1.25  # ... of the same kind
 
 
 def test_code_zero_does_not_shift_frames(decoder, upstream):

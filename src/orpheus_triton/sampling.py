@@ -16,28 +16,13 @@ import numpy as np
 import torch
 
 from .constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer ("lowbias32") on int64 tensors holding values < 2**32."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
+from .counter_noise import hash32, row_keys, uniform
 
 
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for rows (seed, step) and candidate ``token_ids`` [B, C] -> float32 [B, C]."""
-    seeds = seeds.to(torch.int64)
-    row = _hash32(_hash32(seeds & _MASK32) ^ ((seeds >> 32) & _MASK32))
-    row = _hash32(row ^ _hash32(steps.to(torch.int64) + 0x9E3779B9))
-    bits = _hash32(row[:, None] ^ (token_ids.to(torch.int64) * 0x9E3779B1))
-    uniform = (bits.double() + 0.5) * 2.0**-32  # in (0, 1), open at both ends
-    return -torch.log(-torch.log(uniform)).float()
+    bits = hash32(row_keys(seeds, steps)[:, None] ^ (token_ids.to(torch.int64) * 0x9E3779B1))
+    return -torch.log(-torch.log(uniform(bits))).float()
 
 
 @dataclass
