@@ -38,6 +38,8 @@ SMALL_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads"
                "num_key_value_heads": 4, "intermediate_size": 1536}
 SHAPES = {"demo": DEMO_LLM_SHAPE, "small": SMALL_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
 PROMPT_LEN = 40  # about what "tara: <one sentence>" tokenizes to, plus the Orpheus wrapper
+# The step sweep's longest context: a stream about 11 s into its audio. Contexts spread up to it.
+SWEEP_CONTEXT = 960
 
 
 def prompt(i: int) -> list[int]:
@@ -90,7 +92,8 @@ def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
 
 
 def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
-    """Median step time with n streams decoding (a fresh engine per n)."""
+    """Median step time with n streams decoding (a fresh engine per n), their contexts spread evenly
+    from a prompt's length up to ``context``: streams of a busy server started at different times."""
     rows = []
     for n in counts:
         engine = make_engine()
@@ -106,6 +109,11 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
         engine.step()
         if len(engine.decoding) != n:
             raise RuntimeError(f"{len(engine.decoding)} of {n} streams decoding; raise --tokens or --max-streams")
+        # Move each stream to its place in the spread (what its cache holds there does not change a step's
+        # time), and take one step at the new shape so its CUDA graph is captured before the timed steps.
+        for i, stream in enumerate(engine.decoding):
+            stream.length = PROMPT_LEN + (context - PROMPT_LEN) * (i + 1) // n
+        engine.step()
         times = []
         for _ in range(20):
             if engine.device.type == "cuda":
@@ -146,7 +154,8 @@ def main() -> int:
         write_random_llama(Path(tmp), SHAPES[args.shape], dtype=torch.bfloat16 if device != "cpu" else torch.float32)
         model = load_llama(tmp, device=device)
     def make_engine():
-        return InflightEngine(model, max_streams=max_streams, max_seq_len=PROMPT_LEN + max(args.tokens, 600) + 16)
+        return InflightEngine(model, max_streams=max_streams,
+                              max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64))
 
     engine = make_engine()
 
@@ -159,12 +168,15 @@ def main() -> int:
         batches.append(throughput(engine, args.streams, args.tokens))
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
-    sweep = step_sweep(make_engine, counts, context=300)
+    sweep = step_sweep(make_engine, counts, context=SWEEP_CONTEXT)
 
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                     "torch_threads": torch.get_num_threads()},
+        "decode_attention": "per-row key lengths" if engine.decoder is not None and engine.decoder.varlen
+                            else "masked (keys up to the longest row)",
+        "sweep_contexts": f"spread evenly from {PROMPT_LEN} to {SWEEP_CONTEXT} positions",
         "shape": args.shape, "model": SHAPES[args.shape],
         "single_stream_tokens_per_s": single, "streams": args.streams,
         "batched_tokens_per_s": batched, "batching_gain": batched / single,
@@ -185,6 +197,7 @@ def main() -> int:
         f"running streams finished first: {newcomer['others_finished_first']})",
         f"- streams at or above real time ({REAL_TIME_TOKENS_PER_SECOND:.0f} tokens/s each): "
         f"{result['real_time_streams']} of those measured",
+        f"- step sweep: contexts {result['sweep_contexts']}; decode attention: {result['decode_attention']}",
         "",
         "| active streams | step (ms) | tokens/s per stream | aggregate tokens/s | real time |",
         "|---:|---:|---:|---:|:---:|",

@@ -69,5 +69,15 @@ def server(model_set, tmp_path_factory):
 
 
 @pytest.fixture
+def flash_reference(monkeypatch):
+    """The engine's FlashAttention call (CUDA only) answered by a plain-torch reference of what it computes."""
+    from flash_reference import flash_attention_forward
+
+    from orpheus_triton import llama
+
+    monkeypatch.setattr(llama, "_flash_attention", flash_attention_forward)
+
+
+@pytest.fixture
 def grpc_url(server) -> str:
     return f"localhost:{server.ports.grpc}"

@@ -63,9 +63,12 @@ def test_stream_is_identical_alone_and_in_a_busy_batch(model):
     assert len(alone.tokens) >= 2 and alone.finished
 
 
-def test_gpu_decode_path_streams_as_if_alone(model):
+@pytest.mark.parametrize("varlen", [False, True], ids=["masked", "per-row-keys"])
+def test_gpu_decode_path_streams_as_if_alone(model, varlen, flash_reference):
     """The bucketed decode of the GPU path (padded rows write only into free slots), run eagerly here:
-    streams joining, leaving and prefilled in bursts get exactly the tokens they get alone."""
+    streams joining, leaving and prefilled in bursts get exactly the tokens they get alone. With
+    ``varlen`` decode steps read each row's own keys only (FlashAttention's varlen call on GPU,
+    a reference of it here)."""
     alone = {}
     for i in (0, 2, 4):
         alone[i] = Collector()
@@ -74,8 +77,20 @@ def test_gpu_decode_path_streams_as_if_alone(model):
         engine.run_until_idle()
 
     engine = make_engine(model, max_streams=5, bucketed=True)
+    model.use_varlen_decode(varlen)
+    try:
+        together = run_together(engine)
+    finally:
+        model.use_varlen_decode(False)
+    for i in alone:
+        assert together[i].tokens == alone[i].tokens, i
+
+
+def run_together(engine) -> dict:
+    """Streams 0, 2 and 4 (with 30 + 10 i tokens) joining an engine of 5 slots beside another that leaves
+    early, 2 and 4 in a burst."""
     assert engine.decoder is not None and engine.decoder.batch_buckets == [1, 2, 4, 5]
-    together = {i: Collector() for i in alone}
+    together = {i: Collector() for i in (0, 2, 4)}
     engine.submit(request(PROMPTS[1], Collector(), seed=9, max_new_tokens=12))  # leaves early
     engine.submit(request(PROMPTS[0], together[0], seed=0, max_new_tokens=30))
     for _ in range(5):
@@ -83,8 +98,7 @@ def test_gpu_decode_path_streams_as_if_alone(model):
     engine.submit(request(PROMPTS[2], together[2], seed=2, max_new_tokens=50))  # a burst of two
     engine.submit(request(PROMPTS[4], together[4], seed=4, max_new_tokens=70))
     engine.run_until_idle()
-    for i in alone:
-        assert together[i].tokens == alone[i].tokens, i
+    return together
 
 
 def test_a_burst_of_prompts_is_prefilled_together_and_streams_as_if_alone(model):

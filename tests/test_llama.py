@@ -24,11 +24,17 @@ def hf_logits(path, rows):
         return [model(torch.tensor([r])).logits[0] for r in rows]
 
 
-def test_prefill_and_batched_decode_match_transformers(checkpoint):
+@pytest.mark.parametrize("varlen", [False, True], ids=["masked", "per-row-keys"])
+def test_prefill_and_batched_decode_match_transformers(checkpoint, varlen, request):
+    """Rows of different lengths in one decode step; with ``varlen`` each row reads only its own keys
+    (the GPU's FlashAttention varlen call, answered here by a reference of what it computes)."""
     torch.manual_seed(0)
     rows = [torch.randint(0, 156940, (n,)).tolist() for n in (11, 4, 7)]
     model = load_llama(checkpoint)
     model.allocate_cache(num_slots=4, max_seq_len=64)
+    if varlen:
+        request.getfixturevalue("flash_reference")
+        assert model.use_varlen_decode(True)
     with torch.inference_mode():
         # Prefill each row into its slot (rows of different lengths) ...
         prefill = [model(torch.tensor([r]), torch.arange(len(r))[None], first_slot=i, last_only=False)[0]
@@ -113,3 +119,25 @@ def test_bucketed_decode_step_equals_the_plain_step(checkpoint):
         bucketed = decoder(tokens, positions, context_len=13)
     assert bucketed.shape == plain.shape
     torch.testing.assert_close(bucketed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_decode_attention_is_used_only_where_it_agrees_with_the_masked_path(monkeypatch, flash_reference):
+    from flash_reference import flash_attention_forward
+
+    from orpheus_triton import llama
+
+    cpu = torch.device("cpu")
+    assert not llama.varlen_decode_works(cpu, torch.float32, 4, 2, 16)  # CUDA and half precision only
+    assert llama._agrees_with_masked(cpu, torch.float32, 4, 2, 16)  # the check itself, on the reference
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("seqused_k is not supported")
+
+    monkeypatch.setattr(llama, "_flash_attention", missing)
+    assert not llama._agrees_with_masked(cpu, torch.float32, 4, 2, 16)
+
+    def off_by_one(q, k, v, cum_q, cum_k, *args, seqused_k=None, **kwargs):
+        return flash_attention_forward(q, k, v, cum_q, cum_k, *args, seqused_k=seqused_k - 1, **kwargs)
+
+    monkeypatch.setattr(llama, "_flash_attention", off_by_one)
+    assert not llama._agrees_with_masked(cpu, torch.float32, 4, 2, 16)

@@ -3,11 +3,14 @@
 The model is written for a serving loop, not for training:
 
 * The KV cache is preallocated for ``max_streams`` slots of ``max_seq_len``
-  positions (plus one scratch slot where prompts are prefilled). A forward call
-  works on a contiguous run of slots, so the decode step over the active
-  streams ``0..n-1`` reads the cache through views and never gathers.
+  positions (plus one scratch slot where prompts are prefilled), position-major
+  ([slot, position, kv head, dim]). A forward call works on a contiguous run of
+  slots, so the decode step over the active streams ``0..n-1`` reads the cache
+  through views and never gathers.
 * Every row carries its own positions, so rows of different lengths share one
-  batched forward; the mask hides each row's unused cache positions.
+  batched forward; the mask hides each row's unused cache positions. On GPU a
+  decode step reads only each row's own keys instead (``varlen_decode_attention``):
+  with a mask every row would read as many as the longest one.
 
 Checkpoints are read in Hugging Face's format (``config.json`` plus one or more
 ``*.safetensors`` files); Orpheus 3B is such a checkpoint.
@@ -16,6 +19,7 @@ Checkpoints are read in Hugging Face's format (``config.json`` plus one or more
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -114,8 +120,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
-        self.k_cache: torch.Tensor | None = None  # [slots, kv_heads, max_seq_len, head_dim]
+        self.k_cache: torch.Tensor | None = None  # [slots, max_seq_len, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
+        self.varlen_decode = False  # decode steps through varlen_decode_attention (GPU, see Llama)
 
     def forward(self, x, cos, sin, positions, first_slot: int, context_len: int, mask) -> torch.Tensor:
         batch, steps, _ = x.shape
@@ -128,23 +135,95 @@ class Attention(nn.Module):
         slots = slice(first_slot, first_slot + batch)
         k_cache, v_cache = self.k_cache[slots], self.v_cache[slots]  # views
         rows = torch.arange(batch, device=x.device)[:, None].expand(batch, steps)
-        k_cache[rows, :, positions] = k.to(k_cache.dtype)
-        v_cache[rows, :, positions] = v.to(v_cache.dtype)
+        k_cache[rows, positions] = k.to(k_cache.dtype)
+        v_cache[rows, positions] = v.to(v_cache.dtype)
 
-        keys, values = k_cache[:, :, :context_len], v_cache[:, :, :context_len]
-        q = q.transpose(1, 2)  # [B, heads, T, hd]
-        if steps == 1:
-            # A decode step: the query heads that share a KV head (consecutive, as in HF's
-            # repeat_kv) become that KV head's queries, and the mask [B, 1, 1, L] holds for
-            # all of them. Plain multi-head attention over the KV heads then needs no GQA
-            # support from the kernel, so no backend expands keys and values to every
-            # query head (1.1-1.5x faster on CPU).
-            kv_heads = self.config.num_kv_heads
-            y = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, -1, hd), keys, values, attn_mask=mask)
-            y = y.reshape(batch, self.config.num_heads, 1, hd)
+        if steps == 1 and self.varlen_decode:
+            y = varlen_decode_attention(q.to(k_cache.dtype), self.k_cache, self.v_cache, first_slot, positions,
+                                        context_len)
         else:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, steps, -1))
+            y = masked_attention(q, k_cache, v_cache, context_len, mask)
+        return self.o_proj(y.to(x.dtype).reshape(batch, steps, -1))
+
+
+def masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_len: int,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Attention [B, T, heads, hd] of queries q [B, T, heads, hd] over their rows' cache [B, S, kv, hd],
+    the first ``context_len`` positions, with ``mask`` [B, 1, T, context_len] hiding what a query may not see."""
+    batch, steps, heads, hd = q.shape
+    kv_heads = k_cache.shape[2]
+    keys = k_cache[:, :context_len].transpose(1, 2)  # [B, kv_heads, L, hd]
+    values = v_cache[:, :context_len].transpose(1, 2)
+    q = q.transpose(1, 2)  # [B, heads, T, hd]
+    if steps == 1:
+        # A decode step: the query heads that share a KV head (consecutive, as in HF's
+        # repeat_kv) become that KV head's queries, and the mask [B, 1, 1, L] holds for
+        # all of them. Plain multi-head attention over the KV heads then needs no GQA
+        # support from the kernel, so no backend expands keys and values to every
+        # query head (1.1-1.5x faster on CPU).
+        y = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, -1, hd), keys, values, attn_mask=mask)
+        y = y.reshape(batch, heads, 1, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def _flash_attention(*args, **kwargs):
+    """torch's FlashAttention entry (CUDA only); tests put a reference implementation in its place."""
+    return torch.ops.aten._flash_attention_forward(*args, **kwargs)
+
+
+def varlen_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int,
+                            positions: torch.Tensor, max_keys: int) -> torch.Tensor:
+    """One decode step's attention [B, 1, heads, hd] where row b reads only its own positions[b] + 1 keys.
+
+    With a mask every row reads keys up to the longest row's context: at a few hundred
+    streams of mixed lengths about twice the KV traffic, which is most of a step's memory
+    reads. FlashAttention's variable-length kernel (in torch as aten._flash_attention_forward,
+    CUDA and half precision only) takes each row's keys where they lie in the cache: row b's
+    start is its slot's first position in the flattened cache, its length ``seqused_k``.
+    Grouped-query heads are the kernel's own business. Row b's key at positions[b] must
+    already be written.
+    """
+    batch, _, heads, hd = q.shape
+    slots, seq, kv_heads, _ = k_cache.shape
+    device = q.device
+    query_starts = torch.arange(batch + 1, device=device, dtype=torch.int32)
+    key_starts = (query_starts + first_slot) * seq
+    lengths = (positions.reshape(batch) + 1).to(torch.int32)
+    out = _flash_attention(
+        q.reshape(batch, heads, hd), k_cache.view(slots * seq, kv_heads, hd), v_cache.view(slots * seq, kv_heads, hd),
+        query_starts, key_starts, 1, max_keys, 0.0, False, False, seqused_k=lengths,
+    )[0]
+    return out.view(batch, 1, heads, hd)
+
+
+def varlen_decode_works(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether ``varlen_decode_attention`` runs here and agrees with ``masked_attention``, tried on a
+    small problem: it needs CUDA, half precision and a torch whose FlashAttention takes ``seqused_k``."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return _agrees_with_masked(device, dtype, heads, kv_heads, head_dim)
+
+
+def _agrees_with_masked(device, dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    gen = torch.Generator(device=device).manual_seed(0)
+    slots, seq = 5, 96
+    k_cache = torch.randn(slots, seq, kv_heads, head_dim, device=device, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, seq, kv_heads, head_dim, device=device, generator=gen).to(dtype)
+    q = torch.randn(3, 1, heads, head_dim, device=device, generator=gen).to(dtype)
+    positions = torch.tensor([[5], [70], [0]], device=device)
+    mask = (torch.arange(seq, device=device)[None, None, :] <= positions[:, :, None])[:, None]
+    try:
+        got = varlen_decode_attention(q, k_cache, v_cache, 1, positions, seq)
+    except Exception as error:  # noqa: BLE001 (an older torch or GPU: the masked path serves)
+        log.warning("per-row decode attention unavailable (%s); decode steps read keys up to the longest row", error)
+        return False
+    want = masked_attention(q, k_cache[1:4], v_cache[1:4], seq, mask)
+    if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
+        log.warning("per-row decode attention disagrees with the masked path here; not used")
+        return False
+    return True
 
 
 class MLP(nn.Module):
@@ -195,18 +274,29 @@ class Llama(nn.Module):
                 f"{self.config.max_position_embeddings}"
             )
         param = self.embed_tokens.weight
-        shape = (num_slots, self.config.num_kv_heads, max_seq_len, self.config.head_dim)
+        shape = (num_slots, max_seq_len, self.config.num_kv_heads, self.config.head_dim)
         for layer in self.layers:
             layer.self_attn.k_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
             layer.self_attn.v_cache = torch.zeros(shape, dtype=param.dtype, device=param.device)
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
 
+    def use_varlen_decode(self, enabled: bool | None = None) -> bool:
+        """Make decode steps read only each row's own keys (``varlen_decode_attention``); None: where
+        that works (``varlen_decode_works``). Returns whether they do."""
+        if enabled is None:
+            config, weight = self.config, self.embed_tokens.weight
+            enabled = varlen_decode_works(weight.device, weight.dtype, config.num_heads, config.num_kv_heads,
+                                          config.head_dim)
+        for layer in self.layers:
+            layer.self_attn.varlen_decode = enabled
+        return enabled
+
     def copy_slot(self, source: int, target: int, length: int) -> None:
         """Move the first ``length`` cached positions of one slot to another."""
         for layer in self.layers:
             attn = layer.self_attn
-            attn.k_cache[target, :, :length] = attn.k_cache[source, :, :length]
-            attn.v_cache[target, :, :length] = attn.v_cache[source, :, :length]
+            attn.k_cache[target, :length] = attn.k_cache[source, :length]
+            attn.v_cache[target, :length] = attn.v_cache[source, :length]
 
     def forward(
         self,
@@ -305,6 +395,8 @@ class BucketedDecoder:
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # Per-row key lengths where the GPU can (decided before any graph is captured).
+        self.varlen = model.use_varlen_decode() if device.type == "cuda" else False
 
     def bucket(self, batch: int, context_len: int) -> tuple[int, int]:
         rows = next(b for b in self.batch_buckets if b >= batch)

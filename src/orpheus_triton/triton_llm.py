@@ -56,6 +56,9 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
     )
     log.info("torch LLM engine on %s: %d streams x %d positions, %d CPU threads", device, engine.max_streams,
              engine.max_seq_len, threads)
+    if engine.decoder is not None:
+        log.info("decode attention: %s", "per-row key lengths (FlashAttention varlen)" if engine.decoder.varlen
+                 else "masked, keys up to the longest row")
     started = time.perf_counter()
     graphs = engine.capture_graphs()
     if graphs:
