@@ -60,6 +60,7 @@ class TrtllmSettings:
     enable_kv_cache_reuse: bool = False
     cancellation_check_period_ms: int = 100
     seed_tensor: str = "seed"
+    relay_instances: int = 4  # processes of the `llm` relay: about 60-80 real-time streams each
 
     def check(self) -> None:
         if self.triton_max_batch_size < 1:
@@ -68,6 +69,8 @@ class TrtllmSettings:
             raise ValueError("kv_cache_free_gpu_mem_fraction must be in (0, 1]")
         if self.batch_scheduler_policy not in SCHEDULER_POLICIES:
             raise ValueError(f"batch_scheduler_policy must be one of {', '.join(SCHEDULER_POLICIES)}")
+        if self.relay_instances < 1:
+            raise ValueError("relay_instances must be at least 1")
         if self.seed_tensor not in SEED_TENSORS:
             raise ValueError(f"seed_tensor must be one of {', '.join(SEED_TENSORS)}")
 
@@ -90,7 +93,8 @@ def render_gpu_repository(settings: RepositorySettings, trt: TrtllmSettings, out
     """Write the GPU repository to ``out`` (replaced if present) and return it."""
     trt.check()
     engine_config = render_llm_config(trt)
-    relay = RelaySettings(engine_model=ENGINE_MODEL, engine_seed_input=trt.seed_tensor, engine_audio_guard=False)
+    relay = RelaySettings(engine_model=ENGINE_MODEL, engine_seed_input=trt.seed_tensor, engine_audio_guard=False,
+                          relay_instances=trt.relay_instances)
     root = render_with_relay(settings, Path(out), relay)
     engine = root / ENGINE_MODEL
     shutil.rmtree(engine)
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-reuse", action="store_true", help="reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--seed-tensor", choices=SEED_TENSORS, default=TrtllmSettings.seed_tensor,
                         help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
+    parser.add_argument("--relay-instances", type=int, default=TrtllmSettings.relay_instances,
+                        help="processes of the llm relay in front of the engine (about 60-80 real-time streams each)")
     parser.add_argument("--decoder-max-batch-size", type=int, default=RepositorySettings.decoder_max_batch_size)
     parser.add_argument("--preprocessing-instances", type=int, default=RepositorySettings.preprocessing_instances)
     parser.add_argument("--serve", action="store_true", help="then run tritonserver on the repository")
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         kv_cache_free_gpu_mem_fraction=args.kv_cache_free_gpu_mem_fraction,
         batch_scheduler_policy=args.batch_scheduler_policy, enable_chunked_context=not args.no_chunked_context,
         enable_kv_cache_reuse=args.kv_cache_reuse, seed_tensor=args.seed_tensor,
+        relay_instances=args.relay_instances,
     )
     out = Path(args.out).expanduser().resolve() if args.out else cache_dir() / "repositories" / "tensorrtllm"
     try:

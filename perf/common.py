@@ -70,6 +70,19 @@ def machine_info() -> dict:
     }
 
 
+def source_state() -> dict:
+    """The commit measured, and the files of the server code that differ from it (uncommitted edits)."""
+    import subprocess  # noqa: PLC0415
+
+    def git(*args):
+        done = subprocess.run(["git", *args], cwd=PERF.parent, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "src", "model_repository")
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "uncommitted": [line[3:] for line in changed.splitlines()]}
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -86,7 +99,7 @@ def busy_cores(seconds: float = 5.0) -> float | None:
     return _cores_busy(start, end) if end[0] > start[0] else 0.0
 
 
-def _tree_jiffies(root: int) -> int:
+def tree_jiffies(root: int) -> int:
     """CPU time (clock ticks) used so far by process ``root`` and all its live descendants."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
@@ -124,13 +137,13 @@ def other_load_monitor():
     this benchmark (this process and its children, the server among them) used meanwhile."""
     try:
         start = _machine_jiffies()
-        ours0 = _tree_jiffies(os.getpid())
+        ours0 = tree_jiffies(os.getpid())
     except (OSError, ValueError, IndexError):
         return lambda: {}
 
     def finish() -> dict:
         end = _machine_jiffies()
-        ours = _tree_jiffies(os.getpid()) - ours0
+        ours = tree_jiffies(os.getpid()) - ours0
         elapsed = end[0] - start[0]
         if elapsed <= 0:
             return {}
@@ -207,12 +220,20 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
-    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
     settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
                                   max_streams=max_streams, max_seq_len=max_seq_len)
     render(settings, repository)
+    with serve_repository(repository, log_path) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_repository(repository: Path, log_path: Path) -> Iterator[RunningServer]:
+    """Run tritonserver on ``repository`` on free ports; stop it and remove the repository after."""
+    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
+
     ports = Ports(free_port(), free_port(), free_port())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:

@@ -32,6 +32,7 @@ from common import (
     machine_name,
     other_load_monitor,
     run_folder,
+    source_state,
     wait_quiet,
 )
 
@@ -84,19 +85,6 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def source_state() -> dict:
-    """The commit measured, and the files of the server code that differ from it (uncommitted edits)."""
-    import subprocess  # noqa: PLC0415
-
-    def git(*args):
-        done = subprocess.run(["git", *args], cwd=PERF.parent, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    changed = git("status", "--porcelain", "--", "src", "model_repository")
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
 def tritonserver_source() -> str:

@@ -328,6 +328,7 @@ def test_llm_is_the_relay_in_front_of_the_engine(gpu_repo, configs):
     assert parameters["engine_seed_input"] == "seed"
     assert parameters["engine_audio_guard"] == "false"  # TensorRT-LLM has no audio-token guard
     assert parameters["tokens_per_response"] == str(TOKENS_PER_FRAME)
+    assert relay.instance_group[0].count == gpu_repository.TrtllmSettings.relay_instances
 
 
 def test_the_other_models_are_the_standard_ones(gpu_repo, tmp_path):
@@ -413,6 +414,7 @@ def parse_config_text(text: str) -> model_config_pb2.ModelConfig:
     ("batch_scheduler_policy", "fifo", "batch_scheduler_policy"),
     ("seed_tensor", "rng", "seed_tensor"),
     ("triton_max_batch_size", 0, "max batch size"),
+    ("relay_instances", 0, "relay_instances"),
 ])
 def test_trtllm_settings_are_checked(tmp_path, field, value, message):
     trt = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, **{field: value})
@@ -440,8 +442,10 @@ def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
     preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
 
-    assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED]) == 0
+    assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED,
+                                "--relay-instances", "2"]) == 0
     assert parse_config(out / ENGINE_MODEL / "config.pbtxt").max_batch_size == 8
+    assert parse_config(out / LLM_MODEL / "config.pbtxt").instance_group[0].count == 2
 
 
 def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -110,9 +111,15 @@ def test_a_cancelled_client_stops_the_engine_once_and_gets_nothing_more():
 def test_a_failed_send_stops_the_engine():
     relay, engine, sent, _ = make(fail_sends=("gone",))
     relay.start("a", INPUTS, "gone", lambda: False)
-    engine.send("a", *tokens(*range(1, 15)), None)
+    engine.send("a", *tokens(*range(1, 8)))  # a frame, whose send fails (on the response thread)
+    deadline = time.monotonic() + 5
+    while "a" not in relay._undelivered and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.send("a", *tokens(*range(8, 15)), None)
     relay.close()
     assert engine.stopped == ["a"] and sent == []
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        relay.active.claim("a")
 
 
 def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
@@ -164,13 +171,14 @@ def test_engine_inputs_are_mapped_to_the_engines_names_as_single_requests():
 @pytest.fixture(scope="module")
 def relay_server(model_set, tmp_path_factory):
     """The repository with the relay as `llm` in front of the torch engine streaming token by token,
-    as the GPU repository puts it in front of TensorRT-LLM."""
+    as the GPU repository puts it in front of TensorRT-LLM; two relay instances, as there (more), so a
+    client's `stop` may reach the instance that does not hold the stream."""
     from conftest import running_server, server_settings
 
     from orpheus_triton.repository import RelaySettings, render_with_relay
 
     work = tmp_path_factory.mktemp("relay-server")
-    repository = render_with_relay(server_settings(model_set), work / "repository", RelaySettings())
+    repository = render_with_relay(server_settings(model_set), work / "repository", RelaySettings(relay_instances=2))
     with running_server(repository, work) as process:
         yield process
 

@@ -20,8 +20,11 @@ model (``tensorrt_llm``) itself and hands on what the decoder wants:
   than silently ignored.
 
 Each stream is read on a thread of its own (the engine's response iterator
-blocks). How the engine is called and how responses are built is the
-adapter's business: here they are plain callables, so all of this is unit tested.
+blocks); responses leave through one thread (``ResponseQueue``): a backend stub
+whose responses were sent from dozens of threads at once was seen to crash
+(segfault in libpython, tritonserver 2.51). How the engine is called and how
+responses are built is the adapter's business: here they are plain callables,
+so all of this is unit tested.
 """
 
 from __future__ import annotations
@@ -41,8 +44,7 @@ from .constants import (
     LLM_SEED,
     LLM_STOP,
 )
-from .llm_streams import Refuse, Respond
-from .serving import ActiveStreams, FrameChunker, generation_settings
+from .serving import ActiveStreams, FrameChunker, Refuse, Respond, ResponseQueue, generation_settings
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,8 @@ class RelayStreams:
         self.tokens_per_response = tokens_per_response
         self.cancel_check_seconds = cancel_check_seconds
         self.active = ActiveStreams(hold_seconds=hold_seconds)
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True)
+        self._undelivered: set[str] = set()  # streams whose client went away
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -125,12 +129,18 @@ class RelayStreams:
         self.stop_engine(request_id)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Wait (up to ``timeout`` in all) for the streams being relayed to end."""
+        """Wait (up to ``timeout`` in all) for the streams being relayed to end, then send what is queued."""
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads.values())
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.responses.close()
+
+    def _undeliverable(self, request_id: str, error: Exception) -> None:
+        log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, error)
+        with self._lock:
+            self._undelivered.add(request_id)
 
     def _relay(self, request_id: str, inputs: dict[str, np.ndarray], end_id: int, sender: Any,
                is_cancelled: Callable[[], bool]) -> None:
@@ -150,11 +160,9 @@ class RelayStreams:
                     chunks.pending += tokens[: tokens.index(end_id) + 1]
                     ended = True
                 elif (ready := chunks.add(tokens, finished=False)) is not None:
-                    try:
-                        self.respond(sender, ready, chunks.sent, False)
-                    except Exception as failure:  # noqa: BLE001 (the client went away)
-                        log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, failure)
-                        cancelled = True
+                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False))
+                with self._lock:
+                    cancelled = request_id in self._undelivered
                 if not cancelled and time.monotonic() >= next_check:
                     next_check = time.monotonic() + self.cancel_check_seconds
                     cancelled = is_cancelled()
@@ -170,14 +178,21 @@ class RelayStreams:
 
     def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, end_id: int, ended: bool,
                 cancelled: bool, error: str | None) -> None:
+        with self._lock:
+            cancelled = cancelled or request_id in self._undelivered
+            self._undelivered.discard(request_id)
         completed = error is None and not cancelled
-        # Before the final response: the client may reuse the id the moment it arrives.
+        last = chunks.add([] if ended else [end_id], finished=True)
+
+        def send() -> None:
+            try:
+                if completed:
+                    self.respond(sender, last, chunks.sent, True)
+                else:
+                    self.refuse(sender, error or "request cancelled by the client")
+            except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nobody listens)
+                log.debug("could not send the end of request %r", request_id)
+
+        # Before the final response is queued: the client may reuse the id the moment it arrives.
         self.active.release(request_id, completed=completed)
-        try:
-            if completed:
-                last = chunks.add([] if ended else [end_id], finished=True)
-                self.respond(sender, last, chunks.sent, True)
-            else:
-                self.refuse(sender, error or "request cancelled by the client")
-        except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nobody listens)
-            log.debug("could not send the end of request %r", request_id)
+        self.responses.put(request_id, send, last=True)

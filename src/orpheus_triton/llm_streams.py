@@ -22,13 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine import CapacityError, GenerationRequest, InflightEngine
-from .serving import ActiveStreams, CancellationWatch, FrameChunker, ResponseQueue
+from .serving import ActiveStreams, CancellationWatch, FrameChunker, Refuse, Respond, ResponseQueue
 
 log = logging.getLogger(__name__)
 
-# respond(sender, tokens, tokens sent so far, final) and refuse(sender, message) talk to Triton.
-Respond = Callable[[Any, list[int], int, bool], None]
-Refuse = Callable[[Any, str], None]
 
 
 class LlmStreams:

@@ -72,6 +72,10 @@ class RelaySettings:
     engine_model: str = ENGINE_MODEL
     engine_seed_input: str = LLM_SEED  # TensorRT-LLM: "seed" in current backends
     engine_audio_guard: bool = True  # whether the engine takes audio_token_guard (TensorRT-LLM: no)
+    # Processes of the relay. Each forwarded token costs one about 150 us of CPU, nearly all of it in the
+    # Python backend's BLS response handling (perf/relay_bench.py): one process carries some 60-80
+    # real-time streams. Stream ids are guarded per process.
+    relay_instances: int = 1
 
 
 def parse_cpu_threads(value: str) -> int | None:
@@ -119,8 +123,15 @@ def render_with_relay(settings: RepositorySettings, out: Path, relay: RelaySetti
     if config.read_text().count(name) != 1:
         raise ValueError(f"{config}: expected {name!r} once")
     config.write_text(config.read_text().replace(name, f'name: "{relay.engine_model}"'))
-    _render_model(templates / RELAY_TEMPLATE, root / LLM_MODEL, _values(settings) | _values(relay))
+    render_relay(settings, relay, root, templates)
     return root
+
+
+def render_relay(settings: RepositorySettings, relay: RelaySettings, root: Path, templates: Path | None = None) -> Path:
+    """Write the relay (model_repository/llm_relay) into repository ``root`` as `llm`; returns its folder."""
+    target = Path(root) / LLM_MODEL
+    _render_model((templates or template_dir()) / RELAY_TEMPLATE, target, _values(settings) | _values(relay))
+    return target
 
 
 def _values(settings) -> dict[str, str]:

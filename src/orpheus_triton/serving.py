@@ -57,7 +57,12 @@ def send_error(pb_utils, sender, stage: str, message) -> None:
     sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-def llm_responders(pb_utils) -> tuple[Callable[[Any, list[int], int, bool], None], Callable[[Any, Any], None]]:
+# respond(sender, tokens, tokens sent so far, final) and refuse(sender, message) talk to Triton.
+Respond = Callable[[Any, list[int], int, bool], None]
+Refuse = Callable[[Any, str], None]
+
+
+def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
     """The llm stage's ``respond(sender, tokens, tokens sent so far, final)`` and ``refuse(sender,
     message)``, in TensorRT-LLM's tensors: the torch engine's adapter and the relay answer alike."""
     final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
