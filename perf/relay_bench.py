@@ -136,7 +136,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with serve_repository(render(Path(tempfile.mkdtemp(prefix="relay-bench-")), args.rate, args.relay_instances),
-                          out / "relay_server.log") as server:
+                          out / "raw" / "relay_server.log") as server:
         measure(server.url, LLM_MODEL, 2, 50)  # warm-up
         for streams in counts:
             for model in (LLM_MODEL, ENGINE_MODEL):
