@@ -220,6 +220,24 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
     assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
 
 
+def test_cancellation_passes_are_spaced_by_min_interval():
+    """The relay's streams each check on every engine response; passes still start only so often."""
+    import time
+
+    from orpheus_triton.serving import CancellationWatch
+
+    passes = []
+    watch = CancellationWatch(run=passes.append, min_interval=0.2)
+    check = watch.watch("a", lambda: False)
+    check()
+    passes.pop()()
+    check()  # too soon after the last pass started
+    assert not passes
+    time.sleep(0.25)
+    check()
+    assert len(passes) == 1
+
+
 def test_response_thread_is_on_for_gpus_by_default():
     from orpheus_triton.serving import response_thread
 

@@ -13,8 +13,8 @@ model (``tensorrt_llm``) itself and hands on what the decoder wants:
   decoder drops the stream's state at once;
 * stream ids are guarded as in the torch engine's adapter (``ActiveStreams``);
 * ``stop`` is passed on to the engine, and so is a client's cancellation of the
-  relay's own request (looked at no more often than ``CANCEL_CHECK_SECONDS``:
-  each look is a round trip to the server);
+  relay's own request (asked of Triton for all streams in one pass, at most every
+  ``CANCEL_CHECK_SECONDS``: each question is a round trip to the server);
 * input names are mapped: the seed's input is ``seed`` in current TensorRT-LLM
   backends; the audio-token guard, which TensorRT-LLM lacks, is refused rather
   than silently ignored.
@@ -44,7 +44,15 @@ from .constants import (
     LLM_SEED,
     LLM_STOP,
 )
-from .serving import ActiveStreams, FrameChunker, Refuse, Respond, ResponseQueue, generation_settings
+from .serving import (
+    ActiveStreams,
+    CancellationWatch,
+    FrameChunker,
+    Refuse,
+    Respond,
+    ResponseQueue,
+    generation_settings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +103,12 @@ class RelayStreams:
         self.respond, self.refuse = respond, refuse
         self.engine_inputs = engine_inputs
         self.tokens_per_response = tokens_per_response
-        self.cancel_check_seconds = cancel_check_seconds
         self.active = ActiveStreams(hold_seconds=hold_seconds)
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True)
+        # Triton is asked about cancellations on the response thread too, every request in one pass, at
+        # most once per cancel_check_seconds: each question is a round trip to the server.
+        self.cancellations = CancellationWatch(run=lambda call: self.responses.put(None, call),
+                                               min_interval=cancel_check_seconds)
         self._undelivered: set[str] = set()  # streams whose client went away
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -112,8 +123,9 @@ class RelayStreams:
             raise ValueError(f"max_tokens must be >= 1, got {settings['max_new_tokens']}")
         end_id = settings.get("end_id", END_OF_SPEECH)
         self.active.claim(request_id)
+        check = self.cancellations.watch(request_id, is_cancelled)
         thread = threading.Thread(target=self._relay, name=f"relay-{request_id}", daemon=True,
-                                  args=(request_id, forwarded, end_id, sender, is_cancelled))
+                                  args=(request_id, forwarded, end_id, sender, check))
         with self._lock:
             self._threads[request_id] = thread
         thread.start()
@@ -147,7 +159,6 @@ class RelayStreams:
         chunks = FrameChunker(self.tokens_per_response)
         ended = cancelled = False
         error = None
-        next_check = time.monotonic() + self.cancel_check_seconds
         try:
             for response in self.call(request_id, inputs):
                 if response.error is not None:
@@ -163,9 +174,7 @@ class RelayStreams:
                     self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False))
                 with self._lock:
                     cancelled = request_id in self._undelivered
-                if not cancelled and time.monotonic() >= next_check:
-                    next_check = time.monotonic() + self.cancel_check_seconds
-                    cancelled = is_cancelled()
+                cancelled = cancelled or is_cancelled()
                 if cancelled:
                     self.stop_engine(request_id)
         except Exception as failure:  # noqa: BLE001 (the engine call itself failed; told to the client)
@@ -193,6 +202,8 @@ class RelayStreams:
             except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nobody listens)
                 log.debug("could not send the end of request %r", request_id)
 
-        # Before the final response is queued: the client may reuse the id the moment it arrives.
+        # Before the final response is queued: the request is not asked about after it, and the client
+        # may reuse the id the moment it arrives.
+        self.cancellations.forget(request_id)
         self.active.release(request_id, completed=completed)
         self.responses.put(request_id, send, last=True)

@@ -329,11 +329,13 @@ class CancellationWatch:
     Without ``run`` (no response thread), the check asks Triton itself, there and then.
     """
 
-    def __init__(self, run: Callable[[Callable[[], None]], None] | None):
+    def __init__(self, run: Callable[[Callable[[], None]], None] | None, min_interval: float = 0.0):
         self.run = run
+        self.min_interval = min_interval  # passes start at least this far apart
         self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
         self._lock = threading.Lock()
         self._pass_waiting = False
+        self._next_pass = 0.0
 
     def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
         """Start watching; returns the engine's check (no round trip: a flag, and a pass asked for)."""
@@ -344,8 +346,11 @@ class CancellationWatch:
             self._watched[key] = (is_cancelled, flag)
 
         def check() -> bool:
+            now = time.monotonic()
             with self._lock:
-                ask, self._pass_waiting = not self._pass_waiting, True
+                ask = not self._pass_waiting and now >= self._next_pass
+                if ask:
+                    self._pass_waiting, self._next_pass = True, now + self.min_interval
             if ask:
                 self.run(self._pass)
             return flag.is_set()
