@@ -5,6 +5,7 @@
 #   perf/gpu/run_on_gpu.sh setup          # on the GPU machine: offline install into perf/gpu/.venv
 #   perf/gpu/run_on_gpu.sh bench [ARGS]   # on the GPU machine: perf/run_all.py with the GPU defaults + ARGS
 #   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, then bench
+#   perf/gpu/run_on_gpu.sh relay [ARGS]   # on the GPU machine's CPUs: perf/relay_bench.py, 4 relay processes
 #
 # The GPU machine is expected to have Python 3.12 with PyTorch (CUDA), numpy,
 # transformers, tokenizers and safetensors installed. What it lacks comes as wheels
@@ -134,10 +135,20 @@ bench() {
     --engine-tokens 400 "$@"
 }
 
+relay() {
+  [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
+  cd "$REPO"
+  # The relay that the TensorRT-LLM repository puts in front of the engine, with a stand-in engine
+  # model: CPU per token on this host's cores, up to the 216-stream bar, as the GPU repository runs it.
+  PYTHONPATH="$REPO/src" "$VENV/bin/python" perf/relay_bench.py --streams 64,128,216 --tokens 400 \
+    --relay-instances 4 --out "perf/results/gpu-relay" "$@"
+}
+
 case "${1:-}" in
   fetch) fetch ;;
   setup) setup ;;
   bench) shift; bench "$@" ;;
   all) shift; setup; bench "$@" ;;
-  *) sed -n '2,8p' "$0"; exit 2 ;;
+  relay) shift; relay "$@" ;;
+  *) sed -n '2,9p' "$0"; exit 2 ;;
 esac
