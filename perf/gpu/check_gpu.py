@@ -1,0 +1,226 @@
+#!/usr/bin/env python3
+"""Correctness of the GPU-only paths, before any benchmark: a minute on a lent GPU, a pass or fail each.
+
+What the CPU test suite can only check against references or eagerly runs here
+on the real device, with small random models:
+
+* decode attention: does FlashAttention's varlen call (per-row key lengths) pass
+  its check against the masked path with this torch build?
+* CUDA graphs: does a replayed decode step give what the same step computes eagerly?
+* the bucketed bf16 decode step against the fp32 CPU forward on the same weights;
+* an engine run: streams to completion, every token in its frame slot;
+* sampling: the same tokens on the device as on the CPU for the same logits;
+* the SNAC decoder's counter-based noise on the device: a stream alone and batched.
+
+    PYTHONPATH=src python perf/gpu/check_gpu.py --out perf/results/gpu-check
+
+On a CPU (``--device cpu``) the same code runs with stand-ins (the bucketed step
+eagerly, bf16 on the CPU against fp32), so that a test catches the script's own
+faults before it spends GPU time; the FlashAttention check is not applicable there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+from orpheus_triton.demo_models import write_random_llama
+from orpheus_triton.engine import GenerationRequest, InflightEngine
+from orpheus_triton.frames import StreamFramer, Window, audio_token_id, token_slot
+from orpheus_triton.llama import load_llama, varlen_decode_works
+from orpheus_triton.sampling import SamplingBatch, sample
+
+SHAPES = {
+    "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "intermediate_size": 1536},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128},
+}
+NOT_APPLICABLE = "n/a"
+
+
+def check_decode_attention(device: torch.device, model) -> dict:
+    if device.type != "cuda":
+        return {"ok": NOT_APPLICABLE, "why": "FlashAttention varlen is CUDA-only"}
+    config = model.config
+    shapes = {"this model": (config.num_heads, config.num_kv_heads, config.head_dim), "Orpheus 3B": (24, 8, 128)}
+    results = {name: varlen_decode_works(device, torch.bfloat16, *shape) for name, shape in shapes.items()}
+    return {"ok": all(results.values()), "varlen_agrees": results}
+
+
+def prefilled_engine(model, streams: int, max_streams: int = 8) -> InflightEngine:
+    """An engine whose decode steps take the GPU path (bucketed; on a CPU eagerly), ``streams`` decoding."""
+    engine = InflightEngine(model, max_streams=max_streams, max_seq_len=512, bucketed=True)
+    for i in range(streams):
+        prompt = [1000 + 37 * i + k for k in range(5 + 3 * i)]
+        engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=200, emit=lambda t, f: None, seed=i,
+                                        end_id=-1))  # never ends early: every stream stays in the batch
+    while len(engine.decoding) < streams:
+        engine.step()
+    return engine
+
+
+def check_graphs(device: torch.device, model) -> dict:
+    engine = prefilled_engine(model, streams=5)
+    decoder = engine.decoder  # on a CPU without graphs: the replay is an eager run too
+    started = time.perf_counter()
+    captured = engine.capture_graphs()
+    capture_seconds = time.perf_counter() - started
+    tokens = torch.tensor([[s.generated[-1]] for s in engine.decoding], device=device)
+    positions = torch.tensor([[s.length] for s in engine.decoding], device=device)
+    context = max(s.length for s in engine.decoding) + 1
+    with torch.inference_mode():
+        replayed = decoder(tokens, positions, context).float().clone()
+        rows, bucket = decoder.bucket(len(tokens), context)
+        eager = decoder._forward(rows, bucket)[: len(tokens)].float()  # the same inputs, written again
+    difference = (replayed - eager).abs().max().item()
+    return {"ok": difference <= 1e-2 * max(1.0, eager.abs().max().item()), "graphs": decoder.use_graphs,
+            "graphs_captured": captured,
+            "capture_seconds": round(capture_seconds, 2), "max_abs_difference": difference}
+
+
+def check_against_cpu(device: torch.device, checkpoint: Path) -> dict:
+    """The bucketed bf16 decode step on the device (on a CPU: bf16 there) against the plain fp32 CPU forward."""
+    hidden = []
+    for where, dtype, bucketed in ((device, torch.bfloat16, True), (torch.device("cpu"), torch.float32, False)):
+        model = load_llama(checkpoint, device=where, dtype=dtype)
+        engine = prefilled_engine(model, streams=5)
+        positions = torch.tensor([[s.length] for s in engine.decoding])  # the prompts' lengths, on both
+        context = int(positions.max()) + 1
+        tokens = torch.full_like(positions, AUDIO_TOKEN_BASE + 5)  # the same next token on both
+        with torch.inference_mode():
+            if bucketed:
+                out = engine.decoder(tokens.to(where), positions.to(where), context)
+            else:
+                out = model(tokens, positions, first_slot=0, context_len=context, hidden_only=True)
+        hidden.append(out.float().cpu())
+        del engine, model
+    a, b = hidden
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+    return {"ok": cosine > 0.99, "min_cosine_similarity": round(cosine, 5)}
+
+
+def check_engine_run(device: torch.device, model) -> dict:
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512)
+    engine.capture_graphs()
+    outputs: dict[int, list[int]] = {}
+    for i in range(8):
+        outputs[i] = []
+        engine.submit(GenerationRequest(prompt=[1000 + k + 13 * i for k in range(12)], max_new_tokens=140,
+                                        emit=lambda t, f, i=i: outputs[i].extend(t), seed=i))
+    started = time.perf_counter()
+    engine.run_until_idle()
+    seconds = time.perf_counter() - started
+    misplaced = 0
+    for tokens in outputs.values():
+        audio = [t for t in tokens if t != END_OF_SPEECH]
+        misplaced += sum(token_slot(t) != position % TOKENS_PER_FRAME for position, t in enumerate(audio))
+    total = sum(len(t) for t in outputs.values())
+    return {"ok": misplaced == 0 and all(t and t[-1] == END_OF_SPEECH for t in outputs.values()),
+            "tokens": total, "tokens_per_second": round(total / seconds), "misplaced_tokens": misplaced}
+
+
+def check_sampling(device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    batch, vocab = 256, AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE + 8
+    logits = torch.randn(batch, vocab, generator=gen) * 3
+    params = {"temperature": torch.full((batch,), 0.6), "top_p": torch.full((batch,), 0.8),
+              "top_k": torch.zeros(batch, dtype=torch.long), "repetition_penalty": torch.full((batch,), 1.1),
+              "seed": torch.arange(batch) * 7919, "step": torch.arange(batch) % 50,
+              "audio_guard": torch.arange(batch) % 4 != 0, "audio_position": torch.arange(batch) % 23}
+    seen = torch.rand(batch, vocab, generator=gen) < 0.01
+    picked = []
+    for where in (torch.device("cpu"), device):
+        moved = SamplingBatch(**{k: v.to(where) for k, v in params.items()})
+        picked.append(sample(logits.to(where), moved, seen.to(where)).cpu())
+    agree = (picked[0] == picked[1]).float().mean().item()
+    return {"ok": agree >= 0.99, "same_token_share": round(agree, 4)}
+
+
+def check_snac(device: torch.device, round_windows: int) -> dict:
+    try:
+        from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
+        from orpheus_triton.snac_codec import load_window_decoder  # noqa: PLC0415
+    except ImportError as error:  # the lent GPU machines have torch, not snac (perf/gpu/run_on_gpu.sh setup)
+        return {"ok": NOT_APPLICABLE, "why": f"cannot import the SNAC decoder: {error}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_snac(Path(tmp))
+        decoder = load_window_decoder(Path(tmp), device=device)
+    rng = np.random.default_rng(0)
+    streams = []
+    for _ in range(8):
+        codes = rng.integers(1, CODEBOOK_SIZE, 6 * TOKENS_PER_FRAME).tolist()
+        streams.append(StreamFramer().push([audio_token_id(code, i) for i, code in enumerate(codes)]))
+    batched = decoder.decode([w for group in zip(*streams, strict=True) for w in group])
+    worst = 0
+    for index, windows in enumerate(streams):
+        alone = np.concatenate(decoder.decode(windows)).astype(np.int32)
+        together = np.concatenate(batched[index :: len(streams)]).astype(np.int32)
+        worst = max(worst, int(np.abs(alone - together).max()))
+    round_of = [Window(tuple(rng.integers(1, CODEBOOK_SIZE, 28).tolist()), i) for i in range(round_windows)]
+    decoder.decode(round_of)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    decoder.decode(round_of)
+    seconds = time.perf_counter() - started
+    # Batched and alone may round differently (other kernels for other shapes): a few int16 steps.
+    return {"ok": worst <= 64, "noise": decoder.noise, "max_difference_alone_vs_batched": worst,
+            "round_windows": round_windows, "seconds_per_round": round(seconds, 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shape", choices=SHAPES, default="small")
+    parser.add_argument("--snac-round", type=int, default=256, help="windows in the timed SNAC round")
+    parser.add_argument("--out", default="perf/results/gpu-check")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("CUDA is not available here; --device cpu runs the checks that apply to a CPU", file=sys.stderr)
+        return 2
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "llm"
+        write_random_llama(checkpoint, SHAPES[args.shape], seed=1)
+        model = load_llama(checkpoint, device=device)
+        checks = {
+            "decode_attention": lambda: check_decode_attention(device, model),
+            "cuda_graphs": lambda: check_graphs(device, model),
+            "device_vs_cpu": lambda: check_against_cpu(device, checkpoint),
+            "engine_run": lambda: check_engine_run(device, model),
+            "sampling": lambda: check_sampling(device),
+            "snac": lambda: check_snac(device, args.snac_round),
+        }
+        for name, check in checks.items():
+            started = time.perf_counter()
+            try:
+                results[name] = check()
+            except Exception as error:  # noqa: BLE001 (reported: the point is to see every check)
+                results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                                 "trace": traceback.format_exc()[-2000:]}
+            results[name]["seconds"] = round(time.perf_counter() - started, 2)
+            print(f"[check-gpu] {name}: {json.dumps(results[name])[:400]}", flush=True)
+    failed = [name for name, result in results.items() if result["ok"] is False]
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "shape": args.shape, "failed": failed, "checks": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "check_gpu.json").write_text(json.dumps(summary, indent=2))
+    print(f"[check-gpu] {'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)} "
+          f"({summary['device']}, torch {summary['torch']}); details in {out / 'check_gpu.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

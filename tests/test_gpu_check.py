@@ -1,0 +1,38 @@
+"""perf/gpu/check_gpu.py, the first thing a lent GPU runs, run here on the CPU with its stand-ins,
+so that its own faults show before it spends GPU time."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_check_gpu():
+    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "perf" / "gpu" / "check_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
+    check_gpu = load_check_gpu()
+    assert check_gpu.main(["--device", "cpu", "--shape", "tiny", "--snac-round", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "check_gpu.json").read_text())
+    checks = result["checks"]
+    assert result["failed"] == [] and set(checks) == {"decode_attention", "cuda_graphs", "device_vs_cpu",
+                                                      "engine_run", "sampling", "snac"}
+    assert checks["decode_attention"]["ok"] == check_gpu.NOT_APPLICABLE  # CUDA-only
+    assert all(checks[name]["ok"] is True for name in checks if name != "decode_attention")
+    assert "all checks passed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path, capsys):
+    assert load_check_gpu().main(["--out", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
