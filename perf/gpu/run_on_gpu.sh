@@ -4,7 +4,8 @@
 #   perf/gpu/run_on_gpu.sh fetch          # on a machine with PyPI access: wheels -> perf/gpu/wheels/
 #   perf/gpu/run_on_gpu.sh setup          # on the GPU machine: offline install into perf/gpu/.venv
 #   perf/gpu/run_on_gpu.sh bench [ARGS]   # on the GPU machine: perf/run_all.py with the GPU defaults + ARGS
-#   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, then bench
+#   perf/gpu/run_on_gpu.sh check          # on the GPU machine: perf/gpu/check_gpu.py, a pass or fail per GPU path
+#   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, check, then bench
 #   perf/gpu/run_on_gpu.sh relay [ARGS]   # on the GPU machine's CPUs: perf/relay_bench.py, 4 relay processes
 #
 # The GPU machine is expected to have Python 3.12 with PyTorch (CUDA), numpy,
@@ -135,6 +136,12 @@ bench() {
     --engine-tokens 400 "$@"
 }
 
+check() {
+  [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
+  cd "$REPO"
+  PYTHONPATH="$REPO/src" "$VENV/bin/python" perf/gpu/check_gpu.py --out "perf/results/gpu-check"
+}
+
 relay() {
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -148,7 +155,8 @@ case "${1:-}" in
   fetch) fetch ;;
   setup) setup ;;
   bench) shift; bench "$@" ;;
-  all) shift; setup; bench "$@" ;;
+  check) check ;;
+  all) shift; setup; check; bench "$@" ;;
   relay) shift; relay "$@" ;;
-  *) sed -n '2,9p' "$0"; exit 2 ;;
+  *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
