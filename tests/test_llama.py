@@ -50,6 +50,15 @@ def test_prefill_and_batched_decode_match_transformers(checkpoint, varlen, reque
         torch.testing.assert_close(decode[i], want[-1], rtol=1e-4, atol=1e-4)
 
 
+def test_loaded_weights_record_no_autograd_history(checkpoint):
+    """A forward outside inference mode (a CUDA graph captured at load) builds no autograd graph."""
+    model = load_llama(checkpoint)
+    assert not any(p.requires_grad for p in model.parameters())
+    model.allocate_cache(num_slots=2, max_seq_len=16)
+    out = model(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], hidden_only=True)
+    assert out.grad_fn is None and not out.requires_grad
+
+
 def test_chunked_prefill_equals_whole_prefill(checkpoint):
     row = torch.randint(0, 156940, (20,)).tolist()
     model = load_llama(checkpoint)

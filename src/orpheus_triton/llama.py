@@ -363,6 +363,9 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(config)
+    # Serving never trains: no parameter records autograd history, whatever the caller's grad mode
+    # (a CUDA graph captured with autograd on would keep every step's activations alive for backward).
+    model.requires_grad_(False)
     return model.to(device).eval()
 
 
@@ -423,6 +426,7 @@ class BucketedDecoder:
                            for length in range(1, self.model.max_seq_len + 1, self.context_step)})
         return [(rows, context) for rows in self.batch_buckets for context in contexts]
 
+    @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every shape's graph now (a server's startup) instead of on first use, where a
         capture stalls every stream for a few forwards. Returns how many graphs were captured."""
