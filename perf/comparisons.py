@@ -194,6 +194,7 @@ def compare_engine_batching(llm_dir, device: str = "auto", streams: int = 8, max
     tokenizer = load_tokenizer(llm_dir)
     model = load_llama(llm_dir, device=device)
     engine = InflightEngine(model, max_streams=streams, max_seq_len=max_new_tokens + 256)
+    engine.capture_graphs()  # GPU: every shape now, so neither run pays for a capture
     prompts = [build_prompt(tokenizer, "Benchmarking the in-flight batching engine.", "tara")] * streams
 
     def requests():
