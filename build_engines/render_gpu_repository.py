@@ -60,7 +60,7 @@ class TrtllmSettings:
     enable_kv_cache_reuse: bool = False
     cancellation_check_period_ms: int = 100
     seed_tensor: str = "seed"
-    relay_instances: int = 4  # processes of the `llm` relay: about 60-80 real-time streams each
+    relay_instances: int = 4  # processes of the `llm` relay: about 60 real-time streams each
 
     def check(self) -> None:
         if self.triton_max_batch_size < 1:
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-tensor", choices=SEED_TENSORS, default=TrtllmSettings.seed_tensor,
                         help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
     parser.add_argument("--relay-instances", type=int, default=TrtllmSettings.relay_instances,
-                        help="processes of the llm relay in front of the engine (about 60-80 real-time streams each)")
+                        help="processes of the llm relay in front of the engine (about 60 real-time streams each)")
     parser.add_argument("--decoder-max-batch-size", type=int, default=RepositorySettings.decoder_max_batch_size)
     parser.add_argument("--preprocessing-instances", type=int, default=RepositorySettings.preprocessing_instances)
     parser.add_argument("--serve", action="store_true", help="then run tritonserver on the repository")

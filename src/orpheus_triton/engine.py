@@ -343,14 +343,17 @@ class InflightEngine:
         # Every row's settings in two host tensors (one per dtype, a setting per row), each copied to
         # the device once and without waiting for the forward queued before (sampling.host_to_device).
         requests = [s.request for s in streams]
+        # The rows' grouping settings stay on the host too (sampling.HostRows).
+        host = HostRows(guarded=[r.audio_guard for r in requests],
+                        slots=[s.audio_tokens % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
         reals = host_to_device(torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
                                              [r.repetition_penalty for r in requests]], dtype=torch.float32),
                                self.device)
         whole = host_to_device(torch.tensor([
-            [r.top_k for r in requests],
+            host.top_k,
             [(r.seed + 2**63) % 2**64 - 2**63 for r in requests],  # UINT64 seeds as the same 64 bits in int64
             [len(s.generated) for s in streams],
-            [r.audio_guard for r in requests],
+            host.guarded,
             [s.audio_tokens for s in streams],
             slots,
         ], dtype=torch.int64), self.device)
@@ -359,8 +362,6 @@ class InflightEngine:
             step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4],
         )
         slot_index = whole[5]
-        host = HostRows(guarded=[r.audio_guard for r in requests],
-                        slots=[s.audio_tokens % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
         tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index, host=host)
         self.seen[slot_index, tokens] = True
         finished = []

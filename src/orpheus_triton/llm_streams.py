@@ -27,7 +27,6 @@ from .serving import ActiveStreams, CancellationWatch, FrameChunker, Refuse, Res
 log = logging.getLogger(__name__)
 
 
-
 class LlmStreams:
     def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, threaded: bool,
                  tokens_per_response: int, hold_seconds: float):

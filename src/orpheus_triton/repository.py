@@ -72,9 +72,9 @@ class RelaySettings:
     engine_model: str = ENGINE_MODEL
     engine_seed_input: str = LLM_SEED  # TensorRT-LLM: "seed" in current backends
     engine_audio_guard: bool = True  # whether the engine takes audio_token_guard (TensorRT-LLM: no)
-    # Processes of the relay. Each forwarded token costs one about 150 us of CPU, nearly all of it in the
-    # Python backend's BLS response handling (perf/relay_bench.py): one process carries some 60-80
-    # real-time streams. Stream ids are guarded per process.
+    # Processes of the relay. Each forwarded token costs one 165-200 us of CPU (2-core VM), nearly all of
+    # it in the Python backend's BLS response handling (perf/relay_bench.py): one process carries about
+    # 60 real-time streams. Stream ids are guarded per process.
     relay_instances: int = 1
 
 

@@ -79,6 +79,26 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
     return respond, refuse
 
 
+def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Callable[[], bool]], None],
+                       stop: Callable[[str], None]) -> None:
+    """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
+    ends the stream with its id (``stop``) and is answered at once; any other starts a stream with
+    ``start(request_id, inputs by name, sender, is_cancelled)``, and one it refuses (ValueError,
+    StreamIdError) hears why."""
+    for request in requests:
+        sender = request.get_response_sender()
+        request_id = request.request_id()
+        inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+        if is_stop_request(inputs.get):
+            stop(request_id)
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            continue
+        try:
+            start(request_id, inputs, sender, request.is_cancelled)
+        except ValueError as error:  # StreamIdError among them
+            send_error(pb_utils, sender, "llm", error)
+
+
 def stop_request_inputs() -> dict[str, np.ndarray]:
     """A `stop` control request's tensors: the flag, and the required inputs riding along
     (ignored by a stop request), as TensorRT-LLM expects."""
@@ -464,7 +484,7 @@ class DecodeScheduler:
             elif audio_seconds > 0:
                 first, sent, _ = self._playback.get(item.stream_id, (now, 0.0, now))
                 self._playback[item.stream_id] = (first, sent + audio_seconds, now)
-            # Streams whose end never came (a vanished client; TensorRT-LLM sends no end_id).
+            # Streams whose end never came (a vanished client).
             self._sweep(self._playback, lambda playback: playback[2], now)
 
     def close(self) -> None:

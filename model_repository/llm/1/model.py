@@ -10,17 +10,15 @@ import triton_python_backend_utils as pb_utils
 from orpheus_triton import constants as c
 from orpheus_triton.llm_streams import LlmStreams
 from orpheus_triton.serving import (
-    StreamIdError,
     generation_settings,
-    is_stop_request,
     llm_responders,
     model_parameters,
     response_thread,
+    serve_llm_requests,
     stream_idle_seconds,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 respond, refuse = llm_responders(pb_utils)
 
 
@@ -37,23 +35,11 @@ class TritonPythonModel:
         self.engine.start()
 
     def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            request_id = request.request_id()
-
-            def get(name, request=request):
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                return None if tensor is None else tensor.as_numpy()
-
-            if is_stop_request(get):
-                self.streams.stop(request_id)
-                sender.send(flags=FINAL)
-                continue
-            try:
-                self.streams.start(request_id, generation_settings(get), sender, request.is_cancelled)
-            except (ValueError, StreamIdError) as error:
-                refuse(sender, error)
+        serve_llm_requests(pb_utils, requests, self.start, self.streams.stop)
         return None
+
+    def start(self, request_id, inputs, sender, is_cancelled):
+        self.streams.start(request_id, generation_settings(inputs.get), sender, is_cancelled)
 
     def finalize(self):
         self.metrics.stop()

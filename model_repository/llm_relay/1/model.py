@@ -9,15 +9,13 @@ import triton_python_backend_utils as pb_utils
 from orpheus_triton import constants as c
 from orpheus_triton.llm_relay import EngineInputs, EngineResponse, RelayStreams
 from orpheus_triton.serving import (
-    StreamIdError,
-    is_stop_request,
     llm_responders,
     model_parameters,
+    serve_llm_requests,
     stop_request_inputs,
     stream_idle_seconds,
 )
 
-FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 respond, refuse = llm_responders(pb_utils)
 
 
@@ -51,18 +49,7 @@ class TritonPythonModel:
             pass
 
     def execute(self, requests):
-        for request in requests:
-            sender = request.get_response_sender()
-            request_id = request.request_id()
-            inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
-            if is_stop_request(inputs.get):
-                self.streams.stop(request_id)
-                sender.send(flags=FINAL)
-                continue
-            try:
-                self.streams.start(request_id, inputs, sender, request.is_cancelled)
-            except (ValueError, StreamIdError) as error:
-                refuse(sender, error)
+        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop)
         return None
 
     def finalize(self):
