@@ -11,6 +11,8 @@ container.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import signal
@@ -33,19 +35,34 @@ class Ports:
 
 def _pytriton_dist() -> tuple[Path, Path]:
     """(tritonserver folder, bundled shared libraries) of the nvidia-pytriton wheel."""
-    try:
-        import pytriton  # noqa: PLC0415
-    except ImportError as error:
-        raise RuntimeError(
-            "tritonserver not found: install nvidia-pytriton or run inside the Triton NGC image"
-        ) from error
-    root = Path(pytriton.__file__).parent
+    # Found, not imported: only the bundled server is used, so pytriton's own dependencies need not be installed.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.origin:
+        raise RuntimeError("tritonserver not found: install nvidia-pytriton or run inside the Triton NGC image")
+    root = Path(spec.origin).parent
     return root / "tritonserver", root.parent / "nvidia_pytriton.libs"
+
+
+def check_stub_numpy(numpy_version: str) -> None:
+    """Refuse numpy 2 for the bundled server's stub, which would otherwise crash on the first request.
+
+    The Python backend stub of tritonserver 2.51 (the nvidia-pytriton wheel) was
+    built against numpy 1: under numpy 2 it reads a string (BYTES) input's
+    buffer wrongly, `deserialize_bytes_tensor` raises inside the stub, the stub
+    aborts and every request waits for Triton's stub health timeout. nvidia-pytriton
+    itself requires numpy < 2; images that ship numpy 2 install over that.
+    """
+    if int(numpy_version.split(".")[0]) >= 2:
+        raise RuntimeError(
+            f"numpy {numpy_version} is installed, but the bundled tritonserver 2.51's Python backend stub needs "
+            "numpy < 2 (under numpy 2 it crashes on string inputs): pip install 'numpy<2'"
+        )
 
 
 def backend_directory() -> Path:
     """A backends/ folder whose Python backend uses the stub built for this interpreter's version."""
     dist, _ = _pytriton_dist()
+    check_stub_numpy(importlib.metadata.version("numpy"))
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
