@@ -17,6 +17,7 @@ Writes JSON and a markdown table to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -91,7 +92,14 @@ def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
             "others_finished_first": others_done}
 
 
-def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
+def release(device: str) -> None:
+    """Hand a dropped engine's KV cache and CUDA graph pools back before the next engine allocates its own."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def step_sweep(make_engine, counts: list[int], context: int, device: str) -> list[dict]:
     """Median step time with n streams decoding (a fresh engine per n), their contexts spread evenly
     from a prompt's length up to ``context``: streams of a busy server started at different times."""
     rows = []
@@ -129,6 +137,8 @@ def step_sweep(make_engine, counts: list[int], context: int) -> list[dict]:
             raise RuntimeError(f"streams finished during the timed steps of the {n}-stream sweep; raise --tokens")
         rows.append({"streams": n, "step_ms": step * 1000, "tokens_per_s_per_stream": per_stream,
                      "aggregate_tokens_per_s": n / step, "real_time": per_stream >= REAL_TIME_TOKENS_PER_SECOND})
+        del engine
+        release(device)
     return rows
 
 
@@ -141,6 +151,8 @@ def main() -> int:
     parser.add_argument("--sweep", default="1,2,4,8", help="active-stream counts for the step-time sweep")
     parser.add_argument("--max-streams", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of 1 and N streams (best kept)")
+    parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
+                                      "instead of writing random weights")
     parser.add_argument("--out", default="perf/results/engine")
     args = parser.parse_args()
 
@@ -149,10 +161,18 @@ def main() -> int:
     max_streams = args.max_streams or max(counts + [args.streams])
     if max(counts + [args.streams]) > max_streams:
         parser.error(f"--sweep/--streams up to {max(counts + [args.streams])} need --max-streams of at least that")
-    with tempfile.TemporaryDirectory() as tmp:
-        print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
-        write_random_llama(Path(tmp), SHAPES[args.shape], dtype=torch.bfloat16 if device != "cpu" else torch.float32)
-        model = load_llama(tmp, device=device)
+    if args.llm:
+        config = json.loads((Path(args.llm) / "config.json").read_text())
+        mismatched = {k: (config.get(k), v) for k, v in SHAPES[args.shape].items() if config.get(k) != v}
+        if mismatched:
+            parser.error(f"--llm {args.llm} is not of the {args.shape} shape (have, want): {mismatched}")
+        model = load_llama(args.llm, device=device)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
+            write_random_llama(Path(tmp), SHAPES[args.shape],
+                               dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+            model = load_llama(tmp, device=device)
     def make_engine():
         return InflightEngine(model, max_streams=max_streams,
                               max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64))
@@ -170,14 +190,16 @@ def main() -> int:
         batches.append(throughput(engine, args.streams, args.tokens))
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
-    sweep = step_sweep(make_engine, counts, context=SWEEP_CONTEXT)
+    varlen = engine.decoder is not None and engine.decoder.varlen
+    del engine  # the sweep's engines each hold a KV cache of their own
+    release(device)
+    sweep = step_sweep(make_engine, counts, context=SWEEP_CONTEXT, device=device)
 
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                     "torch_threads": torch.get_num_threads()},
-        "decode_attention": "per-row key lengths" if engine.decoder is not None and engine.decoder.varlen
-                            else "masked (keys up to the longest row)",
+        "decode_attention": "per-row key lengths" if varlen else "masked (keys up to the longest row)",
         "sweep_contexts": f"spread evenly from {PROMPT_LEN} to {SWEEP_CONTEXT} positions",
         "shape": args.shape, "model": SHAPES[args.shape],
         "single_stream_tokens_per_s": single, "streams": args.streams,

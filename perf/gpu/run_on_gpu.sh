@@ -2,11 +2,13 @@
 # The benchmark on a GPU machine with no network: fetch wheels here, install and run there.
 #
 #   perf/gpu/run_on_gpu.sh fetch          # on a machine with PyPI access: wheels -> perf/gpu/wheels/
+#   perf/gpu/run_on_gpu.sh pack           # then: what the serving benchmark needs in one <64 MiB folder, wheels/lean/
 #   perf/gpu/run_on_gpu.sh setup          # on the GPU machine: offline install into perf/gpu/.venv
 #   perf/gpu/run_on_gpu.sh bench [ARGS]   # on the GPU machine: perf/run_all.py with the GPU defaults + ARGS
 #   perf/gpu/run_on_gpu.sh check          # on the GPU machine: perf/gpu/check_gpu.py, a pass or fail per GPU path
 #   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, check, then bench
 #   perf/gpu/run_on_gpu.sh relay [ARGS]   # on the GPU machine's CPUs: perf/relay_bench.py, 4 relay processes
+#   perf/gpu/run_on_gpu.sh short [ARGS]   # setup, then within SHORT_SECONDS: check, engine bench, a short serving sweep
 #
 # The GPU machine is expected to have Python 3.12 with PyTorch (CUDA), numpy,
 # transformers, tokenizers and safetensors installed. What it lacks comes as wheels
@@ -42,6 +44,8 @@ TOOL_WHEELS=(
   importlib-metadata zipp pyzmq sh typing-inspect mypy-extensions wrapt typer click rich shellingham
   markdown-it-py mdurl pygments annotated-doc
   "snac==1.2.1" einops
+  # numpy < 2: tritonserver 2.51's Python backend stub misreads string tensors under numpy 2 (GPU images ship 2.x)
+  numpy
   "matplotlib>=3.7" contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six
 )
 PERF_ANALYZER_WHEELS=("tritonclient==2.47.0" "nvidia-cuda-runtime-cu12>=12,<13")
@@ -73,6 +77,30 @@ download() {  # download DIR PACKAGE...
     --python-version "$PY_VERSION" "${platform_args[@]}" --platform any -d "$dir" "${specs[@]}"
 }
 
+# What `pack` keeps of the tool wheels: what the serving benchmark needs beyond a usual PyTorch image.
+LEAN_WHEELS=(numpy tritonclient python_rapidjson grpcio protobuf ml_dtypes snac)
+
+pack() {
+  # One transfer of at most 64 MiB: nvidia-pytriton without the stubs and libpython of other Python versions,
+  # as a tar.xz (27 MB instead of a 55 MB wheel), and the tool wheels in LEAN_WHEELS -> wheels/lean/.
+  [[ -d "$WHEELS/server" && -d "$WHEELS/tools" ]] || { log "run '$0 fetch' first"; exit 1; }
+  local lean="$WHEELS/lean" work
+  work="$(mktemp -d)"
+  rm -rf "$lean"
+  mkdir -p "$lean"
+  python3 -m zipfile -e "$WHEELS"/server/nvidia_pytriton-*.whl "$work"
+  find "$work/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name "$PY_VERSION" -exec rm -rf {} +
+  rm -f "$work"/nvidia_pytriton.libs/libpython3-*.so*  # the bundled libpython serves only another version's stub
+  chmod +x "$work/pytriton/tritonserver/bin/tritonserver" "$work/pytriton/tritonserver/python_backend_stubs/$PY_VERSION/"*
+  log "compressing the trimmed nvidia-pytriton (a minute) ..."
+  tar -C "$work" -cJf "$lean/nvidia_pytriton-py$PY_VERSION.tar.xz" .
+  rm -rf "$work"
+  for name in "${LEAN_WHEELS[@]}"; do
+    cp "$WHEELS"/tools/"$name"-*.whl "$lean"/
+  done
+  du -sh "$lean" >&2
+}
+
 fetch() {
   log "downloading wheels for CPython $PY_VERSION into $WHEELS (versions pinned to $PYTHON's where installed)"
   rm -rf "$WHEELS"
@@ -89,20 +117,36 @@ setup() {
   local python
   python="$(command -v "python$PY_VERSION" || command -v python3)"
   if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV (sees the system's torch, transformers, tokenizers, safetensors)"
-    "$python" -m venv --system-site-packages "$VENV" 2>/dev/null ||
-      { rm -rf "$VENV"; "$python" -m venv --system-site-packages --without-pip "$VENV"; }  # no ensurepip: system pip
+    if "$python" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+      # The image's python3 is a virtual environment itself: a venv made from it would see the base
+      # interpreter's packages, not this one's torch. Install into it instead (the machine is disposable).
+      log "$python is a virtual environment: installing into it ($VENV links to it)"
+      ln -sfn "$("$python" -c 'import sys; print(sys.prefix)')" "$VENV"
+    else
+      log "creating $VENV (sees the system's torch, transformers, tokenizers, safetensors)"
+      "$python" -m venv --system-site-packages "$VENV" 2>/dev/null ||
+        { rm -rf "$VENV"; "$python" -m venv --system-site-packages --without-pip "$VENV"; }  # no ensurepip
+    fi
   fi
-  local found=()
+  local found=() packed=() site
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  # The project itself, as a path in site-packages: the Python backend stub ignores PYTHONPATH, and a
+  # pip install would need a build backend this offline machine may not have in the version wanted.
+  echo "$REPO/src" >"$site/orpheus_triton_src.pth"
   shopt -s nullglob
-  for dir in "$WHEELS/server" "$WHEELS/tools"; do
+  for dir in "$WHEELS/server" "$WHEELS/tools" "$WHEELS/lean"; do
     found+=("$dir"/*.whl)
   done
+  packed=("$WHEELS"/lean/*.tar.xz)
   shopt -u nullglob
   if ((${#found[@]})); then
     log "installing ${#found[@]} wheels offline"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-index --no-deps "${found[@]}"
   fi
+  for bundle in "${packed[@]}"; do
+    log "unpacking $(basename "$bundle") into $site"
+    tar -C "$site" -xJf "$bundle"
+  done
   if [[ -d "$WHEELS/perf_analyzer" ]]; then
     PERF_ANALYZER_WHEELS="$WHEELS/perf_analyzer" PYTHON="$python" bash "$REPO/perf/install_perf_analyzer.sh" ||
       log "perf_analyzer not installed; the benchmark runs without it"
@@ -110,12 +154,18 @@ setup() {
   PYTHONPATH="$REPO/src" "$VENV/bin/python" - <<'PY'
 import importlib
 missing = []
-for module in ("torch", "numpy", "safetensors", "tokenizers", "snac", "tritonclient.grpc", "pytriton", "matplotlib",
+for module in ("torch", "numpy", "safetensors", "tokenizers", "snac", "tritonclient.grpc", "matplotlib",
                "orpheus_triton.server"):
     try:
         importlib.import_module(module)
     except Exception as error:  # noqa: BLE001
         missing.append(f"{module} ({type(error).__name__}: {error})")
+try:
+    from pathlib import Path
+    from orpheus_triton.server import Ports, server_command
+    server_command(Path("."), Ports())  # finds the bundled tritonserver and its stub for this Python
+except Exception as error:  # noqa: BLE001
+    missing.append(f"tritonserver ({error})")
 import torch
 print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 print("missing: " + "; ".join(missing) if missing else "all modules import")
@@ -142,6 +192,48 @@ check() {
   PYTHONPATH="$REPO/src" "$VENV/bin/python" perf/gpu/check_gpu.py --out "perf/results/gpu-check"
 }
 
+short() {
+  # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
+  # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
+  # "check models engine serving"); results in perf/results/gpu-short/.
+  [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
+  cd "$REPO"
+  local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
+  local llm
+  mkdir -p "$out"
+  export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    "$py" -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, torch.version.cuda)'
+    nproc
+    # the Python backend stub links libpython of this interpreter's version
+    ldconfig -p | grep -i libpython || true
+    "$py" -c 'import sysconfig; print("LIBDIR", sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY"))'
+  } >"$out/machine.txt" 2>&1
+  step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
+    local name="$1" limit="$2" begun=$SECONDS code=0
+    shift 2
+    [[ " ${SHORT_STEPS:-check models engine serving} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
+    ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
+    if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 0; fi
+    log "$name (at most ${limit}s) ..."
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 || code=$?
+    echo "exit $code after $((SECONDS - begun)) s" >"$out/$name.status"
+    log "$name: exit $code after $((SECONDS - begun)) s"
+    tail -n 15 "$out/$name.log" >&2
+  }
+  step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check"
+  step models 150 "$py" -c 'from run_all import model_set; print(model_set("orpheus-3b", None)[0].llm)'
+  llm="$(tail -n 1 "$out/models.log")"
+  [[ -d "$llm" ]] || { log "no model set; stopping"; return 1; }
+  step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
+    --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --out "$out/engine"
+  step serving 100000 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
+    --concurrency 1,64,128,216 --texts short --max-tokens 0 --streams-per-worker 1 --min-streams 8 \
+    --level-seconds 20 --poisson-rates "" --skip-comparisons --no-perf-analyzer --retry-busy 0 \
+    --out "$out/serving" "$@"
+}
+
 relay() {
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -153,10 +245,12 @@ relay() {
 
 case "${1:-}" in
   fetch) fetch ;;
+  pack) pack ;;
   setup) setup ;;
   bench) shift; bench "$@" ;;
   check) check ;;
   all) shift; setup; check; bench "$@" ;;
   relay) shift; relay "$@" ;;
+  short) shift; setup; short "$@" ;;
   *) sed -n '2,10p' "$0"; exit 2 ;;
 esac
