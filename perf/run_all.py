@@ -230,7 +230,12 @@ def main(argv: list[str] | None = None) -> int:
                       max_seq_len=args.max_seq_len) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
-        stream(warm, time.perf_counter())  # first request pays for lazy initialisation
+        first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation
+        if first.error:  # every level would fail the same way: say why now, not after the whole sweep
+            server_log = [line for line in (folder / "raw" / "server.log").read_text(errors="replace").splitlines()
+                          if line.strip() and line[0] not in "|+"]  # not the model and option tables
+            raise SystemExit("the first stream failed, so the benchmark stops: " + first.error +
+                             "\nlast lines of the server log:\n" + "\n".join(server_log[-25:]))
         if not args.skip_comparisons:
             log("(a) TTFA at concurrency 1: served vs in-process, interleaved ...")
             pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8,

@@ -295,6 +295,13 @@ def grpc_stream(url: str, timeout: float = 120.0) -> Callable[[Utterance, float]
     return run
 
 
+def _level_line(level: dict) -> str:
+    """One level's summary for the log; with the first error's text, so a failing run says why as it goes."""
+    line = (f"{level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} p99 {_ms(level['ttfa_p99'])}, "
+            f"starved {level['starved_streams']}, errors {level['errors']}")
+    return line + (f" (e.g. {level['error_examples'][0]})" if level["errors"] else "")
+
+
 def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurrency: int,
                     utterances: Sequence[Utterance], max_streams: int, max_seconds: float) -> list[StreamRecord]:
     """``concurrency`` workers, each starting its next utterance when one ends.
@@ -390,18 +397,14 @@ def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
         records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level)
         closed[concurrency] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
-        level = closed[concurrency]
-        log(f"closed loop c={concurrency}: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
-            f"p99 {_ms(level['ttfa_p99'])}, starved {level['starved_streams']}, errors {level['errors']}")
+        log(f"closed loop c={concurrency}: {_level_line(closed[concurrency])}")
     poisson = {}
     for rate in settings.poisson_rates:
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
         records = run_poisson(stream, rate, utterances, settings.poisson_streams, settings.poisson_seconds)
         poisson[rate] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
-        level = poisson[rate]
-        log(f"poisson {rate}/s: {level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} "
-            f"p99 {_ms(level['ttfa_p99'])}, starved {level['starved_streams']}, errors {level['errors']}")
+        log(f"poisson {rate}/s: {_level_line(poisson[rate])}")
     return {
         "settings": asdict(settings),
         "closed_loop": closed,

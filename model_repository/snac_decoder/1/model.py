@@ -9,6 +9,7 @@ and answers each request as its round finishes.
 
 import json
 import time
+import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -90,6 +91,9 @@ class TritonPythonModel:
             if len(audio) != len(windows):
                 raise RuntimeError(f"SNAC returned {len(audio)} chunks for {len(windows)} windows")
         except Exception as error:  # noqa: BLE001
+            # The streams hear the error; the server log keeps the trace (a failing round is a fault, not input).
+            pb_utils.Logger.log_error(f"orpheus decoder: a round of {len(windows)} windows failed:\n"
+                                      + traceback.format_exc())
             for item in items:
                 self._answer(item, None, error)
             return
