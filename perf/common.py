@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -177,12 +176,6 @@ def run_folder(machine: str | None = None, root: Path = RESULTS) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RunningServer:
     url: str  # gRPC host:port
@@ -234,7 +227,7 @@ def serve_repository(repository: Path, log_path: Path) -> Iterator[RunningServer
     """Run tritonserver on ``repository`` on free ports; stop it and remove the repository after."""
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports.free()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:
         started = time.perf_counter()

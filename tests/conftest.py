@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,6 @@ TINY_LLM = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
 @pytest.fixture(scope="session")
 def model_set(tmp_path_factory) -> ModelSet:
     return write_model_set(tmp_path_factory.mktemp("models"), llm_shape=TINY_LLM, seed=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_settings(model_set, **overrides):
@@ -42,7 +35,7 @@ def running_server(repository: Path, work: Path):
     """A real tritonserver on free ports serving ``repository``; yields the process (``.ports``, ``.log_path``)."""
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready
 
-    ports = Ports(free_port(), free_port(), free_port())
+    ports = Ports.free()
     log_path = work / "server.log"
     with open(log_path, "w") as log:
         process = start_server(repository, ports, log_file=log)

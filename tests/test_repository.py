@@ -111,9 +111,9 @@ def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsy
     import socket
 
     import torch
-    from conftest import free_port
 
     from orpheus_triton import cli
+    from orpheus_triton.server import free_port
 
     def no_models(_):
         raise AssertionError("a model set was prepared before the check")

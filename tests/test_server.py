@@ -301,9 +301,7 @@ class ServeCommand:
         import subprocess
         import sys
 
-        from conftest import free_port
-
-        from orpheus_triton.server import wait_until_ready
+        from orpheus_triton.server import free_port, wait_until_ready
 
         self.url = f"localhost:{free_port()}"
         env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))

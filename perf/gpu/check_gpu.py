@@ -10,7 +10,9 @@ on the real device, with small random models:
 * the bucketed bf16 decode step against the fp32 CPU forward on the same weights;
 * an engine run: streams to completion, every token in its frame slot;
 * sampling: the same tokens on the device as on the CPU for the same logits;
-* the SNAC decoder's counter-based noise on the device: a stream alone and batched.
+* the SNAC decoder's counter-based noise on the device: a stream alone and batched;
+* one stream through tritonserver, both torch models on the device (the demo model set): its first
+  audio, or the error with the server log's last lines.
 
     PYTHONPATH=src python perf/gpu/check_gpu.py --out perf/results/gpu-check
 
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, SAMPLE_RATE, TOKENS_PER_FRAME
 from orpheus_triton.demo_models import write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, Window, audio_token_id, token_slot
@@ -178,6 +180,38 @@ def check_snac(device: torch.device, round_windows: int) -> dict:
             "round_windows": round_windows, "seconds_per_round": round(seconds, 4)}
 
 
+def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
+    """The whole pipeline through tritonserver with both torch models on ``device``: one stream of
+    the demo model set, its first audio and length, or the error with the server log's last lines."""
+    from orpheus_triton.client import OrpheusClient  # noqa: PLC0415 (tritonclient: only this check)
+    from orpheus_triton.demo_models import demo_model_set  # noqa: PLC0415
+    from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
+    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
+
+    models = demo_model_set(log=lambda message: None)
+    ports = Ports.free()
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = render(RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac),
+                                               device=device.type, max_streams=8, max_seq_len=1024),
+                            Path(tmp) / "repository")
+        log_path = Path(tmp) / "server.log"
+        with open(log_path, "w") as log_file:
+            process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=10"])
+            try:
+                wait_until_ready(process, f"localhost:{ports.grpc}", timeout=300)
+                result = OrpheusClient(f"localhost:{ports.grpc}").synthesize(
+                    "tara: The server streams this sentence.", max_tokens=max_tokens, seed=1, timeout=120)
+                return {"ok": result.time_to_first_audio is not None,
+                        "first_audio_ms": round(1000 * (result.time_to_first_audio or 0.0), 1),
+                        "audio_seconds": round(len(result.audio) / SAMPLE_RATE, 3), "chunks": len(result.chunks)}
+            except Exception as error:  # noqa: BLE001 (the point: say why, with the server's side of it)
+                lines = [line for line in log_path.read_text(errors="replace").splitlines()
+                         if line.strip() and line[0] not in "|+"]
+                return {"ok": False, "error": f"{type(error).__name__}: {error}"[:1000], "server_log": lines[-30:]}
+            finally:
+                stop_server(process)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -201,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_run": lambda: check_engine_run(device, model),
             "sampling": lambda: check_sampling(device),
             "snac": lambda: check_snac(device, args.snac_round),
+            "served_stream": lambda: check_served_stream(device),
         }
         for name, check in checks.items():
             started = time.perf_counter()

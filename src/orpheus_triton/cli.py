@@ -75,12 +75,6 @@ def _render(args, model_set: ModelSet) -> Path:
     return render(settings, Path(tempfile.mkdtemp(prefix="repository-", dir=root)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_serve(args) -> int:
     from .server import Ports, start_server  # noqa: PLC0415
 
@@ -193,7 +187,7 @@ def cmd_demo(args) -> int:
         args.max_tokens = DEMO_MAX_TOKENS
     _check_device(args.device)
     repository = _render(args, _model_set(args.models))
-    ports = Ports(_free_port(), _free_port(), _free_port())
+    ports = Ports.free()
     log_path = cache_dir() / "demo-server.log"
     _log(f"starting tritonserver (log: {log_path}) ...")
     with open(log_path, "w") as log_file:

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -31,6 +32,17 @@ class Ports:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Three ports nothing listens on now (for servers beside others: tests, benchmarks, checks)."""
+        return cls(free_port(), free_port(), free_port())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _pytriton_dist() -> tuple[Path, Path]:
