@@ -43,6 +43,21 @@ PROMPT_LEN = 40  # about what "tara: <one sentence>" tokenizes to, plus the Orph
 SWEEP_CONTEXT = 960
 
 
+def bench_model(shape: str, llm: str | None, device: str):
+    """The Llama to measure: the checkpoint folder ``llm`` (checked to be of ``shape``), else random
+    weights of ``shape`` (bf16 off the CPU)."""
+    if llm:
+        config = json.loads((Path(llm) / "config.json").read_text())
+        mismatched = {k: (config.get(k), v) for k, v in SHAPES[shape].items() if config.get(k) != v}
+        if mismatched:
+            raise ValueError(f"--llm {llm} is not of the {shape} shape (have, want): {mismatched}")
+        return load_llama(llm, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"writing a random {shape} checkpoint ...", file=sys.stderr)
+        write_random_llama(Path(tmp), SHAPES[shape], dtype=torch.bfloat16 if device != "cpu" else torch.float32)
+        return load_llama(tmp, device=device)
+
+
 def prompt(i: int) -> list[int]:
     return [1000 + (i * 7919 + k) % 100_000 for k in range(PROMPT_LEN)]
 
@@ -99,39 +114,47 @@ def release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def decoding_engine(make_engine, n: int, context: int) -> InflightEngine:
+    """A fresh engine with ``n`` streams decoding, their contexts spread evenly from a prompt's length
+    up to ``context`` (streams of a busy server started at different times), each decode shape's
+    CUDA graph captured."""
+    engine = make_engine()
+    if n > engine.max_streams:
+        raise SystemExit(f"{n} streams exceed the engine's {engine.max_streams} slots; raise --max-streams")
+    sink: dict = {}
+    for i in range(n):
+        submit(engine, i, context, sink)
+    # Admit every stream (a step prefills prefill_chunk prompt tokens: ~6 prompts), then one
+    # more step so this batch's CUDA graph is captured before the timed steps.
+    while engine.queue or engine.prefilling is not None:
+        engine.step()
+    engine.step()
+    if len(engine.decoding) != n:
+        raise RuntimeError(f"{len(engine.decoding)} of {n} streams decoding; raise --tokens or --max-streams")
+    # Move each stream to its place in the spread (what its cache holds there does not change a step's
+    # time), and take one step at the new shape so its CUDA graph is captured before the timed steps.
+    for i, stream in enumerate(engine.decoding):
+        stream.length = PROMPT_LEN + (context - PROMPT_LEN) * (i + 1) // n
+    engine.step()
+    return engine
+
+
+def timed_step(engine: InflightEngine) -> float:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def step_sweep(make_engine, counts: list[int], context: int, device: str) -> list[dict]:
-    """Median step time with n streams decoding (a fresh engine per n), their contexts spread evenly
-    from a prompt's length up to ``context``: streams of a busy server started at different times."""
+    """Median step time with n streams decoding (a fresh engine per n, see ``decoding_engine``)."""
     rows = []
     for n in counts:
-        engine = make_engine()
-        if n > engine.max_streams:
-            raise SystemExit(f"--sweep {n} exceeds the engine's {engine.max_streams} slots; raise --max-streams")
-        sink: dict = {}
-        for i in range(n):
-            submit(engine, i, context, sink)
-        # Admit every stream (a step prefills prefill_chunk prompt tokens: ~6 prompts), then one
-        # more step so this batch's CUDA graph is captured before the timed steps.
-        while engine.queue or engine.prefilling is not None:
-            engine.step()
-        engine.step()
-        if len(engine.decoding) != n:
-            raise RuntimeError(f"{len(engine.decoding)} of {n} streams decoding; raise --tokens or --max-streams")
-        # Move each stream to its place in the spread (what its cache holds there does not change a step's
-        # time), and take one step at the new shape so its CUDA graph is captured before the timed steps.
-        for i, stream in enumerate(engine.decoding):
-            stream.length = PROMPT_LEN + (context - PROMPT_LEN) * (i + 1) // n
-        engine.step()
-        times = []
-        for _ in range(20):
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            engine.step()
-            if engine.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        step = sorted(times)[len(times) // 2]
+        engine = decoding_engine(make_engine, n, context)
+        step = sorted(timed_step(engine) for _ in range(20))[10]
         per_stream = 1.0 / step
         if len(engine.decoding) != n:
             raise RuntimeError(f"streams finished during the timed steps of the {n}-stream sweep; raise --tokens")
@@ -161,18 +184,10 @@ def main() -> int:
     max_streams = args.max_streams or max(counts + [args.streams])
     if max(counts + [args.streams]) > max_streams:
         parser.error(f"--sweep/--streams up to {max(counts + [args.streams])} need --max-streams of at least that")
-    if args.llm:
-        config = json.loads((Path(args.llm) / "config.json").read_text())
-        mismatched = {k: (config.get(k), v) for k, v in SHAPES[args.shape].items() if config.get(k) != v}
-        if mismatched:
-            parser.error(f"--llm {args.llm} is not of the {args.shape} shape (have, want): {mismatched}")
-        model = load_llama(args.llm, device=device)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(f"writing a random {args.shape} checkpoint ...", file=sys.stderr)
-            write_random_llama(Path(tmp), SHAPES[args.shape],
-                               dtype=torch.bfloat16 if device != "cpu" else torch.float32)
-            model = load_llama(tmp, device=device)
+    try:
+        model = bench_model(args.shape, args.llm, device)
+    except ValueError as error:
+        parser.error(str(error))
     def make_engine():
         return InflightEngine(model, max_streams=max_streams,
                               max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64))

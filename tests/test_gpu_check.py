@@ -37,3 +37,18 @@ def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
 def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path, capsys):
     assert load_check_gpu().main(["--out", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_step_profiler_runs_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "perf"))
+    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "perf" / "gpu" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--shape", "demo", "--device", "cpu", "--streams", "1,2", "--steps", "2",
+                        "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert set(result["profiles"]) == {"1", "2"}
+    for profiled in result["profiles"].values():
+        assert profiled["step_ms"] > 0 and profiled["top_host"]  # no device here: host operators only
+        assert profiled["kernels_per_step"] == 0
+    assert "## 2 streams" in (tmp_path / "profile.md").read_text()
