@@ -209,6 +209,7 @@ short() {
     # the Python backend stub links libpython of this interpreter's version
     ldconfig -p | grep -i libpython || true
     "$py" -c 'import sysconfig; print("LIBDIR", sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY"))'
+    df -h /dev/shm  # the Python backend passes tensors to its stubs through shared memory
   } >"$out/machine.txt" 2>&1
   step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
     local name="$1" limit="$2" begun=$SECONDS code=0
@@ -234,6 +235,8 @@ short() {
     --concurrency 1,64,128,216 --texts short --max-tokens 0 --streams-per-worker 1 --min-streams 8 \
     --level-seconds 20 --poisson-rates "" --skip-comparisons --no-perf-analyzer --retry-busy 0 \
     --out "$out/serving" "$@"
+  # A backend stub that dies of a signal (a segfault, the OOM killer) says so here, not in the server log.
+  dmesg 2>/dev/null | tail -n 60 >"$out/dmesg.txt" || true
 }
 
 relay() {
