@@ -3,9 +3,11 @@
 import pytest
 
 from orpheus_triton.constants import END_OF_SPEECH
+from orpheus_triton.constants import LLM_OUTPUT_IDS as OUT_IDS
+from orpheus_triton.constants import LLM_SEQUENCE_LENGTH as OUT_LENGTH
 from orpheus_triton.engine import CapacityError
 from orpheus_triton.llm_streams import LlmStreams
-from orpheus_triton.serving import StreamIdError
+from orpheus_triton.serving import Reply, StreamIdError, llm_responders
 
 SETTINGS = {"prompt": [1, 2, 3], "max_new_tokens": 70}
 
@@ -92,3 +94,35 @@ def test_stop_ends_the_stream_in_the_engine_and_retires_its_id():
     assert refused == [("sender-b", "request cancelled by the client")]
     with pytest.raises(StreamIdError):
         streams.active.claim("b")
+
+
+class FakePbUtils:
+    """The parts of triton_python_backend_utils that llm_responders uses."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    Tensor = staticmethod(lambda name, value: (name, value.tolist()))
+    InferenceResponse = staticmethod(lambda outputs: outputs)
+
+
+class Sender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response, flags=0):
+        self.sent.append((response, flags))
+
+
+@pytest.mark.parametrize(("asked", "expected"), [
+    ({OUT_IDS}, [OUT_IDS]),  # what the ensemble asks of the llm stage
+    ({OUT_IDS, OUT_LENGTH}, [OUT_IDS, OUT_LENGTH]),
+    (set(), [OUT_IDS, OUT_LENGTH]),  # a caller that names no outputs gets all
+])
+def test_responses_carry_only_the_outputs_asked_for(asked, expected):
+    """An output the caller did not ask for is not built at all: Triton's Python backend would drop it
+    inside send() after releasing the GIL, which crashes the stub on Python 3.12."""
+    respond, _ = llm_responders(FakePbUtils)
+    sender = Sender()
+    respond(Reply(sender, frozenset(asked)), [5, 6, 7], 3, True)
+    [(response, flags)] = sender.sent
+    assert [name for name, _ in response] == expected and flags == FakePbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert dict(response)[OUT_IDS] == [[[5, 6, 7]]]

@@ -62,16 +62,42 @@ Respond = Callable[[Any, list[int], int, bool], None]
 Refuse = Callable[[Any, str], None]
 
 
+@dataclass(frozen=True)
+class Reply:
+    """A decoupled request's response sender, with the outputs its caller asked for.
+
+    Triton's Python backend drops the outputs a caller did not ask for (the ensemble takes
+    only ``output_ids`` from the llm stage) inside ``send()``, after it has released the GIL.
+    Freeing them there crashes the stub on Python 3.12, whose allocator needs the calling
+    thread's state (a segfault in ``_PyObject_Free`` under ``PbTensor::~PbTensor``, seen with
+    tritonserver 2.51); 3.11 happens to survive it. So only what was asked for is sent.
+    """
+
+    sender: Any
+    outputs: frozenset[str]  # empty: the caller named none, and gets them all
+
+    @classmethod
+    def of(cls, request) -> Reply:
+        return cls(request.get_response_sender(), frozenset(request.requested_output_names()))
+
+    def wants(self, name: str) -> bool:
+        return not self.outputs or name in self.outputs
+
+    def send(self, *args, **kwargs) -> None:
+        self.sender.send(*args, **kwargs)
+
+
 def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
-    """The llm stage's ``respond(sender, tokens, tokens sent so far, final)`` and ``refuse(sender,
-    message)``, in TensorRT-LLM's tensors: the torch engine's adapter and the relay answer alike."""
+    """The llm stage's ``respond(reply, tokens, tokens sent so far, final)`` and ``refuse(reply,
+    message)``, in TensorRT-LLM's tensors: the torch engine's adapter and the relay answer alike.
+    A response carries only the outputs its ``Reply`` asked for."""
     final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-    def respond(sender, tokens: list[int], sent: int, final: bool) -> None:
-        sender.send(pb_utils.InferenceResponse([
-            pb_utils.Tensor(LLM_OUTPUT_IDS, np.array([[tokens]], dtype=np.int32)),
-            pb_utils.Tensor(LLM_SEQUENCE_LENGTH, np.array([sent], dtype=np.int32)),
-        ]), flags=final_flag if final else 0)
+    def respond(reply: Reply, tokens: list[int], sent: int, final: bool) -> None:
+        values = {LLM_OUTPUT_IDS: lambda: np.array([[tokens]], dtype=np.int32),
+                  LLM_SEQUENCE_LENGTH: lambda: np.array([sent], dtype=np.int32)}
+        outputs = [pb_utils.Tensor(name, value()) for name, value in values.items() if reply.wants(name)]
+        reply.send(pb_utils.InferenceResponse(outputs), flags=final_flag if final else 0)
 
     def refuse(sender, message) -> None:
         send_error(pb_utils, sender, "llm", message)
@@ -83,10 +109,10 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
                        stop: Callable[[str], None]) -> None:
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once; any other starts a stream with
-    ``start(request_id, inputs by name, sender, is_cancelled)``, and one it refuses (ValueError,
+    ``start(request_id, inputs by name, reply, is_cancelled)`` (``Reply``), and one it refuses (ValueError,
     StreamIdError) hears why."""
     for request in requests:
-        sender = request.get_response_sender()
+        sender = Reply.of(request)
         request_id = request.request_id()
         inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         if is_stop_request(inputs.get):
