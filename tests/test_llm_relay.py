@@ -223,3 +223,29 @@ def test_abandoned_stream_is_stopped_through_the_relay(relay_server):
     url = f"localhost:{relay_server.ports.grpc}"
     abandon_a_stream(relay_server, url)  # stopped in the engine, through the relay
     assert OrpheusClient(url).synthesize("next please", max_tokens=35).audio.size > 0
+
+
+def test_held_references_let_go_only_after_their_time():
+    """The relay holds BLS responses past the backend's cleanup (see HeldReferences) and no longer."""
+    import gc
+    import weakref
+
+    from orpheus_triton.llm_relay import HeldReferences
+
+    class Response:
+        pass
+
+    now = [0.0]
+    held = HeldReferences(seconds=5.0, clock=lambda: now[0])
+    first = Response()
+    alive = weakref.ref(first)
+    held.keep([first])
+    del first
+    gc.collect()
+    now[0] = 4.9
+    held.keep([Response()])
+    assert alive() is not None and len(held) == 2  # still within its 5 s
+    now[0] = 5.0
+    held.keep([])
+    gc.collect()
+    assert alive() is None and len(held) == 2  # the first let go; the second and the empty one held

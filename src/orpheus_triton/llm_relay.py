@@ -29,6 +29,7 @@ so all of this is unit tested.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -65,6 +66,35 @@ class EngineResponse:
 
     tokens: list[int]
     error: str | None = None
+
+
+class HeldReferences:
+    """Keeps objects referenced for ``seconds`` after ``keep``, then lets them go on the next call.
+
+    Why the relay needs it: tritonserver 2.51's Python backend frees a BLS response iterator on a
+    thread of its own, without the GIL, once Python has dropped the iterator; whatever responses only
+    the iterator still references die there, and freeing their tensors' Python objects crashes
+    the stub on Python 3.12 (a segfault in ``_PyObject_Free`` under ``~ResponseIterator``). Holding
+    the responses (and the request) from Python until well after that cleanup makes Python, on a
+    thread holding the GIL, the one that frees them.
+    """
+
+    def __init__(self, seconds: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self._held: collections.deque[tuple[float, list]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def keep(self, objects: list) -> None:
+        now = self.clock()
+        with self._lock:
+            self._held.append((now + self.seconds, objects))
+            released = []
+            while self._held and self._held[0][0] <= now:
+                released.append(self._held.popleft())
+        del released  # dropped here, outside the lock, by a Python thread
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 # call(request id, inputs by the engine's names) -> the engine's responses, in order, to its final one.

@@ -7,7 +7,7 @@ through BLS, its responses read on a thread per stream.
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.llm_relay import EngineInputs, EngineResponse, RelayStreams
+from orpheus_triton.llm_relay import EngineInputs, EngineResponse, HeldReferences, RelayStreams
 from orpheus_triton.serving import (
     llm_responders,
     model_parameters,
@@ -23,6 +23,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
         self.engine_model = params["engine_model"]
+        self.held = HeldReferences()
         self.streams = RelayStreams(
             self.call, self.stop_engine, respond, refuse,
             engine_inputs=EngineInputs(seed=params.get("engine_seed_input", c.LLM_SEED),
@@ -37,12 +38,17 @@ class TritonPythonModel:
             inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()], request_id=request_id,
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
-        for response in request.exec(decoupled=True):
-            if response.has_error():
-                yield EngineResponse([], response.error().message())
-                return
-            ids = pb_utils.get_output_tensor_by_name(response, c.LLM_OUTPUT_IDS)
-            yield EngineResponse([] if ids is None else ids.as_numpy().reshape(-1).tolist())
+        held = [request]  # freed by Python, after the backend's own cleanup (llm_relay.HeldReferences)
+        try:
+            for response in request.exec(decoupled=True):
+                held.append(response)
+                if response.has_error():
+                    yield EngineResponse([], response.error().message())
+                    return
+                ids = pb_utils.get_output_tensor_by_name(response, c.LLM_OUTPUT_IDS)
+                yield EngineResponse([] if ids is None else ids.as_numpy().reshape(-1).tolist())
+        finally:
+            self.held.keep(held)
 
     def stop_engine(self, request_id):
         for _ in self.call(request_id, stop_request_inputs()):
