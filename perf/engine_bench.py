@@ -174,6 +174,8 @@ def main() -> int:
     parser.add_argument("--sweep", default="1,2,4,8", help="active-stream counts for the step-time sweep")
     parser.add_argument("--max-streams", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of 1 and N streams (best kept)")
+    parser.add_argument("--graph-sampling", action="store_true",
+                        help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option)")
     parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
                                       "instead of writing random weights")
     parser.add_argument("--out", default="perf/results/engine")
@@ -190,7 +192,8 @@ def main() -> int:
         parser.error(str(error))
     def make_engine():
         return InflightEngine(model, max_streams=max_streams,
-                              max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64))
+                              max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64),
+                              graph_sampling=args.graph_sampling)
 
     engine = make_engine()
     # On GPU every decode shape's CUDA graph now, as a server does at load, not mid-measurement.
@@ -206,6 +209,7 @@ def main() -> int:
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
     varlen = engine.decoder is not None and engine.decoder.varlen
+    graph_sampling = engine.sampler is not None  # the option takes effect on the bucketed (GPU) path only
     del engine  # the sweep's engines each hold a KV cache of their own
     release(device)
     sweep = step_sweep(make_engine, counts, context=SWEEP_CONTEXT, device=device)
@@ -216,6 +220,7 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads()},
         "decode_attention": "per-row key lengths" if varlen else "masked (keys up to the longest row)",
         "sweep_contexts": f"spread evenly from {PROMPT_LEN} to {SWEEP_CONTEXT} positions",
+        "graph_sampling": graph_sampling,
         "shape": args.shape, "model": SHAPES[args.shape],
         "single_stream_tokens_per_s": single, "streams": args.streams,
         "batched_tokens_per_s": batched, "batching_gain": batched / single,
@@ -225,7 +230,8 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"engine_{args.shape}_{device.split(':')[0]}.json").write_text(json.dumps(result, indent=2))
+    name = f"engine_{args.shape}_{device.split(':')[0]}{'_graph-sampling' if args.graph_sampling else ''}"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Torch engine, {args.shape} shape, on {result['machine']['device']} ({result['machine']['processor']})",
         "",
@@ -236,14 +242,15 @@ def main() -> int:
         f"running streams finished first: {newcomer['others_finished_first']})",
         f"- streams at or above real time ({REAL_TIME_TOKENS_PER_SECOND:.0f} tokens/s each): "
         f"{result['real_time_streams']} of those measured",
-        f"- step sweep: contexts {result['sweep_contexts']}; decode attention: {result['decode_attention']}",
+        f"- step sweep: contexts {result['sweep_contexts']}; decode attention: {result['decode_attention']}; "
+        f"graph sampling: {'on' if graph_sampling else 'off'}",
         "",
         "| active streams | step (ms) | tokens/s per stream | aggregate tokens/s | real time |",
         "|---:|---:|---:|---:|:---:|",
         *[f"| {r['streams']} | {r['step_ms']:.2f} | {r['tokens_per_s_per_stream']:.0f} | "
           f"{r['aggregate_tokens_per_s']:.0f} | {'yes' if r['real_time'] else 'no'} |" for r in sweep],
     ]
-    (out / f"engine_{args.shape}_{device.split(':')[0]}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -406,3 +406,41 @@ def test_torch_threads_start_with_the_process_thread_count():
     finally:
         torch.set_num_threads(before)
     assert seen["torch"] == wanted
+
+
+def test_graph_sampling_picks_what_sample_picks():
+    """guarded_tokens (fixed shapes, one CUDA graph on GPU) against sample() on the same logits (float64)."""
+    from orpheus_triton.sampling import FullLogits, guarded_tokens
+
+    gen = torch.Generator().manual_seed(1)
+    batch, hidden_size, vocab = 96, 24, AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(batch, hidden_size, generator=gen, dtype=torch.float64)
+    seen = torch.rand(batch + 5, vocab, generator=gen) < 0.01
+    seen_rows = torch.randperm(batch + 5, generator=gen)[:batch]
+    params = SamplingBatch(
+        temperature=torch.rand(batch, generator=gen) * 1.3 - 0.1,  # some greedy rows
+        top_p=torch.rand(batch, generator=gen) * 0.9 + 0.1, top_k=torch.randint(0, 60, (batch,), generator=gen),
+        repetition_penalty=1 + torch.rand(batch, generator=gen) * 0.5, seed=torch.arange(batch) * 7919,
+        step=torch.randint(0, 500, (batch,), generator=gen), audio_guard=torch.ones(batch, dtype=torch.bool),
+        audio_position=torch.randint(0, 700, (batch,), generator=gen),
+    )
+    expected = sample(FullLogits(hidden @ weight.T), params, seen, seen_rows=seen_rows)
+    assert torch.equal(guarded_tokens(hidden, weight, seen, seen_rows, params), expected)
+
+
+def test_engine_with_graph_sampling_streams_the_same_tokens(model):
+    """The engine's graph-sampling path (eager on CPU) gives every stream the tokens of the usual path,
+    and a batch with an unguarded row falls back to sample() for that step."""
+    settings = [{"seed": 1}, {"seed": 2, "top_k": 5}, {"seed": 3, "temperature": 0.0},
+                {"seed": 4, "audio_guard": False, "max_new_tokens": 10}]
+    runs = []
+    for graph_sampling in (False, True):
+        engine = make_engine(model, bucketed=True, graph_sampling=graph_sampling)
+        assert (engine.sampler is not None) == graph_sampling
+        outs = [Collector() for _ in settings]
+        for prompt, out, extra in zip(PROMPTS, outs, settings, strict=False):
+            engine.submit(request(prompt, out, **extra))
+        engine.run_until_idle()
+        runs.append([out.tokens for out in outs])
+    assert runs[0] == runs[1] and all(len(tokens) >= 2 for tokens in runs[0])

@@ -10,6 +10,7 @@ on the real device, with small random models:
 * the bucketed bf16 decode step against the fp32 CPU forward on the same weights;
 * an engine run: streams to completion, every token in its frame slot;
 * sampling: the same tokens on the device as on the CPU for the same logits;
+* graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched;
 * one stream through tritonserver, both torch models on the device (the demo model set): its first
   audio, or the error with the server log's last lines.
@@ -39,7 +40,7 @@ from orpheus_triton.demo_models import write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, Window, audio_token_id, token_slot
 from orpheus_triton.llama import load_llama, varlen_decode_works
-from orpheus_triton.sampling import SamplingBatch, sample
+from orpheus_triton.sampling import GuardedSampler, LmHead, SamplingBatch, sample
 
 SHAPES = {
     "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -148,6 +149,31 @@ def check_sampling(device: torch.device) -> dict:
     return {"ok": agree >= 0.99, "same_token_share": round(agree, 4)}
 
 
+def check_graph_sampling(device: torch.device, model) -> dict:
+    """The engine's optional graph-sampling path (sampling.GuardedSampler, a CUDA graph per batch bucket on a
+    GPU) against sample() on the same hidden states and settings: the same tokens, up to near-ties that the
+    head's two ways of multiplying (all code blocks at once, or a block per slot) may round apart."""
+    gen = torch.Generator().manual_seed(2)
+    batch, weight = 48, model.lm_head.weight
+    hidden = (torch.randn(batch, weight.shape[1], generator=gen) * 2).to(device=device, dtype=weight.dtype)
+    seen = (torch.rand(batch + 1, weight.shape[0], generator=gen) < 0.01).to(device)
+    host = {"temperature": [0.6 + (i % 5) * 0.2 for i in range(batch)], "top_p": [0.8] * batch,
+            "repetition_penalty": [1.1] * batch, "top_k": [(i % 3) * 20 for i in range(batch)],
+            "seed": [i * 7919 for i in range(batch)], "step": [i % 50 for i in range(batch)],
+            "audio_position": [i % 23 for i in range(batch)], "rows": list(range(1, batch + 1))}
+    reals = torch.tensor([host["temperature"], host["top_p"], host["repetition_penalty"]], device=device)
+    whole = torch.tensor([host["top_k"], host["seed"], host["step"], [1] * batch, host["audio_position"],
+                          host["rows"]], device=device)
+    sampler = GuardedSampler(weight, seen, buckets=[8, 64], use_graphs=device.type == "cuda")
+    graphed = [sampler(hidden, reals, whole).cpu() for _ in range(2)]  # the second call replays the graph
+    params = SamplingBatch(temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0],
+                           seed=whole[1], step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4])
+    expected = sample(LmHead(hidden, weight), params, seen, seen_rows=whole[5]).cpu()
+    agree = (graphed[1] == expected).float().mean().item()
+    return {"ok": agree >= 0.95 and torch.equal(graphed[0], graphed[1]), "same_token_share": round(agree, 4),
+            "graphs": len(sampler.graphs)}
+
+
 def check_snac(device: torch.device, round_windows: int) -> dict:
     try:
         from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
@@ -234,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_vs_cpu": lambda: check_against_cpu(device, checkpoint),
             "engine_run": lambda: check_engine_run(device, model),
             "sampling": lambda: check_sampling(device),
+            "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),
             "served_stream": lambda: check_served_stream(device),
         }

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", default="1,128", help="numbers of decoding streams to profile")
     parser.add_argument("--steps", type=int, default=10, help="profiled steps per number of streams")
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
+    parser.add_argument("--graph-sampling", action="store_true", help="the engine's graph-sampling option")
     parser.add_argument("--out", default="perf/results/gpu-profile")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -83,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     def make_engine():
-        return InflightEngine(model, max_streams=max(counts), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64)
+        return InflightEngine(model, max_streams=max(counts), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,
+                              graph_sampling=args.graph_sampling)
 
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-               "torch": torch.__version__, "shape": args.shape, "profiles": {}}
-    lines = [f"# Decode step profile, {args.shape} shape, on {results['device']} (torch {results['torch']})", ""]
+               "torch": torch.__version__, "shape": args.shape, "graph_sampling": args.graph_sampling,
+               "profiles": {}}
+    lines = [f"# Decode step profile, {args.shape} shape, on {results['device']} (torch {results['torch']}), "
+             f"graph sampling {'on' if args.graph_sampling else 'off'}", ""]
     for n in counts:
         engine = decoding_engine(make_engine, n, SWEEP_CONTEXT)
         for _ in range(3):

@@ -37,7 +37,7 @@ from .constants import (
     TOKENS_PER_FRAME,
 )
 from .llama import BucketedDecoder, Llama
-from .sampling import HostRows, LmHead, SamplingBatch, host_to_device, sample
+from .sampling import GuardedSampler, HostRows, LmHead, SamplingBatch, host_to_device, sample
 from .threads import start_torch_thread
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class InflightEngine:
         prefill_chunk: int = 256,
         cuda_graphs: bool | None = None,
         bucketed: bool | None = None,
+        graph_sampling: bool = False,
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
@@ -119,6 +120,12 @@ class InflightEngine:
         vocab = model.config.vocab_size
         # Tokens each slot has seen (prompt + output), for the repetition penalty.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
+        # graph_sampling: batches whose rows are all guarded sample at the decoder's bucketed shapes,
+        # from one CUDA graph each (sampling.GuardedSampler) instead of a couple of hundred launches.
+        # Off by default until measured on a GPU (perf/engine_bench.py --graph-sampling).
+        self.sampler = (GuardedSampler(model.lm_head.weight, self.seen, self.decoder.batch_buckets,
+                                       self.decoder.use_graphs)
+                        if graph_sampling and self.decoder is not None else None)
         self.decoding: list[_Stream] = []  # stream i lives in slot i
         self.prefilling: _Stream | None = None
         self.queue: collections.deque[_Stream] = collections.deque()
@@ -162,7 +169,8 @@ class InflightEngine:
     def capture_graphs(self) -> int:
         """Capture the decode step's CUDA graphs for every shape now (GPU; 0 elsewhere), so no
         stream waits for a capture while serving. Returns how many were captured."""
-        return self.decoder.capture_all() if self.decoder is not None else 0
+        graphs = self.decoder.capture_all() if self.decoder is not None else 0
+        return graphs + (self.sampler.capture_all() if self.sampler is not None else 0)
 
     def stop(self) -> None:
         self._stopping = True
@@ -362,7 +370,11 @@ class InflightEngine:
             step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4],
         )
         slot_index = whole[5]
-        tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index, host=host)
+        if self.sampler is not None and all(host.guarded):
+            tokens = self.sampler(hidden, reals, whole)
+        else:
+            tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index,
+                            host=host)
         self.seen[slot_index, tokens] = True
         finished = []
         for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):

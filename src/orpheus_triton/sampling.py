@@ -246,3 +246,94 @@ def _choose_sorted(scores: torch.Tensor, candidates: torch.Tensor, noise: torch.
     kept = scores.masked_fill(scores < lowest_kept, float("-inf"))
     pick = (kept + noise).argmax(dim=1, keepdim=True)
     return candidates.gather(1, pick).squeeze(1)
+
+
+def guarded_tokens(hidden: torch.Tensor, weight: torch.Tensor, seen: torch.Tensor, seen_rows: torch.Tensor,
+                   params: SamplingBatch) -> torch.Tensor:
+    """``sample`` for a batch whose rows are all guarded, at shapes fixed by the batch alone.
+
+    No host value decides a shape or a branch and nothing is read back, so the whole of it can be
+    captured in a CUDA graph (``GuardedSampler``) and replayed as one launch instead of a couple of
+    hundred. The head multiplies every row with all seven code blocks (28,672 rows of ``weight``)
+    and gathers its own slot's block, where ``LmHead.guarded`` groups rows by slot; every row takes
+    the sorted path, which picks what ``_choose`` picks (its unsorted test is a shortcut to the same
+    token). ``hidden`` [B, H], ``weight`` the output matrix [V, H], ``seen`` [slots, V] bool.
+    """
+    slots = params.audio_position % TOKENS_PER_FRAME
+    candidates = guard_candidates(slots)
+    codes = hidden @ weight[AUDIO_TOKEN_BASE : AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE].T
+    columns = slots[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=hidden.device)
+    scores = torch.cat((codes.gather(1, columns), (hidden @ weight[END_OF_SPEECH])[:, None]), dim=1).float()
+    scores = _penalise(scores, seen[seen_rows[:, None], candidates], params.repetition_penalty)
+    scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))  # end-of-speech only after a frame
+    greedy = params.temperature <= 0
+    scores = scores / torch.where(greedy, 1.0, params.temperature)[:, None]
+    noise = gumbel_noise(params.seed, params.step, candidates)
+    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+    p = {"top_k": params.top_k, "top_p": params.top_p}
+    return _choose_sorted(scores, candidates, noise, p)
+
+
+class GuardedSampler:
+    """``guarded_tokens`` for the engine's steps: inputs in fixed buffers, one CUDA graph per batch bucket.
+
+    The settings arrive in the engine's two packed tensors: ``reals`` [3, B] (temperature, top_p,
+    repetition_penalty) and ``whole`` [6, B] (top_k, seed, step, guard flag, audio position, the
+    row's slot in ``seen``). Rows past the batch keep whatever valid settings they last had; their
+    tokens are not read. Where graphs are off (a CPU) the same buffers run eagerly.
+    """
+
+    def __init__(self, weight: torch.Tensor, seen: torch.Tensor, buckets: list[int], use_graphs: bool):
+        device = weight.device
+        rows = max(buckets)
+        self.weight, self.seen, self.buckets = weight, seen, sorted(buckets)
+        # A memory pool of its own: the decoder's graphs, replayed in any order, never write into it.
+        self.use_graphs, self.pool = use_graphs, torch.cuda.graph_pool_handle() if use_graphs else None
+        self.hidden = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device)
+        self.reals = torch.ones(3, rows, device=device)
+        self.whole = torch.zeros(6, rows, dtype=torch.int64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, hidden: torch.Tensor, reals: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+        batch = hidden.shape[0]
+        rows = next(b for b in self.buckets if b >= batch)
+        self.hidden[:batch].copy_(hidden)
+        self.reals[:, :batch].copy_(reals)
+        self.whole[:, :batch].copy_(whole)
+        if not self.use_graphs:
+            return self._tokens(rows)[:batch]
+        graph, tokens = self.graphs.get(rows) or self._capture(rows)
+        graph.replay()
+        return tokens[:batch]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every bucket's graph now (a server's startup); returns how many were captured."""
+        if not self.use_graphs:
+            return 0
+        missing = [rows for rows in self.buckets if rows not in self.graphs]
+        for rows in missing:
+            self._capture(rows)
+        return len(missing)
+
+    def _tokens(self, rows: int) -> torch.Tensor:
+        reals, whole = self.reals[:, :rows], self.whole[:, :rows]
+        params = SamplingBatch(temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0],
+                               seed=whole[1], step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4])
+        return guarded_tokens(self.hidden[:rows], self.weight, self.seen, whole[5], params)
+
+    def _capture(self, rows: int):
+        # As BucketedDecoder._capture: warm up on a side stream, then capture this thread's work only.
+        device = self.hidden.device
+        with torch.cuda.device(device):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._tokens(rows)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                tokens = self._tokens(rows)
+        self.graphs[rows] = (graph, tokens)
+        return graph, tokens
