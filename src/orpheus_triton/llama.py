@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from .cuda_graphs import capture
+
 log = logging.getLogger(__name__)
 
 
@@ -446,19 +448,6 @@ class BucketedDecoder:
     def _capture(self, rows: int, context: int):
         # Warm-up runs compute exactly this step (the buffers hold its inputs), so
         # the cache entries they write are the ones the replay writes again.
-        # On the model's device whichever thread captures (a thread's current device is
-        # cuda:0 until it sets one). thread_local: work that other threads of the process
-        # put on the GPU meanwhile (a SNAC decoder) does not invalidate the capture.
-        device = self.tokens.device
-        with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward(rows, context)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                out = self._forward(rows, context)
+        graph, out = capture(lambda: self._forward(rows, context), self.tokens.device, self.pool)
         self.graphs[(rows, context)] = (graph, out)
         return graph, out

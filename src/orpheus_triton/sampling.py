@@ -17,6 +17,7 @@ import torch
 
 from .constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
 from .counter_noise import hash32, row_keys, uniform
+from .cuda_graphs import capture
 
 
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -323,17 +324,5 @@ class GuardedSampler:
         return guarded_tokens(self.hidden[:rows], self.weight, self.seen, whole[5], params)
 
     def _capture(self, rows: int):
-        # As BucketedDecoder._capture: warm up on a side stream, then capture this thread's work only.
-        device = self.hidden.device
-        with torch.cuda.device(device):
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._tokens(rows)
-            torch.cuda.current_stream(device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                tokens = self._tokens(rows)
-        self.graphs[rows] = (graph, tokens)
-        return graph, tokens
+        self.graphs[rows] = capture(lambda: self._tokens(rows), self.hidden.device, self.pool)
+        return self.graphs[rows]
