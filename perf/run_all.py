@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--max-streams", type=int, default=16, help="engine slots (>= the largest concurrency)")
     parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--graph-sampling", action="store_true",
+                        help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_set": description,
         "tritonserver": tritonserver_source(),
         "source": source_state(),
-        "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device},
+        "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
+                            "graph_sampling": args.graph_sampling},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
         "comparisons": {},
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,
     )
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
-                      max_seq_len=args.max_seq_len) as server:
+                      max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

@@ -68,6 +68,7 @@ def _render(args, model_set: ModelSet) -> Path:
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
+        llm_graph_sampling=args.graph_sampling,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
     root = cache_dir() / "repositories"
@@ -246,6 +247,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-exact", action="store_true",
                         help="decode whole SNAC windows row by row: audio sample-identical to upstream Orpheus, "
                              "alone or batched, at 2.5-5x the decoder's CPU time (default: within one int16 step)")
+    parser.add_argument("--graph-sampling", action="store_true",
+                        help="GPU: sample batches whose rows are all guarded from one CUDA graph per batch bucket "
+                             "(fewer launches per step; off by default until measured)")
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
                             help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "

@@ -59,6 +59,9 @@ class RepositorySettings:
     decoder_cpu_threads: str = "auto"
     # The llm adapter's response thread (serving.ResponseQueue): auto = on GPU only, true, false.
     llm_response_thread: str = "auto"
+    # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
+    # GPU only, off until measured there).
+    llm_graph_sampling: bool = False
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.
