@@ -16,6 +16,7 @@ class MetricSet:
         self.kinds = pb_utils.MetricFamily
         self.model = model
         self.families = []
+        self.metric_types: set[type] = set()
 
     def gauge(self, name: str, text: str):
         return self._metric(name, text, self.kinds.GAUGE)
@@ -26,7 +27,24 @@ class MetricSet:
     def _metric(self, name: str, text: str, kind):
         family = self.kinds(name=name, description=text, kind=kind)
         self.families.append(family)
-        return family.Metric(labels={"model": self.model})
+        metric = family.Metric(labels={"model": self.model})
+        self.metric_types.add(type(metric))
+        return metric
+
+
+def release(owner) -> None:
+    """Let go of ``owner``'s metrics (its attributes), then of their families, while the stub still runs.
+
+    Left to the interpreter's teardown, a family is destroyed after the stub's shared memory is
+    gone and the stub crashes on its way out (a segfault in ``Metric::SaveToSharedMemory`` under
+    ``~MetricFamily``, seen with tritonserver 2.51). Call it from the model's ``finalize()``, once
+    nothing updates the metrics any more; ``owner.metrics`` is its MetricSet.
+    """
+    metric_set: MetricSet = owner.metrics
+    kinds = tuple(metric_set.metric_types)
+    for name in [name for name, value in vars(owner).items() if kinds and isinstance(value, kinds)]:
+        delattr(owner, name)  # (no loop variable may keep the last one alive past the families)
+    metric_set.families.clear()
 
 
 class DecoderMetrics:

@@ -12,7 +12,7 @@ import torch
 from .constants import LLM_MODEL
 from .engine import InflightEngine
 from .llama import load_llama
-from .metrics import MetricSet
+from .metrics import MetricSet, release
 from .repository import parse_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -106,5 +106,8 @@ class EngineMetrics:
             self.cancelled.increment(cancelled)
 
     def stop(self) -> None:
+        """Stop updating, then release the metrics (metrics.release: before the interpreter's teardown)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            release(self)

@@ -15,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.metrics import DecoderMetrics
+from orpheus_triton.metrics import DecoderMetrics, release
 from orpheus_triton.serving import (
     DecodeItem,
     DecodeScheduler,
@@ -69,6 +69,8 @@ class TritonPythonModel:
     def finalize(self):
         self.scheduler.close()
         self.worker.join(timeout=30)
+        if not self.worker.is_alive():
+            release(self.metrics)  # not at the interpreter's teardown, where the stub would crash
 
     def _decode_rounds(self):
         while (work := self.scheduler.next_round()) is not None:
