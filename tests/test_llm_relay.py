@@ -249,3 +249,5 @@ def test_held_references_let_go_only_after_their_time():
     held.keep([])
     gc.collect()
     assert alive() is None and len(held) == 2  # the first let go; the second and the empty one held
+    held.clear()
+    assert len(held) == 0

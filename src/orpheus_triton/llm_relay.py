@@ -93,6 +93,13 @@ class HeldReferences:
                 released.append(self._held.popleft())
         del released  # dropped here, outside the lock, by a Python thread
 
+    def clear(self) -> None:
+        """Let everything go now: from the model's finalize(), while the stub can still free it (at the
+        interpreter's teardown it would crash)."""
+        with self._lock:
+            released, self._held = self._held, collections.deque()
+        del released
+
     def __len__(self) -> int:
         return len(self._held)
 

@@ -60,3 +60,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.streams.close()
+        self.held.clear()
