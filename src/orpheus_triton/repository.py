@@ -50,7 +50,8 @@ class RepositorySettings:
     preprocessing_instances: int = 2
     # Requests per decoder call from Triton, and windows per SNAC call (serving.DecodeScheduler). A round
     # takes one window per stream: 216 streams fit one round of 256 instead of four rounds of 64 per
-    # 85 ms frame, and a GPU's time per call grows far slower than its windows (not yet measured there).
+    # 85 ms frame, and a GPU's time per call grows far slower than its windows (an H200 decoded a round of
+    # 256 windows in 35 ms: perf/results/2026-11-26_h200).
     decoder_max_batch_size: int = 256
     decoder_queue_delay_us: int = 2000
     # Intra-op threads of the LLM and decoder processes: "auto" = on CPU half the cores each, so the two
