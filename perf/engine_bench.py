@@ -4,6 +4,8 @@
     python perf/engine_bench.py                       # CPU, small model
     python perf/engine_bench.py --shape demo          # CPU, the demo model set's tiny LLM
     python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
+    python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --graph-sampling   # a model set's
+                                                      # checkpoint; the engine's graph-sampling option
 
 Measures, in process (no Triton):
 1. aggregate tokens/s of N concurrent streams vs one stream (in-flight batching gain);
