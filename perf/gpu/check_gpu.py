@@ -166,8 +166,7 @@ def check_graph_sampling(device: torch.device, model) -> dict:
                           host["rows"]], device=device)
     sampler = GuardedSampler(weight, seen, buckets=[8, 64], use_graphs=device.type == "cuda")
     graphed = [sampler(hidden, reals, whole).cpu() for _ in range(2)]  # the second call replays the graph
-    params = SamplingBatch(temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0],
-                           seed=whole[1], step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4])
+    params = SamplingBatch.from_packed(reals, whole)
     expected = sample(LmHead(hidden, weight), params, seen, seen_rows=whole[5]).cpu()
     agree = (graphed[1] == expected).float().mean().item()
     return {"ok": agree >= 0.95 and torch.equal(graphed[0], graphed[1]), "same_token_share": round(agree, 4),

@@ -365,16 +365,12 @@ class InflightEngine:
             [s.audio_tokens for s in streams],
             slots,
         ], dtype=torch.int64), self.device)
-        params = SamplingBatch(
-            temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0], seed=whole[1],
-            step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4],
-        )
         slot_index = whole[5]
         if self.sampler is not None and all(host.guarded):
             tokens = self.sampler(hidden, reals, whole)
         else:
-            tokens = sample(LmHead(hidden, self.model.lm_head.weight), params, self.seen, seen_rows=slot_index,
-                            host=host)
+            tokens = sample(LmHead(hidden, self.model.lm_head.weight), SamplingBatch.from_packed(reals, whole),
+                            self.seen, seen_rows=slot_index, host=host)
         self.seen[slot_index, tokens] = True
         finished = []
         for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):

@@ -39,6 +39,14 @@ class SamplingBatch:
     audio_guard: torch.Tensor  # bool
     audio_position: torch.Tensor  # audio tokens generated so far (frame slot = position % 7)
 
+    @classmethod
+    def from_packed(cls, reals: torch.Tensor, whole: torch.Tensor) -> SamplingBatch:
+        """The settings from the engine's two packed tensors (one host-to-device copy per dtype):
+        ``reals`` [3, B] temperature, top_p, repetition_penalty; ``whole`` [>= 5, B] top_k, seed
+        (int64), step, guard flag, audio position (the engine adds each row's slot in its ``seen`` table)."""
+        return cls(temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0],
+                   seed=whole[1], step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4])
+
 
 @dataclass(frozen=True)
 class HostRows:
@@ -159,15 +167,30 @@ def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Ten
         if guarded:
             slots = sub["audio_position"] % TOKENS_PER_FRAME
             candidates = guard_candidates(slots)
-            scores = _penalise(head.guarded(rows, slots, [host.slots[row] for row in members]),
-                               seen[table_rows[:, None], candidates], sub["repetition_penalty"])
-            # End-of-speech only where a frame is complete.
-            scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))
+            scores = _guarded_scores(head.guarded(rows, slots, [host.slots[row] for row in members]), slots,
+                                     candidates, seen, table_rows, sub["repetition_penalty"])
         else:
             scores = _penalise(head.full(rows), seen[table_rows], sub["repetition_penalty"])
             scores, candidates = scores.topk(min(scores.shape[1], UNGUARDED_CANDIDATES), dim=1)
         next_tokens[rows] = _choose(scores, candidates, sub, max_top_k)
     return next_tokens
+
+
+def _guarded_scores(scores: torch.Tensor, slots: torch.Tensor, candidates: torch.Tensor, seen: torch.Tensor,
+                    table_rows: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Guarded rows' candidate logits [B, 4097], penalised, with end-of-speech only where a frame is complete."""
+    scores = _penalise(scores, seen[table_rows[:, None], candidates], penalty)
+    scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))
+    return scores
+
+
+def _tempered(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]):
+    """(scores divided by temperature, the rows' Gumbel noise, greedy rows): greedy rows (temperature
+    <= 0) keep their scores and draw no noise, so their pick is the argmax."""
+    greedy = p["temperature"] <= 0
+    scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
+    noise = gumbel_noise(p["seed"], p["step"], candidates)
+    return scores, torch.where(greedy[:, None], torch.zeros_like(noise), noise), greedy
 
 
 def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor],
@@ -187,10 +210,7 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
         max_top_k = int(p["top_k"].max())
     if sort_all is None:
         sort_all = scores.device.type == "cuda"
-    greedy = p["temperature"] <= 0
-    scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
-    noise = gumbel_noise(p["seed"], p["step"], candidates)
-    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
+    scores, noise, greedy = _tempered(scores, candidates, p)
     pick = (scores + noise).argmax(dim=1, keepdim=True)
     picked = scores.gather(1, pick)
     higher = scores > picked
@@ -265,13 +285,9 @@ def guarded_tokens(hidden: torch.Tensor, weight: torch.Tensor, seen: torch.Tenso
     codes = hidden @ weight[AUDIO_TOKEN_BASE : AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE].T
     columns = slots[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=hidden.device)
     scores = torch.cat((codes.gather(1, columns), (hidden @ weight[END_OF_SPEECH])[:, None]), dim=1).float()
-    scores = _penalise(scores, seen[seen_rows[:, None], candidates], params.repetition_penalty)
-    scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))  # end-of-speech only after a frame
-    greedy = params.temperature <= 0
-    scores = scores / torch.where(greedy, 1.0, params.temperature)[:, None]
-    noise = gumbel_noise(params.seed, params.step, candidates)
-    noise = torch.where(greedy[:, None], torch.zeros_like(noise), noise)
-    p = {"top_k": params.top_k, "top_p": params.top_p}
+    scores = _guarded_scores(scores, slots, candidates, seen, seen_rows, params.repetition_penalty)
+    p = {name: getattr(params, name) for name in ("temperature", "top_p", "top_k", "seed", "step")}
+    scores, noise, _ = _tempered(scores, candidates, p)
     return _choose_sorted(scores, candidates, noise, p)
 
 
@@ -318,9 +334,8 @@ class GuardedSampler:
         return len(missing)
 
     def _tokens(self, rows: int) -> torch.Tensor:
-        reals, whole = self.reals[:, :rows], self.whole[:, :rows]
-        params = SamplingBatch(temperature=reals[0], top_p=reals[1], repetition_penalty=reals[2], top_k=whole[0],
-                               seed=whole[1], step=whole[2], audio_guard=whole[3].bool(), audio_position=whole[4])
+        whole = self.whole[:, :rows]
+        params = SamplingBatch.from_packed(self.reals[:, :rows], whole)
         return guarded_tokens(self.hidden[:rows], self.weight, self.seen, whole[5], params)
 
     def _capture(self, rows: int):

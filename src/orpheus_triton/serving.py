@@ -195,6 +195,12 @@ def generation_settings(get: GetInput) -> dict:
 STALE_SWEEP_SECONDS = 1.0
 
 
+def llm_stream_options(params: dict[str, str]) -> dict:
+    """The llm adapters' (torch engine's and relay's) stream options from their model parameters."""
+    return {"tokens_per_response": int(params.get("tokens_per_response", TOKENS_PER_FRAME)),
+            "hold_seconds": stream_idle_seconds(params)}
+
+
 def stream_idle_seconds(params: dict[str, str]) -> float:
     """A model's ``stream_idle_seconds`` parameter (the llm's id hold and the decoder's idle eviction)."""
     return float(params.get("stream_idle_seconds", STREAM_STATE_SECONDS))

@@ -7,15 +7,14 @@ one with the FINAL flag, sent in order (on a thread of their own on GPU).
 
 import triton_python_backend_utils as pb_utils
 
-from orpheus_triton import constants as c
 from orpheus_triton.llm_streams import LlmStreams
 from orpheus_triton.serving import (
     generation_settings,
     llm_responders,
+    llm_stream_options,
     model_parameters,
     response_thread,
     serve_llm_requests,
-    stream_idle_seconds,
 )
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
@@ -28,8 +27,7 @@ class TritonPythonModel:
         self.engine = build_engine(params)
         self.streams = LlmStreams(
             self.engine, respond, refuse, threaded=response_thread(params, self.engine.device.type),
-            tokens_per_response=int(params.get("tokens_per_response", c.TOKENS_PER_FRAME)),
-            hold_seconds=stream_idle_seconds(params),
+            **llm_stream_options(params),
         )
         self.metrics = EngineMetrics(pb_utils, self.engine, self.streams.active)
         self.engine.start()

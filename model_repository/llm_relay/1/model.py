@@ -10,10 +10,10 @@ from orpheus_triton import constants as c
 from orpheus_triton.llm_relay import EngineInputs, EngineResponse, HeldReferences, RelayStreams
 from orpheus_triton.serving import (
     llm_responders,
+    llm_stream_options,
     model_parameters,
     serve_llm_requests,
     stop_request_inputs,
-    stream_idle_seconds,
 )
 
 respond, refuse = llm_responders(pb_utils)
@@ -28,8 +28,7 @@ class TritonPythonModel:
             self.call, self.stop_engine, respond, refuse,
             engine_inputs=EngineInputs(seed=params.get("engine_seed_input", c.LLM_SEED),
                                        audio_guard=params.get("engine_audio_guard", "true") == "true"),
-            tokens_per_response=int(params.get("tokens_per_response", c.TOKENS_PER_FRAME)),
-            hold_seconds=stream_idle_seconds(params),
+            **llm_stream_options(params),
         )
 
     def call(self, request_id, inputs):
