@@ -47,6 +47,7 @@ from orpheus_triton.demo_models import (
     write_tokenizer,
 )
 from orpheus_triton.loadgen import SweepSettings, Utterance, grpc_stream, realtime_capacity, sweep, workload
+from orpheus_triton.server import log_tail
 
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
 
@@ -235,10 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation
         if first.error:  # every level would fail the same way: say why now, not after the whole sweep
-            server_log = [line for line in (folder / "raw" / "server.log").read_text(errors="replace").splitlines()
-                          if line.strip() and line[0] not in "|+"]  # not the model and option tables
-            raise SystemExit("the first stream failed, so the benchmark stops: " + first.error +
-                             "\nlast lines of the server log:\n" + "\n".join(server_log[-25:]))
+            tail = "\n".join(log_tail(folder / "raw" / "server.log", 25))
+            raise SystemExit(f"the first stream failed, so the benchmark stops: {first.error}\n"
+                             f"last lines of the server log:\n{tail}")
         if not args.skip_comparisons:
             log("(a) TTFA at concurrency 1: served vs in-process, interleaved ...")
             pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8,

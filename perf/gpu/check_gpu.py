@@ -211,7 +211,7 @@ def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
     from orpheus_triton.client import OrpheusClient  # noqa: PLC0415 (tritonclient: only this check)
     from orpheus_triton.demo_models import demo_model_set  # noqa: PLC0415
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
-    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
+    from orpheus_triton.server import Ports, log_tail, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     models = demo_model_set(log=lambda message: None)
     ports = Ports.free()
@@ -230,9 +230,8 @@ def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
                         "first_audio_ms": round(1000 * (result.time_to_first_audio or 0.0), 1),
                         "audio_seconds": round(len(result.audio) / SAMPLE_RATE, 3), "chunks": len(result.chunks)}
             except Exception as error:  # noqa: BLE001 (the point: say why, with the server's side of it)
-                lines = [line for line in log_path.read_text(errors="replace").splitlines()
-                         if line.strip() and line[0] not in "|+"]
-                return {"ok": False, "error": f"{type(error).__name__}: {error}"[:1000], "server_log": lines[-30:]}
+                return {"ok": False, "error": f"{type(error).__name__}: {error}"[:1000],
+                        "server_log": log_tail(log_path, 30)}
             finally:
                 stop_server(process)
 

@@ -136,6 +136,13 @@ def server_command(repository: Path, ports: Ports, extra: list[str] | None = Non
     return command + list(extra or [])
 
 
+def log_tail(path: Path, lines: int) -> list[str]:
+    """The last ``lines`` lines of a tritonserver log worth reading when something failed: without blank
+    lines and the start-up tables of models and options."""
+    text = Path(path).read_text(errors="replace")
+    return [line for line in text.splitlines() if line.strip() and line[0] not in "|+"][-lines:]
+
+
 def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
     """Start tritonserver in the background, in its own process group (its backend stubs join it), so
     ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher."""
