@@ -158,3 +158,45 @@ def test_snake_matches_upstream_bit_for_bit():
         upstream.alpha.copy_(torch.rand(1, 16, 1, generator=torch.Generator().manual_seed(0)) + 0.3)
         x = torch.randn(3, 16, 50, generator=torch.Generator().manual_seed(1)) * 3
         assert torch.equal(Snake(upstream)(x), upstream(x))
+
+
+def test_round_sizes_are_powers_of_two_up_to_the_largest_round():
+    from orpheus_triton.snac_codec import round_sizes
+
+    assert round_sizes(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert round_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert round_sizes(1) == (1,)
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        round_sizes(0)
+
+
+def test_padded_calls_return_each_real_window_as_decoded_unpadded(model_set, monkeypatch):
+    """The GPU decoder's padding (run here with its counter noise): only real rows come back, and
+    each is what an unpadded call gives it; warm_up decodes every call size once."""
+    from orpheus_triton import snac_codec
+    from orpheus_triton.snac_codec import DECODE_SPAN, NOISE_COUNTER, WindowDecoder, warm_up
+
+    model = load_snac(model_set.snac)
+    plain = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER)
+    padded = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER, sizes=(1, 2, 4, 8))
+    assert [padded.rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+    windows = [w for seed in range(30, 33) for w in StreamFramer().push(token_stream(seed, frames=5))]
+    assert len(windows) == 6  # 2 windows from each of 3 streams: padded to 8 rows
+    expected = plain.decode(windows)
+    got = padded.decode(windows)
+    assert len(got) == len(windows)
+    for one, other in zip(expected, got, strict=True):
+        assert one.shape == (SAMPLES_PER_FRAME,)
+        assert np.abs(one.astype(np.int32) - other).max() <= 1  # batch-independent noise, GEMM rounding
+
+    calls, decode_kept = [], snac_codec.WindowDecoder._decode_kept
+    monkeypatch.setattr(snac_codec.WindowDecoder, "_decode_kept", lambda self, latent: calls.append(
+        latent.shape[0]) or decode_kept(self, latent))
+    warm_up(padded)
+    assert calls == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="sizes must be >= 1"):
+        WindowDecoder(model, DECODE_SPAN, sizes=(0, 4))
+
+
+def test_a_cpu_decoder_decodes_exactly_its_windows(serving_decoder):
+    assert serving_decoder.sizes == () and serving_decoder.rows_for(7) == 7

@@ -35,6 +35,8 @@ FRAMES_PER_WINDOW = 4  # the streaming decoder decodes 4 frames at a time ...
 WINDOW_TOKENS = FRAMES_PER_WINDOW * TOKENS_PER_FRAME  # ... i.e. 28 tokens
 WINDOW_KEEP_START = 2048  # ... and keeps the second frame's samples,
 WINDOW_KEEP_END = 4096  # where context on both sides hides window seams.
+# Windows per SNAC decoder call at most: a round takes one window per stream, so 216 streams fit one.
+MAX_ROUND_WINDOWS = 256
 REAL_TIME_TOKENS_PER_SECOND = TOKENS_PER_FRAME * SAMPLE_RATE / SAMPLES_PER_FRAME  # ~82
 
 # --- Voices and sampling defaults ---------------------------------------------------

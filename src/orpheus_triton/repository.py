@@ -18,6 +18,7 @@ from .constants import (
     ENSEMBLE_MODEL,
     LLM_MODEL,
     LLM_SEED,
+    MAX_ROUND_WINDOWS,
     PREPROCESSING_MODEL,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
@@ -52,7 +53,7 @@ class RepositorySettings:
     # takes one window per stream: 216 streams fit one round of 256 instead of four rounds of 64 per
     # 85 ms frame, and a GPU's time per call grows far slower than its windows (an H200 decoded a round of
     # 256 windows in 35 ms: perf/results/2026-11-26_h200).
-    decoder_max_batch_size: int = 256
+    decoder_max_batch_size: int = MAX_ROUND_WINDOWS
     decoder_queue_delay_us: int = 2000
     # Intra-op threads of the LLM and decoder processes: "auto" = on CPU half the cores each, so the two
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.

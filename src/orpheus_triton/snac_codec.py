@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import counter_noise
-from .constants import WINDOW_KEEP_END, WINDOW_KEEP_START, WINDOW_TOKENS
+from .constants import MAX_ROUND_WINDOWS, WINDOW_KEEP_END, WINDOW_KEEP_START, WINDOW_TOKENS
 from .frames import Window, split_codebooks
 from .snac_span import Span, SpanDecoder
 
@@ -56,6 +56,8 @@ DECODE_MODES = (DECODE_SPAN, DECODE_FULL)
 NOISE_GENERATORS = "generators"  # a CPU generator per window: upstream's numbers (default on CPU)
 NOISE_COUNTER = "counter"  # counter-based, on the model's device, the whole batch at once (default on GPU)
 NOISE_SOURCES = (NOISE_GENERATORS, NOISE_COUNTER)
+
+PADDING_WINDOW = Window(tuple([0] * WINDOW_TOKENS), 0)  # padding rows and warm-up calls
 
 SNAC_CONFIG = "config.json"
 SNAC_WEIGHTS = "pytorch_model.bin"
@@ -176,15 +178,43 @@ def _swap_modules(module: nn.Module, batch_invariant: bool) -> None:
             _swap_modules(child, batch_invariant)
 
 
-def load_window_decoder(path: str | Path, device: str | torch.device = "cpu", exact: bool = False) -> WindowDecoder:
-    """The serving decoder: fast by default, or sample-identical to upstream (see the module docstring)."""
-    return WindowDecoder(load_snac(path, device, batch_invariant=exact), DECODE_FULL if exact else DECODE_SPAN)
+def load_window_decoder(path: str | Path, device: str | torch.device = "cpu", exact: bool = False,
+                        max_windows: int = MAX_ROUND_WINDOWS) -> WindowDecoder:
+    """The serving decoder: fast by default, or sample-identical to upstream (see the module docstring).
+
+    On a GPU its calls are padded to a few sizes (``round_sizes`` up to ``max_windows``), which
+    ``warm_up`` decodes once each; on a CPU every call decodes exactly its windows.
+    """
+    model = load_snac(path, device, batch_invariant=exact)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    return WindowDecoder(model, DECODE_FULL if exact else DECODE_SPAN,
+                         sizes=round_sizes(max_windows) if on_gpu else ())
+
+
+def round_sizes(max_windows: int) -> tuple[int, ...]:
+    """The batch sizes a GPU decoder pads its calls to: powers of two up to ``max_windows``, and it.
+
+    On the GPU the first SNAC call of each new batch size stalled the whole decoder
+    for seconds (about 3 s on an H100: the served sweep of perf/results/2026-11-26_h100,
+    where every round of a size not seen before held up every stream), while a call's
+    time grows slowly with its rows (8 windows 16 ms, 256 windows 47 ms). Padding to
+    nine sizes, each decoded once at load, leaves no new size for a listener to wait on.
+    """
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    sizes = [1 << i for i in range(max_windows.bit_length()) if 1 << i < max_windows]
+    return (*sizes, max_windows)
 
 
 class WindowDecoder:
-    """Decodes any number of windows, from any streams, in one SNAC call."""
+    """Decodes any number of windows, from any streams, in one SNAC call.
 
-    def __init__(self, model: SNAC, mode: str = DECODE_SPAN, noise: str | None = None):
+    With ``sizes``, a call of n windows decodes the smallest size >= n rows, the rest
+    padding windows whose audio is dropped (the noise is per row, so padding
+    changes no real row's samples); calls beyond the largest size decode as they are.
+    """
+
+    def __init__(self, model: SNAC, mode: str = DECODE_SPAN, noise: str | None = None, sizes: Sequence[int] = ()):
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown SNAC decode mode {mode!r} (choose from {', '.join(DECODE_MODES)})")
         self.model = model
@@ -197,6 +227,13 @@ class WindowDecoder:
         for counter, block in enumerate(self.noise_blocks):
             block.counter = counter
         self._span_decoders: dict[int, SpanDecoder] = {}
+        if any(size < 1 for size in sizes):
+            raise ValueError(f"decoder call sizes must be >= 1, got {tuple(sizes)}")
+        self.sizes = tuple(sorted(set(sizes)))
+
+    def rows_for(self, windows: int) -> int:
+        """Rows a call of ``windows`` windows decodes (padded up to the next of ``sizes``)."""
+        return next((size for size in self.sizes if size >= windows), windows)
 
     def _decode_kept(self, latent: torch.Tensor) -> torch.Tensor:
         """Kept samples [B, 1, 2048] of each window's latent [B, C, T]."""
@@ -215,6 +252,8 @@ class WindowDecoder:
         """Return each window's kept samples (2048, int16), in order."""
         if not windows:
             return []
+        real = len(windows)
+        windows = [*windows, *[PADDING_WINDOW] * (self.rows_for(real) - real)]
         books = [split_codebooks(w.codes) for w in windows]
         codes = [torch.from_numpy(np.stack([b[i] for b in books])).to(self.device) for i in range(3)]
         if self.noise == NOISE_COUNTER:
@@ -229,7 +268,7 @@ class WindowDecoder:
         finally:
             for block in self.noise_blocks:
                 block.seeds = block.generators = None
-        kept = audio[:, 0].float().cpu().numpy()
+        kept = audio[:real, 0].float().cpu().numpy()
         return list(to_int16(kept))
 
 
@@ -239,5 +278,6 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 
 def warm_up(decoder: WindowDecoder) -> None:
-    """One throwaway decode, so the first listener does not pay for lazy initialisation."""
-    decoder.decode([Window(tuple([0] * WINDOW_TOKENS), 0)])
+    """Throwaway decodes, one of each call size, so no listener pays for lazy initialisation."""
+    for rows in decoder.sizes or (1,):
+        decoder.decode([PADDING_WINDOW] * rows)

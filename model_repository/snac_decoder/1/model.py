@@ -38,12 +38,13 @@ class TritonPythonModel:
         params = model_parameters(args)
         device = pick_device(params.get("device", "auto"))
         set_cpu_threads(params, device)
-        self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true")
+        max_windows = json.loads(args["model_config"])["max_batch_size"]
+        self.decoder = load_window_decoder(params["snac_dir"], device=device, exact=params.get("exact") == "true",
+                                           max_windows=max_windows)
         warm_up(self.decoder)
         idle = stream_idle_seconds(params)
         self.state = StreamDecoderState(idle_seconds=idle)
-        self.scheduler = DecodeScheduler(max_windows=json.loads(args["model_config"])["max_batch_size"],
-                                         idle_seconds=idle)
+        self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle)
         self.metrics = DecoderMetrics(pb_utils)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
