@@ -75,7 +75,7 @@ def source_state() -> dict:
 
     def git(*args):
         done = subprocess.run(["git", *args], cwd=PERF.parent, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout.rstrip() if done.returncode == 0 else ""  # porcelain lines begin with a space
 
     changed = git("status", "--porcelain", "--", "src", "model_repository")
     return {"commit": git("rev-parse", "--short", "HEAD") or None,

@@ -12,6 +12,8 @@ on the real device, with small random models:
 * sampling: the same tokens on the device as on the CPU for the same logits;
 * graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched;
+* new shapes: a prefill of a shape not seen before and a SNAC call of a size not seen before take
+  milliseconds on their first call, not the seconds of a kernel plan built per shape;
 * one stream through tritonserver, both torch models on the device (the demo model set): its first
   audio, or the error with the server log's last lines.
 
@@ -41,6 +43,7 @@ from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, Window, audio_token_id, token_slot
 from orpheus_triton.llama import load_llama, varlen_decode_works
 from orpheus_triton.sampling import GuardedSampler, LmHead, SamplingBatch, sample
+from orpheus_triton.timing import synced_seconds
 
 SHAPES = {
     "small": {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -205,6 +208,48 @@ def check_snac(device: torch.device, round_windows: int) -> dict:
             "round_windows": round_windows, "seconds_per_round": round(seconds, 4)}
 
 
+NEW_SHAPE_LIMIT_S = 0.5  # what a first call of a new shape may cost beyond a second call: not seconds
+
+
+def check_new_shapes(device: torch.device, model) -> dict:
+    """A prefill of a shape never seen before and a SNAC call of a size never seen before, each timed on
+    its first call and again: neither may take seconds (kernels that build a plan per shape did, on an
+    H100, and every served stream waited for them)."""
+
+    def twice(run) -> tuple[float, float]:
+        return synced_seconds(device, run), synced_seconds(device, run)
+
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512)  # its KV cache; prefill as a burst does
+    calls = {}
+    with torch.inference_mode():
+        for rows, width in ((3, 37), (5, 23), (2, 61), (6, 45)):
+            tokens = torch.randint(1000, 2000, (rows, width), device=device)
+            positions = torch.arange(width, device=device).expand(rows, width)
+            calls[f"prefill {rows}x{width}"] = twice(lambda tokens=tokens, positions=positions: engine.model(
+                tokens, positions, first_slot=0, last_only=False, hidden_only=True))
+    try:
+        from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
+        from orpheus_triton.snac_codec import load_window_decoder, warm_up  # noqa: PLC0415
+    except ImportError as error:
+        calls_skipped = f"SNAC: cannot import the decoder: {error}"
+    else:
+        calls_skipped = None
+        with tempfile.TemporaryDirectory() as tmp:
+            write_random_snac(Path(tmp))
+            decoder = load_window_decoder(Path(tmp), device=device)
+        warm_up(decoder)  # as the server's decoder does at load
+        rng = np.random.default_rng(3)
+        for size in (3, 6, 11, 20):
+            windows = [Window(tuple(rng.integers(1, CODEBOOK_SIZE, 28).tolist()), i) for i in range(size)]
+            calls[f"snac {size} windows"] = twice(lambda windows=windows: decoder.decode(windows))
+    worst = max(first - second for first, second in calls.values())
+    result = {"ok": worst < NEW_SHAPE_LIMIT_S, "worst_first_call_extra_ms": round(1000 * worst, 1),
+              "first_and_second_ms": {name: [round(1000 * t, 1) for t in pair] for name, pair in calls.items()}}
+    if calls_skipped:
+        result["skipped"] = calls_skipped
+    return result
+
+
 def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
     """The whole pipeline through tritonserver with both torch models on ``device``: one stream of
     the demo model set, its first audio and length, or the error with the server log's last lines."""
@@ -260,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "sampling": lambda: check_sampling(device),
             "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),
+            "new_shapes": lambda: check_new_shapes(device, model),
             "served_stream": lambda: check_served_stream(device),
         }
         for name, check in checks.items():

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,7 @@ from orpheus_triton.constants import CODEBOOK_SIZE, WINDOW_TOKENS
 from orpheus_triton.demo_models import write_random_snac
 from orpheus_triton.frames import Window
 from orpheus_triton.snac_codec import load_window_decoder, warm_up
-
-
-def timed(device: torch.device, work) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    work()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+from orpheus_triton.timing import synced_seconds
 
 
 def first_and_second_calls(decoder, device: torch.device, sizes: list[int]) -> list[dict]:
@@ -45,8 +35,8 @@ def first_and_second_calls(decoder, device: torch.device, sizes: list[int]) -> l
     rows = []
     for size in sizes:
         windows = [Window(tuple(rng.integers(1, CODEBOOK_SIZE, WINDOW_TOKENS).tolist()), i) for i in range(size)]
-        first = timed(device, lambda windows=windows: decoder.decode(windows))
-        second = timed(device, lambda windows=windows: decoder.decode(windows))
+        first = synced_seconds(device, lambda windows=windows: decoder.decode(windows))
+        second = synced_seconds(device, lambda windows=windows: decoder.decode(windows))
         rows.append({"windows": size, "first_ms": round(first * 1000, 1), "second_ms": round(second * 1000, 1)})
         print(f"[snac-sizes]   {size:4d} windows: first call {first * 1000:8.1f} ms, second {second * 1000:6.1f} ms",
               flush=True)
@@ -76,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             decoder = load_window_decoder(Path(tmp), device=device)
             entry = {}
             if variant == "padded":
-                entry["warm_up_s"] = round(timed(device, lambda decoder=decoder: warm_up(decoder)), 2)
+                entry["warm_up_s"] = round(synced_seconds(device, lambda decoder=decoder: warm_up(decoder)), 2)
                 entry["sizes"] = list(decoder.sizes)
                 print(f"[snac-sizes]   warm_up of sizes {decoder.sizes}: {entry['warm_up_s']} s", flush=True)
             else:
                 decoder.sizes = ()  # every call decodes exactly its windows
-                entry["warm_up_s"] = round(timed(device, lambda decoder=decoder: warm_up(decoder)), 2)
+                entry["warm_up_s"] = round(synced_seconds(device, lambda decoder=decoder: warm_up(decoder)), 2)
             entry["calls"] = first_and_second_calls(decoder, device, sizes)
             result["variants"][variant] = entry
             del decoder

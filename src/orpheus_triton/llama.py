@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda_graphs import capture
 
@@ -148,10 +149,25 @@ class Attention(nn.Module):
         return self.o_proj(y.to(x.dtype).reshape(batch, steps, -1))
 
 
+# Attention kernels a masked attention may use on a GPU: all but cuDNN's. cuDNN attention builds a
+# graph for every new shape, which can take seconds; prefill shapes (prompts x width) change with every
+# burst of callers, and on an H100 every new shape in the serving path stalled all streams for about
+# 2 s (perf/results/2026-11-26_h100). The other kernels are compiled ahead and are fast at these sizes.
+GPU_MASKED_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_len: int,
                      mask: torch.Tensor) -> torch.Tensor:
     """Attention [B, T, heads, hd] of queries q [B, T, heads, hd] over their rows' cache [B, S, kv, hd],
     the first ``context_len`` positions, with ``mask`` [B, 1, T, context_len] hiding what a query may not see."""
+    if q.is_cuda:
+        with sdpa_kernel(GPU_MASKED_ATTENTION_KERNELS):
+            return _masked_attention(q, k_cache, v_cache, context_len, mask)
+    return _masked_attention(q, k_cache, v_cache, context_len, mask)
+
+
+def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_len: int,
+                      mask: torch.Tensor) -> torch.Tensor:
     batch, steps, heads, hd = q.shape
     kv_heads = k_cache.shape[2]
     keys = k_cache[:, :context_len].transpose(1, 2)  # [B, kv_heads, L, hd]
