@@ -149,10 +149,11 @@ class Attention(nn.Module):
         return self.o_proj(y.to(x.dtype).reshape(batch, steps, -1))
 
 
-# Attention kernels a masked attention may use on a GPU: all but cuDNN's. cuDNN attention builds a
-# graph for every new shape, which can take seconds; prefill shapes (prompts x width) change with every
-# burst of callers, and on an H100 every new shape in the serving path stalled all streams for about
-# 2 s (perf/results/2026-11-26_h100). The other kernels are compiled ahead and are fast at these sizes.
+# Attention kernels a masked attention may use on a GPU: all but cuDNN's, which torch prefers on Hopper
+# (compute capability 9.0/10.0 with a recent cuDNN). cuDNN attention builds a graph for every new shape;
+# prefill shapes (prompts x width) change with every burst of callers, and on an H100 every new shape in
+# the serving path stalled all streams for about 2 s (perf/results/2026-11-26_h100). The other kernels
+# are compiled ahead of time.
 GPU_MASKED_ATTENTION_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
