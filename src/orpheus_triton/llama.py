@@ -102,16 +102,17 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class RMSNorm(nn.Module):
+    """Llama's RMSNorm through torch's own operator: in float32 for bf16/fp16 inputs, as Hugging Face
+    computes it, scaled by the weight before the one rounding back (Hugging Face rounds first), and one
+    fused kernel on GPUs where torch has it instead of seven elementwise ones."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -119,9 +120,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config = config
         hd = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * hd, bias=False)
+        # q, k and v projections in one matrix product (rows: q's, then k's, then v's; load_llama
+        # concatenates a checkpoint's three): one kernel instead of three for every layer and step.
+        self.qkv_split = [config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None  # [slots, max_seq_len, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
@@ -130,9 +132,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, positions, first_slot: int, context_len: int, mask) -> torch.Tensor:
         batch, steps, _ = x.shape
         hd = self.config.head_dim
-        q = self.q_proj(x).view(batch, steps, self.config.num_heads, hd)
-        k = self.k_proj(x).view(batch, steps, self.config.num_kv_heads, hd)
-        v = self.v_proj(x).view(batch, steps, self.config.num_kv_heads, hd)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.view(batch, steps, self.config.num_heads, hd)
+        k = k.view(batch, steps, self.config.num_kv_heads, hd)
+        v = v.view(batch, steps, self.config.num_kv_heads, hd)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
 
         slots = slice(first_slot, first_slot + batch)
@@ -248,12 +251,13 @@ def _agrees_with_masked(device, dtype, heads: int, kv_heads: int, head_dim: int)
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        # gate and up projections in one matrix product (gate's rows, then up's; see load_llama)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -270,7 +274,8 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama-3 decoder; parameter names follow Hugging Face so checkpoints load as they are."""
+    """Llama-3 decoder; parameter names follow Hugging Face's, but for the fused projections that
+    ``load_llama`` builds from a checkpoint's (``FUSED_PROJECTIONS``)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -350,6 +355,33 @@ class Llama(nn.Module):
         return x if hidden_only else self.lm_head(x).float()
 
 
+# Each layer's weights as a Hugging Face checkpoint names them, and the fused matrices they load into.
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def checkpoint_names(config: LlamaConfig) -> list[str]:
+    """The tensors a Hugging Face Llama checkpoint must hold for this config (without the "model." prefix)."""
+    with torch.device("meta"):
+        names = list(Llama(config).state_dict())
+    wanted = []
+    for name in names:
+        fused = next((f for f in FUSED_PROJECTIONS if name.endswith("." + f)), None)
+        prefix = name.removesuffix(fused) if fused else ""
+        wanted += [prefix + part for part in FUSED_PROJECTIONS[fused]] if fused else [name]
+    return wanted
+
+
+def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> None:
+    """Replace each layer's q/k/v and gate/up weights in ``state`` by their concatenation (in place)."""
+    for index in range(num_layers):
+        prefix = f"layers.{index}."
+        for fused, parts in FUSED_PROJECTIONS.items():
+            state[prefix + fused] = torch.cat([state.pop(prefix + part) for part in parts])
+
+
 def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
     """Load a Hugging Face Llama checkpoint (config.json + *.safetensors) from a local directory."""
     path = Path(path)
@@ -374,10 +406,11 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 name = key.removeprefix("model.")
                 state[name] = f.get_tensor(key).to(dtype)
     if config.tie_word_embeddings or "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    missing = set(model.state_dict()) - set(state)
+        state["lm_head.weight"] = state.get("embed_tokens.weight")
+    missing = sorted(name for name in checkpoint_names(config) if state.get(name) is None)
     if missing:
-        raise ValueError(f"checkpoint in {path} lacks {sorted(missing)[:5]}")
+        raise ValueError(f"checkpoint in {path} lacks {missing[:5]}")
+    fuse_projections(state, config.num_layers)
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
