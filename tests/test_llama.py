@@ -91,6 +91,20 @@ def test_bad_checkpoint_dirs_are_named(tmp_path):
         load_llama(tmp_path)
 
 
+def test_a_checkpoint_missing_a_projection_names_it(tmp_path):
+    """The fused q/k/v matrix is built from the checkpoint's three: a missing one is named as the
+    checkpoint names it, not as the fused matrix."""
+    from safetensors.torch import load_file, save_file
+
+    write_random_llama(tmp_path, SHAPE, seed=3)
+    (weights,) = tmp_path.glob("*.safetensors")
+    state = load_file(weights)
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"lacks \['layers.1.self_attn.k_proj.weight'\]"):
+        load_llama(tmp_path)
+
+
 def test_batch_buckets_are_powers_of_two_then_multiples_of_the_step(checkpoint):
     from orpheus_triton.llama import BucketedDecoder
 
