@@ -195,7 +195,8 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
-  # "check snac-sizes models engine serving comparisons engine-graph profile"); results in perf/results/gpu-short/.
+  # "check models engine serving comparisons profile"; also "snac-sizes" and "engine-graph"); results in
+  # perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
@@ -214,7 +215,7 @@ short() {
   step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
     local name="$1" limit="$2" begun=$SECONDS code=0
     shift 2
-    [[ " ${SHORT_STEPS:-check snac-sizes models engine serving comparisons engine-graph profile} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
+    [[ " ${SHORT_STEPS:-check models engine serving comparisons profile} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
     ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
     if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 0; fi
     log "$name (at most ${limit}s) ..."
