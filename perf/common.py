@@ -210,14 +210,15 @@ def wait_idle(server: RunningServer, timeout: float = 120.0) -> bool:
 
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
-                 max_seq_len: int = 2048, graph_sampling: bool = False) -> Iterator[RunningServer]:
+                 max_seq_len: int = 2048, graph_sampling: bool = False,
+                 overlap: bool = False) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
     settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
                                   max_streams=max_streams, max_seq_len=max_seq_len,
-                                  llm_graph_sampling=graph_sampling)
+                                  llm_graph_sampling=graph_sampling, llm_overlap=overlap)
     render(settings, repository)
     with serve_repository(repository, log_path) as server:
         yield server

@@ -6,6 +6,7 @@
     python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
     python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --graph-sampling   # a model set's
                                                       # checkpoint; the engine's graph-sampling option
+    python perf/engine_bench.py --shape orpheus-3b --overlap   # the engine's overlap option
 
 Measures, in process (no Triton):
 1. aggregate tokens/s of N concurrent streams vs one stream (in-flight batching gain);
@@ -33,6 +34,7 @@ from orpheus_triton.constants import REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.llama import load_llama
+from orpheus_triton.timing import synced_seconds
 from orpheus_triton.triton_llm import pick_device
 
 # "small": a 1/6-width, 1/7-depth Llama-3 (~13M parameters besides the 80M embedding), big enough
@@ -141,22 +143,18 @@ def decoding_engine(make_engine, n: int, context: int) -> InflightEngine:
     return engine
 
 
-def timed_step(engine: InflightEngine) -> float:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    engine.step()
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+def steady_step(engine: InflightEngine, steps: int = 10) -> float:
+    """Mean seconds per step over ``steps`` consecutive steps, the device synchronised only around them,
+    so that an engine overlapping its host work with the device's (``overlap``) is timed as it runs."""
+    return synced_seconds(engine.device, lambda: [engine.step() for _ in range(steps)]) / steps
 
 
 def step_sweep(make_engine, counts: list[int], context: int, device: str) -> list[dict]:
-    """Median step time with n streams decoding (a fresh engine per n, see ``decoding_engine``)."""
+    """Step time with n streams decoding (a fresh engine per n, see ``decoding_engine``)."""
     rows = []
     for n in counts:
         engine = decoding_engine(make_engine, n, context)
-        step = sorted(timed_step(engine) for _ in range(20))[10]
+        step = sorted(steady_step(engine) for _ in range(3))[1]  # the median of 3 runs of 10 steps
         per_stream = 1.0 / step
         if len(engine.decoding) != n:
             raise RuntimeError(f"streams finished during the timed steps of the {n}-stream sweep; raise --tokens")
@@ -178,6 +176,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="alternating runs of 1 and N streams (best kept)")
     parser.add_argument("--graph-sampling", action="store_true",
                         help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="read each step's tokens back after queueing the next (InflightEngine option)")
     parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
                                       "instead of writing random weights")
     parser.add_argument("--out", default="perf/results/engine")
@@ -195,7 +195,7 @@ def main() -> int:
     def make_engine():
         return InflightEngine(model, max_streams=max_streams,
                               max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64),
-                              graph_sampling=args.graph_sampling)
+                              graph_sampling=args.graph_sampling, overlap=args.overlap)
 
     engine = make_engine()
     # On GPU every decode shape's CUDA graph now, as a server does at load, not mid-measurement.
@@ -222,7 +222,7 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads()},
         "decode_attention": "per-row key lengths" if varlen else "masked (keys up to the longest row)",
         "sweep_contexts": f"spread evenly from {PROMPT_LEN} to {SWEEP_CONTEXT} positions",
-        "graph_sampling": graph_sampling,
+        "graph_sampling": graph_sampling, "overlap": args.overlap,
         "shape": args.shape, "model": SHAPES[args.shape],
         "single_stream_tokens_per_s": single, "streams": args.streams,
         "batched_tokens_per_s": batched, "batching_gain": batched / single,
@@ -232,7 +232,8 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"engine_{args.shape}_{device.split(':')[0]}{'_graph-sampling' if args.graph_sampling else ''}"
+    options = ("_graph-sampling" if args.graph_sampling else "") + ("_overlap" if args.overlap else "")
+    name = f"engine_{args.shape}_{device.split(':')[0]}{options}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"# Torch engine, {args.shape} shape, on {result['machine']['device']} ({result['machine']['processor']})",
@@ -245,7 +246,7 @@ def main() -> int:
         f"- streams at or above real time ({REAL_TIME_TOKENS_PER_SECOND:.0f} tokens/s each): "
         f"{result['real_time_streams']} of those measured",
         f"- step sweep: contexts {result['sweep_contexts']}; decode attention: {result['decode_attention']}; "
-        f"graph sampling: {'on' if graph_sampling else 'off'}",
+        f"graph sampling: {'on' if graph_sampling else 'off'}; overlap: {'on' if args.overlap else 'off'}",
         "",
         "| active streams | step (ms) | tokens/s per stream | aggregate tokens/s | real time |",
         "|---:|---:|---:|---:|:---:|",

@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--graph-sampling", action="store_true",
                         help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         "tritonserver": tritonserver_source(),
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
-                            "graph_sampling": args.graph_sampling},
+                            "graph_sampling": args.graph_sampling, "overlap": args.overlap},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
         "comparisons": {},
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,
     )
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
-                      max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling) as server:
+                      max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
+                      overlap=args.overlap) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

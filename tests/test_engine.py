@@ -155,8 +155,10 @@ def test_long_prompt_prefill_is_chunked(model):
     assert len(long_prompt.tokens) == 2  # first token right after the last chunk, then it joins the decode
 
 
-def test_cancellation_frees_the_slot_within_one_step(model):
-    engine = make_engine(model, max_streams=1)
+@pytest.mark.parametrize("overlap", [False, True], ids=["default", "overlap"])
+def test_cancellation_frees_the_slot_within_one_step(model, overlap):
+    """With ``overlap`` the cancelled stream's token still on its way back is dropped too."""
+    engine = make_engine(model, max_streams=1, overlap=overlap)
     cancelled = {"flag": False}
     victim, waiting = Collector(), Collector()
     engine.submit(request(PROMPTS[0], victim, max_new_tokens=400, is_cancelled=lambda: cancelled["flag"]))
@@ -167,8 +169,12 @@ def test_cancellation_frees_the_slot_within_one_step(model):
     cancelled["flag"] = True
     engine.step()
     assert len(victim.tokens) == produced and victim.errors == ["request cancelled by the client"]
-    assert len(waiting.tokens) >= 1  # the freed slot served the waiting request in the same step
+    # The freed slot served the waiting request in the same step (with overlap, its tokens come a step later).
+    assert engine.decoding[0].request.prompt == PROMPTS[1] and engine.decoding[0].issued == 2
+    assert len(waiting.tokens) == (0 if overlap else 2)
     assert engine.stats.cancelled == 1
+    engine.run_until_idle()
+    assert len(victim.tokens) == produced and len(waiting.tokens) == 4 and waiting.finished
 
 
 def test_capacity_errors_are_clear(model):
@@ -444,3 +450,66 @@ def test_engine_with_graph_sampling_streams_the_same_tokens(model):
         engine.run_until_idle()
         runs.append([out.tokens for out in outs])
     assert runs[0] == runs[1] and all(len(tokens) >= 2 for tokens in runs[0])
+
+
+def stream_ending_on_its_own_token(model, at: int = 9) -> dict:
+    """Settings for a stream that ends by producing its end_id ``at`` tokens in (seeded, unguarded,
+    end_id = the token it makes there)."""
+    probe, settings = Collector(), {"seed": 7, "audio_guard": False, "max_new_tokens": 40}
+    engine = make_engine(model)
+    engine.submit(request(PROMPTS[5], probe, end_id=-1, **settings))
+    engine.run_until_idle()
+    at = next(i for i in range(at, 40) if probe.tokens[i] not in probe.tokens[:i])
+    return {**settings, "end_id": probe.tokens[at], "expected_length": at + 1}
+
+
+@pytest.mark.parametrize("options", [{}, {"bucketed": True}, {"bucketed": True, "graph_sampling": True}],
+                         ids=["plain", "bucketed", "graph-sampling"])
+def test_overlapped_engine_streams_the_same_tokens(model, options):
+    """With ``overlap`` the next forward takes each stream's token from the device and tokens are read
+    back a step later: streams joining mid-run, in a burst, cut at max_new_tokens or ending on their
+    end_id get exactly the tokens they get without it."""
+    ending = stream_ending_on_its_own_token(model)
+    expected_length = ending.pop("expected_length")
+    runs = []
+    for overlap in (False, True):
+        engine = make_engine(model, max_streams=3, prefill_chunk=32, overlap=overlap, **options)
+        outs = {i: Collector() for i in range(6)}
+        engine.submit(request(PROMPTS[1], outs[1], seed=1, max_new_tokens=12))  # leaves early
+        engine.submit(request(PROMPTS[5], outs[5], **ending))  # ends on its own end_id
+        for _ in range(4):
+            engine.step()
+        for i in (0, 2, 4):  # a burst, one of them waiting for a free slot
+            engine.submit(request(PROMPTS[i], outs[i], seed=i, max_new_tokens=20 + 7 * i))
+        for _ in range(3):
+            engine.step()
+        engine.submit(request(PROMPTS[3], outs[3], seed=3, top_k=5, max_new_tokens=25))
+        engine.run_until_idle()
+        assert engine.idle() and not engine.decoding
+        runs.append({i: out.tokens for i, out in outs.items()})
+        assert all(out.finished for out in outs.values())
+    assert runs[0] == runs[1]
+    assert len(runs[1][5]) == expected_length and runs[1][5][-1] == ending["end_id"]
+    assert len(runs[1][1]) == 13 and runs[1][1][-1] == END_OF_SPEECH  # 12 tokens + the appended end_id
+
+
+def test_overlapped_engine_hands_tokens_out_one_step_later(model):
+    engine = make_engine(model, overlap=True)
+    out = Collector()
+    engine.submit(request(PROMPTS[0], out, max_new_tokens=3, audio_guard=False, end_id=-1))
+    engine.step()  # prefill + first decode, both still on the device
+    assert out.tokens == [] and len(engine.decoding) == 1
+    engine.step()  # third token sampled: the stream's last, so it leaves before the next forward ...
+    assert len(out.tokens) == 2 and not out.finished
+    assert engine.decoding and engine.decoding[0].issued == 3
+    engine.step()  # ... which it is not part of; its last token is handed out with end_id
+    assert not engine.decoding and out.finished and len(out.tokens) == 4 and engine.idle()
+
+
+def test_the_llm_stage_builds_its_engine_with_the_options_of_its_config(model_set):
+    from orpheus_triton.triton_llm import build_engine
+
+    params = {"llm_dir": str(model_set.llm), "device": "cpu", "max_streams": "3", "max_seq_len": "256"}
+    plain = build_engine(params)
+    assert (plain.max_streams, plain.max_seq_len, plain.overlap) == (3, 256, False)
+    assert build_engine({**params, "overlap": "true"}).overlap

@@ -87,8 +87,8 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
 
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
-    for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling"],
-                                         "true")):
+    for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
+                                          "--overlap"], "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
         decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
@@ -98,7 +98,8 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert decoder.parameters["cpu_threads"].string_value == ("2" if flags else "auto")
         assert llm.parameters["cpu_threads"].string_value == "auto"
         assert llm.parameters["max_streams"].string_value == "3"
-        assert llm.parameters["graph_sampling"].string_value == exact  # both flags given together
+        assert llm.parameters["graph_sampling"].string_value == exact  # the flags are given together
+        assert llm.parameters["overlap"].string_value == exact
 
 
 def test_bad_thread_counts_are_refused_before_serving(capsys):

@@ -422,3 +422,22 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     status, log, took = serve.finish(timeout=10)
     assert "stopping at once" in log
     assert status == 128 + signal.SIGKILL and took < 3
+
+
+def test_an_overlapping_engine_serves_the_same_audio(grpc_url, model_set, tmp_path):
+    """The llm stage with its engine's ``overlap`` option (tokens read back a step late) streams through the
+    ensemble exactly the audio of the default engine, for the same request."""
+    from conftest import running_server, server_settings
+
+    from orpheus_triton.repository import render
+
+    options = {"text": TEXT, "voice": "tara", "seed": 5, "max_tokens": 140}
+    expected = OrpheusClient(grpc_url).synthesize(**options)
+    repository = render(server_settings(model_set, llm_overlap=True), tmp_path / "repository")
+    assert 'key: "overlap", value: { string_value: "true" }' in (repository / c.LLM_MODEL / "config.pbtxt").read_text()
+    with running_server(repository, tmp_path) as process:
+        url = f"localhost:{process.ports.grpc}"
+        got = OrpheusClient(url).synthesize(**options)
+        assert llm_tokens(url, model_set, **options) == llm_tokens(grpc_url, model_set, **options)
+    assert len(got.chunks) == len(expected.chunks) > 5
+    assert_same_audio(got.audio, expected.audio)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
-from engine_bench import PROMPT_LEN, SHAPES, SWEEP_CONTEXT, bench_model, decoding_engine, release, timed_step
+from engine_bench import PROMPT_LEN, SHAPES, SWEEP_CONTEXT, bench_model, decoding_engine, release, steady_step
 from torch.profiler import ProfilerActivity, profile
 
 from orpheus_triton.engine import InflightEngine
@@ -43,10 +43,8 @@ def _is_kernel(event) -> bool:
 def profile_steps(engine: InflightEngine, steps: int, top: int) -> dict:
     """Profile ``steps`` engine steps; per-step figures and the top operators."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    walls = []
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            walls.append(timed_step(engine))
+        step = steady_step(engine, steps)
     events = prof.events()
     kernels = [e for e in events if _is_kernel(e)]
     averages = prof.key_averages()
@@ -57,7 +55,7 @@ def profile_steps(engine: InflightEngine, steps: int, top: int) -> dict:
                  "ms_per_step": key(r) * unit_scale / steps / 1000} for r in rows if key(r) > 0]
 
     return {
-        "step_ms": sorted(walls)[len(walls) // 2] * 1000,
+        "step_ms": step * 1000,
         "device_busy_ms_per_step": sum(k.time_range.elapsed_us() for k in kernels) / steps / 1000,
         "kernels_per_step": len(kernels) / steps,
         "top_device": ranked(_device_time),
@@ -74,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="profiled steps per number of streams")
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
     parser.add_argument("--graph-sampling", action="store_true", help="the engine's graph-sampling option")
+    parser.add_argument("--overlap", action="store_true", help="the engine's overlap option")
     parser.add_argument("--out", default="perf/results/gpu-profile")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -85,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_engine():
         return InflightEngine(model, max_streams=max(counts), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,
-                              graph_sampling=args.graph_sampling)
+                              graph_sampling=args.graph_sampling, overlap=args.overlap)
 
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "shape": args.shape, "graph_sampling": args.graph_sampling,
+               "overlap": args.overlap,
                "profiles": {}}
     lines = [f"# Decode step profile, {args.shape} shape, on {results['device']} (torch {results['torch']}), "
-             f"graph sampling {'on' if args.graph_sampling else 'off'}", ""]
+             f"graph sampling {'on' if args.graph_sampling else 'off'}, overlap {'on' if args.overlap else 'off'}", ""]
     for n in counts:
         engine = decoding_engine(make_engine, n, SWEEP_CONTEXT)
         for _ in range(3):

@@ -195,8 +195,8 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
-  # "check models engine serving comparisons profile"; also "snac-sizes" and "engine-graph"); results in
-  # perf/results/gpu-short/.
+  # "check models engine engine-overlap serving serving-overlap"; also "comparisons", "profile", "snac-sizes",
+  # "engine-graph"); results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
@@ -215,7 +215,7 @@ short() {
   step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
     local name="$1" limit="$2" begun=$SECONDS code=0
     shift 2
-    [[ " ${SHORT_STEPS:-check models engine serving comparisons profile} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
+    [[ " ${SHORT_STEPS:-check models engine engine-overlap serving serving-overlap} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
     ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
     if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 0; fi
     log "$name (at most ${limit}s) ..."
@@ -231,12 +231,18 @@ short() {
   [[ -d "$llm" ]] || { log "no model set; stopping"; return 1; }
   step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
     --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --out "$out/engine"
+  # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
+  step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda --overlap \
+    --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --out "$out/engine"
   # Serving before the optional steps: the served sweep is the figure a lent GPU is most wanted for.
-  step serving 240 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
+  step serving 200 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
     --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 --min-streams 8 \
     --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons --no-perf-analyzer \
     --retry-busy 0 --out "$out/serving" "$@"
-  # The comparisons (a), (b), (c) on the GPU: their own small server (16 slots) beside the in-process pipeline.
+  step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
+    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 \
+    --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
+    --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
   step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 16 --max-seq-len 1400 \
     --concurrency 1 --texts short --max-tokens 0 --min-streams 4 --level-seconds 20 --poisson-rates "" \
     --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer --retry-busy 0 --out "$out/comparisons" "$@"
@@ -244,6 +250,8 @@ short() {
     --sweep 1,64,128,192 --max-streams 192 --tokens 300 --repeat 2 --out "$out/engine"
   step profile 90 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" --device cuda --streams 1,128 \
     --out "$out/profile"
+  step profile-overlap 60 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" --device cuda \
+    --streams 1,128 --overlap --out "$out/profile-overlap"
   # A backend stub that dies of a signal (a segfault, the OOM killer) says so here, not in the server log.
   dmesg 2>/dev/null | tail -n 60 >"$out/dmesg.txt" || true
 }

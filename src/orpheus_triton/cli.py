@@ -68,7 +68,7 @@ def _render(args, model_set: ModelSet) -> Path:
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
-        llm_graph_sampling=args.graph_sampling,
+        llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
     root = cache_dir() / "repositories"
@@ -250,6 +250,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-sampling", action="store_true",
                         help="GPU: sample batches whose rows are all guarded from one CUDA graph per batch bucket "
                              "(fewer launches per step; off by default until measured)")
+    parser.add_argument("--overlap", action="store_true",
+                        help="GPU: read each step's tokens back after queueing the next, so the host's work "
+                             "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
                             help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "

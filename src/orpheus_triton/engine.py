@@ -15,6 +15,14 @@ One scheduler loop owns the model. Each iteration (a *step*):
 A stream that finishes leaves at once: the last stream's cache moves into its
 slot so the decoding slots stay contiguous (views, no gathers), and the freed
 slot serves the next request at the following step.
+
+With ``overlap`` (for GPUs), a step's sampled tokens are read back only after
+the next step is queued: the next forward takes them from the device, and the
+host's work of a step (reading tokens back, handing them out, preparing the
+next inputs) runs while the GPU computes instead of between its steps. Tokens
+then reach their callbacks one step later, and a stream that produced
+end-of-speech runs one more step, whose token is dropped. Every stream gets the
+tokens it gets without the option (sampling is per stream).
 """
 
 from __future__ import annotations
@@ -70,9 +78,37 @@ class GenerationRequest:
 class _Stream:
     request: GenerationRequest
     length: int = 0  # cached positions
-    generated: list[int] = field(default_factory=list)
-    audio_tokens: int = 0
+    generated: list[int] = field(default_factory=list)  # tokens handed out
+    # Tokens sampled, handed out or still on their way back from the device (overlap). Until a stream
+    # ends every one is an audio token, so this is also its next token's audio position.
+    issued: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
+    ended: bool = False  # finished, failed or cancelled: tokens still on their way are dropped
+
+
+@dataclass
+class _Sampled:
+    """Tokens sampled for ``streams`` (one row each), on their way back from the device."""
+
+    streams: list[_Stream]
+    tokens: torch.Tensor  # [rows] where they were sampled
+    host: torch.Tensor  # their copy in (pinned) host memory, made without waiting
+    ready: torch.cuda.Event | None  # recorded after that copy (None on a CPU: copied already)
+
+    @classmethod
+    def copy_back(cls, streams: list[_Stream], tokens: torch.Tensor) -> _Sampled:
+        if not tokens.is_cuda:
+            return cls(streams, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(streams, tokens, host, ready)
+
+    def read(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
 
 
 @dataclass
@@ -99,6 +135,7 @@ class InflightEngine:
         cuda_graphs: bool | None = None,
         bucketed: bool | None = None,
         graph_sampling: bool = False,
+        overlap: bool = False,
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
@@ -126,6 +163,11 @@ class InflightEngine:
         self.sampler = (GuardedSampler(model.lm_head.weight, self.seen, self.decoder.batch_buckets,
                                        self.decoder.use_graphs)
                         if graph_sampling and self.decoder is not None else None)
+        # overlap: read a step's tokens back after queueing the next (module docstring). Off by default
+        # until measured on a GPU (perf/engine_bench.py --overlap).
+        self.overlap = overlap
+        self._in_flight: list[_Sampled] = []  # sampled by the previous step, read at the end of this one
+        self._launched: list[_Sampled] = []  # sampled by this step
         self.decoding: list[_Stream] = []  # stream i lives in slot i
         self.prefilling: _Stream | None = None
         self.queue: collections.deque[_Stream] = collections.deque()
@@ -179,7 +221,7 @@ class InflightEngine:
             self._thread.join(timeout=10)
 
     def idle(self) -> bool:
-        return not (self.decoding or self.prefilling or self.queue)
+        return not (self.decoding or self.prefilling or self.queue or self._in_flight)
 
     def run_until_idle(self) -> None:
         """Step until every request is done (for tests and in-process benchmarks)."""
@@ -205,9 +247,14 @@ class InflightEngine:
     def step(self) -> None:
         started = time.perf_counter()
         self._drop_cancelled()
+        self._retire_complete()
         self._prefill()
         if self.decoding:
             self._decode()
+        # overlap: the previous step's tokens, now that this step is queued behind them
+        previous, self._in_flight, self._launched = self._in_flight, self._launched, []
+        for sampled in previous:
+            self._emit(sampled.streams, sampled.read())
         self.stats.steps += 1
         self.stats.last_step_seconds = time.perf_counter() - started
         self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
@@ -249,6 +296,8 @@ class InflightEngine:
                 dropped += [s for s in self.queue if cancelled(s)]
                 self.queue = collections.deque(s for s in self.queue if not cancelled(s))
         self.stats.cancelled += len(dropped)
+        for stream in dropped:
+            stream.ended = True
         stopped = [s for s in dropped if s.request.request_id in stop_ids]
         for stream in stopped:
             try:
@@ -331,11 +380,37 @@ class InflightEngine:
         self.seen[slot] = False
         self.seen[slot, prompt] = True
 
+    def _retire_complete(self) -> None:
+        """overlap: streams whose last token is sampled leave before the next forward (they are handed
+        it when it is read back). Without overlap they left when it was handed out."""
+        for slot in reversed(range(len(self.decoding))):
+            stream = self.decoding[slot]
+            if stream.issued >= stream.request.max_new_tokens:
+                self._leave(slot)
+
+    def _last_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each decoding stream's latest token and position, [B, 1] each, on the device."""
+        # Where a stream's latest token is still on the device (overlap): its row in `on_device`.
+        on_device, rows, offset = [], {}, 0
+        for sampled in self._in_flight + self._launched:  # later records hold later tokens
+            rows.update({id(stream): offset + row for row, stream in enumerate(sampled.streams)})
+            on_device.append(sampled.tokens)
+            offset += len(sampled.streams)
+        where = [rows.get(id(s), -1) for s in self.decoding]
+        # Built on the host and copied over once (on GPU each tensor from a list is a copy of its own).
+        host = host_to_device(torch.tensor([[[s.generated[-1] if row < 0 else 0] for s, row in
+                                             zip(self.decoding, where, strict=True)],
+                                            [[s.length] for s in self.decoding],
+                                            [[row] for row in where]]), self.device)
+        last, positions, row = host
+        if on_device:
+            from_device = torch.cat(on_device)[row.clamp(min=0)]
+            last = torch.where(row >= 0, from_device, last)
+        return last, positions
+
     def _decode(self) -> None:
         batch = len(self.decoding)
-        # Built on the host and copied over once (on GPU each tensor from a list is a copy of its own).
-        last, positions = host_to_device(torch.tensor([[[s.generated[-1]] for s in self.decoding],
-                                                       [[s.length] for s in self.decoding]]), self.device)
+        last, positions = self._last_tokens()
         context = max(s.length for s in self.decoding) + 1
         if self.decoder is not None:
             hidden = self.decoder(last, positions, context)
@@ -348,21 +423,29 @@ class InflightEngine:
 
     def _sample_and_emit(self, slots: list[int], hidden: torch.Tensor) -> None:
         streams = [self.decoding[s] for s in slots]
+        tokens = self._sample(slots, streams, hidden)
+        if self.overlap:  # a copy: the graph sampler's output buffer is overwritten by its next replay
+            self._launched.append(_Sampled.copy_back(streams, tokens.clone()))
+        else:
+            self._emit(streams, tokens.tolist())
+
+    def _sample(self, slots: list[int], streams: list[_Stream], hidden: torch.Tensor) -> torch.Tensor:
+        """A token for each of ``streams`` (in ``slots``), left on the device; counted as issued."""
         # Every row's settings in two host tensors (one per dtype, a setting per row), each copied to
         # the device once and without waiting for the forward queued before (sampling.host_to_device).
         requests = [s.request for s in streams]
         # The rows' grouping settings stay on the host too (sampling.HostRows).
         host = HostRows(guarded=[r.audio_guard for r in requests],
-                        slots=[s.audio_tokens % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
+                        slots=[s.issued % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
         reals = host_to_device(torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
                                              [r.repetition_penalty for r in requests]], dtype=torch.float32),
                                self.device)
         whole = host_to_device(torch.tensor([
             host.top_k,
             [(r.seed + 2**63) % 2**64 - 2**63 for r in requests],  # UINT64 seeds as the same 64 bits in int64
-            [len(s.generated) for s in streams],
+            [s.issued for s in streams],  # the step of each stream's draws
             host.guarded,
-            [s.audio_tokens for s in streams],
+            [s.issued for s in streams],  # audio position
             slots,
         ], dtype=torch.int64), self.device)
         slot_index = whole[5]
@@ -372,11 +455,17 @@ class InflightEngine:
             tokens = sample(LmHead(hidden, self.model.lm_head.weight), SamplingBatch.from_packed(reals, whole),
                             self.seen, seen_rows=slot_index, host=host)
         self.seen[slot_index, tokens] = True
+        for stream in streams:
+            stream.issued += 1
+        return tokens
+
+    def _emit(self, streams: list[_Stream], tokens: list[int]) -> None:
+        """Hand each stream its token; streams that finish leave."""
         finished = []
-        for slot, stream, token in zip(slots, streams, tokens.tolist(), strict=True):
+        for stream, token in zip(streams, tokens, strict=True):
+            if stream.ended:  # overlap: a token sampled after the stream ended
+                continue
             stream.generated.append(token)
-            if token != stream.request.end_id:
-                stream.audio_tokens += 1
             ended = token == stream.request.end_id
             done = ended or len(stream.generated) >= stream.request.max_new_tokens
             self.stats.tokens_generated += 1
@@ -390,8 +479,11 @@ class InflightEngine:
                 self._notify([stream], "could not deliver generated tokens; see server log")
                 done = True
             if done:
-                finished.append(slot)
-        for slot in sorted(finished, reverse=True):
+                stream.ended = True
+                finished.append(stream)
+        slots = {id(stream): slot for slot, stream in enumerate(self.decoding)}
+        # overlap: a stream cut at max_new_tokens left when its last token was sampled
+        for slot in sorted((slots[id(s)] for s in finished if id(s) in slots), reverse=True):
             self._leave(slot)
 
     def _leave(self, slot: int) -> None:
@@ -406,7 +498,11 @@ class InflightEngine:
 
     def _fail_all(self, message: str) -> None:
         streams = self.decoding + ([self.prefilling] if self.prefilling else [])
-        self.decoding, self.prefilling = [], None
+        streams += [s for sampled in self._in_flight + self._launched for s in sampled.streams
+                    if not s.ended and s not in streams]
+        self.decoding, self.prefilling, self._in_flight, self._launched = [], None, [], []
+        for stream in streams:
+            stream.ended = True
         self._notify(streams, message)
 
     @staticmethod

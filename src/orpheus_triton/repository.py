@@ -64,6 +64,9 @@ class RepositorySettings:
     # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
     # GPU only, off until measured there).
     llm_graph_sampling: bool = False
+    # Read each step's tokens back after the next step is queued (InflightEngine overlap; for GPUs, off
+    # until measured there).
+    llm_overlap: bool = False
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.
