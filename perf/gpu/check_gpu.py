@@ -9,6 +9,7 @@ on the real device, with small random models:
 * CUDA graphs: does a replayed decode step give what the same step computes eagerly?
 * the bucketed bf16 decode step against the fp32 CPU forward on the same weights;
 * an engine run: streams to completion, every token in its frame slot;
+* the engine's overlap option: the same tokens for every stream as without it;
 * sampling: the same tokens on the device as on the CPU for the same logits;
 * graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched;
@@ -115,17 +116,36 @@ def check_against_cpu(device: torch.device, checkpoint: Path) -> dict:
     return {"ok": cosine > 0.99, "min_cosine_similarity": round(cosine, 5)}
 
 
-def check_engine_run(device: torch.device, model) -> dict:
-    engine = InflightEngine(model, max_streams=8, max_seq_len=512)
+def engine_outputs(model, **options) -> tuple[dict[int, list[int]], float]:
+    """Eight streams (140 tokens at most, two joining late) through an engine with ``options``: each
+    stream's tokens, and the seconds the run took."""
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512, **options)
     engine.capture_graphs()
     outputs: dict[int, list[int]] = {}
+    started = time.perf_counter()
     for i in range(8):
         outputs[i] = []
         engine.submit(GenerationRequest(prompt=[1000 + k + 13 * i for k in range(12)], max_new_tokens=140,
                                         emit=lambda t, f, i=i: outputs[i].extend(t), seed=i))
-    started = time.perf_counter()
+        if i == 5:
+            for _ in range(9):
+                engine.step()
     engine.run_until_idle()
-    seconds = time.perf_counter() - started
+    return outputs, time.perf_counter() - started
+
+
+def check_overlap(device: torch.device, model) -> dict:
+    """The engine's overlap option (tokens read back from pinned memory a step late, the next forward fed
+    from the device) against the usual engine: the same tokens for every stream."""
+    plain, _ = engine_outputs(model)
+    overlapped, _ = engine_outputs(model, overlap=True)
+    same = sum(plain[i] == overlapped[i] for i in plain)
+    return {"ok": same == len(plain), "same_streams": f"{same} of {len(plain)}",
+            "tokens": sum(len(t) for t in overlapped.values())}
+
+
+def check_engine_run(device: torch.device, model) -> dict:
+    outputs, seconds = engine_outputs(model)
     misplaced = 0
     for tokens in outputs.values():
         audio = [t for t in tokens if t != END_OF_SPEECH]
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda_graphs": lambda: check_graphs(device, model),
             "device_vs_cpu": lambda: check_against_cpu(device, checkpoint),
             "engine_run": lambda: check_engine_run(device, model),
+            "overlap": lambda: check_overlap(device, model),
             "sampling": lambda: check_sampling(device),
             "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),
