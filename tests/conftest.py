@@ -46,8 +46,10 @@ def running_server(repository: Path, work: Path):
             raise RuntimeError(f"server did not start:\n{Path(log_path).read_text()[-4000:]}") from None
         process.ports = ports
         process.log_path = log_path
-        yield process
-        stop_server(process, timeout=30)
+        try:
+            yield process
+        finally:  # a failing test must not leave its server running
+            stop_server(process, timeout=30)
 
 
 @pytest.fixture(scope="session")
