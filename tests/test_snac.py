@@ -108,6 +108,20 @@ def test_counter_noise_is_batch_independent_and_standard_normal():
     assert abs(torch.corrcoef(torch.stack([batch[0, 0], other_block[0, 0]]))[0, 1]) < 0.01
 
 
+def test_a_shared_counter_hashed_on_the_host_gives_the_devices_keys():
+    """row_keys hashes an int counter on the host (nothing to copy inside a CUDA graph): the same keys as
+    the counter given as a tensor, per row."""
+    import torch
+
+    from orpheus_triton.counter_noise import hash32, hash32_int, row_keys
+
+    values = torch.tensor([0, 1, 5, 2**31, 2**32 - 1, 0x9E3779B9 + 77])
+    assert hash32(values).tolist() == [hash32_int(v) for v in values.tolist()]
+    seeds = torch.tensor([7, 2**62 + 5, -3, 123456789])
+    for counter in (0, 3, 2**40 + 9):
+        assert torch.equal(row_keys(seeds, counter), row_keys(seeds, torch.full((4,), counter)))
+
+
 def test_counter_noise_decoder_is_batch_independent_and_sounds_alike(model_set):
     """The GPU's noise source, run here: a stream's audio alone and batched agree, at upstream's loudness."""
     from orpheus_triton.snac_codec import DECODE_SPAN, NOISE_COUNTER, WindowDecoder
@@ -200,3 +214,64 @@ def test_padded_calls_return_each_real_window_as_decoded_unpadded(model_set, mon
 
 def test_a_cpu_decoder_decodes_exactly_its_windows(serving_decoder):
     assert serving_decoder.sizes == () and serving_decoder.rows_for(7) == 7
+
+
+class ReplayEagerly:
+    """A stand-in for a captured CUDA graph: replay runs the captured call again into the same output."""
+
+    def __init__(self, run, skew=0.0):
+        self.run, self.skew = run, skew
+        self.out = run().clone()
+
+    def replay(self):
+        self.out.copy_(self.run() + self.skew)
+
+
+def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_set, monkeypatch):
+    """The GPU decoder's call graphs (their bookkeeping, run here with an eager stand-in for capture):
+    one graph per padded size, reused; real rows come back as the eager call gives them; a graph that
+    fails to capture or disagrees with the eager call turns graphs off, with the eager call's audio."""
+    from orpheus_triton import snac_codec
+    from orpheus_triton.snac_codec import DECODE_SPAN, NOISE_COUNTER, CallGraphs, WindowDecoder
+
+    model = load_snac(model_set.snac)
+    eager = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER, sizes=(1, 2, 4, 8))  # same shapes, no graphs
+    windows = [w for seed in range(40, 43) for w in StreamFramer().push(token_stream(seed, frames=5))]
+    expected = {count: eager.decode(windows[:count]) for count in (3, 6)}
+
+    captured = []
+
+    def fake_capture(run, device, pool, skew=0.0):
+        captured.append(run)
+        graph = ReplayEagerly(run, skew)
+        return graph, graph.out
+
+    def graphed_decoder():
+        decoder = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER, sizes=(1, 2, 4, 8))
+        decoder.graphs = CallGraphs(decoder)  # built only on a GPU otherwise
+        return decoder
+
+    monkeypatch.setattr(snac_codec, "capture", fake_capture)
+    decoder = graphed_decoder()
+    for _ in range(2):
+        for count in (6, 3, 6):
+            got = decoder.decode(windows[:count])
+            assert all(np.array_equal(a, b) for a, b in zip(got, expected[count], strict=True))
+    assert sorted(decoder.graphs.graphs) == [4, 8] and len(captured) == 2  # one capture per size, reused
+
+    monkeypatch.setattr(snac_codec, "capture", lambda run, device, pool: fake_capture(run, device, pool, skew=0.01))
+    decoder = graphed_decoder()
+    assert all(np.array_equal(a, b) for a, b in zip(decoder.decode(windows), expected[6], strict=True))
+    assert decoder.graphs is None  # it disagreed: off
+
+    def cannot_capture(run, device, pool):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(snac_codec, "capture", cannot_capture)
+    decoder = graphed_decoder()
+    assert all(np.array_equal(a, b) for a, b in zip(decoder.decode(windows), expected[6], strict=True))
+    assert decoder.graphs is None
+
+
+def test_only_a_gpu_decoder_gets_call_graphs(serving_decoder):
+    assert serving_decoder.graphs is None

@@ -12,7 +12,8 @@ on the real device, with small random models:
 * the engine's overlap option: the same tokens for every stream as without it;
 * sampling: the same tokens on the device as on the CPU for the same logits;
 * graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
-* the SNAC decoder's counter-based noise on the device: a stream alone and batched;
+* the SNAC decoder's counter-based noise on the device: a stream alone and batched (and which call
+  sizes run as CUDA graphs, each checked against the eager call when captured);
 * new shapes: a prefill of a shape not seen before and a SNAC call of a size not seen before take
   milliseconds on their first call, not the seconds of a kernel plan built per shape;
 * one stream through tritonserver, both torch models on the device (the demo model set): its first
@@ -225,7 +226,9 @@ def check_snac(device: torch.device, round_windows: int) -> dict:
     seconds = time.perf_counter() - started
     # Batched and alone may round differently (other kernels for other shapes): a few int16 steps.
     return {"ok": worst <= 64, "noise": decoder.noise, "max_difference_alone_vs_batched": worst,
-            "round_windows": round_windows, "seconds_per_round": round(seconds, 4)}
+            "round_windows": round_windows, "seconds_per_round": round(seconds, 4),
+            # each checked against the eager call when captured (snac_codec.CallGraphs)
+            "call_graphs": sorted(decoder.graphs.graphs) if decoder.graphs is not None else []}
 
 
 NEW_SHAPE_LIMIT_S = 0.5  # what a first call of a new shape may cost beyond a second call: not seconds

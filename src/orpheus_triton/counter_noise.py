@@ -26,12 +26,27 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def hash32_int(x: int) -> int:
+    """``hash32`` of one Python integer, computed on the host."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
 def row_keys(seeds: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
-    """One 32-bit key per row from its 64-bit seed and a per-row (or shared) counter."""
+    """One 32-bit key per row from its 64-bit seed and a per-row (or shared) counter.
+
+    A shared counter given as an int is hashed on the host, so no value is copied to the device:
+    the computation can be captured in a CUDA graph (snac_codec's call graphs).
+    """
     seeds = seeds.to(torch.int64)
     key = hash32(hash32(seeds & MASK32) ^ ((seeds >> 32) & MASK32))
-    counter = torch.as_tensor(counter, dtype=torch.int64, device=seeds.device)
-    return hash32(key ^ hash32(counter + 0x9E3779B9))
+    if isinstance(counter, int):
+        return hash32(key ^ hash32_int(counter + 0x9E3779B9))
+    return hash32(key ^ hash32(counter.to(torch.int64) + 0x9E3779B9))
 
 
 def uniform(bits: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ Depthwise convolutions and the elementwise layers are batch-invariant as they ar
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,7 +47,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import counter_noise
-from .constants import MAX_ROUND_WINDOWS, WINDOW_KEEP_END, WINDOW_KEEP_START, WINDOW_TOKENS
+from .constants import (
+    CODES_PER_FRAME,
+    MAX_ROUND_WINDOWS,
+    TOKENS_PER_FRAME,
+    WINDOW_KEEP_END,
+    WINDOW_KEEP_START,
+    WINDOW_TOKENS,
+)
+from .cuda_graphs import capture
 from .frames import Window, split_codebooks
 from .snac_span import Span, SpanDecoder
 
@@ -56,6 +65,8 @@ DECODE_MODES = (DECODE_SPAN, DECODE_FULL)
 NOISE_GENERATORS = "generators"  # a CPU generator per window: upstream's numbers (default on CPU)
 NOISE_COUNTER = "counter"  # counter-based, on the model's device, the whole batch at once (default on GPU)
 NOISE_SOURCES = (NOISE_GENERATORS, NOISE_COUNTER)
+
+log = logging.getLogger(__name__)
 
 PADDING_WINDOW = Window(tuple([0] * WINDOW_TOKENS), 0)  # padding rows and warm-up calls
 
@@ -188,7 +199,7 @@ def load_window_decoder(path: str | Path, device: str | torch.device = "cpu", ex
     model = load_snac(path, device, batch_invariant=exact)
     on_gpu = next(model.parameters()).device.type == "cuda"
     return WindowDecoder(model, DECODE_FULL if exact else DECODE_SPAN,
-                         sizes=round_sizes(max_windows) if on_gpu else ())
+                         sizes=round_sizes(max_windows) if on_gpu else (), graphs=on_gpu)
 
 
 def round_sizes(max_windows: int) -> tuple[int, ...]:
@@ -212,9 +223,12 @@ class WindowDecoder:
     With ``sizes``, a call of n windows decodes the smallest size >= n rows, the rest
     padding windows whose audio is dropped (the noise is per row, so padding
     changes no real row's samples); calls beyond the largest size decode as they are.
+    With ``graphs`` as well (a GPU, counter-based noise), each size's call is a CUDA
+    graph (``CallGraphs``), checked against the eager call when captured.
     """
 
-    def __init__(self, model: SNAC, mode: str = DECODE_SPAN, noise: str | None = None, sizes: Sequence[int] = ()):
+    def __init__(self, model: SNAC, mode: str = DECODE_SPAN, noise: str | None = None, sizes: Sequence[int] = (),
+                 graphs: bool = False):
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown SNAC decode mode {mode!r} (choose from {', '.join(DECODE_MODES)})")
         self.model = model
@@ -230,6 +244,8 @@ class WindowDecoder:
         if any(size < 1 for size in sizes):
             raise ValueError(f"decoder call sizes must be >= 1, got {tuple(sizes)}")
         self.sizes = tuple(sorted(set(sizes)))
+        usable = self.device.type == "cuda" and self.sizes and self.noise == NOISE_COUNTER
+        self.graphs = CallGraphs(self) if graphs and usable else None
 
     def rows_for(self, windows: int) -> int:
         """Rows a call of ``windows`` windows decodes (padded up to the next of ``sizes``)."""
@@ -255,21 +271,80 @@ class WindowDecoder:
         real = len(windows)
         windows = [*windows, *[PADDING_WINDOW] * (self.rows_for(real) - real)]
         books = [split_codebooks(w.codes) for w in windows]
-        codes = [torch.from_numpy(np.stack([b[i] for b in books])).to(self.device) for i in range(3)]
-        if self.noise == NOISE_COUNTER:
-            seeds = torch.tensor([w.seed for w in windows], dtype=torch.int64).to(self.device)
-            generators = None
+        codes = [torch.from_numpy(np.stack([b[i] for b in books])) for i in range(3)]
+        seeds = torch.tensor([w.seed for w in windows], dtype=torch.int64)
+        if self.graphs is not None and len(windows) in self.sizes:
+            audio = self.graphs(codes, seeds)
         else:
-            seeds, generators = None, [torch.Generator().manual_seed(w.seed) for w in windows]
+            audio = self.kept_samples(codes, seeds)
+        return list(to_int16(audio[:real].float().cpu().numpy()))
+
+    def kept_samples(self, codes: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
+        """Kept samples [B, 2048] of windows given as their three codebooks' codes [B, n] and seeds [B]."""
+        codes = [book.to(self.device) for book in codes]
+        if self.noise == NOISE_COUNTER:
+            seeds, generators = seeds.to(self.device), None
+        else:
+            seeds, generators = None, [torch.Generator().manual_seed(seed) for seed in seeds.tolist()]
         for block in self.noise_blocks:
             block.seeds, block.generators = seeds, generators
         try:
-            audio = self._decode_kept(self.model.quantizer.from_codes(codes))
+            return self._decode_kept(self.model.quantizer.from_codes(codes))[:, 0]
         finally:
             for block in self.noise_blocks:
                 block.seeds = block.generators = None
-        kept = audio[:real, 0].float().cpu().numpy()
-        return list(to_int16(kept))
+
+
+class CallGraphs:
+    """A GPU decoder's calls as CUDA graphs, one per call size: about 650 kernel launches a call (16 ms
+    of host time on an H100 whatever the batch: perf/results/2026-11-26_h100) become one.
+
+    Codes and seeds are copied into fixed buffers, the size's graph replays, and its output
+    buffer holds the kept samples until the next replay. Each graph is checked against the same
+    call run eagerly when it is captured; should one disagree by more than an int16 step, or fail
+    to capture, the decoder goes on without graphs (logged).
+    """
+
+    def __init__(self, decoder: WindowDecoder):
+        self.decoder = decoder
+        rows, device = max(decoder.sizes), decoder.device
+        frames = WINDOW_TOKENS // TOKENS_PER_FRAME
+        self.codes = [torch.zeros(rows, frames * n, dtype=torch.int64, device=device) for n in CODES_PER_FRAME]
+        self.seeds = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, codes: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
+        rows = len(seeds)
+        for buffer, book in zip(self.codes, codes, strict=True):
+            buffer[:rows].copy_(book)
+        self.seeds[:rows].copy_(seeds)
+        if rows not in self.graphs:
+            return self._capture_checked(rows)
+        graph, audio = self.graphs[rows]
+        graph.replay()
+        return audio
+
+    def _run(self, rows: int) -> torch.Tensor:
+        return self.decoder.kept_samples([buffer[:rows] for buffer in self.codes], self.seeds[:rows])
+
+    def _capture_checked(self, rows: int) -> torch.Tensor:
+        eager = self._run(rows).clone()
+        try:
+            graph, audio = capture(lambda: self._run(rows), self.decoder.device, self.pool)
+            graph.replay()
+        except RuntimeError as error:
+            log.warning("SNAC decoder: no CUDA graph for %d windows (%s); decoding without graphs", rows, error)
+            self.decoder.graphs = None
+            return eager
+        difference = (audio - eager).abs().max().item()
+        if difference * 32767 > 1.0:
+            log.warning("SNAC decoder: the CUDA graph for %d windows differs from the eager call by %.2g; "
+                        "decoding without graphs", rows, difference)
+            self.decoder.graphs = None
+            return eager
+        self.graphs[rows] = (graph, audio)
+        return audio
 
 
 def to_int16(audio: np.ndarray) -> np.ndarray:
