@@ -197,15 +197,21 @@ def check_graph_sampling(device: torch.device, model) -> dict:
             "graphs": len(sampler.graphs)}
 
 
-def check_snac(device: torch.device, round_windows: int) -> dict:
-    try:
-        from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
-        from orpheus_triton.snac_codec import load_window_decoder  # noqa: PLC0415
-    except ImportError as error:  # the lent GPU machines have torch, not snac (perf/gpu/run_on_gpu.sh setup)
-        return {"ok": NOT_APPLICABLE, "why": f"cannot import the SNAC decoder: {error}"}
+def random_snac_decoder(device: torch.device):
+    """The serving SNAC decoder on ``device`` with random SNAC 24 kHz weights (ImportError without snac)."""
+    from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
+    from orpheus_triton.snac_codec import load_window_decoder  # noqa: PLC0415
+
     with tempfile.TemporaryDirectory() as tmp:
         write_random_snac(Path(tmp))
-        decoder = load_window_decoder(Path(tmp), device=device)
+        return load_window_decoder(Path(tmp), device=device)
+
+
+def check_snac(device: torch.device, round_windows: int) -> dict:
+    try:
+        decoder = random_snac_decoder(device)
+    except ImportError as error:  # the lent GPU machines have torch, not snac (perf/gpu/run_on_gpu.sh setup)
+        return {"ok": NOT_APPLICABLE, "why": f"cannot import the SNAC decoder: {error}"}
     rng = np.random.default_rng(0)
     streams = []
     for _ in range(8):
@@ -251,15 +257,13 @@ def check_new_shapes(device: torch.device, model) -> dict:
             calls[f"prefill {rows}x{width}"] = twice(lambda tokens=tokens, positions=positions: engine.model(
                 tokens, positions, first_slot=0, last_only=False, hidden_only=True))
     try:
-        from orpheus_triton.demo_models import write_random_snac  # noqa: PLC0415
-        from orpheus_triton.snac_codec import load_window_decoder, warm_up  # noqa: PLC0415
+        decoder = random_snac_decoder(device)
     except ImportError as error:
         calls_skipped = f"SNAC: cannot import the decoder: {error}"
     else:
+        from orpheus_triton.snac_codec import warm_up  # noqa: PLC0415
+
         calls_skipped = None
-        with tempfile.TemporaryDirectory() as tmp:
-            write_random_snac(Path(tmp))
-            decoder = load_window_decoder(Path(tmp), device=device)
         warm_up(decoder)  # as the server's decoder does at load
         rng = np.random.default_rng(3)
         for size in (3, 6, 11, 20):

@@ -383,6 +383,8 @@ class InflightEngine:
     def _retire_complete(self) -> None:
         """overlap: streams whose last token is sampled leave before the next forward (they are handed
         it when it is read back). Without overlap they left when it was handed out."""
+        if not self.overlap:
+            return
         for slot in reversed(range(len(self.decoding))):
             stream = self.decoding[slot]
             if stream.issued >= stream.request.max_new_tokens:
@@ -434,18 +436,19 @@ class InflightEngine:
         # Every row's settings in two host tensors (one per dtype, a setting per row), each copied to
         # the device once and without waiting for the forward queued before (sampling.host_to_device).
         requests = [s.request for s in streams]
+        issued = [s.issued for s in streams]  # each stream's draw step, and its audio position
         # The rows' grouping settings stay on the host too (sampling.HostRows).
         host = HostRows(guarded=[r.audio_guard for r in requests],
-                        slots=[s.issued % TOKENS_PER_FRAME for s in streams], top_k=[r.top_k for r in requests])
+                        slots=[n % TOKENS_PER_FRAME for n in issued], top_k=[r.top_k for r in requests])
         reals = host_to_device(torch.tensor([[r.temperature for r in requests], [r.top_p for r in requests],
                                              [r.repetition_penalty for r in requests]], dtype=torch.float32),
                                self.device)
         whole = host_to_device(torch.tensor([
             host.top_k,
             [(r.seed + 2**63) % 2**64 - 2**63 for r in requests],  # UINT64 seeds as the same 64 bits in int64
-            [s.issued for s in streams],  # the step of each stream's draws
+            issued,  # step
             host.guarded,
-            [s.issued for s in streams],  # audio position
+            issued,  # audio position
             slots,
         ], dtype=torch.int64), self.device)
         slot_index = whole[5]
@@ -481,6 +484,8 @@ class InflightEngine:
             if done:
                 stream.ended = True
                 finished.append(stream)
+        if not finished:
+            return
         slots = {id(stream): slot for slot, stream in enumerate(self.decoding)}
         # overlap: a stream cut at max_new_tokens left when its last token was sampled
         for slot in sorted((slots[id(s)] for s in finished if id(s) in slots), reverse=True):
