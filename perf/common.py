@@ -208,6 +208,44 @@ def wait_idle(server: RunningServer, timeout: float = 120.0) -> bool:
     return False
 
 
+# Random-weight model sets the benchmarks can serve: their LLM shapes (the SNAC decoder is always the full 24 kHz one).
+SHAPES = ("demo", "orpheus-3b")
+
+
+def model_set(shape: str, models: str | None):
+    """The models to serve (a ModelSet: ``models``, else random weights of ``shape``) and a line describing them."""
+    import torch  # noqa: PLC0415
+
+    from orpheus_triton.demo_models import (  # noqa: PLC0415
+        ORPHEUS_3B_SHAPE,
+        ModelSet,
+        cache_dir,
+        demo_model_set,
+        write_random_llama,
+        write_random_snac,
+        write_tokenizer,
+    )
+
+    if models:
+        chosen = ModelSet(Path(models).expanduser().resolve())
+        chosen.check()
+        return chosen, f"model set {chosen.root}"
+    if shape == "demo":
+        return demo_model_set(log=log), "demo model set (Llama hidden 128 x 2 layers, full SNAC 24 kHz)"
+    if shape != "orpheus-3b":
+        raise ValueError(f"unknown model shape {shape!r}; known: {', '.join(SHAPES)}")
+    root = cache_dir() / f"random-{shape}"
+    chosen = ModelSet(root)
+    if not (root / ".complete").is_file():
+        log(f"writing a random-weight {shape} model set to {root} (bf16; takes a minute or two) ...")
+        write_random_llama(chosen.llm, ORPHEUS_3B_SHAPE, dtype=torch.bfloat16)
+        write_tokenizer(chosen.llm)
+        write_random_snac(chosen.snac)
+        (root / ".complete").write_text(shape)
+    return chosen, (f"random-weight {shape} model set (Llama hidden {ORPHEUS_3B_SHAPE['hidden_size']} x "
+                    f"{ORPHEUS_3B_SHAPE['num_hidden_layers']} layers, full SNAC 24 kHz)")
+
+
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,

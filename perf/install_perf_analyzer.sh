@@ -16,7 +16,9 @@
 # runs the binary; it is verified with `--help` before it is printed.
 #
 # Offline (a GPU machine without network): PERF_ANALYZER_WHEELS=DIR installs from DIR,
-# which holds the two wheels and libb64-0d_*.deb (perf/gpu/run_on_gpu.sh fetch puts them there).
+# which holds the two wheels and libb64-0d_*.deb (perf/gpu/run_on_gpu.sh fetch puts them there),
+# or PERF_ANALYZER_BUNDLE=FILE unpacks FILE, a tar.xz of libexec/perf_analyzer and lib/ with the
+# two libraries (4.6 MB: perf/gpu/run_on_gpu.sh pack makes it; no pip, no venv).
 set -euo pipefail
 
 TRITONCLIENT_VERSION=2.47.0
@@ -46,6 +48,33 @@ WRAPPER="$TOOLS/bin/perf_analyzer"
 if [[ -x "$WRAPPER" ]] && works "$WRAPPER"; then
   log "already installed in $TOOLS"
   echo "$WRAPPER"
+  exit 0
+fi
+
+write_wrapper() {  # write_wrapper BINARY LIBRARY_PATH: $WRAPPER runs BINARY with LIBRARY_PATH, checked by --help
+  mkdir -p "$TOOLS/bin"
+  cat >"$WRAPPER" <<WRAP
+#!/usr/bin/env bash
+# perf_analyzer from tritonclient $TRITONCLIENT_VERSION, with the libraries it needs on CPU machines.
+export LD_LIBRARY_PATH="$2\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+exec "$1" "\$@"
+WRAP
+  chmod +x "$WRAPPER"
+  if ! works "$WRAPPER"; then
+    log "installed, but $WRAPPER --help fails:"
+    "$WRAPPER" --help 2>&1 | head -n 5 >&2 || true
+    exit 1
+  fi
+  log "perf_analyzer ready"
+  echo "$WRAPPER"
+}
+
+if [[ -n "${PERF_ANALYZER_BUNDLE:-}" ]]; then
+  [[ -f "$PERF_ANALYZER_BUNDLE" ]] || { log "PERF_ANALYZER_BUNDLE=$PERF_ANALYZER_BUNDLE is not a file"; exit 1; }
+  log "unpacking $PERF_ANALYZER_BUNDLE into $TOOLS"
+  mkdir -p "$TOOLS"
+  tar -C "$TOOLS" -xJf "$PERF_ANALYZER_BUNDLE" libexec/perf_analyzer lib
+  write_wrapper "$TOOLS/libexec/perf_analyzer" "$TOOLS/lib"
   exit 0
 fi
 
@@ -114,17 +143,4 @@ else
   exit 1
 fi
 
-cat >"$WRAPPER" <<WRAP
-#!/usr/bin/env bash
-# perf_analyzer from tritonclient $TRITONCLIENT_VERSION, with the libraries it needs on CPU machines.
-export LD_LIBRARY_PATH="$TOOLS/lib:$CUDART_DIR\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-exec "$BINARY" "\$@"
-WRAP
-chmod +x "$WRAPPER"
-if ! works "$WRAPPER"; then
-  log "installed, but $WRAPPER --help fails:"
-  "$WRAPPER" --help 2>&1 | head -n 5 >&2 || true
-  exit 1
-fi
-log "perf_analyzer ready"
-echo "$WRAPPER"
+write_wrapper "$BINARY" "$TOOLS/lib:$CUDART_DIR"

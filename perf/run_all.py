@@ -25,56 +25,23 @@ import comparisons
 import run_perf_analyzer
 from common import (
     PERF,
+    SHAPES,
     load_average,
     local_server,
     log,
     machine_info,
     machine_name,
+    model_set,
     other_load_monitor,
     run_folder,
     source_state,
     wait_quiet,
 )
 
-from orpheus_triton.demo_models import (
-    DEMO_LLM_SHAPE,
-    ORPHEUS_3B_SHAPE,
-    ModelSet,
-    cache_dir,
-    demo_model_set,
-    write_random_llama,
-    write_random_snac,
-    write_tokenizer,
-)
 from orpheus_triton.loadgen import SweepSettings, Utterance, grpc_stream, realtime_capacity, sweep, workload
 from orpheus_triton.server import log_tail
 
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
-
-SHAPES = {"demo": DEMO_LLM_SHAPE, "orpheus-3b": ORPHEUS_3B_SHAPE}
-
-
-def model_set(shape: str, models: str | None) -> tuple[ModelSet, str]:
-    """The models to serve and a line describing them."""
-    if models:
-        chosen = ModelSet(Path(models).expanduser().resolve())
-        chosen.check()
-        return chosen, f"model set {chosen.root}"
-    if shape == "demo":
-        return demo_model_set(log=log), "demo model set (Llama hidden 128 x 2 layers, full SNAC 24 kHz)"
-    import torch  # noqa: PLC0415
-
-    root = cache_dir() / f"random-{shape}"
-    chosen = ModelSet(root)
-    if not (root / ".complete").is_file():
-        log(f"writing a random-weight {shape} model set to {root} (bf16; takes a minute or two) ...")
-        write_random_llama(chosen.llm, SHAPES[shape], dtype=torch.bfloat16)
-        write_tokenizer(chosen.llm)
-        write_random_snac(chosen.snac)
-        (root / ".complete").write_text(shape)
-    dims = SHAPES[shape]
-    return chosen, (f"random-weight {shape} model set (Llama hidden {dims['hidden_size']} x "
-                    f"{dims['num_hidden_layers']} layers, full SNAC 24 kHz)")
 
 
 def release_memory() -> None:

@@ -3,6 +3,7 @@
     python perf/run_perf_analyzer.py                      # starts a server with the demo model set
     python perf/run_perf_analyzer.py --url localhost:8001 # uses a running server
     python perf/run_perf_analyzer.py --concurrency 1,2,4,8 --decoder-concurrency 1,4,8,16 --max-tokens 0
+    python perf/run_perf_analyzer.py --shape orpheus-3b --device cuda --max-streams 64   # a GPU server
 
 Each level runs one perf_analyzer process (concurrency mode, count windows) and
 leaves in the run folder: its CSV (``-f --verbose-csv``), its console output and
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import PERF, RunningServer, log, other_load_monitor, run_folder, wait_idle
+from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
@@ -193,7 +194,7 @@ def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", help="gRPC endpoint of a running server (default: start one with the demo set)")
+    parser.add_argument("--url", help="gRPC endpoint of a running server (default: start one, see --shape)")
     parser.add_argument("--metrics-url", help="its metrics page, to wait for idle between levels")
     parser.add_argument("--perf-analyzer", help="perf_analyzer binary (default: PATH, then perf/.tools)")
     parser.add_argument("--install", action="store_true", help="run install_perf_analyzer.sh if none is found")
@@ -206,7 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per perf_analyzer process")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     parser.add_argument("--max-streams", type=int, default=16, help="engine streams when starting a server")
+    parser.add_argument("--shape", choices=SHAPES, default="demo",
+                        help="random-weight LLM shape of the server it starts")
+    parser.add_argument("--models", help="a real model set directory for the server it starts (llm/ + snac/)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda, for the server it starts")
+    parser.add_argument("--max-seq-len", type=int, default=2048, help="engine positions per stream, likewise")
     args = parser.parse_args(argv)
+    if args.url and (args.models or args.shape != "demo"):
+        parser.error("--shape and --models pick the models of a server this script starts; not with --url")
 
     perf_analyzer = find_perf_analyzer(args.perf_analyzer, args.install)
     if not perf_analyzer:
@@ -227,12 +235,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         result = run(perf_analyzer, RunningServer(args.url, args.metrics_url), **common)
     else:
-        from common import local_server  # noqa: PLC0415
+        from common import local_server, model_set  # noqa: PLC0415
 
-        from orpheus_triton.demo_models import demo_model_set  # noqa: PLC0415
-
-        with local_server(demo_model_set(), args.max_streams, out / "raw" / "server_perf_analyzer.log") as server:
+        models, description = model_set(args.shape, args.models)
+        log(f"starting a server: {description}, device {args.device}, {args.max_streams} engine streams")
+        with local_server(models, args.max_streams, out / "raw" / "server_perf_analyzer.log", device=args.device,
+                          max_seq_len=args.max_seq_len) as server:
             result = run(perf_analyzer, server, **common)
+        result["model_set"] = description
     path = out / "perf_analyzer.json"
     path.write_text(json.dumps(result, indent=1))
     log(f"wrote {path}")

@@ -81,24 +81,85 @@ download() {  # download DIR PACKAGE...
 LEAN_WHEELS=(numpy tritonclient python_rapidjson grpcio protobuf ml_dtypes snac)
 
 pack() {
-  # One transfer of at most 64 MiB: nvidia-pytriton without the stubs and libpython of other Python versions,
-  # as a tar.xz (27 MB instead of a 55 MB wheel), and the tool wheels in LEAN_WHEELS -> wheels/lean/.
+  # One transfer of at most 64 MiB -> wheels/lean/, three xz archives (xz packs shared libraries far
+  # tighter than a wheel's zip: 51 MB instead of 92 MB of wheels):
+  #   site-nvidia_pytriton-py3.12.tar.xz  nvidia-pytriton without the stubs and libpython of other Pythons
+  #   site-tools-py3.12.tar.xz            the tool wheels in LEAN_WHEELS, unpacked as pip installs them
+  #   perf_analyzer.tar.xz                perf_analyzer from tritonclient 2.47.0, libcudart.so.12, libb64.so.0d
+  # `setup` unpacks the site-* archives into site-packages and the last one into perf/.tools.
   [[ -d "$WHEELS/server" && -d "$WHEELS/tools" ]] || { log "run '$0 fetch' first"; exit 1; }
-  local lean="$WHEELS/lean" work
+  local lean="$WHEELS/lean" work name
   work="$(mktemp -d)"
   rm -rf "$lean"
-  mkdir -p "$lean"
-  python3 -m zipfile -e "$WHEELS"/server/nvidia_pytriton-*.whl "$work"
-  find "$work/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name "$PY_VERSION" -exec rm -rf {} +
-  rm -f "$work"/nvidia_pytriton.libs/libpython3-*.so*  # the bundled libpython serves only another version's stub
-  chmod +x "$work/pytriton/tritonserver/bin/tritonserver" "$work/pytriton/tritonserver/python_backend_stubs/$PY_VERSION/"*
-  log "compressing the trimmed nvidia-pytriton (a minute) ..."
-  tar -C "$work" -cJf "$lean/nvidia_pytriton-py$PY_VERSION.tar.xz" .
-  rm -rf "$work"
+  mkdir -p "$lean" "$work/pytriton" "$work/tools" "$work/perf_analyzer/libexec" "$work/perf_analyzer/lib"
+  python3 -m zipfile -e "$WHEELS"/server/nvidia_pytriton-*.whl "$work/pytriton"
+  find "$work/pytriton/pytriton/tritonserver/python_backend_stubs" -mindepth 1 -maxdepth 1 ! -name "$PY_VERSION" \
+    -exec rm -rf {} +
+  rm -f "$work"/pytriton/nvidia_pytriton.libs/libpython3-*.so*  # the bundled libpython serves only another version's stub
+  chmod +x "$work/pytriton/pytriton/tritonserver/bin/tritonserver" \
+    "$work/pytriton/pytriton/tritonserver/python_backend_stubs/$PY_VERSION/"*
   for name in "${LEAN_WHEELS[@]}"; do
-    cp "$WHEELS"/tools/"$name"-*.whl "$lean"/
+    unpack_wheel "$(compgen -G "$WHEELS/tools/$name-*.whl" | head -n 1)" "$work/tools"
   done
+  log "compressing nvidia-pytriton and the tool wheels (two minutes) ..."
+  tar -C "$work/pytriton" -cJf "$lean/site-nvidia_pytriton-py$PY_VERSION.tar.xz" . &
+  tar -C "$work/tools" -cJf "$lean/site-tools-py$PY_VERSION.tar.xz" .
+  wait
+  if compgen -G "$WHEELS/perf_analyzer/tritonclient-*.whl" >/dev/null; then
+    pack_perf_analyzer "$work/perf_analyzer" "$lean/perf_analyzer.tar.xz"
+  else
+    log "no wheels/perf_analyzer: the GPU machine runs without perf_analyzer"
+  fi
+  rm -rf "$work"
   du -sh "$lean" >&2
+}
+
+unpack_wheel() {  # unpack_wheel WHEEL DIR: its files where pip puts them in site-packages (no scripts or headers)
+  python3 - "$1" "$2" <<'PY'
+import sys, zipfile
+from pathlib import Path
+wheel, site = sys.argv[1], Path(sys.argv[2])
+with zipfile.ZipFile(wheel) as archive:
+    for info in archive.infolist():
+        parts = Path(info.filename).parts
+        if parts[0].endswith(".data"):  # NAME.data/purelib|platlib/... belongs in site-packages itself
+            if len(parts) < 3 or parts[1] not in ("purelib", "platlib"):
+                continue
+            parts = parts[2:]
+        if info.is_dir():
+            continue
+        target = site.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(archive.read(info))
+        if info.external_attr >> 16 & 0o111:
+            target.chmod(0o755)
+PY
+}
+
+pack_perf_analyzer() {  # pack_perf_analyzer WORKDIR ARCHIVE: the binary and the two libraries it lacks there
+  local work="$1" archive="$2" deb
+  python3 - "$WHEELS/perf_analyzer" "$work" <<'PY'
+import sys, zipfile
+from pathlib import Path
+wheels, work = Path(sys.argv[1]), Path(sys.argv[2])
+wanted = {"tritonclient-*.whl": ("/data/bin/perf_analyzer", work / "libexec" / "perf_analyzer"),
+          "nvidia_cuda_runtime_cu12-*.whl": ("/lib/libcudart.so.12", work / "lib" / "libcudart.so.12")}
+for pattern, (suffix, target) in wanted.items():
+    wheel = next(wheels.glob(pattern))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(name for name in archive.namelist() if name.endswith(suffix))
+        target.write_bytes(archive.read(member))
+    target.chmod(0o755)
+PY
+  deb="$(compgen -G "$WHEELS/perf_analyzer/libb64-0d_*.deb" | head -n 1 || true)"
+  if [[ -n "$deb" ]]; then
+    dpkg-deb -x "$deb" "$work/deb"
+    find "$work/deb" -name 'libb64.so.0d*' -exec cp -aL {} "$work/lib/" \;
+    rm -rf "$work/deb"
+  else
+    log "no libb64-0d .deb in wheels/perf_analyzer: the GPU machine needs libb64.so.0d installed"
+  fi
+  tar -C "$work" -cJf "$archive" libexec lib
 }
 
 fetch() {
@@ -137,7 +198,7 @@ setup() {
   for dir in "$WHEELS/server" "$WHEELS/tools" "$WHEELS/lean"; do
     found+=("$dir"/*.whl)
   done
-  packed=("$WHEELS"/lean/*.tar.xz)
+  packed=("$WHEELS"/lean/site-*.tar.xz)
   shopt -u nullglob
   if ((${#found[@]})); then
     log "installing ${#found[@]} wheels offline"
@@ -147,12 +208,16 @@ setup() {
     log "unpacking $(basename "$bundle") into $site"
     tar -C "$site" -xJf "$bundle"
   done
-  if [[ -d "$WHEELS/perf_analyzer" ]]; then
+  if [[ -f "$WHEELS/lean/perf_analyzer.tar.xz" ]]; then
+    PERF_ANALYZER_BUNDLE="$WHEELS/lean/perf_analyzer.tar.xz" bash "$REPO/perf/install_perf_analyzer.sh" ||
+      log "perf_analyzer not installed; the benchmark runs without it"
+  elif [[ -d "$WHEELS/perf_analyzer" ]]; then
     PERF_ANALYZER_WHEELS="$WHEELS/perf_analyzer" PYTHON="$python" bash "$REPO/perf/install_perf_analyzer.sh" ||
       log "perf_analyzer not installed; the benchmark runs without it"
   fi
   PYTHONPATH="$REPO/src" "$VENV/bin/python" - <<'PY'
 import importlib
+import sys
 missing = []
 for module in ("torch", "numpy", "safetensors", "tokenizers", "snac", "tritonclient.grpc", "matplotlib",
                "orpheus_triton.server"):
@@ -166,9 +231,10 @@ try:
     server_command(Path("."), Ports())  # finds the bundled tritonserver and its stub for this Python
 except Exception as error:  # noqa: BLE001
     missing.append(f"tritonserver ({error})")
-import torch
-print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 print("missing: " + "; ".join(missing) if missing else "all modules import")
+if "torch" in sys.modules:
+    import torch
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
 PY
 }
 
@@ -195,8 +261,8 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
-  # "check models engine engine-overlap serving serving-overlap"; also "comparisons", "profile", "snac-sizes",
-  # "engine-graph"); results in perf/results/gpu-short/.
+  # "check models engine engine-overlap serving serving-overlap"; also "perf-analyzer", "comparisons", "profile",
+  # "snac-sizes", "engine-graph"); results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
@@ -226,7 +292,7 @@ short() {
   }
   step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check"
   step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes"
-  step models 150 "$py" -c 'from run_all import model_set; print(model_set("orpheus-3b", None)[0].llm)'
+  step models 150 "$py" -c 'from common import model_set; print(model_set("orpheus-3b", None)[0].llm)'
   llm="$(tail -n 1 "$out/models.log")"
   [[ -d "$llm" ]] || { log "no model set; stopping"; return 1; }
   step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
@@ -243,6 +309,11 @@ short() {
     --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 \
     --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
     --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
+  # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
+  # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
+  step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b --device cuda --max-streams 64 \
+    --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 --max-tokens 150 --request-count 8 \
+    --timeout 60 --out "$out/perf-analyzer"
   step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 16 --max-seq-len 1400 \
     --concurrency 1 --texts short --max-tokens 0 --min-streams 4 --level-seconds 20 --poisson-rates "" \
     --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer --retry-busy 0 --out "$out/comparisons" "$@"
