@@ -7,13 +7,17 @@
     python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --graph-sampling   # a model set's
                                                       # checkpoint; the engine's graph-sampling option
     python perf/engine_bench.py --shape orpheus-3b --overlap   # the engine's overlap option
+    python perf/engine_bench.py --burst 0+8,4+4 --burst-prefill 64,256,1024   # bursts at three prefill budgets
 
 Measures, in process (no Triton):
 1. aggregate tokens/s of N concurrent streams vs one stream (in-flight batching gain);
 2. a newcomer's time to first token while N-1 streams are mid-generation (it must not wait
    for them to finish: it should cost about one step);
 3. step time vs active streams, and how many streams stay at or above real time
-   (REAL_TIME_TOKENS_PER_SECOND, ~82 tokens/s per stream).
+   (REAL_TIME_TOKENS_PER_SECOND, ~82 tokens/s per stream);
+4. bursts (--burst): many requests at once, alone or beside running streams, at one or more prefill
+   budgets (--burst-prefill): the newcomers' time to their first window of tokens (first audio) and
+   the running streams' longest wait between tokens.
 Writes JSON and a markdown table to --out.
 """
 
@@ -30,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from orpheus_triton.constants import REAL_TIME_TOKENS_PER_SECOND
+from orpheus_triton.constants import REAL_TIME_TOKENS_PER_SECOND, WINDOW_TOKENS
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.llama import load_llama
+from orpheus_triton.loadgen import percentile
 from orpheus_triton.timing import synced_seconds
 from orpheus_triton.triton_llm import pick_device
 
@@ -67,17 +72,27 @@ def prompt(i: int) -> list[int]:
 
 
 def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
-    sink[i] = {"tokens": 0, "first": None, "submitted": time.perf_counter()}
+    """Queue stream ``i`` of ``tokens`` tokens; ``sink[i]`` records its token count, when its first token
+    and its first window's worth (WINDOW_TOKENS, what the SNAC decoder needs for first audio) came, and
+    the longest wait between two of its tokens."""
+    sink[i] = {"tokens": 0, "first": None, "window": None, "last": None, "max_gap": 0.0,
+               "submitted": time.perf_counter()}
 
     def emit(new, finished, i=i):
-        entry = sink[i]
+        entry, now = sink[i], time.perf_counter()
         entry["tokens"] += len(new)
-        entry["first"] = entry["first"] or time.perf_counter()
+        entry["first"] = entry["first"] or now
+        if entry["window"] is None and entry["tokens"] >= WINDOW_TOKENS:
+            entry["window"] = now
+        if entry["last"] is not None:
+            entry["max_gap"] = max(entry["max_gap"], now - entry["last"])
+        entry["last"] = now
         if finished:
-            entry["done"] = time.perf_counter()
+            entry["done"] = now
 
     # end_id=-1: never stop early, so every stream generates exactly `tokens`.
-    engine.submit(GenerationRequest(prompt=prompt(i), max_new_tokens=tokens, emit=emit, seed=i, end_id=-1))
+    engine.submit(GenerationRequest(prompt=prompt(i), max_new_tokens=tokens, emit=emit, seed=i, end_id=-1,
+                                    request_id=f"bench-{i}"))
 
 
 def throughput(engine: InflightEngine, streams: int, tokens: int) -> float:
@@ -109,6 +124,49 @@ def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
     engine.run_until_idle()
     return {"running_streams": running, "newcomer_ttft_s": ttft, "step_s_before": sorted(step_times)[2],
             "others_finished_first": others_done}
+
+
+def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: int) -> dict:
+    """``arriving`` requests submitted at once while ``running`` streams decode (a burst of callers, as when a
+    closed-loop level starts), with the engine's prefill budget at ``prefill_tokens`` per step.
+
+    Returns the newcomers' time to their first token and to their first window (WINDOW_TOKENS tokens:
+    when the SNAC decoder can give first audio), and the running streams' longest wait between two tokens
+    while the newcomers are admitted (a step that prefills many prompts is a long one for them).
+    """
+    engine.prefill_chunk = prefill_tokens
+    if running + arriving > engine.max_streams:
+        raise SystemExit(f"burst {running}+{arriving} exceeds the engine's {engine.max_streams} slots")
+    sink: dict = {}
+    for i in range(running):
+        submit(engine, i, engine.max_seq_len - PROMPT_LEN, sink)  # they run until stopped
+    while engine.queue or engine.prefilling is not None:
+        engine.step()
+    step_times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - started)
+    for entry in sink.values():
+        entry["max_gap"] = 0.0
+    newcomers = range(running, running + arriving)
+    for i in newcomers:
+        submit(engine, i, WINDOW_TOKENS, sink)
+    longest = 0.0
+    while any(sink[i]["window"] is None for i in newcomers):
+        started = time.perf_counter()
+        engine.step()
+        longest = max(longest, time.perf_counter() - started)
+    for i in range(running):
+        engine.stop_stream(f"bench-{i}")
+    engine.run_until_idle()
+    first = sorted(sink[i]["first"] - sink[i]["submitted"] for i in newcomers)
+    window = sorted(sink[i]["window"] - sink[i]["submitted"] for i in newcomers)
+    return {"running": running, "arriving": arriving, "prefill_tokens": prefill_tokens,
+            "step_s_before": sorted(step_times)[2] if running else None, "longest_step_s": longest,
+            "first_token_s": {"p50": percentile(first, 50), "max": first[-1]},
+            "first_window_s": {"p50": percentile(window, 50), "p99": percentile(window, 99), "max": window[-1]},
+            "running_max_gap_s": max((sink[i]["max_gap"] for i in range(running)), default=None)}
 
 
 def release(device: str) -> None:
@@ -178,6 +236,10 @@ def main() -> int:
                         help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option)")
     parser.add_argument("--overlap", action="store_true",
                         help="read each step's tokens back after queueing the next (InflightEngine option)")
+    parser.add_argument("--burst", default="0+8,4+4",
+                        help="bursts RUNNING+ARRIVING: ARRIVING requests at once beside RUNNING decoding streams")
+    parser.add_argument("--burst-prefill", default="",
+                        help="prefill budgets (tokens per step) to measure each burst with (default: the engine's)")
     parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
                                       "instead of writing random weights")
     parser.add_argument("--out", default="perf/results/engine")
@@ -185,7 +247,10 @@ def main() -> int:
 
     device = pick_device(args.device)
     counts = [int(x) for x in args.sweep.split(",")]
-    max_streams = args.max_streams or max(counts + [args.streams])
+    bursts = [tuple(int(n) for n in b.split("+")) for b in args.burst.split(",") if b]
+    if any(len(b) != 2 for b in bursts):
+        parser.error(f"--burst {args.burst!r}: want RUNNING+ARRIVING[,RUNNING+ARRIVING...], e.g. 0+8,4+4")
+    max_streams = args.max_streams or max(counts + [args.streams] + [sum(b) for b in bursts])
     if max(counts + [args.streams]) > max_streams:
         parser.error(f"--sweep/--streams up to {max(counts + [args.streams])} need --max-streams of at least that")
     try:
@@ -210,6 +275,8 @@ def main() -> int:
         batches.append(throughput(engine, args.streams, args.tokens))
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
+    budgets = [int(x) for x in args.burst_prefill.split(",") if x] or [engine.prefill_chunk]
+    bursts = [burst(engine, running, arriving, budget) for running, arriving in bursts for budget in budgets]
     varlen = engine.decoder is not None and engine.decoder.varlen
     graph_sampling = engine.sampler is not None  # the option takes effect on the bucketed (GPU) path only
     del engine  # the sweep's engines each hold a KV cache of their own
@@ -227,7 +294,7 @@ def main() -> int:
         "single_stream_tokens_per_s": single, "streams": args.streams,
         "batched_tokens_per_s": batched, "batching_gain": batched / single,
         "single_runs_tokens_per_s": singles, "batched_runs_tokens_per_s": batches,
-        "newcomer": newcomer, "step_sweep": sweep,
+        "newcomer": newcomer, "bursts": bursts, "step_sweep": sweep,
         "real_time_streams": max((r["streams"] for r in sweep if r["real_time"]), default=0),
     }
     out = Path(args.out)
@@ -252,6 +319,20 @@ def main() -> int:
         "|---:|---:|---:|---:|:---:|",
         *[f"| {r['streams']} | {r['step_ms']:.2f} | {r['tokens_per_s_per_stream']:.0f} | "
           f"{r['aggregate_tokens_per_s']:.0f} | {'yes' if r['real_time'] else 'no'} |" for r in sweep],
+        "",
+        f"Bursts: requests arriving at once beside running streams; first window = {WINDOW_TOKENS} tokens, "
+        "what the SNAC decoder needs for first audio (times in ms):",
+        "",
+        "| running | arriving | prefill tokens/step | first token p50 / max | first window p50 / p99 / max "
+        "| running streams' longest wait | step before |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {b['running']} | {b['arriving']} | {b['prefill_tokens']} | "
+          f"{b['first_token_s']['p50'] * 1000:.0f} / {b['first_token_s']['max'] * 1000:.0f} | "
+          f"{b['first_window_s']['p50'] * 1000:.0f} / {b['first_window_s']['p99'] * 1000:.0f} / "
+          f"{b['first_window_s']['max'] * 1000:.0f} | "
+          + (f"{b['running_max_gap_s'] * 1000:.0f}" if b["running_max_gap_s"] is not None else "-")
+          + " | " + (f"{b['step_s_before'] * 1000:.1f}" if b["step_s_before"] is not None else "-") + " |"
+          for b in bursts],
     ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

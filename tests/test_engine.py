@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
-from orpheus_triton.engine import CapacityError, GenerationRequest, InflightEngine
+from orpheus_triton.engine import PREFILL_TOKENS_PER_STEP, CapacityError, GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, token_slot
 from orpheus_triton.llama import load_llama
 from orpheus_triton.sampling import SamplingBatch, gumbel_noise, sample
@@ -513,3 +513,12 @@ def test_the_llm_stage_builds_its_engine_with_the_options_of_its_config(model_se
     plain = build_engine(params)
     assert (plain.max_streams, plain.max_seq_len, plain.overlap) == (3, 256, False)
     assert build_engine({**params, "overlap": "true"}).overlap
+    # The prefill budget: the device's default unless the config sets one ("0" as rendered: the default).
+    assert plain.prefill_chunk == build_engine({**params, "prefill_chunk": "0"}).prefill_chunk
+    assert plain.prefill_chunk == PREFILL_TOKENS_PER_STEP["cpu"] < PREFILL_TOKENS_PER_STEP["cuda"]
+    assert build_engine({**params, "prefill_chunk": "64"}).prefill_chunk == 64
+
+
+def test_a_prefill_budget_below_one_token_is_refused(model):
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        InflightEngine(model, max_streams=2, max_seq_len=64, prefill_chunk=0)

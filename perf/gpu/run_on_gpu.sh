@@ -295,11 +295,14 @@ short() {
   step models 150 "$py" -c 'from common import model_set; print(model_set("orpheus-3b", None)[0].llm)'
   llm="$(tail -n 1 "$out/models.log")"
   [[ -d "$llm" ]] || { log "no model set; stopping"; return 1; }
+  # Bursts: 216 callers at once (a closed-loop level's start) and 128 beside 64 running streams, at the
+  # CPU's prefill budget and the GPU's default (engine.PREFILL_TOKENS_PER_STEP).
   step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
-    --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --out "$out/engine"
+    --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
+    --burst 0+216,64+128 --burst-prefill 256,2048,8192 --out "$out/engine"
   # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
   step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda --overlap \
-    --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --out "$out/engine"
+    --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 --out "$out/engine"
   # Serving before the optional steps: the served sweep is the figure a lent GPU is most wanted for.
   step serving 200 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
     --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 --min-streams 8 \

@@ -4,8 +4,9 @@ One scheduler loop owns the model. Each iteration (a *step*):
 
 1. drops streams whose client went away and admits queued requests into free
    slots;
-2. prefills waiting prompts, at most ``prefill_chunk`` prompt tokens per step,
-   so a long prompt never stalls running streams for more than one chunk:
+2. prefills waiting prompts, at most ``prefill_chunk`` prompt tokens per step
+   (``PREFILL_TOKENS_PER_STEP`` by device unless set), so a long prompt or a
+   burst of callers never stalls running streams for more than one chunk:
    several short prompts together in one forward straight into free decode
    slots, a long one chunk by chunk in the scratch slot, from which a finished
    prefill moves into the next decode slot;
@@ -49,6 +50,15 @@ from .sampling import GuardedSampler, HostRows, LmHead, SamplingBatch, host_to_d
 from .threads import start_torch_thread
 
 log = logging.getLogger(__name__)
+
+# Prompt tokens a step prefills at most, by device. The total prefill work of a burst of callers is the
+# same whatever the budget; a small one spreads it over many steps, so the last caller of a burst waits
+# for all of them before its first token. On a GPU a step of 2,048 prompt tokens costs tens of
+# milliseconds, so a burst of 216 forty-token prompts is admitted in about 5 steps instead of 34
+# (TensorRT-LLM's default budget, max_num_tokens, is 8,192). On a CPU prefill is compute-bound: 256
+# tokens keep a step within tens of milliseconds for Orpheus-sized models. perf/engine_bench.py --burst
+# measures both sides: the newcomers' first window and the running streams' longest wait.
+PREFILL_TOKENS_PER_STEP = {"cpu": 256, "cuda": 2048}
 
 
 class CapacityError(RuntimeError):
@@ -131,7 +141,7 @@ class InflightEngine:
         max_streams: int = 8,
         max_seq_len: int = 2048,
         max_queue: int = 256,
-        prefill_chunk: int = 256,
+        prefill_chunk: int | None = None,
         cuda_graphs: bool | None = None,
         bucketed: bool | None = None,
         graph_sampling: bool = False,
@@ -139,12 +149,15 @@ class InflightEngine:
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 prompt tokens per step, got {prefill_chunk}")
         self.model = model
         self.device = model.embed_tokens.weight.device
         self.max_streams = max_streams
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else PREFILL_TOKENS_PER_STEP.get(
+            self.device.type, PREFILL_TOKENS_PER_STEP["cpu"])
         self.scratch_slot = max_streams  # prompts are prefilled here, then moved
         model.allocate_cache(max_streams + 1, max_seq_len)
         # On GPU, decode steps run at bucketed shapes, replayed from CUDA graphs unless

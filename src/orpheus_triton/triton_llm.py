@@ -52,13 +52,13 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
         max_streams=int(params.get("max_streams", 8)),
         max_seq_len=int(params.get("max_seq_len", 2048)),
         max_queue=int(params.get("max_queue", 256)),
-        prefill_chunk=int(params.get("prefill_chunk", 256)),
+        prefill_chunk=int(params.get("prefill_chunk", 0)) or None,  # 0: the engine's default for its device
         graph_sampling=params.get("graph_sampling", "false").strip().lower() == "true",
         overlap=params.get("overlap", "false").strip().lower() == "true",
     )
-    log.info("torch LLM engine on %s: %d streams x %d positions, %d CPU threads, graph sampling %s, overlap %s",
-             device, engine.max_streams, engine.max_seq_len, threads, "on" if engine.sampler is not None else "off",
-             "on" if engine.overlap else "off")
+    log.info("torch LLM engine on %s: %d streams x %d positions, prefill %d tokens a step, %d CPU threads, "
+             "graph sampling %s, overlap %s", device, engine.max_streams, engine.max_seq_len, engine.prefill_chunk,
+             threads, "on" if engine.sampler is not None else "off", "on" if engine.overlap else "off")
     if engine.decoder is not None:
         log.info("decode attention: %s", "per-row key lengths (FlashAttention varlen)" if engine.decoder.varlen
                  else "masked, keys up to the longest row")
