@@ -104,6 +104,16 @@ def throughput(engine: InflightEngine, streams: int, tokens: int) -> float:
     return sum(s["tokens"] for s in sink.values()) / (time.perf_counter() - start)
 
 
+def median_step(engine: InflightEngine, steps: int = 5) -> float:
+    """The median of ``steps`` single steps' wall times (seconds)."""
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[steps // 2]
+
+
 def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
     """Time to first token of a request arriving while `running` streams are mid-way."""
     sink: dict = {}
@@ -111,18 +121,14 @@ def newcomer_wait(engine: InflightEngine, running: int, tokens: int) -> dict:
         submit(engine, i, tokens, sink)
     for _ in range(tokens // 4):
         engine.step()
-    step_times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - t)
+    step = median_step(engine)
     submit(engine, running, 8, sink)
     while sink[running]["first"] is None:
         engine.step()
     ttft = sink[running]["first"] - sink[running]["submitted"]
     others_done = all("done" in sink[i] for i in range(running))
     engine.run_until_idle()
-    return {"running_streams": running, "newcomer_ttft_s": ttft, "step_s_before": sorted(step_times)[2],
+    return {"running_streams": running, "newcomer_ttft_s": ttft, "step_s_before": step,
             "others_finished_first": others_done}
 
 
@@ -142,11 +148,7 @@ def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: i
         submit(engine, i, engine.max_seq_len - PROMPT_LEN, sink)  # they run until stopped
     while engine.queue or engine.prefilling is not None:
         engine.step()
-    step_times = []
-    for _ in range(5):
-        started = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - started)
+    step = median_step(engine)
     for entry in sink.values():
         entry["max_gap"] = 0.0
     newcomers = range(running, running + arriving)
@@ -163,7 +165,7 @@ def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: i
     first = sorted(sink[i]["first"] - sink[i]["submitted"] for i in newcomers)
     window = sorted(sink[i]["window"] - sink[i]["submitted"] for i in newcomers)
     return {"running": running, "arriving": arriving, "prefill_tokens": prefill_tokens,
-            "step_s_before": sorted(step_times)[2] if running else None, "longest_step_s": longest,
+            "step_s_before": step if running else None, "longest_step_s": longest,
             "first_token_s": {"p50": percentile(first, 50), "max": first[-1]},
             "first_window_s": {"p50": percentile(window, 50), "p99": percentile(window, 99), "max": window[-1]},
             "running_max_gap_s": max((sink[i]["max_gap"] for i in range(running)), default=None)}
