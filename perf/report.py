@@ -207,10 +207,13 @@ def markdown(result: dict) -> str:
         "",
         f"Texts: {', '.join(tts['settings']['labels'])}; max_tokens "
         f"{tts['settings']['max_tokens'] or 'per text'}; streams per level = max({tts['settings']['min_streams']}, "
-        f"{tts['settings']['streams_per_worker']} x concurrency). TTFA = request sent -> first audio chunk. "
-        f"A stream *starves* when a chunk arrives after all audio delivered before it has played "
-        f"(playback starting at the first chunk); *buffer needed* is how long a player would have to wait after "
-        f"the first chunk to play that stream without a stall. p99 of a few streams is close to their maximum.",
+        f"{tts['settings']['streams_per_worker']} x concurrency); "
+        + (f"the workers' first streams started over {tts['settings']['ramp_seconds']:g} s"
+           if tts['settings'].get('ramp_seconds') else "every worker's first stream started at once (a burst)")
+        + ". TTFA = request sent -> first audio chunk. "
+        "A stream *starves* when a chunk arrives after all audio delivered before it has played "
+        "(playback starting at the first chunk); *buffer needed* is how long a player would have to wait after "
+        "the first chunk to play that stream without a stall. p99 of a few streams is close to their maximum.",
         "",
         "| streams | done | errors | TTFA p50 ms | p95 ms | p99 ms | RTF p50 | starved | stall s | "
         "gap p99 ms | buffer needed p99 s | audio s / s | other cores |",

@@ -164,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
     parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
     parser.add_argument("--streams-per-worker", type=int, default=2)
+    parser.add_argument("--ramp-seconds", type=float, default=0.0,
+                        help="closed loop: start the workers' first streams over this long (0: all at once)")
     parser.add_argument("--min-streams", type=int, default=4)
     parser.add_argument("--level-seconds", type=float, default=120.0, help="time bound per load level")
     parser.add_argument("--poisson-rates", default="0.25", help="Poisson arrival rates (streams/s); empty: none")
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     args = parser.parse_args(argv)
+    if not 0 <= args.ramp_seconds < args.level_seconds:
+        parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
@@ -228,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = {label: args.max_tokens for label in labels} if args.max_tokens else {}
     settings = SweepSettings(
         concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
+        ramp_seconds=args.ramp_seconds,
         min_streams=args.min_streams, max_seconds_per_level=args.level_seconds,
         poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
         poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,

@@ -1,6 +1,7 @@
 """Unit tests of the load generator's arithmetic: playback starvation, percentiles, capacity, Poisson schedule."""
 
 import threading
+import time
 
 import pytest
 
@@ -234,6 +235,31 @@ def test_closed_loop_stops_at_its_time_bound():
     records = run_closed_loop(fake_stream(active, peak, lock), 2, workload(count=2), max_streams=10_000,
                               max_seconds=0.1)
     assert 0 < len(records) < 10_000
+
+
+def test_closed_loop_ramp_spreads_the_workers_first_starts():
+    def starts_of(ramp: float) -> list[float]:
+        begun = time.perf_counter()
+
+        def run(utterance: Utterance, run_start: float) -> StreamRecord:
+            started = time.perf_counter() - begun
+            threading.Event().wait(0.3)  # each worker runs one stream in the level
+            return StreamRecord(utterance.label, utterance.voice, started, [0.001], [SAMPLES_PER_FRAME], 0.3)
+
+        return [r.started for r in run_closed_loop(run, 4, workload(count=4), max_streams=4, max_seconds=5.0,
+                                                   ramp_seconds=ramp)]
+
+    burst, ramped = starts_of(0.0), starts_of(0.4)
+    assert max(burst) < 0.05  # all at once
+    # worker i at 0.1 s x i
+    assert all(abs(got - want) < 0.05 for got, want in zip(ramped, [0.0, 0.1, 0.2, 0.3], strict=True)), ramped
+
+
+def test_closed_loop_ramp_must_end_within_the_level():
+    with pytest.raises(ValueError, match="ramp_seconds"):
+        run_closed_loop(lambda u, s: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=1.0)
+    with pytest.raises(ValueError, match="ramp_seconds"):
+        run_closed_loop(lambda u, s: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=-0.5)
 
 
 def test_poisson_runner_starts_the_scheduled_streams():

@@ -246,7 +246,7 @@ bench() {
   PYTHONPATH="$REPO/src" "$VENV/bin/python" perf/run_all.py \
     --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
     --concurrency 1,8,32,64,128,192,216,256 --texts short,medium --max-tokens 0 \
-    --streams-per-worker 1 --min-streams 8 --level-seconds 60 \
+    --streams-per-worker 2 --ramp-seconds 5 --min-streams 8 --level-seconds 60 \
     --poisson-rates 4,16 --poisson-streams 64 --serving-repeats 8 \
     --pa-concurrency 1,16,64 --pa-decoder-concurrency 1,16,64 --pa-max-tokens 250 --pa-request-count 16 \
     --engine-tokens 400 "$@"
@@ -304,13 +304,15 @@ short() {
   step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda --overlap \
     --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 --out "$out/engine"
   # Serving before the optional steps: the served sweep is the figure a lent GPU is most wanted for.
+  # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
+  # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
   step serving 200 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
-    --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 --min-streams 8 \
-    --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons --no-perf-analyzer \
-    --retry-busy 0 --out "$out/serving" "$@"
+    --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
+    --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
+    --no-perf-analyzer --retry-busy 0 --out "$out/serving" "$@"
   step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
-    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 1 \
-    --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
+    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
+    --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
     --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
   # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
   # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.

@@ -303,20 +303,27 @@ def _level_line(level: dict) -> str:
 
 
 def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurrency: int,
-                    utterances: Sequence[Utterance], max_streams: int, max_seconds: float) -> list[StreamRecord]:
+                    utterances: Sequence[Utterance], max_streams: int, max_seconds: float,
+                    ramp_seconds: float = 0.0) -> list[StreamRecord]:
     """``concurrency`` workers, each starting its next utterance when one ends.
 
     Stops starting streams after ``max_streams`` in all or ``max_seconds``; streams
     already running finish (each is bounded by the stream function's timeout).
+    Worker i starts its first stream ``ramp_seconds * i / concurrency`` into the level:
+    0 starts every worker at once (a burst of ``concurrency`` callers), a ramp about as
+    long as a stream spreads the starts as a steady stream of callers would.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
+    if not 0 <= ramp_seconds < max_seconds:
+        raise ValueError(f"ramp_seconds {ramp_seconds} must be >= 0 and below the level's {max_seconds} s bound")
     records: list[StreamRecord] = []
     lock = threading.Lock()
     issued = [0]
     start = time.perf_counter()
 
-    def worker():
+    def worker(delay: float):
+        time.sleep(max(0.0, start + delay - time.perf_counter()))
         while True:
             with lock:
                 if issued[0] >= max_streams or time.perf_counter() - start >= max_seconds:
@@ -327,7 +334,8 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
             with lock:
                 records.append(record)
 
-    threads = [threading.Thread(target=worker, name=f"loadgen-{i}", daemon=True) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker, args=(ramp_seconds * i / concurrency,), name=f"loadgen-{i}",
+                                daemon=True) for i in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -363,6 +371,7 @@ def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float,
 class SweepSettings:
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])
     streams_per_worker: int = 2  # closed loop: streams per level = concurrency x this (at least min_streams)
+    ramp_seconds: float = 0.0  # closed loop: the workers' first streams start over this long (0: all at once)
     min_streams: int = 4
     max_seconds_per_level: float = 120.0
     poisson_rates: list[float] = field(default_factory=list)
@@ -394,7 +403,8 @@ def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
     for concurrency in settings.concurrency:
         count = max(settings.min_streams, concurrency * settings.streams_per_worker)
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
-        records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level)
+        records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level,
+                                  settings.ramp_seconds)
         closed[concurrency] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
         log(f"closed loop c={concurrency}: {_level_line(closed[concurrency])}")
@@ -433,12 +443,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels, comma separated")
     parser.add_argument("--streams-per-worker", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per level")
+    parser.add_argument("--ramp-seconds", type=float, default=0.0,
+                        help="closed loop: start the workers' first streams over this long (0: all at once)")
     parser.add_argument("--poisson-rates", default="", help="arrival rates (streams/s), comma separated")
     parser.add_argument("--poisson-streams", type=int, default=8)
     parser.add_argument("--texts", default="short,medium,long", help="which benchmark texts: short, medium, long")
     parser.add_argument("--ttfa-limit", type=float, default=DEFAULT_TTFA_LIMIT)
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
+    if not 0 <= args.ramp_seconds < args.max_seconds:
+        parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --max-seconds {args.max_seconds}")
     try:
         check_loopback(args.url)
         require_ready_server(args.url)
@@ -449,9 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     settings = SweepSettings(
         concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
-        max_seconds_per_level=args.max_seconds, poisson_rates=_numbers(args.poisson_rates, float),
-        poisson_streams=args.poisson_streams, poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit,
-        labels=_numbers(args.texts, str),
+        ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.max_seconds,
+        poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
+        poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit, labels=_numbers(args.texts, str),
     )
     result = sweep(args.url, settings)
     print(f"real-time capacity: {result['realtime_capacity']} streams "
