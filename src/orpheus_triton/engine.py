@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 # same whatever the budget; a small one spreads it over many steps, so the last caller of a burst waits
 # for all of them before its first token. On a GPU a step of 2,048 prompt tokens costs tens of
 # milliseconds, so a burst of 216 forty-token prompts is admitted in 5 steps instead of 36 (a step takes
-# whole short prompts: 51 or 6; TensorRT-LLM's default budget, max_num_tokens, is 8,192). On a CPU
-# prefill is compute-bound: 256 tokens keep a step within tens of milliseconds for Orpheus-sized models.
+# whole short prompts: 51 or 6; TensorRT-LLM's default budget, max_num_tokens, is 8,192). On a CPU,
+# where prefill is compute-bound and a longer step holds up every running stream, it stays at 256.
 # perf/engine_bench.py --burst measures both sides: the newcomers' first window and the running
 # streams' longest wait.
 PREFILL_TOKENS_PER_STEP = {"cpu": 256, "cuda": 2048}
