@@ -88,7 +88,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
-                                          "--overlap"], "true")):
+                                          "--overlap", "--prefill-tokens", "512"], "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
         decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
@@ -100,6 +100,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["max_streams"].string_value == "3"
         assert llm.parameters["graph_sampling"].string_value == exact  # the flags are given together
         assert llm.parameters["overlap"].string_value == exact
+        assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
 
 
 def test_bad_thread_counts_are_refused_before_serving(capsys):
@@ -108,6 +109,10 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--llm-cpu-threads", "0"])
     assert "expected 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err
+    for bad in ("0", "-5", "many"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--prefill-tokens", bad])
+        assert f"expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
 
 
 def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):
