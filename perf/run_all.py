@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--graph-sampling", action="store_true",
                         help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
+    parser.add_argument("--prefill-tokens", type=int, default=0,
+                        help="the server engine's prefill budget per step (0: its default for the device)")
     parser.add_argument("--overlap", action="store_true",
                         help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
@@ -188,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     args = parser.parse_args(argv)
+    if args.prefill_tokens < 0:
+        parser.error(f"--prefill-tokens {args.prefill_tokens}: want >= 1, or 0 for the engine's default")
     if not 0 <= args.ramp_seconds < args.level_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
 
@@ -205,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "tritonserver": tritonserver_source(),
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
-                            "graph_sampling": args.graph_sampling, "overlap": args.overlap},
+                            "graph_sampling": args.graph_sampling, "overlap": args.overlap,
+                            "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
         "comparisons": {},
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
-                      overlap=args.overlap) as server:
+                      overlap=args.overlap, prefill_tokens=args.prefill_tokens) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation
