@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,6 +60,54 @@ def _stream(url, model, inputs, output, request_id=None) -> list[list]:
             break
     client.stop_stream()
     return values
+
+
+def test_the_models_log_into_the_server_log(server):
+    """What the engine runs on reaches tritonserver's log (a stub process configures no logging itself)."""
+    log = Path(server.log_path).read_text()
+    assert "orpheus_triton.triton_llm: torch LLM engine on cpu: 4 streams" in log, log[-2000:]
+
+
+def test_log_records_map_to_tritons_levels_once_per_process():
+    import logging
+
+    from orpheus_triton.serving import log_to_triton
+
+    package = logging.getLogger("orpheus_triton")
+    handlers, level = package.handlers[:], package.level
+    package.handlers = []
+    try:
+        _check_log_to_triton(package, log_to_triton)
+    finally:
+        package.handlers = handlers
+        package.setLevel(level)  # setLevel also clears the level cache of the package's loggers
+
+
+def _check_log_to_triton(package, log_to_triton):
+    import logging
+
+    got = []
+
+    class Logger:  # pb_utils.Logger's four methods
+        log_info = staticmethod(lambda m: got.append(("info", m)))
+        log_warn = staticmethod(lambda m: got.append(("warn", m)))
+        log_error = staticmethod(lambda m: got.append(("error", m)))
+        log_verbose = staticmethod(lambda m: got.append(("verbose", m)))
+
+    class PbUtils:
+        pass
+
+    PbUtils.Logger = Logger
+    log_to_triton(PbUtils)
+    log_to_triton(PbUtils)  # a second model in the same process adds no second handler
+    assert len(package.handlers) == 1
+    engine_log = logging.getLogger("orpheus_triton.engine")
+    engine_log.debug("hidden")  # below INFO
+    engine_log.info("step")
+    engine_log.warning("slow")
+    engine_log.error("failed")
+    assert got == [("info", "orpheus_triton.engine: step"), ("warn", "orpheus_triton.engine: slow"),
+                   ("error", "orpheus_triton.engine: failed")]
 
 
 def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set):

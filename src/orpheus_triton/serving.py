@@ -48,6 +48,42 @@ from .frames import StreamFramer, Window
 
 log = logging.getLogger(__name__)
 
+
+class TritonLogHandler(logging.Handler):
+    """This package's log records in tritonserver's own log, through the Python backend's ``pb_utils.Logger``."""
+
+    def __init__(self, triton_logger):
+        super().__init__()
+        self.triton_logger = triton_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.ERROR:
+                self.triton_logger.log_error(message)
+            elif record.levelno >= logging.WARNING:
+                self.triton_logger.log_warn(message)
+            elif record.levelno >= logging.INFO:
+                self.triton_logger.log_info(message)
+            else:
+                self.triton_logger.log_verbose(message)
+        except Exception:  # noqa: BLE001 (logging must never take a request down)
+            self.handleError(record)
+
+
+def log_to_triton(pb_utils, level: int = logging.INFO) -> None:
+    """Send this package's logging (what the engine runs on, CUDA graph captures, warm-up, warnings) to
+    tritonserver's log. A Python model's stub process configures no logging, so without this its INFO
+    records went nowhere and its warnings reached stderr without Triton's timestamps. Once per process."""
+    package = logging.getLogger(__name__.split(".")[0])
+    if any(isinstance(h, TritonLogHandler | logging.StreamHandler) for h in package.handlers):
+        return
+    triton_logger = getattr(pb_utils, "Logger", None)
+    handler = TritonLogHandler(triton_logger) if triton_logger is not None else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(level)
+
 GetInput = Callable[[str], "np.ndarray | None"]
 
 

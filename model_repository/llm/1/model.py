@@ -12,6 +12,7 @@ from orpheus_triton.serving import (
     generation_settings,
     llm_responders,
     llm_stream_options,
+    log_to_triton,
     model_parameters,
     response_thread,
     serve_llm_requests,
@@ -23,6 +24,7 @@ respond, refuse = llm_responders(pb_utils)
 
 class TritonPythonModel:
     def initialize(self, args):
+        log_to_triton(pb_utils)
         params = model_parameters(args)
         self.engine = build_engine(params)
         self.streams = LlmStreams(

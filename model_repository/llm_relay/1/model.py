@@ -11,6 +11,7 @@ from orpheus_triton.llm_relay import EngineInputs, EngineResponse, HeldReference
 from orpheus_triton.serving import (
     llm_responders,
     llm_stream_options,
+    log_to_triton,
     model_parameters,
     serve_llm_requests,
     stop_request_inputs,
@@ -21,6 +22,7 @@ respond, refuse = llm_responders(pb_utils)
 
 class TritonPythonModel:
     def initialize(self, args):
+        log_to_triton(pb_utils)
         params = model_parameters(args)
         self.engine_model = params["engine_model"]
         self.held = HeldReferences()

@@ -5,7 +5,7 @@ import triton_python_backend_utils as pb_utils
 from orpheus_triton import constants as c
 from orpheus_triton.preprocess import SynthesisOptions, llm_inputs
 from orpheus_triton.prompt import PromptError, load_tokenizer
-from orpheus_triton.serving import model_parameters
+from orpheus_triton.serving import log_to_triton, model_parameters
 
 
 def _optional(request, name, cast):
@@ -21,6 +21,7 @@ def _optional(request, name, cast):
 
 class TritonPythonModel:
     def initialize(self, args):
+        log_to_triton(pb_utils)
         self.tokenizer = load_tokenizer(model_parameters(args)["llm_dir"])
 
     def execute(self, requests):

@@ -21,6 +21,7 @@ from orpheus_triton.serving import (
     DecodeScheduler,
     StreamDecoderState,
     StreamIdError,
+    log_to_triton,
     model_parameters,
     require_stream_id,
     send_error,
@@ -35,6 +36,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 class TritonPythonModel:
     def initialize(self, args):
+        log_to_triton(pb_utils)
         params = model_parameters(args)
         device = pick_device(params.get("device", "auto"))
         set_cpu_threads(params, device)
