@@ -66,6 +66,7 @@ def test_the_models_log_into_the_server_log(server):
     """What the engine runs on reaches tritonserver's log (a stub process configures no logging itself)."""
     log = Path(server.log_path).read_text()
     assert "orpheus_triton.triton_llm: torch LLM engine on cpu: 4 streams" in log, log[-2000:]
+    assert "orpheus_triton.snac_codec: SNAC decoder on cpu: span decode" in log, log[-2000:]
 
 
 def test_log_records_map_to_tritons_levels_once_per_process():

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -353,6 +354,11 @@ def to_int16(audio: np.ndarray) -> np.ndarray:
 
 
 def warm_up(decoder: WindowDecoder) -> None:
-    """Throwaway decodes, one of each call size, so no listener pays for lazy initialisation."""
+    """Throwaway decodes, one of each call size, so no listener pays for lazy initialisation (on a GPU
+    this also captures each size's CUDA graph). Logs what the decoder runs as and how long this took."""
+    started = time.perf_counter()
     for rows in decoder.sizes or (1,):
         decoder.decode([PADDING_WINDOW] * rows)
+    graphs = f"{len(decoder.graphs.graphs)} CUDA graphs" if decoder.graphs is not None else "no CUDA graphs"
+    log.info("SNAC decoder on %s: %s decode, %s noise, call sizes %s, %s; warmed up in %.1f s", decoder.device,
+             decoder.mode, decoder.noise, list(decoder.sizes) or "as called", graphs, time.perf_counter() - started)
