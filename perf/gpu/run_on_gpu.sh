@@ -189,7 +189,7 @@ setup() {
         { rm -rf "$VENV"; "$python" -m venv --system-site-packages --without-pip "$VENV"; }  # no ensurepip
     fi
   fi
-  local found=() packed=() site
+  local found=() packed=() incoming=() site
   site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   # The project itself, as a path in site-packages: the Python backend stub ignores PYTHONPATH, and a
   # pip install would need a build backend this offline machine may not have in the version wanted.
@@ -206,6 +206,29 @@ setup() {
   fi
   for bundle in "${packed[@]}"; do
     log "unpacking $(basename "$bundle") into $site"
+    # What pip does before installing a wheel: remove the files of another version of each distribution
+    # (by its RECORD), in this site only; else, e.g., numpy 2's files would stay beside numpy 1.26's.
+    mapfile -t incoming < <(tar -tJf "$bundle" | sed -n 's|^\./\([^/]*\)\.dist-info/$|\1|p')
+    "$VENV/bin/python" - "$site" "${incoming[@]}" <<'PY'
+import re, shutil, sys
+from pathlib import Path
+site = Path(sys.argv[1])
+def key(name):  # a distribution's name as dist-info folders spell it, compared case- and separator-blind
+    return re.sub(r"[-_.]+", "_", name).lower()
+for incoming in sys.argv[2:]:
+    name = incoming.rsplit("-", 1)[0]
+    for old in site.glob("*.dist-info"):
+        installed = old.name[: -len(".dist-info")]  # NAME-VERSION
+        if installed == incoming or key(installed.rsplit("-", 1)[0]) != key(name):
+            continue
+        record = old / "RECORD"
+        for line in record.read_text().splitlines() if record.is_file() else []:
+            path = (site / line.split(",")[0]).resolve()
+            if path.is_relative_to(site.resolve()) and path.is_file():
+                path.unlink()
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"[run_on_gpu] removed {old.name} from {site}", file=sys.stderr)
+PY
     tar -C "$site" -xJf "$bundle"
   done
   if [[ -f "$WHEELS/lean/perf_analyzer.tar.xz" ]]; then
