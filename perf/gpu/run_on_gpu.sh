@@ -284,7 +284,7 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
-  # "check models engine engine-overlap serving serving-overlap"; also "perf-analyzer", "comparisons", "profile",
+  # "check models engine engine-overlap serving perf-analyzer serving-overlap"; also "comparisons", "profile",
   # "snac-sizes", "engine-graph"); results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -304,7 +304,7 @@ short() {
   step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
     local name="$1" limit="$2" begun=$SECONDS code=0
     shift 2
-    [[ " ${SHORT_STEPS:-check models engine engine-overlap serving serving-overlap} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
+    [[ " ${SHORT_STEPS:-check models engine engine-overlap serving perf-analyzer serving-overlap} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
     ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
     if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 0; fi
     log "$name (at most ${limit}s) ..."
@@ -333,15 +333,15 @@ short() {
     --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
     --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
     --no-perf-analyzer --retry-busy 0 --out "$out/serving" "$@"
-  step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
-    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
-    --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
-    --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
   # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
   # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
   step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b --device cuda --max-streams 64 \
     --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 --max-tokens 150 --request-count 8 \
     --timeout 60 --out "$out/perf-analyzer"
+  step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
+    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
+    --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
+    --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
   step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 16 --max-seq-len 1400 \
     --concurrency 1 --texts short --max-tokens 0 --min-streams 4 --level-seconds 20 --poisson-rates "" \
     --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer --retry-busy 0 --out "$out/comparisons" "$@"
