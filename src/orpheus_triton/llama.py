@@ -101,6 +101,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention needs about a forward's rows, computed once per forward rather than
+    once per layer (on a GPU each of these is a kernel or a few; 28 layers repeated them every step).
+
+    ``positions`` [B, T] absolute positions of the rows' tokens, in slots ``first_slot``.. ; attention
+    reads the first ``context_len`` cached positions, ``mask`` [B, 1, T, context_len] hiding what a
+    query may not see; ``cache_rows`` [B, T] each token's row, for writing its keys and values;
+    ``varlen``: the per-row decode attention's index tensors (``varlen_indices``) when it runs.
+    """
+
+    positions: torch.Tensor
+    first_slot: int
+    context_len: int
+    mask: torch.Tensor
+    cache_rows: torch.Tensor
+    varlen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
 class RMSNorm(nn.Module):
     """Llama's RMSNorm through torch's own operator: in float32 for bf16/fp16 inputs, as Hugging Face
     computes it, scaled by the weight before the one rounding back (Hugging Face rounds first), and one
@@ -127,28 +146,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None  # [slots, max_seq_len, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
-        self.varlen_decode = False  # decode steps through varlen_decode_attention (GPU, see Llama)
 
-    def forward(self, x, cos, sin, positions, first_slot: int, context_len: int, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         batch, steps, _ = x.shape
-        hd = self.config.head_dim
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = q.view(batch, steps, self.config.num_heads, hd)
-        k = k.view(batch, steps, self.config.num_kv_heads, hd)
-        v = v.view(batch, steps, self.config.num_kv_heads, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        config, hd = self.config, self.config.head_dim
+        heads, kv_heads = config.num_heads, config.num_kv_heads
+        qkv = self.qkv_proj(x)
+        # q's and k's heads side by side, rotated in one go (the same positions), v as it is
+        qk = rotate(qkv[..., : (heads + kv_heads) * hd].view(batch, steps, heads + kv_heads, hd), cos, sin)
+        q, k = qk.split([heads, kv_heads], dim=2)
+        v = qkv[..., (heads + kv_heads) * hd :].view(batch, steps, kv_heads, hd)
 
-        slots = slice(first_slot, first_slot + batch)
+        slots = slice(inputs.first_slot, inputs.first_slot + batch)
         k_cache, v_cache = self.k_cache[slots], self.v_cache[slots]  # views
-        rows = torch.arange(batch, device=x.device)[:, None].expand(batch, steps)
-        k_cache[rows, positions] = k.to(k_cache.dtype)
-        v_cache[rows, positions] = v.to(v_cache.dtype)
+        k_cache[inputs.cache_rows, inputs.positions] = k.to(k_cache.dtype)
+        v_cache[inputs.cache_rows, inputs.positions] = v.to(v_cache.dtype)
 
-        if steps == 1 and self.varlen_decode:
-            y = varlen_decode_attention(q.to(k_cache.dtype), self.k_cache, self.v_cache, first_slot, positions,
-                                        context_len)
+        if steps == 1 and inputs.varlen is not None:
+            y = varlen_decode_attention(q.to(k_cache.dtype), self.k_cache, self.v_cache, inputs.first_slot,
+                                        inputs.positions, inputs.context_len, inputs.varlen)
         else:
-            y = masked_attention(q, k_cache, v_cache, context_len, mask)
+            y = masked_attention(q, k_cache, v_cache, inputs.context_len, inputs.mask)
         return self.o_proj(y.to(x.dtype).reshape(batch, steps, -1))
 
 
@@ -195,8 +213,19 @@ def _flash_attention(*args, **kwargs):
     return torch.ops.aten._flash_attention_forward(*args, **kwargs)
 
 
+def varlen_indices(batch: int, first_slot: int, seq: int, positions: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``varlen_decode_attention``'s index tensors for rows ``first_slot``.. of a cache of ``seq`` positions
+    per slot: each row's query start, its keys' start in the flattened cache and its key count."""
+    query_starts = torch.arange(batch + 1, device=positions.device, dtype=torch.int32)
+    key_starts = (query_starts + first_slot) * seq
+    lengths = (positions.reshape(batch) + 1).to(torch.int32)
+    return query_starts, key_starts, lengths
+
+
 def varlen_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, first_slot: int,
-                            positions: torch.Tensor, max_keys: int) -> torch.Tensor:
+                            positions: torch.Tensor, max_keys: int,
+                            indices: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One decode step's attention [B, 1, heads, hd] where row b reads only its own positions[b] + 1 keys.
 
     With a mask every row reads keys up to the longest row's context: at a few hundred
@@ -205,14 +234,11 @@ def varlen_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     CUDA and half precision only) takes each row's keys where they lie in the cache: row b's
     start is its slot's first position in the flattened cache, its length ``seqused_k``.
     Grouped-query heads are the kernel's own business. Row b's key at positions[b] must
-    already be written.
+    already be written. ``indices``: ``varlen_indices`` of these rows, if the caller has them.
     """
     batch, _, heads, hd = q.shape
     slots, seq, kv_heads, _ = k_cache.shape
-    device = q.device
-    query_starts = torch.arange(batch + 1, device=device, dtype=torch.int32)
-    key_starts = (query_starts + first_slot) * seq
-    lengths = (positions.reshape(batch) + 1).to(torch.int32)
+    query_starts, key_starts, lengths = indices or varlen_indices(batch, first_slot, seq, positions)
     out = _flash_attention(
         q.reshape(batch, heads, hd), k_cache.view(slots * seq, kv_heads, hd), v_cache.view(slots * seq, kv_heads, hd),
         query_starts, key_starts, 1, max_keys, 0.0, False, False, seqused_k=lengths,
@@ -268,8 +294,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, first_slot, context_len, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, first_slot, context_len, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -289,6 +315,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.max_seq_len = 0
         self.num_slots = 0
+        self.varlen_decode = False  # decode steps through varlen_decode_attention (GPU; use_varlen_decode)
 
     def allocate_cache(self, num_slots: int, max_seq_len: int) -> None:
         """Preallocate the KV cache; its size is fixed for the engine's lifetime."""
@@ -311,8 +338,7 @@ class Llama(nn.Module):
             config, weight = self.config, self.embed_tokens.weight
             enabled = varlen_decode_works(weight.device, weight.dtype, config.num_heads, config.num_kv_heads,
                                           config.head_dim)
-        for layer in self.layers:
-            layer.self_attn.varlen_decode = enabled
+        self.varlen_decode = enabled
         return enabled
 
     def copy_slot(self, source: int, target: int, length: int) -> None:
@@ -345,10 +371,17 @@ class Llama(nn.Module):
         angles = positions[..., None].float() * self.inv_freq  # [B, T, D/2]
         angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # [B, T, 1, D]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        batch, steps = tokens.shape
         key_positions = torch.arange(context_len, device=tokens.device)
-        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+        inputs = AttentionInputs(
+            positions=positions, first_slot=first_slot, context_len=context_len,
+            mask=(key_positions[None, None, :] <= positions[:, :, None])[:, None],  # [B, 1, T, L]
+            cache_rows=torch.arange(batch, device=tokens.device)[:, None].expand(batch, steps),
+            varlen=(varlen_indices(batch, first_slot, self.max_seq_len, positions)
+                    if steps == 1 and self.varlen_decode else None),
+        )
         for layer in self.layers:
-            x = layer(x, cos, sin, positions, first_slot, context_len, mask)
+            x = layer(x, cos, sin, inputs)
         if last_only:
             x = x[:, -1]
         x = self.norm(x)
