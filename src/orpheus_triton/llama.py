@@ -141,8 +141,7 @@ class Attention(nn.Module):
         hd = config.head_dim
         # q, k and v projections in one matrix product (rows: q's, then k's, then v's; load_llama
         # concatenates a checkpoint's three): one kernel instead of three for every layer and step.
-        self.qkv_split = [config.num_heads * hd, config.num_kv_heads * hd, config.num_kv_heads * hd]
-        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_split), bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, (config.num_heads + 2 * config.num_kv_heads) * hd, bias=False)
         self.o_proj = nn.Linear(config.num_heads * hd, config.hidden_size, bias=False)
         self.k_cache: torch.Tensor | None = None  # [slots, max_seq_len, kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
