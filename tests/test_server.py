@@ -245,6 +245,22 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
     rate, audio = read_wav(tmp_path / "say.wav")
     assert rate == c.SAMPLE_RATE and audio.size == 7 * c.SAMPLES_PER_FRAME  # 10 frames -> 7 windows
+    # -o -: the same audio as raw PCM on stdout, the summary on stderr
+    raw = subprocess.run(
+        [sys.executable, "-m", "orpheus_triton.cli", "say", "Hello from the command line", "-o", "-",
+         "--url", grpc_url, "--max-tokens", "70", "--voice", "zac"], capture_output=True, timeout=120,
+    )
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == audio.astype("<i2").tobytes()
+    assert b"wrote raw PCM to stdout" in raw.stderr
+    # ... and a reader that goes away stops the stream with a one-line message, not a traceback
+    pipe = subprocess.run(
+        f"{sys.executable} -m orpheus_triton.cli say 'a long one' -o - --url {grpc_url} --max-tokens 700"
+        " | head -c 100 > /dev/null; echo \"exit ${PIPESTATUS[0]}\" >&2",
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )
+    assert "stopped: the reader of stdout went away" in pipe.stderr and "exit 1" in pipe.stderr, pipe.stderr
+    assert "Traceback" not in pipe.stderr
 
     example = Path(__file__).parents[1] / "client" / "stream_to_wav.py"
     run = subprocess.run([sys.executable, str(example), "Hello from the example", str(tmp_path / "ex.wav"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -139,21 +140,26 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
     return status if status >= 0 else 128 - status
 
 
-def _synthesize_to_wav(url: str, text: str, output: Path, **options) -> None:
+def _synthesize(url: str, text: str, output: str, **options) -> None:
+    """Stream ``text`` into ``output``: a WAV file, or with "-" raw PCM on stdout (the summary then goes
+    to stderr, out of the audio's way)."""
     from .client import OrpheusClient, require_ready_server  # noqa: PLC0415
-    from .wav import StreamingWavWriter  # noqa: PLC0415
+    from .wav import RawPcmWriter, StreamingWavWriter  # noqa: PLC0415
 
     require_ready_server(url)
+    to_stdout = output == "-"
     client = OrpheusClient(url)
-    with StreamingWavWriter(output) as wav:
-        result = client.synthesize(text, on_chunk=wav.write, **options)
+    with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
+        result = client.synthesize(text, on_chunk=sink.write, **options)
     client.close()
     if not result.chunks:
         raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
+    target = "raw PCM to stdout" if to_stdout else output
     print(
-        f"wrote {output} ({result.audio_seconds:.2f} s of {SAMPLE_RATE} Hz audio in {len(result.chunks)} chunks)\n"
+        f"wrote {target} ({result.audio_seconds:.2f} s of {SAMPLE_RATE} Hz audio in {len(result.chunks)} chunks)\n"
         f"time to first audio: {result.time_to_first_audio * 1000:.0f} ms\n"
-        f"real-time factor:    {result.real_time_factor:.2f} (wall time / audio time; < 1 is faster than real time)"
+        f"real-time factor:    {result.real_time_factor:.2f} (wall time / audio time; < 1 is faster than real time)",
+        file=sys.stderr if to_stdout else sys.stdout,
     )
 
 
@@ -166,7 +172,11 @@ def cmd_say(args) -> int:
     from .client import SynthesisError  # noqa: PLC0415
 
     try:
-        _synthesize_to_wav(args.url, args.text, Path(args.output), **_options(args))
+        _synthesize(args.url, args.text, args.output, **_options(args))
+    except BrokenPipeError:  # -o - into a player that quit: the client has cancelled the stream
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        print("stopped: the reader of stdout went away", file=sys.stderr)
+        return 1
     except SynthesisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -196,7 +206,7 @@ def cmd_demo(args) -> int:
         try:
             wait_until_ready(process, f"localhost:{ports.grpc}")
             _log("server ready; synthesizing through the 'orpheus' ensemble")
-            _synthesize_to_wav(f"localhost:{ports.grpc}", args.text, Path(args.output), **_options(args))
+            _synthesize(f"localhost:{ports.grpc}", args.text, args.output, **_options(args))
         finally:
             stop_server(process, timeout=30)
             shutil.rmtree(repository, ignore_errors=True)
@@ -274,7 +284,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _synthesis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", default="out.wav", help="WAV file to write (default: out.wav)")
+    parser.add_argument("-o", "--output", default="out.wav",
+                        help=f"WAV file to write (default: out.wav), or - for raw PCM on stdout as it arrives "
+                             f"(16-bit little-endian, {SAMPLE_RATE} Hz, mono: | aplay -f S16_LE -r {SAMPLE_RATE})")
     parser.add_argument("--voice", default=DEFAULT_VOICE, choices=VOICES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=None, help="audio tokens to generate at most (7 per 85 ms)")

@@ -1,4 +1,5 @@
-"""A WAV writer that can be read while it grows: the header is patched with the final sizes on close."""
+"""Audio sinks for a stream of int16 chunks: a WAV file that can be read while it grows (the header is
+patched with the final sizes on close), and raw PCM on a byte stream (a pipe into a player)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ class StreamingWavWriter:
         self.file.close()
 
     def __enter__(self) -> StreamingWavWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RawPcmWriter:
+    """Each chunk as raw PCM (16-bit little-endian, mono) on ``stream`` as soon as it arrives, flushed, so a
+    player reading a pipe starts with the first chunk. The stream stays open (it is usually stdout)."""
+
+    def __init__(self, stream: BinaryIO):
+        self.stream = stream
+
+    def write(self, pcm: np.ndarray) -> None:
+        self.stream.write(np.asarray(pcm, dtype="<i2").tobytes())
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> RawPcmWriter:
         return self
 
     def __exit__(self, *exc) -> None:
