@@ -7,7 +7,7 @@ One scheduler loop owns the model. Each iteration (a *step*):
 2. prefills waiting prompts, at most ``prefill_chunk`` prompt tokens per step
    (``PREFILL_TOKENS_PER_STEP`` by device unless set), so a long prompt or a
    burst of callers never stalls running streams for more than one chunk:
-   several short prompts together in one forward straight into free decode
+   the short prompts that fit together in one forward straight into free decode
    slots, a long one chunk by chunk in the scratch slot, from which a finished
    prefill moves into the next decode slot;
 3. runs ONE batched forward over every decoding stream (slots ``0..n-1``),
@@ -349,13 +349,14 @@ class InflightEngine:
             self._sample_and_emit([slot], hidden)
 
     def _prefill_together(self) -> int:
-        """Prefill several whole queued prompts in one forward, straight into free decode slots.
+        """Prefill the queued prompts that fit the step's budget whole in one forward, straight into free
+        decode slots (no copy from the scratch slot afterwards).
 
         When requests arrive together (a burst of callers), one padded forward over
-        all their prompts costs far less than one forward each. Only prompts that fit
-        the step's prefill budget whole are taken; a longer one goes through the
-        scratch slot in chunks. Padding positions write cache entries past a row's
-        prompt, which its mask hides until its own tokens overwrite them.
+        all their prompts costs far less than one forward each. A prompt longer than
+        what is left of the budget goes through the scratch slot in chunks. Padding
+        positions write cache entries past a row's prompt, which its mask hides until
+        its own tokens overwrite them.
         Returns the prompt tokens used.
         """
         if self.prefilling is not None:
@@ -369,7 +370,7 @@ class InflightEngine:
                     break
                 group.append(stream)
                 used += size
-            if len(group) < 2:
+            if not group:
                 return 0
             for _ in group:
                 self.queue.popleft()
