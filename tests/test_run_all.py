@@ -1,4 +1,4 @@
-"""perf/run_all.py's bookkeeping: a comparison that fails is a note, not the end of the run."""
+"""perf/ bookkeeping: a comparison that fails is a note, not the end of the run; the GPU run's summary page."""
 
 import sys
 from pathlib import Path
@@ -22,3 +22,25 @@ def test_a_comparison_that_fails_becomes_a_note_and_the_run_goes_on():
     assert run_all.compare(result, "snac", lambda: {"cpu_ratio": 0.4}) == {"cpu_ratio": 0.4}
     assert result["comparisons"] == {"snac": {"cpu_ratio": 0.4}}
     assert len(result["notes"]) == 1
+
+
+def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
+    """perf/gpu/summarize.py on the H100 run's own results (check, engine, a served sweep), laid out as
+    run_on_gpu.sh short leaves them; the parts that did not run say so."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "perf" / "gpu"))
+    import summarize
+
+    h100 = ROOT / "perf" / "results" / "2026-11-26_h100"
+    for part in ("check", "engine"):
+        shutil.copytree(h100 / part, tmp_path / part)
+    shutil.copytree(h100 / "serving-2", tmp_path / "serving")
+    (tmp_path / "serving.status").write_text("exit 0 after 102 s")
+    assert summarize.main([str(tmp_path)]) == 0
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "- serving: exit 0 after 102 s" in text
+    assert "NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130); failed: none" in text
+    assert "| step ms | 6.23 | 7.04 | 8.51 | 10.03 | 11.64 | 14.38 | 16.30 |" in text
+    assert "| closed 1 | 8 | 0 | 201 | 229 |" in text
+    assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text

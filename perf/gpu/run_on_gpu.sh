@@ -353,6 +353,8 @@ short() {
     --streams 1,128 --overlap --out "$out/profile-overlap"
   # A backend stub that dies of a signal (a segfault, the OOM killer) says so here, not in the server log.
   dmesg 2>/dev/null | tail -n 60 >"$out/dmesg.txt" || true
+  # The figures on one page (SUMMARY.md), printed last: the tail of this command's output.
+  "$py" perf/gpu/summarize.py "$out" || log "no summary"
 }
 
 relay() {

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""One page from a GPU short run's folder: what ran and passed, the engine's figures (with and without
+overlap, and its bursts), the served sweeps and perf_analyzer, written to SUMMARY.md and printed.
+
+    python perf/gpu/summarize.py perf/results/gpu-short
+
+`run_on_gpu.sh short` runs it last, so the figures are in the command's own output (the tail a lent
+machine hands back) before the folder is unpacked. Each part is skipped, with a line saying so, when
+its step did not run or left no result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def steps(folder: Path) -> list[str]:
+    """Each step's exit line (run_on_gpu.sh's NAME.status files), in the order they ran."""
+    statuses = sorted(folder.glob("*.status"), key=lambda p: p.stat().st_mtime)
+    return [f"- {p.stem}: {p.read_text().strip()}" for p in statuses] or ["- no step statuses"]
+
+
+def check(folder: Path) -> list[str]:
+    result = _load(folder / "check" / "check_gpu.json")
+    if result is None:
+        return ["no check_gpu.json"]
+    lines = [f"{result.get('device')} (torch {result.get('torch')}); failed: {result.get('failed') or 'none'}"]
+    for name, outcome in result.get("checks", {}).items():
+        figures = {k: v for k, v in outcome.items() if k not in ("ok", "seconds", "error", "trace")}
+        lines.append(f"- {name}: {'ok' if outcome.get('ok') else 'FAILED'} {figures}"
+                     + (f" error: {outcome['error'][:300]}" if outcome.get("error") else ""))
+    return lines
+
+
+def engine(folder: Path) -> list[str]:
+    runs = sorted((folder / "engine").glob("engine_*.json"))
+    if not runs:
+        return ["no engine results"]
+    lines = []
+    for path in runs:
+        result = _load(path) or {}
+        sweep = result.get("step_sweep", [])
+        lines += [
+            f"**{path.stem}**: {result.get('batching_gain', 0):.2f}x at {result.get('streams')} streams vs 1; "
+            f"real-time streams {result.get('real_time_streams')}; decode attention {result.get('decode_attention')}",
+            "",
+            "| streams | " + " | ".join(str(r["streams"]) for r in sweep) + " |",
+            "|---|" + "---:|" * len(sweep),
+            "| step ms | " + " | ".join(f"{r['step_ms']:.2f}" for r in sweep) + " |",
+            "| tokens/s per stream | " + " | ".join(f"{r['tokens_per_s_per_stream']:.0f}" for r in sweep) + " |",
+            "",
+        ]
+        bursts = result.get("bursts", [])
+        if bursts:
+            lines += ["| running + arriving | prefill tokens/step | first token p50 / max ms | first window p50 / p99 "
+                      "/ max ms | running streams' longest wait ms |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {b['running']} + {b['arriving']} | {b['prefill_tokens']} | "
+                      f"{_ms(b['first_token_s']['p50'])} / {_ms(b['first_token_s']['max'])} | "
+                      f"{_ms(b['first_window_s']['p50'])} / {_ms(b['first_window_s']['p99'])} / "
+                      f"{_ms(b['first_window_s']['max'])} | {_ms(b['running_max_gap_s'])} |" for b in bursts]
+            lines.append("")
+    return lines
+
+
+def serving(folder: Path, name: str) -> list[str]:
+    result = _load(folder / name / "result.json")
+    if result is None:
+        return [f"no {name}/result.json"]
+    tts = result["tts"]
+    settings = tts.get("settings", {})
+    lines = [f"capacity {tts.get('realtime_capacity')} streams (by p99 TTFA limit: "
+             f"{tts.get('realtime_capacity_by_limit')}); server {result.get('server_settings')}; "
+             f"ramp {settings.get('ramp_seconds', 0)} s, {settings.get('streams_per_worker')} streams per worker",
+             "", "| level | streams | errors | TTFA p50 ms | p99 ms | max ms | starved | stall s | RTF p50 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    levels = [(f"closed {c}", level) for c, level in tts.get("closed_loop", {}).items()]
+    levels += [(f"Poisson {rate}/s", level) for rate, level in tts.get("poisson", {}).items()]
+    for label, level in levels:
+        lines.append(f"| {label} | {level['streams']} | {level['errors']} | {_ms(level['ttfa_p50'])} | "
+                     f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
+                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} |")
+    return lines + [""]
+
+
+def perf_analyzer(folder: Path) -> list[str]:
+    result = _load(folder / "perf-analyzer" / "perf_analyzer.json")
+    if result is None:
+        return ["no perf-analyzer/perf_analyzer.json"]
+    version = (result.get("version_output") or "").splitlines()[:1]
+    lines = [f"{version[0] if version else 'perf_analyzer'}; {result.get('model_set')}", "",
+             "| model | concurrency | per second | p50 latency ms | TTFA p50 / p99 ms | starved | error |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for model in ("orpheus", "snac_decoder"):
+        for concurrency, level in result.get(model, {}).items():
+            row, streams = level.get("csv", {}), level.get("streams", {})
+            lines.append(f"| {model} | {concurrency} | {row.get('Inferences/Second', 0):.1f} | "
+                         f"{row.get('p50 latency', 0) / 1000:.0f} | {_ms(streams.get('ttfa_p50'))} / "
+                         f"{_ms(streams.get('ttfa_p99'))} | {streams.get('starved_streams', '-')} | "
+                         f"{level.get('error', '')} |")
+    return lines + [""]
+
+
+def summary(folder: Path) -> str:
+    machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
+    sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
+                ("Served (serving)", serving(folder, "serving")),
+                ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
+                ("perf_analyzer", perf_analyzer(folder))]
+    parts = [f"# GPU short run: {folder}", "", *machine]
+    for title, lines in sections:
+        parts += ["", f"## {title}", "", *lines]
+    return "\n".join(parts).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="perf/results/gpu-short")
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        parser.error(f"{folder} is not a folder")
+    text = summary(folder)
+    (folder / "SUMMARY.md").write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
