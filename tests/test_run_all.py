@@ -33,7 +33,7 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     import summarize
 
     h100 = ROOT / "perf" / "results" / "2026-11-26_h100"
-    for part in ("check", "engine"):
+    for part in ("check", "engine", "profile"):
         shutil.copytree(h100 / part, tmp_path / part)
     shutil.copytree(h100 / "serving-2", tmp_path / "serving")
     (tmp_path / "serving.status").write_text("exit 0 after 102 s")
@@ -44,3 +44,4 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     assert "| step ms | 6.23 | 7.04 | 8.51 | 10.03 | 11.64 | 14.38 | 16.30 |" in text
     assert "| closed 1 | 8 | 0 | 201 | 229 |" in text
     assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
+    assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text

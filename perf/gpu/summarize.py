@@ -114,12 +114,25 @@ def perf_analyzer(folder: Path) -> list[str]:
     return lines + [""]
 
 
+def profiles(folder: Path) -> list[str]:
+    """profile_step.py's figures (the opt-in `profile` and `profile-overlap` steps), when they ran."""
+    lines = []
+    for name in ("profile", "profile-overlap"):
+        result = _load(folder / name / "profile.json")
+        if result is None:
+            continue
+        for streams, run in result.get("profiles", {}).items():
+            lines.append(f"- {name}, {streams} streams: step {run['step_ms']:.2f} ms, device busy "
+                         f"{run['device_busy_ms_per_step']:.2f} ms, {run['kernels_per_step']:.0f} kernels a step")
+    return lines or ["not run (SHORT_STEPS without profile)"]
+
+
 def summary(folder: Path) -> str:
     machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
-                ("perf_analyzer", perf_analyzer(folder))]
+                ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder))]
     parts = [f"# GPU short run: {folder}", "", *machine]
     for title, lines in sections:
         parts += ["", f"## {title}", "", *lines]
