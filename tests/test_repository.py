@@ -161,3 +161,14 @@ def test_render_with_relay_puts_the_relay_in_front_of_the_torch_engine(configs, 
     assert list(relay.input) == list(configs[c.LLM_MODEL].input)
     assert list(relay.output) == list(configs[c.LLM_MODEL].output)
     assert (out / c.LLM_MODEL / "1" / "model.py").read_text().find("RelayStreams") > 0
+
+
+def test_raw_pcm_is_not_written_to_a_terminal(monkeypatch, capsys):
+    import sys
+
+    from orpheus_triton.cli import main
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    with pytest.raises(SystemExit) as stopped:
+        main(["say", "hello", "-o", "-", "--url", "localhost:1"])
+    assert "a terminal cannot show" in str(stopped.value)

@@ -146,8 +146,11 @@ def _synthesize(url: str, text: str, output: str, **options) -> None:
     from .client import OrpheusClient, require_ready_server  # noqa: PLC0415
     from .wav import RawPcmWriter, StreamingWavWriter  # noqa: PLC0415
 
-    require_ready_server(url)
     to_stdout = output == "-"
+    if to_stdout and sys.stdout.isatty():
+        raise SystemExit("error: -o - writes raw PCM, which a terminal cannot show: pipe it into a player "
+                         f"(| aplay -f S16_LE -r {SAMPLE_RATE} -c 1) or give -o FILE.wav")
+    require_ready_server(url)
     client = OrpheusClient(url)
     with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
         result = client.synthesize(text, on_chunk=sink.write, **options)
