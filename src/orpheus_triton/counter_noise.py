@@ -16,22 +16,13 @@ import torch
 MASK32 = 0xFFFFFFFF
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer ("lowbias32") on int64 tensors holding values < 2**32."""
+def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer mixer ("lowbias32") on int64 tensors holding values < 2**32, or on one Python
+    integer (the same operators; computed on the host)."""
     x = x & MASK32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & MASK32
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def hash32_int(x: int) -> int:
-    """``hash32`` of one Python integer, computed on the host."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & MASK32
-    x ^= x >> 15
     x = (x * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
 
@@ -45,7 +36,7 @@ def row_keys(seeds: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
     seeds = seeds.to(torch.int64)
     key = hash32(hash32(seeds & MASK32) ^ ((seeds >> 32) & MASK32))
     if isinstance(counter, int):
-        return hash32(key ^ hash32_int(counter + 0x9E3779B9))
+        return hash32(key ^ hash32(counter + 0x9E3779B9))
     return hash32(key ^ hash32(counter.to(torch.int64) + 0x9E3779B9))
 
 
