@@ -41,7 +41,7 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "- serving: exit 0 after 102 s" in text
     assert "NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130); failed: none" in text
-    assert "| step ms | 6.23 | 7.04 | 8.51 | 10.03 | 11.64 | 14.38 | 16.30 |" in text
+    assert "| 1 | 6.23 | 161 | 161 | yes |" in text and "| 256 | 16.30 | 61 | 15707 | no |" in text
     assert "| closed 1 | 8 | 0 | 201 | 229 |" in text
     assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text

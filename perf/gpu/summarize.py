@@ -47,33 +47,12 @@ def check(folder: Path) -> list[str]:
 
 
 def engine(folder: Path) -> list[str]:
-    runs = sorted((folder / "engine").glob("engine_*.json"))
-    if not runs:
-        return ["no engine results"]
+    """Each engine_bench.py run's own report (its step table and bursts), headings two levels down."""
+    reports = sorted((folder / "engine").glob("engine_*.md"))
     lines = []
-    for path in runs:
-        result = _load(path) or {}
-        sweep = result.get("step_sweep", [])
-        lines += [
-            f"**{path.stem}**: {result.get('batching_gain', 0):.2f}x at {result.get('streams')} streams vs 1; "
-            f"real-time streams {result.get('real_time_streams')}; decode attention {result.get('decode_attention')}",
-            "",
-            "| streams | " + " | ".join(str(r["streams"]) for r in sweep) + " |",
-            "|---|" + "---:|" * len(sweep),
-            "| step ms | " + " | ".join(f"{r['step_ms']:.2f}" for r in sweep) + " |",
-            "| tokens/s per stream | " + " | ".join(f"{r['tokens_per_s_per_stream']:.0f}" for r in sweep) + " |",
-            "",
-        ]
-        bursts = result.get("bursts", [])
-        if bursts:
-            lines += ["| running + arriving | prefill tokens/step | first token p50 / max ms | first window p50 / p99 "
-                      "/ max ms | running streams' longest wait ms |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {b['running']} + {b['arriving']} | {b['prefill_tokens']} | "
-                      f"{_ms(b['first_token_s']['p50'])} / {_ms(b['first_token_s']['max'])} | "
-                      f"{_ms(b['first_window_s']['p50'])} / {_ms(b['first_window_s']['p99'])} / "
-                      f"{_ms(b['first_window_s']['max'])} | {_ms(b['running_max_gap_s'])} |" for b in bursts]
-            lines.append("")
-    return lines
+    for path in reports:
+        lines += ["##" + line if line.startswith("#") else line for line in path.read_text().splitlines()] + [""]
+    return lines or ["no engine results"]
 
 
 def serving(folder: Path, name: str) -> list[str]:
