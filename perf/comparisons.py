@@ -41,8 +41,10 @@ def _median(values):
 class InProcessPipeline:
     """The serving pipeline without Triton: engine loop thread -> framer -> SNAC, in this process."""
 
-    def __init__(self, models, device: str = "auto", max_streams: int = 8, max_seq_len: int = 2048):
+    def __init__(self, models, device: str = "auto", max_streams: int = 8, max_seq_len: int = 2048,
+                 lead_in: bool = True):
         device = pick_device(device)
+        self.lead_in = lead_in  # as the served decoder's decoder_lead_in
         self.tokenizer = load_tokenizer(models.llm)
         self.engine = InflightEngine(load_llama(models.llm, device=device), max_streams=max_streams,
                                      max_seq_len=max_seq_len)
@@ -58,7 +60,7 @@ class InProcessPipeline:
         prompt = build_prompt(self.tokenizer, utterance.text, utterance.voice)
         self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=utterance.max_tokens,
                                              emit=lambda ids, done: tokens.put((ids, done)), seed=utterance.seed))
-        framer, finished = StreamFramer(), False
+        framer, finished = StreamFramer(lead_in=self.lead_in), False
         while not finished:
             batch = [tokens.get(timeout=600)]
             while not tokens.empty():  # decode everything that is ready in one call, as the server does

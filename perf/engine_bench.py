@@ -16,8 +16,9 @@ Measures, in process (no Triton):
 3. step time vs active streams, and how many streams stay at or above real time
    (REAL_TIME_TOKENS_PER_SECOND, ~82 tokens/s per stream);
 4. bursts (--burst): many requests at once, alone or beside running streams, at one or more prefill
-   budgets (--burst-prefill): the newcomers' time to their first window of tokens (first audio) and
-   the running streams' longest wait between tokens.
+   budgets (--burst-prefill): the newcomers' time to their first window of tokens (first audio:
+   LEAD_IN_TOKENS, 21, with the SNAC decoder's default lead-in frame) and the running streams'
+   longest wait between tokens.
 Writes JSON and a markdown table to --out.
 """
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from orpheus_triton.constants import REAL_TIME_TOKENS_PER_SECOND, WINDOW_TOKENS
+from orpheus_triton.constants import LEAD_IN_TOKENS, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.llama import load_llama
@@ -73,7 +74,7 @@ def prompt(i: int) -> list[int]:
 
 def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
     """Queue stream ``i`` of ``tokens`` tokens; ``sink[i]`` records its token count, when its first token
-    and its first window's worth (WINDOW_TOKENS, what the SNAC decoder needs for first audio) came, and
+    and its first window's worth (LEAD_IN_TOKENS, what the SNAC decoder needs for first audio) came, and
     the longest wait between two of its tokens."""
     sink[i] = {"tokens": 0, "first": None, "window": None, "last": None, "max_gap": 0.0,
                "submitted": time.perf_counter()}
@@ -82,7 +83,7 @@ def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
         entry, now = sink[i], time.perf_counter()
         entry["tokens"] += len(new)
         entry["first"] = entry["first"] or now
-        if entry["window"] is None and entry["tokens"] >= WINDOW_TOKENS:
+        if entry["window"] is None and entry["tokens"] >= LEAD_IN_TOKENS:
             entry["window"] = now
         if entry["last"] is not None:
             entry["max_gap"] = max(entry["max_gap"], now - entry["last"])
@@ -136,7 +137,7 @@ def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: i
     """``arriving`` requests submitted at once while ``running`` streams decode (a burst of callers, as when a
     closed-loop level starts), with the engine's prefill budget at ``prefill_tokens`` per step.
 
-    Returns the newcomers' time to their first token and to their first window (WINDOW_TOKENS tokens:
+    Returns the newcomers' time to their first token and to their first window (LEAD_IN_TOKENS tokens:
     when the SNAC decoder can give first audio), and the running streams' longest wait between two tokens
     while the newcomers are admitted (a step that prefills many prompts is a long one for them).
     """
@@ -153,7 +154,7 @@ def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: i
         entry["max_gap"] = 0.0
     newcomers = range(running, running + arriving)
     for i in newcomers:
-        submit(engine, i, WINDOW_TOKENS, sink)
+        submit(engine, i, LEAD_IN_TOKENS, sink)
     longest = 0.0
     while any(sink[i]["window"] is None for i in newcomers):
         started = time.perf_counter()
@@ -322,8 +323,8 @@ def main() -> int:
         *[f"| {r['streams']} | {r['step_ms']:.2f} | {r['tokens_per_s_per_stream']:.0f} | "
           f"{r['aggregate_tokens_per_s']:.0f} | {'yes' if r['real_time'] else 'no'} |" for r in sweep],
         "",
-        f"Bursts: requests arriving at once beside running streams; first window = {WINDOW_TOKENS} tokens, "
-        "what the SNAC decoder needs for first audio (times in ms):",
+        f"Bursts: requests arriving at once beside running streams; first window = {LEAD_IN_TOKENS} tokens, "
+        "what the SNAC decoder needs for first audio with its default lead-in frame (times in ms):",
         "",
         "| running | arriving | prefill tokens/step | first token p50 / max | first window p50 / p99 / max "
         "| running streams' longest wait | step before |",

@@ -6,12 +6,13 @@ orpheus_{short,medium,long}.json: the load generator's benchmark texts
 (orpheus_triton.loadgen.TEXTS), one entry per voice, with text, voice,
 max_tokens and seed. orpheus_mixed.json interleaves all three lengths.
 
-snac_decoder.json: each entry is one whole stream for the decoder alone: one
-window (28 valid audio token ids, random codes, in frame-slot order) followed by
-end-of-speech, shaped [1, 29] (perf_analyzer adds the batch dimension). The
-decoder keys a stream's state by request id; perf_analyzer gives every request
-its own id within one run, and the closing end-of-speech drops the state, so
-every request decodes exactly one window and leaves nothing behind.
+snac_decoder.json: each entry is one whole stream for the decoder alone: the
+first window of a stream with the server's default lead-in frame (21 valid audio
+token ids, random codes, in frame-slot order) followed by end-of-speech, shaped
+[1, 22] (perf_analyzer adds the batch dimension). The decoder keys a stream's
+state by request id; perf_analyzer gives every request its own id within one
+run, and the closing end-of-speech drops the state, so every request decodes
+exactly one window and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from orpheus_triton.constants import (
     IN_SEED,
     IN_TEXT,
     IN_VOICE,
+    LEAD_IN_TOKENS,
     VOICES,
-    WINDOW_TOKENS,
 )
 from orpheus_triton.frames import audio_token_id
 from orpheus_triton.loadgen import MAX_TOKENS, TEXTS
@@ -43,7 +44,7 @@ def orpheus_entry(label: str, voice: str, seed: int) -> dict:
 
 
 def decoder_entry(rng: random.Random) -> dict:
-    ids = [audio_token_id(rng.randrange(CODEBOOK_SIZE), p) for p in range(WINDOW_TOKENS)] + [END_OF_SPEECH]
+    ids = [audio_token_id(rng.randrange(CODEBOOK_SIZE), p) for p in range(LEAD_IN_TOKENS)] + [END_OF_SPEECH]
     return {DECODER_TOKENS: {"content": ids, "shape": [1, len(ids)]}}
 
 

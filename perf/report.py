@@ -195,7 +195,9 @@ def markdown(result: dict) -> str:
         f"* models: {result['model_set']} (random weights; speed depends on shapes only)",
         _source_line(result.get("source")),
         f"* server: tritonserver from {result.get('tritonserver', '?')}, engine max_streams "
-        f"{result['server_settings']['max_streams']}, device {result['server_settings']['device']}",
+        f"{result['server_settings']['max_streams']}, device {result['server_settings']['device']}; "
+        + ("streams start with the lead-in frame (first audio after 21 tokens)"
+           if result["server_settings"].get("lead_in", False) else "first audio after 28 tokens (no lead-in frame)"),
         (f"* cores busy with other work just before the run: {result['busy_cores_before']:.2f}\n"
            if result.get("busy_cores_before") is not None else "")
         + f"* load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']} "

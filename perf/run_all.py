@@ -108,7 +108,8 @@ def compare(result: dict, name: str, measure) -> dict | None:
 def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm: Utterance,
                     utterances: list[Utterance]) -> dict:
     """Comparison (a): the served stream against an in-process pipeline on the same models, interleaved."""
-    pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8, max_seq_len=args.max_seq_len)
+    pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8, max_seq_len=args.max_seq_len,
+                                             lead_in=not args.no_lead_in)
     try:
         pipeline.synthesize(warm)
         return guard.run("serving", lambda: comparisons.compare_serving(
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
     parser.add_argument("--prefill-tokens", type=int, default=0,
                         help="the server engine's prefill budget per step (0: its default for the device)")
+    parser.add_argument("--no-lead-in", action="store_true",
+                        help="streams start with frame 1's audio after 28 tokens, as upstream (decoder_lead_in off)")
     parser.add_argument("--overlap", action="store_true",
                         help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling, "overlap": args.overlap,
+                            "lead_in": not args.no_lead_in,
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -244,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
-                      overlap=args.overlap, prefill_tokens=args.prefill_tokens) as server:
+                      overlap=args.overlap, prefill_tokens=args.prefill_tokens,
+                      lead_in=not args.no_lead_in) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

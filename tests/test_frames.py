@@ -33,9 +33,10 @@ def test_split_codebooks_uses_orpheus_slot_order():
 
 
 def test_framer_emits_a_window_every_frame_after_four():
+    """Without the lead-in frame: upstream's windows, the last 4 frames every 7 tokens once 28 are in."""
     rng = np.random.default_rng(0)
     codes = rng.integers(0, CODEBOOK_SIZE, 7 * 10).tolist()
-    framer = StreamFramer()
+    framer = StreamFramer(lead_in=False)
     windows = []
     for token in audio_stream(codes):  # one token at a time, as the LLM streams
         windows += framer.push([token])
@@ -44,9 +45,31 @@ def test_framer_emits_a_window_every_frame_after_four():
         start = w.frame_index * 7
         assert list(w.codes) == codes[start : start + 28]
     # Same windows whatever the chunking.
-    chunked = StreamFramer()
+    chunked = StreamFramer(lead_in=False)
     again = chunked.push(audio_stream(codes)[:30]) + chunked.push(audio_stream(codes)[30:])
     assert again == windows
+
+
+def test_lead_in_window_comes_at_21_tokens_then_upstreams_windows():
+    """The lead-in window: frame 0 twice, then frames 1 and 2, emitted with the 21st token; after it
+    exactly the windows without the lead-in, so a stream gains frame 0's audio and nothing else changes."""
+    from orpheus_triton.constants import LEAD_IN_TOKENS
+
+    codes = np.random.default_rng(1).integers(0, CODEBOOK_SIZE, 7 * 6).tolist()
+    framer, emitted_at = StreamFramer(), []
+    windows = []
+    for position, token in enumerate(audio_stream(codes), start=1):
+        new = framer.push([token])
+        emitted_at += [position] * len(new)
+        windows += new
+    assert LEAD_IN_TOKENS == 21 and emitted_at == [21, 28, 35, 42]
+    lead_in = windows[0]
+    assert lead_in.frame_index == -1 and list(lead_in.codes) == codes[:7] + codes[:21]
+    assert windows[1:] == StreamFramer(lead_in=False).push(audio_stream(codes))
+    assert lead_in.seed != windows[1].seed  # its own noise: a different window at a different place
+    # A stream of 3 frames still has audio; shorter ones have none, with or without the lead-in.
+    assert len(StreamFramer().push(audio_stream(codes[:21]))) == 1
+    assert StreamFramer().push(audio_stream(codes[:20])) == []
 
 
 def test_framer_skips_non_audio_and_drops_misaligned_tokens():
@@ -65,6 +88,7 @@ def test_window_seed_depends_on_codes_and_position_only():
     assert window_seed(codes, 0) == window_seed(list(codes), 0)
     assert window_seed(codes, 0) != window_seed(codes, 1)
     assert window_seed(codes, 0) != window_seed([1] + codes[1:], 0)
+    assert window_seed(codes, -1) not in (window_seed(codes, 0), window_seed(codes, 1))  # the lead-in window
     assert 0 <= window_seed(codes, 5) < 2**63
 
 
@@ -84,7 +108,7 @@ def test_frame_chunker_sends_whole_frames_and_flushes_at_the_end():
 def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
     from orpheus_triton.serving import StreamDecoderState
 
-    state = StreamDecoderState()
+    state = StreamDecoderState(lead_in=False)
     a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
     b = [audio_token_id(c, i) for i, c in enumerate(range(100, 128))]
     # Interleaved chunks of two streams never mix.
@@ -306,3 +330,13 @@ def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
     now[0] = STALE_SWEEP_SECONDS
     state.items_for([("other", tokens[7:14], None)])
     assert set(state.streams) == {"other"}
+
+
+def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to():
+    from orpheus_triton.serving import StreamDecoderState
+
+    tokens = np.array([audio_token_id(c, i) for i, c in enumerate(range(1, 22))])
+    (item,) = StreamDecoderState().items_for([("a", tokens, None)])
+    assert [w.frame_index for w in item.windows] == [-1]
+    (item,) = StreamDecoderState(lead_in=False).items_for([("a", tokens, None)])
+    assert item.windows == []

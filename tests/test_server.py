@@ -15,10 +15,11 @@ from snac import SNAC
 
 from orpheus_triton import constants as c
 from orpheus_triton.client import OrpheusClient, SynthesisError, infer_input
+from orpheus_triton.frames import StreamFramer
 from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
 from orpheus_triton.prompt import load_tokenizer
 
-from reference_decoder import reference_decode
+from reference_decoder import convert_to_audio, reference_decode
 
 pytestmark = pytest.mark.server
 TEXT = "Hey there, <chuckle> this is a streaming test."
@@ -116,7 +117,12 @@ def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set)
     result = OrpheusClient(grpc_url).synthesize(**options)
     tokens = llm_tokens(grpc_url, model_set, **options)
     assert tokens[-1] == c.END_OF_SPEECH
-    reference = reference_decode(SNAC.from_pretrained(str(model_set.snac)).eval(), tokens, drop_zero_codes=False)
+    upstream = SNAC.from_pretrained(str(model_set.snac)).eval()
+    reference = reference_decode(upstream, tokens, drop_zero_codes=False)
+    # The stream starts with the lead-in frame: upstream's decode of the lead-in window (test_snac).
+    lead_in = StreamFramer().push(tokens)[0]
+    assert lead_in.frame_index == -1
+    reference.insert(0, convert_to_audio(upstream, list(lead_in.codes), lead_in.frame_index))
     assert len(result.chunks) > 10
     # The default decoder computes only the kept samples: within one int16 step of upstream
     # (sample-identical with --decoder-exact, see test_snac).
@@ -181,7 +187,8 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     with pytest.raises(SynthesisError, match="already streaming"):
         OrpheusClient(grpc_url).synthesize("intruder", max_tokens=35, request_id=shared)
     thread.join()
-    assert first["audio"].size == (900 // 7 - 3) * c.SAMPLES_PER_FRAME  # the first stream was not disturbed
+    # the first stream was not disturbed: frames 0 (the lead-in) to 125 of its 128
+    assert first["audio"].size == (900 // 7 - 2) * c.SAMPLES_PER_FRAME
     # Once it has finished, the id may be used again and starts a clean stream.
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
@@ -244,7 +251,7 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     assert say.returncode == 0, say.stderr
     assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
     rate, audio = read_wav(tmp_path / "say.wav")
-    assert rate == c.SAMPLE_RATE and audio.size == 7 * c.SAMPLES_PER_FRAME  # 10 frames -> 7 windows
+    assert rate == c.SAMPLE_RATE and audio.size == 8 * c.SAMPLES_PER_FRAME  # 10 frames -> frames 0-7
     # -o -: the same audio as raw PCM on stdout, the summary on stderr
     raw = subprocess.run(
         [sys.executable, "-m", "orpheus_triton.cli", "say", "Hello from the command line", "-o", "-",
@@ -276,7 +283,7 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
                               str(tmp_path / "say.wav"), "--url", grpc_url], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "text is empty" in refused.stderr
-    assert read_wav(tmp_path / "say.wav")[1].size == 7 * c.SAMPLES_PER_FRAME
+    assert read_wav(tmp_path / "say.wav")[1].size == 8 * c.SAMPLES_PER_FRAME
     unreachable = subprocess.run([sys.executable, str(example), "hi", str(tmp_path / "none.wav"), "--url",
                                   "localhost:1"], capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
@@ -490,20 +497,21 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     assert status == 128 + signal.SIGKILL and took < 3
 
 
-def test_an_overlapping_engine_serves_the_same_audio(grpc_url, model_set, tmp_path):
-    """The llm stage with its engine's ``overlap`` option (tokens read back a step late) streams through the
-    ensemble exactly the audio of the default engine, for the same request."""
+def test_an_overlapping_engine_without_lead_in_serves_the_same_audio_after_frame_0(grpc_url, model_set, tmp_path):
+    """A second server, with two options of the default one's changed (one start for both): the llm stage
+    with its engine's ``overlap`` option (tokens read back a step late) generates exactly the default
+    engine's tokens, and the decoder without the lead-in frame streams the same audio but frame 0's."""
     from conftest import running_server, server_settings
 
     from orpheus_triton.repository import render
 
     options = {"text": TEXT, "voice": "tara", "seed": 5, "max_tokens": 140}
     expected = OrpheusClient(grpc_url).synthesize(**options)
-    repository = render(server_settings(model_set, llm_overlap=True), tmp_path / "repository")
+    repository = render(server_settings(model_set, llm_overlap=True, decoder_lead_in=False), tmp_path / "repository")
     assert 'key: "overlap", value: { string_value: "true" }' in (repository / c.LLM_MODEL / "config.pbtxt").read_text()
     with running_server(repository, tmp_path) as process:
         url = f"localhost:{process.ports.grpc}"
         got = OrpheusClient(url).synthesize(**options)
         assert llm_tokens(url, model_set, **options) == llm_tokens(grpc_url, model_set, **options)
-    assert len(got.chunks) == len(expected.chunks) > 5
-    assert_same_audio(got.audio, expected.audio)
+    assert len(got.chunks) == len(expected.chunks) - 1 > 5
+    assert_same_audio(got.audio, expected.audio[c.SAMPLES_PER_FRAME :])

@@ -8,7 +8,7 @@ from orpheus_triton.constants import END_OF_SPEECH, SAMPLES_PER_FRAME
 from orpheus_triton.frames import StreamFramer, audio_token_id
 from orpheus_triton.snac_codec import load_snac, load_window_decoder
 
-from reference_decoder import reference_decode
+from reference_decoder import convert_to_audio, reference_decode
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def token_stream(seed, frames, allow_zero=False):
     return [audio_token_id(code, i) for i, code in enumerate(codes)] + [END_OF_SPEECH]
 
 
-def serve_decode(decoder, tokens):
-    framer = StreamFramer()
-    return decoder.decode(framer.push(tokens))
+def serve_decode(decoder, tokens, lead_in=False):
+    """A stream's audio chunks; without the lead-in frame unless asked: upstream's windows."""
+    return decoder.decode(StreamFramer(lead_in=lead_in).push(tokens))
 
 
 def test_matches_upstream_sample_for_sample(decoder, upstream):
@@ -48,6 +48,19 @@ def test_matches_upstream_sample_for_sample(decoder, upstream):
         np.testing.assert_array_equal(a, b)
 
 
+def test_lead_in_frame_is_upstreams_decode_of_its_window(decoder, upstream):
+    """With the lead-in frame a stream gains one chunk in front, frame 0's audio: upstream's decode of the
+    lead-in window (frame 0 twice, frames 1 and 2); every later chunk is upstream's."""
+    tokens = token_stream(4, frames=6)
+    windows = StreamFramer().push(tokens)
+    ours = decoder.decode(windows)
+    theirs = reference_decode(upstream, tokens)
+    assert len(ours) == len(theirs) + 1 == 4
+    np.testing.assert_array_equal(ours[0], convert_to_audio(upstream, list(windows[0].codes), -1))
+    for a, b in zip(ours[1:], theirs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_batched_across_streams_equals_each_stream_alone(decoder):
     streams = [token_stream(seed, frames=6) for seed in range(5)]
     framers = [StreamFramer() for _ in streams]
@@ -56,7 +69,7 @@ def test_batched_across_streams_equals_each_stream_alone(decoder):
     batch = [w for group in zip(*windows, strict=True) for w in group]
     audio = decoder.decode(batch)
     for index, tokens in enumerate(streams):
-        alone = serve_decode(decoder, tokens)
+        alone = serve_decode(decoder, tokens, lead_in=True)
         together = audio[index :: len(streams)]
         for a, b in zip(alone, together, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -77,7 +90,7 @@ def test_serving_decoder_batched_is_within_one_step_of_alone(serving_decoder):
     windows = [StreamFramer().push(t) for t in streams]
     audio = serving_decoder.decode([w for group in zip(*windows, strict=True) for w in group])
     for index, tokens in enumerate(streams):
-        alone = np.concatenate(serve_decode(serving_decoder, tokens)).astype(np.int32)
+        alone = np.concatenate(serve_decode(serving_decoder, tokens, lead_in=True)).astype(np.int32)
         together = np.concatenate(audio[index :: len(streams)]).astype(np.int32)
         assert np.abs(alone - together).max() <= 1
 
@@ -132,11 +145,11 @@ def test_counter_noise_decoder_is_batch_independent_and_sounds_alike(model_set):
     windows = [StreamFramer().push(t) for t in streams]
     audio = counter.decode([w for group in zip(*windows, strict=True) for w in group])
     for index, tokens in enumerate(streams):
-        alone = np.concatenate(serve_decode(counter, tokens)).astype(np.int32)
-        assert np.array_equal(alone, np.concatenate(serve_decode(counter, tokens)))  # deterministic
+        alone = np.concatenate(serve_decode(counter, tokens, lead_in=True)).astype(np.int32)
+        assert np.array_equal(alone, np.concatenate(serve_decode(counter, tokens, lead_in=True)))  # deterministic
         together = np.concatenate(audio[index :: len(streams)]).astype(np.int32)
         assert np.abs(alone - together).max() <= 1
-        upstream_noise = np.concatenate(serve_decode(generators, tokens)).astype(np.float64)
+        upstream_noise = np.concatenate(serve_decode(generators, tokens, lead_in=True)).astype(np.float64)
         assert not np.array_equal(alone, upstream_noise)  # other numbers ...
         ratio = np.sqrt(np.mean(alone.astype(np.float64) ** 2) / np.mean(upstream_noise**2))
         assert 0.8 < ratio < 1.25  # ... of the same kind
@@ -194,7 +207,7 @@ def test_padded_calls_return_each_real_window_as_decoded_unpadded(model_set, mon
     plain = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER)
     padded = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER, sizes=(1, 2, 4, 8))
     assert [padded.rows_for(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
-    windows = [w for seed in range(30, 33) for w in StreamFramer().push(token_stream(seed, frames=5))]
+    windows = [w for seed in range(30, 33) for w in StreamFramer(lead_in=False).push(token_stream(seed, frames=5))]
     assert len(windows) == 6  # 2 windows from each of 3 streams: padded to 8 rows
     expected = plain.decode(windows)
     got = padded.decode(windows)
@@ -236,7 +249,7 @@ def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_
 
     model = load_snac(model_set.snac)
     eager = WindowDecoder(model, DECODE_SPAN, noise=NOISE_COUNTER, sizes=(1, 2, 4, 8))  # same shapes, no graphs
-    windows = [w for seed in range(40, 43) for w in StreamFramer().push(token_stream(seed, frames=5))]
+    windows = [w for seed in range(40, 43) for w in StreamFramer(lead_in=False).push(token_stream(seed, frames=5))]
     expected = {count: eager.decode(windows[:count]) for count in (3, 6)}
 
     captured = []

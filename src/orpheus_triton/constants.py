@@ -35,6 +35,9 @@ FRAMES_PER_WINDOW = 4  # the streaming decoder decodes 4 frames at a time ...
 WINDOW_TOKENS = FRAMES_PER_WINDOW * TOKENS_PER_FRAME  # ... i.e. 28 tokens
 WINDOW_KEEP_START = 2048  # ... and keeps the second frame's samples,
 WINDOW_KEEP_END = 4096  # where context on both sides hides window seams.
+# The lead-in frame (frames.StreamFramer): frame 0's audio, which that decoder never emits, from a window
+# whose first frame repeats frame 0, once 3 frames are in. First audio then needs 21 tokens, not 28.
+LEAD_IN_TOKENS = (FRAMES_PER_WINDOW - 1) * TOKENS_PER_FRAME
 # Windows per SNAC decoder call at most: a round takes one window per stream, so 216 streams fit one.
 MAX_ROUND_WINDOWS = 256
 REAL_TIME_TOKENS_PER_SECOND = TOKENS_PER_FRAME * SAMPLE_RATE / SAMPLES_PER_FRAME  # ~82

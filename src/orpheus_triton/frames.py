@@ -3,11 +3,18 @@
 An Orpheus audio token carries both a SNAC code and the slot of the frame it
 belongs to: ``id = AUDIO_TOKEN_BASE + code + CODEBOOK_SIZE * slot``. Seven
 consecutive tokens form one frame; the framer below turns a token stream into
-the 28-token windows that the SNAC decoder turns into audio, exactly as the
-reference Orpheus streaming decoder does (one window every 7 tokens once 28 are
-buffered), with one deliberate fix: the reference drops every code 0 (its
-``if token > 0`` test), which silently shifts the frame alignment; here code 0
-is a code like any other.
+the 28-token windows that the SNAC decoder turns into audio, as the reference
+Orpheus streaming decoder does (one window every 7 tokens once 28 are buffered,
+each giving its second frame's audio), with one fix and one addition:
+
+- the reference drops every code 0 (its ``if token > 0`` test), which silently
+  shifts the frame alignment; here code 0 is a code like any other;
+- the lead-in frame (on by default): the reference never emits frame 0's audio
+  (its first window gives frame 1, after 28 tokens). Here frame 0 comes first,
+  from a window whose first frame repeats frame 0 as its left context, as soon
+  as frames 1 and 2 (its right context, as for every other frame) are in: first
+  audio after 21 tokens instead of 28, then one frame every 7 tokens as before.
+  Every later window is the reference's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 from .constants import (
     AUDIO_TOKEN_BASE,
     CODEBOOK_SIZE,
+    FRAMES_PER_WINDOW,
     SLOT_CODEBOOK,
     TOKENS_PER_FRAME,
     WINDOW_TOKENS,
@@ -70,13 +78,14 @@ def window_seed(window_codes: Sequence[int], frame_index: int) -> int:
     the decoder needing to know the request's seed.
     """
     digest = hashlib.blake2b(np.asarray(window_codes, dtype=np.int32).tobytes(), digest_size=8,
-                             key=frame_index.to_bytes(8, "little")).digest()
+                             key=frame_index.to_bytes(8, "little", signed=True)).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 @dataclass(frozen=True)
 class Window:
-    """28 codes (4 frames) ready for SNAC; ``frame_index`` is its first frame's index in the stream."""
+    """28 codes (4 frames) ready for SNAC; ``frame_index`` is its first frame's index in the stream
+    (-1 for the lead-in window, whose first frame stands in for the one before frame 0)."""
 
     codes: tuple[int, ...]
     frame_index: int
@@ -95,9 +104,11 @@ class StreamFramer:
     skipped as the reference does. An audio token whose slot does not match its
     position (possible only with the LLM's audio-token guard switched off) is
     dropped and counted in ``misaligned``: keeping it would shift every later
-    frame, which is the reference decoder's skipped-frames glitch.
+    frame, which is the reference decoder's skipped-frames glitch. ``lead_in``: emit
+    the lead-in window (see the module's docstring) once three frames are in.
     """
 
+    lead_in: bool = True
     recent_codes: list[int] = field(default_factory=list)  # at most one window
     position: int = 0  # audio tokens accepted so far
     misaligned: int = 0  # audio tokens dropped for arriving in the wrong slot
@@ -116,7 +127,11 @@ class StreamFramer:
             self.recent_codes.append(token - AUDIO_TOKEN_BASE - CODEBOOK_SIZE * slot)
             del self.recent_codes[:-WINDOW_TOKENS]
             self.position += 1
-            if self.position % TOKENS_PER_FRAME == 0 and self.position >= WINDOW_TOKENS:
-                first_frame = self.position // TOKENS_PER_FRAME - WINDOW_TOKENS // TOKENS_PER_FRAME
-                windows.append(Window(tuple(self.recent_codes), first_frame))
+            if self.position % TOKENS_PER_FRAME:
+                continue
+            frames = self.position // TOKENS_PER_FRAME
+            if frames >= FRAMES_PER_WINDOW:
+                windows.append(Window(tuple(self.recent_codes), frames - FRAMES_PER_WINDOW))
+            elif self.lead_in and frames == FRAMES_PER_WINDOW - 1:
+                windows.append(Window(tuple(self.recent_codes[:TOKENS_PER_FRAME] + self.recent_codes), -1))
         return windows

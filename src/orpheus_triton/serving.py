@@ -580,12 +580,14 @@ class StreamDecoderState:
     ``items_for`` turns token chunks (one per request, in arrival order) into
     ``DecodeItem``s: the windows each request completed. A stream's state goes
     when its ``end_id`` arrives, or after ``idle_seconds`` without tokens (a
-    client that vanished mid-stream).
+    client that vanished mid-stream). ``lead_in``: streams start with the lead-in
+    frame (frames.StreamFramer).
     """
 
     def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, lead_in: bool = True):
         self.end_id = end_id
+        self.lead_in = lead_in
         self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
@@ -597,7 +599,7 @@ class StreamDecoderState:
         for request_id, tokens, reply in chunks:
             stream = self.streams.get(request_id)
             if stream is None:
-                stream = self.streams[request_id] = _DecoderStream(last_seen=now)
+                stream = self.streams[request_id] = _DecoderStream(StreamFramer(lead_in=self.lead_in), now)
             stream.last_seen = now
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
