@@ -22,6 +22,7 @@ from orpheus_triton.constants import (
     LLM_OUTPUT_IDS,
     LLM_SEED,
     PREPROCESSING_MODEL,
+    REQUEST_START,
     TOKENS_PER_FRAME,
     VOCAB_SIZE,
 )
@@ -374,18 +375,21 @@ def test_relay_has_the_torch_engines_contract(configs, tmp_path):
 
 
 def test_engine_takes_every_input_the_relay_sends_it(configs):
-    """What the relay forwards (EngineInputs.map) is declared by the TensorRT-LLM model, type and shape alike."""
+    """What the relay forwards (EngineInputs.map) is declared by the TensorRT-LLM model, type and shape alike.
+    The request's start is the relay's own: taken off the inputs and answered with every response
+    (serving.serve_llm_requests), never sent to the engine."""
     relay = configs[LLM_MODEL]
     engine_io = {t.name: t for t in [*configs[ENGINE_MODEL].input, *configs[ENGINE_MODEL].output]}
     parameters = {key: value.string_value for key, value in relay.parameters.items()}
     mapping = EngineInputs(seed=parameters["engine_seed_input"], audio_guard=False)
-    sent = mapping.map({i.name: np.zeros((1, 1), np.int32) for i in relay.input if i.name != LLM_AUDIO_GUARD})
+    sent = mapping.map({i.name: np.zeros((1, 1), np.int32) for i in relay.input
+                        if i.name not in (LLM_AUDIO_GUARD, REQUEST_START)})
     relay_inputs = {i.name: i for i in relay.input}
     relay_name = {mapping.seed: LLM_SEED}
     for name in sent:
         ours, theirs = relay_inputs[relay_name.get(name, name)], engine_io[name]
         assert (theirs.data_type, list(theirs.dims)) == (ours.data_type, list(ours.dims)), name
-    for output in relay.output:
+    for output in (o for o in relay.output if o.name != REQUEST_START):
         theirs = engine_io[output.name]
         assert (theirs.data_type, list(theirs.dims)) == (output.data_type, list(output.dims)), output.name
     required = {i.name for i in configs[ENGINE_MODEL].input if not i.optional}

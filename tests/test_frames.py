@@ -179,6 +179,30 @@ def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
     assert _names(scheduler.next_round(timeout=0)[1]) == [("ahead", 8), ("behind", 7)]
 
 
+def test_deliveries_tell_first_audio_and_the_gaps_a_listener_hears():
+    """The server's estimate of what a listener hears, by loadgen.playback's rule: playback from the
+    first audio sent; a chunk sent after the audio before it has played is a gap, and playback resumes
+    from it."""
+    from orpheus_triton.serving import DecodeScheduler, Delivery
+
+    now = [10.0]
+    scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0])
+    assert scheduler.delivered(_item("a"), 0.0) == Delivery()  # no audio yet (a request without a window)
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery(first_audio=True)  # plays 10.0-10.1
+    now[0] = 10.05
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # in time: plays to 10.2
+    now[0] = 10.2
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # just in time
+    now[0] = 10.45
+    late = scheduler.delivered(_item("a"), 0.1)  # the listener waited 10.3-10.45
+    assert not late.first_audio and late.stall == pytest.approx(0.15)
+    now[0] = 10.5
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # resumed at 10.45: plays to 10.65
+    now[0] = 10.7
+    assert scheduler.delivered(_item("a", last=True), 0.1).stall == pytest.approx(0.05)
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery(first_audio=True)  # a new stream of that id
+
+
 def test_requests_without_windows_pass_through_in_stream_order():
     from orpheus_triton.serving import DecodeScheduler
 

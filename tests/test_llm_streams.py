@@ -2,7 +2,7 @@
 
 import pytest
 
-from orpheus_triton.constants import END_OF_SPEECH
+from orpheus_triton.constants import END_OF_SPEECH, REQUEST_START
 from orpheus_triton.constants import LLM_OUTPUT_IDS as OUT_IDS
 from orpheus_triton.constants import LLM_SEQUENCE_LENGTH as OUT_LENGTH
 from orpheus_triton.engine import CapacityError
@@ -115,14 +115,17 @@ class Sender:
 @pytest.mark.parametrize(("asked", "expected"), [
     ({OUT_IDS}, [OUT_IDS]),  # what the ensemble asks of the llm stage
     ({OUT_IDS, OUT_LENGTH}, [OUT_IDS, OUT_LENGTH]),
-    (set(), [OUT_IDS, OUT_LENGTH]),  # a caller that names no outputs gets all
+    ({OUT_IDS, REQUEST_START}, [OUT_IDS, REQUEST_START]),  # with the request's start, for the decoder
+    (set(), [OUT_IDS, OUT_LENGTH, REQUEST_START]),  # a caller that names no outputs gets all
 ])
 def test_responses_carry_only_the_outputs_asked_for(asked, expected):
     """An output the caller did not ask for is not built at all: Triton's Python backend would drop it
     inside send() after releasing the GIL, which crashes the stub on Python 3.12."""
     respond, _ = llm_responders(FakePbUtils)
     sender = Sender()
-    respond(Reply(sender, frozenset(asked)), [5, 6, 7], 3, True)
+    respond(Reply(sender, frozenset(asked), 1234.5), [5, 6, 7], 3, True)
     [(response, flags)] = sender.sent
     assert [name for name, _ in response] == expected and flags == FakePbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     assert dict(response)[OUT_IDS] == [[[5, 6, 7]]]
+    if REQUEST_START in expected:
+        assert dict(response)[REQUEST_START] == [[1234.5]]

@@ -52,11 +52,12 @@ def test_every_mapped_tensor_exists_with_the_constant_names(configs):
     llm = configs[c.LLM_MODEL]
     assert {c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS, c.LLM_REQUEST_OUTPUT_LEN, c.LLM_END_ID, c.LLM_PAD_ID,
             c.LLM_STREAMING, c.LLM_TEMPERATURE, c.LLM_TOP_P, c.LLM_TOP_K, c.LLM_REPETITION_PENALTY, c.LLM_SEED,
-            c.LLM_AUDIO_GUARD, c.LLM_STOP} == set(names(llm.input))
-    assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH]
+            c.LLM_AUDIO_GUARD, c.LLM_STOP, c.REQUEST_START} == set(names(llm.input))
+    assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH, c.REQUEST_START]
     assert llm.model_transaction_policy.decoupled
     decoder = configs[c.DECODER_MODEL]
-    assert names(decoder.input) == [c.DECODER_TOKENS] and names(decoder.output) == [c.DECODER_AUDIO]
+    assert names(decoder.input) == [c.DECODER_TOKENS, c.REQUEST_START] and names(decoder.output) == [c.DECODER_AUDIO]
+    assert c.REQUEST_START in names(configs[c.PREPROCESSING_MODEL].output)
     assert decoder.model_transaction_policy.decoupled and decoder.HasField("dynamic_batching")
     pre_outputs = set(names(configs[c.PREPROCESSING_MODEL].output))
     assert {OUT_TEMPERATURE, OUT_REPETITION_PENALTY} <= pre_outputs

@@ -220,7 +220,12 @@ def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
 def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     import urllib.request
 
-    OrpheusClient(grpc_url).synthesize("metrics please", max_tokens=35)
+    first_audio = "orpheus_time_to_first_audio_seconds"
+    count, total = _metric(server, first_audio + "_count"), _metric(server, first_audio + "_sum")
+    result = OrpheusClient(grpc_url).synthesize("metrics please", max_tokens=35)
+    # The server's time to first audio: from preprocessing to the first audio sent, inside the client's.
+    assert _metric(server, first_audio + "_count") == count + 1
+    assert 0 < _metric(server, first_audio + "_sum") - total < result.chunks[0].arrived
     time.sleep(1.2)
     text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
     for name in ("orpheus_llm_active_streams", "orpheus_llm_queued_requests", "orpheus_llm_step_seconds",
@@ -229,7 +234,8 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
     for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds",
-                 "orpheus_decoder_queued_windows"):
+                 "orpheus_decoder_queued_windows", "orpheus_decoder_stalls_total",
+                 "orpheus_decoder_stall_seconds_total", first_audio + "_bucket"):
         assert name in text
     windows = _metric(server, "orpheus_decoder_windows_total")
     audio = _metric(server, "orpheus_decoder_audio_seconds_total")

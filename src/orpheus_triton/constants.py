@@ -41,6 +41,9 @@ LEAD_IN_TOKENS = (FRAMES_PER_WINDOW - 1) * TOKENS_PER_FRAME
 # Windows per SNAC decoder call at most: a round takes one window per stream, so 216 streams fit one.
 MAX_ROUND_WINDOWS = 256
 REAL_TIME_TOKENS_PER_SECOND = TOKENS_PER_FRAME * SAMPLE_RATE / SAMPLES_PER_FRAME  # ~82
+# A chunk that comes this close after its listener's audio ran out is on time (float rounding); later, the
+# listener heard a gap. One rule for the load generator's client-side count and the server's estimate.
+STALL_TOLERANCE = 1e-6  # seconds
 
 # --- Voices and sampling defaults ---------------------------------------------------
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
@@ -94,6 +97,9 @@ LLM_AUDIO_GUARD = "audio_token_guard"
 # --- snac_decoder -----------------------------------------------------------------------
 DECODER_TOKENS = "output_ids"
 DECODER_AUDIO = "audio"
+# When preprocessing took the request (seconds since the epoch, FP64): the ensemble hands it to the decoder
+# beside the tokens, which measures the server's time to first audio from it (optional for the decoder).
+REQUEST_START = "request_start"
 
 # How long the decoder keeps a mid-stream state without tokens (a client that vanished), and so how
 # long the llm stage refuses the id of a stream that ended without end_id: the two must be the same.

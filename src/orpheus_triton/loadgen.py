@@ -43,10 +43,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .client import require_ready_server
-from .constants import SAMPLE_RATE, VOICES
+from .constants import SAMPLE_RATE, STALL_TOLERANCE, VOICES
 
 DEFAULT_TTFA_LIMIT = 0.5  # seconds, p99
-STALL_TOLERANCE = 1e-6  # seconds: a chunk this close to the end of playback is on time (float rounding)
 
 # The benchmark texts, short to long; perf/data/ holds the same texts in perf_analyzer's format.
 TEXTS = {

@@ -41,6 +41,8 @@ from .constants import (
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
+    REQUEST_START,
+    STALL_TOLERANCE,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
 )
@@ -107,14 +109,16 @@ class Reply:
     Freeing them there crashes the stub on Python 3.12, whose allocator needs the calling
     thread's state (a segfault in ``_PyObject_Free`` under ``PbTensor::~PbTensor``, seen with
     tritonserver 2.51); 3.11 happens to survive it. So only what was asked for is sent.
+    ``request_start``: when the request started (REQUEST_START), handed on with every response.
     """
 
     sender: Any
     outputs: frozenset[str]  # empty: the caller named none, and gets them all
+    request_start: float = 0.0
 
     @classmethod
-    def of(cls, request) -> Reply:
-        return cls(request.get_response_sender(), frozenset(request.requested_output_names()))
+    def of(cls, request, request_start: float) -> Reply:
+        return cls(request.get_response_sender(), frozenset(request.requested_output_names()), request_start)
 
     def wants(self, name: str) -> bool:
         return not self.outputs or name in self.outputs
@@ -131,7 +135,8 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
 
     def respond(reply: Reply, tokens: list[int], sent: int, final: bool) -> None:
         values = {LLM_OUTPUT_IDS: lambda: np.array([[tokens]], dtype=np.int32),
-                  LLM_SEQUENCE_LENGTH: lambda: np.array([sent], dtype=np.int32)}
+                  LLM_SEQUENCE_LENGTH: lambda: np.array([sent], dtype=np.int32),
+                  REQUEST_START: lambda: np.array([[reply.request_start]], dtype=np.float64)}
         outputs = [pb_utils.Tensor(name, value()) for name, value in values.items() if reply.wants(name)]
         reply.send(pb_utils.InferenceResponse(outputs), flags=final_flag if final else 0)
 
@@ -146,11 +151,14 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once; any other starts a stream with
     ``start(request_id, inputs by name, reply, is_cancelled)`` (``Reply``), and one it refuses (ValueError,
-    StreamIdError) hears why."""
+    StreamIdError) hears why. The request's REQUEST_START input (when preprocessing took it; now if
+    absent) is not among the inputs: it goes with the reply, to every response."""
     for request in requests:
-        sender = Reply.of(request)
+        arrived = time.time()
         request_id = request.request_id()
         inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
+        start_time = inputs.pop(REQUEST_START, None)
+        sender = Reply.of(request, arrived if start_time is None else float(np.asarray(start_time).reshape(-1)[0]))
         if is_stop_request(inputs.get):
             stop(request_id)
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -477,6 +485,17 @@ class DecodeItem:
     reply: Any
     last: bool = False  # it carried the stream's end_id
     arrived: float = field(default_factory=time.monotonic)
+    request_start: float | None = None  # its stream's REQUEST_START, where the request carried one
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What answering one request meant for its stream's listener, as far as the server can tell:
+    playback starting when the stream's first audio was sent, with no network delay in between (the
+    load generator measures the client's side of the same rule, loadgen.playback)."""
+
+    first_audio: bool = False  # this answer carried the stream's first audio
+    stall: float = 0.0  # seconds its listener waited for it, everything sent before having played
 
 
 class DecodeScheduler:
@@ -493,8 +512,9 @@ class DecodeScheduler:
 
     When a round is full (``max_windows``), the most urgent streams go first:
     newcomers (nothing played yet: first audio is due now) by arrival, then
-    streams by when their listener's audio runs out (first audio sent + audio
-    seconds sent since).
+    streams by when their listener's audio runs out (``delivered`` keeps each
+    stream's playback clock: audio sent since its first audio, restarted after
+    a gap).
     """
 
     def __init__(self, max_windows: int, idle_seconds: float = STREAM_STATE_SECONDS,
@@ -505,7 +525,7 @@ class DecodeScheduler:
         self.clock = clock
         self._sweep = IdleSweep(idle_seconds, clock())
         self._queues: dict[str, deque[DecodeItem]] = {}
-        self._playback: dict[str, tuple[float, float, float]] = {}  # id -> (first sent, seconds sent, last sent)
+        self._playback: dict[str, tuple[float, float]] = {}  # id -> (when its audio sent so far ends, last sent)
         self._ready = threading.Condition()
         self._closed = False
 
@@ -543,17 +563,26 @@ class DecodeScheduler:
                     del self._queues[stream_id]
             return answer, heads
 
-    def delivered(self, item: DecodeItem, audio_seconds: float) -> None:
-        """``item`` was answered with ``audio_seconds`` of audio: advance its stream's playback clock."""
+    def delivered(self, item: DecodeItem, audio_seconds: float) -> Delivery:
+        """``item`` was answered with ``audio_seconds`` of audio: advance its stream's playback clock, and
+        say whether that was its first audio or came after its listener ran out."""
         now = self.clock()
         with self._ready:
+            play_end = self._playback.get(item.stream_id, (None, now))[0]
+            delivery = Delivery()
+            if audio_seconds > 0:
+                if play_end is None:
+                    delivery, play_end = Delivery(first_audio=True), now
+                elif now - play_end > STALL_TOLERANCE:  # a gap: playback resumes with this chunk
+                    delivery, play_end = Delivery(stall=now - play_end), now
+                play_end += audio_seconds
             if item.last:
                 self._playback.pop(item.stream_id, None)
-            elif audio_seconds > 0:
-                first, sent, _ = self._playback.get(item.stream_id, (now, 0.0, now))
-                self._playback[item.stream_id] = (first, sent + audio_seconds, now)
+            elif play_end is not None:
+                self._playback[item.stream_id] = (play_end, now)
             # Streams whose end never came (a vanished client).
-            self._sweep(self._playback, lambda playback: playback[2], now)
+            self._sweep(self._playback, lambda playback: playback[1], now)
+        return delivery
 
     def close(self) -> None:
         with self._ready:
@@ -564,14 +593,14 @@ class DecodeScheduler:
         playback = self._playback.get(stream_id)
         if playback is None:
             return 0, self._queues[stream_id][0].arrived
-        first, sent, _ = playback
-        return 1, first + sent
+        return 1, playback[0]
 
 
 @dataclass
 class _DecoderStream:
     framer: StreamFramer = field(default_factory=StreamFramer)
     last_seen: float = field(default_factory=time.monotonic)
+    request_start: float | None = None
 
 
 class StreamDecoderState:
@@ -592,18 +621,21 @@ class StreamDecoderState:
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
 
-    def items_for(self, chunks: Sequence[tuple[str, np.ndarray, Any]]) -> list[DecodeItem]:
-        """One item per (stream id, token ids, reply) chunk."""
+    def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
+        """One item per (stream id, token ids, reply[, request start]) chunk; a stream keeps the first
+        request start it is given (REQUEST_START)."""
         now = self.clock()
         result = []
-        for request_id, tokens, reply in chunks:
+        for request_id, tokens, reply, *start in chunks:
             stream = self.streams.get(request_id)
             if stream is None:
                 stream = self.streams[request_id] = _DecoderStream(StreamFramer(lead_in=self.lead_in), now)
             stream.last_seen = now
+            if stream.request_start is None and start and start[0] is not None:
+                stream.request_start = float(start[0])
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
-            result.append(DecodeItem(request_id, stream.framer.push(flat), reply, last, now))
+            result.append(DecodeItem(request_id, stream.framer.push(flat), reply, last, now, stream.request_start))
             if last:
                 del self.streams[request_id]
         self._sweep(self.streams, lambda stream: stream.last_seen, now)

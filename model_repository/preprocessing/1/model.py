@@ -1,5 +1,8 @@
 """Triton adapter: request tensors -> orpheus_triton.preprocess -> LLM input tensors."""
 
+import time
+
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
@@ -27,6 +30,7 @@ class TritonPythonModel:
     def execute(self, requests):
         responses = []
         for request in requests:
+            started = time.time()
             try:
                 given = {
                     "text": _optional(request, c.IN_TEXT, str),
@@ -41,6 +45,7 @@ class TritonPythonModel:
                     raise PromptError(f"input {c.IN_TEXT!r} is required")
                 options = SynthesisOptions(**{k: v for k, v in given.items() if v is not None})
                 tensors = llm_inputs(self.tokenizer, options)
+                tensors[c.REQUEST_START] = np.array([[started]], dtype=np.float64)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
             except (PromptError, UnicodeDecodeError, ValueError) as error:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus: {error}")))

@@ -59,11 +59,13 @@ class TritonPythonModel:
             except StreamIdError as error:
                 send_error(pb_utils, sender, "decoder", error)
                 continue
-            chunks.append((stream_id, pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy(), sender))
+            start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
+            chunks.append((stream_id, pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy(), sender,
+                           None if start is None else float(start.as_numpy().reshape(-1)[0])))
         try:
             items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
-            for _, _, sender in chunks:
+            for _, _, sender, _ in chunks:
                 send_error(pb_utils, sender, "decoder", error)
             return None
         self.scheduler.add(items)
@@ -128,4 +130,5 @@ class TritonPythonModel:
                 item.reply.send(response, flags=FINAL)
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
-        self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
+        delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
+        self._metrics(lambda: self.metrics.record_delivery(delivery, item.request_start, time.time()))
