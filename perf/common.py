@@ -190,6 +190,37 @@ def metric_values(metrics_url: str, name: str) -> list[float]:
     return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
 
 
+def server_listener_monitor(metrics_url: str | None):
+    """A ``monitor`` for loadgen.sweep: each level's figures from the server's own listener metrics
+    (metrics.ListenerFigures): its time-to-first-audio quantiles, from its histogram's buckets, and the
+    gaps it saw, beside what the load generator measured at the client."""
+    from orpheus_triton.metrics import ListenerFigures  # noqa: PLC0415
+
+    def page() -> ListenerFigures | None:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (localhost only)
+                return ListenerFigures.parse(response.read().decode())
+        except (OSError, ValueError):
+            return None
+
+    def start():
+        before = page() if metrics_url else None
+
+        def finish() -> dict:
+            after = page() if before is not None else None
+            if after is None:
+                return {}
+            level = after - before
+            return {"server_first_audio": level.first_audio_count,
+                    "server_ttfa_p50": level.first_audio_quantile(0.5),
+                    "server_ttfa_p99": level.first_audio_quantile(0.99),
+                    "server_stalls": int(level.stalls), "server_stall_seconds": round(level.stall_seconds, 4)}
+
+        return finish
+
+    return start
+
+
 def wait_idle(server: RunningServer, timeout: float = 120.0) -> bool:
     """Wait until the LLM engine holds no stream and queues no request (True), or ``timeout`` passes."""
     if not server.metrics_url:

@@ -183,6 +183,27 @@ def _met(flag) -> str:
     return "**met**" if flag else "**missed**"
 
 
+def _server_view(levels: dict) -> list[str]:
+    """The server's own listener metrics per level beside the client's figures (runs that have them)."""
+    rows = [(c, lv) for c, lv in _levels(levels) if lv.get("server_first_audio") is not None]
+    if not rows:
+        return []
+    return [
+        "",
+        "What the server saw of the same streams, from its own metrics (`orpheus_time_to_first_audio_seconds`: "
+        "from preprocessing taking a request to its first audio sent, quantiles interpolated within the "
+        "histogram's buckets; `orpheus_decoder_stalls_total`: chunks sent after their listener had played "
+        "everything before them, playback counted from the first audio sent):",
+        "",
+        "| streams | first audio, server | TTFA p50 ms, server / client | TTFA p99 ms, server / client | "
+        "stalls, server / client |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {c} | {lv['server_first_audio']} | {_ms(lv['server_ttfa_p50'])} / {_ms(lv['ttfa_p50'])} | "
+          f"{_ms(lv['server_ttfa_p99'])} / {_ms(lv['ttfa_p99'])} | {lv['server_stalls']} / {lv['stalls']} |"
+          for c, lv in rows],
+    ]
+
+
 def markdown(result: dict) -> str:
     tts, machine = result["tts"], result["machine"]
     limit = tts["settings"]["ttfa_limit"]
@@ -228,6 +249,7 @@ def markdown(result: dict) -> str:
             f"{_ms(lv['gap_p99'])} | {_f(lv.get('buffer_needed_p99'))} | {_f(lv['realtime_streams_served'])} | "
             f"{_other(lv)} |"
         )
+    lines += _server_view(tts["closed_loop"])
     lines += [
         "",
         f"**Real-time capacity: {tts['realtime_capacity']} concurrent streams** (largest level with p99 TTFA < "

@@ -34,6 +34,7 @@ from common import (
     model_set,
     other_load_monitor,
     run_folder,
+    server_listener_monitor,
     source_state,
     wait_quiet,
 )
@@ -119,8 +120,10 @@ def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm
         release_memory()
 
 
-def guarded_sweep(url: str, settings: SweepSettings, guard: Guard) -> dict:
-    """sweep(), one level at a time, each level under ``guard``."""
+def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: str | None = None) -> dict:
+    """sweep(), one level at a time, each level under ``guard``, with the server's own listener figures
+    for each level where ``metrics_url`` is given (common.server_listener_monitor)."""
+    monitor = server_listener_monitor(metrics_url)
     out = {"settings": asdict(settings), "closed_loop": {}, "poisson": {}, "records": {}}
     runs = [("closed_loop", c, replace(settings, concurrency=[c], poisson_rates=[])) for c in settings.concurrency]
     runs += [("poisson", r, replace(settings, concurrency=[], poisson_rates=[r])) for r in settings.poisson_rates]
@@ -128,7 +131,7 @@ def guarded_sweep(url: str, settings: SweepSettings, guard: Guard) -> dict:
         parts = {}
 
         def measure(one=one, kind=kind, key=key, parts=parts):
-            parts["result"] = sweep(url, one, log=lambda m: log("    " + m))
+            parts["result"] = sweep(url, one, log=lambda m: log("    " + m), monitor=monitor)
             return parts["result"][kind][key]
 
         out[kind][key] = guard.run(f"{kind} {key}", measure)
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             if serving:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
-        result["tts"] = guarded_sweep(server.url, settings, guard)
+        result["tts"] = guarded_sweep(server.url, settings, guard, server.metrics_url)
         result["tts"]["records"] = _round_records(result["tts"]["records"])
         result["tts"]["realtime_capacity_by_limit"] = {
             str(limit): realtime_capacity(result["tts"]["closed_loop"], limit)

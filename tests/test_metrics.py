@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import math
+
+import pytest
 
 from orpheus_triton.metrics import DecoderMetrics, release
 
@@ -59,3 +62,33 @@ def test_deliveries_feed_first_audio_and_stall_metrics():
     metrics.record_delivery(Delivery(stall=0.04), request_start=100.0, now=102.0)
     assert metrics.first_audio.values == [0.25]
     assert metrics.stalls.values == [1] and metrics.stall_seconds.values == [0.04]
+
+
+PAGE = """# TYPE orpheus_time_to_first_audio_seconds histogram
+orpheus_time_to_first_audio_seconds_count{model="snac_decoder"} 10
+orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="0.1"} 2
+orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="0.2"} 8
+orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="0.5"} 10
+orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="+Inf"} 10
+orpheus_decoder_stalls_total{model="snac_decoder"} 3
+orpheus_decoder_stall_seconds_total{model="snac_decoder"} 0.25
+"""
+
+
+def test_listener_figures_from_the_metrics_page_and_their_difference():
+    from orpheus_triton.metrics import ListenerFigures
+
+    page = ListenerFigures.parse(PAGE)
+    assert page.first_audio_count == 10 and page.stalls == 3 and page.stall_seconds == 0.25
+    assert page.first_audio_quantile(0.5) == pytest.approx(0.1 + 0.1 * (5 - 2) / 6)  # within (0.1, 0.2]
+    assert page.first_audio_quantile(0.1) == pytest.approx(0.05)  # within (0, 0.1]
+    assert page.first_audio_quantile(1.0) == pytest.approx(0.5)
+    earlier = ListenerFigures.parse(PAGE.replace("} 8", "} 6").replace("} 10", "} 6").replace("} 3", "} 1"))
+    level = page - earlier  # what one benchmark level added: 4 requests, 2 in (0.1, 0.2], 2 in (0.2, 0.5]
+    assert level.first_audio_count == 4 and level.stalls == 2
+    assert level.first_audio_quantile(0.5) == pytest.approx(0.2)
+    assert level.first_audio_quantile(0.75) == pytest.approx(0.2 + 0.3 * (3 - 2) / 2)
+    assert ListenerFigures.parse("").first_audio_quantile(0.5) is None
+    # beyond the last finite bound: that bound, as Prometheus gives
+    late = ListenerFigures({0.5: 1.0, math.inf: 4.0})
+    assert late.first_audio_quantile(0.99) == 0.5

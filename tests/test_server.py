@@ -242,6 +242,24 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     assert windows >= 2 and audio == pytest.approx(windows * c.SAMPLES_PER_FRAME / c.SAMPLE_RATE)
 
 
+def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_url):
+    """perf/run_all.py's per-level view of the server's listener metrics (common.server_listener_monitor)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "perf"))
+    from common import server_listener_monitor
+
+    finish = server_listener_monitor(f"http://localhost:{server.ports.metrics}/metrics")()
+    results = [OrpheusClient(grpc_url).synthesize("two streams", max_tokens=35, seed=s) for s in (1, 2)]
+    figures = finish()
+    assert figures["server_first_audio"] == 2
+    # bucket-interpolated: within the bucket of the slower stream's client-side TTFA, or below it
+    assert 0 < figures["server_ttfa_p50"] <= figures["server_ttfa_p99"] <= 0.5 + max(
+        r.chunks[0].arrived for r in results)
+    assert figures["server_stalls"] >= 0 and figures["server_stall_seconds"] >= 0
+    assert server_listener_monitor(None)()() == {}  # no metrics endpoint: no figures, no error
+
+
 def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     import subprocess
     import sys

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
 
+# What listeners hear, as the server can tell (DecoderMetrics); read back by listener_figures.
+FIRST_AUDIO_METRIC = "orpheus_time_to_first_audio_seconds"
+STALLS_METRIC = "orpheus_decoder_stalls_total"
+STALL_SECONDS_METRIC = "orpheus_decoder_stall_seconds_total"
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
 # the 500 ms of the benchmark's real-time capacity and beyond.
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -75,13 +82,11 @@ class DecoderMetrics:
         self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
         self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
-        self.first_audio = metrics.histogram(
-            "orpheus_time_to_first_audio_seconds",
-            "From preprocessing taking a request to its first audio sent", FIRST_AUDIO_BUCKETS)
-        self.stalls = metrics.counter("orpheus_decoder_stalls_total",
+        self.first_audio = metrics.histogram(FIRST_AUDIO_METRIC, "From preprocessing taking a request to its "
+                                             "first audio sent", FIRST_AUDIO_BUCKETS)
+        self.stalls = metrics.counter(STALLS_METRIC,
                                       "Chunks sent after their listener had played all audio sent before")
-        self.stall_seconds = metrics.counter("orpheus_decoder_stall_seconds_total",
-                                             "Seconds listeners waited in those gaps")
+        self.stall_seconds = metrics.counter(STALL_SECONDS_METRIC, "Seconds listeners waited in those gaps")
 
     def record_call(self, windows: int, seconds: float) -> None:
         if not windows:
@@ -104,3 +109,49 @@ class DecoderMetrics:
         if delivery.stall > 0:
             self.stalls.increment(1)
             self.stall_seconds.increment(delivery.stall)
+
+
+@dataclass(frozen=True)
+class ListenerFigures:
+    """The listener metrics of a /metrics page (Prometheus text), or the difference of two pages."""
+
+    first_audio_buckets: dict[float, float]  # upper bound (s) -> requests with first audio within it
+    stalls: float = 0.0
+    stall_seconds: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> ListenerFigures:
+        buckets, values = {}, {}
+        for line in text.splitlines():
+            name, _, rest = line.partition("{")
+            if name == FIRST_AUDIO_METRIC + "_bucket":
+                bound = rest.split('le="', 1)[1].split('"', 1)[0]
+                buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
+            elif name in (STALLS_METRIC, STALL_SECONDS_METRIC):
+                values[name] = float(line.rsplit(" ", 1)[1])
+        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0))
+
+    def __sub__(self, before: ListenerFigures) -> ListenerFigures:
+        return ListenerFigures({bound: count - before.first_audio_buckets.get(bound, 0.0)
+                                for bound, count in self.first_audio_buckets.items()},
+                               self.stalls - before.stalls, self.stall_seconds - before.stall_seconds)
+
+    @property
+    def first_audio_count(self) -> int:
+        return int(self.first_audio_buckets.get(math.inf, 0.0))
+
+    def first_audio_quantile(self, q: float) -> float | None:
+        """The q-quantile of time to first audio, interpolated within its bucket as Prometheus'
+        histogram_quantile does (None without observations; the largest finite bound beyond it)."""
+        total = self.first_audio_count
+        if not total:
+            return None
+        lower, below = 0.0, 0.0
+        for bound in sorted(self.first_audio_buckets):
+            count = self.first_audio_buckets[bound]
+            if count >= q * total:
+                if math.isinf(bound):
+                    return lower
+                return lower + (bound - lower) * (q * total - below) / max(count - below, 1e-12)
+            lower, below = bound, count
+        return lower
