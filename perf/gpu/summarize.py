@@ -64,14 +64,17 @@ def serving(folder: Path, name: str) -> list[str]:
     lines = [f"capacity {tts.get('realtime_capacity')} streams (by p99 TTFA limit: "
              f"{tts.get('realtime_capacity_by_limit')}); server {result.get('server_settings')}; "
              f"ramp {settings.get('ramp_seconds', 0)} s, {settings.get('streams_per_worker')} streams per worker",
-             "", "| level | streams | errors | TTFA p50 ms | p99 ms | max ms | starved | stall s | RTF p50 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| level | streams | errors | TTFA p50 ms | p99 ms | max ms | starved | stall s | RTF p50 | "
+             "server's TTFA p50 / p99 ms, stalls |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     levels = [(f"closed {c}", level) for c, level in tts.get("closed_loop", {}).items()]
     levels += [(f"Poisson {rate}/s", level) for rate, level in tts.get("poisson", {}).items()]
     for label, level in levels:
+        server = (f"{_ms(level['server_ttfa_p50'])} / {_ms(level['server_ttfa_p99'])}, {level['server_stalls']}"
+                  if level.get("server_first_audio") is not None else "-")
         lines.append(f"| {label} | {level['streams']} | {level['errors']} | {_ms(level['ttfa_p50'])} | "
                      f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
-                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} |")
+                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} |")
     return lines + [""]
 
 
