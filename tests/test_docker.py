@@ -137,7 +137,7 @@ def test_compose_config_is_valid_for_docker_compose():
 
 def test_compose_services_ports_and_builds():
     spec = compose()
-    services = spec["services"]
+    services = {name: s for name, s in spec["services"].items() if name != "prometheus"}
     assert set(services) == {"orpheus", "orpheus-gpu"}
     for name, service in services.items():
         assert {container_port(p) for p in service["ports"]} == TRITON_PORTS, name
@@ -173,6 +173,35 @@ def test_model_default_volume_is_declared():
     spec = compose()
     default = re.search(r"\$\{ORPHEUS_MODEL_DIR:-([^}]+)\}", spec["services"]["orpheus"]["volumes"][0])[1]
     assert default in spec["volumes"]
+
+
+def test_prometheus_scrapes_the_metrics_port_of_either_service_behind_the_monitoring_profile():
+    spec = compose()
+    prometheus = spec["services"]["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    assert {container_port(p) for p in prometheus["ports"]} == {9090}
+    config_file = COMPOSE.parent / mounts(prometheus)["/etc/prometheus/prometheus.yml"]
+    config = yaml.safe_load(config_file.read_text())
+    (job,) = config["scrape_configs"]
+    (targets,) = [c["targets"] for c in job["static_configs"]]
+    metrics_port = max(TRITON_PORTS)  # 8002, Triton's --metrics-port in both images
+    assert set(targets) == {f"{name}:{metrics_port}" for name in ("orpheus", "orpheus-gpu")}
+    for name in ("orpheus", "orpheus-gpu"):
+        assert metrics_port in {container_port(p) for p in spec["services"][name]["ports"]}
+
+
+def test_readme_monitoring_queries_name_metrics_the_server_exports():
+    """Every orpheus_* metric the README's monitoring section names is one the Python models create."""
+    from orpheus_triton import metrics
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Monitoring", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\b(orpheus_[a-z_]+?)(?:_bucket|_count|_sum)?\b", section))
+    assert named
+    sources = (ROOT / "src" / "orpheus_triton").glob("*.py")
+    exported = set(re.findall(r'"(orpheus_[a-z_]+)"', "\n".join(p.read_text() for p in sources)))
+    exported |= {metrics.FIRST_AUDIO_METRIC, metrics.STALLS_METRIC, metrics.STALL_SECONDS_METRIC}
+    assert named <= exported, named - exported
 
 
 # --- entry points -----------------------------------------------------------------------------------
