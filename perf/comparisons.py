@@ -42,9 +42,9 @@ class InProcessPipeline:
     """The serving pipeline without Triton: engine loop thread -> framer -> SNAC, in this process."""
 
     def __init__(self, models, device: str = "auto", max_streams: int = 8, max_seq_len: int = 2048,
-                 lead_in: bool = True):
+                 lead_in: bool = True, lead_out: bool = True):
         device = pick_device(device)
-        self.lead_in = lead_in  # as the served decoder's decoder_lead_in
+        self.lead_in, self.lead_out = lead_in, lead_out  # as the served decoder's decoder_lead_in and _out
         self.tokenizer = load_tokenizer(models.llm)
         self.engine = InflightEngine(load_llama(models.llm, device=device), max_streams=max_streams,
                                      max_seq_len=max_seq_len)
@@ -60,13 +60,14 @@ class InProcessPipeline:
         prompt = build_prompt(self.tokenizer, utterance.text, utterance.voice)
         self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=utterance.max_tokens,
                                              emit=lambda ids, done: tokens.put((ids, done)), seed=utterance.seed))
-        framer, finished = StreamFramer(lead_in=self.lead_in), False
+        framer, finished = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out), False
         while not finished:
             batch = [tokens.get(timeout=600)]
             while not tokens.empty():  # decode everything that is ready in one call, as the server does
                 batch.append(tokens.get_nowait())
             windows = [w for ids, _ in batch for w in framer.push(ids)]
             finished = any(done for _, done in batch)
+            windows += framer.finish() if finished else []
             for audio in self.decoder.decode(windows):
                 record.arrivals.append(time.perf_counter() - sent)
                 record.samples.append(len(audio))

@@ -108,7 +108,7 @@ def test_frame_chunker_sends_whole_frames_and_flushes_at_the_end():
 def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
     from orpheus_triton.serving import StreamDecoderState
 
-    state = StreamDecoderState(lead_in=False)
+    state = StreamDecoderState(lead_in=False, lead_out=False)
     a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
     b = [audio_token_id(c, i) for i, c in enumerate(range(100, 128))]
     # Interleaved chunks of two streams never mix.
@@ -364,3 +364,48 @@ def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to(
     assert [w.frame_index for w in item.windows] == [-1]
     (item,) = StreamDecoderState(lead_in=False).items_for([("a", tokens, None)])
     assert item.windows == []
+    # ... and ends them with the lead-out windows, in the request that carries end-of-speech
+    state = StreamDecoderState()
+    more = np.array([audio_token_id(c, i) for i, c in enumerate(range(22, 36), start=21)] + [END_OF_SPEECH])
+    first, last = state.items_for([("a", tokens, None), ("a", more, None)])
+    assert [w.frame_index for w in first.windows] == [-1]
+    assert last.last and [w.frame_index for w in last.windows] == [0, 1, 2, 3]  # frames 1, 2, then 3, 4
+    assert state.streams == {}
+
+
+def _frames_of(codes, *indices):
+    return [c for i in indices for c in codes[7 * i : 7 * i + 7]]
+
+
+def test_lead_out_windows_give_the_last_two_frames_at_the_end():
+    """finish(): frame f from frames f-1..f+2 as always, the frames past the end repeating the last one;
+    with the lead-in frame a stream then plays each of its whole frames exactly once."""
+    codes = np.random.default_rng(2).integers(0, CODEBOOK_SIZE, 7 * 6 + 3).tolist()  # 6 frames + 3 codes
+    framer = StreamFramer()
+    windows = framer.push(audio_stream(codes))
+    lead_out = framer.finish()
+    assert [w.frame_index for w in windows] == [-1, 0, 1, 2]  # frames 0 (lead-in), 1, 2, 3
+    assert [w.frame_index for w in lead_out] == [3, 4]  # frames 4 and 5; the partial 7th frame is dropped
+    assert list(lead_out[0].codes) == _frames_of(codes, 3, 4, 5, 5)
+    assert list(lead_out[1].codes) == _frames_of(codes, 4, 5, 5, 5)
+    assert len(windows + lead_out) == 6  # every whole frame once
+    assert StreamFramer(lead_out=False).finish() == [] and StreamFramer().finish() == []
+
+
+@pytest.mark.parametrize(("frames", "lead_in", "expected"), [
+    (3, True, [(1, 0, 1, 2, 2), (2, 1, 2, 2, 2)]),  # frame 0 came from the lead-in window
+    (3, False, [(1, 0, 1, 2, 2), (2, 1, 2, 2, 2)]),  # frame 0 is not played without the lead-in
+    (2, True, [(0, 0, 0, 1, 1), (1, 0, 1, 1, 1)]),
+    (2, False, [(1, 0, 1, 1, 1)]),
+    (1, True, [(0, 0, 0, 0, 0)]),
+    (1, False, []),
+])
+def test_lead_out_of_short_streams(frames, lead_in, expected):
+    """(frame given, then the four frames of its window) for streams too short for any regular window."""
+    codes = np.random.default_rng(3).integers(0, CODEBOOK_SIZE, 7 * frames).tolist()
+    framer = StreamFramer(lead_in=lead_in)
+    pushed = framer.push(audio_stream(codes))
+    assert len(pushed) == (1 if lead_in and frames == 3 else 0)
+    got = framer.finish()
+    assert [w.frame_index + 1 for w in got] == [f for f, *_ in expected]
+    assert [list(w.codes) for w in got] == [_frames_of(codes, *window) for _, *window in expected]

@@ -89,7 +89,8 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
-                                          "--overlap", "--prefill-tokens", "512", "--no-lead-in"], "true")):
+                                          "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out"],
+                                         "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
         decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
@@ -97,6 +98,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         llm = text_format.Parse((repository / c.LLM_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert decoder.parameters["exact"].string_value == exact
         assert decoder.parameters["lead_in"].string_value == ("false" if flags else "true")
+        assert decoder.parameters["lead_out"].string_value == ("false" if flags else "true")
         assert decoder.parameters["cpu_threads"].string_value == ("2" if flags else "auto")
         assert llm.parameters["cpu_threads"].string_value == "auto"
         assert llm.parameters["max_streams"].string_value == "3"

@@ -119,10 +119,13 @@ def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set)
     assert tokens[-1] == c.END_OF_SPEECH
     upstream = SNAC.from_pretrained(str(model_set.snac)).eval()
     reference = reference_decode(upstream, tokens, drop_zero_codes=False)
-    # The stream starts with the lead-in frame: upstream's decode of the lead-in window (test_snac).
-    lead_in = StreamFramer().push(tokens)[0]
-    assert lead_in.frame_index == -1
-    reference.insert(0, convert_to_audio(upstream, list(lead_in.codes), lead_in.frame_index))
+    # The stream starts with the lead-in frame and ends with the lead-out frames: upstream's decode of
+    # those windows (test_snac).
+    framer = StreamFramer()
+    lead_in, lead_out = framer.push(tokens)[0], framer.finish()
+    assert lead_in.frame_index == -1 and len(lead_out) == 2
+    reference = [convert_to_audio(upstream, list(w.codes), w.frame_index) for w in [lead_in]] + reference + [
+        convert_to_audio(upstream, list(w.codes), w.frame_index) for w in lead_out]
     assert len(result.chunks) > 10
     # The default decoder computes only the kept samples: within one int16 step of upstream
     # (sample-identical with --decoder-exact, see test_snac).
@@ -187,8 +190,8 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     with pytest.raises(SynthesisError, match="already streaming"):
         OrpheusClient(grpc_url).synthesize("intruder", max_tokens=35, request_id=shared)
     thread.join()
-    # the first stream was not disturbed: frames 0 (the lead-in) to 125 of its 128
-    assert first["audio"].size == (900 // 7 - 2) * c.SAMPLES_PER_FRAME
+    # the first stream was not disturbed: all of its 128 frames
+    assert first["audio"].size == (900 // 7) * c.SAMPLES_PER_FRAME
     # Once it has finished, the id may be used again and starts a clean stream.
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
@@ -275,7 +278,7 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     assert say.returncode == 0, say.stderr
     assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
     rate, audio = read_wav(tmp_path / "say.wav")
-    assert rate == c.SAMPLE_RATE and audio.size == 8 * c.SAMPLES_PER_FRAME  # 10 frames -> frames 0-7
+    assert rate == c.SAMPLE_RATE and audio.size == 10 * c.SAMPLES_PER_FRAME  # 10 frames
     # -o -: the same audio as raw PCM on stdout, the summary on stderr
     raw = subprocess.run(
         [sys.executable, "-m", "orpheus_triton.cli", "say", "Hello from the command line", "-o", "-",
@@ -307,7 +310,7 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
                               str(tmp_path / "say.wav"), "--url", grpc_url], capture_output=True, text=True,
                              timeout=60)
     assert refused.returncode == 1 and "text is empty" in refused.stderr
-    assert read_wav(tmp_path / "say.wav")[1].size == 8 * c.SAMPLES_PER_FRAME
+    assert read_wav(tmp_path / "say.wav")[1].size == 10 * c.SAMPLES_PER_FRAME
     unreachable = subprocess.run([sys.executable, str(example), "hi", str(tmp_path / "none.wav"), "--url",
                                   "localhost:1"], capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr

@@ -48,16 +48,20 @@ def test_matches_upstream_sample_for_sample(decoder, upstream):
         np.testing.assert_array_equal(a, b)
 
 
-def test_lead_in_frame_is_upstreams_decode_of_its_window(decoder, upstream):
-    """With the lead-in frame a stream gains one chunk in front, frame 0's audio: upstream's decode of the
-    lead-in window (frame 0 twice, frames 1 and 2); every later chunk is upstream's."""
+def test_lead_in_and_lead_out_frames_are_upstreams_decode_of_their_windows(decoder, upstream):
+    """With the lead-in and lead-out frames a stream gains one chunk in front, frame 0's audio, and two at
+    the end, its last two frames': upstream's decode of those windows; every chunk between is upstream's."""
     tokens = token_stream(4, frames=6)
-    windows = StreamFramer().push(tokens)
+    framer = StreamFramer()
+    windows = framer.push(tokens)
+    windows += framer.finish()
     ours = decoder.decode(windows)
     theirs = reference_decode(upstream, tokens)
-    assert len(ours) == len(theirs) + 1 == 4
-    np.testing.assert_array_equal(ours[0], convert_to_audio(upstream, list(windows[0].codes), -1))
-    for a, b in zip(ours[1:], theirs, strict=True):
+    assert len(ours) == len(theirs) + 3 == 6  # every frame of the stream
+    for index in (0, -2, -1):
+        window = windows[index]
+        np.testing.assert_array_equal(ours[index], convert_to_audio(upstream, list(window.codes), window.frame_index))
+    for a, b in zip(ours[1:-2], theirs, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

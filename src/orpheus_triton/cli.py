@@ -69,7 +69,7 @@ def _render(args, model_set: ModelSet) -> Path:
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
-        decoder_lead_in=not args.no_lead_in,
+        decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
@@ -278,6 +278,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lead-in", action="store_true",
                         help="start each stream with frame 1's audio, after 28 tokens, as upstream Orpheus does "
                              "(default: frame 0's audio first, after 21 tokens: a quarter less wait for first audio)")
+    parser.add_argument("--no-lead-out", action="store_true",
+                        help="end each stream without its last two frames' audio, as upstream Orpheus does "
+                             "(default: they come with the stream's end)")
     parser.add_argument("--graph-sampling", action="store_true",
                         help="GPU: sample batches whose rows are all guarded from one CUDA graph per batch bucket "
                              "(fewer launches per step; off by default until measured)")

@@ -5,7 +5,7 @@ belongs to: ``id = AUDIO_TOKEN_BASE + code + CODEBOOK_SIZE * slot``. Seven
 consecutive tokens form one frame; the framer below turns a token stream into
 the 28-token windows that the SNAC decoder turns into audio, as the reference
 Orpheus streaming decoder does (one window every 7 tokens once 28 are buffered,
-each giving its second frame's audio), with one fix and one addition:
+each giving its second frame's audio), with one fix and two additions:
 
 - the reference drops every code 0 (its ``if token > 0`` test), which silently
   shifts the frame alignment; here code 0 is a code like any other;
@@ -14,7 +14,12 @@ each giving its second frame's audio), with one fix and one addition:
   from a window whose first frame repeats frame 0 as its left context, as soon
   as frames 1 and 2 (its right context, as for every other frame) are in: first
   audio after 21 tokens instead of 28, then one frame every 7 tokens as before.
-  Every later window is the reference's.
+  Every later window is the reference's;
+- the lead-out frames (on by default): the reference never emits a stream's last
+  two frames either (no window has them second). Here, when the stream ends
+  (``finish``), each comes from a window whose missing right context repeats
+  the last frame. With both, a stream plays every whole frame it generated,
+  once, as decoding all of its codes at once would.
 """
 
 from __future__ import annotations
@@ -105,10 +110,12 @@ class StreamFramer:
     position (possible only with the LLM's audio-token guard switched off) is
     dropped and counted in ``misaligned``: keeping it would shift every later
     frame, which is the reference decoder's skipped-frames glitch. ``lead_in``: emit
-    the lead-in window (see the module's docstring) once three frames are in.
+    the lead-in window (see the module's docstring) once three frames are in;
+    ``lead_out``: ``finish`` gives the lead-out windows.
     """
 
     lead_in: bool = True
+    lead_out: bool = True
     recent_codes: list[int] = field(default_factory=list)  # at most one window
     position: int = 0  # audio tokens accepted so far
     misaligned: int = 0  # audio tokens dropped for arriving in the wrong slot
@@ -135,3 +142,24 @@ class StreamFramer:
             elif self.lead_in and frames == FRAMES_PER_WINDOW - 1:
                 windows.append(Window(tuple(self.recent_codes[:TOKENS_PER_FRAME] + self.recent_codes), -1))
         return windows
+
+    def finish(self) -> list[Window]:
+        """At the stream's end: the lead-out windows, one for each whole frame no window has given
+        (the last two; all of a stream shorter than three frames), in order. Frame f's window is frames
+        f-1 to f+2 as always, those past the last frame (or before frame 0) repeating it. A partial last
+        frame is dropped, as it always was. Empty without ``lead_out``."""
+        frames = self.position // TOKENS_PER_FRAME
+        if not self.lead_out or not frames:
+            return []
+        whole = self.recent_codes[: len(self.recent_codes) - self.position % TOKENS_PER_FRAME]
+        held = len(whole) // TOKENS_PER_FRAME  # the last whole frames, up to frame `frames - 1`
+        whole = whole[len(whole) - held * TOKENS_PER_FRAME :]
+
+        def frame_codes(index: int) -> list[int]:
+            start = (min(max(index, 0), frames - 1) - (frames - held)) * TOKENS_PER_FRAME
+            return whole[start : start + TOKENS_PER_FRAME]
+
+        # Given so far: frames 1 to frames-3 by the regular windows, frame 0 by the lead-in window.
+        first = max(frames - (FRAMES_PER_WINDOW - 2), 0 if self.lead_in else 1)
+        return [Window(tuple(code for index in range(f - 1, f - 1 + FRAMES_PER_WINDOW) for code in frame_codes(index)),
+                       f - 1) for f in range(first, frames)]

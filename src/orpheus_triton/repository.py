@@ -70,6 +70,8 @@ class RepositorySettings:
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # Streams start with the lead-in frame: first audio after 21 tokens, not 28 (frames.StreamFramer).
     decoder_lead_in: bool = True
+    # Streams end with their last two frames, which upstream never plays (frames.StreamFramer.finish).
+    decoder_lead_out: bool = True
     # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.
     decoder_stream_idle_seconds: float = STREAM_STATE_SECONDS

@@ -609,14 +609,15 @@ class StreamDecoderState:
     ``items_for`` turns token chunks (one per request, in arrival order) into
     ``DecodeItem``s: the windows each request completed. A stream's state goes
     when its ``end_id`` arrives, or after ``idle_seconds`` without tokens (a
-    client that vanished mid-stream). ``lead_in``: streams start with the lead-in
-    frame (frames.StreamFramer).
+    client that vanished mid-stream). ``lead_in``, ``lead_out``: streams start with
+    the lead-in frame, and end with the lead-out frames, given with the end_id's request
+    (frames.StreamFramer).
     """
 
     def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic, lead_in: bool = True):
+                 clock: Callable[[], float] = time.monotonic, lead_in: bool = True, lead_out: bool = True):
         self.end_id = end_id
-        self.lead_in = lead_in
+        self.lead_in, self.lead_out = lead_in, lead_out
         self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
@@ -629,13 +630,15 @@ class StreamDecoderState:
         for request_id, tokens, reply, *start in chunks:
             stream = self.streams.get(request_id)
             if stream is None:
-                stream = self.streams[request_id] = _DecoderStream(StreamFramer(lead_in=self.lead_in), now)
+                framer = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out)
+                stream = self.streams[request_id] = _DecoderStream(framer, now)
             stream.last_seen = now
             if stream.request_start is None and start and start[0] is not None:
                 stream.request_start = float(start[0])
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
-            result.append(DecodeItem(request_id, stream.framer.push(flat), reply, last, now, stream.request_start))
+            windows = stream.framer.push(flat) + (stream.framer.finish() if last else [])
+            result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start))
             if last:
                 del self.streams[request_id]
         self._sweep(self.streams, lambda stream: stream.last_seen, now)

@@ -45,7 +45,8 @@ class TritonPythonModel:
                                            max_windows=max_windows)
         warm_up(self.decoder)
         idle = stream_idle_seconds(params)
-        self.state = StreamDecoderState(idle_seconds=idle, lead_in=params.get("lead_in", "true") == "true")
+        self.state = StreamDecoderState(idle_seconds=idle, lead_in=params.get("lead_in", "true") == "true",
+                                        lead_out=params.get("lead_out", "true") == "true")
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle)
         self.metrics = DecoderMetrics(pb_utils)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
