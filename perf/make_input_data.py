@@ -6,10 +6,11 @@ orpheus_{short,medium,long}.json: the load generator's benchmark texts
 (orpheus_triton.loadgen.TEXTS), one entry per voice, with text, voice,
 max_tokens and seed. orpheus_mixed.json interleaves all three lengths.
 
-snac_decoder.json: each entry is one whole stream for the decoder alone: the
-first window of a stream with the server's default lead-in frame (21 valid audio
-token ids, random codes, in frame-slot order) followed by end-of-speech, shaped
-[1, 22] (perf_analyzer adds the batch dimension). The decoder keys a stream's
+snac_decoder.json: each entry is one whole stream for the decoder alone: one
+frame (7 valid audio token ids, random codes, in frame-slot order) followed by
+end-of-speech, shaped [1, 8] (perf_analyzer adds the batch dimension); with the
+server's default lead-in and lead-out frames a one-frame stream plays that frame,
+from one window. The decoder keys a stream's
 state by request id; perf_analyzer gives every request its own id within one
 run, and the closing end-of-speech drops the state, so every request decodes
 exactly one window and leaves nothing behind.
@@ -29,7 +30,7 @@ from orpheus_triton.constants import (
     IN_SEED,
     IN_TEXT,
     IN_VOICE,
-    LEAD_IN_TOKENS,
+    TOKENS_PER_FRAME,
     VOICES,
 )
 from orpheus_triton.frames import audio_token_id
@@ -44,7 +45,7 @@ def orpheus_entry(label: str, voice: str, seed: int) -> dict:
 
 
 def decoder_entry(rng: random.Random) -> dict:
-    ids = [audio_token_id(rng.randrange(CODEBOOK_SIZE), p) for p in range(LEAD_IN_TOKENS)] + [END_OF_SPEECH]
+    ids = [audio_token_id(rng.randrange(CODEBOOK_SIZE), p) for p in range(TOKENS_PER_FRAME)] + [END_OF_SPEECH]
     return {DECODER_TOKENS: {"content": ids, "shape": [1, len(ids)]}}
 
 

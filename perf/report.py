@@ -318,8 +318,8 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
                      f"{_ms(row.get('p50 latency', 0) / 1e6)} | {_ms(row.get('p99 latency', 0) / 1e6)} | "
                      f"{_ms(row.get('Server Compute Infer', 0) / 1e6)} | {_ms(row.get('Server Queue', 0) / 1e6)} | "
                      f"{_f(lv.get('cores_other'), 1)} |")
-    lines += ["", "Each `snac_decoder` request is one stream of one window (its first window's tokens and end of "
-              "speech), so windows/s "
+    lines += ["", "Each `snac_decoder` request is one whole stream decoded from one window (see "
+              "perf/make_input_data.py), so windows/s "
               f"x {SAMPLES_PER_FRAME / SAMPLE_RATE * 1000:.1f} ms is the audio the decoder alone can produce per "
               "second, and concurrency c lets the decoder batch up to c windows in one round.", ""]
     return lines

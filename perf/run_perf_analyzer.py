@@ -17,8 +17,8 @@ Request ids: perf_analyzer 2.47 sets one on every request, (worker thread << 48)
 counter, unique within one perf_analyzer process and restarting with each
 process. The pipeline keys a stream's decoder state by that id, so each level
 waits for the server to go idle before the next process reuses ids. For
-`snac_decoder` alone every request is one whole stream (the lead-in window + end
-of speech, see make_input_data.py), so unique ids per request are all it needs.
+`snac_decoder` alone every request is one whole stream (one frame + end of
+speech: one window, see make_input_data.py), so unique ids per request are all it needs.
 """
 
 from __future__ import annotations
