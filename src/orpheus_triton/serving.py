@@ -114,7 +114,7 @@ class Reply:
 
     sender: Any
     outputs: frozenset[str]  # empty: the caller named none, and gets them all
-    request_start: float = 0.0
+    request_start: float  # seconds since the epoch
 
     @classmethod
     def of(cls, request, request_start: float) -> Reply:
