@@ -522,3 +522,35 @@ def test_the_llm_stage_builds_its_engine_with_the_options_of_its_config(model_se
 def test_a_prefill_budget_below_one_token_is_refused(model):
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         InflightEngine(model, max_streams=2, max_seq_len=64, prefill_chunk=0)
+
+
+def test_a_kv_cache_the_device_cannot_hold_is_refused_with_what_to_change(model, monkeypatch):
+    from orpheus_triton import engine as engine_module
+    from orpheus_triton.llama import kv_cache_bytes
+
+    per_stream = kv_cache_bytes(model.config, 1, 512, model.embed_tokens.weight.dtype)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: 3 * per_stream)
+    with pytest.raises(ValueError, match=r"KV cache for 4 streams of 512 positions .* about 1 fit") as refused:
+        make_engine(model, max_streams=4, max_seq_len=512)
+    assert "--max-streams" in str(refused.value) and "--max-seq-len" in str(refused.value)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: per_stream // 2)
+    with pytest.raises(ValueError, match="not one stream fits"):
+        make_engine(model, max_streams=4, max_seq_len=512)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: 6 * per_stream)
+    assert make_engine(model, max_streams=4, max_seq_len=512).max_streams == 4  # 5 slots in 90% of 6
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: None)  # cannot tell: no check
+    assert make_engine(model, max_streams=4, max_seq_len=512).max_streams == 4
+
+
+def test_kv_cache_size_and_free_memory_are_read_as_allocated():
+    from orpheus_triton.llama import Llama, LlamaConfig, available_memory, kv_cache_bytes
+
+    config = LlamaConfig.from_hf({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300})
+    with torch.device("meta"):
+        llama = Llama(config)
+    llama.allocate_cache(3, 16)
+    caches = [t for layer in llama.layers for t in (layer.self_attn.k_cache, layer.self_attn.v_cache)]
+    assert kv_cache_bytes(config, 3, 16, torch.float32) == sum(t.numel() * t.element_size() for t in caches)
+    assert available_memory(torch.device("cpu")) > 0  # Linux: MemAvailable
+    assert available_memory(torch.device("meta")) is None

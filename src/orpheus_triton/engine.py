@@ -45,7 +45,7 @@ from .constants import (
     END_OF_SPEECH,
     TOKENS_PER_FRAME,
 )
-from .llama import BucketedDecoder, Llama
+from .llama import BucketedDecoder, Llama, available_memory, kv_cache_bytes
 from .sampling import GuardedSampler, HostRows, LmHead, SamplingBatch, host_to_device, sample
 from .threads import start_torch_thread
 
@@ -60,6 +60,32 @@ log = logging.getLogger(__name__)
 # perf/engine_bench.py --burst measures both sides: the newcomers' first window and the running
 # streams' longest wait.
 PREFILL_TOKENS_PER_STEP = {"cpu": 256, "cuda": 2048}
+
+
+# The KV cache may take this share of the memory free when the engine starts; the rest is for the
+# step's activations, CUDA graphs and sampling (and, on a GPU, whatever else shares it).
+KV_CACHE_SHARE = 0.9
+
+
+def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: torch.device) -> None:
+    """Refuse, with the numbers and what to change, a KV cache the device cannot hold, before
+    allocating it: a server that cannot start should say why, not fail with out-of-memory."""
+    dtype = model.embed_tokens.weight.dtype
+    per_stream = kv_cache_bytes(model.config, 1, max_seq_len, dtype)
+    need = per_stream * (max_streams + 1)  # + the slot prompts are prefilled in
+    free = available_memory(device)
+    gib = 2**30
+    log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s)", max_streams, max_seq_len,
+             need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device)
+    if free is None or need <= KV_CACHE_SHARE * free:
+        return
+    fit = int(KV_CACHE_SHARE * free // per_stream) - 1
+    advice = (f"lower max_streams (serve --max-streams; about {fit} fit at this length) or max_seq_len "
+              "(--max-seq-len)" if fit >= 1 else "lower max_seq_len (--max-seq-len): not one stream fits")
+    raise ValueError(
+        f"the KV cache for {max_streams} streams of {max_seq_len} positions needs {need / gib:.2f} GiB "
+        f"({per_stream / 2**20:.1f} MiB a stream), more than {KV_CACHE_SHARE:.0%} of the {free / gib:.2f} GiB "
+        f"free on {device}: {advice}")
 
 
 class CapacityError(RuntimeError):
@@ -160,6 +186,7 @@ class InflightEngine:
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None else PREFILL_TOKENS_PER_STEP.get(
             self.device.type, PREFILL_TOKENS_PER_STEP["cpu"])
         self.scratch_slot = max_streams  # prompts are prefilled here, then moved
+        check_cache_fits(model, max_streams, max_seq_len, self.device)
         model.allocate_cache(max_streams + 1, max_seq_len)
         # On GPU, decode steps run at bucketed shapes, replayed from CUDA graphs unless
         # cuda_graphs=False. On CPU padding would only add work: steps run at their own shape

@@ -453,6 +453,28 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.to(device).eval()
 
 
+def kv_cache_bytes(config: LlamaConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache ``allocate_cache(slots, max_seq_len)`` makes (keys and values, every layer)."""
+    per_position = 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+    return slots * max_seq_len * per_position
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or on a CPU what Linux
+    reports as available (MemAvailable); None where it cannot tell."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
 class BucketedDecoder:
     """The decode step at a few fixed shapes, replayed from CUDA graphs on GPU.
 
