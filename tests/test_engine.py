@@ -1,6 +1,7 @@
 """In-flight batching, sampling and the audio-token guard of the torch engine (CPU, fp32)."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -554,3 +555,27 @@ def test_kv_cache_size_and_free_memory_are_read_as_allocated():
     assert kv_cache_bytes(config, 3, 16, torch.float32) == sum(t.numel() * t.element_size() for t in caches)
     assert available_memory(torch.device("cpu")) > 0  # Linux: MemAvailable
     assert available_memory(torch.device("meta")) is None
+
+
+def test_a_request_waiting_too_long_for_a_slot_is_refused_and_the_others_go_on(model):
+    engine = make_engine(model, max_streams=1, max_queue_seconds=0.05)
+    running, waiting, late = Collector(), Collector(), Collector()
+    engine.submit(request(PROMPTS[0], running, max_new_tokens=40, request_id="running"))
+    engine.step()  # the running stream takes the only slot
+    engine.submit(request(PROMPTS[1], waiting, max_new_tokens=5, request_id="waiting"))
+    time.sleep(0.1)
+    engine.step()
+    assert waiting.errors and "no stream slot came free within 0.05 s" in waiting.errors[0]
+    assert not waiting.tokens and engine.stats.timed_out == 1 and not engine.queue
+    engine.run_until_idle()
+    assert not running.errors and len(running.tokens) == 41  # 40 and the closing end_id
+    # Within its time, a queued request waits for the slot and is served as usual.
+    patient = make_engine(model, max_streams=1, max_queue_seconds=60)
+    first = Collector()
+    patient.submit(request(PROMPTS[0], first, max_new_tokens=5))
+    patient.step()
+    patient.submit(request(PROMPTS[1], late, max_new_tokens=5))
+    patient.run_until_idle()
+    assert late.errors == [] and len(late.tokens) == 6 and patient.stats.timed_out == 0
+    with pytest.raises(ValueError, match="max_queue_seconds must be >= 0"):
+        make_engine(model, max_queue_seconds=-1)

@@ -89,7 +89,8 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
-                                          "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out"],
+                                          "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
+                                          "--max-queue-seconds", "2.5"],
                                          "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
@@ -105,6 +106,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["graph_sampling"].string_value == exact  # the flags are given together
         assert llm.parameters["overlap"].string_value == exact
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
+        assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
 
 
 def test_bad_thread_counts_are_refused_before_serving(capsys):
@@ -117,6 +119,10 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--prefill-tokens", bad])
         assert f"expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    for bad in ("-1", "soon", "inf", "nan"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--max-queue-seconds", bad])
+        assert f"expected seconds >= 0, got '{bad}'" in capsys.readouterr().err
 
 
 def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):

@@ -70,6 +70,7 @@ def _render(args, model_set: ModelSet) -> Path:
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
         decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
+        max_queue_seconds=args.max_queue_seconds,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
@@ -235,6 +236,17 @@ def cmd_download(args) -> int:
     return 0
 
 
+def _non_negative_seconds(value: str) -> float:
+    """Seconds >= 0 (fractions allowed), checked before the server starts."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds
+
+
 def _positive(value: str) -> int:
     """A whole number >= 1, checked before the server starts."""
     try:
@@ -269,6 +281,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     parser.add_argument("--max-streams", type=int, default=16, help="concurrent streams the LLM engine batches")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
+    parser.add_argument("--max-queue-seconds", type=_non_negative_seconds, default=0.0, metavar="S",
+                        help="refuse a request still waiting for a stream slot after S seconds, so its caller can "
+                             "try another server (default 0: requests wait as long as it takes)")
     parser.add_argument("--prefill-tokens", type=_positive, metavar="N",
                         help="prompt tokens the LLM engine prefills per step at most: larger admits a burst of "
                              "callers in fewer steps, each step longer (default: 256 on CPU, 2048 on GPU)")

@@ -121,6 +121,7 @@ class _Stream:
     issued: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
     ended: bool = False  # finished, failed or cancelled: tokens still on their way are dropped
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class EngineStats:
     last_step_seconds: float = 0.0
     last_batch_size: int = 0
     cancelled: int = 0
+    timed_out: int = 0  # refused after waiting max_queue_seconds for a slot
 
 
 class InflightEngine:
@@ -173,9 +175,12 @@ class InflightEngine:
         bucketed: bool | None = None,
         graph_sampling: bool = False,
         overlap: bool = False,
+        max_queue_seconds: float = 0.0,
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        if not max_queue_seconds >= 0:
+            raise ValueError(f"max_queue_seconds must be >= 0 (0: no limit), got {max_queue_seconds}")
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1 prompt tokens per step, got {prefill_chunk}")
         self.model = model
@@ -183,6 +188,9 @@ class InflightEngine:
         self.max_streams = max_streams
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
+        # A request still waiting for a slot after this long is refused (0: it waits as long as it takes):
+        # a voice agent would rather try another server than have its caller wait in silence.
+        self.max_queue_seconds = max_queue_seconds
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None else PREFILL_TOKENS_PER_STEP.get(
             self.device.type, PREFILL_TOKENS_PER_STEP["cpu"])
         self.scratch_slot = max_streams  # prompts are prefilled here, then moved
@@ -288,6 +296,7 @@ class InflightEngine:
     def step(self) -> None:
         started = time.perf_counter()
         self._drop_cancelled()
+        self._refuse_overdue()
         self._retire_complete()
         self._prefill()
         if self.decoding:
@@ -346,6 +355,23 @@ class InflightEngine:
             except Exception:
                 log.exception("could not end stopped request %r", stream.request.request_id)
         self._notify([s for s in dropped if s not in stopped], "request cancelled by the client")
+
+    def _refuse_overdue(self) -> None:
+        """Refuse the queued requests that have waited max_queue_seconds for a slot."""
+        if not self.max_queue_seconds:
+            return
+        deadline = time.monotonic() - self.max_queue_seconds
+        with self.lock:
+            overdue = [s for s in self.queue if s.queued_at < deadline]
+            if overdue:
+                self.queue = collections.deque(s for s in self.queue if s.queued_at >= deadline)
+        if not overdue:
+            return
+        self.stats.timed_out += len(overdue)
+        for stream in overdue:
+            stream.ended = True
+        self._notify(overdue, f"server busy: no stream slot came free within {self.max_queue_seconds:g} s "
+                              f"(max_queue_seconds, {self.max_streams} streams running); retry later")
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk - self._prefill_together()

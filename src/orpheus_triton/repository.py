@@ -45,6 +45,7 @@ class RepositorySettings:
     max_streams: int = 16
     max_seq_len: int = 2048
     max_queue: int = 256
+    max_queue_seconds: float = 0.0  # a request waiting this long for a stream slot is refused; 0: no limit
     prefill_chunk: int = 0  # prompt tokens prefilled per step at most; 0: by device (engine.PREFILL_TOKENS_PER_STEP)
     tokens_per_response: int = TOKENS_PER_FRAME  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64

@@ -55,6 +55,7 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
         prefill_chunk=int(params.get("prefill_chunk", 0)) or None,  # 0: the engine's default for its device
         graph_sampling=params.get("graph_sampling", "false").strip().lower() == "true",
         overlap=params.get("overlap", "false").strip().lower() == "true",
+        max_queue_seconds=float(params.get("max_queue_seconds", 0)),
     )
     log.info("torch LLM engine on %s: %d streams x %d positions, prefill %d tokens a step, %d CPU threads, "
              "graph sampling %s, overlap %s", device, engine.max_streams, engine.max_seq_len, engine.prefill_chunk,
@@ -86,7 +87,10 @@ class EngineMetrics:
         self.tokens = metrics.counter("orpheus_llm_generated_tokens_total", "Tokens generated")
         self.cancelled = metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
                                          "client cancelled them")
+        self.timed_out = metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
+                                         "waiting max_queue_seconds for a stream slot")
         self._reported_cancelled = 0
+        self._reported_timed_out = 0
         self._reported_tokens = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), name="llm-metrics", daemon=True)
@@ -106,6 +110,9 @@ class EngineMetrics:
             cancelled = stats.cancelled - self._reported_cancelled
             self._reported_cancelled += cancelled
             self.cancelled.increment(cancelled)
+            timed_out = stats.timed_out - self._reported_timed_out
+            self._reported_timed_out += timed_out
+            self.timed_out.increment(timed_out)
 
     def stop(self) -> None:
         """Stop updating, then release the metrics (metrics.release: before the interpreter's teardown)."""
