@@ -370,8 +370,9 @@ class InflightEngine:
         self.stats.timed_out += len(overdue)
         for stream in overdue:
             stream.ended = True
+        slots = self.max_streams
         self._notify(overdue, f"server busy: no stream slot came free within {self.max_queue_seconds:g} s "
-                              f"(max_queue_seconds, {self.max_streams} streams running); retry later")
+                              f"(max_queue_seconds; {slots} of {slots} stream slots in use); retry later")
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk - self._prefill_together()
