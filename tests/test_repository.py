@@ -90,7 +90,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
                                           "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
-                                          "--max-queue-seconds", "2.5"],
+                                          "--max-queue-seconds", "2.5", "--max-queue", "32"],
                                          "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
@@ -107,6 +107,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["overlap"].string_value == exact
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
         assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
+        assert llm.parameters["max_queue"].string_value == ("32" if flags else "256")
 
 
 def test_bad_thread_counts_are_refused_before_serving(capsys):

@@ -70,7 +70,7 @@ def _render(args, model_set: ModelSet) -> Path:
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
         decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
-        max_queue_seconds=args.max_queue_seconds,
+        max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
     )
@@ -281,6 +281,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     parser.add_argument("--max-streams", type=int, default=16, help="concurrent streams the LLM engine batches")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
+    parser.add_argument("--max-queue", type=_positive, default=256, metavar="N",
+                        help="requests that may wait for a stream slot; beyond them one is refused at once with "
+                             "'server busy' (default 256)")
     parser.add_argument("--max-queue-seconds", type=_non_negative_seconds, default=0.0, metavar="S",
                         help="refuse a request still waiting for a stream slot after S seconds, so its caller can "
                              "try another server (default 0: requests wait as long as it takes)")
