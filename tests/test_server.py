@@ -267,6 +267,43 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
     assert server_listener_monitor(None)()() == {}  # no metrics endpoint: no figures, no error
 
 
+def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(server, grpc_url):
+    """AsyncOrpheusClient: the threaded client's audio for the same request, two streams at once on one
+    client, and leaving a long stream after two chunks ends its generation (the llm's `stop`)."""
+    import asyncio
+    import contextlib
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    expected = OrpheusClient(grpc_url).synthesize(TEXT, seed=3, max_tokens=140).audio
+
+    async def main():
+        async with AsyncOrpheusClient(grpc_url) as client:
+            async def collect(**options):
+                return np.concatenate([chunk async for chunk in client.stream(TEXT, **options)])
+
+            together = await asyncio.gather(collect(seed=3, max_tokens=140), collect(seed=3, max_tokens=140))
+            before = _settled_metric(server, "orpheus_llm_generated_tokens_total")
+            heard = 0
+            async with contextlib.aclosing(client.stream("A long one.", max_tokens=700)) as chunks:
+                async for _ in chunks:
+                    heard += 1
+                    if heard == 2:
+                        break  # the caller barged in
+            with pytest.raises(SynthesisError, match="text is empty"):  # the server's error, raised here
+                [chunk async for chunk in client.stream(" ")]
+            return together, heard, before
+
+    together, heard, before = asyncio.run(main())
+    for audio in together:
+        assert_same_audio(audio, expected)
+    assert heard == 2
+    # The long stream's generation ended early: far fewer than its 700 tokens, and nothing runs on.
+    # (65 tokens here with the `stop`; without it the stream ran on past 470 by the time of this reading)
+    assert _settled_metric(server, "orpheus_llm_generated_tokens_total") - before < 250
+    assert _metric(server, "orpheus_llm_active_streams") == 0
+
+
 def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     import subprocess
     import sys

@@ -1,4 +1,5 @@
-"""Streaming gRPC client for the `orpheus` ensemble.
+"""Streaming gRPC clients for the `orpheus` ensemble: ``OrpheusClient`` (threads and callbacks) and
+``AsyncOrpheusClient`` (asyncio: ``async for chunk in client.stream(text)``).
 
 Every stream gets a fresh uuid4 request id: the server keys each stream's
 decoder state by it (see orpheus_triton.serving).
@@ -6,10 +7,11 @@ decoder state by it (see orpheus_triton.serving).
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -215,3 +217,92 @@ class OrpheusClient:
 
     def close(self) -> None:
         self.client.close()
+
+
+class AsyncOrpheusClient:
+    """The asyncio client, for voice agents built on an event loop.
+
+        async with AsyncOrpheusClient("localhost:8001") as client:
+            async for chunk in client.stream("Hello there.", voice="tara"):   # int16, 24 kHz, mono
+                play(chunk)
+
+    Leaving the loop early (a caller barging in), an exception or a cancelled task ends the stream
+    the clean way once the generator is closed (``contextlib.aclosing``, or when it is collected):
+    the llm stage gets a `stop` (``stop``) and generation ends within a step, as with
+    ``OrpheusClient``. Streams may run concurrently on one client. Each request goes on a gRPC
+    stream of its own, closed for writing once sent: the server ends that stream after the request's
+    last response, which is how the end of an utterance shows here.
+    """
+
+    def __init__(self, url: str = "localhost:8001", model: str = ENSEMBLE_MODEL):
+        import tritonclient.grpc.aio as grpcaio  # noqa: PLC0415
+
+        self.url = url
+        self.model = model
+        self.client = grpcaio.InferenceServerClient(url)
+
+    async def __aenter__(self) -> AsyncOrpheusClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def stream(self, text: str, request_id: str | None = None, timeout: float = 600.0,
+                     **options) -> AsyncIterator[np.ndarray]:
+        """Yield the utterance's int16 chunks as they arrive; ``options`` as ``request_inputs`` takes them.
+        Raises SynthesisError with the server's message when the stream fails."""
+        request_id = request_id or str(uuid.uuid4())
+        responses = self._open(self.model, request_inputs(text, **options), request_id, timeout)
+        ended = False
+        try:
+            async for response, error in responses:
+                if error is not None:
+                    ended = True  # the server ended the stream itself
+                    raise SynthesisError(str(error))
+                audio = response.as_numpy(OUT_AUDIO)
+                if audio is not None and audio.size:
+                    yield audio.reshape(-1)
+            ended = True  # the server closed the stream after the last response
+        finally:
+            if not ended:
+                await self._end_early(request_id, responses)
+
+    async def stop(self, request_id: str, timeout: float = 10.0) -> None:
+        """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``)."""
+        inputs = [infer_input(name, value) for name, value in stop_request_inputs().items()]
+        responses = self._open(LLM_MODEL, inputs, request_id, timeout)
+        async def answered() -> None:
+            async for _ in responses:  # its one response, if any; then the server closes the stream
+                pass
+
+        try:
+            await asyncio.wait_for(answered(), timeout)
+        except asyncio.TimeoutError:
+            responses.cancel()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def _open(self, model: str, inputs: list, request_id: str, timeout: float):
+        """One request on a gRPC stream of its own; the iterator of its (response, error) pairs."""
+        async def requests():
+            yield {"model_name": model, "inputs": inputs, "request_id": request_id}
+
+        return self.client.stream_infer(requests(), stream_timeout=timeout)
+
+    async def _end_early(self, request_id: str, responses, timeout: float = 5.0) -> None:
+        """``OrpheusClient._end_early`` for this client: `stop`, then read on to the stream's end;
+        cancel the gRPC stream if that does not come within ``timeout``."""
+        async def drain() -> None:
+            async for _, error in responses:
+                if error is not None:
+                    return
+
+        try:
+            await self.stop(request_id)
+            await asyncio.wait_for(drain(), timeout)
+        except Exception:  # noqa: BLE001 (a timeout, a broken connection: the gRPC stream goes anyway)
+            responses.cancel()
+        except asyncio.CancelledError:
+            responses.cancel()
+            raise
