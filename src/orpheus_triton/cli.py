@@ -295,7 +295,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                              "alone or batched, at 2.5-5x the decoder's CPU time (default: within one int16 step)")
     parser.add_argument("--no-lead-in", action="store_true",
                         help="start each stream with frame 1's audio, after 28 tokens, as upstream Orpheus does "
-                             "(default: frame 0's audio first, after 21 tokens: a quarter less wait for first audio)")
+                             "(default: frame 0's audio first, after 21 tokens: a quarter fewer tokens to wait for)")
     parser.add_argument("--no-lead-out", action="store_true",
                         help="end each stream without its last two frames' audio, as upstream Orpheus does "
                              "(default: they come with the stream's end)")
