@@ -63,6 +63,27 @@ def _stream(url, model, inputs, output, request_id=None) -> list[list]:
     return values
 
 
+def test_the_decoder_alone_decodes_a_stream_with_or_without_its_start_time(server, grpc_url):
+    """`snac_decoder` called directly (as perf_analyzer does): a one-frame stream is one window of audio;
+    `request_start` is optional, and where given the first audio is counted in the TTFA histogram."""
+    import time as clock
+
+    from orpheus_triton.frames import audio_token_id
+
+    tokens = np.array([[audio_token_id(100 + i, i) for i in range(c.TOKENS_PER_FRAME)] + [c.END_OF_SPEECH]],
+                      dtype=np.int32)
+    audio = _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, tokens[None])], c.DECODER_AUDIO)
+    assert [len(chunk) for chunk in audio] == [c.SAMPLES_PER_FRAME]
+    counted = _metric(server, "orpheus_time_to_first_audio_seconds_count")
+    total = _metric(server, "orpheus_time_to_first_audio_seconds_sum")
+    start = np.array([[clock.time() - 0.25]], dtype=np.float64)  # as if preprocessing took it 250 ms ago
+    inputs = [infer_input(c.DECODER_TOKENS, tokens[None]), infer_input(c.REQUEST_START, start)]
+    assert [len(chunk) for chunk in _stream(grpc_url, c.DECODER_MODEL, inputs, c.DECODER_AUDIO)] == [
+        c.SAMPLES_PER_FRAME]
+    assert _metric(server, "orpheus_time_to_first_audio_seconds_count") == counted + 1
+    assert 0.25 <= _metric(server, "orpheus_time_to_first_audio_seconds_sum") - total < 5
+
+
 def test_the_models_log_into_the_server_log(server):
     """What the engine runs on reaches tritonserver's log (a stub process configures no logging itself)."""
     log = Path(server.log_path).read_text()
