@@ -183,10 +183,15 @@ class RunningServer:
     process: subprocess.Popen | None = None
 
 
+def metrics_page(metrics_url: str) -> str:
+    """The server's /metrics page (Prometheus text)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (localhost only)
+        return response.read().decode()
+
+
 def metric_values(metrics_url: str, name: str) -> list[float]:
     """Values of one Prometheus metric family on the server's /metrics page."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (localhost only)
-        text = response.read().decode()
+    text = metrics_page(metrics_url)
     return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
 
 
@@ -198,8 +203,7 @@ def server_listener_monitor(metrics_url: str | None):
 
     def page() -> ListenerFigures | None:
         try:
-            with urllib.request.urlopen(metrics_url, timeout=5) as response:  # noqa: S310 (localhost only)
-                return ListenerFigures.parse(response.read().decode())
+            return ListenerFigures.parse(metrics_page(metrics_url))
         except (OSError, ValueError):
             return None
 

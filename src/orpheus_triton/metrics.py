@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
 
-# What listeners hear, as the server can tell (DecoderMetrics); read back by listener_figures.
+# What listeners hear, as the server can tell (DecoderMetrics); read back by ListenerFigures.
 FIRST_AUDIO_METRIC = "orpheus_time_to_first_audio_seconds"
 STALLS_METRIC = "orpheus_decoder_stalls_total"
 STALL_SECONDS_METRIC = "orpheus_decoder_stall_seconds_total"
