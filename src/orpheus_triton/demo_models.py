@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from .constants import BEGIN_OF_TEXT, CUSTOM_TOKEN_BASE, END_OF_TEXT, VOCAB_SIZE
 
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # v2: Snake alphas drawn, not all 1
 LLM_DIR = "llm"
 SNAC_DIR = "snac"
 
@@ -170,6 +170,13 @@ def write_random_snac(path: Path, seed: int = 0) -> None:
 
     torch.manual_seed(seed)
     model = SNAC(**SNAC_24KHZ_CONFIG)
+    with torch.no_grad():
+        # SNAC initialises every Snake's alpha to 1; trained ones spread out (and may change sign), which
+        # the decoder's folded Snakes (snake.fold_snake_scales) must reproduce: draw them.
+        for name, alpha in model.named_parameters():
+            if name.endswith(".alpha"):
+                sign = torch.where(torch.rand(alpha.shape) < 0.1, -1.0, 1.0)
+                alpha.copy_(sign * torch.exp(torch.empty(alpha.shape).uniform_(-1.5, 1.5)))
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(SNAC_24KHZ_CONFIG, indent=2))
     torch.save(model.state_dict(), path / "pytorch_model.bin")

@@ -16,7 +16,9 @@ serving:
   (``WindowDecoder(noise=...)``).
 * Weight-norm parametrisations are folded into plain weights once at load,
   instead of being recomputed on every call, and the TorchScript Snake
-  activation is replaced by the same arithmetic in eager, in-place ops.
+  activation is replaced by the same arithmetic in eager, in-place ops; outside
+  the exact decoder its per-channel scales are folded into the convolutions
+  beside it as well (``snake.fold_snake_scales``).
 * Only the kept samples are computed (``snac_span``, time-major, with the
   transposed convolutions as polyphase matrix products): a window costs
   under half a whole-window decode alone, and about a quarter in a batch of 8.
@@ -59,6 +61,7 @@ from .constants import (
 from .cuda_graphs import capture
 from .frames import Window, split_codebooks
 from .snac_span import Span, SpanDecoder
+from .snake import Snake, fold_snake_scales
 
 DECODE_SPAN = "span"  # compute only the kept samples' receptive field (default)
 DECODE_FULL = "full"  # decode whole windows, exactly as upstream
@@ -106,35 +109,6 @@ class SeededNoise(nn.Module):
         return x + self.draw_noise(batch, length, x) * self.linear(x)
 
 
-class Snake(nn.Module):
-    """SNAC's Snake activation, x + sin(alpha x)^2 / alpha, without TorchScript and in place.
-
-    Upstream's scripted ``snake`` is bit for bit the same arithmetic, but on CPU it
-    ran 1.4-10x slower than these in-place eager ops for the shapes a decode sees
-    (it was a quarter of a batched window decode).
-    """
-
-    pointwise = True  # for snac_span: output position t depends on input position t only
-
-    def __init__(self, snake: Snake1d):
-        super().__init__()
-        self.alpha = snake.alpha  # same attribute name: upstream state dicts still load
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _snake(x, self.alpha)
-
-    def forward_time_major(self, x: torch.Tensor) -> torch.Tensor:
-        """The same on [batch, time, channels] (snac_span's layout)."""
-        return _snake(x, self.alpha.view(1, 1, -1))
-
-
-def _snake(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    y = torch.mul(x, alpha).sin_()
-    # y * y, not square_(): the same products (pow special-cases 2), but square_ runs 1.7x slower on CPU.
-    y.mul_(y).mul_((alpha + 1e-9).reciprocal())
-    return y.add_(x)
-
-
 class RowwiseConv1d(nn.Module):
     """A dense (transposed) Conv1d applied to each batch row separately (batch-invariant rounding)."""
 
@@ -174,6 +148,8 @@ def load_snac(path: str | Path, device: str | torch.device = "cpu", batch_invari
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     _swap_modules(model, batch_invariant)
+    if not batch_invariant:
+        fold_snake_scales(model.decoder)
     return model.to(device).eval()
 
 

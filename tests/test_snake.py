@@ -1,0 +1,61 @@
+"""Snake with its scales folded into the convolutions beside it computes what upstream's decoder does."""
+
+import shutil
+
+import pytest
+import torch
+from snac import SNAC
+from snac.layers import Snake1d
+
+from orpheus_triton.snac_codec import load_snac
+from orpheus_triton.snake import FoldedSnake, Snake
+
+
+@pytest.fixture(scope="module")
+def upstream(model_set):
+    return SNAC.from_pretrained(str(model_set.snac)).eval()
+
+
+def decode(decoder, latent):
+    torch.manual_seed(5)  # the same noise for both: SeededNoise without generators draws as upstream does
+    with torch.no_grad():
+        return decoder(latent)
+
+
+def test_random_alphas_cover_signs_and_scales(upstream):
+    alphas = torch.cat([m.alpha.view(-1) for m in upstream.decoder.modules() if isinstance(m, Snake1d)])
+    assert (alphas < 0).any() and alphas.abs().min() < 0.5 and alphas.abs().max() > 2
+
+
+def test_every_snake_of_the_decoder_is_folded_and_the_audio_is_the_same(upstream, model_set):
+    model = load_snac(model_set.snac)
+    snakes = [m for m in upstream.decoder.modules() if isinstance(m, Snake1d)]
+    folded = [m for m in model.decoder.modules() if isinstance(m, FoldedSnake)]
+    assert len(folded) == len(snakes) == 29
+    # Behind a depthwise convolution (each residual unit's second Snake) alpha x comes from the convolution.
+    assert sum(m.input_scaled for m in folded) == 12
+    latent = torch.randn(2, 768, 16, generator=torch.Generator().manual_seed(0))
+    want, got = decode(upstream.decoder, latent), decode(model.decoder, latent)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_the_exact_decoder_keeps_upstreams_arithmetic(model_set):
+    model = load_snac(model_set.snac, batch_invariant=True)
+    assert not any(isinstance(m, FoldedSnake) for m in model.modules())
+    assert any(type(m) is Snake for m in model.modules())
+
+
+def test_a_snake_with_alpha_near_zero_is_left_as_it_is(model_set, tmp_path):
+    """Folding would scale the next convolution's weights by 1/alpha: not for an alpha this small."""
+    shutil.copytree(model_set.snac, tmp_path, dirs_exist_ok=True)
+    weights = tmp_path / "pytorch_model.bin"
+    state = torch.load(weights, weights_only=True)
+    first = next(name for name in state if name.startswith("decoder.") and name.endswith(".alpha"))
+    state[first][0, 0, 0] = 1e-5
+    torch.save(state, weights)
+    model = load_snac(tmp_path)
+    assert sum(isinstance(m, FoldedSnake) for m in model.decoder.modules()) == 28
+    assert type(next(m for m in model.decoder.modules() if isinstance(m, Snake))) is Snake
+    latent = torch.randn(1, 768, 16, generator=torch.Generator().manual_seed(1))
+    upstream = SNAC.from_pretrained(str(tmp_path)).eval()
+    torch.testing.assert_close(decode(model.decoder, latent), decode(upstream.decoder, latent), rtol=1e-4, atol=2e-5)
