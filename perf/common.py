@@ -284,7 +284,8 @@ def model_set(shape: str, models: str | None):
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
-                 overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True) -> Iterator[RunningServer]:
+                 overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
+                 llm_cpu_threads: str = "auto", decoder_cpu_threads: str = "auto") -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
@@ -292,7 +293,8 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
     settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
                                   max_streams=max_streams, max_seq_len=max_seq_len,
                                   llm_graph_sampling=graph_sampling, llm_overlap=overlap,
-                                  prefill_chunk=prefill_tokens, decoder_lead_in=lead_in)
+                                  prefill_chunk=prefill_tokens, decoder_lead_in=lead_in,
+                                  llm_cpu_threads=llm_cpu_threads, decoder_cpu_threads=decoder_cpu_threads)
     render(settings, repository)
     with serve_repository(repository, log_path) as server:
         yield server

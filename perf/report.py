@@ -164,6 +164,14 @@ def plot_comparisons(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _threads_note(settings: dict) -> str:
+    """The server processes' torch threads where a run set them (older results: not recorded, 'auto')."""
+    threads = {stage: settings.get(f"{stage}_cpu_threads", "auto") for stage in ("llm", "decoder")}
+    if set(threads.values()) == {"auto"}:
+        return ""
+    return f"; torch threads: llm {threads['llm']}, decoder {threads['decoder']}"
+
+
 def _source_line(source: dict | None) -> str:
     if not source:
         return "* code: not recorded"
@@ -218,7 +226,8 @@ def markdown(result: dict) -> str:
         f"* server: tritonserver from {result.get('tritonserver', '?')}, engine max_streams "
         f"{result['server_settings']['max_streams']}, device {result['server_settings']['device']}; "
         + ("streams start with the lead-in frame (first audio after 21 tokens)"
-           if result["server_settings"].get("lead_in", False) else "first audio after 28 tokens (no lead-in frame)"),
+           if result["server_settings"].get("lead_in", False) else "first audio after 28 tokens (no lead-in frame)")
+        + _threads_note(result["server_settings"]),
         (f"* cores busy with other work just before the run: {result['busy_cores_before']:.2f}\n"
            if result.get("busy_cores_before") is not None else "")
         + f"* load average (1/5/15 min) at start {result['load_average_start']}, at end {result['load_average_end']} "

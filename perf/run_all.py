@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="streams start with frame 1's audio after 28 tokens, as upstream (decoder_lead_in off)")
     parser.add_argument("--overlap", action="store_true",
                         help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
+    for stage in ("llm", "decoder"):
+        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N",
+                            help=f"torch threads of the server's {stage} process (default auto: half the cores on CPU)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -216,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling, "overlap": args.overlap,
-                            "lead_in": not args.no_lead_in,
+                            "lead_in": not args.no_lead_in, "llm_cpu_threads": args.llm_cpu_threads,
+                            "decoder_cpu_threads": args.decoder_cpu_threads,
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -252,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
-                      lead_in=not args.no_lead_in) as server:
+                      lead_in=not args.no_lead_in, llm_cpu_threads=args.llm_cpu_threads,
+                      decoder_cpu_threads=args.decoder_cpu_threads) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation
