@@ -325,6 +325,33 @@ def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(ser
     assert _metric(server, "orpheus_llm_active_streams") == 0
 
 
+def test_async_client_speaks_text_as_it_arrives_sentence_by_sentence(grpc_url):
+    """stream_text: text arriving in pieces is spoken sentence by sentence, one request each, with the
+    next sentence generating ahead: the audio is each sentence's own, in order, with nothing between."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    sentences = ["Hello there.", "This is the second sentence!", "And <sigh> a third one?"]
+    options = {"seed": 5, "max_tokens": 63}
+    alone = OrpheusClient(grpc_url)
+    expected = np.concatenate([alone.synthesize(sentence, **options).audio for sentence in sentences])
+
+    async def pieces():
+        text = " ".join(sentences)
+        for start in range(0, len(text), 4):  # as a voice agent's LLM hands over its reply
+            yield text[start : start + 4]
+
+    async def main():
+        async with AsyncOrpheusClient(grpc_url) as client:
+            audio = np.concatenate([chunk async for chunk in client.stream_text(pieces(), **options)])
+            with pytest.raises(ValueError, match="request id of its own"):
+                [chunk async for chunk in client.stream_text("Hi.", request_id="x")]
+            return audio
+
+    assert_same_audio(asyncio.run(main()), expected)
+
+
 def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     import subprocess
     import sys

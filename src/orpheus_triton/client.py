@@ -1,5 +1,6 @@
 """Streaming gRPC clients for the `orpheus` ensemble: ``OrpheusClient`` (threads and callbacks) and
-``AsyncOrpheusClient`` (asyncio: ``async for chunk in client.stream(text)``).
+``AsyncOrpheusClient`` (asyncio: ``async for chunk in client.stream(text)``; text still arriving, or longer
+than one request: ``client.stream_text(pieces)``).
 
 Every stream gets a fresh uuid4 request id: the server keys each stream's
 decoder state by it (see orpheus_triton.serving).
@@ -8,10 +9,11 @@ decoder state by it (see orpheus_triton.serving).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +33,7 @@ from .constants import (
     SAMPLE_RATE,
 )
 from .serving import stop_request_inputs
+from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 
 
 class SynthesisError(RuntimeError):
@@ -266,6 +269,28 @@ class AsyncOrpheusClient:
         finally:
             if not ended:
                 await self._end_early(request_id, responses)
+
+    async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 1,
+                          max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
+                          **options) -> AsyncIterator[np.ndarray]:
+        """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
+
+        ``text``: a whole string, or its pieces as they arrive (an iterable or async iterable: a voice
+        agent's LLM reply, token by token). Each sentence is one request (``text_stream``), with
+        ``options`` as ``stream`` takes them; the next ``lookahead`` sentences generate while the
+        current one plays, so its audio follows without a gap; chunks come in text order. Text of any
+        length is spoken whole, where one request takes at most MAX_TEXT_CHARS characters and plays
+        DEFAULT_MAX_TOKENS tokens unless asked for more.
+        Leaving early ends every running request the clean way (as ``stream``).
+        """
+        if "request_id" in options:
+            raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")
+        sentences = sentences_of(text, max_chars)
+        speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout, **options),
+                                lookahead)
+        async with contextlib.aclosing(speech) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
     async def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``)."""

@@ -1,0 +1,219 @@
+"""Speak text while it is still arriving: cut it into sentences, synthesize them in order, overlapped.
+
+A voice agent's reply comes from its own LLM a few tokens at a time, and one
+Orpheus request holds at most ``MAX_TEXT_CHARS`` characters and plays at most
+``DEFAULT_MAX_TOKENS`` tokens (about 14 s) unless asked for more. Waiting for the
+whole reply would delay the first audio by the agent LLM's whole answer, and a
+long reply would be cut off. So the text is cut into sentences as they complete
+(``SentenceSplitter``), each sentence is one request, and the next sentences
+generate while the current one plays (``speak_in_order``): the server batches
+them with everything else, and the listener hears one continuous stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+# About what one request's default token budget (DEFAULT_MAX_TOKENS, ~14 s of audio) speaks at a
+# conversational 14-15 characters a second, with room to spare: longer sentences are cut at a clause.
+MAX_SENTENCE_CHARS = 200
+
+_END_MARKS = ".!?…"
+_CLOSERS = "\"'”’)]"
+# Words that end in a full stop without ending the sentence ("Dr. Smith", "e.g. this").
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e", "approx", "fig",
+                            "inc", "ltd", "mt", "no", "nos", "vol", "dept", "est", "cf"})
+# A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
+_BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
+_CLAUSE_END = re.compile(r"[,;:]\s|\s[-–—]\s")
+
+
+class SentenceSplitter:
+    """Cut text that arrives in pieces into sentences, each as soon as it is known to be complete.
+
+    A sentence ends at ``.``, ``!``, ``?`` or ``…`` (and closing quotes) followed by
+    whitespace and a character that can start a sentence (not a lowercase letter:
+    "e.g. this" and "Wait... what" go on), or at a line break. Abbreviations and
+    initials ("Dr. Smith", "J. R. R. Tolkien") do not end one, nor do decimals (no
+    space after the point). A sentence longer than ``max_chars`` is cut at its last
+    clause break (comma, semicolon, colon, dash) or space before that length, never
+    inside a ``<tag>``. Sentences come out with their whitespace collapsed.
+    """
+
+    def __init__(self, max_chars: int = MAX_SENTENCE_CHARS):
+        if max_chars < 20:
+            raise ValueError(f"max_chars must be >= 20, got {max_chars}")
+        self.max_chars = max_chars
+        self.pending = ""
+
+    def push(self, text: str) -> list[str]:
+        """Add ``text``; return the sentences it completed."""
+        self.pending += text
+        sentences = []
+        while (cut := self._next_cut()) is not None:
+            sentences += _tidy(self.pending[:cut])
+            self.pending = self.pending[cut:]
+        return sentences
+
+    def finish(self) -> list[str]:
+        """The text is complete: return what is left as the last sentence."""
+        sentences = self.push("") + _tidy(self.pending)
+        self.pending = ""
+        return sentences
+
+    def _next_cut(self) -> int | None:
+        """Where the first complete sentence of ``pending`` ends, if one does."""
+        cuts = []
+        for match in _BOUNDARY.finditer(self.pending):
+            before = self.pending[: match.start()]
+            marks = self.pending[match.start() : match.start(1)].rstrip(_CLOSERS)
+            if match.group(2).islower() or not any(ch.isalpha() for ch in before) \
+                    or (marks == "." and _is_abbreviation(before)):
+                continue  # "e.g. this", a list's "1.", "Dr. Smith": the sentence goes on
+            cuts.append(match.start(1))
+            break
+        start = len(self.pending) - len(self.pending.lstrip())
+        line_break = self.pending.find("\n", start)
+        if line_break >= 0:
+            cuts.append(line_break + 1)
+        if cuts:
+            return min(cuts)
+        if len(_collapse(self.pending)) > self.max_chars:
+            return self._long_cut()
+        return None
+
+    def _long_cut(self) -> int:
+        """Where to cut a ``pending`` too long for one sentence: the last clause break or space in its first
+        ``max_chars`` characters (counted after collapsing whitespace) outside a tag, else right there."""
+        limit = _raw_index(self.pending, self.max_chars)
+        head = self.pending[:limit]
+        tag_start = head.rfind("<")
+        if tag_start > head.rfind(">"):  # a tag would be split: cut before it
+            head = head[:tag_start]
+        clauses = [m.end() for m in _CLAUSE_END.finditer(head)]
+        if clauses and clauses[-1] > len(head) // 3:
+            return clauses[-1]
+        space = head.rstrip().rfind(" ")
+        return space + 1 if space > 0 else max(len(head), 1)
+
+
+def _is_abbreviation(before: str) -> bool:
+    """Whether the word ending ``before`` (the text up to a full stop) is an abbreviation or an initial."""
+    word = before.rsplit(None, 1)[-1] if before.split() else ""
+    word = word.lstrip("(\"'“‘")
+    initial = len(word) == 1 and word.isalpha() and word.isupper() and word != "I"
+    return initial or word.lower() in _ABBREVIATIONS
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _tidy(text: str) -> list[str]:
+    """``text`` as a sentence, or nothing if it has nothing to say (only spaces or punctuation)."""
+    sentence = _collapse(text)
+    return [sentence] if any(ch.isalnum() for ch in sentence) else []
+
+
+def _raw_index(text: str, collapsed_chars: int) -> int:
+    """The index in ``text`` where its first ``collapsed_chars`` characters (whitespace collapsed) end."""
+    count, previous_space = 0, True
+    for index, ch in enumerate(text):
+        space = ch.isspace()
+        if not (space and previous_space):
+            count += 1
+        previous_space = space
+        if count > collapsed_chars:
+            return index
+    return len(text)
+
+
+async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
+                       max_chars: int = MAX_SENTENCE_CHARS) -> AsyncIterator[str]:
+    """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable)."""
+    splitter = SentenceSplitter(max_chars)
+    if isinstance(text, str):
+        pieces: AsyncIterable[str] = _pieces([text])
+    elif isinstance(text, AsyncIterable):
+        pieces = text
+    else:
+        pieces = _pieces(text)
+    async for piece in pieces:
+        for sentence in splitter.push(piece):
+            yield sentence
+    for sentence in splitter.finish():
+        yield sentence
+
+
+async def _pieces(items: Iterable[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: BaseException
+
+
+_DONE = object()
+
+
+async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], AsyncIterator[T]],
+                         lookahead: int = 1) -> AsyncIterator[T]:
+    """Every item of ``speak(sentence)`` for each sentence, sentence by sentence in order.
+
+    The sentences after the one being yielded run meanwhile, up to ``lookahead`` of
+    them (their items wait in memory), so the next one's first audio is there when
+    the current one ends. Leaving early (``aclose``), an error in one sentence or in
+    the text source closes every running ``speak`` generator (which ends its stream
+    the clean way) before this generator finishes.
+    """
+    if lookahead < 0:
+        raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+    slots = asyncio.Semaphore(lookahead + 1)  # the sentence being yielded and those running ahead of it
+    order: asyncio.Queue = asyncio.Queue()  # one queue of items per sentence, in order; then _DONE
+    running: list[asyncio.Task] = []
+
+    async def run(sentence: str, items: asyncio.Queue) -> None:
+        try:
+            async with contextlib.aclosing(speak(sentence)) as stream:
+                async for item in stream:
+                    items.put_nowait(item)
+            items.put_nowait(_DONE)
+        except Exception as error:  # noqa: BLE001 (handed to the consumer, raised there in order)
+            items.put_nowait(_Failed(error))
+
+    async def feed() -> None:
+        try:
+            async for sentence in sentences:
+                await slots.acquire()
+                items: asyncio.Queue = asyncio.Queue()
+                running.append(asyncio.create_task(run(sentence, items)))
+                order.put_nowait(items)
+            order.put_nowait(_DONE)
+        except Exception as error:  # noqa: BLE001 (the text source failed: raised to the consumer)
+            order.put_nowait(_Failed(error))
+
+    feeder = asyncio.create_task(feed())
+    try:
+        while (items := await order.get()) is not _DONE:
+            if isinstance(items, _Failed):
+                raise items.error
+            while (item := await items.get()) is not _DONE:
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+            slots.release()
+    finally:
+        feeder.cancel()
+        for task in running:
+            task.cancel()
+        await asyncio.gather(feeder, *running, return_exceptions=True)

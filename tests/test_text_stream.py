@@ -1,0 +1,181 @@
+"""Text arriving in pieces, cut into sentences and spoken in order with the next sentences running ahead."""
+
+import asyncio
+import contextlib
+
+import pytest
+
+from orpheus_triton.text_stream import SentenceSplitter, sentences_of, speak_in_order
+
+CASES = {
+    "Hello there. How are you? I'm fine!": ["Hello there.", "How are you?", "I'm fine!"],
+    "Dr. Smith met J. R. R. Tolkien, e.g. in 1950. Then he left.":
+        ["Dr. Smith met J. R. R. Tolkien, e.g. in 1950.", "Then he left."],
+    "It costs 3.50 dollars. Okay.": ["It costs 3.50 dollars.", "Okay."],
+    'Wait... what? "Yes," she said. "Go!" He went.': ["Wait... what?", '"Yes," she said.', '"Go!"', "He went."],
+    "1. Apples\n2. Pears\n\nThat's all.": ["1. Apples", "2. Pears", "That's all."],
+    "Great. <laugh> So anyway,\tthat's   it": ["Great.", "<laugh> So anyway, that's it"],
+    "So did I. Then we left.": ["So did I.", "Then we left."],
+    "  \n ... ": [],
+}
+
+
+def split(text: str, max_chars: int = 200, piece: int | None = None) -> list[str]:
+    splitter = SentenceSplitter(max_chars)
+    pieces = [text[i : i + piece] for i in range(0, len(text), piece)] if piece else [text]
+    return [sentence for p in pieces for sentence in splitter.push(p)] + splitter.finish()
+
+
+@pytest.mark.parametrize("text", CASES)
+@pytest.mark.parametrize("piece", [None, 1, 3])
+def test_sentences_are_the_same_whole_or_in_pieces(text, piece):
+    assert split(text, piece=piece) == CASES[text]
+
+
+def test_a_sentence_comes_out_as_soon_as_the_next_one_starts():
+    splitter = SentenceSplitter()
+    assert splitter.push("Hello there.") == []  # "3." or "Dr." could go on
+    assert splitter.push(" ") == []
+    assert splitter.push("How") == ["Hello there."]
+    assert splitter.push(" are you?") == []
+    assert splitter.finish() == ["How are you?"]
+
+
+def test_a_long_sentence_is_cut_at_a_clause_and_never_inside_a_tag():
+    text = "This goes on and on, " * 8 + "and ends."
+    sentences = split(text, max_chars=60)
+    assert all(len(s) <= 60 for s in sentences) and all(s.endswith(",") for s in sentences[:-1])
+    assert " ".join(sentences) == " ".join(text.split())
+    tagged = "word " * 9 + "<giggle> " + "word " * 9
+    sentences = split(tagged, max_chars=50)
+    assert all(s.count("<") == s.count(">") for s in sentences) and " ".join(sentences) == " ".join(tagged.split())
+    with pytest.raises(ValueError, match="max_chars must be >= 20"):
+        SentenceSplitter(5)
+
+
+def test_sentences_of_takes_a_string_an_iterable_or_an_async_iterable():
+    async def pieces():
+        for word in ("Hi", " there.", " Bye", "."):
+            yield word
+
+    async def collect(text):
+        return [s async for s in sentences_of(text)]
+
+    want = ["Hi there.", "Bye."]
+    assert asyncio.run(collect("Hi there. Bye.")) == want
+    assert asyncio.run(collect(["Hi", " there. Bye."])) == want
+    assert asyncio.run(collect(pieces())) == want
+
+
+class FakeSpeech:
+    """``speak`` for speak_in_order: each sentence yields (sentence, i) for i < 3, one item per loop turn
+    (with ``hold``, the items after the first only once ``go`` is set). It records when each sentence
+    starts and which streams were closed before their end, and ends every stream it started."""
+
+    def __init__(self, fail_on: str | None = None, hold: bool = False):
+        self.log: list[str] = []
+        self.closed_early: list[str] = []
+        self.ended: list[str] = []
+        self.fail_on = fail_on
+        self.go = asyncio.Event()
+        if not hold:
+            self.go.set()
+
+    async def __call__(self, sentence: str):
+        self.log.append(f"start {sentence}")
+        finished = False
+        try:
+            for i in range(3):
+                await asyncio.sleep(0)
+                if i == 1:
+                    await self.go.wait()
+                if sentence == self.fail_on and i == 1:
+                    raise RuntimeError(f"{sentence} failed")
+                yield sentence, i
+            finished = True
+        finally:
+            self.ended.append(sentence)
+            if not finished:
+                self.closed_early.append(sentence)
+
+
+async def source(*sentences: str):
+    for sentence in sentences:
+        yield sentence
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 10))
+
+
+def test_sentences_play_in_order_with_the_next_one_running_ahead():
+    speech = FakeSpeech()
+
+    async def main():
+        heard = []
+        async for item in speak_in_order(source("a", "b", "c"), speech, lookahead=1):
+            heard.append(item)
+            if item == ("a", 0):
+                await asyncio.sleep(0.01)  # while "a" plays, "b" starts; "c" waits for a free slot
+                assert speech.log == ["start a", "start b"]
+        return heard
+
+    assert run(main()) == [(s, i) for s in "abc" for i in range(3)]
+    assert speech.log == ["start a", "start b", "start c"] and speech.closed_early == []
+
+
+def test_without_lookahead_one_sentence_runs_at_a_time():
+    speech = FakeSpeech()
+
+    async def main():
+        async for item in speak_in_order(source("a", "b"), speech, lookahead=0):
+            if item == ("a", 2):
+                await asyncio.sleep(0.01)
+                assert speech.log == ["start a"]
+
+    run(main())
+    with pytest.raises(ValueError, match="lookahead must be >= 0"):
+        run(anext(speak_in_order(source("a"), speech, lookahead=-1)))
+
+
+def test_leaving_early_closes_every_running_sentence():
+    speech = FakeSpeech(hold=True)  # "a" and "b" stay mid-stream
+
+    async def main():
+        async with contextlib.aclosing(speak_in_order(source("a", "b", "c"), speech, lookahead=1)) as items:
+            async for _ in items:
+                await asyncio.sleep(0.01)
+                break  # the caller barged in after the first chunk
+
+    run(main())
+    assert sorted(speech.closed_early) == ["a", "b"] and "start c" not in speech.log
+
+
+def test_a_failing_sentence_raises_after_the_audio_before_it_and_closes_the_rest():
+    speech = FakeSpeech(fail_on="b")
+
+    async def main():
+        heard = []
+        with pytest.raises(RuntimeError, match="b failed"):
+            async for item in speak_in_order(source("a", "b", "c", "d"), speech, lookahead=2):
+                heard.append(item)
+        return heard
+
+    assert run(main()) == [("a", 0), ("a", 1), ("a", 2), ("b", 0)]
+    started = [entry.removeprefix("start ") for entry in speech.log]
+    assert sorted(speech.ended) == sorted(started)  # nothing left running
+
+
+def test_a_failing_text_source_raises_after_the_sentences_before_it():
+    async def broken():
+        yield "a"
+        raise ConnectionError("the agent's LLM went away")
+
+    async def main():
+        heard = []
+        with pytest.raises(ConnectionError, match="went away"):
+            async for item in speak_in_order(broken(), FakeSpeech(), lookahead=1):
+                heard.append(item)
+        return heard
+
+    assert run(main()) == [("a", 0), ("a", 1), ("a", 2)]
