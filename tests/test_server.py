@@ -352,6 +352,33 @@ def test_async_client_speaks_text_as_it_arrives_sentence_by_sentence(grpc_url):
     assert_same_audio(asyncio.run(main()), expected)
 
 
+def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_path):
+    """`say -` reads the text from a pipe as it arrives; `say --sentences` speaks text longer than one
+    request takes. Both: one request per sentence, each sentence's own audio, in order."""
+    import subprocess
+    import sys
+
+    from orpheus_triton.wav import read_wav
+
+    sentences = ["First things first.", "Then <laugh> the second one."]
+    expected = np.concatenate([OrpheusClient(grpc_url).synthesize(s, seed=2, max_tokens=28).audio for s in sentences])
+    piped = subprocess.run(
+        [sys.executable, "-m", "orpheus_triton.cli", "say", "-", "-o", str(tmp_path / "piped.wav"), "--url", grpc_url,
+         "--seed", "2", "--max-tokens", "28"], input=" ".join(sentences), capture_output=True, text=True, timeout=120,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert_same_audio(read_wav(tmp_path / "piped.wav")[1], expected)
+
+    long_text = " ".join(f"Sentence number {i} is here to make this text longer than one request." for i in range(30))
+    assert len(long_text) > c.MAX_TEXT_CHARS
+    spoken = subprocess.run(
+        [sys.executable, "-m", "orpheus_triton.cli", "say", long_text, "--sentences", "-o", str(tmp_path / "long.wav"),
+         "--url", grpc_url, "--max-tokens", "14"], capture_output=True, text=True, timeout=300,
+    )
+    assert spoken.returncode == 0, spoken.stderr
+    assert read_wav(tmp_path / "long.wav")[1].size == 30 * 2 * c.SAMPLES_PER_FRAME  # 14 tokens: 2 frames each
+
+
 def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     import subprocess
     import sys

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import codecs
 import contextlib
 import os
 import shutil
@@ -14,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .constants import DEFAULT_VOICE, SAMPLE_RATE, VOICES
+from .constants import DEFAULT_VOICE, MAX_TEXT_CHARS, SAMPLE_RATE, VOICES
 from .demo_models import ModelSet, cache_dir, demo_model_set
 
 DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
@@ -142,9 +144,10 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
     return status if status >= 0 else 128 - status
 
 
-def _synthesize(url: str, text: str, output: str, **options) -> None:
+def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, **options) -> None:
     """Stream ``text`` into ``output``: a WAV file, or with "-" raw PCM on stdout (the summary then goes
-    to stderr, out of the audio's way)."""
+    to stderr, out of the audio's way). One request, or with ``sentences`` one per sentence; ``text``
+    None: read it from stdin as it arrives, sentence by sentence."""
     from .client import OrpheusClient, require_ready_server  # noqa: PLC0415
     from .wav import RawPcmWriter, StreamingWavWriter  # noqa: PLC0415
 
@@ -153,10 +156,14 @@ def _synthesize(url: str, text: str, output: str, **options) -> None:
         raise SystemExit("error: -o - writes raw PCM, which a terminal cannot show: pipe it into a player "
                          f"(| aplay -f S16_LE -r {SAMPLE_RATE} -c 1) or give -o FILE.wav")
     require_ready_server(url)
-    client = OrpheusClient(url)
     with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
-        result = client.synthesize(text, on_chunk=sink.write, **options)
-    client.close()
+        if sentences or text is None:
+            result = asyncio.run(_speak_sentences(url, _stdin_pieces() if text is None else text, sink.write,
+                                                  **options))
+        else:
+            client = OrpheusClient(url)
+            result = client.synthesize(text, on_chunk=sink.write, **options)
+            client.close()
     if not result.chunks:
         raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
     target = "raw PCM to stdout" if to_stdout else output
@@ -168,6 +175,28 @@ def _synthesize(url: str, text: str, output: str, **options) -> None:
     )
 
 
+async def _speak_sentences(url: str, text, on_chunk, **options):
+    """``AsyncOrpheusClient.stream_text`` into ``on_chunk``, timed as one ``SynthesisResult``."""
+    from .client import AsyncOrpheusClient, Chunk, SynthesisResult  # noqa: PLC0415
+
+    result = SynthesisResult(request_id="one per sentence")
+    started = time.perf_counter()
+    async with AsyncOrpheusClient(url) as client:
+        async for audio in client.stream_text(text, **options):
+            result.chunks.append(Chunk(audio, time.perf_counter() - started))
+            on_chunk(audio)
+    result.total_seconds = time.perf_counter() - started
+    return result
+
+
+async def _stdin_pieces():
+    """Standard input's text as it arrives (a pipe from another program), not only once it ends."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while data := await asyncio.to_thread(os.read, sys.stdin.fileno(), 4096):
+        yield decoder.decode(data)
+    yield decoder.decode(b"", final=True)
+
+
 def _options(args) -> dict:
     return {"voice": args.voice, "seed": args.seed, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
@@ -177,7 +206,8 @@ def cmd_say(args) -> int:
     from .client import SynthesisError  # noqa: PLC0415
 
     try:
-        _synthesize(args.url, args.text, args.output, **_options(args))
+        text = None if args.text == "-" else args.text
+        _synthesize(args.url, text, args.output, sentences=args.sentences, **_options(args))
     except BrokenPipeError:  # -o - into a player that quit: the client has cancelled the stream
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         print("stopped: the reader of stdout went away", file=sys.stderr)
@@ -338,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=cmd_serve)
 
     say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")
-    say.add_argument("text")
+    say.add_argument("text", help="what to say; - reads it from stdin as it arrives (e.g. piped from an LLM) and "
+                                  "speaks it sentence by sentence")
     say.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
+    say.add_argument("--sentences", action="store_true",
+                     help="one request per sentence, the next generating while one plays: text of any length "
+                          f"(one request takes at most {MAX_TEXT_CHARS} characters and --max-tokens of audio)")
     _synthesis_options(say)
     say.set_defaults(run=cmd_say)
 

@@ -35,7 +35,8 @@ def check_text(text: str) -> str:
         raise PromptError("text is empty; send the words to speak")
     if len(text) > MAX_TEXT_CHARS:
         raise PromptError(
-            f"text is {len(text)} characters; the limit is {MAX_TEXT_CHARS} per request (split longer text)"
+            f"text is {len(text)} characters; the limit is {MAX_TEXT_CHARS} per request (split longer text into "
+            "sentences, as AsyncOrpheusClient.stream_text and `orpheus-triton say --sentences` do)"
         )
     return text
 
