@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="processes of the llm relay in front of the engine (about 60 real-time streams each)")
     parser.add_argument("--decoder-max-batch-size", type=int, default=RepositorySettings.decoder_max_batch_size)
     parser.add_argument("--preprocessing-instances", type=int, default=RepositorySettings.preprocessing_instances)
+    parser.add_argument("--voices", default=RepositorySettings.voices, metavar="NAMES",
+                        help="the checkpoint's voices, comma-separated ('none': single-speaker; default: Orpheus 3B "
+                             "English's)")
+    parser.add_argument("--default-voice", default=RepositorySettings.default_voice, metavar="NAME",
+                        help="the voice of requests that name none (default: the first of --voices)")
     parser.add_argument("--serve", action="store_true", help="then run tritonserver on the repository")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = RepositorySettings(
         llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
+        voices=args.voices, default_voice=args.default_voice,
     )
     trt = TrtllmSettings(
         engine_dir=str(engine_dir), triton_max_batch_size=max_batch_size,

@@ -27,16 +27,18 @@ def main() -> None:
     parser.add_argument("text")
     parser.add_argument("output")
     parser.add_argument("--url", default="localhost:8001")
-    parser.add_argument("--voice", default="tara")
+    parser.add_argument("--voice", help="one of the server's voices (default: the server's default voice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=1200, help="audio tokens at most (7 per 85 ms)")
     args = parser.parse_args()
 
     inputs = []
     for name, value, dtype, kind in (("text", args.text.encode(), np.object_, "BYTES"),
-                                     ("voice", args.voice.encode(), np.object_, "BYTES"),
+                                     ("voice", args.voice and args.voice.encode(), np.object_, "BYTES"),
                                      ("seed", args.seed, np.uint64, "UINT64"),
                                      ("max_tokens", args.max_tokens, np.int32, "INT32")):
+        if value is None:  # an option left out: the server's default
+            continue
         tensor = grpcclient.InferInput(name, [1], kind)
         tensor.set_data_from_numpy(np.array([value], dtype=dtype))
         inputs.append(tensor)

@@ -447,9 +447,13 @@ def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
 
     assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED,
-                                "--relay-instances", "2"]) == 0
+                                "--relay-instances", "2", "--voices", "jana,thomas,max"]) == 0
     assert parse_config(out / ENGINE_MODEL / "config.pbtxt").max_batch_size == 8
     assert parse_config(out / LLM_MODEL / "config.pbtxt").instance_group[0].count == 2
+    assert parse_config(out / PREPROCESSING_MODEL / "config.pbtxt").parameters["voices"].string_value == \
+        "jana,thomas,max"
+    assert gpu_repository.main([*argv, "--voices", "jana,thomas", "--default-voice", "tara"]) == 2
+    assert "default voice 'tara' is not one of the voices: jana, thomas" in capsys.readouterr().err
 
 
 def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):

@@ -63,3 +63,38 @@ def test_llm_inputs_follow_tensorrt_llm_contract(tokenizer):
 def test_option_ranges(field, value, message):
     with pytest.raises(PromptError, match=message):
         SynthesisOptions(text="hi", **{field: value})
+
+
+def test_voices_of_other_fine_tunes_and_single_speaker_models(tokenizer):
+    from orpheus_triton.prompt import Voices
+
+    assert Voices.parse(",".join(c.VOICES)) == Voices() and Voices().default == c.DEFAULT_VOICE
+    french = Voices.parse(" Pierre, amelie ,marie", default="Marie")
+    assert french.names == ("pierre", "amelie", "marie") and french.default == "marie"
+    assert french.resolve(None) == french.resolve("  ") == "marie" and french.resolve("AMELIE") == "amelie"
+    ids = build_prompt(tokenizer, "Bonjour", None, french)
+    assert ids == build_prompt(tokenizer, "Bonjour", "marie", french)
+    assert ids[1:-4] == tokenizer.encode("marie: Bonjour").ids
+    with pytest.raises(PromptError, match="unknown voice 'tara'; choose one of: pierre, amelie, marie"):
+        build_prompt(tokenizer, "Bonjour", "tara", french)
+    # A single-speaker fine-tune: the prompt is the text alone, and naming a voice is an error.
+    single = Voices.parse("none")
+    assert single.names == () and single.resolve(None) is None
+    ids = build_prompt(tokenizer, "Hello there", None, single)
+    assert ids[1:-4] == tokenizer.encode("Hello there").ids
+    with pytest.raises(PromptError, match="single-speaker fine-tune: send no voice"):
+        build_prompt(tokenizer, "Hello there", "tara", single)
+
+
+@pytest.mark.parametrize(("names", "default", "message"), [
+    ("tara,leo,tara", "", "name tara more than once"),
+    ("tara,,leo", "", "voice name '' must be one word"),
+    ("tara,big ben", "", "voice name 'big ben' must be one word"),
+    ("tara,leo", "zoe", "default voice 'zoe' is not one of the voices: tara, leo"),
+    ("none", "tara", "a single-speaker model has none"),
+])
+def test_bad_voice_lists_are_named(names, default, message):
+    from orpheus_triton.prompt import Voices
+
+    with pytest.raises(ValueError, match=message):
+        Voices.parse(names, default)

@@ -90,7 +90,8 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
                                           "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
-                                          "--max-queue-seconds", "2.5", "--max-queue", "32"],
+                                          "--max-queue-seconds", "2.5", "--max-queue", "32",
+                                          "--voices", "pierre,amelie", "--default-voice", "amelie"],
                                          "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
         repository = _render(args, models)
@@ -108,6 +109,19 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
         assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
         assert llm.parameters["max_queue"].string_value == ("32" if flags else "256")
+        preprocessing = text_format.Parse((repository / c.PREPROCESSING_MODEL / "config.pbtxt").read_text(),
+                                          model_config_pb2.ModelConfig())
+        assert preprocessing.parameters["voices"].string_value == ("pierre,amelie" if flags else ",".join(c.VOICES))
+        assert preprocessing.parameters["default_voice"].string_value == ("amelie" if flags else "")
+
+
+def test_a_bad_voice_list_is_refused_before_serving(tmp_path, monkeypatch, capsys):
+    from orpheus_triton.cli import main
+
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
+    monkeypatch.setattr("orpheus_triton.cli._model_set", lambda models: None)  # no model set needed to get here
+    assert main(["serve", "--voices", "pierre,amelie", "--default-voice", "tara"]) != 0
+    assert "default voice 'tara' is not one of the voices: pierre, amelie" in capsys.readouterr().err
 
 
 def test_bad_thread_counts_are_refused_before_serving(capsys):

@@ -640,21 +640,42 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     assert status == 128 + signal.SIGKILL and took < 3
 
 
-def test_an_overlapping_engine_without_lead_in_serves_the_same_audio_after_frame_0(grpc_url, model_set, tmp_path):
-    """A second server, with two options of the default one's changed (one start for both): the llm stage
-    with its engine's ``overlap`` option (tokens read back a step late) generates exactly the default
-    engine's tokens, and the decoder without the lead-in frame streams the same audio but frame 0's."""
+@pytest.fixture(scope="module")
+def other_server(model_set, tmp_path_factory):
+    """A second server, with options of the default one's changed (one start for their tests): the llm
+    engine's ``overlap`` option, no lead-in frame, and voices of another fine-tune (tara and pierre,
+    pierre by default)."""
     from conftest import running_server, server_settings
 
     from orpheus_triton.repository import render
 
+    work = tmp_path_factory.mktemp("other-server")
+    settings = server_settings(model_set, llm_overlap=True, decoder_lead_in=False, voices="tara, Pierre",
+                               default_voice="pierre")
+    repository = render(settings, work / "repository")
+    assert 'key: "overlap", value: { string_value: "true" }' in (repository / c.LLM_MODEL / "config.pbtxt").read_text()
+    with running_server(repository, work) as process:
+        yield f"localhost:{process.ports.grpc}"
+
+
+def test_an_overlapping_engine_without_lead_in_serves_the_same_audio_after_frame_0(grpc_url, other_server, model_set):
+    """The llm stage with its engine's ``overlap`` option (tokens read back a step late) generates exactly
+    the default engine's tokens, and the decoder without the lead-in frame streams the same audio but
+    frame 0's."""
     options = {"text": TEXT, "voice": "tara", "seed": 5, "max_tokens": 140}
     expected = OrpheusClient(grpc_url).synthesize(**options)
-    repository = render(server_settings(model_set, llm_overlap=True, decoder_lead_in=False), tmp_path / "repository")
-    assert 'key: "overlap", value: { string_value: "true" }' in (repository / c.LLM_MODEL / "config.pbtxt").read_text()
-    with running_server(repository, tmp_path) as process:
-        url = f"localhost:{process.ports.grpc}"
-        got = OrpheusClient(url).synthesize(**options)
-        assert llm_tokens(url, model_set, **options) == llm_tokens(grpc_url, model_set, **options)
+    got = OrpheusClient(other_server).synthesize(**options)
+    assert llm_tokens(other_server, model_set, **options) == llm_tokens(grpc_url, model_set, **options)
     assert len(got.chunks) == len(expected.chunks) - 1 > 5
     assert_same_audio(got.audio, expected.audio[c.SAMPLES_PER_FRAME :])
+
+
+def test_a_server_speaks_the_voices_it_was_given(other_server):
+    """--voices / --default-voice: a request naming no voice gets the default one, any case of a listed
+    name is that voice, and a name the checkpoint was not fine-tuned with is refused with the list."""
+    client = OrpheusClient(other_server)
+    default = client.synthesize("Bonjour.", seed=1, max_tokens=35).audio
+    assert np.array_equal(default, client.synthesize("Bonjour.", voice="PIERRE", seed=1, max_tokens=35).audio)
+    assert not np.array_equal(default, client.synthesize("Bonjour.", voice="tara", seed=1, max_tokens=35).audio)
+    with pytest.raises(SynthesisError, match="unknown voice 'leo'; choose one of: tara, pierre"):
+        client.synthesize("Bonjour.", voice="leo")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .constants import DEFAULT_VOICE, MAX_TEXT_CHARS, SAMPLE_RATE, VOICES
 from .demo_models import ModelSet, cache_dir, demo_model_set
+from .prompt import Voices
 
 DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
 DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
@@ -75,6 +76,7 @@ def _render(args, model_set: ModelSet) -> Path:
         max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
+        voices=args.voices, default_voice=args.default_voice,
     )
     root = cache_dir() / "repositories"
     root.mkdir(parents=True, exist_ok=True)
@@ -87,6 +89,7 @@ def cmd_serve(args) -> int:
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _check_ports_free(ports)
     _check_device(args.device)
+    Voices.parse(args.voices, args.default_voice)  # a bad list is refused before any model loads
     repository = _render(args, _model_set(args.models))
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
@@ -232,6 +235,7 @@ def cmd_demo(args) -> int:
         # Random weights never choose end-of-speech: cap the demo at ~5 s of audio.
         args.max_tokens = DEMO_MAX_TOKENS
     _check_device(args.device)
+    Voices.parse(args.voices, args.default_voice)
     repository = _render(args, _model_set(args.models))
     ports = Ports.free()
     log_path = cache_dir() / "demo-server.log"
@@ -335,6 +339,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "
                              "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
+    parser.add_argument("--voices", default=",".join(VOICES), metavar="NAMES",
+                        help="the voices (speaker names) the checkpoint was fine-tuned with, comma-separated, as "
+                             "its model card lists them; 'none' for a single-speaker fine-tune, prompted with the "
+                             f"text alone (default: Orpheus 3B English's {','.join(VOICES)})")
+    parser.add_argument("--default-voice", default="", metavar="NAME",
+                        help="the voice of requests that name none (default: the first of --voices)")
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
                             help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "
@@ -345,7 +355,8 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="out.wav",
                         help=f"WAV file to write (default: out.wav), or - for raw PCM on stdout as it arrives "
                              f"(16-bit little-endian, {SAMPLE_RATE} Hz, mono: | aplay -f S16_LE -r {SAMPLE_RATE})")
-    parser.add_argument("--voice", default=DEFAULT_VOICE, choices=VOICES)
+    parser.add_argument("--voice", help=f"one of the server's voices (default: its default voice; Orpheus 3B English: "
+                                         f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-tokens", type=int, default=None, help="audio tokens to generate at most (7 per 85 ms)")
     parser.add_argument("--temperature", type=float, default=None)

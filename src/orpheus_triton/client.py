@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constants import (
-    DEFAULT_VOICE,
     ENSEMBLE_MODEL,
     IN_MAX_TOKENS,
     IN_REPETITION_PENALTY,
@@ -84,14 +83,15 @@ def infer_input(name: str, array: np.ndarray):
 
 def request_inputs(
     text: str,
-    voice: str | None = DEFAULT_VOICE,
+    voice: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     seed: int | None = None,
 ):
-    """tritonclient gRPC input tensors for one `orpheus` request (options left out take server defaults)."""
+    """tritonclient gRPC input tensors for one `orpheus` request (options left out, the voice included, take
+    the server's defaults)."""
     given = [
         (IN_TEXT, text.encode("utf-8"), np.object_),
         (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),

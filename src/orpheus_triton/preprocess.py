@@ -13,7 +13,6 @@ from .constants import (
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
-    DEFAULT_VOICE,
     END_OF_SPEECH,
     LLM_END_ID,
     LLM_INPUT_IDS,
@@ -25,7 +24,7 @@ from .constants import (
     LLM_TOP_P,
     PAD_TOKEN,
 )
-from .prompt import PromptError, build_prompt
+from .prompt import ENGLISH_VOICES, PromptError, Voices, build_prompt
 
 # Preprocessing output names that differ from the LLM input they feed: Triton
 # would otherwise see one name as both an input and an output of this model.
@@ -39,7 +38,7 @@ class SynthesisOptions:
     """A request's options after defaults and range checks."""
 
     text: str
-    voice: str = DEFAULT_VOICE
+    voice: str | None = None  # None: the served model's default voice
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
@@ -60,9 +59,11 @@ class SynthesisOptions:
             )
 
 
-def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions) -> dict[str, np.ndarray]:
-    """The tensors the LLM stage takes (TensorRT-LLM names), each with a leading batch dimension of 1."""
-    ids = build_prompt(tokenizer, options.text, options.voice)
+def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions,
+               voices: Voices = ENGLISH_VOICES) -> dict[str, np.ndarray]:
+    """The tensors the LLM stage takes (TensorRT-LLM names), each with a leading batch dimension of 1;
+    ``voices``: the served model's voices."""
+    ids = build_prompt(tokenizer, options.text, options.voice, voices)
 
     def scalar(value, dtype):
         return np.array([[value]], dtype=dtype)

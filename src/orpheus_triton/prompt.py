@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from .constants import (
     BEGIN_OF_TEXT,
+    DEFAULT_VOICE,
     END_OF_HUMAN,
     END_OF_TEXT,
     MAX_TEXT_CHARS,
@@ -22,11 +24,57 @@ class PromptError(ValueError):
     """The request's text or voice cannot be turned into a prompt; the message says why."""
 
 
-def check_voice(voice: str) -> str:
-    voice = voice.strip().lower()
-    if voice not in VOICES:
-        raise PromptError(f"unknown voice {voice!r}; choose one of: {', '.join(VOICES)}")
-    return voice
+@dataclass(frozen=True)
+class Voices:
+    """The speaker names a checkpoint was fine-tuned with ("tara: Hello"), and the one a request that
+    names none gets.
+
+    Orpheus 3B's English fine-tune knows ``VOICES``; the multilingual fine-tunes and
+    custom ones know others, and a single-speaker fine-tune knows none: its prompt is
+    the text alone (``names`` empty, ``default`` None).
+    """
+
+    names: tuple[str, ...] = VOICES
+    default: str | None = DEFAULT_VOICE
+
+    @classmethod
+    def parse(cls, names: str, default: str | None = None) -> Voices:
+        """From comma-separated ``names`` ("" or "none": a single-speaker model) and the ``default``
+        voice (the first name when not given). Raises ValueError naming what is wrong."""
+        if names.strip().lower() in ("", "none"):
+            if default and default.strip():
+                raise ValueError(f"default voice {default!r} given, but the voices are {names!r}: a single-speaker "
+                                 "model has none")
+            return cls((), None)
+        listed = tuple(_voice_name(name) for name in names.split(","))
+        repeated = sorted({name for name in listed if listed.count(name) > 1})
+        if repeated:
+            raise ValueError(f"voices {names!r} name {', '.join(repeated)} more than once")
+        chosen = _voice_name(default) if default and default.strip() else listed[0]
+        if chosen not in listed:
+            raise ValueError(f"default voice {chosen!r} is not one of the voices: {', '.join(listed)}")
+        return cls(listed, chosen)
+
+    def resolve(self, voice: str | None) -> str | None:
+        """The voice a request's ``voice`` (None or empty: it named none) is prompted with."""
+        voice = (voice or "").strip().lower()
+        if not voice:
+            return self.default
+        if not self.names:
+            raise PromptError(f"voice {voice!r} given, but this model is a single-speaker fine-tune: send no voice")
+        if voice not in self.names:
+            raise PromptError(f"unknown voice {voice!r}; choose one of: {', '.join(self.names)}")
+        return voice
+
+
+ENGLISH_VOICES = Voices()  # Orpheus 3B's English fine-tune: the default
+
+
+def _voice_name(name: str) -> str:
+    name = name.strip().lower()
+    if not name or ":" in name or any(ch.isspace() for ch in name):
+        raise ValueError(f"voice name {name!r} must be one word without ':' (the prompt is 'voice: text')")
+    return name
 
 
 def check_text(text: str) -> str:
@@ -48,13 +96,14 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def build_prompt(tokenizer: Tokenizer, text: str, voice: str) -> list[int]:
+def build_prompt(tokenizer: Tokenizer, text: str, voice: str | None, voices: Voices = ENGLISH_VOICES) -> list[int]:
     """Orpheus's fine-tuning format: <human> BOS "voice: text" <eot> </human> <ai> <speech>.
 
+    ``voice`` None takes ``voices``' default; a single-speaker model's prompt is the text alone.
     Emotive tags such as <laugh> are ordinary text to the tokenizer and pass through.
     """
-    text, voice = check_text(text), check_voice(voice)
-    ids = tokenizer.encode(f"{voice}: {text}", add_special_tokens=True).ids
+    text, voice = check_text(text), voices.resolve(voice)
+    ids = tokenizer.encode(f"{voice}: {text}" if voice else text, add_special_tokens=True).ids
     if not ids or ids[0] != BEGIN_OF_TEXT:  # tokenizers without a BOS post-processor
         ids = [BEGIN_OF_TEXT, *ids]
     return [START_OF_HUMAN, *ids, END_OF_TEXT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH]

@@ -22,7 +22,9 @@ from .constants import (
     PREPROCESSING_MODEL,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
+    VOICES,
 )
+from .prompt import Voices
 
 MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
 RELAY_TEMPLATE = "llm_relay"  # rendered as `llm` in front of an engine model (render_with_relay)
@@ -50,6 +52,10 @@ class RepositorySettings:
     tokens_per_response: int = TOKENS_PER_FRAME  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64
     preprocessing_instances: int = 2
+    # The voices the checkpoint was fine-tuned with, comma-separated ("none": a single-speaker model,
+    # prompted with the text alone), and the one for requests that name none ("": the first).
+    voices: str = ",".join(VOICES)
+    default_voice: str = ""
     # Requests per decoder call from Triton, and windows per SNAC call (serving.DecodeScheduler). A round
     # takes one window per stream: 216 streams fit one round of 256 instead of four rounds of 64 per
     # 85 ms frame, and a GPU's time per call grows far slower than its windows (an H200 decoded a round of
@@ -108,6 +114,7 @@ def parse_cpu_threads(value: str) -> int | None:
 def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
     """Write a loadable repository to ``out`` (replaced if present) and return it."""
     templates = templates or template_dir()
+    Voices.parse(settings.voices, settings.default_voice)  # a bad list is refused here, not in a stub's log
     values = _values(settings)
     out = Path(out)
     if out.exists():

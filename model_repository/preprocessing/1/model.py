@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.preprocess import SynthesisOptions, llm_inputs
-from orpheus_triton.prompt import PromptError, load_tokenizer
+from orpheus_triton.prompt import PromptError, Voices, load_tokenizer
 from orpheus_triton.serving import log_to_triton, model_parameters
 
 
@@ -25,7 +25,9 @@ def _optional(request, name, cast):
 class TritonPythonModel:
     def initialize(self, args):
         log_to_triton(pb_utils)
-        self.tokenizer = load_tokenizer(model_parameters(args)["llm_dir"])
+        parameters = model_parameters(args)
+        self.tokenizer = load_tokenizer(parameters["llm_dir"])
+        self.voices = Voices.parse(parameters["voices"], parameters["default_voice"])
 
     def execute(self, requests):
         responses = []
@@ -44,7 +46,7 @@ class TritonPythonModel:
                 if given["text"] is None:
                     raise PromptError(f"input {c.IN_TEXT!r} is required")
                 options = SynthesisOptions(**{k: v for k, v in given.items() if v is not None})
-                tensors = llm_inputs(self.tokenizer, options)
+                tensors = llm_inputs(self.tokenizer, options, self.voices)
                 tensors[c.REQUEST_START] = np.array([[started]], dtype=np.float64)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
             except (PromptError, UnicodeDecodeError, ValueError) as error:
