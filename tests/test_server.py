@@ -352,6 +352,66 @@ def test_async_client_speaks_text_as_it_arrives_sentence_by_sentence(grpc_url):
     assert_same_audio(asyncio.run(main()), expected)
 
 
+def _sse_events(url: str, body: dict) -> tuple[int, list[dict]]:
+    """POST ``body`` to a Triton generate_stream endpoint: the HTTP status and the server-sent events' JSON."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        response = urllib.request.urlopen(request, timeout=120)
+    except urllib.error.HTTPError as error:  # a refused request: its event comes with the error status
+        response = error
+    with response:
+        return response.status, [json.loads(line[len(b"data:"):]) for line in response if line.startswith(b"data:")]
+
+
+def test_http_clients_stream_the_same_audio_as_server_sent_events(server, grpc_url):
+    """Without gRPC (curl, a browser): Triton's generate_stream endpoint on the HTTP port streams the
+    ensemble's chunks as server-sent events, JSON with the audio as a list of int16 samples; errors
+    come as an event too, with the server's message."""
+    url = f"http://localhost:{server.ports.http}/v2/models/{c.ENSEMBLE_MODEL}/generate_stream"
+    expected = OrpheusClient(grpc_url).synthesize(TEXT, seed=3, max_tokens=140).audio
+    status, events = _sse_events(url, {"id": "http-stream-1", "text": TEXT, "seed": 3, "max_tokens": 140})
+    assert status == 200 and len(events) > 5 and all("error" not in event for event in events)
+    assert_same_audio(np.concatenate([np.array(event[c.OUT_AUDIO], dtype=np.int16) for event in events]), expected)
+    status, refused = _sse_events(url, {"text": TEXT})  # no "id": the request has no stream key
+    assert status == 400 and len(refused) == 1 and "this request has no id" in refused[0]["error"]
+
+
+def test_an_http_stream_is_stopped_with_the_llm_stop_request(server):
+    """Barge-in over HTTP: the llm's `stop` for the stream's id, posted to its generate_stream endpoint
+    (as the README shows with curl), ends the stream within a step, far short of its max_tokens."""
+    import json
+    import threading
+    import urllib.request
+
+    base = f"http://localhost:{server.ports.http}/v2/models"
+    events: list[dict] = []
+    first_chunks = threading.Event()
+
+    def listen():
+        body = json.dumps({"id": "http-barge-in", "text": "A long one.", "max_tokens": 900}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/{c.ENSEMBLE_MODEL}/generate_stream", data=body,
+                                                           method="POST"), timeout=120) as response:
+            for line in response:
+                if line.startswith(b"data:"):
+                    events.append(json.loads(line[len(b"data:"):]))
+                    if len(events) == 2:
+                        first_chunks.set()
+
+    listener = threading.Thread(target=listen)
+    listener.start()
+    assert first_chunks.wait(60)
+    stop = {"id": "http-barge-in", "stop": True, "input_ids": [0], "input_lengths": [1], "request_output_len": [1]}
+    status, answer = _sse_events(f"{base}/{c.LLM_MODEL}/generate_stream", stop)
+    listener.join(60)
+    assert status == 200 and answer == [] and not listener.is_alive()
+    assert all("error" not in event for event in events) and len(events) < 900 // c.TOKENS_PER_FRAME // 2
+    assert _metric(server, "orpheus_llm_active_streams") == 0
+
+
 def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_path):
     """`say -` reads the text from a pipe as it arrives; `say --sentences` speaks text longer than one
     request takes. Both: one request per sentence, each sentence's own audio, in order."""
