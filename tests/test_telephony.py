@@ -18,7 +18,8 @@ def test_g711_codes_are_the_reference_coders():
     samples = np.array(SAMPLES, dtype=np.int16)
     assert list(mulaw_encode(samples)) == MULAW
     assert list(alaw_encode(samples)) == ALAW
-    assert mulaw_decode(bytes([0x00, 0x0F, 0x7E, 0x7F, 0x80, 0xFE, 0xFF])).tolist() == [-32124, -16764, -8, 0, 32124, 8, 0]
+    codes = bytes([0x00, 0x0F, 0x7E, 0x7F, 0x80, 0xFE, 0xFF])
+    assert mulaw_decode(codes).tolist() == [-32124, -16764, -8, 0, 32124, 8, 0]
     assert alaw_decode(bytes([0x00, 0x55, 0x2A, 0xD5, 0xAA, 0x80])).tolist() == [-5504, -8, -32256, 8, 32256, 5504]
 
 
