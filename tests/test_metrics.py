@@ -38,6 +38,9 @@ class FakePbUtils:
         def increment(self, value):
             self.values.append(value)
 
+        def set(self, value):
+            self.values.append(value)
+
         def __del__(self):
             FakePbUtils.destroyed.append(f"metric {self.name}")
 
@@ -50,6 +53,34 @@ def test_release_drops_every_metric_before_any_family():
     kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
     assert kinds == ["metric"] * 9 + ["family"] * 9
     assert not hasattr(metrics, "streams") and metrics.metrics.families == []
+
+
+def test_engine_counters_report_their_growth_and_are_released_before_their_families():
+    import time
+    from types import SimpleNamespace
+
+    from orpheus_triton.engine import EngineStats
+    from orpheus_triton.triton_llm import EngineMetrics
+
+    FakePbUtils.destroyed = []
+    engine = SimpleNamespace(stats=EngineStats())
+    metrics = EngineMetrics(FakePbUtils, engine, active=None, interval=0.01)
+    capped, tokens = metrics.counters["capped"].values, metrics.counters["tokens_generated"].values
+    engine.stats.capped, engine.stats.tokens_generated = 2, 70
+    deadline = time.monotonic() + 5
+    while sum(capped) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stats.capped = 3
+    while sum(capped) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    metrics.stop()
+    assert sum(capped) == 3 and sum(tokens) == 70  # each counter grew by its field's growth, once
+    gc.collect()
+    assert FakePbUtils.destroyed.index("metric orpheus_llm_capped_requests_total") < FakePbUtils.destroyed.index(
+        "family orpheus_llm_capped_requests_total")
+    kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
+    assert kinds == sorted(kinds, key=lambda kind: kind == "family")  # every metric before any family
+    assert not hasattr(metrics, "counters")
 
 
 def test_deliveries_feed_first_audio_and_stall_metrics():

@@ -246,6 +246,7 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
 
     first_audio = "orpheus_time_to_first_audio_seconds"
     count, total = _metric(server, first_audio + "_count"), _metric(server, first_audio + "_sum")
+    capped = _settled_metric(server, "orpheus_llm_capped_requests_total")
     result = OrpheusClient(grpc_url).synthesize("metrics please", max_tokens=35)
     # The server's time to first audio: from preprocessing to the first audio sent, inside the client's.
     assert _metric(server, first_audio + "_count") == count + 1
@@ -257,6 +258,8 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
         assert name in text
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
+    # The demo LLM never ends speech by itself: the stream was cut off at its max_tokens, and counted so.
+    assert _settled_metric(server, "orpheus_llm_capped_requests_total") == capped + 1
     for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds",
                  "orpheus_decoder_queued_windows", "orpheus_decoder_stalls_total",
                  "orpheus_decoder_stall_seconds_total", first_audio + "_bucket"):

@@ -161,6 +161,7 @@ class EngineStats:
     last_batch_size: int = 0
     cancelled: int = 0
     timed_out: int = 0  # refused after waiting max_queue_seconds for a slot
+    capped: int = 0  # cut off at max_new_tokens before end of speech
 
 
 class InflightEngine:
@@ -553,6 +554,8 @@ class InflightEngine:
             if done:
                 stream.ended = True
                 finished.append(stream)
+                if not ended and len(stream.generated) >= stream.request.max_new_tokens:
+                    self.stats.capped += 1
         if not finished:
             return
         slots = {id(stream): slot for slot, stream in enumerate(self.decoding)}

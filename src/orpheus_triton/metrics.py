@@ -56,7 +56,12 @@ def release(owner) -> None:
     """
     metric_set: MetricSet = owner.metrics
     kinds = tuple(metric_set.metric_types)
-    for name in [name for name, value in vars(owner).items() if kinds and isinstance(value, kinds)]:
+
+    def holds_metrics(value) -> bool:  # a metric, or a dict of them
+        values = value.values() if isinstance(value, dict) else (value,)
+        return bool(kinds) and any(isinstance(v, kinds) for v in values)
+
+    for name in [name for name, value in vars(owner).items() if holds_metrics(value)]:
         delattr(owner, name)  # (no loop variable may keep the last one alive past the families)
     metric_set.families.clear()
 

@@ -84,14 +84,17 @@ class EngineMetrics:
         self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step")
         self.batch_size = gauge("orpheus_llm_decode_batch_size", "Streams in the last batched decode")
         self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
-        self.tokens = metrics.counter("orpheus_llm_generated_tokens_total", "Tokens generated")
-        self.cancelled = metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
-                                         "client cancelled them")
-        self.timed_out = metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
-                                         "waiting max_queue_seconds for a stream slot")
-        self._reported_cancelled = 0
-        self._reported_timed_out = 0
-        self._reported_tokens = 0
+        # Engine counters (EngineStats fields) and the metric each one's growth is added to.
+        self.counters = {
+            "tokens_generated": metrics.counter("orpheus_llm_generated_tokens_total", "Tokens generated"),
+            "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
+                                         "client cancelled them"),
+            "timed_out": metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
+                                         "waiting max_queue_seconds for a stream slot"),
+            "capped": metrics.counter("orpheus_llm_capped_requests_total", "Streams cut off at max_tokens before "
+                                      "end of speech (their last words are missing)"),
+        }
+        self._reported = dict.fromkeys(self.counters, 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), name="llm-metrics", daemon=True)
         self._thread.start()
@@ -103,16 +106,12 @@ class EngineMetrics:
             self.queued.set(stats.queued_requests)
             self.step_seconds.set(stats.last_step_seconds)
             self.batch_size.set(stats.last_batch_size)
-            produced = stats.tokens_generated - self._reported_tokens
-            self._reported_tokens += produced
-            self.tokens.increment(produced)
-            self.tokens_per_second.set(produced / interval)
-            cancelled = stats.cancelled - self._reported_cancelled
-            self._reported_cancelled += cancelled
-            self.cancelled.increment(cancelled)
-            timed_out = stats.timed_out - self._reported_timed_out
-            self._reported_timed_out += timed_out
-            self.timed_out.increment(timed_out)
+            growth = {}
+            for field, counter in self.counters.items():
+                growth[field] = getattr(stats, field) - self._reported[field]
+                self._reported[field] += growth[field]
+                counter.increment(growth[field])
+            self.tokens_per_second.set(growth["tokens_generated"] / interval)
 
     def stop(self) -> None:
         """Stop updating, then release the metrics (metrics.release: before the interpreter's teardown)."""
