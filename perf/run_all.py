@@ -45,6 +45,17 @@ from orpheus_triton.server import log_tail
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
 
 
+def _cpu_threads(value: str) -> str:
+    """A --*-cpu-threads value, checked here rather than in the server's log."""
+    from orpheus_triton.repository import parse_cpu_threads  # noqa: PLC0415
+
+    try:
+        parse_cpu_threads(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
+
+
 def release_memory() -> None:
     """Give back what the in-process models held, so the server process can have the GPU memory."""
     import gc  # noqa: PLC0415
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overlap", action="store_true",
                         help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
     for stage in ("llm", "decoder"):
-        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N",
+        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_cpu_threads,
                             help=f"torch threads of the server's {stage} process (default auto: half the cores on CPU)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")

@@ -69,13 +69,14 @@ def test_voices_of_other_fine_tunes_and_single_speaker_models(tokenizer):
     from orpheus_triton.prompt import Voices
 
     assert Voices.parse(",".join(c.VOICES)) == Voices() and Voices().default == c.DEFAULT_VOICE
-    french = Voices.parse(" Pierre, amelie ,marie", default="Marie")
-    assert french.names == ("pierre", "amelie", "marie") and french.default == "marie"
+    french = Voices.parse(" Pierre, amelie ,marie", default="MARIE")
+    assert french.names == ("Pierre", "amelie", "marie") and french.default == "marie"
     assert french.resolve(None) == french.resolve("  ") == "marie" and french.resolve("AMELIE") == "amelie"
+    assert french.resolve("pierre") == "Pierre"  # prompted as the checkpoint was trained: "Pierre: ..."
     ids = build_prompt(tokenizer, "Bonjour", None, french)
     assert ids == build_prompt(tokenizer, "Bonjour", "marie", french)
     assert ids[1:-4] == tokenizer.encode("marie: Bonjour").ids
-    with pytest.raises(PromptError, match="unknown voice 'tara'; choose one of: pierre, amelie, marie"):
+    with pytest.raises(PromptError, match="unknown voice 'tara'; choose one of: Pierre, amelie, marie"):
         build_prompt(tokenizer, "Bonjour", "tara", french)
     # A single-speaker fine-tune: the prompt is the text alone, and naming a voice is an error.
     single = Voices.parse("none")
@@ -87,7 +88,8 @@ def test_voices_of_other_fine_tunes_and_single_speaker_models(tokenizer):
 
 
 @pytest.mark.parametrize(("names", "default", "message"), [
-    ("tara,leo,tara", "", "name tara more than once"),
+    ("tara,leo,Tara", "", "name Tara, tara more than once"),
+    ('tara,le"o', "", "must be one word without"),
     ("tara,,leo", "", "voice name '' must be one word"),
     ("tara,big ben", "", "voice name 'big ben' must be one word"),
     ("tara,leo", "zoe", "default voice 'zoe' is not one of the voices: tara, leo"),

@@ -431,6 +431,19 @@ def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_p
     )
     assert piped.returncode == 0, piped.stderr
     assert_same_audio(read_wav(tmp_path / "piped.wav")[1], expected)
+    # A failure ends the command at once, though the program writing its stdin has not finished.
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "orpheus_triton.cli", "say", "-", "-o", str(tmp_path / "refused.wav"), "--url",
+         grpc_url, "--voice", "bob"], stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    writer.stdin.write("Hello there. Next")
+    writer.stdin.flush()  # and left open
+    try:
+        assert writer.wait(timeout=60) == 1
+        assert "unknown voice 'bob'" in writer.stderr.read()
+    finally:
+        writer.kill()
+        writer.stdin.close()
 
     long_text = " ".join(f"Sentence number {i} is here to make this text longer than one request." for i in range(30))
     assert len(long_text) > c.MAX_TEXT_CHARS
@@ -740,5 +753,5 @@ def test_a_server_speaks_the_voices_it_was_given(other_server):
     default = client.synthesize("Bonjour.", seed=1, max_tokens=35).audio
     assert np.array_equal(default, client.synthesize("Bonjour.", voice="PIERRE", seed=1, max_tokens=35).audio)
     assert not np.array_equal(default, client.synthesize("Bonjour.", voice="tara", seed=1, max_tokens=35).audio)
-    with pytest.raises(SynthesisError, match="unknown voice 'leo'; choose one of: tara, pierre"):
+    with pytest.raises(SynthesisError, match="unknown voice 'leo'; choose one of: tara, Pierre"):
         client.synthesize("Bonjour.", voice="leo")

@@ -76,8 +76,10 @@ def test_chunks_of_any_size_give_what_the_whole_utterance_gives():
 
 
 def test_bad_input_is_named():
-    with pytest.raises(ValueError, match="expected int16 samples, got float32"):
+    with pytest.raises(ValueError, match="expected int16 samples .*, got float32"):
         Resampler(8000).push(np.zeros(10, np.float32))
+    with pytest.raises(ValueError, match="expected int16 samples .*, got float64"):
+        PhoneAudio("mulaw", rate=SAMPLE_RATE).encode(np.array([0.5, -0.5]))
     with pytest.raises(ValueError, match="24000 -> 44100 Hz is a ratio of 147/80"):
         Resampler(44100)
     with pytest.raises(ValueError, match="unknown encoding 'mp3'"):
@@ -93,3 +95,6 @@ def test_phone_audio_streams_bytes_for_the_line():
     wide = PhoneAudio("pcm16", rate=16000)
     assert len(wide.encode(chunks[0])) + len(wide.flush()) == 2 * len(resample(chunks[0], 16000, 2048))
     assert PhoneAudio("alaw", rate=SAMPLE_RATE).encode(chunks[0]) == alaw_encode(chunks[0])  # no resampling
+    # After flush, the same PhoneAudio serves the next utterance as a new one would.
+    again = b"".join(phone.encode(chunk) for chunk in chunks) + phone.flush()
+    assert again == data

@@ -16,6 +16,8 @@ CASES = {
     "1. Apples\n2. Pears\n\nThat's all.": ["1. Apples", "2. Pears", "That's all."],
     "Great. <laugh> So anyway,\tthat's   it": ["Great.", "<laugh> So anyway, that's it"],
     "So did I. Then we left.": ["So did I.", "Then we left."],
+    "The answer is no. We left.": ["The answer is no.", "We left."],
+    "你好。今天天气很好！我们走吧？": ["你好。", "今天天气很好！", "我们走吧？"],
     "  \n ... ": [],
 }
 
@@ -51,6 +53,15 @@ def test_a_long_sentence_is_cut_at_a_clause_and_never_inside_a_tag():
     assert all(s.count("<") == s.count(">") for s in sentences) and " ".join(sentences) == " ".join(tagged.split())
     with pytest.raises(ValueError, match="max_chars must be >= 20"):
         SentenceSplitter(5)
+
+
+@pytest.mark.parametrize("piece", [None, 1, 50])
+def test_a_long_sentence_is_cut_even_when_its_end_is_already_there(piece):
+    words = "word " * 100  # 500 characters before the sentence ends
+    for text in (words + "end. Next one.", words + "\nNext"):
+        sentences = split(text, max_chars=200, piece=piece)
+        assert max(len(s) for s in sentences) <= 200 and " ".join(sentences) == " ".join(text.split())
+    assert split("<" + "x" * 30 + " " + "word " * 50, max_chars=60)[0].startswith("<x")  # an unclosed "<" stays
 
 
 def test_sentences_of_takes_a_string_an_iterable_or_an_async_iterable():
@@ -108,41 +119,47 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 10))
 
 
-def test_sentences_play_in_order_with_the_next_one_running_ahead():
-    speech = FakeSpeech()
+def test_the_next_sentence_starts_when_the_one_before_has_finished_generating():
+    """Not when it has been played: the consumer here is still on "a"'s first item when "b" starts."""
+    speech = FakeSpeech(hold=True)
 
     async def main():
         heard = []
-        async for item in speak_in_order(source("a", "b", "c"), speech, lookahead=1):
+        async for item in speak_in_order(source("a", "b", "c", "d"), speech):
             heard.append(item)
             if item == ("a", 0):
-                await asyncio.sleep(0.01)  # while "a" plays, "b" starts; "c" waits for a free slot
-                assert speech.log == ["start a", "start b"]
+                await asyncio.sleep(0.01)
+                assert speech.log == ["start a"]  # "a" is still generating: nothing else runs beside it
+                speech.go.set()  # "a" may finish
+                await asyncio.sleep(0.01)
+                assert speech.log == ["start a", "start b", "start c"]  # one at a time, two ahead of "a"
         return heard
 
-    assert run(main()) == [(s, i) for s in "abc" for i in range(3)]
-    assert speech.log == ["start a", "start b", "start c"] and speech.closed_early == []
+    assert run(main()) == [(s, i) for s in "abcd" for i in range(3)]
+    assert speech.log == ["start a", "start b", "start c", "start d"] and speech.closed_early == []
 
 
-def test_without_lookahead_one_sentence_runs_at_a_time():
-    speech = FakeSpeech()
+def test_lookahead_and_concurrency_bound_what_runs_ahead():
+    speech = FakeSpeech(hold=True)
 
     async def main():
-        async for item in speak_in_order(source("a", "b"), speech, lookahead=0):
-            if item == ("a", 2):
+        async for item in speak_in_order(source("a", "b", "c", "d"), speech, lookahead=1, concurrency=3):
+            if item == ("a", 0):
                 await asyncio.sleep(0.01)
-                assert speech.log == ["start a"]
+                assert speech.log == ["start a", "start b"]  # generating together, one ahead of "a"
+                speech.go.set()
 
     run(main())
-    with pytest.raises(ValueError, match="lookahead must be >= 0"):
-        run(anext(speak_in_order(source("a"), speech, lookahead=-1)))
+    assert speech.log == ["start a", "start b", "start c", "start d"]
+    with pytest.raises(ValueError, match="lookahead must be >= 0 and concurrency >= 1"):
+        run(anext(speak_in_order(source("a"), speech, concurrency=0)))
 
 
 def test_leaving_early_closes_every_running_sentence():
     speech = FakeSpeech(hold=True)  # "a" and "b" stay mid-stream
 
     async def main():
-        async with contextlib.aclosing(speak_in_order(source("a", "b", "c"), speech, lookahead=1)) as items:
+        async with contextlib.aclosing(speak_in_order(source("a", "b", "c"), speech, concurrency=2)) as items:
             async for _ in items:
                 await asyncio.sleep(0.01)
                 break  # the caller barged in after the first chunk
@@ -151,13 +168,34 @@ def test_leaving_early_closes_every_running_sentence():
     assert sorted(speech.closed_early) == ["a", "b"] and "start c" not in speech.log
 
 
+def test_leaving_early_closes_the_text_source():
+    """A barge-in also stops reading the voice agent's LLM reply (its async generator is closed)."""
+    closed = []
+
+    async def reply():
+        try:
+            for sentence in ("One. ", "Two. ", "Three. ", "Four. "):
+                yield sentence
+                await asyncio.sleep(0)
+        finally:
+            closed.append(True)
+
+    async def main():
+        async with contextlib.aclosing(speak_in_order(sentences_of(reply()), FakeSpeech())) as items:
+            async for _ in items:
+                break
+        return list(closed)
+
+    assert run(main()) == [True]  # closed before leaving the loop, not at the event loop's shutdown
+
+
 def test_a_failing_sentence_raises_after_the_audio_before_it_and_closes_the_rest():
     speech = FakeSpeech(fail_on="b")
 
     async def main():
         heard = []
         with pytest.raises(RuntimeError, match="b failed"):
-            async for item in speak_in_order(source("a", "b", "c", "d"), speech, lookahead=2):
+            async for item in speak_in_order(source("a", "b", "c", "d"), speech, concurrency=3):
                 heard.append(item)
         return heard
 
@@ -174,7 +212,7 @@ def test_a_failing_text_source_raises_after_the_sentences_before_it():
     async def main():
         heard = []
         with pytest.raises(ConnectionError, match="went away"):
-            async for item in speak_in_order(broken(), FakeSpeech(), lookahead=1):
+            async for item in speak_in_order(broken(), FakeSpeech()):
                 heard.append(item)
         return heard
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -167,6 +168,8 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
             client = OrpheusClient(url)
             result = client.synthesize(text, on_chunk=sink.write, **options)
             client.close()
+    if not result.chunks and (sentences or text is None):
+        raise SystemExit("no audio: the text had no sentence to say")
     if not result.chunks:
         raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
     target = "raw PCM to stdout" if to_stdout else output
@@ -193,11 +196,29 @@ async def _speak_sentences(url: str, text, on_chunk, **options):
 
 
 async def _stdin_pieces():
-    """Standard input's text as it arrives (a pipe from another program), not only once it ends."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while data := await asyncio.to_thread(os.read, sys.stdin.fileno(), 4096):
-        yield decoder.decode(data)
-    yield decoder.decode(b"", final=True)
+    """Standard input's text as it arrives (a pipe from another program), not only once it ends.
+
+    Read on a daemon thread: a read blocked on a pipe that stays open must not keep the
+    command from ending (on an error, a player that quit, Ctrl-C), as an executor thread would.
+    """
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue = asyncio.Queue()
+    fd = sys.stdin.fileno()
+
+    def read() -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            while data := os.read(fd, 4096):
+                loop.call_soon_threadsafe(pieces.put_nowait, decoder.decode(data))
+            loop.call_soon_threadsafe(pieces.put_nowait, decoder.decode(b"", final=True))
+        except (OSError, RuntimeError):  # stdin unreadable, or the event loop gone (nobody reads any more)
+            pass
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(pieces.put_nowait, None)  # the end of the text
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+    while (piece := await pieces.get()) is not None:
+        yield piece
 
 
 def _options(args) -> dict:
@@ -383,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "speaks it sentence by sentence")
     say.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
     say.add_argument("--sentences", action="store_true",
-                     help="one request per sentence, the next generating while one plays: text of any length "
-                          f"(one request takes at most {MAX_TEXT_CHARS} characters and --max-tokens of audio)")
+                     help="one request per sentence, each starting once the one before has generated: text of "
+                          f"any length (one request takes at most {MAX_TEXT_CHARS} characters and --max-tokens "
+                          "of audio)")
     _synthesis_options(say)
     say.set_defaults(run=cmd_say)
 

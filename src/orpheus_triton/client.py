@@ -270,24 +270,26 @@ class AsyncOrpheusClient:
             if not ended:
                 await self._end_early(request_id, responses)
 
-    async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 1,
-                          max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
+    async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 2,
+                          concurrency: int = 1, max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
                           **options) -> AsyncIterator[np.ndarray]:
         """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
 
         ``text``: a whole string, or its pieces as they arrive (an iterable or async iterable: a voice
         agent's LLM reply, token by token). Each sentence is one request (``text_stream``), with
-        ``options`` as ``stream`` takes them; the next ``lookahead`` sentences generate while the
-        current one plays, so its audio follows without a gap; chunks come in text order. Text of any
+        ``options`` as ``stream`` takes them; chunks come in text order. The next sentence starts when
+        the one before it has finished generating (faster than it plays), so its audio follows without
+        a gap; ``lookahead`` bounds how many sentences are started ahead of the one playing and
+        ``concurrency`` how many generate at once (see ``text_stream.speak_in_order``). Text of any
         length is spoken whole, where one request takes at most MAX_TEXT_CHARS characters and plays
-        DEFAULT_MAX_TOKENS tokens unless asked for more.
-        Leaving early ends every running request the clean way (as ``stream``).
+        DEFAULT_MAX_TOKENS tokens unless asked for more. Leaving early ends every running request the
+        clean way (as ``stream``).
         """
         if "request_id" in options:
             raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")
         sentences = sentences_of(text, max_chars)
         speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout, **options),
-                                lookahead)
+                                lookahead, concurrency)
         async with contextlib.aclosing(speech) as chunks:
             async for chunk in chunks:
                 yield chunk

@@ -40,40 +40,48 @@ class Voices:
     @classmethod
     def parse(cls, names: str, default: str | None = None) -> Voices:
         """From comma-separated ``names`` ("" or "none": a single-speaker model) and the ``default``
-        voice (the first name when not given). Raises ValueError naming what is wrong."""
+        voice (the first name when not given). Names keep their case, as the checkpoint was trained
+        with them; requests may name them in any case. Raises ValueError naming what is wrong."""
         if names.strip().lower() in ("", "none"):
             if default and default.strip():
                 raise ValueError(f"default voice {default!r} given, but the voices are {names!r}: a single-speaker "
                                  "model has none")
             return cls((), None)
         listed = tuple(_voice_name(name) for name in names.split(","))
-        repeated = sorted({name for name in listed if listed.count(name) > 1})
+        folded = [name.casefold() for name in listed]
+        repeated = sorted({name for name, key in zip(listed, folded, strict=True) if folded.count(key) > 1})
         if repeated:
             raise ValueError(f"voices {names!r} name {', '.join(repeated)} more than once")
-        chosen = _voice_name(default) if default and default.strip() else listed[0]
-        if chosen not in listed:
-            raise ValueError(f"default voice {chosen!r} is not one of the voices: {', '.join(listed)}")
-        return cls(listed, chosen)
+        voices = cls(listed, listed[0])
+        if default and default.strip():
+            try:
+                return cls(listed, voices.resolve(default))
+            except PromptError:
+                raise ValueError(f"default voice {default.strip()!r} is not one of the voices: "
+                                 f"{', '.join(listed)}") from None
+        return voices
 
     def resolve(self, voice: str | None) -> str | None:
         """The voice a request's ``voice`` (None or empty: it named none) is prompted with."""
-        voice = (voice or "").strip().lower()
+        voice = (voice or "").strip()
         if not voice:
             return self.default
         if not self.names:
             raise PromptError(f"voice {voice!r} given, but this model is a single-speaker fine-tune: send no voice")
-        if voice not in self.names:
-            raise PromptError(f"unknown voice {voice!r}; choose one of: {', '.join(self.names)}")
-        return voice
+        for name in self.names:
+            if name.casefold() == voice.casefold():
+                return name
+        raise PromptError(f"unknown voice {voice!r}; choose one of: {', '.join(self.names)}")
 
 
 ENGLISH_VOICES = Voices()  # Orpheus 3B's English fine-tune: the default
 
 
 def _voice_name(name: str) -> str:
-    name = name.strip().lower()
-    if not name or ":" in name or any(ch.isspace() for ch in name):
-        raise ValueError(f"voice name {name!r} must be one word without ':' (the prompt is 'voice: text')")
+    name = name.strip()
+    if not name or any(ch.isspace() or ch in ':"\\' for ch in name):
+        raise ValueError(f"voice name {name!r} must be one word without ':', '\"' or '\\' "
+                         "(the prompt is 'voice: text')")
     return name
 
 

@@ -24,9 +24,10 @@ class Resampler:
     """Streaming rational resampling of int16 audio (polyphase windowed-sinc low-pass filter).
 
     ``push`` takes the next chunk and returns the output samples it completes;
-    ``flush`` returns the last ones, as if the audio were followed by silence.
-    The filter passes up to 90% of the lower Nyquist frequency and suppresses
-    the band that would alias by about 60 dB or more (Kaiser window).
+    ``flush`` returns the last ones, as if the audio were followed by silence, and
+    leaves the resampler as new, for the next utterance. The filter (Kaiser-windowed
+    sinc, 96 taps per phase) is flat to 3 kHz at 8 kHz out (-1.8 dB at 3.4 kHz, -6 dB
+    at 90% of the output's Nyquist frequency) and 60 dB down from 1.05 times it.
     """
 
     def __init__(self, to_rate: int, from_rate: int = SAMPLE_RATE, taps_per_phase: int = 96):
@@ -43,9 +44,7 @@ class Resampler:
         self.produced = 0  # output samples given so far
 
     def push(self, chunk: np.ndarray) -> np.ndarray:
-        samples = np.asarray(chunk).reshape(-1)
-        if samples.dtype != np.int16:
-            raise ValueError(f"expected int16 samples, got {samples.dtype}")
+        samples = _int16(chunk)
         signal = np.concatenate([self.history, samples.astype(np.float64)])
         self.consumed += samples.size
         out = self._complete(signal, self.consumed)
@@ -61,6 +60,7 @@ class Resampler:
         total = -(-(self.consumed + self.taps_per_phase // 2) * self.up // self.down)
         out = self._complete(signal, self.consumed + pad, limit=total)
         self.history = np.zeros(self.taps_per_phase - 1)
+        self.consumed = self.produced = 0
         return out
 
     def _complete(self, signal: np.ndarray, available: int, limit: int | None = None) -> np.ndarray:
@@ -81,6 +81,13 @@ class Resampler:
         values = np.einsum("nt,nt->n", windows, self.phases[phase])
         self.produced += count
         return np.clip(np.rint(values), -32768, 32767).astype(np.int16)
+
+
+def _int16(chunk: np.ndarray) -> np.ndarray:
+    samples = np.asarray(chunk).reshape(-1)
+    if samples.dtype != np.int16:
+        raise ValueError(f"expected int16 samples (the server's audio), got {samples.dtype}")
+    return samples
 
 
 def _polyphase_filter(up: int, down: int, taps_per_phase: int) -> np.ndarray:
@@ -150,7 +157,7 @@ class PhoneAudio:
         self.resampler = Resampler(rate) if rate != SAMPLE_RATE else None
 
     def encode(self, chunk: np.ndarray) -> bytes:
-        return self._bytes(self.resampler.push(chunk) if self.resampler else np.asarray(chunk, np.int16).reshape(-1))
+        return self._bytes(self.resampler.push(chunk) if self.resampler else _int16(chunk))
 
     def flush(self) -> bytes:
         return self._bytes(self.resampler.flush()) if self.resampler else b""

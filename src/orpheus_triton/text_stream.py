@@ -5,9 +5,9 @@ Orpheus request holds at most ``MAX_TEXT_CHARS`` characters and plays at most
 ``DEFAULT_MAX_TOKENS`` tokens (about 14 s) unless asked for more. Waiting for the
 whole reply would delay the first audio by the agent LLM's whole answer, and a
 long reply would be cut off. So the text is cut into sentences as they complete
-(``SentenceSplitter``), each sentence is one request, and the next sentences
-generate while the current one plays (``speak_in_order``): the server batches
-them with everything else, and the listener hears one continuous stream.
+(``SentenceSplitter``), each sentence is one request, and the next sentence
+generates while the current one plays (``speak_in_order``), so the listener hears
+one continuous stream.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ _END_MARKS = ".!?…"
 _CLOSERS = "\"'”’)]"
 # Words that end in a full stop without ending the sentence ("Dr. Smith", "e.g. this").
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e", "approx", "fig",
-                            "inc", "ltd", "mt", "no", "nos", "vol", "dept", "est", "cf"})
+                            "inc", "ltd", "mt", "vol", "dept", "est", "cf"})
 # A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
 _BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
-_CLAUSE_END = re.compile(r"[,;:]\s|\s[-–—]\s")
+# Chinese and Japanese full-width end marks: no space follows them.
+_WIDE_BOUNDARY = re.compile(r"[。！？]+[」』）”’]*()(\S)")
+_CLAUSE_END = re.compile(r"[,;:]\s|\s[-–—]\s|[，、；：]")
 
 
 class SentenceSplitter:
@@ -38,7 +40,8 @@ class SentenceSplitter:
 
     A sentence ends at ``.``, ``!``, ``?`` or ``…`` (and closing quotes) followed by
     whitespace and a character that can start a sentence (not a lowercase letter:
-    "e.g. this" and "Wait... what" go on), or at a line break. Abbreviations and
+    "e.g. this" and "Wait... what" go on), at ``。``, ``！`` or ``？`` (no space follows
+    those), or at a line break. Abbreviations and
     initials ("Dr. Smith", "J. R. R. Tolkien") do not end one, nor do decimals (no
     space after the point). A sentence longer than ``max_chars`` is cut at its last
     clause break (comma, semicolon, colon, dash) or space before that length, never
@@ -68,7 +71,7 @@ class SentenceSplitter:
 
     def _next_cut(self) -> int | None:
         """Where the first complete sentence of ``pending`` ends, if one does."""
-        cuts = []
+        cuts = [match.start(1) for match in _WIDE_BOUNDARY.finditer(self.pending)][:1]
         for match in _BOUNDARY.finditer(self.pending):
             before = self.pending[: match.start()]
             marks = self.pending[match.start() : match.start(1)].rstrip(_CLOSERS)
@@ -81,7 +84,7 @@ class SentenceSplitter:
         line_break = self.pending.find("\n", start)
         if line_break >= 0:
             cuts.append(line_break + 1)
-        if cuts:
+        if cuts and len(_collapse(self.pending[: min(cuts)])) <= self.max_chars:
             return min(cuts)
         if len(_collapse(self.pending)) > self.max_chars:
             return self._long_cut()
@@ -93,7 +96,7 @@ class SentenceSplitter:
         limit = _raw_index(self.pending, self.max_chars)
         head = self.pending[:limit]
         tag_start = head.rfind("<")
-        if tag_start > head.rfind(">"):  # a tag would be split: cut before it
+        if tag_start > 0 and tag_start > head.rfind(">"):  # a tag would be split: cut before it
             head = head[:tag_start]
         clauses = [m.end() for m in _CLAUSE_END.finditer(head)]
         if clauses and clauses[-1] > len(head) // 3:
@@ -135,7 +138,8 @@ def _raw_index(text: str, collapsed_chars: int) -> int:
 
 async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
                        max_chars: int = MAX_SENTENCE_CHARS) -> AsyncIterator[str]:
-    """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable)."""
+    """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable).
+    Closed early, it closes an async source too (a voice agent's LLM reply stops being read)."""
     splitter = SentenceSplitter(max_chars)
     if isinstance(text, str):
         pieces: AsyncIterable[str] = _pieces([text])
@@ -143,9 +147,11 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
         pieces = text
     else:
         pieces = _pieces(text)
-    async for piece in pieces:
-        for sentence in splitter.push(piece):
-            yield sentence
+    closing = contextlib.aclosing(pieces) if hasattr(pieces, "aclose") else contextlib.nullcontext(pieces)
+    async with closing:
+        async for piece in pieces:
+            for sentence in splitter.push(piece):
+                yield sentence
     for sentence in splitter.finish():
         yield sentence
 
@@ -167,18 +173,24 @@ _DONE = object()
 
 
 async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], AsyncIterator[T]],
-                         lookahead: int = 1) -> AsyncIterator[T]:
+                         lookahead: int = 2, concurrency: int = 1) -> AsyncIterator[T]:
     """Every item of ``speak(sentence)`` for each sentence, sentence by sentence in order.
 
-    The sentences after the one being yielded run meanwhile, up to ``lookahead`` of
-    them (their items wait in memory), so the next one's first audio is there when
-    the current one ends. Leaving early (``aclose``), an error in one sentence or in
+    A sentence starts once the one before it has finished generating (with
+    ``concurrency`` > 1, once fewer than that many are generating), not once it has
+    been played: generation runs faster than real time, so the next sentence's
+    first audio is there before the current one's has played, and a lone
+    utterance's first audio does not share the server with its own next sentence.
+    At most ``lookahead`` sentences after the one being yielded are started (their
+    items wait in memory): that bounds the audio held and the work lost when the
+    listener barges in. Leaving early (``aclose``), an error in one sentence or in
     the text source closes every running ``speak`` generator (which ends its stream
     the clean way) before this generator finishes.
     """
-    if lookahead < 0:
-        raise ValueError(f"lookahead must be >= 0, got {lookahead}")
-    slots = asyncio.Semaphore(lookahead + 1)  # the sentence being yielded and those running ahead of it
+    if lookahead < 0 or concurrency < 1:
+        raise ValueError(f"lookahead must be >= 0 and concurrency >= 1, got {lookahead} and {concurrency}")
+    ahead = asyncio.Semaphore(lookahead + 1)  # the sentence being yielded and those started after it
+    generating = asyncio.Semaphore(concurrency)
     order: asyncio.Queue = asyncio.Queue()  # one queue of items per sentence, in order; then _DONE
     running: list[asyncio.Task] = []
 
@@ -190,11 +202,14 @@ async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], A
             items.put_nowait(_DONE)
         except Exception as error:  # noqa: BLE001 (handed to the consumer, raised there in order)
             items.put_nowait(_Failed(error))
+        finally:
+            generating.release()
 
     async def feed() -> None:
         try:
             async for sentence in sentences:
-                await slots.acquire()
+                await ahead.acquire()
+                await generating.acquire()
                 items: asyncio.Queue = asyncio.Queue()
                 running.append(asyncio.create_task(run(sentence, items)))
                 order.put_nowait(items)
@@ -211,9 +226,11 @@ async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], A
                 if isinstance(item, _Failed):
                     raise item.error
                 yield item
-            slots.release()
+            ahead.release()
     finally:
         feeder.cancel()
         for task in running:
             task.cancel()
         await asyncio.gather(feeder, *running, return_exceptions=True)
+        if hasattr(sentences, "aclose"):  # the text source too, wherever the feeder left it
+            await sentences.aclose()
