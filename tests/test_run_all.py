@@ -45,3 +45,17 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     assert "| closed 1 | 8 | 0 | 201 | 229 |" in text
     assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text
+
+
+def test_text_stream_bench_summarises_and_reports_its_runs():
+    import text_stream_bench  # noqa: PLC0415 (perf/ is on the path above)
+
+    runs = [{"concurrency": 1, "first_audio_s": first, "stalls": stalls, "stall_s": stall, "audio_s": 8.5,
+             "total_s": 3.2} for first, stalls, stall in ((0.12, 0, 0.0), (0.18, 3, 0.037), (0.14, 0, 0.0))]
+    figures = text_stream_bench.summary(runs)
+    assert figures["first_audio_median_s"] == 0.14 and figures["runs_with_stalls"] == 1
+    assert figures["first_audio_min_s"] == 0.12 and figures["first_audio_max_s"] == 0.18
+    result = {"sentences": 5, "max_tokens": 140, "machine": {"cpu": "x", "cores": 2}, "source": "abc", "text": "Hi.",
+              "summary": {"1": figures}, "runs": runs}
+    text = text_stream_bench.report(result)
+    assert "| 1 | 3 | 140 | 120 / 180 | 1 | 0.037 |" in text and text.count("\n| ") >= 6
