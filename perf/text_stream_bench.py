@@ -92,9 +92,9 @@ def main() -> int:
     values = [int(value) for value in args.concurrency.split(",")]
     models, description = model_set(args.shape, args.models)
     folder = Path(args.out) if args.out else run_folder(f"{machine_name()}-text-stream")
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "raw").mkdir(parents=True, exist_ok=True)
     runs = []
-    with local_server(models, 16, folder / "server.log", device=args.device) as server:
+    with local_server(models, 16, folder / "raw" / "server.log", device=args.device) as server:
         asyncio.run(speak(server.url, "Warming up.", 1, args.max_tokens, 0))  # the first stream after start
         for index in range(args.runs):
             for concurrency in values:
