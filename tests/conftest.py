@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def running_server(repository: Path, work: Path):
     log_path = work / "server.log"
     with open(log_path, "w") as log:
         process = start_server(repository, ports, log_file=log)
+        process.started = time.time()
         try:
             wait_until_ready(process, f"localhost:{ports.grpc}", timeout=180)
         except Exception:

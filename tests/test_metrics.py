@@ -51,7 +51,7 @@ def test_release_drops_every_metric_before_any_family():
     release(metrics)
     gc.collect()
     kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
-    assert kinds == ["metric"] * 9 + ["family"] * 9
+    assert kinds == ["metric"] * 10 + ["family"] * 10
     assert not hasattr(metrics, "streams") and metrics.metrics.families == []
 
 

@@ -267,6 +267,8 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     windows = _metric(server, "orpheus_decoder_windows_total")
     audio = _metric(server, "orpheus_decoder_audio_seconds_total")
     assert windows >= 2 and audio == pytest.approx(windows * c.SAMPLES_PER_FRAME / c.SAMPLE_RATE)
+    # The decoder was busy for some of the time, and never longer than the server has been up.
+    assert 0 < _metric(server, "orpheus_decoder_busy_seconds_total") < time.time() - server.started
 
 
 def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_url):

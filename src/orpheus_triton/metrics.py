@@ -84,6 +84,8 @@ class DecoderMetrics:
         self.streams = metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)")
         self.call_windows = metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call")
         self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
+        self.busy_seconds = metrics.counter("orpheus_decoder_busy_seconds_total", "Seconds spent in SNAC calls: "
+                                            "its rate is the share of time the decoder is busy (1 = saturated)")
         self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
         self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
@@ -98,6 +100,7 @@ class DecoderMetrics:
             return
         self.call_windows.set(windows)
         self.call_seconds.set(seconds)
+        self.busy_seconds.increment(seconds)
         self.windows.increment(windows)
         self.audio_seconds.increment(windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
 
