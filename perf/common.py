@@ -197,8 +197,9 @@ def metric_values(metrics_url: str, name: str) -> list[float]:
 
 def server_listener_monitor(metrics_url: str | None):
     """A ``monitor`` for loadgen.sweep: each level's figures from the server's own listener metrics
-    (metrics.ListenerFigures): its time-to-first-audio quantiles, from its histogram's buckets, and the
-    gaps it saw, beside what the load generator measured at the client."""
+    (metrics.ListenerFigures): its time-to-first-audio quantiles, from its histogram's buckets, the
+    gaps it saw, beside what the load generator measured at the client, and the share of the level's
+    time its decoder was busy."""
     from orpheus_triton.metrics import ListenerFigures  # noqa: PLC0415
 
     def page() -> ListenerFigures | None:
@@ -209,6 +210,7 @@ def server_listener_monitor(metrics_url: str | None):
 
     def start():
         before = page() if metrics_url else None
+        started = time.monotonic()
 
         def finish() -> dict:
             after = page() if before is not None else None
@@ -218,7 +220,9 @@ def server_listener_monitor(metrics_url: str | None):
             return {"server_first_audio": level.first_audio_count,
                     "server_ttfa_p50": level.first_audio_quantile(0.5),
                     "server_ttfa_p99": level.first_audio_quantile(0.99),
-                    "server_stalls": int(level.stalls), "server_stall_seconds": round(level.stall_seconds, 4)}
+                    "server_stalls": int(level.stalls), "server_stall_seconds": round(level.stall_seconds, 4),
+                    "server_decoder_busy": round(level.decoder_busy_seconds / max(time.monotonic() - started, 1e-9),
+                                                 3)}
 
         return finish
 

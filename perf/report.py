@@ -191,6 +191,10 @@ def _met(flag) -> str:
     return "**met**" if flag else "**missed**"
 
 
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _server_view(levels: dict) -> list[str]:
     """The server's own listener metrics per level beside the client's figures (runs that have them)."""
     rows = [(c, lv) for c, lv in _levels(levels) if lv.get("server_first_audio") is not None]
@@ -201,13 +205,15 @@ def _server_view(levels: dict) -> list[str]:
         "What the server saw of the same streams, from its own metrics (`orpheus_time_to_first_audio_seconds`: "
         "from preprocessing taking a request to its first audio sent, quantiles interpolated within the "
         "histogram's buckets; `orpheus_decoder_stalls_total`: chunks sent after their listener had played "
-        "everything before them, playback counted from the first audio sent):",
+        "everything before them, playback counted from the first audio sent; *decoder busy*: the level's share "
+        "of time in SNAC calls, `orpheus_decoder_busy_seconds_total`, 1 = saturated):",
         "",
         "| streams | first audio, server | TTFA p50 ms, server / client | TTFA p99 ms, server / client | "
-        "stalls, server / client |",
-        "|---:|---:|---:|---:|---:|",
+        "stalls, server / client | decoder busy |",
+        "|---:|---:|---:|---:|---:|---:|",
         *[f"| {c} | {lv['server_first_audio']} | {_ms(lv['server_ttfa_p50'])} / {_ms(lv['ttfa_p50'])} | "
-          f"{_ms(lv['server_ttfa_p99'])} / {_ms(lv['ttfa_p99'])} | {lv['server_stalls']} / {lv['stalls']} |"
+          f"{_ms(lv['server_ttfa_p99'])} / {_ms(lv['ttfa_p99'])} | {lv['server_stalls']} / {lv['stalls']} | "
+          f"{_share(lv.get('server_decoder_busy'))} |"
           for c, lv in rows],
     ]
 

@@ -103,6 +103,7 @@ orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="0.5"} 10
 orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="+Inf"} 10
 orpheus_decoder_stalls_total{model="snac_decoder"} 3
 orpheus_decoder_stall_seconds_total{model="snac_decoder"} 0.25
+orpheus_decoder_busy_seconds_total{model="snac_decoder"} 4.5
 """
 
 
@@ -111,12 +112,14 @@ def test_listener_figures_from_the_metrics_page_and_their_difference():
 
     page = ListenerFigures.parse(PAGE)
     assert page.first_audio_count == 10 and page.stalls == 3 and page.stall_seconds == 0.25
+    assert page.decoder_busy_seconds == 4.5
     assert page.first_audio_quantile(0.5) == pytest.approx(0.1 + 0.1 * (5 - 2) / 6)  # within (0.1, 0.2]
     assert page.first_audio_quantile(0.1) == pytest.approx(0.05)  # within (0, 0.1]
     assert page.first_audio_quantile(1.0) == pytest.approx(0.5)
-    earlier = ListenerFigures.parse(PAGE.replace("} 8", "} 6").replace("} 10", "} 6").replace("} 3", "} 1"))
+    earlier = ListenerFigures.parse(PAGE.replace("} 8", "} 6").replace("} 10", "} 6").replace("} 3", "} 1")
+                                    .replace("} 4.5", "} 1.5"))
     level = page - earlier  # what one benchmark level added: 4 requests, 2 in (0.1, 0.2], 2 in (0.2, 0.5]
-    assert level.first_audio_count == 4 and level.stalls == 2
+    assert level.first_audio_count == 4 and level.stalls == 2 and level.decoder_busy_seconds == 3.0
     assert level.first_audio_quantile(0.5) == pytest.approx(0.2)
     assert level.first_audio_quantile(0.75) == pytest.approx(0.2 + 0.3 * (3 - 2) / 2)
     assert ListenerFigures.parse("").first_audio_quantile(0.5) is None

@@ -290,6 +290,7 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
     bound = min([b for b in FIRST_AUDIO_BUCKETS if b >= slowest], default=slowest)
     assert 0 < figures["server_ttfa_p50"] <= figures["server_ttfa_p99"] <= bound
     assert figures["server_stalls"] >= 0 and figures["server_stall_seconds"] >= 0
+    assert 0 < figures["server_decoder_busy"] < 1  # two short streams one after the other: busy part of the time
     assert server_listener_monitor(None)()() == {}  # no metrics endpoint: no figures, no error
 
 

@@ -55,6 +55,11 @@ def engine(folder: Path) -> list[str]:
     return lines or ["no engine results"]
 
 
+def _share(value) -> str:
+    """The decoder's busy share of a level (the GPU time SNAC took beside the LLM's steps)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def serving(folder: Path, name: str) -> list[str]:
     result = _load(folder / name / "result.json")
     if result is None:
@@ -65,8 +70,8 @@ def serving(folder: Path, name: str) -> list[str]:
              f"{tts.get('realtime_capacity_by_limit')}); server {result.get('server_settings')}; "
              f"ramp {settings.get('ramp_seconds', 0)} s, {settings.get('streams_per_worker')} streams per worker",
              "", "| level | streams | errors | TTFA p50 ms | p99 ms | max ms | starved | stall s | RTF p50 | "
-             "server's TTFA p50 / p99 ms, stalls |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "server's TTFA p50 / p99 ms, stalls | decoder busy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     levels = [(f"closed {c}", level) for c, level in tts.get("closed_loop", {}).items()]
     levels += [(f"Poisson {rate}/s", level) for rate, level in tts.get("poisson", {}).items()]
     for label, level in levels:
@@ -74,7 +79,8 @@ def serving(folder: Path, name: str) -> list[str]:
                   if level.get("server_first_audio") is not None else "-")
         lines.append(f"| {label} | {level['streams']} | {level['errors']} | {_ms(level['ttfa_p50'])} | "
                      f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
-                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} |")
+                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} | "
+                     f"{_share(level.get('server_decoder_busy'))} |")
     return lines + [""]
 
 

@@ -11,6 +11,7 @@ from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
 FIRST_AUDIO_METRIC = "orpheus_time_to_first_audio_seconds"
 STALLS_METRIC = "orpheus_decoder_stalls_total"
 STALL_SECONDS_METRIC = "orpheus_decoder_stall_seconds_total"
+DECODER_BUSY_METRIC = "orpheus_decoder_busy_seconds_total"
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
 # the 500 ms of the benchmark's real-time capacity and beyond.
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -84,7 +85,7 @@ class DecoderMetrics:
         self.streams = metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)")
         self.call_windows = metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call")
         self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
-        self.busy_seconds = metrics.counter("orpheus_decoder_busy_seconds_total", "Seconds spent in SNAC calls: "
+        self.busy_seconds = metrics.counter(DECODER_BUSY_METRIC, "Seconds spent in SNAC calls: "
                                             "its rate is the share of time the decoder is busy (1 = saturated)")
         self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
@@ -121,11 +122,13 @@ class DecoderMetrics:
 
 @dataclass(frozen=True)
 class ListenerFigures:
-    """The listener metrics of a /metrics page (Prometheus text), or the difference of two pages."""
+    """The listener metrics of a /metrics page (Prometheus text), or the difference of two pages, and
+    the decoder's busy seconds beside them (what bounds them on a small machine)."""
 
     first_audio_buckets: dict[float, float]  # upper bound (s) -> requests with first audio within it
     stalls: float = 0.0
     stall_seconds: float = 0.0
+    decoder_busy_seconds: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> ListenerFigures:
@@ -135,14 +138,16 @@ class ListenerFigures:
             if name == FIRST_AUDIO_METRIC + "_bucket":
                 bound = rest.split('le="', 1)[1].split('"', 1)[0]
                 buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
-            elif name in (STALLS_METRIC, STALL_SECONDS_METRIC):
+            elif name in (STALLS_METRIC, STALL_SECONDS_METRIC, DECODER_BUSY_METRIC):
                 values[name] = float(line.rsplit(" ", 1)[1])
-        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0))
+        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0),
+                   values.get(DECODER_BUSY_METRIC, 0.0))
 
     def __sub__(self, before: ListenerFigures) -> ListenerFigures:
         return ListenerFigures({bound: count - before.first_audio_buckets.get(bound, 0.0)
                                 for bound, count in self.first_audio_buckets.items()},
-                               self.stalls - before.stalls, self.stall_seconds - before.stall_seconds)
+                               self.stalls - before.stalls, self.stall_seconds - before.stall_seconds,
+                               self.decoder_busy_seconds - before.decoder_busy_seconds)
 
     @property
     def first_audio_count(self) -> int:
