@@ -165,10 +165,11 @@ def wait_quiet(max_seconds: float, below: float = 0.3) -> float | None:
 
 def run_folder(machine: str | None = None, root: Path = RESULTS) -> Path:
     """A folder for this run's results, <date>_<machine>: with -2, -3, ... when that one already
-    holds a run, which is never overwritten (it may be the one the README quotes)."""
+    holds anything (a run, or other results kept there), which is never overwritten or mixed
+    into: the README may quote it."""
     base = f"{dt.date.today().isoformat()}_{machine or machine_name()}"
     folder, number = root / base, 1
-    while any((folder / name).exists() for name in ("result.json", "perf_analyzer.json")):
+    while folder.exists() and any(path.name != "raw" for path in folder.iterdir()):
         number += 1
         folder = root / f"{base}-{number}"
     (folder / "raw").mkdir(parents=True, exist_ok=True)

@@ -59,3 +59,17 @@ def test_text_stream_bench_summarises_and_reports_its_runs():
               "summary": {"1": figures}, "runs": runs}
     text = text_stream_bench.report(result)
     assert "| 1 | 3 | 140 | 120 / 180 | 1 | 0.037 |" in text and text.count("\n| ") >= 6
+
+
+def test_a_run_folder_is_never_one_that_holds_other_results(tmp_path):
+    import datetime as dt
+
+    from common import run_folder  # noqa: PLC0415 (perf/ is on the path above)
+
+    base = f"{dt.date.today().isoformat()}_cpu-test"
+    (tmp_path / base).mkdir()
+    (tmp_path / base / "result.json").write_text("{}")
+    (tmp_path / f"{base}-2").mkdir()
+    (tmp_path / f"{base}-2" / "README.md").write_text("five engine runs")  # results of another kind
+    (tmp_path / f"{base}-3" / "raw").mkdir(parents=True)  # a run that stopped before writing anything
+    assert run_folder("cpu-test", root=tmp_path) == tmp_path / f"{base}-3"
