@@ -139,7 +139,8 @@ def _raw_index(text: str, collapsed_chars: int) -> int:
 async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
                        max_chars: int = MAX_SENTENCE_CHARS) -> AsyncIterator[str]:
     """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable).
-    Closed early, it closes an async source too (a voice agent's LLM reply stops being read)."""
+    Closed early, it closes an async source too (a voice agent's LLM reply stops being read). A plain
+    iterable is read on the event loop: text that arrives over time wants an async iterable."""
     splitter = SentenceSplitter(max_chars)
     if isinstance(text, str):
         pieces: AsyncIterable[str] = _pieces([text])
