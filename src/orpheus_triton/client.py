@@ -276,8 +276,9 @@ class AsyncOrpheusClient:
         """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
 
         ``text``: a whole string, or its pieces as they arrive (an async iterable: a voice agent's LLM
-        reply, token by token; a plain iterable is read on the event loop, so only for text at hand). Each sentence is one request (``text_stream``), with
-        ``options`` as ``stream`` takes them; chunks come in text order. The next sentence starts when
+        reply, token by token; a plain iterable is read on the event loop, so only for text at hand).
+        Each sentence is one request (``text_stream``), with ``options`` as ``stream`` takes them;
+        chunks come in text order. The next sentence starts when
         the one before it has finished generating (faster than it plays), so its audio follows without
         a gap; ``lookahead`` bounds how many sentences are started ahead of the one playing and
         ``concurrency`` how many generate at once (see ``text_stream.speak_in_order``). Text of any
