@@ -173,10 +173,33 @@ def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
     # Newcomers first (nothing to hear yet), by arrival; then whose audio runs out sooner.
     assert _names(scheduler.next_round(timeout=0)[1]) == [("newcomer", 3), ("other newcomer", 4)]
     assert _names(scheduler.next_round(timeout=0)[1]) == [("behind", 2), ("ahead", 1)]
-    # A stream's end forgets its clock: a later stream with the same id is a newcomer again.
+    # A stream's end forgets its clock: a later stream with the same id is a newcomer again (and
+    # "behind", with 0.5 s still to play, waits a round for it: see the test below).
     scheduler.delivered(_item("ahead", last=True), 0.5)
     scheduler.add([_item("behind", arrived=7), _item("ahead", arrived=8)])
-    assert _names(scheduler.next_round(timeout=0)[1]) == [("ahead", 8), ("behind", 7)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("ahead", 8)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("behind", 7)]
+
+
+def test_a_newcomers_first_window_goes_in_a_round_of_its_own_unless_a_listener_is_about_to_run_out():
+    """While a newcomer waits for its first audio, streams with more than the horizon of audio still to
+    play wait a round, so the newcomer's round is small; a stream about to run out is never held back."""
+    from orpheus_triton.serving import DecodeScheduler
+
+    now = [100.0]
+    scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0.25)
+    for stream_id, seconds in (("comfortable", 2.0), ("nearly out", 0.1)):
+        scheduler.delivered(_item(stream_id), seconds)
+    scheduler.add([_item("comfortable", arrived=1), _item("nearly out", arrived=2), _item("newcomer", arrived=3)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("newcomer", 3), ("nearly out", 2)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("comfortable", 1)]
+    # Without a newcomer waiting, every stream's next window goes in the round, as without the horizon.
+    scheduler.add([_item("comfortable", arrived=4), _item("nearly out", arrived=5)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("nearly out", 5), ("comfortable", 4)]
+    plain = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0)
+    plain.delivered(_item("comfortable"), 2.0)
+    plain.add([_item("comfortable", arrived=6), _item("newcomer", arrived=7)])
+    assert _names(plain.next_round(timeout=0)[1]) == [("newcomer", 7), ("comfortable", 6)]
 
 
 def test_deliveries_tell_first_audio_and_the_gaps_a_listener_hears():

@@ -41,6 +41,7 @@ from .constants import (
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
+    NEWCOMER_ROUND_HORIZON,
     REQUEST_START,
     STALL_TOLERANCE,
     STREAM_STATE_SECONDS,
@@ -514,14 +515,18 @@ class DecodeScheduler:
     newcomers (nothing played yet: first audio is due now) by arrival, then
     streams by when their listener's audio runs out (``delivered`` keeps each
     stream's playback clock: audio sent since its first audio, restarted after
-    a gap).
+    a gap). And while a newcomer waits, streams with more than ``defer_horizon``
+    of audio still to play sit the round out: the newcomer's first audio comes
+    from a small round (on a CPU a lone window decodes in well under half the
+    time of four), at the cost of audio those listeners have in hand.
     """
 
     def __init__(self, max_windows: int, idle_seconds: float = STREAM_STATE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, defer_horizon: float = NEWCOMER_ROUND_HORIZON):
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1, got {max_windows}")
         self.max_windows = max_windows
+        self.defer_horizon = defer_horizon
         self.clock = clock
         self._sweep = IdleSweep(idle_seconds, clock())
         self._queues: dict[str, deque[DecodeItem]] = {}
@@ -552,11 +557,13 @@ class DecodeScheduler:
             if self._closed:
                 return None
             answer, heads, windows = [], [], 0
+            deferrable = self._deferrable()
             for stream_id in sorted(self._queues, key=self._urgency):
                 queue = self._queues[stream_id]
                 while queue and not queue[0].windows:
                     answer.append(queue.popleft())
-                if queue and (not heads or windows + len(queue[0].windows) <= self.max_windows):
+                if queue and stream_id not in deferrable and (
+                        not heads or windows + len(queue[0].windows) <= self.max_windows):
                     heads.append(queue.popleft())
                     windows += len(heads[-1].windows)
                 if not queue:
@@ -588,6 +595,16 @@ class DecodeScheduler:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+
+    def _deferrable(self) -> set[str]:
+        """Streams whose next window may wait a round: while a newcomer waits for its first audio, a
+        round takes only newcomers and the streams whose listeners' audio runs out within
+        ``defer_horizon``, so first audio comes from a small round rather than behind everyone's."""
+        waiting = [s for s, queue in self._queues.items() if s not in self._playback and queue and queue[0].windows]
+        if not waiting or self.defer_horizon <= 0:
+            return set()
+        soon = self.clock() + self.defer_horizon
+        return {s for s in self._queues if s in self._playback and self._playback[s][0] > soon}
 
     def _urgency(self, stream_id: str) -> tuple[int, float]:
         playback = self._playback.get(stream_id)
