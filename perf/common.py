@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 PERF = Path(__file__).resolve().parent
@@ -290,7 +290,8 @@ def model_set(shape: str, models: str | None):
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
-                 llm_cpu_threads: str = "auto", decoder_cpu_threads: str = "auto") -> Iterator[RunningServer]:
+                 llm_cpu_threads: str = "auto", decoder_cpu_threads: str = "auto",
+                 newcomer_horizon: float | None = None) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
@@ -300,6 +301,8 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                                   llm_graph_sampling=graph_sampling, llm_overlap=overlap,
                                   prefill_chunk=prefill_tokens, decoder_lead_in=lead_in,
                                   llm_cpu_threads=llm_cpu_threads, decoder_cpu_threads=decoder_cpu_threads)
+    if newcomer_horizon is not None:
+        settings = replace(settings, decoder_newcomer_horizon=newcomer_horizon)
     render(settings, repository)
     with serve_repository(repository, log_path) as server:
         yield server

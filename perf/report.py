@@ -206,7 +206,7 @@ def _server_view(levels: dict) -> list[str]:
         "from preprocessing taking a request to its first audio sent, quantiles interpolated within the "
         "histogram's buckets; `orpheus_decoder_stalls_total`: chunks sent after their listener had played "
         "everything before them, playback counted from the first audio sent; *decoder busy*: the level's share "
-        "of time in SNAC calls, `orpheus_decoder_busy_seconds_total`, 1 = saturated):",
+        "of time in decoder rounds (SNAC and answering), `orpheus_decoder_busy_seconds_total`, 1 = saturated):",
         "",
         "| streams | first audio, server | TTFA p50 ms, server / client | TTFA p99 ms, server / client | "
         "stalls, server / client | decoder busy |",

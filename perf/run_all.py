@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_cpu_threads,
                             help=f"torch threads of the server's {stage} process (default auto: half the cores on CPU)")
+    parser.add_argument("--decoder-newcomer-horizon", type=float, metavar="S",
+                        help="seconds of audio in hand above which a stream sits a decoder round out while a "
+                             "newcomer waits for first audio (0: off; default: the server's, "
+                             "NEWCOMER_ROUND_HORIZON)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                             "graph_sampling": args.graph_sampling, "overlap": args.overlap,
                             "lead_in": not args.no_lead_in, "llm_cpu_threads": args.llm_cpu_threads,
                             "decoder_cpu_threads": args.decoder_cpu_threads,
+                            "decoder_newcomer_horizon": args.decoder_newcomer_horizon,
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -268,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
                       lead_in=not args.no_lead_in, llm_cpu_threads=args.llm_cpu_threads,
-                      decoder_cpu_threads=args.decoder_cpu_threads) as server:
+                      decoder_cpu_threads=args.decoder_cpu_threads,
+                      newcomer_horizon=args.decoder_newcomer_horizon) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

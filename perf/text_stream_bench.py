@@ -42,6 +42,8 @@ async def speak(url: str, text: str, concurrency: int, max_tokens: int, seed: in
         async for chunk in client.stream_text(text, concurrency=concurrency, max_tokens=max_tokens, seed=seed):
             arrivals.append(time.perf_counter() - started)
             samples.append(len(chunk))
+    if not arrivals:
+        raise RuntimeError(f"the reply came back without audio (concurrency {concurrency})")
     heard = playback(arrivals, samples)
     return {"concurrency": concurrency, "first_audio_s": arrivals[0], "stalls": heard.stalls,
             "stall_s": heard.stall_seconds, "audio_s": sum(samples) / SAMPLE_RATE, "total_s": arrivals[-1]}
@@ -54,11 +56,19 @@ def summary(runs: list[dict]) -> dict:
             "stall_s_total": sum(run["stall_s"] for run in runs)}
 
 
+def _code(source) -> str:
+    """The commit measured, and what in the server code differed from it."""
+    if not isinstance(source, dict):
+        return str(source)
+    changed = source.get("uncommitted") or []
+    return f"{source.get('commit')}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def report(result: dict) -> str:
     lines = [
         f"# Sentence by sentence: {result['sentences']} sentences, {result['max_tokens']} tokens each at most",
         "",
-        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; code {result['source']}",
+        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; code {_code(result['source'])}",
         f"* reply: \"{result['text']}\"",
         "* each run: one reply through `AsyncOrpheusClient.stream_text` on a local server; stalls by the "
         "benchmark's playback rule (a chunk arriving after all audio before it has played)",
@@ -109,7 +119,7 @@ def main() -> int:
     result = {
         "text": args.text, "sentences": len(splitter.push(args.text) + splitter.finish()),
         "max_tokens": args.max_tokens, "models": description, "machine": machine_info(),
-        "source": source_state().get("commit", "?"), "runs": runs,
+        "source": source_state(), "runs": runs,
         "summary": {str(v): summary([run for run in runs if run["concurrency"] == v]) for v in values},
     }
     (folder / "text_stream.json").write_text(json.dumps(result, indent=2))

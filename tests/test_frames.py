@@ -196,6 +196,12 @@ def test_a_newcomers_first_window_goes_in_a_round_of_its_own_unless_a_listener_i
     # Without a newcomer waiting, every stream's next window goes in the round, as without the horizon.
     scheduler.add([_item("comfortable", arrived=4), _item("nearly out", arrived=5)])
     assert _names(scheduler.next_round(timeout=0)[1]) == [("nearly out", 5), ("comfortable", 4)]
+    # A newcomer whose first requests completed no window yet (its first window needs 21 tokens) is
+    # waiting for first audio all the same once one of its queued requests holds a window.
+    scheduler.add([_item("comfortable", arrived=8), _item("late newcomer", arrived=9, windows=0),
+                   _item("late newcomer", arrived=10)])
+    answer, heads = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("late newcomer", 9)] and _names(heads) == [("late newcomer", 10)]
     plain = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0)
     plain.delivered(_item("comfortable"), 2.0)
     plain.add([_item("comfortable", arrived=6), _item("newcomer", arrived=7)])

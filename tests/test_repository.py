@@ -115,6 +115,20 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert preprocessing.parameters["default_voice"].string_value == ("amelie" if flags else "")
 
 
+def test_the_newcomer_round_renders_as_a_decoder_parameter(tmp_path):
+    from dataclasses import replace
+
+    from orpheus_triton.repository import RepositorySettings, render
+
+    settings = RepositorySettings(llm_dir="-", snac_dir="-")
+    off = replace(settings, decoder_newcomer_horizon=0)
+    for value, want in ((settings, str(c.NEWCOMER_ROUND_HORIZON)), (off, "0")):
+        repository = render(value, tmp_path / want)
+        decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
+                                    model_config_pb2.ModelConfig())
+        assert decoder.parameters["newcomer_horizon"].string_value == want
+
+
 def test_a_bad_voice_list_is_refused_before_serving(tmp_path, monkeypatch, capsys):
     from orpheus_triton.cli import main
 

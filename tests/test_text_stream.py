@@ -18,6 +18,8 @@ CASES = {
     "So did I. Then we left.": ["So did I.", "Then we left."],
     "The answer is no. We left.": ["The answer is no.", "We left."],
     "你好。今天天气很好！我们走吧？": ["你好。", "今天天气很好！", "我们走吧？"],
+    "你好。 世界很大。 再见！": ["你好。", "世界很大。", "再见！"],
+    "終わり。\u3000次の文。": ["終わり。", "次の文。"],
     "  \n ... ": [],
 }
 
@@ -187,6 +189,20 @@ def test_leaving_early_closes_the_text_source():
         return list(closed)
 
     assert run(main()) == [True]  # closed before leaving the loop, not at the event loop's shutdown
+
+    def plain_reply():  # a plain generator too
+        try:
+            yield from ("One. ", "Two. ", "Three. ", "Four. ")
+        finally:
+            closed.append("plain")
+
+    async def plain():
+        async with contextlib.aclosing(speak_in_order(sentences_of(plain_reply()), FakeSpeech())) as items:
+            async for _ in items:
+                break
+        return list(closed)
+
+    assert run(plain()) == [True, "plain"]
 
 
 def test_a_failing_sentence_raises_after_the_audio_before_it_and_closes_the_rest():

@@ -120,6 +120,7 @@ def summary(folder: Path) -> str:
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
+                ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder))]
     parts = [f"# GPU short run: {folder}", "", *machine]
     for title, lines in sections:

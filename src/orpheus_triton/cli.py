@@ -207,17 +207,22 @@ async def _stdin_pieces():
 
     def read() -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        end: OSError | None = None
         try:
             while data := os.read(fd, 4096):
                 loop.call_soon_threadsafe(pieces.put_nowait, decoder.decode(data))
             loop.call_soon_threadsafe(pieces.put_nowait, decoder.decode(b"", final=True))
-        except (OSError, RuntimeError):  # stdin unreadable, or the event loop gone (nobody reads any more)
-            pass
+        except OSError as error:  # stdin unreadable: said, not taken for the end of the text
+            end = error
+        except RuntimeError:  # the event loop is gone: nobody reads any more
+            return
         with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(pieces.put_nowait, None)  # the end of the text
+            loop.call_soon_threadsafe(pieces.put_nowait, end)  # None: the end of the text
 
     threading.Thread(target=read, name="stdin", daemon=True).start()
     while (piece := await pieces.get()) is not None:
+        if isinstance(piece, OSError):
+            raise RuntimeError(f"reading the text from stdin failed: {piece}")
         yield piece
 
 

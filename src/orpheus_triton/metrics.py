@@ -85,8 +85,9 @@ class DecoderMetrics:
         self.streams = metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)")
         self.call_windows = metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call")
         self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
-        self.busy_seconds = metrics.counter(DECODER_BUSY_METRIC, "Seconds spent in SNAC calls: "
-                                            "its rate is the share of time the decoder is busy (1 = saturated)")
+        self.busy_seconds = metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "
+                                            "and answering): its rate is the share of time it is busy "
+                                            "(1 = saturated)")
         self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
         self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
@@ -101,9 +102,12 @@ class DecoderMetrics:
             return
         self.call_windows.set(windows)
         self.call_seconds.set(seconds)
-        self.busy_seconds.increment(seconds)
         self.windows.increment(windows)
         self.audio_seconds.increment(windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
+
+    def record_busy(self, seconds: float) -> None:
+        """A round's whole time, from composing its SNAC call to its last answer (failed ones too)."""
+        self.busy_seconds.increment(seconds)
 
     def record_streams(self, streams: int) -> None:
         self.streams.set(streams)

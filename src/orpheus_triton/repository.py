@@ -19,6 +19,7 @@ from .constants import (
     LLM_MODEL,
     LLM_SEED,
     MAX_ROUND_WINDOWS,
+    NEWCOMER_ROUND_HORIZON,
     PREPROCESSING_MODEL,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
@@ -82,6 +83,9 @@ class RepositorySettings:
     # How long the decoder keeps a stream's state without tokens. The torch llm ends every stream with
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.
     decoder_stream_idle_seconds: float = STREAM_STATE_SECONDS
+    # While a newcomer waits for first audio, streams with more audio than this in hand sit the decoder's
+    # round out (serving.DecodeScheduler; 0: off).
+    decoder_newcomer_horizon: float = NEWCOMER_ROUND_HORIZON
 
 
 @dataclass(frozen=True)

@@ -600,7 +600,10 @@ class DecodeScheduler:
         """Streams whose next window may wait a round: while a newcomer waits for its first audio, a
         round takes only newcomers and the streams whose listeners' audio runs out within
         ``defer_horizon``, so first audio comes from a small round rather than behind everyone's."""
-        waiting = [s for s, queue in self._queues.items() if s not in self._playback and queue and queue[0].windows]
+        # A newcomer's first requests may complete no window yet (its first window needs 21 tokens): it
+        # waits for first audio as soon as any of its queued requests holds one.
+        waiting = [s for s, queue in self._queues.items()
+                   if s not in self._playback and any(item.windows for item in queue)]
         if not waiting or self.defer_horizon <= 0:
             return set()
         soon = self.clock() + self.defer_horizon

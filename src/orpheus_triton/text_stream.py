@@ -31,7 +31,7 @@ _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "
 # A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
 _BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
 # Chinese and Japanese full-width end marks: no space follows them.
-_WIDE_BOUNDARY = re.compile(r"[。！？]+[」』）”’]*()(\S)")
+_WIDE_BOUNDARY = re.compile(r"[。！？]+[」』）”’]*(\s*)(\S)")
 _CLAUSE_END = re.compile(r"[,;:]\s|\s[-–—]\s|[，、；：]")
 
 
@@ -139,7 +139,7 @@ def _raw_index(text: str, collapsed_chars: int) -> int:
 async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
                        max_chars: int = MAX_SENTENCE_CHARS) -> AsyncIterator[str]:
     """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable).
-    Closed early, it closes an async source too (a voice agent's LLM reply stops being read). A plain
+    Closed early, it closes its source too (a voice agent's LLM reply stops being read). A plain
     iterable is read on the event loop: text that arrives over time wants an async iterable."""
     splitter = SentenceSplitter(max_chars)
     if isinstance(text, str):
@@ -158,8 +158,12 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
 
 
 async def _pieces(items: Iterable[str]) -> AsyncIterator[str]:
-    for item in items:
-        yield item
+    try:
+        for item in items:
+            yield item
+    finally:
+        if hasattr(items, "close"):  # a generator: closed with this one, as an async source is
+            items.close()
 
 
 T = TypeVar("T")

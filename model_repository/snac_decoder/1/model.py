@@ -47,7 +47,8 @@ class TritonPythonModel:
         idle = stream_idle_seconds(params)
         self.state = StreamDecoderState(idle_seconds=idle, lead_in=params.get("lead_in", "true") == "true",
                                         lead_out=params.get("lead_out", "true") == "true")
-        self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle)
+        self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
+                                         defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
         self.metrics = DecoderMetrics(pb_utils)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
@@ -104,12 +105,15 @@ class TritonPythonModel:
                                       + traceback.format_exc())
             for item in items:
                 self._answer(item, None, error)
+            self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
             return
         seconds = time.perf_counter() - started
         self._metrics(lambda: self.metrics.record_call(len(windows), seconds))
         chunks = iter(audio)
         for item in items:
             self._answer(item, np.concatenate([next(chunks) for _ in item.windows]))
+        # The whole round (SNAC, then answering every stream) is the worker's busy time.
+        self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
 
     @staticmethod
     def _metrics(update):
