@@ -602,9 +602,8 @@ class DecodeScheduler:
         ``defer_horizon``, so first audio comes from a small round rather than behind everyone's."""
         # A newcomer's first requests may complete no window yet (its first window needs 21 tokens): it
         # waits for first audio as soon as any of its queued requests holds one.
-        waiting = [s for s, queue in self._queues.items()
-                   if s not in self._playback and any(item.windows for item in queue)]
-        if not waiting or self.defer_horizon <= 0:
+        if self.defer_horizon <= 0 or not any(s not in self._playback and any(item.windows for item in queue)
+                                              for s, queue in self._queues.items()):
             return set()
         soon = self.clock() + self.defer_horizon
         return {s for s in self._queues if s in self._playback and self._playback[s][0] > soon}

@@ -93,8 +93,14 @@ class TritonPythonModel:
         self.metrics.record_streams(len(self.state.streams))
 
     def _decode(self, items: list[DecodeItem]):
-        windows = [w for item in items for w in item.windows]
         started = time.perf_counter()
+        try:
+            self._decode_round(items, started)
+        finally:  # the whole round (SNAC, then answering every stream, failed rounds too) is the busy time
+            self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
+
+    def _decode_round(self, items: list[DecodeItem], started: float):
+        windows = [w for item in items for w in item.windows]
         try:  # every request of the round is answered, whatever fails: the worker must outlive a bad round
             audio = self.decoder.decode(windows)
             if len(audio) != len(windows):
@@ -105,15 +111,12 @@ class TritonPythonModel:
                                       + traceback.format_exc())
             for item in items:
                 self._answer(item, None, error)
-            self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
             return
         seconds = time.perf_counter() - started
         self._metrics(lambda: self.metrics.record_call(len(windows), seconds))
         chunks = iter(audio)
         for item in items:
             self._answer(item, np.concatenate([next(chunks) for _ in item.windows]))
-        # The whole round (SNAC, then answering every stream) is the worker's busy time.
-        self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
 
     @staticmethod
     def _metrics(update):
