@@ -283,13 +283,14 @@ check() {
 
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
-  # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, SHORT_STEPS picks steps (default
-  # "check models engine engine-overlap serving perf-analyzer serving-overlap"; also "comparisons", "profile",
-  # "snac-sizes", "engine-graph"); results in perf/results/gpu-short/.
+  # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
+  # in the order named (default "check models engine engine-overlap serving perf-analyzer serving-overlap";
+  # also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph", "serving-newcomer-off").
+  # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local llm
+  local steps="${SHORT_STEPS:-check models engine engine-overlap serving perf-analyzer serving-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -304,58 +305,70 @@ short() {
   step() {  # step NAME SECONDS COMMAND...: run it with its log in $out, never past the deadline
     local name="$1" limit="$2" begun=$SECONDS code=0
     shift 2
-    [[ " ${SHORT_STEPS:-check models engine engine-overlap serving perf-analyzer serving-overlap} " == *" $name "* ]] || { log "$name: not in SHORT_STEPS"; return 0; }
     ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
-    if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 0; fi
+    if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 1; fi
     log "$name (at most ${limit}s) ..."
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 || code=$?
     echo "exit $code after $((SECONDS - begun)) s" >"$out/$name.status"
     log "$name: exit $code after $((SECONDS - begun)) s"
     tail -n 15 "$out/$name.log" >&2
+    return "$code"
   }
-  step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check"
-  step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes"
-  step models 150 "$py" -c 'from common import model_set; print(model_set("orpheus-3b", None)[0].llm)'
-  llm="$(tail -n 1 "$out/models.log")"
-  [[ -d "$llm" ]] || { log "no model set; stopping"; return 1; }
-  # Bursts: 216 callers at once (a closed-loop level's start) and 128 beside 64 running streams, at the
-  # CPU's prefill budget and the GPU's default (engine.PREFILL_TOKENS_PER_STEP).
-  step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
-    --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
-    --burst 0+216,64+128 --burst-prefill 256,2048,8192 --out "$out/engine"
-  # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
-  step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda --overlap \
-    --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 --out "$out/engine"
-  # Serving before the optional steps: the served sweep is the figure a lent GPU is most wanted for.
-  # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
-  # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
-  step serving 200 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 \
-    --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
-    --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
-    --no-perf-analyzer --retry-busy 0 --out "$out/serving" "$@"
-  # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
-  # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
-  step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b --device cuda --max-streams 64 \
-    --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 --max-tokens 150 --request-count 8 \
-    --timeout 60 --out "$out/perf-analyzer"
-  step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
-    --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
-    --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
-    --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@"
-  # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
-  step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
-    --max-seq-len 1400 --decoder-newcomer-horizon 0 --concurrency 1,64,128,160,216 --texts short --max-tokens 0 \
-    --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 8,32 \
-    --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --out "$out/serving-newcomer-off" "$@"
-  step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 16 --max-seq-len 1400 \
-    --concurrency 1 --texts short --max-tokens 0 --min-streams 4 --level-seconds 20 --poisson-rates "" \
-    --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer --retry-busy 0 --out "$out/comparisons" "$@"
-  step engine-graph 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda --graph-sampling \
-    --sweep 1,64,128,192 --max-streams 192 --tokens 300 --repeat 2 --out "$out/engine"
-  step profile 90 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" --device cuda --streams 1,128 \
-    --out "$out/profile"
-  step profile-overlap 60 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" --device cuda \
-    --streams 1,128 --overlap --out "$out/profile-overlap"
+  model_set() {  # the Orpheus-3B-shaped model set, made once: its LLM folder in $llm
+    [[ -n "$llm" ]] && return 0
+    step models 150 "$py" -c 'from common import model_set; print(model_set("orpheus-3b", None)[0].llm)' || true
+    llm="$(tail -n 1 "$out/models.log" 2>/dev/null)"
+    [[ -d "$llm" ]] || { log "no model set"; llm=""; return 1; }
+  }
+  for name in $steps; do
+    case "$name" in
+      check) step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
+      snac-sizes) step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes" ;;
+      models) model_set ;;
+      # Bursts: 216 callers at once (a closed-loop level's start) and 128 beside 64 running streams, at the
+      # CPU's prefill budget and the GPU's default (engine.PREFILL_TOKENS_PER_STEP).
+      engine) model_set && step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
+        --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
+        --burst 0+216,64+128 --burst-prefill 256,2048,8192 --out "$out/engine" ;;
+      # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
+      engine-overlap) model_set && step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" \
+        --device cuda --overlap --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 \
+        --out "$out/engine" ;;
+      # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
+      # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
+      serving) model_set && step serving 240 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
+        --max-seq-len 1400 --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
+        --ramp-seconds 3 --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 \
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --out "$out/serving" "$@" ;;
+      # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
+      # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
+      perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \
+        --device cuda --max-streams 64 --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 \
+        --max-tokens 150 --request-count 8 --timeout 60 --out "$out/perf-analyzer" ;;
+      serving-overlap) model_set && step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 256 --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 \
+        --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@" ;;
+      # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
+      serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
+        --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \
+        --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
+        --min-streams 8 --level-seconds 15 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
+        --no-perf-analyzer --retry-busy 0 --out "$out/serving-newcomer-off" "$@" ;;
+      comparisons) model_set && step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 16 --max-seq-len 1400 --concurrency 1 --texts short --max-tokens 0 --min-streams 4 \
+        --level-seconds 20 --poisson-rates "" --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer \
+        --retry-busy 0 --out "$out/comparisons" "$@" ;;
+      engine-graph) model_set && step engine-graph 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" \
+        --device cuda --graph-sampling --sweep 1,64,128,192 --max-streams 192 --tokens 300 --repeat 2 \
+        --out "$out/engine" ;;
+      profile) model_set && step profile 90 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" \
+        --device cuda --streams 1,128 --out "$out/profile" ;;
+      profile-overlap) model_set && step profile-overlap 60 "$py" perf/gpu/profile_step.py --shape orpheus-3b \
+        --llm "$llm" --device cuda --streams 1,128 --overlap --out "$out/profile-overlap" ;;
+      *) log "$name: no such step" ;;
+    esac || true
+  done
   # A backend stub that dies of a signal (a segfault, the OOM killer) says so here, not in the server log.
   dmesg 2>/dev/null | tail -n 60 >"$out/dmesg.txt" || true
   # The figures on one page (SUMMARY.md), printed last: the tail of this command's output.
