@@ -124,6 +124,35 @@ def test_a_burst_of_prompts_is_prefilled_together_and_streams_as_if_alone(model)
         assert together[i].tokens == alone[i].tokens, i
 
 
+def test_short_prompts_of_a_burst_go_whole_into_batched_forwards(model):
+    """A short prompt that does not fit what is left of a step's budget waits for the next step's batched
+    forward instead of going through the scratch slot on its own: a burst costs one forward per budget's worth
+    of prompts, not one per prompt after the first budget."""
+    engine = make_engine(model, max_streams=6, prefill_chunk=20)
+    forwards = []
+    plain_forward = engine.model.forward
+
+    def spy(tokens, positions, first_slot=0, **kw):
+        forwards.append((tuple(tokens.shape), first_slot))
+        return plain_forward(tokens, positions, first_slot=first_slot, **kw)
+
+    engine.model.forward = spy
+    outs = [Collector() for _ in range(6)]
+    for i, out in enumerate(outs):
+        engine.submit(request(list(range(300 + 10 * i, 309 + 10 * i)), out, seed=i, max_new_tokens=5))
+    firsts = []
+    for _ in range(3):
+        forwards.clear()
+        engine.step()
+        firsts.append(sum(1 for out in outs if out.tokens))
+        prefills = [shape for shape, first_slot in forwards if shape[1] > 1]
+        assert all(first_slot != engine.scratch_slot for _, first_slot in forwards)
+        assert prefills == [(2, 9)]  # two 9-token prompts (18 of 20 tokens) per step, in one forward
+    assert firsts == [2, 4, 6]
+    engine.run_until_idle()
+    assert all(out.finished and len(out.tokens) == 6 for out in outs)
+
+
 def test_newcomer_joins_at_next_step_and_slots_are_reused(model):
     engine = make_engine(model, max_streams=2)
     long_a, long_b, newcomer = Collector(), Collector(), Collector()

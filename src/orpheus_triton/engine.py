@@ -376,40 +376,56 @@ class InflightEngine:
                               f"(max_queue_seconds; {slots} of {slots} stream slots in use); retry later")
 
     def _prefill(self) -> None:
-        budget = self.prefill_chunk - self._prefill_together()
-        while budget > 0 and len(self.decoding) < self.max_streams:
-            if self.prefilling is None:
-                with self.lock:
-                    if not self.queue:
-                        return
-                    self.prefilling = self.queue.popleft()
-                self._mark_prompt(self.scratch_slot, torch.tensor(self.prefilling.request.prompt, device=self.device))
-            stream = self.prefilling
-            prompt = stream.request.prompt
-            chunk = prompt[stream.prefilled : stream.prefilled + budget]
-            tokens = torch.tensor([chunk], device=self.device)
-            positions = torch.arange(stream.prefilled, stream.prefilled + len(chunk), device=self.device)[None]
-            hidden = self.model(tokens, positions, first_slot=self.scratch_slot, hidden_only=True)
-            stream.prefilled += len(chunk)
-            stream.length = stream.prefilled
-            budget -= len(chunk)
-            if stream.prefilled < len(prompt):
-                return  # rest of the prompt next step
-            # Prompt done: move into the next decode slot and sample its first token.
-            slot = len(self.decoding)
-            self.model.copy_slot(self.scratch_slot, slot, stream.length)
-            self.seen[slot] = self.seen[self.scratch_slot]
-            self.decoding.append(stream)
-            self.prefilling = None
-            self._sample_and_emit([slot], hidden)
+        """Spend the step's prefill budget: first on the prompt being prefilled chunk by chunk, if any, then on
+        whole prompts in one batched forward (``_prefill_together``), then on starting the next prompt that
+        is longer than a whole budget, chunk by chunk in the scratch slot.
 
-    def _prefill_together(self) -> int:
-        """Prefill the queued prompts that fit the step's budget whole in one forward, straight into free
+        A prompt that fits a budget whole never goes through the scratch slot: when it does not fit what is
+        left of this step's, it waits for the next step's batched forward. (Sending it through the scratch
+        slot instead costs a forward of its own for each such prompt; in a burst of callers, one after the
+        other, every prompt that followed went that way, a step of hundreds of milliseconds on a GPU.)
+        """
+        budget = self.prefill_chunk
+        if self.prefilling is not None:
+            budget -= self._prefill_chunk_of(self.prefilling, budget)
+            if self.prefilling is not None:
+                return  # the rest of its prompt next step
+        budget -= self._prefill_together(budget)
+        if budget <= 0 or len(self.decoding) >= self.max_streams:
+            return
+        with self.lock:
+            if not self.queue or len(self.queue[0].request.prompt) <= self.prefill_chunk:
+                return
+            self.prefilling = self.queue.popleft()
+        self._mark_prompt(self.scratch_slot, torch.tensor(self.prefilling.request.prompt, device=self.device))
+        self._prefill_chunk_of(self.prefilling, budget)
+
+    def _prefill_chunk_of(self, stream: _Stream, budget: int) -> int:
+        """Prefill up to ``budget`` more tokens of ``stream``'s prompt in the scratch slot; once the prompt is
+        done, move the stream into the next decode slot and sample its first token. Returns the tokens used."""
+        prompt = stream.request.prompt
+        chunk = prompt[stream.prefilled : stream.prefilled + budget]
+        tokens = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(stream.prefilled, stream.prefilled + len(chunk), device=self.device)[None]
+        hidden = self.model(tokens, positions, first_slot=self.scratch_slot, hidden_only=True)
+        stream.prefilled += len(chunk)
+        stream.length = stream.prefilled
+        if stream.prefilled < len(prompt):
+            return len(chunk)
+        slot = len(self.decoding)
+        self.model.copy_slot(self.scratch_slot, slot, stream.length)
+        self.seen[slot] = self.seen[self.scratch_slot]
+        self.decoding.append(stream)
+        self.prefilling = None
+        self._sample_and_emit([slot], hidden)
+        return len(chunk)
+
+    def _prefill_together(self, budget: int) -> int:
+        """Prefill the queued prompts that fit ``budget`` whole in one forward, straight into free
         decode slots (no copy from the scratch slot afterwards).
 
         When requests arrive together (a burst of callers), one padded forward over
-        all their prompts costs far less than one forward each. A prompt longer than
-        what is left of the budget goes through the scratch slot in chunks. Padding
+        all their prompts costs far less than one forward each. Padding
         positions write cache entries past a row's prompt, which its mask hides until
         its own tokens overwrite them.
         Returns the prompt tokens used.
@@ -421,7 +437,7 @@ class InflightEngine:
             group, used = [], 0
             for stream in self.queue:
                 size = len(stream.request.prompt)
-                if len(group) == free or used + size > self.prefill_chunk:
+                if len(group) == free or used + size > budget:
                     break
                 group.append(stream)
                 used += size
