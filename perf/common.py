@@ -120,6 +120,85 @@ def tree_jiffies(root: int) -> int:
     return total
 
 
+def _thread_ticks(pid: int) -> dict[int, int]:
+    """CPU time (clock ticks) of each live thread of process ``pid``."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks[int(task.name)] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def server_processes(root: int) -> dict[int, str]:
+    """pid -> label for tritonserver ``root`` and the processes it started: its Python backend stubs by
+    their model's name (several instances of one model share it), anything else as "other"."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    labels, todo = {root: "tritonserver"}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        model_file = Path(args[1].decode()) if len(args) > 1 and args[0].endswith(b"_stub") else None
+        labels[pid] = model_file.parent.parent.name if model_file else "other"  # <repository>/<model>/1/model.py
+    return labels
+
+
+def server_cpu_monitor(root: int | None):
+    """Start measuring; the returned function gives the cores' worth of CPU each server process used meanwhile
+    (``server_processes`` labels, instances of a model together), with its busiest thread's share: a process
+    whose busiest thread is near 1 core is bound by that thread (a Python model's by its GIL, often), however
+    idle the machine. The load generator (this process and its other children) is listed too."""
+    if root is None:
+        return lambda: {}
+
+    def snapshot() -> tuple[float, dict[str, dict[tuple[int, int], int]], int]:
+        by_label: dict[str, dict[tuple[int, int], int]] = {}
+        for pid, label in server_processes(root).items():
+            try:
+                threads = _thread_ticks(pid)
+            except OSError:
+                continue
+            by_label.setdefault(label, {}).update({(pid, tid): ticks for tid, ticks in threads.items()})
+        return time.monotonic(), by_label, tree_jiffies(os.getpid())
+
+    try:
+        start = snapshot()
+    except OSError:
+        return lambda: {}
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def finish() -> dict:
+        try:
+            end = snapshot()
+        except OSError:
+            return {}
+        seconds = max(end[0] - start[0], 1e-9) * tick
+        out, server_ticks = {}, 0
+        for label, threads in end[1].items():
+            before = start[1].get(label, {})
+            used = {key: ticks - before.get(key, 0) for key, ticks in threads.items()}
+            server_ticks += sum(used.values())
+            out[label] = {"cores": round(sum(used.values()) / seconds, 2),
+                          "busiest_thread": round(max(used.values(), default=0) / seconds, 2)}
+        out["load generator"] = {"cores": round(max(0, end[2] - start[2] - server_ticks) / seconds, 2)}
+        return {"server_cpu": out}
+
+    return finish
+
+
 def _machine_jiffies() -> tuple[int, int]:
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     return sum(fields), fields[3] + fields[4]  # total, idle + iowait
@@ -196,11 +275,12 @@ def metric_values(metrics_url: str, name: str) -> list[float]:
     return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
 
 
-def server_listener_monitor(metrics_url: str | None):
-    """A ``monitor`` for loadgen.sweep: each level's figures from the server's own listener metrics
+def server_listener_monitor(metrics_url: str | None, server_pid: int | None = None):
+    """A ``monitor`` for loadgen.sweep: each level's figures from the server's own metrics
     (metrics.ListenerFigures): its time-to-first-audio quantiles, from its histogram's buckets, the
-    gaps it saw, beside what the load generator measured at the client, and the share of the level's
-    time its decoder was busy."""
+    gaps it saw, beside what the load generator measured at the client; where the level's time went
+    (the decoder's and the LLM engine's busy shares, windows and steps a second, ListenerFigures.load);
+    with ``server_pid``, the CPU each server process used (``server_cpu_monitor``)."""
     from orpheus_triton.metrics import ListenerFigures  # noqa: PLC0415
 
     def page() -> ListenerFigures | None:
@@ -212,18 +292,20 @@ def server_listener_monitor(metrics_url: str | None):
     def start():
         before = page() if metrics_url else None
         started = time.monotonic()
+        cpu = server_cpu_monitor(server_pid)
 
         def finish() -> dict:
             after = page() if before is not None else None
             if after is None:
-                return {}
+                return cpu()
             level = after - before
+            load = level.load(time.monotonic() - started)
             return {"server_first_audio": level.first_audio_count,
                     "server_ttfa_p50": level.first_audio_quantile(0.5),
                     "server_ttfa_p99": level.first_audio_quantile(0.99),
                     "server_stalls": int(level.stalls), "server_stall_seconds": round(level.stall_seconds, 4),
-                    "server_decoder_busy": round(level.decoder_busy_seconds / max(time.monotonic() - started, 1e-9),
-                                                 3)}
+                    "server_decoder_busy": load.pop("decoder_busy", None),
+                    "server_load": load} | cpu()
 
         return finish
 

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from load_table import load_table  # noqa: E402 (perf/, beside this file)
 
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from orpheus_triton.loadgen import StreamRecord  # noqa: E402
@@ -215,6 +216,8 @@ def _server_view(levels: dict) -> list[str]:
           f"{_ms(lv['server_ttfa_p99'])} / {_ms(lv['ttfa_p99'])} | {lv['server_stalls']} / {lv['stalls']} | "
           f"{_share(lv.get('server_decoder_busy'))} |"
           for c, lv in rows],
+        "",
+        *load_table([(f"{c} streams", lv) for c, lv in _levels(levels)]),
     ]
 
 

@@ -131,10 +131,12 @@ def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm
         release_memory()
 
 
-def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: str | None = None) -> dict:
-    """sweep(), one level at a time, each level under ``guard``, with the server's own listener figures
-    for each level where ``metrics_url`` is given (common.server_listener_monitor)."""
-    monitor = server_listener_monitor(metrics_url)
+def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: str | None = None,
+                  server_pid: int | None = None) -> dict:
+    """sweep(), one level at a time, each level under ``guard``, with the server's own figures for each
+    level where ``metrics_url`` is given, and its processes' CPU with ``server_pid``
+    (common.server_listener_monitor)."""
+    monitor = server_listener_monitor(metrics_url, server_pid)
     out = {"settings": asdict(settings), "closed_loop": {}, "poisson": {}, "records": {}}
     runs = [("closed_loop", c, replace(settings, concurrency=[c], poisson_rates=[])) for c in settings.concurrency]
     runs += [("poisson", r, replace(settings, concurrency=[], poisson_rates=[r])) for r in settings.poisson_rates]
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             if serving:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
-        result["tts"] = guarded_sweep(server.url, settings, guard, server.metrics_url)
+        result["tts"] = guarded_sweep(server.url, settings, guard, server.metrics_url,
+                                      server.process.pid if server.process else None)
         result["tts"]["records"] = _round_records(result["tts"]["records"])
         result["tts"]["realtime_capacity_by_limit"] = {
             str(limit): realtime_capacity(result["tts"]["closed_loop"], limit)

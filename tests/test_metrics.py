@@ -51,7 +51,7 @@ def test_release_drops_every_metric_before_any_family():
     release(metrics)
     gc.collect()
     kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
-    assert kinds == ["metric"] * 10 + ["family"] * 10
+    assert kinds == ["metric"] * 11 + ["family"] * 11
     assert not hasattr(metrics, "streams") and metrics.metrics.families == []
 
 
@@ -66,7 +66,8 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
     engine = SimpleNamespace(stats=EngineStats())
     metrics = EngineMetrics(FakePbUtils, engine, active=None, interval=0.01)
     capped, tokens = metrics.counters["capped"].values, metrics.counters["tokens_generated"].values
-    engine.stats.capped, engine.stats.tokens_generated = 2, 70
+    busy = metrics.counters["busy_seconds"].values
+    engine.stats.capped, engine.stats.tokens_generated, engine.stats.busy_seconds = 2, 70, 0.5
     deadline = time.monotonic() + 5
     while sum(capped) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -75,6 +76,7 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
         time.sleep(0.01)
     metrics.stop()
     assert sum(capped) == 3 and sum(tokens) == 70  # each counter grew by its field's growth, once
+    assert sum(busy) == 0.5  # seconds, not only whole numbers
     gc.collect()
     assert FakePbUtils.destroyed.index("metric orpheus_llm_capped_requests_total") < FakePbUtils.destroyed.index(
         "family orpheus_llm_capped_requests_total")
@@ -104,6 +106,11 @@ orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="+Inf"} 10
 orpheus_decoder_stalls_total{model="snac_decoder"} 3
 orpheus_decoder_stall_seconds_total{model="snac_decoder"} 0.25
 orpheus_decoder_busy_seconds_total{model="snac_decoder"} 4.5
+orpheus_decoder_windows_total{model="snac_decoder"} 300
+orpheus_decoder_calls_total{model="snac_decoder"} 60
+orpheus_llm_generated_tokens_total{model="llm"} 4000
+orpheus_llm_steps_total{model="llm"} 500
+orpheus_llm_busy_seconds_total{model="llm"} 8
 """
 
 
@@ -123,6 +130,14 @@ def test_listener_figures_from_the_metrics_page_and_their_difference():
     assert level.first_audio_quantile(0.5) == pytest.approx(0.2)
     assert level.first_audio_quantile(0.75) == pytest.approx(0.2 + 0.3 * (3 - 2) / 2)
     assert ListenerFigures.parse("").first_audio_quantile(0.5) is None
+    # where a level's time went: the difference of two pages, over the level's seconds
+    earlier = ListenerFigures.parse(PAGE.replace("} 300", "} 100").replace("} 60", "} 20").replace("} 4000", "} 2000")
+                                    .replace("} 500", "} 250").replace("} 8\n", "} 3\n").replace("} 4.5", "} 2.5"))
+    assert (page - earlier).load(10.0) == {
+        "decoder_busy": 0.2, "llm_busy": 0.5, "decoder_windows_per_s": 20.0, "llm_steps_per_s": 25.0,
+        "llm_tokens_per_s": 200.0, "decoder_windows_per_call": 5.0, "llm_tokens_per_step": 8.0}
+    assert ListenerFigures.parse(PAGE.split("orpheus_llm")[0]).load(1.0).keys() == {  # no engine counters
+        "decoder_busy", "decoder_windows_per_s", "decoder_windows_per_call"}
     # beyond the last finite bound: that bound, as Prometheus gives
     late = ListenerFigures({0.5: 1.0, math.inf: 4.0})
     assert late.first_audio_quantile(0.99) == 0.5

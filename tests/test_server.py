@@ -280,7 +280,7 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
 
     from orpheus_triton.metrics import FIRST_AUDIO_BUCKETS
 
-    finish = server_listener_monitor(f"http://localhost:{server.ports.metrics}/metrics")()
+    finish = server_listener_monitor(f"http://localhost:{server.ports.metrics}/metrics", server.pid)()
     results = [OrpheusClient(grpc_url).synthesize("two streams", max_tokens=35, seed=s) for s in (1, 2)]
     figures = finish()
     assert figures["server_first_audio"] == 2
@@ -291,6 +291,15 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
     assert 0 < figures["server_ttfa_p50"] <= figures["server_ttfa_p99"] <= bound
     assert figures["server_stalls"] >= 0 and figures["server_stall_seconds"] >= 0
     assert 0 < figures["server_decoder_busy"] < 1  # two short streams one after the other: busy part of the time
+    # Where the time went: the engine's steps (each gave a token to the one stream decoding) and the SNAC calls,
+    # and the CPU of each server process, each model's stub by its name.
+    load = figures["server_load"]
+    assert 0 < load["llm_busy"] < 1 and load["llm_steps_per_s"] > 0 and load["llm_tokens_per_s"] > 0
+    assert 1.0 <= load["llm_tokens_per_step"] <= 1.1  # one stream at a time (its prefill step's first token too)
+    assert load["decoder_windows_per_s"] > 0 and load["decoder_windows_per_call"] >= 1
+    cpu = figures["server_cpu"]
+    assert {"tritonserver", "preprocessing", "llm", "snac_decoder", "load generator"} <= set(cpu)
+    assert cpu["llm"]["cores"] > 0 and 0 < cpu["snac_decoder"]["busiest_thread"] <= cpu["snac_decoder"]["cores"]
     assert server_listener_monitor(None)()() == {}  # no metrics endpoint: no figures, no error
 
 

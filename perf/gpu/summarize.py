@@ -16,6 +16,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/: load_table
+from load_table import load_table  # noqa: E402
+
 
 def _load(path: Path) -> dict | None:
     try:
@@ -81,7 +84,8 @@ def serving(folder: Path, name: str) -> list[str]:
                      f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
                      f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} | "
                      f"{_share(level.get('server_decoder_busy'))} |")
-    return lines + [""]
+    table = load_table(levels)
+    return lines + ([""] + table if table else []) + [""]
 
 
 def perf_analyzer(folder: Path) -> list[str]:

@@ -157,6 +157,7 @@ class EngineStats:
     queued_requests: int = 0
     tokens_generated: int = 0
     steps: int = 0
+    busy_seconds: float = 0.0  # the steps' time together
     last_step_seconds: float = 0.0
     last_batch_size: int = 0
     cancelled: int = 0
@@ -308,6 +309,7 @@ class InflightEngine:
             self._emit(sampled.streams, sampled.read())
         self.stats.steps += 1
         self.stats.last_step_seconds = time.perf_counter() - started
+        self.stats.busy_seconds += self.stats.last_step_seconds
         self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
         self.stats.queued_requests = len(self.queue)
 

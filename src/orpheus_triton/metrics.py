@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -12,6 +12,15 @@ FIRST_AUDIO_METRIC = "orpheus_time_to_first_audio_seconds"
 STALLS_METRIC = "orpheus_decoder_stalls_total"
 STALL_SECONDS_METRIC = "orpheus_decoder_stall_seconds_total"
 DECODER_BUSY_METRIC = "orpheus_decoder_busy_seconds_total"
+# Where a server's time goes, beside them (ListenerFigures.load): the LLM engine's steps and tokens, the
+# decoder's SNAC calls and windows.
+DECODER_WINDOWS_METRIC = "orpheus_decoder_windows_total"
+DECODER_CALLS_METRIC = "orpheus_decoder_calls_total"
+LLM_TOKENS_METRIC = "orpheus_llm_generated_tokens_total"
+LLM_STEPS_METRIC = "orpheus_llm_steps_total"
+LLM_BUSY_METRIC = "orpheus_llm_busy_seconds_total"
+LOAD_METRICS = (DECODER_BUSY_METRIC, DECODER_WINDOWS_METRIC, DECODER_CALLS_METRIC, LLM_TOKENS_METRIC,
+                LLM_STEPS_METRIC, LLM_BUSY_METRIC)
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
 # the 500 ms of the benchmark's real-time capacity and beyond.
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -88,7 +97,8 @@ class DecoderMetrics:
         self.busy_seconds = metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "
                                             "and answering): its rate is the share of time it is busy "
                                             "(1 = saturated)")
-        self.windows = metrics.counter("orpheus_decoder_windows_total", "Windows decoded")
+        self.windows = metrics.counter(DECODER_WINDOWS_METRIC, "Windows decoded")
+        self.calls = metrics.counter(DECODER_CALLS_METRIC, "SNAC calls (windows per call: the decoder's batching)")
         self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
         self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
         self.first_audio = metrics.histogram(FIRST_AUDIO_METRIC, "From preprocessing taking a request to its "
@@ -103,6 +113,7 @@ class DecoderMetrics:
         self.call_windows.set(windows)
         self.call_seconds.set(seconds)
         self.windows.increment(windows)
+        self.calls.increment(1)
         self.audio_seconds.increment(windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
 
     def record_busy(self, seconds: float) -> None:
@@ -127,31 +138,53 @@ class DecoderMetrics:
 @dataclass(frozen=True)
 class ListenerFigures:
     """The listener metrics of a /metrics page (Prometheus text), or the difference of two pages, and
-    the decoder's busy seconds beside them (what bounds them on a small machine)."""
+    beside them the counters that say where the server's time went (``LOAD_METRICS``: the decoder's busy
+    seconds, what bounds a small machine; the LLM engine's steps and busy seconds on a GPU)."""
 
     first_audio_buckets: dict[float, float]  # upper bound (s) -> requests with first audio within it
     stalls: float = 0.0
     stall_seconds: float = 0.0
-    decoder_busy_seconds: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)  # LOAD_METRICS name -> value (summed over models)
 
     @classmethod
     def parse(cls, text: str) -> ListenerFigures:
-        buckets, values = {}, {}
+        buckets, values, counters = {}, {}, {}
         for line in text.splitlines():
             name, _, rest = line.partition("{")
             if name == FIRST_AUDIO_METRIC + "_bucket":
                 bound = rest.split('le="', 1)[1].split('"', 1)[0]
                 buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
-            elif name in (STALLS_METRIC, STALL_SECONDS_METRIC, DECODER_BUSY_METRIC):
+            elif name in (STALLS_METRIC, STALL_SECONDS_METRIC):
                 values[name] = float(line.rsplit(" ", 1)[1])
-        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0),
-                   values.get(DECODER_BUSY_METRIC, 0.0))
+            elif name in LOAD_METRICS:
+                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0), counters)
 
     def __sub__(self, before: ListenerFigures) -> ListenerFigures:
         return ListenerFigures({bound: count - before.first_audio_buckets.get(bound, 0.0)
                                 for bound, count in self.first_audio_buckets.items()},
                                self.stalls - before.stalls, self.stall_seconds - before.stall_seconds,
-                               self.decoder_busy_seconds - before.decoder_busy_seconds)
+                               {name: value - before.counters.get(name, 0.0) for name, value in self.counters.items()})
+
+    @property
+    def decoder_busy_seconds(self) -> float:
+        return self.counters.get(DECODER_BUSY_METRIC, 0.0)
+
+    def load(self, seconds: float) -> dict[str, float]:
+        """Where the time of a level of ``seconds`` went (this object: the difference of its two pages), as
+        rates: the decoder's and the LLM engine's busy shares (1 = saturated), SNAC windows a second and per
+        call, engine steps a second and tokens per step. A figure whose counters the server lacks is left out
+        (the TensorRT-LLM repository has no engine counters of ours)."""
+        c, seconds = self.counters, max(seconds, 1e-9)
+        figures = {"decoder_busy": c.get(DECODER_BUSY_METRIC), "llm_busy": c.get(LLM_BUSY_METRIC),
+                   "decoder_windows_per_s": c.get(DECODER_WINDOWS_METRIC), "llm_steps_per_s": c.get(LLM_STEPS_METRIC),
+                   "llm_tokens_per_s": c.get(LLM_TOKENS_METRIC)}
+        out = {name: round(value / seconds, 3) for name, value in figures.items() if value is not None}
+        if c.get(DECODER_CALLS_METRIC):
+            out["decoder_windows_per_call"] = round(c.get(DECODER_WINDOWS_METRIC, 0.0) / c[DECODER_CALLS_METRIC], 2)
+        if c.get(LLM_STEPS_METRIC):
+            out["llm_tokens_per_step"] = round(c.get(LLM_TOKENS_METRIC, 0.0) / c[LLM_STEPS_METRIC], 2)
+        return out
 
     @property
     def first_audio_count(self) -> int:

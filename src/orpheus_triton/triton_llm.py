@@ -12,7 +12,7 @@ import torch
 from .constants import LLM_MODEL
 from .engine import InflightEngine
 from .llama import load_llama
-from .metrics import MetricSet, release
+from .metrics import LLM_BUSY_METRIC, LLM_STEPS_METRIC, LLM_TOKENS_METRIC, MetricSet, release
 from .repository import parse_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,10 @@ class EngineMetrics:
         self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
         # Engine counters (EngineStats fields) and the metric each one's growth is added to.
         self.counters = {
-            "tokens_generated": metrics.counter("orpheus_llm_generated_tokens_total", "Tokens generated"),
+            "tokens_generated": metrics.counter(LLM_TOKENS_METRIC, "Tokens generated"),
+            "steps": metrics.counter(LLM_STEPS_METRIC, "Engine steps (tokens per step: the batching achieved)"),
+            "busy_seconds": metrics.counter(LLM_BUSY_METRIC, "Seconds the engine loop spent in steps: its rate is "
+                                            "the share of time it is busy (1 = saturated)"),
             "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
                                          "client cancelled them"),
             "timed_out": metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
