@@ -373,6 +373,10 @@ short() {
   dmesg 2>/dev/null | tail -n 60 >"$out/dmesg.txt" || true
   # The figures on one page (SUMMARY.md), printed last: the tail of this command's output.
   "$py" perf/gpu/summarize.py "$out" || log "no summary"
+  # The folder without its raw/ data (chunk arrival times, server logs: tens of MB) in one archive small
+  # enough to hand back from a lent machine: perf/results/gpu-short.tgz.
+  tar -czf "$out.tgz" --exclude=raw -C "$(dirname "$out")" "$(basename "$out")" &&
+    log "$(du -h "$out.tgz" | cut -f1) in $out.tgz (without raw/)" || log "no archive"
 }
 
 relay() {
