@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
     parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
     parser.add_argument("--streams-per-worker", type=int, default=2)
+    parser.add_argument("--loadgen-processes", type=int, default=1,
+                        help="load generator processes, a level's streams dealt out among them (hundreds of streams "
+                             "on a GPU: one Python process's GIL would bound what is measured)")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
                         help="closed loop: start the workers' first streams over this long (0: all at once)")
     parser.add_argument("--min-streams", type=int, default=4)
@@ -220,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prefill-tokens {args.prefill_tokens}: want >= 1, or 0 for the engine's default")
     if not 0 <= args.ramp_seconds < args.level_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
+    if args.loadgen_processes < 1:
+        parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         min_streams=args.min_streams, max_seconds_per_level=args.level_seconds,
         poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
         poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,
+        processes=args.loadgen_processes,
     )
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,

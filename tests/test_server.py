@@ -303,6 +303,28 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
     assert server_listener_monitor(None)()() == {}  # no metrics endpoint: no figures, no error
 
 
+def test_a_sweep_in_several_load_generator_processes(grpc_url):
+    """loadgen.LoadProcesses: a level's closed-loop workers and Poisson arrivals dealt out to two processes,
+    timed from one start, come back as one level (each worker's first stream where the ramp puts it)."""
+    from orpheus_triton.loadgen import SweepSettings, poisson_schedule, sweep
+
+    settings = SweepSettings(concurrency=[3], streams_per_worker=1, min_streams=3, ramp_seconds=0.6,
+                             max_seconds_per_level=60.0, poisson_rates=[20.0], poisson_streams=2,
+                             poisson_seconds=60.0, labels=["short"], max_tokens={"short": 28}, processes=2)
+    result = sweep(grpc_url, settings, log=lambda line: None)
+    closed, poisson = result["closed_loop"][3], result["poisson"][20.0]
+    assert closed["streams"] == 3 and closed["errors"] == 0 and closed["no_audio"] == 0
+    assert poisson["streams"] == 2 and poisson["errors"] == 0
+    # Worker i's first stream at 0.6 i / 3 s (or sooner, in a worker whose first stream has ended).
+    starts = sorted(r["started"] for r in result["records"]["closed_3"])
+    assert starts[0] < 0.1 and starts[-1] < 0.4 + 0.1
+    # The two arrivals of the schedule, one in each process, each at its offset from the level's one start.
+    scheduled = poisson_schedule(20.0, 2, 60.0, seed=0)
+    arrived = sorted(r["started"] for r in result["records"]["poisson_20.0"])
+    assert arrived == pytest.approx(scheduled, abs=0.05)
+    assert all(r["arrivals"] for r in result["records"]["closed_3"] + result["records"]["poisson_20.0"])
+
+
 def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(server, grpc_url):
     """AsyncOrpheusClient: the threaded client's audio for the same request, two streams at once on one
     client, and leaving a long stream after two chunks ends its generation (the llm's `stop`)."""

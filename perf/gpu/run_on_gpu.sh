@@ -272,7 +272,7 @@ bench() {
     --streams-per-worker 2 --ramp-seconds 5 --min-streams 8 --level-seconds 60 \
     --poisson-rates 4,16 --poisson-streams 64 --serving-repeats 8 \
     --pa-concurrency 1,16,64 --pa-decoder-concurrency 1,16,64 --pa-max-tokens 250 --pa-request-count 16 \
-    --engine-tokens 400 "$@"
+    --engine-tokens 400 --loadgen-processes 8 "$@"
 }
 
 check() {
@@ -336,10 +336,11 @@ short() {
         --out "$out/engine" ;;
       # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
       # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
+      # Eight load generator processes: in one, its GIL bounds what hundreds of streams can receive.
       serving) model_set && step serving 240 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
         --max-seq-len 1400 --concurrency 1,32,64,96,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 \
         --ramp-seconds 3 --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 \
-        --skip-comparisons --no-perf-analyzer --retry-busy 0 --out "$out/serving" "$@" ;;
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving" "$@" ;;
       # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
       # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
       perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \
@@ -348,13 +349,13 @@ short() {
       serving-overlap) model_set && step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
         --max-streams 256 --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 \
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
-        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --out "$out/serving-overlap" "$@" ;;
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving-overlap" "$@" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \
         --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
         --min-streams 8 --level-seconds 15 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
-        --no-perf-analyzer --retry-busy 0 --out "$out/serving-newcomer-off" "$@" ;;
+        --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving-newcomer-off" "$@" ;;
       comparisons) model_set && step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
         --max-streams 16 --max-seq-len 1400 --concurrency 1 --texts short --max-tokens 0 --min-streams 4 \
         --level-seconds 20 --poisson-rates "" --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer \

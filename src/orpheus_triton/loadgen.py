@@ -32,6 +32,7 @@ delay them. Only loopback servers are accepted as targets.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import math
@@ -303,7 +304,8 @@ def _level_line(level: dict) -> str:
 
 def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurrency: int,
                     utterances: Sequence[Utterance], max_streams: int, max_seconds: float,
-                    ramp_seconds: float = 0.0) -> list[StreamRecord]:
+                    ramp_seconds: float = 0.0, start: float | None = None,
+                    workers: Sequence[int] | None = None) -> list[StreamRecord]:
     """``concurrency`` workers, each starting its next utterance when one ends.
 
     Stops starting streams after ``max_streams`` in all or ``max_seconds``; streams
@@ -311,6 +313,9 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
     Worker i starts its first stream ``ramp_seconds * i / concurrency`` into the level:
     0 starts every worker at once (a burst of ``concurrency`` callers), a ramp about as
     long as a stream spreads the starts as a steady stream of callers would.
+    A share of a level run in one of several processes (``LoadProcesses``) names its
+    ``workers`` (their numbers among the level's) and the level's ``start``
+    (``time.perf_counter()``, the same clock in every process).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
@@ -319,7 +324,7 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
     records: list[StreamRecord] = []
     lock = threading.Lock()
     issued = [0]
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
 
     def worker(delay: float):
         time.sleep(max(0.0, start + delay - time.perf_counter()))
@@ -334,7 +339,7 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
                 records.append(record)
 
     threads = [threading.Thread(target=worker, args=(ramp_seconds * i / concurrency,), name=f"loadgen-{i}",
-                                daemon=True) for i in range(concurrency)]
+                                daemon=True) for i in (range(concurrency) if workers is None else workers)]
     for t in threads:
         t.start()
     for t in threads:
@@ -343,12 +348,16 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
 
 
 def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float, utterances: Sequence[Utterance],
-                max_streams: int, max_seconds: float, seed: int = 0) -> list[StreamRecord]:
-    """Streams started at Poisson arrival times (``rate``/s), at most ``max_streams`` within ``max_seconds``."""
+                max_streams: int, max_seconds: float, seed: int = 0, start: float | None = None,
+                share: tuple[int, int] = (0, 1)) -> list[StreamRecord]:
+    """Streams started at Poisson arrival times (``rate``/s), at most ``max_streams`` within ``max_seconds``.
+
+    ``share`` (k, n): only arrivals k, k + n, k + 2n, ... of the schedule, from the level's ``start``
+    (one of n processes running a level together, ``LoadProcesses``)."""
     schedule = poisson_schedule(rate, max_streams, max_seconds, seed)
     records: list[StreamRecord] = []
     lock = threading.Lock()
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
 
     def one(utterance):
         record = stream(utterance, start)
@@ -356,7 +365,7 @@ def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float,
             records.append(record)
 
     threads = []
-    for i, offset in enumerate(schedule):
+    for i, offset in list(enumerate(schedule))[share[0] :: share[1]]:
         time.sleep(max(0.0, start + offset - time.perf_counter()))
         thread = threading.Thread(target=one, args=(utterances[i % len(utterances)],), daemon=True)
         thread.start()
@@ -364,6 +373,95 @@ def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float,
     for t in threads:
         t.join()
     return sorted(records, key=lambda r: r.started)
+
+
+class LoadProcesses:
+    """Child processes that each run a share of every level's streams, on their own gRPC connections.
+
+    One Python process receiving the chunks of hundreds of streams spends its time in the GIL before a GPU
+    server runs out of anything: at high concurrency the load generator would measure itself. Each child
+    (spawned: no gRPC state crosses a fork) builds its own stream function (``grpc_stream``); a level's
+    workers (closed loop) or arrivals (Poisson) are dealt out round robin, all timed from one start on the
+    shared monotonic clock, and the records come back in one list, as from one process.
+    """
+
+    def __init__(self, url: str, count: int, timeout: float = 120.0):
+        import multiprocessing  # noqa: PLC0415
+
+        if count < 2:
+            raise ValueError(f"LoadProcesses needs at least 2 processes, got {count}")
+        context = multiprocessing.get_context("spawn")
+        self.pipes, self.processes = [], []
+        for _ in range(count):
+            here, there = context.Pipe()
+            process = context.Process(target=_load_process, args=(there, url, timeout), daemon=True)
+            process.start()
+            self.pipes.append(here)
+            self.processes.append(process)
+        for here in self.pipes:
+            ready = here.recv()
+            if ready != "ready":
+                self.close()
+                raise RuntimeError(f"a load generator process did not start: {ready}")
+
+    def run_closed_loop(self, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
+                        max_seconds: float, ramp_seconds: float = 0.0) -> list[StreamRecord]:
+        n = len(self.pipes)
+        shares = [(list(range(k, concurrency, n)), max_streams // n + (k < max_streams % n)) for k in range(n)]
+        return self._run([("closed", {"concurrency": concurrency, "utterances": list(utterances)[k:] +
+                                      list(utterances)[:k], "max_streams": streams, "max_seconds": max_seconds,
+                                      "ramp_seconds": ramp_seconds, "workers": workers})
+                          for k, (workers, streams) in enumerate(shares) if workers and streams])
+
+    def run_poisson(self, rate: float, utterances: Sequence[Utterance], max_streams: int, max_seconds: float,
+                    seed: int = 0) -> list[StreamRecord]:
+        n = len(self.pipes)
+        return self._run([("poisson", {"rate": rate, "utterances": list(utterances), "max_streams": max_streams,
+                                       "max_seconds": max_seconds, "seed": seed, "share": (k, n)}) for k in range(n)])
+
+    def _run(self, jobs: list[tuple[str, dict]]) -> list[StreamRecord]:
+        start = time.perf_counter() + 0.05  # every process has its job before the level starts
+        for here, (kind, arguments) in zip(self.pipes, jobs, strict=False):
+            here.send((kind, arguments | {"start": start}))
+        records: list[StreamRecord] = []
+        for here in self.pipes[: len(jobs)]:
+            answer = here.recv()
+            if isinstance(answer, str):
+                raise RuntimeError(f"a load generator process failed: {answer}")
+            records += answer
+        return sorted(records, key=lambda r: r.started)
+
+    def close(self) -> None:
+        for here in self.pipes:
+            with contextlib.suppress(OSError):
+                here.send(None)
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+    def __enter__(self) -> LoadProcesses:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _load_process(pipe, url: str, timeout: float) -> None:
+    """A LoadProcesses child: run the levels' shares it is sent until told to stop (None)."""
+    try:
+        stream = grpc_stream(url, timeout)
+    except Exception as error:  # noqa: BLE001 (told to the parent, which raises it)
+        pipe.send(f"{type(error).__name__}: {error}")
+        return
+    pipe.send("ready")
+    while (job := pipe.recv()) is not None:
+        kind, arguments = job
+        try:
+            run = run_closed_loop if kind == "closed" else run_poisson
+            pipe.send(run(stream, **arguments))
+        except Exception as error:  # noqa: BLE001
+            pipe.send(f"{type(error).__name__}: {error}")
 
 
 @dataclass
@@ -380,6 +478,7 @@ class SweepSettings:
     stream_timeout: float = 120.0
     labels: list[str] = field(default_factory=lambda: ["short", "medium", "long"])
     max_tokens: dict[str, int] = field(default_factory=dict)
+    processes: int = 1  # load generator processes (LoadProcesses when > 1: hundreds of streams on a GPU server)
 
 
 def record_dict(record: StreamRecord) -> dict:
@@ -395,22 +494,46 @@ def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
     ``monitor``, if given, is called as each level starts; what the function it returns
     gives at the level's end (e.g. how busy the machine was) is added to that level's summary.
     """
-    stream = grpc_stream(url, settings.stream_timeout)
+    if settings.processes < 1:
+        raise ValueError(f"processes must be >= 1, got {settings.processes}")
+    with contextlib.ExitStack() as stack:
+        if settings.processes > 1:
+            runner = stack.enter_context(LoadProcesses(url, settings.processes, settings.stream_timeout))
+        else:
+            runner = _OneProcess(grpc_stream(url, settings.stream_timeout))
+        return _sweep(runner, settings, log, monitor)
+
+
+@dataclass
+class _OneProcess:
+    """The levels' streams on threads of this process (LoadProcesses' interface)."""
+
+    stream: Callable[[Utterance, float], StreamRecord]
+
+    def run_closed_loop(self, *args, **kwargs) -> list[StreamRecord]:
+        return run_closed_loop(self.stream, *args, **kwargs)
+
+    def run_poisson(self, *args, **kwargs) -> list[StreamRecord]:
+        return run_poisson(self.stream, *args, **kwargs)
+
+
+def _sweep(runner, settings: SweepSettings, log: Callable[[str], None],
+           monitor: Callable[[], Callable[[], dict]] | None) -> dict:
     utterances = workload(settings.labels, max_tokens=settings.max_tokens,
                           count=max(len(settings.labels) * len(VOICES), 8))
     closed, raw = {}, {}
     for concurrency in settings.concurrency:
         count = max(settings.min_streams, concurrency * settings.streams_per_worker)
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
-        records = run_closed_loop(stream, concurrency, utterances, count, settings.max_seconds_per_level,
-                                  settings.ramp_seconds)
+        records = runner.run_closed_loop(concurrency, utterances, count, settings.max_seconds_per_level,
+                                         settings.ramp_seconds)
         closed[concurrency] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
         log(f"closed loop c={concurrency}: {_level_line(closed[concurrency])}")
     poisson = {}
     for rate in settings.poisson_rates:
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
-        records = run_poisson(stream, rate, utterances, settings.poisson_streams, settings.poisson_seconds)
+        records = runner.run_poisson(rate, utterances, settings.poisson_streams, settings.poisson_seconds)
         poisson[rate] = summarize(records, time.perf_counter() - started) | finish()
         raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
         log(f"poisson {rate}/s: {_level_line(poisson[rate])}")
@@ -448,10 +571,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poisson-streams", type=int, default=8)
     parser.add_argument("--texts", default="short,medium,long", help="which benchmark texts: short, medium, long")
     parser.add_argument("--ttfa-limit", type=float, default=DEFAULT_TTFA_LIMIT)
+    parser.add_argument("--processes", type=int, default=1,
+                        help="load generator processes (a level's streams dealt out among them): for hundreds of "
+                             "streams, so that one Python process's GIL does not bound what is measured")
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
     if not 0 <= args.ramp_seconds < args.max_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --max-seconds {args.max_seconds}")
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: want >= 1")
     try:
         check_loopback(args.url)
         require_ready_server(args.url)
@@ -465,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.max_seconds,
         poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
         poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit, labels=_numbers(args.texts, str),
+        processes=args.processes,
     )
     result = sweep(args.url, settings)
     print(f"real-time capacity: {result['realtime_capacity']} streams "
