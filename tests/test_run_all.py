@@ -73,3 +73,21 @@ def test_a_run_folder_is_never_one_that_holds_other_results(tmp_path):
     (tmp_path / f"{base}-2" / "README.md").write_text("five engine runs")  # results of another kind
     (tmp_path / f"{base}-3" / "raw").mkdir(parents=True)  # a run that stopped before writing anything
     assert run_folder("cpu-test", root=tmp_path) == tmp_path / f"{base}-3"
+
+
+def test_loadgen_bench_measures_the_load_generator_against_a_paced_stand_in(tmp_path):
+    """perf/loadgen_bench.py end to end: the stand-in `orpheus` (the ensemble's tensor names, chunks paced at
+    `--speed` times real time) streamed at one level by one load generator process and by two."""
+    import json
+
+    import loadgen_bench
+
+    assert loadgen_bench.main(["--concurrency", "2", "--processes", "2", "--max-tokens", "70", "--speed", "4",
+                               "--level-seconds", "3", "--ramp-seconds", "0.5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "loadgen_bench.json").read_text())["levels"]
+    assert [(r["processes"], r["concurrency"]) for r in rows] == [(1, 2), (2, 2)]
+    for row in rows:
+        assert row["streams"] == 4 and row["errors"] == 0 and row["starved"] == 0
+        # 10 chunks of 2048 samples at 4x real time: each stream about 0.21 s long, 0.85 s of audio
+        assert 0.15 < row["rtf_p50"] < 0.6
+    assert "| 2 | 2 | 0 of 4 |" in (tmp_path / "loadgen_bench.md").read_text()
