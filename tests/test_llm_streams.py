@@ -129,3 +129,24 @@ def test_responses_carry_only_the_outputs_asked_for(asked, expected):
     assert dict(response)[OUT_IDS] == [[[5, 6, 7]]]
     if REQUEST_START in expected:
         assert dict(response)[REQUEST_START] == [[1234.5]]
+
+
+def test_on_the_response_thread_a_stream_is_asked_about_cancellation_at_most_once_per_interval():
+    """The engine checks every stream at every step; on GPU (threaded) Triton is asked in passes at most every
+    CANCEL_CHECK_SECONDS (each question is a round trip to the server), not once per check."""
+    import time
+
+    from orpheus_triton.serving import CANCEL_CHECK_SECONDS
+
+    streams, engine, _, _ = make(threaded=True)
+    asked = []
+    streams.start("a", SETTINGS, "sender-a", lambda: asked.append(time.monotonic()) or False)
+    check, checks = engine.requests["a"].is_cancelled, 0
+    deadline = time.monotonic() + 3.5 * CANCEL_CHECK_SECONDS
+    while time.monotonic() < deadline:
+        assert not check()
+        checks += 1
+        time.sleep(0.001)
+    streams.close()
+    assert checks > 100 and 2 <= len(asked) <= 4
+    assert all(b - a >= CANCEL_CHECK_SECONDS * 0.99 for a, b in zip(asked, asked[1:], strict=False))

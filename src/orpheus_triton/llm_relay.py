@@ -46,6 +46,7 @@ from .constants import (
     LLM_STOP,
 )
 from .serving import (
+    CANCEL_CHECK_SECONDS,
     ActiveStreams,
     CancellationWatch,
     FrameChunker,
@@ -56,8 +57,6 @@ from .serving import (
 )
 
 log = logging.getLogger(__name__)
-
-CANCEL_CHECK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)

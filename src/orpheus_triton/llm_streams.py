@@ -8,6 +8,7 @@ sender; this class keeps the rules that make streams safe to serve:
   arrives); the id of a stream whose end never reached the decoder stays retired;
 * responses leave in order through a ``ResponseQueue`` (on its own thread on GPU),
   and a request is never asked whether it was cancelled after its final response;
+  on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass;
 * a send that fails drops the stream at the engine's next step;
 * ``stop`` (TensorRT-LLM's control request) ends a stream normally.
 
@@ -22,20 +23,31 @@ from collections.abc import Callable
 from typing import Any
 
 from .engine import CapacityError, GenerationRequest, InflightEngine
-from .serving import ActiveStreams, CancellationWatch, FrameChunker, Refuse, Respond, ResponseQueue
+from .serving import (
+    CANCEL_CHECK_SECONDS,
+    ActiveStreams,
+    CancellationWatch,
+    FrameChunker,
+    Refuse,
+    Respond,
+    ResponseQueue,
+)
 
 log = logging.getLogger(__name__)
 
 
 class LlmStreams:
     def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, threaded: bool,
-                 tokens_per_response: int, hold_seconds: float):
+                 tokens_per_response: int, hold_seconds: float, cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
         self.engine = engine
         self.respond, self.refuse = respond, refuse
         self.tokens_per_response = tokens_per_response
         self.active = ActiveStreams(hold_seconds=hold_seconds)
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
-        self.cancellations = CancellationWatch(run=(lambda call: self.responses.put(None, call)) if threaded else None)
+        # Threaded (GPU): one pass over every stream at most every cancel_check_seconds, on the response
+        # thread; else the engine asks each stream's request itself at every step (a few streams, on a CPU).
+        self.cancellations = CancellationWatch(run=(lambda call: self.responses.put(None, call)) if threaded else None,
+                                               min_interval=cancel_check_seconds)
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
         """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing

@@ -412,6 +412,13 @@ def response_thread(params: dict[str, str], device_type: str) -> bool:
     return device_type == "cuda" if value == "auto" else value == "true"
 
 
+# How often a pass asks Triton about every running request: a question is a round trip to the server (20-100 us),
+# so passes as often as the engine steps cost the response thread a round trip per stream per step (at 128
+# streams and 10 ms steps, most of its time: the responses wait behind them). A cancellation then lands
+# within this long and a step.
+CANCEL_CHECK_SECONDS = 0.1
+
+
 class CancellationWatch:
     """Which requests were cancelled, asked of Triton off the engine loop.
 
