@@ -284,13 +284,13 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
-  # in the order named (default "check models engine engine-overlap serving perf-analyzer serving-overlap";
+  # in the order named (default "check models serving engine perf-analyzer engine-overlap serving-overlap";
   # also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph", "serving-newcomer-off").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local steps="${SHORT_STEPS:-check models engine engine-overlap serving perf-analyzer serving-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check models serving engine perf-analyzer engine-overlap serving-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
