@@ -295,3 +295,14 @@ def test_loopback_targets_are_accepted(url):
 def test_other_targets_are_refused(url):
     with pytest.raises(ValueError, match="this machine only"):
         check_loopback(url)
+
+
+def test_load_processes_that_cannot_start_say_why():
+    """A LoadProcesses child that cannot build its stream function (here: a target that is not this machine)
+    is reported by the parent with the child's reason, and no process is left behind."""
+    from orpheus_triton.loadgen import LoadProcesses
+
+    with pytest.raises(RuntimeError, match="did not start: ValueError: the load generator targets this machine"):
+        LoadProcesses("example.com:8001", 2)
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        LoadProcesses("localhost:8001", 1)

@@ -399,7 +399,10 @@ class LoadProcesses:
             self.pipes.append(here)
             self.processes.append(process)
         for here in self.pipes:
-            ready = here.recv()
+            try:
+                ready = here.recv()
+            except EOFError:
+                ready = "it ended while starting"
             if ready != "ready":
                 self.close()
                 raise RuntimeError(f"a load generator process did not start: {ready}")
@@ -424,8 +427,11 @@ class LoadProcesses:
         for here, (kind, arguments) in zip(self.pipes, jobs, strict=False):
             here.send((kind, arguments | {"start": start}))
         records: list[StreamRecord] = []
-        for here in self.pipes[: len(jobs)]:
-            answer = here.recv()
+        for here, process in list(zip(self.pipes, self.processes, strict=True))[: len(jobs)]:
+            try:
+                answer = here.recv()
+            except EOFError:
+                raise RuntimeError(f"a load generator process ended mid-level (exit code {process.exitcode})") from None
             if isinstance(answer, str):
                 raise RuntimeError(f"a load generator process failed: {answer}")
             records += answer
