@@ -327,14 +327,15 @@ def main() -> int:
         "what the SNAC decoder needs for first audio with its default lead-in frame (times in ms):",
         "",
         "| running | arriving | prefill tokens/step | first token p50 / max | first window p50 / p99 / max "
-        "| running streams' longest wait | step before |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| running streams' longest wait | longest step | step before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         *[f"| {b['running']} | {b['arriving']} | {b['prefill_tokens']} | "
           f"{b['first_token_s']['p50'] * 1000:.0f} / {b['first_token_s']['max'] * 1000:.0f} | "
           f"{b['first_window_s']['p50'] * 1000:.0f} / {b['first_window_s']['p99'] * 1000:.0f} / "
           f"{b['first_window_s']['max'] * 1000:.0f} | "
           + (f"{b['running_max_gap_s'] * 1000:.0f}" if b["running_max_gap_s"] is not None else "-")
-          + " | " + (f"{b['step_s_before'] * 1000:.1f}" if b["step_s_before"] is not None else "-") + " |"
+          + f" | {b['longest_step_s'] * 1000:.0f} | "
+          + (f"{b['step_s_before'] * 1000:.1f}" if b["step_s_before"] is not None else "-") + " |"
           for b in bursts],
     ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
