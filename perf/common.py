@@ -373,8 +373,10 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
                  llm_cpu_threads: str = "auto", decoder_cpu_threads: str = "auto",
-                 newcomer_horizon: float | None = None) -> Iterator[RunningServer]:
-    """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after."""
+                 newcomer_horizon: float | None = None,
+                 settings_overrides: dict | None = None) -> Iterator[RunningServer]:
+    """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
+    ``settings_overrides``: further RepositorySettings fields, by name."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
@@ -385,6 +387,7 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                                   llm_cpu_threads=llm_cpu_threads, decoder_cpu_threads=decoder_cpu_threads)
     if newcomer_horizon is not None:
         settings = replace(settings, decoder_newcomer_horizon=newcomer_horizon)
+    settings = replace(settings, **(settings_overrides or {}))
     render(settings, repository)
     with serve_repository(repository, log_path) as server:
         yield server

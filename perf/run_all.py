@@ -39,6 +39,7 @@ from common import (
     wait_quiet,
 )
 
+from orpheus_triton.constants import CANCEL_CHECK_SECONDS
 from orpheus_triton.loadgen import SweepSettings, Utterance, grpc_stream, realtime_capacity, sweep, workload
 from orpheus_triton.server import log_tail
 
@@ -187,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of audio in hand above which a stream sits a decoder round out while a "
                              "newcomer waits for first audio (0: off; default: the server's, "
                              "NEWCOMER_ROUND_HORIZON)")
+    parser.add_argument("--llm-response-thread", choices=("auto", "true", "false"), default="auto",
+                        help="the llm adapter's response thread (default auto: on GPU only)")
+    parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
+                        help="with the response thread, how often Triton is asked about every stream's "
+                             "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -223,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prefill-tokens {args.prefill_tokens}: want >= 1, or 0 for the engine's default")
     if not 0 <= args.ramp_seconds < args.level_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
+    if not args.llm_cancel_check_seconds >= 0:
+        parser.error(f"--llm-cancel-check-seconds {args.llm_cancel_check_seconds}: want >= 0")
     if args.loadgen_processes < 1:
         parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
 
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                             "lead_in": not args.no_lead_in, "llm_cpu_threads": args.llm_cpu_threads,
                             "decoder_cpu_threads": args.decoder_cpu_threads,
                             "decoder_newcomer_horizon": args.decoder_newcomer_horizon,
+                            "llm_response_thread": args.llm_response_thread,
+                            "llm_cancel_check_seconds": args.llm_cancel_check_seconds,
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -282,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
                       lead_in=not args.no_lead_in, llm_cpu_threads=args.llm_cpu_threads,
                       decoder_cpu_threads=args.decoder_cpu_threads,
-                      newcomer_horizon=args.decoder_newcomer_horizon) as server:
+                      newcomer_horizon=args.decoder_newcomer_horizon,
+                      settings_overrides={"llm_response_thread": args.llm_response_thread,
+                                          "llm_cancel_check_seconds": args.llm_cancel_check_seconds}) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

@@ -315,6 +315,21 @@ def test_cancellation_passes_are_spaced_by_min_interval():
     assert len(passes) == 1
 
 
+def test_cancellation_passes_are_a_model_parameter_rendered_from_the_settings(tmp_path):
+    from orpheus_triton.constants import CANCEL_CHECK_SECONDS
+    from orpheus_triton.repository import RepositorySettings, render
+    from orpheus_triton.serving import llm_stream_options
+
+    assert llm_stream_options({})["cancel_check_seconds"] == CANCEL_CHECK_SECONDS
+    assert llm_stream_options({"cancel_check_seconds": "0"})["cancel_check_seconds"] == 0.0
+    with pytest.raises(ValueError, match="cancel_check_seconds must be >= 0, got -1.0"):
+        llm_stream_options({"cancel_check_seconds": "-1"})
+    repository = render(RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", llm_cancel_check_seconds=0.25),
+                        tmp_path / "repository")
+    assert 'key: "cancel_check_seconds", value: { string_value: "0.25" }' in (
+        repository / "llm" / "config.pbtxt").read_text()
+
+
 def test_response_thread_is_on_for_gpus_by_default():
     from orpheus_triton.serving import response_thread
 

@@ -49,6 +49,11 @@ STALL_TOLERANCE = 1e-6  # seconds
 # cores no difference beyond the VM's spread (perf/results/2026-11-26_cpu-2core-newcomer-round); meant
 # for rounds many times a lone window's time (a GPU at hundreds of streams).
 NEWCOMER_ROUND_HORIZON = 0.25  # seconds
+# How often the llm adapter's response thread asks Triton about every running request's cancellation (GPU):
+# each question is a round trip to the server (20-100 us), so a pass at every engine step would cost that
+# thread a round trip per stream per step (at 128 streams and 10 ms steps, most of its time: the responses
+# wait behind them). A cancellation lands within this long and a step.
+CANCEL_CHECK_SECONDS = 0.1
 
 # --- Voices and sampling defaults ---------------------------------------------------
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")

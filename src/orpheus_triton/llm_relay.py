@@ -40,13 +40,13 @@ from typing import Any
 import numpy as np
 
 from .constants import (
+    CANCEL_CHECK_SECONDS,
     END_OF_SPEECH,
     LLM_AUDIO_GUARD,
     LLM_SEED,
     LLM_STOP,
 )
 from .serving import (
-    CANCEL_CHECK_SECONDS,
     ActiveStreams,
     CancellationWatch,
     FrameChunker,

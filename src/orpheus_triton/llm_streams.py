@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .constants import CANCEL_CHECK_SECONDS
 from .engine import CapacityError, GenerationRequest, InflightEngine
 from .serving import (
-    CANCEL_CHECK_SECONDS,
     ActiveStreams,
     CancellationWatch,
     FrameChunker,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .constants import (
+    CANCEL_CHECK_SECONDS,
     DECODER_MODEL,
     ENGINE_MODEL,
     ENSEMBLE_MODEL,
@@ -69,6 +70,8 @@ class RepositorySettings:
     decoder_cpu_threads: str = "auto"
     # The llm adapter's response thread (serving.ResponseQueue): auto = on GPU only, true, false.
     llm_response_thread: str = "auto"
+    # With it, how often Triton is asked about every stream's cancellation (serving.CancellationWatch).
+    llm_cancel_check_seconds: float = CANCEL_CHECK_SECONDS
     # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
     # GPU only, off until measured there).
     llm_graph_sampling: bool = False

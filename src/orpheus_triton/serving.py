@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .constants import (
+    CANCEL_CHECK_SECONDS,
     END_OF_SPEECH,
     LLM_AUDIO_GUARD,
     LLM_END_ID,
@@ -242,8 +243,11 @@ STALE_SWEEP_SECONDS = 1.0
 
 def llm_stream_options(params: dict[str, str]) -> dict:
     """The llm adapters' (torch engine's and relay's) stream options from their model parameters."""
+    cancel_check = float(params.get("cancel_check_seconds", CANCEL_CHECK_SECONDS))
+    if not cancel_check >= 0:
+        raise ValueError(f"cancel_check_seconds must be >= 0, got {cancel_check}")
     return {"tokens_per_response": int(params.get("tokens_per_response", TOKENS_PER_FRAME)),
-            "hold_seconds": stream_idle_seconds(params)}
+            "hold_seconds": stream_idle_seconds(params), "cancel_check_seconds": cancel_check}
 
 
 def stream_idle_seconds(params: dict[str, str]) -> float:
@@ -410,13 +414,6 @@ def response_thread(params: dict[str, str], device_type: str) -> bool:
     if value not in ("auto", "true", "false"):
         raise ValueError(f"response_thread must be auto, true or false, got {value!r}")
     return device_type == "cuda" if value == "auto" else value == "true"
-
-
-# How often a pass asks Triton about every running request: a question is a round trip to the server (20-100 us),
-# so passes as often as the engine steps cost the response thread a round trip per stream per step (at 128
-# streams and 10 ms steps, most of its time: the responses wait behind them). A cancellation then lands
-# within this long and a step.
-CANCEL_CHECK_SECONDS = 0.1
 
 
 class CancellationWatch:
