@@ -282,6 +282,7 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
 
     finish = server_listener_monitor(f"http://localhost:{server.ports.metrics}/metrics", server.pid)()
     results = [OrpheusClient(grpc_url).synthesize("two streams", max_tokens=35, seed=s) for s in (1, 2)]
+    time.sleep(1.1)  # the engine's counters reach /metrics every 0.5 s (EngineMetrics); a level is far longer
     figures = finish()
     assert figures["server_first_audio"] == 2
     # Interpolated within buckets: no higher than the bound of the bucket holding the slower stream's
