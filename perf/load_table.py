@@ -10,7 +10,8 @@ from __future__ import annotations
 PROCESS_ORDER = ("tritonserver", "preprocessing", "llm", "tensorrt_llm", "snac_decoder")
 
 
-def _figure(value, digits: int = 2) -> str:
+def figure(value, digits: int = 2) -> str:
+    """A figure of a level's table, "-" where the run did not record it (older results, another server)."""
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -42,9 +43,9 @@ def load_table(levels: list[tuple[str, dict]]) -> list[str]:
     for label, level in rows:
         load, cpu = level.get("server_load") or {}, level.get("server_cpu") or {}
         lines.append(
-            f"| {label} | {_figure(load.get('llm_busy'))} | {_figure(load.get('llm_steps_per_s'), 0)} | "
-            f"{_figure(load.get('llm_tokens_per_step'), 1)} | {_figure(load.get('llm_tokens_per_s'), 0)} | "
-            f"{_figure(level.get('server_decoder_busy'))} | {_figure(load.get('decoder_windows_per_s'), 0)} | "
-            f"{_figure(load.get('decoder_windows_per_call'), 1)} | "
+            f"| {label} | {figure(load.get('llm_busy'))} | {figure(load.get('llm_steps_per_s'), 0)} | "
+            f"{figure(load.get('llm_tokens_per_step'), 1)} | {figure(load.get('llm_tokens_per_s'), 0)} | "
+            f"{figure(level.get('server_decoder_busy'))} | {figure(load.get('decoder_windows_per_s'), 0)} | "
+            f"{figure(load.get('decoder_windows_per_call'), 1)} | "
             + " | ".join(_cpu(cpu.get(p)) for p in processes) + " |")
     return lines

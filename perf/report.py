@@ -13,7 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from load_table import load_table  # noqa: E402 (perf/, beside this file)
+from load_table import figure, load_table  # noqa: E402 (perf/, beside this file)
 
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from orpheus_triton.loadgen import StreamRecord  # noqa: E402
@@ -192,10 +192,6 @@ def _met(flag) -> str:
     return "**met**" if flag else "**missed**"
 
 
-def _share(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def _server_view(levels: dict) -> list[str]:
     """The server's own listener metrics per level beside the client's figures (runs that have them)."""
     rows = [(c, lv) for c, lv in _levels(levels) if lv.get("server_first_audio") is not None]
@@ -214,7 +210,7 @@ def _server_view(levels: dict) -> list[str]:
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {c} | {lv['server_first_audio']} | {_ms(lv['server_ttfa_p50'])} / {_ms(lv['ttfa_p50'])} | "
           f"{_ms(lv['server_ttfa_p99'])} / {_ms(lv['ttfa_p99'])} | {lv['server_stalls']} / {lv['stalls']} | "
-          f"{_share(lv.get('server_decoder_busy'))} |"
+          f"{figure(lv.get('server_decoder_busy'))} |"
           for c, lv in rows],
         "",
         *load_table([(f"{c} streams", lv) for c, lv in _levels(levels)]),

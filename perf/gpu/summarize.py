@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/: load_table
-from load_table import load_table  # noqa: E402
+from load_table import figure, load_table  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
@@ -58,11 +58,6 @@ def engine(folder: Path) -> list[str]:
     return lines or ["no engine results"]
 
 
-def _share(value) -> str:
-    """The decoder's busy share of a level (the GPU time SNAC took beside the LLM's steps)."""
-    return "-" if value is None else f"{value:.2f}"
-
-
 def serving(folder: Path, name: str) -> list[str]:
     result = _load(folder / name / "result.json")
     if result is None:
@@ -83,7 +78,7 @@ def serving(folder: Path, name: str) -> list[str]:
         lines.append(f"| {label} | {level['streams']} | {level['errors']} | {_ms(level['ttfa_p50'])} | "
                      f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
                      f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} | "
-                     f"{_share(level.get('server_decoder_busy'))} |")
+                     f"{figure(level.get('server_decoder_busy'))} |")
     table = load_table(levels)
     return lines + ([""] + table if table else []) + [""]
 
