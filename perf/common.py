@@ -13,7 +13,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 PERF = Path(__file__).resolve().parent
@@ -372,8 +372,6 @@ def model_set(shape: str, models: str | None):
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
-                 llm_cpu_threads: str = "auto", decoder_cpu_threads: str = "auto",
-                 newcomer_horizon: float | None = None,
                  settings_overrides: dict | None = None) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
     ``settings_overrides``: further RepositorySettings fields, by name."""
@@ -384,10 +382,7 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                                   max_streams=max_streams, max_seq_len=max_seq_len,
                                   llm_graph_sampling=graph_sampling, llm_overlap=overlap,
                                   prefill_chunk=prefill_tokens, decoder_lead_in=lead_in,
-                                  llm_cpu_threads=llm_cpu_threads, decoder_cpu_threads=decoder_cpu_threads)
-    if newcomer_horizon is not None:
-        settings = replace(settings, decoder_newcomer_horizon=newcomer_horizon)
-    settings = replace(settings, **(settings_overrides or {}))
+                                  **(settings_overrides or {}))
     render(settings, repository)
     with serve_repository(repository, log_path) as server:
         yield server

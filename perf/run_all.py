@@ -57,6 +57,17 @@ def _cpu_threads(value: str) -> str:
     return value
 
 
+def server_overrides(args: argparse.Namespace) -> dict:
+    """The RepositorySettings fields this run's flags set beyond local_server's own arguments (the newcomer
+    horizon only where given: else the server's default)."""
+    overrides = {"llm_cpu_threads": args.llm_cpu_threads, "decoder_cpu_threads": args.decoder_cpu_threads,
+                 "llm_response_thread": args.llm_response_thread,
+                 "llm_cancel_check_seconds": args.llm_cancel_check_seconds}
+    if args.decoder_newcomer_horizon is not None:
+        overrides["decoder_newcomer_horizon"] = args.decoder_newcomer_horizon
+    return overrides
+
+
 def release_memory() -> None:
     """Give back what the in-process models held, so the server process can have the GPU memory."""
     import gc  # noqa: PLC0415
@@ -249,11 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling, "overlap": args.overlap,
-                            "lead_in": not args.no_lead_in, "llm_cpu_threads": args.llm_cpu_threads,
-                            "decoder_cpu_threads": args.decoder_cpu_threads,
-                            "decoder_newcomer_horizon": args.decoder_newcomer_horizon,
-                            "llm_response_thread": args.llm_response_thread,
-                            "llm_cancel_check_seconds": args.llm_cancel_check_seconds,
+                            "lead_in": not args.no_lead_in,
+                            "decoder_newcomer_horizon": args.decoder_newcomer_horizon, **server_overrides(args),
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
         "busy_cores_before": busy_before,
@@ -290,11 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
-                      lead_in=not args.no_lead_in, llm_cpu_threads=args.llm_cpu_threads,
-                      decoder_cpu_threads=args.decoder_cpu_threads,
-                      newcomer_horizon=args.decoder_newcomer_horizon,
-                      settings_overrides={"llm_response_thread": args.llm_response_thread,
-                                          "llm_cancel_check_seconds": args.llm_cancel_check_seconds}) as server:
+                      lead_in=not args.no_lead_in, settings_overrides=server_overrides(args)) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation
