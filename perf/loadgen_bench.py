@@ -38,7 +38,7 @@ from orpheus_triton.constants import (  # noqa: E402
     SAMPLE_RATE,
     SAMPLES_PER_FRAME,
 )
-from orpheus_triton.loadgen import SweepSettings, sweep  # noqa: E402
+from orpheus_triton.loadgen import SweepSettings, load_runner, sweep  # noqa: E402
 from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: E402
 
 STANDIN = Path(__file__).resolve().parent / "loadgen_standin"
@@ -82,30 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     ports = Ports.free()
     with open(work / "server.log", "w") as server_log:
         server = start_server(work / "repository", ports, log_file=server_log)
-    rows = []
+    rows, url = [], f"localhost:{ports.grpc}"
     try:
-        wait_until_ready(server, f"localhost:{ports.grpc}", timeout=120)
+        wait_until_ready(server, url, timeout=120)
         for processes in (1, args.processes):
-            for concurrency in levels:
-                settings = SweepSettings(concurrency=[concurrency], streams_per_worker=2, min_streams=4,
-                                         ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.level_seconds,
-                                         labels=["short"], max_tokens={"short": args.max_tokens},
-                                         processes=processes)
-                # read inside the level, while its load generator processes still run
-                level = sweep(f"localhost:{ports.grpc}", settings, log=lambda line: None,
-                              monitor=lambda: server_cpu_monitor(server.pid))["closed_loop"][concurrency]
-                usage = level.get("server_cpu", {})
-                row = {"processes": processes, "concurrency": concurrency, "streams": level["streams"],
-                       "errors": level["errors"], "starved": level["starved_streams"],
-                       "ttfa_p99": level["ttfa_p99"], "rtf_p50": level["rtf_p50"],
-                       "audio_per_second": level["realtime_streams_served"],
-                       "loadgen_cores": usage.get("load generator", {}).get("cores"),
-                       "standin_cores": usage.get(ENSEMBLE_MODEL, {}).get("cores")}
-                rows.append(row)
-                log(f"{processes} process(es), {concurrency} streams: {row['audio_per_second']:.1f} s of audio a "
-                    f"second, starved {row['starved']} of {row['streams']}, TTFA p99 {row['ttfa_p99'] * 1000:.0f} ms, "
-                    f"load generator {row['loadgen_cores']} cores, stand-in {row['standin_cores']} cores")
-                time.sleep(1.0)
+            with load_runner(url, processes) as runner:
+                rows += [level_row(runner, url, concurrency, processes, server.pid, args) for concurrency in levels]
     finally:
         stop_server(server)
     result = {"machine": machine_info(), "speed": args.speed, "max_tokens": args.max_tokens, "levels": rows}
@@ -116,6 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def level_row(runner, url: str, concurrency: int, processes: int, server_pid: int, args) -> dict:
+    """One closed-loop level through ``runner``: what the load generator received, and the CPU it and the
+    stand-in used (read inside the level, while the load generator's processes run)."""
+    settings = SweepSettings(concurrency=[concurrency], streams_per_worker=2, min_streams=4,
+                             ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.level_seconds,
+                             labels=["short"], max_tokens={"short": args.max_tokens}, processes=processes)
+    level = sweep(url, settings, log=lambda line: None, monitor=lambda: server_cpu_monitor(server_pid),
+                  runner=runner)["closed_loop"][concurrency]
+    usage = level.get("server_cpu", {})
+    row = {"processes": processes, "concurrency": concurrency, "streams": level["streams"],
+           "errors": level["errors"], "starved": level["starved_streams"],
+           "ttfa_p99": level["ttfa_p99"], "rtf_p50": level["rtf_p50"],
+           "audio_per_second": level["realtime_streams_served"],
+           "loadgen_cores": usage.get("load generator", {}).get("cores"),
+           "standin_cores": usage.get(ENSEMBLE_MODEL, {}).get("cores")}
+    log(f"{processes} process(es), {concurrency} streams: {row['audio_per_second']:.1f} s of audio a "
+        f"second, starved {row['starved']} of {row['streams']}, TTFA p99 {row['ttfa_p99'] * 1000:.0f} ms, "
+        f"load generator {row['loadgen_cores']} cores, stand-in {row['standin_cores']} cores")
+    time.sleep(1.0)  # the stand-in's last streams wind down before the next level
+    return row
 
 
 def markdown(result: dict) -> str:

@@ -40,7 +40,15 @@ from common import (
 )
 
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS
-from orpheus_triton.loadgen import SweepSettings, Utterance, grpc_stream, realtime_capacity, sweep, workload
+from orpheus_triton.loadgen import (
+    SweepSettings,
+    Utterance,
+    grpc_stream,
+    load_runner,
+    realtime_capacity,
+    sweep,
+    workload,
+)
 from orpheus_triton.server import log_tail
 
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
@@ -152,15 +160,16 @@ def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: 
     out = {"settings": asdict(settings), "closed_loop": {}, "poisson": {}, "records": {}}
     runs = [("closed_loop", c, replace(settings, concurrency=[c], poisson_rates=[])) for c in settings.concurrency]
     runs += [("poisson", r, replace(settings, concurrency=[], poisson_rates=[r])) for r in settings.poisson_rates]
-    for kind, key, one in runs:
-        parts = {}
+    with load_runner(url, settings.processes, settings.stream_timeout) as runner:  # one for every level
+        for kind, key, one in runs:
+            parts = {}
 
-        def measure(one=one, kind=kind, key=key, parts=parts):
-            parts["result"] = sweep(url, one, log=lambda m: log("    " + m), monitor=monitor)
-            return parts["result"][kind][key]
+            def measure(one=one, kind=kind, key=key, parts=parts):
+                parts["result"] = sweep(url, one, log=lambda m: log("    " + m), monitor=monitor, runner=runner)
+                return parts["result"][kind][key]
 
-        out[kind][key] = guard.run(f"{kind} {key}", measure)
-        out["records"].update(parts["result"]["records"])
+            out[kind][key] = guard.run(f"{kind} {key}", measure)
+            out["records"].update(parts["result"]["records"])
     out["realtime_capacity"] = realtime_capacity(out["closed_loop"], settings.ttfa_limit)
     return out
 

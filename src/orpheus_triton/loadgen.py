@@ -494,20 +494,31 @@ def record_dict(record: StreamRecord) -> dict:
 
 
 def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
-          monitor: Callable[[], Callable[[], dict]] | None = None) -> dict:
+          monitor: Callable[[], Callable[[], dict]] | None = None, runner=None) -> dict:
     """Closed-loop concurrency sweep (+ optional Poisson runs): summaries, capacity and per-stream records.
 
     ``monitor``, if given, is called as each level starts; what the function it returns
     gives at the level's end (e.g. how busy the machine was) is added to that level's summary.
+    ``runner`` (``load_runner``'s) runs the streams; without it one is made for this sweep, as
+    ``settings.processes`` asks. A caller running levels as separate sweeps passes one, so the
+    load generator's processes start once, not once a level.
     """
-    if settings.processes < 1:
-        raise ValueError(f"processes must be >= 1, got {settings.processes}")
-    with contextlib.ExitStack() as stack:
-        if settings.processes > 1:
-            runner = stack.enter_context(LoadProcesses(url, settings.processes, settings.stream_timeout))
-        else:
-            runner = _OneProcess(grpc_stream(url, settings.stream_timeout))
+    if runner is not None:
         return _sweep(runner, settings, log, monitor)
+    with load_runner(url, settings.processes, settings.stream_timeout) as runner:
+        return _sweep(runner, settings, log, monitor)
+
+
+@contextlib.contextmanager
+def load_runner(url: str, processes: int = 1, timeout: float = 120.0):
+    """What runs a sweep's streams: threads of this process, or ``processes`` LoadProcesses (stopped after)."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if processes == 1:
+        yield _OneProcess(grpc_stream(url, timeout))
+        return
+    with LoadProcesses(url, processes, timeout) as runner:
+        yield runner
 
 
 @dataclass
