@@ -306,3 +306,15 @@ def test_load_processes_that_cannot_start_say_why():
         LoadProcesses("example.com:8001", 2)
     with pytest.raises(ValueError, match="at least 2 processes"):
         LoadProcesses("localhost:8001", 1)
+
+
+def test_a_closed_loop_level_dealt_out_to_processes_keeps_its_stream_count():
+    """Streams go where their workers are: a level of 1 worker and 2 streams in 2 processes runs both streams
+    in the one process with the worker (the other's half had been dropped), 3 workers split 2 + 1."""
+    from orpheus_triton.loadgen import closed_loop_shares
+
+    assert closed_loop_shares(1, 2, 2) == [([0], 2), ([], 0)]
+    assert closed_loop_shares(3, 6, 2) == [([0, 2], 4), ([1], 2)]
+    assert closed_loop_shares(8, 16, 3) == [([0, 3, 6], 6), ([1, 4, 7], 6), ([2, 5], 4)]
+    for concurrency, streams, processes in [(1, 2, 8), (5, 7, 2), (216, 432, 8), (4, 3, 4)]:
+        assert sum(n for _, n in closed_loop_shares(concurrency, streams, processes)) == streams

@@ -375,6 +375,14 @@ def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float,
     return sorted(records, key=lambda r: r.started)
 
 
+def closed_loop_shares(concurrency: int, max_streams: int, processes: int) -> list[tuple[list[int], int]]:
+    """A closed-loop level dealt out to ``processes``: each one's workers (round robin) and its share of the
+    level's streams, stream i going to worker i mod ``concurrency`` as in one process whose streams take
+    about as long as each other (a process without workers gets none)."""
+    return [(list(range(k, concurrency, processes)),
+             sum(1 for i in range(max_streams) if i % concurrency % processes == k)) for k in range(processes)]
+
+
 class LoadProcesses:
     """Child processes that each run a share of every level's streams, on their own gRPC connections.
 
@@ -409,8 +417,7 @@ class LoadProcesses:
 
     def run_closed_loop(self, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
                         max_seconds: float, ramp_seconds: float = 0.0) -> list[StreamRecord]:
-        n = len(self.pipes)
-        shares = [(list(range(k, concurrency, n)), max_streams // n + (k < max_streams % n)) for k in range(n)]
+        shares = closed_loop_shares(concurrency, max_streams, len(self.pipes))
         return self._run([("closed", {"concurrency": concurrency, "utterances": list(utterances)[k:] +
                                       list(utterances)[:k], "max_streams": streams, "max_seconds": max_seconds,
                                       "ramp_seconds": ramp_seconds, "workers": workers})
