@@ -170,6 +170,36 @@ def test_newcomer_joins_at_next_step_and_slots_are_reused(model):
     assert len(long_a.tokens) == 201 and len(newcomer.tokens) == 6  # max_new_tokens + appended end_id
 
 
+def test_stream_and_queue_integrals_count_wall_time_between_steps(model, monkeypatch):
+    """The engine's stream- and queued-seconds (whose rates are the mean streams in it and waiting for it)
+    cover the time between steps too, and stop while it is idle: a clock that moves 1 s per reading."""
+    import itertools
+    import types
+
+    from orpheus_triton import engine as engine_module
+
+    ticks = itertools.count()
+    monkeypatch.setattr(engine_module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)),
+                                                                      monotonic=time.monotonic))
+    engine = make_engine(model, max_streams=1)
+    outs = [Collector(), Collector()]
+    engine.submit(request(PROMPTS[0], outs[0], max_new_tokens=6, audio_guard=False, end_id=-1))
+    engine.submit(request(PROMPTS[2], outs[1], max_new_tokens=3, audio_guard=False, end_id=-1))
+    engine.step()  # clock 0 -> 1: both waited (as submitted); the first is admitted
+    assert (engine.stats.stream_seconds, engine.stats.queued_seconds) == (0.0, 2.0)
+    expected_held, expected_waiting = 0.0, 2.0
+    while not engine.idle():
+        held, waiting = len(engine.decoding), len(engine.queue)
+        engine.step()  # 2 s: the gap since the last step ended, and this step
+        expected_held, expected_waiting = expected_held + 2 * held, expected_waiting + 2 * waiting
+        assert (engine.stats.stream_seconds, engine.stats.queued_seconds) == (expected_held, expected_waiting)
+    assert all(out.finished and not out.errors for out in outs) and expected_held >= 2 * 3 and expected_waiting > 2
+    engine.submit(request(PROMPTS[2], Collector(), max_new_tokens=1, audio_guard=False, end_id=-1))
+    next(ticks), next(ticks)  # idle time passes: no stream held it
+    engine.step()
+    assert engine.stats.stream_seconds == expected_held and engine.stats.queued_seconds == expected_waiting + 1.0
+
+
 def test_long_prompt_prefill_is_chunked(model):
     engine = make_engine(model, prefill_chunk=8)
     running, long_prompt = Collector(), Collector()

@@ -67,7 +67,9 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
     metrics = EngineMetrics(FakePbUtils, engine, active=None, interval=0.01)
     capped, tokens = metrics.counters["capped"].values, metrics.counters["tokens_generated"].values
     busy = metrics.counters["busy_seconds"].values
+    held, waiting = metrics.counters["stream_seconds"].values, metrics.counters["queued_seconds"].values
     engine.stats.capped, engine.stats.tokens_generated, engine.stats.busy_seconds = 2, 70, 0.5
+    engine.stats.stream_seconds, engine.stats.queued_seconds = 12.25, 0.75
     deadline = time.monotonic() + 5
     while sum(capped) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -76,7 +78,7 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
         time.sleep(0.01)
     metrics.stop()
     assert sum(capped) == 3 and sum(tokens) == 70  # each counter grew by its field's growth, once
-    assert sum(busy) == 0.5  # seconds, not only whole numbers
+    assert sum(busy) == 0.5 and sum(held) == 12.25 and sum(waiting) == 0.75  # seconds, not only whole numbers
     gc.collect()
     assert FakePbUtils.destroyed.index("metric orpheus_llm_capped_requests_total") < FakePbUtils.destroyed.index(
         "family orpheus_llm_capped_requests_total")
@@ -111,6 +113,8 @@ orpheus_decoder_calls_total{model="snac_decoder"} 60
 orpheus_llm_generated_tokens_total{model="llm"} 4000
 orpheus_llm_steps_total{model="llm"} 500
 orpheus_llm_busy_seconds_total{model="llm"} 8
+orpheus_llm_stream_seconds_total{model="llm"} 90
+orpheus_llm_queued_seconds_total{model="llm"} 12
 """
 
 
@@ -132,10 +136,12 @@ def test_listener_figures_from_the_metrics_page_and_their_difference():
     assert ListenerFigures.parse("").first_audio_quantile(0.5) is None
     # where a level's time went: the difference of two pages, over the level's seconds
     earlier = ListenerFigures.parse(PAGE.replace("} 300", "} 100").replace("} 60", "} 20").replace("} 4000", "} 2000")
-                                    .replace("} 500", "} 250").replace("} 8\n", "} 3\n").replace("} 4.5", "} 2.5"))
+                                    .replace("} 500", "} 250").replace("} 8\n", "} 3\n").replace("} 4.5", "} 2.5")
+                                    .replace("} 90", "} 10").replace("} 12", "} 7"))
     assert (page - earlier).load(10.0) == {
         "decoder_busy": 0.2, "llm_busy": 0.5, "decoder_windows_per_s": 20.0, "llm_steps_per_s": 25.0,
-        "llm_tokens_per_s": 200.0, "decoder_windows_per_call": 5.0, "llm_tokens_per_step": 8.0}
+        "llm_tokens_per_s": 200.0, "decoder_windows_per_call": 5.0, "llm_tokens_per_step": 8.0,
+        "llm_streams": 8.0, "llm_queued": 0.5}  # mean streams in the engine's slots and waiting for one
     assert ListenerFigures.parse(PAGE.split("orpheus_llm")[0]).load(1.0).keys() == {  # no engine counters
         "decoder_busy", "decoder_windows_per_s", "decoder_windows_per_call"}
     # beyond the last finite bound: that bound, as Prometheus gives

@@ -297,6 +297,9 @@ def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_u
     load = figures["server_load"]
     assert 0 < load["llm_busy"] < 1 and load["llm_steps_per_s"] > 0 and load["llm_tokens_per_s"] > 0
     assert 1.0 <= load["llm_tokens_per_step"] <= 1.1  # one stream at a time (its prefill step's first token too)
+    # Where the streams were: the engine held one at a time, for part of the span, and none waited long
+    # for a slot (the rates of its stream- and queued-seconds).
+    assert 0 < load["llm_streams"] < 1 and 0 <= load["llm_queued"] < 0.2
     assert load["decoder_windows_per_s"] > 0 and load["decoder_windows_per_call"] >= 1
     cpu = figures["server_cpu"]
     assert {"tritonserver", "preprocessing", "llm", "snac_decoder", "load generator"} <= set(cpu)

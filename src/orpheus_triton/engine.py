@@ -158,6 +158,10 @@ class EngineStats:
     tokens_generated: int = 0
     steps: int = 0
     busy_seconds: float = 0.0  # the steps' time together
+    # Time integrals, whose rates over a span are the mean number of streams holding a slot and of
+    # requests waiting for one: with tokens per step (the streams decoding), where a server's streams are.
+    stream_seconds: float = 0.0
+    queued_seconds: float = 0.0
     last_step_seconds: float = 0.0
     last_batch_size: int = 0
     cancelled: int = 0
@@ -228,6 +232,7 @@ class InflightEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stop_requested: set[str] = set()
+        self._last_step_end: float | None = None  # when the last step that left work behind ended
 
     # ---- public API ------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> None:
@@ -297,6 +302,7 @@ class InflightEngine:
     @torch.inference_mode()
     def step(self) -> None:
         started = time.perf_counter()
+        held, queued = self.stats.active_streams, self.stats.queued_requests  # as the last step left them
         self._drop_cancelled()
         self._refuse_overdue()
         self._retire_complete()
@@ -307,11 +313,18 @@ class InflightEngine:
         previous, self._in_flight, self._launched = self._in_flight, self._launched, []
         for sampled in previous:
             self._emit(sampled.streams, sampled.read())
+        ended = time.perf_counter()
         self.stats.steps += 1
-        self.stats.last_step_seconds = time.perf_counter() - started
+        self.stats.last_step_seconds = ended - started
         self.stats.busy_seconds += self.stats.last_step_seconds
+        # What the last step left held and queued stayed so until this one ended (the time between
+        # two steps counts too: a loop held up between steps still holds its streams).
+        since = started if self._last_step_end is None else self._last_step_end
+        self.stats.stream_seconds += held * (ended - since)
+        self.stats.queued_seconds += queued * (ended - since)
         self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
         self.stats.queued_requests = len(self.queue)
+        self._last_step_end = None if self.idle() else ended
 
     def stop_stream(self, request_id: str) -> bool:
         """Ask for the stream with this id to end at the next step (TensorRT-LLM's `stop` input).

@@ -19,8 +19,10 @@ DECODER_CALLS_METRIC = "orpheus_decoder_calls_total"
 LLM_TOKENS_METRIC = "orpheus_llm_generated_tokens_total"
 LLM_STEPS_METRIC = "orpheus_llm_steps_total"
 LLM_BUSY_METRIC = "orpheus_llm_busy_seconds_total"
+LLM_STREAM_SECONDS_METRIC = "orpheus_llm_stream_seconds_total"
+LLM_QUEUED_SECONDS_METRIC = "orpheus_llm_queued_seconds_total"
 LOAD_METRICS = (DECODER_BUSY_METRIC, DECODER_WINDOWS_METRIC, DECODER_CALLS_METRIC, LLM_TOKENS_METRIC,
-                LLM_STEPS_METRIC, LLM_BUSY_METRIC)
+                LLM_STEPS_METRIC, LLM_BUSY_METRIC, LLM_STREAM_SECONDS_METRIC, LLM_QUEUED_SECONDS_METRIC)
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
 # the 500 ms of the benchmark's real-time capacity and beyond.
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
@@ -173,12 +175,15 @@ class ListenerFigures:
     def load(self, seconds: float) -> dict[str, float]:
         """Where the time of a level of ``seconds`` went (this object: the difference of its two pages), as
         rates: the decoder's and the LLM engine's busy shares (1 = saturated), SNAC windows a second and per
-        call, engine steps a second and tokens per step. A figure whose counters the server lacks is left out
+        call, engine steps a second and tokens per step, and the mean number of streams holding an engine
+        slot and of requests waiting for one (set beside the client's streams in flight, where the others
+        are: before the engine or after it). A figure whose counters the server lacks is left out
         (the TensorRT-LLM repository has no engine counters of ours)."""
         c, seconds = self.counters, max(seconds, 1e-9)
         figures = {"decoder_busy": c.get(DECODER_BUSY_METRIC), "llm_busy": c.get(LLM_BUSY_METRIC),
                    "decoder_windows_per_s": c.get(DECODER_WINDOWS_METRIC), "llm_steps_per_s": c.get(LLM_STEPS_METRIC),
-                   "llm_tokens_per_s": c.get(LLM_TOKENS_METRIC)}
+                   "llm_tokens_per_s": c.get(LLM_TOKENS_METRIC), "llm_streams": c.get(LLM_STREAM_SECONDS_METRIC),
+                   "llm_queued": c.get(LLM_QUEUED_SECONDS_METRIC)}
         out = {name: round(value / seconds, 3) for name, value in figures.items() if value is not None}
         if c.get(DECODER_CALLS_METRIC):
             out["decoder_windows_per_call"] = round(c.get(DECODER_WINDOWS_METRIC, 0.0) / c[DECODER_CALLS_METRIC], 2)

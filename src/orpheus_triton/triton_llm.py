@@ -12,7 +12,15 @@ import torch
 from .constants import LLM_MODEL
 from .engine import InflightEngine
 from .llama import load_llama
-from .metrics import LLM_BUSY_METRIC, LLM_STEPS_METRIC, LLM_TOKENS_METRIC, MetricSet, release
+from .metrics import (
+    LLM_BUSY_METRIC,
+    LLM_QUEUED_SECONDS_METRIC,
+    LLM_STEPS_METRIC,
+    LLM_STREAM_SECONDS_METRIC,
+    LLM_TOKENS_METRIC,
+    MetricSet,
+    release,
+)
 from .repository import parse_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -90,6 +98,10 @@ class EngineMetrics:
             "steps": metrics.counter(LLM_STEPS_METRIC, "Engine steps (tokens per step: the batching achieved)"),
             "busy_seconds": metrics.counter(LLM_BUSY_METRIC, "Seconds the engine loop spent in steps: its rate is "
                                             "the share of time it is busy (1 = saturated)"),
+            "stream_seconds": metrics.counter(LLM_STREAM_SECONDS_METRIC, "Streams holding a slot, integrated over "
+                                              "time: its rate is the mean number of streams in the engine"),
+            "queued_seconds": metrics.counter(LLM_QUEUED_SECONDS_METRIC, "Requests waiting for a slot, integrated "
+                                              "over time: its rate is the mean number waiting"),
             "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
                                          "client cancelled them"),
             "timed_out": metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
