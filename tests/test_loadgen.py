@@ -146,13 +146,34 @@ def test_summarize_counts_starvation_and_errors():
     assert level["stall_seconds"] == pytest.approx(2 * CHUNK)
     assert level["ttfa_p50"] == pytest.approx(0.25)
     assert level["audio_seconds"] == pytest.approx(12 * CHUNK)
-    assert level["realtime_streams_served"] == pytest.approx(12 * CHUNK / 2.0)
+    # rates over the streams' span (from the first request to the last end), not the level's whole wall time
+    window = max(fed.total, 0.1 + starved.total)
+    assert level["window_seconds"] == pytest.approx(window) and level["wall_seconds"] == 2.0
+    assert level["realtime_streams_served"] == pytest.approx(12 * CHUNK / window)
+    assert level["streams_in_flight_mean"] == pytest.approx((fed.total + starved.total + 0.05) / window)
     assert level["error_examples"] == ["SynthesisError: boom"]
+
+
+def test_summarize_counts_measured_streams_and_the_load_of_all_over_their_span():
+    """A closed loop's fillers are left out of the listener figures, but their audio and their being open
+    count over the measured streams' span (their chunks and time outside it do not)."""
+    span = 0.1 + 4 * CHUNK
+    measured = record([0.1 + i * CHUNK for i in range(4)], total=span, started=1.0)
+    ramp = record([0.1, 1.2], total=1.5, started=0.0)  # open through the whole span, its second chunk in it
+    ramp.measured = False
+    cut = record([0.05], total=0.1, started=1.0 + span - 0.1, error="LevelOver: cut")
+    cut.measured = False
+    level = summarize([ramp, measured, cut])
+    assert level["streams"] == 1 and level["filler_streams"] == 2 and level["errors"] == 0
+    assert level["ttfa_p50"] == pytest.approx(0.1)
+    assert level["window_seconds"] == pytest.approx(span)
+    assert level["realtime_streams_served"] == pytest.approx((4 + 1 + 1) * CHUNK / span)
+    assert level["streams_in_flight_mean"] == pytest.approx((span + span + 0.1) / span)
 
 
 def test_summarize_without_wall_time_uses_the_records_span():
     level = summarize([record([0.1], total=1.0, started=0.0), record([0.1], total=1.0, started=0.5)])
-    assert level["wall_seconds"] == pytest.approx(1.5)
+    assert level["wall_seconds"] == pytest.approx(1.5) and level["window_seconds"] == pytest.approx(1.5)
 
 
 def level(p99, starved=0, errors=0, streams=8, no_audio=0):
@@ -209,15 +230,23 @@ def test_poisson_schedule_rejects_bad_arguments():
 # ---- runners with a fake stream (no server) ----------------------------------------------------------------
 
 
-def fake_stream(active, peak, lock):
-    def run(utterance: Utterance, run_start: float) -> StreamRecord:
+def fake_stream(active, peak, lock, seconds=0.01, cut=None):
+    """Streams of ``seconds`` each; a filler's (given ``stop``) ends early once ``stop()`` says so, counted in
+    ``cut``."""
+    def run(utterance: Utterance, run_start: float, stop=None) -> StreamRecord:
+        started = time.perf_counter() - run_start
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        threading.Event().wait(0.01)
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline and not (stop and stop()):
+            threading.Event().wait(0.002)
         with lock:
             active[0] -= 1
-        return StreamRecord(utterance.label, utterance.voice, 0.0, [0.001], [SAMPLES_PER_FRAME], 0.01)
+        if cut is not None and time.perf_counter() < deadline:
+            cut.append(utterance)
+        return StreamRecord(utterance.label, utterance.voice, started, [0.001], [SAMPLES_PER_FRAME],
+                            time.perf_counter() - run_start - started)
 
     return run
 
@@ -226,7 +255,7 @@ def test_closed_loop_runs_the_count_with_at_most_n_streams_at_once():
     active, peak, lock = [0], [0], threading.Lock()
     records = run_closed_loop(fake_stream(active, peak, lock), 3, workload(count=4), max_streams=10,
                               max_seconds=30.0)
-    assert len(records) == 10
+    assert sum(r.measured for r in records) == 10
     assert peak[0] <= 3
 
 
@@ -234,20 +263,51 @@ def test_closed_loop_stops_at_its_time_bound():
     active, peak, lock = [0], [0], threading.Lock()
     records = run_closed_loop(fake_stream(active, peak, lock), 2, workload(count=2), max_streams=10_000,
                               max_seconds=0.1)
-    assert 0 < len(records) < 10_000
+    assert 0 < sum(r.measured for r in records) < 10_000
+
+
+def test_closed_loop_counts_only_streams_that_met_the_full_load():
+    """The ramp's streams are fillers, and so are those started while counted ones still run once the count
+    is reached: the load stays at N until the last counted stream ends (only a worker between two streams
+    is missing), then the fillers are cut."""
+    active, peak, lock, cut = [0], [0], threading.Lock(), []
+    samples, level_done = [], threading.Event()
+
+    def watch():
+        while not level_done.is_set():
+            with lock:
+                samples.append((time.perf_counter(), active[0]))
+            threading.Event().wait(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    records = run_closed_loop(fake_stream(active, peak, lock, seconds=0.1, cut=cut), 4, workload(count=4),
+                              max_streams=8, max_seconds=30.0, ramp_seconds=0.2, start=start)
+    ended = time.perf_counter()
+    level_done.set()
+    watcher.join()
+    measured = [r for r in records if r.measured]
+    assert len(measured) == 8 and peak[0] == 4
+    first, last = min(r.started for r in measured), max(r.started + r.total for r in measured)
+    assert first >= 0.2 * 3 / 4 - 0.01  # from the last worker's first start on
+    assert all(not r.measured for r in records if r.started < first)  # the ramp's streams
+    during = [n for at, n in samples if start + first + 0.01 < at < start + last - 0.01]
+    assert during and min(during) >= 3  # at full load but for a worker between two streams
+    assert cut and ended - start < last + 0.05  # the fillers still running were cut, not waited for
 
 
 def test_closed_loop_ramp_spreads_the_workers_first_starts():
     def starts_of(ramp: float) -> list[float]:
         begun = time.perf_counter()
 
-        def run(utterance: Utterance, run_start: float) -> StreamRecord:
+        def run(utterance: Utterance, run_start: float, stop=None) -> StreamRecord:
             started = time.perf_counter() - begun
             threading.Event().wait(0.3)  # each worker runs one stream in the level
             return StreamRecord(utterance.label, utterance.voice, started, [0.001], [SAMPLES_PER_FRAME], 0.3)
 
-        return [r.started for r in run_closed_loop(run, 4, workload(count=4), max_streams=4, max_seconds=5.0,
-                                                   ramp_seconds=ramp)]
+        records = run_closed_loop(run, 4, workload(count=4), max_streams=4, max_seconds=5.0, ramp_seconds=ramp)
+        return sorted(r.started for r in records)[:4]  # each worker's first
 
     burst, ramped = starts_of(0.0), starts_of(0.4)
     assert max(burst) < 0.05  # all at once
@@ -257,9 +317,9 @@ def test_closed_loop_ramp_spreads_the_workers_first_starts():
 
 def test_closed_loop_ramp_must_end_within_the_level():
     with pytest.raises(ValueError, match="ramp_seconds"):
-        run_closed_loop(lambda u, s: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=1.0)
+        run_closed_loop(lambda u, s, stop: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=1.0)
     with pytest.raises(ValueError, match="ramp_seconds"):
-        run_closed_loop(lambda u, s: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=-0.5)
+        run_closed_loop(lambda u, s, stop: None, 2, workload(count=1), 2, max_seconds=1.0, ramp_seconds=-0.5)
 
 
 def test_poisson_runner_starts_the_scheduled_streams():
@@ -271,7 +331,7 @@ def test_poisson_runner_starts_the_scheduled_streams():
 
 def test_closed_loop_rejects_zero_workers():
     with pytest.raises(ValueError):
-        run_closed_loop(lambda u, s: None, 0, workload(count=1), 1, 1.0)
+        run_closed_loop(lambda u, s, stop: None, 0, workload(count=1), 1, 1.0)
 
 
 # ---- workload and targets ------------------------------------------------------------------------------------

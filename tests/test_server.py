@@ -319,14 +319,20 @@ def test_a_sweep_in_several_load_generator_processes(grpc_url):
     closed, poisson = result["closed_loop"][3], result["poisson"][20.0]
     assert closed["streams"] == 3 and closed["errors"] == 0 and closed["no_audio"] == 0
     assert poisson["streams"] == 2 and poisson["errors"] == 0
-    # Worker i's first stream at 0.6 i / 3 s (or sooner, in a worker whose first stream has ended).
-    starts = sorted(r["started"] for r in result["records"]["closed_3"])
-    assert starts[0] < 0.1 and starts[-1] < 0.4 + 0.1
+    # Worker i's first stream at 0.6 i / 3 s (or sooner, in a worker whose first stream has ended); those
+    # before the last worker's first are the ramp's fillers, and fillers kept all three workers busy until
+    # the counted streams, from the last worker's first on, had ended (across both processes).
+    records = result["records"]["closed_3"]
+    starts = sorted(r["started"] for r in records)
+    assert starts[0] < 0.1 and starts[2] < 0.4 + 0.1
+    counted = [r for r in records if r["measured"]]
+    assert len(counted) == 3 and min(r["started"] for r in counted) >= 0.4 - 0.01
+    assert closed["filler_streams"] >= 2 and closed["streams_in_flight_mean"] > 2.5
     # The two arrivals of the schedule, one in each process, each at its offset from the level's one start.
     scheduled = poisson_schedule(20.0, 2, 60.0, seed=0)
     arrived = sorted(r["started"] for r in result["records"]["poisson_20.0"])
     assert arrived == pytest.approx(scheduled, abs=0.05)
-    assert all(r["arrivals"] for r in result["records"]["closed_3"] + result["records"]["poisson_20.0"])
+    assert all(r["arrivals"] for r in counted + result["records"]["poisson_20.0"])
 
 
 def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(server, grpc_url):

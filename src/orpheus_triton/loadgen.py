@@ -18,7 +18,11 @@ under the limit (500 ms by default) with no starved stream and no error.
 
 Two arrival patterns, both bounded in stream count and in time:
 
-* closed loop: N workers, each starts its next utterance when one ends;
+* closed loop: N workers, each starts its next utterance when one ends. Only streams
+  started once every worker has started (after the ramp) count, and the workers keep
+  starting streams until every counted one has ended (the others are cut then): each
+  counted stream runs beside N - 1 others from its first response to its last, where
+  a level's ramp and tail would otherwise have measured it beside fewer;
 * Poisson: streams start at exponential inter-arrival times of rate lambda.
 
 Each stream runs in its own thread on its own gRPC connection
@@ -143,6 +147,9 @@ class StreamRecord:
     samples: list[int] = field(default_factory=list)
     total: float = 0.0
     error: str | None = None
+    # False: a closed loop's filler stream (the ramp's, or one keeping the load up until the counted streams
+    # end), run for the load it puts on the server and left out of the level's figures.
+    measured: bool = True
 
     @property
     def ttfa(self) -> float | None:
@@ -177,19 +184,28 @@ def percentile(values: Iterable[float], q: float) -> float | None:
 
 
 def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None) -> dict:
-    """Aggregate one load level: TTFA percentiles, starvation, RTF, chunk gaps, throughput."""
+    """Aggregate one load level: TTFA percentiles, starvation, RTF, chunk gaps, throughput.
+
+    The listener figures are the measured streams'; the rates (audio delivered a second, streams open
+    at once) are everyone's, fillers too, over the measured streams' span (``window_seconds``: from the
+    first one's request to the last one's end). ``wall_seconds``: the whole level's, for the record.
+    """
+    everyone, records = records, [r for r in records if r.measured]
     ok = [r for r in records if r.error is None and r.arrivals]
     plays = [r.playback() for r in ok]
     ttfa = [r.ttfa for r in ok]
     rtf = [r.real_time_factor for r in ok]
     gaps = [g for p in plays for g in p.gaps]
     headroom = [h for p in plays for h in p.headroom]
-    if wall_seconds is None:
-        wall_seconds = max((r.started + r.total for r in records), default=0.0) - min(
-            (r.started for r in records), default=0.0)
+    first = min((r.started for r in records), default=0.0)
+    window = max((r.started + r.total for r in records), default=0.0) - first
     audio = sum(r.audio_seconds for r in ok)
+    delivered = sum(samples for r in everyone for arrived, samples in zip(r.arrivals, r.samples, strict=True)
+                    if first <= r.started + arrived <= first + window) / SAMPLE_RATE
+    held = sum(max(0.0, min(r.started + r.total, first + window) - max(r.started, first)) for r in everyone)
     return {
         "streams": len(records),
+        "filler_streams": len(everyone) - len(records),
         "errors": sum(r.error is not None for r in records),
         "no_audio": sum(r.error is None and not r.arrivals for r in records),
         "error_examples": sorted({r.error for r in records if r.error})[:3],
@@ -209,9 +225,13 @@ def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None
         "buffer_needed_p50": percentile((p.buffer_needed for p in plays), 50),
         "buffer_needed_p99": percentile((p.buffer_needed for p in plays), 99),
         "audio_seconds": audio,
-        "wall_seconds": wall_seconds,
-        # Audio produced per second of wall time: how many listeners the run kept fed on average.
-        "realtime_streams_served": audio / wall_seconds if wall_seconds else None,
+        "wall_seconds": window if wall_seconds is None else wall_seconds,
+        "window_seconds": window,
+        # Audio delivered per second over the window, to every stream: how many listeners the level kept fed.
+        "realtime_streams_served": delivered / window if window else None,
+        # Streams open at once on average over the window (each from its request to its last response): the
+        # load the measured streams met, and what the server's own counts compare with.
+        "streams_in_flight_mean": held / window if window else None,
     }
 
 
@@ -269,27 +289,46 @@ def check_loopback(url: str) -> str:
     return url
 
 
-def grpc_stream(url: str, timeout: float = 120.0) -> Callable[[Utterance, float], StreamRecord]:
+class LevelOver(Exception):
+    """A filler stream cut because the streams its level counts have all ended."""
+
+
+# What runs one utterance as one stream: (utterance, the run's start, stop) -> its record. ``stop``, where
+# given, says when to cut the stream short (a filler's, once its level is over).
+StreamFunction = Callable[[Utterance, float, Callable[[], bool] | None], StreamRecord]
+
+
+def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
     """A function that runs one utterance as one gRPC stream and records what arrived when."""
     from .client import OrpheusClient  # noqa: PLC0415 (tritonclient import only when streaming)
 
     check_loopback(url)
     local = threading.local()
 
-    def run(utterance: Utterance, run_start: float) -> StreamRecord:
+    def run(utterance: Utterance, run_start: float, stop: Callable[[], bool] | None = None) -> StreamRecord:
         client = getattr(local, "client", None)
         if client is None:
             client = local.client = OrpheusClient(url)
-        record = StreamRecord(utterance.label, utterance.voice, time.perf_counter() - run_start)
+        sent = time.perf_counter()
+        record = StreamRecord(utterance.label, utterance.voice, sent - run_start)
+        received: list[tuple[float, int]] = []  # a filler's chunks as it takes them, kept should it be cut
+
+        def check(chunk) -> None:  # raising here ends the stream the clean way (OrpheusClient._end_early)
+            received.append((time.perf_counter() - sent, chunk.size))
+            if stop():
+                raise LevelOver("cut at its level's end")
+
         try:
             result = client.synthesize(utterance.text, voice=utterance.voice, max_tokens=utterance.max_tokens,
-                                       seed=utterance.seed, timeout=timeout)
+                                       seed=utterance.seed, timeout=timeout, on_chunk=check if stop else None)
+            # arrival times taken in the gRPC callback: a busy worker thread does not delay them
             record.arrivals = [c.arrived for c in result.chunks]
             record.samples = [len(c.audio) for c in result.chunks]
             record.total = result.total_seconds
         except Exception as error:  # noqa: BLE001 (recorded, counted as an error)
             record.error = f"{type(error).__name__}: {error}"[:300]
             record.total = time.perf_counter() - run_start - record.started
+            record.arrivals, record.samples = [a for a, _ in received], [n for _, n in received]
         return record
 
     return run
@@ -297,44 +336,71 @@ def grpc_stream(url: str, timeout: float = 120.0) -> Callable[[Utterance, float]
 
 def _level_line(level: dict) -> str:
     """One level's summary for the log; with the first error's text, so a failing run says why as it goes."""
-    line = (f"{level['streams']} streams, TTFA p50 {_ms(level['ttfa_p50'])} p99 {_ms(level['ttfa_p99'])}, "
+    fillers = f" (+{level['filler_streams']} fillers)" if level.get("filler_streams") else ""
+    line = (f"{level['streams']} streams{fillers}, TTFA p50 {_ms(level['ttfa_p50'])} p99 {_ms(level['ttfa_p99'])}, "
             f"starved {level['starved_streams']}, errors {level['errors']}")
     return line + (f" (e.g. {level['error_examples'][0]})" if level["errors"] else "")
 
 
-def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurrency: int,
-                    utterances: Sequence[Utterance], max_streams: int, max_seconds: float,
-                    ramp_seconds: float = 0.0, start: float | None = None,
-                    workers: Sequence[int] | None = None) -> list[StreamRecord]:
+def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
+                    max_seconds: float, ramp_seconds: float = 0.0, start: float | None = None,
+                    workers: Sequence[int] | None = None, outstanding=None) -> list[StreamRecord]:
     """``concurrency`` workers, each starting its next utterance when one ends.
 
-    Stops starting streams after ``max_streams`` in all or ``max_seconds``; streams
-    already running finish (each is bounded by the stream function's timeout).
     Worker i starts its first stream ``ramp_seconds * i / concurrency`` into the level:
     0 starts every worker at once (a burst of ``concurrency`` callers), a ramp about as
-    long as a stream spreads the starts as a steady stream of callers would.
+    long as a stream spreads the starts as a steady stream of callers would. The level
+    counts (``measured``) the first ``max_streams`` streams started once the last worker
+    has started, within ``max_seconds``; the workers go on starting streams (fillers)
+    until every counted stream has ended, and cut the fillers then, so each counted
+    stream runs beside ``concurrency - 1`` others throughout. Streams are bounded by the
+    stream function's timeout.
     A share of a level run in one of several processes (``LoadProcesses``) names its
-    ``workers`` (their numbers among the level's) and the level's ``start``
-    (``time.perf_counter()``, the same clock in every process).
+    ``workers`` (their numbers among the level's), the level's ``start``
+    (``time.perf_counter()``, the same clock in every process) and ``outstanding``, the
+    level's counted streams not yet ended, shared by the processes
+    (``multiprocessing.Value``, set to the level's count before it starts).
     """
     if concurrency < 1:
         raise ValueError("concurrency must be >= 1")
     if not 0 <= ramp_seconds < max_seconds:
         raise ValueError(f"ramp_seconds {ramp_seconds} must be >= 0 and below the level's {max_seconds} s bound")
+    if outstanding is None:
+        import multiprocessing  # noqa: PLC0415
+
+        outstanding = multiprocessing.Value("i", max_streams)
     records: list[StreamRecord] = []
     lock = threading.Lock()
-    issued = [0]
+    issued, to_start = [0], [max_streams]  # streams started, counted streams yet to start (this share's)
     start = time.perf_counter() if start is None else start
+    steady_from = ramp_seconds * (concurrency - 1) / concurrency  # the last worker's first start
+
+    def count_down(n: int) -> None:
+        with outstanding.get_lock():
+            outstanding.value -= n
+
+    def level_over() -> bool:
+        return outstanding.value <= 0
 
     def worker(delay: float):
         time.sleep(max(0.0, start + delay - time.perf_counter()))
         while True:
             with lock:
-                if issued[0] >= max_streams or time.perf_counter() - start >= max_seconds:
+                now = time.perf_counter() - start
+                if to_start[0] and now >= max_seconds:  # too late for the rest: the level does not wait for them
+                    count_down(to_start[0])
+                    to_start[0] = 0
+                if not to_start[0] and level_over():
                     return
+                measured = bool(to_start[0]) and now >= steady_from
+                if measured:
+                    to_start[0] -= 1
                 utterance = utterances[issued[0] % len(utterances)]
                 issued[0] += 1
-            record = stream(utterance, start)
+            record = stream(utterance, start, None if measured else level_over)
+            record.measured = measured
+            if measured:
+                count_down(1)
             with lock:
                 records.append(record)
 
@@ -347,7 +413,7 @@ def run_closed_loop(stream: Callable[[Utterance, float], StreamRecord], concurre
     return sorted(records, key=lambda r: r.started)
 
 
-def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float, utterances: Sequence[Utterance],
+def run_poisson(stream: StreamFunction, rate: float, utterances: Sequence[Utterance],
                 max_streams: int, max_seconds: float, seed: int = 0, start: float | None = None,
                 share: tuple[int, int] = (0, 1)) -> list[StreamRecord]:
     """Streams started at Poisson arrival times (``rate``/s), at most ``max_streams`` within ``max_seconds``.
@@ -360,7 +426,7 @@ def run_poisson(stream: Callable[[Utterance, float], StreamRecord], rate: float,
     start = time.perf_counter() if start is None else start
 
     def one(utterance):
-        record = stream(utterance, start)
+        record = stream(utterance, start, None)
         with lock:
             records.append(record)
 
@@ -400,9 +466,10 @@ class LoadProcesses:
             raise ValueError(f"LoadProcesses needs at least 2 processes, got {count}")
         context = multiprocessing.get_context("spawn")
         self.pipes, self.processes = [], []
+        self.outstanding = context.Value("i", 0)  # a closed-loop level's counted streams not yet ended
         for _ in range(count):
             here, there = context.Pipe()
-            process = context.Process(target=_load_process, args=(there, url, timeout), daemon=True)
+            process = context.Process(target=_load_process, args=(there, url, timeout, self.outstanding), daemon=True)
             process.start()
             self.pipes.append(here)
             self.processes.append(process)
@@ -418,6 +485,7 @@ class LoadProcesses:
     def run_closed_loop(self, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
                         max_seconds: float, ramp_seconds: float = 0.0) -> list[StreamRecord]:
         shares = closed_loop_shares(concurrency, max_streams, len(self.pipes))
+        self.outstanding.value = sum(streams for workers, streams in shares if workers and streams)
         return self._run([("closed", {"concurrency": concurrency, "utterances": list(utterances)[k:] +
                                       list(utterances)[:k], "max_streams": streams, "max_seconds": max_seconds,
                                       "ramp_seconds": ramp_seconds, "workers": workers})
@@ -460,7 +528,7 @@ class LoadProcesses:
         self.close()
 
 
-def _load_process(pipe, url: str, timeout: float) -> None:
+def _load_process(pipe, url: str, timeout: float, outstanding) -> None:
     """A LoadProcesses child: run the levels' shares it is sent until told to stop (None)."""
     try:
         stream = grpc_stream(url, timeout)
@@ -471,8 +539,10 @@ def _load_process(pipe, url: str, timeout: float) -> None:
     while (job := pipe.recv()) is not None:
         kind, arguments = job
         try:
-            run = run_closed_loop if kind == "closed" else run_poisson
-            pipe.send(run(stream, **arguments))
+            if kind == "closed":
+                pipe.send(run_closed_loop(stream, **arguments, outstanding=outstanding))
+            else:
+                pipe.send(run_poisson(stream, **arguments))
         except Exception as error:  # noqa: BLE001
             pipe.send(f"{type(error).__name__}: {error}")
 
@@ -532,7 +602,7 @@ def load_runner(url: str, processes: int = 1, timeout: float = 120.0):
 class _OneProcess:
     """The levels' streams on threads of this process (LoadProcesses' interface)."""
 
-    stream: Callable[[Utterance, float], StreamRecord]
+    stream: StreamFunction
 
     def run_closed_loop(self, *args, **kwargs) -> list[StreamRecord]:
         return run_closed_loop(self.stream, *args, **kwargs)
