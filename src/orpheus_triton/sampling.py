@@ -23,7 +23,7 @@ from .cuda_graphs import capture
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise for rows (seed, step) and candidate ``token_ids`` [B, C] -> float32 [B, C]."""
     bits = hash32(row_keys(seeds, steps)[:, None] ^ (token_ids.to(torch.int64) * 0x9E3779B1))
-    return -torch.log(-torch.log(uniform(bits))).float()
+    return uniform(bits).log_().neg_().log_().neg_().float()  # -log(-log(u)), in place on u
 
 
 @dataclass
