@@ -125,6 +125,14 @@ def test_counter_noise_is_batch_independent_and_standard_normal():
     assert abs(torch.corrcoef(torch.stack([batch[0, 0], other_block[0, 0]]))[0, 1]) < 0.01
 
 
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def test_a_shared_counter_hashed_on_the_host_gives_the_devices_keys():
     """row_keys hashes an int counter on the host (nothing to copy inside a CUDA graph): the same keys as
     the counter given as a tensor, per row."""
@@ -133,7 +141,10 @@ def test_a_shared_counter_hashed_on_the_host_gives_the_devices_keys():
     from orpheus_triton.counter_noise import hash32, row_keys
 
     values = torch.tensor([0, 1, 5, 2**31, 2**32 - 1, 0x9E3779B9 + 77])
+    given = values.clone()
     assert hash32(values).tolist() == [hash32(v) for v in values.tolist()]
+    assert torch.equal(values, given)  # hashed in place on a copy, never on the caller's tensor
+    assert [hash32(v) for v in (0, 1, 77, 2**32 - 1)] == [_lowbias32(v) for v in (0, 1, 77, 2**32 - 1)]
     seeds = torch.tensor([7, 2**62 + 5, -3, 123456789])
     for counter in (0, 3, 2**40 + 9):
         assert torch.equal(row_keys(seeds, counter), row_keys(seeds, torch.full((4,), counter)))
