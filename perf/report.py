@@ -34,7 +34,7 @@ def _levels(block: dict) -> list[tuple[int, dict]]:
 
 
 def _records(result: dict, key: str) -> list[StreamRecord]:
-    fields = {"label", "voice", "started", "arrivals", "samples", "total", "error"}
+    fields = {"label", "voice", "started", "arrivals", "samples", "total", "error", "measured"}
     return [StreamRecord(**{k: v for k, v in r.items() if k in fields})
             for r in result["tts"]["records"].get(key, [])]
 
@@ -108,7 +108,8 @@ def plot_gaps(result: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     longest = 0.0
     for c, _ in levels:
-        plays = [r.playback() for r in _records(result, f"closed_{c}") if r.error is None and r.arrivals]
+        plays = [r.playback() for r in _records(result, f"closed_{c}")
+                 if r.measured and r.error is None and r.arrivals]  # not the fillers around the level
         gaps = sorted(1000 * g for p in plays for g in p.gaps)
         headroom = sorted(1000 * h for p in plays for h in p.headroom)
         if gaps:

@@ -297,6 +297,30 @@ def test_closed_loop_counts_only_streams_that_met_the_full_load():
     assert cut and ended - start < last + 0.05  # the fillers still running were cut, not waited for
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failing worker's
+def test_a_counted_stream_that_fails_still_ends_the_level():
+    """A stream function that raises for a counted stream (its worker thread ends) still counts it as ended:
+    the other workers' fillers stop, and the level returns."""
+    active, peak, lock = [0], [0], threading.Lock()
+    ok = fake_stream(active, peak, lock, seconds=0.02)
+    calls = [0]
+
+    def flaky(utterance, run_start, stop=None):
+        with lock:
+            calls[0] += 1
+            fail = calls[0] == 3
+        if fail and stop is None:
+            raise RuntimeError("stream function bug")
+        return ok(utterance, run_start, stop)
+
+    done: list = []
+    runner = threading.Thread(target=lambda: done.append(run_closed_loop(flaky, 2, workload(count=2), max_streams=4,
+                                                                         max_seconds=30.0)))
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive() and done and sum(r.measured for r in done[0]) >= 2
+
+
 def test_closed_loop_ramp_spreads_the_workers_first_starts():
     def starts_of(ramp: float) -> list[float]:
         begun = time.perf_counter()

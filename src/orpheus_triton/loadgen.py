@@ -397,10 +397,12 @@ def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequen
                     to_start[0] -= 1
                 utterance = utterances[issued[0] % len(utterances)]
                 issued[0] += 1
-            record = stream(utterance, start, None if measured else level_over)
+            try:
+                record = stream(utterance, start, None if measured else level_over)
+            finally:  # counted as ended whatever happened, or the other workers' fillers would run on for good
+                if measured:
+                    count_down(1)
             record.measured = measured
-            if measured:
-                count_down(1)
             with lock:
                 records.append(record)
 
