@@ -217,14 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
     parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
-    parser.add_argument("--streams-per-worker", type=int, default=2)
+    parser.add_argument("--streams-per-worker", type=int, default=2,
+                        help="closed loop: streams a level counts, per worker (filler streams before and "
+                             "after them keep the load at the level's concurrency)")
     parser.add_argument("--loadgen-processes", type=int, default=1,
                         help="load generator processes, a level's streams dealt out among them (hundreds of streams "
                              "on a GPU: one Python process's GIL would bound what is measured)")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
                         help="closed loop: start the workers' first streams over this long (0: all at once)")
     parser.add_argument("--min-streams", type=int, default=4)
-    parser.add_argument("--level-seconds", type=float, default=120.0, help="time bound per load level")
+    parser.add_argument("--level-seconds", type=float, default=120.0,
+                        help="time bound per load level: its counted streams start within it, and it ends when they do")
     parser.add_argument("--poisson-rates", default="0.25", help="Poisson arrival rates (streams/s); empty: none")
     parser.add_argument("--poisson-streams", type=int, default=6)
     parser.add_argument("--serving-repeats", type=int, default=5, help="streams each for comparison (a)")
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
     if not args.llm_cancel_check_seconds >= 0:
         parser.error(f"--llm-cancel-check-seconds {args.llm_cancel_check_seconds}: want >= 0")
+    if args.streams_per_worker < 1:
+        parser.error(f"--streams-per-worker {args.streams_per_worker}: want >= 1")
     if args.loadgen_processes < 1:
         parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
 

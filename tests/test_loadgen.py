@@ -402,3 +402,11 @@ def test_a_closed_loop_level_dealt_out_to_processes_keeps_its_stream_count():
     assert closed_loop_shares(8, 16, 3) == [([0, 3, 6], 6), ([1, 4, 7], 6), ([2, 5], 4)]
     for concurrency, streams, processes in [(1, 2, 8), (5, 7, 2), (216, 432, 8), (4, 3, 4)]:
         assert sum(n for _, n in closed_loop_shares(concurrency, streams, processes)) == streams
+
+
+def test_a_level_without_counted_streams_is_refused_with_the_flag_named(capsys):
+    from orpheus_triton import loadgen
+
+    with pytest.raises(SystemExit):
+        loadgen.main(["--streams-per-worker", "0"])
+    assert "--streams-per-worker 0: want >= 1" in capsys.readouterr().err

@@ -659,8 +659,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8001", help="gRPC endpoint on this machine")
     parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels, comma separated")
-    parser.add_argument("--streams-per-worker", type=int, default=2)
-    parser.add_argument("--max-seconds", type=float, default=120.0, help="time bound per level")
+    parser.add_argument("--streams-per-worker", type=int, default=2,
+                        help="closed loop: streams a level counts, per worker (filler streams before and "
+                             "after them keep the load at the level's concurrency)")
+    parser.add_argument("--max-seconds", type=float, default=120.0,
+                        help="time bound per level: its counted streams start within it, and it ends when they do")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
                         help="closed loop: start the workers' first streams over this long (0: all at once)")
     parser.add_argument("--poisson-rates", default="", help="arrival rates (streams/s), comma separated")
@@ -674,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.ramp_seconds < args.max_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --max-seconds {args.max_seconds}")
+    if args.streams_per_worker < 1:
+        parser.error(f"--streams-per-worker {args.streams_per_worker}: want >= 1")
     if args.processes < 1:
         parser.error(f"--processes {args.processes}: want >= 1")
     try:
