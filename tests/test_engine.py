@@ -324,6 +324,18 @@ def test_seen_rows_read_from_a_larger_table_pick_the_same_tokens():
     assert not torch.equal(picked, sample(logits, params, table[:4]))  # the rows matter
 
 
+def test_guarded_rows_read_their_seen_codes_as_one_block():
+    """sampling.guarded_seen: a row's slot block and end-of-speech, read from its row of the table, are the
+    entries of its guard candidates."""
+    from orpheus_triton.sampling import guard_candidates, guarded_seen
+
+    vocab = AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE + 10
+    gen = torch.Generator().manual_seed(5)
+    table = torch.rand(9, vocab, generator=gen) < 0.3
+    rows, slots = torch.tensor([7, 2, 5, 0, 2]), torch.tensor([0, 6, 3, 3, 1])
+    assert torch.equal(guarded_seen(table, rows, slots), table[rows[:, None], guard_candidates(slots)])
+
+
 def test_unsorted_fast_path_picks_what_sorting_would():
     """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same,
     and the same as when every row is sorted (on GPU, where reading back which rows need it costs more)."""

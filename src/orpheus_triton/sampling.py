@@ -168,7 +168,7 @@ def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Ten
             slots = sub["audio_position"] % TOKENS_PER_FRAME
             candidates = guard_candidates(slots)
             scores = _guarded_scores(head.guarded(rows, slots, [host.slots[row] for row in members]), slots,
-                                     candidates, seen, table_rows, sub["repetition_penalty"])
+                                     seen, table_rows, sub["repetition_penalty"])
         else:
             scores = _penalise(head.full(rows), seen[table_rows], sub["repetition_penalty"])
             scores, candidates = scores.topk(min(scores.shape[1], UNGUARDED_CANDIDATES), dim=1)
@@ -176,12 +176,24 @@ def sample(logits: torch.Tensor | LmHead, params: SamplingBatch, seen: torch.Ten
     return next_tokens
 
 
-def _guarded_scores(scores: torch.Tensor, slots: torch.Tensor, candidates: torch.Tensor, seen: torch.Tensor,
-                    table_rows: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+def _guarded_scores(scores: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor, table_rows: torch.Tensor,
+                    penalty: torch.Tensor) -> torch.Tensor:
     """Guarded rows' candidate logits [B, 4097], penalised, with end-of-speech only where a frame is complete."""
-    scores = _penalise(scores, seen[table_rows[:, None], candidates], penalty)
+    scores = _penalise(scores, guarded_seen(seen, table_rows, slots), penalty)
     scores[:, -1] = torch.where(slots == 0, scores[:, -1], float("-inf"))
     return scores
+
+
+def guarded_seen(seen: torch.Tensor, table_rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Whether each guarded row's candidates (``guard_candidates``: its slot's 4096 codes, then end-of-speech)
+    are in its sequence: rows ``table_rows`` of ``seen`` [rows, V].
+
+    A slot's codes are one contiguous block of the vocabulary, so each row copies a block instead of
+    gathering 4097 scattered entries (8 rows: 17 against 61 us on a CPU; 32 rows: 33 against 191).
+    """
+    codes = seen[:, AUDIO_TOKEN_BASE : AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE]
+    blocks = codes.unflatten(1, (TOKENS_PER_FRAME, CODEBOOK_SIZE))  # a view: [rows, slot, code]
+    return torch.cat((blocks[table_rows, slots], seen[table_rows, END_OF_SPEECH][:, None]), dim=1)
 
 
 def _tempered(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]):
@@ -287,7 +299,7 @@ def guarded_tokens(hidden: torch.Tensor, weight: torch.Tensor, seen: torch.Tenso
     codes = hidden @ weight[AUDIO_TOKEN_BASE : AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE].T
     columns = slots[:, None] * CODEBOOK_SIZE + torch.arange(CODEBOOK_SIZE, device=hidden.device)
     scores = torch.cat((codes.gather(1, columns), (hidden @ weight[END_OF_SPEECH])[:, None]), dim=1).float()
-    scores = _guarded_scores(scores, slots, candidates, seen, seen_rows, params.repetition_penalty)
+    scores = _guarded_scores(scores, slots, seen, seen_rows, params.repetition_penalty)
     p = {name: getattr(params, name) for name in ("temperature", "top_p", "top_k", "seed", "step")}
     scores, noise, _ = _tempered(scores, candidates, p)
     return _choose_sorted(scores, candidates, noise, p)
