@@ -336,6 +336,21 @@ def test_guarded_rows_read_their_seen_codes_as_one_block():
     assert torch.equal(guarded_seen(table, rows, slots), table[rows[:, None], guard_candidates(slots)])
 
 
+def test_the_guarded_head_gives_the_full_logits_of_each_rows_candidates():
+    """sampling.LmHead.guarded (rows grouped by frame slot, each slot's block of the output matrix once) gives
+    every row, in the batch's order, the logits the whole head gives its guard candidates."""
+    from orpheus_triton.sampling import FullLogits, LmHead, guard_candidates
+
+    vocab = AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE + 10
+    gen = torch.Generator().manual_seed(6)
+    weight, hidden = torch.randn(vocab, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    rows, slots = torch.tensor([6, 1, 4, 0, 3]), torch.tensor([2, 0, 2, 5, 0])
+    got = LmHead(hidden, weight).guarded(rows, slots, slots.tolist())
+    want = FullLogits(hidden @ weight.T).guarded(rows, slots, slots.tolist())
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(want, (hidden @ weight.T)[rows[:, None],
+                                                                                           guard_candidates(slots)])
+
+
 def test_unsorted_fast_path_picks_what_sorting_would():
     """Rows whose unfiltered Gumbel-max lies in the top-k/top-p set skip the sort; the pick is the same,
     and the same as when every row is sorted (on GPU, where reading back which rows need it costs more)."""

@@ -107,15 +107,25 @@ class LmHead:
         return (self.hidden[rows] @ self.weight.T).float()
 
     def guarded(self, rows: torch.Tensor, slots: torch.Tensor, host_slots: list[int]) -> torch.Tensor:
+        # Rows in slot order (stable: each slot's rows as they come), so that each slot's rows are one
+        # stretch of the matrices: one product and one copy a slot, then one reordering back if needed.
         device = self.hidden.device
-        scores = torch.empty(len(host_slots), CODEBOOK_SIZE + 1, device=device)
+        order = sorted(range(len(host_slots)), key=host_slots.__getitem__)
+        reordered = order != list(range(len(order)))
+        if reordered:
+            rows = rows[host_to_device(torch.tensor(order), device)]
         hidden = self.hidden[rows]
+        scores = torch.empty(len(host_slots), CODEBOOK_SIZE + 1, device=device)
+        first = 0
         for slot in sorted(set(host_slots)):
-            members = host_to_device(torch.tensor([i for i, s in enumerate(host_slots) if s == slot]), device)
+            last = first + host_slots.count(slot)
             start = AUDIO_TOKEN_BASE + slot * CODEBOOK_SIZE
             block = self.weight[start : start + CODEBOOK_SIZE]
-            scores[members, :CODEBOOK_SIZE] = (hidden[members] @ block.T).float()
+            scores[first:last, :CODEBOOK_SIZE] = (hidden[first:last] @ block.T).float()
+            first = last
         scores[:, CODEBOOK_SIZE] = (hidden @ self.weight[END_OF_SPEECH]).float()
+        if reordered:  # back to the batch's order
+            scores = scores[host_to_device(torch.tensor(sorted(range(len(order)), key=order.__getitem__)), device)]
         return scores
 
 
