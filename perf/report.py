@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from load_table import figure, load_table  # noqa: E402 (perf/, beside this file)
+from stacks import stacks_table  # noqa: E402
 
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
 from orpheus_triton.loadgen import StreamRecord  # noqa: E402
@@ -198,6 +199,7 @@ def _server_view(levels: dict) -> list[str]:
     rows = [(c, lv) for c, lv in _levels(levels) if lv.get("server_first_audio") is not None]
     if not rows:
         return []
+    stacks = stacks_table([(f"{c} streams", lv) for c, lv in _levels(levels)])
     return [
         "",
         "What the server saw of the same streams, from its own metrics (`orpheus_time_to_first_audio_seconds`: "
@@ -215,6 +217,7 @@ def _server_view(levels: dict) -> list[str]:
           for c, lv in rows],
         "",
         *load_table([(f"{c} streams", lv) for c, lv in _levels(levels)]),
+        *([""] + stacks if stacks else []),
     ]
 
 

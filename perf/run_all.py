@@ -35,9 +35,11 @@ from common import (
     other_load_monitor,
     run_folder,
     server_listener_monitor,
+    server_processes,
     source_state,
     wait_quiet,
 )
+from stacks import py_spy, stack_monitor
 
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS
 from orpheus_triton.loadgen import (
@@ -152,11 +154,16 @@ def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm
 
 
 def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: str | None = None,
-                  server_pid: int | None = None) -> dict:
+                  server_pid: int | None = None, stacks: dict | None = None) -> dict:
     """sweep(), one level at a time, each level under ``guard``, with the server's own figures for each
     level where ``metrics_url`` is given, and its processes' CPU with ``server_pid``
-    (common.server_listener_monitor)."""
+    (common.server_listener_monitor). ``stacks`` (with ``server_pid``): py-spy samples of the model stubs
+    each level (stacks.stack_monitor's models, seconds, delay and folder)."""
     monitor = server_listener_monitor(metrics_url, server_pid)
+    if stacks and server_pid is not None:
+        monitor = both_monitors(monitor, stack_monitor(
+            lambda: {label: pid for pid, label in server_processes(server_pid).items() if label in stacks["models"]},
+            stacks["seconds"], stacks["delay"], stacks["folder"]))
     out = {"settings": asdict(settings), "closed_loop": {}, "poisson": {}, "records": {}}
     runs = [("closed_loop", c, replace(settings, concurrency=[c], poisson_rates=[])) for c in settings.concurrency]
     runs += [("poisson", r, replace(settings, concurrency=[], poisson_rates=[r])) for r in settings.poisson_rates]
@@ -172,6 +179,15 @@ def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: 
             out["records"].update(parts["result"]["records"])
     out["realtime_capacity"] = realtime_capacity(out["closed_loop"], settings.ttfa_limit)
     return out
+
+
+def both_monitors(first, second):
+    """One level monitor (loadgen.sweep's) that runs two: their figures together."""
+    def start():
+        finishes = first(), second()
+        return lambda: {key: value for finish in finishes for key, value in finish().items()}
+
+    return start
 
 
 def _numbers(text: str, cast=int) -> list:
@@ -213,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
                         help="with the response thread, how often Triton is asked about every stream's "
                              "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")
+    parser.add_argument("--stack-seconds", type=float, default=0.0, metavar="S",
+                        help="py-spy records the llm and snac_decoder stubs for S seconds in each level, from "
+                             "--stack-delay on, and the report says where their threads were (0: off)")
+    parser.add_argument("--stack-delay", type=float, default=None, metavar="S",
+                        help="seconds into a level before py-spy starts (default: the ramp and 2 s more)")
     parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
     parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
@@ -256,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--llm-cancel-check-seconds {args.llm_cancel_check_seconds}: want >= 0")
     if args.streams_per_worker < 1:
         parser.error(f"--streams-per-worker {args.streams_per_worker}: want >= 1")
+    if args.stack_seconds < 0 or (args.stack_delay is not None and args.stack_delay < 0):
+        parser.error("--stack-seconds and --stack-delay: want >= 0")
+    if args.stack_seconds and py_spy() is None:
+        parser.error("--stack-seconds needs py-spy (pip install py-spy)")
     if args.loadgen_processes < 1:
         parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
 
@@ -329,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
             if serving:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
+        stacks = {"models": ("llm", "snac_decoder"), "seconds": args.stack_seconds, "folder": folder / "raw",
+                  "delay": args.ramp_seconds + 2.0 if args.stack_delay is None else args.stack_delay}
         result["tts"] = guarded_sweep(server.url, settings, guard, server.metrics_url,
-                                      server.process.pid if server.process else None)
+                                      server.process.pid if server.process else None,
+                                      stacks if args.stack_seconds else None)
         result["tts"]["records"] = _round_records(result["tts"]["records"])
         result["tts"]["realtime_capacity_by_limit"] = {
             str(limit): realtime_capacity(result["tts"]["closed_loop"], limit)

@@ -18,6 +18,7 @@
 #   wheels/server/         nvidia-pytriton (tritonserver 2.51 + Python backend; ~53 MiB)
 #   wheels/tools/          tritonclient[grpc] and its deps, pytriton's small deps, snac, matplotlib
 #   wheels/perf_analyzer/  tritonclient 2.47.0 (its perf_analyzer), nvidia-cuda-runtime-cu12, libb64-0d .deb
+#   wheels/profiler/       py-spy (the serving report's stacks of the model stubs: perf/stacks.py)
 #
 # The folders are split so that each stays under a 64 MiB transfer limit: carry
 # wheels/server with one `setup` call and wheels/tools + wheels/perf_analyzer with
@@ -49,6 +50,8 @@ TOOL_WHEELS=(
   "matplotlib>=3.7" contourpy cycler fonttools kiwisolver pillow pyparsing python-dateutil six
 )
 PERF_ANALYZER_WHEELS=("tritonclient==2.47.0" "nvidia-cuda-runtime-cu12>=12,<13")
+# py-spy: where a served level's threads are (perf/stacks.py); a static binary, carried as wheels/lean/py-spy.xz
+PROFILER_WHEELS=("py-spy>=0.3")
 
 log() { echo "[run_on_gpu] $*" >&2; }
 
@@ -81,11 +84,12 @@ download() {  # download DIR PACKAGE...
 LEAN_WHEELS=(numpy tritonclient python_rapidjson grpcio protobuf ml_dtypes snac)
 
 pack() {
-  # One transfer of at most 64 MiB -> wheels/lean/, three xz archives (xz packs shared libraries far
-  # tighter than a wheel's zip: 51 MB instead of 92 MB of wheels):
+  # One transfer of at most 64 MiB -> wheels/lean/, three xz archives and py-spy (xz packs shared libraries
+  # far tighter than a wheel's zip: 53 MB instead of 95 MB of wheels):
   #   site-nvidia_pytriton-py3.12.tar.xz  nvidia-pytriton without the stubs and libpython of other Pythons
   #   site-tools-py3.12.tar.xz            the tool wheels in LEAN_WHEELS, unpacked as pip installs them
   #   perf_analyzer.tar.xz                perf_analyzer from tritonclient 2.47.0, libcudart.so.12, libb64.so.0d
+  #   py-spy.xz                           py-spy's static binary (setup puts it in perf/.tools/bin)
   # `setup` unpacks the site-* archives into site-packages and the last one into perf/.tools.
   [[ -d "$WHEELS/server" && -d "$WHEELS/tools" ]] || { log "run '$0 fetch' first"; exit 1; }
   local lean="$WHEELS/lean" work name
@@ -109,6 +113,12 @@ pack() {
     pack_perf_analyzer "$work/perf_analyzer" "$lean/perf_analyzer.tar.xz"
   else
     log "no wheels/perf_analyzer: the GPU machine runs without perf_analyzer"
+  fi
+  if compgen -G "$WHEELS/profiler/py_spy-*.whl" >/dev/null; then  # the binary alone, about 2 MB packed
+    python3 -m zipfile -e "$(compgen -G "$WHEELS/profiler/py_spy-*.whl" | head -n 1)" "$work/py_spy"
+    xz -9 -c "$(find "$work/py_spy" -path '*/scripts/py-spy' | head -n 1)" >"$lean/py-spy.xz"
+  else
+    log "no wheels/profiler: the GPU machine runs without py-spy (no stacks in the serving report)"
   fi
   rm -rf "$work"
   du -sh "$lean" >&2
@@ -168,6 +178,7 @@ fetch() {
   download "$WHEELS/server" "${SERVER_WHEELS[@]}"
   download "$WHEELS/tools" "${TOOL_WHEELS[@]}"
   download "$WHEELS/perf_analyzer" "${PERF_ANALYZER_WHEELS[@]}"
+  download "$WHEELS/profiler" "${PROFILER_WHEELS[@]}"
   (cd "$WHEELS/perf_analyzer" && apt-get download libb64-0d >/dev/null 2>&1) ||
     log "could not apt-get download libb64-0d (perf_analyzer on the GPU machine will need it installed)"
   du -sh "$WHEELS"/* >&2
@@ -231,6 +242,11 @@ for incoming in sys.argv[2:]:
 PY
     tar -C "$site" -xJf "$bundle"
   done
+  if [[ -f "$WHEELS/lean/py-spy.xz" ]]; then  # perf/stacks.py looks for it in perf/.tools/bin
+    mkdir -p "$REPO/perf/.tools/bin"
+    xz -dc "$WHEELS/lean/py-spy.xz" >"$REPO/perf/.tools/bin/py-spy"
+    chmod +x "$REPO/perf/.tools/bin/py-spy"
+  fi
   if [[ -f "$WHEELS/lean/perf_analyzer.tar.xz" ]]; then
     PERF_ANALYZER_BUNDLE="$WHEELS/lean/perf_analyzer.tar.xz" bash "$REPO/perf/install_perf_analyzer.sh" ||
       log "perf_analyzer not installed; the benchmark runs without it"
@@ -320,6 +336,9 @@ short() {
     llm="$(tail -n 1 "$out/models.log" 2>/dev/null)"
     [[ -d "$llm" ]] || { log "no model set"; llm=""; return 1; }
   }
+  # py-spy (setup unpacks it from wheels/lean/py-spy.xz): 5 s of the llm and snac_decoder stubs' stacks a level
+  local stack_args=()
+  [[ -x "$REPO/perf/.tools/bin/py-spy" ]] && stack_args=(--stack-seconds 5)
   for name in $steps; do
     case "$name" in
       check) step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
@@ -342,7 +361,8 @@ short() {
       serving) model_set && step serving 240 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
         --max-seq-len 1400 --concurrency 1,32,64,128,216 --texts short --max-tokens 0 --streams-per-worker 2 \
         --ramp-seconds 3 --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 \
-        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving" "$@" ;;
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 "${stack_args[@]}" \
+        --out "$out/serving" "$@" ;;
       # perf_analyzer (setup installs it from wheels/lean/perf_analyzer.tar.xz): `orpheus` streaming and
       # `snac_decoder` alone, on a server of its own with 64 slots; levels 1, 16 and 64, 150-token streams.
       perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \

@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # perf/: load_table
 from load_table import figure, load_table  # noqa: E402
+from stacks import stacks_table  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
@@ -80,7 +81,8 @@ def serving(folder: Path, name: str) -> list[str]:
                      f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} | "
                      f"{figure(level.get('server_decoder_busy'))} |")
     table = load_table(levels)
-    return lines + ([""] + table if table else []) + [""]
+    stacks = stacks_table(levels)
+    return lines + ([""] + table if table else []) + ([""] + stacks if stacks else []) + [""]
 
 
 def perf_analyzer(folder: Path) -> list[str]:
