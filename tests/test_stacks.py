@@ -84,3 +84,30 @@ def test_a_level_records_where_a_running_process_threads_were(tmp_path):
     assert "error" not in summary, summary
     assert summary["busy-worker"]["functions"][0][0] == "hash32"
     assert (tmp_path / "stacks_worker_1.txt").is_file()
+
+
+@pytest.mark.server
+@pytest.mark.skipif(stacks.py_spy() is None, reason="py-spy is installed with the test extras")
+def test_a_served_level_says_where_the_engine_and_decoder_threads_were(server, grpc_url, tmp_path):
+    """run_all's sweep with stacks (guarded_sweep): a level of two streams through the server records the
+    `llm` stub's engine thread and the `snac_decoder` stub's decoding thread, with the step's parts."""
+    import run_all
+
+    from orpheus_triton.loadgen import SweepSettings
+
+    settings = SweepSettings(concurrency=[2], streams_per_worker=2, min_streams=2, max_seconds_per_level=60.0,
+                             labels=["short"], max_tokens={"short": 140})
+    guard = run_all.Guard(retries=0, threshold=99.0, wait_seconds=0.0)
+    out = run_all.guarded_sweep(grpc_url, settings, guard, f"http://localhost:{server.ports.metrics}/metrics",
+                                server.pid, {"models": ("llm", "snac_decoder"), "seconds": 1.0, "delay": 0.3,
+                                             "folder": tmp_path})
+    found = out["closed_loop"][2]["server_stacks"]
+    assert "error" not in found["llm"] and "error" not in found["snac_decoder"], found
+    engine = found["llm"]["inflight-engine"]
+    assert engine["samples"] > 20, engine
+    # Two streams of a tiny model: the loop waits for work most of the time (its parts: waiting, steps);
+    # a slower machine's steps may fill it (then the parts are the step's).
+    inner = {"InflightEngine._loop": "InflightEngine.step", "InflightEngine.step": "InflightEngine._decode"}
+    assert inner[engine["within"]] in dict(engine["parts"]), engine
+    assert "snac-decoder" in found["snac_decoder"]
+    assert {path.name for path in tmp_path.iterdir()} == {"stacks_llm_1.txt", "stacks_snac_decoder_1.txt"}
