@@ -157,8 +157,10 @@ def stack_monitor(stubs, seconds: float, delay: float, folder: Path | None, rate
     return start
 
 
-def stacks_table(levels: list[tuple[str, dict]], threads: int = 3) -> list[str]:
-    """Markdown lines: per level and stub, its busiest threads (by samples) and where each spent them."""
+def stacks_table(levels: list[tuple[str, dict]], threads: int | None = None) -> list[str]:
+    """Markdown lines: per level and stub, its threads (the first ``threads`` of them; all by default: with
+    idle samples every thread has as many) and where each spent its time, but those never in Python (a
+    stub's main thread, waiting in Triton's calls)."""
     lines = []
     for label, level in levels:
         stacks = level.get("server_stacks")
@@ -172,6 +174,8 @@ def stacks_table(levels: list[tuple[str, dict]], threads: int = 3) -> list[str]:
                 lines.append(f"- {label}, `{model}`: no stacks ({summary['error']})")
                 continue
             for thread, figures in list(summary.items())[:threads]:
+                if figures["functions"] == [["(no Python frame)", 1.0]]:
+                    continue
                 where = ", ".join(f"{name} {share:.0%}" for name, share in figures["functions"])
                 lines.append(f"- {label}, `{model}`, thread {thread} ({figures['samples']} samples): {where}")
                 if figures.get("parts"):

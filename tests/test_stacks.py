@@ -54,6 +54,8 @@ def test_the_table_lists_each_level_and_stub_or_why_it_has_no_stacks():
     assert "  - within InflightEngine.step: InflightEngine._sample 50%, InflightEngine._decode 30%" in text
     assert "- 8 streams, `snac_decoder`: no stacks (denied)" in text
     assert "- 16 streams: no stacks (py-spy not found)" in text and "32 streams" not in text
+    every = "\n".join(stacks.stacks_table(levels))
+    assert "thread snac-decoder" in every and "MainThread" not in every  # all threads but those never in Python
     assert stacks.stacks_table([("1 streams", {})]) == []
 
 
