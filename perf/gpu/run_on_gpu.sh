@@ -369,15 +369,17 @@ short() {
         --device cuda --max-streams 64 --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 \
         --max-tokens 150 --request-count 8 --timeout 60 --out "$out/perf-analyzer" ;;
       serving-overlap) model_set && step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
-        --max-streams 256 --max-seq-len 1400 --overlap --concurrency 1,64,128,160,216 --texts short --max-tokens 0 \
+        --max-streams 256 --max-seq-len 1400 --overlap --concurrency 1,128,216 --texts short --max-tokens 0 \
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
-        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving-overlap" "$@" ;;
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+        "${stack_args[@]}" --out "$out/serving-overlap" "$@" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \
-        --concurrency 1,64,128,160,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
+        --concurrency 1,128,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
         --min-streams 8 --level-seconds 15 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
-        --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --out "$out/serving-newcomer-off" "$@" ;;
+        --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 "${stack_args[@]}" --out "$out/serving-newcomer-off" \
+        "$@" ;;
       comparisons) model_set && step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
         --max-streams 16 --max-seq-len 1400 --concurrency 1 --texts short --max-tokens 0 --min-streams 4 \
         --level-seconds 20 --poisson-rates "" --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer \
