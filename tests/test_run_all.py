@@ -1,5 +1,6 @@
 """perf/ bookkeeping: a comparison that fails is a note, not the end of the run; the GPU run's summary page."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,12 +38,21 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
         shutil.copytree(h100 / part, tmp_path / part)
     shutil.copytree(h100 / "serving-2", tmp_path / "serving")
     (tmp_path / "serving.status").write_text("exit 0 after 102 s")
+    # a level as the stack sampler leaves it (perf/stacks.py; the H100 run had none)
+    result_path = tmp_path / "serving" / "result.json"
+    result = json.loads(result_path.read_text())
+    result["tts"]["closed_loop"]["1"]["server_stacks"] = {"llm": {"inflight-engine": {
+        "samples": 500, "functions": [["gumbel_noise", 0.4]], "within": "InflightEngine.step",
+        "parts": [["InflightEngine._decode", 0.7]]}}}
+    result_path.write_text(json.dumps(result))
     assert summarize.main([str(tmp_path)]) == 0
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "- serving: exit 0 after 102 s" in text
     assert "NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130); failed: none" in text
     assert "| 1 | 6.23 | 161 | 161 | yes |" in text and "| 256 | 16.30 | 61 | 15707 | no |" in text
     assert "| closed 1 | 8 | 0 | 201 | 229 |" in text
+    assert "- closed 1, `llm`, thread inflight-engine (500 samples): gumbel_noise 40%" in text
+    assert "  - within InflightEngine.step: InflightEngine._decode 70%" in text
     assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text
 
