@@ -30,25 +30,26 @@ def load_table(levels: list[tuple[str, dict]]) -> list[str]:
     processes = [p for p in PROCESS_ORDER if any(p in (lv.get("server_cpu") or {}) for _, lv in rows)]
     processes += sorted({p for _, lv in rows for p in (lv.get("server_cpu") or {})} - {*processes, "load generator"})
     processes.append("load generator")
-    header = ("| level | streams open | in LLM slots | LLM queue | LLM busy | steps/s | tokens/step | tokens/s | "
-              "decoder busy | windows/s | windows/call | "
+    header = ("| level | streams open | in LLM slots | LLM queue | LLM busy | steps/s | step ms | tokens/step | "
+              "tokens/s | decoder busy | windows/s | windows/call | "
               + " | ".join(f"CPU {p}" for p in processes) + " |")
     lines = [
         "Where the time went (the server's counters over the level: *busy* = share of the time in engine steps or "
         "decoder rounds, 1 = saturated; *streams open*: the client's streams in flight on average, *in LLM slots* "
         "and *LLM queue*: the engine's mean streams holding a slot and requests waiting for one, *tokens/step*: "
-        "the streams decoding; CPU in cores, with the busiest thread's share in brackets: a process whose "
+        "the streams decoding; *step ms*: an engine step's mean length, to set beside the engine bench's at that "
+        "many tokens a step; CPU in cores, with the busiest thread's share in brackets: a process whose "
         "busiest thread is near 1 is bound by that thread, however idle the machine):",
         "",
         header,
-        "|---|" + "---:|" * (10 + len(processes)),
+        "|---|" + "---:|" * (11 + len(processes)),
     ]
     for label, level in rows:
         load, cpu = level.get("server_load") or {}, level.get("server_cpu") or {}
         lines.append(
             f"| {label} | {figure(level.get('streams_in_flight_mean'), 1)} | {figure(load.get('llm_streams'), 1)} | "
             f"{figure(load.get('llm_queued'), 1)} | {figure(load.get('llm_busy'))} | "
-            f"{figure(load.get('llm_steps_per_s'), 0)} | "
+            f"{figure(load.get('llm_steps_per_s'), 0)} | {figure(load.get('llm_step_ms'), 1)} | "
             f"{figure(load.get('llm_tokens_per_step'), 1)} | {figure(load.get('llm_tokens_per_s'), 0)} | "
             f"{figure(level.get('server_decoder_busy'))} | {figure(load.get('decoder_windows_per_s'), 0)} | "
             f"{figure(load.get('decoder_windows_per_call'), 1)} | "

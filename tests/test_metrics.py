@@ -141,7 +141,8 @@ def test_listener_figures_from_the_metrics_page_and_their_difference():
     assert (page - earlier).load(10.0) == {
         "decoder_busy": 0.2, "llm_busy": 0.5, "decoder_windows_per_s": 20.0, "llm_steps_per_s": 25.0,
         "llm_tokens_per_s": 200.0, "decoder_windows_per_call": 5.0, "llm_tokens_per_step": 8.0,
-        "llm_streams": 8.0, "llm_queued": 0.5}  # mean streams in the engine's slots and waiting for one
+        "llm_streams": 8.0, "llm_queued": 0.5,  # mean streams in the engine's slots and waiting for one
+        "llm_step_ms": 20.0}  # 5 busy seconds over 250 steps
     assert ListenerFigures.parse(PAGE.split("orpheus_llm")[0]).load(1.0).keys() == {  # no engine counters
         "decoder_busy", "decoder_windows_per_s", "decoder_windows_per_call"}
     # beyond the last finite bound: that bound, as Prometheus gives

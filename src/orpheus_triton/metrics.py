@@ -175,9 +175,9 @@ class ListenerFigures:
     def load(self, seconds: float) -> dict[str, float]:
         """Where the time of a level of ``seconds`` went (this object: the difference of its two pages), as
         rates: the decoder's and the LLM engine's busy shares (1 = saturated), SNAC windows a second and per
-        call, engine steps a second and tokens per step, and the mean number of streams holding an engine
-        slot and of requests waiting for one (set beside the client's streams in flight, where the others
-        are: before the engine or after it). A figure whose counters the server lacks is left out
+        call, engine steps a second, their mean length and tokens per step, and the mean number of streams
+        holding an engine slot and of requests waiting for one (set beside the client's streams in flight,
+        where the others are: before the engine or after it). A figure whose counters the server lacks is left out
         (the TensorRT-LLM repository has no engine counters of ours)."""
         c, seconds = self.counters, max(seconds, 1e-9)
         figures = {"decoder_busy": c.get(DECODER_BUSY_METRIC), "llm_busy": c.get(LLM_BUSY_METRIC),
@@ -189,6 +189,8 @@ class ListenerFigures:
             out["decoder_windows_per_call"] = round(c.get(DECODER_WINDOWS_METRIC, 0.0) / c[DECODER_CALLS_METRIC], 2)
         if c.get(LLM_STEPS_METRIC):
             out["llm_tokens_per_step"] = round(c.get(LLM_TOKENS_METRIC, 0.0) / c[LLM_STEPS_METRIC], 2)
+            if c.get(LLM_BUSY_METRIC) is not None:  # a served step's length, beside the engine bench's alone
+                out["llm_step_ms"] = round(1000 * c[LLM_BUSY_METRIC] / c[LLM_STEPS_METRIC], 3)
         return out
 
     @property
