@@ -199,7 +199,8 @@ def _server_view(levels: dict) -> list[str]:
     rows = [(c, lv) for c, lv in _levels(levels) if lv.get("server_first_audio") is not None]
     if not rows:
         return []
-    stacks = stacks_table([(f"{c} streams", lv) for c, lv in _levels(levels)])
+    labelled = [(f"{c} streams", lv) for c, lv in _levels(levels)]
+    stacks = stacks_table(labelled)
     return [
         "",
         "What the server saw of the same streams, from its own metrics (`orpheus_time_to_first_audio_seconds`: "
@@ -216,7 +217,7 @@ def _server_view(levels: dict) -> list[str]:
           f"{figure(lv.get('server_decoder_busy'))} |"
           for c, lv in rows],
         "",
-        *load_table([(f"{c} streams", lv) for c, lv in _levels(levels)]),
+        *load_table(labelled),
         *([""] + stacks if stacks else []),
     ]
 
