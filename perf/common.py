@@ -37,21 +37,37 @@ def gpu_name() -> str | None:
         return None
 
 
-def machine_name() -> str:
-    """Short name for run folders: the GPU model, else cpu-<cores>core."""
-    gpu = gpu_name()
-    if gpu:
-        return _slug(gpu.replace("NVIDIA", ""))
-    return f"cpu-{os.cpu_count()}core"
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (e.g. "AMD EPYC"), else what platform knows."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or ""
+
+
+def cpu_family(model: str) -> str:
+    """The vendor and family of a CPU model name, for run folders: "Intel(R) Xeon(R) Platinum 8480+" ->
+    "intel-xeon", "AMD EPYC 9654" -> "amd-epyc"; "" when unknown.
+
+    Two VMs both called "2 cores" can differ a lot: the SNAC decoder's batching gain, for one, is
+    decided by how fast one window's matrix products already run, which differs between CPU families.
+    """
+    words = re.sub(r"\((R|TM|tm)\)", "", model).split()[:2]
+    return _slug(" ".join(words))
+
+
+def machine_name() -> str:
+    """Short name for run folders: the GPU model, else cpu-<cores>core-<CPU family>."""
+    gpu = gpu_name()
+    if gpu:
+        return _slug(gpu.replace("NVIDIA", ""))
+    family = cpu_family(cpu_model())
+    return f"cpu-{os.cpu_count()}core" + (f"-{family}" if family else "")
+
+
+def machine_info() -> dict:
+    cpu = cpu_model()
     memory = None
     with contextlib.suppress(OSError, ValueError, IndexError):
         memory = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)

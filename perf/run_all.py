@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-busy", type=int, default=2,
                         help="measure a step again (up to N times) when other processes used the CPU meanwhile")
     parser.add_argument("--busy-threshold", type=float, default=0.3, help="cores of other work that count as busy")
-    parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core)")
+    parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core-<CPU family>)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     args = parser.parse_args(argv)
     if args.prefill_tokens < 0:

@@ -85,6 +85,18 @@ def test_a_run_folder_is_never_one_that_holds_other_results(tmp_path):
     assert run_folder("cpu-test", root=tmp_path) == tmp_path / f"{base}-3"
 
 
+def test_a_cpu_run_folder_names_the_cpu_family():
+    from common import cpu_family, cpu_model, machine_name  # noqa: PLC0415
+
+    assert cpu_family("Intel(R) Xeon(R) Processor") == "intel-xeon"
+    assert cpu_family("Intel(R) Xeon(R) Platinum 8480+") == "intel-xeon"
+    assert cpu_family("AMD EPYC 9654 96-Core Processor") == "amd-epyc"
+    assert cpu_family("AMD EPYC") == "amd-epyc"
+    assert cpu_family("") == ""
+    family = cpu_family(cpu_model())
+    assert machine_name().endswith(f"core-{family}" if family else "core")
+
+
 def test_loadgen_bench_measures_the_load_generator_against_a_paced_stand_in(tmp_path):
     """perf/loadgen_bench.py end to end: the stand-in `orpheus` (the ensemble's tensor names, chunks paced at
     `--speed` times real time) streamed at one level by one load generator process and by two."""
