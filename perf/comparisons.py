@@ -19,6 +19,7 @@ import time
 from contextlib import redirect_stdout
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from orpheus_triton.constants import CODEBOOK_SIZE, WINDOW_TOKENS
 from orpheus_triton.engine import GenerationRequest, InflightEngine
@@ -148,8 +149,58 @@ def _op_times(fn) -> tuple[dict[str, tuple[int, float]], str]:
     return {e.key: (e.count, e.self_cpu_time_total / 1000) for e in averages}, buffer.getvalue()
 
 
-def _profile(decoder: WindowDecoder, windows: list[Window], rows: int = 8) -> tuple[str, list[dict]]:
-    """Where the CPU time goes, by torch operator: one batched decode vs the same windows one by one."""
+# The matrix products of a decode (dense convolutions, time-major): their names in the profiler.
+PRODUCT_OPS = ("aten::mm", "aten::addmm", "aten::addmm_")
+
+
+class ProductFlops(TorchDispatchMode):
+    """Counts the floating-point operations of the matrix products run inside it (2 m k n each).
+
+    torch's own FlopCounterMode leaves out ``addmm_``, the in-place form the span
+    decoder accumulates its convolution taps with.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if f"aten::{func.overloadpacket.__name__}" in PRODUCT_OPS:
+            first, second = args[-2], args[-1]  # mm(a, b); addmm(bias, a, b); addmm_(self, a, b)
+            self.flops += 2 * first.shape[0] * first.shape[1] * second.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def product_flops(fn) -> int:
+    """Floating-point operations of the matrix products ``fn`` runs."""
+    with ProductFlops() as counter:
+        fn()
+    return counter.flops
+
+
+def _products(batched: dict, single: dict, batched_flops: int, single_flops: int) -> dict:
+    """The matrix products' share of a batched decode and the rate they ran at, batched and one by one.
+
+    Batching shares a window's fixed costs (calls, dispatch), not its arithmetic: where one window's
+    products already run near the cores' peak, batching can only save the rest, and the ratio of (b)
+    is bounded by how much of a decode the products are. (Batched, the products do slightly more
+    arithmetic: a batch is one flat matrix, so the taps' sums that straddle two windows are computed
+    too, then cut.)
+    """
+    def product_ms(ops: dict) -> float:
+        return sum(ms for op, (_, ms) in ops.items() if op in PRODUCT_OPS)
+
+    batched_ms, single_ms = product_ms(batched), product_ms(single)
+    return {"batched_gflop": batched_flops / 1e9, "one_by_one_gflop": single_flops / 1e9,
+            "batched_ms": batched_ms, "one_by_one_ms": single_ms,
+            "share_of_batched": batched_ms / (sum(ms for _, ms in batched.values()) or 1.0),
+            "batched_gflops": batched_flops / batched_ms / 1e6 if batched_ms else None,
+            "one_by_one_gflops": single_flops / single_ms / 1e6 if single_ms else None}
+
+
+def _profile(decoder: WindowDecoder, windows: list[Window], rows: int = 8) -> tuple[str, list[dict], dict]:
+    """Where the CPU time goes, by torch operator: one batched decode vs the same windows one by one;
+    and the matrix products' FLOPs and rates (``_products``)."""
     batched, batched_table = _op_times(lambda: decoder.decode(windows))
     single, single_table = _op_times(lambda: [decoder.decode([w]) for w in windows])
     total = sum(ms for _, ms in batched.values()) or 1.0
@@ -158,7 +209,9 @@ def _profile(decoder: WindowDecoder, windows: list[Window], rows: int = 8) -> tu
               "one_by_one_calls": single.get(op, (0, 0.0))[0], "one_by_one_ms": single.get(op, (0, 0.0))[1]}
              for op in top]
     text = f"batched ({len(windows)} windows, one call)\n{batched_table}\none by one\n{single_table}"
-    return text, table
+    flops = (product_flops(lambda: decoder.decode(windows)),
+             product_flops(lambda: [decoder.decode([w]) for w in windows]))
+    return text, table, _products(batched, single, *flops)
 
 
 def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repeats: int = 5) -> dict:
@@ -185,7 +238,7 @@ def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repe
             result["one_thread"] = _snac_ratio(decoder, batch, repeats)
         finally:
             torch.set_num_threads(result["threads"])
-    profile_text, result["profile_top"] = _profile(decoder, batch)
+    profile_text, result["profile_top"], result["products"] = _profile(decoder, batch)
     # The exact decoder (whole windows, dense convolutions row by row): what sample-identical audio costs.
     result["exact"] = _snac_ratio(ready(exact=True), batch, repeats)
     return result | {"profile_table": profile_text}

@@ -25,6 +25,42 @@ def test_a_comparison_that_fails_becomes_a_note_and_the_run_goes_on():
     assert len(result["notes"]) == 1
 
 
+def test_product_flops_counts_every_form_of_matrix_product():
+    import torch  # noqa: PLC0415
+    from comparisons import product_flops  # noqa: PLC0415
+
+    a, b, bias = torch.randn(5, 3), torch.randn(3, 4), torch.randn(4)
+    out = torch.empty(5, 4)
+
+    def products():
+        torch.mm(a, b)  # 2*5*3*4 = 120
+        torch.addmm(bias, a, b, out=out)  # 120
+        out.addmm_(a[:, :2], b[:2])  # 2*5*2*4 = 80: torch's FlopCounterMode misses this form
+        torch.add(a, a)  # not a product
+
+    assert product_flops(products) == 320
+
+
+def test_snac_comparison_reports_its_products_flops_and_rates(model_set):
+    """Comparison (b) on the test model set: the products' FLOPs are those of the decodes measured (a
+    little more batched: sums straddling two windows are computed, then cut), and the report states
+    their rates."""
+    import comparisons  # noqa: PLC0415
+    import report  # noqa: PLC0415
+
+    result = comparisons.compare_snac_batching(model_set.snac, device="cpu", windows=3, repeats=1)
+    products = result["products"]
+    decoder = comparisons.load_window_decoder(model_set.snac, device="cpu")
+    windows = comparisons.random_windows(3)
+    one_by_one = comparisons.product_flops(lambda: [decoder.decode([w]) for w in windows])
+    assert products["one_by_one_gflop"] * 1e9 == one_by_one > 0
+    assert one_by_one < products["batched_gflop"] * 1e9 < 1.1 * one_by_one
+    assert 0 < products["share_of_batched"] < 1
+    assert products["batched_gflops"] > 0 and products["one_by_one_gflops"] > 0
+    text = "\n".join(report._comparison_section({"snac": result}))
+    assert f"{products['batched_gflop']:.2f} GFLOP for the 3 windows batched" in text
+
+
 def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     """perf/gpu/summarize.py on the H100 run's own results (check, engine, a served sweep), laid out as
     run_on_gpu.sh short leaves them; the parts that did not run say so."""
