@@ -59,3 +59,19 @@ def test_a_snake_with_alpha_near_zero_is_left_as_it_is(model_set, tmp_path):
     latent = torch.randn(1, 768, 16, generator=torch.Generator().manual_seed(1))
     upstream = SNAC.from_pretrained(str(tmp_path)).eval()
     torch.testing.assert_close(decode(model.decoder, latent), decode(upstream.decoder, latent), rtol=1e-4, atol=2e-5)
+
+
+def test_the_folded_snakes_sine_matches_torchs_on_any_layout():
+    """NumPy's sine (CPU, float32) stands in for torch's in the folded Snakes: within 2e-7 of it, on
+    contiguous signals and on cuts of longer ones (the span decoder's strided views) alike."""
+    from orpheus_triton.snake import sine  # noqa: PLC0415
+
+    signal = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(2)) * 20
+    for u in (signal, signal[:, 5:30], signal.transpose(1, 2)):
+        got = sine(u)
+        assert got.shape == u.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, torch.sin(u), rtol=0, atol=2e-7)
+    assert sine(signal[:, :0]).shape == (3, 0, 16)
+    grad = signal.clone().requires_grad_()
+    assert sine(grad).requires_grad  # torch's own, where autograd needs it
+    assert sine(signal.double()).dtype == torch.float64

@@ -13,6 +13,7 @@ differently, as the span decode's shortened products already make them.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from snac.layers import Snake1d
 from torch import nn
@@ -65,8 +66,25 @@ class FoldedSnake(Snake):
 
     def activate(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         u = x if self.input_scaled else x * alpha
-        s = torch.sin(u)
+        s = sine(u)
         return torch.addcmul(u, s, s, out=s)
+
+
+def sine(u: torch.Tensor) -> torch.Tensor:
+    """sin(u) as a new tensor; on a CPU, float32, through NumPy's vectorized sine.
+
+    The sine was a fifth of a batched serving decode on an AMD EPYC (Zen 4) core, where
+    torch's float32 sine took 1.3-1.4 ns an element and NumPy's 0.56 ns (its SIMD sine;
+    both within 1e-7 of the float64 sine). Only the folded Snakes use it: their decoder
+    already rounds a few positions differently from upstream, while the exact decoder's
+    Snake keeps torch's sine, bit for bit upstream's. On a GPU (and under CUDA graphs)
+    it is torch's.
+    """
+    if u.device.type != "cpu" or u.dtype != torch.float32 or u.requires_grad:
+        return torch.sin(u)
+    out = torch.empty(u.shape, dtype=u.dtype)
+    np.sin(u.numpy(), out=out.numpy())
+    return out
 
 
 def _is_conv(module: nn.Module) -> bool:
