@@ -8,7 +8,7 @@ from snac import SNAC
 from snac.layers import Snake1d
 
 from orpheus_triton.snac_codec import load_snac
-from orpheus_triton.snake import FoldedSnake, Snake
+from orpheus_triton.snake import FoldedSnake, Snake, numpy_sine
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +61,31 @@ def test_a_snake_with_alpha_near_zero_is_left_as_it_is(model_set, tmp_path):
     torch.testing.assert_close(decode(model.decoder, latent), decode(upstream.decoder, latent), rtol=1e-4, atol=2e-5)
 
 
-def test_the_folded_snakes_sine_matches_torchs_on_any_layout():
-    """NumPy's sine (CPU, float32) stands in for torch's in the folded Snakes: within 2e-7 of it, on
-    contiguous signals and on cuts of longer ones (the span decoder's strided views) alike."""
-    from orpheus_triton.snake import sine  # noqa: PLC0415
-
+def test_numpy_sine_matches_torchs_on_any_layout():
+    """NumPy's sine (CPU, float32), the folded Snakes' on one thread: within 2e-7 of torch's, on contiguous
+    signals and on cuts of longer ones (the span decoder's strided views) alike."""
     signal = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(2)) * 20
-    for u in (signal, signal[:, 5:30], signal.transpose(1, 2)):
-        got = sine(u)
+    for u in (signal, signal[:, 5:30], signal.transpose(1, 2), signal[:, :0]):
+        got = numpy_sine(u)
         assert got.shape == u.shape and got.dtype == torch.float32
         torch.testing.assert_close(got, torch.sin(u), rtol=0, atol=2e-7)
-    assert sine(signal[:, :0]).shape == (3, 0, 16)
-    grad = signal.clone().requires_grad_()
-    assert sine(grad).requires_grad  # torch's own, where autograd needs it
-    assert sine(signal.double()).dtype == torch.float64
+
+
+def test_the_folded_snakes_take_numpys_sine_on_one_thread_only(monkeypatch):
+    from orpheus_triton import snake  # noqa: PLC0415
+
+    calls = []
+    monkeypatch.setattr(snake, "numpy_sine", lambda u: calls.append(u) or numpy_sine(u))
+    signal = torch.randn(2, 8, 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        snake.sine(signal)
+        assert len(calls) == 1
+        snake.sine(signal.double())  # not float32
+        snake.sine(signal.clone().requires_grad_())  # autograd needs torch's
+        torch.set_num_threads(2)  # torch's spreads over the threads
+        torch.testing.assert_close(snake.sine(signal), torch.sin(signal), rtol=0, atol=0)
+        assert len(calls) == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -71,17 +71,27 @@ class FoldedSnake(Snake):
 
 
 def sine(u: torch.Tensor) -> torch.Tensor:
-    """sin(u) as a new tensor; on a CPU, float32, through NumPy's vectorized sine.
+    """sin(u) as a new tensor: NumPy's sine where torch runs one CPU thread (``numpy_sine``), else torch's.
+
+    The serving decoder runs one thread on a CPU by default. With more, torch's sine
+    spreads over them and NumPy's single-threaded one saves no CPU time (alternating
+    runs: perf/results/2026-11-26_cpu-2core-amd-epyc-sine).
+    """
+    if u.device.type == "cpu" and u.dtype == torch.float32 and not u.requires_grad and torch.get_num_threads() == 1:
+        return numpy_sine(u)
+    return torch.sin(u)
+
+
+def numpy_sine(u: torch.Tensor) -> torch.Tensor:
+    """sin(u) of a float32 CPU tensor through NumPy's vectorized sine, as a new tensor.
 
     The sine was a fifth of a batched serving decode on an AMD EPYC (Zen 4) core, where
-    torch's float32 sine took 1.3-1.4 ns an element and NumPy's 0.56 ns (its SIMD sine;
-    both within 1e-7 of the float64 sine). Only the folded Snakes use it: their decoder
-    already rounds a few positions differently from upstream, while the exact decoder's
-    Snake keeps torch's sine, bit for bit upstream's. On a GPU (and under CUDA graphs)
-    it is torch's.
+    torch's float32 sine took 1.3-1.5 ns an element and NumPy's 0.56-0.62 ns (its SIMD
+    sine; both within 1e-7 of the float64 sine): one thread's batched decode 10% less
+    CPU time, a lone window's 5.5%. Only the folded Snakes use it: their decoder already
+    rounds a few positions differently from upstream, while the exact decoder's Snake
+    keeps torch's sine, bit for bit upstream's.
     """
-    if u.device.type != "cpu" or u.dtype != torch.float32 or u.requires_grad:
-        return torch.sin(u)
     out = torch.empty(u.shape, dtype=u.dtype)
     np.sin(u.numpy(), out=out.numpy())
     return out
