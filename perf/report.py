@@ -9,15 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+from load_table import figure, load_table  # perf/, beside this file
+from stacks import stacks_table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from load_table import figure, load_table  # noqa: E402 (perf/, beside this file)
-from stacks import stacks_table  # noqa: E402
-
-from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME  # noqa: E402
-from orpheus_triton.loadgen import StreamRecord  # noqa: E402
+from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
+from orpheus_triton.loadgen import StreamRecord
 
 CHUNK_MS = 1000 * SAMPLES_PER_FRAME / SAMPLE_RATE
 
@@ -40,17 +36,27 @@ def _records(result: dict, key: str) -> list[StreamRecord]:
             for r in result["tts"]["records"].get(key, [])]
 
 
+def _pyplot():
+    """matplotlib's pyplot, headless: the `perf` extra. Only the plots need it, not the markdown."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def plot_ttfa(result: dict, path: Path) -> None:
     tts = result["tts"]
     levels = _levels(tts["closed_loop"])
     limit = tts["settings"]["ttfa_limit"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7.5, 4.5))
     xs = [c for c, _ in levels]
     for key, style in (("ttfa_p50", "o-"), ("ttfa_p95", "s--"), ("ttfa_p99", "^-")):
         ax.plot(xs, [1000 * (lv[key] or 0) for _, lv in levels], style, label=key.replace("ttfa_", "TTFA "))
@@ -80,7 +86,7 @@ def plot_capacity(result: dict, path: Path) -> None:
     tts = result["tts"]
     levels = _levels(tts["closed_loop"])
     xs = [c for c, _ in levels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 4.2))
     served = [lv["realtime_streams_served"] or 0 for _, lv in levels]
     left.plot(xs, served, "o-", label="audio produced per wall second")
     left.plot(xs, xs, ":", color="gray", label="needed to keep every stream fed")
@@ -106,7 +112,7 @@ def plot_capacity(result: dict, path: Path) -> None:
 
 def plot_gaps(result: dict, path: Path) -> None:
     levels = _levels(result["tts"]["closed_loop"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(10, 4.2))
     longest = 0.0
     for c, _ in levels:
         plays = [r.playback() for r in _records(result, f"closed_{c}")
@@ -148,7 +154,7 @@ def plot_comparisons(result: dict, path: Path) -> None:
                      "higher is better"))
     if not bars:
         return
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = _pyplot().subplots(figsize=(8, 4))
     xs = range(len(bars))
     colors = ["tab:green" if target is None or value <= target else "tab:red" for _, value, target, _ in bars]
     ax.bar(xs, [b[1] for b in bars], color=colors, alpha=0.75)
@@ -416,6 +422,8 @@ def _comparison_section(comp: dict) -> list[str]:
 
 
 def write_report(result: dict, folder: Path) -> Path:
+    """report.md and the PNG plots; ImportError, before anything is written, without matplotlib."""
+    _pyplot()
     plot_ttfa(result, folder / "ttfa_vs_concurrency.png")
     plot_capacity(result, folder / "capacity.png")
     plot_gaps(result, folder / "chunk_gaps.png")

@@ -378,13 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_end"] = load_average()
     result["seconds"] = time.perf_counter() - started
     (folder / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    from report import write_report  # noqa: PLC0415
+
     try:
-        from report import write_report  # noqa: PLC0415 (matplotlib: the `perf` extra)
-    except ImportError as error:
+        report = write_report(json.loads((folder / "result.json").read_text()), folder)
+    except ImportError as error:  # matplotlib: the `perf` extra
         log(f"wrote {folder / 'result.json'}; no report ({error}): pip install 'orpheus-triton[perf]', then "
             f"python perf/report.py {folder / 'result.json'}")
     else:
-        report = write_report(json.loads((folder / "result.json").read_text()), folder)
         log(f"wrote {folder / 'result.json'} and {report}")
     log(f"real-time capacity: {result['tts']['realtime_capacity']} streams")
     return 0
