@@ -72,6 +72,7 @@ def server_overrides(args: argparse.Namespace) -> dict:
     horizon only where given: else the server's default)."""
     overrides = {"llm_cpu_threads": args.llm_cpu_threads, "decoder_cpu_threads": args.decoder_cpu_threads,
                  "llm_response_thread": args.llm_response_thread,
+                 "decoder_response_thread": args.decoder_response_thread,
                  "llm_cancel_check_seconds": args.llm_cancel_check_seconds}
     if args.decoder_newcomer_horizon is not None:
         overrides["decoder_newcomer_horizon"] = args.decoder_newcomer_horizon
@@ -226,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                              "NEWCOMER_ROUND_HORIZON)")
     parser.add_argument("--llm-response-thread", choices=("auto", "true", "false"), default="auto",
                         help="the llm adapter's response thread (default auto: on GPU only)")
+    parser.add_argument("--decoder-response-thread", choices=("auto", "true", "false"), default="auto",
+                        help="the snac_decoder adapter's response thread (default auto: on GPU only)")
     parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
                         help="with the response thread, how often Triton is asked about every stream's "
                              "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="random-weight LLM shape of the server it starts")
     parser.add_argument("--models", help="a real model set directory for the server it starts (llm/ + snac/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda, for the server it starts")
+    parser.add_argument("--decoder-response-thread", choices=("auto", "true", "false"), default="auto",
+                        help="the snac_decoder adapter's response thread, for the server it starts (default "
+                             "auto: on GPU only)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="engine positions per stream, likewise")
     args = parser.parse_args(argv)
     if args.url and (args.models or args.shape != "demo"):
@@ -239,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
         models, description = model_set(args.shape, args.models)
         log(f"starting a server: {description}, device {args.device}, {args.max_streams} engine streams")
+        overrides = {"decoder_response_thread": args.decoder_response_thread}
         with local_server(models, args.max_streams, out / "raw" / "server_perf_analyzer.log", device=args.device,
-                          max_seq_len=args.max_seq_len) as server:
+                          max_seq_len=args.max_seq_len, settings_overrides=overrides) as server:
             result = run(perf_analyzer, server, **common)
         result["model_set"] = description
     path = out / "perf_analyzer.json"

@@ -27,7 +27,8 @@ def server_settings(model_set, **overrides):
     return RepositorySettings(**{
         "llm_dir": str(model_set.llm), "snac_dir": str(model_set.snac), "device": "cpu", "max_streams": 4,
         "max_seq_len": 1024, "preprocessing_instances": 1,
-        "llm_response_thread": "true",  # as on GPU; the serve-command tests run it inline
+        "llm_response_thread": "true", "decoder_response_thread": "true",  # as on GPU; the serve-command
+        # tests run them inline
     } | overrides)
 
 

@@ -330,6 +330,19 @@ def test_cancellation_passes_are_a_model_parameter_rendered_from_the_settings(tm
         repository / "llm" / "config.pbtxt").read_text()
 
 
+def test_both_adapters_response_threads_are_rendered_from_the_settings(tmp_path):
+    from orpheus_triton.repository import RepositorySettings, render
+
+    def parameter(settings, model):
+        text = (render(settings, tmp_path / model / "repository") / model / "config.pbtxt").read_text()
+        return text.split('key: "response_thread", value: { string_value: "')[1].split('"')[0]
+
+    default = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac")
+    assert parameter(default, "llm") == parameter(default, "snac_decoder") == "auto"
+    inline = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", decoder_response_thread="false")
+    assert parameter(inline, "snac_decoder") == "false" and parameter(inline, "llm") == "auto"
+
+
 def test_response_thread_is_on_for_gpus_by_default():
     from orpheus_triton.serving import response_thread
 

@@ -301,7 +301,8 @@ short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
   # in the order named (default "check models serving engine perf-analyzer engine-overlap serving-overlap";
-  # also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph", "serving-newcomer-off").
+  # also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph", "serving-newcomer-off",
+  # "serving-decoder-inline").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -380,6 +381,14 @@ short() {
         --min-streams 8 --level-seconds 15 --poisson-rates 8,32 --poisson-streams 96 --skip-comparisons \
         --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 "${stack_args[@]}" --out "$out/serving-newcomer-off" \
         "$@" ;;
+      # The decoder's responses sent inline by its worker (the CPU's way): the A/B against `serving`, where a
+      # response thread sends them while the next round decodes.
+      serving-decoder-inline) model_set && step serving-decoder-inline 150 "$py" perf/run_all.py --shape orpheus-3b \
+        --device cuda --max-streams 256 --max-seq-len 1400 --decoder-response-thread false \
+        --concurrency 1,128,216 --texts short --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 \
+        --min-streams 8 --level-seconds 15 --poisson-rates 32 --poisson-streams 96 --skip-comparisons \
+        --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 "${stack_args[@]}" \
+        --out "$out/serving-decoder-inline" "$@" ;;
       comparisons) model_set && step comparisons 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
         --max-streams 16 --max-seq-len 1400 --concurrency 1 --texts short --max-tokens 0 --min-streams 4 \
         --level-seconds 20 --poisson-rates "" --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer \

@@ -122,6 +122,8 @@ def summary(folder: Path) -> str:
                 ("Served (serving)", serving(folder, "serving")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
+                ("Served with the decoder's responses inline (serving-decoder-inline)",
+                 serving(folder, "serving-decoder-inline")),
                 ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder))]
     parts = [f"# GPU short run: {folder}", "", *machine]
     for title, lines in sections:

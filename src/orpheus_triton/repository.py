@@ -68,8 +68,10 @@ class RepositorySettings:
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
     llm_cpu_threads: str = "auto"
     decoder_cpu_threads: str = "auto"
-    # The llm adapter's response thread (serving.ResponseQueue): auto = on GPU only, true, false.
+    # The llm and snac_decoder adapters' response threads (serving.ResponseQueue): auto = on GPU only,
+    # true, false.
     llm_response_thread: str = "auto"
+    decoder_response_thread: str = "auto"
     # With it, how often Triton is asked about every stream's cancellation (serving.CancellationWatch).
     llm_cancel_check_seconds: float = CANCEL_CHECK_SECONDS
     # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;

@@ -409,7 +409,7 @@ class ResponseQueue:
 
 
 def response_thread(params: dict[str, str], device_type: str) -> bool:
-    """The llm model's ``response_thread`` parameter: auto (on GPU only), true or false."""
+    """The llm and snac_decoder models' ``response_thread`` parameter: auto (on GPU only), true or false."""
     value = params.get("response_thread", "auto").strip().lower()
     if value not in ("auto", "true", "false"):
         raise ValueError(f"response_thread must be auto, true or false, got {value!r}")

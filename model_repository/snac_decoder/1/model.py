@@ -4,7 +4,10 @@ Each request is one LLM response (a few token ids) of one stream. ``execute``
 only frames the tokens into windows and queues them (serving.DecodeScheduler);
 a worker thread decodes round after round, each round the oldest waiting
 request of every stream in one SNAC call, composed when the decoder is free,
-and answers each request as its round finishes.
+and answers each request as its round finishes: on a GPU through a response
+thread of its own (serving.ResponseQueue, the ``response_thread`` parameter),
+so that the next round decodes while this one's responses, a round trip to
+the server each, go out.
 """
 
 import json
@@ -19,11 +22,13 @@ from orpheus_triton.metrics import DecoderMetrics, release
 from orpheus_triton.serving import (
     DecodeItem,
     DecodeScheduler,
+    ResponseQueue,
     StreamDecoderState,
     StreamIdError,
     log_to_triton,
     model_parameters,
     require_stream_id,
+    response_thread,
     send_error,
     stream_idle_seconds,
 )
@@ -50,6 +55,10 @@ class TritonPythonModel:
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
         self.metrics = DecoderMetrics(pb_utils)
+        # Responses, and metric updates with them, leave from one thread: inline in the worker, or (GPU
+        # by default) the response thread.
+        threaded = response_thread(params, device.split(":")[0])
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
     def execute(self, requests):
@@ -76,6 +85,7 @@ class TritonPythonModel:
     def finalize(self):
         self.scheduler.close()
         self.worker.join(timeout=30)
+        self.responses.close()
         if not self.worker.is_alive():
             release(self.metrics)  # not at the interpreter's teardown, where the stub would crash
 
@@ -83,10 +93,17 @@ class TritonPythonModel:
         while (work := self.scheduler.next_round()) is not None:
             answer, decode = work
             for item in answer:
-                self._answer(item, None)
+                self._respond(item, None)
             if decode:
                 self._decode(decode)
             self._metrics(self._record_backlog)
+
+    def _respond(self, item: DecodeItem, pcm, error=None):
+        self.responses.put(item.stream_id, lambda: self._answer(item, pcm, error), last=item.last)
+
+    @staticmethod
+    def _undeliverable(stream_id: str, error: Exception):
+        pb_utils.Logger.log_error(f"orpheus decoder: answering stream {stream_id!r} failed: {error}")
 
     def _record_backlog(self):
         self.metrics.record_queued(self.scheduler.queued_windows())
@@ -96,8 +113,9 @@ class TritonPythonModel:
         started = time.perf_counter()
         try:
             self._decode_round(items, started)
-        finally:  # the whole round (SNAC, then answering every stream, failed rounds too) is the busy time
-            self._metrics(lambda: self.metrics.record_busy(time.perf_counter() - started))
+        finally:  # the whole round (SNAC, then answering or queueing every answer, failed rounds too) is busy
+            busy = time.perf_counter() - started
+            self._metrics(lambda: self.metrics.record_busy(busy))
 
     def _decode_round(self, items: list[DecodeItem], started: float):
         windows = [w for item in items for w in item.windows]
@@ -110,18 +128,22 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(f"orpheus decoder: a round of {len(windows)} windows failed:\n"
                                       + traceback.format_exc())
             for item in items:
-                self._answer(item, None, error)
+                self._respond(item, None, error)
             return
         seconds = time.perf_counter() - started
         self._metrics(lambda: self.metrics.record_call(len(windows), seconds))
         chunks = iter(audio)
         for item in items:
-            self._answer(item, np.concatenate([next(chunks) for _ in item.windows]))
+            self._respond(item, np.concatenate([next(chunks) for _ in item.windows]))
+
+    def _metrics(self, update):
+        """Metrics are updated from the thread that sends the responses only (when several threads updated
+        them at once, tritonserver crashed in libtriton_python)."""
+        self.responses.put(None, lambda: self._update_metrics(update))
 
     @staticmethod
-    def _metrics(update):
-        """Metrics are updated from this thread only (when several threads updated them at once,
-        tritonserver crashed in libtriton_python), and a failed update never stops the decoder."""
+    def _update_metrics(update):
+        """A failed update never stops the decoder."""
         try:
             update()
         except Exception as failure:  # noqa: BLE001
@@ -139,4 +161,4 @@ class TritonPythonModel:
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
         delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
-        self._metrics(lambda: self.metrics.record_delivery(delivery, item.request_start, time.time()))
+        self._update_metrics(lambda: self.metrics.record_delivery(delivery, item.request_start, time.time()))
