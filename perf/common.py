@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -172,15 +173,59 @@ def server_processes(root: int) -> dict[int, str]:
     return labels
 
 
-def server_cpu_monitor(root: int | None):
+class Readings:
+    """A reading now and then every ``interval`` seconds, on a thread, until ``stop``: so that a level's
+    rates can be taken over the span its load generator counted, not its ramp and tail as well.
+
+    ``read`` returns a value or raises OSError (no reading this time); readings are timed with
+    ``time.perf_counter``, the load generator's clock.
+    """
+
+    def __init__(self, read, interval: float = 0.5):
+        self.read, self.interval = read, interval
+        self.readings: list[tuple[float, object]] = []
+        self._stopped = threading.Event()
+        self._take()
+        self._thread = threading.Thread(target=self._run, name="level-readings", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        with contextlib.suppress(OSError):
+            self.readings.append((time.perf_counter(), self.read()))
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self._take()
+
+    def stop(self) -> None:
+        """The last reading, then no more."""
+        self._stopped.set()
+        self._thread.join(timeout=10)
+        self._take()
+
+    def pair(self, span: tuple[float, float] | None = None) -> tuple[tuple[float, object], tuple[float, object]] | None:
+        """The readings to take a level's rates between: the first at or after ``span``'s start and the
+        last at or before its end, where they lie at least an interval apart; else (no span, or one too
+        short for two readings) the first and the last. None with fewer than two readings."""
+        if len(self.readings) < 2:
+            return None
+        if span is not None:
+            inside = [r for r in self.readings if span[0] <= r[0] <= span[1]]
+            if len(inside) >= 2 and inside[-1][0] - inside[0][0] >= self.interval:
+                return inside[0], inside[-1]
+        return self.readings[0], self.readings[-1]
+
+
+def server_cpu_monitor(root: int | None, interval: float = 0.5):
     """Start measuring; the returned function gives the cores' worth of CPU each server process used meanwhile
     (``server_processes`` labels, instances of a model together), with its busiest thread's share: a process
     whose busiest thread is near 1 core is bound by that thread (a Python model's by its GIL, often), however
-    idle the machine. The load generator (this process and its other children) is listed too."""
+    idle the machine. The load generator (this process and its other children) is listed too. Given the
+    span the load generator counted (perf_counter seconds), the figures are that span's (``Readings``)."""
     if root is None:
-        return lambda: {}
+        return lambda span=None: {}
 
-    def snapshot() -> tuple[float, dict[str, dict[tuple[int, int], int]], int]:
+    def snapshot() -> tuple[dict[str, dict[tuple[int, int], int]], int]:
         by_label: dict[str, dict[tuple[int, int], int]] = {}
         for pid, label in server_processes(root).items():
             try:
@@ -188,28 +233,26 @@ def server_cpu_monitor(root: int | None):
             except OSError:
                 continue
             by_label.setdefault(label, {}).update({(pid, tid): ticks for tid, ticks in threads.items()})
-        return time.monotonic(), by_label, tree_jiffies(os.getpid())
+        return by_label, tree_jiffies(os.getpid())
 
-    try:
-        start = snapshot()
-    except OSError:
-        return lambda: {}
+    readings = Readings(snapshot, interval)
     tick = os.sysconf("SC_CLK_TCK")
 
-    def finish() -> dict:
-        try:
-            end = snapshot()
-        except OSError:
+    def finish(span: tuple[float, float] | None = None) -> dict:
+        readings.stop()
+        pair = readings.pair(span)
+        if pair is None:
             return {}
-        seconds = max(end[0] - start[0], 1e-9) * tick
+        (t0, start), (t1, end) = pair
+        seconds = max(t1 - t0, 1e-9) * tick
         out, server_ticks = {}, 0
-        for label, threads in end[1].items():
-            before = start[1].get(label, {})
+        for label, threads in end[0].items():
+            before = start[0].get(label, {})
             used = {key: ticks - before.get(key, 0) for key, ticks in threads.items()}
             server_ticks += sum(used.values())
             out[label] = {"cores": round(sum(used.values()) / seconds, 2),
                           "busiest_thread": round(max(used.values(), default=0) / seconds, 2)}
-        out["load generator"] = {"cores": round(max(0, end[2] - start[2] - server_ticks) / seconds, 2)}
+        out["load generator"] = {"cores": round(max(0, end[1] - start[1] - server_ticks) / seconds, 2)}
         return {"server_cpu": out}
 
     return finish
@@ -294,34 +337,39 @@ def metric_values(metrics_url: str, name: str) -> list[float]:
 def server_listener_monitor(metrics_url: str | None, server_pid: int | None = None):
     """A ``monitor`` for loadgen.sweep: each level's figures from the server's own metrics
     (metrics.ListenerFigures): its time-to-first-audio quantiles, from its histogram's buckets, the
-    gaps it saw, beside what the load generator measured at the client; where the level's time went
-    (the decoder's and the LLM engine's busy shares, windows and steps a second, ListenerFigures.load);
-    with ``server_pid``, the CPU each server process used (``server_cpu_monitor``)."""
+    gaps it saw, beside what the load generator measured at the client (over the whole level); where the
+    level's time went (the decoder's and the LLM engine's busy shares, windows and steps a second,
+    ListenerFigures.load) over the span the load generator counted, when it gives it (``Readings``: the
+    ramp and the tail, with fewer streams, left out; ``server_load_seconds`` says over how long); with
+    ``server_pid``, the CPU each server process used over the same span (``server_cpu_monitor``)."""
     from orpheus_triton.metrics import ListenerFigures  # noqa: PLC0415
 
-    def page() -> ListenerFigures | None:
+    def page() -> ListenerFigures:
         try:
             return ListenerFigures.parse(metrics_page(metrics_url))
-        except (OSError, ValueError):
-            return None
+        except ValueError as error:
+            raise OSError(f"unreadable metrics page: {error}") from error
 
     def start():
-        before = page() if metrics_url else None
-        started = time.monotonic()
+        readings = Readings(page) if metrics_url else None
         cpu = server_cpu_monitor(server_pid)
 
-        def finish() -> dict:
-            after = page() if before is not None else None
-            if after is None:
-                return cpu()
-            level = after - before
-            load = level.load(time.monotonic() - started)
+        def finish(span: tuple[float, float] | None = None) -> dict:
+            if readings is None:
+                return cpu(span)
+            readings.stop()
+            whole, counted = readings.pair(), readings.pair(span)
+            if whole is None:
+                return cpu(span)
+            level = whole[1][1] - whole[0][1]
+            (t0, before), (t1, after) = counted
+            load = (after - before).load(t1 - t0)
             return {"server_first_audio": level.first_audio_count,
                     "server_ttfa_p50": level.first_audio_quantile(0.5),
                     "server_ttfa_p99": level.first_audio_quantile(0.99),
                     "server_stalls": int(level.stalls), "server_stall_seconds": round(level.stall_seconds, 4),
-                    "server_decoder_busy": load.pop("decoder_busy", None),
-                    "server_load": load} | cpu()
+                    "server_decoder_busy": load.pop("decoder_busy", None), "server_load": load,
+                    "server_load_seconds": round(t1 - t0, 2)} | cpu(span)
 
         return finish
 

@@ -34,7 +34,9 @@ def load_table(levels: list[tuple[str, dict]]) -> list[str]:
               "tokens/s | decoder busy | windows/s | windows/call | "
               + " | ".join(f"CPU {p}" for p in processes) + " |")
     lines = [
-        "Where the time went (the server's counters over the level: *busy* = share of the time in engine steps or "
+        "Where the time went (the server's counters and its processes' CPU over the span the level's counted "
+        "streams ran, read every 0.5 s, as *streams open* is: the ramp and the tail left out; *busy* = share of "
+        "the time in engine steps or "
         "decoder rounds, 1 = saturated; *streams open*: the client's streams in flight on average, *in LLM slots* "
         "and *LLM queue*: the engine's mean streams holding a slot and requests waiting for one, *tokens/step*: "
         "the streams decoding; *step ms*: an engine step's mean length, to set beside the engine bench's at that "

@@ -186,7 +186,7 @@ def both_monitors(first, second):
     """One level monitor (loadgen.sweep's) that runs two: their figures together."""
     def start():
         finishes = first(), second()
-        return lambda: {key: value for finish in finishes for key, value in finish().items()}
+        return lambda span=None: {key: value for finish in finishes for key, value in finish(span).items()}
 
     return start
 

@@ -148,7 +148,7 @@ def stack_monitor(stubs, seconds: float, delay: float, folder: Path | None, rate
         thread = threading.Thread(target=run, name="stack-sampler", daemon=True)
         thread.start()
 
-        def finish() -> dict:
+        def finish(span=None) -> dict:  # the samples' own seconds, whatever span the level counted
             thread.join(timeout=delay + seconds + 40)
             return {"server_stacks": dict(results) or {"error": "the level ended before py-spy was done"}}
 

@@ -410,3 +410,36 @@ def test_a_level_without_counted_streams_is_refused_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         loadgen.main(["--streams-per-worker", "0"])
     assert "--streams-per-worker 0: want >= 1" in capsys.readouterr().err
+
+
+def test_a_sweep_gives_its_monitor_the_span_the_counted_streams_ran():
+    """The ramp's and the tail's streams ran beside fewer others: the server's rates are taken over the
+    counted streams' span, which the monitor is given in the load generator's clock."""
+    from orpheus_triton.loadgen import SweepSettings, _OneProcess, _sweep
+
+    active, peak, lock = [0], [0], threading.Lock()
+    spans, levels = [], []
+
+    def monitor():
+        levels.append([time.perf_counter()])
+
+        def finish(span=None):
+            levels[-1].append(time.perf_counter())
+            spans.append(span)
+            return {"monitored": True}
+
+        return finish
+
+    settings = SweepSettings(concurrency=[3], poisson_rates=[2.0], poisson_streams=3, poisson_seconds=5.0,
+                             min_streams=6, ramp_seconds=0.3, labels=["short"])
+    runner = _OneProcess(fake_stream(active, peak, lock, seconds=0.1))
+    result = _sweep(runner, settings, lambda line: None, monitor)
+    closed = result["closed_loop"][3]
+    measured = [r for r in result["records"]["closed_3"] if r["measured"]]
+    assert closed["monitored"] and result["poisson"][2.0]["monitored"]
+    (start, end), (level_start, level_end) = spans[0], levels[0]
+    assert end - start == pytest.approx(closed["window_seconds"])
+    assert level_start < start < end < level_end
+    assert start - level_start >= 0.3 * 2 / 3 - 0.01  # after the ramp: the last worker's first start on
+    assert start == pytest.approx(level_start + min(r["started"] for r in measured), abs=0.01)
+    assert spans[1] is not None and levels[1][0] < spans[1][0] < spans[1][1] < levels[1][1]

@@ -149,3 +149,31 @@ def test_loadgen_bench_measures_the_load_generator_against_a_paced_stand_in(tmp_
         # 10 chunks of 2048 samples at 4x real time: each stream about 0.21 s long, 0.85 s of audio
         assert 0.15 < row["rtf_p50"] < 0.6
     assert "| 2 | 2 | 0 of 4 |" in (tmp_path / "loadgen_bench.md").read_text()
+
+
+def test_level_readings_pick_the_counted_span_where_it_holds_two_of_them():
+    import time  # noqa: PLC0415
+
+    from common import Readings  # noqa: PLC0415
+
+    values = iter(range(1000))
+
+    def read():
+        value = next(values)
+        if value == 2:
+            raise OSError("no page this time")  # skipped, not fatal
+        return value
+
+    readings = Readings(read, interval=0.02)
+    time.sleep(0.3)
+    readings.stop()
+    times = [t for t, _ in readings.readings]
+    assert 2 not in [v for _, v in readings.readings] and len(times) >= 8
+    assert readings.pair() == (readings.readings[0], readings.readings[-1])
+    span = (times[3] - 0.001, times[6] + 0.001)
+    assert readings.pair(span) == (readings.readings[3], readings.readings[6])
+    # A span holding fewer than two readings, or two closer than an interval: the whole level.
+    assert readings.pair((times[3] - 0.001, times[3] + 0.001)) == (readings.readings[0], readings.readings[-1])
+    lone = Readings(lambda: 1, interval=60)
+    lone.stop()
+    assert lone.pair((0, 1)) == (lone.readings[0], lone.readings[-1])

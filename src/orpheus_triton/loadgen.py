@@ -226,6 +226,7 @@ def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None
         "buffer_needed_p99": percentile((p.buffer_needed for p in plays), 99),
         "audio_seconds": audio,
         "wall_seconds": window if wall_seconds is None else wall_seconds,
+        "window_start": first,  # seconds after the level's start
         "window_seconds": window,
         # Audio delivered per second over the window, to every stream: how many listeners the level kept fed.
         "realtime_streams_served": delivered / window if window else None,
@@ -469,6 +470,7 @@ class LoadProcesses:
         context = multiprocessing.get_context("spawn")
         self.pipes, self.processes = [], []
         self.outstanding = context.Value("i", 0)  # a closed-loop level's counted streams not yet ended
+        self.last_start = 0.0  # the last level's start (time.perf_counter()): its records' times count from it
         for _ in range(count):
             here, there = context.Pipe()
             process = context.Process(target=_load_process, args=(there, url, timeout, self.outstanding), daemon=True)
@@ -501,6 +503,7 @@ class LoadProcesses:
 
     def _run(self, jobs: list[tuple[str, dict]]) -> list[StreamRecord]:
         start = time.perf_counter() + 0.05  # every process has its job before the level starts
+        self.last_start = start  # the level's start: its records' times count from it
         for here, (kind, arguments) in zip(self.pipes, jobs, strict=False):
             here.send((kind, arguments | {"start": start}))
         records: list[StreamRecord] = []
@@ -573,11 +576,12 @@ def record_dict(record: StreamRecord) -> dict:
 
 
 def sweep(url: str, settings: SweepSettings, log: Callable[[str], None] = print,
-          monitor: Callable[[], Callable[[], dict]] | None = None, runner=None) -> dict:
+          monitor: Callable[[], Callable[..., dict]] | None = None, runner=None) -> dict:
     """Closed-loop concurrency sweep (+ optional Poisson runs): summaries, capacity and per-stream records.
 
     ``monitor``, if given, is called as each level starts; what the function it returns
-    gives at the level's end (e.g. how busy the machine was) is added to that level's summary.
+    gives at the level's end (e.g. how busy the machine was), called with the span the level's counted
+    streams ran (``time.perf_counter()`` seconds, or None), is added to that level's summary.
     ``runner`` (``load_runner``'s) runs the streams; without it one is made for this sweep, as
     ``settings.processes`` asks. A caller running levels as separate sweeps passes one, so the
     load generator's processes start once, not once a level.
@@ -605,16 +609,19 @@ class _OneProcess:
     """The levels' streams on threads of this process (LoadProcesses' interface)."""
 
     stream: StreamFunction
+    last_start: float = 0.0  # the last level's start (time.perf_counter()): its records' times count from it
 
     def run_closed_loop(self, *args, **kwargs) -> list[StreamRecord]:
-        return run_closed_loop(self.stream, *args, **kwargs)
+        self.last_start = time.perf_counter()
+        return run_closed_loop(self.stream, *args, start=self.last_start, **kwargs)
 
     def run_poisson(self, *args, **kwargs) -> list[StreamRecord]:
-        return run_poisson(self.stream, *args, **kwargs)
+        self.last_start = time.perf_counter()
+        return run_poisson(self.stream, *args, start=self.last_start, **kwargs)
 
 
 def _sweep(runner, settings: SweepSettings, log: Callable[[str], None],
-           monitor: Callable[[], Callable[[], dict]] | None) -> dict:
+           monitor: Callable[[], Callable[..., dict]] | None) -> dict:
     utterances = workload(settings.labels, max_tokens=settings.max_tokens,
                           count=max(len(settings.labels) * len(VOICES), 8))
     closed, raw = {}, {}
@@ -623,14 +630,16 @@ def _sweep(runner, settings: SweepSettings, log: Callable[[str], None],
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
         records = runner.run_closed_loop(concurrency, utterances, count, settings.max_seconds_per_level,
                                          settings.ramp_seconds)
-        closed[concurrency] = summarize(records, time.perf_counter() - started) | finish()
+        level = summarize(records, time.perf_counter() - started)
+        closed[concurrency] = level | finish(_counted_span(runner, level))
         raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
         log(f"closed loop c={concurrency}: {_level_line(closed[concurrency])}")
     poisson = {}
     for rate in settings.poisson_rates:
         started, finish = time.perf_counter(), (monitor or _no_monitor)()
         records = runner.run_poisson(rate, utterances, settings.poisson_streams, settings.poisson_seconds)
-        poisson[rate] = summarize(records, time.perf_counter() - started) | finish()
+        level = summarize(records, time.perf_counter() - started)
+        poisson[rate] = level | finish(_counted_span(runner, level))
         raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
         log(f"poisson {rate}/s: {_level_line(poisson[rate])}")
     return {
@@ -642,8 +651,17 @@ def _sweep(runner, settings: SweepSettings, log: Callable[[str], None],
     }
 
 
-def _no_monitor() -> Callable[[], dict]:
-    return dict
+def _counted_span(runner, level: dict) -> tuple[float, float] | None:
+    """The span a level's counted streams ran (from the first one's request to the last one's end), in
+    ``time.perf_counter()`` seconds: what a monitor takes the level's rates over."""
+    if not level["window_seconds"]:
+        return None
+    start = runner.last_start + level["window_start"]
+    return start, start + level["window_seconds"]
+
+
+def _no_monitor() -> Callable[[tuple[float, float] | None], dict]:
+    return lambda span=None: {}
 
 
 def _ms(seconds: float | None) -> str:
