@@ -381,6 +381,30 @@ def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
         assert errors == [("a", "client went away")]
 
 
+def test_a_producer_waits_for_room_in_the_response_queue():
+    """Threaded, wait_for_room holds its caller while more than ``most`` calls are queued; unthreaded it
+    never waits (nothing is ever queued)."""
+    import threading
+
+    from orpheus_triton.serving import ResponseQueue
+
+    gate, sent = threading.Event(), []
+    queue = ResponseQueue(on_error=lambda key, error: None, threaded=True)
+    queue.put(None, gate.wait)  # the thread is busy until the gate opens
+    for n in range(4):
+        queue.put("s", lambda n=n: sent.append(n))
+    waited = threading.Event()
+    producer = threading.Thread(target=lambda: (queue.wait_for_room(1), waited.set()))
+    producer.start()
+    assert not waited.wait(0.2)  # four queued behind the busy send: more than one
+    gate.set()
+    assert waited.wait(5) and len(sent) >= 3
+    producer.join()
+    queue.close()
+    assert sent == [0, 1, 2, 3]
+    ResponseQueue(on_error=lambda key, error: None, threaded=False).wait_for_room(0)
+
+
 def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
     """A stream whose end never reaches the decoder (a vanished client; TensorRT-LLM, which sends no
     end_id) loses its state after idle_seconds; idle states are looked for once a sweep period."""

@@ -376,6 +376,15 @@ class ResponseQueue:
             self._queue.append((key, send, last))
             self._ready.notify()
 
+    def wait_for_room(self, most: int) -> None:
+        """Wait while more than ``most`` calls are queued (threaded; unthreaded none ever is): a producer
+        faster than the sends then keeps a bounded backlog, its streams' latency with it, instead of
+        running ahead without end."""
+        if self._thread is None:
+            return
+        with self._ready:
+            self._ready.wait_for(lambda: len(self._queue) <= most)
+
     def close(self) -> None:
         """Send what is queued, then stop."""
         if self._thread is None:
@@ -390,6 +399,7 @@ class ResponseQueue:
             with self._ready:
                 self._ready.wait_for(lambda: self._queue)
                 entry = self._queue.popleft()
+                self._ready.notify_all()  # room for a producer in wait_for_room
             if entry is None:
                 return
             self._deliver(*entry)

@@ -90,7 +90,12 @@ class TritonPythonModel:
             release(self.metrics)  # not at the interpreter's teardown, where the stub would crash
 
     def _decode_rounds(self):
-        while (work := self.scheduler.next_round()) is not None:
+        # With a response thread, the next round is composed once the sends are at most a round behind:
+        # were they slower than SNAC, an unbounded backlog would delay every stream's audio more and more.
+        while True:
+            self.responses.wait_for_room(self.scheduler.max_windows)
+            if (work := self.scheduler.next_round()) is None:
+                return
             answer, decode = work
             for item in answer:
                 self._respond(item, None)
