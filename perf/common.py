@@ -178,11 +178,13 @@ class Readings:
     rates can be taken over the span its load generator counted, not its ramp and tail as well.
 
     ``read`` returns a value or raises OSError (no reading this time); readings are timed with
-    ``time.perf_counter``, the load generator's clock.
+    ``time.perf_counter``, the load generator's clock. The thread stops by itself after ``lifetime``
+    seconds: a level that fails never calls ``stop``.
     """
 
-    def __init__(self, read, interval: float = 0.5):
+    def __init__(self, read, interval: float = 0.5, lifetime: float = 1800.0):
         self.read, self.interval = read, interval
+        self._until = time.perf_counter() + lifetime
         self.readings: list[tuple[float, object]] = []
         self._stopped = threading.Event()
         self._take()
@@ -194,7 +196,7 @@ class Readings:
             self.readings.append((time.perf_counter(), self.read()))
 
     def _run(self) -> None:
-        while not self._stopped.wait(self.interval):
+        while not self._stopped.wait(self.interval) and time.perf_counter() < self._until:
             self._take()
 
     def stop(self) -> None:

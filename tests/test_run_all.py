@@ -174,6 +174,9 @@ def test_level_readings_pick_the_counted_span_where_it_holds_two_of_them():
     assert readings.pair(span) == (readings.readings[3], readings.readings[6])
     # A span holding fewer than two readings, or two closer than an interval: the whole level.
     assert readings.pair((times[3] - 0.001, times[3] + 0.001)) == (readings.readings[0], readings.readings[-1])
+    brief = Readings(lambda: 1, interval=0.01, lifetime=0.05)  # a level that failed never stops it
+    time.sleep(0.3)
+    assert not brief._thread.is_alive() and len(brief.readings) <= 7
     lone = Readings(lambda: 1, interval=60)
     lone.stop()
     assert lone.pair((0, 1)) == (lone.readings[0], lone.readings[-1])
