@@ -624,23 +624,27 @@ def _sweep(runner, settings: SweepSettings, log: Callable[[str], None],
            monitor: Callable[[], Callable[..., dict]] | None) -> dict:
     utterances = workload(settings.labels, max_tokens=settings.max_tokens,
                           count=max(len(settings.labels) * len(VOICES), 8))
-    closed, raw = {}, {}
+    raw = {}
+
+    def level(name: str, run: Callable[..., list[StreamRecord]], *args) -> dict:
+        """One level: its streams (``run(*args)``), their summary and what ``monitor`` saw of their counted span."""
+        started, finish = time.perf_counter(), (monitor or _no_monitor)()
+        records = run(*args)
+        summary = summarize(records, time.perf_counter() - started)
+        summary |= finish(_counted_span(runner, summary))
+        raw[name] = [record_dict(r) for r in records]
+        return summary
+
+    closed = {}
     for concurrency in settings.concurrency:
         count = max(settings.min_streams, concurrency * settings.streams_per_worker)
-        started, finish = time.perf_counter(), (monitor or _no_monitor)()
-        records = runner.run_closed_loop(concurrency, utterances, count, settings.max_seconds_per_level,
-                                         settings.ramp_seconds)
-        level = summarize(records, time.perf_counter() - started)
-        closed[concurrency] = level | finish(_counted_span(runner, level))
-        raw[f"closed_{concurrency}"] = [record_dict(r) for r in records]
+        closed[concurrency] = level(f"closed_{concurrency}", runner.run_closed_loop, concurrency, utterances, count,
+                                    settings.max_seconds_per_level, settings.ramp_seconds)
         log(f"closed loop c={concurrency}: {_level_line(closed[concurrency])}")
     poisson = {}
     for rate in settings.poisson_rates:
-        started, finish = time.perf_counter(), (monitor or _no_monitor)()
-        records = runner.run_poisson(rate, utterances, settings.poisson_streams, settings.poisson_seconds)
-        level = summarize(records, time.perf_counter() - started)
-        poisson[rate] = level | finish(_counted_span(runner, level))
-        raw[f"poisson_{rate}"] = [record_dict(r) for r in records]
+        poisson[rate] = level(f"poisson_{rate}", runner.run_poisson, rate, utterances, settings.poisson_streams,
+                              settings.poisson_seconds)
         log(f"poisson {rate}/s: {_level_line(poisson[rate])}")
     return {
         "settings": asdict(settings),
