@@ -300,14 +300,14 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
-  # in the order named (default "check models serving engine perf-analyzer engine-overlap serving-overlap";
-  # also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph", "serving-newcomer-off",
-  # "serving-decoder-inline").
+  # in the order named (default "check round-trips models serving engine perf-analyzer engine-overlap
+  # serving-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
+  # "serving-newcomer-off", "serving-decoder-inline").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local steps="${SHORT_STEPS:-check models serving engine perf-analyzer engine-overlap serving-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check round-trips models serving engine perf-analyzer engine-overlap serving-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -343,6 +343,10 @@ short() {
   for name in $steps; do
     case "$name" in
       check) step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
+      # The Python backend's round trips on this host's CPU (about 15 s): what a response send and a
+      # cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is decided.
+      round-trips) step round-trips 45 "$py" perf/round_trips.py --streams 216 --seconds 0.5 --runs 2 \
+        --out "$out/round-trips" ;;
       snac-sizes) step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes" ;;
       models) model_set ;;
       # Bursts: 216 callers at once (a closed-loop level's start) and 128 beside 64 running streams, at the

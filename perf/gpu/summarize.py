@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """One page from a GPU short run's folder: what ran and passed, the engine's figures (with and without
-overlap, and its bursts), the served sweeps and perf_analyzer, written to SUMMARY.md and printed.
+overlap, and its bursts), the served sweeps, perf_analyzer and the Python backend's round trips, written
+to SUMMARY.md and printed.
 
     python perf/gpu/summarize.py perf/results/gpu-short
 
@@ -116,6 +117,14 @@ def profiles(folder: Path) -> list[str]:
     return lines or ["not run (SHORT_STEPS without profile)"]
 
 
+def round_trips(folder: Path) -> list[str]:
+    """perf/round_trips.py's table (the `round-trips` step): the Python backend's round trips on this host."""
+    path = folder / "round-trips" / "round_trips.md"
+    if not path.is_file():
+        return ["no round_trips.md"]
+    return [line for line in path.read_text().splitlines() if not line.startswith("# ")]
+
+
 def summary(folder: Path) -> str:
     machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
@@ -124,7 +133,8 @@ def summary(folder: Path) -> str:
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("Served with the decoder's responses inline (serving-decoder-inline)",
                  serving(folder, "serving-decoder-inline")),
-                ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder))]
+                ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder)),
+                ("Round trips of the Python backend (round-trips)", round_trips(folder))]
     parts = [f"# GPU short run: {folder}", "", *machine]
     for title, lines in sections:
         parts += ["", f"## {title}", "", *lines]
