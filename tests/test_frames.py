@@ -297,6 +297,40 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
     assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
 
 
+def test_passes_on_their_thread_hold_up_no_response_and_a_final_one_waits_out_an_ask_of_its_stream():
+    """Threaded, a pass asks Triton on a thread of its own: another stream's response goes out while an ask
+    is in flight, and a stream's final response only once Triton is no longer being asked about it
+    (asking after the final response crashed tritonserver 2.51)."""
+    import threading
+    import time
+
+    from orpheus_triton.serving import CancellationWatch, ResponseQueue
+
+    asking, release, sent = threading.Event(), threading.Event(), []
+
+    def slow_ask():  # a round trip that takes as long as the test says
+        asking.set()
+        release.wait(5)
+        sent.append("asked a")
+        return False
+
+    watch = CancellationWatch(threaded=True)
+    responses = ResponseQueue(on_error=lambda key, error: None, before_last=watch.settle)
+    check = watch.watch("a", slow_ask)
+    assert not check() and asking.wait(5)  # a pass is asking about a
+    delivered = threading.Event()
+    responses.put("b", lambda: (sent.append("b"), delivered.set()))
+    assert delivered.wait(5) and sent == ["b"]  # not behind the pass
+    watch.forget("a")
+    responses.put("a", lambda: sent.append("a final"), last=True)
+    time.sleep(0.1)
+    assert sent == ["b"]  # waits for the ask in flight
+    release.set()
+    responses.close()
+    watch.close()
+    assert sent == ["b", "asked a", "a final"]
+
+
 def test_cancellation_passes_are_spaced_by_min_interval():
     """The relay's streams each check on every engine response; passes still start only so often."""
     import time

@@ -131,16 +131,23 @@ def test_responses_carry_only_the_outputs_asked_for(asked, expected):
         assert dict(response)[REQUEST_START] == [[1234.5]]
 
 
-def test_on_the_response_thread_a_stream_is_asked_about_cancellation_at_most_once_per_interval():
+def test_threaded_a_stream_is_asked_about_cancellation_at_most_once_per_interval():
     """The engine checks every stream at every step; on GPU (threaded) Triton is asked in passes at most every
-    CANCEL_CHECK_SECONDS (each question is a round trip to the server), not once per check."""
+    CANCEL_CHECK_SECONDS (each question is a round trip to the server), not once per check, on a thread of
+    their own."""
+    import threading
     import time
 
     from orpheus_triton.serving import CANCEL_CHECK_SECONDS
 
     streams, engine, _, _ = make(threaded=True)
     asked = []
-    streams.start("a", SETTINGS, "sender-a", lambda: asked.append(time.monotonic()) or False)
+    def ask():
+        asked.append(time.monotonic())
+        assert threading.current_thread().name == "triton-cancellations"
+        return False
+
+    streams.start("a", SETTINGS, "sender-a", ask)
     check, checks = engine.requests["a"].is_cancelled, 0
     deadline = time.monotonic() + 3.5 * CANCEL_CHECK_SECONDS
     while time.monotonic() < deadline:

@@ -73,6 +73,7 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     for part in ("check", "engine", "profile"):
         shutil.copytree(h100 / part, tmp_path / part)
     shutil.copytree(h100 / "serving-2", tmp_path / "serving")
+    shutil.copytree(ROOT / "perf" / "results" / "2026-11-26_cpu-2core-amd-epyc-round-trips", tmp_path / "round-trips")
     (tmp_path / "serving.status").write_text("exit 0 after 102 s")
     # a level as the stack sampler leaves it (perf/stacks.py; the H100 run had none)
     result_path = tmp_path / "serving" / "result.json"
@@ -91,6 +92,7 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     assert "  - within InflightEngine.step: InflightEngine._decode 70%" in text
     assert "no serving-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text
+    assert "## Round trips of the Python backend (round-trips)" in text and "| 216 | 8.1 |" in text
 
 
 def test_text_stream_bench_summarises_and_reports_its_runs():

@@ -140,11 +140,11 @@ class RelayStreams:
         self.engine_inputs = engine_inputs
         self.tokens_per_response = tokens_per_response
         self.active = ActiveStreams(hold_seconds=hold_seconds)
-        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True)
-        # Triton is asked about cancellations on the response thread too, every request in one pass, at
-        # most once per cancel_check_seconds: each question is a round trip to the server.
-        self.cancellations = CancellationWatch(run=lambda call: self.responses.put(None, call),
-                                               min_interval=cancel_check_seconds)
+        # Triton is asked about cancellations on a thread of its own, every request in one pass, at most
+        # once per cancel_check_seconds: each question is a round trip to the server.
+        self.cancellations = CancellationWatch(threaded=True, min_interval=cancel_check_seconds)
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True,
+                                       before_last=self.cancellations.settle)
         self._undelivered: set[str] = set()  # streams whose client went away
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -184,6 +184,7 @@ class RelayStreams:
         for thread in threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.responses.close()
+        self.cancellations.close()
 
     def _undeliverable(self, request_id: str, error: Exception) -> None:
         log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, error)

@@ -8,7 +8,8 @@ sender; this class keeps the rules that make streams safe to serve:
   arrives); the id of a stream whose end never reached the decoder stays retired;
 * responses leave in order through a ``ResponseQueue`` (on its own thread on GPU),
   and a request is never asked whether it was cancelled after its final response;
-  on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass;
+  on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass on a thread
+  of its own;
 * a send that fails drops the stream at the engine's next step;
 * ``stop`` (TensorRT-LLM's control request) ends a stream normally.
 
@@ -36,11 +37,11 @@ class LlmStreams:
         self.respond, self.refuse = respond, refuse
         self.tokens_per_response = tokens_per_response
         self.active = ActiveStreams(hold_seconds=hold_seconds)
-        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
-        # Threaded (GPU): one pass over every stream at most every cancel_check_seconds, on the response
-        # thread; else the engine asks each stream's request itself at every step (a few streams, on a CPU).
-        self.cancellations = CancellationWatch(run=(lambda call: self.responses.put(None, call)) if threaded else None,
-                                               min_interval=cancel_check_seconds)
+        # Threaded (GPU): one pass over every stream at most every cancel_check_seconds, on a thread of its
+        # own; else the engine asks each stream's request itself at every step (a few streams, on a CPU).
+        self.cancellations = CancellationWatch(threaded=threaded, min_interval=cancel_check_seconds)
+        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded,
+                                       before_last=self.cancellations.settle)
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
         """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing
@@ -66,6 +67,7 @@ class LlmStreams:
     def close(self) -> None:
         """Send what is queued (call after the engine has stopped)."""
         self.responses.close()
+        self.cancellations.close()
 
     def _emitter(self, sender: Any, request_id: str) -> Callable[[list[int], bool], None]:
         chunks = FrameChunker(self.tokens_per_response)

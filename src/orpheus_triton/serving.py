@@ -345,9 +345,9 @@ class ResponseQueue:
     measured on 2 CPU cores): the engine loop only queues it and goes on with the next
     step. A send that fails (the stream's client went away) is reported to ``on_error``
     with the stream's key, and that stream's later responses are dropped, up to the one
-    queued with ``last``. Keeping every such call on one thread also means a request is
-    never asked anything after its final response went out (the server may have freed
-    it by then: asking crashed tritonserver 2.51).
+    queued with ``last``; ``before_last`` is called with a stream's key before that one is
+    made (``CancellationWatch.settle``: no request may be asked anything after its final
+    response went out).
 
     ``threaded=False`` makes each call where it is put, in order, as the engine loop did
     before: on a CPU-only machine the extra thread's work competes with the SNAC
@@ -355,14 +355,16 @@ class ResponseQueue:
     trips it saves are small beside a CPU step.
     """
 
-    def __init__(self, on_error: Callable[[str, Exception], None], threaded: bool = True):
+    def __init__(self, on_error: Callable[[str, Exception], None], threaded: bool = True,
+                 before_last: Callable[[str], None] | None = None, name: str = "triton-responses"):
         self.on_error = on_error
+        self.before_last = before_last  # called with a stream's key before its last call is made
         self._queue: deque[tuple[str | None, Callable[[], None], bool] | None] = deque()
         self._ready = threading.Condition()
         self._failed: set[str] = set()
         self._thread = None
         if threaded:
-            self._thread = threading.Thread(target=self._run, name="triton-responses", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
     def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
@@ -405,6 +407,8 @@ class ResponseQueue:
             self._deliver(*entry)
 
     def _deliver(self, key: str | None, send: Callable[[], None], last: bool) -> None:
+        if last and key is not None and self.before_last is not None:
+            self.before_last(key)
         if key not in self._failed:
             try:
                 send()
@@ -430,21 +434,37 @@ class CancellationWatch:
     """Which requests were cancelled, asked of Triton off the engine loop.
 
     In Triton's Python backend ``request.is_cancelled()`` is a round trip to the server
-    (20-100 us each, measured on 2 CPU cores): asked by the engine for every stream at
-    every step, that is milliseconds a step at a few hundred streams, serial with the
-    forward. Here the engine's check (``watch``'s return value) only reads a flag and
-    asks for a pass; a pass asks Triton about every watched request, on the model's
-    ResponseQueue thread (``run``), so never after a request's final response went out.
+    (perf/round_trips.py: 34-53 us each on 2 CPU cores, a pass over 216 streams 7.2-7.6 ms):
+    asked by the engine for every stream at every step, that is milliseconds a step at a
+    few hundred streams, serial with the forward. Here the engine's check (``watch``'s
+    return value) only reads a flag and asks for a pass; a pass asks Triton about every
+    watched request. With ``threaded``, passes run on a thread of their own, so that no
+    response waits behind one (they did when passes ran on the response thread: on 2 cores
+    a send and an ask in turn went at 4,500-5,500 a second against 5,800-13,400 sends alone).
     At most one pass waits at a time, so there are no more round trips than the engine
     made itself. A cancellation lands at the first step after the pass that saw it.
-    Without ``run`` (no response thread), the check asks Triton itself, there and then.
+
+    A request must never be asked anything after its final response went out (the server
+    may have freed it: asking crashed tritonserver 2.51). So ``forget`` comes before a
+    stream's final response is queued, after which no pass starts asking it, and the
+    thread that sends that response calls ``settle`` first, which waits out an ask of
+    it already in flight (``ResponseQueue(before_last=...)``).
+    Without ``threaded`` or ``run``, the check asks Triton itself, there and then.
+    ``run`` (tests) takes each pass instead of a thread: it runs when the caller says.
     """
 
-    def __init__(self, run: Callable[[Callable[[], None]], None] | None, min_interval: float = 0.0):
-        self.run = run
+    def __init__(self, threaded: bool = False, min_interval: float = 0.0,
+                 run: Callable[[Callable[[], None]], None] | None = None):
         self.min_interval = min_interval  # passes start at least this far apart
+        self._passes = None
+        if threaded and run is None:
+            self._passes = ResponseQueue(on_error=lambda key, error: None, name="triton-cancellations")
+            run = lambda call: self._passes.put(None, call)  # noqa: E731
+        self.run = run
         self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
         self._lock = threading.Lock()
+        self._asked = threading.Condition(self._lock)  # an ask has returned
+        self._asking: str | None = None  # the key a pass is asking Triton about right now
         self._pass_waiting = False
         self._next_pass = 0.0
 
@@ -473,6 +493,16 @@ class CancellationWatch:
         with self._lock:
             self._watched.pop(key, None)
 
+    def settle(self, key: str) -> None:
+        """Return once no pass is asking about ``key`` (forgotten: none will again). The sender of its
+        final response calls this first."""
+        with self._lock:
+            self._asked.wait_for(lambda: self._asking != key)
+
+    def close(self) -> None:
+        if self._passes is not None:
+            self._passes.close()
+
     def _pass(self) -> None:
         with self._lock:
             self._pass_waiting = False
@@ -481,11 +511,16 @@ class CancellationWatch:
             with self._lock:
                 if key not in self._watched:  # forgotten meanwhile: its final response may be queued
                     continue
+                self._asking = key
             try:
                 cancelled = is_cancelled()
             except Exception:  # noqa: BLE001 (cannot be asked: nobody is listening any more)
                 log.exception("could not ask whether request %r was cancelled", key)
                 cancelled = True
+            finally:
+                with self._lock:
+                    self._asking = None
+                    self._asked.notify_all()
             if cancelled:
                 flag.set()
                 self.forget(key)
