@@ -438,9 +438,10 @@ def model_set(shape: str, models: str | None):
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
-                 settings_overrides: dict | None = None) -> Iterator[RunningServer]:
+                 settings_overrides: dict | None = None, paced_llm: float = 0.0) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
-    ``settings_overrides``: further RepositorySettings fields, by name."""
+    ``settings_overrides``: further RepositorySettings fields, by name. ``paced_llm`` > 0: the llm
+    stage's engine is the stand-in of perf/paced_llm (that many tokens a second a stream, no model)."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
@@ -450,8 +451,25 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                                   prefill_chunk=prefill_tokens, decoder_lead_in=lead_in,
                                   **(settings_overrides or {}))
     render(settings, repository)
+    if paced_llm > 0:
+        use_paced_llm(repository, paced_llm)
     with serve_repository(repository, log_path) as server:
         yield server
+
+
+def use_paced_llm(repository: Path, tokens_per_second: float) -> None:
+    """Give a rendered repository's llm model the paced stand-in engine (perf/paced_llm/paced_engine.py,
+    appended to its model.py, whose ``build_engine`` it replaces), its pace a model parameter."""
+    from orpheus_triton.constants import LLM_MODEL  # noqa: PLC0415
+
+    llm = repository / LLM_MODEL
+    model = llm / "1" / "model.py"
+    stand_in = (PERF / "paced_llm" / "paced_engine.py").read_text()
+    model.write_text(f"{model.read_text()}\n\n# perf/paced_llm/paced_engine.py (perf/common.use_paced_llm):\n"
+                     f"{stand_in}\n\nbuild_engine = build_paced_engine\n")
+    pace = f'{{ key: "paced_tokens_per_second", value: {{ string_value: "{tokens_per_second}" }} }}'
+    with open(llm / "config.pbtxt", "a") as config:
+        config.write(f"parameters {pace}\n")
 
 
 @contextlib.contextmanager

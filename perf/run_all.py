@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
                         help="with the response thread, how often Triton is asked about every stream's "
                              "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")
+    parser.add_argument("--paced-llm", type=float, default=0.0, metavar="TOKENS_PER_S",
+                        help="serve with the llm stage's engine replaced by a stand-in without a model that gives "
+                             "every stream this many tokens a second (perf/paced_llm; with --skip-comparisons): "
+                             "the pipeline's own ceiling, the engine's arithmetic left out (0: the real engine)")
     parser.add_argument("--stack-seconds", type=float, default=0.0, metavar="S",
                         help="py-spy records the llm and snac_decoder stubs for S seconds in each level, from "
                              "--stack-delay on, and the report says where their threads were (0: off)")
@@ -286,12 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stack-seconds needs py-spy (pip install py-spy)")
     if args.loadgen_processes < 1:
         parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
+    if args.paced_llm < 0 or (args.paced_llm and not args.skip_comparisons):
+        parser.error("--paced-llm: want tokens a second > 0 (0: off), with --skip-comparisons (the comparisons "
+                     "run the real models)")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
     folder = Path(args.out) if args.out else run_folder(args.machine)
     (folder / "raw").mkdir(parents=True, exist_ok=True)
     models, description = model_set(args.shape, args.models)
+    if args.paced_llm:
+        description += (f"; the llm stage's engine a paced stand-in without a model ({args.paced_llm:g} tokens a "
+                        "second a stream, perf/paced_llm)")
     result = {
         "run": folder.name,
         "command": "python perf/run_all.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -340,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     with local_server(models, args.max_streams, folder / "raw" / "server.log", device=args.device,
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
-                      lead_in=not args.no_lead_in, settings_overrides=server_overrides(args)) as server:
+                      lead_in=not args.no_lead_in, settings_overrides=server_overrides(args),
+                      paced_llm=args.paced_llm) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

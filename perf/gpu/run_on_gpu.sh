@@ -300,14 +300,14 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
-  # in the order named (default "check round-trips models serving engine perf-analyzer engine-overlap
-  # serving-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
+  # in the order named (default "check round-trips models serving engine serving-paced perf-analyzer
+  # engine-overlap serving-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
   # "serving-newcomer-off", "serving-decoder-inline").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local steps="${SHORT_STEPS:-check round-trips models serving engine perf-analyzer engine-overlap serving-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check round-trips models serving engine serving-paced perf-analyzer engine-overlap serving-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -378,6 +378,14 @@ short() {
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
         --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-overlap" "$@" ;;
+      # The served sweep with the llm stage's engine a stand-in without a model (perf/paced_llm: 100 tokens a
+      # second a stream, 1.2x real time): everything but the engine's arithmetic (the adapters, Triton, the
+      # SNAC decoder on the GPU, the load generator), so what it carries is the pipeline's own ceiling.
+      serving-paced) model_set && step serving-paced 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 1,128,216 --texts short --max-tokens 0 \
+        --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+        "${stack_args[@]}" --out "$out/serving-paced" "$@" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \

@@ -129,6 +129,7 @@ def summary(folder: Path) -> str:
     machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
+                ("Served with a paced stand-in engine (serving-paced)", serving(folder, "serving-paced")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("Served with the decoder's responses inline (serving-decoder-inline)",

@@ -1,0 +1,58 @@
+"""perf/paced_llm: the llm stage's engine stood in for by one without a model, served through the real
+ensemble (its adapter, the decoder and Triton as they are)."""
+
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "perf"))
+
+from common import use_paced_llm  # noqa: E402 (perf/ is not a package)
+
+from orpheus_triton import constants as c  # noqa: E402
+from orpheus_triton.client import OrpheusClient  # noqa: E402
+
+
+def _metric(ports, name: str) -> float:
+    text = urllib.request.urlopen(f"http://localhost:{ports.metrics}/metrics", timeout=10).read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+
+def test_the_paced_stand_in_serves_streams_at_its_pace_through_the_ensemble(model_set, tmp_path):
+    from conftest import running_server, server_settings
+
+    from orpheus_triton.repository import render
+
+    repository = render(server_settings(model_set), tmp_path / "repository")
+    use_paced_llm(repository, 200.0)
+    assert 'key: "paced_tokens_per_second", value: { string_value: "200.0" }' in (
+        repository / c.LLM_MODEL / "config.pbtxt").read_text()
+    with running_server(repository, tmp_path) as server:
+        client = OrpheusClient(f"localhost:{server.ports.grpc}")
+        started = time.perf_counter()
+        results = [client.synthesize("paced", max_tokens=35, seed=seed) for seed in (1, 2)]
+        took = time.perf_counter() - started
+        # 35 tokens each at 200 a second: at least 0.175 s a stream, one after the other.
+        assert took >= 2 * 35 / 200
+        for result in results:
+            # Five frames of audio tokens in the guard's slot layout: the decoder made a chunk of every one.
+            assert result.audio.size == 5 * c.SAMPLES_PER_FRAME and np.abs(result.audio).max() > 0
+            # First audio needs the lead-in frame's 21 tokens: 0.105 s at this pace.
+            assert result.chunks[0].arrived >= c.LEAD_IN_TOKENS / 200
+        time.sleep(1.1)  # the engine's counters reach /metrics every 0.5 s
+        assert _metric(server.ports, "orpheus_llm_generated_tokens_total") == 70
+        assert _metric(server.ports, "orpheus_llm_capped_requests_total") == 2
+
+
+def test_run_all_takes_the_paced_stand_in_only_without_the_comparisons(capsys):
+    import pytest
+    import run_all
+
+    for argv in (["--paced-llm", "100"], ["--paced-llm", "-1", "--skip-comparisons"]):
+        with pytest.raises(SystemExit):
+            run_all.main(argv)
+        assert "--paced-llm: want tokens a second > 0 (0: off), with --skip-comparisons" in capsys.readouterr().err
