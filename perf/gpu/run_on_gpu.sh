@@ -381,10 +381,11 @@ short() {
       # The served sweep with the llm stage's engine a stand-in without a model (perf/paced_llm: 100 tokens a
       # second a stream, 1.2x real time): everything but the engine's arithmetic (the adapters, Triton, the
       # SNAC decoder on the GPU, the load generator), so what it carries is the pipeline's own ceiling.
-      serving-paced) model_set && step serving-paced 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
-        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 1,128,216 --texts short --max-tokens 0 \
-        --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
-        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+      # Two levels, no Poisson arrivals (about 80 s; the stand-in loads no LLM weights).
+      serving-paced) model_set && step serving-paced 120 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 128,216 --texts short --max-tokens 0 \
+        --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-paced" "$@" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
