@@ -381,7 +381,7 @@ short() {
       # The served sweep with the llm stage's engine a stand-in without a model (perf/paced_llm: 100 tokens a
       # second a stream, 1.2x real time): everything but the engine's arithmetic (the adapters, Triton, the
       # SNAC decoder on the GPU, the load generator), so what it carries is the pipeline's own ceiling.
-      # Two levels, no Poisson arrivals (about 80 s; the stand-in loads no LLM weights).
+      # Two levels, no Poisson arrivals (the stand-in loads no LLM weights: the server starts in seconds).
       serving-paced) model_set && step serving-paced 120 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
         --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 128,216 --texts short --max-tokens 0 \
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
