@@ -32,6 +32,20 @@ def server_settings(model_set, **overrides):
     } | overrides)
 
 
+def server_metric(server, name: str) -> float:
+    """The value of metric ``name`` (its first line) on a ``running_server``'s /metrics page."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+
+def settled_server_metric(server, name: str) -> float:
+    """A metric after the engine's metrics thread (0.5 s period) has reported earlier events."""
+    time.sleep(1.1)
+    return server_metric(server, name)
+
+
 @contextlib.contextmanager
 def running_server(repository: Path, work: Path):
     """A real tritonserver on free ports serving ``repository``; yields the process (``.ports``, ``.log_path``)."""

@@ -3,7 +3,6 @@ ensemble (its adapter, the decoder and Triton as they are)."""
 
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,8 @@ from orpheus_triton import constants as c  # noqa: E402
 from orpheus_triton.client import OrpheusClient  # noqa: E402
 
 
-def _metric(ports, name: str) -> float:
-    text = urllib.request.urlopen(f"http://localhost:{ports.metrics}/metrics", timeout=10).read().decode()
-    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
-
-
 def test_the_paced_stand_in_serves_streams_at_its_pace_through_the_ensemble(model_set, tmp_path):
-    from conftest import running_server, server_settings
+    from conftest import running_server, server_metric, server_settings, settled_server_metric
 
     from orpheus_triton.repository import render
 
@@ -43,9 +37,8 @@ def test_the_paced_stand_in_serves_streams_at_its_pace_through_the_ensemble(mode
             assert result.audio.size == 5 * c.SAMPLES_PER_FRAME and np.abs(result.audio).max() > 0
             # First audio needs the lead-in frame's 21 tokens: 0.105 s at this pace.
             assert result.chunks[0].arrived >= c.LEAD_IN_TOKENS / 200
-        time.sleep(1.1)  # the engine's counters reach /metrics every 0.5 s
-        assert _metric(server.ports, "orpheus_llm_generated_tokens_total") == 70
-        assert _metric(server.ports, "orpheus_llm_capped_requests_total") == 2
+        assert settled_server_metric(server, "orpheus_llm_generated_tokens_total") == 70
+        assert server_metric(server, "orpheus_llm_capped_requests_total") == 2
 
 
 def test_run_all_takes_the_paced_stand_in_only_without_the_comparisons(capsys):

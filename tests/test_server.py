@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import server_metric, settled_server_metric
 from snac import SNAC
 
 from orpheus_triton import constants as c
@@ -74,14 +75,14 @@ def test_the_decoder_alone_decodes_a_stream_with_or_without_its_start_time(serve
                       dtype=np.int32)
     audio = _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, tokens[None])], c.DECODER_AUDIO)
     assert [len(chunk) for chunk in audio] == [c.SAMPLES_PER_FRAME]
-    counted = _metric(server, "orpheus_time_to_first_audio_seconds_count")
-    total = _metric(server, "orpheus_time_to_first_audio_seconds_sum")
+    counted = server_metric(server, "orpheus_time_to_first_audio_seconds_count")
+    total = server_metric(server, "orpheus_time_to_first_audio_seconds_sum")
     start = np.array([[clock.time() - 0.25]], dtype=np.float64)  # as if preprocessing took it 250 ms ago
     inputs = [infer_input(c.DECODER_TOKENS, tokens[None]), infer_input(c.REQUEST_START, start)]
     assert [len(chunk) for chunk in _stream(grpc_url, c.DECODER_MODEL, inputs, c.DECODER_AUDIO)] == [
         c.SAMPLES_PER_FRAME]
-    assert _metric(server, "orpheus_time_to_first_audio_seconds_count") == counted + 1
-    assert 0.25 <= _metric(server, "orpheus_time_to_first_audio_seconds_sum") - total < 5
+    assert server_metric(server, "orpheus_time_to_first_audio_seconds_count") == counted + 1
+    assert 0.25 <= server_metric(server, "orpheus_time_to_first_audio_seconds_sum") - total < 5
 
 
 def test_the_models_log_into_the_server_log(server):
@@ -245,12 +246,12 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     import urllib.request
 
     first_audio = "orpheus_time_to_first_audio_seconds"
-    count, total = _metric(server, first_audio + "_count"), _metric(server, first_audio + "_sum")
-    capped = _settled_metric(server, "orpheus_llm_capped_requests_total")
+    count, total = server_metric(server, first_audio + "_count"), server_metric(server, first_audio + "_sum")
+    capped = settled_server_metric(server, "orpheus_llm_capped_requests_total")
     result = OrpheusClient(grpc_url).synthesize("metrics please", max_tokens=35)
     # The server's time to first audio: from preprocessing to the first audio sent, inside the client's.
-    assert _metric(server, first_audio + "_count") == count + 1
-    assert 0 < _metric(server, first_audio + "_sum") - total < result.chunks[0].arrived
+    assert server_metric(server, first_audio + "_count") == count + 1
+    assert 0 < server_metric(server, first_audio + "_sum") - total < result.chunks[0].arrived
     time.sleep(1.2)
     text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
     for name in ("orpheus_llm_active_streams", "orpheus_llm_queued_requests", "orpheus_llm_step_seconds",
@@ -259,16 +260,16 @@ def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     total = [line for line in text.splitlines() if line.startswith("orpheus_llm_generated_tokens_total")]
     assert float(total[0].split()[-1]) > 0
     # The demo LLM never ends speech by itself: the stream was cut off at its max_tokens, and counted so.
-    assert _settled_metric(server, "orpheus_llm_capped_requests_total") == capped + 1
+    assert settled_server_metric(server, "orpheus_llm_capped_requests_total") == capped + 1
     for name in ("orpheus_decoder_streams", "orpheus_decoder_call_windows", "orpheus_decoder_call_seconds",
                  "orpheus_decoder_queued_windows", "orpheus_decoder_stalls_total",
                  "orpheus_decoder_stall_seconds_total", first_audio + "_bucket"):
         assert name in text
-    windows = _metric(server, "orpheus_decoder_windows_total")
-    audio = _metric(server, "orpheus_decoder_audio_seconds_total")
+    windows = server_metric(server, "orpheus_decoder_windows_total")
+    audio = server_metric(server, "orpheus_decoder_audio_seconds_total")
     assert windows >= 2 and audio == pytest.approx(windows * c.SAMPLES_PER_FRAME / c.SAMPLE_RATE)
     # The decoder was busy for some of the time, and never longer than the server has been up.
-    assert 0 < _metric(server, "orpheus_decoder_busy_seconds_total") < time.time() - server.started
+    assert 0 < server_metric(server, "orpheus_decoder_busy_seconds_total") < time.time() - server.started
 
 
 def test_a_benchmark_level_reads_the_servers_own_listener_figures(server, grpc_url):
@@ -351,7 +352,7 @@ def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(ser
                 return np.concatenate([chunk async for chunk in client.stream(TEXT, **options)])
 
             together = await asyncio.gather(collect(seed=3, max_tokens=140), collect(seed=3, max_tokens=140))
-            before = _settled_metric(server, "orpheus_llm_generated_tokens_total")
+            before = settled_server_metric(server, "orpheus_llm_generated_tokens_total")
             heard = 0
             async with contextlib.aclosing(client.stream("A long one.", max_tokens=700)) as chunks:
                 async for _ in chunks:
@@ -368,8 +369,8 @@ def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(ser
     assert heard == 2
     # The long stream's generation ended early: far fewer than its 700 tokens, and nothing runs on.
     # (65 tokens here with the `stop`; without it the stream ran on past 470 by the time of this reading)
-    assert _settled_metric(server, "orpheus_llm_generated_tokens_total") - before < 250
-    assert _metric(server, "orpheus_llm_active_streams") == 0
+    assert settled_server_metric(server, "orpheus_llm_generated_tokens_total") - before < 250
+    assert server_metric(server, "orpheus_llm_active_streams") == 0
 
 
 def test_async_client_speaks_text_as_it_arrives_sentence_by_sentence(grpc_url):
@@ -456,7 +457,7 @@ def test_an_http_stream_is_stopped_with_the_llm_stop_request(server):
     listener.join(60)
     assert status == 200 and answer == [] and not listener.is_alive()
     assert all("error" not in event for event in events) and len(events) < 900 // c.TOKENS_PER_FRAME // 2
-    assert _settled_metric(server, "orpheus_llm_active_streams") == 0  # (the gauge is refreshed every 0.5 s)
+    assert settled_server_metric(server, "orpheus_llm_active_streams") == 0  # (the gauge is refreshed every 0.5 s)
 
 
 def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_path):
@@ -553,26 +554,13 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     assert not (tmp_path / "none.wav").exists()
 
 
-def _metric(server, name: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
-    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
-
-
-def _settled_metric(server, name: str) -> float:
-    """A metric after the engine's metrics thread (0.5 s period) has reported earlier events."""
-    time.sleep(1.1)
-    return _metric(server, name)
-
-
 def _expect_one_cancellation(server, cancelled_before: float) -> None:
     """Within 10 s the engine reports exactly one more cancelled stream and no active one."""
     deadline = time.monotonic() + 10
 
     def state():
-        return (_metric(server, "orpheus_llm_cancelled_requests_total") - cancelled_before,
-                _metric(server, "orpheus_llm_active_streams"))
+        return (server_metric(server, "orpheus_llm_cancelled_requests_total") - cancelled_before,
+                server_metric(server, "orpheus_llm_active_streams"))
 
     while state() != (1, 0) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -588,8 +576,8 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     tensors = llm_inputs(load_tokenizer(model_set.llm), SynthesisOptions(text="a long one", max_tokens=1000))
     inputs = [infer_input(name, tensors[name]) for name in (c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS,
                                                             c.LLM_REQUEST_OUTPUT_LEN)]
-    cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
-    tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
+    cancelled_before = settled_server_metric(server, "orpheus_llm_cancelled_requests_total")
+    tokens_before = server_metric(server, "orpheus_llm_generated_tokens_total")
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(grpc_url)
     client.start_stream(callback=lambda result, error: events.put((result, error)))
@@ -599,15 +587,15 @@ def test_cancelling_the_llm_stream_stops_generation_within_a_step(server, grpc_u
     client.stop_stream(cancel_requests=True)
     # The engine dropped the stream because of the cancellation, long before its 1000 tokens.
     _expect_one_cancellation(server, cancelled_before)
-    assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 500
+    assert server_metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 500
     # The freed slot serves the next request.
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 
 def abandon_a_stream(server, url: str) -> None:
     """A client walks away mid-stream: within 10 s its engine stream was stopped, long before its 1000 tokens."""
-    cancelled_before = _settled_metric(server, "orpheus_llm_cancelled_requests_total")
-    tokens_before = _metric(server, "orpheus_llm_generated_tokens_total")
+    cancelled_before = settled_server_metric(server, "orpheus_llm_cancelled_requests_total")
+    tokens_before = server_metric(server, "orpheus_llm_generated_tokens_total")
 
     class HungUp(Exception):
         pass
@@ -618,7 +606,7 @@ def abandon_a_stream(server, url: str) -> None:
     with pytest.raises(HungUp):
         OrpheusClient(url).synthesize("a long one", max_tokens=1000, on_chunk=hang_up)
     _expect_one_cancellation(server, cancelled_before)
-    assert _metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 1000
+    assert server_metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < 1000
 
 
 def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):

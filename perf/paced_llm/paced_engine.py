@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, TOKENS_PER_FRAME
+from orpheus_triton.constants import CODEBOOK_SIZE
 from orpheus_triton.engine import CapacityError, EngineStats, GenerationRequest
+from orpheus_triton.frames import audio_token_id
 
 
 class PacedEngine:
@@ -98,7 +99,7 @@ class PacedEngine:
                 elif request.fail:
                     request.fail("request cancelled by the client")
                 continue
-            token = AUDIO_TOKEN_BASE + (made % TOKENS_PER_FRAME) * CODEBOOK_SIZE + random.randrange(CODEBOOK_SIZE)
+            token = audio_token_id(random.randrange(CODEBOOK_SIZE), made)
             stream[1] = made = made + 1
             self.stats.tokens_generated += 1
             done = made >= request.max_new_tokens

@@ -11,7 +11,8 @@ from collections import deque
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, TOKENS_PER_FRAME
+from orpheus_triton.constants import CODEBOOK_SIZE
+from orpheus_triton.frames import audio_token_id
 from orpheus_triton.serving import is_stop_request, model_parameters
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -57,7 +58,7 @@ class TritonPythonModel:
                     sender.send(flags=FINAL)
                     stream[2] = -1
                     continue
-                token = AUDIO_TOKEN_BASE + (sent % TOKENS_PER_FRAME) * CODEBOOK_SIZE + sent % CODEBOOK_SIZE
+                token = audio_token_id(sent % CODEBOOK_SIZE, sent)
                 sender.send(pb_utils.InferenceResponse([
                     pb_utils.Tensor("output_ids", np.array([[[token]]], dtype=np.int32)),
                     pb_utils.Tensor("sequence_length", np.array([sent + 1], dtype=np.int32)),
