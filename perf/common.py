@@ -438,10 +438,12 @@ def model_set(shape: str, models: str | None):
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = False,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
-                 settings_overrides: dict | None = None, paced_llm: float = 0.0) -> Iterator[RunningServer]:
+                 settings_overrides: dict | None = None, paced_llm: float = 0.0,
+                 silent_snac: bool = False) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
     ``settings_overrides``: further RepositorySettings fields, by name. ``paced_llm`` > 0: the llm
-    stage's engine is the stand-in of perf/paced_llm (that many tokens a second a stream, no model)."""
+    stage's engine is the stand-in of perf/paced_llm (that many tokens a second a stream, no model);
+    ``silent_snac``: the snac_decoder's SNAC is perf/silent_snac's stand-in (silence, no model)."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
@@ -453,6 +455,8 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
     render(settings, repository)
     if paced_llm > 0:
         use_paced_llm(repository, paced_llm)
+    if silent_snac:
+        use_silent_snac(repository)
     with serve_repository(repository, log_path) as server:
         yield server
 
@@ -462,14 +466,29 @@ def use_paced_llm(repository: Path, tokens_per_second: float) -> None:
     appended to its model.py, whose ``build_engine`` it replaces), its pace a model parameter."""
     from orpheus_triton.constants import LLM_MODEL  # noqa: PLC0415
 
-    llm = repository / LLM_MODEL
-    model = llm / "1" / "model.py"
-    stand_in = (PERF / "paced_llm" / "paced_engine.py").read_text()
-    model.write_text(f"{model.read_text()}\n\n# perf/paced_llm/paced_engine.py (perf/common.use_paced_llm):\n"
-                     f"{stand_in}\n\nbuild_engine = build_paced_engine\n")
+    _append_stand_in(repository / LLM_MODEL, "paced_llm/paced_engine.py", {"build_engine": "build_paced_engine"})
     pace = f'{{ key: "paced_tokens_per_second", value: {{ string_value: "{tokens_per_second}" }} }}'
-    with open(llm / "config.pbtxt", "a") as config:
+    with open(repository / LLM_MODEL / "config.pbtxt", "a") as config:
         config.write(f"parameters {pace}\n")
+
+
+def use_silent_snac(repository: Path) -> None:
+    """Give a rendered repository's snac_decoder model the silent stand-in decoder
+    (perf/silent_snac/silent_decoder.py, appended to its model.py, whose ``load_window_decoder`` and
+    ``warm_up`` it replaces)."""
+    from orpheus_triton.constants import DECODER_MODEL  # noqa: PLC0415
+
+    _append_stand_in(repository / DECODER_MODEL, "silent_snac/silent_decoder.py",
+                     {"load_window_decoder": "load_silent_decoder", "warm_up": "warm_up_silent"})
+
+
+def _append_stand_in(model_folder: Path, source: str, replaces: dict[str, str]) -> None:
+    """Append perf/``source`` to the model's 1/model.py and rebind each name of ``replaces`` to its stand-in:
+    the adapter above stays as rendered and calls the stand-in where it called the real thing."""
+    model = model_folder / "1" / "model.py"
+    rebind = "".join(f"{name} = {stand_in}\n" for name, stand_in in replaces.items())
+    model.write_text(f"{model.read_text()}\n\n# perf/{source} (perf/common.py):\n"
+                     f"{(PERF / source).read_text()}\n\n{rebind}")
 
 
 @contextlib.contextmanager

@@ -236,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve with the llm stage's engine replaced by a stand-in without a model that gives "
                              "every stream this many tokens a second (perf/paced_llm; with --skip-comparisons): "
                              "the pipeline's own ceiling, the engine's arithmetic left out (0: the real engine)")
+    parser.add_argument("--silent-snac", action="store_true",
+                        help="serve with the snac_decoder's SNAC replaced by a stand-in without a model that answers "
+                             "every window with a frame of silence (perf/silent_snac; with --skip-comparisons): "
+                             "with --paced-llm, what the pipeline's plumbing alone carries")
     parser.add_argument("--stack-seconds", type=float, default=0.0, metavar="S",
                         help="py-spy records the llm and snac_decoder stubs for S seconds in each level, from "
                              "--stack-delay on, and the report says where their threads were (0: off)")
@@ -293,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.paced_llm < 0 or (args.paced_llm and not args.skip_comparisons):
         parser.error("--paced-llm: want tokens a second > 0 (0: off), with --skip-comparisons (the comparisons "
                      "run the real models)")
+    if args.silent_snac and not args.skip_comparisons:
+        parser.error("--silent-snac: only with --skip-comparisons (the comparisons run the real models)")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
@@ -302,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.paced_llm:
         description += (f"; the llm stage's engine a paced stand-in without a model ({args.paced_llm:g} tokens a "
                         "second a stream, perf/paced_llm)")
+    if args.silent_snac:
+        description += "; the SNAC decoder a stand-in without a model (silence, perf/silent_snac)"
     result = {
         "run": folder.name,
         "command": "python perf/run_all.py " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -351,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
                       lead_in=not args.no_lead_in, settings_overrides=server_overrides(args),
-                      paced_llm=args.paced_llm) as server:
+                      paced_llm=args.paced_llm, silent_snac=args.silent_snac) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

@@ -1,5 +1,5 @@
-"""perf/paced_llm: the llm stage's engine stood in for by one without a model, served through the real
-ensemble (its adapter, the decoder and Triton as they are)."""
+"""perf/paced_llm and perf/silent_snac: the llm stage's engine and the decoder's SNAC stood in for by ones
+without a model, served through the real ensemble (the adapters and Triton as they are)."""
 
 import sys
 import time
@@ -10,7 +10,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
 
-from common import use_paced_llm  # noqa: E402 (perf/ is not a package)
+from common import use_paced_llm, use_silent_snac  # noqa: E402 (perf/ is not a package)
 
 from orpheus_triton import constants as c  # noqa: E402
 from orpheus_triton.client import OrpheusClient  # noqa: E402
@@ -41,6 +41,25 @@ def test_the_paced_stand_in_serves_streams_at_its_pace_through_the_ensemble(mode
         assert server_metric(server, "orpheus_llm_capped_requests_total") == 2
 
 
+def test_the_silent_stand_in_answers_every_window_with_a_frame_of_silence(model_set, tmp_path):
+    from conftest import running_server, server_settings, settled_server_metric
+
+    from orpheus_triton.repository import render
+
+    repository = render(server_settings(model_set), tmp_path / "repository")
+    use_paced_llm(repository, 400.0)
+    use_silent_snac(repository)
+    model = (repository / c.DECODER_MODEL / "1" / "model.py").read_text()
+    assert model.rstrip().endswith("load_window_decoder = load_silent_decoder\nwarm_up = warm_up_silent")
+    with running_server(repository, tmp_path) as server:
+        result = OrpheusClient(f"localhost:{server.ports.grpc}").synthesize("silent", max_tokens=35, seed=3)
+        # The five frames of audio the paced tokens make with SNAC, every chunk whole frames, all silence.
+        assert result.audio.size == 5 * c.SAMPLES_PER_FRAME and not result.audio.any()
+        assert all(chunk.audio.size % c.SAMPLES_PER_FRAME == 0 for chunk in result.chunks)
+        # The adapter in front of it ran as it does with SNAC: its rounds are counted.
+        assert settled_server_metric(server, "orpheus_decoder_windows_total") == 5
+
+
 def test_run_all_takes_the_paced_stand_in_only_without_the_comparisons(capsys):
     import pytest
     import run_all
@@ -49,3 +68,6 @@ def test_run_all_takes_the_paced_stand_in_only_without_the_comparisons(capsys):
         with pytest.raises(SystemExit):
             run_all.main(argv)
         assert "--paced-llm: want tokens a second > 0 (0: off), with --skip-comparisons" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_all.main(["--silent-snac"])
+    assert "--silent-snac: only with --skip-comparisons" in capsys.readouterr().err

@@ -300,14 +300,14 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
-  # in the order named (default "check round-trips models serving engine serving-paced perf-analyzer
+  # in the order named (default "check round-trips models serving serving-paced engine perf-analyzer
   # engine-overlap serving-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
-  # "serving-newcomer-off", "serving-decoder-inline").
+  # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local steps="${SHORT_STEPS:-check round-trips models serving engine serving-paced perf-analyzer engine-overlap serving-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check round-trips models serving serving-paced engine perf-analyzer engine-overlap serving-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -387,6 +387,14 @@ short() {
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
         --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-paced" "$@" ;;
+      # The same with the SNAC decoder's SNAC a stand-in too (perf/silent_snac: a frame of silence a window, no
+      # model): only what carries the audio (preprocessing, Triton, both adapters, the load generator). Where
+      # serving-paced starves streams, this says whether the SNAC decoder's GPU work is why.
+      serving-plumbing) model_set && step serving-plumbing 120 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --silent-snac --concurrency 128,216 --texts short \
+        --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+        "${stack_args[@]}" --out "$out/serving-plumbing" "$@" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \

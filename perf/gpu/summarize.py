@@ -130,6 +130,8 @@ def summary(folder: Path) -> str:
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
                 ("Served with a paced stand-in engine (serving-paced)", serving(folder, "serving-paced")),
+                ("Served with stand-ins for the engine and SNAC (serving-plumbing)",
+                 serving(folder, "serving-plumbing")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("Served with the decoder's responses inline (serving-decoder-inline)",
