@@ -8,10 +8,11 @@ is a round trip from the backend stub to the server. This benchmark holds
 ``--streams`` requests open on a stand-in model (perf/round_trip_source) and
 times, for ``--seconds`` each: sends of a frame's tokens and of a window's
 audio, ``is_cancelled``, a whole cancellation pass over every stream, a send and
-an ask in turn on one thread (passes on the response thread), and sends beside
-a second thread that asks (passes on a thread of their own). From those: what a
-cancellation pass costs at a given number of streams, and how many responses a
-second one thread can send.
+an ask in turn on one thread (passes on the response thread), sends beside
+a second thread that asks (passes on a thread of their own), and sends of audio
+from 2 and 4 threads at once, each on its own share of the streams. From those:
+what a cancellation pass costs at a given number of streams, how many responses a
+second one thread can send, and how many several threads can.
 
     PYTHONPATH=src python perf/round_trips.py --streams 216 --out perf/results/round-trips
 """
@@ -41,6 +42,8 @@ ROWS = (  # (result key, what it is)
     ("send_then_ask_one_thread", "a send and an ask in turn, one thread"),
     ("send_beside_asking_thread", "a send, while a second thread asks back to back"),
     ("send_beside_pass_thread", "a send, while a second thread runs passes back to back"),
+    ("send_audio_2_threads", "sends of a frame's audio from 2 threads at once (a second: theirs together)"),
+    ("send_audio_4_threads", "sends of a frame's audio from 4 threads at once (a second: theirs together)"),
 )
 
 

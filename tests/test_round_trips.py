@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "perf"))
 import round_trips  # noqa: E402 (perf/ is not a package)
 
 SENDS = ("send_tokens", "send_audio", "send_then_ask_one_thread", "send_beside_asking_thread",
-         "send_beside_pass_thread")
+         "send_beside_pass_thread", "send_audio_2_threads", "send_audio_4_threads")
 
 
 def test_round_trips_are_timed_in_the_stub_and_every_timed_response_arrives(tmp_path):

@@ -3,7 +3,8 @@
 Held requests are the streams. A measuring request starts a thread that, for
 ``seconds`` per pattern, sends responses and asks ``is_cancelled`` on the held
 streams round robin, in the patterns the llm and snac_decoder adapters use
-(serving.ResponseQueue, serving.CancellationWatch), then answers with the timings
+(serving.ResponseQueue, serving.CancellationWatch), and sends from several threads
+at once (a send releases the GIL while the server takes it), then answers with the timings
 and ends every held stream. No request is asked anything after its final response.
 """
 
@@ -96,6 +97,26 @@ class TritonPythonModel:
                 thread.join()
             return timed, {"per_second": counted[0]}
 
+        def from_threads(threads: int) -> dict:
+            """Sends of audio from ``threads`` threads at once, each on its own share of the streams (a stream's
+            responses from one thread, in order, as the adapters keep them): their sends a second together."""
+            shares = [share for share in (held[j::threads] for j in range(threads)) if share]
+            results = [None] * len(shares)
+
+            def run(j):
+                share = shares[j]
+                results[j] = _timed(lambda i: share[i % len(share)].send(pb_utils.InferenceResponse([audio])), seconds)
+
+            workers = [threading.Thread(target=run, args=(j,)) for j in range(len(shares))]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+            return {"threads": len(shares), "calls": sum(r["calls"] for r in results),
+                    "per_second": sum(r["per_second"] for r in results),
+                    "p50_us": round(float(np.median([r["p50_us"] for r in results])), 1),
+                    "p99_us": max(r["p99_us"] for r in results)}
+
         sends_beside_asks, asks_beside = beside(send_tokens, ask)
         sends_beside_passes, passes_beside = beside(send_tokens, cancellation_pass)
         return {
@@ -109,4 +130,6 @@ class TritonPythonModel:
             "asking_thread_beside_sends": asks_beside,
             "send_beside_pass_thread": sends_beside_passes,
             "pass_thread_beside_sends": passes_beside,
+            "send_audio_2_threads": from_threads(2),
+            "send_audio_4_threads": from_threads(4),
         }
