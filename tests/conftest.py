@@ -41,7 +41,8 @@ def server_metric(server, name: str) -> float:
 
 
 def settled_server_metric(server, name: str) -> float:
-    """A metric after the engine's metrics thread (0.5 s period) has reported earlier events."""
+    """A metric after the models' metrics threads (the engine's every 0.5 s, the decoder's every 0.1 s) have
+    reported earlier events."""
     time.sleep(1.1)
     return server_metric(server, name)
 

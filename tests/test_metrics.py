@@ -47,12 +47,12 @@ class FakePbUtils:
 
 def test_release_drops_every_metric_before_any_family():
     FakePbUtils.destroyed = []
-    metrics = DecoderMetrics(FakePbUtils)
+    metrics = DecoderMetrics(FakePbUtils, interval=None)
     release(metrics)
     gc.collect()
     kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
     assert kinds == ["metric"] * 11 + ["family"] * 11
-    assert not hasattr(metrics, "streams") and metrics.metrics.families == []
+    assert not hasattr(metrics, "gauges") and metrics.metrics.families == []
 
 
 def test_engine_counters_report_their_growth_and_are_released_before_their_families():
@@ -90,13 +90,50 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
 def test_deliveries_feed_first_audio_and_stall_metrics():
     from orpheus_triton.serving import Delivery
 
-    metrics = DecoderMetrics(FakePbUtils)
+    metrics = DecoderMetrics(FakePbUtils, interval=None)
     metrics.record_delivery(Delivery(first_audio=True), request_start=100.0, now=100.25)
     metrics.record_delivery(Delivery(first_audio=True), request_start=None, now=101.0)  # no start given
     metrics.record_delivery(Delivery(), request_start=100.0, now=101.0)
     metrics.record_delivery(Delivery(stall=0.04), request_start=100.0, now=102.0)
+    assert metrics.first_audio.values == []  # held until published
+    metrics.publish()
     assert metrics.first_audio.values == [0.25]
-    assert metrics.stalls.values == [1] and metrics.stall_seconds.values == [0.04]
+    assert metrics.counters["stalls"].values == [1] and metrics.counters["stall_seconds"].values == [0.04]
+
+
+def test_decoder_metrics_send_triton_only_what_changed_since_the_last_publish():
+    """Each update is a round trip to the server: a round's eight became one publish every 0.1 s at most."""
+    metrics = DecoderMetrics(FakePbUtils, interval=None)
+    for round_windows in (3, 5):
+        metrics.record_call(round_windows, 0.01)
+        metrics.record_busy(0.02)
+        metrics.record_queued(0)
+        metrics.record_streams(4)
+    metrics.publish()
+    calls, windows = metrics.counters["calls"].values, metrics.counters["windows"].values
+    assert calls == [2] and windows == [8] and metrics.counters["busy_seconds"].values == [0.04]
+    assert metrics.gauges["call_windows"].values == [5] and metrics.gauges["streams"].values == [4]
+    metrics.record_streams(4)  # the same value again: nothing to send
+    metrics.record_queued(2)
+    metrics.publish()
+    metrics.publish()  # nothing changed: no round trip at all
+    assert metrics.gauges["streams"].values == [4] and metrics.gauges["queued"].values == [0, 2]
+    assert calls == [2] and metrics.counters["stalls"].values == []
+
+
+def test_decoder_metrics_thread_publishes_and_stop_publishes_the_rest():
+    import time
+
+    metrics = DecoderMetrics(FakePbUtils, interval=0.01)
+    windows = metrics.counters["windows"].values
+    metrics.record_call(7, 0.01)
+    deadline = time.monotonic() + 5
+    while not windows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert windows == [7] and metrics._thread.name == "decoder-metrics"
+    metrics.record_call(2, 0.01)
+    metrics.stop()  # whatever the thread had not sent yet goes out before the metrics are released
+    assert sum(windows) == 9 and not hasattr(metrics, "counters")
 
 
 PAGE = """# TYPE orpheus_time_to_first_audio_seconds histogram

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 from dataclasses import dataclass, field
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -26,6 +28,10 @@ LOAD_METRICS = (DECODER_BUSY_METRIC, DECODER_WINDOWS_METRIC, DECODER_CALLS_METRI
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
 # the 500 ms of the benchmark's real-time capacity and beyond.
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0)
+# How often the decoder's metrics thread sends Triton what changed (DecoderMetrics).
+PUBLISH_SECONDS = 0.1
+
+log = logging.getLogger(__name__)
 
 
 class MetricSet:
@@ -88,53 +94,120 @@ class DecoderMetrics:
     ``orpheus_time_to_first_audio_seconds``, from preprocessing taking the request
     to its first audio sent, and gaps, ``orpheus_decoder_stalls_total`` and
     ``orpheus_decoder_stall_seconds_total`` (0 while every stream keeps real time).
+
+    Every metric update is a round trip from the backend stub to the server, as a
+    response send is, and a round updated eight: with rounds of a few windows (a
+    fast decoder at a hundred streams) as many round trips as the answers
+    themselves (perf/silent_snac). So the ``record_*`` calls only add to figures
+    held here (any thread may make them), and one thread of its own publishes what
+    changed every ``interval`` seconds (``publish``; ``interval=None``: no thread,
+    the caller publishes). One thread also keeps the rule that a model's metrics are
+    updated from one thread only (when several updated them at once, tritonserver
+    2.51 crashed in libtriton_python).
     """
 
-    def __init__(self, pb_utils, model: str = DECODER_MODEL):
+    def __init__(self, pb_utils, model: str = DECODER_MODEL, interval: float | None = PUBLISH_SECONDS):
         metrics = MetricSet(pb_utils, model)
         self.metrics = metrics
-        self.streams = metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)")
-        self.call_windows = metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call")
-        self.call_seconds = metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call")
-        self.busy_seconds = metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "
+        self.gauges = {
+            "streams": metrics.gauge("orpheus_decoder_streams", "Streams with decoder state (mid-stream)"),
+            "call_windows": metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call"),
+            "call_seconds": metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call"),
+            "queued": metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round"),
+        }
+        self.counters = {
+            "busy_seconds": metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "
                                             "and answering): its rate is the share of time it is busy "
-                                            "(1 = saturated)")
-        self.windows = metrics.counter(DECODER_WINDOWS_METRIC, "Windows decoded")
-        self.calls = metrics.counter(DECODER_CALLS_METRIC, "SNAC calls (windows per call: the decoder's batching)")
-        self.audio_seconds = metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded")
-        self.queued = metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round")
+                                            "(1 = saturated)"),
+            "windows": metrics.counter(DECODER_WINDOWS_METRIC, "Windows decoded"),
+            "calls": metrics.counter(DECODER_CALLS_METRIC, "SNAC calls (windows per call: the decoder's batching)"),
+            "audio_seconds": metrics.counter("orpheus_decoder_audio_seconds_total", "Seconds of audio decoded"),
+            "stalls": metrics.counter(STALLS_METRIC, "Chunks sent after their listener had played all audio sent "
+                                      "before"),
+            "stall_seconds": metrics.counter(STALL_SECONDS_METRIC, "Seconds listeners waited in those gaps"),
+        }
         self.first_audio = metrics.histogram(FIRST_AUDIO_METRIC, "From preprocessing taking a request to its "
                                              "first audio sent", FIRST_AUDIO_BUCKETS)
-        self.stalls = metrics.counter(STALLS_METRIC,
-                                      "Chunks sent after their listener had played all audio sent before")
-        self.stall_seconds = metrics.counter(STALL_SECONDS_METRIC, "Seconds listeners waited in those gaps")
+        self._lock = threading.Lock()
+        self._gauge_values: dict[str, float] = {}  # latest value of each gauge set since it was published
+        self._published_gauges: dict[str, float] = {}
+        self._growth = dict.fromkeys(self.counters, 0.0)  # counter growth since the last publish
+        self._first_audio_seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = None
+        if interval is not None:
+            self._thread = threading.Thread(target=self._run, args=(interval,), name="decoder-metrics", daemon=True)
+            self._thread.start()
 
     def record_call(self, windows: int, seconds: float) -> None:
         if not windows:
             return
-        self.call_windows.set(windows)
-        self.call_seconds.set(seconds)
-        self.windows.increment(windows)
-        self.calls.increment(1)
-        self.audio_seconds.increment(windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
+        with self._lock:
+            self._gauge_values.update(call_windows=windows, call_seconds=seconds)
+            self._grow(windows=windows, calls=1, audio_seconds=windows * SAMPLES_PER_FRAME / SAMPLE_RATE)
 
     def record_busy(self, seconds: float) -> None:
         """A round's whole time, from composing its SNAC call to its last answer (failed ones too)."""
-        self.busy_seconds.increment(seconds)
+        with self._lock:
+            self._grow(busy_seconds=seconds)
 
     def record_streams(self, streams: int) -> None:
-        self.streams.set(streams)
+        with self._lock:
+            self._gauge_values["streams"] = streams
 
     def record_queued(self, windows: int) -> None:
-        self.queued.set(windows)
+        with self._lock:
+            self._gauge_values["queued"] = windows
 
     def record_delivery(self, delivery, request_start: float | None, now: float) -> None:
         """A request's answer (serving.Delivery); ``request_start`` and ``now`` in seconds since the epoch."""
-        if delivery.first_audio and request_start is not None:
-            self.first_audio.observe(max(0.0, now - request_start))
-        if delivery.stall > 0:
-            self.stalls.increment(1)
-            self.stall_seconds.increment(delivery.stall)
+        if not (delivery.first_audio and request_start is not None) and not delivery.stall > 0:
+            return
+        with self._lock:
+            if delivery.first_audio and request_start is not None:
+                self._first_audio_seconds.append(max(0.0, now - request_start))
+            if delivery.stall > 0:
+                self._grow(stalls=1, stall_seconds=delivery.stall)
+
+    def publish(self) -> None:
+        """Send Triton what changed since the last publish: gauges with a new value, counters' growth, and
+        the first-audio times observed meanwhile."""
+        with self._lock:
+            gauges = {name: value for name, value in self._gauge_values.items()
+                      if self._published_gauges.get(name) != value}
+            self._gauge_values = {}
+            growth, self._growth = self._growth, dict.fromkeys(self.counters, 0.0)
+            first_audio, self._first_audio_seconds = self._first_audio_seconds, []
+        for name, value in gauges.items():
+            self.gauges[name].set(value)
+            self._published_gauges[name] = value
+        for name, value in growth.items():
+            if value:
+                self.counters[name].increment(value)
+        for seconds in first_audio:
+            self.first_audio.observe(seconds)
+
+    def stop(self) -> None:
+        """Stop the publishing thread, publish what is left, then release the metrics (``release``: before the
+        interpreter's teardown). Call it once nothing records any more."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                return
+        self.publish()
+        release(self)
+
+    def _grow(self, **growth: float) -> None:
+        for name, value in growth.items():
+            self._growth[name] += value
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.publish()
+            except Exception as failure:  # noqa: BLE001 (a failed update never stops the metrics)
+                log.warning("decoder metrics: publishing failed: %s", failure)
 
 
 @dataclass(frozen=True)

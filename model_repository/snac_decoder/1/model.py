@@ -18,7 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.metrics import DecoderMetrics, release
+from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     DecodeItem,
     DecodeScheduler,
@@ -54,9 +54,8 @@ class TritonPythonModel:
                                         lead_out=params.get("lead_out", "true") == "true")
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
-        self.metrics = DecoderMetrics(pb_utils)
-        # Responses, and metric updates with them, leave from one thread: inline in the worker, or (GPU
-        # by default) the response thread.
+        self.metrics = DecoderMetrics(pb_utils)  # published by a thread of its own
+        # Responses leave from one thread: inline in the worker, or (GPU by default) the response thread.
         threaded = response_thread(params, device.split(":")[0])
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
@@ -87,7 +86,7 @@ class TritonPythonModel:
         self.worker.join(timeout=30)
         self.responses.close()
         if not self.worker.is_alive():
-            release(self.metrics)  # not at the interpreter's teardown, where the stub would crash
+            self.metrics.stop()  # releases them: not at the interpreter's teardown, where the stub would crash
 
     def _decode_rounds(self):
         # With a response thread, the next round is composed once the sends are at most a round behind:
@@ -101,7 +100,8 @@ class TritonPythonModel:
                 self._respond(item, None)
             if decode:
                 self._decode(decode)
-            self._metrics(self._record_backlog)
+            self.metrics.record_queued(self.scheduler.queued_windows())
+            self.metrics.record_streams(len(self.state.streams))
 
     def _respond(self, item: DecodeItem, pcm, error=None):
         self.responses.put(item.stream_id, lambda: self._answer(item, pcm, error), last=item.last)
@@ -110,17 +110,12 @@ class TritonPythonModel:
     def _undeliverable(stream_id: str, error: Exception):
         pb_utils.Logger.log_error(f"orpheus decoder: answering stream {stream_id!r} failed: {error}")
 
-    def _record_backlog(self):
-        self.metrics.record_queued(self.scheduler.queued_windows())
-        self.metrics.record_streams(len(self.state.streams))
-
     def _decode(self, items: list[DecodeItem]):
         started = time.perf_counter()
         try:
             self._decode_round(items, started)
         finally:  # the whole round (SNAC, then answering or queueing every answer, failed rounds too) is busy
-            busy = time.perf_counter() - started
-            self._metrics(lambda: self.metrics.record_busy(busy))
+            self.metrics.record_busy(time.perf_counter() - started)
 
     def _decode_round(self, items: list[DecodeItem], started: float):
         windows = [w for item in items for w in item.windows]
@@ -135,24 +130,10 @@ class TritonPythonModel:
             for item in items:
                 self._respond(item, None, error)
             return
-        seconds = time.perf_counter() - started
-        self._metrics(lambda: self.metrics.record_call(len(windows), seconds))
+        self.metrics.record_call(len(windows), time.perf_counter() - started)
         chunks = iter(audio)
         for item in items:
             self._respond(item, np.concatenate([next(chunks) for _ in item.windows]))
-
-    def _metrics(self, update):
-        """Metrics are updated from the thread that sends the responses only (when several threads updated
-        them at once, tritonserver crashed in libtriton_python)."""
-        self.responses.put(None, lambda: self._update_metrics(update))
-
-    @staticmethod
-    def _update_metrics(update):
-        """A failed update never stops the decoder."""
-        try:
-            update()
-        except Exception as failure:  # noqa: BLE001
-            pb_utils.Logger.log_error(f"orpheus decoder: metrics failed: {failure}")
 
     def _answer(self, item: DecodeItem, pcm, error=None):
         try:
@@ -166,4 +147,4 @@ class TritonPythonModel:
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
         delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
-        self._update_metrics(lambda: self.metrics.record_delivery(delivery, item.request_start, time.time()))
+        self.metrics.record_delivery(delivery, item.request_start, time.time())
