@@ -381,9 +381,11 @@ short() {
       # The served sweep with the llm stage's engine a stand-in without a model (perf/paced_llm: 100 tokens a
       # second a stream, 1.2x real time): everything but the engine's arithmetic (the adapters, Triton, the
       # SNAC decoder on the GPU, the load generator), so what it carries is the pipeline's own ceiling.
-      # Two levels, no Poisson arrivals (the stand-in loads no LLM weights: the server starts in seconds).
-      serving-paced) model_set && step serving-paced 120 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
-        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 128,216 --texts short --max-tokens 0 \
+      # One level, the bar's 216 streams, no Poisson arrivals (the stand-in loads no LLM weights: the server starts
+      # in seconds), so that the engine step after it still fits in one call; its where-the-time-went table names
+      # the part that bounds, should it starve streams.
+      serving-paced) model_set && step serving-paced 90 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
+        --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 216 --texts short --max-tokens 0 \
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
         --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-paced" "$@" ;;
