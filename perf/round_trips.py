@@ -2,7 +2,7 @@
 """What the Python backend's round trips to tritonserver cost on this machine, timed inside the stub.
 
 The llm adapter sends a response per SNAC frame of every stream and asks Triton
-whether requests were cancelled (serving.CancellationWatch: a pass asks every
+whether requests were cancelled (triton_calls.CancellationWatch: a pass asks every
 stream); the snac_decoder adapter sends a response per window. Each such call
 is a round trip from the backend stub to the server. This benchmark holds
 ``--streams`` requests open on a stand-in model (perf/round_trip_source) and

@@ -106,7 +106,7 @@ def test_frame_chunker_sends_whole_frames_and_flushes_at_the_end():
 
 
 def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
-    from orpheus_triton.serving import StreamDecoderState
+    from orpheus_triton.decode_rounds import StreamDecoderState
 
     state = StreamDecoderState(lead_in=False, lead_out=False)
     a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
@@ -124,8 +124,8 @@ def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
 
 
 def _item(stream_id, windows=1, last=False, arrived=0.0):
+    from orpheus_triton.decode_rounds import DecodeItem
     from orpheus_triton.frames import Window
-    from orpheus_triton.serving import DecodeItem
 
     return DecodeItem(stream_id, [Window((0,) * 28, i) for i in range(windows)], reply=None, last=last,
                       arrived=arrived)
@@ -136,7 +136,7 @@ def _names(items):
 
 
 def test_decoder_rounds_take_each_streams_oldest_request_in_order():
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     scheduler = DecodeScheduler(max_windows=64)
     # Stream a ran ahead (three requests queued), b has two, c one.
@@ -149,7 +149,7 @@ def test_decoder_rounds_take_each_streams_oldest_request_in_order():
 
 def test_a_newcomer_joins_the_next_round_not_the_queue_behind_others():
     """The round is composed when the decoder is free: a chunk that arrives meanwhile is in it."""
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     scheduler = DecodeScheduler(max_windows=64)
     scheduler.add([_item("a", arrived=1), _item("b", arrived=2), _item("a", arrived=3), _item("b", arrived=4)])
@@ -162,7 +162,7 @@ def test_a_newcomer_joins_the_next_round_not_the_queue_behind_others():
 
 
 def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     now = [100.0]
     scheduler = DecodeScheduler(max_windows=2, clock=lambda: now[0])
@@ -184,7 +184,7 @@ def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
 def test_a_newcomers_first_window_goes_in_a_round_of_its_own_unless_a_listener_is_about_to_run_out():
     """While a newcomer waits for its first audio, streams with more than the horizon of audio still to
     play wait a round, so the newcomer's round is small; a stream about to run out is never held back."""
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     now = [100.0]
     scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0.25)
@@ -212,7 +212,7 @@ def test_deliveries_tell_first_audio_and_the_gaps_a_listener_hears():
     """The server's estimate of what a listener hears, by loadgen.playback's rule: playback from the
     first audio sent; a chunk sent after the audio before it has played is a gap, and playback resumes
     from it."""
-    from orpheus_triton.serving import DecodeScheduler, Delivery
+    from orpheus_triton.decode_rounds import DecodeScheduler, Delivery
 
     now = [10.0]
     scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0])
@@ -233,7 +233,7 @@ def test_deliveries_tell_first_audio_and_the_gaps_a_listener_hears():
 
 
 def test_requests_without_windows_pass_through_in_stream_order():
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     scheduler = DecodeScheduler(max_windows=1)
     scheduler.add([_item("a", 0, arrived=1), _item("a", arrived=2), _item("a", 0, arrived=3),
@@ -249,7 +249,7 @@ def test_requests_without_windows_pass_through_in_stream_order():
 def test_decoder_scheduler_waits_for_work_and_closes():
     import threading
 
-    from orpheus_triton.serving import DecodeScheduler
+    from orpheus_triton.decode_rounds import DecodeScheduler
 
     scheduler = DecodeScheduler(max_windows=8)
     assert scheduler.next_round(timeout=0.01) == ([], [])
@@ -266,7 +266,7 @@ def test_decoder_scheduler_waits_for_work_and_closes():
 
 
 def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_forget():
-    from orpheus_triton.serving import CancellationWatch
+    from orpheus_triton.triton_calls import CancellationWatch
 
     passes, asked = [], []
     cancelled = {"a": False}
@@ -304,7 +304,7 @@ def test_passes_on_their_thread_hold_up_no_response_and_a_final_one_waits_out_an
     import threading
     import time
 
-    from orpheus_triton.serving import CancellationWatch, ResponseQueue
+    from orpheus_triton.triton_calls import CancellationWatch, ResponseQueue
 
     asking, release, sent = threading.Event(), threading.Event(), []
 
@@ -335,7 +335,7 @@ def test_cancellation_passes_are_spaced_by_min_interval():
     """The relay's streams each check on every engine response; passes still start only so often."""
     import time
 
-    from orpheus_triton.serving import CancellationWatch
+    from orpheus_triton.triton_calls import CancellationWatch
 
     passes = []
     watch = CancellationWatch(run=passes.append, min_interval=0.2)
@@ -378,7 +378,7 @@ def test_both_adapters_response_threads_are_rendered_from_the_settings(tmp_path)
 
 
 def test_response_thread_is_on_for_gpus_by_default():
-    from orpheus_triton.serving import response_thread
+    from orpheus_triton.triton_calls import response_thread
 
     assert response_thread({}, "cuda") and not response_thread({}, "cpu")
     assert response_thread({"response_thread": "true"}, "cpu")
@@ -388,7 +388,7 @@ def test_response_thread_is_on_for_gpus_by_default():
 
 
 def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
-    from orpheus_triton.serving import ResponseQueue
+    from orpheus_triton.triton_calls import ResponseQueue
 
     sent, errors = [], []
 
@@ -420,7 +420,7 @@ def test_a_producer_waits_for_room_in_the_response_queue():
     never waits (nothing is ever queued)."""
     import threading
 
-    from orpheus_triton.serving import ResponseQueue
+    from orpheus_triton.triton_calls import ResponseQueue
 
     gate, sent = threading.Event(), []
     queue = ResponseQueue(on_error=lambda key, error: None, threaded=True)
@@ -442,7 +442,8 @@ def test_a_producer_waits_for_room_in_the_response_queue():
 def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
     """A stream whose end never reaches the decoder (a vanished client; TensorRT-LLM, which sends no
     end_id) loses its state after idle_seconds; idle states are looked for once a sweep period."""
-    from orpheus_triton.serving import STALE_SWEEP_SECONDS, DecodeScheduler, StreamDecoderState
+    from orpheus_triton.decode_rounds import DecodeScheduler, StreamDecoderState
+    from orpheus_triton.serving import STALE_SWEEP_SECONDS
 
     now = [100.0]
     state = StreamDecoderState(idle_seconds=30, clock=lambda: now[0])
@@ -472,7 +473,7 @@ def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
 
 
 def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to():
-    from orpheus_triton.serving import StreamDecoderState
+    from orpheus_triton.decode_rounds import StreamDecoderState
 
     tokens = np.array([audio_token_id(c, i) for i, c in enumerate(range(1, 22))])
     (item,) = StreamDecoderState().items_for([("a", tokens, None)])

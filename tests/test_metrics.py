@@ -88,7 +88,7 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
 
 
 def test_deliveries_feed_first_audio_and_stall_metrics():
-    from orpheus_triton.serving import Delivery
+    from orpheus_triton.decode_rounds import Delivery
 
     metrics = DecoderMetrics(FakePbUtils, interval=None)
     metrics.record_delivery(Delivery(first_audio=True), request_start=100.0, now=100.25)

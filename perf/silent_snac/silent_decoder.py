@@ -2,7 +2,7 @@
 
 perf/run_all.py --silent-snac appends this file to the rendered repository's
 snac_decoder/1/model.py (perf/common.use_silent_snac), whose ``load_window_decoder`` and
-``warm_up`` it then replaces: the real adapter (serving.DecodeScheduler's rounds, the response
+``warm_up`` it then replaces: the real adapter (decode_rounds.DecodeScheduler's rounds, the response
 thread, DecoderMetrics) in front of ``SilentDecoder``, which answers every window with a frame
 of silence. With perf/paced_llm's engine beside it, a served sweep measures only what carries
 the audio: preprocessing, the ensemble, both adapters' threads and round trips, Triton and the

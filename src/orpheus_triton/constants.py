@@ -45,7 +45,7 @@ REAL_TIME_TOKENS_PER_SECOND = TOKENS_PER_FRAME * SAMPLE_RATE / SAMPLES_PER_FRAME
 # listener heard a gap. One rule for the load generator's client-side count and the server's estimate.
 STALL_TOLERANCE = 1e-6  # seconds
 # While a newcomer waits for its first audio, the decoder's next round leaves out the streams with more
-# than this much audio still to play (serving.DecodeScheduler): first audio from a small round. On 2 CPU
+# than this much audio still to play (decode_rounds.DecodeScheduler): first audio from a small round. On 2 CPU
 # cores no difference beyond the VM's spread (perf/results/2026-11-26_cpu-2core-newcomer-round); meant
 # for rounds many times a lone window's time (a GPU at hundreds of streams).
 NEWCOMER_ROUND_HORIZON = 0.25  # seconds

@@ -46,15 +46,8 @@ from .constants import (
     LLM_SEED,
     LLM_STOP,
 )
-from .serving import (
-    ActiveStreams,
-    CancellationWatch,
-    FrameChunker,
-    Refuse,
-    Respond,
-    ResponseQueue,
-    generation_settings,
-)
+from .serving import ActiveStreams, FrameChunker, Refuse, Respond, generation_settings
+from .triton_calls import CancellationWatch, ResponseQueue
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from typing import Any
 
 from .constants import CANCEL_CHECK_SECONDS
 from .engine import CapacityError, GenerationRequest, InflightEngine
-from .serving import ActiveStreams, CancellationWatch, FrameChunker, Refuse, Respond, ResponseQueue
+from .serving import ActiveStreams, FrameChunker, Refuse, Respond
+from .triton_calls import CancellationWatch, ResponseQueue
 
 log = logging.getLogger(__name__)
 

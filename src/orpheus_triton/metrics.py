@@ -90,7 +90,7 @@ class DecoderMetrics:
     ``orpheus_decoder_audio_seconds_total`` grows by the audio produced, so its
     rate is the audio delivered per second for all streams together (real time
     for N streams needs N). What listeners hear, as the server can tell
-    (serving.Delivery: playback from the first audio sent, no network delay):
+    (decode_rounds.Delivery: playback from the first audio sent, no network delay):
     ``orpheus_time_to_first_audio_seconds``, from preprocessing taking the request
     to its first audio sent, and gaps, ``orpheus_decoder_stalls_total`` and
     ``orpheus_decoder_stall_seconds_total`` (0 while every stream keeps real time).
@@ -160,7 +160,7 @@ class DecoderMetrics:
             self._gauge_values["queued"] = windows
 
     def record_delivery(self, delivery, request_start: float | None, now: float) -> None:
-        """A request's answer (serving.Delivery); ``request_start`` and ``now`` in seconds since the epoch."""
+        """A request's answer (decode_rounds.Delivery); ``request_start`` and ``now`` in seconds since the epoch."""
         if not (delivery.first_audio and request_start is not None) and not delivery.stall > 0:
             return
         with self._lock:

@@ -58,7 +58,7 @@ class RepositorySettings:
     # prompted with the text alone), and the one for requests that name none ("": the first).
     voices: str = ",".join(VOICES)
     default_voice: str = ""
-    # Requests per decoder call from Triton, and windows per SNAC call (serving.DecodeScheduler). A round
+    # Requests per decoder call from Triton, and windows per SNAC call (decode_rounds.DecodeScheduler). A round
     # takes one window per stream: 216 streams fit one round of 256 instead of four rounds of 64 per
     # 85 ms frame, and a GPU's time per call grows far slower than its windows (an H200 decoded a round of
     # 256 windows in 35 ms: perf/results/2026-11-26_h200).
@@ -68,11 +68,11 @@ class RepositorySettings:
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
     llm_cpu_threads: str = "auto"
     decoder_cpu_threads: str = "auto"
-    # The llm and snac_decoder adapters' response threads (serving.ResponseQueue): auto = on GPU only,
+    # The llm and snac_decoder adapters' response threads (triton_calls.ResponseQueue): auto = on GPU only,
     # true, false.
     llm_response_thread: str = "auto"
     decoder_response_thread: str = "auto"
-    # With it, how often Triton is asked about every stream's cancellation (serving.CancellationWatch).
+    # With it, how often Triton is asked about every stream's cancellation (triton_calls.CancellationWatch).
     llm_cancel_check_seconds: float = CANCEL_CHECK_SECONDS
     # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
     # GPU only, off until measured there).
@@ -89,7 +89,7 @@ class RepositorySettings:
     # end_id, where the state goes at once; this is for clients that vanish mid-stream.
     decoder_stream_idle_seconds: float = STREAM_STATE_SECONDS
     # While a newcomer waits for first audio, streams with more audio than this in hand sit the decoder's
-    # round out (serving.DecodeScheduler; 0: off).
+    # round out (decode_rounds.DecodeScheduler; 0: off).
     decoder_newcomer_horizon: float = NEWCOMER_ROUND_HORIZON
 
 

@@ -14,9 +14,9 @@ from orpheus_triton.serving import (
     llm_stream_options,
     log_to_triton,
     model_parameters,
-    response_thread,
     serve_llm_requests,
 )
+from orpheus_triton.triton_calls import response_thread
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 respond, refuse = llm_responders(pb_utils)

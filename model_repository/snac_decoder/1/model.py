@@ -1,11 +1,11 @@
 """Triton adapter for the batched SNAC decoder (orpheus_triton.serving + orpheus_triton.snac_codec).
 
 Each request is one LLM response (a few token ids) of one stream. ``execute``
-only frames the tokens into windows and queues them (serving.DecodeScheduler);
+only frames the tokens into windows and queues them (decode_rounds.DecodeScheduler);
 a worker thread decodes round after round, each round the oldest waiting
 request of every stream in one SNAC call, composed when the decoder is free,
 and answers each request as its round finishes: on a GPU through a response
-thread of its own (serving.ResponseQueue, the ``response_thread`` parameter),
+thread of its own (triton_calls.ResponseQueue, the ``response_thread`` parameter),
 so that the next round decodes while this one's responses, a round trip to
 the server each, go out.
 """
@@ -18,22 +18,19 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
+from orpheus_triton.decode_rounds import DecodeItem, DecodeScheduler, StreamDecoderState
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
-    DecodeItem,
-    DecodeScheduler,
-    ResponseQueue,
-    StreamDecoderState,
     StreamIdError,
     log_to_triton,
     model_parameters,
     require_stream_id,
-    response_thread,
     send_error,
     stream_idle_seconds,
 )
 from orpheus_triton.snac_codec import load_window_decoder, warm_up
 from orpheus_triton.threads import start_torch_thread
+from orpheus_triton.triton_calls import ResponseQueue, response_thread
 from orpheus_triton.triton_llm import pick_device, set_cpu_threads
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

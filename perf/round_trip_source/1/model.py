@@ -3,7 +3,7 @@
 Held requests are the streams. A measuring request starts a thread that, for
 ``seconds`` per pattern, sends responses and asks ``is_cancelled`` on the held
 streams round robin, in the patterns the llm and snac_decoder adapters use
-(serving.ResponseQueue, serving.CancellationWatch), and sends from several threads
+(triton_calls.ResponseQueue, triton_calls.CancellationWatch), and sends from several threads
 at once (a send releases the GIL while the server takes it), then answers with the timings
 and ends every held stream. No request is asked anything after its final response.
 """

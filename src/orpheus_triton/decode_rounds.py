@@ -1,0 +1,210 @@
+"""The SNAC decoder stage's streams and rounds: what it decodes next, and for whom.
+
+``StreamDecoderState`` turns each stream's token chunks into SNAC windows (one
+request per LLM response, keyed by the client's request id: serving's module
+docstring says why), and ``DecodeScheduler`` composes the decoder's rounds from
+everything that has arrived, newcomers first. Nothing here calls Triton: the
+snac_decoder model.py adapts tensors and answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import END_OF_SPEECH, NEWCOMER_ROUND_HORIZON, STALL_TOLERANCE, STREAM_STATE_SECONDS
+from .frames import StreamFramer, Window
+from .serving import IdleSweep
+
+
+@dataclass
+class DecodeItem:
+    """One decoder request: the windows its tokens completed, and what answers it (the adapter's business)."""
+
+    stream_id: str
+    windows: list[Window]
+    reply: Any
+    last: bool = False  # it carried the stream's end_id
+    arrived: float = field(default_factory=time.monotonic)
+    request_start: float | None = None  # its stream's REQUEST_START, where the request carried one
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What answering one request meant for its stream's listener, as far as the server can tell:
+    playback starting when the stream's first audio was sent, with no network delay in between (the
+    load generator measures the client's side of the same rule, loadgen.playback)."""
+
+    first_audio: bool = False  # this answer carried the stream's first audio
+    stall: float = 0.0  # seconds its listener waited for it, everything sent before having played
+
+
+class DecodeScheduler:
+    """What the SNAC decoder decodes next, one round at a time, from everything that has arrived.
+
+    The adapter hands over requests as they come (``add``) and a worker takes
+    rounds (``next_round``): the oldest waiting request of every stream, in one
+    SNAC call. A stream's requests are answered in the order they came. Because
+    each round is composed when the decoder is free, a newcomer's chunk joins
+    the very next round instead of waiting behind the queued chunks of streams
+    the LLM ran ahead of (with rounds fixed per Triton batch, the second chunk
+    of a newcomer came 100-110 ms after its first at 3 streams on 2 CPU cores:
+    its listener heard a gap).
+
+    When a round is full (``max_windows``), the most urgent streams go first:
+    newcomers (nothing played yet: first audio is due now) by arrival, then
+    streams by when their listener's audio runs out (``delivered`` keeps each
+    stream's playback clock: audio sent since its first audio, restarted after
+    a gap). And while a newcomer waits, streams with more than ``defer_horizon``
+    of audio still to play sit the round out: the newcomer's first audio comes
+    from a small round (on a CPU a lone window decodes in well under half the
+    time of four), at the cost of audio those listeners have in hand.
+    """
+
+    def __init__(self, max_windows: int, idle_seconds: float = STREAM_STATE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, defer_horizon: float = NEWCOMER_ROUND_HORIZON):
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        self.max_windows = max_windows
+        self.defer_horizon = defer_horizon
+        self.clock = clock
+        self._sweep = IdleSweep(idle_seconds, clock())
+        self._queues: dict[str, deque[DecodeItem]] = {}
+        self._playback: dict[str, tuple[float, float]] = {}  # id -> (when its audio sent so far ends, last sent)
+        self._ready = threading.Condition()
+        self._closed = False
+
+    def add(self, items: Sequence[DecodeItem]) -> None:
+        with self._ready:
+            for item in items:
+                self._queues.setdefault(item.stream_id, deque()).append(item)
+            self._ready.notify()
+
+    def queued_windows(self) -> int:
+        with self._ready:
+            return sum(len(item.windows) for queue in self._queues.values() for item in queue)
+
+    def next_round(self, timeout: float | None = None) -> tuple[list[DecodeItem], list[DecodeItem]] | None:
+        """(requests to answer in this order without decoding, requests to decode together), oldest first per stream.
+
+        Requests that completed no window are passed through as soon as they reach
+        their stream's head, so they never take a round. Waits up to ``timeout`` for
+        work (([], []) when none came) and returns None once closed.
+        """
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._queues or self._closed, timeout):
+                return [], []
+            if self._closed:
+                return None
+            answer, heads, windows = [], [], 0
+            deferrable = self._deferrable()
+            for stream_id in sorted(self._queues, key=self._urgency):
+                queue = self._queues[stream_id]
+                while queue and not queue[0].windows:
+                    answer.append(queue.popleft())
+                if queue and stream_id not in deferrable and (
+                        not heads or windows + len(queue[0].windows) <= self.max_windows):
+                    heads.append(queue.popleft())
+                    windows += len(heads[-1].windows)
+                if not queue:
+                    del self._queues[stream_id]
+            return answer, heads
+
+    def delivered(self, item: DecodeItem, audio_seconds: float) -> Delivery:
+        """``item`` was answered with ``audio_seconds`` of audio: advance its stream's playback clock, and
+        say whether that was its first audio or came after its listener ran out."""
+        now = self.clock()
+        with self._ready:
+            play_end = self._playback.get(item.stream_id, (None, now))[0]
+            delivery = Delivery()
+            if audio_seconds > 0:
+                if play_end is None:
+                    delivery, play_end = Delivery(first_audio=True), now
+                elif now - play_end > STALL_TOLERANCE:  # a gap: playback resumes with this chunk
+                    delivery, play_end = Delivery(stall=now - play_end), now
+                play_end += audio_seconds
+            if item.last:
+                self._playback.pop(item.stream_id, None)
+            elif play_end is not None:
+                self._playback[item.stream_id] = (play_end, now)
+            # Streams whose end never came (a vanished client).
+            self._sweep(self._playback, lambda playback: playback[1], now)
+        return delivery
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+
+    def _deferrable(self) -> set[str]:
+        """Streams whose next window may wait a round: while a newcomer waits for its first audio, a
+        round takes only newcomers and the streams whose listeners' audio runs out within
+        ``defer_horizon``, so first audio comes from a small round rather than behind everyone's."""
+        # A newcomer's first requests may complete no window yet (its first window needs 21 tokens): it
+        # waits for first audio as soon as any of its queued requests holds one.
+        if self.defer_horizon <= 0 or not any(s not in self._playback and any(item.windows for item in queue)
+                                              for s, queue in self._queues.items()):
+            return set()
+        soon = self.clock() + self.defer_horizon
+        return {s for s in self._queues if s in self._playback and self._playback[s][0] > soon}
+
+    def _urgency(self, stream_id: str) -> tuple[int, float]:
+        playback = self._playback.get(stream_id)
+        if playback is None:
+            return 0, self._queues[stream_id][0].arrived
+        return 1, playback[0]
+
+
+@dataclass
+class _DecoderStream:
+    framer: StreamFramer = field(default_factory=StreamFramer)
+    last_seen: float = field(default_factory=time.monotonic)
+    request_start: float | None = None
+
+
+class StreamDecoderState:
+    """Per-stream framing for the SNAC decoder, keyed by request id.
+
+    ``items_for`` turns token chunks (one per request, in arrival order) into
+    ``DecodeItem``s: the windows each request completed. A stream's state goes
+    when its ``end_id`` arrives, or after ``idle_seconds`` without tokens (a
+    client that vanished mid-stream). ``lead_in``, ``lead_out``: streams start with
+    the lead-in frame, and end with the lead-out frames, given with the end_id's request
+    (frames.StreamFramer).
+    """
+
+    def __init__(self, end_id: int = END_OF_SPEECH, idle_seconds: float = STREAM_STATE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic, lead_in: bool = True, lead_out: bool = True):
+        self.end_id = end_id
+        self.lead_in, self.lead_out = lead_in, lead_out
+        self.clock = clock
+        self.streams: dict[str, _DecoderStream] = {}
+        self._sweep = IdleSweep(idle_seconds, clock())
+
+    def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
+        """One item per (stream id, token ids, reply[, request start]) chunk; a stream keeps the first
+        request start it is given (REQUEST_START)."""
+        now = self.clock()
+        result = []
+        for request_id, tokens, reply, *start in chunks:
+            stream = self.streams.get(request_id)
+            if stream is None:
+                framer = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out)
+                stream = self.streams[request_id] = _DecoderStream(framer, now)
+            stream.last_seen = now
+            if stream.request_start is None and start and start[0] is not None:
+                stream.request_start = float(start[0])
+            flat = np.asarray(tokens).reshape(-1)
+            last = bool((flat == self.end_id).any())
+            windows = stream.framer.push(flat) + (stream.framer.finish() if last else [])
+            result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start))
+            if last:
+                del self.streams[request_id]
+        self._sweep(self.streams, lambda stream: stream.last_seen, now)
+        return result

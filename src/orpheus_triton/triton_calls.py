@@ -1,0 +1,207 @@
+"""Calls to Triton kept off the stages' hot loops: response sends and cancellation questions.
+
+In Triton's Python backend every response send and every ``is_cancelled`` is a round
+trip from the backend stub to the server (perf/round_trips.py: tens to hundreds of
+microseconds each on 2 CPU cores). The engine loop and the decoder's worker make
+hundreds of them a second at a few hundred streams, so here they go out from threads
+of their own: ``ResponseQueue`` sends in order, ``CancellationWatch`` asks about every
+stream in passes, and the loops only queue a call or read a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class ResponseQueue:
+    """Talks to Triton for a model on one thread of its own: response sends, and other calls, in order.
+
+    A response send is a round trip from the backend stub to the server (about 100 us
+    measured on 2 CPU cores): the engine loop only queues it and goes on with the next
+    step. A send that fails (the stream's client went away) is reported to ``on_error``
+    with the stream's key, and that stream's later responses are dropped, up to the one
+    queued with ``last``; ``before_last`` is called with a stream's key before that one is
+    made (``CancellationWatch.settle``: no request may be asked anything after its final
+    response went out).
+
+    ``threaded=False`` makes each call where it is put, in order, as the engine loop did
+    before: on a CPU-only machine the extra thread's work competes with the SNAC
+    decoder for the cores (2 cores, 3 streams: more stalled streams), while the round
+    trips it saves are small beside a CPU step.
+    """
+
+    def __init__(self, on_error: Callable[[str, Exception], None], threaded: bool = True,
+                 before_last: Callable[[str], None] | None = None, name: str = "triton-responses"):
+        self.on_error = on_error
+        self.before_last = before_last  # called with a stream's key before its last call is made
+        self._queue: deque[tuple[str | None, Callable[[], None], bool] | None] = deque()
+        self._ready = threading.Condition()
+        self._failed: set[str] = set()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
+        """Queue ``send`` for stream ``key`` (None: a call for no stream); ``last``: the stream's
+        final response (the key may be reused after it). Unthreaded, it runs here and now."""
+        if self._thread is None:
+            with self._ready:  # the engine thread and execute() may both be sending
+                self._deliver(key, send, last)
+            return
+        with self._ready:
+            self._queue.append((key, send, last))
+            self._ready.notify()
+
+    def wait_for_room(self, most: int) -> None:
+        """Wait while more than ``most`` calls are queued (threaded; unthreaded none ever is): a producer
+        faster than the sends then keeps a bounded backlog, its streams' latency with it, instead of
+        running ahead without end."""
+        if self._thread is None:
+            return
+        with self._ready:
+            self._ready.wait_for(lambda: len(self._queue) <= most)
+
+    def close(self) -> None:
+        """Send what is queued, then stop."""
+        if self._thread is None:
+            return
+        with self._ready:
+            self._queue.append(None)
+            self._ready.notify()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                self._ready.wait_for(lambda: self._queue)
+                entry = self._queue.popleft()
+                self._ready.notify_all()  # room for a producer in wait_for_room
+            if entry is None:
+                return
+            self._deliver(*entry)
+
+    def _deliver(self, key: str | None, send: Callable[[], None], last: bool) -> None:
+        if last and key is not None and self.before_last is not None:
+            self.before_last(key)
+        if key not in self._failed:
+            try:
+                send()
+            except Exception as error:  # noqa: BLE001 (reported; the stream is dropped)
+                if key is None:
+                    log.exception("call on the response thread failed")
+                    return
+                self._failed.add(key)
+                self.on_error(key, error)
+        if last:
+            self._failed.discard(key)
+
+
+def response_thread(params: dict[str, str], device_type: str) -> bool:
+    """The llm and snac_decoder models' ``response_thread`` parameter: auto (on GPU only), true or false."""
+    value = params.get("response_thread", "auto").strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"response_thread must be auto, true or false, got {value!r}")
+    return device_type == "cuda" if value == "auto" else value == "true"
+
+
+class CancellationWatch:
+    """Which requests were cancelled, asked of Triton off the engine loop.
+
+    In Triton's Python backend ``request.is_cancelled()`` is a round trip to the server
+    (perf/round_trips.py: 34-53 us each on 2 CPU cores, a pass over 216 streams 7.2-7.6 ms):
+    asked by the engine for every stream at every step, that is milliseconds a step at a
+    few hundred streams, serial with the forward. Here the engine's check (``watch``'s
+    return value) only reads a flag and asks for a pass; a pass asks Triton about every
+    watched request. With ``threaded``, passes run on a thread of their own, so that no
+    response waits behind one (they did when passes ran on the response thread: on 2 cores
+    a send and an ask in turn went at 4,500-5,500 a second against 5,800-13,400 sends alone).
+    At most one pass waits at a time, so there are no more round trips than the engine
+    made itself. A cancellation lands at the first step after the pass that saw it.
+
+    A request must never be asked anything after its final response went out (the server
+    may have freed it: asking crashed tritonserver 2.51). So ``forget`` comes before a
+    stream's final response is queued, after which no pass starts asking it, and the
+    thread that sends that response calls ``settle`` first, which waits out an ask of
+    it already in flight (``ResponseQueue(before_last=...)``).
+    Without ``threaded`` or ``run``, the check asks Triton itself, there and then.
+    ``run`` (tests) takes each pass instead of a thread: it runs when the caller says.
+    """
+
+    def __init__(self, threaded: bool = False, min_interval: float = 0.0,
+                 run: Callable[[Callable[[], None]], None] | None = None):
+        self.min_interval = min_interval  # passes start at least this far apart
+        self._passes = None
+        if threaded and run is None:
+            self._passes = ResponseQueue(on_error=lambda key, error: None, name="triton-cancellations")
+            run = lambda call: self._passes.put(None, call)  # noqa: E731
+        self.run = run
+        self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._asked = threading.Condition(self._lock)  # an ask has returned
+        self._asking: str | None = None  # the key a pass is asking Triton about right now
+        self._pass_waiting = False
+        self._next_pass = 0.0
+
+    def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
+        """Start watching; returns the engine's check (no round trip: a flag, and a pass asked for)."""
+        if self.run is None:
+            return is_cancelled
+        flag = threading.Event()
+        with self._lock:
+            self._watched[key] = (is_cancelled, flag)
+
+        def check() -> bool:
+            now = time.monotonic()
+            with self._lock:
+                ask = not self._pass_waiting and now >= self._next_pass
+                if ask:
+                    self._pass_waiting, self._next_pass = True, now + self.min_interval
+            if ask:
+                self.run(self._pass)
+            return flag.is_set()
+
+        return check
+
+    def forget(self, key: str) -> None:
+        """Stop asking about ``key``: call it before its request's final response is queued."""
+        with self._lock:
+            self._watched.pop(key, None)
+
+    def settle(self, key: str) -> None:
+        """Return once no pass is asking about ``key`` (forgotten: none will again). The sender of its
+        final response calls this first."""
+        with self._lock:
+            self._asked.wait_for(lambda: self._asking != key)
+
+    def close(self) -> None:
+        if self._passes is not None:
+            self._passes.close()
+
+    def _pass(self) -> None:
+        with self._lock:
+            self._pass_waiting = False
+            watched = list(self._watched.items())
+        for key, (is_cancelled, flag) in watched:
+            with self._lock:
+                if key not in self._watched:  # forgotten meanwhile: its final response may be queued
+                    continue
+                self._asking = key
+            try:
+                cancelled = is_cancelled()
+            except Exception:  # noqa: BLE001 (cannot be asked: nobody is listening any more)
+                log.exception("could not ask whether request %r was cancelled", key)
+                cancelled = True
+            finally:
+                with self._lock:
+                    self._asking = None
+                    self._asked.notify_all()
+            if cancelled:
+                flag.set()
+                self.forget(key)
