@@ -1,0 +1,217 @@
+"""The SNAC decoder stage's per-stream state and rounds (orpheus_triton.decode_rounds)."""
+
+import numpy as np
+import pytest
+
+from orpheus_triton.constants import END_OF_SPEECH
+from orpheus_triton.frames import audio_token_id
+
+
+def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    state = StreamDecoderState(lead_in=False, lead_out=False)
+    a = [audio_token_id(c, i) for i, c in enumerate(range(1, 29))]
+    b = [audio_token_id(c, i) for i, c in enumerate(range(100, 128))]
+    # Interleaved chunks of two streams never mix.
+    out = state.items_for([("a", np.array(a[:14]), 0), ("b", np.array(b[:20]), 1), ("a", np.array(a[14:]), 2),
+                           ("b", np.array(b[20:] + [END_OF_SPEECH]), 3)])
+    assert [(i.stream_id, len(i.windows), i.reply, i.last) for i in out] == [
+        ("a", 0, 0, False), ("b", 0, 1, False), ("a", 1, 2, False), ("b", 1, 3, True)]
+    assert out[2].windows[0].codes == tuple(range(1, 29)) and out[3].windows[0].codes == tuple(range(100, 128))
+    assert set(state.streams) == {"a"}  # b ended
+    # A new stream reusing "b" starts clean.
+    again = state.items_for([("b", np.array(b), None)])
+    assert again[0].windows[0].codes == tuple(range(100, 128)) and again[0].windows[0].frame_index == 0
+
+
+def _item(stream_id, windows=1, last=False, arrived=0.0):
+    from orpheus_triton.decode_rounds import DecodeItem
+    from orpheus_triton.frames import Window
+
+    return DecodeItem(stream_id, [Window((0,) * 28, i) for i in range(windows)], reply=None, last=last,
+                      arrived=arrived)
+
+
+def _names(items):
+    return [(i.stream_id, i.arrived) for i in items]
+
+
+def test_decoder_rounds_take_each_streams_oldest_request_in_order():
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=64)
+    # Stream a ran ahead (three requests queued), b has two, c one.
+    scheduler.add([_item("a", arrived=1), _item("b", arrived=2), _item("a", arrived=3), _item("c", arrived=4),
+                   _item("a", arrived=5), _item("b", arrived=6)])
+    rounds = [scheduler.next_round(timeout=0)[1] for _ in range(4)]
+    assert [_names(r) for r in rounds] == [[("a", 1), ("b", 2), ("c", 4)], [("a", 3), ("b", 6)], [("a", 5)], []]
+    assert scheduler.queued_windows() == 0
+
+
+def test_a_newcomer_joins_the_next_round_not_the_queue_behind_others():
+    """The round is composed when the decoder is free: a chunk that arrives meanwhile is in it."""
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=64)
+    scheduler.add([_item("a", arrived=1), _item("b", arrived=2), _item("a", arrived=3), _item("b", arrived=4)])
+    first = scheduler.next_round(timeout=0)[1]
+    assert _names(first) == [("a", 1), ("b", 2)]
+    scheduler.add([_item("new", arrived=5)])  # while that round decodes
+    for item in first:
+        scheduler.delivered(item, 0.085)
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("new", 5), ("a", 3), ("b", 4)]
+
+
+def test_a_full_round_takes_the_streams_whose_audio_runs_out_first():
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    now = [100.0]
+    scheduler = DecodeScheduler(max_windows=2, clock=lambda: now[0])
+    for stream_id, seconds in (("ahead", 3.0), ("behind", 0.5)):
+        scheduler.delivered(_item(stream_id), seconds)  # both started playing at t=100
+    scheduler.add([_item("ahead", arrived=1), _item("behind", arrived=2), _item("newcomer", arrived=3),
+                   _item("other newcomer", arrived=4)])
+    # Newcomers first (nothing to hear yet), by arrival; then whose audio runs out sooner.
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("newcomer", 3), ("other newcomer", 4)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("behind", 2), ("ahead", 1)]
+    # A stream's end forgets its clock: a later stream with the same id is a newcomer again (and
+    # "behind", with 0.5 s still to play, waits a round for it: see the test below).
+    scheduler.delivered(_item("ahead", last=True), 0.5)
+    scheduler.add([_item("behind", arrived=7), _item("ahead", arrived=8)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("ahead", 8)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("behind", 7)]
+
+
+def test_a_newcomers_first_window_goes_in_a_round_of_its_own_unless_a_listener_is_about_to_run_out():
+    """While a newcomer waits for its first audio, streams with more than the horizon of audio still to
+    play wait a round, so the newcomer's round is small; a stream about to run out is never held back."""
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    now = [100.0]
+    scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0.25)
+    for stream_id, seconds in (("comfortable", 2.0), ("nearly out", 0.1)):
+        scheduler.delivered(_item(stream_id), seconds)
+    scheduler.add([_item("comfortable", arrived=1), _item("nearly out", arrived=2), _item("newcomer", arrived=3)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("newcomer", 3), ("nearly out", 2)]
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("comfortable", 1)]
+    # Without a newcomer waiting, every stream's next window goes in the round, as without the horizon.
+    scheduler.add([_item("comfortable", arrived=4), _item("nearly out", arrived=5)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("nearly out", 5), ("comfortable", 4)]
+    # A newcomer whose first requests completed no window yet (its first window needs 21 tokens) is
+    # waiting for first audio all the same once one of its queued requests holds a window.
+    scheduler.add([_item("comfortable", arrived=8), _item("late newcomer", arrived=9, windows=0),
+                   _item("late newcomer", arrived=10)])
+    answer, heads = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("late newcomer", 9)] and _names(heads) == [("late newcomer", 10)]
+    plain = DecodeScheduler(max_windows=8, clock=lambda: now[0], defer_horizon=0)
+    plain.delivered(_item("comfortable"), 2.0)
+    plain.add([_item("comfortable", arrived=6), _item("newcomer", arrived=7)])
+    assert _names(plain.next_round(timeout=0)[1]) == [("newcomer", 7), ("comfortable", 6)]
+
+
+def test_deliveries_tell_first_audio_and_the_gaps_a_listener_hears():
+    """The server's estimate of what a listener hears, by loadgen.playback's rule: playback from the
+    first audio sent; a chunk sent after the audio before it has played is a gap, and playback resumes
+    from it."""
+    from orpheus_triton.decode_rounds import DecodeScheduler, Delivery
+
+    now = [10.0]
+    scheduler = DecodeScheduler(max_windows=8, clock=lambda: now[0])
+    assert scheduler.delivered(_item("a"), 0.0) == Delivery()  # no audio yet (a request without a window)
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery(first_audio=True)  # plays 10.0-10.1
+    now[0] = 10.05
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # in time: plays to 10.2
+    now[0] = 10.2
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # just in time
+    now[0] = 10.45
+    late = scheduler.delivered(_item("a"), 0.1)  # the listener waited 10.3-10.45
+    assert not late.first_audio and late.stall == pytest.approx(0.15)
+    now[0] = 10.5
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery()  # resumed at 10.45: plays to 10.65
+    now[0] = 10.7
+    assert scheduler.delivered(_item("a", last=True), 0.1).stall == pytest.approx(0.05)
+    assert scheduler.delivered(_item("a"), 0.1) == Delivery(first_audio=True)  # a new stream of that id
+
+
+def test_requests_without_windows_pass_through_in_stream_order():
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=1)
+    scheduler.add([_item("a", 0, arrived=1), _item("a", arrived=2), _item("a", 0, arrived=3),
+                   _item("b", 0, arrived=4), _item("c", 2, arrived=5)])
+    answer, decode = scheduler.next_round(timeout=0)
+    # a's empty head and b's are answered now; a's second empty one waits behind a's window.
+    # c's two windows exceed max_windows but a round always takes its most urgent request.
+    assert _names(answer) == [("a", 1), ("b", 4)] and _names(decode) == [("a", 2)]
+    answer, decode = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("a", 3)] and _names(decode) == [("c", 5)]
+
+
+def test_decoder_scheduler_waits_for_work_and_closes():
+    import threading
+
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    scheduler = DecodeScheduler(max_windows=8)
+    assert scheduler.next_round(timeout=0.01) == ([], [])
+    got = []
+    worker = threading.Thread(target=lambda: got.append(scheduler.next_round()))
+    worker.start()
+    scheduler.add([_item("a", arrived=1)])
+    worker.join(5)
+    assert _names(got[0][1]) == [("a", 1)]
+    scheduler.close()
+    assert scheduler.next_round() is None
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        DecodeScheduler(max_windows=0)
+
+
+def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
+    """A stream whose end never reaches the decoder (a vanished client; TensorRT-LLM, which sends no
+    end_id) loses its state after idle_seconds; idle states are looked for once a sweep period."""
+    from orpheus_triton.decode_rounds import DecodeScheduler, StreamDecoderState
+    from orpheus_triton.serving import STALE_SWEEP_SECONDS
+
+    now = [100.0]
+    state = StreamDecoderState(idle_seconds=30, clock=lambda: now[0])
+    scheduler = DecodeScheduler(max_windows=4, idle_seconds=30, clock=lambda: now[0])
+    tokens = np.array([audio_token_id(c, i) for i, c in enumerate(range(28))])
+    for stream_id in ("gone", "live"):
+        scheduler.delivered(_item(stream_id), 0.085)
+        state.items_for([(stream_id, tokens[:7], None)])
+    now[0] += 20
+    state.items_for([("live", tokens[7:14], None)])
+    scheduler.delivered(_item("live"), 0.085)
+    assert set(state.streams) == {"gone", "live"} and set(scheduler._playback) == {"gone", "live"}
+    now[0] += 15  # "gone" idle 35 s, "live" 15 s
+    state.items_for([("live", tokens[14:21], None)])
+    scheduler.delivered(_item("live"), 0.085)
+    assert set(state.streams) == {"live"} and set(scheduler._playback) == {"live"}
+    # Between sweeps nothing is scanned: an idle state waits for the next one.
+    now[0] = 0.0
+    state = StreamDecoderState(idle_seconds=0.1, clock=lambda: now[0])
+    state.items_for([("idle", tokens[:7], None)])
+    now[0] = STALE_SWEEP_SECONDS / 2
+    state.items_for([("other", tokens[:7], None)])
+    assert set(state.streams) == {"idle", "other"}
+    now[0] = STALE_SWEEP_SECONDS
+    state.items_for([("other", tokens[7:14], None)])
+    assert set(state.streams) == {"other"}
+
+
+def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to():
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    tokens = np.array([audio_token_id(c, i) for i, c in enumerate(range(1, 22))])
+    (item,) = StreamDecoderState().items_for([("a", tokens, None)])
+    assert [w.frame_index for w in item.windows] == [-1]
+    (item,) = StreamDecoderState(lead_in=False).items_for([("a", tokens, None)])
+    assert item.windows == []
+    # ... and ends them with the lead-out windows, in the request that carries end-of-speech
+    state = StreamDecoderState()
+    more = np.array([audio_token_id(c, i) for i, c in enumerate(range(22, 36), start=21)] + [END_OF_SPEECH])
+    first, last = state.items_for([("a", tokens, None), ("a", more, None)])
+    assert [w.frame_index for w in first.windows] == [-1]
+    assert last.last and [w.frame_index for w in last.windows] == [0, 1, 2, 3]  # frames 1, 2, then 3, 4
+    assert state.streams == {}

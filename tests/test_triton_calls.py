@@ -1,0 +1,178 @@
+"""Calls to Triton off the stages' loops: the response queue and the cancellation passes
+(orpheus_triton.triton_calls), and their model parameters."""
+
+import pytest
+
+
+def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_forget():
+    from orpheus_triton.triton_calls import CancellationWatch
+
+    passes, asked = [], []
+    cancelled = {"a": False}
+
+    def asker(key):
+        def is_cancelled():
+            asked.append(key)
+            if key == "gone":
+                raise RuntimeError("request released")
+            return cancelled.get(key, False)
+        return is_cancelled
+
+    watch = CancellationWatch(run=passes.append)  # passes run when the test says (the response thread)
+    check_a, check_b, check_gone = (watch.watch(key, asker(key)) for key in ("a", "b", "gone"))
+    assert not passes  # no step yet: nothing to ask
+    assert not check_a() and not check_b()  # one step's checks ask for one pass
+    assert len(passes) == 1 and not asked
+    passes.pop()()
+    assert sorted(asked) == ["a", "b", "gone"] and check_gone()  # cannot be asked: counts as cancelled
+    cancelled["a"] = True
+    asked.clear()
+    check_a()
+    watch.forget("b")  # b's final response may now be queued: b is not asked again
+    passes.pop()()
+    assert asked == ["a"] and check_a() and watch._watched == {}
+    # Without a response thread the engine's check asks Triton itself.
+    direct = CancellationWatch(run=None)
+    assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
+
+
+def test_passes_on_their_thread_hold_up_no_response_and_a_final_one_waits_out_an_ask_of_its_stream():
+    """Threaded, a pass asks Triton on a thread of its own: another stream's response goes out while an ask
+    is in flight, and a stream's final response only once Triton is no longer being asked about it
+    (asking after the final response crashed tritonserver 2.51)."""
+    import threading
+    import time
+
+    from orpheus_triton.triton_calls import CancellationWatch, ResponseQueue
+
+    asking, release, sent = threading.Event(), threading.Event(), []
+
+    def slow_ask():  # a round trip that takes as long as the test says
+        asking.set()
+        release.wait(5)
+        sent.append("asked a")
+        return False
+
+    watch = CancellationWatch(threaded=True)
+    responses = ResponseQueue(on_error=lambda key, error: None, before_last=watch.settle)
+    check = watch.watch("a", slow_ask)
+    assert not check() and asking.wait(5)  # a pass is asking about a
+    delivered = threading.Event()
+    responses.put("b", lambda: (sent.append("b"), delivered.set()))
+    assert delivered.wait(5) and sent == ["b"]  # not behind the pass
+    watch.forget("a")
+    responses.put("a", lambda: sent.append("a final"), last=True)
+    time.sleep(0.1)
+    assert sent == ["b"]  # waits for the ask in flight
+    release.set()
+    responses.close()
+    watch.close()
+    assert sent == ["b", "asked a", "a final"]
+
+
+def test_cancellation_passes_are_spaced_by_min_interval():
+    """The relay's streams each check on every engine response; passes still start only so often."""
+    import time
+
+    from orpheus_triton.triton_calls import CancellationWatch
+
+    passes = []
+    watch = CancellationWatch(run=passes.append, min_interval=0.2)
+    check = watch.watch("a", lambda: False)
+    check()
+    passes.pop()()
+    check()  # too soon after the last pass started
+    assert not passes
+    time.sleep(0.25)
+    check()
+    assert len(passes) == 1
+
+
+def test_cancellation_passes_are_a_model_parameter_rendered_from_the_settings(tmp_path):
+    from orpheus_triton.constants import CANCEL_CHECK_SECONDS
+    from orpheus_triton.repository import RepositorySettings, render
+    from orpheus_triton.serving import llm_stream_options
+
+    assert llm_stream_options({})["cancel_check_seconds"] == CANCEL_CHECK_SECONDS
+    assert llm_stream_options({"cancel_check_seconds": "0"})["cancel_check_seconds"] == 0.0
+    with pytest.raises(ValueError, match="cancel_check_seconds must be >= 0, got -1.0"):
+        llm_stream_options({"cancel_check_seconds": "-1"})
+    repository = render(RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", llm_cancel_check_seconds=0.25),
+                        tmp_path / "repository")
+    assert 'key: "cancel_check_seconds", value: { string_value: "0.25" }' in (
+        repository / "llm" / "config.pbtxt").read_text()
+
+
+def test_both_adapters_response_threads_are_rendered_from_the_settings(tmp_path):
+    from orpheus_triton.repository import RepositorySettings, render
+
+    def parameter(settings, model):
+        text = (render(settings, tmp_path / model / "repository") / model / "config.pbtxt").read_text()
+        return text.split('key: "response_thread", value: { string_value: "')[1].split('"')[0]
+
+    default = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac")
+    assert parameter(default, "llm") == parameter(default, "snac_decoder") == "auto"
+    inline = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac", decoder_response_thread="false")
+    assert parameter(inline, "snac_decoder") == "false" and parameter(inline, "llm") == "auto"
+
+
+def test_response_thread_is_on_for_gpus_by_default():
+    from orpheus_triton.triton_calls import response_thread
+
+    assert response_thread({}, "cuda") and not response_thread({}, "cpu")
+    assert response_thread({"response_thread": "true"}, "cpu")
+    assert not response_thread({"response_thread": "false"}, "cuda")
+    with pytest.raises(ValueError, match="response_thread must be auto, true or false"):
+        response_thread({"response_thread": "yes"}, "cpu")
+
+
+def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
+    from orpheus_triton.triton_calls import ResponseQueue
+
+    sent, errors = [], []
+
+    def send(key, n):
+        def run():
+            if n == "boom":
+                raise RuntimeError("client went away")
+            sent.append((key, n))
+        return run
+
+    for threaded in (True, False):  # on its own thread, or right where it is put: the same outcome
+        sent.clear()
+        errors.clear()
+        queue = ResponseQueue(on_error=lambda key, error: errors.append((key, str(error))), threaded=threaded)
+        queue.put("a", send("a", 1))
+        queue.put("b", send("b", 1))
+        queue.put("a", send("a", "boom"))
+        queue.put("a", send("a", 2))  # dropped: stream a failed
+        queue.put("b", send("b", 2), last=True)
+        queue.put("a", send("a", 3), last=True)  # dropped, and ends a's failed state
+        queue.put("a", send("a", 1))  # a new stream under the same id
+        queue.close()
+        assert sent == [("a", 1), ("b", 1), ("b", 2), ("a", 1)]
+        assert errors == [("a", "client went away")]
+
+
+def test_a_producer_waits_for_room_in_the_response_queue():
+    """Threaded, wait_for_room holds its caller while more than ``most`` calls are queued; unthreaded it
+    never waits (nothing is ever queued)."""
+    import threading
+
+    from orpheus_triton.triton_calls import ResponseQueue
+
+    gate, sent = threading.Event(), []
+    queue = ResponseQueue(on_error=lambda key, error: None, threaded=True)
+    queue.put(None, gate.wait)  # the thread is busy until the gate opens
+    for n in range(4):
+        queue.put("s", lambda n=n: sent.append(n))
+    waited = threading.Event()
+    producer = threading.Thread(target=lambda: (queue.wait_for_room(1), waited.set()))
+    producer.start()
+    assert not waited.wait(0.2)  # four queued behind the busy send: more than one
+    gate.set()
+    assert waited.wait(5) and len(sent) >= 3
+    producer.join()
+    queue.close()
+    assert sent == [0, 1, 2, 3]
+    ResponseQueue(on_error=lambda key, error: None, threaded=False).wait_for_room(0)
