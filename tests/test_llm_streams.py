@@ -2,7 +2,7 @@
 
 import pytest
 
-from orpheus_triton.constants import END_OF_SPEECH, REQUEST_START
+from orpheus_triton.constants import CANCEL_CHECK_SECONDS, END_OF_SPEECH, REQUEST_START
 from orpheus_triton.constants import LLM_OUTPUT_IDS as OUT_IDS
 from orpheus_triton.constants import LLM_SEQUENCE_LENGTH as OUT_LENGTH
 from orpheus_triton.engine import CapacityError
@@ -28,7 +28,7 @@ class Engine:
         return request_id in self.requests
 
 
-def make(threaded=False, fail_sends=()):
+def make(threaded=False, fail_sends=(), cancel_check_seconds=CANCEL_CHECK_SECONDS):
     sent, refused = [], []
     streams = None
 
@@ -43,7 +43,8 @@ def make(threaded=False, fail_sends=()):
         refused.append((sender, message))
 
     engine = Engine()
-    streams = LlmStreams(engine, respond, refuse, threaded=threaded, tokens_per_response=7, hold_seconds=600)
+    streams = LlmStreams(engine, respond, refuse, threaded=threaded, tokens_per_response=7, hold_seconds=600,
+                         cancel_check_seconds=cancel_check_seconds)
     return streams, engine, sent, refused
 
 
@@ -131,29 +132,33 @@ def test_responses_carry_only_the_outputs_asked_for(asked, expected):
         assert dict(response)[REQUEST_START] == [[1234.5]]
 
 
-def test_threaded_a_stream_is_asked_about_cancellation_at_most_once_per_interval():
-    """The engine checks every stream at every step; on GPU (threaded) Triton is asked in passes at most every
-    CANCEL_CHECK_SECONDS (each question is a round trip to the server), not once per check, on a thread of
-    their own."""
+def test_threaded_a_stream_is_asked_about_cancellation_in_passes_within_their_duty():
+    """The engine checks every stream at every step; on GPU (threaded) Triton is asked in passes on a thread of
+    their own (each question is a round trip to the server), not once per check: by default as often as the
+    passes keep within CANCEL_CHECK_DUTY of that thread's time, and at least cancel_check_seconds apart."""
     import threading
     import time
 
-    from orpheus_triton.serving import CANCEL_CHECK_SECONDS
+    from orpheus_triton.constants import CANCEL_CHECK_DUTY
 
-    streams, engine, _, _ = make(threaded=True)
-    asked = []
-    def ask():
-        asked.append(time.monotonic())
-        assert threading.current_thread().name == "triton-cancellations"
-        return False
+    for interval in (0.0, 0.1):
+        streams, engine, _, _ = make(threaded=True, cancel_check_seconds=interval)
+        asked = []
 
-    streams.start("a", SETTINGS, "sender-a", ask)
-    check, checks = engine.requests["a"].is_cancelled, 0
-    deadline = time.monotonic() + 3.5 * CANCEL_CHECK_SECONDS
-    while time.monotonic() < deadline:
-        assert not check()
-        checks += 1
-        time.sleep(0.001)
-    streams.close()
-    assert checks > 100 and 2 <= len(asked) <= 4
-    assert all(b - a >= CANCEL_CHECK_SECONDS * 0.99 for a, b in zip(asked, asked[1:], strict=False))
+        def ask(asked=asked):
+            asked.append(time.monotonic())
+            assert threading.current_thread().name == "triton-cancellations"
+            time.sleep(0.004)  # a round trip to a busy server
+            return False
+
+        streams.start("a", SETTINGS, "sender-a", ask)
+        check, checks = engine.requests["a"].is_cancelled, 0
+        deadline = time.monotonic() + 0.35
+        while time.monotonic() < deadline:
+            assert not check()
+            checks += 1
+            time.sleep(0.001)
+        streams.close()
+        spacing = max(interval, 0.004 / CANCEL_CHECK_DUTY)  # 40 ms: a 4 ms pass, then nine times that at rest
+        assert checks > 100 and 2 <= len(asked) <= 0.35 / spacing + 1
+        assert all(b - a >= spacing * 0.99 for a, b in zip(asked, asked[1:], strict=False))

@@ -18,7 +18,8 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
             return cancelled.get(key, False)
         return is_cancelled
 
-    watch = CancellationWatch(run=passes.append)  # passes run when the test says (the response thread)
+    # Passes run when the test says (the response thread); duty 1: no rest after a pass.
+    watch = CancellationWatch(run=passes.append, duty=1.0)
     check_a, check_b, check_gone = (watch.watch(key, asker(key)) for key in ("a", "b", "gone"))
     assert not passes  # no step yet: nothing to ask
     assert not check_a() and not check_b()  # one step's checks ask for one pass
@@ -34,6 +35,42 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
     # Without a response thread the engine's check asks Triton itself.
     direct = CancellationWatch(run=None)
     assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
+
+
+def test_cancellation_passes_take_at_most_their_duty_of_the_time():
+    """After a pass of d seconds the next waits d (1 - duty) / duty: with few streams (short passes) a pass at
+    every step, with many as often as the share allows, so that the questions never crowd out the responses."""
+    import time
+
+    from orpheus_triton.triton_calls import CancellationWatch
+
+    with pytest.raises(ValueError, match="duty must be in"):
+        CancellationWatch(duty=0.0)
+    starts = []
+
+    def slow_ask():
+        starts.append(time.monotonic())
+        time.sleep(0.005)
+        return False
+
+    watch = CancellationWatch(run=lambda call: call(), duty=0.1)  # each pass runs at once, in the check
+    check = watch.watch("a", slow_ask)
+    deadline = time.monotonic() + 0.4
+    checks = 0
+    while time.monotonic() < deadline:
+        check()
+        checks += 1
+        time.sleep(0.001)
+    # Passes of about 5 ms, each followed by about 45 ms of rest: at most one pass in 50 ms.
+    assert checks > 100 and 3 <= len(starts) <= 9
+    assert all(b - a >= 0.05 * 0.99 for a, b in zip(starts, starts[1:], strict=False))
+    quick = CancellationWatch(run=lambda call: call(), duty=0.1)
+    fast_asks = []
+    quick_check = quick.watch("b", lambda: fast_asks.append(1) or False)
+    for _ in range(20):  # a pass of microseconds rests microseconds: a pass at (nearly) every step
+        quick_check()
+        time.sleep(0.002)
+    assert len(fast_asks) >= 15
 
 
 def test_passes_on_their_thread_hold_up_no_response_and_a_final_one_waits_out_an_ask_of_its_stream():

@@ -49,11 +49,17 @@ STALL_TOLERANCE = 1e-6  # seconds
 # cores no difference beyond the VM's spread (perf/results/2026-11-26_cpu-2core-newcomer-round); meant
 # for rounds many times a lone window's time (a GPU at hundreds of streams).
 NEWCOMER_ROUND_HORIZON = 0.25  # seconds
-# How often the llm adapter's response thread asks Triton about every running request's cancellation (GPU):
-# each question is a round trip to the server (20-100 us), so a pass at every engine step would cost that
-# thread a round trip per stream per step (at 128 streams and 10 ms steps, most of its time: the responses
-# wait behind them). A cancellation lands within this long and a step.
+# How often the llm adapters ask Triton about every running request's cancellation, where a thread of their
+# own does it (GPU; triton_calls.CancellationWatch): passes start at least CANCEL_CHECK_SECONDS apart (0: at
+# every engine step), and rest between them at least (1 - duty) / duty times as long as the last one took, so
+# that they take at most CANCEL_CHECK_DUTY of that thread's time whatever the streams. Each question is a round
+# trip to the server (34-53 us on 2 CPU cores: a pass over 216 streams 7.2-7.6 ms, perf/round_trips.py), and
+# the server answers them beside the responses. A cancellation lands within the interval and a step. Every
+# step within the duty (CANCEL_CHECK_SECONDS 0) against every 0.1 s, served at 128 streams on 2 CPU cores:
+# no clear difference in two pairs of runs (perf/results/2026-11-26_cpu-2core-amd-epyc-plumbing); the
+# default waits for the GPU host's figures (the short run's round-trips step).
 CANCEL_CHECK_SECONDS = 0.1
+CANCEL_CHECK_DUTY = 0.1
 
 # --- Voices and sampling defaults ---------------------------------------------------
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")

@@ -14,7 +14,7 @@ model (``tensorrt_llm``) itself and hands on what the decoder wants:
 * stream ids are guarded as in the torch engine's adapter (``ActiveStreams``);
 * ``stop`` is passed on to the engine, and so is a client's cancellation of the
   relay's own request (asked of Triton for all streams in one pass, at most every
-  ``CANCEL_CHECK_SECONDS``: each question is a round trip to the server);
+  ``CANCEL_CHECK_SECONDS`` and within ``CANCEL_CHECK_DUTY``: each question is a round trip to the server);
 * input names are mapped: the seed's input is ``seed`` in current TensorRT-LLM
   backends; the audio-token guard, which TensorRT-LLM lacks, is refused rather
   than silently ignored.
@@ -134,7 +134,7 @@ class RelayStreams:
         self.tokens_per_response = tokens_per_response
         self.active = ActiveStreams(hold_seconds=hold_seconds)
         # Triton is asked about cancellations on a thread of its own, every request in one pass, at most
-        # once per cancel_check_seconds: each question is a round trip to the server.
+        # once per cancel_check_seconds and within the passes' duty: each question is a round trip to the server.
         self.cancellations = CancellationWatch(threaded=True, min_interval=cancel_check_seconds)
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True,
                                        before_last=self.cancellations.settle)

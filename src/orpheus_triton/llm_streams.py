@@ -9,7 +9,7 @@ sender; this class keeps the rules that make streams safe to serve:
 * responses leave in order through a ``ResponseQueue`` (on its own thread on GPU),
   and a request is never asked whether it was cancelled after its final response;
   on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass on a thread
-  of its own;
+  of its own, the passes taking at most ``CANCEL_CHECK_DUTY`` of its time;
 * a send that fails drops the stream at the engine's next step;
 * ``stop`` (TensorRT-LLM's control request) ends a stream normally.
 
@@ -38,8 +38,9 @@ class LlmStreams:
         self.respond, self.refuse = respond, refuse
         self.tokens_per_response = tokens_per_response
         self.active = ActiveStreams(hold_seconds=hold_seconds)
-        # Threaded (GPU): one pass over every stream at most every cancel_check_seconds, on a thread of its
-        # own; else the engine asks each stream's request itself at every step (a few streams, on a CPU).
+        # Threaded (GPU): one pass over every stream at most every cancel_check_seconds and within the passes'
+        # duty, on a thread of its own; else the engine asks each stream's request itself at every step (a few
+        # streams, on a CPU).
         self.cancellations = CancellationWatch(threaded=threaded, min_interval=cancel_check_seconds)
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded,
                                        before_last=self.cancellations.settle)

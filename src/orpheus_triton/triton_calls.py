@@ -16,6 +16,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from .constants import CANCEL_CHECK_DUTY
+
 log = logging.getLogger(__name__)
 
 
@@ -122,8 +124,12 @@ class CancellationWatch:
     watched request. With ``threaded``, passes run on a thread of their own, so that no
     response waits behind one (they did when passes ran on the response thread: on 2 cores
     a send and an ask in turn went at 4,500-5,500 a second against 5,800-13,400 sends alone).
-    At most one pass waits at a time, so there are no more round trips than the engine
-    made itself. A cancellation lands at the first step after the pass that saw it.
+    At most one pass is asked for or running at a time, so there are no more round trips
+    than the engine made itself. A cancellation lands at the first step after the pass that saw it.
+    Passes start ``min_interval`` apart at least, and after each the next waits until
+    passes have taken no more than ``duty`` of the time (a pass of d seconds, then a rest
+    of d (1 - duty) / duty): with few streams a pass every step, with hundreds as often as
+    that share allows, so the questions never crowd the responses out of the server.
 
     A request must never be asked anything after its final response went out (the server
     may have freed it: asking crashed tritonserver 2.51). So ``forget`` comes before a
@@ -134,9 +140,12 @@ class CancellationWatch:
     ``run`` (tests) takes each pass instead of a thread: it runs when the caller says.
     """
 
-    def __init__(self, threaded: bool = False, min_interval: float = 0.0,
+    def __init__(self, threaded: bool = False, min_interval: float = 0.0, duty: float = CANCEL_CHECK_DUTY,
                  run: Callable[[Callable[[], None]], None] | None = None):
+        if not 0 < duty <= 1:
+            raise ValueError(f"the cancellation passes' duty must be in (0, 1], got {duty}")
         self.min_interval = min_interval  # passes start at least this far apart
+        self.duty = duty  # and take at most this share of the time: a pass of d seconds rests d (1 - duty) / duty
         self._passes = None
         if threaded and run is None:
             self._passes = ResponseQueue(on_error=lambda key, error: None, name="triton-cancellations")
@@ -146,7 +155,7 @@ class CancellationWatch:
         self._lock = threading.Lock()
         self._asked = threading.Condition(self._lock)  # an ask has returned
         self._asking: str | None = None  # the key a pass is asking Triton about right now
-        self._pass_waiting = False
+        self._pass_waiting = False  # a pass was asked for and has not ended yet
         self._next_pass = 0.0
 
     def watch(self, key: str, is_cancelled: Callable[[], bool]) -> Callable[[], bool]:
@@ -185,8 +194,17 @@ class CancellationWatch:
             self._passes.close()
 
     def _pass(self) -> None:
+        started = time.monotonic()
+        try:
+            self._ask_all()
+        finally:
+            ended = time.monotonic()
+            with self._lock:  # the next pass may be asked for from now on, once its rest is over
+                self._pass_waiting = False
+                self._next_pass = max(self._next_pass, ended + (ended - started) * (1 - self.duty) / self.duty)
+
+    def _ask_all(self) -> None:
         with self._lock:
-            self._pass_waiting = False
             watched = list(self._watched.items())
         for key, (is_cancelled, flag) in watched:
             with self._lock:
