@@ -343,8 +343,9 @@ short() {
   for name in $steps; do
     case "$name" in
       check) step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
-      # The Python backend's round trips on this host's CPU (about 20 s): what a response send (from 1, 2 and 4 threads) and a
-      # cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is decided.
+      # The Python backend's round trips on this host's CPU (about 20 s): what a response send (from 1, 2 and 4
+      # threads) and a cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is
+      # decided.
       round-trips) step round-trips 45 "$py" perf/round_trips.py --streams 216 --seconds 0.5 --runs 2 \
         --out "$out/round-trips" ;;
       snac-sizes) step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes" ;;
