@@ -91,6 +91,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
                                           "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
                                           "--max-queue-seconds", "2.5", "--max-queue", "32",
+                                          "--cancel-check-seconds", "0",
                                           "--voices", "pierre,amelie", "--default-voice", "amelie"],
                                          "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
@@ -109,6 +110,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
         assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
         assert llm.parameters["max_queue"].string_value == ("32" if flags else "256")
+        assert llm.parameters["cancel_check_seconds"].string_value == ("0.0" if flags else str(c.CANCEL_CHECK_SECONDS))
         preprocessing = text_format.Parse((repository / c.PREPROCESSING_MODEL / "config.pbtxt").read_text(),
                                           model_config_pb2.ModelConfig())
         assert preprocessing.parameters["voices"].string_value == ("pierre,amelie" if flags else ",".join(c.VOICES))
@@ -151,6 +153,9 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
     for bad in ("-1", "soon", "inf", "nan"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--max-queue-seconds", bad])
+        assert f"expected seconds >= 0, got '{bad}'" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--cancel-check-seconds", bad])
         assert f"expected seconds >= 0, got '{bad}'" in capsys.readouterr().err
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from .constants import DEFAULT_VOICE, MAX_TEXT_CHARS, SAMPLE_RATE, VOICES
+from .constants import CANCEL_CHECK_SECONDS, DEFAULT_VOICE, MAX_TEXT_CHARS, SAMPLE_RATE, VOICES
 from .demo_models import ModelSet, cache_dir, demo_model_set
 from .prompt import Voices
 
@@ -76,6 +76,7 @@ def _render(args, model_set: ModelSet) -> Path:
         decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
         max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
+        llm_cancel_check_seconds=args.cancel_check_seconds,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
         voices=args.voices, default_voice=args.default_voice,
     )
@@ -365,6 +366,13 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "
                              "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
+    parser.add_argument("--cancel-check-seconds", type=_non_negative_seconds, default=CANCEL_CHECK_SECONDS,
+                        metavar="S",
+                        help="GPU: how often the LLM stage asks Triton whether its streams' clients cancelled them, "
+                             "every stream a round trip to the server (0: at every engine step; the questions "
+                             "take at most a tenth of a thread's time whatever S; default "
+                             f"{CANCEL_CHECK_SECONDS:g}). Through the orpheus ensemble clients end streams with "
+                             "`stop` instead (tritonserver does not pass their cancellation on)")
     parser.add_argument("--voices", default=",".join(VOICES), metavar="NAMES",
                         help="the voices (speaker names) the checkpoint was fine-tuned with, comma-separated, as "
                              "its model card lists them; 'none' for a single-speaker fine-tune, prompted with the "
