@@ -161,10 +161,11 @@ class DecoderMetrics:
 
     def record_delivery(self, delivery, request_start: float | None, now: float) -> None:
         """A request's answer (decode_rounds.Delivery); ``request_start`` and ``now`` in seconds since the epoch."""
-        if not (delivery.first_audio and request_start is not None) and not delivery.stall > 0:
-            return
+        timed = delivery.first_audio and request_start is not None
+        if not timed and not delivery.stall > 0:
+            return  # most answers: nothing to record, no lock taken
         with self._lock:
-            if delivery.first_audio and request_start is not None:
+            if timed:
                 self._first_audio_seconds.append(max(0.0, now - request_start))
             if delivery.stall > 0:
                 self._grow(stalls=1, stall_seconds=delivery.stall)
