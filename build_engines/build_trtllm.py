@@ -7,7 +7,9 @@ which holds tensorrt_llm and trtllm-build:
     python3 build_engines/build_trtllm.py --llm-dir /models/llm --output-dir /engines/orpheus-3b
 
 1. checks the Hugging Face checkpoint (the llm/ folder of a model set, see `orpheus-triton download`);
-2. converts it to a TensorRT-LLM checkpoint (tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face);
+2. converts it to a TensorRT-LLM checkpoint (tensorrt_llm.models.LLaMAForCausalLM.from_hugging_face),
+   or with --quantization fp8 quantizes it to one: FP8 weights, activations and KV cache, calibrated on
+   Orpheus prompts and the speech the model writes for them (orpheus_triton.calibration);
 3. compiles it with trtllm-build for in-flight batching: paged KV cache, packed (padding-free) inputs,
    the GPT attention plugin with fused context attention, chunked prefill;
 4. writes orpheus_engine.json beside the engine: how it was built, with which TensorRT-LLM, on which GPU.
@@ -36,9 +38,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from orpheus_triton.constants import VOCAB_SIZE
+from orpheus_triton.prompt import ENGLISH_VOICES, Voices
 
 METADATA = "orpheus_engine.json"
 DTYPES = ("bfloat16", "float16")
+QUANTIZATIONS = ("none", "fp8")
+# FP8 matrix products need Ada (8.9) or later; FP8 context attention (prefill) needs Hopper (9.0).
+FP8_CAPABILITY = (8, 9)
+FP8_ATTENTION_CAPABILITY = (9, 0)
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3"
 
 
@@ -68,23 +75,42 @@ class BuildOptions:
     max_seq_len: int = 4096  # prompt + generated audio tokens (~82 tokens per second of audio)
     max_num_tokens: int = 8192  # tokens per engine step across the batch (prefill chunks + one per stream)
     max_beam_width: int = 1
+    quantization: str = "none"  # or "fp8": weights, activations and KV cache
+    calibration_sequences: int = 256  # fp8: Orpheus prompts with the model's own speech ...
+    calibration_length: int = 1024  # ... of this many tokens each (about 12 s of speech)
+    voices: str = ",".join(ENGLISH_VOICES.names)  # fp8: the speakers the calibration prompts name
     extra_build_args: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self) -> None:
         if self.dtype not in DTYPES:
             raise BuildError(f"--dtype must be one of {', '.join(DTYPES)}")
-        for name in ("tp_size", "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width"):
+        if self.quantization not in QUANTIZATIONS:
+            raise BuildError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
+        for name in ("tp_size", "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
+                     "calibration_sequences"):
             if getattr(self, name) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.calibration_length < 64:
+            raise BuildError(f"--calibration-length must be at least 64 tokens, got {self.calibration_length}")
+        try:
+            self.speakers()
+        except ValueError as error:
+            raise BuildError(f"--voices: {error}") from None
         if self.max_input_len >= self.max_seq_len:
             raise BuildError(
                 f"--max-input-len ({self.max_input_len}) must be below --max-seq-len ({self.max_seq_len}): "
                 "the rest of the sequence is the audio the model generates"
             )
 
+    def speakers(self) -> Voices:
+        return Voices.parse(self.voices)
 
-def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: Path) -> list[str]:
-    """The trtllm-build command line for an in-flight batching engine."""
+
+def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: Path,
+                      capability: tuple[int, int] | None = None) -> list[str]:
+    """The trtllm-build command line for an in-flight batching engine on a GPU of ``capability``."""
+    fp8_attention = (options.quantization == "fp8" and capability is not None
+                     and capability >= FP8_ATTENTION_CAPABILITY)
     return [
         "trtllm-build",
         "--checkpoint_dir", str(checkpoint_dir),
@@ -102,6 +128,8 @@ def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: P
         "--use_paged_context_fmha", "enable",  # chunked prefill and KV cache reuse need it
         "--multiple_profiles", "enable",
         "--workers", str(options.tp_size),
+        # The FP8 KV cache read in FP8 by prefill attention too, not converted back first.
+        *(["--use_fp8_context_fmha", "enable"] if fp8_attention else []),
         *options.extra_build_args,
     ]
 
@@ -173,6 +201,28 @@ def gpu_name() -> str:
         return "unknown"
 
 
+def gpu_capability() -> tuple[int, int] | None:
+    """The CUDA compute capability of GPU 0, or None where none is visible."""
+    try:
+        import torch  # noqa: PLC0415
+
+        return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _version(capability: tuple[int, int]) -> str:
+    return ".".join(map(str, capability))
+
+
+def check_quantization(options: BuildOptions, gpu: str, capability: tuple[int, int] | None) -> None:
+    """Refuse FP8 on a GPU without FP8 arithmetic, before anything is generated or converted."""
+    if options.quantization == "fp8" and (capability is None or capability < FP8_CAPABILITY):
+        have = "an unknown compute capability" if capability is None else f"compute capability {_version(capability)}"
+        raise BuildError(f"--quantization fp8 needs a GPU with FP8 arithmetic (compute capability 8.9 or later: "
+                         f"L4, L40S, H100, H200, B200); {gpu} has {have}. Build without --quantization there")
+
+
 def source_fingerprint(llm_dir: Path) -> str:
     """Identifies the weights without reading them: config.json's bytes and each weight file's name and size."""
     digest = hashlib.sha256((llm_dir / "config.json").read_bytes())
@@ -181,9 +231,16 @@ def source_fingerprint(llm_dir: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+# Options that only shape the FP8 calibration: an unquantized engine does not depend on them.
+CALIBRATION_OPTIONS = ("calibration_sequences", "calibration_length", "voices")
+
+
 def engine_metadata(options: BuildOptions, llm_dir: Path, trtllm_version: str, gpu: str) -> dict:
+    recorded = asdict(options) | {"extra_build_args": list(options.extra_build_args)}
+    if options.quantization == "none":
+        recorded = {name: value for name, value in recorded.items() if name not in CALIBRATION_OPTIONS}
     return {
-        "options": asdict(options) | {"extra_build_args": list(options.extra_build_args)},
+        "options": recorded,
         "source": source_fingerprint(llm_dir),
         "tensorrt_llm": trtllm_version,
         "gpu": gpu,
@@ -217,6 +274,35 @@ def convert_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOption
         gc.collect()
 
 
+def quantize_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptions) -> None:
+    """Hugging Face weights -> FP8 TensorRT-LLM checkpoint (weights, activations and KV cache in FP8).
+
+    TensorRT-LLM's post-training quantization (NVIDIA ModelOpt) runs the model over the
+    calibration set to set each tensor's scale; the set is Orpheus's own speech
+    (orpheus_triton.calibration), written next to the checkpoint and removed after.
+    """
+    from tensorrt_llm.mapping import Mapping  # noqa: PLC0415
+    from tensorrt_llm.models import LLaMAForCausalLM  # noqa: PLC0415
+    from tensorrt_llm.models.modeling_utils import QuantConfig  # noqa: PLC0415
+    from tensorrt_llm.quantization import QuantAlgo  # noqa: PLC0415
+
+    from orpheus_triton.calibration import write_calibration_set  # noqa: PLC0415
+
+    calibration_dir = checkpoint_dir.with_name(checkpoint_dir.name + ".calibration")
+    try:
+        write_calibration_set(llm_dir, calibration_dir, count=options.calibration_sequences,
+                              length=options.calibration_length, voices=options.speakers(), device="cuda", log=_log)
+        mapping = Mapping(world_size=options.tp_size, tp_size=options.tp_size, pp_size=1)
+        LLaMAForCausalLM.quantize(
+            str(llm_dir), str(checkpoint_dir), dtype=options.dtype, mapping=mapping,
+            quant_config=QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8),
+            calib_dataset=str(calibration_dir), calib_batches=options.calibration_sequences,
+            calib_max_seq_length=options.calibration_length,
+        )
+    finally:
+        shutil.rmtree(calibration_dir, ignore_errors=True)
+
+
 def _empty(directory: Path) -> None:
     """Remove what ``directory`` holds, keeping the directory (it may be a mount point)."""
     for child in directory.iterdir() if directory.is_dir() else ():
@@ -237,21 +323,34 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
     options.check()
     _step(1, f"checking {llm_dir}")
     config = check_checkpoint(llm_dir, options)
+    fp8 = options.quantization == "fp8"
     _log(f"  Llama {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
-         f"vocab {config.get('vocab_size')}; engine: {options.dtype}, tp {options.tp_size}, "
+         f"vocab {config.get('vocab_size')}; engine: {options.dtype}{', FP8' if fp8 else ''}, tp {options.tp_size}, "
          f"batch {options.max_batch_size}, input {options.max_input_len}, sequence {options.max_seq_len}")
     keep_checkpoint = checkpoint_dir is not None
     if dry_run:
         checkpoint_dir = checkpoint_dir or output_dir.with_name(output_dir.name + ".checkpoint")
-        _log(f"step 2/3 (dry run): LLaMAForCausalLM.from_hugging_face({str(llm_dir)!r}, dtype={options.dtype!r})"
-             f" -> {checkpoint_dir}")
-        _log("step 3/3 (dry run): " + shlex.join(trtllm_build_argv(options, checkpoint_dir, output_dir)))
+        if fp8:
+            _log(f"step 2/3 (dry run): {options.calibration_sequences} calibration sequences of "
+                 f"{options.calibration_length} tokens (Orpheus prompts and the model's speech), then "
+                 f"LLaMAForCausalLM.quantize({str(llm_dir)!r}, quant_algo FP8, kv_cache_quant_algo FP8)"
+                 f" -> {checkpoint_dir}")
+        else:
+            _log(f"step 2/3 (dry run): LLaMAForCausalLM.from_hugging_face({str(llm_dir)!r}, dtype={options.dtype!r})"
+                 f" -> {checkpoint_dir}")
+        _log("step 3/3 (dry run): " + shlex.join(trtllm_build_argv(options, checkpoint_dir, output_dir,
+                                                                   FP8_ATTENTION_CAPABILITY)))
+        if fp8:
+            _log(f"  (--use_fp8_context_fmha on GPUs of compute capability {_version(FP8_ATTENTION_CAPABILITY)} "
+                 "and later: H100, H200, B200)")
         return output_dir
     version = check_toolchain()
     gpu = gpu_name()
     if gpu in ("none", "unknown"):
         raise BuildError("no CUDA GPU is visible: an engine is compiled on the GPU model that will run it "
                          "(start the container with --gpus all)")
+    capability = gpu_capability()
+    check_quantization(options, gpu, capability)
     expected = engine_metadata(options, llm_dir, version, gpu)
     _log(f"  tensorrt_llm {version} on GPU {gpu}")
     if skip_if_built:
@@ -264,14 +363,19 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
     if checkpoint_dir is None:
         checkpoint_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.checkpoint-", dir=output_dir.parent))
     try:
-        started = _step(2, f"converting the Hugging Face weights to a TensorRT-LLM checkpoint in {checkpoint_dir}")
+        if fp8:
+            started = _step(2, "calibrating on Orpheus's own speech and quantizing the weights to an FP8 "
+                               f"TensorRT-LLM checkpoint in {checkpoint_dir} (a few minutes)")
+        else:
+            started = _step(2, f"converting the Hugging Face weights to a TensorRT-LLM checkpoint in {checkpoint_dir}")
         try:
-            convert_checkpoint(llm_dir, checkpoint_dir, options)
+            (quantize_checkpoint if fp8 else convert_checkpoint)(llm_dir, checkpoint_dir, options)
         except Exception as error:
-            raise BuildError(f"checkpoint conversion failed: {error}", exit_code=1) from error
-        _log(f"  converted in {time.monotonic() - started:.0f} s")
+            raise BuildError(f"checkpoint {'quantization' if fp8 else 'conversion'} failed: {error}",
+                             exit_code=1) from error
+        _log(f"  {'quantized' if fp8 else 'converted'} in {time.monotonic() - started:.0f} s")
         _empty(output_dir)  # no stale engine or metadata survives a failed build
-        argv = trtllm_build_argv(options, checkpoint_dir, output_dir)
+        argv = trtllm_build_argv(options, checkpoint_dir, output_dir, capability)
         started = _step(3, "compiling the engine (several minutes): " + shlex.join(argv))
         result = subprocess.run(argv, check=False)
         if result.returncode != 0:
@@ -295,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="engine directory to write (replaced)")
     parser.add_argument("--checkpoint-dir", help="keep the TensorRT-LLM checkpoint here (default: temporary)")
     parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=defaults.quantization,
+                        help="fp8: FP8 weights, activations and KV cache (Ada/Hopper and later; calibrated on "
+                             "Orpheus's own speech)")
+    parser.add_argument("--calibration-sequences", type=int, default=defaults.calibration_sequences,
+                        help="fp8: sequences to calibrate on")
+    parser.add_argument("--calibration-length", type=int, default=defaults.calibration_length,
+                        help="fp8: tokens per calibration sequence (prompt and generated audio)")
+    parser.add_argument("--voices", default=defaults.voices,
+                        help="fp8: the checkpoint's speakers, comma-separated, for the calibration prompts "
+                             "('none': a single-speaker fine-tune)")
     parser.add_argument("--tp-size", type=int, default=defaults.tp_size, help="tensor-parallel GPUs")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--max-input-len", type=int, default=defaults.max_input_len)
@@ -313,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     options = BuildOptions(
         dtype=args.dtype, tp_size=args.tp_size, max_batch_size=args.max_batch_size,
         max_input_len=args.max_input_len, max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens,
+        quantization=args.quantization, calibration_sequences=args.calibration_sequences,
+        calibration_length=args.calibration_length, voices=args.voices,
         extra_build_args=tuple(args.trtllm_build_arg),
     )
     checkpoint_dir = Path(args.checkpoint_dir).expanduser().resolve() if args.checkpoint_dir else None

@@ -117,6 +117,28 @@ def test_build_argv_follows_options_and_appends_extra_arguments():
     assert flags["--log_level"] == "verbose"
 
 
+def test_fp8_engines_read_their_fp8_cache_in_fp8_where_the_gpu_can():
+    fp8 = build_trtllm.BuildOptions(quantization="fp8")
+    hopper = flag_values(build_trtllm.trtllm_build_argv(fp8, Path("c"), Path("e"), (9, 0)))
+    assert hopper["--use_fp8_context_fmha"] == "enable"
+    assert hopper["--gemm_plugin"] == "auto"  # FP8 products from the checkpoint's quantization, at any batch
+    ada = flag_values(build_trtllm.trtllm_build_argv(fp8, Path("c"), Path("e"), (8, 9)))
+    assert "--use_fp8_context_fmha" not in ada
+    unquantized = flag_values(build_trtllm.trtllm_build_argv(build_trtllm.BuildOptions(), Path("c"), Path("e"), (9, 0)))
+    assert "--use_fp8_context_fmha" not in unquantized
+
+
+@pytest.mark.parametrize(("capability", "refused"), [((8, 0), True), (None, True), ((8, 9), False), ((9, 0), False)])
+def test_fp8_is_refused_on_gpus_without_fp8_arithmetic(capability, refused):
+    fp8 = build_trtllm.BuildOptions(quantization="fp8")
+    if refused:
+        with pytest.raises(build_trtllm.BuildError, match="needs a GPU with FP8 arithmetic.*NVIDIA A100"):
+            build_trtllm.check_quantization(fp8, "NVIDIA A100-SXM4-80GB", capability)
+    else:
+        build_trtllm.check_quantization(fp8, "NVIDIA H100 80GB HBM3", capability)
+    build_trtllm.check_quantization(build_trtllm.BuildOptions(), "NVIDIA A100-SXM4-80GB", (8, 0))
+
+
 def test_parser_defaults_suit_orpheus():
     args = build_trtllm.build_parser().parse_args(["--llm-dir", "m/llm", "--output-dir", "e"])
     assert (args.dtype, args.max_batch_size, args.max_input_len, args.max_seq_len) == ("bfloat16", 256, 2048, 4096)
@@ -127,6 +149,10 @@ def test_parser_defaults_suit_orpheus():
     ({"max_input_len": 4096, "max_seq_len": 4096}, "below --max-seq-len"),
     ({"max_batch_size": 0}, "--max-batch-size must be at least 1"),
     ({"dtype": "float32"}, "--dtype"),
+    ({"quantization": "int4"}, "--quantization must be one of none, fp8"),
+    ({"calibration_sequences": 0}, "--calibration-sequences must be at least 1"),
+    ({"calibration_length": 32}, "--calibration-length must be at least 64"),
+    ({"voices": "tara,tara"}, "--voices: .*more than once"),
 ])
 def test_options_are_checked(options, message):
     with pytest.raises(build_trtllm.BuildError, match=message):
@@ -199,6 +225,18 @@ def test_dry_run_prints_every_step_without_tensorrt_llm(tmp_path, capsys):
     assert not engine.exists()
 
 
+def test_dry_run_of_an_fp8_build_names_its_calibration(tmp_path, capsys):
+    fake_checkpoint(tmp_path)
+    engine = tmp_path / "engine"
+    assert build_trtllm.main(["--llm-dir", str(tmp_path), "--output-dir", str(engine), "--dry-run",
+                              "--quantization", "fp8", "--calibration-sequences", "64"]) == 0
+    err = capsys.readouterr().err
+    assert "engine: bfloat16, FP8" in err
+    assert "64 calibration sequences of 1024 tokens" in err and "LLaMAForCausalLM.quantize" in err
+    assert "--use_fp8_context_fmha enable" in err
+    assert not engine.exists()
+
+
 def test_no_gpu_is_reported_before_converting(tmp_path, monkeypatch, capsys):
     fake_checkpoint(tmp_path)
     monkeypatch.setattr(build_trtllm, "check_toolchain", lambda: "1.1.0")
@@ -211,15 +249,21 @@ class StandIns:
     """TensorRT-LLM's two steps replaced by stand-ins that record their calls and write what they would."""
 
     def __init__(self, monkeypatch, build_exit_code: int = 0):
-        self.conversions, self.builds = [], []
+        self.conversions, self.quantizations, self.builds = [], [], []
         self.build_exit_code = build_exit_code
         monkeypatch.setattr(build_trtllm, "check_toolchain", lambda: "1.1.0")
         monkeypatch.setattr(build_trtllm, "gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+        monkeypatch.setattr(build_trtllm, "gpu_capability", lambda: (9, 0))
         monkeypatch.setattr(build_trtllm, "convert_checkpoint", self.convert)
+        monkeypatch.setattr(build_trtllm, "quantize_checkpoint", self.quantize)
         monkeypatch.setattr(build_trtllm.subprocess, "run", self.run)
 
     def convert(self, llm_dir, checkpoint_dir, options):
         self.conversions.append(checkpoint_dir)
+        (checkpoint_dir / "config.json").write_text("{}")
+
+    def quantize(self, llm_dir, checkpoint_dir, options):
+        self.quantizations.append(options)
         (checkpoint_dir / "config.json").write_text("{}")
 
     def run(self, argv, check):
@@ -251,6 +295,38 @@ def test_build_converts_compiles_records_and_cleans_up(tmp_path, monkeypatch):
     assert build_trtllm.main([*argv, "--max-batch-size", "64"]) == 0  # other options: rebuilt
     assert len(stand_ins.builds) == 2
     assert json.loads((engines / "orpheus-3b" / build_trtllm.METADATA).read_text())["options"]["max_batch_size"] == 64
+
+
+def test_fp8_build_quantizes_instead_of_converting_and_is_rebuilt_when_that_changes(tmp_path, monkeypatch):
+    fake_checkpoint(tmp_path / "models")
+    engine = tmp_path / "engines" / "orpheus-3b"
+    stand_ins = StandIns(monkeypatch)
+    argv = ["--llm-dir", str(tmp_path / "models"), "--output-dir", str(engine), "--skip-if-built"]
+    assert build_trtllm.main([*argv, "--quantization", "fp8", "--calibration-length", "768"]) == 0
+    (options,) = stand_ins.quantizations
+    assert (options.quantization, options.calibration_length, options.calibration_sequences) == ("fp8", 768, 256)
+    assert not stand_ins.conversions
+    assert flag_values(stand_ins.builds[0])["--use_fp8_context_fmha"] == "enable"
+    recorded = json.loads((engine / build_trtllm.METADATA).read_text())["options"]
+    assert recorded["quantization"] == "fp8"
+    assert build_trtllm.main([*argv, "--quantization", "fp8", "--calibration-length", "768"]) == 0  # up to date
+    assert len(stand_ins.builds) == 1
+    assert build_trtllm.main(argv) == 0  # unquantized now: rebuilt, by conversion
+    assert len(stand_ins.builds) == 2 and len(stand_ins.conversions) == 1
+    assert build_trtllm.main([*argv, "--voices", "none"]) == 0  # calibration options do not matter to it
+    assert len(stand_ins.builds) == 2
+
+
+def test_fp8_on_an_a100_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
+    fake_checkpoint(tmp_path / "models")
+    stand_ins = StandIns(monkeypatch)
+    monkeypatch.setattr(build_trtllm, "gpu_name", lambda: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(build_trtllm, "gpu_capability", lambda: (8, 0))
+    engine = tmp_path / "engines" / "orpheus-3b"
+    assert build_trtllm.main(["--llm-dir", str(tmp_path / "models"), "--output-dir", str(engine),
+                              "--quantization", "fp8"]) == 2
+    assert "compute capability 8.0" in capsys.readouterr().err
+    assert not stand_ins.quantizations and not stand_ins.builds and not engine.exists()
 
 
 def test_failed_compile_leaves_no_engine_that_looks_built(tmp_path, monkeypatch, capsys):
