@@ -27,7 +27,7 @@ def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
     checks = result["checks"]
     assert result["failed"] == [] and set(checks) == {"decode_attention", "cuda_graphs", "device_vs_cpu",
                                                       "engine_run", "overlap", "sampling", "graph_sampling", "snac",
-                                                      "new_shapes", "served_stream"}
+                                                      "calibration", "new_shapes", "served_stream"}
     assert checks["decode_attention"]["ok"] == check_gpu.NOT_APPLICABLE  # CUDA-only
     assert all(checks[name]["ok"] is True for name in checks if name != "decode_attention")
     assert checks["served_stream"]["audio_seconds"] > 0 and checks["served_stream"]["first_audio_ms"] > 0

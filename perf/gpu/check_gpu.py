@@ -14,6 +14,7 @@ on the real device, with small random models:
 * graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched (and which call
   sizes run as CUDA graphs, each checked against the eager call when captured);
+* the FP8 engine build's calibration set (prompts and the model's own audio) generated on the device;
 * new shapes: a prefill of a shape not seen before and a SNAC call of a size not seen before take
   milliseconds on their first call, not the seconds of a kernel plan built per shape;
 * one stream through tritonserver, both torch models on the device (the demo model set): its first
@@ -39,11 +40,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, SAMPLE_RATE, TOKENS_PER_FRAME
-from orpheus_triton.demo_models import write_random_llama
+from orpheus_triton.calibration import write_calibration_set
+from orpheus_triton.constants import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    END_OF_SPEECH,
+    SAMPLE_RATE,
+    START_OF_SPEECH,
+    TOKENS_PER_FRAME,
+)
+from orpheus_triton.demo_models import write_random_llama, write_tokenizer
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, Window, audio_token_id, token_slot
 from orpheus_triton.llama import load_llama, varlen_decode_works
+from orpheus_triton.prompt import load_tokenizer
 from orpheus_triton.sampling import GuardedSampler, LmHead, SamplingBatch, sample
 from orpheus_triton.timing import synced_seconds
 
@@ -154,6 +164,25 @@ def check_engine_run(device: torch.device, model) -> dict:
     total = sum(len(t) for t in outputs.values())
     return {"ok": misplaced == 0 and all(t and t[-1] == END_OF_SPEECH for t in outputs.values()),
             "tokens": total, "tokens_per_second": round(total / seconds), "misplaced_tokens": misplaced}
+
+
+def check_calibration(device: torch.device, checkpoint: Path) -> dict:
+    """What ``build_trtllm.py --quantization fp8`` generates on the GPU before quantizing: 16 calibration
+    sequences, every audio token in its frame slot."""
+    write_tokenizer(checkpoint)
+    with tempfile.TemporaryDirectory() as out:
+        path = write_calibration_set(checkpoint, out, count=16, length=320, device=device.type, max_streams=8,
+                                     log=lambda message: None)
+        texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    tokenizer = load_tokenizer(checkpoint)
+    misplaced, audio = 0, 0
+    for text in texts:
+        ids = tokenizer.encode(text).ids
+        tokens = ids[ids.index(START_OF_SPEECH) + 1 :]
+        audio += len(tokens)
+        misplaced += sum(token_slot(t) != position % TOKENS_PER_FRAME for position, t in enumerate(tokens))
+    return {"ok": len(texts) == 16 and audio > 0 and misplaced == 0, "sequences": len(texts),
+            "audio_tokens": audio, "misplaced_tokens": misplaced}
 
 
 def check_sampling(device: torch.device) -> dict:
@@ -333,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             "sampling": lambda: check_sampling(device),
             "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),
+            "calibration": lambda: check_calibration(device, checkpoint),
             "new_shapes": lambda: check_new_shapes(device, model),
             "served_stream": lambda: check_served_stream(device),
         }
