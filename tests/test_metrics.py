@@ -73,10 +73,9 @@ def test_engine_counters_report_their_growth_and_are_released_before_their_famil
     deadline = time.monotonic() + 5
     while sum(capped) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert metrics._thread.name == "llm-metrics"
     engine.stats.capped = 3
-    while sum(capped) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    metrics.stop()
+    metrics.stop()  # what the thread had not sent yet goes out before the metrics are released
     assert sum(capped) == 3 and sum(tokens) == 70  # each counter grew by its field's growth, once
     assert sum(busy) == 0.5 and sum(held) == 12.25 and sum(waiting) == 0.75  # seconds, not only whole numbers
     gc.collect()
@@ -134,6 +133,29 @@ def test_decoder_metrics_thread_publishes_and_stop_publishes_the_rest():
     metrics.record_call(2, 0.01)
     metrics.stop()  # whatever the thread had not sent yet goes out before the metrics are released
     assert sum(windows) == 9 and not hasattr(metrics, "counters")
+
+
+def test_a_failed_publish_is_logged_and_the_thread_goes_on(caplog):
+    import time
+
+    metrics = DecoderMetrics(FakePbUtils, interval=0.01)
+    windows = metrics.counters["windows"].values
+    failures = [RuntimeError("metric update refused")]
+    publish = metrics.publish
+
+    def failing_once():
+        if failures:
+            raise failures.pop()
+        publish()
+
+    metrics.publish = failing_once
+    metrics.record_call(3, 0.01)
+    deadline = time.monotonic() + 5
+    while not windows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    metrics.stop()
+    assert windows == [3]
+    assert "decoder-metrics: publishing failed: metric update refused" in caplog.text
 
 
 PAGE = """# TYPE orpheus_time_to_first_audio_seconds histogram

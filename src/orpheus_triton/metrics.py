@@ -84,7 +84,48 @@ def release(owner) -> None:
     metric_set.families.clear()
 
 
-class DecoderMetrics:
+class PublishedMetrics:
+    """A model's metrics sent to Triton by a thread of their own, every ``interval`` seconds.
+
+    Subclasses define ``publish``: send Triton what changed since the last one. The
+    thread is the only one that talks to Triton about the model's metrics: when several
+    threads updated them at once, tritonserver 2.51 crashed in libtriton_python. A
+    failed publish is logged and the thread goes on. ``interval=None``: no thread, the
+    caller publishes.
+    """
+
+    metrics: MetricSet
+
+    def _start_publishing(self, interval: float | None, thread_name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = None
+        if interval is not None:
+            self._thread = threading.Thread(target=self._run, args=(interval,), name=thread_name, daemon=True)
+            self._thread.start()
+
+    def publish(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the publishing thread, publish what is left, then release the metrics (``release``: before the
+        interpreter's teardown). Call it once nothing records any more."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                return
+        self.publish()
+        release(self)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.publish()
+            except Exception as failure:  # noqa: BLE001 (a failed update never stops the metrics)
+                log.warning("%s: publishing failed: %s", threading.current_thread().name, failure)
+
+
+class DecoderMetrics(PublishedMetrics):
     """What the SNAC decoder does: the stage that bounds real-time capacity on small machines.
 
     ``orpheus_decoder_audio_seconds_total`` grows by the audio produced, so its
@@ -99,11 +140,8 @@ class DecoderMetrics:
     response send is, and a round updated eight: with rounds of a few windows (a
     fast decoder at a hundred streams) as many round trips as the answers
     themselves (perf/silent_snac). So the ``record_*`` calls only add to figures
-    held here (any thread may make them), and one thread of its own publishes what
-    changed every ``interval`` seconds (``publish``; ``interval=None``: no thread,
-    the caller publishes). One thread also keeps the rule that a model's metrics are
-    updated from one thread only (when several updated them at once, tritonserver
-    2.51 crashed in libtriton_python).
+    held here (any thread may make them), and the publishing thread
+    (``PublishedMetrics``) sends what changed every ``interval`` seconds.
     """
 
     def __init__(self, pb_utils, model: str = DECODER_MODEL, interval: float | None = PUBLISH_SECONDS):
@@ -133,11 +171,7 @@ class DecoderMetrics:
         self._published_gauges: dict[str, float] = {}
         self._growth = dict.fromkeys(self.counters, 0.0)  # counter growth since the last publish
         self._first_audio_seconds: list[float] = []
-        self._stop = threading.Event()
-        self._thread = None
-        if interval is not None:
-            self._thread = threading.Thread(target=self._run, args=(interval,), name="decoder-metrics", daemon=True)
-            self._thread.start()
+        self._start_publishing(interval, "decoder-metrics")
 
     def record_call(self, windows: int, seconds: float) -> None:
         if not windows:
@@ -188,27 +222,9 @@ class DecoderMetrics:
         for seconds in first_audio:
             self.first_audio.observe(seconds)
 
-    def stop(self) -> None:
-        """Stop the publishing thread, publish what is left, then release the metrics (``release``: before the
-        interpreter's teardown). Call it once nothing records any more."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            if self._thread.is_alive():
-                return
-        self.publish()
-        release(self)
-
     def _grow(self, **growth: float) -> None:
         for name, value in growth.items():
             self._growth[name] += value
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self.publish()
-            except Exception as failure:  # noqa: BLE001 (a failed update never stops the metrics)
-                log.warning("decoder metrics: publishing failed: %s", failure)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
 import torch
@@ -19,7 +18,7 @@ from .metrics import (
     LLM_STREAM_SECONDS_METRIC,
     LLM_TOKENS_METRIC,
     MetricSet,
-    release,
+    PublishedMetrics,
 )
 from .repository import parse_cpu_threads
 
@@ -78,10 +77,11 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
     return engine
 
 
-class EngineMetrics:
-    """Engine gauges and counters as Triton custom metrics (served on the server's /metrics)."""
+class EngineMetrics(PublishedMetrics):
+    """Engine gauges and counters as Triton custom metrics (served on the server's /metrics), read from the
+    engine's stats and published every ``interval`` seconds by thread ``llm-metrics``."""
 
-    def __init__(self, pb_utils, engine: InflightEngine, active, interval: float = 0.5):
+    def __init__(self, pb_utils, engine: InflightEngine, active, interval: float | None = 0.5):
         metrics = MetricSet(pb_utils, LLM_MODEL)
         self.metrics = metrics
         gauge = metrics.gauge
@@ -110,27 +110,23 @@ class EngineMetrics:
                                       "end of speech (their last words are missing)"),
         }
         self._reported = dict.fromkeys(self.counters, 0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), name="llm-metrics", daemon=True)
-        self._thread.start()
+        self._published_at = time.monotonic()
+        self._start_publishing(interval, "llm-metrics")
 
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            stats = self.engine.stats
-            self.active_streams.set(stats.active_streams)
-            self.queued.set(stats.queued_requests)
-            self.step_seconds.set(stats.last_step_seconds)
-            self.batch_size.set(stats.last_batch_size)
-            growth = {}
-            for field, counter in self.counters.items():
-                growth[field] = getattr(stats, field) - self._reported[field]
-                self._reported[field] += growth[field]
+    def publish(self) -> None:
+        """The gauges as the engine's stats have them, each counter's growth since the last publish, and the
+        tokens a second over that time."""
+        stats = self.engine.stats
+        self.active_streams.set(stats.active_streams)
+        self.queued.set(stats.queued_requests)
+        self.step_seconds.set(stats.last_step_seconds)
+        self.batch_size.set(stats.last_batch_size)
+        growth = {}
+        for field, counter in self.counters.items():
+            growth[field] = getattr(stats, field) - self._reported[field]
+            self._reported[field] += growth[field]
+            if growth[field]:
                 counter.increment(growth[field])
-            self.tokens_per_second.set(growth["tokens_generated"] / interval)
-
-    def stop(self) -> None:
-        """Stop updating, then release the metrics (metrics.release: before the interpreter's teardown)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            release(self)
+        now = time.monotonic()
+        self.tokens_per_second.set(growth["tokens_generated"] / max(now - self._published_at, 1e-9))
+        self._published_at = now
