@@ -52,6 +52,7 @@ from orpheus_triton.loadgen import (
     workload,
 )
 from orpheus_triton.server import log_tail
+from orpheus_triton.triton_calls import response_thread_setting
 
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
 
@@ -225,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of audio in hand above which a stream sits a decoder round out while a "
                              "newcomer waits for first audio (0: off; default: the server's, "
                              "NEWCOMER_ROUND_HORIZON)")
-    parser.add_argument("--llm-response-thread", choices=("auto", "true", "false"), default="auto",
-                        help="the llm adapter's response thread (default auto: on GPU only)")
-    parser.add_argument("--decoder-response-thread", choices=("auto", "true", "false"), default="auto",
-                        help="the snac_decoder adapter's response thread (default auto: on GPU only)")
+    parser.add_argument("--llm-response-thread", type=response_thread_setting, default="auto",
+                        help="the llm adapter's response thread: auto (on GPU only), true, false, or a number of "
+                             "threads, each stream's responses on one of them")
+    parser.add_argument("--decoder-response-thread", type=response_thread_setting, default="auto",
+                        help="the snac_decoder adapter's response thread(s), likewise")
     parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
                         help="with the response thread, how often Triton is asked about every stream's "
                              "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")

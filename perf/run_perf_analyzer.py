@@ -37,6 +37,7 @@ from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_fol
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import meets_realtime, percentile, playback, realtime_capacity
+from orpheus_triton.triton_calls import response_thread_setting
 
 DATA = PERF / "data"
 INSTALLER = PERF / "install_perf_analyzer.sh"
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="random-weight LLM shape of the server it starts")
     parser.add_argument("--models", help="a real model set directory for the server it starts (llm/ + snac/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda, for the server it starts")
-    parser.add_argument("--decoder-response-thread", choices=("auto", "true", "false"), default="auto",
-                        help="the snac_decoder adapter's response thread, for the server it starts (default "
-                             "auto: on GPU only)")
+    parser.add_argument("--decoder-response-thread", type=response_thread_setting, default="auto",
+                        help="the snac_decoder adapter's response thread, for the server it starts: auto (on GPU "
+                             "only), true, false or a number of threads")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="engine positions per stream, likewise")
     args = parser.parse_args(argv)
     if args.url and (args.models or args.shape != "demo"):

@@ -27,8 +27,9 @@ def server_settings(model_set, **overrides):
     return RepositorySettings(**{
         "llm_dir": str(model_set.llm), "snac_dir": str(model_set.snac), "device": "cpu", "max_streams": 4,
         "max_seq_len": 1024, "preprocessing_instances": 1,
-        "llm_response_thread": "true", "decoder_response_thread": "true",  # as on GPU; the serve-command
-        # tests run them inline
+        # As on GPU, the decoder's answers on two lanes (each stream's on one of them); the serve-command
+        # tests run them inline.
+        "llm_response_thread": "true", "decoder_response_thread": "2",
     } | overrides)
 
 

@@ -28,7 +28,8 @@ class Engine:
         return request_id in self.requests
 
 
-def make(threaded=False, fail_sends=(), cancel_check_seconds=CANCEL_CHECK_SECONDS):
+def make(threaded: bool | int = False, fail_sends=(), cancel_check_seconds=CANCEL_CHECK_SECONDS):
+    """``threaded``: False (responses sent where they are made), True (one response thread) or a count."""
     sent, refused = [], []
     streams = None
 
@@ -43,12 +44,12 @@ def make(threaded=False, fail_sends=(), cancel_check_seconds=CANCEL_CHECK_SECOND
         refused.append((sender, message))
 
     engine = Engine()
-    streams = LlmStreams(engine, respond, refuse, threaded=threaded, tokens_per_response=7, hold_seconds=600,
-                         cancel_check_seconds=cancel_check_seconds)
+    streams = LlmStreams(engine, respond, refuse, response_threads=int(threaded), tokens_per_response=7,
+                         hold_seconds=600, cancel_check_seconds=cancel_check_seconds)
     return streams, engine, sent, refused
 
 
-@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("threaded", [False, True, 3])
 def test_a_stream_sends_frames_in_order_and_frees_its_id_before_the_final_response(threaded):
     streams, engine, sent, _ = make(threaded)
     streams.start("a", SETTINGS, "sender-a", lambda: False)

@@ -153,14 +153,72 @@ def test_both_adapters_response_threads_are_rendered_from_the_settings(tmp_path)
     assert parameter(inline, "snac_decoder") == "false" and parameter(inline, "llm") == "auto"
 
 
-def test_response_thread_is_on_for_gpus_by_default():
-    from orpheus_triton.triton_calls import response_thread
+def test_response_threads_are_one_on_gpus_by_default_and_may_be_several():
+    from orpheus_triton.triton_calls import response_threads
 
-    assert response_thread({}, "cuda") and not response_thread({}, "cpu")
-    assert response_thread({"response_thread": "true"}, "cpu")
-    assert not response_thread({"response_thread": "false"}, "cuda")
-    with pytest.raises(ValueError, match="response_thread must be auto, true or false"):
-        response_thread({"response_thread": "yes"}, "cpu")
+    assert response_threads({}, "cuda") == 1 and response_threads({}, "cpu") == 0
+    assert response_threads({"response_thread": "true"}, "cpu") == 1
+    assert response_threads({"response_thread": "false"}, "cuda") == 0
+    assert response_threads({"response_thread": "4"}, "cuda") == 4
+    with pytest.raises(ValueError, match="response_thread must be auto, true, false or a number of threads"):
+        response_threads({"response_thread": "yes"}, "cpu")
+    with pytest.raises(ValueError, match="got '-2'"):
+        response_threads({"response_thread": "-2"}, "cpu")
+
+
+def test_response_lanes_keep_each_streams_calls_in_order_on_one_thread():
+    import threading
+
+    from orpheus_triton.triton_calls import ResponseLanes, ResponseQueue, response_queue
+
+    sent, errors, settled = [], [], []
+    lock = threading.Lock()
+
+    def send(key, n):
+        def run():
+            if n == "boom":
+                raise RuntimeError("client went away")
+            with lock:
+                sent.append((key, n, threading.current_thread().name))
+        return run
+
+    lanes = response_queue(lambda key, error: errors.append((key, str(error))), 3, before_last=settled.append)
+    assert isinstance(lanes, ResponseLanes)
+    keys = [f"call-{i}" for i in range(12)]
+    for n in range(5):
+        for key in keys:
+            lanes.put(key, send(key, "boom" if (key, n) == ("call-3", 2) else n), last=n == 4)
+    lanes.close()
+    for key in keys:
+        mine = [(n, thread) for k, n, thread in sent if k == key]
+        assert [n for n, _ in mine] == ([0, 1] if key == "call-3" else [0, 1, 2, 3, 4])  # in order; the rest dropped
+        assert {thread for _, thread in mine} == {f"triton-responses-{lanes.lane_of(key)}"}  # one lane a stream
+    assert {thread for _, _, thread in sent} == {f"triton-responses-{i}" for i in range(3)}  # every lane used
+    assert errors == [("call-3", "client went away")] and sorted(settled) == sorted(keys)
+    assert isinstance(response_queue(lambda key, error: None, 1), ResponseQueue)
+    with pytest.raises(ValueError, match="response threads must be >= 0"):
+        response_queue(lambda key, error: None, -1)
+
+
+def test_a_producer_waits_for_room_in_every_lane():
+    import threading
+
+    from orpheus_triton.triton_calls import ResponseLanes
+
+    lanes = ResponseLanes(on_error=lambda key, error: None, lanes=2)
+    gate = threading.Event()
+    lanes.put(None, gate.wait)  # lane 0 is busy until the gate opens
+    busy_key = next(f"s{i}" for i in range(100) if lanes.lane_of(f"s{i}") == 0)
+    for _ in range(4):
+        lanes.put(busy_key, lambda: None)
+    waited = threading.Event()
+    producer = threading.Thread(target=lambda: (lanes.wait_for_room(2), waited.set()))
+    producer.start()
+    assert not waited.wait(0.2)  # four queued in lane 0: more than its share (1) of 2
+    gate.set()
+    assert waited.wait(5)
+    producer.join()
+    lanes.close()
 
 
 def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():

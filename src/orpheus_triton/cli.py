@@ -77,6 +77,7 @@ def _render(args, model_set: ModelSet) -> Path:
         max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
         llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
         llm_cancel_check_seconds=args.cancel_check_seconds,
+        llm_response_thread=args.response_threads, decoder_response_thread=args.response_threads,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
         voices=args.voices, default_voice=args.default_voice,
     )
@@ -308,6 +309,14 @@ def _non_negative_seconds(value: str) -> float:
     return seconds
 
 
+def _response_threads(value: str) -> str:
+    """auto or a number of threads >= 0, checked before the server starts."""
+    value = value.strip().lower()
+    if value != "auto" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto or a number of threads >= 0, got {value!r}")
+    return value
+
+
 def _positive(value: str) -> int:
     """A whole number >= 1, checked before the server starts."""
     try:
@@ -366,6 +375,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "
                              "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
+    parser.add_argument("--response-threads", type=_response_threads, default="auto", metavar="auto|N",
+                        help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
+                             "stream's on one of them (auto: 1 on a GPU, 0 on a CPU: sent where they are made; "
+                             "more than 1: off by default until measured)")
     parser.add_argument("--cancel-check-seconds", type=_non_negative_seconds, default=CANCEL_CHECK_SECONDS,
                         metavar="S",
                         help="GPU: how often the LLM stage asks Triton whether its streams' clients cancelled them, "

@@ -6,7 +6,8 @@ sender; this class keeps the rules that make streams safe to serve:
 * a stream's id is claimed before it reaches the engine and released before its
   final response is queued (a client may reuse it the moment that response
   arrives); the id of a stream whose end never reached the decoder stays retired;
-* responses leave in order through a ``ResponseQueue`` (on its own thread on GPU),
+* responses leave in order through a ``ResponseQueue`` (on its own thread on GPU, or a stream's
+  lane of several: ``response_threads``),
   and a request is never asked whether it was cancelled after its final response;
   on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass on a thread
   of its own, the passes taking at most ``CANCEL_CHECK_DUTY`` of its time;
@@ -26,13 +27,13 @@ from typing import Any
 from .constants import CANCEL_CHECK_SECONDS
 from .engine import CapacityError, GenerationRequest, InflightEngine
 from .serving import ActiveStreams, FrameChunker, Refuse, Respond
-from .triton_calls import CancellationWatch, ResponseQueue
+from .triton_calls import CancellationWatch, response_queue
 
 log = logging.getLogger(__name__)
 
 
 class LlmStreams:
-    def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, threaded: bool,
+    def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, response_threads: int,
                  tokens_per_response: int, hold_seconds: float, cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
         self.engine = engine
         self.respond, self.refuse = respond, refuse
@@ -41,9 +42,8 @@ class LlmStreams:
         # Threaded (GPU): one pass over every stream at most every cancel_check_seconds and within the passes'
         # duty, on a thread of its own; else the engine asks each stream's request itself at every step (a few
         # streams, on a CPU).
-        self.cancellations = CancellationWatch(threaded=threaded, min_interval=cancel_check_seconds)
-        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded,
-                                       before_last=self.cancellations.settle)
+        self.cancellations = CancellationWatch(threaded=response_threads > 0, min_interval=cancel_check_seconds)
+        self.responses = response_queue(self._undeliverable, response_threads, before_last=self.cancellations.settle)
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
         """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing

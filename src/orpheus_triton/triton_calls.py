@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 
@@ -105,12 +106,62 @@ class ResponseQueue:
             self._failed.discard(key)
 
 
-def response_thread(params: dict[str, str], device_type: str) -> bool:
-    """The llm and snac_decoder models' ``response_thread`` parameter: auto (on GPU only), true or false."""
+class ResponseLanes:
+    """``ResponseQueue``'s calls spread over ``lanes`` threads, each stream's calls always on the same one.
+
+    A send's round trip mostly waits on the server, which takes the stub's messages on a
+    thread pool: where one thread cannot send all a model's responses (about 2,500 a
+    second for 216 real-time streams at the decoder), several may. A stream's calls stay
+    in order on its lane (Triton refuses two sends to one request at once: "response
+    output count mismatch", perf/round_trips.py); calls for no stream go on the first.
+    ``on_error`` and ``before_last`` may then be called from any lane's thread.
+    """
+
+    def __init__(self, on_error: Callable[[str, Exception], None], lanes: int,
+                 before_last: Callable[[str], None] | None = None, name: str = "triton-responses"):
+        if lanes < 2:
+            raise ValueError(f"response lanes are for 2 threads or more, got {lanes}")
+        self._lanes = [ResponseQueue(on_error, threaded=True, before_last=before_last, name=f"{name}-{i}")
+                       for i in range(lanes)]
+
+    def lane_of(self, key: str | None) -> int:
+        return 0 if key is None else zlib.crc32(key.encode()) % len(self._lanes)
+
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
+        self._lanes[self.lane_of(key)].put(key, send, last)
+
+    def wait_for_room(self, most: int) -> None:
+        """Wait until no lane holds more than its share of ``most`` queued calls."""
+        share = max(1, most // len(self._lanes))
+        for lane in self._lanes:
+            lane.wait_for_room(share)
+
+    def close(self) -> None:
+        for lane in self._lanes:
+            lane.close()
+
+
+def response_queue(on_error: Callable[[str, Exception], None], threads: int,
+                   before_last: Callable[[str], None] | None = None) -> ResponseQueue | ResponseLanes:
+    """Where a model's responses leave from: where they are put (0), one thread (1) or ``threads`` lanes."""
+    if threads < 0:
+        raise ValueError(f"response threads must be >= 0, got {threads}")
+    if threads > 1:
+        return ResponseLanes(on_error, threads, before_last=before_last)
+    return ResponseQueue(on_error, threaded=threads == 1, before_last=before_last)
+
+
+def response_threads(params: dict[str, str], device_type: str) -> int:
+    """The llm and snac_decoder models' ``response_thread`` parameter as a number of threads: auto (one on a
+    GPU, none on a CPU), true (one), false (none: each response is sent where it is made) or a count."""
     value = params.get("response_thread", "auto").strip().lower()
-    if value not in ("auto", "true", "false"):
-        raise ValueError(f"response_thread must be auto, true or false, got {value!r}")
-    return device_type == "cuda" if value == "auto" else value == "true"
+    if value == "auto":
+        return 1 if device_type == "cuda" else 0
+    if value in ("true", "false"):
+        return int(value == "true")
+    if value.isdigit():
+        return int(value)
+    raise ValueError(f"response_thread must be auto, true, false or a number of threads, got {value!r}")
 
 
 class CancellationWatch:
@@ -223,3 +274,9 @@ class CancellationWatch:
             if cancelled:
                 flag.set()
                 self.forget(key)
+
+
+def response_thread_setting(value: str) -> str:
+    """``value`` if it is a valid ``response_thread`` parameter (for command lines); ValueError otherwise."""
+    response_threads({"response_thread": value}, "cpu")
+    return value.strip().lower()

@@ -16,7 +16,7 @@ from orpheus_triton.serving import (
     model_parameters,
     serve_llm_requests,
 )
-from orpheus_triton.triton_calls import response_thread
+from orpheus_triton.triton_calls import response_threads
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
 
 respond, refuse = llm_responders(pb_utils)
@@ -28,7 +28,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.engine = build_engine(params)
         self.streams = LlmStreams(
-            self.engine, respond, refuse, threaded=response_thread(params, self.engine.device.type),
+            self.engine, respond, refuse, response_threads=response_threads(params, self.engine.device.type),
             **llm_stream_options(params),
         )
         self.metrics = EngineMetrics(pb_utils, self.engine, self.streams.active)

@@ -5,7 +5,8 @@ only frames the tokens into windows and queues them (decode_rounds.DecodeSchedul
 a worker thread decodes round after round, each round the oldest waiting
 request of every stream in one SNAC call, composed when the decoder is free,
 and answers each request as its round finishes: on a GPU through a response
-thread of its own (triton_calls.ResponseQueue, the ``response_thread`` parameter),
+thread of its own (triton_calls.ResponseQueue, the ``response_thread`` parameter;
+a number there: that many threads, each stream's answers on one of them),
 so that the next round decodes while this one's responses, a round trip to
 the server each, go out.
 """
@@ -30,7 +31,7 @@ from orpheus_triton.serving import (
 )
 from orpheus_triton.snac_codec import load_window_decoder, warm_up
 from orpheus_triton.threads import start_torch_thread
-from orpheus_triton.triton_calls import ResponseQueue, response_thread
+from orpheus_triton.triton_calls import response_queue, response_threads
 from orpheus_triton.triton_llm import pick_device, set_cpu_threads
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -52,9 +53,8 @@ class TritonPythonModel:
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
         self.metrics = DecoderMetrics(pb_utils)  # published by a thread of its own
-        # Responses leave from one thread: inline in the worker, or (GPU by default) the response thread.
-        threaded = response_thread(params, device.split(":")[0])
-        self.responses = ResponseQueue(on_error=self._undeliverable, threaded=threaded)
+        # Responses leave inline in the worker, or (GPU by default) from the response thread(s).
+        self.responses = response_queue(self._undeliverable, response_threads(params, device.split(":")[0]))
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
     def execute(self, requests):
