@@ -302,7 +302,7 @@ short() {
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
   # in the order named (default "check round-trips models serving serving-paced engine perf-analyzer
   # engine-overlap serving-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
-  # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing").
+  # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -390,6 +390,14 @@ short() {
         --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
         --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-paced" "$@" ;;
+      # serving-paced with both models' responses on two lanes each (--response-thread 2: each stream's on one
+      # of two threads): the A/B against serving-paced, for when the round-trips step shows sends from two threads
+      # adding up and serving-paced shows a response thread near saturation.
+      serving-paced-lanes) model_set && step serving-paced-lanes 90 "$py" perf/run_all.py --shape orpheus-3b \
+        --device cuda --max-streams 256 --max-seq-len 1400 --paced-llm 100 --concurrency 216 --texts short \
+        --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
+        --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 --llm-response-thread 2 \
+        --decoder-response-thread 2 "${stack_args[@]}" --out "$out/serving-paced-lanes" "$@" ;;
       # The same with the SNAC decoder's SNAC a stand-in too (perf/silent_snac: a frame of silence a window, no
       # model): only what carries the audio (preprocessing, Triton, both adapters, the load generator). Where
       # serving-paced starves streams, this says whether the SNAC decoder's GPU work is why.

@@ -130,6 +130,8 @@ def summary(folder: Path) -> str:
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
                 ("Served with a paced stand-in engine (serving-paced)", serving(folder, "serving-paced")),
+                ("The same, responses on two lanes a model (serving-paced-lanes)",
+                 serving(folder, "serving-paced-lanes")),
                 ("Served with stand-ins for the engine and SNAC (serving-plumbing)",
                  serving(folder, "serving-plumbing")),
                 ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
