@@ -164,6 +164,12 @@ def response_threads(params: dict[str, str], device_type: str) -> int:
     raise ValueError(f"response_thread must be auto, true, false or a number of threads, got {value!r}")
 
 
+def response_thread_setting(value: str) -> str:
+    """``value`` if it is a valid ``response_thread`` parameter (for command lines); ValueError otherwise."""
+    response_threads({"response_thread": value}, "cpu")
+    return value.strip().lower()
+
+
 class CancellationWatch:
     """Which requests were cancelled, asked of Triton off the engine loop.
 
@@ -274,9 +280,3 @@ class CancellationWatch:
             if cancelled:
                 flag.set()
                 self.forget(key)
-
-
-def response_thread_setting(value: str) -> str:
-    """``value`` if it is a valid ``response_thread`` parameter (for command lines); ValueError otherwise."""
-    response_threads({"response_thread": value}, "cpu")
-    return value.strip().lower()
