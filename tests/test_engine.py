@@ -237,6 +237,30 @@ def test_cancellation_frees_the_slot_within_one_step(model, overlap):
     assert len(victim.tokens) == produced and len(waiting.tokens) == 4 and waiting.finished
 
 
+def test_a_queued_stream_cancelled_while_the_engine_asks_still_hears_its_end(model):
+    """Each queued stream is asked about cancellation once a step: one whose client cancels between two
+    questions is either dropped and told, or kept until the next step; it never just leaves the queue."""
+    engine = make_engine(model, max_streams=1)
+    engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=50))
+    asked = []
+
+    def cancels_after_two_questions():  # the client cancels right after the engine's second question
+        asked.append(1)
+        return len(asked) > 2
+
+    queued, other = Collector(), Collector()
+    engine.submit(request(PROMPTS[1], queued, max_new_tokens=5, is_cancelled=cancels_after_two_questions))
+    engine.submit(request(PROMPTS[2], other, max_new_tokens=5, is_cancelled=lambda: True))  # cancelled already
+    engine.step()
+    assert other.errors == ["request cancelled by the client"]
+    assert len(asked) == 1 and [s.request.prompt for s in engine.queue] == [PROMPTS[1]]  # kept: not yet cancelled
+    engine.step()
+    assert len(asked) == 2 and len(engine.queue) == 1 and not queued.errors
+    engine.step()
+    assert queued.errors == ["request cancelled by the client"] and not engine.queue
+    assert engine.stats.cancelled == 2
+
+
 def test_capacity_errors_are_clear(model):
     engine = make_engine(model, max_seq_len=64, max_queue=1)
     with pytest.raises(CapacityError, match="exceeds the engine's max_seq_len 64"):

@@ -358,9 +358,12 @@ class InflightEngine:
             dropped.append(self.prefilling)
             self.prefilling = None
         with self.lock:
-            if any(cancelled(s) for s in self.queue):
-                dropped += [s for s in self.queue if cancelled(s)]
-                self.queue = collections.deque(s for s in self.queue if not cancelled(s))
+            # Asked once per queued stream: a client may cancel between two questions, and a stream that
+            # left the queue without being counted as dropped would never hear its end.
+            verdicts = [(stream, cancelled(stream)) for stream in self.queue]
+            if any(verdict for _, verdict in verdicts):
+                dropped += [stream for stream, verdict in verdicts if verdict]
+                self.queue = collections.deque(stream for stream, verdict in verdicts if not verdict)
         self.stats.cancelled += len(dropped)
         for stream in dropped:
             stream.ended = True
