@@ -261,6 +261,30 @@ def test_a_queued_stream_cancelled_while_the_engine_asks_still_hears_its_end(mod
     assert engine.stats.cancelled == 2
 
 
+def test_a_failed_prefill_fails_the_streams_it_took_from_the_queue(model, monkeypatch):
+    """The engine loop fails every stream it holds when a step raises: the prompts of a batched prefill
+    are among them from the moment they leave the queue."""
+    engine = make_engine(model, max_streams=4)
+    running, newcomers = Collector(), [Collector(), Collector()]
+    engine.submit(request(PROMPTS[0], running, max_new_tokens=50))
+    engine.step()
+    for prompt, out in zip(PROMPTS[1:], newcomers, strict=False):
+        engine.submit(request(prompt, out, max_new_tokens=5))
+    forward = engine.model.forward
+
+    def failing_prefill(tokens, *args, **kwargs):
+        if tokens.shape[1] > 1:
+            raise RuntimeError("out of memory")
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", failing_prefill)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.step()
+    engine._fail_all("internal error in the LLM engine step; see server log")  # what the loop does then
+    assert all(out.errors == ["internal error in the LLM engine step; see server log"] for out in newcomers)
+    assert running.errors and engine.idle()
+
+
 def test_capacity_errors_are_clear(model):
     engine = make_engine(model, max_seq_len=64, max_queue=1)
     with pytest.raises(CapacityError, match="exceeds the engine's max_seq_len 64"):

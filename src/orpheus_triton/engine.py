@@ -463,7 +463,10 @@ class InflightEngine:
                 return 0
             for _ in group:
                 self.queue.popleft()
+        # Decoding from here on, so that a forward that fails fails them too (the loop's _fail_all): out of
+        # the queue and nowhere else, they would never hear their end.
         first = len(self.decoding)
+        self.decoding.extend(group)
         lengths = torch.tensor([len(s.request.prompt) for s in group], device=self.device)
         width = int(lengths.max())
         tokens = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
@@ -474,7 +477,6 @@ class InflightEngine:
             stream.prefilled = stream.length = prompt.numel()
         positions = torch.arange(width, device=self.device).expand(len(group), width)
         hidden = self.model(tokens, positions, first_slot=first, last_only=False, hidden_only=True)
-        self.decoding.extend(group)
         last = hidden[torch.arange(len(group), device=self.device), lengths - 1]
         self._sample_and_emit(list(range(first, first + len(group))), last)
         return used
