@@ -1,5 +1,6 @@
 """The llm model's stream rules (orpheus_triton.llm_streams), with a stand-in engine and senders."""
 
+import numpy as np
 import pytest
 
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS, END_OF_SPEECH, REQUEST_START
@@ -163,3 +164,60 @@ def test_threaded_a_stream_is_asked_about_cancellation_in_passes_within_their_du
         spacing = max(interval, 0.004 / CANCEL_CHECK_DUTY)  # 40 ms: a 4 ms pass, then nine times that at rest
         assert checks > 100 and 2 <= len(asked) <= 0.35 / spacing + 1
         assert all(b - a >= spacing * 0.99 for a, b in zip(asked, asked[1:], strict=False))
+
+
+class FakeRequest:
+    """The parts of a Triton request serve_llm_requests reads."""
+
+    def __init__(self, request_id: str, prompt: list[int]):
+        self.id, self.sender = request_id, Sender()
+        self.tensors = {"input_ids": np.array([prompt], dtype=np.int32)}
+
+    def request_id(self):
+        return self.id
+
+    def inputs(self):
+        return [FakeTensor(name, value) for name, value in self.tensors.items()]
+
+    def get_response_sender(self):
+        return self.sender
+
+    def requested_output_names(self):
+        return []
+
+    def is_cancelled(self):
+        return False
+
+
+class FakeTensor:
+    def __init__(self, name, value):
+        self._name, self._value = name, value
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self._value
+
+
+class ErrorPbUtils(FakePbUtils):
+    TritonError = staticmethod(lambda message: message)
+    InferenceResponse = staticmethod(lambda outputs=None, error=None: error if error is not None else outputs)
+
+
+def test_a_start_that_fails_unexpectedly_is_told_to_its_request_and_the_batch_goes_on():
+    from orpheus_triton.serving import serve_llm_requests
+
+    started = []
+
+    def start(request_id, inputs, reply, is_cancelled):
+        if request_id == "broken":
+            raise KeyError("a fault in the stage")
+        started.append(request_id)
+
+    broken, fine = FakeRequest("broken", [1, 2]), FakeRequest("fine", [3, 4])
+    serve_llm_requests(ErrorPbUtils, [broken, fine], start, stop=lambda request_id: None)
+    assert started == ["fine"] and fine.sender.sent == []
+    [(message, flags)] = broken.sender.sent
+    assert message.startswith("orpheus llm: internal error starting the stream ('a fault in the stage')")
+    assert flags == ErrorPbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL

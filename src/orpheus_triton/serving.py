@@ -47,6 +47,8 @@ from .constants import (
     TOKENS_PER_FRAME,
 )
 
+log = logging.getLogger(__name__)
+
 
 class TritonLogHandler(logging.Handler):
     """This package's log records in tritonserver's own log, through the Python backend's ``pb_utils.Logger``."""
@@ -148,8 +150,9 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once; any other starts a stream with
     ``start(request_id, inputs by name, reply, is_cancelled)`` (``Reply``), and one it refuses (ValueError,
-    StreamIdError) hears why. The request's REQUEST_START input (when preprocessing took it; now if
-    absent) is not among the inputs: it goes with the reply, to every response."""
+    StreamIdError) hears why; one whose start fails otherwise hears that it did, and the batch goes on.
+    The request's REQUEST_START input (when preprocessing took it; now if absent) is not among the
+    inputs: it goes with the reply, to every response."""
     for request in requests:
         arrived = time.time()
         request_id = request.request_id()
@@ -164,6 +167,9 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
             start(request_id, inputs, sender, request.is_cancelled)
         except ValueError as error:  # StreamIdError among them
             send_error(pb_utils, sender, "llm", error)
+        except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
+            log.exception("starting stream %r failed", request_id)
+            send_error(pb_utils, sender, "llm", f"internal error starting the stream ({error}); see server log")
 
 
 def stop_request_inputs() -> dict[str, np.ndarray]:
