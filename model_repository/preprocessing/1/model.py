@@ -1,6 +1,7 @@
 """Triton adapter: request tensors -> orpheus_triton.preprocess -> LLM input tensors."""
 
 import time
+import traceback
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -51,4 +52,8 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
             except (PromptError, UnicodeDecodeError, ValueError) as error:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus: {error}")))
+            except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
+                pb_utils.Logger.log_error(f"orpheus preprocessing failed:\n{traceback.format_exc()}")
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"orpheus preprocessing: internal error ({error}); see server log")))
         return responses
