@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from orpheus_triton.constants import CANCEL_CHECK_SECONDS, END_OF_SPEECH, REQUEST_START
+from orpheus_triton.constants import CANCEL_CHECK_SECONDS, END_OF_SPEECH, LLM_INPUT_IDS, LLM_STOP, REQUEST_START
 from orpheus_triton.constants import LLM_OUTPUT_IDS as OUT_IDS
 from orpheus_triton.constants import LLM_SEQUENCE_LENGTH as OUT_LENGTH
 from orpheus_triton.engine import CapacityError
@@ -171,7 +171,7 @@ class FakeRequest:
 
     def __init__(self, request_id: str, prompt: list[int]):
         self.id, self.sender = request_id, Sender()
-        self.tensors = {"input_ids": np.array([prompt], dtype=np.int32)}
+        self.tensors = {LLM_INPUT_IDS: np.array([prompt], dtype=np.int32)}
 
     def request_id(self):
         return self.id
@@ -215,9 +215,16 @@ def test_a_start_that_fails_unexpectedly_is_told_to_its_request_and_the_batch_go
             raise KeyError("a fault in the stage")
         started.append(request_id)
 
+    def stop(request_id):
+        raise ConnectionError("engine model unavailable")
+
     broken, fine = FakeRequest("broken", [1, 2]), FakeRequest("fine", [3, 4])
-    serve_llm_requests(ErrorPbUtils, [broken, fine], start, stop=lambda request_id: None)
+    stopped = FakeRequest("any", [0])
+    stopped.tensors[LLM_STOP] = np.ones((1, 1), np.bool_)
+    serve_llm_requests(ErrorPbUtils, [broken, stopped, fine], start, stop=stop)
     assert started == ["fine"] and fine.sender.sent == []
     [(message, flags)] = broken.sender.sent
     assert message.startswith("orpheus llm: internal error starting the stream ('a fault in the stage')")
     assert flags == ErrorPbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    [(message, flags)] = stopped.sender.sent
+    assert message.startswith("orpheus llm: internal error stopping the stream (engine model unavailable)")

@@ -159,17 +159,22 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
         inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         start_time = inputs.pop(REQUEST_START, None)
         sender = Reply.of(request, arrived if start_time is None else float(np.asarray(start_time).reshape(-1)[0]))
-        if is_stop_request(inputs.get):
-            stop(request_id)
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            continue
+        stopping = is_stop_request(inputs.get)
         try:
-            start(request_id, inputs, sender, request.is_cancelled)
+            if stopping:
+                stop(request_id)
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                start(request_id, inputs, sender, request.is_cancelled)
         except ValueError as error:  # StreamIdError among them
             send_error(pb_utils, sender, "llm", error)
         except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
-            log.exception("starting stream %r failed", request_id)
-            send_error(pb_utils, sender, "llm", f"internal error starting the stream ({error}); see server log")
+            what = "stopping" if stopping else "starting"
+            log.exception("%s stream %r failed", what, request_id)
+            try:
+                send_error(pb_utils, sender, "llm", f"internal error {what} the stream ({error}); see server log")
+            except Exception:  # noqa: BLE001 (its sender is closed: nobody listens)
+                log.debug("could not tell request %r", request_id)
 
 
 def stop_request_inputs() -> dict[str, np.ndarray]:
