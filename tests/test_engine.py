@@ -700,6 +700,7 @@ def test_a_request_waiting_too_long_for_a_slot_is_refused_and_the_others_go_on(m
     time.sleep(0.1)
     engine.step()
     assert waiting.errors and "no stream slot came free within 0.05 s" in waiting.errors[0]
+    assert "1 of 1 stream slots in use" in waiting.errors[0]
     assert not waiting.tokens and engine.stats.timed_out == 1 and not engine.queue
     engine.run_until_idle()
     assert not running.errors and len(running.tokens) == 41  # 40 and the closing end_id

@@ -389,9 +389,9 @@ class InflightEngine:
         self.stats.timed_out += len(overdue)
         for stream in overdue:
             stream.ended = True
-        slots = self.max_streams
+        held = len(self.decoding) + (self.prefilling is not None)
         self._notify(overdue, f"server busy: no stream slot came free within {self.max_queue_seconds:g} s "
-                              f"(max_queue_seconds; {slots} of {slots} stream slots in use); retry later")
+                              f"(max_queue_seconds; {held} of {self.max_streams} stream slots in use); retry later")
 
     def _prefill(self) -> None:
         """Spend the step's prefill budget: first on the prompt being prefilled chunk by chunk, if any, then on
