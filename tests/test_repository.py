@@ -161,7 +161,9 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
         assert f"expected seconds >= 0, got '{bad}'" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--response-threads", bad])
-        assert f"expected auto or a number of threads >= 0, got '{bad}'" in capsys.readouterr().err
+        assert f"expected auto or a number of threads from 0 to 16, got '{bad}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--response-threads", "17"])
 
 
 def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):

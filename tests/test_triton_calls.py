@@ -160,8 +160,10 @@ def test_response_threads_are_one_on_gpus_by_default_and_may_be_several():
     assert response_threads({"response_thread": "true"}, "cpu") == 1
     assert response_threads({"response_thread": "false"}, "cuda") == 0
     assert response_threads({"response_thread": "4"}, "cuda") == 4
-    with pytest.raises(ValueError, match="response_thread must be auto, true, false or a number of threads"):
+    with pytest.raises(ValueError, match="response_thread must be auto, true, false or a number of threads up to 16"):
         response_threads({"response_thread": "yes"}, "cpu")
+    with pytest.raises(ValueError, match="got '17'"):
+        response_threads({"response_thread": "17"}, "cuda")
     with pytest.raises(ValueError, match="got '-2'"):
         response_threads({"response_thread": "-2"}, "cpu")
 

@@ -17,7 +17,14 @@ import threading
 import time
 from pathlib import Path
 
-from .constants import CANCEL_CHECK_SECONDS, DEFAULT_VOICE, MAX_TEXT_CHARS, SAMPLE_RATE, VOICES
+from .constants import (
+    CANCEL_CHECK_SECONDS,
+    DEFAULT_VOICE,
+    MAX_RESPONSE_THREADS,
+    MAX_TEXT_CHARS,
+    SAMPLE_RATE,
+    VOICES,
+)
 from .demo_models import ModelSet, cache_dir, demo_model_set
 from .prompt import Voices
 
@@ -312,8 +319,9 @@ def _non_negative_seconds(value: str) -> float:
 def _response_threads(value: str) -> str:
     """auto or a number of threads >= 0, checked before the server starts."""
     value = value.strip().lower()
-    if value != "auto" and not value.isdigit():
-        raise argparse.ArgumentTypeError(f"expected auto or a number of threads >= 0, got {value!r}")
+    if value != "auto" and not (value.isdigit() and int(value) <= MAX_RESPONSE_THREADS):
+        raise argparse.ArgumentTypeError(f"expected auto or a number of threads from 0 to {MAX_RESPONSE_THREADS}, "
+                                         f"got {value!r}")
     return value
 
 

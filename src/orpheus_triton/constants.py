@@ -60,6 +60,9 @@ NEWCOMER_ROUND_HORIZON = 0.25  # seconds
 # default waits for the GPU host's figures (the short run's round-trips step).
 CANCEL_CHECK_SECONDS = 0.1
 CANCEL_CHECK_DUTY = 0.1
+# Most threads a model's responses may leave from (the response_thread parameter, serve --response-threads):
+# more would only contend for the GIL and the backend stub's message queue.
+MAX_RESPONSE_THREADS = 16
 
 # --- Voices and sampling defaults ---------------------------------------------------
 VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")

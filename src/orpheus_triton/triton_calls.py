@@ -17,7 +17,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 
-from .constants import CANCEL_CHECK_DUTY
+from .constants import CANCEL_CHECK_DUTY, MAX_RESPONSE_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,10 @@ def response_threads(params: dict[str, str], device_type: str) -> int:
         return 1 if device_type == "cuda" else 0
     if value in ("true", "false"):
         return int(value == "true")
-    if value.isdigit():
+    if value.isdigit() and int(value) <= MAX_RESPONSE_THREADS:
         return int(value)
-    raise ValueError(f"response_thread must be auto, true, false or a number of threads, got {value!r}")
+    raise ValueError(f"response_thread must be auto, true, false or a number of threads up to "
+                     f"{MAX_RESPONSE_THREADS}, got {value!r}")
 
 
 def response_thread_setting(value: str) -> str:
