@@ -49,14 +49,15 @@ def settled_server_metric(server, name: str) -> float:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, work: Path):
-    """A real tritonserver on free ports serving ``repository``; yields the process (``.ports``, ``.log_path``)."""
+def running_server(repository: Path, work: Path, extra: list[str] | None = None):
+    """A real tritonserver on free ports serving ``repository`` (``extra``: more tritonserver options); yields
+    the process (``.ports``, ``.log_path``)."""
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready
 
     ports = Ports.free()
     log_path = work / "server.log"
     with open(log_path, "w") as log:
-        process = start_server(repository, ports, log_file=log)
+        process = start_server(repository, ports, log_file=log, extra=extra)
         process.started = time.time()
         try:
             wait_until_ready(process, f"localhost:{ports.grpc}", timeout=180)

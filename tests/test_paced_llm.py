@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
@@ -71,3 +72,40 @@ def test_run_all_takes_the_paced_stand_in_only_without_the_comparisons(capsys):
     with pytest.raises(SystemExit):
         run_all.main(["--silent-snac"])
     assert "--silent-snac: only with --skip-comparisons" in capsys.readouterr().err
+
+
+FAULTY_FIRST_ROUND = '''
+class _FaultyFirstRound(SilentDecoder):
+    """The silent decoder, but its first round's audio is malformed: no arrays at all."""
+
+    rounds = 0
+
+    def decode(self, windows):
+        type(self).rounds += 1
+        return [None] * len(windows) if self.rounds == 1 else super().decode(windows)
+
+
+load_window_decoder = lambda *args, **kwargs: _FaultyFirstRound()  # noqa: E731
+'''
+
+
+def test_a_malformed_decoder_round_fails_its_streams_and_the_decoder_goes_on(model_set, tmp_path):
+    """Whatever a round's SNAC call returns, its streams hear an error and the next round decodes: the
+    decoder's worker outlives a bad round (its thread gone, every later stream would wait forever)."""
+    from conftest import running_server, server_settings
+
+    from orpheus_triton.client import SynthesisError
+    from orpheus_triton.repository import render
+
+    repository = render(server_settings(model_set), tmp_path / "repository")
+    use_paced_llm(repository, 400.0)
+    use_silent_snac(repository)
+    with open(repository / c.DECODER_MODEL / "1" / "model.py", "a") as model:
+        model.write(FAULTY_FIRST_ROUND)
+    # The failed ensemble request stays counted in flight in tritonserver 2.51: its stop waits the exit timeout.
+    with running_server(repository, tmp_path, extra=["--exit-timeout-secs=2"]) as server:
+        client = OrpheusClient(f"localhost:{server.ports.grpc}")
+        with pytest.raises(SynthesisError, match="orpheus decoder"):
+            client.synthesize("first", max_tokens=35, seed=3, timeout=30)
+        result = client.synthesize("second", max_tokens=35, seed=3, timeout=30)
+        assert result.audio.size == 5 * c.SAMPLES_PER_FRAME

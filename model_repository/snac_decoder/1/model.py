@@ -120,6 +120,8 @@ class TritonPythonModel:
             audio = self.decoder.decode(windows)
             if len(audio) != len(windows):
                 raise RuntimeError(f"SNAC returned {len(audio)} chunks for {len(windows)} windows")
+            chunks = iter(audio)
+            answers = [np.concatenate([next(chunks) for _ in item.windows]) for item in items]
         except Exception as error:  # noqa: BLE001
             # The streams hear the error; the server log keeps the trace (a failing round is a fault, not input).
             pb_utils.Logger.log_error(f"orpheus decoder: a round of {len(windows)} windows failed:\n"
@@ -128,9 +130,8 @@ class TritonPythonModel:
                 self._respond(item, None, error)
             return
         self.metrics.record_call(len(windows), time.perf_counter() - started)
-        chunks = iter(audio)
-        for item in items:
-            self._respond(item, np.concatenate([next(chunks) for _ in item.windows]))
+        for item, pcm in zip(items, answers, strict=True):
+            self._respond(item, pcm)
 
     def _answer(self, item: DecodeItem, pcm, error=None):
         try:
