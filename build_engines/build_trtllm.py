@@ -283,8 +283,12 @@ def quantize_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptio
     """
     from tensorrt_llm.mapping import Mapping  # noqa: PLC0415
     from tensorrt_llm.models import LLaMAForCausalLM  # noqa: PLC0415
-    from tensorrt_llm.models.modeling_utils import QuantConfig  # noqa: PLC0415
-    from tensorrt_llm.quantization import QuantAlgo  # noqa: PLC0415
+
+    try:  # where the LLM API publishes both (recent releases); older ones only have the modules below
+        from tensorrt_llm.llmapi import QuantAlgo, QuantConfig  # noqa: PLC0415
+    except ImportError:
+        from tensorrt_llm.models.modeling_utils import QuantConfig  # noqa: PLC0415
+        from tensorrt_llm.quantization import QuantAlgo  # noqa: PLC0415
 
     from orpheus_triton.calibration import write_calibration_set  # noqa: PLC0415
 
