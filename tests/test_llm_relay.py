@@ -160,6 +160,23 @@ def test_requests_are_checked_before_anything_is_claimed():
     relay.close()
 
 
+def test_a_relay_that_cannot_start_its_thread_raises_and_claims_nothing(monkeypatch):
+    import threading
+
+    relay, _, sent, refused = make()
+
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        relay.start("a", INPUTS, "sender", lambda: False)
+    monkeypatch.undo()
+    assert not sent and not refused and not relay._threads
+    relay.active.claim("a")  # free again
+    relay.close()
+
+
 def test_engine_inputs_are_mapped_to_the_engines_names_as_single_requests():
     trtllm = EngineInputs(seed="seed", audio_guard=False)
     given = INPUTS | {LLM_SEED: np.array([7], np.uint64), LLM_AUDIO_GUARD: np.array([False]),

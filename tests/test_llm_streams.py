@@ -64,6 +64,19 @@ def test_a_stream_sends_frames_in_order_and_frees_its_id_before_the_final_respon
     streams.active.claim("a")  # free again
 
 
+def test_a_start_that_fails_unexpectedly_raises_and_claims_nothing():
+    streams, engine, sent, refused = make()
+
+    def broken(request):
+        raise RuntimeError("a fault in the engine")
+
+    engine.submit = broken
+    with pytest.raises(RuntimeError, match="a fault in the engine"):
+        streams.start("a", SETTINGS, "sender-a", lambda: False)
+    assert not sent and not refused  # the adapter answers (serving.serve_llm_requests)
+    streams.active.claim("a")  # free again
+
+
 def test_a_request_beyond_capacity_is_refused_and_claims_nothing():
     streams, engine, _, refused = make()
     engine.full = True

@@ -157,7 +157,14 @@ class RelayStreams:
                                   args=(request_id, forwarded, end_id, sender, check))
         with self._lock:
             self._threads[request_id] = thread
-        thread.start()
+        try:
+            thread.start()
+        except Exception:  # e.g. no thread to be had: the adapter tells the request; nothing of it stays behind
+            with self._lock:
+                self._threads.pop(request_id, None)
+            self.cancellations.forget(request_id)
+            self.active.release(request_id)
+            raise
 
     def stop(self, request_id: str) -> None:
         """Pass a `stop` on to the engine. The stream ends normally (with end_id), but its client may

@@ -59,6 +59,11 @@ class LlmStreams:
             self.active.release(request_id)
             # On the response thread, which may be asking about this request right now.
             self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True)
+        except Exception:
+            # A fault (the adapter tells the request): nothing of the stream stays behind, its id free again.
+            self.cancellations.forget(request_id)
+            self.active.release(request_id)
+            raise
 
     def stop(self, request_id: str) -> None:
         """End the stream with this id at the engine's next step. It ends normally, but its client
