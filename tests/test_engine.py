@@ -1,5 +1,6 @@
 """In-flight batching, sampling and the audio-token guard of the torch engine (CPU, fp32)."""
 
+import logging
 import os
 import time
 
@@ -659,7 +660,7 @@ def test_a_prefill_budget_below_one_token_is_refused(model):
         InflightEngine(model, max_streams=2, max_seq_len=64, prefill_chunk=0)
 
 
-def test_a_kv_cache_the_device_cannot_hold_is_refused_with_what_to_change(model, monkeypatch):
+def test_a_kv_cache_the_device_cannot_hold_is_refused_with_what_to_change(model, monkeypatch, caplog):
     from orpheus_triton import engine as engine_module
     from orpheus_triton.llama import kv_cache_bytes
 
@@ -672,7 +673,9 @@ def test_a_kv_cache_the_device_cannot_hold_is_refused_with_what_to_change(model,
     with pytest.raises(ValueError, match="not one stream fits"):
         make_engine(model, max_streams=4, max_seq_len=512)
     monkeypatch.setattr(engine_module, "available_memory", lambda device: 6 * per_stream)
-    assert make_engine(model, max_streams=4, max_seq_len=512).max_streams == 4  # 5 slots in 90% of 6
+    with caplog.at_level(logging.INFO, logger="orpheus_triton.engine"):
+        assert make_engine(model, max_streams=4, max_seq_len=512).max_streams == 4  # 5 slots in 90% of 6
+    assert "room for about 4 streams of this length, serve --max-streams" in caplog.text  # the log says
     monkeypatch.setattr(engine_module, "available_memory", lambda device: None)  # cannot tell: no check
     assert make_engine(model, max_streams=4, max_seq_len=512).max_streams == 4
 

@@ -75,11 +75,12 @@ def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: t
     need = per_stream * (max_streams + 1)  # + the slot prompts are prefilled in
     free = available_memory(device)
     gib = 2**30
-    log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s)", max_streams, max_seq_len,
-             need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device)
+    fit = None if free is None else int(KV_CACHE_SHARE * free // per_stream) - 1  # streams of this length
+    log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s%s)", max_streams, max_seq_len,
+             need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device,
+             "" if fit is None else f": room for about {fit} streams of this length, serve --max-streams")
     if free is None or need <= KV_CACHE_SHARE * free:
         return
-    fit = int(KV_CACHE_SHARE * free // per_stream) - 1
     advice = (f"lower max_streams (serve --max-streams; about {fit} fit at this length) or max_seq_len "
               "(--max-seq-len)" if fit >= 1 else "lower max_seq_len (--max-seq-len): not one stream fits")
     raise ValueError(
