@@ -109,3 +109,32 @@ def test_a_malformed_decoder_round_fails_its_streams_and_the_decoder_goes_on(mod
             client.synthesize("first", max_tokens=35, seed=3, timeout=30)
         result = client.synthesize("second", max_tokens=35, seed=3, timeout=30)
         assert result.audio.size == 5 * c.SAMPLES_PER_FRAME
+
+
+FAULTY_PREPROCESSING = '''
+_llm_inputs = llm_inputs
+
+
+def llm_inputs(tokenizer, options, voices):  # a fault for one text, the real thing for the others
+    if options.text == "boom":
+        raise RuntimeError("a fault in preprocessing")
+    return _llm_inputs(tokenizer, options, voices)
+'''
+
+
+def test_a_preprocessing_fault_fails_its_request_alone(model_set, tmp_path):
+    from conftest import running_server, server_settings
+
+    from orpheus_triton.client import SynthesisError
+    from orpheus_triton.repository import render
+
+    repository = render(server_settings(model_set), tmp_path / "repository")
+    use_paced_llm(repository, 400.0)
+    use_silent_snac(repository)
+    with open(repository / c.PREPROCESSING_MODEL / "1" / "model.py", "a") as model:
+        model.write(FAULTY_PREPROCESSING)
+    with running_server(repository, tmp_path, extra=["--exit-timeout-secs=2"]) as server:
+        client = OrpheusClient(f"localhost:{server.ports.grpc}")
+        with pytest.raises(SynthesisError, match=r"orpheus preprocessing: internal error \(a fault in preprocessing\)"):
+            client.synthesize("boom", max_tokens=35, seed=3, timeout=30)
+        assert client.synthesize("fine", max_tokens=35, seed=3, timeout=30).audio.size == 5 * c.SAMPLES_PER_FRAME
