@@ -1,6 +1,7 @@
 """perf/paced_llm and perf/silent_snac: the llm stage's engine and the decoder's SNAC stood in for by ones
 without a model, served through the real ensemble (the adapters and Triton as they are)."""
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -89,22 +90,30 @@ load_window_decoder = lambda *args, **kwargs: _FaultyFirstRound()  # noqa: E731
 '''
 
 
-def test_a_malformed_decoder_round_fails_its_streams_and_the_decoder_goes_on(model_set, tmp_path):
-    """Whatever a round's SNAC call returns, its streams hear an error and the next round decodes: the
-    decoder's worker outlives a bad round (its thread gone, every later stream would wait forever)."""
+@contextlib.contextmanager
+def served_with_fault(model_set, tmp_path, model: str, fault: str):
+    """The pipeline with both models stood in for and ``fault`` appended to ``model``'s model.py, served;
+    yields a client of it."""
     from conftest import running_server, server_settings
 
-    from orpheus_triton.client import SynthesisError
     from orpheus_triton.repository import render
 
     repository = render(server_settings(model_set), tmp_path / "repository")
     use_paced_llm(repository, 400.0)
     use_silent_snac(repository)
-    with open(repository / c.DECODER_MODEL / "1" / "model.py", "a") as model:
-        model.write(FAULTY_FIRST_ROUND)
-    # The failed ensemble request stays counted in flight in tritonserver 2.51: its stop waits the exit timeout.
+    with open(repository / model / "1" / "model.py", "a") as source:
+        source.write(fault)
+    # A failed ensemble request stays counted in flight in tritonserver 2.51: its stop waits the exit timeout.
     with running_server(repository, tmp_path, extra=["--exit-timeout-secs=2"]) as server:
-        client = OrpheusClient(f"localhost:{server.ports.grpc}")
+        yield OrpheusClient(f"localhost:{server.ports.grpc}")
+
+
+def test_a_malformed_decoder_round_fails_its_streams_and_the_decoder_goes_on(model_set, tmp_path):
+    """Whatever a round's SNAC call returns, its streams hear an error and the next round decodes: the
+    decoder's worker outlives a bad round (its thread gone, every later stream would wait forever)."""
+    from orpheus_triton.client import SynthesisError
+
+    with served_with_fault(model_set, tmp_path, c.DECODER_MODEL, FAULTY_FIRST_ROUND) as client:
         with pytest.raises(SynthesisError, match="orpheus decoder"):
             client.synthesize("first", max_tokens=35, seed=3, timeout=30)
         result = client.synthesize("second", max_tokens=35, seed=3, timeout=30)
@@ -123,18 +132,9 @@ def llm_inputs(tokenizer, options, voices):  # a fault for one text, the real th
 
 
 def test_a_preprocessing_fault_fails_its_request_alone(model_set, tmp_path):
-    from conftest import running_server, server_settings
-
     from orpheus_triton.client import SynthesisError
-    from orpheus_triton.repository import render
 
-    repository = render(server_settings(model_set), tmp_path / "repository")
-    use_paced_llm(repository, 400.0)
-    use_silent_snac(repository)
-    with open(repository / c.PREPROCESSING_MODEL / "1" / "model.py", "a") as model:
-        model.write(FAULTY_PREPROCESSING)
-    with running_server(repository, tmp_path, extra=["--exit-timeout-secs=2"]) as server:
-        client = OrpheusClient(f"localhost:{server.ports.grpc}")
+    with served_with_fault(model_set, tmp_path, c.PREPROCESSING_MODEL, FAULTY_PREPROCESSING) as client:
         with pytest.raises(SynthesisError, match=r"orpheus preprocessing: internal error \(a fault in preprocessing\)"):
             client.synthesize("boom", max_tokens=35, seed=3, timeout=30)
         assert client.synthesize("fine", max_tokens=35, seed=3, timeout=30).audio.size == 5 * c.SAMPLES_PER_FRAME
