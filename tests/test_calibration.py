@@ -11,7 +11,6 @@ from orpheus_triton.calibration import (
     CALIBRATION_TEXTS,
     calibration_requests,
     generate_sequences,
-    is_audio_token,
     write_calibration_set,
 )
 from orpheus_triton.constants import (
@@ -21,6 +20,7 @@ from orpheus_triton.constants import (
     START_OF_SPEECH,
     TOKENS_PER_FRAME,
 )
+from orpheus_triton.frames import token_slot
 from orpheus_triton.llama import load_llama
 from orpheus_triton.prompt import ENGLISH_VOICES, Voices, build_prompt, load_tokenizer
 
@@ -59,7 +59,7 @@ def test_calibration_set_is_prompts_then_the_models_own_audio(model_set, tmp_pat
         for position, token in enumerate(audio):
             slot = position % TOKENS_PER_FRAME
             assert AUDIO_TOKEN_BASE + slot * CODEBOOK_SIZE <= token < AUDIO_TOKEN_BASE + (slot + 1) * CODEBOOK_SIZE
-            assert is_audio_token(token)
+            assert token_slot(token) == slot
 
 
 def test_generation_is_batch_independent(model_set):

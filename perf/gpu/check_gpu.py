@@ -155,12 +155,17 @@ def check_overlap(device: torch.device, model) -> dict:
             "tokens": sum(len(t) for t in overlapped.values())}
 
 
+def misplaced_tokens(audio: list[int]) -> int:
+    """How many of a stream's audio tokens are not in the frame slot of their position."""
+    return sum(token_slot(t) != position % TOKENS_PER_FRAME for position, t in enumerate(audio))
+
+
 def check_engine_run(device: torch.device, model) -> dict:
     outputs, seconds = engine_outputs(model)
     misplaced = 0
     for tokens in outputs.values():
         audio = [t for t in tokens if t != END_OF_SPEECH]
-        misplaced += sum(token_slot(t) != position % TOKENS_PER_FRAME for position, t in enumerate(audio))
+        misplaced += misplaced_tokens(audio)
     total = sum(len(t) for t in outputs.values())
     return {"ok": misplaced == 0 and all(t and t[-1] == END_OF_SPEECH for t in outputs.values()),
             "tokens": total, "tokens_per_second": round(total / seconds), "misplaced_tokens": misplaced}
@@ -180,7 +185,7 @@ def check_calibration(device: torch.device, checkpoint: Path) -> dict:
         ids = tokenizer.encode(text).ids
         tokens = ids[ids.index(START_OF_SPEECH) + 1 :]
         audio += len(tokens)
-        misplaced += sum(token_slot(t) != position % TOKENS_PER_FRAME for position, t in enumerate(tokens))
+        misplaced += misplaced_tokens(tokens)
     return {"ok": len(texts) == 16 and audio > 0 and misplaced == 0, "sequences": len(texts),
             "audio_tokens": audio, "misplaced_tokens": misplaced}
 

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+from .constants import END_OF_SPEECH
 from .engine import GenerationRequest, InflightEngine
+from .frames import token_slot
 from .llama import load_llama
 from .prompt import ENGLISH_VOICES, Voices, build_prompt, load_tokenizer
 
@@ -114,10 +115,6 @@ def generate_sequences(model, requests: list[tuple[list[int], int]], length: int
             for (prompt, _), output in zip(requests, outputs, strict=True)]
 
 
-def is_audio_token(token: int) -> bool:
-    return AUDIO_TOKEN_BASE <= token < AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE
-
-
 def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int = 256, length: int = 1024,
                           voices: Voices = ENGLISH_VOICES, device: str = "auto", max_streams: int = 64,
                           log: Callable[[str], None] = print) -> Path:
@@ -149,6 +146,6 @@ def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int =
     with path.open("w") as file:
         for sequence in sequences:
             file.write(json.dumps({"text": tokenizer.decode(sequence, skip_special_tokens=False)}) + "\n")
-    audio = sum(sum(map(is_audio_token, s)) for s in sequences)
+    audio = sum(token_slot(t) is not None for sequence in sequences for t in sequence)
     log(f"  wrote {path}: {len(sequences)} sequences, {sum(map(len, sequences))} tokens, {audio} of them audio")
     return path
