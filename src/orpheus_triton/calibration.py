@@ -31,6 +31,7 @@ from .engine import GenerationRequest, InflightEngine
 from .frames import token_slot
 from .llama import load_llama
 from .prompt import ENGLISH_VOICES, Voices, build_prompt, load_tokenizer
+from .triton_llm import pick_device
 
 CALIBRATION_FILE = "train.jsonl"
 
@@ -120,8 +121,7 @@ def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int =
                           log: Callable[[str], None] = print) -> Path:
     """Generate ``count`` calibration sequences of up to ``length`` tokens with the checkpoint in ``llm_dir``
     and write them to ``out_dir/train.jsonl`` (see the module docstring). Returns the file's path."""
-    if device in ("", "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device)
     tokenizer = load_tokenizer(llm_dir)
     requests = calibration_requests(tokenizer, count, voices)
     log(f"  generating {count} calibration sequences of up to {length} tokens on {device} "
