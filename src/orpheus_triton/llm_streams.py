@@ -54,16 +54,13 @@ class LlmStreams:
                 **settings, emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
                 is_cancelled=self.cancellations.watch(request_id, is_cancelled), request_id=request_id,
             ))
-        except (CapacityError, ValueError) as error:
+        except Exception as error:
             self.cancellations.forget(request_id)
             self.active.release(request_id)
+            if not isinstance(error, CapacityError | ValueError):
+                raise  # a fault: the adapter tells the request, and nothing of the stream stays behind
             # On the response thread, which may be asking about this request right now.
             self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True)
-        except Exception:
-            # A fault (the adapter tells the request): nothing of the stream stays behind, its id free again.
-            self.cancellations.forget(request_id)
-            self.active.release(request_id)
-            raise
 
     def stop(self, request_id: str) -> None:
         """End the stream with this id at the engine's next step. It ends normally, but its client
