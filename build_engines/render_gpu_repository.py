@@ -103,13 +103,14 @@ def render_gpu_repository(settings: RepositorySettings, trt: TrtllmSettings, out
     return root
 
 
-def engine_max_batch_size(engine_dir: Path) -> int | None:
-    """The max_batch_size the engine in ``engine_dir`` was built with, if its config.json says."""
+def engine_build_setting(engine_dir: Path, name: str) -> int | None:
+    """A positive whole-number setting (``max_batch_size``, ``max_seq_len``) the engine in ``engine_dir``
+    was built with, if its config.json says."""
     try:
         config = json.loads((Path(engine_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    value = config.get("build_config", {}).get("max_batch_size")
+    value = config.get("build_config", {}).get(name)
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
@@ -177,9 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not (engine_dir / "config.json").is_file():
         _log(f"warning: {engine_dir} holds no engine yet (config.json missing); build it with build_trtllm.py")
-    max_batch_size = args.max_batch_size or engine_max_batch_size(engine_dir) or DEFAULT_MAX_BATCH_SIZE
+    max_batch_size = args.max_batch_size or engine_build_setting(engine_dir, "max_batch_size") or DEFAULT_MAX_BATCH_SIZE
     settings = RepositorySettings(
         llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
+        # preprocessing fits a request's default max_tokens to the engine's length (0: unknown, unchecked)
+        max_seq_len=engine_build_setting(engine_dir, "max_seq_len") or 0,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
         voices=args.voices, default_voice=args.default_voice,
     )

@@ -503,12 +503,12 @@ def test_trtllm_settings_are_checked(tmp_path, field, value, message):
     assert not (tmp_path / "repo").exists()
 
 
-def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
+def test_max_batch_size_and_length_default_to_the_engines(tmp_path, monkeypatch, capsys):
     engine = tmp_path / "engine"
     engine.mkdir()
-    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 96}}))
-    assert gpu_repository.engine_max_batch_size(engine) == 96
-    assert gpu_repository.engine_max_batch_size(tmp_path / "none") is None
+    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 96, "max_seq_len": 3000}}))
+    assert gpu_repository.engine_build_setting(engine, "max_batch_size") == 96
+    assert gpu_repository.engine_build_setting(tmp_path / "none", "max_batch_size") is None
 
     models = tmp_path / "models"
     monkeypatch.setattr(ModelSet, "check", lambda self: None)  # the model set's files are checked elsewhere
@@ -521,6 +521,7 @@ def test_max_batch_size_defaults_to_the_engines(tmp_path, monkeypatch, capsys):
     assert {k: v.string_value for k, v in engine_config.parameters.items()}["gpt_model_path"] == str(engine)
     preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
+    assert preprocessing.parameters["max_seq_len"].string_value == "3000"  # default max_tokens fitted to it
 
     assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED,
                                 "--relay-instances", "2", "--voices", "jana,thomas,max"]) == 0

@@ -124,10 +124,10 @@ FAULTY_PREPROCESSING = '''
 _llm_inputs = llm_inputs
 
 
-def llm_inputs(tokenizer, options, voices):  # a fault for one text, the real thing for the others
+def llm_inputs(tokenizer, options, *args):  # a fault for one text, the real thing for the others
     if options.text == "boom":
         raise RuntimeError("a fault in preprocessing")
-    return _llm_inputs(tokenizer, options, voices)
+    return _llm_inputs(tokenizer, options, *args)
 '''
 
 

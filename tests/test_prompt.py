@@ -56,6 +56,26 @@ def test_llm_inputs_follow_tensorrt_llm_contract(tokenizer):
     assert tensors[OUT_REPETITION_PENALTY].tolist() == [[pytest.approx(c.DEFAULT_REPETITION_PENALTY)]]
 
 
+def test_default_max_tokens_fits_the_servers_length(tokenizer):
+    def output_len(max_seq_len, **options):
+        tensors = llm_inputs(tokenizer, SynthesisOptions(text="hi", **options), max_seq_len=max_seq_len)
+        return tensors[c.LLM_INPUT_LENGTHS].item(), tensors[c.LLM_REQUEST_OUTPUT_LEN].item()
+
+    prompt, default = output_len(None)
+    assert default == c.DEFAULT_MAX_TOKENS
+    assert output_len(4096) == (prompt, c.DEFAULT_MAX_TOKENS)
+    # A server with fewer positions than the prompt and the default: the request gets what fits.
+    assert output_len(prompt + 300) == (prompt, 300)
+    assert output_len(prompt + 300, max_tokens=300) == (prompt, 300)
+    with pytest.raises(PromptError, match=f"prompt of {prompt} tokens \\+ max_tokens 301 exceeds the server's "
+                                          f"max_seq_len {prompt + 300}; .* lower max_tokens to 300 at most"):
+        output_len(prompt + 300, max_tokens=301)
+    with pytest.raises(PromptError, match=f"the prompt takes {prompt} tokens, the server's whole max_seq_len "
+                                          f"of {prompt}"):
+        output_len(prompt)
+    assert output_len(prompt + 1) == (prompt, 1)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("max_tokens", 0, "max_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"),
     ("repetition_penalty", 0.5, "repetition_penalty"), ("temperature", float("nan"), "temperature"),

@@ -18,7 +18,7 @@ from orpheus_triton import constants as c
 from orpheus_triton.client import OrpheusClient, SynthesisError, infer_input
 from orpheus_triton.frames import StreamFramer
 from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
-from orpheus_triton.prompt import load_tokenizer
+from orpheus_triton.prompt import Voices, build_prompt, load_tokenizer
 
 from reference_decoder import convert_to_audio, reference_decode
 
@@ -181,7 +181,7 @@ def test_same_seed_same_audio_and_concurrent_streams_do_not_mix(grpc_url):
     ({"text": "   "}, "text is empty"),
     ({"text": "x" * (c.MAX_TEXT_CHARS + 1)}, "limit is"),
     ({"text": "hello", "temperature": -2.0}, "temperature must be"),
-    ({"text": "hello", "max_tokens": 5000}, "exceeds the engine's max_seq_len"),
+    ({"text": "hello", "max_tokens": 5000}, "exceeds the server's max_seq_len 1024; .* to \\d+ at most"),
 ])
 def test_bad_requests_get_clear_errors_and_server_stays_healthy(grpc_url, options, message):
     client = OrpheusClient(grpc_url)
@@ -748,18 +748,21 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     assert status == 128 + signal.SIGKILL and took < 3
 
 
+OTHER_MAX_SEQ_LEN = 240
+
+
 @pytest.fixture(scope="module")
 def other_server(model_set, tmp_path_factory):
     """A second server, with options of the default one's changed (one start for their tests): the llm
-    engine's ``overlap`` option, no lead-in frame, and voices of another fine-tune (tara and pierre,
-    pierre by default)."""
+    engine's ``overlap`` option, no lead-in frame, voices of another fine-tune (tara and pierre,
+    pierre by default), and a max_seq_len shorter than a prompt and the default max_tokens."""
     from conftest import running_server, server_settings
 
     from orpheus_triton.repository import render
 
     work = tmp_path_factory.mktemp("other-server")
     settings = server_settings(model_set, llm_overlap=True, decoder_lead_in=False, voices="tara, Pierre",
-                               default_voice="pierre")
+                               default_voice="pierre", max_seq_len=OTHER_MAX_SEQ_LEN)
     repository = render(settings, work / "repository")
     assert 'key: "overlap", value: { string_value: "true" }' in (repository / c.LLM_MODEL / "config.pbtxt").read_text()
     with running_server(repository, work) as process:
@@ -787,3 +790,20 @@ def test_a_server_speaks_the_voices_it_was_given(other_server):
     assert not np.array_equal(default, client.synthesize("Bonjour.", voice="tara", seed=1, max_tokens=35).audio)
     with pytest.raises(SynthesisError, match="unknown voice 'leo'; choose one of: tara, Pierre"):
         client.synthesize("Bonjour.", voice="leo")
+
+
+def test_a_request_naming_no_max_tokens_gets_what_the_servers_length_leaves(other_server, model_set):
+    """Without max_tokens a stream may generate DEFAULT_MAX_TOKENS, or what the server's max_seq_len leaves
+    after its prompt where that is less (here 240 positions): served, not refused; naming more is refused
+    with the most it may name."""
+    prompt = len(build_prompt(load_tokenizer(model_set.llm), "Bonjour.", "pierre",
+                              Voices.parse("tara, Pierre", "pierre")))
+    room = OTHER_MAX_SEQ_LEN - prompt
+    assert room < c.DEFAULT_MAX_TOKENS
+    client = OrpheusClient(other_server)
+    audio = client.synthesize("Bonjour.", seed=1).audio
+    assert np.array_equal(audio, client.synthesize("Bonjour.", seed=1, max_tokens=room).audio)
+    assert audio.size == (room // c.TOKENS_PER_FRAME - 1) * c.SAMPLES_PER_FRAME  # no lead-in frame here
+    with pytest.raises(SynthesisError, match=f"prompt of {prompt} tokens \\+ max_tokens {room + 1} exceeds the "
+                                             f"server's max_seq_len {OTHER_MAX_SEQ_LEN}"):
+        client.synthesize("Bonjour.", seed=1, max_tokens=room + 1)

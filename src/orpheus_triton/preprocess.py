@@ -39,14 +39,15 @@ class SynthesisOptions:
 
     text: str
     voice: str | None = None  # None: the served model's default voice
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    # None: DEFAULT_MAX_TOKENS, or as many as the served max_seq_len leaves after the prompt if fewer
+    max_tokens: int | None = None
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY
     seed: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise PromptError(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 5):
             raise PromptError(f"temperature must be in [0, 5] (0 = greedy), got {self.temperature}")
@@ -59,11 +60,35 @@ class SynthesisOptions:
             )
 
 
-def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions,
-               voices: Voices = ENGLISH_VOICES) -> dict[str, np.ndarray]:
+def output_budget(prompt_tokens: int, max_tokens: int | None, max_seq_len: int | None) -> int:
+    """The audio tokens a request may generate: its ``max_tokens``, or by default DEFAULT_MAX_TOKENS cut
+    to what the LLM's ``max_seq_len`` (prompt + generated tokens) leaves after the prompt.
+
+    The default follows the server's length so that a server started with a shorter ``--max-seq-len``
+    still serves every request that names no ``max_tokens``; one that names more than fits is refused
+    here, with both numbers, instead of by the engine behind.
+    """
+    if max_seq_len is None:
+        return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    room = max_seq_len - prompt_tokens
+    if room < 1:
+        raise PromptError(f"the prompt takes {prompt_tokens} tokens, the server's whole max_seq_len of "
+                          f"{max_seq_len} (prompt + audio tokens) and more; shorten the text")
+    if max_tokens is None:
+        return min(DEFAULT_MAX_TOKENS, room)
+    if max_tokens > room:
+        raise PromptError(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the server's "
+                          f"max_seq_len {max_seq_len}; shorten the text or lower max_tokens to {room} at most")
+    return max_tokens
+
+
+def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions, voices: Voices = ENGLISH_VOICES,
+               max_seq_len: int | None = None) -> dict[str, np.ndarray]:
     """The tensors the LLM stage takes (TensorRT-LLM names), each with a leading batch dimension of 1;
-    ``voices``: the served model's voices."""
+    ``voices``: the served model's voices; ``max_seq_len``: the LLM's prompt + generated tokens per
+    stream (None: unchecked here, the LLM checks)."""
     ids = build_prompt(tokenizer, options.text, options.voice, voices)
+    max_tokens = output_budget(len(ids), options.max_tokens, max_seq_len)
 
     def scalar(value, dtype):
         return np.array([[value]], dtype=dtype)
@@ -71,7 +96,7 @@ def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions,
     return {
         LLM_INPUT_IDS: np.array([ids], dtype=np.int32),
         LLM_INPUT_LENGTHS: scalar(len(ids), np.int32),
-        LLM_REQUEST_OUTPUT_LEN: scalar(options.max_tokens, np.int32),
+        LLM_REQUEST_OUTPUT_LEN: scalar(max_tokens, np.int32),
         LLM_END_ID: scalar(END_OF_SPEECH, np.int32),
         LLM_PAD_ID: scalar(PAD_TOKEN, np.int32),
         LLM_STREAMING: scalar(True, np.bool_),
