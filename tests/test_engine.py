@@ -655,9 +655,11 @@ def test_the_llm_stage_builds_its_engine_with_the_options_of_its_config(model_se
     assert build_engine({**params, "prefill_chunk": "64"}).prefill_chunk == 64
 
 
-def test_a_prefill_budget_below_one_token_is_refused(model):
+def test_a_prefill_budget_or_length_below_one_token_is_refused(model):
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         InflightEngine(model, max_streams=2, max_seq_len=64, prefill_chunk=0)
+    with pytest.raises(ValueError, match="max_seq_len must be >= 1 .*, got 0"):
+        InflightEngine(model, max_streams=2, max_seq_len=0)
 
 
 def test_a_kv_cache_the_device_cannot_hold_is_refused_with_what_to_change(model, monkeypatch, caplog):

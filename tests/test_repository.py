@@ -149,9 +149,22 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
         build_parser().parse_args(["serve", "--llm-cpu-threads", "0"])
     assert "expected 'auto' or a whole number >= 1, got '0'" in capsys.readouterr().err
     for bad in ("0", "-5", "many"):
+        for option in ("--prefill-tokens", "--max-streams", "--max-seq-len"):
+            with pytest.raises(SystemExit):
+                build_parser().parse_args(["serve", option, bad])
+            assert f"expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["serve", "--prefill-tokens", bad])
+            build_parser().parse_args(["say", "hi", "--max-tokens", bad])
         assert f"expected a whole number >= 1, got '{bad}'" in capsys.readouterr().err
+    for bad in ("0", "65536", "-1", "http"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--grpc-port", bad])
+        assert f"expected a port from 1 to 65535, got '{bad}'" in capsys.readouterr().err
+    for bad in ("-1", str(2**64), "random"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["say", "hi", "--seed", bad])
+        assert f"expected a whole number from 0 to {2**64 - 1}, got '{bad}'" in capsys.readouterr().err
+    assert build_parser().parse_args(["say", "hi", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
     for bad in ("-1", "soon", "inf", "nan"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--max-queue-seconds", bad])
@@ -164,6 +177,15 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
         assert f"expected auto or a number of threads from 0 to 16, got '{bad}'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--response-threads", "17"])
+
+
+def test_say_refuses_an_output_it_cannot_write_before_asking_the_server(tmp_path, capsys):
+    from orpheus_triton.cli import main
+
+    for output, message in ((tmp_path / "missing" / "x.wav", f"the folder {tmp_path / 'missing'} does not exist"),
+                            (tmp_path, f"-o {tmp_path} is a folder; give a file name, e.g. -o {tmp_path / 'out.wav'}")):
+        with pytest.raises(SystemExit, match=message):  # not "no ready Triton server at localhost:1"
+            main(["say", "hi", "-o", str(output), "--url", "localhost:1"])
 
 
 def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):
@@ -191,6 +213,10 @@ def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsy
         assert cli.main(["serve", "--metrics-port", str(port)]) == 2
     error = capsys.readouterr().err
     assert f"metrics port {port} is not free" in error and "pick another with --metrics-port" in error
+    same = str(free_port())
+    assert cli.main(["serve", "--grpc-port", same, "--http-port", str(free_port()), "--metrics-port", same]) == 2
+    assert f"--grpc-port and --metrics-port are both {same}: each endpoint needs a port of its own" in \
+        capsys.readouterr().err
 
 
 def test_render_with_relay_puts_the_relay_in_front_of_the_torch_engine(configs, tmp_path):

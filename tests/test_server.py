@@ -191,6 +191,22 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(grpc_url, option
     assert client.synthesize("still working", max_tokens=35).audio.size > 0
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"seed": -1}, "seed must be a whole number from 0 to 18446744073709551615, got -1"),
+    ({"seed": 2**64}, "seed must be a whole number from 0 to"),
+    ({"max_tokens": 3_000_000_000}, "max_tokens must be a whole number from -2147483648 to 2147483647"),
+    ({"max_tokens": 35.5}, "got 35.5"),
+    ({"seed": True}, "got True"),
+])
+def test_the_client_refuses_whole_numbers_their_tensor_cannot_hold(options, message):
+    """numpy would wrap them into other values (seed -1 into 2**64 - 1) that the server cannot tell apart."""
+    from orpheus_triton.client import request_inputs
+
+    with pytest.raises(ValueError, match=message):
+        request_inputs("hello", **options)
+    assert len(request_inputs("hello", seed=2**64 - 1, max_tokens=35)) == 3
+
+
 def test_request_without_id_is_refused(grpc_url):
     from orpheus_triton.client import request_inputs
 
@@ -532,6 +548,12 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
     )
     assert "stopped: the reader of stdout went away" in pipe.stderr and "exit 1" in pipe.stderr, pipe.stderr
     assert "Traceback" not in pipe.stderr
+    # ... as does an output that fails mid-stream (a full disk), and the server is free again at once
+    full = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "a long one", "-o", "/dev/full",
+                           "--url", grpc_url, "--max-tokens", "700"], capture_output=True, text=True, timeout=120)
+    assert full.returncode == 1 and "error: writing /dev/full failed: [Errno 28] No space left" in full.stderr, \
+        full.stderr
+    assert "Traceback" not in full.stderr
 
     example = Path(__file__).parents[1] / "client" / "stream_to_wav.py"
     run = subprocess.run([sys.executable, str(example), "Hello from the example", str(tmp_path / "ex.wav"),

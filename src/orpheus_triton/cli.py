@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .constants import (
     CANCEL_CHECK_SECONDS,
+    DEFAULT_MAX_TOKENS,
     DEFAULT_VOICE,
     MAX_RESPONSE_THREADS,
     MAX_TEXT_CHARS,
@@ -62,9 +63,15 @@ def _check_device(name: str) -> None:
 
 
 def _check_ports_free(ports) -> None:
-    """Fail now, not after loading every model, when a port is taken (tritonserver binds 0.0.0.0)."""
-    for label, port, flag in (("gRPC", ports.grpc, "--grpc-port"), ("HTTP", ports.http, "--http-port"),
-                              ("metrics", ports.metrics, "--metrics-port")):
+    """Fail now, not after loading every model, when a port is taken (tritonserver binds 0.0.0.0) or
+    given to two of the server's endpoints."""
+    endpoints = (("gRPC", ports.grpc, "--grpc-port"), ("HTTP", ports.http, "--http-port"),
+                 ("metrics", ports.metrics, "--metrics-port"))
+    for index, (_, port, flag) in enumerate(endpoints):
+        for _, other, other_flag in endpoints[index + 1:]:
+            if port == other:
+                raise RuntimeError(f"{flag} and {other_flag} are both {port}: each endpoint needs a port of its own")
+    for label, port, flag in endpoints:
         with socket.socket() as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closing server's TIME_WAIT is fine
             try:
@@ -168,6 +175,8 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
     if to_stdout and sys.stdout.isatty():
         raise SystemExit("error: -o - writes raw PCM, which a terminal cannot show: pipe it into a player "
                          f"(| aplay -f S16_LE -r {SAMPLE_RATE} -c 1) or give -o FILE.wav")
+    if not to_stdout:
+        _check_writable(Path(output))
     require_ready_server(url)
     with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
         if sentences or text is None:
@@ -188,6 +197,17 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
         f"real-time factor:    {result.real_time_factor:.2f} (wall time / audio time; < 1 is faster than real time)",
         file=sys.stderr if to_stdout else sys.stdout,
     )
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output the WAV cannot be written to before the server does any work for it (the file
+    itself is created with the first chunk)."""
+    if path.is_dir():
+        raise SystemExit(f"error: -o {path} is a folder; give a file name, e.g. -o {path / 'out.wav'}")
+    if not path.parent.is_dir():
+        raise SystemExit(f"error: -o {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"error: -o {path}: not writable here")
 
 
 async def _speak_sentences(url: str, text, on_chunk, **options):
@@ -255,6 +275,9 @@ def cmd_say(args) -> int:
         return 1
     except ConnectionError as error:
         print(f"error: could not synthesize: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # writing the output failed mid-stream (a full disk): the stream was stopped
+        print(f"error: writing {args.output} failed: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the client has cancelled the stream on its way out
         print("interrupted", file=sys.stderr)
@@ -347,6 +370,20 @@ def _thread_count(value: str) -> str:
     return value
 
 
+def _port(value: str) -> int:
+    """A TCP port number, 1 to 65535."""
+    if not (value.isdigit() and 1 <= int(value) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value!r}")
+    return int(value)
+
+
+def _seed(value: str) -> int:
+    """A seed: the UINT64 the server takes, 0 to 2**64 - 1."""
+    if not (value.isdigit() and int(value) < 2**64):
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {2**64 - 1}, got {value!r}")
+    return int(value)
+
+
 def _seconds(value: str) -> int:
     """A whole number of seconds >= 0 (tritonserver's --exit-timeout-secs takes no fractions)."""
     if not value.isdigit():
@@ -357,8 +394,11 @@ def _seconds(value: str) -> int:
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    parser.add_argument("--max-streams", type=int, default=16, help="concurrent streams the LLM engine batches")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens per stream")
+    parser.add_argument("--max-streams", type=_positive, default=16, metavar="N",
+                        help="concurrent streams the LLM engine batches (default 16)")
+    parser.add_argument("--max-seq-len", type=_positive, default=2048, metavar="N",
+                        help=f"prompt + generated tokens per stream (default 2048; a request naming no max_tokens "
+                             f"gets {DEFAULT_MAX_TOKENS} or what this leaves after its prompt, if less)")
     parser.add_argument("--max-queue", type=_positive, default=256, metavar="N",
                         help="requests that may wait for a stream slot; beyond them one is refused at once with "
                              "'server busy' (default 256)")
@@ -412,8 +452,9 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
                              f"(16-bit little-endian, {SAMPLE_RATE} Hz, mono: | aplay -f S16_LE -r {SAMPLE_RATE})")
     parser.add_argument("--voice", help=f"one of the server's voices (default: its default voice; Orpheus 3B English: "
                                          f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=None, help="audio tokens to generate at most (7 per 85 ms)")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+                        help="audio tokens to generate at most (7 per 85 ms)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=None)
@@ -425,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run tritonserver in the foreground with the model repository")
     _server_options(serve)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--grpc-port", type=_port, default=8001)
+    serve.add_argument("--http-port", type=_port, default=8000)
+    serve.add_argument("--metrics-port", type=_port, default=8002)
     serve.add_argument("--exit-timeout", type=_seconds, default=10, metavar="SECONDS",
                        help="on Ctrl-C or SIGTERM, how long requests in flight may take before the server "
                             "stops (default 10; streams through the orpheus ensemble are cut off then)")

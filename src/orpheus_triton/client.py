@@ -91,7 +91,13 @@ def request_inputs(
     seed: int | None = None,
 ):
     """tritonclient gRPC input tensors for one `orpheus` request (options left out, the voice included, take
-    the server's defaults)."""
+    the server's defaults). Raises ValueError for a whole number its tensor's type cannot hold (numpy
+    would wrap it: a seed of -1 would become another seed, a huge max_tokens a negative one)."""
+    for name, value, dtype in ((IN_MAX_TOKENS, max_tokens, np.int32), (IN_SEED, seed, np.uint64)):
+        bounds = np.iinfo(dtype)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                  or not bounds.min <= value <= bounds.max):
+            raise ValueError(f"{name} must be a whole number from {bounds.min} to {bounds.max}, got {value!r}")
     given = [
         (IN_TEXT, text.encode("utf-8"), np.object_),
         (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),

@@ -186,6 +186,8 @@ class InflightEngine:
     ):
         if max_streams < 1:
             raise ValueError("max_streams must be >= 1")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1 (prompt + generated tokens per stream), got {max_seq_len}")
         if not max_queue_seconds >= 0:
             raise ValueError(f"max_queue_seconds must be >= 0 (0: no limit), got {max_queue_seconds}")
         if prefill_chunk is not None and prefill_chunk < 1:
