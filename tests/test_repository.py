@@ -188,6 +188,19 @@ def test_say_refuses_an_output_it_cannot_write_before_asking_the_server(tmp_path
             main(["say", "hi", "-o", str(output), "--url", "localhost:1"])
 
 
+def test_demo_refuses_what_would_fail_its_request_before_starting_a_server(tmp_path, capsys, monkeypatch):
+    from orpheus_triton import cli
+
+    def no_models(_):
+        raise AssertionError("a model set was prepared before the check")
+
+    monkeypatch.setattr(cli, "_model_set", no_models)
+    assert cli.main(["demo", "  ", "-o", str(tmp_path / "x.wav")]) == 2
+    assert "error: text is empty; send the words to speak" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="the folder .* does not exist"):
+        cli.main(["demo", "Hello", "-o", str(tmp_path / "missing" / "x.wav")])
+
+
 def test_unusable_device_and_taken_port_are_refused_before_any_model_loads(capsys, monkeypatch):
     import socket
 

@@ -27,7 +27,7 @@ from .constants import (
     VOICES,
 )
 from .demo_models import ModelSet, cache_dir, demo_model_set
-from .prompt import Voices
+from .prompt import Voices, check_text
 
 DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
 DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
@@ -294,6 +294,9 @@ def cmd_demo(args) -> int:
         args.max_tokens = DEMO_MAX_TOKENS
     _check_device(args.device)
     Voices.parse(args.voices, args.default_voice)
+    check_text(args.text)  # what would fail the request, said before a server starts for it
+    if args.output != "-":
+        _check_writable(Path(args.output))
     repository = _render(args, _model_set(args.models))
     ports = Ports.free()
     log_path = cache_dir() / "demo-server.log"
