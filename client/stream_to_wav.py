@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--voice", help="one of the server's voices (default: the server's default voice)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-tokens", type=int, default=1200, help="audio tokens at most (7 per 85 ms)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="audio tokens at most, 7 per 85 ms (default: the server's, 1200 or what fits)")
     args = parser.parse_args()
 
     inputs = []
