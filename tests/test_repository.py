@@ -165,6 +165,12 @@ def test_bad_thread_counts_are_refused_before_serving(capsys):
             build_parser().parse_args(["say", "hi", "--seed", bad])
         assert f"expected a whole number from 0 to {2**64 - 1}, got '{bad}'" in capsys.readouterr().err
     assert build_parser().parse_args(["say", "hi", "--seed", str(2**64 - 1)]).seed == 2**64 - 1
+    for bad in ("http://localhost:8001", "HTTPS://host:8001", "localhost"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["say", "hi", "--url", bad])
+        assert f"expected the gRPC endpoint as HOST:PORT, e.g. localhost:8001 (no http://: the server's gRPC port, " \
+               f"not its HTTP one), got '{bad}'" in capsys.readouterr().err
+    assert build_parser().parse_args(["say", "hi", "--url", "unix:///tmp/triton.sock"]).url == "unix:///tmp/triton.sock"
     for bad in ("-1", "soon", "inf", "nan"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--max-queue-seconds", bad])

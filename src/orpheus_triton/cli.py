@@ -387,6 +387,14 @@ def _seed(value: str) -> int:
     return int(value)
 
 
+def _grpc_url(value: str) -> str:
+    """The server's gRPC endpoint, HOST:PORT (a URL with http:// names the HTTP server's form instead)."""
+    if value.lower().startswith(("http://", "https://")) or ":" not in value:
+        raise argparse.ArgumentTypeError(f"expected the gRPC endpoint as HOST:PORT, e.g. localhost:8001 "
+                                         f"(no http://: the server's gRPC port, not its HTTP one), got {value!r}")
+    return value
+
+
 def _seconds(value: str) -> int:
     """A whole number of seconds >= 0 (tritonserver's --exit-timeout-secs takes no fractions)."""
     if not value.isdigit():
@@ -480,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")
     say.add_argument("text", help="what to say; - reads it from stdin as it arrives (e.g. piped from an LLM) and "
                                   "speaks it sentence by sentence")
-    say.add_argument("--url", default="localhost:8001", help="gRPC endpoint HOST:PORT")
+    say.add_argument("--url", type=_grpc_url, default="localhost:8001", help="gRPC endpoint HOST:PORT")
     say.add_argument("--sentences", action="store_true",
                      help="one request per sentence, each starting once the one before has generated: text of "
                           f"any length (one request takes at most {MAX_TEXT_CHARS} characters and --max-tokens "
