@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from orpheus_triton.arguments import counts, positive
 from orpheus_triton.constants import LEAD_IN_TOKENS, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
@@ -211,10 +212,10 @@ def steady_step(engine: InflightEngine, steps: int = 10) -> float:
     return synced_seconds(engine.device, lambda: [engine.step() for _ in range(steps)]) / steps
 
 
-def step_sweep(make_engine, counts: list[int], context: int, device: str) -> list[dict]:
+def step_sweep(make_engine, levels: list[int], context: int, device: str) -> list[dict]:
     """Step time with n streams decoding (a fresh engine per n, see ``decoding_engine``)."""
     rows = []
-    for n in counts:
+    for n in levels:
         engine = decoding_engine(make_engine, n, context)
         step = sorted(steady_step(engine) for _ in range(3))[1]  # the median of 3 runs of 10 steps
         per_stream = 1.0 / step
@@ -231,18 +232,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=200, help="tokens per stream in the throughput runs")
-    parser.add_argument("--sweep", default="1,2,4,8", help="active-stream counts for the step-time sweep")
-    parser.add_argument("--max-streams", type=int, default=None)
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of 1 and N streams (best kept)")
+    parser.add_argument("--streams", type=positive, default=8)
+    parser.add_argument("--tokens", type=positive, default=200, help="tokens per stream in the throughput runs")
+    parser.add_argument("--sweep", type=counts, default="1,2,4,8", help="active-stream counts for the step-time sweep")
+    parser.add_argument("--max-streams", type=positive, default=None)
+    parser.add_argument("--repeat", type=positive, default=3, help="alternating runs of 1 and N streams (best kept)")
     parser.add_argument("--graph-sampling", action="store_true",
                         help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option)")
     parser.add_argument("--overlap", action="store_true",
                         help="read each step's tokens back after queueing the next (InflightEngine option)")
     parser.add_argument("--burst", default="0+8,4+4",
                         help="bursts RUNNING+ARRIVING: ARRIVING requests at once beside RUNNING decoding streams")
-    parser.add_argument("--burst-prefill", default="",
+    parser.add_argument("--burst-prefill", type=counts, default=None,
                         help="prefill budgets (tokens per step) to measure each burst with (default: the engine's)")
     parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
                                       "instead of writing random weights")
@@ -250,13 +251,16 @@ def main() -> int:
     args = parser.parse_args()
 
     device = pick_device(args.device)
-    counts = [int(x) for x in args.sweep.split(",")]
-    bursts = [tuple(int(n) for n in b.split("+")) for b in args.burst.split(",") if b]
-    if any(len(b) != 2 for b in bursts):
+    levels = args.sweep
+    try:
+        bursts = [tuple(int(n) for n in b.split("+")) for b in args.burst.split(",") if b]
+    except ValueError:
+        bursts = [()]
+    if any(len(b) != 2 or min(b) < 0 or b[1] < 1 for b in bursts):
         parser.error(f"--burst {args.burst!r}: want RUNNING+ARRIVING[,RUNNING+ARRIVING...], e.g. 0+8,4+4")
-    max_streams = args.max_streams or max(counts + [args.streams] + [sum(b) for b in bursts])
-    if max(counts + [args.streams]) > max_streams:
-        parser.error(f"--sweep/--streams up to {max(counts + [args.streams])} need --max-streams of at least that")
+    max_streams = args.max_streams or max(levels + [args.streams] + [sum(b) for b in bursts])
+    if max(levels + [args.streams]) > max_streams:
+        parser.error(f"--sweep/--streams up to {max(levels + [args.streams])} need --max-streams of at least that")
     try:
         model = bench_model(args.shape, args.llm, device)
     except ValueError as error:
@@ -279,13 +283,13 @@ def main() -> int:
         batches.append(throughput(engine, args.streams, args.tokens))
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
-    budgets = [int(x) for x in args.burst_prefill.split(",") if x] or [engine.prefill_chunk]
+    budgets = args.burst_prefill or [engine.prefill_chunk]
     bursts = [burst(engine, running, arriving, budget) for running, arriving in bursts for budget in budgets]
     varlen = engine.decoder is not None and engine.decoder.varlen
     graph_sampling = engine.sampler is not None  # the option takes effect on the bucketed (GPU) path only
     del engine  # the sweep's engines each hold a KV cache of their own
     release(device)
-    sweep = step_sweep(make_engine, counts, context=SWEEP_CONTEXT, device=device)
+    sweep = step_sweep(make_engine, levels, context=SWEEP_CONTEXT, device=device)
 
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

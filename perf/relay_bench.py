@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from common import PERF, log, machine_info, serve_repository, source_state, tree_jiffies
 
+from orpheus_triton.arguments import counts, positive
 from orpheus_triton.constants import ENGINE_MODEL, LLM_MODEL, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.repository import RelaySettings, RepositorySettings, render_relay
 
@@ -124,21 +125,21 @@ def measure(url: str, model: str, streams: int, tokens: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", default="16,64", help="concurrent streams, comma-separated")
-    parser.add_argument("--tokens", type=int, default=400, help="tokens per stream")
+    parser.add_argument("--streams", type=counts, default="16,64", help="concurrent streams, comma-separated")
+    parser.add_argument("--tokens", type=positive, default=400, help="tokens per stream")
     parser.add_argument("--rate", type=float, default=REAL_TIME_TOKENS_PER_SECOND,
                         help="tokens per second per stream from the stand-in engine (0: as fast as it can)")
-    parser.add_argument("--relay-instances", type=int, default=1)
+    parser.add_argument("--relay-instances", type=positive, default=1)
     parser.add_argument("--out", default="perf/results/relay")
     args = parser.parse_args()
-    counts = [int(n) for n in args.streams.split(",")]
+    levels = args.streams
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with serve_repository(render(Path(tempfile.mkdtemp(prefix="relay-bench-")), args.rate, args.relay_instances),
                           out / "raw" / "relay_server.log") as server:
         measure(server.url, LLM_MODEL, 2, 50)  # warm-up
-        for streams in counts:
+        for streams in levels:
             for model in (LLM_MODEL, ENGINE_MODEL):
                 row = measure(server.url, model, streams, args.tokens)
                 log(json.dumps(row))

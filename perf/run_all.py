@@ -41,6 +41,7 @@ from common import (
 )
 from stacks import py_spy, stack_monitor
 
+from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds, rates
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS
 from orpheus_triton.loadgen import (
     SweepSettings,
@@ -49,6 +50,7 @@ from orpheus_triton.loadgen import (
     load_runner,
     realtime_capacity,
     sweep,
+    text_labels,
     workload,
 )
 from orpheus_triton.server import log_tail
@@ -192,10 +194,6 @@ def both_monitors(first, second):
     return start
 
 
-def _numbers(text: str, cast=int) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
-
-
 def _round_records(records: dict) -> dict:
     for streams in records.values():
         for r in streams:
@@ -209,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="random-weight LLM shape")
     parser.add_argument("--models", help="a real model set directory instead (llm/ + snac/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--max-streams", type=int, default=16, help="engine slots (>= the largest concurrency)")
-    parser.add_argument("--max-seq-len", type=int, default=2048)
+    parser.add_argument("--max-streams", type=positive, default=16, help="engine slots (>= the largest concurrency)")
+    parser.add_argument("--max-seq-len", type=positive, default=2048)
     parser.add_argument("--graph-sampling", action="store_true",
                         help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
-    parser.add_argument("--prefill-tokens", type=int, default=0,
+    parser.add_argument("--prefill-tokens", type=non_negative, default=0,
                         help="the server engine's prefill budget per step (0: its default for the device)")
     parser.add_argument("--no-lead-in", action="store_true",
                         help="streams start with frame 1's audio after 28 tokens, as upstream (decoder_lead_in off)")
@@ -247,30 +245,33 @@ def main(argv: list[str] | None = None) -> int:
                              "--stack-delay on, and the report says where their threads were (0: off)")
     parser.add_argument("--stack-delay", type=float, default=None, metavar="S",
                         help="seconds into a level before py-spy starts (default: the ramp and 2 s more)")
-    parser.add_argument("--concurrency", default="1,2,3,4", help="closed-loop levels")
-    parser.add_argument("--texts", default="short,medium", help="benchmark texts: short, medium, long")
-    parser.add_argument("--max-tokens", type=int, default=150, help="cap every request (0: per-text defaults)")
-    parser.add_argument("--ttfa-limit", type=float, default=0.5, help="p99 TTFA (s) a real-time level stays under")
-    parser.add_argument("--streams-per-worker", type=int, default=2,
+    parser.add_argument("--concurrency", type=counts, default="1,2,3,4", help="closed-loop levels")
+    parser.add_argument("--texts", type=text_labels, default="short,medium",
+                        help="benchmark texts: short, medium, long")
+    parser.add_argument("--max-tokens", type=non_negative, default=150, help="cap every request (0: per-text defaults)")
+    parser.add_argument("--ttfa-limit", type=positive_seconds, default=0.5,
+                        help="p99 TTFA (s) a real-time level stays under")
+    parser.add_argument("--streams-per-worker", type=positive, default=2,
                         help="closed loop: streams a level counts, per worker (filler streams before and "
                              "after them keep the load at the level's concurrency)")
-    parser.add_argument("--loadgen-processes", type=int, default=1,
+    parser.add_argument("--loadgen-processes", type=positive, default=1,
                         help="load generator processes, a level's streams dealt out among them (hundreds of streams "
                              "on a GPU: one Python process's GIL would bound what is measured)")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
                         help="closed loop: start the workers' first streams over this long (0: all at once)")
-    parser.add_argument("--min-streams", type=int, default=4)
-    parser.add_argument("--level-seconds", type=float, default=120.0,
+    parser.add_argument("--min-streams", type=positive, default=4)
+    parser.add_argument("--level-seconds", type=positive_seconds, default=120.0,
                         help="time bound per load level: its counted streams start within it, and it ends when they do")
-    parser.add_argument("--poisson-rates", default="0.25", help="Poisson arrival rates (streams/s); empty: none")
-    parser.add_argument("--poisson-streams", type=int, default=6)
-    parser.add_argument("--serving-repeats", type=int, default=5, help="streams each for comparison (a)")
-    parser.add_argument("--snac-repeats", type=int, default=5)
-    parser.add_argument("--engine-tokens", type=int, default=200, help="tokens per stream for comparison (c)")
-    parser.add_argument("--pa-concurrency", default="1,2", help="perf_analyzer levels for `orpheus`")
-    parser.add_argument("--pa-decoder-concurrency", default="1,4,8")
-    parser.add_argument("--pa-max-tokens", type=int, default=100)
-    parser.add_argument("--pa-request-count", type=int, default=4)
+    parser.add_argument("--poisson-rates", type=rates, default="0.25",
+                        help="Poisson arrival rates (streams/s); empty: none")
+    parser.add_argument("--poisson-streams", type=positive, default=6)
+    parser.add_argument("--serving-repeats", type=positive, default=5, help="streams each for comparison (a)")
+    parser.add_argument("--snac-repeats", type=positive, default=5)
+    parser.add_argument("--engine-tokens", type=positive, default=200, help="tokens per stream for comparison (c)")
+    parser.add_argument("--pa-concurrency", type=counts, default="1,2", help="perf_analyzer levels for `orpheus`")
+    parser.add_argument("--pa-decoder-concurrency", type=counts, default="1,4,8")
+    parser.add_argument("--pa-max-tokens", type=non_negative, default=100)
+    parser.add_argument("--pa-request-count", type=positive, default=4)
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--install-perf-analyzer", action="store_true", help="install it first if missing")
     parser.add_argument("--skip-comparisons", action="store_true")
@@ -282,20 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", help="name for the run folder (default: GPU model or cpu-<N>core-<CPU family>)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     args = parser.parse_args(argv)
-    if args.prefill_tokens < 0:
-        parser.error(f"--prefill-tokens {args.prefill_tokens}: want >= 1, or 0 for the engine's default")
     if not 0 <= args.ramp_seconds < args.level_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --level-seconds {args.level_seconds}")
     if not args.llm_cancel_check_seconds >= 0:
         parser.error(f"--llm-cancel-check-seconds {args.llm_cancel_check_seconds}: want >= 0")
-    if args.streams_per_worker < 1:
-        parser.error(f"--streams-per-worker {args.streams_per_worker}: want >= 1")
     if args.stack_seconds < 0 or (args.stack_delay is not None and args.stack_delay < 0):
         parser.error("--stack-seconds and --stack-delay: want >= 0")
     if args.stack_seconds and py_spy() is None:
         parser.error("--stack-seconds needs py-spy (pip install py-spy)")
-    if args.loadgen_processes < 1:
-        parser.error(f"--loadgen-processes {args.loadgen_processes}: want >= 1")
     if args.paced_llm < 0 or (args.paced_llm and not args.skip_comparisons):
         parser.error("--paced-llm: want tokens a second > 0 (0: off), with --skip-comparisons (the comparisons "
                      "run the real models)")
@@ -347,13 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"    CPU time ratio {snac['cpu_ratio']:.2f} (target <= {snac['target']})")
         release_memory()
 
-    labels = _numbers(args.texts, str)
+    labels = args.texts
     caps = {label: args.max_tokens for label in labels} if args.max_tokens else {}
     settings = SweepSettings(
-        concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
+        concurrency=args.concurrency, streams_per_worker=args.streams_per_worker,
         ramp_seconds=args.ramp_seconds,
         min_streams=args.min_streams, max_seconds_per_level=args.level_seconds,
-        poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
+        poisson_rates=args.poisson_rates, poisson_streams=args.poisson_streams,
         poisson_seconds=args.level_seconds, labels=labels, max_tokens=caps, ttfa_limit=args.ttfa_limit,
         processes=args.loadgen_processes,
     )
@@ -394,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             if binary:
                 log(f"perf_analyzer sweep with {binary} ...")
                 result["perf_analyzer"] = run_perf_analyzer.run(
-                    binary, server, folder, _numbers(args.pa_concurrency), _numbers(args.pa_decoder_concurrency),
+                    binary, server, folder, args.pa_concurrency, args.pa_decoder_concurrency,
                     PERF / "data" / "orpheus_short.json", args.pa_max_tokens, args.pa_request_count,
                     16, 300.0)
             else:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
+from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import meets_realtime, percentile, playback, realtime_capacity
@@ -199,15 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-url", help="its metrics page, to wait for idle between levels")
     parser.add_argument("--perf-analyzer", help="perf_analyzer binary (default: PATH, then perf/.tools)")
     parser.add_argument("--install", action="store_true", help="run install_perf_analyzer.sh if none is found")
-    parser.add_argument("--concurrency", default="1,2,4")
-    parser.add_argument("--decoder-concurrency", default="1,4,8")
+    parser.add_argument("--concurrency", type=counts, default="1,2,4")
+    parser.add_argument("--decoder-concurrency", type=counts, default="1,4,8")
     parser.add_argument("--data", default=str(DATA / "orpheus_short.json"))
-    parser.add_argument("--max-tokens", type=int, default=120, help="override max_tokens of every request (0: keep)")
-    parser.add_argument("--request-count", type=int, default=4, help="requests per measurement window")
-    parser.add_argument("--decoder-request-count", type=int, default=16)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per perf_analyzer process")
+    parser.add_argument("--max-tokens", type=non_negative, default=120,
+                        help="override max_tokens of every request (0: keep)")
+    parser.add_argument("--request-count", type=positive, default=4, help="requests per measurement window")
+    parser.add_argument("--decoder-request-count", type=positive, default=16)
+    parser.add_argument("--timeout", type=positive_seconds, default=300.0, help="seconds per perf_analyzer process")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
-    parser.add_argument("--max-streams", type=int, default=16, help="engine streams when starting a server")
+    parser.add_argument("--max-streams", type=positive, default=16, help="engine streams when starting a server")
     parser.add_argument("--shape", choices=SHAPES, default="demo",
                         help="random-weight LLM shape of the server it starts")
     parser.add_argument("--models", help="a real model set directory for the server it starts (llm/ + snac/)")
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-response-thread", type=response_thread_setting, default="auto",
                         help="the snac_decoder adapter's response thread, for the server it starts: auto (on GPU "
                              "only), true, false or a number of threads")
-    parser.add_argument("--max-seq-len", type=int, default=2048, help="engine positions per stream, likewise")
+    parser.add_argument("--max-seq-len", type=positive, default=2048, help="engine positions per stream, likewise")
     args = parser.parse_args(argv)
     if args.url and (args.models or args.shape != "demo"):
         parser.error("--shape and --models pick the models of a server this script starts; not with --url")
@@ -226,9 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = Path(args.out) if args.out else run_folder()
     (out / "raw").mkdir(parents=True, exist_ok=True)
-    levels = [int(x) for x in args.concurrency.split(",") if x]
-    decoder_levels = [int(x) for x in args.decoder_concurrency.split(",") if x]
-    common = dict(out=out, concurrency=levels, decoder_concurrency=decoder_levels, data=Path(args.data),
+    common = dict(out=out, concurrency=args.concurrency, decoder_concurrency=args.decoder_concurrency,
+                  data=Path(args.data),
                   max_tokens=args.max_tokens, request_count=args.request_count,
                   decoder_request_count=args.decoder_request_count, timeout=args.timeout)
     if args.url:

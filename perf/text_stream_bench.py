@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import local_server, log, machine_info, machine_name, model_set, run_folder, source_state
 
+from orpheus_triton.arguments import counts, positive
 from orpheus_triton.client import AsyncOrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE
 from orpheus_triton.loadgen import playback
@@ -90,16 +91,17 @@ def report(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", default="1,2", help="stream_text concurrency values, alternated")
-    parser.add_argument("--runs", type=int, default=5, help="runs per value")
-    parser.add_argument("--max-tokens", type=int, default=140, help="per sentence (the demo LLM never stops early)")
+    parser.add_argument("--concurrency", type=counts, default="1,2", help="stream_text concurrency values, alternated")
+    parser.add_argument("--runs", type=positive, default=5, help="runs per value")
+    parser.add_argument("--max-tokens", type=positive, default=140,
+                        help="per sentence (the demo LLM never stops early)")
     parser.add_argument("--text", default=REPLY)
     parser.add_argument("--shape", default="demo")
     parser.add_argument("--models", help="a real model set directory instead")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", help="folder for the results (default: a new run folder)")
     args = parser.parse_args()
-    values = [int(value) for value in args.concurrency.split(",")]
+    values = args.concurrency
     models, description = model_set(args.shape, args.models)
     folder = Path(args.out) if args.out else run_folder(f"{machine_name()}-text-stream")
     (folder / "raw").mkdir(parents=True, exist_ok=True)

@@ -182,3 +182,44 @@ def test_level_readings_pick_the_counted_span_where_it_holds_two_of_them():
     lone = Readings(lambda: 1, interval=60)
     lone.stop()
     assert lone.pair((0, 1)) == (lone.readings[0], lone.readings[-1])
+
+
+def test_bad_benchmark_arguments_are_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """A typo in a level list used to surface minutes in, after the comparisons had run."""
+    import pytest
+    import run_perf_analyzer  # noqa: PLC0415
+
+    monkeypatch.setattr(run_all, "model_set", lambda *args: pytest.fail("the run started"))
+    for argv, message in (
+        (["--concurrency", "1,x"], "argument --concurrency: expected whole numbers >= 1, comma-separated"),
+        (["--concurrency", "0"], "got '0'"),
+        (["--texts", "short,huge"], "argument --texts: expected text names from short, medium, long"),
+        (["--poisson-rates", "0.5,-1"], "argument --poisson-rates: expected numbers > 0"),
+        (["--pa-concurrency", ""], "argument --pa-concurrency: expected whole numbers >= 1"),
+        (["--max-tokens", "-3"], "argument --max-tokens: expected a whole number >= 0"),
+        (["--level-seconds", "0"], "argument --level-seconds: expected seconds > 0"),
+        (["--max-streams", "0"], "argument --max-streams: expected a whole number >= 1"),
+    ):
+        with pytest.raises(SystemExit):
+            run_all.main([*argv, "--out", str(tmp_path / "run")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit):
+        run_perf_analyzer.main(["--decoder-concurrency", "4,,-8"])
+    assert "argument --decoder-concurrency: expected whole numbers >= 1" in capsys.readouterr().err
+
+
+def test_argument_types_read_lists_and_numbers():
+    import argparse
+
+    import pytest
+
+    from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds, rates
+
+    assert counts(" 1, 8,32 ,") == [1, 8, 32]
+    assert rates("") == [] and rates("0.25,2") == [0.25, 2.0]
+    assert (positive("3"), non_negative("0"), positive_seconds("0.5")) == (3, 0, 0.5)
+    for parse, bad in ((counts, ","), (counts, "1.5"), (rates, "nan"), (rates, "inf"), (positive, "0"),
+                       (non_negative, "-1"), (positive_seconds, "inf"), (positive_seconds, "")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)

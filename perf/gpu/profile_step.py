@@ -23,6 +23,7 @@ import torch
 from engine_bench import PROMPT_LEN, SHAPES, SWEEP_CONTEXT, bench_model, decoding_engine, release, steady_step
 from torch.profiler import ProfilerActivity, profile
 
+from orpheus_triton.arguments import counts, positive
 from orpheus_triton.engine import InflightEngine
 from orpheus_triton.triton_llm import pick_device
 
@@ -68,22 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--llm", help="a checkpoint folder of --shape's shape instead of random weights")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--streams", default="1,128", help="numbers of decoding streams to profile")
-    parser.add_argument("--steps", type=int, default=10, help="profiled steps per number of streams")
+    parser.add_argument("--streams", type=counts, default="1,128", help="numbers of decoding streams to profile")
+    parser.add_argument("--steps", type=positive, default=10, help="profiled steps per number of streams")
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
     parser.add_argument("--graph-sampling", action="store_true", help="the engine's graph-sampling option")
     parser.add_argument("--overlap", action="store_true", help="the engine's overlap option")
     parser.add_argument("--out", default="perf/results/gpu-profile")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
-    counts = [int(x) for x in args.streams.split(",")]
+    levels = args.streams
     try:
         model = bench_model(args.shape, args.llm, device)
     except ValueError as error:
         parser.error(str(error))
 
     def make_engine():
-        return InflightEngine(model, max_streams=max(counts), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,
+        return InflightEngine(model, max_streams=max(levels), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,
                               graph_sampling=args.graph_sampling, overlap=args.overlap)
 
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                "profiles": {}}
     lines = [f"# Decode step profile, {args.shape} shape, on {results['device']} (torch {results['torch']}), "
              f"graph sampling {'on' if args.graph_sampling else 'off'}, overlap {'on' if args.overlap else 'off'}", ""]
-    for n in counts:
+    for n in levels:
         engine = decoding_engine(make_engine, n, SWEEP_CONTEXT)
         for _ in range(3):
             engine.step()  # settle after the profiler's own start-up

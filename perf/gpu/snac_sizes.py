@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orpheus_triton.arguments import counts
 from orpheus_triton.constants import CODEBOOK_SIZE, WINDOW_TOKENS
 from orpheus_triton.demo_models import write_random_snac
 from orpheus_triton.frames import Window
@@ -46,7 +47,8 @@ def first_and_second_calls(decoder, device: torch.device, sizes: list[int]) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--sizes", default="3,5,7,12,24,40,100,200", help="batch sizes, each new to the decoder")
+    parser.add_argument("--sizes", type=counts, default="3,5,7,12,24,40,100,200",
+                        help="batch sizes, each new to the decoder")
     parser.add_argument("--variants", default="unpadded,unpadded_no_cudnn,padded")
     parser.add_argument("--out", default="perf/results/gpu-snac-sizes")
     args = parser.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available here", file=sys.stderr)
         return 2
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    sizes = args.sizes
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
               "variants": {}}

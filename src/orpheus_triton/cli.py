@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+from .arguments import non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
     DEFAULT_MAX_TOKENS,
@@ -331,17 +332,6 @@ def cmd_download(args) -> int:
     return 0
 
 
-def _non_negative_seconds(value: str) -> float:
-    """Seconds >= 0 (fractions allowed), checked before the server starts."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0 or seconds == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
-    return seconds
-
-
 def _response_threads(value: str) -> str:
     """auto or a number of threads >= 0, checked before the server starts."""
     value = value.strip().lower()
@@ -349,17 +339,6 @@ def _response_threads(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected auto or a number of threads from 0 to {MAX_RESPONSE_THREADS}, "
                                          f"got {value!r}")
     return value
-
-
-def _positive(value: str) -> int:
-    """A whole number >= 1, checked before the server starts."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
-    return number
 
 
 def _thread_count(value: str) -> str:
@@ -405,18 +384,18 @@ def _seconds(value: str) -> int:
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    parser.add_argument("--max-streams", type=_positive, default=16, metavar="N",
+    parser.add_argument("--max-streams", type=positive, default=16, metavar="N",
                         help="concurrent streams the LLM engine batches (default 16)")
-    parser.add_argument("--max-seq-len", type=_positive, default=2048, metavar="N",
+    parser.add_argument("--max-seq-len", type=positive, default=2048, metavar="N",
                         help=f"prompt + generated tokens per stream (default 2048; a request naming no max_tokens "
                              f"gets {DEFAULT_MAX_TOKENS} or what this leaves after its prompt, if less)")
-    parser.add_argument("--max-queue", type=_positive, default=256, metavar="N",
+    parser.add_argument("--max-queue", type=positive, default=256, metavar="N",
                         help="requests that may wait for a stream slot; beyond them one is refused at once with "
                              "'server busy' (default 256)")
-    parser.add_argument("--max-queue-seconds", type=_non_negative_seconds, default=0.0, metavar="S",
+    parser.add_argument("--max-queue-seconds", type=non_negative_seconds, default=0.0, metavar="S",
                         help="refuse a request still waiting for a stream slot after S seconds, so its caller can "
                              "try another server (default 0: requests wait as long as it takes)")
-    parser.add_argument("--prefill-tokens", type=_positive, metavar="N",
+    parser.add_argument("--prefill-tokens", type=positive, metavar="N",
                         help="prompt tokens the LLM engine prefills per step at most: larger admits a burst of "
                              "callers in fewer steps, each step longer (default: 256 on CPU, 2048 on GPU)")
     parser.add_argument("--decoder-exact", action="store_true",
@@ -438,7 +417,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                         help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
                              "stream's on one of them (auto: 1 on a GPU, 0 on a CPU: sent where they are made; "
                              "more than 1: off by default until measured)")
-    parser.add_argument("--cancel-check-seconds", type=_non_negative_seconds, default=CANCEL_CHECK_SECONDS,
+    parser.add_argument("--cancel-check-seconds", type=non_negative_seconds, default=CANCEL_CHECK_SECONDS,
                         metavar="S",
                         help="GPU: how often the LLM stage asks Triton whether its streams' clients cancelled them, "
                              "every stream a round trip to the server (0: at every engine step; the questions "
@@ -464,7 +443,7 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", help=f"one of the server's voices (default: its default voice; Orpheus 3B English: "
                                          f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+    parser.add_argument("--max-tokens", type=positive, default=None, metavar="N",
                         help="audio tokens to generate at most (7 per 85 ms)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)

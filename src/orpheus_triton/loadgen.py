@@ -70,6 +70,17 @@ TEXTS = {
 MAX_TOKENS = {"short": 250, "medium": 600, "long": 1200}
 
 
+def text_labels(value: str) -> list[str]:
+    """An argparse type: comma-separated names of benchmark texts (TEXTS), at least one."""
+    import argparse  # noqa: PLC0415
+
+    labels = [label.strip() for label in value.split(",") if label.strip()]
+    if not labels or any(label not in TEXTS for label in labels):
+        raise argparse.ArgumentTypeError(f"expected text names from {', '.join(TEXTS)}, comma-separated, "
+                                         f"got {value!r}")
+    return labels
+
+
 @dataclass(frozen=True)
 class Utterance:
     label: str

@@ -1,0 +1,69 @@
+"""Command-line value types shared by `orpheus-triton` and the benchmarks under perf/.
+
+Each is an argparse ``type``: a bad value is refused while the arguments are parsed, with what was
+expected, before a server starts or a benchmark spends minutes on the steps before the one that
+would have failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive(value: str) -> int:
+    """A whole number >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def non_negative(value: str) -> int:
+    """A whole number >= 0 (0 usually meaning "the default" or "off")."""
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def non_negative_seconds(value: str) -> float:
+    """Seconds >= 0, fractions allowed."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value!r}")
+    return seconds
+
+
+def positive_seconds(value: str) -> float:
+    """Seconds > 0, fractions allowed."""
+    seconds = non_negative_seconds(value) if value.strip() else 0.0
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
+    return seconds
+
+
+def counts(value: str) -> list[int]:
+    """Comma-separated whole numbers >= 1, at least one: stream counts, concurrency levels."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected whole numbers >= 1, comma-separated (e.g. 1,8,32), got {value!r}")
+    return [int(part) for part in parts]
+
+
+def rates(value: str) -> list[float]:
+    """Comma-separated numbers > 0 (arrival rates a second); empty: none."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = [0.0]
+    if not all(0 < number < math.inf for number in numbers):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, comma-separated (e.g. 0.5,2), or nothing, "
+                                         f"got {value!r}")
+    return numbers
