@@ -207,6 +207,16 @@ def test_the_client_refuses_whole_numbers_their_tensor_cannot_hold(options, mess
     assert len(request_inputs("hello", seed=2**64 - 1, max_tokens=35)) == 3
 
 
+def test_a_connection_lost_mid_stream_is_named_as_such():
+    from tritonclient.utils import InferenceServerException
+
+    lost = InferenceServerException("Stream removed (Socket closed)", status="StatusCode.UNAVAILABLE")
+    assert str(SynthesisError.of(lost)) == ("the connection to the server was lost mid-stream "
+                                            "([StatusCode.UNAVAILABLE] Stream removed (Socket closed))")
+    refused = InferenceServerException("in ensemble 'orpheus', orpheus: text is empty", status="StatusCode.INTERNAL")
+    assert str(SynthesisError.of(refused)) == str(refused)
+
+
 def test_request_without_id_is_refused(grpc_url):
     from orpheus_triton.client import request_inputs
 

@@ -38,6 +38,15 @@ from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 class SynthesisError(RuntimeError):
     """The server refused or failed the request; the message is the server's."""
 
+    @classmethod
+    def of(cls, error) -> SynthesisError:
+        """From the error a stream's callback got: the server's message, or for a connection lost
+        mid-stream (the server stopped or crashed, the network failed) a message that says so."""
+        status = getattr(error, "status", lambda: None)()
+        if status == "StatusCode.UNAVAILABLE":
+            return cls(f"the connection to the server was lost mid-stream ({error})")
+        return cls(str(error))
+
 
 @dataclass
 class Chunk:
@@ -164,7 +173,7 @@ class OrpheusClient:
                     raise TimeoutError(f"no response for {timeout:.0f} s") from None
                 if error is not None:
                     completed = True  # the server ended the stream itself
-                    raise SynthesisError(str(error))
+                    raise SynthesisError.of(error)
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     audio = audio.reshape(-1)
@@ -267,7 +276,7 @@ class AsyncOrpheusClient:
             async for response, error in responses:
                 if error is not None:
                     ended = True  # the server ended the stream itself
-                    raise SynthesisError(str(error))
+                    raise SynthesisError.of(error)
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     yield audio.reshape(-1)
