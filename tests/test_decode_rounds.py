@@ -200,6 +200,37 @@ def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
     assert set(state.streams) == {"other"}
 
 
+def test_a_new_stream_with_a_vanished_streams_id_starts_afresh_though_no_sweep_ran():
+    """On a quiet server no sweep runs: a vanished stream's state outlives idle_seconds. A new stream
+    with its id (the llm stage allows it after as long) must not inherit its frames, its start time
+    or its listener's playback clock."""
+    from orpheus_triton.decode_rounds import DecodeScheduler, Delivery, StreamDecoderState
+    from orpheus_triton.frames import StreamFramer
+
+    now = [1000.0]
+    state = StreamDecoderState(idle_seconds=600, clock=lambda: now[0])
+    scheduler = DecodeScheduler(max_windows=8, idle_seconds=600, clock=lambda: now[0])
+    old = [audio_token_id(code, i) for i, code in enumerate(range(1, 36))]  # 5 frames, then it vanished
+    for item in state.items_for([("x", np.array(old), None, 111.0)]):
+        scheduler.add([item])
+        scheduler.delivered(item, 0.085 * len(item.windows))
+    scheduler.next_round()
+    now[0] += 601
+    new = [audio_token_id(code, i) for i, code in enumerate(range(500, 521))]  # 3 frames: the lead-in window
+    (item,) = state.items_for([("x", np.array(new), None, 222.0)])
+    assert [w.codes for w in item.windows] == [w.codes for w in StreamFramer().push(new)]
+    assert item.request_start == 222.0
+    scheduler.add([item])
+    assert scheduler._urgency("x")[0] == 0  # ranked as the newcomer it is
+    assert scheduler.delivered(item, 0.085) == Delivery(first_audio=True)  # not a 600 s stall
+
+
+def test_the_llm_holds_a_vanished_streams_id_longer_than_the_decoder_keeps_its_state():
+    from orpheus_triton.serving import ID_HOLD_MARGIN_SECONDS, llm_stream_options
+
+    assert llm_stream_options({"stream_idle_seconds": "30"})["hold_seconds"] == 30 + ID_HOLD_MARGIN_SECONDS > 30
+
+
 def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to():
     from orpheus_triton.decode_rounds import StreamDecoderState
 

@@ -81,8 +81,10 @@ class DecodeScheduler:
         self._closed = False
 
     def add(self, items: Sequence[DecodeItem]) -> None:
+        now = self.clock()
         with self._ready:
             for item in items:
+                self._playback_of(item.stream_id, now)  # the ranking must not read a vanished stream's clock
                 self._queues.setdefault(item.stream_id, deque()).append(item)
             self._ready.notify()
 
@@ -121,7 +123,7 @@ class DecodeScheduler:
         say whether that was its first audio or came after its listener ran out."""
         now = self.clock()
         with self._ready:
-            play_end = self._playback.get(item.stream_id, (None, now))[0]
+            play_end = (self._playback_of(item.stream_id, now) or (None, now))[0]
             delivery = Delivery()
             if audio_seconds > 0:
                 if play_end is None:
@@ -141,6 +143,15 @@ class DecodeScheduler:
         with self._ready:
             self._closed = True
             self._ready.notify_all()
+
+    def _playback_of(self, stream_id: str, now: float) -> tuple[float, float] | None:
+        """The stream's playback clock; None, and forgotten, if it is an earlier stream's with this id that
+        vanished over ``idle_seconds`` ago (the sweep runs only with traffic)."""
+        playback = self._playback.get(stream_id)
+        if playback is not None and self._sweep.expired(playback[1], now):
+            del self._playback[stream_id]
+            return None
+        return playback
 
     def _deferrable(self) -> set[str]:
         """Streams whose next window may wait a round: while a newcomer waits for its first audio, a
@@ -194,7 +205,7 @@ class StreamDecoderState:
         result = []
         for request_id, tokens, reply, *start in chunks:
             stream = self.streams.get(request_id)
-            if stream is None:
+            if stream is None or self._sweep.expired(stream.last_seen, now):  # a vanished stream's state goes
                 framer = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out)
                 stream = self.streams[request_id] = _DecoderStream(framer, now)
             stream.last_seen = now

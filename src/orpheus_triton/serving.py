@@ -245,6 +245,10 @@ def generation_settings(get: GetInput) -> dict:
 
 # Idle states are looked for at most this often: a scan per request would cost O(streams) each.
 STALE_SWEEP_SECONDS = 1.0
+# The llm stage holds a vanished stream's id this much longer than the decoder keeps its state: the
+# decoder's idle clock starts when the stream's last chunk reached it, which can come after the llm let
+# the stream go (Triton's queue in between), and a new stream with the id must find that state gone.
+ID_HOLD_MARGIN_SECONDS = 10.0
 
 
 def llm_stream_options(params: dict[str, str]) -> dict:
@@ -253,7 +257,7 @@ def llm_stream_options(params: dict[str, str]) -> dict:
     if not cancel_check >= 0:
         raise ValueError(f"cancel_check_seconds must be >= 0, got {cancel_check}")
     return {"tokens_per_response": int(params.get("tokens_per_response", TOKENS_PER_FRAME)),
-            "hold_seconds": stream_idle_seconds(params), "cancel_check_seconds": cancel_check}
+            "hold_seconds": stream_idle_seconds(params) + ID_HOLD_MARGIN_SECONDS, "cancel_check_seconds": cancel_check}
 
 
 def stream_idle_seconds(params: dict[str, str]) -> float:
@@ -262,17 +266,25 @@ def stream_idle_seconds(params: dict[str, str]) -> float:
 
 
 class IdleSweep:
-    """Drops per-stream entries idle for over ``idle_seconds``, scanning at most once per STALE_SWEEP_SECONDS."""
+    """Drops per-stream entries idle for over ``idle_seconds``, scanning at most once per STALE_SWEEP_SECONDS.
+
+    A scan runs only when traffic comes, so an entry may outlive ``idle_seconds`` (on a quiet server, for
+    good): whoever looks an entry up by its stream id asks ``expired`` first, so that a new stream with
+    the id of one that vanished starts afresh instead of inheriting its state.
+    """
 
     def __init__(self, idle_seconds: float, now: float):
         self.idle_seconds = idle_seconds
         self._next = now + STALE_SWEEP_SECONDS
 
+    def expired(self, last_seen: float, now: float) -> bool:
+        return now - last_seen > self.idle_seconds
+
     def __call__(self, entries: dict, last_seen: Callable[[Any], float], now: float) -> None:
         if now < self._next:
             return
         self._next = now + STALE_SWEEP_SECONDS
-        for key in [k for k, entry in entries.items() if now - last_seen(entry) > self.idle_seconds]:
+        for key in [k for k, entry in entries.items() if self.expired(last_seen(entry), now)]:
             del entries[key]
 
 
@@ -282,7 +294,7 @@ class ActiveStreams:
     A second live stream with one id is refused. So is, for ``hold_seconds``, the
     id of a stream that was cancelled or failed: its end_id never reached the
     decoder, whose state for that id would otherwise carry into the new stream.
-    ``hold_seconds`` matches the decoder's idle eviction (StreamDecoderState).
+    ``hold_seconds`` outlasts the decoder's idle eviction (StreamDecoderState; ID_HOLD_MARGIN_SECONDS).
     """
 
     def __init__(self, hold_seconds: float = STREAM_STATE_SECONDS):
