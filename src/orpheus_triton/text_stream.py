@@ -30,8 +30,10 @@ _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "
                             "inc", "ltd", "mt", "vol", "dept", "est", "cf"})
 # A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
 _BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
-# Chinese and Japanese full-width end marks: no space follows them.
-_WIDE_BOUNDARY = re.compile(r"[。！？]+[」』）”’]*(\s*)(\S)")
+# Chinese and Japanese full-width end marks: no space follows them, so the next sentence's first
+# character must be neither another end mark nor a closing quote ("好。”" and "吗？！" end where they end).
+_WIDE_BOUNDARY = re.compile(r"[。！？]+[」』）”’]*(\s*)([^\s。！？」』）”’])")
+_PIECE_CHARS = 1024  # SentenceSplitter.push takes long text this many characters at a time
 _CLAUSE_END = re.compile(r"[,;:]\s|\s[-–—]\s|[，、；：]")
 
 
@@ -55,12 +57,17 @@ class SentenceSplitter:
         self.pending = ""
 
     def push(self, text: str) -> list[str]:
-        """Add ``text``; return the sentences it completed."""
-        self.pending += text
+        """Add ``text``; return the sentences it completed.
+
+        Taken a piece at a time (the same sentences as whole): each cut rescans what is held, so a whole
+        book pushed at once would take time growing with its length squared before its first sentence.
+        """
         sentences = []
-        while (cut := self._next_cut()) is not None:
-            sentences += _tidy(self.pending[:cut])
-            self.pending = self.pending[cut:]
+        for start in range(0, len(text), _PIECE_CHARS):
+            self.pending += text[start:start + _PIECE_CHARS]
+            while (cut := self._next_cut()) is not None:
+                sentences += _tidy(self.pending[:cut])
+                self.pending = self.pending[cut:]
         return sentences
 
     def finish(self) -> list[str]:
@@ -99,7 +106,8 @@ class SentenceSplitter:
         if tag_start > 0 and tag_start > head.rfind(">"):  # a tag would be split: cut before it
             head = head[:tag_start]
         clauses = [m.end() for m in _CLAUSE_END.finditer(head)]
-        if clauses and clauses[-1] > len(head) // 3:
+        lead = len(head) - len(head.lstrip())  # whitespace left from the cut before: not the sentence's
+        if clauses and clauses[-1] - lead > (len(head) - lead) // 3:
             return clauses[-1]
         space = head.rstrip().rfind(" ")
         return space + 1 if space > 0 else max(len(head), 1)
@@ -205,8 +213,10 @@ async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], A
                 async for item in stream:
                     items.put_nowait(item)
             items.put_nowait(_DONE)
-        except Exception as error:  # noqa: BLE001 (handed to the consumer, raised there in order)
-            items.put_nowait(_Failed(error))
+        except BaseException as error:  # handed to the consumer, raised there in order (else it would wait
+            items.put_nowait(_Failed(error))  # for good); a CancelledError from inside speak too
+            if not isinstance(error, Exception):
+                raise
         finally:
             generating.release()
 
@@ -219,8 +229,10 @@ async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], A
                 running.append(asyncio.create_task(run(sentence, items)))
                 order.put_nowait(items)
             order.put_nowait(_DONE)
-        except Exception as error:  # noqa: BLE001 (the text source failed: raised to the consumer)
+        except BaseException as error:  # the text source failed (or was cancelled): raised to the consumer
             order.put_nowait(_Failed(error))
+            if not isinstance(error, Exception):
+                raise
 
     feeder = asyncio.create_task(feed())
     try:
