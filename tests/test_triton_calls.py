@@ -37,6 +37,34 @@ def test_cancellation_watch_asks_in_passes_the_engine_asks_for_and_never_after_f
     assert direct.watch("c", asker("c"))() is False and asked[-1] == "c"
 
 
+def test_a_pass_never_asks_a_request_whose_id_a_new_stream_took_meanwhile():
+    """During a pass (a round trip per stream), stream a may end, its final response go out and the
+    client start a new stream with the id a. The pass must not ask the old request (after its final
+    response: it crashed tritonserver 2.51), nor drop the new stream's watch."""
+    from orpheus_triton.triton_calls import CancellationWatch
+
+    passes, asked = [], []
+    watch = CancellationWatch(run=passes.append, duty=1.0)
+    reused = {}
+
+    def ask_x():  # meanwhile (the first time), on the engine's and the response thread's side:
+        if reused:
+            return False
+        watch.forget("a")  # a's final emit
+        watch.settle("a")  # then its final response is sent
+        reused["check"] = watch.watch("a", lambda: asked.append("new a") or True)  # the client reuses the id
+        return False
+
+    check_x = watch.watch("x", ask_x)
+    watch.watch("a", lambda: asked.append("old a") or True)
+    check_x()
+    passes.pop()()
+    assert asked == [] and "a" in watch._watched
+    check_x()
+    passes.pop()()
+    assert asked == ["new a"] and reused["check"]()  # the new stream's cancellation is seen
+
+
 def test_cancellation_passes_take_at_most_their_duty_of_the_time():
     """After a pass of d seconds the next waits d (1 - duty) / duty: with few streams (short passes) a pass at
     every step, with many as often as the share allows, so that the questions never crowd out the responses."""

@@ -264,9 +264,12 @@ class CancellationWatch:
     def _ask_all(self) -> None:
         with self._lock:
             watched = list(self._watched.items())
-        for key, (is_cancelled, flag) in watched:
+        for key, entry in watched:
+            is_cancelled, flag = entry
             with self._lock:
-                if key not in self._watched:  # forgotten meanwhile: its final response may be queued
+                # Forgotten meanwhile (its final response may be queued or sent), or watched again for a
+                # new stream with its id: the old request must not be asked any more.
+                if self._watched.get(key) is not entry:
                     continue
                 self._asking = key
             try:
@@ -280,4 +283,6 @@ class CancellationWatch:
                     self._asked.notify_all()
             if cancelled:
                 flag.set()
-                self.forget(key)
+                with self._lock:  # the new stream with this id, if one came meanwhile, stays watched
+                    if self._watched.get(key) is entry:
+                        del self._watched[key]
