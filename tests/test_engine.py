@@ -473,6 +473,29 @@ def test_llm_stage_tensors_to_settings():
 def test_out_of_range_sampling_is_refused(model):
     with pytest.raises(ValueError, match="top_p 0.0"):
         make_engine(model).submit(request(PROMPTS[0], Collector(), top_p=0.0))
+    # Infinite (or beyond float32) settings turned the guard's -inf scores into NaN: end of speech mid-frame.
+    for settings in ({"temperature": float("inf")}, {"temperature": 1e39}, {"repetition_penalty": float("inf")},
+                     {"temperature": float("nan")}):
+        with pytest.raises(ValueError, match="each finite"):
+            make_engine(model).submit(request(PROMPTS[0], Collector(), **settings))
+
+
+def test_a_bad_request_is_refused_alone_and_running_streams_go_on(model):
+    """A prompt id outside the vocabulary failed the step's forward, and with it every running stream; an
+    end id other than end-of-speech with the guard on shifted every frame after the first end-of-speech."""
+    engine = make_engine(model)
+    running = Collector()
+    engine.submit(request(PROMPTS[0], running, max_new_tokens=14))
+    engine.step()
+    vocab = model.config.vocab_size
+    for prompt, bad in (([1, 2, vocab], f"{vocab} at position 2"), ([-1, 5], "-1 at position 0")):
+        with pytest.raises(ValueError, match=f"prompt token {bad} is not in the vocabulary"):
+            engine.submit(request(prompt, Collector()))
+    with pytest.raises(ValueError, match="end_id 128009 with the audio-token guard on"):
+        engine.submit(request(PROMPTS[0], Collector(), end_id=128009))
+    engine.submit(request(PROMPTS[0], Collector(), end_id=128009, audio_guard=False))  # unguarded: any end id
+    engine.run_until_idle()
+    assert running.finished and not running.errors
 
 
 def test_full_uint64_seed_range(model):

@@ -49,6 +49,8 @@ from .llama import BucketedDecoder, Llama, available_memory, kv_cache_bytes
 from .sampling import GuardedSampler, HostRows, LmHead, SamplingBatch, host_to_device, sample
 from .threads import start_torch_thread
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32: sampling settings go to the device as float32
+
 log = logging.getLogger(__name__)
 
 # Prompt tokens a step prefills at most, by device. The total prefill work of a burst of callers is the
@@ -249,12 +251,25 @@ class InflightEngine:
             )
         if request.max_new_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
-        if not (request.temperature >= 0 and 0 < request.top_p <= 1 and request.top_k >= 0
-                and request.repetition_penalty > 0):
+        # Sampling runs in float32: an infinite temperature or penalty (or one float32 cannot hold) turns the
+        # guard's -inf scores into NaN, which argmax then picks (end of speech in mid-frame).
+        if not (0 <= request.temperature <= FLOAT32_MAX and 0 < request.top_p <= 1 and request.top_k >= 0
+                and 0 < request.repetition_penalty <= FLOAT32_MAX):
             raise ValueError(
                 f"sampling settings out of range: temperature {request.temperature} (>= 0), top_p {request.top_p} "
-                f"(0, 1], top_k {request.top_k} (>= 0), repetition_penalty {request.repetition_penalty} (> 0)"
+                f"(0, 1], top_k {request.top_k} (>= 0), repetition_penalty {request.repetition_penalty} (> 0), "
+                "each finite"
             )
+        vocab = self.model.config.vocab_size
+        if not 0 <= min(request.prompt) <= max(request.prompt) < vocab:  # one bad id would fail every stream's step
+            bad = next(i for i, token in enumerate(request.prompt) if not 0 <= token < vocab)
+            raise ValueError(f"prompt token {request.prompt[bad]} at position {bad} is not in the vocabulary "
+                             f"(ids 0 to {vocab - 1})")
+        if request.audio_guard and request.end_id != END_OF_SPEECH:
+            # The guard offers end-of-speech at frame boundaries; another end id would leave it in the stream
+            # as an audio position and shift every later frame.
+            raise ValueError(f"end_id {request.end_id} with the audio-token guard on: the guard ends a stream with "
+                             f"end-of-speech ({END_OF_SPEECH}); send that end_id, or turn the guard off")
         with self.lock:
             if len(self.queue) >= self.max_queue:
                 raise CapacityError(
