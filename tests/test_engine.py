@@ -524,6 +524,26 @@ def test_stop_request_drops_a_stream_by_id(model):
     assert other.finished and not other.errors
 
 
+def test_a_stop_that_comes_as_its_stream_ends_does_not_stop_the_next_stream_with_its_id(model):
+    """The stop lands (another thread) during the step in which the stream finishes on its own; the
+    engine then idles, and a new stream with the same id came: it used to be stopped at once."""
+    engine = make_engine(model)
+    first, second = Collector(), Collector()
+
+    def emit(tokens, finished):
+        first.emit(tokens, finished)
+        if finished:
+            assert engine.stop_stream("X")  # still known: the step has not let it go yet
+
+    engine.submit(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=5, emit=emit, fail=first.fail,
+                                    request_id="X", seed=1))
+    engine.run_until_idle()
+    engine.submit(request(PROMPTS[1], second, max_new_tokens=21, request_id="X", seed=2))
+    engine.run_until_idle()
+    assert second.finished and not second.errors and len(second.tokens) > 1  # not just [end_id]
+    assert engine.stats.cancelled == 0
+
+
 def test_cpu_threads_parameter():
     from orpheus_triton.triton_llm import set_cpu_threads
 

@@ -124,6 +124,7 @@ class _Stream:
     issued: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
     ended: bool = False  # finished, failed or cancelled: tokens still on their way are dropped
+    stop_requested: bool = False  # a `stop` for its id came (stop_stream): it ends at the next step
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -236,7 +237,6 @@ class InflightEngine:
         self.stats = EngineStats()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stop_requested: set[str] = set()
         self._last_step_end: float | None = None  # when the last step that left work behind ended
 
     # ---- public API ------------------------------------------------------------------
@@ -352,20 +352,18 @@ class InflightEngine:
         cancelled one (``is_cancelled``) is failed instead: nobody listens any more.
         Returns whether such a stream was queued or running.
         """
-        with self.lock:
-            known = any(s.request.request_id == request_id
-                        for s in [*self.queue, *self.decoding, *([self.prefilling] if self.prefilling else [])])
-            if known and request_id:
-                self._stop_requested.add(request_id)
+        with self.lock:  # the streams themselves are marked: a later stream with this id is not stopped
+            streams = [s for s in [*self.queue, *self.decoding, *([self.prefilling] if self.prefilling else [])]
+                       if s.request.request_id == request_id]
+            if request_id:
+                for stream in streams:
+                    stream.stop_requested = True
         self.wakeup.set()
-        return known
+        return bool(streams)
 
     def _drop_cancelled(self) -> None:
-        with self.lock:
-            stop_ids, self._stop_requested = self._stop_requested, set()
-
         def cancelled(stream: _Stream) -> bool:
-            return stream.request.request_id in stop_ids or stream.request.is_cancelled()
+            return stream.stop_requested or stream.request.is_cancelled()
 
         dropped = []
         for index in reversed(range(len(self.decoding))):
@@ -385,7 +383,7 @@ class InflightEngine:
         self.stats.cancelled += len(dropped)
         for stream in dropped:
             stream.ended = True
-        stopped = [s for s in dropped if s.request.request_id in stop_ids]
+        stopped = [s for s in dropped if s.stop_requested]
         for stream in stopped:
             try:
                 stream.request.emit([stream.request.end_id], True)
