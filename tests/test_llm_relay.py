@@ -135,12 +135,42 @@ def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
     relay.stop("a")
     engine.send("a", *tokens(1, 2), None)  # the engine ends a stopped stream
     relay.close()
-    assert engine.stopped == ["a"]
+    assert engine.stopped == ["a", "a"]  # and again once the engine has answered (see the next test)
     assert sent == [([1, 2, END_OF_SPEECH], 3, True, True)]  # ends normally: the ensemble completes
     with pytest.raises(StreamIdError):
         relay.active.claim("a")
     relay.stop("unknown")  # another relay instance's stream, maybe: the engine is told anyway
-    assert engine.stopped == ["a", "unknown"]
+    assert engine.stopped == ["a", "a", "unknown"]
+
+
+def test_a_stop_that_reaches_the_engine_before_the_relays_own_call_is_passed_on_again():
+    """TensorRT-LLM ignores a stop for an id it does not hold: a stop right after the start (the same
+    execute() batch) came before the relay's call and was lost; the stream ran to max_tokens."""
+    live, sent, ignored = set(), [], []
+    calling = threading.Event()
+
+    def call(request_id, inputs):
+        calling.wait(5)  # the relay's call is still on its way
+        live.add(request_id)
+        for token in range(1, 50):
+            if request_id not in live:
+                break
+            yield EngineResponse([token])
+
+    def stop(request_id):
+        if request_id in live:
+            live.discard(request_id)
+        else:
+            ignored.append(request_id)
+
+    relay = RelayStreams(call, stop, lambda sender, tokens, count, final: sent.append((count, final)),
+                         lambda sender, message: None, engine_inputs=EngineInputs(), tokens_per_response=7,
+                         hold_seconds=600)
+    relay.start("a", INPUTS, "sender", lambda: False)
+    relay.stop("a")
+    calling.set()
+    relay.close()
+    assert ignored == ["a"] and sent == [(2, True)]  # stopped after the engine's first token, ended normally
 
 
 def test_requests_are_checked_before_anything_is_claimed():

@@ -139,6 +139,9 @@ class RelayStreams:
         self.responses = ResponseQueue(on_error=self._undeliverable, threaded=True,
                                        before_last=self.cancellations.settle)
         self._undelivered: set[str] = set()  # streams whose client went away
+        # Streams a `stop` came for: passed on again once the engine has answered, since an engine that does
+        # not hold the id yet (the relay's own call still on its way) ignores it, as TensorRT-LLM does.
+        self._stopped: set[str] = set()
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -172,6 +175,8 @@ class RelayStreams:
         Sent on whether or not this relay knows the id: another instance of it may hold the stream."""
         with self._lock:
             known = request_id in self._threads
+            if known:
+                self._stopped.add(request_id)
         if known:
             self.active.release(request_id, completed=False)
         self.stop_engine(request_id)
@@ -211,8 +216,10 @@ class RelayStreams:
                     self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False))
                 with self._lock:
                     cancelled = request_id in self._undelivered
+                    stop_again = request_id in self._stopped
+                    self._stopped.discard(request_id)
                 cancelled = cancelled or is_cancelled()
-                if cancelled:
+                if cancelled or stop_again:
                     self.stop_engine(request_id)
         except Exception as failure:  # noqa: BLE001 (the engine call itself failed; told to the client)
             log.exception("relaying request %r failed", request_id)
@@ -220,6 +227,7 @@ class RelayStreams:
         finally:
             with self._lock:
                 self._threads.pop(request_id, None)
+                self._stopped.discard(request_id)
         self._finish(request_id, sender, chunks, end_id, ended, cancelled, error)
 
     def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, end_id: int, ended: bool,
