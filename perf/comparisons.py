@@ -21,7 +21,7 @@ from contextlib import redirect_stdout
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from orpheus_triton.constants import CODEBOOK_SIZE, WINDOW_TOKENS
+from orpheus_triton.constants import CODEBOOK_SIZE, NO_END_ID, WINDOW_TOKENS
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, Window
 from orpheus_triton.llama import load_llama
@@ -254,9 +254,9 @@ def compare_engine_batching(llm_dir, device: str = "auto", streams: int = 8, max
     prompts = [build_prompt(tokenizer, "Benchmarking the in-flight batching engine.", "tara")] * streams
 
     def requests():
-        # end_id -1 is never sampled: every stream runs to max_new_tokens, so both runs make the same tokens.
+        # NO_END_ID is never sampled: every stream runs to max_new_tokens, so both runs make the same tokens.
         return [GenerationRequest(prompt=p, max_new_tokens=max_new_tokens, emit=lambda ids, done: None, seed=i,
-                                  end_id=-1) for i, p in enumerate(prompts)]
+                                  end_id=NO_END_ID) for i, p in enumerate(prompts)]
 
     def run(batched: bool) -> tuple[int, float]:
         before = engine.stats.tokens_generated

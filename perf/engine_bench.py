@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from orpheus_triton.arguments import counts, positive
-from orpheus_triton.constants import LEAD_IN_TOKENS, REAL_TIME_TOKENS_PER_SECOND
+from orpheus_triton.constants import LEAD_IN_TOKENS, NO_END_ID, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine
 from orpheus_triton.llama import load_llama
@@ -93,8 +93,8 @@ def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
         if finished:
             entry["done"] = now
 
-    # end_id=-1: never stop early, so every stream generates exactly `tokens`.
-    engine.submit(GenerationRequest(prompt=prompt(i), max_new_tokens=tokens, emit=emit, seed=i, end_id=-1,
+    # NO_END_ID: never stop early, so every stream generates exactly `tokens`.
+    engine.submit(GenerationRequest(prompt=prompt(i), max_new_tokens=tokens, emit=emit, seed=i, end_id=NO_END_ID,
                                     request_id=f"bench-{i}"))
 
 

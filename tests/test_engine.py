@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, TOKENS_PER_FRAME
+from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, NO_END_ID, TOKENS_PER_FRAME
 from orpheus_triton.engine import PREFILL_TOKENS_PER_STEP, CapacityError, GenerationRequest, InflightEngine
 from orpheus_triton.frames import StreamFramer, token_slot
 from orpheus_triton.llama import load_llama
@@ -494,6 +494,7 @@ def test_a_bad_request_is_refused_alone_and_running_streams_go_on(model):
     with pytest.raises(ValueError, match="end_id 128009 with the audio-token guard on"):
         engine.submit(request(PROMPTS[0], Collector(), end_id=128009))
     engine.submit(request(PROMPTS[0], Collector(), end_id=128009, audio_guard=False))  # unguarded: any end id
+    engine.submit(request(PROMPTS[0], Collector(), end_id=NO_END_ID, max_new_tokens=3))  # benchmarks: no end
     engine.run_until_idle()
     assert running.finished and not running.errors
 

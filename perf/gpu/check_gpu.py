@@ -45,6 +45,7 @@ from orpheus_triton.constants import (
     AUDIO_TOKEN_BASE,
     CODEBOOK_SIZE,
     END_OF_SPEECH,
+    NO_END_ID,
     SAMPLE_RATE,
     START_OF_SPEECH,
     TOKENS_PER_FRAME,
@@ -81,7 +82,7 @@ def prefilled_engine(model, streams: int, max_streams: int = 8) -> InflightEngin
     for i in range(streams):
         prompt = [1000 + 37 * i + k for k in range(5 + 3 * i)]
         engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=200, emit=lambda t, f: None, seed=i,
-                                        end_id=-1))  # never ends early: every stream stays in the batch
+                                        end_id=NO_END_ID))  # never ends early: every stream stays in the batch
     while len(engine.decoding) < streams:
         engine.step()
     return engine

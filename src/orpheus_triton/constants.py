@@ -14,6 +14,7 @@ BEGIN_OF_TEXT = 128_000  # Llama-3 BOS
 END_OF_TEXT = 128_009  # Llama-3 <|eot_id|>, closes the text turn
 START_OF_SPEECH = 128_257
 END_OF_SPEECH = 128_258  # generation stops here
+NO_END_ID = -1  # as a request's end_id: no token ends the stream, only max_tokens (benchmarks)
 START_OF_HUMAN = 128_259
 END_OF_HUMAN = 128_260
 START_OF_AI = 128_261

@@ -43,6 +43,7 @@ from .constants import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     END_OF_SPEECH,
+    NO_END_ID,
     TOKENS_PER_FRAME,
 )
 from .llama import BucketedDecoder, Llama, available_memory, kv_cache_bytes
@@ -265,7 +266,7 @@ class InflightEngine:
             bad = next(i for i, token in enumerate(request.prompt) if not 0 <= token < vocab)
             raise ValueError(f"prompt token {request.prompt[bad]} at position {bad} is not in the vocabulary "
                              f"(ids 0 to {vocab - 1})")
-        if request.audio_guard and request.end_id != END_OF_SPEECH:
+        if request.audio_guard and request.end_id not in (END_OF_SPEECH, NO_END_ID):
             # The guard offers end-of-speech at frame boundaries; another end id would leave it in the stream
             # as an audio position and shift every later frame.
             raise ValueError(f"end_id {request.end_id} with the audio-token guard on: the guard ends a stream with "
