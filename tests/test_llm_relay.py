@@ -128,6 +128,38 @@ def test_a_failed_send_stops_the_engine():
         relay.active.claim("a")
 
 
+def test_a_send_that_fails_after_its_streams_end_holds_the_id_and_spares_the_next_stream():
+    """With the response thread behind, a stream's frame can fail to send after the relay let its id go:
+    the id used to stay marked undelivered for good (and claimable at once), and the next stream with it,
+    however much later, was stopped at its first token as if cancelled."""
+    engine, sent, refused = Engine(), [], []
+    behind = threading.Event()
+
+    def respond(sender, tokens, count, final):
+        if sender == "gone":
+            behind.wait(5)
+            raise RuntimeError("client went away")
+        sent.append((sender, final))
+
+    relay = RelayStreams(engine.call, engine.stop, respond, lambda sender, message: refused.append(message),
+                         engine_inputs=EngineInputs(), tokens_per_response=7, hold_seconds=600)
+    relay.start("a", INPUTS, "gone", lambda: False)
+    engine.send("a", *tokens(*range(1, 8)), None)  # a frame (its send will fail), then the engine's end
+    deadline = time.monotonic() + 5
+    while "a" in relay.active._ids and time.monotonic() < deadline:
+        time.sleep(0.01)
+    behind.set()
+    time.sleep(0.3)
+    with pytest.raises(StreamIdError, match="cancelled or failed"):  # its end was lost: held, as a cancel's
+        relay.active.claim("a")
+    relay.active.hold_seconds = 0  # later on
+    engine.streams.pop("a")  # the first stream's, read to its end
+    relay.start("a", INPUTS, "new", lambda: False)
+    engine.send("a", *tokens(*range(10, 30)), None)
+    relay.close()
+    assert engine.stopped == [] and refused == [] and sent[-1] == ("new", True)
+
+
 def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
     relay, engine, sent, _ = make()
     relay.start("a", INPUTS, "sender", lambda: False)

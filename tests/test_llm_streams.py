@@ -96,6 +96,57 @@ def test_a_send_that_fails_drops_the_stream_and_retires_its_id():
         streams.active.claim("a")
 
 
+def test_a_send_that_fails_after_its_streams_end_spares_the_next_stream_with_its_id():
+    """With the response thread behind, a stream's last frame can fail to send after the stream ended and
+    let its id go, and after its client started a new stream with that id: the failure used to stop the
+    new stream and drop its claim. Now it only holds the id as unfinished, if nobody has it."""
+    import threading
+    import time
+
+    from orpheus_triton.llm_streams import LlmStreams
+
+    sent = []
+
+    def behind_then_failing():
+        behind = threading.Event()
+
+        def respond(sender, tokens, count, final):
+            if sender == "gone":
+                behind.wait(5)
+                raise RuntimeError("client went away")
+            sent.append((sender, tokens, final))
+
+        engine = Engine()
+        return LlmStreams(engine, respond, lambda sender, message: None, response_threads=1,
+                          tokens_per_response=7, hold_seconds=600), engine, behind
+
+    streams, engine, behind = behind_then_failing()
+    streams.start("a", SETTINGS, "gone", lambda: False)
+    old = engine.requests["a"]
+    old.emit(list(range(7)), False)  # a frame, whose send will fail
+    old.emit([7, END_OF_SPEECH], True)  # the end: the id is let go
+    streams.start("a", SETTINGS, "new", lambda: False)  # and taken again
+    behind.set()
+    time.sleep(0.3)
+    assert engine.stopped == [] and "a" in streams.active._ids  # the new stream goes on
+    new = engine.requests["a"]
+    new.emit(list(range(100, 107)), False)
+    new.emit([END_OF_SPEECH], True)
+    streams.close()
+    assert [final for sender, _, final in sent if sender == "new"] == [False, True]
+    # Without a new stream, the lost end holds the id, as a cancelled stream's does.
+    streams, engine, behind = behind_then_failing()
+    streams.start("b", SETTINGS, "gone", lambda: False)
+    engine.requests["b"].emit(list(range(7)), False)
+    engine.requests["b"].emit([END_OF_SPEECH], True)
+    assert "b" not in streams.active._ids
+    behind.set()
+    streams.close()
+    assert engine.stopped == []
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        streams.active.claim("b")
+
+
 def test_stop_ends_the_stream_in_the_engine_and_retires_its_id():
     streams, engine, _, refused = make()
     streams.start("a", SETTINGS, "sender-a", lambda: False)

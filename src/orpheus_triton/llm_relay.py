@@ -192,15 +192,28 @@ class RelayStreams:
         self.cancellations.close()
 
     def _undeliverable(self, request_id: str, error: Exception) -> None:
-        log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, error)
-        with self._lock:
-            self._undelivered.add(request_id)
+        """For a send queued without its own ``lost`` (none is: each stream's sends say what a failure means)."""
+        log.warning("could not send a response of request %r (%s)", request_id, error)
 
     def _relay(self, request_id: str, inputs: dict[str, np.ndarray], end_id: int, sender: Any,
                is_cancelled: Callable[[], bool]) -> None:
         chunks = FrameChunker(self.tokens_per_response)
         ended = cancelled = False
         error = None
+        finished = threading.Event()  # _finish let the id go: it may be another stream's now
+
+        def lost(failure: Exception) -> None:
+            with self._lock:
+                ours = not finished.is_set()  # the id is still this stream's: _relay or _finish sees it
+                if ours:
+                    self._undelivered.add(request_id)
+            if ours:
+                log.warning("could not deliver tokens of request %r (%s); stopping it", request_id, failure)
+                return
+            # Sent late (the response thread behind), after the stream's end let its id go: its end will not
+            # go out either, but a new stream with the id, if one came, must go on.
+            log.warning("could not deliver tokens of request %r (%s) after its end", request_id, failure)
+            self.active.retire(request_id)
         try:
             for response in self.call(request_id, inputs):
                 if response.error is not None:
@@ -213,7 +226,8 @@ class RelayStreams:
                     chunks.pending += tokens[: tokens.index(end_id) + 1]
                     ended = True
                 elif (ready := chunks.add(tokens, finished=False)) is not None:
-                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False))
+                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False),
+                                       lost=lost)
                 with self._lock:
                     cancelled = request_id in self._undelivered
                     stop_again = request_id in self._stopped
@@ -228,11 +242,12 @@ class RelayStreams:
             with self._lock:
                 self._threads.pop(request_id, None)
                 self._stopped.discard(request_id)
-        self._finish(request_id, sender, chunks, end_id, ended, cancelled, error)
+        self._finish(request_id, sender, chunks, end_id, ended, cancelled, error, finished)
 
     def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, end_id: int, ended: bool,
-                cancelled: bool, error: str | None) -> None:
-        with self._lock:
+                cancelled: bool, error: str | None, finished: threading.Event) -> None:
+        with self._lock:  # a send of this stream failing from now on is told to the next one with its id no more
+            finished.set()
             cancelled = cancelled or request_id in self._undelivered
             self._undelivered.discard(request_id)
         completed = error is None and not cancelled

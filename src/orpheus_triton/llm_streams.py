@@ -21,6 +21,7 @@ How a response is built and sent is the adapter's business (``respond``,
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,9 @@ class LlmStreams:
         # streams, on a CPU).
         self.cancellations = CancellationWatch(threaded=response_threads > 0, min_interval=cancel_check_seconds)
         self.responses = response_queue(self._undeliverable, response_threads, before_last=self.cancellations.settle)
+        # A stream's end against a failed send of it (_emitter). Taken before the engine's lock (stop_stream),
+        # never under it: the engine calls emit outside its lock.
+        self._ends = threading.Lock()
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
         """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing
@@ -60,7 +64,8 @@ class LlmStreams:
             if not isinstance(error, CapacityError | ValueError):
                 raise  # a fault: the adapter tells the request, and nothing of the stream stays behind
             # On the response thread, which may be asking about this request right now.
-            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True)
+            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True,
+                               lost=lambda failure: log.debug("could not refuse request %r: %s", request_id, failure))
 
     def stop(self, request_id: str) -> None:
         """End the stream with this id at the engine's next step. It ends normally, but its client
@@ -75,6 +80,17 @@ class LlmStreams:
 
     def _emitter(self, sender: Any, request_id: str) -> Callable[[list[int], bool], None]:
         chunks = FrameChunker(self.tokens_per_response)
+        released = threading.Event()  # the id was let go: it may be another stream's now
+
+        def lost(error: Exception) -> None:
+            with self._ends:
+                if not released.is_set():  # the id is still this stream's: stop it
+                    self._undeliverable(request_id, error)
+                    return
+            # A response sent late (the response thread behind) failed after the stream's end let its id go:
+            # its end will not go out either, but a new stream with the id, if one came, must go on.
+            log.warning("could not deliver tokens of request %r (%s) after its end", request_id, error)
+            self.active.retire(request_id)
 
         def emit(tokens: list[int], finished: bool) -> None:
             ready = chunks.add(tokens, finished)
@@ -85,8 +101,11 @@ class LlmStreams:
                 # Before the put: the client may reuse the id as soon as the final response is out.
                 # A new stream's responses come from the engine thread (this one), after this put.
                 self.cancellations.forget(request_id)
-                self.active.release(request_id)
-            self.responses.put(request_id, lambda: self.respond(sender, ready, sent, finished), last=finished)
+                with self._ends:
+                    released.set()
+                    self.active.release(request_id)
+            self.responses.put(request_id, lambda: self.respond(sender, ready, sent, finished), last=finished,
+                               lost=lost)
 
         return emit
 

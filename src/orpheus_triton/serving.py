@@ -319,6 +319,13 @@ class ActiveStreams:
                 )
             self._ids.add(request_id)
 
+    def retire(self, request_id: str) -> None:
+        """A stream let go of as completed lost its end after all (its final response could not be sent):
+        hold its id as unfinished, unless a new stream has claimed it meanwhile."""
+        with self._lock:
+            if request_id not in self._ids:
+                self._unfinished[request_id] = time.monotonic()
+
     def release(self, request_id: str, completed: bool = True) -> None:
         """The stream left the engine; ``completed`` = it ended with end_id (downstream saw its end)."""
         with self._lock:

@@ -21,6 +21,8 @@ from .constants import CANCEL_CHECK_DUTY, MAX_RESPONSE_THREADS
 
 log = logging.getLogger(__name__)
 
+Lost = Callable[[Exception], None]  # told that one send failed (ResponseQueue.put)
+
 
 class ResponseQueue:
     """Talks to Triton for a model on one thread of its own: response sends, and other calls, in order.
@@ -43,7 +45,7 @@ class ResponseQueue:
                  before_last: Callable[[str], None] | None = None, name: str = "triton-responses"):
         self.on_error = on_error
         self.before_last = before_last  # called with a stream's key before its last call is made
-        self._queue: deque[tuple[str | None, Callable[[], None], bool] | None] = deque()
+        self._queue: deque[tuple[str | None, Callable[[], None], bool, Lost | None] | None] = deque()
         self._ready = threading.Condition()
         self._failed: set[str] = set()
         self._thread = None
@@ -51,15 +53,17 @@ class ResponseQueue:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
-    def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None) -> None:
         """Queue ``send`` for stream ``key`` (None: a call for no stream); ``last``: the stream's
-        final response (the key may be reused after it). Unthreaded, it runs here and now."""
+        final response (the key may be reused after it). ``lost``: told of this send's failure instead
+        of ``on_error``, by the stream that made it (which knows whether the key is still its own).
+        Unthreaded, it runs here and now."""
         if self._thread is None:
             with self._ready:  # the engine thread and execute() may both be sending
-                self._deliver(key, send, last)
+                self._deliver(key, send, last, lost)
             return
         with self._ready:
-            self._queue.append((key, send, last))
+            self._queue.append((key, send, last, lost))
             self._ready.notify()
 
     def wait_for_room(self, most: int) -> None:
@@ -90,7 +94,7 @@ class ResponseQueue:
                 return
             self._deliver(*entry)
 
-    def _deliver(self, key: str | None, send: Callable[[], None], last: bool) -> None:
+    def _deliver(self, key: str | None, send: Callable[[], None], last: bool, lost: Lost | None = None) -> None:
         if last and key is not None and self.before_last is not None:
             self.before_last(key)
         if key not in self._failed:
@@ -101,7 +105,10 @@ class ResponseQueue:
                     log.exception("call on the response thread failed")
                     return
                 self._failed.add(key)
-                self.on_error(key, error)
+                if lost is not None:
+                    lost(error)
+                else:
+                    self.on_error(key, error)
         if last:
             self._failed.discard(key)
 
@@ -127,8 +134,8 @@ class ResponseLanes:
     def lane_of(self, key: str | None) -> int:
         return 0 if key is None else zlib.crc32(key.encode()) % len(self._lanes)
 
-    def put(self, key: str | None, send: Callable[[], None], last: bool = False) -> None:
-        self._lanes[self.lane_of(key)].put(key, send, last)
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None) -> None:
+        self._lanes[self.lane_of(key)].put(key, send, last, lost)
 
     def wait_for_room(self, most: int) -> None:
         """Wait until no lane holds more than its share of ``most`` queued calls."""
