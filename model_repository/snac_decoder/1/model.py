@@ -134,6 +134,7 @@ class TritonPythonModel:
             self._respond(item, pcm)
 
     def _answer(self, item: DecodeItem, pcm, error=None):
+        handed_over = time.time()  # first audio "sent" is when Triton takes it, not when the send has returned
         try:
             if error is not None:
                 send_error(pb_utils, item.reply, "decoder", error)
@@ -145,4 +146,4 @@ class TritonPythonModel:
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
         delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
-        self.metrics.record_delivery(delivery, item.request_start, time.time())
+        self.metrics.record_delivery(delivery, item.request_start, handed_over)
