@@ -468,6 +468,26 @@ def test_llm_stage_tensors_to_settings():
         generation_settings({c.LLM_INPUT_IDS: tensors[c.LLM_INPUT_IDS]}.get)
     with pytest.raises(ValueError, match="does not fit"):
         generation_settings({**tensors, c.LLM_INPUT_LENGTHS: np.array([[9]], dtype=np.int32)}.get)
+    # Two streams in one request (the llm has a max_batch_size): only the first used to be served, the other
+    # dropped unsaid, or with lengths [6, 2] the first prompt ran into the second row.
+    two = {c.LLM_INPUT_IDS: np.array([[5, 6, 7, 0], [8, 9, 0, 0]], dtype=np.int32),
+           c.LLM_INPUT_LENGTHS: np.array([[3], [2]], dtype=np.int32),
+           c.LLM_REQUEST_OUTPUT_LEN: np.array([[50], [50]], dtype=np.int32)}
+    with pytest.raises(ValueError, match=r"has shape \[2, 4\]: send one stream per request"):
+        generation_settings(two.get)
+    with pytest.raises(ValueError, match=f"'{c.LLM_SEED}' holds 2 values: send one stream per request"):
+        generation_settings({**tensors, c.LLM_SEED: np.array([[1], [2]], dtype=np.uint64)}.get)
+    with pytest.raises(ValueError, match="streaming=false is not served"):
+        generation_settings({**tensors, c.LLM_STREAMING: np.array([[False]])}.get)
+    assert generation_settings({**tensors, c.LLM_STREAMING: np.array([[True]])}.get) == settings
+
+
+def test_a_request_start_that_is_absent_empty_or_not_a_time_is_the_arrival():
+    from orpheus_triton.serving import request_start_of
+
+    assert request_start_of(np.array([[12.5]]), 99.0) == 12.5
+    for value in (None, np.zeros((0, 1)), np.array([[np.nan]])):
+        assert request_start_of(value, 99.0) == 99.0
 
 
 def test_out_of_range_sampling_is_refused(model):

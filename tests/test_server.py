@@ -83,6 +83,12 @@ def test_the_decoder_alone_decodes_a_stream_with_or_without_its_start_time(serve
         c.SAMPLES_PER_FRAME]
     assert settled_server_metric(server, "orpheus_time_to_first_audio_seconds_count") == counted + 1
     assert 0.25 <= server_metric(server, "orpheus_time_to_first_audio_seconds_sum") - total < 5
+    # Two streams' tokens in one request were framed as one stream: refused, the decoder goes on.
+    with pytest.raises(SynthesisError, match=r"output_ids has shape \[2, 1, 8\]: send one stream's tokens"):
+        _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, np.stack([tokens, tokens]))],
+                c.DECODER_AUDIO)
+    assert [len(chunk) for chunk in _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, tokens[None])],
+                                            c.DECODER_AUDIO)] == [c.SAMPLES_PER_FRAME]
 
 
 def test_the_models_log_into_the_server_log(server):

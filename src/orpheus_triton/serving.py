@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from .constants import (
     LLM_SEED,
     LLM_SEQUENCE_LENGTH,
     LLM_STOP,
+    LLM_STREAMING,
     LLM_TEMPERATURE,
     LLM_TOP_K,
     LLM_TOP_P,
@@ -158,7 +160,7 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
         request_id = request.request_id()
         inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         start_time = inputs.pop(REQUEST_START, None)
-        sender = Reply.of(request, arrived if start_time is None else float(np.asarray(start_time).reshape(-1)[0]))
+        sender = Reply.of(request, request_start_of(start_time, arrived))
         stopping = is_stop_request(inputs.get)
         try:
             if stopping:
@@ -207,7 +209,17 @@ def _scalar(get: GetInput, name: str, default, cast):
     value = get(name)
     if value is None or value.size == 0:
         return default
+    if value.size > 1:  # a batch of requests in one: only the first would be served, the rest dropped unsaid
+        raise ValueError(f"input {name!r} holds {value.size} values: send one stream per request (batch size 1)")
     return cast(value.reshape(-1)[0])
+
+
+def request_start_of(value: np.ndarray | None, default: float | None) -> float | None:
+    """A request's REQUEST_START input (epoch seconds), or ``default`` where it is absent, empty or not a time."""
+    if value is None or value.size == 0:
+        return default
+    start = float(np.asarray(value).reshape(-1)[0])
+    return start if math.isfinite(start) else default
 
 
 def is_stop_request(get: GetInput) -> bool:
@@ -223,7 +235,13 @@ def generation_settings(get: GetInput) -> dict:
     ids = get(LLM_INPUT_IDS)
     if ids is None:
         raise ValueError(f"missing input {LLM_INPUT_IDS!r}")
+    if ids.ndim > 1 and ids.size != ids.shape[-1]:
+        raise ValueError(f"input {LLM_INPUT_IDS!r} has shape {list(ids.shape)}: send one stream per request "
+                         "(one row of prompt ids)")
     ids = ids.reshape(-1)
+    if not _scalar(get, LLM_STREAMING, True, bool):
+        raise ValueError(f"{LLM_STREAMING}=false is not served: this stage streams its tokens, a response per "
+                         "frame; send streaming=true or leave it out")
     length = _scalar(get, LLM_INPUT_LENGTHS, ids.size, int)
     if not 0 < length <= ids.size:
         raise ValueError(f"{LLM_INPUT_LENGTHS}={length} does not fit {ids.size} input ids")

@@ -25,6 +25,7 @@ from orpheus_triton.serving import (
     StreamIdError,
     log_to_triton,
     model_parameters,
+    request_start_of,
     require_stream_id,
     send_error,
     stream_idle_seconds,
@@ -66,9 +67,14 @@ class TritonPythonModel:
             except StreamIdError as error:
                 send_error(pb_utils, sender, "decoder", error)
                 continue
+            tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
+            if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
+                send_error(pb_utils, sender, "decoder", f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send "
+                                                        "one stream's tokens per request (one row)")
+                continue
             start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
-            chunks.append((stream_id, pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy(), sender,
-                           None if start is None else float(start.as_numpy().reshape(-1)[0])))
+            start = None if start is None else request_start_of(start.as_numpy(), None)
+            chunks.append((stream_id, tokens, sender, start))
         try:
             items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
