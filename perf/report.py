@@ -278,7 +278,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"**Real-time capacity: {tts['realtime_capacity']} concurrent streams** (largest level with p99 TTFA < "
-        f"{1000 * limit:.0f} ms, no starved stream, no error)."
+        f"{1000 * limit:.0f} ms, no starved stream, no error, no filler stream failed)."
         + "".join(f" With p99 TTFA < {1000 * float(other):.0f} ms: {capacity}."
                   for other, capacity in (tts.get("realtime_capacity_by_limit") or {}).items()
                   if float(other) != limit),

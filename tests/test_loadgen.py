@@ -161,14 +161,27 @@ def test_summarize_counts_measured_streams_and_the_load_of_all_over_their_span()
     measured = record([0.1 + i * CHUNK for i in range(4)], total=span, started=1.0)
     ramp = record([0.1, 1.2], total=1.5, started=0.0)  # open through the whole span, its second chunk in it
     ramp.measured = False
-    cut = record([0.05], total=0.1, started=1.0 + span - 0.1, error="LevelOver: cut")
-    cut.measured = False
+    cut = record([0.05], total=0.1, started=1.0 + span - 0.1)
+    cut.measured, cut.cut = False, True
     level = summarize([ramp, measured, cut])
     assert level["streams"] == 1 and level["filler_streams"] == 2 and level["errors"] == 0
+    assert level["filler_errors"] == 0 and meets_realtime(level)
     assert level["ttfa_p50"] == pytest.approx(0.1)
     assert level["window_seconds"] == pytest.approx(span)
     assert level["realtime_streams_served"] == pytest.approx((4 + 1 + 1) * CHUNK / span)
     assert level["streams_in_flight_mean"] == pytest.approx((span + span + 0.1) / span)
+
+
+def test_a_filler_the_server_failed_is_counted_and_fails_the_level():
+    """Fillers keep the load at the level's concurrency: one the server refused (a full queue) left the
+    counted streams running beside fewer others, yet the level passed real time, its failure unsaid."""
+    measured = record([0.1 + i * CHUNK for i in range(4)], total=0.1 + 4 * CHUNK, started=1.0)
+    refused = record([], total=0.01, started=1.0, error="SynthesisError: server busy")
+    refused.measured = False
+    level = summarize([measured, refused])
+    assert level["errors"] == 0 and level["filler_errors"] == 1
+    assert level["error_examples"] == ["SynthesisError: server busy"]
+    assert not meets_realtime(level) and realtime_capacity({1: level}) == 0
 
 
 def test_summarize_without_wall_time_uses_the_records_span():
@@ -409,7 +422,10 @@ def test_a_level_without_counted_streams_is_refused_with_the_flag_named(capsys):
 
     with pytest.raises(SystemExit):
         loadgen.main(["--streams-per-worker", "0"])
-    assert "--streams-per-worker 0: want >= 1" in capsys.readouterr().err
+    assert "argument --streams-per-worker: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        loadgen.main(["--concurrency", "2,x"])
+    assert "argument --concurrency: expected whole numbers >= 1" in capsys.readouterr().err
 
 
 def test_a_sweep_gives_its_monitor_the_span_the_counted_streams_ran():

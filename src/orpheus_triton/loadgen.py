@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from .arguments import counts, positive, positive_seconds, rates
 from .client import require_ready_server
 from .constants import SAMPLE_RATE, STALL_TOLERANCE, VOICES
 
@@ -72,8 +73,6 @@ MAX_TOKENS = {"short": 250, "medium": 600, "long": 1200}
 
 def text_labels(value: str) -> list[str]:
     """An argparse type: comma-separated names of benchmark texts (TEXTS), at least one."""
-    import argparse  # noqa: PLC0415
-
     labels = [label.strip() for label in value.split(",") if label.strip()]
     if not labels or any(label not in TEXTS for label in labels):
         raise argparse.ArgumentTypeError(f"expected text names from {', '.join(TEXTS)}, comma-separated, "
@@ -161,6 +160,7 @@ class StreamRecord:
     # False: a closed loop's filler stream (the ramp's, or one keeping the load up until the counted streams
     # end), run for the load it puts on the server and left out of the level's figures.
     measured: bool = True
+    cut: bool = False  # a filler cut short at its level's end (LevelOver): by plan, not an error
 
     @property
     def ttfa(self) -> float | None:
@@ -202,6 +202,7 @@ def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None
     first one's request to the last one's end). ``wall_seconds``: the whole level's, for the record.
     """
     everyone, records = records, [r for r in records if r.measured]
+    failed_fillers = [r for r in everyone if not r.measured and r.error is not None]
     ok = [r for r in records if r.error is None and r.arrivals]
     plays = [r.playback() for r in ok]
     ttfa = [r.ttfa for r in ok]
@@ -219,7 +220,10 @@ def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None
         "filler_streams": len(everyone) - len(records),
         "errors": sum(r.error is not None for r in records),
         "no_audio": sum(r.error is None and not r.arrivals for r in records),
-        "error_examples": sorted({r.error for r in records if r.error})[:3],
+        # A filler the server refused or failed: the counted streams did not meet the level's load.
+        "filler_errors": len(failed_fillers),
+        "error_examples": (sorted({r.error for r in records if r.error})
+                           + sorted({r.error for r in failed_fillers} - {r.error for r in records}))[:3],
         "ttfa_p50": percentile(ttfa, 50),
         "ttfa_p95": percentile(ttfa, 95),
         "ttfa_p99": percentile(ttfa, 99),
@@ -248,10 +252,12 @@ def summarize(records: Sequence[StreamRecord], wall_seconds: float | None = None
 
 
 def meets_realtime(level: dict, ttfa_limit: float = DEFAULT_TTFA_LIMIT) -> bool:
-    """A level is real-time if every stream produced audio, none starved, and p99 TTFA < the limit."""
+    """A level is real-time if every stream produced audio, none starved, p99 TTFA < the limit, and no
+    filler stream failed (the counted streams then did not meet the level's load)."""
     return (
         level["streams"] > 0
         and level["errors"] == 0
+        and level.get("filler_errors", 0) == 0
         and level["no_audio"] == 0
         and level["starved_streams"] == 0
         and level["ttfa_p99"] is not None
@@ -337,8 +343,11 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
             record.arrivals = [c.arrived for c in result.chunks]
             record.samples = [len(c.audio) for c in result.chunks]
             record.total = result.total_seconds
-        except Exception as error:  # noqa: BLE001 (recorded, counted as an error)
-            record.error = f"{type(error).__name__}: {error}"[:300]
+        except Exception as error:  # noqa: BLE001 (recorded, counted as an error unless it is the planned cut)
+            if isinstance(error, LevelOver):
+                record.cut = True
+            else:
+                record.error = f"{type(error).__name__}: {error}"[:300]
             record.total = time.perf_counter() - run_start - record.started
             record.arrivals, record.samples = [a for a, _ in received], [n for _, n in received]
         return record
@@ -351,7 +360,9 @@ def _level_line(level: dict) -> str:
     fillers = f" (+{level['filler_streams']} fillers)" if level.get("filler_streams") else ""
     line = (f"{level['streams']} streams{fillers}, TTFA p50 {_ms(level['ttfa_p50'])} p99 {_ms(level['ttfa_p99'])}, "
             f"starved {level['starved_streams']}, errors {level['errors']}")
-    return line + (f" (e.g. {level['error_examples'][0]})" if level["errors"] else "")
+    if level.get("filler_errors"):
+        line += f", filler errors {level['filler_errors']}"
+    return line + (f" (e.g. {level['error_examples'][0]})" if level["errors"] or level.get("filler_errors") else "")
 
 
 def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
@@ -683,37 +694,30 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-def _numbers(text: str, cast=int) -> list:
-    return [cast(x) for x in text.split(",") if x.strip()]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orpheus_triton.loadgen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8001", help="gRPC endpoint on this machine")
-    parser.add_argument("--concurrency", default="1,2,4", help="closed-loop levels, comma separated")
-    parser.add_argument("--streams-per-worker", type=int, default=2,
+    parser.add_argument("--concurrency", type=counts, default="1,2,4", help="closed-loop levels, comma separated")
+    parser.add_argument("--streams-per-worker", type=positive, default=2,
                         help="closed loop: streams a level counts, per worker (filler streams before and "
                              "after them keep the load at the level's concurrency)")
-    parser.add_argument("--max-seconds", type=float, default=120.0,
+    parser.add_argument("--max-seconds", type=positive_seconds, default=120.0,
                         help="time bound per level: its counted streams start within it, and it ends when they do")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
                         help="closed loop: start the workers' first streams over this long (0: all at once)")
-    parser.add_argument("--poisson-rates", default="", help="arrival rates (streams/s), comma separated")
-    parser.add_argument("--poisson-streams", type=int, default=8)
-    parser.add_argument("--texts", default="short,medium,long", help="which benchmark texts: short, medium, long")
-    parser.add_argument("--ttfa-limit", type=float, default=DEFAULT_TTFA_LIMIT)
-    parser.add_argument("--processes", type=int, default=1,
+    parser.add_argument("--poisson-rates", type=rates, default="", help="arrival rates (streams/s), comma separated")
+    parser.add_argument("--poisson-streams", type=positive, default=8)
+    parser.add_argument("--texts", type=text_labels, default="short,medium,long",
+                        help="which benchmark texts: short, medium, long")
+    parser.add_argument("--ttfa-limit", type=positive_seconds, default=DEFAULT_TTFA_LIMIT)
+    parser.add_argument("--processes", type=positive, default=1,
                         help="load generator processes (a level's streams dealt out among them): for hundreds of "
                              "streams, so that one Python process's GIL does not bound what is measured")
     parser.add_argument("--out", help="write the result JSON here")
     args = parser.parse_args(argv)
     if not 0 <= args.ramp_seconds < args.max_seconds:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --max-seconds {args.max_seconds}")
-    if args.streams_per_worker < 1:
-        parser.error(f"--streams-per-worker {args.streams_per_worker}: want >= 1")
-    if args.processes < 1:
-        parser.error(f"--processes {args.processes}: want >= 1")
     try:
         check_loopback(args.url)
         require_ready_server(args.url)
@@ -723,10 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     settings = SweepSettings(
-        concurrency=_numbers(args.concurrency), streams_per_worker=args.streams_per_worker,
+        concurrency=args.concurrency, streams_per_worker=args.streams_per_worker,
         ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.max_seconds,
-        poisson_rates=_numbers(args.poisson_rates, float), poisson_streams=args.poisson_streams,
-        poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit, labels=_numbers(args.texts, str),
+        poisson_rates=args.poisson_rates, poisson_streams=args.poisson_streams,
+        poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit, labels=args.texts,
         processes=args.processes,
     )
     result = sweep(args.url, settings)
