@@ -111,7 +111,14 @@ def build_prompt(tokenizer: Tokenizer, text: str, voice: str | None, voices: Voi
     Emotive tags such as <laugh> are ordinary text to the tokenizer and pass through.
     """
     text, voice = check_text(text), voices.resolve(voice)
-    ids = tokenizer.encode(f"{voice}: {text}" if voice else text, add_special_tokens=True).ids
+    # A control token's name in the text ("<custom_token_2>" is end-of-speech) is read as the characters it
+    # is, not as that token: a request's text must not end the human turn or speak audio codes of its own.
+    literal = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        ids = tokenizer.encode(f"{voice}: {text}" if voice else text, add_special_tokens=True).ids
+    finally:
+        tokenizer.encode_special_tokens = literal
     if not ids or ids[0] != BEGIN_OF_TEXT:  # tokenizers without a BOS post-processor
         ids = [BEGIN_OF_TEXT, *ids]
     return [START_OF_HUMAN, *ids, END_OF_TEXT, END_OF_HUMAN, START_OF_AI, START_OF_SPEECH]
