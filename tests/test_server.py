@@ -845,3 +845,12 @@ def test_a_request_naming_no_max_tokens_gets_what_the_servers_length_leaves(othe
     with pytest.raises(SynthesisError, match=f"prompt of {prompt} tokens \\+ max_tokens {room + 1} exceeds the "
                                              f"server's max_seq_len {OTHER_MAX_SEQ_LEN}"):
         client.synthesize("Bonjour.", seed=1, max_tokens=room + 1)
+
+
+def test_a_counted_stream_that_fails_keeps_the_audio_it_had(grpc_url):
+    """The load generator's record of a stream that fails midway (here: its time is up) holds the chunks
+    that came, for the audio a level delivered; only fillers' chunks were kept before."""
+    from orpheus_triton.loadgen import Utterance, grpc_stream
+
+    record = grpc_stream(grpc_url, timeout=1.5)(Utterance("long", TEXT, "tara", 900), time.perf_counter())
+    assert record.error.startswith("TimeoutError") and record.arrivals and len(record.samples) == len(record.arrivals)

@@ -329,16 +329,16 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
             client = local.client = OrpheusClient(url)
         sent = time.perf_counter()
         record = StreamRecord(utterance.label, utterance.voice, sent - run_start)
-        received: list[tuple[float, int]] = []  # a filler's chunks as it takes them, kept should it be cut
+        received: list[tuple[float, int]] = []  # the chunks as they come, kept should the stream fail or be cut
 
         def check(chunk) -> None:  # raising here ends the stream the clean way (OrpheusClient._end_early)
             received.append((time.perf_counter() - sent, chunk.size))
-            if stop():
+            if stop is not None and stop():
                 raise LevelOver("cut at its level's end")
 
         try:
             result = client.synthesize(utterance.text, voice=utterance.voice, max_tokens=utterance.max_tokens,
-                                       seed=utterance.seed, timeout=timeout, on_chunk=check if stop else None)
+                                       seed=utterance.seed, timeout=timeout, on_chunk=check)
             # arrival times taken in the gRPC callback: a busy worker thread does not delay them
             record.arrivals = [c.arrived for c in result.chunks]
             record.samples = [len(c.audio) for c in result.chunks]
