@@ -312,8 +312,9 @@ def test_closed_loop_counts_only_streams_that_met_the_full_load():
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failing worker's
 def test_a_counted_stream_that_fails_still_ends_the_level():
-    """A stream function that raises for a counted stream (its worker thread ends) still counts it as ended:
-    the other workers' fillers stop, and the level returns."""
+    """A stream function that raises for a counted stream is recorded as an error (it was left out of the
+    level, its worker thread ended, and the level ran on below its concurrency), counted as ended, and the
+    level returns."""
     active, peak, lock = [0], [0], threading.Lock()
     ok = fake_stream(active, peak, lock, seconds=0.02)
     calls = [0]
@@ -331,7 +332,12 @@ def test_a_counted_stream_that_fails_still_ends_the_level():
                                                                          max_seconds=30.0)))
     runner.start()
     runner.join(timeout=10)
-    assert not runner.is_alive() and done and sum(r.measured for r in done[0]) >= 2
+    assert not runner.is_alive() and done
+    measured = [r for r in done[0] if r.measured]
+    assert len(measured) == 4 and [r.error for r in measured].count("RuntimeError: stream function bug") == 1
+    poisson = run_poisson(lambda utterance, run_start, stop=None: 1 / 0, 50.0, workload(count=3), max_streams=3,
+                          max_seconds=5.0)
+    assert len(poisson) == 3 and all(r.error == "ZeroDivisionError: division by zero" for r in poisson)
 
 
 def test_closed_loop_ramp_spreads_the_workers_first_starts():

@@ -365,6 +365,18 @@ def _level_line(level: dict) -> str:
     return line + (f" (e.g. {level['error_examples'][0]})" if level["errors"] or level.get("filler_errors") else "")
 
 
+def _recorded(stream: StreamFunction, utterance: Utterance, start: float,
+              stop: Callable[[], bool] | None) -> StreamRecord:
+    """``stream``'s record of one utterance, or, should the stream function itself raise, a record of that
+    error: a stream is never left out of its level's figures, nor does its worker stop."""
+    started = time.perf_counter() - start
+    try:
+        return stream(utterance, start, stop)
+    except Exception as error:  # noqa: BLE001 (recorded, counted as an error)
+        return StreamRecord(utterance.label, utterance.voice, started, total=time.perf_counter() - start - started,
+                            error=f"{type(error).__name__}: {error}"[:300])
+
+
 def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
                     max_seconds: float, ramp_seconds: float = 0.0, start: float | None = None,
                     workers: Sequence[int] | None = None, outstanding=None) -> list[StreamRecord]:
@@ -421,7 +433,7 @@ def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequen
                 utterance = utterances[issued[0] % len(utterances)]
                 issued[0] += 1
             try:
-                record = stream(utterance, start, None if measured else level_over)
+                record = _recorded(stream, utterance, start, None if measured else level_over)
             finally:  # counted as ended whatever happened, or the other workers' fillers would run on for good
                 if measured:
                     count_down(1)
@@ -451,7 +463,7 @@ def run_poisson(stream: StreamFunction, rate: float, utterances: Sequence[Uttera
     start = time.perf_counter() if start is None else start
 
     def one(utterance):
-        record = stream(utterance, start, None)
+        record = _recorded(stream, utterance, start, None)
         with lock:
             records.append(record)
 
