@@ -284,6 +284,9 @@ def test_a_failed_prefill_fails_the_streams_it_took_from_the_queue(model, monkey
     engine._fail_all("internal error in the LLM engine step; see server log")  # what the loop does then
     assert all(out.errors == ["internal error in the LLM engine step; see server log"] for out in newcomers)
     assert running.errors and engine.idle()
+    # The stats say so (the failed step did not): no stale active streams on the metrics, none counted as
+    # held through the idle time that follows.
+    assert engine.stats.active_streams == 0 and engine.stats.queued_requests == 0 and engine._last_step_end is None
 
 
 def test_capacity_errors_are_clear(model):

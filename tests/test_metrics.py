@@ -158,6 +158,70 @@ def test_a_failed_publish_is_logged_and_the_thread_goes_on(caplog):
     assert "decoder-metrics: publishing failed: metric update refused" in caplog.text
 
 
+def refusing(metric, times: int = 1):
+    """Make ``metric``'s next ``times`` updates fail, as a refused round trip to the server would."""
+    left = [times]
+    for name in ("set", "increment", "observe"):
+        update = getattr(metric, name)
+
+        def failing(value, update=update):
+            if left[0] > 0:
+                left[0] -= 1
+                raise RuntimeError("update refused")
+            update(value)
+
+        setattr(metric, name, failing)
+
+
+def test_a_failed_update_leaves_what_it_was_to_send_for_the_next_publish():
+    """A publish took everything pending before sending any of it: a failed update lost the rest (counters'
+    growth, first-audio times, a gauge's last value, never sent again once the decoder idled)."""
+    from orpheus_triton.decode_rounds import Delivery
+
+    metrics = DecoderMetrics(FakePbUtils, interval=None)
+    metrics.record_call(5, 0.01)
+    metrics.record_streams(4)
+    metrics.record_delivery(Delivery(first_audio=True), request_start=1.0, now=1.25)
+    refusing(metrics.counters["calls"])
+    refusing(metrics.gauges["streams"])
+    with pytest.raises(RuntimeError, match="update refused"):
+        metrics.publish()
+    metrics.record_streams(0)  # a newer value than the one refused: it is the one sent
+    metrics.publish()
+    assert metrics.counters["calls"].values == [1] and metrics.counters["windows"].values == [5]
+    assert metrics.first_audio.values == [0.25] and metrics.gauges["streams"].values == [0]
+    metrics.stop()  # released even when its last publish fails
+    assert not hasattr(metrics, "counters")
+    failing = DecoderMetrics(FakePbUtils, interval=None)
+    failing.record_call(1, 0.01)
+    refusing(failing.counters["windows"])
+    with pytest.raises(RuntimeError):
+        failing.stop()
+    assert not hasattr(failing, "counters")
+
+
+def test_a_failed_engine_counter_update_is_sent_next_time_and_the_token_rate_stays_right():
+    import time
+    from types import SimpleNamespace
+
+    from orpheus_triton.engine import EngineStats
+    from orpheus_triton.triton_llm import EngineMetrics
+
+    engine = SimpleNamespace(stats=EngineStats())
+    metrics = EngineMetrics(FakePbUtils, engine, active=None, interval=None)
+    metrics._rated = (0, time.monotonic() - 1.0)  # the last rate one second ago
+    engine.stats.steps, engine.stats.tokens_generated = 10, 100
+    refusing(metrics.counters["steps"])
+    with pytest.raises(RuntimeError):
+        metrics.publish()
+    engine.stats.steps, engine.stats.tokens_generated = 20, 200
+    metrics._rated = (metrics._rated[0], metrics._rated[1] - 1.0)  # a second later
+    metrics.publish()
+    assert sum(metrics.counters["steps"].values) == 20 and sum(metrics.counters["tokens_generated"].values) == 200
+    assert all(rate == pytest.approx(100, rel=0.05) for rate in metrics.tokens_per_second.values)
+    release(metrics)
+
+
 PAGE = """# TYPE orpheus_time_to_first_audio_seconds histogram
 orpheus_time_to_first_audio_seconds_count{model="snac_decoder"} 10
 orpheus_time_to_first_audio_seconds_bucket{model="snac_decoder",le="0.1"} 2

@@ -633,6 +633,12 @@ class InflightEngine:
         self.decoding, self.prefilling, self._in_flight, self._launched = [], None, [], []
         for stream in streams:
             stream.ended = True
+        # The stats as they are now: the failed step did not get to say so (a stale count of active streams
+        # would stay on the metrics while the engine idles, and then count as held through the idle time).
+        self.stats.active_streams = 0
+        with self.lock:
+            self.stats.queued_requests = len(self.queue)
+        self._last_step_end = None
         self._notify(streams, message)
 
     @staticmethod

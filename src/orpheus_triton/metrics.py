@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -114,8 +115,10 @@ class PublishedMetrics:
             self._thread.join(timeout=5)
             if self._thread.is_alive():
                 return
-        self.publish()
-        release(self)
+        try:
+            self.publish()
+        finally:  # released even if that publish failed: left to the interpreter's teardown, the stub crashes
+            release(self)
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -213,14 +216,34 @@ class DecoderMetrics(PublishedMetrics):
             self._gauge_values = {}
             growth, self._growth = self._growth, dict.fromkeys(self.counters, 0.0)
             first_audio, self._first_audio_seconds = self._first_audio_seconds, []
+        # Each update on its own: what a failed one was to send goes back for the next publish (a gauge's
+        # last value, else never sent again once the decoder idles; a counter's growth; a histogram's times).
+        failures: list[Exception] = []
+
+        def sent(update: Callable[[], None]) -> bool:
+            try:
+                update()
+            except Exception as failure:  # noqa: BLE001 (kept for the next publish, raised below)
+                failures.append(failure)
+                return False
+            return True
+
+        unsent_gauges = {}
         for name, value in gauges.items():
-            self.gauges[name].set(value)
-            self._published_gauges[name] = value
-        for name, value in growth.items():
-            if value:
-                self.counters[name].increment(value)
-        for seconds in first_audio:
-            self.first_audio.observe(seconds)
+            if sent(lambda name=name, value=value: self.gauges[name].set(value)):
+                self._published_gauges[name] = value
+            else:
+                unsent_gauges[name] = value
+        unsent_growth = {name: value for name, value in growth.items()
+                         if value and not sent(lambda name=name, value=value: self.counters[name].increment(value))}
+        unsent_times = [seconds for seconds in first_audio
+                        if not sent(lambda seconds=seconds: self.first_audio.observe(seconds))]
+        if failures:
+            with self._lock:
+                self._gauge_values = unsent_gauges | self._gauge_values  # a newer value wins
+                self._grow(**unsent_growth)
+                self._first_audio_seconds = unsent_times + self._first_audio_seconds
+            raise failures[0]
 
     def _grow(self, **growth: float) -> None:
         for name, value in growth.items():

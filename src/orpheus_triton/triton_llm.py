@@ -110,23 +110,23 @@ class EngineMetrics(PublishedMetrics):
                                       "end of speech (their last words are missing)"),
         }
         self._reported = dict.fromkeys(self.counters, 0)
-        self._published_at = time.monotonic()
+        self._rated = (0, time.monotonic())  # tokens generated, and when, at the last rate sent
         self._start_publishing(interval, "llm-metrics")
 
     def publish(self) -> None:
         """The gauges as the engine's stats have them, each counter's growth since the last publish, and the
         tokens a second over that time."""
         stats = self.engine.stats
+        # Tokens a second since the last rate sent (a failed update leaves its tokens and time to the next).
+        tokens, now = stats.tokens_generated, time.monotonic()
+        self.tokens_per_second.set((tokens - self._rated[0]) / max(now - self._rated[1], 1e-9))
+        self._rated = (tokens, now)
         self.active_streams.set(stats.active_streams)
         self.queued.set(stats.queued_requests)
         self.step_seconds.set(stats.last_step_seconds)
         self.batch_size.set(stats.last_batch_size)
-        growth = {}
         for field, counter in self.counters.items():
-            growth[field] = getattr(stats, field) - self._reported[field]
-            self._reported[field] += growth[field]
-            if growth[field]:
-                counter.increment(growth[field])
-        now = time.monotonic()
-        self.tokens_per_second.set(growth["tokens_generated"] / max(now - self._published_at, 1e-9))
-        self._published_at = now
+            growth = getattr(stats, field) - self._reported[field]
+            if growth:
+                counter.increment(growth)
+            self._reported[field] += growth  # only once sent: a failed increment's growth goes next time

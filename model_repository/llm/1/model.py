@@ -42,6 +42,6 @@ class TritonPythonModel:
         self.streams.start(request_id, generation_settings(inputs.get), sender, is_cancelled)
 
     def finalize(self):
-        self.metrics.stop()
         self.engine.stop()
+        self.metrics.stop()  # once the engine has stopped counting: its last counts are published too
         self.streams.close()
