@@ -26,3 +26,27 @@ def test_bundled_server_is_found_without_importing_pytriton(monkeypatch):
     binary_dir, libs = server._pytriton_dist()
     assert (binary_dir / "bin" / "tritonserver").is_file() and libs.is_dir()
     assert "pytriton" not in sys.modules
+
+
+def test_backends_folder_links_are_replaced_in_place_and_a_cache_path_with_a_space_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path / "cache"))
+    backends = server.backend_directory()
+    python = backends / "python"
+    stub = next(python.glob("triton_python_backend_stub"))
+    target = stub.resolve()
+    stub.unlink()
+    stub.symlink_to(tmp_path / "elsewhere")  # a stale link (another wheel's): replaced, not a FileExistsError
+    assert server.backend_directory() == backends and stub.resolve() == target
+    assert sorted(p.name for p in python.iterdir()) == sorted(
+        ["libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"])  # no leftovers
+    # The Python backend starts its stubs through an unquoting shell: the server would hang loading models.
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path / "my cache"))
+    with pytest.raises(RuntimeError, match="has a space in its path.*ORPHEUS_TRITON_CACHE"):
+        server.backend_directory()
+
+
+def test_free_ports_are_three_different_ones():
+    """Each was let go before the next was chosen, so the same port could come twice (2 in 30,000)."""
+    for _ in range(300):
+        ports = server.Ports.free()
+        assert len({ports.grpc, ports.http, ports.metrics}) == 3

@@ -35,13 +35,18 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Three ports nothing listens on now (for servers beside others: tests, benchmarks, checks)."""
-        return cls(free_port(), free_port(), free_port())
+        """Three different ports nothing listens on now (for servers beside others: tests, benchmarks, checks).
+        All three are held while chosen: a port let go at once can be handed out again for the next."""
+        with contextlib.ExitStack() as held:
+            sockets = [held.enter_context(socket.socket()) for _ in range(3)]
+            for probe in sockets:
+                probe.bind(("0.0.0.0", 0))  # where tritonserver binds
+            return cls(*(probe.getsockname()[1] for probe in sockets))
 
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
 
 
@@ -80,16 +85,22 @@ def backend_directory() -> Path:
     if not stub.is_file():
         raise RuntimeError(f"nvidia-pytriton ships no Python backend stub for Python {version}")
     target = cache_dir() / "tritonserver" / f"py{version}" / "backends"
+    if any(ch.isspace() for ch in str(target)):
+        # The Python backend starts its stub through a shell without quoting: it would fail, the server hang.
+        raise RuntimeError(f"the cache folder {cache_dir()} has a space in its path, which tritonserver's Python "
+                           "backend cannot start its stubs from: set ORPHEUS_TRITON_CACHE to a path without one")
     python = target / "python"
     python.mkdir(parents=True, exist_ok=True)
     for source in (dist / "backends/python/libtriton_python.so",
                    dist / "backends/python/triton_python_backend_utils.py", stub):
         link = python / source.name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == source.resolve():
-                continue
-            link.unlink()
-        link.symlink_to(source)
+        if link.resolve() == source.resolve():
+            continue
+        # Made aside and moved into place: two launchers starting at once on a fresh cache both get there.
+        temporary = python / f".{source.name}.{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(source)
+        os.replace(temporary, link)
     return target
 
 
@@ -154,13 +165,15 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
 
 def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
     """Graceful stop (SIGINT: finish in-flight requests, unload models), then kill what is left."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=timeout)
-    kill_server_group(process)
-    if process.poll() is None:
-        process.kill()
+    try:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=timeout)
+    finally:  # also when interrupted while waiting (a second Ctrl-C): nothing of the server stays behind
+        kill_server_group(process)
+        if process.poll() is None:
+            process.kill()
     return process.wait()
 
 
