@@ -757,16 +757,17 @@ def test_serve_command_stops_on_sigterm(model_set, tmp_path):
 
 def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_path):
     """A stopping tritonserver refuses the ensemble's next step, so the stream cannot finish and the
-    server waits out its exit timeout (and 2.51 may hang after it): the command ends it in bounded time."""
+    server waits out its exit timeout (and 2.51 may hang after it): the command ends it in bounded time.
+    Stopped here by a closed terminal (SIGHUP): the server, in a session of its own, used to run on."""
     import signal
 
     from orpheus_triton.cli import STOP_GRACE_SECONDS
 
     serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
     thread, outcome = serve.stream_in_background(max_tokens=1400)
-    serve.process.send_signal(signal.SIGINT)
+    serve.process.send_signal(signal.SIGHUP)
     status, log, took = serve.finish(timeout=30)
-    assert "SIGINT: stopping; streams in flight get up to 1 s" in log
+    assert "SIGHUP: stopping; streams in flight get up to 1 s" in log
     assert took < 1 + STOP_GRACE_SECONDS + 3
     thread.join(timeout=30)
     assert isinstance(outcome[0], SynthesisError)  # the client hears that its stream was cut off

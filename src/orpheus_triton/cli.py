@@ -125,7 +125,8 @@ STOP_GRACE_SECONDS = 5.0
 
 
 def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
-    """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it.
+    """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it (SIGHUP, a
+    closed terminal, as SIGTERM: the server is in a session of its own and would not get it).
 
     This process forwards them because it may be the only one that gets them: `docker stop`
     signals the container's first process, and a first process without a handler ignores
@@ -140,7 +141,7 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
 
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed = None, False
     try:
         while True:
@@ -152,7 +153,7 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
             if received and deadline is None:
                 _log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
                      f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
-                process.send_signal(received[0])
+                process.send_signal(signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
                 deadline = time.monotonic() + exit_timeout + STOP_GRACE_SECONDS
             elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
                 _log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
@@ -302,15 +303,27 @@ def cmd_demo(args) -> int:
     ports = Ports.free()
     log_path = cache_dir() / "demo-server.log"
     _log(f"starting tritonserver (log: {log_path}) ...")
-    with open(log_path, "w") as log_file:
-        process = start_server(repository, ports, log_file=log_file)
-        try:
-            wait_until_ready(process, f"localhost:{ports.grpc}")
-            _log("server ready; synthesizing through the 'orpheus' ensemble")
-            _synthesize(f"localhost:{ports.grpc}", args.text, args.output, **_options(args))
-        finally:
-            stop_server(process, timeout=30)
-            shutil.rmtree(repository, ignore_errors=True)
+
+    def interrupt(signum, _frame):  # kill, timeout, a closed terminal: stop the server as Ctrl-C does
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with open(log_path, "w") as log_file:
+            process = start_server(repository, ports, log_file=log_file)
+            try:
+                wait_until_ready(process, f"localhost:{ports.grpc}")
+                _log("server ready; synthesizing through the 'orpheus' ensemble")
+                _synthesize(f"localhost:{ports.grpc}", args.text, args.output, **_options(args))
+            finally:
+                stop_server(process, timeout=30)
+                shutil.rmtree(repository, ignore_errors=True)
+    except KeyboardInterrupt:
+        print("interrupted: the server was stopped", file=sys.stderr)
+        return 130
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 
