@@ -42,8 +42,11 @@ def non_negative_seconds(value: str) -> float:
 
 def positive_seconds(value: str) -> float:
     """Seconds > 0, fractions allowed."""
-    seconds = non_negative_seconds(value) if value.strip() else 0.0
-    if seconds <= 0:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < math.inf:
         raise argparse.ArgumentTypeError(f"expected seconds > 0, got {value!r}")
     return seconds
 

@@ -160,7 +160,6 @@ class StreamRecord:
     # False: a closed loop's filler stream (the ramp's, or one keeping the load up until the counted streams
     # end), run for the load it puts on the server and left out of the level's figures.
     measured: bool = True
-    cut: bool = False  # a filler cut short at its level's end (LevelOver): by plan, not an error
 
     @property
     def ttfa(self) -> float | None:
@@ -344,10 +343,8 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
             record.samples = [len(c.audio) for c in result.chunks]
             record.total = result.total_seconds
         except Exception as error:  # noqa: BLE001 (recorded, counted as an error unless it is the planned cut)
-            if isinstance(error, LevelOver):
-                record.cut = True
-            else:
-                record.error = f"{type(error).__name__}: {error}"[:300]
+            if not isinstance(error, LevelOver):  # a filler cut at its level's end is no failure
+                record.error = _error_text(error)
             record.total = time.perf_counter() - run_start - record.started
             record.arrivals, record.samples = [a for a, _ in received], [n for _, n in received]
         return record
@@ -374,7 +371,12 @@ def _recorded(stream: StreamFunction, utterance: Utterance, start: float,
         return stream(utterance, start, stop)
     except Exception as error:  # noqa: BLE001 (recorded, counted as an error)
         return StreamRecord(utterance.label, utterance.voice, started, total=time.perf_counter() - start - started,
-                            error=f"{type(error).__name__}: {error}"[:300])
+                            error=_error_text(error))
+
+
+def _error_text(error: Exception) -> str:
+    """How a stream's failure is recorded: its kind and message, cut to a length a report can show."""
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequence[Utterance], max_streams: int,
