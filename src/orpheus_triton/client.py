@@ -102,11 +102,6 @@ def request_inputs(
     """tritonclient gRPC input tensors for one `orpheus` request (options left out, the voice included, take
     the server's defaults). Raises ValueError for a whole number its tensor's type cannot hold (numpy
     would wrap it: a seed of -1 would become another seed, a huge max_tokens a negative one)."""
-    for name, value, dtype in ((IN_MAX_TOKENS, max_tokens, np.int32), (IN_SEED, seed, np.uint64)):
-        bounds = np.iinfo(dtype)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
-                                  or not bounds.min <= value <= bounds.max):
-            raise ValueError(f"{name} must be a whole number from {bounds.min} to {bounds.max}, got {value!r}")
     given = [
         (IN_TEXT, text.encode("utf-8"), np.object_),
         (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),
@@ -116,6 +111,12 @@ def request_inputs(
         (IN_REPETITION_PENALTY, repetition_penalty, np.float32),
         (IN_SEED, seed, np.uint64),
     ]
+    for name, value, dtype in given:
+        if value is None or not np.issubdtype(dtype, np.integer):
+            continue
+        bounds = np.iinfo(dtype)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not bounds.min <= value <= bounds.max:
+            raise ValueError(f"{name} must be a whole number from {bounds.min} to {bounds.max}, got {value!r}")
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
 
