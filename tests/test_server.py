@@ -787,6 +787,34 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     assert status == 128 + signal.SIGKILL and took < 3
 
 
+def test_server_stops_when_its_serve_command_is_killed(model_set, tmp_path):
+    """A launcher killed with SIGKILL cannot stop its server, which runs in a session of its own: the
+    kernel's parent-death signal does (SIGTERM, Triton's graceful stop), stubs included."""
+    import contextlib
+    import os
+    import re
+    import signal
+    from pathlib import Path
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
+    repository = re.search(r"model repository: (\S+)", serve.log_path.read_text()).group(1)
+
+    def server_processes() -> list[Path]:
+        return [path for path in Path("/proc").glob("[0-9]*/cmdline") if repository.encode() in _read(path)]
+
+    assert server_processes()
+    serve.process.send_signal(signal.SIGKILL)
+    serve.process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while server_processes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = server_processes()
+    for path in left:  # a failing test must not leave its server running
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(path.parent.name), signal.SIGKILL)
+    assert not left, "tritonserver outlived its killed launcher"
+
+
 OTHER_MAX_SEQ_LEN = 240
 
 

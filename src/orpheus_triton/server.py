@@ -156,11 +156,49 @@ def log_tail(path: Path, lines: int) -> list[str]:
 
 def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
     """Start tritonserver in the background, in its own process group (its backend stubs join it), so
-    ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher."""
+    ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher.
+
+    Call it from the thread that lives as long as the server should: on Linux the server gets SIGTERM
+    (Triton's graceful stop) when that thread's process or the thread itself ends, also when the
+    launcher is killed with SIGKILL and cannot stop it (see ``ParentDeathSignal``).
+    """
     return subprocess.Popen(
         server_command(repository, ports, extra), env=server_environment(),
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
+        preexec_fn=ParentDeathSignal.for_child(),
     )
+
+
+class ParentDeathSignal:
+    """Run in a freshly forked child (``preexec_fn``): ask Linux to send it SIGTERM when its parent ends.
+
+    A server in a session of its own outlives a launcher that dies without stopping it (SIGKILL, the OOM
+    killer), holding its ports and memory. The kernel's parent-death signal (prctl PR_SET_PDEATHSIG) ends
+    it then; it survives the exec into tritonserver. libc's ``prctl`` is looked up before the fork, so the
+    child only makes the call. If the parent is already gone by then, the child ends itself at once.
+    """
+
+    PR_SET_PDEATHSIG = 1
+
+    def __init__(self, prctl, parent: int) -> None:
+        self._prctl = prctl
+        self._parent = parent
+
+    @classmethod
+    def for_child(cls) -> ParentDeathSignal | None:
+        """The hook for this process's next child, or None where the kernel has no parent-death signal."""
+        if not sys.platform.startswith("linux"):
+            return None
+        import ctypes  # noqa: PLC0415
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+        return cls(prctl, os.getpid())
+
+    def __call__(self) -> None:
+        self._prctl(self.PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != self._parent:  # the parent ended between the fork and the call
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
