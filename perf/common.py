@@ -116,7 +116,8 @@ def busy_cores(seconds: float = 5.0) -> float | None:
 
 
 def tree_jiffies(root: int) -> int:
-    """CPU time (clock ticks) used so far by process ``root`` and all its live descendants."""
+    """CPU time (clock ticks) used so far by process ``root`` and all its descendants: the live ones, and
+    those ended and waited for (a level's perf_analyzer, a stack sampler), whose time their parent holds."""
     children: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -128,7 +129,7 @@ def tree_jiffies(root: int) -> int:
             continue
         pid = int(entry.name)
         children.setdefault(int(fields[1]), []).append(pid)
-        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+        ticks[pid] = sum(int(field) for field in fields[11:15])  # utime, stime, cutime, cstime
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()

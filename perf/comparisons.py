@@ -229,7 +229,10 @@ def compare_snac_batching(snac_dir, device: str = "auto", windows: int = 8, repe
     result = {"windows": windows, "device": device, "repeats": repeats, "target": SNAC_TARGET,
               "mode": decoder.mode, "threads": torch.get_num_threads()}
     result.update(_snac_ratio(decoder, batch, repeats))
-    result["target_met"] = result["cpu_ratio"] <= SNAC_TARGET
+    # The target is the CPU's (CPU time, this process); on a GPU the CPU time is the launches' and the
+    # decoder's cost is its wall time.
+    result["target_measure"] = "cpu_ratio" if device == "cpu" else "wall_ratio"
+    result["target_met"] = result[result["target_measure"]] <= SNAC_TARGET
     if device == "cpu" and result["threads"] > 1:
         # The server's snac_decoder runs one thread beside the LLM's ('auto' cpu_threads), and
         # a thread pool's busy-waiting weighs more on small calls: report that setting too.

@@ -13,13 +13,18 @@ from load_table import figure, load_table  # perf/, beside this file
 from stacks import stacks_table
 
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
-from orpheus_triton.loadgen import StreamRecord
+from orpheus_triton.loadgen import DEFAULT_TTFA_LIMIT, StreamRecord
 
 CHUNK_MS = 1000 * SAMPLES_PER_FRAME / SAMPLE_RATE
 
 
 def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def _us(microseconds) -> str:
+    """perf_analyzer's microseconds as milliseconds; "-" where its CSV has no such column."""
+    return "-" if microseconds is None else f"{microseconds / 1000:.0f}"
 
 
 def _f(value, digits=2) -> str:
@@ -52,6 +57,16 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _ms_or_gap(seconds) -> float:
+    """Milliseconds to plot; a missing figure (no stream of the level heard audio) breaks the line."""
+    return float("nan") if seconds is None else 1000 * seconds
+
+
+def _failed_share(level: dict) -> float:
+    """Counted streams that failed or heard no audio, as a share of the level's counted streams."""
+    return (level["errors"] + level["no_audio"]) / level["streams"] if level["streams"] else 1.0
+
+
 def plot_ttfa(result: dict, path: Path) -> None:
     tts = result["tts"]
     levels = _levels(tts["closed_loop"])
@@ -59,15 +74,21 @@ def plot_ttfa(result: dict, path: Path) -> None:
     fig, ax = _pyplot().subplots(figsize=(7.5, 4.5))
     xs = [c for c, _ in levels]
     for key, style in (("ttfa_p50", "o-"), ("ttfa_p95", "s--"), ("ttfa_p99", "^-")):
-        ax.plot(xs, [1000 * (lv[key] or 0) for _, lv in levels], style, label=key.replace("ttfa_", "TTFA "))
-    starved = [(c, lv) for c, lv in levels if lv["starved_streams"] or lv["errors"]]
+        ax.plot(xs, [_ms_or_gap(lv[key]) for _, lv in levels], style, label=key.replace("ttfa_", "TTFA "))
+    heard = [(c, lv) for c, lv in levels if lv["ttfa_p99"] is not None]
+    starved = [(c, lv) for c, lv in heard if lv["starved_streams"] or lv["errors"] or lv["no_audio"]]
     if starved:
-        ax.scatter([c for c, _ in starved], [1000 * (lv["ttfa_p99"] or 0) for _, lv in starved], s=160,
-                   facecolors="none", edgecolors="red", linewidths=1.5, label="level with starved streams", zorder=5)
+        ax.scatter([c for c, _ in starved], [1000 * lv["ttfa_p99"] for _, lv in starved], s=160,
+                   facecolors="none", edgecolors="red", linewidths=1.5, label="level with starved or failed streams",
+                   zorder=5)
+    silent = [c for c, lv in levels if lv["ttfa_p99"] is None]  # no counted stream heard audio: no TTFA to plot
+    if silent:
+        ax.scatter(silent, [1000 * limit] * len(silent), marker="X", s=120, color="red", zorder=5,
+                   label="level without audio (all streams failed)")
     pa = result.get("perf_analyzer") or {}
     pa_levels = [(int(c), lv["streams"]) for c, lv in (pa.get("orpheus") or {}).items() if "streams" in lv]
     if pa_levels:
-        ax.plot([c for c, _ in pa_levels], [1000 * (s["ttfa_p99"] or 0) for _, s in pa_levels], "x:",
+        ax.plot([c for c, _ in pa_levels], [_ms_or_gap(s["ttfa_p99"]) for _, s in pa_levels], "x:",
                 color="gray", label="TTFA p99 (perf_analyzer)")
     ax.axhline(1000 * limit, color="red", lw=1, ls=":", label=f"{1000 * limit:.0f} ms limit")
     ax.set_xscale("log", base=2)
@@ -97,16 +118,19 @@ def plot_capacity(result: dict, path: Path) -> None:
     left.set_title("Throughput vs demand", fontsize=10)
     left.grid(alpha=0.3)
     left.legend(fontsize=8)
-    fraction = [lv["starved_streams"] / max(1, lv["streams"] - lv["errors"]) for _, lv in levels]
-    bars = right.bar([str(x) for x in xs], [100 * f for f in fraction], color="tab:red", alpha=0.7)
+    names = [str(x) for x in xs]
+    starved = [100 * lv["starved_streams"] / max(1, lv["streams"]) for _, lv in levels]
+    failed = [100 * _failed_share(lv) for _, lv in levels]
+    right.bar(names, starved, color="tab:red", alpha=0.7, label="starved")
+    bars = right.bar(names, failed, bottom=starved, color="black", alpha=0.6, label="failed or without audio")
     for bar, (_, lv) in zip(bars, levels, strict=True):
-        right.annotate(f"RTF {_f(lv['rtf_p50'])}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        right.annotate(f"RTF {_f(lv['rtf_p50'])}", (bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height()),
                        ha="center", va="bottom", fontsize=8)
     right.set_ylim(0, 115)
     right.set_xlabel("concurrent streams")
-    right.set_ylabel("streams that starved (%)")
-    right.set_title(f"Starvation (median real-time factor on bars); capacity = {tts['realtime_capacity']}",
-                    fontsize=10)
+    right.set_ylabel("streams not played in real time (%)")
+    right.set_title(f"Starved or failed (median RTF on bars); capacity = {tts['realtime_capacity']}", fontsize=10)
+    right.legend(fontsize=8, loc="upper left")
     _save(fig, path)
 
 
@@ -209,7 +233,8 @@ def _server_view(levels: dict) -> list[str]:
     stacks = stacks_table(labelled)
     return [
         "",
-        "What the server saw of the same streams, from its own metrics (`orpheus_time_to_first_audio_seconds`: "
+        "What the server saw over the whole level, filler streams included (the client's figures beside them "
+        "are the counted streams'), from its own metrics (`orpheus_time_to_first_audio_seconds`: "
         "from preprocessing taking a request to its first audio sent, quantiles interpolated within the "
         "histogram's buckets; `orpheus_decoder_stalls_total`: chunks sent after their listener had played "
         "everything before them, playback counted from the first audio sent; *decoder busy*: the level's share "
@@ -263,7 +288,7 @@ def markdown(result: dict) -> str:
         "(playback starting at the first chunk); *buffer needed* is how long a player would have to wait after "
         "the first chunk to play that stream without a stall. p99 of a few streams is close to their maximum.",
         "",
-        "| streams | done | errors | TTFA p50 ms | p95 ms | p99 ms | RTF p50 | starved | stall s | "
+        "| level | streams | errors | TTFA p50 ms | p95 ms | p99 ms | RTF p50 | starved | stall s | "
         "gap p99 ms | buffer needed p99 s | audio s / s | other cores |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -278,7 +303,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"**Real-time capacity: {tts['realtime_capacity']} concurrent streams** (largest level with p99 TTFA < "
-        f"{1000 * limit:.0f} ms, no starved stream, no error, no filler stream failed)."
+        f"{1000 * limit:.0f} ms, no starved stream, every stream with audio, no error, no filler stream failed)."
         + "".join(f" With p99 TTFA < {1000 * float(other):.0f} ms: {capacity}."
                   for other, capacity in (tts.get("realtime_capacity_by_limit") or {}).items()
                   if float(other) != limit),
@@ -328,9 +353,14 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
             continue
         row, s = lv["csv"], lv.get("streams", {})
         lines.append(f"| {c} | {_f(row.get('Inferences/Second'))} | {_f(row.get('Response Throughput'))} | "
-                     f"{_ms(row.get('p50 latency', 0) / 1e6)} | {_ms(row.get('p99 latency', 0) / 1e6)} | "
+                     f"{_us(row.get('p50 latency'))} | {_us(row.get('p99 latency'))} | "
                      f"{_ms(s.get('ttfa_p50'))} | {_ms(s.get('ttfa_p99'))} | {s.get('starved_streams', '-')}"
                      f"/{s.get('streams', '-')} | {_f(lv.get('cores_other'), 1)} |")
+    if "orpheus_realtime_capacity" in pa:
+        limit = pa.get("ttfa_limit", DEFAULT_TTFA_LIMIT)
+        lines += ["", f"Real-time capacity by perf_analyzer's own streams (the rule above, p99 TTFA under "
+                      f"{1000 * limit:.0f} ms): **{pa['orpheus_realtime_capacity']}** "
+                      f"stream{'' if pa['orpheus_realtime_capacity'] == 1 else 's'}."]
     lines += ["", "| `snac_decoder` concurrency | windows/s | audio s / s | latency p50 ms | p99 ms | "
               "server compute ms | server queue ms | other cores |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, lv in _levels(pa["snac_decoder"]):
@@ -340,8 +370,8 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
         row = lv["csv"]
         rate = row.get("Inferences/Second") or 0
         lines.append(f"| {c} | {_f(rate, 1)} | {_f(rate * SAMPLES_PER_FRAME / SAMPLE_RATE)} | "
-                     f"{_ms(row.get('p50 latency', 0) / 1e6)} | {_ms(row.get('p99 latency', 0) / 1e6)} | "
-                     f"{_ms(row.get('Server Compute Infer', 0) / 1e6)} | {_ms(row.get('Server Queue', 0) / 1e6)} | "
+                     f"{_us(row.get('p50 latency'))} | {_us(row.get('p99 latency'))} | "
+                     f"{_us(row.get('Server Compute Infer'))} | {_us(row.get('Server Queue'))} | "
                      f"{_f(lv.get('cores_other'), 1)} |")
     lines += ["", "Each `snac_decoder` request is one whole stream decoded from one window (see "
               "perf/make_input_data.py), so windows/s "
@@ -367,9 +397,12 @@ def _comparison_section(comp: dict) -> list[str]:
         lines += [
             f"**(b) SNAC, {snac['windows']} windows of {snac['windows']} streams in one call vs one call each** "
             f"({snac['device']}, medians of {snac['repeats']}): CPU time {snac['batched_cpu_s']:.3f} s vs "
-            f"{snac['one_by_one_cpu_s']:.3f} s, ratio **{_f(snac['cpu_ratio'])}** (target <= {snac['target']}: "
-            f"{_met(snac['target_met'])}); wall ratio {_f(snac['wall_ratio'])}. Other cores meanwhile: "
-            f"{_other(snac)}.",
+            + (f"{snac['one_by_one_cpu_s']:.3f} s, ratio **{_f(snac['cpu_ratio'])}** (target <= {snac['target']}: "
+               f"{_met(snac['target_met'])}); wall ratio {_f(snac['wall_ratio'])}"
+               if snac.get("target_measure", "cpu_ratio") == "cpu_ratio" else
+               f"{snac['one_by_one_cpu_s']:.3f} s, ratio {_f(snac['cpu_ratio'])} (the launches' CPU); wall ratio "
+               f"**{_f(snac['wall_ratio'])}** (target <= {snac['target']}: {_met(snac['target_met'])})")
+            + f". Other cores meanwhile: {_other(snac)}.",
         ]
         one = snac.get("one_thread")
         if one:

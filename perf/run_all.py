@@ -143,6 +143,20 @@ def compare(result: dict, name: str, measure) -> dict | None:
     return measured
 
 
+def perf_analyzer_sweep(result: dict, binary: str, server, folder: Path, args: argparse.Namespace) -> dict:
+    """run_perf_analyzer's sweep; one that fails (an export it cannot read, a crashed perf_analyzer) is a
+    note and a skipped section, so the load sweep measured before it is still written."""
+    try:
+        return run_perf_analyzer.run(binary, server, folder, args.pa_concurrency, args.pa_decoder_concurrency,
+                                     PERF / "data" / "orpheus_short.json", args.pa_max_tokens,
+                                     args.pa_request_count, 16, 300.0, ttfa_limit=args.ttfa_limit)
+    except Exception as error:  # noqa: BLE001 (recorded with its type; the result is still written)
+        note = f"perf_analyzer sweep failed: {type(error).__name__}: {error}"
+        log(note)
+        result["notes"].append(note)
+        return {"skipped": note}
+
+
 def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm: Utterance,
                     utterances: list[Utterance]) -> dict:
     """Comparison (a): the served stream against an in-process pipeline on the same models, interleaved."""
@@ -370,8 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                           for u in workload(labels, max_tokens=caps, count=args.serving_repeats)]
             serving = compare(result, "serving", lambda: compare_serving(
                 models, args, guard, stream, warm, utterances))
-            if serving:
+            if serving and serving["ttfa_ratio"] is not None:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
+            elif serving:  # kept with its errors: the report shows them
+                log(f"    no ratio: {len(serving['errors'])} of {serving['repeats']} served streams failed "
+                    f"({(serving['errors'] or ['-'])[0]})")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
         stacks = {"models": ("llm", "snac_decoder"), "seconds": args.stack_seconds, "folder": folder / "raw",
                   "delay": args.ramp_seconds + 2.0 if args.stack_delay is None else args.stack_delay}
@@ -388,10 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             binary = run_perf_analyzer.find_perf_analyzer(install=args.install_perf_analyzer)
             if binary:
                 log(f"perf_analyzer sweep with {binary} ...")
-                result["perf_analyzer"] = run_perf_analyzer.run(
-                    binary, server, folder, args.pa_concurrency, args.pa_decoder_concurrency,
-                    PERF / "data" / "orpheus_short.json", args.pa_max_tokens, args.pa_request_count,
-                    16, 300.0)
+                result["perf_analyzer"] = perf_analyzer_sweep(result, binary, server, folder, args)
             else:
                 result["perf_analyzer"] = {"skipped": "perf_analyzer not found (perf/install_perf_analyzer.sh)"}
     result["load_average_end"] = load_average()

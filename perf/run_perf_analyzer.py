@@ -37,7 +37,7 @@ from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_fol
 from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
-from orpheus_triton.loadgen import meets_realtime, percentile, playback, realtime_capacity
+from orpheus_triton.loadgen import DEFAULT_TTFA_LIMIT, meets_realtime, percentile, playback, realtime_capacity
 from orpheus_triton.triton_calls import response_thread_setting
 
 DATA = PERF / "data"
@@ -162,8 +162,14 @@ def with_max_tokens(data: Path, max_tokens: int, out: Path) -> Path:
     return target
 
 
+def _ms(value: float | None, seconds_per_unit: float = 1.0) -> str:
+    """A time in milliseconds for the log; "-" where perf_analyzer gave none."""
+    return "-" if value is None else f"{1000 * value * seconds_per_unit:.0f}"
+
+
 def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[int], decoder_concurrency: list[int],
-        data: Path, max_tokens: int, request_count: int, decoder_request_count: int, timeout: float) -> dict:
+        data: Path, max_tokens: int, request_count: int, decoder_request_count: int, timeout: float,
+        ttfa_limit: float = DEFAULT_TTFA_LIMIT) -> dict:
     source = str(data.relative_to(PERF.parent) if data.is_relative_to(PERF.parent) else data)
     if max_tokens:
         data = with_max_tokens(data, max_tokens, out)
@@ -179,10 +185,11 @@ def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[
         streams = level.get("streams", {})
         log(f"perf_analyzer orpheus c={c}: " + (level.get("error") or (
             f"{level['csv'].get('Inferences/Second', 0):.2f} streams/s, TTFA p99 "
-            f"{1000 * (streams.get('ttfa_p99') or 0):.0f} ms, starved {streams.get('starved_streams')}")))
+            f"{_ms(streams.get('ttfa_p99'))} ms, starved {streams.get('starved_streams')}")))
     passing = {c: level["streams"] for c, level in result["orpheus"].items() if "streams" in level}
-    result["orpheus_realtime_capacity"] = realtime_capacity(passing)
-    result["orpheus_realtime_levels"] = [c for c, s in passing.items() if meets_realtime(s)]
+    result["ttfa_limit"] = ttfa_limit
+    result["orpheus_realtime_capacity"] = realtime_capacity(passing, ttfa_limit)
+    result["orpheus_realtime_levels"] = [c for c, s in passing.items() if meets_realtime(s, ttfa_limit)]
     for c in decoder_concurrency:
         wait_idle(server)
         level = run_level(perf_analyzer, DECODER_MODEL, server.url, DATA / "snac_decoder.json", c, out,
@@ -190,7 +197,7 @@ def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[
         result["snac_decoder"][c] = level
         row = level.get("csv", {})
         log(f"perf_analyzer snac_decoder c={c}: " + (level.get("error") or (
-            f"{row.get('Inferences/Second', 0):.1f} windows/s, p50 {row.get('p50 latency', 0) / 1000:.0f} ms")))
+            f"{row.get('Inferences/Second', 0):.1f} windows/s, p50 {_ms(row.get('p50 latency'), 1e-6)} ms")))
     return result
 
 
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-count", type=positive, default=4, help="requests per measurement window")
     parser.add_argument("--decoder-request-count", type=positive, default=16)
     parser.add_argument("--timeout", type=positive_seconds, default=300.0, help="seconds per perf_analyzer process")
+    parser.add_argument("--ttfa-limit", type=positive_seconds, default=DEFAULT_TTFA_LIMIT,
+                        help="p99 time to first audio (s) under which a level counts as real-time (default 0.5)")
     parser.add_argument("--out", help="run folder (default perf/results/<date>_<machine>)")
     parser.add_argument("--max-streams", type=positive, default=16, help="engine streams when starting a server")
     parser.add_argument("--shape", choices=SHAPES, default="demo",
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(out=out, concurrency=args.concurrency, decoder_concurrency=args.decoder_concurrency,
                   data=Path(args.data),
                   max_tokens=args.max_tokens, request_count=args.request_count,
-                  decoder_request_count=args.decoder_request_count, timeout=args.timeout)
+                  decoder_request_count=args.decoder_request_count, timeout=args.timeout, ttfa_limit=args.ttfa_limit)
     if args.url:
         try:
             require_ready_server(args.url)

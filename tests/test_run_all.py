@@ -223,3 +223,56 @@ def test_argument_types_read_lists_and_numbers():
                        (non_negative, "-1"), (positive_seconds, "inf"), (positive_seconds, "")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
+
+
+def test_a_benchmark_counts_the_cpu_of_its_ended_children_as_its_own():
+    """A level's perf_analyzer or stack sampler, ended and waited for, is the benchmark's CPU, not other
+    work on the machine (which would make a level look disturbed and measure it again)."""
+    import os
+    import subprocess
+
+    from common import tree_jiffies  # noqa: PLC0415
+
+    before = tree_jiffies(os.getpid())
+    subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
+                                          "while time.process_time() < end: pass"], check=True)
+    assert (tree_jiffies(os.getpid()) - before) / os.sysconf("SC_CLK_TCK") >= 0.45
+
+
+def test_report_plots_a_level_without_audio_as_missing_not_as_the_fastest(monkeypatch, tmp_path):
+    """A level whose streams all failed has no TTFA: its point is left out and marked, not drawn at 0 ms,
+    and its streams count as not played in real time in the capacity plot."""
+    import math
+
+    import report  # noqa: PLC0415
+
+    result = json.loads((ROOT / "perf" / "results" / "2026-11-26_cpu-2core-amd-epyc-5" / "result.json").read_text())
+    failed = result["tts"]["closed_loop"]["4"]
+    failed.update(errors=failed["streams"], starved_streams=0, no_audio=0, rtf_p50=None,
+                  **{key: None for key in ("ttfa_p50", "ttfa_p95", "ttfa_p99")})
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_ttfa(result, tmp_path / "ttfa.png")
+    report.plot_capacity(result, tmp_path / "capacity.png")
+    ttfa, capacity = figures
+    lines = {line.get_label(): list(line.get_ydata()) for line in ttfa.axes[0].get_lines()}
+    assert math.isnan(lines["TTFA p99"][-1]) and lines["TTFA p99"][0] > 0
+    markers = {c.get_label(): c.get_offsets().tolist() for c in ttfa.axes[0].collections}
+    assert markers["level without audio (all streams failed)"] == [[4, 1000 * result["tts"]["settings"]["ttfa_limit"]]]
+    bars = capacity.axes[1].patches
+    assert [round(bar.get_y() + bar.get_height()) for bar in bars[-4:]] == [0, 0, 100, 100]  # 3: starved; 4: failed
+
+
+def test_a_perf_analyzer_sweep_that_fails_is_a_note_and_the_result_is_still_written(monkeypatch, tmp_path):
+    import argparse
+
+    def unreadable_export(*args, **kwargs):
+        raise KeyError("timestamp")
+
+    monkeypatch.setattr(run_all.run_perf_analyzer, "run", unreadable_export)
+    result = {"notes": []}
+    args = argparse.Namespace(pa_concurrency=[1], pa_decoder_concurrency=[1], pa_max_tokens=100,
+                              pa_request_count=4, ttfa_limit=0.5)
+    section = run_all.perf_analyzer_sweep(result, "perf_analyzer", None, tmp_path, args)
+    assert section == {"skipped": "perf_analyzer sweep failed: KeyError: 'timestamp'"}
+    assert result["notes"] == [section["skipped"]]

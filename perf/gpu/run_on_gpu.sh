@@ -81,7 +81,7 @@ download() {  # download DIR PACKAGE...
 }
 
 # What `pack` keeps of the tool wheels: what the serving benchmark needs beyond a usual PyTorch image.
-LEAN_WHEELS=(numpy tritonclient python_rapidjson grpcio protobuf ml_dtypes snac)
+LEAN_WHEELS=(numpy tritonclient python_rapidjson grpcio protobuf ml_dtypes snac einops)  # einops: snac imports it
 
 pack() {
   # One transfer of at most 64 MiB -> wheels/lean/, three xz archives and py-spy (xz packs shared libraries

@@ -79,7 +79,7 @@ def serving(folder: Path, name: str) -> list[str]:
                   if level.get("server_first_audio") is not None else "-")
         lines.append(f"| {label} | {level['streams']} | {level['errors']} | {_ms(level['ttfa_p50'])} | "
                      f"{_ms(level['ttfa_p99'])} | {_ms(level.get('ttfa_max'))} | {level['starved_streams']} | "
-                     f"{level.get('stall_seconds', 0):.1f} | {level.get('rtf_p50') or 0:.2f} | {server} | "
+                     f"{level.get('stall_seconds', 0):.1f} | {figure(level.get('rtf_p50'))} | {server} | "
                      f"{figure(level.get('server_decoder_busy'))} |")
     table = load_table(levels)
     stacks = stacks_table(levels)
