@@ -27,7 +27,7 @@ from orpheus_triton.constants import (
     VOCAB_SIZE,
 )
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ModelSet, llama_config
-from orpheus_triton.llm_relay import EngineInputs
+from orpheus_triton.llm_relay import ENGINE_OUTPUTS, EngineInputs
 from orpheus_triton.repository import MODELS, RepositorySettings, render
 from orpheus_triton.serving import stop_request_inputs
 
@@ -374,7 +374,7 @@ GPU_MODELS = (*MODELS, ENGINE_MODEL)
 
 
 def test_every_rendered_config_parses_and_has_no_placeholders(gpu_repo, configs):
-    assert sorted(p.name for p in gpu_repo.iterdir()) == sorted(GPU_MODELS)
+    assert sorted(p.name for p in gpu_repo.iterdir() if p.is_dir()) == sorted(GPU_MODELS)
     for model in GPU_MODELS:
         text = (gpu_repo / model / "config.pbtxt").read_text()
         assert "${" not in text, model
@@ -392,6 +392,9 @@ def test_engine_is_served_by_the_tensorrtllm_backend(gpu_repo, configs):
     assert parameters["batch_scheduler_policy"] == "guaranteed_no_evict"
     assert 0 < float(parameters["kv_cache_free_gpu_mem_fraction"]) <= 1
     assert parameters["exclude_input_in_output"] == "true"  # stream only the generated tokens
+    # read unconditionally at load by current backends (the model fails to load without them); empty: off
+    for name in ("tokenizer_dir", "xgrammar_tokenizer_info_path", "guided_decoding_backend"):
+        assert parameters[name] == "", name
     assert (gpu_repo / ENGINE_MODEL / "1").is_dir()
     assert list((gpu_repo / ENGINE_MODEL / "1").iterdir()) == []  # no model.py for the C++ backend
 
@@ -472,6 +475,8 @@ def test_engine_takes_every_input_the_relay_sends_it(configs):
     assert required <= set(sent)
     # and the stop request's tensors too
     assert set(stop_request_inputs()) <= set(engine_io)
+    # TensorRT-LLM's backend answers with an error unless output_ids and sequence_length are both requested
+    assert set(ENGINE_OUTPUTS) == {"output_ids", "sequence_length"} <= {o.name for o in configs[ENGINE_MODEL].output}
 
 
 def test_seed_goes_to_the_backends_seed_input(configs, tmp_path):

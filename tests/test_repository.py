@@ -73,6 +73,34 @@ def test_unknown_placeholder_is_named(tmp_path):
         render(RepositorySettings(llm_dir="a", snac_dir="b"), tmp_path / "out", templates=Path(templates))
 
 
+def test_render_replaces_only_a_model_repository(tmp_path):
+    """A mistyped output folder (a model set, a home folder) must not be deleted to make room."""
+    settings = RepositorySettings(llm_dir="a", snac_dir="b")
+    render(settings, tmp_path / "r")
+    render(settings, tmp_path / "r")  # rendered before: replaced
+    (tmp_path / "r" / "notes.txt").write_text("kept")
+    render(settings, tmp_path / "r")  # still marked as rendered
+    assert not (tmp_path / "r" / "notes.txt").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert render(settings, empty) == empty
+    precious = tmp_path / "models"
+    (precious / "llm").mkdir(parents=True)
+    (precious / "llm" / "model.safetensors").write_text("weights")
+    (precious / "README").write_text("kept")
+    with pytest.raises(ValueError, match=r"holds files that are not a model repository's \(README, llm\)"):
+        render(settings, precious)
+    assert (precious / "llm" / "model.safetensors").read_text() == "weights"
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        render(settings, tmp_path / "file")
+    older = tmp_path / "older"  # a repository rendered before the mark: every entry a model folder
+    for model in MODELS:
+        (older / model).mkdir(parents=True)
+        (older / model / "config.pbtxt").write_text("")
+    render(settings, older)
+
+
 def test_decoder_exactness_renders_as_a_model_parameter(configs, tmp_path):
     assert configs[c.DECODER_MODEL].parameters["exact"].string_value == "false"
     for model in (c.DECODER_MODEL, c.LLM_MODEL):
@@ -243,7 +271,7 @@ def test_render_with_relay_puts_the_relay_in_front_of_the_torch_engine(configs, 
 
     settings = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac")
     out = render_with_relay(settings, tmp_path / "r", RelaySettings(engine_seed_input="seed"))
-    assert sorted(p.name for p in out.iterdir()) == sorted([*MODELS, c.ENGINE_MODEL])
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([*MODELS, c.ENGINE_MODEL])
 
     def parse(model):
         return text_format.Parse((out / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -254,6 +282,7 @@ def test_render_with_relay_puts_the_relay_in_front_of_the_torch_engine(configs, 
     assert relay.parameters["tokens_per_response"].string_value == str(c.TOKENS_PER_FRAME)
     assert relay.parameters["engine_model"].string_value == c.ENGINE_MODEL
     assert relay.parameters["engine_seed_input"].string_value == "seed"
+    assert relay.parameters["cancel_check_seconds"].string_value == str(settings.llm_cancel_check_seconds)
     assert list(relay.input) == list(configs[c.LLM_MODEL].input)
     assert list(relay.output) == list(configs[c.LLM_MODEL].output)
     assert (out / c.LLM_MODEL / "1" / "model.py").read_text().find("RelayStreams") > 0

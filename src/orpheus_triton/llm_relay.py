@@ -43,7 +43,9 @@ from .constants import (
     CANCEL_CHECK_SECONDS,
     END_OF_SPEECH,
     LLM_AUDIO_GUARD,
+    LLM_OUTPUT_IDS,
     LLM_SEED,
+    LLM_SEQUENCE_LENGTH,
     LLM_STOP,
 )
 from .serving import ActiveStreams, FrameChunker, Refuse, Respond, generation_settings
@@ -99,6 +101,12 @@ class HeldReferences:
 # call(request id, inputs by the engine's names) -> the engine's responses, in order, to its final one.
 CallEngine = Callable[[str, dict[str, np.ndarray]], Iterable[EngineResponse]]
 StopEngine = Callable[[str], None]
+
+
+# What the relay asks of the engine model. TensorRT-LLM's backend fills a response only when both are
+# requested (otherwise each response is an error: "sequence_length tensor must be present in list of
+# output tensors"); the relay reads the ids.
+ENGINE_OUTPUTS = (LLM_OUTPUT_IDS, LLM_SEQUENCE_LENGTH)
 
 
 @dataclass(frozen=True)

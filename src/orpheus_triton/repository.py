@@ -120,17 +120,36 @@ def parse_cpu_threads(value: str) -> int | None:
     return threads
 
 
+# Left in every rendered repository: a folder holding it may be replaced by the next render.
+RENDERED_MARK = ".orpheus-triton-repository"
+
+
 def render(settings: RepositorySettings, out: Path, templates: Path | None = None) -> Path:
-    """Write a loadable repository to ``out`` (replaced if present) and return it."""
+    """Write a loadable repository to ``out`` and return it. An existing ``out`` is replaced only if it
+    is empty or a model repository (rendered before, or every entry a model folder with its config):
+    a mistyped path must not delete a model set or a home folder."""
     templates = templates or template_dir()
     Voices.parse(settings.voices, settings.default_voice)  # a bad list is refused here, not in a stub's log
     values = _values(settings)
     out = Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        _check_replaceable(out)
         shutil.rmtree(out)
     for model in MODELS:
         _render_model(templates / model, out / model, values)
+    (out / RENDERED_MARK).write_text("rendered by orpheus_triton.repository; replaced by the next render\n")
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.is_symlink() or not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder: not replaced by a model repository")
+    entries = list(out.iterdir())
+    if (out / RENDERED_MARK).is_file() or all((entry / "config.pbtxt").is_file() for entry in entries):
+        return
+    others = sorted(entry.name for entry in entries if not (entry / "config.pbtxt").is_file())
+    raise ValueError(f"{out} holds files that are not a model repository's ({', '.join(others[:3])}"
+                     f"{', ...' if len(others) > 3 else ''}): not replaced; delete it or choose another folder")
 
 
 def render_with_relay(settings: RepositorySettings, out: Path, relay: RelaySettings,

@@ -7,7 +7,7 @@ through BLS, its responses read on a thread per stream.
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.llm_relay import EngineInputs, EngineResponse, HeldReferences, RelayStreams
+from orpheus_triton.llm_relay import ENGINE_OUTPUTS, EngineInputs, EngineResponse, HeldReferences, RelayStreams
 from orpheus_triton.serving import (
     llm_responders,
     llm_stream_options,
@@ -35,7 +35,7 @@ class TritonPythonModel:
 
     def call(self, request_id, inputs):
         request = pb_utils.InferenceRequest(
-            model_name=self.engine_model, requested_output_names=[c.LLM_OUTPUT_IDS],
+            model_name=self.engine_model, requested_output_names=list(ENGINE_OUTPUTS),
             inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()], request_id=request_id,
             preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0),
         )
