@@ -84,7 +84,7 @@ def test_copied_sources_exist_in_the_build_context(dockerfile):
 
 def test_dockerignore_keeps_the_context_small():
     ignored = (ROOT / ".dockerignore").read_text().split()
-    for heavy in (".venv", ".git", "*.wav", "**/__pycache__"):
+    for heavy in (".venv", ".git", "*.wav", "**/__pycache__", "**/*.egg-info"):
         assert heavy in ignored
 
 
@@ -167,6 +167,21 @@ def test_gpu_service_is_behind_the_gpu_profile_and_reserves_gpus():
     volumes = mounts(gpu)
     assert {"/models", "/engines", "/cache"} <= set(volumes)
     assert volumes["/engines"] in spec["volumes"]  # the engine outlives the container
+
+
+def test_each_service_gets_the_time_its_server_takes_to_stop_before_it_is_killed():
+    """compose kills a container its grace period after SIGTERM (10 s unless set): the CPU service's
+    `serve` waits its exit timeout plus its kill margin, the GPU service's tritonserver its own 30 s."""
+    from orpheus_triton.cli import STOP_GRACE_SECONDS, build_parser
+
+    def seconds(value: str) -> float:
+        assert value.endswith("s") and value[:-1].isdigit(), value
+        return float(value[:-1])
+
+    services = compose()["services"]
+    serve_exit = build_parser().parse_args(["serve"]).exit_timeout
+    assert seconds(services["orpheus"]["stop_grace_period"]) > serve_exit + STOP_GRACE_SECONDS
+    assert seconds(services["orpheus-gpu"]["stop_grace_period"]) > 30  # tritonserver's --exit-timeout-secs default
 
 
 def test_model_default_volume_is_declared():
