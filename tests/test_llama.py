@@ -83,6 +83,83 @@ def test_llama3_rope_scaling_matches_transformers():
     torch.testing.assert_close(ours, theirs)
 
 
+def test_a_config_saved_by_transformers_5_keeps_its_llama3_rope(tmp_path):
+    """transformers 5 writes rope_theta and the Llama-3 scaling inside rope_parameters only; read the old
+    way, a fine-tune it saved loaded with theta 10,000 and no scaling."""
+    import json
+
+    from transformers import LlamaConfig as HFConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from orpheus_triton.demo_models import llama_config
+
+    hf = llama_config(SHAPE)
+    HFConfig(**hf).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.pop("rope_theta", None), saved.pop("rope_scaling", None)  # the new layout, whichever writes it
+    saved["rope_parameters"] = {"rope_theta": hf["rope_theta"], **hf["rope_scaling"]}
+    config = LlamaConfig.from_hf(saved)
+    assert config.rope_theta == 500_000.0 and config.rope_scaling["rope_type"] == "llama3"
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](HFConfig(**hf), "cpu")
+    torch.testing.assert_close(rope_frequencies(config), theirs)
+    plain = LlamaConfig.from_hf({**saved, "rope_parameters": {"rope_theta": 1e4, "rope_type": "default"}})
+    assert (plain.rope_theta, plain.rope_scaling) == (1e4, None)
+
+
+@pytest.mark.parametrize(("field", "value"), [("attention_bias", True), ("mlp_bias", True), ("hidden_act", "gelu")])
+def test_a_llama_variant_this_model_does_not_compute_is_refused(field, value):
+    from orpheus_triton.demo_models import llama_config
+
+    with pytest.raises(ValueError, match=f"config.json has {field}"):
+        LlamaConfig.from_hf({**llama_config(SHAPE), field: value})
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_not_dropped(tmp_path):
+    """An untied checkpoint without its head, a tensor the model has no place for, weights of another
+    size: each would have loaded as a different model."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    write_random_llama(tmp_path, SHAPE, seed=3, tie_word_embeddings=False)
+    (weights,) = tmp_path.glob("*.safetensors")
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != "lm_head.weight"}, weights)
+    with pytest.raises(ValueError, match=r"lacks \['lm_head.weight'\]"):
+        load_llama(tmp_path)
+    save_file(state | {"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, weights)
+    with pytest.raises(ValueError, match=r"tensors this Llama does not use: \['layers.0.self_attn.q_proj.bias'\]"):
+        load_llama(tmp_path)
+    save_file(state | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(8)}, weights)
+    load_llama(tmp_path)  # old checkpoints keep these; they are recomputed
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"intermediate_size": 128}))
+    with pytest.raises(ValueError, match="does not match its config.json"):
+        load_llama(tmp_path)
+
+
+def test_a_sharded_checkpoint_reads_the_files_its_index_names(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    write_random_llama(tmp_path, SHAPE, seed=3)
+    reference = load_llama(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, tmp_path / shard)
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({k: torch.zeros_like(v) for k, v in state.items()}, tmp_path / "model.safetensors")  # stale
+    loaded = load_llama(tmp_path)
+    torch.testing.assert_close(loaded.embed_tokens.weight, reference.embed_tokens.weight)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
+        load_llama(tmp_path)
+
+
 def test_bad_checkpoint_dirs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_llama(tmp_path)

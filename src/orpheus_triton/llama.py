@@ -52,21 +52,41 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
+        """From a Hugging Face config.json. Raises ValueError for a Llama variant this model does not
+        compute (biases in the projections, an activation other than SiLU): it would load and be wrong."""
+        for field, plain in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+            if hf.get(field, plain) != plain:
+                raise ValueError(f"config.json has {field} {hf[field]!r}; this Llama supports only {plain!r}")
         heads = hf["num_attention_heads"]
+        rope_theta, rope_scaling = rope_settings(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads", heads),
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
             intermediate_size=hf["intermediate_size"],
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", 10_000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             max_position_embeddings=hf.get("max_position_embeddings", 131_072),
         )
+
+
+def rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) of a config.json in either layout: top-level ``rope_theta`` and
+    ``rope_scaling`` (transformers 4, Orpheus's own checkpoint), or ``rope_parameters`` holding both
+    (transformers 5 writes only that: read the old way, a fine-tune saved by it would load with the
+    default theta and no Llama-3 scaling, every position wrong)."""
+    parameters = hf.get("rope_parameters") or {}
+    parameters = parameters.get("full_attention", parameters)  # per attention type in some models
+    theta = hf.get("rope_theta", parameters.get("rope_theta", 10_000.0))
+    scaling = hf.get("rope_scaling")
+    if scaling is None and parameters.get("rope_type", parameters.get("type", "default")) != "default":
+        scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
+    return theta, scaling
 
 
 def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
@@ -76,6 +96,9 @@ def rope_frequencies(config: LlamaConfig) -> torch.Tensor:
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
+        needed = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if absent := [key for key in needed if key not in scaling]:
+            raise ValueError(f"llama3 rope scaling lacks {', '.join(absent)}")
         factor = scaling["factor"]
         low_freq_factor = scaling["low_freq_factor"]
         high_freq_factor = scaling["high_freq_factor"]
@@ -414,6 +437,23 @@ def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> None:
             state[prefix + fused] = torch.cat([state.pop(prefix + part) for part in parts])
 
 
+def weight_files(path: Path) -> list[Path]:
+    """A checkpoint's weight files: those its index (model.safetensors.index.json) names, else
+    model.safetensors, else every *.safetensors (a stale file beside the shards must not be read)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if absent := [name for name in names if not (path / name).is_file()]:
+            raise FileNotFoundError(f"{index} names {absent[:3]}, which {path} does not hold")
+        return [path / name for name in names]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"LLM directory {path} has no *.safetensors weights")
+    return files
+
+
 def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
     """Load a Hugging Face Llama checkpoint (config.json + *.safetensors) from a local directory."""
     path = Path(path)
@@ -424,9 +464,7 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if hf_config.get("model_type", "llama") != "llama":
         raise ValueError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not 'llama'")
     config = LlamaConfig.from_hf(hf_config)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"LLM directory {path} has no *.safetensors weights")
+    files = weight_files(path)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     with torch.device("meta"):
@@ -437,13 +475,20 @@ def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 name = key.removeprefix("model.")
                 state[name] = f.get_tensor(key).to(dtype)
-    if config.tie_word_embeddings or "lm_head.weight" not in state:
+    if config.tie_word_embeddings:  # untied, a missing head is an error below, not the embeddings
         state["lm_head.weight"] = state.get("embed_tokens.weight")
     missing = sorted(name for name in checkpoint_names(config) if state.get(name) is None)
     if missing:
         raise ValueError(f"checkpoint in {path} lacks {missing[:5]}")
     fuse_projections(state, config.num_layers)
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        loaded = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # shapes: the weights are not of the model config.json describes
+        raise ValueError(f"checkpoint in {path} does not match its config.json: {error}") from None
+    # Old checkpoints keep the rotary frequencies (recomputed here); anything else would be ignored.
+    unexpected = [name for name in loaded.unexpected_keys if not name.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise ValueError(f"checkpoint in {path} has tensors this Llama does not use: {sorted(unexpected)[:5]}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(config)
