@@ -25,6 +25,7 @@ import argparse
 import gc
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import shlex
@@ -178,6 +179,41 @@ def check_checkpoint(llm_dir: Path, options: BuildOptions) -> dict:
     return config
 
 
+def check_directories(llm_dir: Path, output_dir: Path, checkpoint_dir: Path | None) -> None:
+    """Refuse directories the build would destroy or read from while writing: the engine directory is
+    emptied before trtllm-build writes it, so it must not be or hold the checkpoint, the intermediate
+    TensorRT-LLM checkpoint, or anything that is not an engine."""
+    def overlap(a: Path, b: Path) -> bool:
+        return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+    if overlap(output_dir, llm_dir):
+        raise BuildError(f"--output-dir {output_dir} and the checkpoint {llm_dir} overlap: the engine directory "
+                         "is emptied before the engine is written; choose one of its own (e.g. /engines/orpheus-3b)")
+    if checkpoint_dir is not None and (overlap(checkpoint_dir, output_dir) or overlap(checkpoint_dir, llm_dir)):
+        raise BuildError(f"--checkpoint-dir {checkpoint_dir} overlaps --output-dir or the checkpoint: give it "
+                         "a folder of its own")
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        foreign = sorted(child.name for child in output_dir.iterdir()
+                         if child.is_dir() or child.suffix in (".safetensors", ".bin", ".pt"))
+        if foreign or not ((output_dir / "config.json").is_file() or (output_dir / METADATA).is_file()):
+            raise BuildError(f"--output-dir {output_dir} holds {', '.join(foreign[:3]) or 'files'} and no engine: "
+                             "it is replaced by the build, so it is not touched; choose an empty or engine folder")
+
+
+def check_rope_layout(config: dict, config_path: Path, transformers_version: str) -> None:
+    """TensorRT-LLM's converter reads the checkpoint with the image's transformers. A config.json written
+    by transformers 5 keeps rope_theta and the Llama-3 scaling inside ``rope_parameters``, which an older
+    transformers ignores: the engine would be built with the default rope, every position wrong."""
+    if "rope_theta" in config or "rope_parameters" not in config or int(transformers_version.split(".")[0]) >= 5:
+        return
+    from orpheus_triton.llama import rope_settings  # noqa: PLC0415 (imports torch)
+
+    theta, scaling = rope_settings(config)
+    raise BuildError(f"{config_path} keeps its rope settings in rope_parameters (transformers 5's layout), which "
+                     f"this image's transformers {transformers_version} does not read: add \"rope_theta\": "
+                     f"{json.dumps(theta)}, \"rope_scaling\": {json.dumps(scaling)} to it")
+
+
 def check_toolchain() -> str:
     """Return the TensorRT-LLM version, or say why this environment cannot build engines."""
     where = f"Run this script inside {NGC_IMAGE} (see build_engines/README.md)."
@@ -327,6 +363,7 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
     options.check()
     _step(1, f"checking {llm_dir}")
     config = check_checkpoint(llm_dir, options)
+    check_directories(llm_dir, output_dir, checkpoint_dir)
     fp8 = options.quantization == "fp8"
     _log(f"  Llama {config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
          f"vocab {config.get('vocab_size')}; engine: {options.dtype}{', FP8' if fp8 else ''}, tp {options.tp_size}, "
@@ -349,6 +386,7 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
                  "and later: H100, H200, B200)")
         return output_dir
     version = check_toolchain()
+    check_rope_layout(config, llm_dir / "config.json", importlib.metadata.version("transformers"))
     gpu = gpu_name()
     if gpu in ("none", "unknown"):
         raise BuildError("no CUDA GPU is visible: an engine is compiled on the GPU model that will run it "
@@ -366,6 +404,8 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     if checkpoint_dir is None:
         checkpoint_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.checkpoint-", dir=output_dir.parent))
+    else:  # TensorRT-LLM's save_checkpoint writes into it without creating it
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     try:
         if fp8:
             started = _step(2, "calibrating on Orpheus's own speech and quantizing the weights to an FP8 "
@@ -400,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="build_trtllm.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--llm-dir", required=True, help="Hugging Face Orpheus checkpoint (a model set's llm/)")
-    parser.add_argument("--output-dir", required=True, help="engine directory to write (replaced)")
+    parser.add_argument("--output-dir", required=True,
+                        help="engine directory to write (emptied first: refused if it holds anything but an engine)")
     parser.add_argument("--checkpoint-dir", help="keep the TensorRT-LLM checkpoint here (default: temporary)")
     parser.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=defaults.quantization,

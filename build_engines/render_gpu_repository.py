@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orpheus_triton.arguments import positive
 from orpheus_triton.constants import ENGINE_MODEL, LLM_SEED
 from orpheus_triton.demo_models import ModelSet, cache_dir
 from orpheus_triton.repository import RelaySettings, RepositorySettings, render_with_relay
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine-dir", required=True, help="TensorRT-LLM engine directory (build_trtllm.py)")
     parser.add_argument("--out", help="repository to write (default: the cache's repositories/tensorrtllm)")
     parser.add_argument("--device", default="cuda", help="device of the SNAC decoder (default: cuda)")
-    parser.add_argument("--max-batch-size", type=int, default=None,
+    parser.add_argument("--max-batch-size", type=positive, default=None,
                         help=f"the {ENGINE_MODEL} model's Triton max batch size (default: the engine's max_batch_size)")
     parser.add_argument("--kv-cache-free-gpu-mem-fraction", type=float,
                         default=TrtllmSettings.kv_cache_free_gpu_mem_fraction,
@@ -134,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-reuse", action="store_true", help="reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--seed-tensor", choices=SEED_TENSORS, default=TrtllmSettings.seed_tensor,
                         help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
-    parser.add_argument("--relay-instances", type=int, default=TrtllmSettings.relay_instances,
+    parser.add_argument("--relay-instances", type=positive, default=TrtllmSettings.relay_instances,
                         help="processes of the llm relay in front of the engine (about 60 real-time streams each)")
-    parser.add_argument("--decoder-max-batch-size", type=int, default=RepositorySettings.decoder_max_batch_size)
-    parser.add_argument("--preprocessing-instances", type=int, default=RepositorySettings.preprocessing_instances)
+    parser.add_argument("--decoder-max-batch-size", type=positive, default=RepositorySettings.decoder_max_batch_size)
+    parser.add_argument("--preprocessing-instances", type=positive, default=RepositorySettings.preprocessing_instances)
     parser.add_argument("--voices", default=RepositorySettings.voices, metavar="NAMES",
                         help="the checkpoint's voices, comma-separated ('none': single-speaker; default: Orpheus 3B "
                              "English's)")

@@ -297,6 +297,51 @@ def test_build_converts_compiles_records_and_cleans_up(tmp_path, monkeypatch):
     assert json.loads((engines / "orpheus-3b" / build_trtllm.METADATA).read_text())["options"]["max_batch_size"] == 64
 
 
+def test_directories_the_build_would_destroy_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """The engine directory is emptied before trtllm-build writes it: pointed at the model set, the
+    checkpoint, a folder of other things, or holding the intermediate checkpoint, it is refused."""
+    llm = fake_checkpoint(tmp_path / "models")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("kept")
+    (tmp_path / "other" / "engines").mkdir()
+    stand_ins = StandIns(monkeypatch)
+    for output, extra, message in (
+        (tmp_path / "models", [], "overlap"),
+        (llm, [], "overlap"),
+        (tmp_path / "other", [], "holds engines and no engine"),
+        (tmp_path / "engine", ["--checkpoint-dir", str(tmp_path / "engine" / "ckpt")], "--checkpoint-dir"),
+        (tmp_path / "engine", ["--checkpoint-dir", str(llm)], "--checkpoint-dir"),
+    ):
+        code = build_trtllm.main(["--llm-dir", str(tmp_path / "models"), "--output-dir", str(output), *extra])
+        assert code == 2 and message in capsys.readouterr().err, output
+    assert not stand_ins.conversions and sorted(p.name for p in llm.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+
+
+def test_a_new_checkpoint_dir_is_made_and_kept(tmp_path, monkeypatch):
+    fake_checkpoint(tmp_path / "models")
+    stand_ins = StandIns(monkeypatch)
+    checkpoint = tmp_path / "work" / "ckpt"
+    assert build_trtllm.main(["--llm-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path / "engine"),
+                              "--checkpoint-dir", str(checkpoint)]) == 0
+    assert stand_ins.conversions == [checkpoint] and (checkpoint / "config.json").is_file()
+
+
+def test_a_transformers_5_config_is_refused_where_the_images_transformers_would_misread_its_rope(tmp_path):
+    from orpheus_triton.demo_models import llama_config
+
+    old = llama_config(DEMO_LLM_SHAPE)
+    new = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_scaling")}
+    new["rope_parameters"] = {"rope_theta": old["rope_theta"], **old["rope_scaling"]}
+    path = tmp_path / "config.json"
+    build_trtllm.check_rope_layout(old, path, "4.56.0")
+    build_trtllm.check_rope_layout(new, path, "5.0.0")
+    expected = r'add "rope_theta": 500000.0, "rope_scaling": \{"rope_type": "llama3", "factor": 32.0'
+    with pytest.raises(build_trtllm.BuildError, match=expected):
+        build_trtllm.check_rope_layout(new, path, "4.56.0")
+
+
 def test_fp8_build_quantizes_instead_of_converting_and_is_rebuilt_when_that_changes(tmp_path, monkeypatch):
     fake_checkpoint(tmp_path / "models")
     engine = tmp_path / "engines" / "orpheus-3b"
@@ -506,6 +551,15 @@ def test_trtllm_settings_are_checked(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         gpu_repository.render_gpu_repository(SETTINGS, trt, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("option", ["--max-batch-size", "--relay-instances", "--decoder-max-batch-size",
+                                    "--preprocessing-instances"])
+def test_counts_below_one_are_refused_while_parsing(option, capsys):
+    """--max-batch-size 0 read as "the engine's" before; the others failed later or rendered a bad config."""
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_repository.main(["--models", "m", "--engine-dir", "e", option, "0"])
+    assert exit_info.value.code == 2 and f"argument {option}: expected a whole number >= 1" in capsys.readouterr().err
 
 
 def test_max_batch_size_and_length_default_to_the_engines(tmp_path, monkeypatch, capsys):

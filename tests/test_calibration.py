@@ -47,6 +47,7 @@ def test_calibration_set_is_prompts_then_the_models_own_audio(model_set, tmp_pat
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     tokenizer = load_tokenizer(model_set.llm)
     assert len(texts) == 6
+    assert len({len(tokenizer.encode(text, add_special_tokens=True).ids) for text in texts}) == 1  # one length
     for (prompt, _), text in zip(calibration_requests(tokenizer, 6), texts, strict=True):
         # What TensorRT-LLM's calibration reads back: the tokenizer's BOS, then the sequence itself.
         ids = tokenizer.encode(text, add_special_tokens=True).ids
@@ -77,3 +78,23 @@ def test_bad_sizes_are_refused_with_the_reason(model_set):
         calibration_requests(tokenizer, 0)
     with pytest.raises(ValueError, match="no room for audio after a prompt"):
         generate_sequences(load_llama(model_set.llm), calibration_requests(tokenizer, 2), 64)
+
+
+def test_sequences_come_at_one_length_for_the_unmasked_padded_calibration():
+    """TensorRT-LLM pads the set on the left without an attention mask: a short sequence would attend to
+    its padding. Those under half the longest are left out, the rest cut to the shortest."""
+    from orpheus_triton.calibration import equal_lengths
+
+    sequences = [list(range(n)) for n in (100, 90, 70, 40, 100)]
+    assert equal_lengths(sequences) == [list(range(70))] * 4
+
+
+def test_a_prompt_too_long_is_refused_before_the_model_loads(model_set, tmp_path, monkeypatch):
+    import orpheus_triton.calibration as calibration
+
+    def load_llama(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(calibration, "load_llama", load_llama)
+    with pytest.raises(ValueError, match="no room for audio after a prompt"):
+        write_calibration_set(model_set.llm, tmp_path / "c", count=2, length=16, device="cpu", log=lambda m: None)

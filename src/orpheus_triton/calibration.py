@@ -35,8 +35,8 @@ from .triton_llm import pick_device
 
 CALIBRATION_FILE = "train.jsonl"
 
-# Long enough that the speech for each fills a calibration sequence (about 12 words a second of
-# speech at 82 tokens a second: 1024 tokens are some 12 s), and varied the way callers' text is:
+# Long enough that the speech for each nearly fills a calibration sequence (about 2.5 words a second of
+# speech at 82 tokens a second: 1024 tokens are some 12 s, 30 words), and varied the way callers' text is:
 # questions, numbers, spelled-out codes, emotive tags, short replies run together.
 CALIBRATION_TEXTS = (
     "Thanks for calling. I can help you reschedule your appointment, check an order, or answer a question "
@@ -83,6 +83,25 @@ def calibration_requests(tokenizer, count: int, voices: Voices = ENGLISH_VOICES)
     return [(build_prompt(tokenizer, *pairs[i % len(pairs)], voices=voices), i) for i in range(count)]
 
 
+def check_room(requests: list[tuple[list[int], int]], length: int) -> None:
+    """Raise ValueError if a prompt leaves no room for audio in a sequence of ``length`` tokens."""
+    longest = max(len(prompt) for prompt, _ in requests)
+    if longest >= length:
+        raise ValueError(f"calibration sequences of {length} tokens leave no room for audio after a prompt of "
+                         f"{longest} tokens: make them longer")
+
+
+def equal_lengths(sequences: list[list[int]]) -> list[list[int]]:
+    """The sequences at one length. TensorRT-LLM's calibration encodes the whole set padded on the left
+    and runs it without an attention mask: a shorter sequence would be calibrated with padding it attends
+    to in front, its positions shifted. Sequences shorter than half the longest (the model ended its
+    speech early) are left out; the others are cut to the shortest of them."""
+    longest = max(map(len, sequences))
+    kept = [sequence for sequence in sequences if 2 * len(sequence) >= longest]
+    shortest = min(map(len, kept))
+    return [sequence[:shortest] for sequence in kept]
+
+
 def generate_sequences(model, requests: list[tuple[list[int], int]], length: int, max_streams: int = 64,
                        progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Each prompt followed by the audio the model writes for it (audio-token guard on, serving defaults),
@@ -90,10 +109,7 @@ def generate_sequences(model, requests: list[tuple[list[int], int]], length: int
 
     The prompts run through the in-flight batching engine ``max_streams`` at a time.
     """
-    longest = max(len(prompt) for prompt, _ in requests)
-    if longest >= length:
-        raise ValueError(f"calibration sequences of {length} tokens leave no room for audio after a prompt of "
-                         f"{longest} tokens: make them longer")
+    check_room(requests, length)
     engine = InflightEngine(model, max_streams=min(max_streams, len(requests)), max_seq_len=length,
                             max_queue=len(requests))
     outputs: list[list[int]] = [[] for _ in requests]
@@ -124,6 +140,7 @@ def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int =
     device = pick_device(device)
     tokenizer = load_tokenizer(llm_dir)
     requests = calibration_requests(tokenizer, count, voices)
+    check_room(requests, length)  # before loading the model
     log(f"  generating {count} calibration sequences of up to {length} tokens on {device} "
         f"({len(CALIBRATION_TEXTS)} texts x {len(voices.names) or 1} voices, {min(max_streams, count)} at a time)")
     started = time.monotonic()
@@ -140,6 +157,11 @@ def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int =
         gc.collect()  # the engine's KV cache and CUDA graphs go with it
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # the quantizer loads the model again next
+    generated = sequences
+    sequences = equal_lengths(generated)
+    if len(sequences) < len(generated) or len(sequences[0]) < max(map(len, generated)):
+        log(f"  {len(generated) - len(sequences)} sequences ended before half the longest's length and are left "
+            f"out; {len(sequences)} cut to {len(sequences[0])} tokens, one length for the calibration's batches")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CALIBRATION_FILE
