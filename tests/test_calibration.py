@@ -82,11 +82,14 @@ def test_bad_sizes_are_refused_with_the_reason(model_set):
 
 def test_sequences_come_at_one_length_for_the_unmasked_padded_calibration():
     """TensorRT-LLM pads the set on the left without an attention mask: a short sequence would attend to
-    its padding. Those under half the longest are left out, the rest cut to the shortest."""
+    its padding. Those with under half the most audio are left out, the rest cut to the shortest, never
+    into a prompt."""
     from orpheus_triton.calibration import equal_lengths
 
-    sequences = [list(range(n)) for n in (100, 90, 70, 40, 100)]
-    assert equal_lengths(sequences) == [list(range(70))] * 4
+    sequences = [list(range(n)) for n in (100, 90, 70, 40, 100, 80)]
+    prompts = [20, 20, 20, 20, 20, 75]  # the last would lose its start of speech at 70
+    assert equal_lengths(sequences, prompts) == [list(range(70))] * 4
+    assert equal_lengths([[1, 2], [1, 2, 3]], [2, 3]) == [[1, 2], [1, 2, 3]]  # no audio at all: as they are
 
 
 def test_a_prompt_too_long_is_refused_before_the_model_loads(model_set, tmp_path, monkeypatch):

@@ -173,22 +173,24 @@ def check_engine_run(device: torch.device, model) -> dict:
 
 
 def check_calibration(device: torch.device, checkpoint: Path) -> dict:
-    """What ``build_trtllm.py --quantization fp8`` generates on the GPU before quantizing: 16 calibration
-    sequences, every audio token in its frame slot."""
+    """What ``build_trtllm.py --quantization fp8`` generates on the GPU before quantizing: up to 16
+    calibration sequences (those with little audio left out), all of one length, every audio token in
+    its frame slot."""
     write_tokenizer(checkpoint)
     with tempfile.TemporaryDirectory() as out:
         path = write_calibration_set(checkpoint, out, count=16, length=320, device=device.type, max_streams=8,
                                      log=lambda message: None)
         texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     tokenizer = load_tokenizer(checkpoint)
-    misplaced, audio = 0, 0
+    misplaced, audio, lengths = 0, 0, set()
     for text in texts:
         ids = tokenizer.encode(text).ids
+        lengths.add(len(ids))
         tokens = ids[ids.index(START_OF_SPEECH) + 1 :]
         audio += len(tokens)
         misplaced += misplaced_tokens(tokens)
-    return {"ok": len(texts) == 16 and audio > 0 and misplaced == 0, "sequences": len(texts),
-            "audio_tokens": audio, "misplaced_tokens": misplaced}
+    return {"ok": 0 < len(texts) <= 16 and len(lengths) == 1 and audio > 0 and misplaced == 0,
+            "sequences": len(texts), "lengths": sorted(lengths), "audio_tokens": audio, "misplaced_tokens": misplaced}
 
 
 def check_sampling(device: torch.device) -> dict:

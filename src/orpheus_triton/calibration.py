@@ -91,15 +91,22 @@ def check_room(requests: list[tuple[list[int], int]], length: int) -> None:
                          f"{longest} tokens: make them longer")
 
 
-def equal_lengths(sequences: list[list[int]]) -> list[list[int]]:
+def equal_lengths(sequences: list[list[int]], prompt_lengths: list[int]) -> list[list[int]]:
     """The sequences at one length. TensorRT-LLM's calibration encodes the whole set padded on the left
     and runs it without an attention mask: a shorter sequence would be calibrated with padding it attends
-    to in front, its positions shifted. Sequences shorter than half the longest (the model ended its
-    speech early) are left out; the others are cut to the shortest of them."""
-    longest = max(map(len, sequences))
-    kept = [sequence for sequence in sequences if 2 * len(sequence) >= longest]
-    shortest = min(map(len, kept))
-    return [sequence[:shortest] for sequence in kept]
+    to in front, its positions shifted. Sequences with less than half the most audio (the model ended
+    its speech early) are left out, and so is any whose prompt the cut would reach; the others are cut
+    to the shortest of them."""
+    audio = [len(sequence) - prompt for sequence, prompt in zip(sequences, prompt_lengths, strict=True)]
+    most = max(audio)
+    if most <= 0:
+        return sequences
+    kept = [(sequence, prompt) for sequence, prompt, heard in zip(sequences, prompt_lengths, audio, strict=True)
+            if 2 * heard >= most]
+    length = min(len(sequence) for sequence, _ in kept)
+    kept = [(sequence, prompt) for sequence, prompt in kept if prompt < length]  # the shortest stays
+    length = min(len(sequence) for sequence, _ in kept)
+    return [sequence[:length] for sequence, _ in kept]
 
 
 def generate_sequences(model, requests: list[tuple[list[int], int]], length: int, max_streams: int = 64,
@@ -158,10 +165,10 @@ def write_calibration_set(llm_dir: str | Path, out_dir: str | Path, count: int =
         if device.startswith("cuda"):
             torch.cuda.empty_cache()  # the quantizer loads the model again next
     generated = sequences
-    sequences = equal_lengths(generated)
+    sequences = equal_lengths(generated, [len(prompt) for prompt, _ in requests])
     if len(sequences) < len(generated) or len(sequences[0]) < max(map(len, generated)):
-        log(f"  {len(generated) - len(sequences)} sequences ended before half the longest's length and are left "
-            f"out; {len(sequences)} cut to {len(sequences[0])} tokens, one length for the calibration's batches")
+        log(f"  {len(generated) - len(sequences)} sequences with less than half the most audio left out; "
+            f"{len(sequences)} cut to {len(sequences[0])} tokens, one length for the calibration's batches")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CALIBRATION_FILE
