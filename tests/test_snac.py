@@ -189,6 +189,59 @@ def test_missing_snac_files_are_named(tmp_path):
         load_snac(tmp_path)
 
 
+def test_a_snac_folder_without_a_usable_snac_is_named(tmp_path):
+    """Each way a SNAC folder can be wrong says which file and why (they were bare JSON, pickle or
+    state-dict errors; a Git LFS pointer was met with advice to load it unsafely), and a SNAC of
+    another rate or codebook layout is refused at load, not in its first decode."""
+    import json
+
+    import torch
+
+    from orpheus_triton.demo_models import SNAC_24KHZ_CONFIG
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_snac(tmp_path / "nowhere")
+    config, weights = tmp_path / "config.json", tmp_path / "pytorch_model.bin"
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 79488254\n")
+    config.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_snac(tmp_path)
+    config.write_text(json.dumps({**SNAC_24KHZ_CONFIG, "sampling_rate": 32000, "vq_strides": [8, 4, 2, 1]}))
+    with pytest.raises(ValueError, match=r"not a SNAC for Orpheus's codes: sampling_rate 32000 \(Orpheus needs "
+                                         r"24000\); vq_strides \[8, 4, 2, 1\] \(Orpheus needs \[4, 2, 1\]\)"):
+        load_snac(tmp_path)
+    config.write_text(json.dumps({**SNAC_24KHZ_CONFIG, "attn_window_size": 32}))
+    with pytest.raises(ValueError, match="attn_window_size 32"):
+        load_snac(tmp_path)
+    config.write_text(json.dumps(SNAC_24KHZ_CONFIG))
+    with pytest.raises(ValueError, match="pytorch_model.bin is a Git LFS pointer, not the weights"):
+        load_snac(tmp_path)
+    weights.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="pytorch_model.bin could not be read as SNAC weights"):
+        load_snac(tmp_path)
+    small = {**SNAC_24KHZ_CONFIG, "encoder_dim": 4, "decoder_dim": 64}
+    torch.save(SNAC(**small).state_dict(), weights)
+    with pytest.raises(ValueError, match="pytorch_model.bin does not match .*config.json: Error"):
+        load_snac(tmp_path)
+    config.write_text(json.dumps({**small, "colour": "blue"}))
+    with pytest.raises(ValueError, match="is not a SNAC config: .*colour"):
+        load_snac(tmp_path)
+
+
+def test_a_decoder_let_go_frees_its_model(model_set):
+    """The span decoder's per-layer plans and rearranged weights live as long as their model (kept for
+    good before, every model a process loaded stayed in memory)."""
+    import gc
+    import weakref
+
+    decoder = load_window_decoder(model_set.snac)
+    decoder.decode(StreamFramer(lead_in=False).push(token_stream(1, 5)))
+    model = weakref.ref(decoder.model)
+    del decoder
+    gc.collect()
+    assert model() is None
+
+
 def test_snake_matches_upstream_bit_for_bit():
     import torch
     from snac.layers import Snake1d

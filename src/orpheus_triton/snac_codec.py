@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +52,12 @@ from torch.nn.utils import parametrize
 
 from . import counter_noise
 from .constants import (
+    CODEBOOK_SIZE,
     CODES_PER_FRAME,
+    FRAMES_PER_WINDOW,
     MAX_ROUND_WINDOWS,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
     TOKENS_PER_FRAME,
     WINDOW_KEEP_END,
     WINDOW_KEEP_START,
@@ -123,6 +128,8 @@ class RowwiseConv1d(nn.Module):
 
 
 def check_snac_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"SNAC model directory {path} does not exist or is not a folder")
     missing = [name for name in (SNAC_CONFIG, SNAC_WEIGHTS) if not (path / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -131,16 +138,58 @@ def check_snac_dir(path: Path) -> None:
         )
 
 
+def check_snac_config(config: dict, where: Path) -> None:
+    """Refuse a SNAC that cannot decode Orpheus's codes (another sample rate, codebook layout or frame
+    length: the 32 and 44 kHz models): it would load, then fail in its first decode or play wrong."""
+    latent_per_frame = max(CODES_PER_FRAME)
+    wanted = {
+        "sampling_rate": SAMPLE_RATE,
+        "codebook_size": CODEBOOK_SIZE,
+        "vq_strides": [latent_per_frame // codes for codes in CODES_PER_FRAME],
+        "hop length (product of decoder_rates)": SAMPLES_PER_FRAME // latent_per_frame,
+    }
+    found = {**config, "hop length (product of decoder_rates)": math.prod(config.get("decoder_rates") or [0])}
+    wrong = [f"{name} {found.get(name)!r} (Orpheus needs {value!r})" for name, value in wanted.items()
+             if found.get(name) != value]
+    window = config.get("attn_window_size")
+    if window is not None and (FRAMES_PER_WINDOW * latent_per_frame) % window:
+        wrong.append(f"attn_window_size {window!r} (it must divide a window's {FRAMES_PER_WINDOW * latent_per_frame} "
+                     "latent positions)")
+    if wrong:
+        raise ValueError(f"{where} is not a SNAC for Orpheus's codes: {'; '.join(wrong)} "
+                         "(Orpheus decodes with hubertsiuzdak/snac_24khz)")
+
+
 def load_snac(path: str | Path, device: str | torch.device = "cpu", batch_invariant: bool = False) -> SNAC:
     """Load upstream-format SNAC from a local directory, ready for seeded, batched decoding.
 
     ``batch_invariant`` runs dense convolutions row by row, see the module docstring.
+    Raises FileNotFoundError or ValueError naming the file for a directory that does not hold one.
     """
     path = Path(path)
     check_snac_dir(path)
-    model = SNAC(**json.loads((path / SNAC_CONFIG).read_text()))
-    state = torch.load(path / SNAC_WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    config_path, weights_path = path / SNAC_CONFIG, path / SNAC_WEIGHTS
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    check_snac_config(config, config_path)
+    with weights_path.open("rb") as weights:
+        if weights.read(64).startswith(b"version https://git-lfs"):
+            raise ValueError(f"{weights_path} is a Git LFS pointer, not the weights: fetch them (git lfs pull)")
+    try:
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (a truncated or foreign file: torch raises several kinds)
+        raise ValueError(f"{weights_path} could not be read as SNAC weights: {str(error).splitlines()[0]}") from None
+    try:
+        model = SNAC(**config)
+    except TypeError as error:  # a key SNAC does not take
+        raise ValueError(f"{config_path} is not a SNAC config: {error}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # torch's first lines name the tensors
+        detail = " ".join(line.strip() for line in str(error).splitlines()[:2])
+        raise ValueError(f"{weights_path} does not match {config_path}: {detail}") from None
     # The encoder is never used for synthesis.
     model.encoder = nn.Identity()
     for module in list(model.modules()):
@@ -202,6 +251,9 @@ class WindowDecoder:
     changes no real row's samples); calls beyond the largest size decode as they are.
     With ``graphs`` as well (a GPU, counter-based noise), each size's call is a CUDA
     graph (``CallGraphs``), checked against the eager call when captured.
+
+    One thread at a time: a call sets its windows' noise seeds on the model's noise blocks (the
+    server's decoder calls it from its one worker thread).
     """
 
     def __init__(self, model: SNAC, mode: str = DECODE_SPAN, noise: str | None = None, sizes: Sequence[int] = (),

@@ -15,14 +15,16 @@ advance exactly as upstream's do; the convolution kernels may block shorter
 inputs differently, so a few positions round differently (one int16 step at
 most after conversion, on about 0.4% of samples: tests/test_snac.py).
 
-Layers this module does not know (SNAC's local attention, used by the 32 and
-44 kHz models, not by the 24 kHz one Orpheus decodes with) make
-``SpanDecoder.supports`` false; callers then decode whole windows.
+Layers this module does not know (SNAC's local attention, in a model whose
+config sets ``attn_window_size``, as the 32 and 44 kHz ones do; the 24 kHz one
+Orpheus decodes with has none) make ``SpanDecoder.supports`` false; callers then
+decode whole windows.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +74,23 @@ def _children(module: nn.Module) -> list[nn.Module] | None:
 
 # Both rules are pure functions of (layer, span, length) and run for every layer on
 # every decode: cached, a decode's bookkeeping costs lookups instead of recursion.
-@functools.lru_cache(maxsize=65536)
+def _per_module(function):
+    """Cache ``function(module, *args)`` for as long as the module lives: a decoder's plans and rearranged
+    weights go with its model (cached by lru_cache, every model a process loaded stayed in memory).
+    They are computed at the first decode: a model's weights must not change after it."""
+    results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @functools.wraps(function)
+    def cached(module: nn.Module, *args):
+        per_module = results.setdefault(module, {})
+        if args not in per_module:
+            per_module[args] = function(module, *args)
+        return per_module[args]
+
+    return cached
+
+
+@_per_module
 def output_length(module: nn.Module, length: int) -> int:
     """Length of ``module``'s output for an input of ``length`` positions."""
     children = _children(module)
@@ -100,7 +118,7 @@ def output_length(module: nn.Module, length: int) -> int:
     raise UnsupportedLayer(f"no span rule for {type(module).__name__}")
 
 
-@functools.lru_cache(maxsize=65536)
+@_per_module
 def input_span(module: nn.Module, out: Span, length: int) -> Span:
     """The input positions ``module``'s outputs in ``out`` depend on (input has ``length`` positions)."""
     if _children(module) is not None:
@@ -126,7 +144,7 @@ def input_span(module: nn.Module, out: Span, length: int) -> Span:
     return span
 
 
-@functools.lru_cache(maxsize=65536)
+@_per_module
 def _plan(container: nn.Module, out: Span, length: int) -> tuple[tuple[tuple[nn.Module, int, Span], ...], Span]:
     """A container's layers as (layer, its input length, the output span it must produce), in order,
     and the input span the container needs for ``out``."""
@@ -268,7 +286,7 @@ def _flat_rows(x: torch.Tensor, max_gap: float = 0.25) -> tuple[torch.Tensor, in
     return x.contiguous().view(batch * steps, channels), steps
 
 
-@functools.lru_cache(maxsize=256)
+@_per_module
 def _taps(conv: nn.Conv1d) -> tuple[torch.Tensor, ...]:
     """A dense convolution's weight per tap, [out, in] each."""
     weight = conv.weight.detach()
@@ -280,7 +298,7 @@ def _dense(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return _shifted_products(x, _taps(conv), conv.bias, conv.dilation[0])
 
 
-@functools.lru_cache(maxsize=256)
+@_per_module
 def _phase_weights(conv: nn.Conv1d, phases: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A depthwise convolution's weights repeated for ``phases`` interleaved copies of its channels."""
     weight = conv.weight.detach().repeat(phases, 1, 1).unsqueeze(2)  # [(phase, channel), 1, 1, k]
@@ -312,7 +330,7 @@ def _depthwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).reshape(batch, -1, channels)[:, :steps]
 
 
-@functools.lru_cache(maxsize=256)
+@_per_module
 def _polyphase_weights(conv: nn.ConvTranspose1d) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
     """A stride-s, kernel-2s transposed convolution as a 2-tap convolution with s x the output channels.
 
