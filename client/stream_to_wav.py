@@ -11,6 +11,7 @@ timing figures is `orpheus-triton say` (orpheus_triton/client.py).
 """
 
 import argparse
+import contextlib
 import queue
 import time
 import uuid
@@ -20,6 +21,29 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 SAMPLE_RATE = 24_000  # the ensemble's output rate
+
+
+def stop_generation(url: str, request_id: str) -> None:
+    """The `llm` model's `stop` request for the stream's id (TensorRT-LLM's): its generation ends within
+    a step and the stream ends normally. The required inputs ride along, ignored."""
+    inputs = []
+    for name, value, kind in (("input_ids", np.zeros((1, 1), np.int32), "INT32"),
+                              ("input_lengths", np.ones((1, 1), np.int32), "INT32"),
+                              ("request_output_len", np.ones((1, 1), np.int32), "INT32"),
+                              ("stop", np.ones((1, 1), np.bool_), "BOOL")):
+        tensor = grpcclient.InferInput(name, list(value.shape), kind)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    stopper = grpcclient.InferenceServerClient(url)
+    answered: queue.Queue = queue.Queue()
+    stopper.start_stream(callback=lambda result, error: answered.put(error))
+    try:
+        stopper.async_stream_infer("llm", inputs, request_id=request_id, enable_empty_final_response=True)
+        answered.get(timeout=10)
+    except (grpcclient.InferenceServerException, queue.Empty):
+        pass  # the stream is cancelled below all the same
+    finally:
+        stopper.stop_stream()
 
 
 def main() -> None:
@@ -47,19 +71,25 @@ def main() -> None:
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(args.url)
     started = time.perf_counter()
+    request_id = str(uuid.uuid4())
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        client.async_stream_infer("orpheus", inputs, request_id=str(uuid.uuid4()),
-                                  enable_empty_final_response=True)
+        client.async_stream_infer("orpheus", inputs, request_id=request_id, enable_empty_final_response=True)
     except grpcclient.InferenceServerException as error:  # e.g. nothing listening at --url
-        raise SystemExit(f"could not reach the server at {args.url}: {error}") from None
+        reason = error
+        with contextlib.suppress(queue.Empty):
+            reason = responses.get(timeout=1)[1] or error  # the stream's callback has the reason
+        client.stop_stream()
+        raise SystemExit(f"could not reach the server at {args.url}: {reason}") from None
 
-    wav, samples = None, 0  # the file is created with the first audio: a failed request leaves none
+    wav, samples, finished = None, 0, False  # the file is created with the first audio: a failed request leaves none
     try:
         while True:
             result, error = responses.get(timeout=600)
-            if error is not None:
-                raise SystemExit(f"server error: {error}")
+            if error is not None:  # the stream has ended: the server's error, or its connection's
+                finished = True
+                where = "the server" if error.status() != "StatusCode.UNAVAILABLE" else f"the connection to {args.url}"
+                raise SystemExit(f"{where} failed: {error}")
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
@@ -71,11 +101,14 @@ def main() -> None:
                 wav.writeframes(audio.astype("<i2").tobytes())
                 samples += audio.size
             if result.get_response().parameters["triton_final_response"].bool_param:
+                finished = True
                 break
     finally:
         if wav is not None:
             wav.close()
-    client.stop_stream()
+        if not finished:  # Ctrl-C, an error: end the generation too; cancelling the gRPC stream does not
+            stop_generation(args.url, request_id)
+        client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 
 

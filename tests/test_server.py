@@ -223,6 +223,59 @@ def test_a_connection_lost_mid_stream_is_named_as_such():
     assert str(SynthesisError.of(refused)) == str(refused)
 
 
+def test_both_clients_name_an_unreachable_server_and_refuse_bad_options_before_sending():
+    """Nobody listening: ConnectionError naming the url, from either client (tritonclient's own text was
+    that the stream "is no longer in valid state"; the async client raised grpc's error). A bad option
+    is refused at once, before a stream is opened (it took 5 s and a `stop` for a stream never sent)."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
+    from orpheus_triton.server import free_port
+
+    url = f"localhost:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"no Triton server reachable at {url}"):
+        OrpheusClient(url).synthesize("hello")
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="seed must be"):
+        OrpheusClient(url).synthesize("hello", seed=-1)
+    assert time.monotonic() - started < 1
+
+    async def main():
+        async with AsyncOrpheusClient(url) as client:
+            with pytest.raises(ConnectionError, match=f"no Triton server reachable at {url}"):
+                [chunk async for chunk in client.stream("hello")]
+
+    asyncio.run(main())
+
+
+def test_the_async_client_names_a_connection_lost_mid_stream():
+    import asyncio
+
+    import grpc
+
+    from orpheus_triton.client import _ShieldedReads
+
+    class Responses:
+        """A stream that answers once, then loses its connection (grpc.aio's error)."""
+
+        def __init__(self):
+            self.answers = iter([("first response", None)])
+
+        async def __anext__(self):
+            for answer in self.answers:
+                return answer
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "Socket closed")
+
+    async def main():
+        reads = _ShieldedReads(Responses(), "localhost:1")
+        assert await reads.next() == ("first response", None)
+        with pytest.raises(SynthesisError, match=r"lost mid-stream \(Socket closed\)"):
+            await reads.next()
+
+    asyncio.run(main())
+
+
 def test_request_without_id_is_refused(grpc_url):
     from orpheus_triton.client import request_inputs
 
@@ -532,7 +585,7 @@ def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_p
     assert read_wav(tmp_path / "long.wav")[1].size == 30 * 2 * c.SAMPLES_PER_FRAME  # 14 tokens: 2 frames each
 
 
-def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
+def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
@@ -576,6 +629,21 @@ def test_cli_say_and_example_client_write_wavs(grpc_url, tmp_path):
                           "--url", grpc_url, "--max-tokens", "70"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert read_wav(tmp_path / "ex.wav")[1].size > 0
+    # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
+    import signal
+
+    interrupted = subprocess.Popen([sys.executable, str(example), "a long one", str(tmp_path / "cut.wav"),
+                                    "--url", grpc_url, "--max-tokens", "980"], stdout=subprocess.PIPE, text=True)
+    assert interrupted.stdout.readline().startswith("first audio after")
+    interrupted.send_signal(signal.SIGINT)
+    try:
+        assert interrupted.wait(timeout=30) != 0
+    finally:
+        interrupted.kill()
+    deadline = time.monotonic() + 10
+    while server_metric(server, "orpheus_llm_active_streams") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_metric(server, "orpheus_llm_active_streams") == 0  # its generation was stopped
 
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "hi", "-o", str(tmp_path / "x.wav"),
                           "--url", "localhost:1"], capture_output=True, text=True, timeout=60)
@@ -698,6 +766,26 @@ class ServeCommand:
         assert first_chunk.wait(timeout=60)
         return thread, outcome
 
+    def server_processes(self) -> list[int]:
+        """The pids of this command's tritonserver and its stubs still running."""
+        import re
+        from pathlib import Path
+
+        repository = re.search(r"model repository: (\S+)", self.log_path.read_text()).group(1).encode()
+        return [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/cmdline") if repository in _read(path)]
+
+    def kill(self) -> None:
+        """SIGKILL the command and what is left of its server (a failing test must not leave them)."""
+        import contextlib
+        import os
+        import signal
+
+        self.process.kill()
+        self.process.wait()
+        for pid in self.server_processes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
     def finish(self, timeout: float) -> tuple[int, str, float]:
         """(exit status, stderr, seconds it took) once the command has ended; fails if a server
         process outlived it or the rendered repository was left behind."""
@@ -713,7 +801,7 @@ class ServeCommand:
         log = self.log_path.read_text()
         repository = re.search(r"model repository: (\S+)", log).group(1)
         assert not Path(repository).exists()
-        leftovers = [path for path in Path("/proc").glob("[0-9]*/cmdline") if repository.encode() in _read(path)]
+        leftovers = self.server_processes()
         assert not leftovers, f"server processes left running: {leftovers}\n{log[-3000:]}"
         return status, log, took
 
@@ -787,31 +875,73 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     assert status == 128 + signal.SIGKILL and took < 3
 
 
+def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_set, tmp_path):
+    """A cancelled task, an asyncio timeout around it, the stream's own timeout, `stream_text` left early,
+    and a stream left without aclosing just before its client closes: each ends with the llm's `stop`,
+    its responses read to the end. grpc.aio cancels a call whose read is cancelled, and a cancelled
+    ensemble request stays counted in flight in tritonserver 2.51: the server's graceful stop then
+    waited out its whole exit timeout."""
+    import asyncio
+    import contextlib
+    import re
+    import signal
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "20")
+    long = "A long sentence that takes a while to say. " * 3
+
+    async def main() -> list[str]:
+        outcomes = []
+        async with AsyncOrpheusClient(serve.url) as client:
+            async def listen(**options):
+                async for _ in client.stream(long, max_tokens=1400, **options):
+                    outcomes.append("chunk")
+
+            task = asyncio.ensure_future(listen())
+            while "chunk" not in outcomes:
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(listen(), 1.5)
+            with contextlib.suppress(TimeoutError):
+                await listen(timeout=1.5)
+                outcomes.append("no timeout")
+            async with contextlib.aclosing(client.stream_text(f"{long} {long}", max_tokens=1400)) as chunks:
+                async for _ in chunks:
+                    break
+        async with AsyncOrpheusClient(serve.url) as client:
+            async for _ in client.stream(long, max_tokens=1400):
+                break  # no aclosing: closed when collected, while the client closes
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(main())
+        serve.process.send_signal(signal.SIGINT)
+        status, log, took = serve.finish(timeout=60)
+    finally:
+        serve.kill()
+    assert "no timeout" not in outcomes
+    assert not re.findall(r"has [1-9][0-9]* in-flight inferences", log), log[-2000:]
+    assert took < 10  # a request left in flight made it wait the whole 20 s exit timeout
+
+
 def test_server_stops_when_its_serve_command_is_killed(model_set, tmp_path):
     """A launcher killed with SIGKILL cannot stop its server, which runs in a session of its own: the
     kernel's parent-death signal does (SIGTERM, Triton's graceful stop), stubs included."""
-    import contextlib
-    import os
-    import re
     import signal
-    from pathlib import Path
 
     serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
-    repository = re.search(r"model repository: (\S+)", serve.log_path.read_text()).group(1)
-
-    def server_processes() -> list[Path]:
-        return [path for path in Path("/proc").glob("[0-9]*/cmdline") if repository.encode() in _read(path)]
-
-    assert server_processes()
+    assert serve.server_processes()
     serve.process.send_signal(signal.SIGKILL)
     serve.process.wait(timeout=10)
     deadline = time.monotonic() + 30
-    while server_processes() and time.monotonic() < deadline:
+    while serve.server_processes() and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = server_processes()
-    for path in left:  # a failing test must not leave its server running
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(path.parent.name), signal.SIGKILL)
+    left = serve.server_processes()
+    serve.kill()  # a failing test must not leave its server running
     assert not left, "tritonserver outlived its killed launcher"
 
 

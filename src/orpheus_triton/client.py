@@ -13,6 +13,7 @@ import contextlib
 import queue
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -157,16 +158,24 @@ class OrpheusClient:
         **options,
     ) -> SynthesisResult:
         """Stream one utterance; ``on_chunk`` sees each int16 chunk as it arrives."""
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
         events: queue.Queue = queue.Queue()
         result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
+        inputs = request_inputs(text, **options)  # a bad option is refused before anything is sent
         completed = False
         self.client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
         try:
             started = time.perf_counter()
-            self.client.async_stream_infer(
-                self.model, request_inputs(text, **options), request_id=result.request_id,
-                enable_empty_final_response=True,
-            )
+            try:
+                self.client.async_stream_infer(self.model, inputs, request_id=result.request_id,
+                                               enable_empty_final_response=True)
+            except InferenceServerException as error:  # the stream broke before the request went out
+                completed = True  # nothing to end
+                with contextlib.suppress(queue.Empty):  # tritonclient only says that; its callback has why
+                    error = events.get(timeout=1.0)[1] or error
+                raise self._failure(error, first=True) from None
+            first = True
             while True:
                 try:
                     response, error, arrived = events.get(timeout=max(0.0, started + timeout - time.perf_counter()))
@@ -174,7 +183,8 @@ class OrpheusClient:
                     raise TimeoutError(f"no response for {timeout:.0f} s") from None
                 if error is not None:
                     completed = True  # the server ended the stream itself
-                    raise SynthesisError.of(error)
+                    raise self._failure(error, first)
+                first = False
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     audio = audio.reshape(-1)
@@ -187,8 +197,18 @@ class OrpheusClient:
             completed = True
             return result
         finally:
-            ended = completed or self._end_early(result.request_id, events)
+            try:
+                ended = completed or self._end_early(result.request_id, events)
+            except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
+                ended = False
             self.client.stop_stream(cancel_requests=not ended)
+
+    def _failure(self, error, first: bool) -> Exception:
+        """What to raise for a stream's error: the server's (SynthesisError), or ConnectionError naming
+        the url when the connection failed before the first response (nobody listening there)."""
+        if first and getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE":
+            return ConnectionError(f"no Triton server reachable at {self.url} ({error})")
+        return SynthesisError.of(error)
 
     def _end_early(self, request_id: str, events: queue.Queue, timeout: float = 5.0) -> bool:
         """End an abandoned stream (an exception in ``on_chunk``, Ctrl-C, a timeout) the clean way.
@@ -238,6 +258,61 @@ class OrpheusClient:
         self.client.close()
 
 
+# Seconds past a stream's own timeout at which gRPC's deadline for its call falls.
+GRPC_DEADLINE_MARGIN = 30.0
+
+
+class _ShieldedReads:
+    """A stream's (response, error) pairs, read so that cancelling the reader does not cancel the call.
+
+    grpc.aio cancels a call whose read is cancelled (a cancelled task, a timeout around it). But a
+    cancelled ensemble request is not passed on to the `llm` request inside it and stays counted in
+    flight with tritonserver 2.51 (see ``OrpheusClient._end_early``): a stream must end with a `stop`
+    and its responses read to its end. So each read runs as a task of its own, awaited through
+    ``asyncio.shield``: a cancelled reader leaves it running, and the next ``next`` picks it up.
+    A failed connection (gRPC's status) is raised as ConnectionError naming ``url`` before the first
+    response, as SynthesisError after it.
+    """
+
+    def __init__(self, responses, url: str) -> None:
+        self._responses = responses
+        self._url = url
+        self._received = False
+        self._pending: asyncio.Future | None = None
+
+    async def next(self, deadline: float | None = None) -> tuple:
+        """The next pair; StopAsyncIteration at the stream's end, TimeoutError at ``deadline`` (the
+        loop's clock), the read left pending for the next call."""
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._read())
+        loop = asyncio.get_running_loop()
+        wait = None if deadline is None else max(0.0, deadline - loop.time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._pending), wait)
+        finally:
+            if self._pending.done():
+                self._pending = None
+
+    async def _read(self) -> tuple:
+        import grpc  # noqa: PLC0415
+
+        try:
+            pair = await self._responses.__anext__()
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE:
+                raise SynthesisError(f"the stream failed: {error.code().name}: {error.details()}") from None
+            if not self._received:
+                raise ConnectionError(f"no Triton server reachable at {self._url} ({error.details()})") from None
+            raise SynthesisError(f"the connection to the server was lost mid-stream ({error.details()})") from None
+        self._received = True
+        return pair
+
+    def cancel(self) -> None:
+        self._responses.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
+
+
 class AsyncOrpheusClient:
     """The asyncio client, for voice agents built on an event loop.
 
@@ -245,10 +320,15 @@ class AsyncOrpheusClient:
             async for chunk in client.stream("Hello there.", voice="tara"):   # int16, 24 kHz, mono
                 play(chunk)
 
-    Leaving the loop early (a caller barging in), an exception or a cancelled task ends the stream
-    the clean way once the generator is closed (``contextlib.aclosing``, or when it is collected):
-    the llm stage gets a `stop` (``stop``) and generation ends within a step, as with
-    ``OrpheusClient``. Streams may run concurrently on one client. Each request goes on a gRPC
+    Leaving the loop early (a caller barging in), an exception, a timeout or a cancelled task ends the
+    stream the clean way once the generator is closed (``contextlib.aclosing``, as below, or when it is
+    collected; ``close`` waits for that): the llm stage gets a `stop` (``stop``) and generation ends
+    within a step, as with ``OrpheusClient``:
+
+        async with contextlib.aclosing(client.stream(reply)) as chunks:
+            async for chunk in chunks:
+                if caller_spoke():
+                    break Streams may run concurrently on one client. Each request goes on a gRPC
     stream of its own, closed for writing once sent: the server ends that stream after the request's
     last response, which is how the end of an utterance shows here.
     """
@@ -259,6 +339,8 @@ class AsyncOrpheusClient:
         self.url = url
         self.model = model
         self.client = grpcaio.InferenceServerClient(url)
+        self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned
+        self._ending: set[asyncio.Future] = set()  # streams being ended early (``_end_early``)
 
     async def __aenter__(self) -> AsyncOrpheusClient:
         return self
@@ -266,22 +348,42 @@ class AsyncOrpheusClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def stream(self, text: str, request_id: str | None = None, timeout: float = 600.0,
-                     **options) -> AsyncIterator[np.ndarray]:
+    def stream(self, text: str, request_id: str | None = None, timeout: float = 600.0,
+               **options) -> AsyncIterator[np.ndarray]:
         """Yield the utterance's int16 chunks as they arrive; ``options`` as ``request_inputs`` takes them.
-        Raises SynthesisError with the server's message when the stream fails."""
+        Raises SynthesisError with the server's message when the stream fails (or its connection does),
+        ConnectionError when no server answers at the url, TimeoutError when it has not ended within
+        ``timeout`` seconds (it is then ended the clean way)."""
+        chunks = self._stream(text, request_id, timeout, **options)
+        self._streams.add(chunks)  # ``close`` ends those still open
+        return chunks
+
+    async def _stream(self, text: str, request_id: str | None, timeout: float, **options) -> AsyncIterator[np.ndarray]:
         request_id = request_id or str(uuid.uuid4())
-        responses = self._open(self.model, request_inputs(text, **options), request_id, timeout)
+        inputs = request_inputs(text, **options)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # gRPC's own deadline only backs the one kept here: at gRPC's, the call would be cancelled.
+        responses = _ShieldedReads(self._open(self.model, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN),
+                                   self.url)
         ended = False
         try:
-            async for response, error in responses:
+            while True:
+                try:
+                    response, error = await responses.next(deadline)
+                except StopAsyncIteration:
+                    ended = True  # the server closed the stream after the last response
+                    return
+                except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
+                    raise TimeoutError(f"the stream did not end within its {timeout:g} s timeout") from None
+                except (SynthesisError, ConnectionError):
+                    ended = True  # the connection failed: nothing left to end
+                    raise
                 if error is not None:
                     ended = True  # the server ended the stream itself
                     raise SynthesisError.of(error)
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     yield audio.reshape(-1)
-            ended = True  # the server closed the stream after the last response
         finally:
             if not ended:
                 await self._end_early(request_id, responses)
@@ -313,8 +415,11 @@ class AsyncOrpheusClient:
 
     async def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``)."""
+        import grpc  # noqa: PLC0415
+
         inputs = [infer_input(name, value) for name, value in stop_request_inputs().items()]
-        responses = self._open(LLM_MODEL, inputs, request_id, timeout)
+        responses = self._open(LLM_MODEL, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN)
+
         async def answered() -> None:
             async for _ in responses:  # its one response, if any; then the server closes the stream
                 pass
@@ -323,8 +428,21 @@ class AsyncOrpheusClient:
             await asyncio.wait_for(answered(), timeout)
         except asyncio.TimeoutError:
             responses.cancel()
+        except grpc.aio.AioRpcError as error:
+            raise SynthesisError(f"the stop for {request_id!r} failed: {error.code().name}: "
+                                 f"{error.details()}") from None
 
     async def close(self) -> None:
+        """Close the connection, once every stream left open has ended the clean way (see ``stream``)."""
+        for chunks in list(self._streams):  # still referenced somewhere, but done with
+            with contextlib.suppress(RuntimeError):  # one being read by another task goes with the connection
+                await chunks.aclose()
+        # A stream collected just now is closed by a task the loop creates at its next turn and starts
+        # at the one after: it then registers its ending below.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        while self._ending:
+            await asyncio.gather(*self._ending, return_exceptions=True)
         await self.client.close()
 
     def _open(self, model: str, inputs: list, request_id: str, timeout: float):
@@ -334,19 +452,26 @@ class AsyncOrpheusClient:
 
         return self.client.stream_infer(requests(), stream_timeout=timeout)
 
-    async def _end_early(self, request_id: str, responses, timeout: float = 5.0) -> None:
+    async def _end_early(self, request_id: str, responses: _ShieldedReads, timeout: float = 5.0) -> None:
         """``OrpheusClient._end_early`` for this client: `stop`, then read on to the stream's end;
-        cancel the gRPC stream if that does not come within ``timeout``."""
-        async def drain() -> None:
-            async for _, error in responses:
-                if error is not None:
-                    return
+        cancel the gRPC stream if that does not come within ``timeout``. It runs as a task of its own,
+        which ``close`` waits for: a generator left without ``aclosing`` is closed when it is collected,
+        maybe after its client's ``async with`` has begun to close the connection."""
+        async def end() -> None:
+            try:
+                await self.stop(request_id)
+                deadline = asyncio.get_running_loop().time() + timeout
+                while (await responses.next(deadline))[1] is None:
+                    pass
+            except StopAsyncIteration:
+                pass  # the stream's end
+            except Exception:  # noqa: BLE001 (a timeout, a broken connection: the gRPC stream goes anyway)
+                responses.cancel()
+            except asyncio.CancelledError:
+                responses.cancel()
+                raise
 
-        try:
-            await self.stop(request_id)
-            await asyncio.wait_for(drain(), timeout)
-        except Exception:  # noqa: BLE001 (a timeout, a broken connection: the gRPC stream goes anyway)
-            responses.cancel()
-        except asyncio.CancelledError:
-            responses.cancel()
-            raise
+        ending = asyncio.ensure_future(end())
+        self._ending.add(ending)
+        ending.add_done_callback(self._ending.discard)
+        await asyncio.shield(ending)  # a caller cancelled again does not cut the stop short
