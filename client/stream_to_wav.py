@@ -46,6 +46,22 @@ def stop_generation(url: str, request_id: str) -> None:
         stopper.stop_stream()
 
 
+def end_early(url: str, request_id: str, responses: queue.Queue, timeout: float = 5.0) -> bool:
+    """Stop the stream's generation and read the stream on to its final response: the `stop` again every
+    0.25 s until it lands (one sent before the request reached the llm model finds nothing to stop).
+    False if the end did not come within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stop_generation(url, request_id)
+        resend = min(deadline, time.monotonic() + 0.25)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                result, error = responses.get(timeout=max(0.0, resend - time.monotonic()))
+                if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+                    return True
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("text")
@@ -106,11 +122,15 @@ def main() -> None:
     finally:
         if wav is not None:
             wav.close()
-        if not finished:  # Ctrl-C, an error: end the generation too; cancelling the gRPC stream does not
-            stop_generation(args.url, request_id)
+        # Ctrl-C or an error: end the generation, then read the stream to its end (cancelling the gRPC
+        # stream alone leaves the generation running and the request counted in flight on the server).
+        finished = finished or end_early(args.url, request_id, responses)
         client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted") from None

@@ -877,8 +877,10 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
 
 def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_set, tmp_path):
     """A cancelled task, an asyncio timeout around it, the stream's own timeout, `stream_text` left early,
-    and a stream left without aclosing just before its client closes: each ends with the llm's `stop`,
-    its responses read to the end. grpc.aio cancels a call whose read is cancelled, and a cancelled
+    a stream left without aclosing just before its client closes, one read by another task when its
+    client closes, streams ended right after they were sent (their first `stop` comes before the llm
+    stage has them: it is sent again), from both clients: each ends with the llm's `stop`, its
+    responses read to the end. grpc.aio cancels a call whose read is cancelled, and a cancelled
     ensemble request stays counted in flight in tritonserver 2.51: the server's graceful stop then
     waited out its whole exit timeout."""
     import asyncio
@@ -915,9 +917,27 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
         async with AsyncOrpheusClient(serve.url) as client:
             async for _ in client.stream(long, max_tokens=1400):
                 break  # no aclosing: closed when collected, while the client closes
+        async with AsyncOrpheusClient(serve.url) as client:
+            early = [asyncio.ensure_future(listen()) for _ in range(4)]
+            await asyncio.sleep(0)
+            for index, task in enumerate(early):  # ended before or while the server takes them
+                await asyncio.sleep(0.02 * index)
+                task.cancel()
+            await asyncio.gather(*early, return_exceptions=True)
+            for _ in range(2):
+                with contextlib.suppress(TimeoutError):
+                    await listen(timeout=0.05)
+            heard = outcomes.count("chunk")
+            reader = asyncio.ensure_future(listen())
+            while outcomes.count("chunk") == heard:
+                await asyncio.sleep(0.05)
+        await reader  # its client closed while it read: its stream was stopped, and it ended
         return outcomes
 
     try:
+        for timeout in (0.05, 0.3):  # the threaded client's timeout: its stream is ended as early
+            with contextlib.suppress(TimeoutError):
+                OrpheusClient(serve.url).synthesize(long, max_tokens=1400, timeout=timeout)
         outcomes = asyncio.run(main())
         serve.process.send_signal(signal.SIGINT)
         status, log, took = serve.finish(timeout=60)

@@ -35,6 +35,11 @@ from .constants import (
 from .serving import stop_request_inputs
 from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 
+# A stream ended early gets its `stop` again this often until it ends: a stop reaches a stream only
+# once the llm stage holds it, and one sent right after the request (still on its way, or in
+# preprocessing) finds nothing there; the stream would run on to max_tokens.
+STOP_REPEAT_SECONDS = 0.25
+
 
 class SynthesisError(RuntimeError):
     """The server refused or failed the request; the message is the server's."""
@@ -219,17 +224,25 @@ class OrpheusClient:
         flight for good (a graceful stop then waits its whole exit timeout). So the
         stream's `llm` request gets a `stop` (see ``stop``), which ends it normally
         within a step, and the ensemble's remaining responses are read to its final
-        one. Returns False if that did not happen within ``timeout`` (then cancel).
+        one; the `stop` is sent again every STOP_REPEAT_SECONDS until then (see
+        STOP_REPEAT_SECONDS). Returns False if that did not happen within ``timeout``
+        (then cancel).
         """
-        self.stop(request_id)
-        deadline = time.perf_counter() + timeout
+        now = time.perf_counter()
+        deadline, next_stop = now + timeout, now
         while True:
+            if now >= next_stop:
+                self.stop(request_id)
+                next_stop = time.perf_counter() + STOP_REPEAT_SECONDS
             try:
-                response, error, _ = events.get(timeout=max(0.0, deadline - time.perf_counter()))
+                response, error, _ = events.get(timeout=max(0.0, min(deadline, next_stop) - time.perf_counter()))
             except queue.Empty:
-                return False
-            if error is not None or _is_final(response):
+                response = error = None
+            now = time.perf_counter()
+            if error is not None or (response is not None and _is_final(response)):
                 return True
+            if now >= deadline:
+                return False
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step.
@@ -287,11 +300,11 @@ class _ShieldedReads:
             self._pending = asyncio.ensure_future(self._read())
         loop = asyncio.get_running_loop()
         wait = None if deadline is None else max(0.0, deadline - loop.time())
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._pending), wait)
-        finally:
-            if self._pending.done():
-                self._pending = None
+        # A read that completes as its reader is cancelled stays for the next call; an ended or failed
+        # stream raises the same again.
+        pair = await asyncio.wait_for(asyncio.shield(self._pending), wait)
+        self._pending = None
+        return pair
 
     async def _read(self) -> tuple:
         import grpc  # noqa: PLC0415
@@ -328,9 +341,11 @@ class AsyncOrpheusClient:
         async with contextlib.aclosing(client.stream(reply)) as chunks:
             async for chunk in chunks:
                 if caller_spoke():
-                    break Streams may run concurrently on one client. Each request goes on a gRPC
-    stream of its own, closed for writing once sent: the server ends that stream after the request's
-    last response, which is how the end of an utterance shows here.
+                    break
+
+    Streams may run concurrently on one client. Each request goes on a gRPC stream of its own, closed
+    for writing once sent: the server ends that stream after the request's last response, which is
+    how the end of an utterance shows here.
     """
 
     def __init__(self, url: str = "localhost:8001", model: str = ENSEMBLE_MODEL):
@@ -341,6 +356,7 @@ class AsyncOrpheusClient:
         self.client = grpcaio.InferenceServerClient(url)
         self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned
         self._ending: set[asyncio.Future] = set()  # streams being ended early (``_end_early``)
+        self._live: dict[str, asyncio.Future] = {}  # streams under way, by id: done when they have ended
 
     async def __aenter__(self) -> AsyncOrpheusClient:
         return self
@@ -366,6 +382,7 @@ class AsyncOrpheusClient:
         responses = _ShieldedReads(self._open(self.model, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN),
                                    self.url)
         ended = False
+        self._live[request_id] = live = asyncio.get_running_loop().create_future()
         try:
             while True:
                 try:
@@ -385,8 +402,13 @@ class AsyncOrpheusClient:
                 if audio is not None and audio.size:
                     yield audio.reshape(-1)
         finally:
-            if not ended:
-                await self._end_early(request_id, responses)
+            try:
+                if not ended:
+                    await self._end_early(request_id, responses)
+            finally:
+                live.set_result(None)
+                if self._live.get(request_id) is live:
+                    del self._live[request_id]
 
     async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 2,
                           concurrency: int = 1, max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
@@ -433,17 +455,29 @@ class AsyncOrpheusClient:
                                  f"{error.details()}") from None
 
     async def close(self) -> None:
-        """Close the connection, once every stream left open has ended the clean way (see ``stream``)."""
+        """Close the connection, once every stream left open has ended the clean way (see ``stream``):
+        one still being read by another task is stopped, and its reader sees it end."""
         for chunks in list(self._streams):  # still referenced somewhere, but done with
-            with contextlib.suppress(RuntimeError):  # one being read by another task goes with the connection
+            with contextlib.suppress(RuntimeError):  # being read by another task: stopped below
                 await chunks.aclose()
         # A stream collected just now is closed by a task the loop creates at its next turn and starts
         # at the one after: it then registers its ending below.
         for _ in range(2):
             await asyncio.sleep(0)
+        await asyncio.gather(*(self._stop_until_ended(request_id, ended)
+                               for request_id, ended in list(self._live.items())))
         while self._ending:
             await asyncio.gather(*self._ending, return_exceptions=True)
         await self.client.close()
+
+    async def _stop_until_ended(self, request_id: str, ended: asyncio.Future, timeout: float = 5.0) -> None:
+        """Send a stream read elsewhere its `stop` (again every STOP_REPEAT_SECONDS) until it has ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not ended.done() and loop.time() < deadline:
+            with contextlib.suppress(Exception):  # the connection is going anyway
+                await self.stop(request_id)
+            await asyncio.wait([ended], timeout=STOP_REPEAT_SECONDS)
 
     def _open(self, model: str, inputs: list, request_id: str, timeout: float):
         """One request on a gRPC stream of its own; the iterator of its (response, error) pairs."""
@@ -458,11 +492,19 @@ class AsyncOrpheusClient:
         which ``close`` waits for: a generator left without ``aclosing`` is closed when it is collected,
         maybe after its client's ``async with`` has begun to close the connection."""
         async def end() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
             try:
-                await self.stop(request_id)
-                deadline = asyncio.get_running_loop().time() + timeout
-                while (await responses.next(deadline))[1] is None:
-                    pass
+                while True:  # the stop again every STOP_REPEAT_SECONDS until the stream ends
+                    await self.stop(request_id)
+                    next_stop = min(deadline, loop.time() + STOP_REPEAT_SECONDS)
+                    try:
+                        while (await responses.next(next_stop))[1] is None:
+                            pass
+                        return  # the stream's error: its end
+                    except asyncio.TimeoutError:
+                        if loop.time() >= deadline:
+                            raise
             except StopAsyncIteration:
                 pass  # the stream's end
             except Exception:  # noqa: BLE001 (a timeout, a broken connection: the gRPC stream goes anyway)
