@@ -192,12 +192,15 @@ def check_directories(llm_dir: Path, output_dir: Path, checkpoint_dir: Path | No
     if checkpoint_dir is not None and (overlap(checkpoint_dir, output_dir) or overlap(checkpoint_dir, llm_dir)):
         raise BuildError(f"--checkpoint-dir {checkpoint_dir} overlaps --output-dir or the checkpoint: give it "
                          "a folder of its own")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        foreign = sorted(child.name for child in output_dir.iterdir()
-                         if child.is_dir() or child.suffix in (".safetensors", ".bin", ".pt"))
+    entries = [child for child in output_dir.iterdir() if child.name != "lost+found"] if output_dir.is_dir() else []
+    if entries:
+        # What trtllm-build writes besides config.json and rank*.engine: managed weights, LoRA folders.
+        foreign = sorted(child.name for child in entries
+                         if (child.is_dir() and child.name != "lora")
+                         or (child.suffix in (".safetensors", ".bin", ".pt") and not child.name.startswith("rank")))
         if foreign or not ((output_dir / "config.json").is_file() or (output_dir / METADATA).is_file()):
-            raise BuildError(f"--output-dir {output_dir} holds {', '.join(foreign[:3]) or 'files'} and no engine: "
-                             "it is replaced by the build, so it is not touched; choose an empty or engine folder")
+            raise BuildError(f"--output-dir {output_dir} holds {', '.join(foreign[:3]) or 'files'}, not an engine: "
+                             "it is emptied by the build, so it is not touched; choose an empty or engine folder")
 
 
 def check_rope_layout(config: dict, config_path: Path, transformers_version: str) -> None:
@@ -344,8 +347,11 @@ def quantize_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptio
 
 
 def _empty(directory: Path) -> None:
-    """Remove what ``directory`` holds, keeping the directory (it may be a mount point)."""
+    """Remove what ``directory`` holds, keeping the directory (it may be a mount point, whose
+    lost+found stays)."""
     for child in directory.iterdir() if directory.is_dir() else ():
+        if child.name == "lost+found":
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:

@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             if serving and serving["ttfa_ratio"] is not None:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
             elif serving:  # kept with its errors: the report shows them
-                log(f"    no ratio: {len(serving['errors'])} of {serving['repeats']} served streams failed "
-                    f"({(serving['errors'] or ['-'])[0]})")
+                log(f"    no ratio: of {serving['repeats']} streams each, {len(serving['served_ttfa'])} served and "
+                    f"{len(serving['in_process_ttfa'])} in process gave audio ({(serving['errors'] or ['-'])[0]})")
         log(f"TTS sweep: closed loop {settings.concurrency}, Poisson {settings.poisson_rates} ...")
         stacks = {"models": ("llm", "snac_decoder"), "seconds": args.stack_seconds, "folder": folder / "raw",
                   "delay": args.ramp_seconds + 2.0 if args.stack_delay is None else args.stack_delay}

@@ -308,7 +308,7 @@ def test_directories_the_build_would_destroy_are_refused_before_anything_runs(tm
     for output, extra, message in (
         (tmp_path / "models", [], "overlap"),
         (llm, [], "overlap"),
-        (tmp_path / "other", [], "holds engines and no engine"),
+        (tmp_path / "other", [], "holds engines, not an engine"),
         (tmp_path / "engine", ["--checkpoint-dir", str(tmp_path / "engine" / "ckpt")], "--checkpoint-dir"),
         (tmp_path / "engine", ["--checkpoint-dir", str(llm)], "--checkpoint-dir"),
     ):
@@ -317,6 +317,20 @@ def test_directories_the_build_would_destroy_are_refused_before_anything_runs(tm
     assert not stand_ins.conversions and sorted(p.name for p in llm.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json"]
     assert (tmp_path / "other" / "notes.txt").read_text() == "kept"
+
+
+def test_an_engine_folder_with_what_trtllm_build_writes_beside_the_engine_is_rebuilt(tmp_path, monkeypatch):
+    fake_checkpoint(tmp_path / "models")
+    engine = tmp_path / "engine"
+    (engine / "lora" / "0").mkdir(parents=True)
+    for name in ("config.json", "rank0.engine", "rank0_managed_weights.safetensors", "quant_cfg.json"):
+        (engine / name).write_text("{}")
+    (tmp_path / "volume" / "lost+found").mkdir(parents=True)  # a fresh volume's root
+    stand_ins = StandIns(monkeypatch)
+    for output in (engine, tmp_path / "volume"):
+        assert build_trtllm.main(["--llm-dir", str(tmp_path / "models"), "--output-dir", str(output)]) == 0
+    assert len(stand_ins.builds) == 2
+    assert (tmp_path / "volume" / "lost+found").is_dir()
 
 
 def test_a_new_checkpoint_dir_is_made_and_kept(tmp_path, monkeypatch):

@@ -213,6 +213,10 @@ def test_a_snac_folder_without_a_usable_snac_is_named(tmp_path):
     config.write_text(json.dumps({**SNAC_24KHZ_CONFIG, "attn_window_size": 32}))
     with pytest.raises(ValueError, match="attn_window_size 32"):
         load_snac(tmp_path)
+    # a key left out is SNAC's default: attention with a window of 32 positions
+    config.write_text(json.dumps({k: v for k, v in SNAC_24KHZ_CONFIG.items() if k != "attn_window_size"}))
+    with pytest.raises(ValueError, match="attn_window_size 32"):
+        load_snac(tmp_path)
     config.write_text(json.dumps(SNAC_24KHZ_CONFIG))
     with pytest.raises(ValueError, match="pytorch_model.bin is a Git LFS pointer, not the weights"):
         load_snac(tmp_path)

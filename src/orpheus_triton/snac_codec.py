@@ -36,6 +36,7 @@ Depthwise convolutions and the elementwise layers are batch-invariant as they ar
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -148,6 +149,8 @@ def check_snac_config(config: dict, where: Path) -> None:
         "vq_strides": [latent_per_frame // codes for codes in CODES_PER_FRAME],
         "hop length (product of decoder_rates)": SAMPLES_PER_FRAME // latent_per_frame,
     }
+    defaults = {name: parameter.default for name, parameter in inspect.signature(SNAC).parameters.items()}
+    config = {**defaults, **config}  # what SNAC builds from a config that leaves a key out
     found = {**config, "hop length (product of decoder_rates)": math.prod(config.get("decoder_rates") or [0])}
     wrong = [f"{name} {found.get(name)!r} (Orpheus needs {value!r})" for name, value in wanted.items()
              if found.get(name) != value]
