@@ -276,3 +276,13 @@ def test_a_perf_analyzer_sweep_that_fails_is_a_note_and_the_result_is_still_writ
     section = run_all.perf_analyzer_sweep(result, "perf_analyzer", None, tmp_path, args)
     assert section == {"skipped": "perf_analyzer sweep failed: KeyError: 'timestamp'"}
     assert result["notes"] == [section["skipped"]]
+
+
+def test_a_report_without_comparisons_links_no_comparisons_plot():
+    import report  # noqa: PLC0415
+
+    result = json.loads((ROOT / "perf" / "results" / "2026-11-26_cpu-2core-amd-epyc-5" / "result.json").read_text())
+    assert "![comparisons](comparisons.png)" in report.markdown(result)
+    result["comparisons"] = {}
+    text = report.markdown(result)
+    assert "comparisons.png" not in text and "Not run (`--skip-comparisons`" in text

@@ -8,7 +8,7 @@
 #   perf/gpu/run_on_gpu.sh check          # on the GPU machine: perf/gpu/check_gpu.py, a pass or fail per GPU path
 #   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, check, then bench
 #   perf/gpu/run_on_gpu.sh relay [ARGS]   # on the GPU machine's CPUs: perf/relay_bench.py, 4 relay processes
-#   perf/gpu/run_on_gpu.sh short [ARGS]   # setup, then within SHORT_SECONDS: check, engine bench, step profile, short serving sweep
+#   perf/gpu/run_on_gpu.sh short [ARGS]   # setup, then within SHORT_SECONDS the steps of SHORT_STEPS (see short())
 #
 # The GPU machine is expected to have Python 3.12 with PyTorch (CUDA), numpy,
 # transformers, tokenizers and safetensors installed. What it lacks comes as wheels
@@ -463,5 +463,5 @@ case "${1:-}" in
   all) shift; setup; check; bench "$@" ;;
   relay) shift; relay "$@" ;;
   short) shift; setup; short "$@" ;;
-  *) sed -n '2,10p' "$0"; exit 2 ;;
+  *) sed -n '2,11p' "$0"; exit 2 ;;
 esac
