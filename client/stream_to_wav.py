@@ -46,7 +46,7 @@ def stop_generation(url: str, request_id: str) -> None:
         stopper.stop_stream()
 
 
-def end_early(url: str, request_id: str, responses: queue.Queue, timeout: float = 5.0) -> bool:
+def end_early(url: str, request_id: str, responses: queue.Queue, timeout: float = 15.0) -> bool:
     """Stop the stream's generation and read the stream on to its final response: the `stop` again every
     0.25 s until it lands (one sent before the request reached the llm model finds nothing to stop).
     False if the end did not come within ``timeout``."""

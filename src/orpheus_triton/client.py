@@ -39,6 +39,10 @@ from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 # once the llm stage holds it, and one sent right after the request (still on its way, or in
 # preprocessing) finds nothing there; the stream would run on to max_tokens.
 STOP_REPEAT_SECONDS = 0.25
+# How long a stream ended early may take to end after its stop before it is cancelled: the decoder
+# still decodes the windows the llm stage generated ahead of the listener, seconds of work on a busy
+# CPU server, and a cancelled stream stays counted in flight on the server.
+END_EARLY_SECONDS = 15.0
 
 
 class SynthesisError(RuntimeError):
@@ -215,7 +219,7 @@ class OrpheusClient:
             return ConnectionError(f"no Triton server reachable at {self.url} ({error})")
         return SynthesisError.of(error)
 
-    def _end_early(self, request_id: str, events: queue.Queue, timeout: float = 5.0) -> bool:
+    def _end_early(self, request_id: str, events: queue.Queue, timeout: float = END_EARLY_SECONDS) -> bool:
         """End an abandoned stream (an exception in ``on_chunk``, Ctrl-C, a timeout) the clean way.
 
         Cancelling the gRPC stream alone is not enough with tritonserver 2.51: it does
@@ -470,7 +474,8 @@ class AsyncOrpheusClient:
             await asyncio.gather(*self._ending, return_exceptions=True)
         await self.client.close()
 
-    async def _stop_until_ended(self, request_id: str, ended: asyncio.Future, timeout: float = 5.0) -> None:
+    async def _stop_until_ended(self, request_id: str, ended: asyncio.Future,
+                                timeout: float = END_EARLY_SECONDS) -> None:
         """Send a stream read elsewhere its `stop` (again every STOP_REPEAT_SECONDS) until it has ended."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -486,7 +491,8 @@ class AsyncOrpheusClient:
 
         return self.client.stream_infer(requests(), stream_timeout=timeout)
 
-    async def _end_early(self, request_id: str, responses: _ShieldedReads, timeout: float = 5.0) -> None:
+    async def _end_early(self, request_id: str, responses: _ShieldedReads,
+                         timeout: float = END_EARLY_SECONDS) -> None:
         """``OrpheusClient._end_early`` for this client: `stop`, then read on to the stream's end;
         cancel the gRPC stream if that does not come within ``timeout``. It runs as a task of its own,
         which ``close`` waits for: a generator left without ``aclosing`` is closed when it is collected,
