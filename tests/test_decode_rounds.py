@@ -200,10 +200,13 @@ def test_idle_stream_state_goes_after_idle_seconds_in_periodic_sweeps():
     assert set(state.streams) == {"other"}
 
 
-def test_a_new_stream_with_a_vanished_streams_id_starts_afresh_though_no_sweep_ran():
+@pytest.mark.parametrize("later", [601, 0.5], ids=["after-idle-seconds", "at-once"])
+def test_a_new_stream_with_a_vanished_streams_id_starts_afresh_though_no_sweep_ran(later):
     """On a quiet server no sweep runs: a vanished stream's state outlives idle_seconds. A new stream
     with its id (the llm stage allows it after as long) must not inherit its frames, its start time
-    or its listener's playback clock."""
+    or its listener's playback clock. Nor when it comes at once: a client that cancelled its ensemble
+    stream leaves the llm stage to finish it (tritonserver 2.51 does not pass the cancellation on),
+    which frees the id, but the end never reaches the decoder; the new request's start tells."""
     from orpheus_triton.decode_rounds import DecodeScheduler, Delivery, StreamDecoderState
     from orpheus_triton.frames import StreamFramer
 
@@ -215,7 +218,7 @@ def test_a_new_stream_with_a_vanished_streams_id_starts_afresh_though_no_sweep_r
         scheduler.add([item])
         scheduler.delivered(item, 0.085 * len(item.windows))
     scheduler.next_round()
-    now[0] += 601
+    now[0] += later
     new = [audio_token_id(code, i) for i, code in enumerate(range(500, 521))]  # 3 frames: the lead-in window
     (item,) = state.items_for([("x", np.array(new), None, 222.0)])
     assert [w.codes for w in item.windows] == [w.codes for w in StreamFramer().push(new)]

@@ -488,9 +488,13 @@ def test_llm_stage_tensors_to_settings():
 def test_a_request_start_that_is_absent_empty_or_not_a_time_is_the_arrival():
     from orpheus_triton.serving import request_start_of
 
-    assert request_start_of(np.array([[12.5]]), 99.0) == 12.5
+    assert request_start_of(np.array([[12.5]]), 99.0, now=100.0) == 12.5
     for value in (None, np.zeros((0, 1)), np.array([[np.nan]])):
-        assert request_start_of(value, 99.0) == 99.0
+        assert request_start_of(value, 99.0, now=100.0) == 99.0
+    # Nor is one far from now: -1e300 (a direct client's) kept the TTFA histogram's sum at 1e300 for good.
+    for start in (-1e300, 100.0 - 3601, 100.0 + 61, 1e300):
+        assert request_start_of(np.array([[start]]), 99.0, now=100.0) == 99.0
+    assert request_start_of(np.array([[95.0]]), 99.0) == 99.0  # epoch seconds: 95 s after 1970 is not now
 
 
 def test_out_of_range_sampling_is_refused(model):

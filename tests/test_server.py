@@ -89,6 +89,11 @@ def test_the_decoder_alone_decodes_a_stream_with_or_without_its_start_time(serve
                 c.DECODER_AUDIO)
     assert [len(chunk) for chunk in _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, tokens[None])],
                                             c.DECODER_AUDIO)] == [c.SAMPLES_PER_FRAME]
+    # A whole long stream in one request was one SNAC call of all its windows (10,000 of them took the
+    # decoder's memory and the stub with it): more than a round's windows are refused.
+    long = np.array([[[audio_token_id(7, i) for i in range(c.TOKENS_PER_FRAME * 300)]]], dtype=np.int32)
+    with pytest.raises(SynthesisError, match=r"output_ids holds 2100 token ids; send at most \d+ a request"):
+        _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, long)], c.DECODER_AUDIO)
 
 
 def test_the_models_log_into_the_server_log(server):
@@ -161,6 +166,12 @@ def test_stream_matches_reference_decode_of_the_same_tokens(grpc_url, model_set)
     assert result.audio.shape == difference.shape and difference.max() <= 1 and (difference > 0).mean() < 0.01
     # Streaming: the first chunk arrives well before the last.
     assert result.chunks[0].arrived < 0.5 * result.chunks[-1].arrived
+
+
+def test_text_that_is_not_utf8_is_refused_naming_the_input(grpc_url):
+    inputs = [infer_input(c.IN_TEXT, np.array([b"caf\xe9"], dtype=np.object_))]  # Latin-1, not UTF-8
+    with pytest.raises(SynthesisError, match="input 'text' is not UTF-8 text"):
+        _stream(grpc_url, c.ENSEMBLE_MODEL, inputs, c.OUT_AUDIO)
 
 
 def test_same_seed_same_audio_and_concurrent_streams_do_not_mix(grpc_url):
@@ -731,15 +742,17 @@ class ServeCommand:
         import subprocess
         import sys
 
-        from orpheus_triton.server import free_port, wait_until_ready
+        from orpheus_triton.server import Ports, free_port, wait_until_ready
 
         self.url = f"localhost:{free_port()}"
+        self.metrics_port = free_port()
+        self.ports = Ports(grpc=int(self.url.split(":")[1]), http=0, metrics=self.metrics_port)  # for server_metric
         env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))
         self.log_path = tmp_path / "serve.log"  # a file, not a pipe: server processes inherit it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(model_set.root), "--device", "cpu",
              "--grpc-port", self.url.split(":")[1], "--http-port", str(free_port()),
-             "--metrics-port", str(free_port()), "--max-streams", "2", *options],
+             "--metrics-port", str(self.metrics_port), "--max-streams", "2", *options],
             env=env, stdout=subprocess.DEVNULL, stderr=(log_file := self.log_path.open("w")),
         )
         log_file.close()  # the command has its own copy
@@ -946,6 +959,57 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
     assert "no timeout" not in outcomes
     assert not re.findall(r"has [1-9][0-9]* in-flight inferences", log), log[-2000:]
     assert took < 10  # a request left in flight made it wait the whole 20 s exit timeout
+
+
+def test_an_id_reused_after_its_grpc_stream_was_cancelled_gets_its_own_audio(model_set, tmp_path):
+    """A client that only cancels its gRPC stream: tritonserver 2.51 does not pass the cancellation to
+    the `llm` request, which runs to its end and frees the id, but that end never reaches the decoder.
+    A new stream with the id got the old one's decoder state: its first windows framed on the old
+    codes, no lead-in frame, two frames too many. It now sounds as under a fresh id."""
+    from orpheus_triton.client import request_inputs
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")  # the cancelled request stays in flight
+    try:
+        reused = f"reused-{uuid.uuid4()}"
+        events: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(serve.url)
+        client.start_stream(callback=lambda result, error: events.put(error))
+        client.async_stream_infer(c.ENSEMBLE_MODEL, request_inputs(TEXT, seed=7, max_tokens=140), request_id=reused,
+                                  enable_empty_final_response=True)
+        assert events.get(timeout=60) is None and events.get(timeout=60) is None  # two chunks heard
+        client.stop_stream(cancel_requests=True)
+        deadline = time.monotonic() + 30
+        while server_metric(serve, "orpheus_llm_active_streams") and time.monotonic() < deadline:
+            time.sleep(0.2)  # the llm stage runs the stream to its end
+        time.sleep(0.5)
+        fresh = OrpheusClient(serve.url).synthesize(TEXT, seed=7, max_tokens=140)
+        again = OrpheusClient(serve.url).synthesize(TEXT, seed=7, max_tokens=140, request_id=reused)
+        assert len(again.chunks) == len(fresh.chunks)
+        assert_same_audio(again.audio, fresh.audio)
+    finally:
+        serve.kill()
+
+
+def test_serve_stops_the_server_when_a_backend_stub_dies(model_set, tmp_path):
+    """A model's stub killed (as the OOM killer does): tritonserver 2.51 neither restarts it nor stops
+    reporting ready, and every request to the model fails. `serve` stops the server, exit status 1,
+    for its supervisor to start a whole one again."""
+    import os
+    import signal
+
+    from orpheus_triton.server import StubWatch
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
+    try:
+        (server,) = [pid for pid in serve.server_processes() if b"tritonserver --model" in _read(
+            Path(f"/proc/{pid}/cmdline")).replace(b"\0", b" ")]
+        stubs = StubWatch(server)._stubs()
+        assert sorted(set(stubs.values())) == sorted([c.PREPROCESSING_MODEL, c.LLM_MODEL, c.DECODER_MODEL])
+        os.kill(next(pid for pid, model in stubs.items() if model == c.DECODER_MODEL), signal.SIGKILL)
+        status, log, took = serve.finish(timeout=30)
+    finally:
+        serve.kill()
+    assert status == 1 and f"the backend stub of '{c.DECODER_MODEL}' died" in log
 
 
 def test_server_stops_when_its_serve_command_is_killed(model_set, tmp_path):

@@ -15,6 +15,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from .arguments import non_negative_seconds, positive
@@ -113,9 +115,18 @@ def cmd_serve(args) -> int:
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
     try:
         process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
-        return _run_in_foreground(process, args.exit_timeout)
+        return _run_in_foreground(process, args.exit_timeout, ready=lambda: _http_ready(ports.http))
     finally:
         shutil.rmtree(repository, ignore_errors=True)
+
+
+def _http_ready(port: int) -> bool:
+    """Whether the tritonserver on this machine's HTTP ``port`` has loaded every model."""
+    try:
+        with urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 # How long past its own exit timeout a stopping tritonserver may take before it is killed:
@@ -124,7 +135,7 @@ def cmd_serve(args) -> int:
 STOP_GRACE_SECONDS = 5.0
 
 
-def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
+def _run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Callable[[], bool] | None = None) -> int:
     """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it (SIGHUP, a
     closed terminal, as SIGTERM: the server is in a session of its own and would not get it).
 
@@ -135,14 +146,18 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
     finish then (its next step is a new request to a composing model, which a stopping
     Triton refuses), so it is cut off when that time is up. If the server is still there
     STOP_GRACE_SECONDS later, or at a second signal, it is killed with its backend stubs.
+    Once ``ready`` says the models are loaded, a backend stub that dies (``StubWatch``: tritonserver 2.51 neither
+    restarts it nor stops reporting ready) stops the server the same way, with exit status 1, so that
+    whatever supervises `serve` (compose's restart policy, systemd) starts a whole one again.
     Returns the server's exit status (128 + signal number when a signal ended it).
     """
-    from .server import kill_server_group  # noqa: PLC0415
+    from .server import StubWatch, kill_server_group  # noqa: PLC0415
 
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    deadline, killed = None, False
+    deadline, killed, failed = None, False, False
+    stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
     try:
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -150,6 +165,15 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
                 break
             if killed:
                 continue
+            if deadline is None and ready is not None and time.monotonic() >= next_look:
+                next_look = time.monotonic() + 1.0
+                # Watched once every model has loaded: while loading, stubs come and go by design.
+                watching = watching or (ready() and not stubs.died())
+                if watching and (died := stubs.died()):
+                    _log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
+                         "tritonserver does not restart it: every request to it would fail; stopping the server")
+                    received.append(signal.SIGTERM)
+                    failed = True
             if received and deadline is None:
                 _log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
                      f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
@@ -163,6 +187,8 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     kill_server_group(process)  # backend stubs a server that exited in haste left behind
+    if failed:
+        return 1
     return status if status >= 0 else 128 - status
 
 

@@ -18,7 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from .constants import END_OF_SPEECH, NEWCOMER_ROUND_HORIZON, STALL_TOLERANCE, STREAM_STATE_SECONDS
+from .constants import (
+    DECODER_TOKENS,
+    END_OF_SPEECH,
+    NEWCOMER_ROUND_HORIZON,
+    STALL_TOLERANCE,
+    STREAM_STATE_SECONDS,
+    TOKENS_PER_FRAME,
+)
 from .frames import StreamFramer, Window
 from .serving import IdleSweep
 
@@ -76,7 +83,8 @@ class DecodeScheduler:
         self.clock = clock
         self._sweep = IdleSweep(idle_seconds, clock())
         self._queues: dict[str, deque[DecodeItem]] = {}
-        self._playback: dict[str, tuple[float, float]] = {}  # id -> (when its audio sent so far ends, last sent)
+        # id -> (when its audio sent so far ends, last sent, its request start)
+        self._playback: dict[str, tuple[float, float, float | None]] = {}
         self._ready = threading.Condition()
         self._closed = False
 
@@ -84,7 +92,7 @@ class DecodeScheduler:
         now = self.clock()
         with self._ready:
             for item in items:
-                self._playback_of(item.stream_id, now)  # the ranking must not read a vanished stream's clock
+                self._playback_of(item, now)  # the ranking must not read a vanished stream's clock
                 self._queues.setdefault(item.stream_id, deque()).append(item)
             self._ready.notify()
 
@@ -123,7 +131,7 @@ class DecodeScheduler:
         say whether that was its first audio or came after its listener ran out."""
         now = self.clock()
         with self._ready:
-            play_end = (self._playback_of(item.stream_id, now) or (None, now))[0]
+            play_end = (self._playback_of(item, now) or (None,))[0]
             delivery = Delivery()
             if audio_seconds > 0:
                 if play_end is None:
@@ -134,7 +142,7 @@ class DecodeScheduler:
             if item.last:
                 self._playback.pop(item.stream_id, None)
             elif play_end is not None:
-                self._playback[item.stream_id] = (play_end, now)
+                self._playback[item.stream_id] = (play_end, now, item.request_start)
             # Streams whose end never came (a vanished client).
             self._sweep(self._playback, lambda playback: playback[1], now)
         return delivery
@@ -144,12 +152,13 @@ class DecodeScheduler:
             self._closed = True
             self._ready.notify_all()
 
-    def _playback_of(self, stream_id: str, now: float) -> tuple[float, float] | None:
-        """The stream's playback clock; None, and forgotten, if it is an earlier stream's with this id that
-        vanished over ``idle_seconds`` ago (the sweep runs only with traffic)."""
-        playback = self._playback.get(stream_id)
-        if playback is not None and self._sweep.expired(playback[1], now):
-            del self._playback[stream_id]
+    def _playback_of(self, item: DecodeItem, now: float) -> tuple[float, float, float | None] | None:
+        """The item's stream's playback clock; None, and forgotten, if it is an earlier stream's with this id
+        that vanished: over ``idle_seconds`` ago (the sweep runs only with traffic), or of another request."""
+        playback = self._playback.get(item.stream_id)
+        if playback is not None and (self._sweep.expired(playback[1], now)
+                                     or _another(playback[2], item.request_start)):
+            del self._playback[item.stream_id]
             return None
         return playback
 
@@ -172,11 +181,28 @@ class DecodeScheduler:
         return 1, playback[0]
 
 
+def _another(known: float | None, start: float | None) -> bool:
+    """Whether a request start marks another request than the one a stream's state is for."""
+    return known is not None and start is not None and start != known
+
+
 @dataclass
 class _DecoderStream:
     framer: StreamFramer = field(default_factory=StreamFramer)
     last_seen: float = field(default_factory=time.monotonic)
     request_start: float | None = None
+
+
+def request_size_refusal(tokens: int, max_windows: int) -> str | None:
+    """Why a decoder request of ``tokens`` token ids is refused, or None. A request's windows are decoded
+    in one SNAC call: one holding a whole long stream would take the decoder's memory (2.3 MB a window
+    on a CPU) and every other stream's time with it. The llm stage sends a frame at a time; a client of
+    the decoder alone sends a long stream over several requests with the same id."""
+    most = max_windows * TOKENS_PER_FRAME
+    if tokens <= most:
+        return None
+    return (f"{DECODER_TOKENS} holds {tokens} token ids; send at most {most} a request ({max_windows} frames): "
+            "a stream's tokens may come in several requests with the same id")
 
 
 class StreamDecoderState:
@@ -200,17 +226,21 @@ class StreamDecoderState:
 
     def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
         """One item per (stream id, token ids, reply[, request start]) chunk; a stream keeps the first
-        request start it is given (REQUEST_START)."""
+        request start it is given (REQUEST_START), and a chunk with another one starts a new stream."""
         now = self.clock()
         result = []
         for request_id, tokens, reply, *start in chunks:
+            start = float(start[0]) if start and start[0] is not None else None
             stream = self.streams.get(request_id)
-            if stream is None or self._sweep.expired(stream.last_seen, now):  # a vanished stream's state goes
+            if stream is None or self._sweep.expired(stream.last_seen, now) or _another(stream.request_start, start):
+                # A vanished stream's state goes: idle too long, or its id now starts another request (a
+                # cancelled ensemble request's end never reaches the decoder: tritonserver 2.51 does not
+                # pass the cancellation on, so the llm stage finished it and freed its id).
                 framer = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out)
                 stream = self.streams[request_id] = _DecoderStream(framer, now)
             stream.last_seen = now
-            if stream.request_start is None and start and start[0] is not None:
-                stream.request_start = float(start[0])
+            if stream.request_start is None and start is not None:
+                stream.request_start = start
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
             windows = stream.framer.push(flat) + (stream.framer.finish() if last else [])

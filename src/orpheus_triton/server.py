@@ -222,6 +222,44 @@ def kill_server_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+class StubWatch:
+    """Notices a Python backend stub of a tritonserver that died while the server runs.
+
+    tritonserver 2.51 does not restart a stub that died (the OOM killer, a crash in native code):
+    every request to its model then fails ("Stub process ... is not healthy") while the server still
+    reports itself ready, so a load balancer keeps sending it traffic. ``died`` names the models
+    whose stub was seen running and is gone (or a zombie) now.
+    """
+
+    STUB = "triton_python_backend_stub"
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+        self.seen: dict[int, str] = {}
+
+    def died(self) -> list[str]:
+        running = self._stubs()
+        gone = sorted({model for pid, model in self.seen.items() if pid not in running})
+        self.seen = running
+        return gone
+
+    def _stubs(self) -> dict[int, str]:
+        """pid -> model of the server's live stubs (the model from the model.py path the stub runs)."""
+        stubs = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if int(parent) == self.server_pid and state != "Z" and arguments[0].endswith(self.STUB.encode()):
+                model = Path(arguments[1].decode(errors="replace")).parent.parent.name if len(arguments) > 1 else "?"
+                stubs[int(entry.name)] = model
+        return stubs
+
+
 def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = 300.0) -> None:
     """Block until every model is loaded; raise with the reason if the server exits or times out."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415

@@ -214,12 +214,21 @@ def _scalar(get: GetInput, name: str, default, cast):
     return cast(value.reshape(-1)[0])
 
 
-def request_start_of(value: np.ndarray | None, default: float | None) -> float | None:
-    """A request's REQUEST_START input (epoch seconds), or ``default`` where it is absent, empty or not a time."""
+# How far from now a REQUEST_START may lie: a start outside it is not this request's (a clock in other
+# units, a stray value), and would throw the time-to-first-audio histogram's sum off for good.
+REQUEST_START_RANGE_SECONDS = 3600.0
+
+
+def request_start_of(value: np.ndarray | None, default: float | None, now: float | None = None) -> float | None:
+    """A request's REQUEST_START input (epoch seconds), or ``default`` where it is absent, empty or not a
+    time of the last hour (nor of the future, beyond a minute's clock skew)."""
     if value is None or value.size == 0:
         return default
     start = float(np.asarray(value).reshape(-1)[0])
-    return start if math.isfinite(start) else default
+    now = time.time() if now is None else now
+    if not math.isfinite(start) or not now - REQUEST_START_RANGE_SECONDS <= start <= now + 60:
+        return default
+    return start
 
 
 def is_stop_request(get: GetInput) -> bool:

@@ -20,7 +20,12 @@ def _optional(request, name, cast):
     if value.size != 1:
         raise PromptError(f"input {name!r} must hold exactly one value, got {value.size}")
     value = value[0]
-    return cast(value.decode("utf-8") if isinstance(value, bytes) else value)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise PromptError(f"input {name!r} is not UTF-8 text: {error}") from None
+    return cast(value)
 
 
 class TritonPythonModel:

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.decode_rounds import DecodeItem, DecodeScheduler, StreamDecoderState
+from orpheus_triton.decode_rounds import DecodeItem, DecodeScheduler, StreamDecoderState, request_size_refusal
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     StreamIdError,
@@ -71,6 +71,9 @@ class TritonPythonModel:
             if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
                 send_error(pb_utils, sender, "decoder", f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send "
                                                         "one stream's tokens per request (one row)")
+                continue
+            if (refusal := request_size_refusal(tokens.size, self.scheduler.max_windows)) is not None:
+                send_error(pb_utils, sender, "decoder", refusal)
                 continue
             start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
             start = None if start is None else request_start_of(start.as_numpy(), None)
