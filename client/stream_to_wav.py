@@ -109,7 +109,7 @@ def main() -> None:
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
-                    print(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms")
+                    print(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms", flush=True)
                     wav = wave.open(args.output, "wb")  # noqa: SIM115 (closed below)
                     wav.setnchannels(1)
                     wav.setsampwidth(2)

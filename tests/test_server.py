@@ -643,12 +643,12 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
     import signal
 
-    interrupted = subprocess.Popen([sys.executable, str(example), "a long one", str(tmp_path / "cut.wav"),
+    interrupted = subprocess.Popen([sys.executable, "-u", str(example), "a long one", str(tmp_path / "cut.wav"),
                                     "--url", grpc_url, "--max-tokens", "980"], stdout=subprocess.PIPE, text=True)
     assert interrupted.stdout.readline().startswith("first audio after")
     interrupted.send_signal(signal.SIGINT)
     try:
-        assert interrupted.wait(timeout=30) != 0
+        assert interrupted.wait(timeout=30) != 0  # it was still streaming: 980 tokens take seconds
     finally:
         interrupted.kill()
     deadline = time.monotonic() + 10
