@@ -338,6 +338,22 @@ def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
             raise AssertionError("a cancelled stream's id was accepted again")
 
 
+def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch):
+    """A stop sent after the stream's first response lands (the llm stage holds the stream): it is not
+    sent again every quarter second while the decoder drains (one abandoned stream made 12-14)."""
+    stops = []
+    original = OrpheusClient.stop
+    monkeypatch.setattr(OrpheusClient, "stop", lambda self, request_id, **kw: (stops.append(request_id),
+                                                                                original(self, request_id, **kw)))
+
+    def hang_up(_chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=700, on_chunk=hang_up)
+    assert len(stops) == 1
+
+
 def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     import urllib.request
 
@@ -640,6 +656,23 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
                           "--url", grpc_url, "--max-tokens", "70"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert read_wav(tmp_path / "ex.wav")[1].size > 0
+    # SIGTERM mid-stream (kill, `timeout`): `say` ends the stream as on Ctrl-C and leaves a whole WAV
+    # (it ended at once: the header said 0 frames, the stream ran on, counted in flight)
+    import signal
+
+    terminated = subprocess.Popen([sys.executable, "-m", "orpheus_triton.cli", "say", "a long one", "-o",
+                                   str(tmp_path / "term.wav"), "--url", grpc_url, "--max-tokens", "980"],
+                                  stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while (not (tmp_path / "term.wav").exists() or (tmp_path / "term.wav").stat().st_size < 10_000) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    terminated.send_signal(signal.SIGTERM)
+    try:
+        assert terminated.wait(timeout=30) == 130 and "interrupted" in terminated.stderr.read()
+    finally:
+        terminated.kill()
+    assert read_wav(tmp_path / "term.wav")[1].size > 0
     # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
     import signal
 
@@ -947,6 +980,18 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
             while outcomes.count("chunk") == heard:
                 await asyncio.sleep(0.05)
         await reader  # its client closed while it read: its stream was stopped, and it ended
+        async with AsyncOrpheusClient(serve.url) as client:
+            async def speak() -> None:
+                try:
+                    async for _ in client.stream_text(f"{long} {long}", max_tokens=140):
+                        outcomes.append("sentence chunk")
+                except SynthesisError:  # the next sentence, refused by the closed client
+                    outcomes.append("refused")
+
+            speaker = asyncio.ensure_future(speak())
+            while "sentence chunk" not in outcomes:
+                await asyncio.sleep(0.05)
+        await speaker  # closed under stream_text: an end or an error, never a CancelledError
         return outcomes
 
     try:

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .arguments import non_negative_seconds, positive
 from .constants import (
@@ -29,8 +30,10 @@ from .constants import (
     SAMPLE_RATE,
     VOICES,
 )
-from .demo_models import ModelSet, cache_dir, demo_model_set
 from .prompt import Voices, check_text
+
+if TYPE_CHECKING:  # demo_models imports torch: a second of start-up that `say` does without
+    from .demo_models import ModelSet
 
 DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
 DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
@@ -41,6 +44,8 @@ def _log(message: str) -> None:
 
 
 def _model_set(models: str | None) -> ModelSet:
+    from .demo_models import ModelSet, demo_model_set  # noqa: PLC0415
+
     if models is None:
         _log("no --models given: serving the demo model set (random weights: the audio is noise)")
         return demo_model_set(log=_log)
@@ -85,6 +90,7 @@ def _check_ports_free(ports) -> None:
 
 
 def _render(args, model_set: ModelSet) -> Path:
+    from .demo_models import cache_dir  # noqa: PLC0415
     from .repository import RepositorySettings, render  # noqa: PLC0415
 
     settings = RepositorySettings(
@@ -293,7 +299,8 @@ def cmd_say(args) -> int:
 
     try:
         text = None if args.text == "-" else args.text
-        _synthesize(args.url, text, args.output, sentences=args.sentences, **_options(args))
+        with _terminate_as_interrupt():
+            _synthesize(args.url, text, args.output, sentences=args.sentences, **_options(args))
     except BrokenPipeError:  # -o - into a player that quit: the client has cancelled the stream
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         print("stopped: the reader of stdout went away", file=sys.stderr)
@@ -327,15 +334,13 @@ def cmd_demo(args) -> int:
         _check_writable(Path(args.output))
     repository = _render(args, _model_set(args.models))
     ports = Ports.free()
+    from .demo_models import cache_dir  # noqa: PLC0415
+
     log_path = cache_dir() / "demo-server.log"
     _log(f"starting tritonserver (log: {log_path}) ...")
 
-    def interrupt(signum, _frame):  # kill, timeout, a closed terminal: stop the server as Ctrl-C does
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        with open(log_path, "w") as log_file:
+        with _terminate_as_interrupt(), open(log_path, "w") as log_file:
             process = start_server(repository, ports, log_file=log_file)
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
@@ -347,10 +352,23 @@ def cmd_demo(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: the server was stopped", file=sys.stderr)
         return 130
+    return 0
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM and SIGHUP (kill, `timeout`, a closed terminal) raise KeyboardInterrupt as Ctrl-C does, so
+    that what ends a stream or stops a server on Ctrl-C runs for them too (by default they end Python
+    at once: a WAV's header left unwritten, a stream left running and counted in flight on the server)."""
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return 0
 
 
 def cmd_download(args) -> int:
@@ -359,6 +377,8 @@ def cmd_download(args) -> int:
     except ImportError:
         print("error: `pip install huggingface_hub` (or orpheus-triton[download]) first", file=sys.stderr)
         return 1
+    from .demo_models import ModelSet  # noqa: PLC0415
+
     target = ModelSet(Path(args.dir).expanduser().resolve())
     _log(f"downloading {args.llm_repo} -> {target.llm}")
     snapshot_download(args.llm_repo, local_dir=target.llm, token=args.token,

@@ -35,9 +35,10 @@ from .constants import (
 from .serving import stop_request_inputs
 from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 
-# A stream ended early gets its `stop` again this often until it ends: a stop reaches a stream only
-# once the llm stage holds it, and one sent right after the request (still on its way, or in
-# preprocessing) finds nothing there; the stream would run on to max_tokens.
+# A stream ended early gets its `stop` again this often until one was sent after the stream's first
+# response: a stop reaches a stream only once the llm stage holds it, and one sent right after the
+# request (still on its way, or in preprocessing) finds nothing there; the stream would run on to
+# max_tokens. Once a response has come, the llm stage has (or had) the stream: that stop lands.
 STOP_REPEAT_SECONDS = 0.25
 # How long a stream ended early may take to end after its stop before it is cancelled: the decoder
 # still decodes the windows the llm stage generated ahead of the listener, seconds of work on a busy
@@ -172,7 +173,7 @@ class OrpheusClient:
         events: queue.Queue = queue.Queue()
         result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
         inputs = request_inputs(text, **options)  # a bad option is refused before anything is sent
-        completed = False
+        completed, first = False, True
         self.client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
         try:
             started = time.perf_counter()
@@ -184,12 +185,11 @@ class OrpheusClient:
                 with contextlib.suppress(queue.Empty):  # tritonclient only says that; its callback has why
                     error = events.get(timeout=1.0)[1] or error
                 raise self._failure(error, first=True) from None
-            first = True
             while True:
                 try:
                     response, error, arrived = events.get(timeout=max(0.0, started + timeout - time.perf_counter()))
                 except queue.Empty:
-                    raise TimeoutError(f"no response for {timeout:.0f} s") from None
+                    raise TimeoutError(f"the stream did not end within its {timeout:g} s timeout") from None
                 if error is not None:
                     completed = True  # the server ended the stream itself
                     raise self._failure(error, first)
@@ -207,7 +207,7 @@ class OrpheusClient:
             return result
         finally:
             try:
-                ended = completed or self._end_early(result.request_id, events)
+                ended = completed or self._end_early(result.request_id, events, heard=not first)
             except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
                 ended = False
             self.client.stop_stream(cancel_requests=not ended)
@@ -219,7 +219,8 @@ class OrpheusClient:
             return ConnectionError(f"no Triton server reachable at {self.url} ({error})")
         return SynthesisError.of(error)
 
-    def _end_early(self, request_id: str, events: queue.Queue, timeout: float = END_EARLY_SECONDS) -> bool:
+    def _end_early(self, request_id: str, events: queue.Queue, heard: bool,
+                   timeout: float = END_EARLY_SECONDS) -> bool:
         """End an abandoned stream (an exception in ``on_chunk``, Ctrl-C, a timeout) the clean way.
 
         Cancelling the gRPC stream alone is not enough with tritonserver 2.51: it does
@@ -228,16 +229,16 @@ class OrpheusClient:
         flight for good (a graceful stop then waits its whole exit timeout). So the
         stream's `llm` request gets a `stop` (see ``stop``), which ends it normally
         within a step, and the ensemble's remaining responses are read to its final
-        one; the `stop` is sent again every STOP_REPEAT_SECONDS until then (see
-        STOP_REPEAT_SECONDS). Returns False if that did not happen within ``timeout``
-        (then cancel).
+        one. ``heard``: the stream had answered already; if not, the `stop` is sent again
+        every STOP_REPEAT_SECONDS until one goes after its first response (see there).
+        Returns False if the end did not come within ``timeout`` (then cancel).
         """
         now = time.perf_counter()
-        deadline, next_stop = now + timeout, now
+        deadline, next_stop, landed = now + timeout, now, False
         while True:
-            if now >= next_stop:
+            if not landed and now >= next_stop:
                 self.stop(request_id)
-                next_stop = time.perf_counter() + STOP_REPEAT_SECONDS
+                landed, next_stop = heard, time.perf_counter() + STOP_REPEAT_SECONDS
             try:
                 response, error, _ = events.get(timeout=max(0.0, min(deadline, next_stop) - time.perf_counter()))
             except queue.Empty:
@@ -245,6 +246,7 @@ class OrpheusClient:
             now = time.perf_counter()
             if error is not None or (response is not None and _is_final(response)):
                 return True
+            heard = heard or response is not None
             if now >= deadline:
                 return False
 
@@ -294,7 +296,7 @@ class _ShieldedReads:
     def __init__(self, responses, url: str) -> None:
         self._responses = responses
         self._url = url
-        self._received = False
+        self.received = False  # a response has come
         self._pending: asyncio.Future | None = None
 
     async def next(self, deadline: float | None = None) -> tuple:
@@ -315,13 +317,19 @@ class _ShieldedReads:
 
         try:
             pair = await self._responses.__anext__()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or getattr(task, "cancelling", lambda: 1)():
+                raise  # this read itself was cancelled (``cancel``, the loop shutting down)
+            # grpc.aio ended the call under the read: its channel closed (the client's ``close``)
+            raise SynthesisError("the stream's connection was closed: its client closed it") from None
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE:
                 raise SynthesisError(f"the stream failed: {error.code().name}: {error.details()}") from None
-            if not self._received:
+            if not self.received:
                 raise ConnectionError(f"no Triton server reachable at {self._url} ({error.details()})") from None
             raise SynthesisError(f"the connection to the server was lost mid-stream ({error.details()})") from None
-        self._received = True
+        self.received = True
         return pair
 
     def cancel(self) -> None:
@@ -361,6 +369,7 @@ class AsyncOrpheusClient:
         self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned
         self._ending: set[asyncio.Future] = set()  # streams being ended early (``_end_early``)
         self._live: dict[str, asyncio.Future] = {}  # streams under way, by id: done when they have ended
+        self._closing = False
 
     async def __aenter__(self) -> AsyncOrpheusClient:
         return self
@@ -379,6 +388,8 @@ class AsyncOrpheusClient:
         return chunks
 
     async def _stream(self, text: str, request_id: str | None, timeout: float, **options) -> AsyncIterator[np.ndarray]:
+        if self._closing:  # (stream_text's next sentence, say): it would be cut off as it started
+            raise SynthesisError("the client is closed: no new stream")
         request_id = request_id or str(uuid.uuid4())
         inputs = request_inputs(text, **options)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -460,7 +471,9 @@ class AsyncOrpheusClient:
 
     async def close(self) -> None:
         """Close the connection, once every stream left open has ended the clean way (see ``stream``):
-        one still being read by another task is stopped, and its reader sees it end."""
+        one still being read by another task is stopped, and its reader sees it end. New streams are
+        refused from here on (SynthesisError)."""
+        self._closing = True
         for chunks in list(self._streams):  # still referenced somewhere, but done with
             with contextlib.suppress(RuntimeError):  # being read by another task: stopped below
                 await chunks.aclose()
@@ -501,9 +514,10 @@ class AsyncOrpheusClient:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             try:
-                while True:  # the stop again every STOP_REPEAT_SECONDS until the stream ends
+                while True:  # the stop again every STOP_REPEAT_SECONDS until one went after a response
+                    landed = responses.received
                     await self.stop(request_id)
-                    next_stop = min(deadline, loop.time() + STOP_REPEAT_SECONDS)
+                    next_stop = deadline if landed else min(deadline, loop.time() + STOP_REPEAT_SECONDS)
                     try:
                         while (await responses.next(next_stop))[1] is None:
                             pass
