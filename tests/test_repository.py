@@ -73,6 +73,14 @@ def test_unknown_placeholder_is_named(tmp_path):
         render(RepositorySettings(llm_dir="a", snac_dir="b"), tmp_path / "out", templates=Path(templates))
 
 
+def test_llm_responses_larger_than_a_decoder_request_are_refused_at_render(tmp_path):
+    from orpheus_triton.decode_rounds import MAX_REQUEST_FRAMES
+
+    settings = RepositorySettings(llm_dir="a", snac_dir="b", tokens_per_response=MAX_REQUEST_FRAMES * 7 + 1)
+    with pytest.raises(ValueError, match="tokens_per_response 225 must be from 1 to 224"):
+        render(settings, tmp_path / "r")
+
+
 def test_render_replaces_only_a_model_repository(tmp_path):
     """A mistyped output folder (a model set, a home folder) must not be deleted to make room."""
     settings = RepositorySettings(llm_dir="a", snac_dir="b")

@@ -193,15 +193,21 @@ class _DecoderStream:
     request_start: float | None = None
 
 
+# The most frames one decoder request may carry: the llm stage sends one a response.
+MAX_REQUEST_FRAMES = 32
+
+
 def request_size_refusal(tokens: int, max_windows: int) -> str | None:
     """Why a decoder request of ``tokens`` token ids is refused, or None. A request's windows are decoded
     in one SNAC call: one holding a whole long stream would take the decoder's memory (2.3 MB a window
-    on a CPU) and every other stream's time with it. The llm stage sends a frame at a time; a client of
-    the decoder alone sends a long stream over several requests with the same id."""
-    most = max_windows * TOKENS_PER_FRAME
+    on a CPU) and every other stream's time with it (a call of 255 windows, on 2 CPU cores, held up the
+    other streams for seconds). The llm stage sends a frame at a time; a client of the decoder alone
+    sends a long stream over several requests with the same id."""
+    most = min(max_windows, MAX_REQUEST_FRAMES) * TOKENS_PER_FRAME
     if tokens <= most:
         return None
-    return (f"{DECODER_TOKENS} holds {tokens} token ids; send at most {most} a request ({max_windows} frames): "
+    return (f"{DECODER_TOKENS} holds {tokens} token ids; send at most {most} a request "
+            f"({most // TOKENS_PER_FRAME} frames): "
             "a stream's tokens may come in several requests with the same id")
 
 

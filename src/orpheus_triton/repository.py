@@ -26,6 +26,7 @@ from .constants import (
     TOKENS_PER_FRAME,
     VOICES,
 )
+from .decode_rounds import MAX_REQUEST_FRAMES
 from .prompt import Voices
 
 MODELS = (ENSEMBLE_MODEL, PREPROCESSING_MODEL, LLM_MODEL, DECODER_MODEL)
@@ -130,6 +131,9 @@ def render(settings: RepositorySettings, out: Path, templates: Path | None = Non
     a mistyped path must not delete a model set or a home folder."""
     templates = templates or template_dir()
     Voices.parse(settings.voices, settings.default_voice)  # a bad list is refused here, not in a stub's log
+    if not 1 <= settings.tokens_per_response <= MAX_REQUEST_FRAMES * TOKENS_PER_FRAME:
+        raise ValueError(f"tokens_per_response {settings.tokens_per_response} must be from 1 to "
+                         f"{MAX_REQUEST_FRAMES * TOKENS_PER_FRAME}: the decoder refuses larger requests")
     values = _values(settings)
     out = Path(out)
     if out.exists() or out.is_symlink():

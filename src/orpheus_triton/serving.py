@@ -319,7 +319,7 @@ class ActiveStreams:
     """Ids of the streams the LLM stage is generating, and of those that ended without end_id.
 
     A second live stream with one id is refused. So is, for ``hold_seconds``, the
-    id of a stream that was cancelled or failed: its end_id never reached the
+    id of a stream that was stopped, cancelled or failed: its end_id may never have reached the
     decoder, whose state for that id would otherwise carry into the new stream.
     ``hold_seconds`` outlasts the decoder's idle eviction (StreamDecoderState; ID_HOLD_MARGIN_SECONDS).
     """
@@ -341,7 +341,7 @@ class ActiveStreams:
                 )
             if request_id in self._unfinished:
                 raise StreamIdError(
-                    f"request id {request_id!r} belonged to a stream that was cancelled or failed less than "
+                    f"request id {request_id!r} belonged to a stream that was stopped, cancelled or failed less than "
                     f"{self.hold_seconds:.0f} s ago; use a new id for every stream"
                 )
             self._ids.add(request_id)
