@@ -98,3 +98,19 @@ def test_phone_audio_streams_bytes_for_the_line():
     # After flush, the same PhoneAudio serves the next utterance as a new one would.
     again = b"".join(phone.encode(chunk) for chunk in chunks) + phone.flush()
     assert again == data
+
+
+def test_a_growing_wav_is_whole_after_every_chunk(tmp_path):
+    """Its header's sizes follow each chunk: a writer killed mid-stream leaves a WAV of what came."""
+    import numpy as np
+
+    from orpheus_triton.wav import StreamingWavWriter, read_wav
+
+    writer = StreamingWavWriter(tmp_path / "growing.wav")
+    writer.write(np.arange(2048, dtype=np.int16))
+    assert read_wav(tmp_path / "growing.wav")[1].size == 2048
+    writer.write(np.arange(1000, dtype=np.int16))
+    rate, samples = read_wav(tmp_path / "growing.wav")  # never closed
+    assert rate == 24000 and samples.size == 3048 and samples[-1] == 999
+    writer.close()
+    assert read_wav(tmp_path / "growing.wav")[1].size == 3048

@@ -1,5 +1,5 @@
-"""Audio sinks for a stream of int16 chunks: a WAV file that can be read while it grows (the header is
-patched with the final sizes on close), and raw PCM on a byte stream (a pipe into a player)."""
+"""Audio sinks for a stream of int16 chunks: a WAV file that can be read while it grows (its header's
+sizes follow each chunk), and raw PCM on a byte stream (a pipe into a player)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATE, channels: int = 
 
 
 class StreamingWavWriter:
-    """Append int16 mono chunks as they arrive; sizes in the header are fixed up on close().
+    """Append int16 mono chunks as they arrive, the header's sizes patched after each: the file is a
+    whole WAV of what has come at every moment, also when the writer never gets to close it (a
+    process killed mid-stream left a header of 0 frames).
 
     The file is created with the first chunk, so a request that fails before any audio
     leaves an existing file of that name as it was.
@@ -40,15 +42,15 @@ class StreamingWavWriter:
             self.file.write(wav_header(0, self.sample_rate))
         data = np.asarray(pcm, dtype="<i2").tobytes()
         self.file.write(data)
-        self.file.flush()
         self.data_bytes += len(data)
-
-    def close(self) -> None:
-        if self.file is None or self.file.closed:
-            return
         self.file.seek(0)
         self.file.write(wav_header(self.data_bytes, self.sample_rate))
-        self.file.close()
+        self.file.seek(0, 2)  # the end, for the next chunk
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None and not self.file.closed:
+            self.file.close()
 
     def __enter__(self) -> StreamingWavWriter:
         return self
