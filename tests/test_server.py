@@ -660,19 +660,24 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     # (it ended at once: the header said 0 frames, the stream ran on, counted in flight)
     import signal
 
-    terminated = subprocess.Popen([sys.executable, "-m", "orpheus_triton.cli", "say", "a long one", "-o",
-                                   str(tmp_path / "term.wav"), "--url", grpc_url, "--max-tokens", "980"],
-                                  stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while (not (tmp_path / "term.wav").exists() or (tmp_path / "term.wav").stat().st_size < 10_000) \
-            and time.monotonic() < deadline:
-        time.sleep(0.05)
-    terminated.send_signal(signal.SIGTERM)
-    try:
-        assert terminated.wait(timeout=30) == 130 and "interrupted" in terminated.stderr.read()
-    finally:
-        terminated.kill()
-    assert read_wav(tmp_path / "term.wav")[1].size > 0
+    for how in ([], ["--sentences"]):  # the threaded client, and asyncio's (sentence by sentence)
+        wav = tmp_path / f"term{len(how)}.wav"
+        terminated = subprocess.Popen([sys.executable, "-m", "orpheus_triton.cli", "say", "a long one. Another.",
+                                       *how, "-o", str(wav), "--url", grpc_url, "--max-tokens", "980"],
+                                      stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while (not wav.exists() or wav.stat().st_size < 10_000) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        terminated.send_signal(signal.SIGTERM)
+        try:
+            assert terminated.wait(timeout=30) == 130 and "interrupted" in terminated.stderr.read(), how
+        finally:
+            terminated.kill()
+        assert read_wav(wav)[1].size > 0
+        deadline = time.monotonic() + 10
+        while server_metric(server, "orpheus_llm_active_streams") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server_metric(server, "orpheus_llm_active_streams") == 0, how  # its generation was stopped
     # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
     import signal
 

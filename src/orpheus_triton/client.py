@@ -210,6 +210,9 @@ class OrpheusClient:
                 ended = completed or self._end_early(result.request_id, events, heard=not first)
             except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
                 ended = False
+            except BaseException:  # a second Ctrl-C while ending it: cancel at once
+                self.client.stop_stream(cancel_requests=True)
+                raise
             self.client.stop_stream(cancel_requests=not ended)
 
     def _failure(self, error, first: bool) -> Exception:
