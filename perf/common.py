@@ -153,6 +153,8 @@ def _thread_ticks(pid: int) -> dict[int, int]:
 def server_processes(root: int) -> dict[int, str]:
     """pid -> label for tritonserver ``root`` and the processes it started: its Python backend stubs by
     their model's name (several instances of one model share it), anything else as "other"."""
+    from orpheus_triton.server import stub_model  # noqa: PLC0415
+
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -169,8 +171,7 @@ def server_processes(root: int) -> dict[int, str]:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        model_file = Path(args[1].decode()) if len(args) > 1 and args[0].endswith(b"_stub") else None
-        labels[pid] = model_file.parent.parent.name if model_file else "other"  # <repository>/<model>/1/model.py
+        labels[pid] = stub_model(args) or "other"
     return labels
 
 

@@ -1055,7 +1055,7 @@ def test_serve_stops_the_server_when_a_backend_stub_dies(model_set, tmp_path):
     try:
         (server,) = [pid for pid in serve.server_processes() if b"tritonserver --model" in _read(
             Path(f"/proc/{pid}/cmdline")).replace(b"\0", b" ")]
-        stubs = StubWatch(server)._stubs()
+        stubs = StubWatch(server).stubs()
         assert sorted(set(stubs.values())) == sorted([c.PREPROCESSING_MODEL, c.LLM_MODEL, c.DECODER_MODEL])
         os.kill(next(pid for pid, model in stubs.items() if model == c.DECODER_MODEL), signal.SIGKILL)
         status, log, took = serve.finish(timeout=30)

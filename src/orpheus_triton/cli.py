@@ -173,9 +173,11 @@ def _run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Call
                 continue
             if deadline is None and ready is not None and time.monotonic() >= next_look:
                 next_look = time.monotonic() + 1.0
-                # Watched once every model has loaded: while loading, stubs come and go by design.
-                watching = watching or (ready() and not stubs.died())
-                if watching and (died := stubs.died()):
+                if not watching:  # watched once every model has loaded: while loading, stubs come and go
+                    if ready():
+                        watching = True
+                        stubs.died()  # the stubs running now are the ones watched
+                elif died := stubs.died():
                     _log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
                          "tritonserver does not restart it: every request to it would fail; stopping the server")
                     received.append(signal.SIGTERM)

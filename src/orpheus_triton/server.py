@@ -222,6 +222,17 @@ def kill_server_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+PYTHON_STUB = "triton_python_backend_stub"
+
+
+def stub_model(arguments: list[bytes]) -> str | None:
+    """The model a process runs if its command line (``arguments``) is a Python backend stub's: the stub,
+    then <repository>/<model>/1/model.py. None for any other process."""
+    if len(arguments) < 2 or not arguments[0].endswith(PYTHON_STUB.encode()):
+        return None
+    return Path(arguments[1].decode(errors="replace")).parent.parent.name
+
+
 class StubWatch:
     """Notices a Python backend stub of a tritonserver that died while the server runs.
 
@@ -231,31 +242,30 @@ class StubWatch:
     whose stub was seen running and is gone (or a zombie) now.
     """
 
-    STUB = "triton_python_backend_stub"
-
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
         self.seen: dict[int, str] = {}
 
     def died(self) -> list[str]:
-        running = self._stubs()
+        running = self.stubs()
         gone = sorted({model for pid, model in self.seen.items() if pid not in running})
         self.seen = running
         return gone
 
-    def _stubs(self) -> dict[int, str]:
-        """pid -> model of the server's live stubs (the model from the model.py path the stub runs)."""
+    def stubs(self) -> dict[int, str]:
+        """pid -> model of the server's live stubs (the server's children; a zombie is no longer live)."""
         stubs = {}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
-                arguments = (entry / "cmdline").read_bytes().split(b"\0")
+                if int(parent) != self.server_pid or state == "Z":
+                    continue
+                model = stub_model((entry / "cmdline").read_bytes().split(b"\0"))
             except (OSError, ValueError):
                 continue
-            if int(parent) == self.server_pid and state != "Z" and arguments[0].endswith(self.STUB.encode()):
-                model = Path(arguments[1].decode(errors="replace")).parent.parent.name if len(arguments) > 1 else "?"
+            if model is not None:
                 stubs[int(entry.name)] = model
         return stubs
 
