@@ -53,10 +53,19 @@ class SynthesisError(RuntimeError):
     def of(cls, error) -> SynthesisError:
         """From the error a stream's callback got: the server's message, or for a connection lost
         mid-stream (the server stopped or crashed, the network failed) a message that says so."""
-        status = getattr(error, "status", lambda: None)()
-        if status == "StatusCode.UNAVAILABLE":
-            return cls(f"the connection to the server was lost mid-stream ({error})")
-        return cls(str(error))
+        unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
+        return _stream_failure(None, str(error), unavailable, first=False)
+
+
+def _stream_failure(url: str | None, message: str, unavailable: bool, first: bool) -> Exception:
+    """What a stream's failure raises, from either client. A connection that failed (gRPC's UNAVAILABLE):
+    before the stream's first response, ConnectionError naming ``url`` (nobody listening there); after
+    it, SynthesisError saying it was lost mid-stream. Anything else: SynthesisError with ``message``."""
+    if unavailable and first:
+        return ConnectionError(f"no Triton server reachable at {url} ({message})")
+    if unavailable:
+        return SynthesisError(f"the connection to the server was lost mid-stream ({message})")
+    return SynthesisError(message)
 
 
 @dataclass
@@ -216,11 +225,9 @@ class OrpheusClient:
             self.client.stop_stream(cancel_requests=not ended)
 
     def _failure(self, error, first: bool) -> Exception:
-        """What to raise for a stream's error: the server's (SynthesisError), or ConnectionError naming
-        the url when the connection failed before the first response (nobody listening there)."""
-        if first and getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE":
-            return ConnectionError(f"no Triton server reachable at {self.url} ({error})")
-        return SynthesisError.of(error)
+        """What to raise for a stream's error (``_stream_failure``; ``first``: no response came yet)."""
+        unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
+        return _stream_failure(self.url, str(error), unavailable, first)
 
     def _end_early(self, request_id: str, events: queue.Queue, heard: bool,
                    timeout: float = END_EARLY_SECONDS) -> bool:
@@ -327,11 +334,9 @@ class _ShieldedReads:
             # grpc.aio ended the call under the read: its channel closed (the client's ``close``)
             raise SynthesisError("the stream's connection was closed: its client closed it") from None
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE:
-                raise SynthesisError(f"the stream failed: {error.code().name}: {error.details()}") from None
-            if not self.received:
-                raise ConnectionError(f"no Triton server reachable at {self._url} ({error.details()})") from None
-            raise SynthesisError(f"the connection to the server was lost mid-stream ({error.details()})") from None
+            unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+            message = error.details() if unavailable else f"the stream failed: {error.code().name}: {error.details()}"
+            raise _stream_failure(self._url, message, unavailable, first=not self.received) from None
         self.received = True
         return pair
 
