@@ -42,6 +42,7 @@ from orpheus_triton.constants import VOCAB_SIZE
 from orpheus_triton.prompt import ENGLISH_VOICES, Voices
 
 METADATA = "orpheus_engine.json"
+VOLUME_ROOT_ENTRY = "lost+found"  # a mounted volume's, in its root: the build leaves it where it is
 DTYPES = ("bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8")
 # FP8 matrix products need Ada (8.9) or later; FP8 context attention (prefill) needs Hopper (9.0).
@@ -192,7 +193,8 @@ def check_directories(llm_dir: Path, output_dir: Path, checkpoint_dir: Path | No
     if checkpoint_dir is not None and (overlap(checkpoint_dir, output_dir) or overlap(checkpoint_dir, llm_dir)):
         raise BuildError(f"--checkpoint-dir {checkpoint_dir} overlaps --output-dir or the checkpoint: give it "
                          "a folder of its own")
-    entries = [child for child in output_dir.iterdir() if child.name != "lost+found"] if output_dir.is_dir() else []
+    entries = [child for child in (output_dir.iterdir() if output_dir.is_dir() else ())
+               if child.name != VOLUME_ROOT_ENTRY]
     if entries:
         # What trtllm-build writes besides config.json and rank*.engine: managed weights, LoRA folders.
         foreign = sorted(child.name for child in entries
@@ -350,7 +352,7 @@ def _empty(directory: Path) -> None:
     """Remove what ``directory`` holds, keeping the directory (it may be a mount point, whose
     lost+found stays)."""
     for child in directory.iterdir() if directory.is_dir() else ():
-        if child.name == "lost+found":
+        if child.name == VOLUME_ROOT_ENTRY:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
