@@ -1,5 +1,6 @@
 """In-flight batching, sampling and the audio-token guard of the torch engine (CPU, fp32)."""
 
+import contextlib
 import logging
 import os
 import time
@@ -152,6 +153,50 @@ def test_short_prompts_of_a_burst_go_whole_into_batched_forwards(model):
     assert firsts == [2, 4, 6]
     engine.run_until_idle()
     assert all(out.finished and len(out.tokens) == 6 for out in outs)
+
+
+# What reads a tensor's value into Python: on a GPU each waits for every kernel queued before it.
+TENSOR_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def tensor_reads_refused():
+    saved = {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
+
+    def refused(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"a tensor was read back ({name})")
+        return read
+
+    for name in TENSOR_READS:
+        setattr(torch.Tensor, name, refused(name))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def test_a_prefill_reads_nothing_back_from_the_device(model):
+    """With overlap a step is queued while the GPU still computes the one before; a prefill that reads a value
+    back (its prompts' longest length, the forward's context length) waits for that step instead, and its
+    launches cannot overlap it (served on an H100, overlap left the step as long as without). Neither short
+    prompts prefilled together nor a long one chunk by chunk reads a tensor, and the streams get their tokens."""
+    engine = make_engine(model, overlap=True, prefill_chunk=16)
+    outs = [Collector() for _ in range(3)]
+    for i, prompt in enumerate([PROMPTS[0], PROMPTS[2], PROMPTS[3]]):  # 9 + 5 tokens together; 40 in chunks
+        engine.submit(request(prompt, outs[i], seed=i, max_new_tokens=8))
+    plain_prefill, prefills = engine._prefill, []
+
+    def prefill_reading_nothing():
+        with tensor_reads_refused():
+            plain_prefill()
+        prefills.append(len(engine.decoding))
+
+    engine._prefill = prefill_reading_nothing
+    engine.run_until_idle()
+    assert prefills[:4] == [2, 2, 2, 3]  # the two short prompts at once, the long one over three steps
+    assert all(out.finished and not out.errors and len(out.tokens) == 9 for out in outs)
 
 
 def test_newcomer_joins_at_next_step_and_slots_are_reused(model):

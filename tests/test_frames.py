@@ -32,6 +32,22 @@ def test_split_codebooks_uses_orpheus_slot_order():
         split_codebooks([1, 2, 3])
 
 
+def test_a_calls_windows_split_in_one_pass_as_each_alone():
+    """The decoder splits all of a call's windows at once ([windows, 28] -> [windows, 4], [windows, 8],
+    [windows, 16]): what splitting each one alone gives, row by row."""
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 4096, size=(5, 28))
+    together = split_codebooks(windows.tolist())
+    assert [book.shape for book in together] == [(5, 4), (5, 8), (5, 16)]
+    for row, codes in enumerate(windows):
+        for book, alone in zip(together, split_codebooks(codes), strict=True):
+            assert book[row].tolist() == alone.tolist()
+    with pytest.raises(ValueError, match="whole number"):
+        split_codebooks([[1, 2, 3]])
+    with pytest.raises(ValueError, match="got shape"):
+        split_codebooks(7)
+
+
 def test_framer_emits_a_window_every_frame_after_four():
     """Without the lead-in frame: upstream's windows, the last 4 frames every 7 tokens once 28 are in."""
     rng = np.random.default_rng(0)

@@ -241,3 +241,23 @@ def test_per_row_decode_attention_is_used_only_where_it_agrees_with_the_masked_p
 
     monkeypatch.setattr(llama, "_flash_attention", off_by_one)
     assert not llama._agrees_with_masked(cpu, torch.float32, 4, 2, 16)
+
+
+def test_the_kv_cache_is_one_tensor_and_a_slot_moves_in_one_copy(checkpoint):
+    """Every layer's keys and values are views of one tensor, so moving a slot (at every stream's end) is one
+    copy, not two per layer; it moves that slot's first positions in every layer and touches nothing else."""
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=3, max_seq_len=16)
+    cache = model.kv_cache
+    assert cache.shape == (len(model.layers), 2, 3, 16, model.config.num_kv_heads, model.config.head_dim)
+    for index, layer in enumerate(model.layers):
+        assert layer.self_attn.k_cache.data_ptr() == cache[index, 0].data_ptr()
+        assert layer.self_attn.v_cache.data_ptr() == cache[index, 1].data_ptr()
+    cache.copy_(torch.randn(cache.shape))
+    before = cache.clone()
+    model.copy_slot(2, 0, 5)
+    for layer in model.layers:
+        for keys_or_values in (layer.self_attn.k_cache, layer.self_attn.v_cache):
+            assert torch.equal(keys_or_values[0, :5], keys_or_values[2, :5])
+    assert torch.equal(cache[:, :, 0, 5:], before[:, :, 0, 5:])
+    assert torch.equal(cache[:, :, 1:], before[:, :, 1:])

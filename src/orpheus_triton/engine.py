@@ -432,7 +432,7 @@ class InflightEngine:
             if not self.queue or len(self.queue[0].request.prompt) <= self.prefill_chunk:
                 return
             self.prefilling = self.queue.popleft()
-        self._mark_prompt(self.scratch_slot, torch.tensor(self.prefilling.request.prompt, device=self.device))
+        self._mark_prompt(self.scratch_slot, host_to_device(torch.tensor(self.prefilling.request.prompt), self.device))
         self._prefill_chunk_of(self.prefilling, budget)
 
     def _prefill_chunk_of(self, stream: _Stream, budget: int) -> int:
@@ -440,9 +440,10 @@ class InflightEngine:
         done, move the stream into the next decode slot and sample its first token. Returns the tokens used."""
         prompt = stream.request.prompt
         chunk = prompt[stream.prefilled : stream.prefilled + budget]
-        tokens = torch.tensor([chunk], device=self.device)
-        positions = torch.arange(stream.prefilled, stream.prefilled + len(chunk), device=self.device)[None]
-        hidden = self.model(tokens, positions, first_slot=self.scratch_slot, hidden_only=True)
+        tokens = host_to_device(torch.tensor([chunk]), self.device)
+        end = stream.prefilled + len(chunk)
+        positions = torch.arange(stream.prefilled, end, device=self.device)[None]
+        hidden = self.model(tokens, positions, first_slot=self.scratch_slot, context_len=end, hidden_only=True)
         stream.prefilled += len(chunk)
         stream.length = stream.prefilled
         if stream.prefilled < len(prompt):
@@ -484,17 +485,24 @@ class InflightEngine:
         # the queue and nowhere else, they would never hear their end.
         first = len(self.decoding)
         self.decoding.extend(group)
-        lengths = torch.tensor([len(s.request.prompt) for s in group], device=self.device)
-        width = int(lengths.max())
-        tokens = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-        for row, stream in enumerate(group):
-            prompt = torch.tensor(stream.request.prompt, device=self.device)
-            tokens[row, : prompt.numel()] = prompt
-            self._mark_prompt(first + row, prompt)
-            stream.prefilled = stream.length = prompt.numel()
+        # Built on the host and copied over once, without waiting for the GPU's queued work (as every
+        # input of a step: a blocking copy or a read of a device value here held the host until the
+        # previous step's forward was done, so the prefill's kernel launches could not overlap it).
+        # A row's padding repeats its first token, so that marking the rows' tokens as seen marks only theirs.
+        prompts = [stream.request.prompt for stream in group]
+        width = max(map(len, prompts))
+        rows = host_to_device(torch.tensor([[*p, *[p[0]] * (width - len(p)), len(p) - 1] for p in prompts]),
+                              self.device)
+        tokens, last_positions = rows[:, :width], rows[:, width]
+        slots = torch.arange(first, first + len(group), device=self.device)
+        self.seen[slots] = False
+        self.seen[slots[:, None], tokens] = True
+        for stream, prompt in zip(group, prompts, strict=True):
+            stream.prefilled = stream.length = len(prompt)
         positions = torch.arange(width, device=self.device).expand(len(group), width)
-        hidden = self.model(tokens, positions, first_slot=first, last_only=False, hidden_only=True)
-        last = hidden[torch.arange(len(group), device=self.device), lengths - 1]
+        hidden = self.model(tokens, positions, first_slot=first, context_len=width, last_only=False,
+                            hidden_only=True)
+        last = hidden[slots - first, last_positions]
         self._sample_and_emit(list(range(first, first + len(group))), last)
         return used
 

@@ -302,8 +302,7 @@ class WindowDecoder:
             return []
         real = len(windows)
         windows = [*windows, *[PADDING_WINDOW] * (self.rows_for(real) - real)]
-        books = [split_codebooks(w.codes) for w in windows]
-        codes = [torch.from_numpy(np.stack([b[i] for b in books])) for i in range(3)]
+        codes = [torch.from_numpy(book) for book in split_codebooks([w.codes for w in windows])]
         seeds = torch.tensor([w.seed for w in windows], dtype=torch.int64)
         if self.graphs is not None and len(windows) in self.sizes:
             audio = self.graphs(codes, seeds)
