@@ -239,13 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                              "newcomer waits for first audio (0: off; default: the server's, "
                              "NEWCOMER_ROUND_HORIZON)")
     parser.add_argument("--llm-response-thread", type=response_thread_setting, default="auto",
-                        help="the llm adapter's response thread: auto (on GPU only), true, false, or a number of "
-                             "threads, each stream's responses on one of them")
+                        help="the llm adapter's response thread: auto (one on a GPU, none on a CPU), true, false, "
+                             "or a number of threads, each stream's responses on one of them")
     parser.add_argument("--decoder-response-thread", type=response_thread_setting, default="auto",
-                        help="the snac_decoder adapter's response thread(s), likewise")
+                        help="the snac_decoder adapter's response thread(s), likewise (auto: two on a GPU)")
     parser.add_argument("--llm-cancel-check-seconds", type=float, metavar="S", default=CANCEL_CHECK_SECONDS,
                         help="with the response thread, how often Triton is asked about every stream's "
-                             "cancellation (default CANCEL_CHECK_SECONDS; 0: at every engine step)")
+                             "cancellation (default CANCEL_CHECK_SECONDS, 0: at every engine step, within the "
+                             "passes' duty)")
     parser.add_argument("--paced-llm", type=float, default=0.0, metavar="TOKENS_PER_S",
                         help="serve with the llm stage's engine replaced by a stand-in without a model that gives "
                              "every stream this many tokens a second (perf/paced_llm; with --skip-comparisons): "

@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", help="a real model set directory for the server it starts (llm/ + snac/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda, for the server it starts")
     parser.add_argument("--decoder-response-thread", type=response_thread_setting, default="auto",
-                        help="the snac_decoder adapter's response thread, for the server it starts: auto (on GPU "
-                             "only), true, false or a number of threads")
+                        help="the snac_decoder adapter's response thread, for the server it starts: auto (two on a "
+                             "GPU, none on a CPU), true, false or a number of threads")
     parser.add_argument("--max-seq-len", type=positive, default=2048, help="engine positions per stream, likewise")
     args = parser.parse_args(argv)
     if args.url and (args.models or args.shape != "demo"):

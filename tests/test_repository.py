@@ -127,7 +127,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--graph-sampling",
                                           "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
                                           "--max-queue-seconds", "2.5", "--max-queue", "32",
-                                          "--cancel-check-seconds", "0", "--response-threads", "3",
+                                          "--cancel-check-seconds", "0.25", "--response-threads", "3",
                                           "--voices", "pierre,amelie", "--default-voice", "amelie"],
                                          "true")):
         args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
@@ -146,7 +146,7 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
         assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
         assert llm.parameters["max_queue"].string_value == ("32" if flags else "256")
-        assert llm.parameters["cancel_check_seconds"].string_value == ("0.0" if flags else str(c.CANCEL_CHECK_SECONDS))
+        assert llm.parameters["cancel_check_seconds"].string_value == ("0.25" if flags else str(c.CANCEL_CHECK_SECONDS))
         for model in (llm, decoder):
             assert model.parameters["response_thread"].string_value == ("3" if flags else "auto")
         preprocessing = text_format.Parse((repository / c.PREPROCESSING_MODEL / "config.pbtxt").read_text(),

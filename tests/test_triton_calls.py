@@ -185,6 +185,9 @@ def test_response_threads_are_one_on_gpus_by_default_and_may_be_several():
     from orpheus_triton.triton_calls import response_threads
 
     assert response_threads({}, "cuda") == 1 and response_threads({}, "cpu") == 0
+    # the SNAC decoder's auto: two on a GPU (constants.DECODER_GPU_RESPONSE_THREADS), still none on a CPU
+    assert response_threads({}, "cuda", on_gpu=2) == 2 and response_threads({}, "cpu", on_gpu=2) == 0
+    assert response_threads({"response_thread": "true"}, "cuda", on_gpu=2) == 1
     assert response_threads({"response_thread": "true"}, "cpu") == 1
     assert response_threads({"response_thread": "false"}, "cuda") == 0
     assert response_threads({"response_thread": "4"}, "cuda") == 4

@@ -481,13 +481,14 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                              "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
     parser.add_argument("--response-threads", type=_response_threads, default="auto", metavar="auto|N",
                         help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
-                             "stream's on one of them (auto: 1 on a GPU, 0 on a CPU: sent where they are made; "
-                             "more than 1: off by default until measured)")
+                             "stream's on one of them (auto: on a GPU 1 for the LLM stage and 2 for the SNAC decoder; "
+                             "0 on a CPU: sent where they are made)")
     parser.add_argument("--cancel-check-seconds", type=non_negative_seconds, default=CANCEL_CHECK_SECONDS,
                         metavar="S",
                         help="GPU: how often the LLM stage asks Triton whether its streams' clients cancelled them, "
                              "every stream a round trip to the server (0: at every engine step; the questions "
-                             "take at most a tenth of a thread's time whatever S; default "
+                             "take at most a tenth of a thread's time whatever S, so at hundreds of streams "
+                             "passes come tens of milliseconds apart; default "
                              f"{CANCEL_CHECK_SECONDS:g}). Through the orpheus ensemble clients end streams with "
                              "`stop` instead (tritonserver does not pass their cancellation on)")
     parser.add_argument("--voices", default=",".join(VOICES), metavar="NAMES",

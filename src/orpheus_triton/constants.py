@@ -57,10 +57,20 @@ NEWCOMER_ROUND_HORIZON = 0.25  # seconds
 # trip to the server (34-53 us on 2 CPU cores: a pass over 216 streams 7.2-7.6 ms, perf/round_trips.py), and
 # the server answers them beside the responses. A cancellation lands within the interval and a step. Every
 # step within the duty (CANCEL_CHECK_SECONDS 0) against every 0.1 s, served at 128 streams on 2 CPU cores:
-# no clear difference in two pairs of runs (perf/results/2026-11-26_cpu-2core-amd-epyc-plumbing); the
-# default waits for the GPU host's figures (the short run's round-trips step).
-CANCEL_CHECK_SECONDS = 0.1
+# no clear difference in two pairs of runs (perf/results/2026-11-26_cpu-2core-amd-epyc-plumbing). On an
+# H100's host (perf/results/2026-11-27_h100, round trips): an ask 41 us, a pass over 216 streams 8.8 ms, over
+# 32 1.3 ms; sends slowed by 13-18% while another thread ran passes back to back, so by 1-2% at the duty's
+# tenth. At 0, then, a pass every engine step (6-10 ms) up to a few dozen streams, a cancellation landing
+# within a step or two, and at 216 streams one about every 90 ms, as often as every 0.1 s would allow.
+CANCEL_CHECK_SECONDS = 0.0
 CANCEL_CHECK_DUTY = 0.1
+# Threads the SNAC decoder's responses leave from on a GPU by default (the response_thread parameter's auto;
+# the llm model's: 1). Served on an H100 at 216 streams with the LLM a stand-in that costs nothing, its one
+# response thread sent without pause (95% of its samples in the send) while the decoding thread waited for
+# it (37%): 332 of 432 streams starved, first audio 354 ms p50. With both models' responses on two threads
+# each: 201 starved, 277 ms, the decoder's two threads about 68% busy each, the llm's about 30% (it was about
+# 50% on its own one) (perf/results/2026-11-27_h100).
+DECODER_GPU_RESPONSE_THREADS = 2
 # Most threads a model's responses may leave from (the response_thread parameter, serve --response-threads):
 # more would only contend for the GIL and the backend stub's message queue.
 MAX_RESPONSE_THREADS = 16

@@ -69,8 +69,9 @@ class RepositorySettings:
     # don't oversubscribe them (triton_llm.set_cpu_threads); on GPU torch's default. Or a number.
     llm_cpu_threads: str = "auto"
     decoder_cpu_threads: str = "auto"
-    # The llm and snac_decoder adapters' response threads (triton_calls.response_threads): auto = one on GPU
-    # only, true, false, or a number of threads (each stream's responses on one of them).
+    # The llm and snac_decoder adapters' response threads (triton_calls.response_threads): auto = on a GPU one
+    # for the llm, DECODER_GPU_RESPONSE_THREADS for the decoder, none on a CPU; true, false, or a number of
+    # threads (each stream's responses on one of them).
     llm_response_thread: str = "auto"
     decoder_response_thread: str = "auto"
     # With it, how often Triton is asked about every stream's cancellation (triton_calls.CancellationWatch).

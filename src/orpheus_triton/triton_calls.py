@@ -158,12 +158,12 @@ def response_queue(on_error: Callable[[str, Exception], None], threads: int,
     return ResponseQueue(on_error, threaded=threads == 1, before_last=before_last)
 
 
-def response_threads(params: dict[str, str], device_type: str) -> int:
-    """The llm and snac_decoder models' ``response_thread`` parameter as a number of threads: auto (one on a
-    GPU, none on a CPU), true (one), false (none: each response is sent where it is made) or a count."""
+def response_threads(params: dict[str, str], device_type: str, on_gpu: int = 1) -> int:
+    """The llm and snac_decoder models' ``response_thread`` parameter as a number of threads: auto (``on_gpu``
+    on a GPU, none on a CPU), true (one), false (none: each response is sent where it is made) or a count."""
     value = params.get("response_thread", "auto").strip().lower()
     if value == "auto":
-        return 1 if device_type == "cuda" else 0
+        return on_gpu if device_type == "cuda" else 0
     if value in ("true", "false"):
         return int(value == "true")
     if value.isdigit() and int(value) <= MAX_RESPONSE_THREADS:

@@ -54,8 +54,9 @@ class TritonPythonModel:
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
         self.metrics = DecoderMetrics(pb_utils)  # published by a thread of its own
-        # Responses leave inline in the worker, or (GPU by default) from the response thread(s).
-        self.responses = response_queue(self._undeliverable, response_threads(params, device.split(":")[0]))
+        # Responses leave inline in the worker, or (GPU by default: two) from the response thread(s).
+        threads = response_threads(params, device.split(":")[0], on_gpu=c.DECODER_GPU_RESPONSE_THREADS)
+        self.responses = response_queue(self._undeliverable, threads)
         self.worker = start_torch_thread(self._decode_rounds, "snac-decoder")
 
     def execute(self, requests):
