@@ -259,11 +259,12 @@ def test_snake_matches_upstream_bit_for_bit():
         assert torch.equal(Snake(upstream)(x), upstream(x))
 
 
-def test_round_sizes_are_powers_of_two_up_to_the_largest_round():
+def test_round_sizes_are_powers_of_two_then_multiples_of_32_up_to_the_largest_round():
     from orpheus_triton.snac_codec import round_sizes
 
-    assert round_sizes(256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    assert round_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 100)
+    assert round_sizes(256) == (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256)
+    assert round_sizes(100) == (1, 2, 4, 8, 16, 32, 64, 96, 100)
+    assert round_sizes(20) == (1, 2, 4, 8, 16, 20)
     assert round_sizes(1) == (1,)
     with pytest.raises(ValueError, match="max_windows must be >= 1"):
         round_sizes(0)

@@ -7,6 +7,20 @@ from collections.abc import Callable
 import torch
 
 
+def padded_sizes(largest: int, step: int = 32) -> tuple[int, ...]:
+    """The batch sizes work is padded up to, each captured once as a CUDA graph: powers of two below ``step``,
+    then multiples of ``step`` up to ``largest``, and ``largest`` itself.
+
+    Multiples rather than powers of two above ``step``: a batch of 216 runs as 224 rows, not 256, and a
+    batch's time grows with its rows there (the LLM's decode step; the SNAC decoder's call, about linearly
+    above 40 windows on an H100).
+    """
+    if largest < 1 or step < 1:
+        raise ValueError(f"padded sizes need largest and step >= 1, got {largest} and {step}")
+    small = [1 << i for i in range(step.bit_length()) if 1 << i < step]
+    return tuple(sorted({min(size, largest) for size in [*small, *range(step, largest + step, step)]}))
+
+
 def capture(run: Callable[[], torch.Tensor], device: torch.device, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run ``run`` twice on a side stream (warm-up: lazy initialisation, allocator), then capture it.
 

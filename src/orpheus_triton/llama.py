@@ -30,7 +30,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cuda_graphs import capture
+from .cuda_graphs import capture, padded_sizes
 
 log = logging.getLogger(__name__)
 
@@ -544,9 +544,7 @@ class BucketedDecoder:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.context_step = context_step
         max_batch = model.num_slots - 1  # the last slot is the engine's prefill scratch slot
-        small = [2**i for i in range(batch_step.bit_length()) if 2**i < batch_step]
-        self.batch_buckets = sorted({min(size, max_batch)
-                                     for size in [*small, *range(batch_step, max_batch + batch_step, batch_step)]})
+        self.batch_buckets = list(padded_sizes(max_batch, batch_step))
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -64,7 +64,7 @@ from .constants import (
     WINDOW_KEEP_START,
     WINDOW_TOKENS,
 )
-from .cuda_graphs import capture
+from .cuda_graphs import capture, padded_sizes
 from .frames import Window, split_codebooks
 from .snac_span import Span, SpanDecoder
 from .snake import Snake, fold_snake_scales
@@ -232,18 +232,20 @@ def load_window_decoder(path: str | Path, device: str | torch.device = "cpu", ex
 
 
 def round_sizes(max_windows: int) -> tuple[int, ...]:
-    """The batch sizes a GPU decoder pads its calls to: powers of two up to ``max_windows``, and it.
+    """The batch sizes a GPU decoder pads its calls to (``cuda_graphs.padded_sizes``, as the LLM's decode
+    step: powers of two below 32, then multiples of 32 up to ``max_windows``).
 
     On the GPU the first SNAC call of each new batch size stalled the whole decoder
     for seconds (about 3 s on an H100: the served sweep of perf/results/2026-11-26_h100,
-    where every round of a size not seen before held up every stream), while a call's
-    time grows slowly with its rows (8 windows 16 ms, 256 windows 47 ms). Padding to
-    nine sizes, each decoded once at load, leaves no new size for a listener to wait on.
+    where every round of a size not seen before held up every stream). A few sizes, each
+    captured at load, leave no new size for a listener to wait on. Multiples of 32 rather than
+    powers of two above it: a call's time grows about linearly with its rows there (on an H100,
+    eagerly: 128 rows 24 ms, 256 rows 42 ms), and its GPU time is taken from the LLM on the same GPU;
+    a round of 91 windows (216 streams served, perf/results/2026-11-27_h100) decoded 128 rows, now 96.
     """
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    sizes = [1 << i for i in range(max_windows.bit_length()) if 1 << i < max_windows]
-    return (*sizes, max_windows)
+    return padded_sizes(max_windows)
 
 
 class WindowDecoder:
