@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, NO_END_ID, TOKENS_PER_FRAME
-from orpheus_triton.engine import PREFILL_TOKENS_PER_STEP, CapacityError, GenerationRequest, InflightEngine
+from orpheus_triton.engine import (
+    PREFILL_GRAPH_ROWS,
+    PREFILL_TOKENS_PER_STEP,
+    CapacityError,
+    GenerationRequest,
+    InflightEngine,
+)
 from orpheus_triton.frames import StreamFramer, token_slot
 from orpheus_triton.llama import load_llama
 from orpheus_triton.sampling import SamplingBatch, gumbel_noise, sample
@@ -87,6 +93,56 @@ def test_gpu_decode_path_streams_as_if_alone(model, varlen, flash_reference):
         model.use_varlen_decode(False)
     for i in alone:
         assert together[i].tokens == alone[i].tokens, i
+
+
+class PrefillSpy:
+    """Stands in for an engine's bucketed prefill and records the rows of each prefill it takes."""
+
+    def __init__(self, prefiller):
+        self.prefiller, self.calls = prefiller, []
+
+    def bucket(self, rows, width):
+        return self.prefiller.bucket(rows, width)
+
+    def __call__(self, tokens, last):
+        self.calls.append(tokens.shape[0])
+        return self.prefiller(tokens, last)
+
+
+def test_gpu_prefill_path_takes_a_few_prompts_at_a_bucketed_shape_and_a_burst_eagerly(model):
+    """The GPU path's prefill, run eagerly here: up to PREFILL_GRAPH_ROWS short prompts at a padded shape
+    through the scratch slots (a CUDA graph on GPU), a larger group (a burst of callers) in one forward
+    straight into the decode slots; every stream gets the tokens it gets alone."""
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]] + [list(range(500 + 7 * i, 505 + 7 * i)) for i in range(9)]
+    alone = []
+    for i, prompt in enumerate(prompts):
+        alone.append(Collector())
+        engine = make_engine(model)
+        engine.submit(request(prompt, alone[i], seed=i, max_new_tokens=12))
+        engine.run_until_idle()
+
+    engine = make_engine(model, max_streams=12, bucketed=True)
+    assert engine.prefiller is not None and engine.model.num_slots == 12 + PREFILL_GRAPH_ROWS
+    spy = engine.prefiller = PrefillSpy(engine.prefiller)
+    forwards = []
+    plain_forward = engine.model.forward
+
+    def eager_forward(tokens, positions, first_slot=0, **kw):
+        if tokens.shape[1] > 1 and first_slot < engine.scratch_slot:
+            forwards.append(tokens.shape)
+        return plain_forward(tokens, positions, first_slot=first_slot, **kw)
+
+    engine.model.forward = eager_forward
+    together = [Collector() for _ in prompts]
+    for i in range(3):
+        engine.submit(request(prompts[i], together[i], seed=i, max_new_tokens=12))
+    engine.step()
+    assert spy.calls == [3] and forwards == []
+    for i in range(3, len(prompts)):  # nine callers at once
+        engine.submit(request(prompts[i], together[i], seed=i, max_new_tokens=12))
+    engine.run_until_idle()
+    assert spy.calls == [3] and forwards == [(9, 5)]
+    assert [out.tokens for out in together] == [out.tokens for out in alone]
 
 
 def run_together(engine) -> dict:

@@ -26,7 +26,8 @@ def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
     result = json.loads((tmp_path / "check_gpu.json").read_text())
     checks = result["checks"]
     assert result["failed"] == [] and set(checks) == {"decode_attention", "cuda_graphs", "device_vs_cpu",
-                                                      "engine_run", "overlap", "sampling", "graph_sampling", "snac",
+                                                      "engine_run", "overlap", "prefill_graphs", "sampling",
+                                                      "graph_sampling", "snac",
                                                       "calibration", "new_shapes", "served_stream"}
     assert checks["decode_attention"]["ok"] == check_gpu.NOT_APPLICABLE  # CUDA-only
     assert all(checks[name]["ok"] is True for name in checks if name != "decode_attention")

@@ -261,3 +261,79 @@ def test_the_kv_cache_is_one_tensor_and_a_slot_moves_in_one_copy(checkpoint):
             assert torch.equal(keys_or_values[0, :5], keys_or_values[2, :5])
     assert torch.equal(cache[:, :, 0, 5:], before[:, :, 0, 5:])
     assert torch.equal(cache[:, :, 1:], before[:, :, 1:])
+
+
+def prefill_rows(count: int = 3) -> list[list[int]]:
+    return [torch.randint(0, 156940, (n,)).tolist() for n in (9, 3, 12)[:count]]
+
+
+def test_bucketed_prefill_equals_the_plain_prefill(checkpoint):
+    """Short prompts prefilled at a padded shape into scratch slots (the GPU path, a CUDA graph there; here
+    eagerly) give each row's last hidden state and, once moved, the cache entries of the plain prefill."""
+    from orpheus_triton.llama import BucketedPrefill
+
+    torch.manual_seed(1)
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=3 + 4, max_seq_len=64)  # 3 decode slots + 4 scratch
+    prefill = BucketedPrefill(model, first_slot=3, max_rows=4, max_tokens=64, use_graphs=False)
+    assert prefill.rows == [1, 2, 4] and prefill.widths == [16, 32, 64]
+    assert prefill.bucket(3, 12) == (4, 16) and prefill.bucket(1, 17) == (1, 32)
+    assert prefill.bucket(2, 33) is None  # 2 x 64 positions: over the 64 a prefill takes
+    assert prefill.bucket(5, 3) is None and prefill.bucket(1, 65) is None
+    assert set(prefill.shapes()) == {(1, 16), (2, 16), (4, 16), (1, 32), (2, 32), (1, 64)}
+    assert prefill.capture_all() == 0  # nothing to capture without CUDA graphs
+    rows = prefill_rows()
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [r[0]] * (width - len(r)) for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    with torch.inference_mode():
+        plain = [model(torch.tensor([r]), torch.arange(len(r))[None], first_slot=i, hidden_only=True)[0]
+                 for i, r in enumerate(rows)]
+        plain_cache = model.kv_cache[:, :, :3].clone()
+        model.kv_cache[:, :, :3] = 0
+        bucketed = prefill(tokens, last)
+        model.copy_slot(3, 0, width, count=3)
+    torch.testing.assert_close(bucketed, torch.stack(plain), rtol=1e-5, atol=1e-5)
+    for slot, r in enumerate(rows):
+        torch.testing.assert_close(model.kv_cache[:, :, slot, : len(r)], plain_cache[:, :, slot, : len(r)],
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no prefill bucket for 5 prompts"):
+        prefill(torch.zeros(5, 3, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not fit 7 slots"):
+        BucketedPrefill(model, first_slot=4, max_rows=4, max_tokens=64, use_graphs=False)
+
+
+@pytest.mark.parametrize("fault", ["capture fails", "graph disagrees"])
+def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoint, monkeypatch, caplog, fault):
+    """Checked when captured (a CUDA graph needs a GPU: the capture is stood in for here): a graph that cannot
+    be captured or whose output differs from the eager prefill is not used, and that prefill and the later
+    ones run eagerly, with the same result."""
+    from orpheus_triton import llama
+    from orpheus_triton.llama import BucketedPrefill
+
+    class Replayed:
+        def replay(self):
+            pass
+
+    def stand_in(run, device, pool):
+        if fault == "capture fails":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Replayed(), torch.zeros_like(run())
+
+    monkeypatch.setattr(llama, "capture", stand_in)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # (CUDA's; this torch has none)
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=4, max_seq_len=64)
+    prefill = BucketedPrefill(model, first_slot=2, max_rows=2, max_tokens=64, use_graphs=True)
+    rows = prefill_rows(2)
+    tokens = torch.tensor([r + [r[0]] * (12 - len(r)) for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    with torch.inference_mode():
+        plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
+                             for r in rows])
+        first = prefill(tokens, last)
+        again = prefill(tokens, last)
+    assert not prefill.use_graphs and not prefill.graphs
+    assert "prefilling eagerly" in caplog.text
+    torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-5)

@@ -10,6 +10,8 @@ on the real device, with small random models:
 * the bucketed bf16 decode step against the fp32 CPU forward on the same weights;
 * an engine run: streams to completion, every token in its frame slot;
 * the engine's overlap option: the same tokens for every stream as without it;
+* short prompts prefilled from CUDA graphs (scratch slots, then moved) against prefilling them eagerly:
+  the same tokens for every stream, and what one prefill costs each way;
 * sampling: the same tokens on the device as on the CPU for the same logits;
 * graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched (and which call
@@ -154,6 +156,27 @@ def check_overlap(device: torch.device, model) -> dict:
     same = sum(plain[i] == overlapped[i] for i in plain)
     return {"ok": same == len(plain), "same_streams": f"{same} of {len(plain)}",
             "tokens": sum(len(t) for t in overlapped.values())}
+
+
+def check_prefill_graphs(device: torch.device, model) -> dict:
+    """Short prompts prefilled from captured graphs (into scratch slots, then moved into their decode slots)
+    against the same engine without CUDA graphs: the same tokens for every stream; and one prefill of two
+    40-token prompts timed each way (the host time a graph saves on every newcomer)."""
+    graphs, _ = engine_outputs(model, bucketed=True)
+    eager, _ = engine_outputs(model, bucketed=True, cuda_graphs=False)
+    same = sum(graphs[i] == eager[i] for i in graphs)
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512, bucketed=True)
+    engine.capture_graphs()
+    prefiller = engine.prefiller
+    tokens = torch.randint(1000, 2000, (2, 40), device=device)
+    last = torch.full((2,), 39, device=device)
+    rows, width = prefiller.bucket(2, 40)
+    with torch.inference_mode():
+        replayed = min(synced_seconds(device, lambda: prefiller(tokens, last)) for _ in range(5))
+        eager_seconds = min(synced_seconds(device, lambda: prefiller._forward(rows, width)) for _ in range(5))
+    return {"ok": same == len(graphs) and prefiller.use_graphs == (device.type == "cuda"),
+            "same_streams": f"{same} of {len(graphs)}", "graphs": len(prefiller.graphs),
+            "prefill_2x40_ms": {"graph": round(1000 * replayed, 2), "eager": round(1000 * eager_seconds, 2)}}
 
 
 def misplaced_tokens(audio: list[int]) -> int:
@@ -367,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "device_vs_cpu": lambda: check_against_cpu(device, checkpoint),
             "engine_run": lambda: check_engine_run(device, model),
             "overlap": lambda: check_overlap(device, model),
+            "prefill_graphs": lambda: check_prefill_graphs(device, model),
             "sampling": lambda: check_sampling(device),
             "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),

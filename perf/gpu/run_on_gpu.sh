@@ -300,14 +300,14 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
-  # in the order named (default "models serving serving-overlap serving-paced engine check round-trips
+  # in the order named (default "check models serving serving-overlap serving-paced engine round-trips
   # perf-analyzer engine-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
   # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short" deadline=$((SECONDS + ${SHORT_SECONDS:-540}))
-  local steps="${SHORT_STEPS:-models serving serving-overlap serving-paced engine check round-trips perf-analyzer engine-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check models serving serving-overlap serving-paced engine round-trips perf-analyzer engine-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -342,7 +342,7 @@ short() {
   [[ -x "$REPO/perf/.tools/bin/py-spy" ]] && stack_args=(--stack-seconds 5)
   for name in $steps; do
     case "$name" in
-      check) step check 100 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
+      check) step check 110 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
       # The Python backend's round trips on this host's CPU (about 20 s): what a response send (from 1, 2 and 4
       # threads) and a cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is
       # decided.

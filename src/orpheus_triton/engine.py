@@ -8,8 +8,9 @@ One scheduler loop owns the model. Each iteration (a *step*):
    (``PREFILL_TOKENS_PER_STEP`` by device unless set), so a long prompt or a
    burst of callers never stalls running streams for more than one chunk:
    the short prompts that fit together in one forward straight into free decode
-   slots, a long one chunk by chunk in the scratch slot, from which a finished
-   prefill moves into the next decode slot;
+   slots (on a GPU, up to ``PREFILL_GRAPH_ROWS`` of them as a captured graph into
+   scratch slots, then moved: ``llama.BucketedPrefill``), a long one chunk by chunk
+   in the scratch slot, from which a finished prefill moves into the next decode slot;
 3. runs ONE batched forward over every decoding stream (slots ``0..n-1``),
    samples a token per stream and hands it to the stream's callback.
 
@@ -46,7 +47,7 @@ from .constants import (
     NO_END_ID,
     TOKENS_PER_FRAME,
 )
-from .llama import BucketedDecoder, Llama, available_memory, kv_cache_bytes
+from .llama import BucketedDecoder, BucketedPrefill, Llama, available_memory, kv_cache_bytes
 from .sampling import GuardedSampler, HostRows, LmHead, SamplingBatch, host_to_device, sample
 from .threads import start_torch_thread
 
@@ -65,20 +66,26 @@ log = logging.getLogger(__name__)
 PREFILL_TOKENS_PER_STEP = {"cpu": 256, "cuda": 2048}
 
 
+# Prompts one captured prefill takes at most (llama.BucketedPrefill, GPU): each is a scratch slot of the KV
+# cache. Steadily arriving callers come one or two a step; a larger group (a burst) is prefilled eagerly.
+PREFILL_GRAPH_ROWS = 8
+
+
 # The KV cache may take this share of the memory free when the engine starts; the rest is for the
 # step's activations, CUDA graphs and sampling (and, on a GPU, whatever else shares it).
 KV_CACHE_SHARE = 0.9
 
 
-def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: torch.device) -> None:
+def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: torch.device,
+                     scratch_slots: int = 1) -> None:
     """Refuse, with the numbers and what to change, a KV cache the device cannot hold, before
     allocating it: a server that cannot start should say why, not fail with out-of-memory."""
     dtype = model.embed_tokens.weight.dtype
     per_stream = kv_cache_bytes(model.config, 1, max_seq_len, dtype)
-    need = per_stream * (max_streams + 1)  # + the slot prompts are prefilled in
+    need = per_stream * (max_streams + scratch_slots)  # + the slots prompts are prefilled in
     free = available_memory(device)
     gib = 2**30
-    fit = None if free is None else int(KV_CACHE_SHARE * free // per_stream) - 1  # streams of this length
+    fit = None if free is None else int(KV_CACHE_SHARE * free // per_stream) - scratch_slots  # of this length
     log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s%s)", max_streams, max_seq_len,
              need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device,
              "" if fit is None else f": room for about {fit} streams of this length, serve --max-streams")
@@ -206,16 +213,23 @@ class InflightEngine:
         self.max_queue_seconds = max_queue_seconds
         self.prefill_chunk = prefill_chunk if prefill_chunk is not None else PREFILL_TOKENS_PER_STEP.get(
             self.device.type, PREFILL_TOKENS_PER_STEP["cpu"])
-        self.scratch_slot = max_streams  # prompts are prefilled here, then moved
-        check_cache_fits(model, max_streams, max_seq_len, self.device)
-        model.allocate_cache(max_streams + 1, max_seq_len)
-        # On GPU, decode steps run at bucketed shapes, replayed from CUDA graphs unless
-        # cuda_graphs=False. On CPU padding would only add work: steps run at their own shape
-        # (bucketed=True forces the padded path there, eagerly, to test it without a GPU).
+        # On GPU, decode steps and short prompts' prefills run at bucketed shapes, replayed from CUDA
+        # graphs unless cuda_graphs=False. On CPU padding would only add work: they run at their own shape
+        # (bucketed=True forces the padded paths there, eagerly, to test them without a GPU).
         on_gpu = self.device.type == "cuda"
         use_buckets = on_gpu if bucketed is None else bucketed
-        self.decoder = (BucketedDecoder(model, use_graphs=on_gpu and cuda_graphs is not False)
+        use_graphs = on_gpu and cuda_graphs is not False
+        # Slots prompts are prefilled in, then moved: a long prompt's chunks go through the first, a
+        # bucketed prefill's prompts through as many as it takes.
+        self.scratch_slot = max_streams
+        scratch_slots = PREFILL_GRAPH_ROWS if use_buckets else 1
+        check_cache_fits(model, max_streams, max_seq_len, self.device, scratch_slots)
+        model.allocate_cache(max_streams + scratch_slots, max_seq_len)
+        self.decoder = (BucketedDecoder(model, use_graphs=use_graphs, max_batch=max_streams)
                         if use_buckets else None)
+        self.prefiller = (BucketedPrefill(model, self.scratch_slot, PREFILL_GRAPH_ROWS, self.prefill_chunk,
+                                          use_graphs=use_graphs)
+                          if use_buckets else None)
         vocab = model.config.vocab_size
         # Tokens each slot has seen (prompt + output), for the repetition penalty.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
@@ -287,6 +301,7 @@ class InflightEngine:
         """Capture the decode step's CUDA graphs for every shape now (GPU; 0 elsewhere), so no
         stream waits for a capture while serving. Returns how many were captured."""
         graphs = self.decoder.capture_all() if self.decoder is not None else 0
+        graphs += self.prefiller.capture_all() if self.prefiller is not None else 0
         return graphs + (self.sampler.capture_all() if self.sampler is not None else 0)
 
     def stop(self) -> None:
@@ -499,10 +514,15 @@ class InflightEngine:
         self.seen[slots[:, None], tokens] = True
         for stream, prompt in zip(group, prompts, strict=True):
             stream.prefilled = stream.length = len(prompt)
-        positions = torch.arange(width, device=self.device).expand(len(group), width)
-        hidden = self.model(tokens, positions, first_slot=first, context_len=width, last_only=False,
-                            hidden_only=True)
-        last = hidden[slots - first, last_positions]
+        if self.prefiller is not None and self.prefiller.bucket(len(group), width) is not None:
+            # One captured graph into the scratch slots, then one copy into the decode slots.
+            last = self.prefiller(tokens, last_positions)
+            self.model.copy_slot(self.scratch_slot, first, width, count=len(group))
+        else:
+            positions = torch.arange(width, device=self.device).expand(len(group), width)
+            hidden = self.model(tokens, positions, first_slot=first, context_len=width, last_only=False,
+                                hidden_only=True)
+            last = hidden[slots - first, last_positions]
         self._sample_and_emit(list(range(first, first + len(group))), last)
         return used
 

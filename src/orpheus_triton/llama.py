@@ -368,9 +368,10 @@ class Llama(nn.Module):
         self.varlen_decode = enabled
         return enabled
 
-    def copy_slot(self, source: int, target: int, length: int) -> None:
-        """Move the first ``length`` cached positions of one slot to another (every layer's, in one copy)."""
-        self.kv_cache[:, :, target, :length] = self.kv_cache[:, :, source, :length]
+    def copy_slot(self, source: int, target: int, length: int, count: int = 1) -> None:
+        """Move the first ``length`` cached positions of ``count`` slots from ``source``.. to ``target``..
+        (every layer's, in one copy; the two ranges must not overlap)."""
+        self.kv_cache[:, :, target : target + count, :length] = self.kv_cache[:, :, source : source + count, :length]
 
     def forward(
         self,
@@ -538,12 +539,14 @@ class BucketedDecoder:
     logic testable; there is no launch overhead to save).
     """
 
-    def __init__(self, model: Llama, context_step: int = 256, batch_step: int = 32, use_graphs: bool | None = None):
+    def __init__(self, model: Llama, context_step: int = 256, batch_step: int = 32, use_graphs: bool | None = None,
+                 max_batch: int | None = None):
         device = model.embed_tokens.weight.device
         self.model = model
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.context_step = context_step
-        max_batch = model.num_slots - 1  # the last slot is the engine's prefill scratch slot
+        # The decoding slots 0..max_batch-1 (by default all but the last: the engine's prefill scratch slot)
+        max_batch = model.num_slots - 1 if max_batch is None else max_batch
         self.batch_buckets = list(padded_sizes(max_batch, batch_step))
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
@@ -599,4 +602,108 @@ class BucketedDecoder:
         # the cache entries they write are the ones the replay writes again.
         graph, out = capture(lambda: self._forward(rows, context), self.tokens.device, self.pool)
         self.graphs[(rows, context)] = (graph, out)
+        return graph, out
+
+
+class BucketedPrefill:
+    """Short prompts' prefill at a few fixed shapes, replayed from CUDA graphs on GPU.
+
+    An eager prefill launches every layer's kernels from Python: about 6 ms of host time a forward on an
+    H100's host whatever its size (perf/results/2026-11-27_h100, the check's new shapes), and served at a
+    few hundred streams nearly every engine step prefills a newcomer: prefills took half the engine
+    thread's time. Here up to ``max_rows`` prompts, padded to a power-of-two count of rows and width
+    (``max_tokens`` positions at most in all), run as one captured graph: one launch. A graph's slots
+    are fixed when it is captured, so the graphs prefill scratch slots ``first_slot``..
+    ``first_slot + max_rows - 1``, from which the caller moves the prompts into their decode slots (one
+    copy, ``Llama.copy_slot``). Padding rows and positions write entries that a row's mask hides until
+    its own tokens overwrite them. Each graph is checked against the same prefill run eagerly when it is
+    captured; should one disagree or fail to capture, prefills run eagerly (logged). On CPU
+    (``use_graphs=False``) the same padding runs eagerly, to test it without a GPU.
+    """
+
+    MIN_WIDTH = 16
+
+    def __init__(self, model: Llama, first_slot: int, max_rows: int, max_tokens: int, use_graphs: bool | None = None):
+        device = model.embed_tokens.weight.device
+        if first_slot + max_rows > model.num_slots:
+            raise ValueError(f"{max_rows} scratch slots from slot {first_slot} do not fit {model.num_slots} slots")
+        self.model = model
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.first_slot = first_slot
+        self.max_tokens = max_tokens
+        self.rows = [1 << i for i in range(max_rows.bit_length())]
+        widest = min(max_tokens, model.max_seq_len)
+        self.widths = [self.MIN_WIDTH << i for i in range(max(0, widest // self.MIN_WIDTH).bit_length())]
+        self.tokens = torch.zeros(max_rows, max(self.widths, default=1), dtype=torch.long, device=device)
+        self.last = torch.zeros(max_rows, dtype=torch.long, device=device)  # each row's last prompt position
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def bucket(self, rows: int, width: int) -> tuple[int, int] | None:
+        """The (rows, width) a prefill of ``rows`` prompts up to ``width`` tokens runs at; None: not here."""
+        padded_rows = next((r for r in self.rows if r >= rows), None)
+        padded_width = next((w for w in self.widths if w >= width), None)
+        if padded_rows is None or padded_width is None or padded_rows * padded_width > self.max_tokens:
+            return None
+        return padded_rows, padded_width
+
+    def shapes(self) -> list[tuple[int, int]]:
+        return [(r, w) for r in self.rows for w in self.widths if r * w <= self.max_tokens]
+
+    def __call__(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Prefill ``tokens`` [B, T] (row b's prompt in its first last[b] + 1 positions) into the scratch
+        slots; the normed final hidden state [B, H] at each row's last prompt position."""
+        batch, width = tokens.shape
+        shape = self.bucket(batch, width)
+        if shape is None:
+            raise ValueError(f"no prefill bucket for {batch} prompts of up to {width} tokens")
+        rows, padded = shape
+        self.tokens[:rows, :padded].zero_()
+        self.tokens[:batch, :width].copy_(tokens)
+        self.last[:rows].zero_()
+        self.last[:batch].copy_(last)
+        if not self.use_graphs:
+            return self._forward(rows, padded)[:batch]
+        graph_and_out = self.graphs.get(shape) or self._capture(rows, padded)
+        if graph_and_out is None:  # no graph for it: eagerly (logged when capturing failed)
+            return self._forward(rows, padded)[:batch]
+        graph, out = graph_and_out
+        graph.replay()
+        return out[:batch]
+
+    @torch.inference_mode()
+    def capture_all(self) -> int:
+        """Capture every shape's graph now (a server's startup). Returns how many were captured."""
+        if not self.use_graphs:
+            return 0
+        self.tokens.zero_()
+        self.last.zero_()
+        missing = [shape for shape in self.shapes() if shape not in self.graphs]
+        for rows, width in missing:
+            if self._capture(rows, width) is None:
+                return 0
+        return len(missing)
+
+    def _forward(self, rows: int, width: int) -> torch.Tensor:
+        positions = torch.arange(width, device=self.tokens.device).expand(rows, width)
+        hidden = self.model(self.tokens[:rows, :width], positions, first_slot=self.first_slot, context_len=width,
+                            last_only=False, hidden_only=True)
+        return hidden[torch.arange(rows, device=hidden.device), self.last[:rows]]
+
+    def _capture(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        eager = self._forward(rows, width).float()
+        try:
+            graph, out = capture(lambda: self._forward(rows, width), self.tokens.device, self.pool)
+            graph.replay()
+        except RuntimeError as error:
+            log.warning("prefill: no CUDA graph for %d x %d tokens (%s); prefilling eagerly", rows, width, error)
+            self.use_graphs = False
+            return None
+        difference = (out.float() - eager).abs().max().item()
+        if difference > 1e-2 * max(1.0, eager.abs().max().item()):
+            log.warning("prefill: the CUDA graph for %d x %d tokens differs from the eager prefill by %.3g; "
+                        "prefilling eagerly", rows, width, difference)
+            self.use_graphs = False
+            return None
+        self.graphs[(rows, width)] = (graph, out)
         return graph, out
