@@ -264,11 +264,14 @@ def check_quantization(options: BuildOptions, gpu: str, capability: tuple[int, i
                          f"L4, L40S, H100, H200, B200); {gpu} has {have}. Build without --quantization there")
 
 
-def source_fingerprint(llm_dir: Path) -> str:
-    """Identifies the weights without reading them: config.json's bytes and each weight file's name and size."""
+def source_fingerprint(llm_dir: Path, tokenizer: bool = False) -> str:
+    """Identifies the weights without reading them: config.json's bytes and each weight file's name and size;
+    with ``tokenizer``, tokenizer.json's bytes too (an FP8 engine's calibration prompts are tokenized by it)."""
     digest = hashlib.sha256((llm_dir / "config.json").read_bytes())
     for weights in sorted(llm_dir.glob("*.safetensors")):
         digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    if tokenizer and (llm_dir / "tokenizer.json").is_file():
+        digest.update((llm_dir / "tokenizer.json").read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -282,7 +285,7 @@ def engine_metadata(options: BuildOptions, llm_dir: Path, trtllm_version: str, g
         recorded = {name: value for name, value in recorded.items() if name not in CALIBRATION_OPTIONS}
     return {
         "options": recorded,
-        "source": source_fingerprint(llm_dir),
+        "source": source_fingerprint(llm_dir, tokenizer=options.quantization != "none"),
         "tensorrt_llm": trtllm_version,
         "gpu": gpu,
     }

@@ -427,6 +427,18 @@ def test_engine_is_current_only_for_the_same_build(tmp_path):
     assert build_trtllm.engine_is_current(engine, reweighted)[1].startswith("source changed")
 
 
+def test_an_fp8_engine_is_rebuilt_for_another_tokenizer_and_an_unquantized_one_is_not(tmp_path):
+    """An FP8 engine's scales come from calibration prompts the checkpoint's tokenizer.json tokenizes."""
+    llm = fake_checkpoint(tmp_path)
+    (llm / "tokenizer.json").write_text('{"version": "1.0"}')
+    fp8, plain = build_trtllm.BuildOptions(quantization="fp8"), build_trtllm.BuildOptions()
+    before = {options: build_trtllm.engine_metadata(options, llm, "1.1.0", "H100") for options in (fp8, plain)}
+    (llm / "tokenizer.json").write_text('{"version": "1.0", "added_tokens": []}')
+    after = {options: build_trtllm.engine_metadata(options, llm, "1.1.0", "H100") for options in (fp8, plain)}
+    assert before[fp8]["source"] != after[fp8]["source"]
+    assert before[plain]["source"] == after[plain]["source"]
+
+
 # --- the GPU repository -----------------------------------------------------------------------------
 
 GPU_MODELS = (*MODELS, ENGINE_MODEL)
