@@ -17,21 +17,23 @@ TensorRT-LLM backends call ``seed`` (see ``--seed-tensor``).
     python build_engines/render_gpu_repository.py --models /models --engine-dir /engines/orpheus-3b --serve
 
 ``--serve`` then runs the image's ``tritonserver`` on the repository (ports as
-``orpheus-triton serve``), replacing this process.
+``orpheus-triton serve``) as ``serve`` runs it: SIGTERM and SIGINT passed on (Triton's graceful stop,
+requests in flight get ``--exit-timeout``), and a backend stub that dies after loading stops the server
+with exit status 1 (tritonserver 2.51 neither restarts it nor stops reporting ready), so that the
+container's restart policy starts a whole one again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import string
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orpheus_triton.arguments import positive
+from orpheus_triton.arguments import non_negative, positive
 from orpheus_triton.constants import ENGINE_MODEL, LLM_SEED
 from orpheus_triton.demo_models import ModelSet, cache_dir
 from orpheus_triton.repository import RelaySettings, RepositorySettings, render_with_relay
@@ -148,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--exit-timeout", type=non_negative, default=30, metavar="SECONDS",
+                        help="with --serve: on SIGTERM or Ctrl-C, how long requests in flight may take before the "
+                             "server stops (default 30, tritonserver's own)")
     return parser
 
 
 def _serve(repository: Path, args) -> int:
-    from orpheus_triton.server import Ports, server_command, server_environment  # noqa: PLC0415
+    from orpheus_triton.server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     if not shutil.which("tritonserver"):
         _log("error: tritonserver is not on PATH; the TensorRT-LLM backend ships in the Triton TensorRT-LLM "
@@ -161,11 +166,10 @@ def _serve(repository: Path, args) -> int:
     if TRITON_BACKENDS.is_dir() and not (TRITON_BACKENDS / "tensorrtllm").is_dir():
         _log(f"error: {TRITON_BACKENDS} has no tensorrtllm backend; use the -trtllm-python-py3 Triton image")
         return 2
-    command = server_command(repository, Ports(args.grpc_port, args.http_port, args.metrics_port))
-    _log(f"gRPC on :{args.grpc_port}, HTTP on :{args.http_port}, metrics on :{args.metrics_port}")
-    _log(" ".join(command))
-    os.execvpe(command[0], command, server_environment())
-    return 0  # not reached
+    ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
+    _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
+    process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
+    return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
 
 
 def main(argv: list[str] | None = None) -> int:

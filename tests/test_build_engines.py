@@ -618,6 +618,29 @@ def test_max_batch_size_and_length_default_to_the_engines(tmp_path, monkeypatch,
     assert "default voice 'tara' is not one of the voices: jana, thomas" in capsys.readouterr().err
 
 
+def test_serve_runs_tritonserver_as_orpheus_triton_serve_does(tmp_path, monkeypatch):
+    """--serve starts the image's tritonserver and waits on it as `serve` does (signals passed on, a backend stub
+    that dies after loading stops the server with exit status 1): it no longer replaces itself with the server."""
+    from orpheus_triton import server
+
+    monkeypatch.setattr(ModelSet, "check", lambda self: None)
+    monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
+    monkeypatch.setattr(gpu_repository, "TRITON_BACKENDS", tmp_path / "no-backends-folder")
+    started, waited = [], []
+    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra: started.append(
+        (repository, ports, extra)) or "the server process")
+    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log: waited.append(
+        (process, exit_timeout, ready)) or 1)
+    monkeypatch.setattr(server, "http_ready", lambda port: port == 8123)
+    argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
+            "--serve", "--http-port", "8123", "--exit-timeout", "12"]
+    assert gpu_repository.main(argv) == 1  # the server's exit status
+    [(repository, ports, extra)] = started
+    assert repository == tmp_path / "repo" and ports.http == 8123 and extra == ["--exit-timeout-secs=12"]
+    [(process, exit_timeout, ready)] = waited
+    assert process == "the server process" and exit_timeout == 12 and ready()
+
+
 def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ModelSet, "check", lambda self: None)
     monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: None)

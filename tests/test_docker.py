@@ -21,6 +21,18 @@ COMPOSE = DOCKER / "compose.yaml"
 TRITON_PORTS = {8000, 8001, 8002}
 
 
+def gpu_repository_parser():
+    """build_engines/render_gpu_repository.py's argument parser (the GPU container's first process)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("render_gpu_repository", ROOT / "build_engines" /
+                                                  "render_gpu_repository.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
 def _tool(name: str) -> str | None:
     """A tool from PATH or from this interpreter's bin/ (a venv that is not activated)."""
     beside = Path(sys.executable).parent / name
@@ -170,9 +182,10 @@ def test_gpu_service_is_behind_the_gpu_profile_and_reserves_gpus():
 
 
 def test_each_service_gets_the_time_its_server_takes_to_stop_before_it_is_killed():
-    """compose kills a container its grace period after SIGTERM (10 s unless set): the CPU service's
-    `serve` waits its exit timeout plus its kill margin, the GPU service's tritonserver its own 30 s."""
-    from orpheus_triton.cli import STOP_GRACE_SECONDS, build_parser
+    """compose kills a container its grace period after SIGTERM (10 s unless set): either service's launcher
+    waits its exit timeout plus its kill margin."""
+    from orpheus_triton.cli import build_parser
+    from orpheus_triton.server import STOP_GRACE_SECONDS
 
     def seconds(value: str) -> float:
         assert value.endswith("s") and value[:-1].isdigit(), value
@@ -181,7 +194,8 @@ def test_each_service_gets_the_time_its_server_takes_to_stop_before_it_is_killed
     services = compose()["services"]
     serve_exit = build_parser().parse_args(["serve"]).exit_timeout
     assert seconds(services["orpheus"]["stop_grace_period"]) > serve_exit + STOP_GRACE_SECONDS
-    assert seconds(services["orpheus-gpu"]["stop_grace_period"]) > 30  # tritonserver's --exit-timeout-secs default
+    gpu_exit = gpu_repository_parser().parse_args(["--models", "m", "--engine-dir", "e"]).exit_timeout
+    assert seconds(services["orpheus-gpu"]["stop_grace_period"]) > gpu_exit + STOP_GRACE_SECONDS
 
 
 def test_model_default_volume_is_declared():

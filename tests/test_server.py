@@ -902,7 +902,7 @@ def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_pa
     Stopped here by a closed terminal (SIGHUP): the server, in a session of its own, used to run on."""
     import signal
 
-    from orpheus_triton.cli import STOP_GRACE_SECONDS
+    from orpheus_triton.server import STOP_GRACE_SECONDS
 
     serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
     thread, outcome = serve.stream_in_background(max_tokens=1400)

@@ -10,13 +10,10 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,7 +107,7 @@ def _render(args, model_set: ModelSet) -> Path:
 
 
 def cmd_serve(args) -> int:
-    from .server import Ports, start_server  # noqa: PLC0415
+    from .server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _check_ports_free(ports)
@@ -121,83 +118,9 @@ def cmd_serve(args) -> int:
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
     try:
         process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
-        return _run_in_foreground(process, args.exit_timeout, ready=lambda: _http_ready(ports.http))
+        return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
     finally:
         shutil.rmtree(repository, ignore_errors=True)
-
-
-def _http_ready(port: int) -> bool:
-    """Whether the tritonserver on this machine's HTTP ``port`` has loaded every model."""
-    try:
-        with urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-# How long past its own exit timeout a stopping tritonserver may take before it is killed:
-# tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
-# ensemble stream is still counted in flight.
-STOP_GRACE_SECONDS = 5.0
-
-
-def _run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Callable[[], bool] | None = None) -> int:
-    """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it (SIGHUP, a
-    closed terminal, as SIGTERM: the server is in a session of its own and would not get it).
-
-    This process forwards them because it may be the only one that gets them: `docker stop`
-    signals the container's first process, and a first process without a handler ignores
-    SIGTERM. The first signal asks for Triton's stop: it refuses new requests and waits up
-    to ``exit_timeout`` for those in flight. A stream through the `orpheus` ensemble cannot
-    finish then (its next step is a new request to a composing model, which a stopping
-    Triton refuses), so it is cut off when that time is up. If the server is still there
-    STOP_GRACE_SECONDS later, or at a second signal, it is killed with its backend stubs.
-    Once ``ready`` says the models are loaded, a backend stub that dies (``StubWatch``: tritonserver 2.51 neither
-    restarts it nor stops reporting ready) stops the server the same way, with exit status 1, so that
-    whatever supervises `serve` (compose's restart policy, systemd) starts a whole one again.
-    Returns the server's exit status (128 + signal number when a signal ended it).
-    """
-    from .server import StubWatch, kill_server_group  # noqa: PLC0415
-
-    received: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    deadline, killed, failed = None, False, False
-    stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
-    try:
-        while True:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                status = process.wait(timeout=0.2)
-                break
-            if killed:
-                continue
-            if deadline is None and ready is not None and time.monotonic() >= next_look:
-                next_look = time.monotonic() + 1.0
-                if not watching:  # watched once every model has loaded: while loading, stubs come and go
-                    if ready():
-                        watching = True
-                        stubs.died()  # the stubs running now are the ones watched
-                elif died := stubs.died():
-                    _log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
-                         "tritonserver does not restart it: every request to it would fail; stopping the server")
-                    received.append(signal.SIGTERM)
-                    failed = True
-            if received and deadline is None:
-                _log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
-                     f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
-                process.send_signal(signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
-                deadline = time.monotonic() + exit_timeout + STOP_GRACE_SECONDS
-            elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
-                _log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
-                kill_server_group(process)
-                killed = True
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    kill_server_group(process)  # backend stubs a server that exited in haste left behind
-    if failed:
-        return 1
-    return status if status >= 0 else 128 - status
 
 
 def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, **options) -> None:
