@@ -18,7 +18,11 @@ Measures, in process (no Triton):
 4. bursts (--burst): many requests at once, alone or beside running streams, at one or more prefill
    budgets (--burst-prefill): the newcomers' time to their first window of tokens (first audio:
    LEAD_IN_TOKENS, 21, with the SNAC decoder's default lead-in frame) and the running streams'
-   longest wait between tokens.
+   longest wait between tokens;
+5. closed loop (--churn): N callers, each stream ending after --churn-tokens tokens and the next
+   caller's request coming at once, the streams' ends spread out as a served closed-loop level's are:
+   the step with newcomers prefilled beside the decoding streams (a served engine's steady work, which
+   the step sweep, without arrivals, leaves out), and whether each stream stays at real time.
 Writes JSON and a markdown table to --out.
 """
 
@@ -174,6 +178,47 @@ def burst(engine: InflightEngine, running: int, arriving: int, prefill_tokens: i
             "running_max_gap_s": max((sink[i]["max_gap"] for i in range(running)), default=None)}
 
 
+def churn(engine: InflightEngine, streams: int, tokens: int, steps: int = 200) -> dict:
+    """``streams`` callers in closed loop on ``engine``: each stream generates ``tokens`` tokens, and when one
+    ends the next caller's request is submitted before the next step. The first streams' lengths spread
+    from 1/N to all of ``tokens``, so streams end (and newcomers arrive) one by one at the steady rate,
+    about streams / tokens a step. After ``tokens`` steps of warm-up (every stream then a newcomer's),
+    ``steps`` steps are timed together: the mean step, the newcomers admitted a second and tokens/s per
+    stream."""
+    if streams > engine.max_streams:
+        raise SystemExit(f"churn of {streams} streams exceeds the engine's {engine.max_streams} slots")
+    sink: dict = {}
+    arrivals = 0
+
+    def refill() -> None:
+        nonlocal arrivals
+        held = len(engine.decoding) + len(engine.queue) + (engine.prefilling is not None)
+        for _ in range(streams - held):
+            submit(engine, 10_000 + arrivals, tokens, sink)
+            arrivals += 1
+
+    for i in range(streams):
+        submit(engine, i, max(1, tokens * (i + 1) // streams), sink)
+    for _ in range(tokens):
+        engine.step()
+        refill()
+    generated, admitted = engine.stats.tokens_generated, arrivals
+
+    def timed_steps() -> None:
+        for _ in range(steps):
+            engine.step()
+            refill()
+
+    seconds = synced_seconds(engine.device, timed_steps)
+    per_stream = (engine.stats.tokens_generated - generated) / seconds / streams
+    for stream in [*engine.decoding, *engine.queue]:
+        engine.stop_stream(stream.request.request_id)
+    engine.run_until_idle()
+    return {"streams": streams, "tokens_per_stream": tokens, "step_ms": 1000 * seconds / steps,
+            "arrivals_per_s": (arrivals - admitted) / seconds, "tokens_per_s_per_stream": per_stream,
+            "real_time": per_stream >= REAL_TIME_TOKENS_PER_SECOND}
+
+
 def release(device: str) -> None:
     """Hand a dropped engine's KV cache and CUDA graph pools back before the next engine allocates its own."""
     gc.collect()
@@ -245,6 +290,11 @@ def main() -> int:
                         help="bursts RUNNING+ARRIVING: ARRIVING requests at once beside RUNNING decoding streams")
     parser.add_argument("--burst-prefill", type=counts, default=None,
                         help="prefill budgets (tokens per step) to measure each burst with (default: the engine's)")
+    parser.add_argument("--churn", type=counts, default=None, metavar="N[,N...]",
+                        help="closed-loop levels: N callers, each stream --churn-tokens long, the next caller "
+                             "arriving as one ends (newcomers prefilled beside decoding streams)")
+    parser.add_argument("--churn-tokens", type=positive, default=250,
+                        help="tokens per stream in the closed loop (default 250: a short text's, about 3 s)")
     parser.add_argument("--llm", help="a Llama checkpoint folder of --shape's shape (e.g. a model set's llm/) "
                                       "instead of writing random weights")
     parser.add_argument("--out", default="perf/results/engine")
@@ -258,16 +308,18 @@ def main() -> int:
         bursts = [()]
     if any(len(b) != 2 or min(b) < 0 or b[1] < 1 for b in bursts):
         parser.error(f"--burst {args.burst!r}: want RUNNING+ARRIVING[,RUNNING+ARRIVING...], e.g. 0+8,4+4")
-    max_streams = args.max_streams or max(levels + [args.streams] + [sum(b) for b in bursts])
-    if max(levels + [args.streams]) > max_streams:
-        parser.error(f"--sweep/--streams up to {max(levels + [args.streams])} need --max-streams of at least that")
+    churn_levels = args.churn or []
+    max_streams = args.max_streams or max(levels + [args.streams] + [sum(b) for b in bursts] + churn_levels)
+    if max(levels + [args.streams] + churn_levels) > max_streams:
+        parser.error(f"--sweep/--streams/--churn up to {max(levels + [args.streams] + churn_levels)} need "
+                     "--max-streams of at least that")
     try:
         model = bench_model(args.shape, args.llm, device)
     except ValueError as error:
         parser.error(str(error))
     def make_engine():
         return InflightEngine(model, max_streams=max_streams,
-                              max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64),
+                              max_seq_len=PROMPT_LEN + max(args.tokens, SWEEP_CONTEXT + 64, args.churn_tokens),
                               graph_sampling=args.graph_sampling, overlap=args.overlap)
 
     engine = make_engine()
@@ -283,8 +335,11 @@ def main() -> int:
         batches.append(throughput(engine, args.streams, args.tokens))
     single, batched = max(singles), max(batches)
     newcomer = newcomer_wait(engine, args.streams - 1, args.tokens)
-    budgets = args.burst_prefill or [engine.prefill_chunk]
+    default_budget = engine.prefill_chunk
+    budgets = args.burst_prefill or [default_budget]
     bursts = [burst(engine, running, arriving, budget) for running, arriving in bursts for budget in budgets]
+    engine.prefill_chunk = default_budget  # the closed loop prefills as a server does
+    closed_loop = [churn(engine, n, args.churn_tokens) for n in churn_levels]
     varlen = engine.decoder is not None and engine.decoder.varlen
     graph_sampling = engine.sampler is not None  # the option takes effect on the bucketed (GPU) path only
     del engine  # the sweep's engines each hold a KV cache of their own
@@ -305,7 +360,7 @@ def main() -> int:
         # both of a pair, where the best of each may come from different phases.
         "batching_gain_pairs_median": statistics.median(b / s for s, b in zip(singles, batches, strict=True)),
         "single_runs_tokens_per_s": singles, "batched_runs_tokens_per_s": batches,
-        "newcomer": newcomer, "bursts": bursts, "step_sweep": sweep,
+        "newcomer": newcomer, "bursts": bursts, "step_sweep": sweep, "closed_loop": closed_loop,
         "real_time_streams": max((r["streams"] for r in sweep if r["real_time"]), default=0),
     }
     out = Path(args.out)
@@ -347,6 +402,17 @@ def main() -> int:
           + (f"{b['step_s_before'] * 1000:.1f}" if b["step_s_before"] is not None else "-") + " |"
           for b in bursts],
     ]
+    if closed_loop:
+        lines += [
+            "",
+            f"Closed loop: streams of {args.churn_tokens} tokens, the next caller arriving as one ends (newcomers "
+            "prefilled beside the decoding streams, as a served level's are):",
+            "",
+            "| streams | step (ms) | newcomers a second | tokens/s per stream | real time |",
+            "|---:|---:|---:|---:|:---:|",
+            *[f"| {c['streams']} | {c['step_ms']:.2f} | {c['arrivals_per_s']:.1f} | "
+              f"{c['tokens_per_s_per_stream']:.0f} | {'yes' if c['real_time'] else 'no'} |" for c in closed_loop],
+        ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

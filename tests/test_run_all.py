@@ -286,3 +286,19 @@ def test_a_report_without_comparisons_links_no_comparisons_plot():
     result["comparisons"] = {}
     text = report.markdown(result)
     assert "comparisons.png" not in text and "Not run (`--skip-comparisons`" in text
+
+
+def test_the_engine_benchs_closed_loop_admits_newcomers_at_the_rate_streams_end(model_set):
+    """engine_bench --churn: N callers, each stream T tokens, the next arriving as one ends: newcomers come
+    about N / T a generated token of each stream, and the engine is left idle."""
+    import engine_bench
+
+    from orpheus_triton.engine import InflightEngine
+    from orpheus_triton.llama import load_llama
+
+    engine = InflightEngine(load_llama(model_set.llm), max_streams=6, max_seq_len=256)
+    level = engine_bench.churn(engine, streams=6, tokens=30, steps=90)
+    assert level["streams"] == 6 and level["step_ms"] > 0
+    per_token = level["arrivals_per_s"] / (6 * level["tokens_per_s_per_stream"])  # newcomers per token made
+    assert 0.7 / 30 < per_token < 1.3 / 30
+    assert engine.idle()

@@ -351,10 +351,12 @@ short() {
       snac-sizes) step snac-sizes 90 "$py" perf/gpu/snac_sizes.py --out "$out/snac-sizes" ;;
       models) model_set ;;
       # Bursts: 216 callers at once (a closed-loop level's start) and 128 beside 64 running streams, at the
-      # CPU's prefill budget and the GPU's default (engine.PREFILL_TOKENS_PER_STEP).
+      # CPU's prefill budget and the GPU's default (engine.PREFILL_TOKENS_PER_STEP). The closed loop: the
+      # served sweep's levels in the engine alone, newcomers arriving as streams end (what a served level's
+      # engine does, Triton and the decoder left out).
       engine) model_set && step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
         --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
-        --burst 0+216,64+128 --burst-prefill 256,2048,8192 --out "$out/engine" ;;
+        --burst 0+216,64+128 --burst-prefill 256,2048,8192 --churn 32,64,128,216 --out "$out/engine" ;;
       # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
       engine-overlap) model_set && step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" \
         --device cuda --overlap --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 \
