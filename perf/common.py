@@ -438,7 +438,7 @@ def model_set(shape: str, models: str | None):
 
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
-                 max_seq_len: int = 2048, graph_sampling: bool = False,
+                 max_seq_len: int = 2048, graph_sampling: bool = True,
                  overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
                  settings_overrides: dict | None = None, paced_llm: float = 0.0,
                  silent_snac: bool = False) -> Iterator[RunningServer]:

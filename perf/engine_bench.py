@@ -4,8 +4,8 @@
     python perf/engine_bench.py                       # CPU, small model
     python perf/engine_bench.py --shape demo          # CPU, the demo model set's tiny LLM
     python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
-    python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --graph-sampling   # a model set's
-                                                      # checkpoint; the engine's graph-sampling option
+    python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --no-graph-sampling   # a model set's
+                                                      # checkpoint; without the engine's graph sampling
     python perf/engine_bench.py --shape orpheus-3b --overlap   # the engine's overlap option
     python perf/engine_bench.py --burst 0+8,4+4 --burst-prefill 64,256,1024   # bursts at three prefill budgets
 
@@ -282,8 +282,9 @@ def main() -> int:
     parser.add_argument("--sweep", type=counts, default="1,2,4,8", help="active-stream counts for the step-time sweep")
     parser.add_argument("--max-streams", type=positive, default=None)
     parser.add_argument("--repeat", type=positive, default=3, help="alternating runs of 1 and N streams (best kept)")
-    parser.add_argument("--graph-sampling", action="store_true",
-                        help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option)")
+    parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option; "
+                             "on by default)")
     parser.add_argument("--overlap", action="store_true",
                         help="read each step's tokens back after queueing the next (InflightEngine option)")
     parser.add_argument("--burst", default="0+8,4+4",
@@ -365,7 +366,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = ("_graph-sampling" if args.graph_sampling else "") + ("_overlap" if args.overlap else "")
+    options = ("" if args.graph_sampling else "_eager-sampling") + ("_overlap" if args.overlap else "")
     name = f"engine_{args.shape}_{device.split(':')[0]}{options}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [

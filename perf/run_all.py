@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--max-streams", type=positive, default=16, help="engine slots (>= the largest concurrency)")
     parser.add_argument("--max-seq-len", type=positive, default=2048)
-    parser.add_argument("--graph-sampling", action="store_true",
-                        help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling)")
+    parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the llm engine's graph sampling (GPU; InflightEngine graph_sampling; on by default)")
     parser.add_argument("--prefill-tokens", type=non_negative, default=0,
                         help="the server engine's prefill budget per step (0: its default for the device)")
     parser.add_argument("--no-lead-in", action="store_true",

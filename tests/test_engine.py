@@ -771,7 +771,7 @@ def stream_ending_on_its_own_token(model, at: int = 9) -> dict:
     return {**settings, "end_id": probe.tokens[at], "expected_length": at + 1}
 
 
-@pytest.mark.parametrize("options", [{}, {"bucketed": True}, {"bucketed": True, "graph_sampling": True}],
+@pytest.mark.parametrize("options", [{}, {"bucketed": True, "graph_sampling": False}, {"bucketed": True}],
                          ids=["plain", "bucketed", "graph-sampling"])
 def test_overlapped_engine_streams_the_same_tokens(model, options):
     """With ``overlap`` the next forward takes each stream's token from the device and tokens are read

@@ -13,7 +13,7 @@ on the real device, with small random models:
 * short prompts prefilled from CUDA graphs (scratch slots, then moved) against prefilling them eagerly:
   the same tokens for every stream, and what one prefill costs each way;
 * sampling: the same tokens on the device as on the CPU for the same logits;
-* graph sampling (the engine's option): a CUDA graph's tokens against sample()'s on the same inputs;
+* graph sampling (the engine's default on a GPU): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched (and which call
   sizes run as CUDA graphs, each checked against the eager call when captured);
 * the FP8 engine build's calibration set (prompts and the model's own audio) generated on the device;
@@ -234,7 +234,7 @@ def check_sampling(device: torch.device) -> dict:
 
 
 def check_graph_sampling(device: torch.device, model) -> dict:
-    """The engine's optional graph-sampling path (sampling.GuardedSampler, a CUDA graph per batch bucket on a
+    """The engine's graph-sampling path (sampling.GuardedSampler, a CUDA graph per batch bucket on a
     GPU) against sample() on the same hidden states and settings: the same tokens, up to near-ties that the
     head's two ways of multiplying (all code blocks at once, or a block per slot) may round apart."""
     gen = torch.Generator().manual_seed(2)

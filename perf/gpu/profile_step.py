@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=counts, default="1,128", help="numbers of decoding streams to profile")
     parser.add_argument("--steps", type=positive, default=10, help="profiled steps per number of streams")
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
-    parser.add_argument("--graph-sampling", action="store_true", help="the engine's graph-sampling option")
+    parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
+                        help="the engine's graph sampling (on by default)")
     parser.add_argument("--overlap", action="store_true", help="the engine's overlap option")
     parser.add_argument("--out", default="perf/results/gpu-profile")
     args = parser.parse_args(argv)

@@ -301,7 +301,7 @@ short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole; SHORT_STEPS names the steps, run
   # in the order named (default "check models serving serving-overlap serving-paced engine round-trips
-  # perf-analyzer engine-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-graph",
+  # perf-analyzer engine-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-eager-sampling",
   # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
@@ -427,8 +427,8 @@ short() {
         --max-streams 16 --max-seq-len 1400 --concurrency 1 --texts short --max-tokens 0 --min-streams 4 \
         --level-seconds 20 --poisson-rates "" --serving-repeats 6 --engine-tokens 100 --no-perf-analyzer \
         --retry-busy 0 --out "$out/comparisons" "$@" ;;
-      engine-graph) model_set && step engine-graph 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" \
-        --device cuda --graph-sampling --sweep 1,64,128,192 --max-streams 192 --tokens 300 --repeat 2 \
+      engine-eager-sampling) model_set && step engine-eager-sampling 120 "$py" perf/engine_bench.py --shape orpheus-3b \
+        --llm "$llm" --device cuda --no-graph-sampling --sweep 1,64,128,192 --max-streams 192 --tokens 300 --repeat 2 \
         --out "$out/engine" ;;
       profile) model_set && step profile 90 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" \
         --device cuda --streams 1,128 --out "$out/profile" ;;

@@ -396,9 +396,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-lead-out", action="store_true",
                         help="end each stream without its last two frames' audio, as upstream Orpheus does "
                              "(default: they come with the stream's end)")
-    parser.add_argument("--graph-sampling", action="store_true",
+    parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
                         help="GPU: sample batches whose rows are all guarded from one CUDA graph per batch bucket "
-                             "(fewer launches per step; off by default until measured)")
+                             "(fewer launches per step; on by default)")
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "
                              "overlaps the GPU's (tokens arrive one step later; off by default until measured)")

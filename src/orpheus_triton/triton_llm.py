@@ -60,7 +60,7 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
         max_seq_len=int(params.get("max_seq_len", 2048)),
         max_queue=int(params.get("max_queue", 256)),
         prefill_chunk=int(params.get("prefill_chunk", 0)) or None,  # 0: the engine's default for its device
-        graph_sampling=params.get("graph_sampling", "false").strip().lower() == "true",
+        graph_sampling=params.get("graph_sampling", "true").strip().lower() == "true",
         overlap=params.get("overlap", "false").strip().lower() == "true",
         max_queue_seconds=float(params.get("max_queue_seconds", 0)),
     )
