@@ -109,7 +109,7 @@ class PrefillSpy:
         return self.prefiller(tokens, last)
 
 
-def test_gpu_prefill_path_takes_a_few_prompts_at_a_bucketed_shape_and_a_burst_eagerly(model):
+def test_gpu_prefill_path_takes_a_few_prompts_at_a_bucketed_shape_and_a_burst_eagerly(model, monkeypatch):
     """The GPU path's prefill, run eagerly here: up to PREFILL_GRAPH_ROWS short prompts at a padded shape
     through the scratch slots (a CUDA graph on GPU), a larger group (a burst of callers) in one forward
     straight into the decode slots; every stream gets the tokens it gets alone."""
@@ -132,7 +132,7 @@ def test_gpu_prefill_path_takes_a_few_prompts_at_a_bucketed_shape_and_a_burst_ea
             forwards.append(tokens.shape)
         return plain_forward(tokens, positions, first_slot=first_slot, **kw)
 
-    engine.model.forward = eager_forward
+    monkeypatch.setattr(engine.model, "forward", eager_forward)
     together = [Collector() for _ in prompts]
     for i in range(3):
         engine.submit(request(prompts[i], together[i], seed=i, max_new_tokens=12))
@@ -182,7 +182,7 @@ def test_a_burst_of_prompts_is_prefilled_together_and_streams_as_if_alone(model)
         assert together[i].tokens == alone[i].tokens, i
 
 
-def test_short_prompts_of_a_burst_go_whole_into_batched_forwards(model):
+def test_short_prompts_of_a_burst_go_whole_into_batched_forwards(model, monkeypatch):
     """A short prompt that does not fit what is left of a step's budget waits for the next step's batched
     forward instead of going through the scratch slot on its own: a burst costs one forward per budget's worth
     of prompts, not one per prompt after the first budget."""
@@ -194,7 +194,7 @@ def test_short_prompts_of_a_burst_go_whole_into_batched_forwards(model):
         forwards.append((tuple(tokens.shape), first_slot))
         return plain_forward(tokens, positions, first_slot=first_slot, **kw)
 
-    engine.model.forward = spy
+    monkeypatch.setattr(engine.model, "forward", spy)
     outs = [Collector() for _ in range(6)]
     for i, out in enumerate(outs):
         engine.submit(request(list(range(300 + 10 * i, 309 + 10 * i)), out, seed=i, max_new_tokens=5))
@@ -216,16 +216,25 @@ TENSOR_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__
 
 
 @contextlib.contextmanager
-def tensor_reads_refused():
-    saved = {name: getattr(torch.Tensor, name) for name in TENSOR_READS}
+def device_waits_refused():
+    """Refuse what waits for a GPU's queued work: a tensor read into Python, and a Python number assigned at
+    tensor indices (torch 2.11 copies it to the device with a blocking copy first)."""
+    saved = {name: getattr(torch.Tensor, name) for name in (*TENSOR_READS, "__setitem__")}
 
     def refused(name):
         def read(self, *args, **kwargs):
             raise AssertionError(f"a tensor was read back ({name})")
         return read
 
+    def setitem(self, index, value):
+        indices = index if isinstance(index, tuple) else (index,)
+        if isinstance(value, (bool, int, float)) and any(isinstance(i, torch.Tensor) for i in indices):
+            raise AssertionError(f"a Python {type(value).__name__} assigned at tensor indices")
+        return saved["__setitem__"](self, index, value)
+
     for name in TENSOR_READS:
         setattr(torch.Tensor, name, refused(name))
+    torch.Tensor.__setitem__ = setitem
     try:
         yield
     finally:
@@ -233,25 +242,38 @@ def tensor_reads_refused():
             setattr(torch.Tensor, name, method)
 
 
-def test_a_prefill_reads_nothing_back_from_the_device(model):
-    """With overlap a step is queued while the GPU still computes the one before; a prefill that reads a value
-    back (its prompts' longest length, the forward's context length) waits for that step instead, and its
-    launches cannot overlap it (served on an H100, overlap left the step as long as without). Neither short
-    prompts prefilled together nor a long one chunk by chunk reads a tensor, and the streams get their tokens."""
-    engine = make_engine(model, overlap=True, prefill_chunk=16)
+@pytest.mark.parametrize("options", [{}, {"bucketed": True}, {"bucketed": True, "graph_sampling": False}],
+                         ids=["plain", "gpu-path", "gpu-path-eager-sampling"])
+def test_an_overlapped_step_waits_for_the_device_only_for_the_last_steps_tokens(model, options, monkeypatch):
+    """With overlap a step is queued while the GPU still computes the one before; anything in it that waits
+    for the device (a value read back: the prompts' longest length, the forward's context length; a Python
+    True assigned at tensor indices: the repetition penalty's marks) waits for that step instead, and the
+    host's work can no longer run under the GPU's (served on an H100, overlap left the step as long as
+    without). Short prompts prefilled together, a long one chunk by chunk, the decode and the sampling wait
+    for nothing, and the streams get their tokens."""
+    engine = make_engine(model, overlap=True, prefill_chunk=32, **options)
+    if engine.prefiller is not None:
+        engine.prefiller = PrefillSpy(engine.prefiller)
     outs = [Collector() for _ in range(3)]
     for i, prompt in enumerate([PROMPTS[0], PROMPTS[2], PROMPTS[3]]):  # 9 + 5 tokens together; 40 in chunks
         engine.submit(request(prompt, outs[i], seed=i, max_new_tokens=8))
-    plain_prefill, prefills = engine._prefill, []
+    prefills = []
 
-    def prefill_reading_nothing():
-        with tensor_reads_refused():
-            plain_prefill()
-        prefills.append(len(engine.decoding))
+    def waiting_for_nothing(name):
+        plain = getattr(engine, name)
 
-    engine._prefill = prefill_reading_nothing
+        def run():
+            with device_waits_refused():
+                plain()
+            if name == "_prefill":
+                prefills.append(len(engine.decoding))
+        return run
+
+    for name in ("_drop_cancelled", "_retire_complete", "_prefill", "_decode"):  # all but reading tokens back
+        monkeypatch.setattr(engine, name, waiting_for_nothing(name))
     engine.run_until_idle()
-    assert prefills[:4] == [2, 2, 2, 3]  # the two short prompts at once, the long one over three steps
+    assert prefills[:2] == [2, 3]  # the two short prompts at once, the long one over two steps (18 + 22)
+    assert engine.prefiller is None or engine.prefiller.calls == [2]  # the GPU path: the two at a padded shape
     assert all(out.finished and not out.errors and len(out.tokens) == 9 for out in outs)
 
 

@@ -306,8 +306,8 @@ def test_bucketed_prefill_equals_the_plain_prefill(checkpoint):
 @pytest.mark.parametrize("fault", ["capture fails", "graph disagrees"])
 def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoint, monkeypatch, caplog, fault):
     """Checked when captured (a CUDA graph needs a GPU: the capture is stood in for here): a graph that cannot
-    be captured or whose output differs from the eager prefill is not used, and that prefill and the later
-    ones run eagerly, with the same result."""
+    be captured or whose output differs from the eager prefill is not used; that prefill runs eagerly with
+    the same result, and no later one is taken (the caller prefills eagerly at the prompts' own shape)."""
     from orpheus_triton import llama
     from orpheus_triton.llama import BucketedPrefill
 
@@ -332,8 +332,35 @@ def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoin
         plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
                              for r in rows])
         first = prefill(tokens, last)
-        again = prefill(tokens, last)
-    assert not prefill.use_graphs and not prefill.graphs
+    assert not prefill.use_graphs and not prefill.graphs and prefill.bucket(2, 12) is None
     assert "prefilling eagerly" in caplog.text
     torch.testing.assert_close(first, plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(again, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_graphs_are_checked_on_prompts_of_several_lengths(checkpoint, monkeypatch):
+    """At a server's start every shape is captured and checked on random prompts whose last positions differ
+    (the mask, the rotary positions and each row's own last state checked): a graph that always answered
+    position 0, which zeroed inputs would not tell from a right one, is refused."""
+    from orpheus_triton import llama
+    from orpheus_triton.llama import BucketedPrefill
+
+    class Replayed:
+        def replay(self):
+            pass
+
+    checked = []
+
+    def position_zero_only(run, device, pool):
+        out = run()
+        checked.append(prefill.last[: out.shape[0]].tolist())
+        first = prefill.model(prefill.tokens[: out.shape[0], :1], torch.zeros(out.shape[0], 1, dtype=torch.long),
+                              first_slot=prefill.first_slot, context_len=1, hidden_only=True)
+        return Replayed(), first
+
+    monkeypatch.setattr(llama, "capture", position_zero_only)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=6, max_seq_len=64)
+    prefill = BucketedPrefill(model, first_slot=2, max_rows=4, max_tokens=64, use_graphs=True)
+    assert prefill.capture_all() == 0 and prefill.bucket(1, 12) is None
+    assert checked == [[8]]  # the first shape (1 x 16) checked at its row's position 8, and refused

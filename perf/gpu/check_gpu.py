@@ -12,6 +12,8 @@ on the real device, with small random models:
 * the engine's overlap option: the same tokens for every stream as without it;
 * short prompts prefilled from CUDA graphs (scratch slots, then moved) against prefilling them eagerly:
   the same tokens for every stream, and what one prefill costs each way;
+* an overlapped engine's steps under CUDA's sync debug mode: nothing waits for the GPU but reading the
+  step before's tokens back;
 * sampling: the same tokens on the device as on the CPU for the same logits;
 * graph sampling (the engine's default on a GPU): a CUDA graph's tokens against sample()'s on the same inputs;
 * the SNAC decoder's counter-based noise on the device: a stream alone and batched (and which call
@@ -158,25 +160,91 @@ def check_overlap(device: torch.device, model) -> dict:
             "tokens": sum(len(t) for t in overlapped.values())}
 
 
+def arriving_outputs(model, **options) -> tuple[dict[int, list[int]], InflightEngine]:
+    """Eight streams with prompts of 5 to 40 tokens arriving in twos and threes (each group prefilled
+    together, rows of different lengths) through an engine with ``options``: each stream's tokens."""
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512, bucketed=True, **options)
+    engine.capture_graphs()
+    outputs: dict[int, list[int]] = {}
+    for i in range(8):
+        outputs[i] = []
+        engine.submit(GenerationRequest(prompt=[1000 + k + 13 * i for k in range(5 + 5 * i)], max_new_tokens=60,
+                                        emit=lambda t, f, i=i: outputs[i].extend(t), seed=i))
+        if i % 3 == 2:
+            engine.step()
+    engine.run_until_idle()
+    return outputs, engine
+
+
 def check_prefill_graphs(device: torch.device, model) -> dict:
     """Short prompts prefilled from captured graphs (into scratch slots, then moved into their decode slots)
-    against the same engine without CUDA graphs: the same tokens for every stream; and one prefill of two
-    40-token prompts timed each way (the host time a graph saves on every newcomer)."""
-    graphs, _ = engine_outputs(model, bucketed=True)
-    eager, _ = engine_outputs(model, bucketed=True, cuda_graphs=False)
+    against the same engine without CUDA graphs: the same tokens for every stream, the graphs in use; and
+    one prefill of two 40-token prompts timed each way (the host time a graph saves on every newcomer)."""
+    graphs, engine = arriving_outputs(model)
+    eager, _ = arriving_outputs(model, cuda_graphs=False)
     same = sum(graphs[i] == eager[i] for i in graphs)
-    engine = InflightEngine(model, max_streams=8, max_seq_len=512, bucketed=True)
-    engine.capture_graphs()
     prefiller = engine.prefiller
+    in_use = prefiller is not None and prefiller.use_graphs and bool(prefiller.graphs)
     tokens = torch.randint(1000, 2000, (2, 40), device=device)
     last = torch.full((2,), 39, device=device)
     rows, width = prefiller.bucket(2, 40)
     with torch.inference_mode():
         replayed = min(synced_seconds(device, lambda: prefiller(tokens, last)) for _ in range(5))
         eager_seconds = min(synced_seconds(device, lambda: prefiller._forward(rows, width)) for _ in range(5))
-    return {"ok": same == len(graphs) and prefiller.use_graphs == (device.type == "cuda"),
-            "same_streams": f"{same} of {len(graphs)}", "graphs": len(prefiller.graphs),
+    return {"ok": same == len(graphs) and in_use == (device.type == "cuda"),
+            "same_streams": f"{same} of {len(graphs)}", "graphs": len(prefiller.graphs), "graphs_in_use": in_use,
             "prefill_2x40_ms": {"graph": round(1000 * replayed, 2), "eager": round(1000 * eager_seconds, 2)}}
+
+
+def check_overlap_waits(device: torch.device, model) -> dict:
+    """An overlapped engine's steps, newcomers arriving, under CUDA's sync debug mode: nothing in a step may
+    wait for the GPU but reading the step before's tokens back (anything else holds the host until the
+    queued work is done, and its work can no longer run under the GPU's)."""
+    if device.type != "cuda":
+        return {"ok": NOT_APPLICABLE}
+    import warnings  # noqa: PLC0415
+
+    from orpheus_triton import engine as engine_module  # noqa: PLC0415
+
+    engine = InflightEngine(model, max_streams=8, max_seq_len=512, overlap=True)
+    engine.capture_graphs()
+    plain_read = engine_module._Sampled.read
+
+    def read_unwatched(self):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return plain_read(self)
+        finally:
+            torch.cuda.set_sync_debug_mode("warn")
+
+    submitted = 0
+
+    def arrive(count: int) -> None:
+        nonlocal submitted
+        for _ in range(count):
+            engine.submit(GenerationRequest(prompt=[1000 + k + 13 * submitted for k in range(10 + submitted)],
+                                            max_new_tokens=30, emit=lambda t, f: None, seed=submitted))
+            submitted += 1
+
+    arrive(3)
+    for _ in range(3):  # past the first steps' one-time work
+        engine.step()
+    engine_module._Sampled.read = read_unwatched
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            for step in range(12):
+                if step % 4 == 0:
+                    arrive(2)
+                engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        engine_module._Sampled.read = plain_read
+    engine.run_until_idle()
+    waits = [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}: {str(w.message)[:120]}" for w in caught
+             if "synchroniz" in str(w.message).lower()]
+    return {"ok": not waits, "waits_in_12_steps": len(waits), "first_waits": waits[:5]}
 
 
 def misplaced_tokens(audio: list[int]) -> int:
@@ -391,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             "engine_run": lambda: check_engine_run(device, model),
             "overlap": lambda: check_overlap(device, model),
             "prefill_graphs": lambda: check_prefill_graphs(device, model),
+            "overlap_waits": lambda: check_overlap_waits(device, model),
             "sampling": lambda: check_sampling(device),
             "graph_sampling": lambda: check_graph_sampling(device, model),
             "snac": lambda: check_snac(device, args.snac_round),

@@ -220,19 +220,24 @@ class InflightEngine:
         use_buckets = on_gpu if bucketed is None else bucketed
         use_graphs = on_gpu and cuda_graphs is not False
         # Slots prompts are prefilled in, then moved: a long prompt's chunks go through the first, a
-        # bucketed prefill's prompts through as many as it takes.
+        # bucketed prefill's prompts through as many as it takes. Bucketed prefills only where they run as
+        # CUDA graphs (padded, they compute more than an eager prefill at the prompts' own shape) or to
+        # test them (bucketed on a CPU).
         self.scratch_slot = max_streams
-        scratch_slots = PREFILL_GRAPH_ROWS if use_buckets else 1
-        check_cache_fits(model, max_streams, max_seq_len, self.device, scratch_slots)
-        model.allocate_cache(max_streams + scratch_slots, max_seq_len)
+        prefill_rows = min(PREFILL_GRAPH_ROWS, max_streams) if use_buckets and (use_graphs or not on_gpu) else 0
+        check_cache_fits(model, max_streams, max_seq_len, self.device, max(1, prefill_rows))
+        model.allocate_cache(max_streams + max(1, prefill_rows), max_seq_len)
         self.decoder = (BucketedDecoder(model, use_graphs=use_graphs, max_batch=max_streams)
                         if use_buckets else None)
-        self.prefiller = (BucketedPrefill(model, self.scratch_slot, PREFILL_GRAPH_ROWS, self.prefill_chunk,
+        self.prefiller = (BucketedPrefill(model, self.scratch_slot, prefill_rows, self.prefill_chunk,
                                           use_graphs=use_graphs)
-                          if use_buckets else None)
+                          if prefill_rows else None)
         vocab = model.config.vocab_size
-        # Tokens each slot has seen (prompt + output), for the repetition penalty.
+        # Tokens each slot has seen (prompt + output), for the repetition penalty. Marked through index_put_
+        # with this device tensor: assigning a Python True at tensor indices first copies it to the GPU with a
+        # blocking copy (torch 2.11), which waits for every kernel queued before it.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         # graph_sampling: batches whose rows are all guarded sample at the decoder's bucketed shapes,
         # from one CUDA graph each (sampling.GuardedSampler) instead of a couple of hundred launches; on
         # the bucketed (GPU) path only. On by default: on an H100 steps 0.5-7% shorter at every batch
@@ -512,8 +517,8 @@ class InflightEngine:
                               self.device)
         tokens, last_positions = rows[:, :width], rows[:, width]
         slots = torch.arange(first, first + len(group), device=self.device)
-        self.seen[slots] = False
-        self.seen[slots[:, None], tokens] = True
+        self.seen.index_fill_(0, slots, False)
+        self.seen.index_put_((slots[:, None], tokens), self._true)
         for stream, prompt in zip(group, prompts, strict=True):
             stream.prefilled = stream.length = len(prompt)
         if self.prefiller is not None and self.prefiller.bucket(len(group), width) is not None:
@@ -531,7 +536,7 @@ class InflightEngine:
     def _mark_prompt(self, slot: int, prompt: torch.Tensor) -> None:
         """A new stream in ``slot`` has seen exactly its prompt (for the repetition penalty)."""
         self.seen[slot] = False
-        self.seen[slot, prompt] = True
+        self.seen[slot].index_put_((prompt,), self._true)
 
     def _retire_complete(self) -> None:
         """overlap: streams whose last token is sampled leave before the next forward (they are handed
@@ -610,7 +615,7 @@ class InflightEngine:
         else:
             tokens = sample(LmHead(hidden, self.model.lm_head.weight), SamplingBatch.from_packed(reals, whole),
                             self.seen, seen_rows=slot_index, host=host)
-        self.seen[slot_index, tokens] = True
+        self.seen.index_put_((slot_index, tokens), self._true)
         for stream in streams:
             stream.issued += 1
         return tokens

@@ -616,9 +616,10 @@ class BucketedPrefill:
     are fixed when it is captured, so the graphs prefill scratch slots ``first_slot``..
     ``first_slot + max_rows - 1``, from which the caller moves the prompts into their decode slots (one
     copy, ``Llama.copy_slot``). Padding rows and positions write entries that a row's mask hides until
-    its own tokens overwrite them. Each graph is checked against the same prefill run eagerly when it is
-    captured; should one disagree or fail to capture, prefills run eagerly (logged). On CPU
-    (``use_graphs=False``) the same padding runs eagerly, to test it without a GPU.
+    its own tokens overwrite them. Each graph is checked when it is captured against the same prefill run
+    eagerly, on random prompts of several lengths; should one disagree or fail to capture, no prefill is
+    taken here any more (``bucket`` says None: the caller prefills eagerly at the prompts' own shape; logged).
+    On CPU (``use_graphs=False``) the same padding runs eagerly, to test it without a GPU.
     """
 
     MIN_WIDTH = 16
@@ -629,6 +630,7 @@ class BucketedPrefill:
             raise ValueError(f"{max_rows} scratch slots from slot {first_slot} do not fit {model.num_slots} slots")
         self.model = model
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.enabled = True  # False once a graph failed its check: prefills go back to the caller's eager path
         self.first_slot = first_slot
         self.max_tokens = max_tokens
         self.rows = [1 << i for i in range(max_rows.bit_length())]
@@ -643,7 +645,8 @@ class BucketedPrefill:
         """The (rows, width) a prefill of ``rows`` prompts up to ``width`` tokens runs at; None: not here."""
         padded_rows = next((r for r in self.rows if r >= rows), None)
         padded_width = next((w for w in self.widths if w >= width), None)
-        if padded_rows is None or padded_width is None or padded_rows * padded_width > self.max_tokens:
+        if not self.enabled or padded_rows is None or padded_width is None or \
+                padded_rows * padded_width > self.max_tokens:
             return None
         return padded_rows, padded_width
 
@@ -665,7 +668,7 @@ class BucketedPrefill:
         if not self.use_graphs:
             return self._forward(rows, padded)[:batch]
         graph_and_out = self.graphs.get(shape) or self._capture(rows, padded)
-        if graph_and_out is None:  # no graph for it: eagerly (logged when capturing failed)
+        if graph_and_out is None:  # its check failed (logged): this once at the padded shape, eagerly
             return self._forward(rows, padded)[:batch]
         graph, out = graph_and_out
         graph.replay()
@@ -673,16 +676,21 @@ class BucketedPrefill:
 
     @torch.inference_mode()
     def capture_all(self) -> int:
-        """Capture every shape's graph now (a server's startup). Returns how many were captured."""
+        """Capture every shape's graph now (a server's startup), each checked on random prompts of several
+        lengths (the last row's the whole width). Returns how many were captured."""
         if not self.use_graphs:
             return 0
-        self.tokens.zero_()
-        self.last.zero_()
-        missing = [shape for shape in self.shapes() if shape not in self.graphs]
-        for rows, width in missing:
+        generator = torch.Generator(device=self.tokens.device).manual_seed(0)
+        captured = 0
+        for rows, width in self.shapes():
+            if (rows, width) in self.graphs:
+                continue
+            self.tokens.random_(0, self.model.config.vocab_size, generator=generator)
+            self.last[:rows] = torch.linspace(width // 2, width - 1, rows, device=self.last.device).long()
             if self._capture(rows, width) is None:
-                return 0
-        return len(missing)
+                break
+            captured += 1
+        return captured
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         positions = torch.arange(width, device=self.tokens.device).expand(rows, width)
@@ -696,14 +704,15 @@ class BucketedPrefill:
             graph, out = capture(lambda: self._forward(rows, width), self.tokens.device, self.pool)
             graph.replay()
         except RuntimeError as error:
-            log.warning("prefill: no CUDA graph for %d x %d tokens (%s); prefilling eagerly", rows, width, error)
-            self.use_graphs = False
-            return None
+            return self._give_up(f"no CUDA graph for {rows} x {width} tokens ({error})")
         difference = (out.float() - eager).abs().max().item()
         if difference > 1e-2 * max(1.0, eager.abs().max().item()):
-            log.warning("prefill: the CUDA graph for %d x %d tokens differs from the eager prefill by %.3g; "
-                        "prefilling eagerly", rows, width, difference)
-            self.use_graphs = False
-            return None
+            return self._give_up(f"the CUDA graph for {rows} x {width} tokens differs from the eager prefill by "
+                                 f"{difference:.3g}")
         self.graphs[(rows, width)] = (graph, out)
         return graph, out
+
+    def _give_up(self, why: str) -> None:
+        log.warning("prefill: %s; prefilling eagerly", why)
+        self.use_graphs = self.enabled = False
+        self.graphs.clear()  # their memory back

@@ -73,7 +73,8 @@ def build_engine(params: dict[str, str]) -> InflightEngine:
     started = time.perf_counter()
     graphs = engine.capture_graphs()
     if graphs:
-        log.info("captured %d CUDA graphs of the decode step in %.1f s", graphs, time.perf_counter() - started)
+        log.info("captured %d CUDA graphs (decode steps, short prompts' prefills, sampling) in %.1f s", graphs,
+                 time.perf_counter() - started)
     return engine
 
 
