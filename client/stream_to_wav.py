@@ -109,23 +109,26 @@ def main() -> None:
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
-                    print(f"first audio after {1000 * (time.perf_counter() - started):.0f} ms", flush=True)
+                    first_audio = time.perf_counter() - started
                     wav = wave.open(args.output, "wb")  # noqa: SIM115 (closed below)
                     wav.setnchannels(1)
                     wav.setsampwidth(2)
                     wav.setframerate(SAMPLE_RATE)
+                    print(f"first audio after {1000 * first_audio:.0f} ms", flush=True)
                 wav.writeframes(audio.astype("<i2").tobytes())
                 samples += audio.size
             if result.get_response().parameters["triton_final_response"].bool_param:
                 finished = True
                 break
     finally:
-        if wav is not None:
-            wav.close()
-        # Ctrl-C or an error: end the generation, then read the stream to its end (cancelling the gRPC
-        # stream alone leaves the generation running and the request counted in flight on the server).
-        finished = finished or end_early(args.url, request_id, responses)
-        client.stop_stream(cancel_requests=not finished)
+        try:
+            if wav is not None:
+                wav.close()  # fails if a Ctrl-C came before its header was set: the stream still ends below
+        finally:
+            # Ctrl-C or an error: end the generation, then read the stream to its end (cancelling the gRPC
+            # stream alone leaves the generation running and the request counted in flight on the server).
+            finished = finished or end_early(args.url, request_id, responses)
+            client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 
 

@@ -217,9 +217,16 @@ TENSOR_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__
 
 @contextlib.contextmanager
 def device_waits_refused():
-    """Refuse what waits for a GPU's queued work: a tensor read into Python, and a Python number assigned at
-    tensor indices (torch 2.11 copies it to the device with a blocking copy first)."""
+    """Refuse what waits for a GPU's queued work: a tensor read into Python, a Python number assigned at
+    tensor indices (torch 2.11 copies it to the device with a blocking copy first), and a tensor made from
+    Python values straight on a device (a blocking copy: ``sampling.host_to_device`` copies without one)."""
     saved = {name: getattr(torch.Tensor, name) for name in (*TENSOR_READS, "__setitem__")}
+    plain_tensor = torch.tensor
+
+    def tensor(*args, device=None, **kwargs):
+        if device is not None:
+            raise AssertionError(f"a tensor made from Python values on {device}")
+        return plain_tensor(*args, **kwargs)
 
     def refused(name):
         def read(self, *args, **kwargs):
@@ -235,9 +242,11 @@ def device_waits_refused():
     for name in TENSOR_READS:
         setattr(torch.Tensor, name, refused(name))
     torch.Tensor.__setitem__ = setitem
+    torch.tensor = tensor
     try:
         yield
     finally:
+        torch.tensor = plain_tensor
         for name, method in saved.items():
             setattr(torch.Tensor, name, method)
 

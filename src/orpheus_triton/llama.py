@@ -545,7 +545,8 @@ class BucketedDecoder:
         self.model = model
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.context_step = context_step
-        # The decoding slots 0..max_batch-1 (by default all but the last: the engine's prefill scratch slot)
+        # The decoding slots 0..max_batch-1 (by default all but the last slot; the engine says how many: the
+        # slots past its streams' are its prefills' scratch slots)
         max_batch = model.num_slots - 1 if max_batch is None else max_batch
         self.batch_buckets = list(padded_sizes(max_batch, batch_step))
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)

@@ -321,7 +321,9 @@ class GuardedSampler:
     The settings arrive in the engine's two packed tensors: ``reals`` [3, B] (temperature, top_p,
     repetition_penalty) and ``whole`` [6, B] (top_k, seed, step, guard flag, audio position, the
     row's slot in ``seen``). Rows past the batch keep whatever valid settings they last had; their
-    tokens are not read. Where graphs are off (a CPU) the same buffers run eagerly.
+    tokens are not read. Where graphs are off (a CPU) the same buffers run eagerly, and the tokens land
+    in one output buffer as a replay's do (overwritten by the next call: a caller that keeps them past it
+    must copy them, which a test without a GPU then sees too).
     """
 
     def __init__(self, weight: torch.Tensor, seen: torch.Tensor, buckets: list[int], use_graphs: bool):
@@ -333,6 +335,7 @@ class GuardedSampler:
         self.hidden = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=device)
         self.reals = torch.ones(3, rows, device=device)
         self.whole = torch.zeros(6, rows, dtype=torch.int64, device=device)
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)  # the eager path's output
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def __call__(self, hidden: torch.Tensor, reals: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -342,7 +345,7 @@ class GuardedSampler:
         self.reals[:, :batch].copy_(reals)
         self.whole[:, :batch].copy_(whole)
         if not self.use_graphs:
-            return self._tokens(rows)[:batch]
+            return self.tokens[:rows].copy_(self._tokens(rows))[:batch]
         graph, tokens = self.graphs.get(rows) or self._capture(rows)
         graph.replay()
         return tokens[:batch]
