@@ -401,7 +401,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                              "(fewer launches per step; on by default)")
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "
-                             "overlaps the GPU's (tokens arrive one step later; off by default until measured)")
+                             "overlaps the GPU's (tokens arrive one step later; off by default until measured on a GPU "
+                             "with nothing else in a step waiting for it)")
     parser.add_argument("--response-threads", type=_response_threads, default="auto", metavar="auto|N",
                         help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
                              "stream's on one of them (auto: on a GPU 1 for the LLM stage and 2 for the SNAC decoder; "
