@@ -342,7 +342,7 @@ short() {
   [[ -x "$REPO/perf/.tools/bin/py-spy" ]] && stack_args=(--stack-seconds 5)
   for name in $steps; do
     case "$name" in
-      check) step check 110 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
+      check) step check 130 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
       # The Python backend's round trips on this host's CPU (about 20 s): what a response send (from 1, 2 and 4
       # threads) and a cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is
       # decided.
