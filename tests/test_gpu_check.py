@@ -36,6 +36,20 @@ def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
+def test_a_gpu_check_run_cut_short_keeps_the_checks_it_did(tmp_path, monkeypatch):
+    """A lent GPU's step limit can end the script mid-way: check_gpu.json is written after every check."""
+    check_gpu = load_check_gpu()
+
+    def cut_short(*args):
+        raise KeyboardInterrupt("the step's time is up")
+
+    monkeypatch.setattr(check_gpu, "check_snac", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        check_gpu.main(["--device", "cpu", "--shape", "tiny", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "check_gpu.json").read_text())
+    assert list(result["checks"])[-1] == "graph_sampling" and result["failed"] == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_gpu_check_refuses_cuda_where_there_is_none(tmp_path, capsys):
     assert load_check_gpu().main(["--out", str(tmp_path)]) == 2

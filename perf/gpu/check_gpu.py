@@ -454,6 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         print("CUDA is not available here; --device cpu runs the checks that apply to a CPU", file=sys.stderr)
         return 2
     results: dict[str, dict] = {}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write_summary() -> dict:
+        """check_gpu.json with the checks so far: written after each, so a run cut short keeps what it did."""
+        failed = [name for name, result in results.items() if result["ok"] is False]
+        summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "shape": args.shape, "failed": failed, "checks": results}
+        (out / "check_gpu.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "llm"
         write_random_llama(checkpoint, SHAPES[args.shape], seed=1)
@@ -482,12 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "trace": traceback.format_exc()[-2000:]}
             results[name]["seconds"] = round(time.perf_counter() - started, 2)
             print(f"[check-gpu] {name}: {json.dumps(results[name])[:400]}", flush=True)
-    failed = [name for name, result in results.items() if result["ok"] is False]
-    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "shape": args.shape, "failed": failed, "checks": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "check_gpu.json").write_text(json.dumps(summary, indent=2))
+            write_summary()
+    summary = write_summary()
+    failed = summary["failed"]
     print(f"[check-gpu] {'all checks passed' if not failed else 'FAILED: ' + ', '.join(failed)} "
           f"({summary['device']}, torch {summary['torch']}); details in {out / 'check_gpu.json'}")
     return 1 if failed else 0
