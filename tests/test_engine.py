@@ -775,20 +775,29 @@ def test_graph_sampling_picks_what_sample_picks():
 
 
 def test_engine_with_graph_sampling_streams_the_same_tokens(model):
-    """The engine's graph-sampling path (eager on CPU) gives every stream the tokens of the usual path,
-    and a batch with an unguarded row falls back to sample() for that step."""
+    """The engine's graph-sampling path (eager on CPU) gives every stream the tokens of the usual path; in a
+    batch with an unguarded row the guarded rows still come from the graph sampler, that row from sample()."""
     settings = [{"seed": 1}, {"seed": 2, "top_k": 5}, {"seed": 3, "temperature": 0.0},
                 {"seed": 4, "audio_guard": False, "max_new_tokens": 10}]
-    runs = []
+    runs, sampled = [], []
     for graph_sampling in (False, True):
         engine = make_engine(model, bucketed=True, graph_sampling=graph_sampling)
         assert (engine.sampler is not None) == graph_sampling
+        if graph_sampling:
+            sampler = engine.sampler
+
+            def spy(hidden, reals, whole, engine=engine, sampler=sampler):
+                sampled.append((hidden.shape[0], len(engine.decoding)))
+                return sampler(hidden, reals, whole)
+
+            engine.sampler = spy
         outs = [Collector() for _ in settings]
         for prompt, out, extra in zip(PROMPTS, outs, settings, strict=False):
             engine.submit(request(prompt, out, **extra))
         engine.run_until_idle()
         runs.append([out.tokens for out in outs])
     assert runs[0] == runs[1] and all(len(tokens) >= 2 for tokens in runs[0])
+    assert (3, 4) in sampled  # the three guarded rows of a four-stream batch, from the graph sampler
 
 
 def stream_ending_on_its_own_token(model, at: int = 9) -> dict:

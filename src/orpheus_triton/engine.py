@@ -610,14 +610,35 @@ class InflightEngine:
             slots,
         ], dtype=torch.int64), self.device)
         slot_index = whole[5]
-        if self.sampler is not None and all(host.guarded):
-            tokens = self.sampler(hidden, reals, whole)
+        if self.sampler is not None and any(host.guarded):
+            tokens = self._sample_guarded_first(hidden, reals, whole, host)
         else:
             tokens = sample(LmHead(hidden, self.model.lm_head.weight), SamplingBatch.from_packed(reals, whole),
                             self.seen, seen_rows=slot_index, host=host)
         self.seen.index_put_((slot_index, tokens), self._true)
         for stream in streams:
             stream.issued += 1
+        return tokens
+
+    def _sample_guarded_first(self, hidden: torch.Tensor, reals: torch.Tensor, whole: torch.Tensor,
+                              host: HostRows) -> torch.Tensor:
+        """The guarded rows from the graph sampler, the rest (audio guard off) through ``sample``: one stream
+        with the guard off would otherwise send every row of the batch the eager way (a couple of hundred
+        launches a step for all of them)."""
+        if all(host.guarded):
+            return self.sampler(hidden, reals, whole)
+        guarded = [row for row, on in enumerate(host.guarded) if on]
+        others = [row for row, on in enumerate(host.guarded) if not on]
+        order = host_to_device(torch.tensor(guarded + others), self.device)
+        first, rest = order[: len(guarded)], order[len(guarded) :]
+        from_graph = self.sampler(hidden[first], reals[:, first], whole[:, first])
+        tokens = torch.empty(len(host.guarded), dtype=from_graph.dtype, device=self.device)
+        tokens[first] = from_graph
+        unguarded = HostRows(guarded=[False] * len(others), slots=[host.slots[row] for row in others],
+                             top_k=[host.top_k[row] for row in others])
+        tokens[rest] = sample(LmHead(hidden[rest], self.model.lm_head.weight),
+                              SamplingBatch.from_packed(reals[:, rest], whole[:, rest]), self.seen,
+                              seen_rows=whole[5][rest], host=unguarded)
         return tokens
 
     def _emit(self, streams: list[_Stream], tokens: list[int]) -> None:
