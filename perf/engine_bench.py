@@ -283,7 +283,7 @@ def main() -> int:
     parser.add_argument("--max-streams", type=positive, default=None)
     parser.add_argument("--repeat", type=positive, default=3, help="alternating runs of 1 and N streams (best kept)")
     parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
-                        help="sample all-guarded batches from one CUDA graph per bucket (InflightEngine option; "
+                        help="sample guarded rows from one CUDA graph per bucket (InflightEngine option; "
                              "on by default)")
     parser.add_argument("--overlap", action="store_true",
                         help="read each step's tokens back after queueing the next (InflightEngine option)")

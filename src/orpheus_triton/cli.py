@@ -397,7 +397,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                         help="end each stream without its last two frames' audio, as upstream Orpheus does "
                              "(default: they come with the stream's end)")
     parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
-                        help="GPU: sample batches whose rows are all guarded from one CUDA graph per batch bucket "
+                        help="GPU: sample the guarded rows of a step from one CUDA graph per batch bucket "
                              "(fewer launches per step; on by default)")
     parser.add_argument("--overlap", action="store_true",
                         help="GPU: read each step's tokens back after queueing the next, so the host's work "

@@ -238,7 +238,7 @@ class InflightEngine:
         # blocking copy (torch 2.11), which waits for every kernel queued before it.
         self.seen = torch.zeros(max_streams + 1, vocab, dtype=torch.bool, device=self.device)
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
-        # graph_sampling: batches whose rows are all guarded sample at the decoder's bucketed shapes,
+        # graph_sampling: a batch's guarded rows sample at the decoder's bucketed shapes,
         # from one CUDA graph each (sampling.GuardedSampler) instead of a couple of hundred launches; on
         # the bucketed (GPU) path only. On by default: on an H100 steps 0.5-7% shorter at every batch
         # measured (perf/results/2026-11-26_h100), and served the engine thread's host work bounds, a

@@ -76,7 +76,7 @@ class RepositorySettings:
     decoder_response_thread: str = "auto"
     # With it, how often Triton is asked about every stream's cancellation (triton_calls.CancellationWatch).
     llm_cancel_check_seconds: float = CANCEL_CHECK_SECONDS
-    # All-guarded batches sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
+    # Guarded rows sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
     # on the GPU path only).
     llm_graph_sampling: bool = True
     # Read each step's tokens back after the next step is queued (InflightEngine overlap; for GPUs, off
