@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Correctness of the GPU-only paths, before any benchmark: a minute on a lent GPU, a pass or fail each.
+"""Correctness of the GPU-only paths, before any benchmark: a minute or two on a lent GPU, a pass or fail each.
 
 What the CPU test suite can only check against references or eagerly runs here
 on the real device, with small random models:

@@ -247,7 +247,8 @@ class InflightEngine:
                                        self.decoder.use_graphs)
                         if graph_sampling and self.decoder is not None else None)
         # overlap: read a step's tokens back after queueing the next (module docstring). Off by default
-        # until measured on a GPU (perf/engine_bench.py --overlap).
+        # until measured on a GPU with nothing else in a step waiting for it (perf/engine_bench.py --overlap;
+        # served on an H100 it changed nothing while the prefill and the penalty's marks still waited).
         self.overlap = overlap
         self._in_flight: list[_Sampled] = []  # sampled by the previous step, read at the end of this one
         self._launched: list[_Sampled] = []  # sampled by this step
@@ -305,8 +306,8 @@ class InflightEngine:
         self._thread = start_torch_thread(self._loop, "inflight-engine")
 
     def capture_graphs(self) -> int:
-        """Capture the decode step's CUDA graphs for every shape now (GPU; 0 elsewhere), so no
-        stream waits for a capture while serving. Returns how many were captured."""
+        """Capture the CUDA graphs of every shape now (GPU; 0 elsewhere): decode steps, short prompts'
+        prefills and sampling, so no stream waits for a capture while serving. Returns how many were captured."""
         graphs = self.decoder.capture_all() if self.decoder is not None else 0
         graphs += self.prefiller.capture_all() if self.prefiller is not None else 0
         return graphs + (self.sampler.capture_all() if self.sampler is not None else 0)
@@ -438,9 +439,9 @@ class InflightEngine:
         is longer than a whole budget, chunk by chunk in the scratch slot.
 
         A prompt that fits a budget whole never goes through the scratch slot: when it does not fit what is
-        left of this step's, it waits for the next step's batched forward. (Sending it through the scratch
-        slot instead costs a forward of its own for each such prompt; in a burst of callers, one after the
-        other, every prompt that followed went that way, a step of hundreds of milliseconds on a GPU.)
+        left of this step's, it waits for the next step's batched forward: through the scratch slot it would
+        cost a forward of its own, and in a burst of callers so would every prompt after it, a step of
+        hundreds of milliseconds on a GPU.
         """
         budget = self.prefill_chunk
         if self.prefilling is not None:
@@ -479,8 +480,9 @@ class InflightEngine:
         return len(chunk)
 
     def _prefill_together(self, budget: int) -> int:
-        """Prefill the queued prompts that fit ``budget`` whole in one forward, straight into free
-        decode slots (no copy from the scratch slot afterwards).
+        """Prefill the queued prompts that fit ``budget`` whole in one forward: on a GPU, up to
+        PREFILL_GRAPH_ROWS of them from a captured graph into the scratch slots, then moved into free decode
+        slots in one copy (``llama.BucketedPrefill``); otherwise straight into free decode slots.
 
         When requests arrive together (a burst of callers), one padded forward over
         all their prompts costs far less than one forward each. Padding

@@ -3,10 +3,11 @@
 The model is written for a serving loop, not for training:
 
 * The KV cache is preallocated for ``max_streams`` slots of ``max_seq_len``
-  positions (plus one scratch slot where prompts are prefilled), position-major
-  ([slot, position, kv head, dim]). A forward call works on a contiguous run of
-  slots, so the decode step over the active streams ``0..n-1`` reads the cache
-  through views and never gathers.
+  positions (plus the scratch slots where prompts are prefilled), one tensor
+  [layer, keys/values, slot, position, kv head, dim] of which each layer's keys and
+  values are views. A forward call works on a contiguous run of slots, so the
+  decode step over the active streams ``0..n-1`` reads the cache through views
+  and never gathers.
 * Every row carries its own positions, so rows of different lengths share one
   batched forward; the mask hides each row's unused cache positions. On GPU a
   decode step reads only each row's own keys instead (``varlen_decode_attention``):

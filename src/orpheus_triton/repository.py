@@ -80,7 +80,7 @@ class RepositorySettings:
     # on the GPU path only).
     llm_graph_sampling: bool = True
     # Read each step's tokens back after the next step is queued (InflightEngine overlap; for GPUs, off
-    # until measured there).
+    # until measured there with nothing else in a step waiting for the GPU).
     llm_overlap: bool = False
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # Streams start with the lead-in frame: first audio after 21 tokens, not 28 (frames.StreamFramer).

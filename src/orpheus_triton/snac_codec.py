@@ -241,7 +241,7 @@ def round_sizes(max_windows: int) -> tuple[int, ...]:
     captured at load, leave no new size for a listener to wait on. Multiples of 32 rather than
     powers of two above it: a call's time grows about linearly with its rows there (on an H100,
     eagerly: 128 rows 24 ms, 256 rows 42 ms), and its GPU time is taken from the LLM on the same GPU;
-    a round of 91 windows (216 streams served, perf/results/2026-11-27_h100) decoded 128 rows, now 96.
+    a round of 91 windows (216 streams served, perf/results/2026-11-27_h100) decodes 96 rows, not 128.
     """
     if max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
