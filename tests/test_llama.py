@@ -308,7 +308,7 @@ def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoin
     """Checked when captured (a CUDA graph needs a GPU: the capture is stood in for here): a graph that cannot
     be captured or whose output differs from the eager prefill is not used; that prefill runs eagerly with
     the same result, and no later one is taken (the caller prefills eagerly at the prompts' own shape)."""
-    from orpheus_triton import llama
+    from orpheus_triton import cuda_graphs
     from orpheus_triton.llama import BucketedPrefill
 
     class Replayed:
@@ -320,7 +320,7 @@ def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoin
             raise RuntimeError("operation not permitted when stream is capturing")
         return Replayed(), torch.zeros_like(run())
 
-    monkeypatch.setattr(llama, "capture", stand_in)
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # (CUDA's; this torch has none)
     model = load_llama(checkpoint)
     model.allocate_cache(num_slots=4, max_seq_len=64)
@@ -341,7 +341,7 @@ def test_prefill_graphs_are_checked_on_prompts_of_several_lengths(checkpoint, mo
     """At a server's start every shape is captured and checked on random prompts whose last positions differ
     (the mask, the rotary positions and each row's own last state checked): a graph that always answered
     position 0, which zeroed inputs would not tell from a right one, is refused."""
-    from orpheus_triton import llama
+    from orpheus_triton import cuda_graphs
     from orpheus_triton.llama import BucketedPrefill
 
     class Replayed:
@@ -357,7 +357,7 @@ def test_prefill_graphs_are_checked_on_prompts_of_several_lengths(checkpoint, mo
                               first_slot=prefill.first_slot, context_len=1, hidden_only=True)
         return Replayed(), first
 
-    monkeypatch.setattr(llama, "capture", position_zero_only)
+    monkeypatch.setattr(cuda_graphs, "capture", position_zero_only)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     model = load_llama(checkpoint)
     model.allocate_cache(num_slots=6, max_seq_len=64)

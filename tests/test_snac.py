@@ -317,7 +317,7 @@ def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_
     """The GPU decoder's call graphs (their bookkeeping, run here with an eager stand-in for capture):
     one graph per padded size, reused; real rows come back as the eager call gives them; a graph that
     fails to capture or disagrees with the eager call turns graphs off, with the eager call's audio."""
-    from orpheus_triton import snac_codec
+    from orpheus_triton import cuda_graphs
     from orpheus_triton.snac_codec import DECODE_SPAN, NOISE_COUNTER, CallGraphs, WindowDecoder
 
     model = load_snac(model_set.snac)
@@ -337,7 +337,7 @@ def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_
         decoder.graphs = CallGraphs(decoder)  # built only on a GPU otherwise
         return decoder
 
-    monkeypatch.setattr(snac_codec, "capture", fake_capture)
+    monkeypatch.setattr(cuda_graphs, "capture", fake_capture)
     decoder = graphed_decoder()
     for _ in range(2):
         for count in (6, 3, 6):
@@ -345,7 +345,7 @@ def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_
             assert all(np.array_equal(a, b) for a, b in zip(got, expected[count], strict=True))
     assert sorted(decoder.graphs.graphs) == [4, 8] and len(captured) == 2  # one capture per size, reused
 
-    monkeypatch.setattr(snac_codec, "capture", lambda run, device, pool: fake_capture(run, device, pool, skew=0.01))
+    monkeypatch.setattr(cuda_graphs, "capture", lambda run, device, pool: fake_capture(run, device, pool, skew=0.01))
     decoder = graphed_decoder()
     assert all(np.array_equal(a, b) for a, b in zip(decoder.decode(windows), expected[6], strict=True))
     assert decoder.graphs is None  # it disagreed: off
@@ -353,7 +353,7 @@ def test_call_graphs_replay_each_size_and_fall_back_when_a_graph_is_wrong(model_
     def cannot_capture(run, device, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(snac_codec, "capture", cannot_capture)
+    monkeypatch.setattr(cuda_graphs, "capture", cannot_capture)
     decoder = graphed_decoder()
     assert all(np.array_equal(a, b) for a, b in zip(decoder.decode(windows), expected[6], strict=True))
     assert decoder.graphs is None

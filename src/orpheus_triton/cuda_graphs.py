@@ -40,3 +40,29 @@ def capture(run: Callable[[], torch.Tensor], device: torch.device, pool) -> tupl
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             out = run()
     return graph, out
+
+
+class GraphRefused(RuntimeError):
+    """A CUDA graph not kept (``capture_checked``): why, and ``eager``, the output of the eager run."""
+
+    def __init__(self, why: str, eager: torch.Tensor):
+        super().__init__(why)
+        self.eager = eager
+
+
+def capture_checked(run: Callable[[], torch.Tensor], device: torch.device, pool,
+                    tolerance: Callable[[torch.Tensor], float]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``capture``, kept only if it works: ``run`` once eagerly, then captured and replayed; the graph and its
+    output come back if the replay's output is within ``tolerance(eager output)`` of the eager run's, and
+    GraphRefused (with the eager output, what the caller answers with instead) if the capture fails or the
+    outputs differ by more."""
+    eager = run().clone()
+    try:
+        graph, out = capture(run, device, pool)
+        graph.replay()
+    except RuntimeError as error:
+        raise GraphRefused(f"no CUDA graph ({error})", eager) from None
+    difference = (out.float() - eager.float()).abs().max().item()
+    if difference > tolerance(eager):
+        raise GraphRefused(f"the CUDA graph differs from the eager run by {difference:.3g}", eager)
+    return graph, out

@@ -225,8 +225,9 @@ class InflightEngine:
         # test them (bucketed on a CPU).
         self.scratch_slot = max_streams
         prefill_rows = min(PREFILL_GRAPH_ROWS, max_streams) if use_buckets and (use_graphs or not on_gpu) else 0
-        check_cache_fits(model, max_streams, max_seq_len, self.device, max(1, prefill_rows))
-        model.allocate_cache(max_streams + max(1, prefill_rows), max_seq_len)
+        scratch_slots = max(1, prefill_rows)
+        check_cache_fits(model, max_streams, max_seq_len, self.device, scratch_slots)
+        model.allocate_cache(max_streams + scratch_slots, max_seq_len)
         self.decoder = (BucketedDecoder(model, use_graphs=use_graphs, max_batch=max_streams)
                         if use_buckets else None)
         self.prefiller = (BucketedPrefill(model, self.scratch_slot, prefill_rows, self.prefill_chunk,

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cuda_graphs import capture, padded_sizes
+from .cuda_graphs import GraphRefused, capture, capture_checked, padded_sizes
 
 log = logging.getLogger(__name__)
 
@@ -701,16 +701,11 @@ class BucketedPrefill:
         return hidden[torch.arange(rows, device=hidden.device), self.last[:rows]]
 
     def _capture(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        eager = self._forward(rows, width).float()
         try:
-            graph, out = capture(lambda: self._forward(rows, width), self.tokens.device, self.pool)
-            graph.replay()
-        except RuntimeError as error:
-            return self._give_up(f"no CUDA graph for {rows} x {width} tokens ({error})")
-        difference = (out.float() - eager).abs().max().item()
-        if difference > 1e-2 * max(1.0, eager.abs().max().item()):
-            return self._give_up(f"the CUDA graph for {rows} x {width} tokens differs from the eager prefill by "
-                                 f"{difference:.3g}")
+            graph, out = capture_checked(lambda: self._forward(rows, width), self.tokens.device, self.pool,
+                                         tolerance=lambda eager: 1e-2 * max(1.0, eager.float().abs().max().item()))
+        except GraphRefused as refused:
+            return self._give_up(f"{rows} x {width} tokens: {refused}")
         self.graphs[(rows, width)] = (graph, out)
         return graph, out
 

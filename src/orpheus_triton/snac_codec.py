@@ -64,7 +64,7 @@ from .constants import (
     WINDOW_KEEP_START,
     WINDOW_TOKENS,
 )
-from .cuda_graphs import capture, padded_sizes
+from .cuda_graphs import GraphRefused, capture_checked, padded_sizes
 from .frames import Window, split_codebooks
 from .snac_span import Span, SpanDecoder
 from .snake import Snake, fold_snake_scales
@@ -362,20 +362,13 @@ class CallGraphs:
         return self.decoder.kept_samples([buffer[:rows] for buffer in self.codes], self.seeds[:rows])
 
     def _capture_checked(self, rows: int) -> torch.Tensor:
-        eager = self._run(rows).clone()
-        try:
-            graph, audio = capture(lambda: self._run(rows), self.decoder.device, self.pool)
-            graph.replay()
-        except RuntimeError as error:
-            log.warning("SNAC decoder: no CUDA graph for %d windows (%s); decoding without graphs", rows, error)
+        try:  # the samples within an int16 step of the eager call's
+            graph, audio = capture_checked(lambda: self._run(rows), self.decoder.device, self.pool,
+                                           tolerance=lambda eager: 1 / 32767)
+        except GraphRefused as refused:
+            log.warning("SNAC decoder, %d windows: %s; decoding without graphs", rows, refused)
             self.decoder.graphs = None
-            return eager
-        difference = (audio - eager).abs().max().item()
-        if difference * 32767 > 1.0:
-            log.warning("SNAC decoder: the CUDA graph for %d windows differs from the eager call by %.2g; "
-                        "decoding without graphs", rows, difference)
-            self.decoder.graphs = None
-            return eager
+            return refused.eager
         self.graphs[rows] = (graph, audio)
         return audio
 
