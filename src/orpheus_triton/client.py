@@ -110,6 +110,11 @@ def infer_input(name: str, array: np.ndarray):
     return tensor
 
 
+def stop_inputs() -> list:
+    """tritonclient gRPC input tensors of a `stop` control request to the `llm` model (see ``OrpheusClient.stop``)."""
+    return [infer_input(name, value) for name, value in stop_request_inputs().items()]
+
+
 def request_inputs(
     text: str,
     voice: str | None = None,
@@ -239,38 +244,51 @@ class OrpheusClient:
         flight for good (a graceful stop then waits its whole exit timeout). So the
         stream's `llm` request gets a `stop` (see ``stop``), which ends it normally
         within a step, and the ensemble's remaining responses are read to its final
-        one. ``heard``: the stream had answered already; if not, the `stop` is sent again
+        one. The `stop` goes on the gRPC stream being ended (``_stop_on_stream``).
+        ``heard``: the stream had answered already; if not, the `stop` is sent again
         every STOP_REPEAT_SECONDS until one goes after its first response (see there).
-        Returns False if the end did not come within ``timeout`` (then cancel).
+        Returns False if the end did not come within ``timeout``, or an error came
+        (then cancel): tritonclient does not say which request an error is of, and one
+        of the `stop`'s would leave the stream running on to its max_tokens.
         """
         now = time.perf_counter()
         deadline, next_stop, landed = now + timeout, now, False
         while True:
             if not landed and now >= next_stop:
-                self.stop(request_id)
+                self._stop_on_stream(request_id)
                 landed, next_stop = heard, time.perf_counter() + STOP_REPEAT_SECONDS
             try:
                 response, error, _ = events.get(timeout=max(0.0, min(deadline, next_stop) - time.perf_counter()))
             except queue.Empty:
                 response = error = None
             now = time.perf_counter()
-            if error is not None or (response is not None and _is_final(response)):
+            if error is not None:
+                return False  # the stream's own end (cancelling it then is harmless) or the stop's failure
+            if response is not None and _is_final(response):
                 return True
             heard = heard or response is not None
             if now >= deadline:
                 return False
+
+    def _stop_on_stream(self, request_id: str) -> None:
+        """``stop`` for the stream open on this client, sent on that same gRPC stream: a caller hanging
+        up needs no new connection and no new threads, whose setup was seen to take over a second on a
+        busy machine while generation ran on. Nothing comes back for it (its empty final response is
+        not asked for) unless it fails."""
+        self.client.async_stream_infer(LLM_MODEL, stop_inputs(), request_id=request_id)
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step.
 
         This is TensorRT-LLM's `stop` control request, which both LLM backends take;
         the stream then ends normally (end of speech), and so does the ensemble
-        around it. It goes over a connection of its own, so it can be sent while
-        the stream is open on this one.
+        around it. It goes over a connection of its own, so it can be sent from
+        anywhere (another thread, another process) while the stream is open; a stream
+        left early while ``synthesize`` reads it gets its `stop` on its own gRPC stream.
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-        inputs = [infer_input(name, value) for name, value in stop_request_inputs().items()]
+        inputs = stop_inputs()
         done: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=lambda result, error: done.put(error))
@@ -462,7 +480,7 @@ class AsyncOrpheusClient:
         """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``)."""
         import grpc  # noqa: PLC0415
 
-        inputs = [infer_input(name, value) for name, value in stop_request_inputs().items()]
+        inputs = stop_inputs()
         responses = self._open(LLM_MODEL, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN)
 
         async def answered() -> None:
