@@ -355,6 +355,20 @@ def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch
     assert len(stops) == 1
 
 
+def test_first_audio_is_timed_from_before_the_stream_opens(grpc_url, monkeypatch):
+    """A chunk's arrival counts the gRPC stream's setup: the caller waits for it too (it took a second
+    in a busy process)."""
+    original = grpcclient.InferenceServerClient.start_stream
+
+    def slow_start(self, *args, **kwargs):
+        time.sleep(0.3)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(grpcclient.InferenceServerClient, "start_stream", slow_start)
+    result = OrpheusClient(grpc_url).synthesize("timed", max_tokens=35)
+    assert 0.3 <= result.time_to_first_audio <= result.total_seconds
+
+
 def test_engine_metrics_on_prometheus_endpoint(server, grpc_url):
     import urllib.request
 

@@ -71,7 +71,7 @@ def _stream_failure(url: str | None, message: str, unavailable: bool, first: boo
 @dataclass
 class Chunk:
     audio: np.ndarray  # int16
-    arrived: float  # seconds since the request was sent
+    arrived: float  # seconds since the stream was asked for (its gRPC stream's setup included)
 
 
 @dataclass
@@ -188,9 +188,11 @@ class OrpheusClient:
         result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
         inputs = request_inputs(text, **options)  # a bad option is refused before anything is sent
         completed, first = False, True
+        # Timed from before the gRPC stream opens: its setup (a thread, a call) is the caller's wait too,
+        # and took a second in a busy process.
+        started = time.perf_counter()
         self.client.start_stream(callback=lambda result, error: events.put((result, error, time.perf_counter())))
         try:
-            started = time.perf_counter()
             try:
                 self.client.async_stream_infer(self.model, inputs, request_id=result.request_id,
                                                enable_empty_final_response=True)
