@@ -21,12 +21,13 @@ def model_set(tmp_path_factory) -> ModelSet:
 
 
 def server_settings(model_set, **overrides):
-    """The repository settings of the test servers: the tiny model set on CPU, 4 streams."""
+    """The repository settings of the test servers: the tiny model set on CPU, 4 streams of up to 8,192
+    positions (room for test_server's LONG_STREAM_TOKENS)."""
     from orpheus_triton.repository import RepositorySettings
 
     return RepositorySettings(**{
         "llm_dir": str(model_set.llm), "snac_dir": str(model_set.snac), "device": "cpu", "max_streams": 4,
-        "max_seq_len": 1024, "preprocessing_instances": 1,
+        "max_seq_len": 8192, "preprocessing_instances": 1,
         # As on GPU, the decoder's answers on two lanes (each stream's on one of them); the serve-command
         # tests run them inline.
         "llm_response_thread": "true", "decoder_response_thread": "2",

@@ -227,7 +227,9 @@ def test_threaded_a_stream_is_asked_about_cancellation_in_passes_within_their_du
         streams.close()
         spacing = max(interval, 0.004 / CANCEL_CHECK_DUTY)  # 40 ms: a 4 ms pass, then nine times that at rest
         assert checks > 100 and 2 <= len(asked) <= 0.35 / spacing + 1
-        assert all(b - a >= spacing * 0.99 for a, b in zip(asked, asked[1:], strict=False))
+        # (the interval counts from the check that asked for the pass, which starts a little later on its
+        # thread: a pass held up by a busy machine may be followed by the next sooner than the interval)
+        assert all(b - a >= spacing * 0.9 for a, b in zip(asked, asked[1:], strict=False))
 
 
 class FakeRequest:
