@@ -249,3 +249,57 @@ def test_decoder_state_starts_streams_with_the_lead_in_frame_unless_told_not_to(
     assert [w.frame_index for w in first.windows] == [-1]
     assert last.last and [w.frame_index for w in last.windows] == [0, 1, 2, 3]  # frames 1, 2, then 3, 4
     assert state.streams == {}
+
+
+def test_a_dropped_stream_is_answered_without_decoding_up_to_its_end():
+    """``drop`` (the llm stage's `stop` passed on): the stream's queued requests, and those still to come up
+    to its end, go out without audio, in order; other streams, and a new stream with the id, are decoded."""
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    now = [0.0]
+    scheduler = DecodeScheduler(max_windows=64, idle_seconds=60, clock=lambda: now[0])
+    assert not scheduler.drop("a")  # nothing of it under way: nothing to drop
+    scheduler.add([_item("a", arrived=1), _item("a", 2, arrived=2), _item("b", arrived=3)])
+    answer, decode = scheduler.next_round(timeout=0)
+    assert answer == [] and _names(decode) == [("a", 1), ("b", 3)]
+    for item in decode:
+        scheduler.delivered(item, 0.085)
+    assert scheduler.drop("a")
+    scheduler.add([_item("a", 3, arrived=4), _item("b", arrived=5)])
+    answer, decode = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("a", 2), ("a", 4)] and all(not item.windows for item in answer)
+    assert _names(decode) == [("b", 5)]
+    scheduler.add([_item("a", arrived=6, last=True)])  # its end: then the id is free again
+    answer, decode = scheduler.next_round(timeout=0)
+    assert _names(answer) == [("a", 6)] and decode == []
+    scheduler.add([_item("a", arrived=7)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("a", 7)]
+
+
+def test_a_dropped_stream_whose_end_never_comes_is_forgotten():
+    """A dropped stream's mark goes with a new request start under its id, or after idle_seconds."""
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    now = [0.0]
+    scheduler = DecodeScheduler(max_windows=64, idle_seconds=60, clock=lambda: now[0])
+    first = _item("a", arrived=1)
+    first.request_start = 100.0
+    scheduler.add([first])
+    assert scheduler.drop("a")
+    assert scheduler.next_round(timeout=0) == ([first], [])
+    newer = _item("a", arrived=2)
+    newer.request_start = 200.0  # another request under the id: decoded
+    scheduler.add([newer])
+    assert scheduler.next_round(timeout=0)[1] == [newer]
+    scheduler.add([_item("c", arrived=3)])
+    assert scheduler.drop("c")
+    scheduler.next_round(timeout=0)
+    now[0] = 61.0
+    scheduler.add([_item("c", arrived=4)])  # an idle mark is stale: a new stream
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("c", 4)]
+    # A stream whose end is queued already is not marked: a later stream with its id is decoded.
+    scheduler.add([_item("d", arrived=5), _item("d", arrived=6, last=True)])
+    assert scheduler.drop("d")
+    assert len(scheduler.next_round(timeout=0)[0]) == 2
+    scheduler.add([_item("d", arrived=7)])
+    assert _names(scheduler.next_round(timeout=0)[1]) == [("d", 7)]

@@ -304,6 +304,13 @@ def test_abandoned_stream_is_stopped_through_the_relay(relay_server):
     assert OrpheusClient(url).synthesize("next please", max_tokens=35).audio.size > 0
 
 
+@pytest.mark.server
+def test_the_relay_passes_a_stop_on_to_the_decoder(relay_server):
+    from test_server import leave_a_stream_the_llm_ran_ahead_of
+
+    leave_a_stream_the_llm_ran_ahead_of(relay_server, f"localhost:{relay_server.ports.grpc}")
+
+
 def test_held_references_let_go_only_after_their_time():
     """The relay holds BLS responses past the backend's cleanup (see HeldReferences) and no longer."""
     import gc

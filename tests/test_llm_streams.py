@@ -294,3 +294,41 @@ def test_a_start_that_fails_unexpectedly_is_told_to_its_request_and_the_batch_go
     assert flags == ErrorPbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     [(message, flags)] = stopped.sender.sent
     assert message.startswith("orpheus llm: internal error stopping the stream (engine model unavailable)")
+
+
+def test_a_stop_the_decoder_cannot_take_is_logged_and_the_llm_stop_stands(caplog):
+    """serving.stop_decoding: the decoder's `stop` only saves work; a decoder that refuses it or cannot be
+    called (a stand-in, a failure) is logged, and nothing is raised into the llm stage's stop."""
+    import numpy as np
+
+    from orpheus_triton import constants as c
+    from orpheus_triton.serving import stop_decoding
+
+    sent = []
+
+    class Response:
+        def has_error(self):
+            return True
+
+        def error(self):
+            return type("Error", (), {"message": lambda self: "unexpected inference input 'stop'"})()
+
+    class Request:
+        def __init__(self, model_name, requested_output_names, request_id, inputs):
+            sent.append((model_name, request_id, dict(inputs)))
+
+        def exec(self, decoupled):
+            assert decoupled
+            if sent[-1][1] == "unreachable":
+                raise RuntimeError("stub gone")
+            return [Response()]
+
+    fake = type("PbUtils", (), {"InferenceRequest": Request, "Tensor": staticmethod(lambda name, value: (name, value))})
+    with caplog.at_level("WARNING"):
+        stop_decoding(fake, "refused")
+        stop_decoding(fake, "unreachable")
+    assert [(model, request_id) for model, request_id, _ in sent] == [(c.DECODER_MODEL, "refused"),
+                                                                       (c.DECODER_MODEL, "unreachable")]
+    assert sent[0][2][c.DECODER_STOP].tolist() == [[True]] and sent[0][2][c.DECODER_TOKENS].dtype == np.int32
+    assert "refused the stop of stream 'refused': unexpected inference input 'stop'" in caplog.text
+    assert "could not pass the stop of stream 'unreachable' on to the decoder: stub gone" in caplog.text

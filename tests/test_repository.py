@@ -56,7 +56,8 @@ def test_every_mapped_tensor_exists_with_the_constant_names(configs):
     assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH, c.REQUEST_START]
     assert llm.model_transaction_policy.decoupled
     decoder = configs[c.DECODER_MODEL]
-    assert names(decoder.input) == [c.DECODER_TOKENS, c.REQUEST_START] and names(decoder.output) == [c.DECODER_AUDIO]
+    assert names(decoder.input) == [c.DECODER_TOKENS, c.REQUEST_START, c.DECODER_STOP]
+    assert names(decoder.output) == [c.DECODER_AUDIO]
     assert c.REQUEST_START in names(configs[c.PREPROCESSING_MODEL].output)
     assert decoder.model_transaction_policy.decoupled and decoder.HasField("dynamic_batching")
     pre_outputs = set(names(configs[c.PREPROCESSING_MODEL].output))

@@ -795,6 +795,39 @@ def abandon_a_stream(server, url: str) -> None:
     assert server_metric(server, "orpheus_llm_generated_tokens_total") - tokens_before < LONG_STREAM_TOKENS // 2
 
 
+def leave_a_stream_the_llm_ran_ahead_of(server, url: str) -> None:
+    """A client walks away from a stream the llm stage had run ahead of the decoder (the tiny model's llm
+    outruns the decoder 2.7x here): what was generated for nobody is not decoded (the stop passed on to
+    the decoder), and the stream ends at once instead of after seconds of decoding."""
+    tokens, windows = "orpheus_llm_generated_tokens_total", "orpheus_decoder_windows_total"
+    tokens_before = settled_server_metric(server, tokens)
+    windows_before = server_metric(server, windows)
+    at_hang_up = {}
+
+    class HungUp(Exception):
+        pass
+
+    def hang_up(_chunk):
+        time.sleep(2.0)  # the llm runs on ahead of the decoder meanwhile
+        at_hang_up["generated"] = (server_metric(server, tokens) - tokens_before) // c.TOKENS_PER_FRAME
+        at_hang_up["decoded"] = server_metric(server, windows) - windows_before
+        at_hang_up["time"] = time.monotonic()
+        raise HungUp
+
+    with pytest.raises(HungUp):
+        OrpheusClient(url).synthesize("a long one", max_tokens=LONG_STREAM_TOKENS, on_chunk=hang_up)
+    ended_after = time.monotonic() - at_hang_up["time"]
+    backlog = at_hang_up["generated"] - at_hang_up["decoded"]  # frames generated, not yet decoded
+    decoded_after = settled_server_metric(server, windows) - windows_before - at_hang_up["decoded"]
+    assert backlog >= 20, at_hang_up  # what this test is about: the llm had run ahead
+    assert decoded_after < backlog / 2, (decoded_after, backlog)
+    assert ended_after < 2.0
+
+
+def test_a_stream_left_while_the_decoder_is_behind_is_not_decoded_further(server, grpc_url):
+    leave_a_stream_the_llm_ran_ahead_of(server, grpc_url)
+
+
 def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
     """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
     abandon_a_stream(server, grpc_url)

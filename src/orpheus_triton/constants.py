@@ -127,6 +127,9 @@ LLM_AUDIO_GUARD = "audio_token_guard"
 # --- snac_decoder -----------------------------------------------------------------------
 DECODER_TOKENS = "output_ids"
 DECODER_AUDIO = "audio"
+# Decode nothing more of the stream with this request's id (BOOL; the llm stage passes its `stop` on):
+# what of it is queued, or still to come up to its end, is answered without audio.
+DECODER_STOP = "stop"
 # When preprocessing took the request (seconds since the epoch, FP64): the ensemble hands it to the decoder
 # beside the tokens, which measures the server's time to first audio from it (optional for the decoder).
 REQUEST_START = "request_start"

@@ -30,6 +30,9 @@ import numpy as np
 
 from .constants import (
     CANCEL_CHECK_SECONDS,
+    DECODER_MODEL,
+    DECODER_STOP,
+    DECODER_TOKENS,
     LLM_AUDIO_GUARD,
     LLM_END_ID,
     LLM_INPUT_IDS,
@@ -232,8 +235,25 @@ def request_start_of(value: np.ndarray | None, default: float | None, now: float
 
 
 def is_stop_request(get: GetInput) -> bool:
-    """A TensorRT-LLM-style control request: `stop` = true asks to end the stream with the same id."""
+    """A TensorRT-LLM-style control request: `stop` = true asks to end the stream with the same id
+    (the SNAC decoder's `stop` input, DECODER_STOP, has the same name and meaning)."""
     return bool(_scalar(get, LLM_STOP, False, bool))
+
+
+def stop_decoding(pb_utils, request_id: str) -> None:
+    """Pass an `llm` stage's `stop` on to the SNAC decoder, which then decodes nothing more of the stream
+    (decode_rounds.DecodeScheduler.drop): the llm stage runs ahead of the decoder, and what it generated
+    before the stop would be decoded for nobody. A decoder that cannot take it (a stand-in without the
+    input, a failure) is logged: the stream then ends once its audio is decoded, as it did before."""
+    inputs = {DECODER_TOKENS: np.zeros((1, 1, 1), np.int32), DECODER_STOP: np.ones((1, 1), np.bool_)}
+    request = pb_utils.InferenceRequest(model_name=DECODER_MODEL, requested_output_names=[], request_id=request_id,
+                                        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()])
+    try:
+        for response in request.exec(decoupled=True):
+            if response.has_error():
+                log.warning("the decoder refused the stop of stream %r: %s", request_id, response.error().message())
+    except Exception as error:  # noqa: BLE001 (the llm stage's own stop went through; this one only saves work)
+        log.warning("could not pass the stop of stream %r on to the decoder: %s", request_id, error)
 
 
 def generation_settings(get: GetInput) -> dict:

@@ -7,6 +7,7 @@ one with the FINAL flag, sent in order (on a thread of their own on GPU).
 
 import triton_python_backend_utils as pb_utils
 
+from orpheus_triton.constants import LLM_MODEL
 from orpheus_triton.llm_streams import LlmStreams
 from orpheus_triton.serving import (
     generation_settings,
@@ -15,6 +16,7 @@ from orpheus_triton.serving import (
     log_to_triton,
     model_parameters,
     serve_llm_requests,
+    stop_decoding,
 )
 from orpheus_triton.triton_calls import response_threads
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
@@ -26,6 +28,8 @@ class TritonPythonModel:
     def initialize(self, args):
         log_to_triton(pb_utils)
         params = model_parameters(args)
+        # The ensemble's `llm` passes a stop on to the decoder; behind the relay (the engine model), the relay does.
+        self.stops_decoding = args["model_name"] == LLM_MODEL
         self.engine = build_engine(params)
         self.streams = LlmStreams(
             self.engine, respond, refuse, response_threads=response_threads(params, self.engine.device.type),
@@ -35,8 +39,13 @@ class TritonPythonModel:
         self.engine.start()
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.start, self.streams.stop)
+        serve_llm_requests(pb_utils, requests, self.start, self.stop)
         return None
+
+    def stop(self, request_id):
+        self.streams.stop(request_id)
+        if self.stops_decoding:
+            stop_decoding(pb_utils, request_id)
 
     def start(self, request_id, inputs, sender, is_cancelled):
         self.streams.start(request_id, generation_settings(inputs.get), sender, is_cancelled)

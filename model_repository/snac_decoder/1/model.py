@@ -23,6 +23,7 @@ from orpheus_triton.decode_rounds import DecodeItem, DecodeScheduler, StreamDeco
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     StreamIdError,
+    is_stop_request,
     log_to_triton,
     model_parameters,
     request_start_of,
@@ -67,6 +68,11 @@ class TritonPythonModel:
                 stream_id = require_stream_id(request.request_id())
             except StreamIdError as error:
                 send_error(pb_utils, sender, "decoder", error)
+                continue
+            stop = pb_utils.get_input_tensor_by_name(request, c.DECODER_STOP)  # optional
+            if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get):
+                self.scheduler.drop(stream_id)
+                sender.send(flags=FINAL)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
