@@ -99,6 +99,14 @@ def source_state() -> dict:
             "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
+def source_line(source) -> str:
+    """``source_state``'s record in words: the commit measured, and what in the server code differed from it."""
+    if not isinstance(source, dict):
+        return str(source)
+    changed = source.get("uncommitted") or []
+    return f"{source.get('commit')}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -24,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import local_server, log, machine_info, machine_name, model_set, run_folder, source_state
+from common import local_server, log, machine_info, machine_name, model_set, run_folder, source_line, source_state
 
 from orpheus_triton.arguments import counts, positive
 from orpheus_triton.client import AsyncOrpheusClient
@@ -57,19 +57,12 @@ def summary(runs: list[dict]) -> dict:
             "stall_s_total": sum(run["stall_s"] for run in runs)}
 
 
-def _code(source) -> str:
-    """The commit measured, and what in the server code differed from it."""
-    if not isinstance(source, dict):
-        return str(source)
-    changed = source.get("uncommitted") or []
-    return f"{source.get('commit')}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-
-
 def report(result: dict) -> str:
     lines = [
         f"# Sentence by sentence: {result['sentences']} sentences, {result['max_tokens']} tokens each at most",
         "",
-        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; code {_code(result['source'])}",
+        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
+        f"code {source_line(result['source'])}",
         f"* reply: \"{result['text']}\"",
         "* each run: one reply through `AsyncOrpheusClient.stream_text` on a local server; stalls by the "
         "benchmark's playback rule (a chunk arriving after all audio before it has played)",

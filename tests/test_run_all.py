@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
 
@@ -107,6 +109,24 @@ def test_text_stream_bench_summarises_and_reports_its_runs():
               "summary": {"1": figures}, "runs": runs}
     text = text_stream_bench.report(result)
     assert "| 1 | 3 | 140 | 120 / 180 | 1 | 0.037 |" in text and text.count("\n| ") >= 6
+
+
+def test_barge_in_bench_measures_streams_left_early(server, grpc_url):
+    """perf/barge_in_bench.py against the test server: a stream left after its third chunk ends at once,
+    little of it decoded after the hang-up; one that ends before that chunk is an error naming the fix."""
+    import barge_in_bench  # noqa: PLC0415 (perf/ is on the path above)
+
+    metrics_url = f"http://localhost:{server.ports.metrics}/metrics"
+    run = barge_in_bench.barge_in(grpc_url, metrics_url, 3, 2000, seed=1)
+    assert run["after_chunks"] == 3 and run["audio_heard_s"] > 0 and run["wait_for_end_s"] < 2
+    assert 0 < run["tokens_generated"] < 2000 and run["windows_decoded"] >= 3
+    result = {"max_tokens": 2000, "models": "tiny", "machine": {"cpu": "x", "cores": 2},
+              "source": {"commit": "abc", "uncommitted": ["src/x.py"]}, "runs": [run],
+              "summary": {"3": barge_in_bench.summary([run])}}
+    text = barge_in_bench.report(result)
+    assert "code abc with uncommitted changes to src/x.py" in text and "\n| 3 | 1 | " in text
+    with pytest.raises(RuntimeError, match="ended after .* chunks, before chunk 50: raise --max-tokens"):
+        barge_in_bench.barge_in(grpc_url, metrics_url, 50, 28, seed=1)
 
 
 def test_a_run_folder_is_never_one_that_holds_other_results(tmp_path):
