@@ -4,7 +4,8 @@
 A voice agent's caller interrupts; the client leaves the stream (OrpheusClient: the `llm` stage's
 `stop`, then the stream read to its end). What that costs: how long the client waits for the end
 after hanging up, how many tokens the llm stage generated in all, and how many SNAC windows the
-decoder decoded after the hang-up, audio nobody hears. The llm stage runs ahead of the decoder
+decoder decoded that the caller did not hear (all it decoded for the stream, less the chunks heard
+before hanging up: audio nobody hears). The llm stage runs ahead of the decoder
 (by far with the demo model set on a CPU), so what it generated before the stop is the decoder's
 backlog. Runs one stream at a time through a local server, leaving each after its Nth chunk.
 
@@ -37,7 +38,7 @@ from common import (
 
 from orpheus_triton.arguments import counts, positive
 from orpheus_triton.client import OrpheusClient
-from orpheus_triton.constants import SAMPLE_RATE
+from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 
 TOKENS, WINDOWS = "orpheus_llm_generated_tokens_total", "orpheus_decoder_windows_total"
 
@@ -66,7 +67,6 @@ def barge_in(url: str, metrics_url: str, after_chunks: int, max_tokens: int, see
         heard["chunks"] += 1
         heard["samples"] += chunk.size
         if heard["chunks"] == after_chunks:
-            heard["windows"] = metric(metrics_url, WINDOWS)  # (published every 0.1 s)
             heard["at"] = time.perf_counter()
             raise HungUp
 
@@ -78,12 +78,11 @@ def barge_in(url: str, metrics_url: str, after_chunks: int, max_tokens: int, see
     if "at" not in heard:
         raise RuntimeError(f"the stream ended after {heard['chunks']} chunks, before chunk {after_chunks}: "
                            "raise --max-tokens")
-    windows_after = settled(metrics_url, WINDOWS) - heard["windows"]
+    decoded = settled(metrics_url, WINDOWS) - windows_before  # (the decoder's counters: one window a frame)
     return {"after_chunks": after_chunks, "hung_up_at_s": heard["at"] - started,
             "audio_heard_s": heard["samples"] / SAMPLE_RATE, "wait_for_end_s": ended - heard["at"],
-            "tokens_generated": metric(metrics_url, TOKENS) - tokens_before,
-            "windows_decoded_after": windows_after,
-            "windows_decoded": heard["windows"] - windows_before + windows_after}
+            "tokens_generated": metric(metrics_url, TOKENS) - tokens_before, "windows_decoded": decoded,
+            "windows_unheard": decoded - heard["samples"] / SAMPLES_PER_FRAME}
 
 
 def report(result: dict) -> str:
@@ -96,23 +95,23 @@ def report(result: dict) -> str:
         "`llm` stage's `stop`, then the stream read to its end); counters from the server's /metrics",
         "",
         "| left after chunk | runs | hung up at s | caller waited for the end, s (median, max) | tokens generated "
-        "(median) | windows decoded after hanging up (median, max) |",
+        "(median) | windows decoded, not heard (median, max) |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for after, runs in result["summary"].items():
         lines.append(f"| {after} | {runs['runs']} | {runs['hung_up_at_s']:.2f} | {runs['wait_median_s']:.2f}, "
-                     f"{runs['wait_max_s']:.2f} | {runs['tokens_median']:.0f} | {runs['windows_after_median']:.0f}, "
-                     f"{runs['windows_after_max']:.0f} |")
+                     f"{runs['wait_max_s']:.2f} | {runs['tokens_median']:.0f} | {runs['windows_unheard_median']:.0f}, "
+                     f"{runs['windows_unheard_max']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def summary(runs: list[dict]) -> dict:
     waits = [run["wait_for_end_s"] for run in runs]
-    after = [run["windows_decoded_after"] for run in runs]
+    unheard = [run["windows_unheard"] for run in runs]
     return {"runs": len(runs), "hung_up_at_s": statistics.median(run["hung_up_at_s"] for run in runs),
             "wait_median_s": statistics.median(waits), "wait_max_s": max(waits),
             "tokens_median": statistics.median(run["tokens_generated"] for run in runs),
-            "windows_after_median": statistics.median(after), "windows_after_max": max(after)}
+            "windows_unheard_median": statistics.median(unheard), "windows_unheard_max": max(unheard)}
 
 
 def main() -> int:
@@ -136,7 +135,7 @@ def main() -> int:
                 run = barge_in(server.url, server.metrics_url, after, args.max_tokens, seed=index)
                 log(f"left after chunk {after} ({run['hung_up_at_s']:.2f} s): the end came "
                     f"{run['wait_for_end_s']:.2f} s later; {run['tokens_generated']:.0f} tokens generated, "
-                    f"{run['windows_decoded_after']:.0f} windows decoded after hanging up")
+                    f"{run['windows_unheard']:.0f} windows decoded, not heard")
                 runs.append(run)
     result = {"max_tokens": args.max_tokens, "models": description, "machine": machine_info(),
               "source": source_state(), "runs": runs,

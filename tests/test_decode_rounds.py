@@ -258,13 +258,14 @@ def test_a_dropped_stream_is_answered_without_decoding_up_to_its_end():
 
     now = [0.0]
     scheduler = DecodeScheduler(max_windows=64, idle_seconds=60, clock=lambda: now[0])
-    assert not scheduler.drop("a")  # nothing of it under way: nothing to drop
+    assert not scheduler.drop("a", still_open=False)  # nothing of it under way: nothing to drop
     scheduler.add([_item("a", arrived=1), _item("a", 2, arrived=2), _item("b", arrived=3)])
     answer, decode = scheduler.next_round(timeout=0)
     assert answer == [] and _names(decode) == [("a", 1), ("b", 3)]
+    # Dropped while its first request is being decoded (no audio delivered yet): that one is decoded.
+    assert scheduler.drop("a", still_open=True)
     for item in decode:
         scheduler.delivered(item, 0.085)
-    assert scheduler.drop("a")
     scheduler.add([_item("a", 3, arrived=4), _item("b", arrived=5)])
     answer, decode = scheduler.next_round(timeout=0)
     assert _names(answer) == [("a", 2), ("a", 4)] and all(not item.windows for item in answer)
@@ -277,7 +278,9 @@ def test_a_dropped_stream_is_answered_without_decoding_up_to_its_end():
 
 
 def test_a_dropped_stream_whose_end_never_comes_is_forgotten():
-    """A dropped stream's mark goes with a new request start under its id, or after idle_seconds."""
+    """A dropped stream's mark goes with a new request start under its id, or after idle_seconds; a
+    stream whose end had arrived is not marked at all (a later stream with the id, even without a
+    request start, is decoded)."""
     from orpheus_triton.decode_rounds import DecodeScheduler
 
     now = [0.0]
@@ -285,21 +288,31 @@ def test_a_dropped_stream_whose_end_never_comes_is_forgotten():
     first = _item("a", arrived=1)
     first.request_start = 100.0
     scheduler.add([first])
-    assert scheduler.drop("a")
+    assert scheduler.drop("a", still_open=True, request_start=100.0)
     assert scheduler.next_round(timeout=0) == ([first], [])
     newer = _item("a", arrived=2)
     newer.request_start = 200.0  # another request under the id: decoded
     scheduler.add([newer])
     assert scheduler.next_round(timeout=0)[1] == [newer]
-    scheduler.add([_item("c", arrived=3)])
-    assert scheduler.drop("c")
-    scheduler.next_round(timeout=0)
+    assert scheduler.drop("c", still_open=True)
     now[0] = 61.0
     scheduler.add([_item("c", arrived=4)])  # an idle mark is stale: a new stream
     assert _names(scheduler.next_round(timeout=0)[1]) == [("c", 4)]
-    # A stream whose end is queued already is not marked: a later stream with its id is decoded.
-    scheduler.add([_item("d", arrived=5), _item("d", arrived=6, last=True)])
-    assert scheduler.drop("d")
-    assert len(scheduler.next_round(timeout=0)[0]) == 2
+    # Its end taken into a round already when the stop comes: nothing marked.
+    scheduler.add([_item("d", arrived=5, last=True)])
+    scheduler.next_round(timeout=0)
+    assert not scheduler.drop("d", still_open=False)
     scheduler.add([_item("d", arrived=7)])
     assert _names(scheduler.next_round(timeout=0)[1]) == [("d", 7)]
+
+
+def test_the_decoder_state_says_which_streams_are_open():
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    now = [0.0]
+    state = StreamDecoderState(idle_seconds=60, clock=lambda: now[0])
+    tokens = [audio_token_id(c, i) for i, c in enumerate(range(1, 15))]
+    state.items_for([("a", np.array(tokens), None, 123.0), ("b", np.array(tokens + [END_OF_SPEECH]), None)])
+    assert state.open_stream("a") == (True, 123.0) and state.open_stream("b") == (False, None)
+    now[0] = 61.0
+    assert state.open_stream("a") == (False, None)  # vanished

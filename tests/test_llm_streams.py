@@ -314,7 +314,7 @@ def test_a_stop_the_decoder_cannot_take_is_logged_and_the_llm_stop_stands(caplog
             return type("Error", (), {"message": lambda self: "unexpected inference input 'stop'"})()
 
     class Request:
-        def __init__(self, model_name, requested_output_names, request_id, inputs):
+        def __init__(self, model_name, requested_output_names, request_id, inputs, timeout):
             sent.append((model_name, request_id, dict(inputs)))
 
         def exec(self, decoupled):

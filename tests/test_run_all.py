@@ -11,6 +11,8 @@ sys.path.insert(0, str(ROOT / "perf"))
 
 import run_all  # noqa: E402 (perf/ is not a package)
 
+from orpheus_triton import constants as c  # noqa: E402
+
 
 def test_a_comparison_that_fails_becomes_a_note_and_the_run_goes_on():
     result = {"comparisons": {}, "notes": []}
@@ -112,19 +114,21 @@ def test_text_stream_bench_summarises_and_reports_its_runs():
 
 
 def test_barge_in_bench_measures_streams_left_early(server, grpc_url):
-    """perf/barge_in_bench.py against the test server: a stream left after its third chunk ends at once,
-    little of it decoded after the hang-up; one that ends before that chunk is an error naming the fix."""
+    """perf/barge_in_bench.py against the test server: a stream left after its 15th chunk (the llm stage
+    some 25 frames ahead of the decoder) ends at once, next to nothing decoded that was not heard; one
+    that ends before that chunk is an error naming the fix."""
     import barge_in_bench  # noqa: PLC0415 (perf/ is on the path above)
 
     metrics_url = f"http://localhost:{server.ports.metrics}/metrics"
-    run = barge_in_bench.barge_in(grpc_url, metrics_url, 3, 2000, seed=1)
-    assert run["after_chunks"] == 3 and run["audio_heard_s"] > 0 and run["wait_for_end_s"] < 2
-    assert 0 < run["tokens_generated"] < 2000 and run["windows_decoded"] >= 3
+    run = barge_in_bench.barge_in(grpc_url, metrics_url, 15, 2000, seed=1)
+    assert run["after_chunks"] == 15 and run["audio_heard_s"] == 15 * c.SAMPLES_PER_FRAME / c.SAMPLE_RATE
+    assert run["wait_for_end_s"] < 2 and 0 < run["tokens_generated"] < 2000
+    assert run["windows_decoded"] >= 15 and run["windows_unheard"] < 8, run
     result = {"max_tokens": 2000, "models": "tiny", "machine": {"cpu": "x", "cores": 2},
               "source": {"commit": "abc", "uncommitted": ["src/x.py"]}, "runs": [run],
-              "summary": {"3": barge_in_bench.summary([run])}}
+              "summary": {"15": barge_in_bench.summary([run])}}
     text = barge_in_bench.report(result)
-    assert "code abc with uncommitted changes to src/x.py" in text and "\n| 3 | 1 | " in text
+    assert "code abc with uncommitted changes to src/x.py" in text and "\n| 15 | 1 | " in text
     with pytest.raises(RuntimeError, match="ended after .* chunks, before chunk 50: raise --max-tokens"):
         barge_in_bench.barge_in(grpc_url, metrics_url, 50, 28, seed=1)
 

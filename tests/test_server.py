@@ -360,6 +360,39 @@ def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch
     assert len(stops) == 1
 
 
+@pytest.mark.parametrize("after_each_stop", [
+    [["stop error"], ["stream end"]],  # the stop failed: another one, then the stream's end
+    [["stop end", "error"]],  # the stop answered, then an error: the stream's own end
+    [["error"], ["stop end", "stop end"]],  # an error before the stop's answer: whose? one more stop settles it
+])
+def test_a_stream_left_early_tells_its_end_from_its_stops(after_each_stop):
+    """OrpheusClient._end_early: the stop goes on the stream's own gRPC stream, whose events then carry
+    the stops' answers and errors beside the stream's; it ends the stream cleanly (no cancel) in each case."""
+    from types import SimpleNamespace
+
+    def response(model: str):
+        parameters = {"triton_final_response": SimpleNamespace(bool_param=True)}
+        return SimpleNamespace(get_response=lambda: SimpleNamespace(model_name=model, parameters=parameters))
+
+    made = {"stop end": lambda: (response(c.LLM_MODEL), None, 0.0),
+            "stream end": lambda: (response(c.ENSEMBLE_MODEL), None, 0.0),
+            "stop error": lambda: (None, RuntimeError("stopping failed"), 0.0),
+            "error": lambda: (None, RuntimeError("failed"), 0.0)}
+    events: queue.Queue = queue.Queue()
+    sent = []
+
+    class Connection:  # the client's tritonclient stream: what each stop sent is followed by
+        def async_stream_infer(self, model, inputs, request_id, enable_empty_final_response):
+            sent.append((model, request_id, enable_empty_final_response))
+            for name in after_each_stop[len(sent) - 1]:
+                events.put(made[name]())
+
+    client = OrpheusClient("localhost:1")
+    client.client = Connection()
+    assert client._end_early("s", events, heard=True, timeout=5.0)
+    assert sent == [(c.LLM_MODEL, "s", True)] * len(after_each_stop)
+
+
 def test_first_audio_is_timed_from_before_the_stream_opens(grpc_url, monkeypatch):
     """A chunk's arrival counts the gRPC stream's setup: the caller waits for it too (it took a second
     in a busy process)."""

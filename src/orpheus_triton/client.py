@@ -249,35 +249,44 @@ class OrpheusClient:
         one. The `stop` goes on the gRPC stream being ended (``_stop_on_stream``).
         ``heard``: the stream had answered already; if not, the `stop` is sent again
         every STOP_REPEAT_SECONDS until one goes after its first response (see there).
-        Returns False if the end did not come within ``timeout``, or an error came
-        (then cancel): tritonclient does not say which request an error is of, and one
-        of the `stop`'s would leave the stream running on to its max_tokens.
+        Each stop, like the stream, ends in exactly one final response or one error, and
+        tritonclient does not say which request an error is of: so the stream has ended
+        once more of them came than stops were sent; a stop that may have failed is sent
+        again. Returns False if the end did not come within ``timeout`` (then cancel).
         """
         now = time.perf_counter()
         deadline, next_stop, landed = now + timeout, now, False
+        stops = ends = 0  # stops sent; stops answered and errors, whoever's
         while True:
             if not landed and now >= next_stop:
                 self._stop_on_stream(request_id)
+                stops += 1
                 landed, next_stop = heard, time.perf_counter() + STOP_REPEAT_SECONDS
             try:
                 response, error, _ = events.get(timeout=max(0.0, min(deadline, next_stop) - time.perf_counter()))
             except queue.Empty:
                 response = error = None
             now = time.perf_counter()
-            if error is not None:
-                return False  # the stream's own end (cancelling it then is harmless) or the stop's failure
-            if response is not None and _is_final(response):
-                return True
-            heard = heard or response is not None
+            answers_stop = response is not None and response.get_response().model_name == LLM_MODEL
+            if error is not None or answers_stop:
+                ends += 1
+                if ends > stops:
+                    return True  # the stream's own error came beside every stop's end
+                landed = landed and error is None  # the error may be a stop's: another one
+            elif response is not None:
+                if _is_final(response):
+                    return True
+                heard = True
             if now >= deadline:
                 return False
 
     def _stop_on_stream(self, request_id: str) -> None:
         """``stop`` for the stream open on this client, sent on that same gRPC stream: a caller hanging
         up needs no new connection and no new threads, whose setup was seen to take over a second on a
-        busy machine while generation ran on. Nothing comes back for it (its empty final response is
-        not asked for) unless it fails."""
-        self.client.async_stream_infer(LLM_MODEL, stop_inputs(), request_id=request_id)
+        busy machine while generation ran on. Its answer, an empty final response from the `llm` model
+        (or an error), comes among the stream's."""
+        self.client.async_stream_infer(LLM_MODEL, stop_inputs(), request_id=request_id,
+                                       enable_empty_final_response=True)
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step.

@@ -107,23 +107,20 @@ class DecodeScheduler:
             self._drop_sweep(self._dropped, lambda dropped: dropped[1], now)  # ends that never came
             self._ready.notify()
 
-    def drop(self, stream_id: str) -> bool:
-        """Decode nothing more of the stream with this id: its queued requests, and those that come up to
-        its end, are answered without audio, in order. Returns whether such a stream was under way (a
-        request of it queued, or audio of it sent and its end not yet in)."""
+    def drop(self, stream_id: str, still_open: bool, request_start: float | None = None) -> bool:
+        """Decode nothing more of the stream with this id: its queued requests are answered without audio,
+        in order, and, if its end has not arrived yet (``still_open``: StreamDecoderState still frames it,
+        under ``request_start``), so are those still to come up to its end. Requests of it already taken
+        into a round are decoded. Returns whether anything of it was dropped or marked."""
         now = self.clock()
         with self._ready:
             queue = self._queues.get(stream_id, ())
-            playback = self._playback_of(DecodeItem(stream_id, [], None), now)
-            if not queue and playback is None:
-                return False
             for item in queue:
                 item.windows = []
-            if not any(item.last for item in queue):  # its end is still to come
-                start = queue[0].request_start if queue else playback[2]
-                self._dropped[stream_id] = (start, now)
+            if still_open:
+                self._dropped[stream_id] = (request_start, now)
             self._ready.notify()
-            return True
+            return bool(queue) or still_open
 
     def _skip_if_dropped(self, item: DecodeItem, now: float) -> None:
         dropped = self._dropped.get(item.stream_id)
@@ -269,6 +266,14 @@ class StreamDecoderState:
         self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
+
+    def open_stream(self, request_id: str) -> tuple[bool, float | None]:
+        """Whether a stream with this id is being framed (its end not arrived yet, not vanished), and its
+        request start: what DecodeScheduler.drop needs to know to answer its requests still to come."""
+        stream = self.streams.get(request_id)
+        if stream is None or self._sweep.expired(stream.last_seen, self.clock()):
+            return False, None
+        return True, stream.request_start
 
     def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
         """One item per (stream id, token ids, reply[, request start]) chunk; a stream keeps the first

@@ -240,14 +240,19 @@ def is_stop_request(get: GetInput) -> bool:
     return bool(_scalar(get, LLM_STOP, False, bool))
 
 
+DECODER_STOP_TIMEOUT_US = 1_000_000  # the decoder answers a stop at once, from its execute
+
+
 def stop_decoding(pb_utils, request_id: str) -> None:
     """Pass an `llm` stage's `stop` on to the SNAC decoder, which then decodes nothing more of the stream
     (decode_rounds.DecodeScheduler.drop): the llm stage runs ahead of the decoder, and what it generated
     before the stop would be decoded for nobody. A decoder that cannot take it (a stand-in without the
-    input, a failure) is logged: the stream then ends once its audio is decoded, as it did before."""
+    input, a failure) is logged: the stream then ends once its audio is decoded."""
     inputs = {DECODER_TOKENS: np.zeros((1, 1, 1), np.int32), DECODER_STOP: np.ones((1, 1), np.bool_)}
+    # Called from the llm stage's execute: a decoder that does not answer must not hold up its admissions.
     request = pb_utils.InferenceRequest(model_name=DECODER_MODEL, requested_output_names=[], request_id=request_id,
-                                        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()])
+                                        inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
+                                        timeout=DECODER_STOP_TIMEOUT_US)
     try:
         for response in request.exec(decoupled=True):
             if response.has_error():

@@ -71,7 +71,7 @@ class TritonPythonModel:
                 continue
             stop = pb_utils.get_input_tensor_by_name(request, c.DECODER_STOP)  # optional
             if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get):
-                self.scheduler.drop(stream_id)
+                self.scheduler.drop(stream_id, *self.state.open_stream(stream_id))
                 sender.send(flags=FINAL)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
