@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 
 from common import (
+    add_model_arguments,
     local_server,
     log,
     machine_info,
     machine_name,
-    metrics_page,
+    metric_values,
     model_set,
     run_folder,
     source_line,
@@ -39,13 +40,13 @@ from common import (
 from orpheus_triton.arguments import counts, positive
 from orpheus_triton.client import OrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
-
-TOKENS, WINDOWS = "orpheus_llm_generated_tokens_total", "orpheus_decoder_windows_total"
+from orpheus_triton.metrics import DECODER_WINDOWS_METRIC as WINDOWS
+from orpheus_triton.metrics import LLM_TOKENS_METRIC as TOKENS
 
 
 def metric(metrics_url: str, name: str) -> float:
-    """A counter's value (its first line) on the server's /metrics page."""
-    return float(next(line for line in metrics_page(metrics_url).splitlines() if line.startswith(name)).split()[-1])
+    """A counter's value on the server's /metrics page (its one model's)."""
+    return sum(metric_values(metrics_url, name))
 
 
 def settled(metrics_url: str, name: str) -> float:
@@ -119,10 +120,7 @@ def main() -> int:
     parser.add_argument("--chunks", type=counts, default="1,10,30,60", help="leave each stream after this chunk")
     parser.add_argument("--runs", type=positive, default=3, help="runs per point")
     parser.add_argument("--max-tokens", type=positive, default=1200, help="per stream (the demo LLM never stops early)")
-    parser.add_argument("--shape", default="demo")
-    parser.add_argument("--models", help="a real model set directory instead")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for the results (default: a new run folder)")
+    add_model_arguments(parser)
     args = parser.parse_args()
     models, description = model_set(args.shape, args.models)
     folder = Path(args.out) if args.out else run_folder(f"{machine_name()}-barge-in")

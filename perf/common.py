@@ -444,6 +444,15 @@ def model_set(shape: str, models: str | None):
                     f"{ORPHEUS_3B_SHAPE['num_hidden_layers']} layers, full SNAC 24 kHz)")
 
 
+def add_model_arguments(parser) -> None:
+    """A benchmark's options for the server it starts and where its results go: --shape, --models
+    (``model_set``), --device, --out (default: a new run folder)."""
+    parser.add_argument("--shape", default="demo")
+    parser.add_argument("--models", help="a real model set directory instead")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="folder for the results (default: a new run folder)")
+
+
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = True,

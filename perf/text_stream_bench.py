@@ -24,7 +24,17 @@ import statistics
 import time
 from pathlib import Path
 
-from common import local_server, log, machine_info, machine_name, model_set, run_folder, source_line, source_state
+from common import (
+    add_model_arguments,
+    local_server,
+    log,
+    machine_info,
+    machine_name,
+    model_set,
+    run_folder,
+    source_line,
+    source_state,
+)
 
 from orpheus_triton.arguments import counts, positive
 from orpheus_triton.client import AsyncOrpheusClient
@@ -89,10 +99,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=positive, default=140,
                         help="per sentence (the demo LLM never stops early)")
     parser.add_argument("--text", default=REPLY)
-    parser.add_argument("--shape", default="demo")
-    parser.add_argument("--models", help="a real model set directory instead")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", help="folder for the results (default: a new run folder)")
+    add_model_arguments(parser)
     args = parser.parse_args()
     values = args.concurrency
     models, description = model_set(args.shape, args.models)

@@ -234,10 +234,10 @@ def request_start_of(value: np.ndarray | None, default: float | None, now: float
     return start
 
 
-def is_stop_request(get: GetInput) -> bool:
+def is_stop_request(get: GetInput, name: str = LLM_STOP) -> bool:
     """A TensorRT-LLM-style control request: `stop` = true asks to end the stream with the same id
-    (the SNAC decoder's `stop` input, DECODER_STOP, has the same name and meaning)."""
-    return bool(_scalar(get, LLM_STOP, False, bool))
+    (the SNAC decoder's input ``name`` DECODER_STOP means the same there)."""
+    return bool(_scalar(get, name, False, bool))
 
 
 DECODER_STOP_TIMEOUT_US = 1_000_000  # the decoder answers a stop at once, from its execute

@@ -70,7 +70,7 @@ class TritonPythonModel:
                 send_error(pb_utils, sender, "decoder", error)
                 continue
             stop = pb_utils.get_input_tensor_by_name(request, c.DECODER_STOP)  # optional
-            if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get):
+            if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get, c.DECODER_STOP):
                 self.scheduler.drop(stream_id, *self.state.open_stream(stream_id))
                 sender.send(flags=FINAL)
                 continue
