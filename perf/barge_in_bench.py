@@ -37,7 +37,7 @@ from common import (
     source_state,
 )
 
-from orpheus_triton.arguments import counts, positive
+from orpheus_triton.arguments import counts, max_tokens, positive
 from orpheus_triton.client import OrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from orpheus_triton.metrics import DECODER_WINDOWS_METRIC as WINDOWS
@@ -119,7 +119,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=counts, default="1,10,30,60", help="leave each stream after this chunk")
     parser.add_argument("--runs", type=positive, default=3, help="runs per point")
-    parser.add_argument("--max-tokens", type=positive, default=1200, help="per stream (the demo LLM never stops early)")
+    parser.add_argument("--max-tokens", type=max_tokens, default=1200,
+                        help="per stream (the demo LLM never stops early)")
     add_model_arguments(parser)
     args = parser.parse_args()
     models, description = model_set(args.shape, args.models)

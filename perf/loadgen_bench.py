@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf/: common
 from common import log, machine_info, server_cpu_monitor  # noqa: E402
 
-from orpheus_triton.arguments import counts, positive, positive_seconds  # noqa: E402
+from orpheus_triton.arguments import counts, max_tokens, positive_seconds  # noqa: E402
 from orpheus_triton.constants import (  # noqa: E402
     ENSEMBLE_MODEL,
     IN_MAX_TOKENS,
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=counts, default="16,64,128,216", help="closed-loop levels")
     parser.add_argument("--processes", type=int, default=4, help="load generator processes of the second run")
     parser.add_argument("--speed", type=float, default=1.5, help="the stand-in's pace, times real time")
-    parser.add_argument("--max-tokens", type=positive, default=250, help="per stream (250: 35 chunks, 3 s of audio)")
+    parser.add_argument("--max-tokens", type=max_tokens, default=250, help="per stream (250: 35 chunks, 3 s of audio)")
     parser.add_argument("--level-seconds", type=positive_seconds, default=10.0)
     parser.add_argument("--ramp-seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, help="folder for loadgen_bench.json and loadgen_bench.md")

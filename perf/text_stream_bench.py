@@ -36,7 +36,7 @@ from common import (
     source_state,
 )
 
-from orpheus_triton.arguments import counts, positive
+from orpheus_triton.arguments import counts, max_tokens, positive
 from orpheus_triton.client import AsyncOrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE
 from orpheus_triton.loadgen import playback
@@ -96,7 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=counts, default="1,2", help="stream_text concurrency values, alternated")
     parser.add_argument("--runs", type=positive, default=5, help="runs per value")
-    parser.add_argument("--max-tokens", type=positive, default=140,
+    parser.add_argument("--max-tokens", type=max_tokens, default=140,
                         help="per sentence (the demo LLM never stops early)")
     parser.add_argument("--text", default=REPLY)
     add_model_arguments(parser)

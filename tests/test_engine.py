@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import re
 import time
 
 import numpy as np
@@ -630,12 +631,16 @@ def test_a_request_start_that_is_absent_empty_or_not_a_time_is_the_arrival():
 
 
 def test_out_of_range_sampling_is_refused(model):
-    with pytest.raises(ValueError, match="top_p 0.0"):
+    """The refusal names only the settings that are wrong, each with the range it must be in."""
+    with pytest.raises(ValueError, match=r"out of range: top_p 0.0 \(in \(0, 1\]\)$"):
         make_engine(model).submit(request(PROMPTS[0], Collector(), top_p=0.0))
+    with pytest.raises(ValueError, match=r"out of range: top_k -1 \(>= 0\)$"):
+        make_engine(model).submit(request(PROMPTS[0], Collector(), top_k=-1))
     # Infinite (or beyond float32) settings turned the guard's -inf scores into NaN: end of speech mid-frame.
     for settings in ({"temperature": float("inf")}, {"temperature": 1e39}, {"repetition_penalty": float("inf")},
                      {"temperature": float("nan")}):
-        with pytest.raises(ValueError, match="each finite"):
+        (name, value), = settings.items()
+        with pytest.raises(ValueError, match=rf"out of range: {name} {re.escape(str(value))} \([>=]+ 0, finite\)$"):
             make_engine(model).submit(request(PROMPTS[0], Collector(), **settings))
 
 

@@ -211,7 +211,7 @@ def test_requests_are_checked_before_anything_is_claimed():
         relay.start("a", {k: v for k, v in INPUTS.items() if k != "input_ids"}, "sender", lambda: False)
     with pytest.raises(ValueError, match="audio_token_guard is not available"):
         relay.start("a", INPUTS | {LLM_AUDIO_GUARD: np.array([True])}, "sender", lambda: False)
-    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+    with pytest.raises(ValueError, match=r"request_output_len \(max_tokens\) must be >= 1, got 0"):
         relay.start("a", INPUTS | {"request_output_len": np.array([0], np.int32)}, "sender", lambda: False)
     with pytest.raises(StreamIdError, match="no id"):
         relay.start("", INPUTS, "sender", lambda: False)

@@ -82,14 +82,20 @@ def test_default_max_tokens_fits_the_servers_length(tokenizer):
     with pytest.raises(PromptError, match=f"prompt of {prompt} tokens \\+ max_tokens 301 exceeds the server's "
                                           f"max_seq_len {prompt + 300}; .* lower max_tokens to 300 at most"):
         output_len(prompt + 300, max_tokens=301)
-    with pytest.raises(PromptError, match=f"the prompt takes {prompt} tokens, the server's whole max_seq_len "
-                                          f"of {prompt}"):
-        output_len(prompt)
-    assert output_len(prompt + 1) == (prompt, 1)
+    # A prompt that leaves less than a frame's tokens could give no audio: refused, not answered with silence.
+    frame = c.TOKENS_PER_FRAME
+    for room in (-5, 0, frame - 1):
+        with pytest.raises(PromptError, match=f"the prompt takes {prompt} tokens of the server's max_seq_len of "
+                                              f"{prompt + room} .*, leaving {max(room, 0)} for audio, less than "
+                                              f"one SNAC frame \\({frame} tokens\\); shorten the text"):
+            output_len(prompt + room)
+    assert output_len(prompt + frame) == (prompt, frame)
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("max_tokens", 0, "max_tokens"), ("temperature", -1.0, "temperature"), ("top_p", 0.0, "top_p"),
+    ("max_tokens", 0, "max_tokens"), ("max_tokens", c.TOKENS_PER_FRAME - 1, "the least that gives audio"),
+    ("max_tokens", c.MAX_MAX_TOKENS + 1, "max_tokens must be in"), ("temperature", -1.0, "temperature"),
+    ("top_p", 0.0, "top_p"),
     ("repetition_penalty", 0.5, "repetition_penalty"), ("temperature", float("nan"), "temperature"),
 ])
 def test_option_ranges(field, value, message):

@@ -214,20 +214,53 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(grpc_url, option
     assert client.synthesize("still working", max_tokens=35).audio.size > 0
 
 
+def test_max_tokens_below_a_frame_is_refused_and_one_frame_is_heard(grpc_url):
+    """Fewer tokens than a frame's were answered with no audio and no error; a frame's are one chunk."""
+    from orpheus_triton.client import infer_input, request_inputs
+
+    inputs = [infer_input(c.IN_TEXT, np.array([b"hello"], dtype=np.object_)),
+              infer_input(c.IN_MAX_TOKENS, np.array([c.TOKENS_PER_FRAME - 1], dtype=np.int32))]
+    with pytest.raises(SynthesisError, match="the least that gives audio"):
+        _stream(grpc_url, c.ENSEMBLE_MODEL, inputs, c.OUT_AUDIO)
+    audio = _stream(grpc_url, c.ENSEMBLE_MODEL, request_inputs("hello", max_tokens=c.TOKENS_PER_FRAME), c.OUT_AUDIO)
+    assert sum(map(len, audio)) == c.SAMPLES_PER_FRAME
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"seed": -1}, "seed must be a whole number from 0 to 18446744073709551615, got -1"),
     ({"seed": 2**64}, "seed must be a whole number from 0 to"),
-    ({"max_tokens": 3_000_000_000}, "max_tokens must be a whole number from -2147483648 to 2147483647"),
-    ({"max_tokens": 35.5}, "got 35.5"),
+    ({"max_tokens": 3_000_000_000}, f"max_tokens must be in \\[{c.MIN_MAX_TOKENS}, {c.MAX_MAX_TOKENS}\\]"),
+    ({"max_tokens": 6}, "one SNAC frame, the least that gives audio\\), got 6"),
+    ({"max_tokens": 35.5}, "max_tokens must be a whole number, got 35.5"),
     ({"seed": True}, "got True"),
 ])
 def test_the_client_refuses_whole_numbers_their_tensor_cannot_hold(options, message):
-    """numpy would wrap them into other values (seed -1 into 2**64 - 1) that the server cannot tell apart."""
+    """numpy would wrap them into other values (seed -1 into 2**64 - 1) that the server cannot tell apart;
+    a max_tokens the server refuses is refused with the server's words."""
     from orpheus_triton.client import request_inputs
 
     with pytest.raises(ValueError, match=message):
         request_inputs("hello", **options)
     assert len(request_inputs("hello", seed=2**64 - 1, max_tokens=35)) == 3
+
+
+@pytest.mark.parametrize(("text", "voice", "message"), [
+    (None, None, "text must be a str, got NoneType"),
+    (b"hello", None, "text must be a str, got bytes"),
+    ("hello", 5, "voice must be a str, got int"),
+])
+def test_the_client_names_text_or_a_voice_that_is_not_a_str(text, voice, message):
+    from orpheus_triton.client import request_inputs
+
+    with pytest.raises(TypeError, match=message):
+        request_inputs(text, voice)
+
+
+def test_a_stop_that_cannot_reach_the_server_says_so():
+    from orpheus_triton.server import free_port
+
+    with pytest.raises(SynthesisError, match="the stop for 'x' failed: .*UNAVAILABLE"):
+        OrpheusClient(f"localhost:{free_port()}").stop("x", timeout=5)
 
 
 def test_a_connection_lost_mid_stream_is_named_as_such():
@@ -665,6 +698,23 @@ def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_p
     assert read_wav(tmp_path / "long.wav")[1].size == 30 * 2 * c.SAMPLES_PER_FRAME  # 14 tokens: 2 frames each
 
 
+def test_cli_say_names_why_no_audio_came(grpc_url, tmp_path):
+    """Blank text is "no sentence to say", a max_tokens below a frame is refused while the arguments are
+    read; `--sentences` said "no sentence" whatever the cause."""
+    import subprocess
+    import sys
+
+    def say(*args, stdin=None):
+        return subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", *args, "-o",
+                               str(tmp_path / "x.wav"), "--url", grpc_url], input=stdin, capture_output=True,
+                              text=True, timeout=120)
+
+    for blank in (say("  ", "--sentences"), say("-", stdin=" \n ")):
+        assert blank.returncode == 1 and "no audio: the text had no sentence to say" in blank.stderr, blank.stderr
+    short = say("Hello. World.", "--sentences", "--max-tokens", str(c.TOKENS_PER_FRAME - 1))
+    assert short.returncode == 2 and "the least that gives audio" in short.stderr, short.stderr
+
+
 def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     import subprocess
     import sys
@@ -864,8 +914,12 @@ def test_a_stream_left_while_the_decoder_is_behind_is_not_decoded_further(server
 def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
     """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
     abandon_a_stream(server, grpc_url)
-    # A stop for an id that is not streaming is harmless.
+    from orpheus_triton.client import stop_inputs as client_stop_inputs
+
+    # A stop for an id that is not streaming is harmless; one without an id is refused.
     OrpheusClient(grpc_url).stop("no-such-stream")
+    with pytest.raises(SynthesisError, match="this request has no id: .* HTTP: the JSON body's \"id\""):
+        _stream(grpc_url, c.LLM_MODEL, client_stop_inputs(), c.LLM_OUTPUT_IDS, request_id="")
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 

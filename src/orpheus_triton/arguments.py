@@ -22,6 +22,16 @@ def positive(value: str) -> int:
     return number
 
 
+def max_tokens(value: str) -> int:
+    """A request's max_tokens, in the range the server takes (``preprocess.max_tokens_refusal``)."""
+    from .preprocess import max_tokens_refusal  # noqa: PLC0415 (tokenizers: only where this type is used)
+
+    number = positive(value)
+    if (refusal := max_tokens_refusal(number)) is not None:
+        raise argparse.ArgumentTypeError(refusal)
+    return number
+
+
 def non_negative(value: str) -> int:
     """A whole number >= 0 (0 usually meaning "the default" or "off")."""
     if not value.strip().isdigit():

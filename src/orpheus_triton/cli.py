@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import non_negative_seconds, positive
+from .arguments import max_tokens, non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
     DEFAULT_MAX_TOKENS,
@@ -137,15 +137,16 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
     if not to_stdout:
         _check_writable(Path(output))
     require_ready_server(url)
+    had_text = True
     with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
         if sentences or text is None:
-            result = asyncio.run(_speak_sentences(url, _stdin_pieces() if text is None else text, sink.write,
-                                                  **options))
+            result, had_text = asyncio.run(_speak_sentences(url, _stdin_pieces() if text is None else text,
+                                                            sink.write, **options))
         else:
             client = OrpheusClient(url)
             result = client.synthesize(text, on_chunk=sink.write, **options)
             client.close()
-    if not result.chunks and (sentences or text is None):
+    if not result.chunks and (sentences or text is None) and not had_text:
         raise SystemExit("no audio: the text had no sentence to say")
     if not result.chunks:
         raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
@@ -170,17 +171,28 @@ def _check_writable(path: Path) -> None:
 
 
 async def _speak_sentences(url: str, text, on_chunk, **options):
-    """``AsyncOrpheusClient.stream_text`` into ``on_chunk``, timed as one ``SynthesisResult``."""
+    """``AsyncOrpheusClient.stream_text`` into ``on_chunk``, timed as one ``SynthesisResult``, and whether
+    the text held anything but blanks (no audio then means the server gave none, not that nothing was asked)."""
     from .client import AsyncOrpheusClient, Chunk, SynthesisResult  # noqa: PLC0415
 
     result = SynthesisResult(request_id="one per sentence")
+    had_text = isinstance(text, str) and bool(text.strip())
+
+    async def noting_text(pieces):
+        nonlocal had_text
+        async for piece in pieces:
+            had_text = had_text or bool(piece.strip())
+            yield piece
+
+    if not isinstance(text, str):
+        text = noting_text(text)
     started = time.perf_counter()
     async with AsyncOrpheusClient(url) as client:
         async for audio in client.stream_text(text, **options):
             result.chunks.append(Chunk(audio, time.perf_counter() - started))
             on_chunk(audio)
     result.total_seconds = time.perf_counter() - started
-    return result
+    return result, had_text
 
 
 async def _stdin_pieces():
@@ -434,7 +446,7 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", help=f"one of the server's voices (default: its default voice; Orpheus 3B English: "
                                          f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
     parser.add_argument("--seed", type=_seed, default=0)
-    parser.add_argument("--max-tokens", type=positive, default=None, metavar="N",
+    parser.add_argument("--max-tokens", type=max_tokens, default=None, metavar="N",
                         help="audio tokens to generate at most (7 per 85 ms)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-p", type=float, default=None)

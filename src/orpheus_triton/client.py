@@ -32,6 +32,7 @@ from .constants import (
     OUT_AUDIO,
     SAMPLE_RATE,
 )
+from .preprocess import max_tokens_refusal
 from .serving import stop_request_inputs
 from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 
@@ -125,8 +126,12 @@ def request_inputs(
     seed: int | None = None,
 ):
     """tritonclient gRPC input tensors for one `orpheus` request (options left out, the voice included, take
-    the server's defaults). Raises ValueError for a whole number its tensor's type cannot hold (numpy
-    would wrap it: a seed of -1 would become another seed, a huge max_tokens a negative one)."""
+    the server's defaults). Raises TypeError for text or a voice that is not a str, and ValueError for a
+    whole number its tensor's type cannot hold (numpy would wrap it: a seed of -1 would become another
+    seed, a huge max_tokens a negative one) or a max_tokens the server refuses."""
+    for name, value in ((IN_TEXT, text), (IN_VOICE, voice)):
+        if not isinstance(value, str) and not (name == IN_VOICE and value is None):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
     given = [
         (IN_TEXT, text.encode("utf-8"), np.object_),
         (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),
@@ -139,8 +144,12 @@ def request_inputs(
     for name, value, dtype in given:
         if value is None or not np.issubdtype(dtype, np.integer):
             continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if name == IN_MAX_TOKENS and (refusal := max_tokens_refusal(int(value))) is not None:
+            raise ValueError(refusal)
         bounds = np.iinfo(dtype)
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not bounds.min <= value <= bounds.max:
+        if not bounds.min <= value <= bounds.max:
             raise ValueError(f"{name} must be a whole number from {bounds.min} to {bounds.max}, got {value!r}")
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
@@ -296,6 +305,8 @@ class OrpheusClient:
         around it. It goes over a connection of its own, so it can be sent from
         anywhere (another thread, another process) while the stream is open; a stream
         left early while ``synthesize`` reads it gets its `stop` on its own gRPC stream.
+        Raises SynthesisError when the server refuses the stop or cannot be reached; one not
+        answered within ``timeout`` is left to the server (as ``AsyncOrpheusClient.stop`` does).
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
@@ -305,12 +316,14 @@ class OrpheusClient:
         client.start_stream(callback=lambda result, error: done.put(error))
         try:
             client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
-            done.get(timeout=timeout)
+            error = done.get(timeout=timeout)
         except queue.Empty:
-            pass
+            error = None  # as the async client: a stop not answered in time is left to the server
         finally:
             client.stop_stream()
             client.close()
+        if error is not None:
+            raise SynthesisError(f"the stop for {request_id!r} failed: {error}")
 
     def close(self) -> None:
         self.client.close()

@@ -84,6 +84,9 @@ DEFAULT_TOP_P = 0.8
 DEFAULT_TOP_K = 0  # 0 = no top-k cut
 DEFAULT_REPETITION_PENALTY = 1.1
 DEFAULT_MAX_TOKENS = 1200  # ~14 s of audio
+# The range a request's max_tokens may take: fewer than one frame's tokens can give no audio at all.
+MIN_MAX_TOKENS = TOKENS_PER_FRAME
+MAX_MAX_TOKENS = 8192
 MAX_TEXT_CHARS = 2000
 
 # --- Triton model names ---------------------------------------------------------------

@@ -277,13 +277,15 @@ class InflightEngine:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
         # Sampling runs in float32: an infinite temperature or penalty (or one float32 cannot hold) turns the
         # guard's -inf scores into NaN, which argmax then picks (end of speech in mid-frame).
-        if not (0 <= request.temperature <= FLOAT32_MAX and 0 < request.top_p <= 1 and request.top_k >= 0
-                and 0 < request.repetition_penalty <= FLOAT32_MAX):
-            raise ValueError(
-                f"sampling settings out of range: temperature {request.temperature} (>= 0), top_p {request.top_p} "
-                f"(0, 1], top_k {request.top_k} (>= 0), repetition_penalty {request.repetition_penalty} (> 0), "
-                "each finite"
-            )
+        wrong = [f"{name} {value} ({expected})" for name, value, valid, expected in (
+            ("temperature", request.temperature, 0 <= request.temperature <= FLOAT32_MAX, ">= 0, finite"),
+            ("top_p", request.top_p, 0 < request.top_p <= 1, "in (0, 1]"),
+            ("top_k", request.top_k, request.top_k >= 0, ">= 0"),
+            ("repetition_penalty", request.repetition_penalty, 0 < request.repetition_penalty <= FLOAT32_MAX,
+             "> 0, finite"),
+        ) if not valid]
+        if wrong:
+            raise ValueError(f"sampling settings out of range: {', '.join(wrong)}")
         vocab = self.model.config.vocab_size
         if not 0 <= min(request.prompt) <= max(request.prompt) < vocab:  # one bad id would fail every stream's step
             bad = next(i for i, token in enumerate(request.prompt) if not 0 <= token < vocab)

@@ -159,8 +159,6 @@ class RelayStreams:
         nothing sent) for the adapter to refuse."""
         settings = generation_settings(inputs.get)  # the torch engine's checks, for the same clear errors
         forwarded = self.engine_inputs.map(inputs)
-        if settings["max_new_tokens"] < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {settings['max_new_tokens']}")
         end_id = settings.get("end_id", END_OF_SPEECH)
         self.active.claim(request_id)
         check = self.cancellations.watch(request_id, is_cancelled)

@@ -22,6 +22,8 @@ from .constants import (
     LLM_SEED,
     LLM_STREAMING,
     LLM_TOP_P,
+    MAX_MAX_TOKENS,
+    MIN_MAX_TOKENS,
     PAD_TOKEN,
 )
 from .prompt import ENGLISH_VOICES, PromptError, Voices, build_prompt
@@ -30,7 +32,14 @@ from .prompt import ENGLISH_VOICES, PromptError, Voices, build_prompt
 # would otherwise see one name as both an input and an output of this model.
 OUT_TEMPERATURE = "sampling_temperature"
 OUT_REPETITION_PENALTY = "sampling_repetition_penalty"
-MAX_TOKENS_LIMIT = 8192
+
+
+def max_tokens_refusal(max_tokens: int) -> str | None:
+    """Why a request's ``max_tokens`` is refused, or None: the server's check, which clients repeat."""
+    if MIN_MAX_TOKENS <= max_tokens <= MAX_MAX_TOKENS:
+        return None
+    return (f"max_tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}] ({MIN_MAX_TOKENS} tokens: one SNAC frame, "
+            f"the least that gives audio), got {max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,8 @@ class SynthesisOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise PromptError(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}")
+        if self.max_tokens is not None and (refusal := max_tokens_refusal(self.max_tokens)) is not None:
+            raise PromptError(refusal)
         if not (math.isfinite(self.temperature) and 0 <= self.temperature <= 5):
             raise PromptError(f"temperature must be in [0, 5] (0 = greedy), got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
@@ -71,9 +80,10 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_seq_len: int |
     if max_seq_len is None:
         return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     room = max_seq_len - prompt_tokens
-    if room < 1:
-        raise PromptError(f"the prompt takes {prompt_tokens} tokens, the server's whole max_seq_len of "
-                          f"{max_seq_len} (prompt + audio tokens) and more; shorten the text")
+    if room < MIN_MAX_TOKENS:
+        raise PromptError(f"the prompt takes {prompt_tokens} tokens of the server's max_seq_len of {max_seq_len} "
+                          f"(prompt + audio tokens), leaving {max(room, 0)} for audio, less than one SNAC frame "
+                          f"({MIN_MAX_TOKENS} tokens); shorten the text")
     if max_tokens is None:
         return min(DEFAULT_MAX_TOKENS, room)
     if max_tokens > room:

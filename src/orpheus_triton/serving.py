@@ -153,7 +153,9 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
 def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Callable[[], bool]], None],
                        stop: Callable[[str], None]) -> None:
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
-    ends the stream with its id (``stop``) and is answered at once; any other starts a stream with
+    ends the stream with its id (``stop``) and is answered at once (one without an id is refused; one for
+    an id no stream holds is answered the same, as TensorRT-LLM does: the stream may just have ended,
+    or be held by another relay instance); any other starts a stream with
     ``start(request_id, inputs by name, reply, is_cancelled)`` (``Reply``), and one it refuses (ValueError,
     StreamIdError) hears why; one whose start fails otherwise hears that it did, and the batch goes on.
     The request's REQUEST_START input (when preprocessing took it; now if absent) is not among the
@@ -167,7 +169,7 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
         stopping = is_stop_request(inputs.get)
         try:
             if stopping:
-                stop(request_id)
+                stop(require_stream_id(request_id))  # without an id it could stop nothing
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 start(request_id, inputs, sender, request.is_cancelled)
@@ -203,7 +205,7 @@ def require_stream_id(request_id: str) -> str:
     if not request_id:
         raise StreamIdError(
             "this request has no id: set a unique request id for every stream (tritonclient: "
-            "async_stream_infer(..., request_id=str(uuid.uuid4())))"
+            "async_stream_infer(..., request_id=str(uuid.uuid4())); HTTP: the JSON body's \"id\")"
         )
     return request_id
 
@@ -282,6 +284,8 @@ def generation_settings(get: GetInput) -> dict:
     max_new = _scalar(get, LLM_REQUEST_OUTPUT_LEN, None, int)
     if max_new is None:
         raise ValueError(f"missing input {LLM_REQUEST_OUTPUT_LEN!r}")
+    if max_new < 1:
+        raise ValueError(f"{LLM_REQUEST_OUTPUT_LEN} (max_tokens) must be >= 1, got {max_new}")
     optional = {
         "end_id": (LLM_END_ID, int), "temperature": (LLM_TEMPERATURE, float), "top_p": (LLM_TOP_P, float),
         "top_k": (LLM_TOP_K, int), "repetition_penalty": (LLM_REPETITION_PENALTY, float), "seed": (LLM_SEED, int),
