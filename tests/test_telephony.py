@@ -84,6 +84,10 @@ def test_bad_input_is_named():
         Resampler(44100)
     with pytest.raises(ValueError, match="unknown encoding 'mp3'"):
         PhoneAudio("mp3")
+    for rate in (8000.0, "8000", True):  # 8000.0 failed inside fractions with "both arguments should be Rational"
+        with pytest.raises(TypeError, match=f"sample rates must be whole numbers of Hz, got {rate!r}"):
+            PhoneAudio("mulaw", rate)
+    assert PhoneAudio("mulaw", np.int64(8000)).encode(np.zeros(3, np.int16)) == b"\xff"  # numpy whole numbers do
 
 
 def test_phone_audio_streams_bytes_for_the_line():

@@ -31,6 +31,9 @@ class Resampler:
     """
 
     def __init__(self, to_rate: int, from_rate: int = SAMPLE_RATE, taps_per_phase: int = 96):
+        for rate in (to_rate, from_rate):
+            if isinstance(rate, bool) or not isinstance(rate, int | np.integer):
+                raise TypeError(f"sample rates must be whole numbers of Hz, got {rate!r}")
         if to_rate <= 0 or from_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
         ratio = Fraction(to_rate, from_rate)
