@@ -21,6 +21,13 @@
 # two libraries (4.6 MB: perf/gpu/run_on_gpu.sh pack makes it; no pip, no venv).
 set -euo pipefail
 
+if (($#)); then  # it takes no arguments: --help (or anything else) prints the comment above and does nothing
+  sed -n '2,/^set -euo/{/^set -euo/!s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+  [[ "$1" == "-h" || "$1" == "--help" ]] && exit 0
+  echo "[install_perf_analyzer] unexpected argument: $1 (settings come from the environment, above)" >&2
+  exit 2
+fi
+
 TRITONCLIENT_VERSION=2.47.0
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS="${PERF_TOOLS_DIR:-$HERE/.tools}"

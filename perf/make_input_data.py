@@ -18,6 +18,7 @@ exactly one window and leaves nothing behind.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -57,6 +58,7 @@ def write(name: str, entries: list[dict]) -> Path:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     DATA.mkdir(exist_ok=True)
     for label in TEXTS:
         write(f"orpheus_{label}.json", [orpheus_entry(label, v, i) for i, v in enumerate(VOICES)])

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -476,11 +477,9 @@ def write_report(result: dict, folder: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(__doc__)
-        return 2
-    path = Path(argv[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("result", type=Path, help="a run folder's result.json (the report is written beside it)")
+    path = parser.parse_args(argv).result
     if not path.is_file():
         print(f"error: {path} does not exist (expected a run folder's result.json)", file=sys.stderr)
         return 2

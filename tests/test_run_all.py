@@ -326,3 +326,29 @@ def test_the_engine_benchs_closed_loop_admits_newcomers_at_the_rate_streams_end(
     per_token = level["arrivals_per_s"] / (6 * level["tokens_per_s_per_stream"])  # newcomers per token made
     assert 0.7 / 30 < per_token < 1.3 / 30
     assert engine.idle()
+
+
+@pytest.mark.parametrize("script", [
+    [sys.executable, "make_input_data.py"], [sys.executable, "report.py"], ["bash", "install_perf_analyzer.sh"],
+    [sys.executable, "run_all.py"], [sys.executable, "run_perf_analyzer.py"], [sys.executable, "engine_bench.py"],
+])
+def test_perf_scripts_answer_help_without_doing_anything(script, tmp_path):
+    """--help printed usage only after the work had started: a venv created, packages installed, files
+    rewritten, or an error that the result file "--help" does not exist."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    perf = ROOT / "perf"
+
+    def files() -> dict[Path, int]:  # bytecode caches aside: importing a module may write one
+        return {path: path.stat().st_mtime_ns for path in perf.rglob("*")
+                if not {".tools", "__pycache__"} & set(path.parts)}
+
+    before = files()
+    # A tools folder of its own: the install script must not even create it.
+    env = {**os.environ, "PERF_TOOLS_DIR": str(tmp_path / "tools")}
+    done = subprocess.run([*script, "--help"], cwd=perf, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "usage" in done.stdout.lower() or script[-1] in done.stdout, done.stdout
+    assert not (tmp_path / "tools").exists()
+    assert files() == before
