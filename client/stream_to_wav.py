@@ -23,9 +23,11 @@ import tritonclient.grpc as grpcclient
 SAMPLE_RATE = 24_000  # the ensemble's output rate
 
 
-def stop_generation(url: str, request_id: str) -> None:
-    """The `llm` model's `stop` request for the stream's id (TensorRT-LLM's): its generation ends within
-    a step and the stream ends normally. The required inputs ride along, ignored."""
+def send_stop(client: grpcclient.InferenceServerClient, request_id: str) -> None:
+    """The `llm` model's `stop` request for the stream's id (TensorRT-LLM's), sent on the stream's own gRPC
+    stream (a new connection, set up as the caller hangs up, can take a second on a busy machine): its
+    generation ends within a step and the stream ends normally. The required inputs ride along, ignored.
+    Its answer, an empty final response from the `llm` model (or an error), comes among the stream's."""
     inputs = []
     for name, value, kind in (("input_ids", np.zeros((1, 1), np.int32), "INT32"),
                               ("input_lengths", np.ones((1, 1), np.int32), "INT32"),
@@ -34,31 +36,40 @@ def stop_generation(url: str, request_id: str) -> None:
         tensor = grpcclient.InferInput(name, list(value.shape), kind)
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
-    stopper = grpcclient.InferenceServerClient(url)
-    answered: queue.Queue = queue.Queue()
-    stopper.start_stream(callback=lambda result, error: answered.put(error))
-    try:
-        stopper.async_stream_infer("llm", inputs, request_id=request_id, enable_empty_final_response=True)
-        answered.get(timeout=10)
-    except (grpcclient.InferenceServerException, queue.Empty):
-        pass  # the stream is cancelled below all the same
-    finally:
-        stopper.stop_stream()
+    client.async_stream_infer("llm", inputs, request_id=request_id, enable_empty_final_response=True)
 
 
-def end_early(url: str, request_id: str, responses: queue.Queue, timeout: float = 15.0) -> bool:
-    """Stop the stream's generation and read the stream on to its final response: the `stop` again every
-    0.25 s until it lands (one sent before the request reached the llm model finds nothing to stop).
+def end_early(client: grpcclient.InferenceServerClient, request_id: str, responses: queue.Queue, heard: bool,
+              timeout: float = 15.0) -> bool:
+    """Stop the stream's generation and read the stream on to its final response. A stop sent before the
+    request reached the llm model finds nothing to stop: until the stream has answered (``heard``), the
+    stop goes again every 0.25 s. Each stop, like the stream, ends in one final response or one error,
+    and an error does not say whose: the stream has ended once more of them came than stops were sent.
     False if the end did not come within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stop_generation(url, request_id)
-        resend = min(deadline, time.monotonic() + 0.25)
+    now = time.monotonic()
+    deadline, next_stop = now + timeout, now
+    stops = ends = 0
+    while now < deadline:
+        if next_stop is not None and now >= next_stop:
+            try:
+                send_stop(client, request_id)
+            except grpcclient.InferenceServerException:
+                return False  # the gRPC stream is broken: nothing more comes on it
+            stops += 1
+            next_stop = None if heard else now + 0.25
         with contextlib.suppress(queue.Empty):
-            while True:
-                result, error = responses.get(timeout=max(0.0, resend - time.monotonic()))
-                if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
-                    return True
+            result, error = responses.get(timeout=max(0.0, min(deadline, next_stop or deadline) - now))
+            if error is not None or result.get_response().model_name == "llm":
+                ends += 1
+                if ends > stops:
+                    return True  # the stream's own error came beside every stop's answer
+                if error is not None:
+                    next_stop = time.monotonic()  # it may have been a stop's: another one
+            elif result.get_response().parameters["triton_final_response"].bool_param:
+                return True
+            else:
+                heard = True
+        now = time.monotonic()
     return False
 
 
@@ -99,6 +110,7 @@ def main() -> None:
         raise SystemExit(f"could not reach the server at {args.url}: {reason}") from None
 
     wav, samples, finished = None, 0, False  # the file is created with the first audio: a failed request leaves none
+    heard = False
     try:
         while True:
             result, error = responses.get(timeout=600)
@@ -106,6 +118,7 @@ def main() -> None:
                 finished = True
                 where = "the server" if error.status() != "StatusCode.UNAVAILABLE" else f"the connection to {args.url}"
                 raise SystemExit(f"{where} failed: {error}")
+            heard = True
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
@@ -127,7 +140,7 @@ def main() -> None:
         finally:
             # Ctrl-C or an error: end the generation, then read the stream to its end (cancelling the gRPC
             # stream alone leaves the generation running and the request counted in flight on the server).
-            finished = finished or end_early(args.url, request_id, responses)
+            finished = finished or end_early(client, request_id, responses, heard)
             client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 

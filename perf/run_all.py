@@ -41,7 +41,7 @@ from common import (
 )
 from stacks import py_spy, stack_monitor
 
-from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds, rates
+from orpheus_triton.arguments import counts, max_tokens_or_zero, non_negative, positive, positive_seconds, rates
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS
 from orpheus_triton.loadgen import (
     SweepSettings,
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=counts, default="1,2,3,4", help="closed-loop levels")
     parser.add_argument("--texts", type=text_labels, default="short,medium",
                         help="benchmark texts: short, medium, long")
-    parser.add_argument("--max-tokens", type=non_negative, default=150, help="cap every request (0: per-text defaults)")
+    parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=150,
+                        help="cap every request (0: per-text defaults)")
     parser.add_argument("--ttfa-limit", type=positive_seconds, default=0.5,
                         help="p99 TTFA (s) a real-time level stays under")
     parser.add_argument("--streams-per-worker", type=positive, default=2,
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-tokens", type=positive, default=200, help="tokens per stream for comparison (c)")
     parser.add_argument("--pa-concurrency", type=counts, default="1,2", help="perf_analyzer levels for `orpheus`")
     parser.add_argument("--pa-decoder-concurrency", type=counts, default="1,4,8")
-    parser.add_argument("--pa-max-tokens", type=non_negative, default=100)
+    parser.add_argument("--pa-max-tokens", type=max_tokens_or_zero, default=100)
     parser.add_argument("--pa-request-count", type=positive, default=4)
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--install-perf-analyzer", action="store_true", help="install it first if missing")

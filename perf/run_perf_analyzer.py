@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
-from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds
+from orpheus_triton.arguments import counts, max_tokens_or_zero, positive, positive_seconds
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import DEFAULT_TTFA_LIMIT, meets_realtime, percentile, playback, realtime_capacity
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=counts, default="1,2,4")
     parser.add_argument("--decoder-concurrency", type=counts, default="1,4,8")
     parser.add_argument("--data", default=str(DATA / "orpheus_short.json"))
-    parser.add_argument("--max-tokens", type=non_negative, default=120,
+    parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=120,
                         help="override max_tokens of every request (0: keep)")
     parser.add_argument("--request-count", type=positive, default=4, help="requests per measurement window")
     parser.add_argument("--decoder-request-count", type=positive, default=16)

@@ -220,7 +220,9 @@ def test_bad_benchmark_arguments_are_refused_before_anything_runs(tmp_path, caps
         (["--texts", "short,huge"], "argument --texts: expected text names from short, medium, long"),
         (["--poisson-rates", "0.5,-1"], "argument --poisson-rates: expected numbers > 0"),
         (["--pa-concurrency", ""], "argument --pa-concurrency: expected whole numbers >= 1"),
-        (["--max-tokens", "-3"], "argument --max-tokens: expected a whole number >= 0"),
+        (["--max-tokens", "-3"], "argument --max-tokens: max_tokens must be in [7, 8192]"),
+        (["--max-tokens", "5"], "the least that gives audio), got 5"),  # every stream would be refused
+        (["--pa-max-tokens", "9000"], "argument --pa-max-tokens: max_tokens must be in [7, 8192]"),
         (["--level-seconds", "0"], "argument --level-seconds: expected seconds > 0"),
         (["--max-streams", "0"], "argument --max-streams: expected a whole number >= 1"),
     ):
@@ -238,13 +240,24 @@ def test_argument_types_read_lists_and_numbers():
 
     import pytest
 
-    from orpheus_triton.arguments import counts, non_negative, positive, positive_seconds, rates
+    from orpheus_triton.arguments import (
+        counts,
+        max_tokens,
+        max_tokens_or_zero,
+        non_negative,
+        positive,
+        positive_seconds,
+        rates,
+    )
 
     assert counts(" 1, 8,32 ,") == [1, 8, 32]
     assert rates("") == [] and rates("0.25,2") == [0.25, 2.0]
     assert (positive("3"), non_negative("0"), positive_seconds("0.5")) == (3, 0, 0.5)
+    assert (max_tokens("7"), max_tokens(str(c.MAX_MAX_TOKENS)), max_tokens_or_zero("0")) == (7, c.MAX_MAX_TOKENS, 0)
     for parse, bad in ((counts, ","), (counts, "1.5"), (rates, "nan"), (rates, "inf"), (positive, "0"),
-                       (non_negative, "-1"), (positive_seconds, "inf"), (positive_seconds, "")):
+                       (non_negative, "-1"), (positive_seconds, "inf"), (positive_seconds, ""), (max_tokens, "0"),
+                       (max_tokens, "6"), (max_tokens, "7.5"), (max_tokens_or_zero, "6"),
+                       (max_tokens_or_zero, str(c.MAX_MAX_TOKENS + 1))):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
 

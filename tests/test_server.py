@@ -709,10 +709,75 @@ def test_cli_say_names_why_no_audio_came(grpc_url, tmp_path):
                                str(tmp_path / "x.wav"), "--url", grpc_url], input=stdin, capture_output=True,
                               text=True, timeout=120)
 
-    for blank in (say("  ", "--sentences"), say("-", stdin=" \n ")):
+    for blank in (say("  ", "--sentences"), say("-", stdin=" \n "), say("... !!", "--sentences"),
+                  say("-", stdin="... !!\n")):
         assert blank.returncode == 1 and "no audio: the text had no sentence to say" in blank.stderr, blank.stderr
     short = say("Hello. World.", "--sentences", "--max-tokens", str(c.TOKENS_PER_FRAME - 1))
     assert short.returncode == 2 and "the least that gives audio" in short.stderr, short.stderr
+
+
+@pytest.mark.parametrize("text", ["Hello. World.", None])
+def test_cli_say_blames_the_server_when_sentences_gave_no_audio(monkeypatch, tmp_path, text):
+    """With sentences to say and no audio back, the cause is not the text (it said "no sentence")."""
+    import io
+
+    from orpheus_triton import cli
+    from orpheus_triton.client import SynthesisResult
+
+    async def no_audio(url, source, on_chunk, **options):
+        return SynthesisResult(request_id="one per sentence"), True
+
+    monkeypatch.setattr(cli, "_speak_sentences", no_audio)
+    monkeypatch.setattr("orpheus_triton.client.require_ready_server", lambda url: None)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello."))
+    with pytest.raises(SystemExit, match="the server finished the stream without audio"):
+        cli._synthesize("localhost:1", text, str(tmp_path / "x.wav"), sentences=True)
+
+
+def test_example_client_ends_a_stream_with_stops_on_its_own_grpc_stream():
+    """client/stream_to_wav.py's end_early: stops go on the stream being ended (it opened a connection per
+    stop), the stop's own final answer (the `llm` model's) is not the stream's end, and until the stream
+    has answered the stop is repeated."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("stream_to_wav", Path(__file__).parents[1] / "client" /
+                                                  "stream_to_wav.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    def response(model: str, final: bool):
+        final_flag = types.SimpleNamespace(bool_param=final)
+        return types.SimpleNamespace(get_response=lambda: types.SimpleNamespace(
+            model_name=model, parameters={"triton_final_response": final_flag}))
+
+    class Stream:
+        def __init__(self, *answers):
+            self.responses, self.answers, self.stops = queue.Queue(), list(answers), []
+
+        def async_stream_infer(self, model, inputs, request_id, enable_empty_final_response):
+            self.stops.append((model, request_id, {i.name() for i in inputs}))
+            for answer in self.answers.pop(0) if self.answers else []:
+                self.responses.put(answer)
+
+    heard = Stream([(response(c.LLM_MODEL, True), None), (response(c.ENSEMBLE_MODEL, False), None),
+                    (response(c.ENSEMBLE_MODEL, True), None)])
+    assert example.end_early(heard, "s", heard.responses, heard=True, timeout=5)
+    assert heard.stops == [(c.LLM_MODEL, "s", {c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS, c.LLM_REQUEST_OUTPUT_LEN,
+                                                c.LLM_STOP})]
+    # Not answered yet: the first stop finds nothing (answered all the same), the next lands.
+    early = Stream([(response(c.LLM_MODEL, True), None)],
+                   [(response(c.ENSEMBLE_MODEL, False), None), (response(c.LLM_MODEL, True), None),
+                    (response(c.ENSEMBLE_MODEL, True), None)])
+    assert example.end_early(early, "s", early.responses, heard=False, timeout=5)
+    assert len(early.stops) == 2
+    # An error may be a stop's: the stop goes again, and the stream has ended once the errors and stop
+    # answers outnumber the stops; nothing at all is not an end.
+    failed = Stream([(None, "the stream's error"), (response(c.LLM_MODEL, True), None)],
+                    [(response(c.LLM_MODEL, True), None)])
+    assert example.end_early(failed, "s", failed.responses, heard=True, timeout=5)
+    assert len(failed.stops) == 2
+    assert not example.end_early(Stream(), "s", queue.Queue(), heard=True, timeout=0.3)
 
 
 def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
@@ -914,12 +979,25 @@ def test_a_stream_left_while_the_decoder_is_behind_is_not_decoded_further(server
 def test_abandoning_an_ensemble_stream_stops_its_generation(server, grpc_url):
     """A client that walks away mid-stream ends the ensemble and, via `stop`, frees the engine slot."""
     abandon_a_stream(server, grpc_url)
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
     from orpheus_triton.client import stop_inputs as client_stop_inputs
 
     # A stop for an id that is not streaming is harmless; one without an id is refused.
     OrpheusClient(grpc_url).stop("no-such-stream")
     with pytest.raises(SynthesisError, match="this request has no id: .* HTTP: the JSON body's \"id\""):
         _stream(grpc_url, c.LLM_MODEL, client_stop_inputs(), c.LLM_OUTPUT_IDS, request_id="")
+    # Both clients raise what the server said (the async one read past it).
+    with pytest.raises(SynthesisError, match="the stop for '' failed: .*this request has no id"):
+        OrpheusClient(grpc_url).stop("")
+
+    async def async_stop():
+        async with AsyncOrpheusClient(grpc_url) as client:
+            await client.stop("")
+
+    with pytest.raises(SynthesisError, match="the stop for '' failed: .*this request has no id"):
+        asyncio.run(async_stop())
     assert OrpheusClient(grpc_url).synthesize("next please", max_tokens=35).audio.size > 0
 
 

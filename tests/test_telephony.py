@@ -84,10 +84,12 @@ def test_bad_input_is_named():
         Resampler(44100)
     with pytest.raises(ValueError, match="unknown encoding 'mp3'"):
         PhoneAudio("mp3")
-    for rate in (8000.0, "8000", True):  # 8000.0 failed inside fractions with "both arguments should be Rational"
+    # 8000.0 failed inside fractions with "both arguments should be Rational"; 24000.0 (no resampling) passed
+    for rate in (8000.0, "8000", True, 24000.0):
         with pytest.raises(TypeError, match=f"sample rates must be whole numbers of Hz, got {rate!r}"):
             PhoneAudio("mulaw", rate)
-    assert PhoneAudio("mulaw", np.int64(8000)).encode(np.zeros(3, np.int16)) == b"\xff"  # numpy whole numbers do
+    for rate in (np.int64(8000), np.uint64(8000)):  # numpy whole numbers do (uint64 failed inside Fraction)
+        assert PhoneAudio("mulaw", rate).encode(np.zeros(3, np.int16)) == b"\xff"
 
 
 def test_phone_audio_streams_bytes_for_the_line():

@@ -45,9 +45,7 @@ class PacedEngine:
         self._thread = threading.Thread(target=self._loop, name="inflight-engine", daemon=True)
 
     def submit(self, request: GenerationRequest) -> None:
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_new_tokens}")
-        with self.lock:
+        with self.lock:  # (a max_tokens below 1 was refused with the request: serving.generation_settings)
             if len(self.queue) >= self.max_queue:
                 raise CapacityError(f"server busy: {len(self.queue)} requests already queued "
                                     f"(max_queue {self.max_queue}); retry later")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .constants import max_tokens_refusal
+
 
 def positive(value: str) -> int:
     """A whole number >= 1."""
@@ -23,13 +25,19 @@ def positive(value: str) -> int:
 
 
 def max_tokens(value: str) -> int:
-    """A request's max_tokens, in the range the server takes (``preprocess.max_tokens_refusal``)."""
-    from .preprocess import max_tokens_refusal  # noqa: PLC0415 (tokenizers: only where this type is used)
-
-    number = positive(value)
+    """A request's max_tokens, in the range the server takes (``constants.max_tokens_refusal``)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
     if (refusal := max_tokens_refusal(number)) is not None:
         raise argparse.ArgumentTypeError(refusal)
     return number
+
+
+def max_tokens_or_zero(value: str) -> int:
+    """0 (each request its own default) or a request's max_tokens (``max_tokens``)."""
+    return 0 if value.strip() == "0" else max_tokens(value)
 
 
 def non_negative(value: str) -> int:

@@ -172,16 +172,17 @@ def _check_writable(path: Path) -> None:
 
 async def _speak_sentences(url: str, text, on_chunk, **options):
     """``AsyncOrpheusClient.stream_text`` into ``on_chunk``, timed as one ``SynthesisResult``, and whether
-    the text held anything but blanks (no audio then means the server gave none, not that nothing was asked)."""
+    the text had a sentence to say (without one no request goes out; with one, no audio is the server's)."""
     from .client import AsyncOrpheusClient, Chunk, SynthesisResult  # noqa: PLC0415
+    from .text_stream import has_words  # noqa: PLC0415
 
     result = SynthesisResult(request_id="one per sentence")
-    had_text = isinstance(text, str) and bool(text.strip())
+    had_text = isinstance(text, str) and has_words(text)  # some sentence has words iff the text has
 
     async def noting_text(pieces):
         nonlocal had_text
         async for piece in pieces:
-            had_text = had_text or bool(piece.strip())
+            had_text = had_text or has_words(piece)
             yield piece
 
     if not isinstance(text, str):

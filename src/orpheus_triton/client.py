@@ -31,8 +31,8 @@ from .constants import (
     LLM_MODEL,
     OUT_AUDIO,
     SAMPLE_RATE,
+    max_tokens_refusal,
 )
-from .preprocess import max_tokens_refusal
 from .serving import stop_request_inputs
 from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 
@@ -41,9 +41,10 @@ from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
 # request (still on its way, or in preprocessing) finds nothing there; the stream would run on to
 # max_tokens. Once a response has come, the llm stage has (or had) the stream: that stop lands.
 STOP_REPEAT_SECONDS = 0.25
-# How long a stream ended early may take to end after its stop before it is cancelled: the decoder
-# still decodes the windows the llm stage generated ahead of the listener, seconds of work on a busy
-# CPU server, and a cancelled stream stays counted in flight on the server.
+# How long a stream ended early may take to end after its stop before it is cancelled: the stop drops
+# what the llm stage generated ahead of the listener, but a decoder without the stop input (or one
+# whose stop failed) decodes it first, seconds of work on a busy CPU server, and a cancelled stream
+# stays counted in flight on the server.
 END_EARLY_SECONDS = 15.0
 
 
@@ -56,6 +57,11 @@ class SynthesisError(RuntimeError):
         mid-stream (the server stopped or crashed, the network failed) a message that says so."""
         unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
         return _stream_failure(None, str(error), unavailable, first=False)
+
+
+def _stop_failure(request_id: str, message: str) -> SynthesisError:
+    """What a `stop` the server refused, or could not be sent, raises (either client)."""
+    return SynthesisError(f"the stop for {request_id!r} failed: {message}")
 
 
 def _stream_failure(url: str | None, message: str, unavailable: bool, first: bool) -> Exception:
@@ -309,6 +315,7 @@ class OrpheusClient:
         answered within ``timeout`` is left to the server (as ``AsyncOrpheusClient.stop`` does).
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
         inputs = stop_inputs()
         done: queue.Queue = queue.Queue()
@@ -317,13 +324,17 @@ class OrpheusClient:
         try:
             client.async_stream_infer(LLM_MODEL, inputs, request_id=request_id, enable_empty_final_response=True)
             error = done.get(timeout=timeout)
+        except InferenceServerException as broken:  # the stream broke before the stop went out
+            with contextlib.suppress(queue.Empty):  # tritonclient only says that; its callback has why
+                broken = done.get(timeout=1.0) or broken
+            error = broken
         except queue.Empty:
             error = None  # as the async client: a stop not answered in time is left to the server
         finally:
             client.stop_stream()
             client.close()
         if error is not None:
-            raise SynthesisError(f"the stop for {request_id!r} failed: {error}")
+            raise _stop_failure(request_id, str(error))
 
     def close(self) -> None:
         self.client.close()
@@ -501,23 +512,24 @@ class AsyncOrpheusClient:
                 yield chunk
 
     async def stop(self, request_id: str, timeout: float = 10.0) -> None:
-        """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``)."""
+        """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``);
+        raises SynthesisError when the server refuses it or cannot be reached."""
         import grpc  # noqa: PLC0415
 
         inputs = stop_inputs()
         responses = self._open(LLM_MODEL, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN)
 
         async def answered() -> None:
-            async for _ in responses:  # its one response, if any; then the server closes the stream
-                pass
+            async for _, error in responses:  # its one response, if any; then the server closes the stream
+                if error is not None:
+                    raise _stop_failure(request_id, str(error))
 
         try:
             await asyncio.wait_for(answered(), timeout)
         except asyncio.TimeoutError:
             responses.cancel()
         except grpc.aio.AioRpcError as error:
-            raise SynthesisError(f"the stop for {request_id!r} failed: {error.code().name}: "
-                                 f"{error.details()}") from None
+            raise _stop_failure(request_id, f"{error.code().name}: {error.details()}") from None
 
     async def close(self) -> None:
         """Close the connection, once every stream left open has ended the clean way (see ``stream``):

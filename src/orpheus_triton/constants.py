@@ -87,6 +87,15 @@ DEFAULT_MAX_TOKENS = 1200  # ~14 s of audio
 # The range a request's max_tokens may take: fewer than one frame's tokens can give no audio at all.
 MIN_MAX_TOKENS = TOKENS_PER_FRAME
 MAX_MAX_TOKENS = 8192
+
+
+def max_tokens_refusal(max_tokens: int) -> str | None:
+    """Why a request's ``max_tokens`` is refused, or None: the server's check (preprocessing), which the
+    clients and the command lines repeat before anything is sent."""
+    if MIN_MAX_TOKENS <= max_tokens <= MAX_MAX_TOKENS:
+        return None
+    return (f"max_tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}] ({MIN_MAX_TOKENS} tokens: one SNAC frame, "
+            f"the least that gives audio), got {max_tokens}")
 MAX_TEXT_CHARS = 2000
 
 # --- Triton model names ---------------------------------------------------------------

@@ -11,6 +11,7 @@ utterance at once. ``Resampler`` alone gives 16 kHz (or any rate whose ratio to
 
 from __future__ import annotations
 
+import operator
 from fractions import Fraction
 
 import numpy as np
@@ -18,6 +19,14 @@ import numpy as np
 from .constants import SAMPLE_RATE
 
 ENCODINGS = ("mulaw", "alaw", "pcm16")
+
+
+def whole_hz(rate) -> int:
+    """A sample rate as a Python int; TypeError naming it if it is not a whole number (8000.0 failed deep
+    inside ``fractions``, a numpy unsigned int inside its arithmetic)."""
+    if isinstance(rate, bool) or not isinstance(rate, int | np.integer):
+        raise TypeError(f"sample rates must be whole numbers of Hz, got {rate!r}")
+    return operator.index(rate)
 
 
 class Resampler:
@@ -31,9 +40,7 @@ class Resampler:
     """
 
     def __init__(self, to_rate: int, from_rate: int = SAMPLE_RATE, taps_per_phase: int = 96):
-        for rate in (to_rate, from_rate):
-            if isinstance(rate, bool) or not isinstance(rate, int | np.integer):
-                raise TypeError(f"sample rates must be whole numbers of Hz, got {rate!r}")
+        to_rate, from_rate = whole_hz(to_rate), whole_hz(from_rate)
         if to_rate <= 0 or from_rate <= 0:
             raise ValueError(f"sample rates must be positive, got {from_rate} -> {to_rate}")
         ratio = Fraction(to_rate, from_rate)
@@ -156,6 +163,7 @@ class PhoneAudio:
     def __init__(self, encoding: str = "mulaw", rate: int = 8000):
         if encoding not in ENCODINGS:
             raise ValueError(f"unknown encoding {encoding!r}; choose one of: {', '.join(ENCODINGS)}")
+        rate = whole_hz(rate)
         self.encoding, self.rate = encoding, rate
         self.resampler = Resampler(rate) if rate != SAMPLE_RATE else None
 

@@ -125,10 +125,15 @@ def _collapse(text: str) -> str:
     return " ".join(text.split())
 
 
+def has_words(text: str) -> bool:
+    """Whether ``text`` has anything to say: a letter or a digit (spaces and punctuation alone are not spoken)."""
+    return any(ch.isalnum() for ch in text)
+
+
 def _tidy(text: str) -> list[str]:
-    """``text`` as a sentence, or nothing if it has nothing to say (only spaces or punctuation)."""
+    """``text`` as a sentence, or nothing if it has nothing to say (``has_words``)."""
     sentence = _collapse(text)
-    return [sentence] if any(ch.isalnum() for ch in sentence) else []
+    return [sentence] if has_words(sentence) else []
 
 
 def _raw_index(text: str, collapsed_chars: int) -> int:
