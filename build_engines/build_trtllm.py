@@ -45,9 +45,8 @@ METADATA = "orpheus_engine.json"
 VOLUME_ROOT_ENTRY = "lost+found"  # a mounted volume's, in its root: the build leaves it where it is
 DTYPES = ("bfloat16", "float16")
 QUANTIZATIONS = ("none", "fp8")
-# FP8 matrix products need Ada (8.9) or later; FP8 context attention (prefill) needs Hopper (9.0).
+# FP8 matrix products need Ada (8.9) or later.
 FP8_CAPABILITY = (8, 9)
-FP8_ATTENTION_CAPABILITY = (9, 0)
 NGC_IMAGE = "nvcr.io/nvidia/tritonserver:<yy.mm>-trtllm-python-py3"
 
 
@@ -108,11 +107,12 @@ class BuildOptions:
         return Voices.parse(self.voices)
 
 
-def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: Path,
-                      capability: tuple[int, int] | None = None) -> list[str]:
-    """The trtllm-build command line for an in-flight batching engine on a GPU of ``capability``."""
-    fp8_attention = (options.quantization == "fp8" and capability is not None
-                     and capability >= FP8_ATTENTION_CAPABILITY)
+def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: Path) -> list[str]:
+    """The trtllm-build command line for an in-flight batching engine.
+
+    No FP8 flag of its own: with paged context attention (below) and an FP8 KV cache (an FP8 checkpoint's),
+    trtllm-build turns on FP8 prefill attention itself, reading the cache in FP8 on every GPU that has it;
+    passing it by compute capability would only name GPUs wrongly."""
     return [
         "trtllm-build",
         "--checkpoint_dir", str(checkpoint_dir),
@@ -130,8 +130,6 @@ def trtllm_build_argv(options: BuildOptions, checkpoint_dir: Path, output_dir: P
         "--use_paged_context_fmha", "enable",  # chunked prefill and KV cache reuse need it
         "--multiple_profiles", "enable",
         "--workers", str(options.tp_size),
-        # The FP8 KV cache read in FP8 by prefill attention too, not converted back first.
-        *(["--use_fp8_context_fmha", "enable"] if fp8_attention else []),
         *options.extra_build_args,
     ]
 
@@ -390,11 +388,9 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
         else:
             _log(f"step 2/3 (dry run): LLaMAForCausalLM.from_hugging_face({str(llm_dir)!r}, dtype={options.dtype!r})"
                  f" -> {checkpoint_dir}")
-        _log("step 3/3 (dry run): " + shlex.join(trtllm_build_argv(options, checkpoint_dir, output_dir,
-                                                                   FP8_ATTENTION_CAPABILITY)))
+        _log("step 3/3 (dry run): " + shlex.join(trtllm_build_argv(options, checkpoint_dir, output_dir)))
         if fp8:
-            _log(f"  (--use_fp8_context_fmha on GPUs of compute capability {_version(FP8_ATTENTION_CAPABILITY)} "
-                 "and later: H100, H200, B200)")
+            _log("  (trtllm-build turns FP8 prefill attention on for the FP8 KV cache itself)")
         return output_dir
     version = check_toolchain()
     check_rope_layout(config, llm_dir / "config.json", importlib.metadata.version("transformers"))
@@ -430,7 +426,7 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
                              exit_code=1) from error
         _log(f"  {'quantized' if fp8 else 'converted'} in {time.monotonic() - started:.0f} s")
         _empty(output_dir)  # no stale engine or metadata survives a failed build
-        argv = trtllm_build_argv(options, checkpoint_dir, output_dir, capability)
+        argv = trtllm_build_argv(options, checkpoint_dir, output_dir)
         started = _step(3, "compiling the engine (several minutes): " + shlex.join(argv))
         result = subprocess.run(argv, check=False)
         if result.returncode != 0:

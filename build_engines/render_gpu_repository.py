@@ -76,6 +76,12 @@ class TrtllmSettings:
             raise ValueError("relay_instances must be at least 1")
         if self.seed_tensor not in SEED_TENSORS:
             raise ValueError(f"seed_tensor must be one of {', '.join(SEED_TENSORS)}")
+        if self.batch_scheduler_policy == "max_utilization" and not self.enable_chunked_context:
+            # TensorRT-LLM's executor then refuses every streaming request whose prompt + max_tokens exceeds
+            # the engine's max_input_len ("Request sequence length is potentially greater than max input length")
+            raise ValueError("batch_scheduler_policy max_utilization needs chunked context: without it TensorRT-LLM "
+                             "refuses every streaming request whose prompt + max_tokens exceeds the engine's "
+                             "max_input_len; keep chunked context or use guaranteed_no_evict")
 
 
 def _pbtxt_value(value) -> str:
@@ -133,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-scheduler-policy", choices=SCHEDULER_POLICIES,
                         default=TrtllmSettings.batch_scheduler_policy)
     parser.add_argument("--no-chunked-context", action="store_true",
-                        help="disable chunked prefill (needs an engine built with paged context FMHA)")
+                        help="turn chunked prefill off (on by default: it needs an engine built with paged context "
+                             "FMHA, as build_trtllm.py builds them)")
     parser.add_argument("--kv-cache-reuse", action="store_true", help="reuse KV blocks of shared prompt prefixes")
     parser.add_argument("--seed-tensor", choices=SEED_TENSORS, default=TrtllmSettings.seed_tensor,
                         help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
@@ -186,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     max_batch_size = args.max_batch_size or engine_build_setting(engine_dir, "max_batch_size") or DEFAULT_MAX_BATCH_SIZE
     settings = RepositorySettings(
         llm_dir=str(models.llm), snac_dir=str(models.snac), device=args.device,
-        # preprocessing fits a request's default max_tokens to the engine's length (0: unknown, unchecked)
+        # preprocessing fits a request's default max_tokens to the engine's length and refuses a prompt
+        # longer than the engine takes (0: unknown, unchecked)
         max_seq_len=engine_build_setting(engine_dir, "max_seq_len") or 0,
+        max_prompt_tokens=engine_build_setting(engine_dir, "max_input_len") or 0,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
         voices=args.voices, default_voice=args.default_voice,
     )

@@ -117,15 +117,13 @@ def test_build_argv_follows_options_and_appends_extra_arguments():
     assert flags["--log_level"] == "verbose"
 
 
-def test_fp8_engines_read_their_fp8_cache_in_fp8_where_the_gpu_can():
-    fp8 = build_trtllm.BuildOptions(quantization="fp8")
-    hopper = flag_values(build_trtllm.trtllm_build_argv(fp8, Path("c"), Path("e"), (9, 0)))
-    assert hopper["--use_fp8_context_fmha"] == "enable"
-    assert hopper["--gemm_plugin"] == "auto"  # FP8 products from the checkpoint's quantization, at any batch
-    ada = flag_values(build_trtllm.trtllm_build_argv(fp8, Path("c"), Path("e"), (8, 9)))
-    assert "--use_fp8_context_fmha" not in ada
-    unquantized = flag_values(build_trtllm.trtllm_build_argv(build_trtllm.BuildOptions(), Path("c"), Path("e"), (9, 0)))
-    assert "--use_fp8_context_fmha" not in unquantized
+def test_fp8_engines_leave_fp8_prefill_attention_to_trtllm_build():
+    """trtllm-build turns FP8 context attention on itself for an FP8 KV cache with paged context attention,
+    on every GPU with FP8 (Ada too); the flag was passed from compute capability 9.0 on, naming GPUs wrongly."""
+    fp8 = flag_values(build_trtllm.trtllm_build_argv(build_trtllm.BuildOptions(quantization="fp8"), Path("c"),
+                                                     Path("e")))
+    assert "--use_fp8_context_fmha" not in fp8 and fp8["--use_paged_context_fmha"] == "enable"
+    assert fp8["--gemm_plugin"] == "auto"  # FP8 products from the checkpoint's quantization, at any batch
 
 
 @pytest.mark.parametrize(("capability", "refused"), [((8, 0), True), (None, True), ((8, 9), False), ((9, 0), False)])
@@ -233,7 +231,7 @@ def test_dry_run_of_an_fp8_build_names_its_calibration(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "engine: bfloat16, FP8" in err
     assert "64 calibration sequences of 1024 tokens" in err and "LLaMAForCausalLM.quantize" in err
-    assert "--use_fp8_context_fmha enable" in err
+    assert "--use_fp8_context_fmha" not in err and "turns FP8 prefill attention on" in err
     assert not engine.exists()
 
 
@@ -365,7 +363,7 @@ def test_fp8_build_quantizes_instead_of_converting_and_is_rebuilt_when_that_chan
     (options,) = stand_ins.quantizations
     assert (options.quantization, options.calibration_length, options.calibration_sequences) == ("fp8", 768, 256)
     assert not stand_ins.conversions
-    assert flag_values(stand_ins.builds[0])["--use_fp8_context_fmha"] == "enable"
+    assert "--use_fp8_context_fmha" not in flag_values(stand_ins.builds[0])
     recorded = json.loads((engine / build_trtllm.METADATA).read_text())["options"]
     assert recorded["quantization"] == "fp8"
     assert build_trtllm.main([*argv, "--quantization", "fp8", "--calibration-length", "768"]) == 0  # up to date
@@ -579,6 +577,18 @@ def test_trtllm_settings_are_checked(tmp_path, field, value, message):
     assert not (tmp_path / "repo").exists()
 
 
+def test_max_utilization_without_chunked_context_is_refused(tmp_path, capsys):
+    """TensorRT-LLM's executor refuses, in that combination, every streaming request whose prompt + max_tokens
+    passes the engine's max_input_len (2048 by default, where requests may take 4096 positions)."""
+    trt = gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, batch_scheduler_policy="max_utilization",
+                                        enable_chunked_context=False)
+    with pytest.raises(ValueError, match="max_utilization needs chunked context"):
+        gpu_repository.render_gpu_repository(SETTINGS, trt, tmp_path / "repo")
+    for each in ({"batch_scheduler_policy": "max_utilization"}, {"enable_chunked_context": False}):
+        gpu_repository.render_gpu_repository(SETTINGS, gpu_repository.TrtllmSettings(engine_dir=ENGINE_DIR, **each),
+                                             tmp_path / "repo")
+
+
 @pytest.mark.parametrize("option", ["--max-batch-size", "--relay-instances", "--decoder-max-batch-size",
                                     "--preprocessing-instances"])
 def test_counts_below_one_are_refused_while_parsing(option, capsys):
@@ -591,7 +601,8 @@ def test_counts_below_one_are_refused_while_parsing(option, capsys):
 def test_max_batch_size_and_length_default_to_the_engines(tmp_path, monkeypatch, capsys):
     engine = tmp_path / "engine"
     engine.mkdir()
-    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 96, "max_seq_len": 3000}}))
+    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 96, "max_seq_len": 3000,
+                                                                     "max_input_len": 1500}}))
     assert gpu_repository.engine_build_setting(engine, "max_batch_size") == 96
     assert gpu_repository.engine_build_setting(tmp_path / "none", "max_batch_size") is None
 
@@ -607,6 +618,7 @@ def test_max_batch_size_and_length_default_to_the_engines(tmp_path, monkeypatch,
     preprocessing = parse_config(out / PREPROCESSING_MODEL / "config.pbtxt")
     assert preprocessing.parameters["llm_dir"].string_value == str(models / "llm")
     assert preprocessing.parameters["max_seq_len"].string_value == "3000"  # default max_tokens fitted to it
+    assert preprocessing.parameters["max_prompt_tokens"].string_value == "1500"  # longer prompts refused there
 
     assert gpu_repository.main([*argv, "--max-batch-size", "8", "--seed-tensor", LLM_SEED,
                                 "--relay-instances", "2", "--voices", "jana,thomas,max"]) == 0

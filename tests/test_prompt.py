@@ -92,6 +92,17 @@ def test_default_max_tokens_fits_the_servers_length(tokenizer):
     assert output_len(prompt + frame) == (prompt, frame)
 
 
+def test_a_prompt_longer_than_the_engine_takes_is_refused(tokenizer):
+    """TensorRT-LLM refuses a prompt over its engine's max_input_len with an internal error; preprocessing
+    says why, with both numbers."""
+    options = SynthesisOptions(text="hi there")
+    prompt = llm_inputs(tokenizer, options)[c.LLM_INPUT_LENGTHS].item()
+    assert llm_inputs(tokenizer, options, max_prompt_tokens=prompt)[c.LLM_INPUT_LENGTHS].item() == prompt
+    with pytest.raises(PromptError, match=f"the prompt takes {prompt} tokens, more than the {prompt - 1} the LLM "
+                                          "engine takes \\(its max_input_len\\); shorten the text"):
+        llm_inputs(tokenizer, options, max_prompt_tokens=prompt - 1)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("max_tokens", 0, "max_tokens"), ("max_tokens", c.TOKENS_PER_FRAME - 1, "the least that gives audio"),
     ("max_tokens", c.MAX_MAX_TOKENS + 1, "max_tokens must be in"), ("temperature", -1.0, "temperature"),

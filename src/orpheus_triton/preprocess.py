@@ -22,9 +22,9 @@ from .constants import (
     LLM_SEED,
     LLM_STREAMING,
     LLM_TOP_P,
-    MAX_MAX_TOKENS,
     MIN_MAX_TOKENS,
     PAD_TOKEN,
+    max_tokens_refusal,
 )
 from .prompt import ENGLISH_VOICES, PromptError, Voices, build_prompt
 
@@ -32,14 +32,6 @@ from .prompt import ENGLISH_VOICES, PromptError, Voices, build_prompt
 # would otherwise see one name as both an input and an output of this model.
 OUT_TEMPERATURE = "sampling_temperature"
 OUT_REPETITION_PENALTY = "sampling_repetition_penalty"
-
-
-def max_tokens_refusal(max_tokens: int) -> str | None:
-    """Why a request's ``max_tokens`` is refused, or None: the server's check, which clients repeat."""
-    if MIN_MAX_TOKENS <= max_tokens <= MAX_MAX_TOKENS:
-        return None
-    return (f"max_tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}] ({MIN_MAX_TOKENS} tokens: one SNAC frame, "
-            f"the least that gives audio), got {max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -93,11 +85,15 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_seq_len: int |
 
 
 def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions, voices: Voices = ENGLISH_VOICES,
-               max_seq_len: int | None = None) -> dict[str, np.ndarray]:
+               max_seq_len: int | None = None, max_prompt_tokens: int | None = None) -> dict[str, np.ndarray]:
     """The tensors the LLM stage takes (TensorRT-LLM names), each with a leading batch dimension of 1;
     ``voices``: the served model's voices; ``max_seq_len``: the LLM's prompt + generated tokens per
-    stream (None: unchecked here, the LLM checks)."""
+    stream (None: unchecked here, the LLM checks); ``max_prompt_tokens``: the longest prompt it takes
+    (TensorRT-LLM's max_input_len; None: max_seq_len alone bounds it)."""
     ids = build_prompt(tokenizer, options.text, options.voice, voices)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        raise PromptError(f"the prompt takes {len(ids)} tokens, more than the {max_prompt_tokens} the LLM engine "
+                          "takes (its max_input_len); shorten the text")
     max_tokens = output_budget(len(ids), options.max_tokens, max_seq_len)
 
     def scalar(value, dtype):

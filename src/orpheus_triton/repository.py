@@ -49,6 +49,9 @@ class RepositorySettings:
     device: str = "auto"  # auto = cuda if available, else cpu
     max_streams: int = 16
     max_seq_len: int = 2048
+    # The longest prompt the LLM takes (TensorRT-LLM: the engine's max_input_len), checked in preprocessing so
+    # that a longer one hears why instead of the engine's internal error; 0: max_seq_len alone bounds it.
+    max_prompt_tokens: int = 0
     max_queue: int = 256
     max_queue_seconds: float = 0.0  # a request waiting this long for a stream slot is refused; 0: no limit
     prefill_chunk: int = 0  # prompt tokens prefilled per step at most; 0: by device (engine.PREFILL_TOKENS_PER_STEP)

@@ -35,6 +35,7 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(parameters["llm_dir"])
         self.voices = Voices.parse(parameters["voices"], parameters["default_voice"])
         self.max_seq_len = int(parameters["max_seq_len"]) or None  # 0: unknown here, the LLM checks
+        self.max_prompt_tokens = int(parameters.get("max_prompt_tokens", 0)) or None  # 0: max_seq_len bounds it
 
     def execute(self, requests):
         responses = []
@@ -53,7 +54,7 @@ class TritonPythonModel:
                 if given["text"] is None:
                     raise PromptError(f"input {c.IN_TEXT!r} is required")
                 options = SynthesisOptions(**{k: v for k, v in given.items() if v is not None})
-                tensors = llm_inputs(self.tokenizer, options, self.voices, self.max_seq_len)
+                tensors = llm_inputs(self.tokenizer, options, self.voices, self.max_seq_len, self.max_prompt_tokens)
                 tensors[c.REQUEST_START] = np.array([[started]], dtype=np.float64)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
             except (PromptError, UnicodeDecodeError, ValueError) as error:
