@@ -310,6 +310,17 @@ def test_gpu_entrypoint_builds_if_needed_then_serves(tmp_path):
                                "--engine-dir", "/engines/e", "--serve", "--http-port", "9000"]
 
 
+def test_gpu_entrypoint_runs_the_base_images_entry_point_first(tmp_path):
+    """The NGC image's entry point (banner, driver check, CUDA forward-compatibility setup) was replaced: it
+    now runs first, once, and hands the same arguments back."""
+    nvidia = tmp_path / "nvidia_entrypoint.sh"
+    nvidia.write_text('#!/bin/sh\necho nvidia-entrypoint\nexec "$@"\n')
+    nvidia.chmod(0o755)
+    code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["orpheus-triton", "say", "Hi"], tmp_path,
+                                  ORPHEUS_NVIDIA_ENTRYPOINT=str(nvidia))
+    assert code == 0 and out == ["nvidia-entrypoint", "orpheus-triton", "say", "Hi"]
+
+
 def test_gpu_entrypoint_needs_a_model_set(tmp_path):
     code, out, err = run_entrypoint("entrypoint-gpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "none"))
     assert code == 2 and out == []

@@ -50,3 +50,21 @@ def test_free_ports_are_three_different_ones():
     for _ in range(300):
         ports = server.Ports.free()
         assert len({ports.grpc, ports.http, ports.metrics}) == 3
+
+
+@pytest.mark.parametrize(("libdir", "first"), [
+    ("/usr/lib/x86_64-linux-gnu", "/usr/local/cuda/compat/lib"),  # a system Python: searched anyway
+    ("/usr/lib", "/usr/local/cuda/compat/lib"),
+    ("/root/.pyenv/versions/3.11.9/lib", "/root/.pyenv/versions/3.11.9/lib"),  # found nowhere else
+])
+def test_a_system_pythons_library_folder_does_not_shadow_the_cuda_compat_libraries(monkeypatch, libdir, first):
+    """Put first on LD_LIBRARY_PATH, the system library folder (where the container runtime mounts the host's
+    libcuda) came before a CUDA image's forward-compatibility libcuda, which that variable names."""
+    import sysconfig
+
+    config = {"LIBDIR": libdir, "MULTIARCH": "x86_64-linux-gnu"}
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: config.get(name))
+    monkeypatch.setattr(server.shutil, "which", lambda name: "/opt/tritonserver/bin/tritonserver")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/compat/lib:/usr/local/nvidia/lib64")
+    paths = server.server_environment()["LD_LIBRARY_PATH"].split(":")
+    assert paths[0] == first and "/usr/local/cuda/compat/lib" in paths

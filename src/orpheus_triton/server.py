@@ -106,6 +106,14 @@ def backend_directory() -> Path:
     return target
 
 
+def is_system_library_dir(path: str) -> bool:
+    """Whether the dynamic linker searches ``path`` without being told: /lib, /usr/lib, their lib64 and
+    multiarch (e.g. x86_64-linux-gnu) folders."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    trusted = {f"{root}{suffix}" for root in ("/lib", "/usr/lib") for suffix in ("", "64", f"/{multiarch}")}
+    return os.path.normpath(path) in trusted if path else False
+
+
 def server_environment() -> dict[str, str]:
     """Environment for tritonserver whose Python backend stubs import from *this* interpreter.
 
@@ -113,14 +121,19 @@ def server_environment() -> dict[str, str]:
     finds its prefix from the first ``python3`` on PATH, and a virtual
     environment through that interpreter's pyvenv.cfg. So this interpreter's
     bin folder goes first on PATH (what activating a venv does), and its
-    libpython first on LD_LIBRARY_PATH so stdlib and extension modules match.
+    libpython first on LD_LIBRARY_PATH so stdlib and extension modules match,
+    unless it lies in a folder the dynamic linker searches anyway (a system
+    Python's): first on LD_LIBRARY_PATH that folder would also put the driver
+    library the container runtime mounts there (libcuda) ahead of a CUDA image's
+    forward-compatibility one, which LD_LIBRARY_PATH names.
     """
     env = dict(os.environ)
     env.pop("PYTHONHOME", None)
     env["PATH"] = os.pathsep.join(p for p in (str(Path(sys.executable).parent), env.get("PATH", "")) if p)
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
-    libs = [sysconfig.get_config_var("LIBDIR") or ""]
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    libs = [] if is_system_library_dir(libdir) else [libdir]
     if not shutil.which("tritonserver"):
         libs.append(str(_pytriton_dist()[1]))
     if env.get("LD_LIBRARY_PATH"):
