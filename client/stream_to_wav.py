@@ -47,7 +47,7 @@ def end_early(client: grpcclient.InferenceServerClient, request_id: str, respons
     and an error does not say whose: the stream has ended once more of them came than stops were sent.
     False if the end did not come within ``timeout``."""
     now = time.monotonic()
-    deadline, next_stop = now + timeout, now
+    deadline, next_stop, sent = now + timeout, now, now
     stops = ends = 0
     while now < deadline:
         if next_stop is not None and now >= next_stop:
@@ -55,7 +55,7 @@ def end_early(client: grpcclient.InferenceServerClient, request_id: str, respons
                 send_stop(client, request_id)
             except grpcclient.InferenceServerException:
                 return False  # the gRPC stream is broken: nothing more comes on it
-            stops += 1
+            stops, sent = stops + 1, now
             next_stop = None if heard else now + 0.25
         with contextlib.suppress(queue.Empty):
             result, error = responses.get(timeout=max(0.0, min(deadline, next_stop or deadline) - now))
@@ -63,8 +63,8 @@ def end_early(client: grpcclient.InferenceServerClient, request_id: str, respons
                 ends += 1
                 if ends > stops:
                     return True  # the stream's own error came beside every stop's answer
-                if error is not None:
-                    next_stop = time.monotonic()  # it may have been a stop's: another one
+                if error is not None:  # it may have been a stop's: another one, a quarter second after the last
+                    next_stop = sent + 0.25
             elif result.get_response().parameters["triton_final_response"].bool_param:
                 return True
             else:
@@ -140,8 +140,10 @@ def main() -> None:
         finally:
             # Ctrl-C or an error: end the generation, then read the stream to its end (cancelling the gRPC
             # stream alone leaves the generation running and the request counted in flight on the server).
-            finished = finished or end_early(client, request_id, responses, heard)
-            client.stop_stream(cancel_requests=not finished)
+            try:
+                finished = finished or end_early(client, request_id, responses, heard)
+            finally:  # a second Ctrl-C cuts the wait short: the stream is cancelled, not waited for
+                client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 
 

@@ -6,14 +6,6 @@
 # runs as is.
 set -eu
 
-# The base image's own entry point first (its banner, driver check and CUDA forward-compatibility
-# setup), which then runs this one again with the same arguments.
-nvidia_entrypoint="${ORPHEUS_NVIDIA_ENTRYPOINT:-/opt/nvidia/nvidia_entrypoint.sh}"
-if [ -z "${ORPHEUS_NVIDIA_ENTRYPOINT_DONE:-}" ] && [ -x "$nvidia_entrypoint" ]; then
-    export ORPHEUS_NVIDIA_ENTRYPOINT_DONE=1
-    exec "$nvidia_entrypoint" "$0" "$@"
-fi
-
 home="${ORPHEUS_HOME:-/opt/orpheus-triton}"
 models="${ORPHEUS_MODELS:-/models}"
 engine="${ORPHEUS_ENGINE_DIR:-/engines/orpheus-3b}"
@@ -23,6 +15,15 @@ case "${1:-}" in
     "" | -*) ;;
     *) exec "$@" ;;
 esac
+
+# Serving goes through the base image's own entry point first (its banner, driver check and CUDA
+# forward-compatibility setup), which then runs this one again with the same arguments. Other commands
+# run as they are: a banner on their stdout would corrupt output such as `say -o -`'s raw audio.
+nvidia_entrypoint="${ORPHEUS_NVIDIA_ENTRYPOINT:-/opt/nvidia/nvidia_entrypoint.sh}"
+if [ -z "${ORPHEUS_NVIDIA_ENTRYPOINT_DONE:-}" ] && [ -x "$nvidia_entrypoint" ]; then
+    export ORPHEUS_NVIDIA_ENTRYPOINT_DONE=1
+    exec "$nvidia_entrypoint" "$0" "$@"
+fi
 
 if [ ! -f "$models/llm/config.json" ]; then
     echo "[orpheus-gpu] no model set at $models: mount one with llm/ and snac/ there" \

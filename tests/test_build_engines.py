@@ -119,7 +119,9 @@ def test_build_argv_follows_options_and_appends_extra_arguments():
 
 def test_fp8_engines_leave_fp8_prefill_attention_to_trtllm_build():
     """trtllm-build turns FP8 context attention on itself for an FP8 KV cache with paged context attention,
-    on every GPU with FP8 (Ada too); the flag was passed from compute capability 9.0 on, naming GPUs wrongly."""
+    on every GPU with FP8 (Ada too), so the command passes paged context attention and no FP8 attention flag
+    (a build's own command line on an H100, where the flag used to be added: test_fp8_build_quantizes_instead_of_
+    converting_and_is_rebuilt_when_that_changes)."""
     fp8 = flag_values(build_trtllm.trtllm_build_argv(build_trtllm.BuildOptions(quantization="fp8"), Path("c"),
                                                      Path("e")))
     assert "--use_fp8_context_fmha" not in fp8 and fp8["--use_paged_context_fmha"] == "enable"

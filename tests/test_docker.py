@@ -258,7 +258,9 @@ def run_entrypoint(script: str, args: list[str], tmp_path: Path, **env) -> tuple
     bin_dir.mkdir(exist_ok=True)
     for name in ("orpheus-triton", "python3"):
         _stub(bin_dir, name)
-    environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"} | env
+    # Never the real NVIDIA entry point (an NGC-based machine has one): its banner would join the output.
+    environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                   "ORPHEUS_NVIDIA_ENTRYPOINT": str(tmp_path / "no-nvidia-entrypoint")} | env
     result = subprocess.run(["sh", str(DOCKER / script), *args], capture_output=True, text=True, env=environment,
                             timeout=30)
     return result.returncode, result.stdout.splitlines(), result.stderr
@@ -310,15 +312,21 @@ def test_gpu_entrypoint_builds_if_needed_then_serves(tmp_path):
                                "--engine-dir", "/engines/e", "--serve", "--http-port", "9000"]
 
 
-def test_gpu_entrypoint_runs_the_base_images_entry_point_first(tmp_path):
-    """The NGC image's entry point (banner, driver check, CUDA forward-compatibility setup) was replaced: it
-    now runs first, once, and hands the same arguments back."""
+def test_gpu_entrypoint_serves_through_the_base_images_entry_point(tmp_path):
+    """The NGC image's entry point (banner, driver check, CUDA forward-compatibility setup) was replaced: serving
+    now goes through it, once, with the same arguments; other commands run as they are (a banner would join
+    their output)."""
     nvidia = tmp_path / "nvidia_entrypoint.sh"
     nvidia.write_text('#!/bin/sh\necho nvidia-entrypoint\nexec "$@"\n')
     nvidia.chmod(0o755)
+    models = model_set(tmp_path)
+    code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["--http-port", "9000"], tmp_path,
+                                  ORPHEUS_MODELS=str(models), ORPHEUS_NVIDIA_ENTRYPOINT=str(nvidia))
+    assert code == 0 and out[0] == "nvidia-entrypoint" and out.count("nvidia-entrypoint") == 1
+    assert out[-2:] == ["--http-port", "9000"]
     code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["orpheus-triton", "say", "Hi"], tmp_path,
                                   ORPHEUS_NVIDIA_ENTRYPOINT=str(nvidia))
-    assert code == 0 and out == ["nvidia-entrypoint", "orpheus-triton", "say", "Hi"]
+    assert code == 0 and out == ["orpheus-triton", "say", "Hi"]
 
 
 def test_gpu_entrypoint_needs_a_model_set(tmp_path):

@@ -426,6 +426,44 @@ def test_a_stream_left_early_tells_its_end_from_its_stops(after_each_stop):
     assert sent == [(c.LLM_MODEL, "s", True)] * len(after_each_stop)
 
 
+def test_the_async_client_sends_a_refused_stop_again_instead_of_cancelling():
+    """AsyncOrpheusClient._end_early: since its stop raises what the server said, a refused stop cancelled the
+    gRPC stream at once (a cancelled ensemble request stays counted in flight); it is sent again instead."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    class Reads:  # the stream's responses: nothing until the second stop, then its end
+        received, cancelled = True, False
+
+        async def next(self, deadline=None):
+            if len(stops) < 2:
+                await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+                raise asyncio.TimeoutError
+            raise StopAsyncIteration
+
+        def cancel(self):
+            self.cancelled = True
+
+    stops = []
+
+    async def stop(request_id, timeout=10.0):
+        stops.append(request_id)
+        if len(stops) == 1:
+            raise SynthesisError("the stop for 's' failed: refused")
+
+    async def end_early():
+        client = AsyncOrpheusClient("localhost:1")
+        client.stop = stop
+        reads = Reads()
+        await client._end_early("s", reads, timeout=5.0)
+        await client.close()
+        return reads
+
+    reads = asyncio.run(end_early())
+    assert stops == ["s", "s"] and not reads.cancelled
+
+
 def test_first_audio_is_timed_from_before_the_stream_opens(grpc_url, monkeypatch):
     """A chunk's arrival counts the gRPC stream's setup: the caller waits for it too (it took a second
     in a busy process)."""
@@ -771,12 +809,23 @@ def test_example_client_ends_a_stream_with_stops_on_its_own_grpc_stream():
                     (response(c.ENSEMBLE_MODEL, True), None)])
     assert example.end_early(early, "s", early.responses, heard=False, timeout=5)
     assert len(early.stops) == 2
-    # An error may be a stop's: the stop goes again, and the stream has ended once the errors and stop
-    # answers outnumber the stops; nothing at all is not an end.
-    failed = Stream([(None, "the stream's error"), (response(c.LLM_MODEL, True), None)],
-                    [(response(c.LLM_MODEL, True), None)])
-    assert example.end_early(failed, "s", failed.responses, heard=True, timeout=5)
-    assert len(failed.stops) == 2
+    # An error beside the stop's answer is the stream's end; an error alone may be the stop's: the stop goes
+    # again a quarter second later (at once, a server refusing stops got tens of thousands a second).
+    failed = Stream([(None, "the stream's error"), (response(c.LLM_MODEL, True), None)])
+    assert example.end_early(failed, "s", failed.responses, heard=True, timeout=5) and len(failed.stops) == 1
+    refused = Stream([(None, "the stop's error")], [(response(c.ENSEMBLE_MODEL, True), None)])
+    started = time.monotonic()
+    assert example.end_early(refused, "s", refused.responses, heard=True, timeout=5) and len(refused.stops) == 2
+    assert time.monotonic() - started >= 0.25
+
+    class Refusing(Stream):
+        def async_stream_infer(self, model, inputs, request_id, enable_empty_final_response):
+            self.stops.append(request_id)
+            self.responses.put((None, "refused"))
+
+    refusing = Refusing()
+    assert not example.end_early(refusing, "s", refusing.responses, heard=True, timeout=1.0)
+    assert 3 <= len(refusing.stops) <= 5
     assert not example.end_early(Stream(), "s", queue.Queue(), heard=True, timeout=0.3)
 
 

@@ -578,7 +578,10 @@ class AsyncOrpheusClient:
             try:
                 while True:  # the stop again every STOP_REPEAT_SECONDS until one went after a response
                     landed = responses.received
-                    await self.stop(request_id)
+                    try:
+                        await self.stop(request_id)
+                    except SynthesisError:  # refused or not sent: it has not landed; read on, then again
+                        landed = False
                     next_stop = deadline if landed else min(deadline, loop.time() + STOP_REPEAT_SECONDS)
                     try:
                         while (await responses.next(next_stop))[1] is None:

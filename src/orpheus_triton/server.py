@@ -125,7 +125,8 @@ def server_environment() -> dict[str, str]:
     unless it lies in a folder the dynamic linker searches anyway (a system
     Python's): first on LD_LIBRARY_PATH that folder would also put the driver
     library the container runtime mounts there (libcuda) ahead of a CUDA image's
-    forward-compatibility one, which LD_LIBRARY_PATH names.
+    forward-compatibility one, which LD_LIBRARY_PATH names. (A libpython of the
+    same name in a folder LD_LIBRARY_PATH already names then comes first.)
     """
     env = dict(os.environ)
     env.pop("PYTHONHOME", None)
