@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from orpheus_triton.constants import VOCAB_SIZE
+from orpheus_triton.constants import MIN_VOCAB_SIZE, VOCAB_SIZE
 from orpheus_triton.prompt import ENGLISH_VOICES, Voices
 
 METADATA = "orpheus_engine.json"
@@ -160,10 +160,11 @@ def check_checkpoint(llm_dir: Path, options: BuildOptions) -> dict:
     architectures = config.get("architectures") or []
     if config.get("model_type") != "llama" and "LlamaForCausalLM" not in architectures:
         raise BuildError(f"{config_path} describes {architectures or config.get('model_type')}, not a Llama model")
-    if config.get("vocab_size") != VOCAB_SIZE:
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < MIN_VOCAB_SIZE:
         raise BuildError(
-            f"{config_path} has vocab_size {config.get('vocab_size')}; Orpheus checkpoints have {VOCAB_SIZE} "
-            "(Llama-3 plus the SNAC audio tokens the pipeline relies on)"
+            f"{config_path} has vocab_size {vocab}; Orpheus checkpoints have {VOCAB_SIZE} ({MIN_VOCAB_SIZE} at "
+            "least: Llama-3 plus the SNAC audio tokens the pipeline relies on)"
         )
     if not list(llm_dir.glob("*.safetensors")):
         raise BuildError(f"{llm_dir} holds no *.safetensors weights")

@@ -165,6 +165,20 @@ def test_checkpoint_check_accepts_an_orpheus_llama(tmp_path):
     llm = fake_checkpoint(tmp_path)
     config = build_trtllm.check_checkpoint(llm, build_trtllm.BuildOptions())
     assert config["vocab_size"] == VOCAB_SIZE
+    # Orpheus's pretrained checkpoint (and fine-tunes of it) has one id fewer; every audio token still fits.
+    pretrained = fake_checkpoint(tmp_path / "pretrained", vocab_size=VOCAB_SIZE - 1)
+    assert build_trtllm.check_checkpoint(pretrained, build_trtllm.BuildOptions())["vocab_size"] == VOCAB_SIZE - 1
+
+
+def test_a_model_set_whose_vocabulary_lacks_the_audio_tokens_is_refused(tmp_path):
+    """The torch engine would have failed every stream's first step (the audio-token guard indexes past it)."""
+    from orpheus_triton.constants import MIN_VOCAB_SIZE
+    from orpheus_triton.demo_models import ModelSet
+
+    fake_checkpoint(tmp_path, vocab_size=128_256)
+    with pytest.raises(ValueError, match=f"vocab_size 128256: not an Orpheus checkpoint, whose audio tokens need "
+                                         f"{MIN_VOCAB_SIZE} ids at least"):
+        ModelSet(tmp_path).check()
 
 
 def test_model_set_root_resolves_to_its_llm_folder(tmp_path):

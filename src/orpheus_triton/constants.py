@@ -26,6 +26,9 @@ AUDIO_TOKEN_BASE = 128_266  # id of code 0 in frame slot 0
 # --- SNAC frame layout -------------------------------------------------------------
 CODEBOOK_SIZE = 4096
 TOKENS_PER_FRAME = 7
+# The fewest ids a checkpoint's vocabulary may have: every audio token (slot 6's last code is 156,937).
+# Orpheus's fine-tunes have VOCAB_SIZE; its pretrained checkpoint one fewer.
+MIN_VOCAB_SIZE = AUDIO_TOKEN_BASE + TOKENS_PER_FRAME * CODEBOOK_SIZE
 # Which SNAC codebook each of the 7 slots of a frame belongs to. Codebook 0 runs
 # at 12 Hz (1 code per frame), codebook 1 at 23 Hz (2), codebook 2 at 47 Hz (4).
 SLOT_CODEBOOK = (0, 1, 2, 2, 1, 2, 2)

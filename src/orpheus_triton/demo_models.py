@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .constants import BEGIN_OF_TEXT, CUSTOM_TOKEN_BASE, END_OF_TEXT, VOCAB_SIZE
+from .constants import BEGIN_OF_TEXT, CUSTOM_TOKEN_BASE, END_OF_TEXT, MIN_VOCAB_SIZE, VOCAB_SIZE
 
-DEMO_VERSION = "v2"  # v2: Snake alphas drawn, not all 1
+DEMO_VERSION = "v3"  # v2: Snake alphas drawn, not all 1; v3: the custom tokens ordinary added tokens, as upstream
 LLM_DIR = "llm"
 SNAC_DIR = "snac"
 
@@ -76,6 +76,10 @@ class ModelSet:
                 )
         if not list(self.llm.glob("*.safetensors")):
             raise FileNotFoundError(f"{self.llm} holds no *.safetensors weights")
+        vocab = json.loads((self.llm / "config.json").read_text()).get("vocab_size")
+        if not isinstance(vocab, int) or vocab < MIN_VOCAB_SIZE:  # the engine would fail every step
+            raise ValueError(f"{self.llm / 'config.json'} has vocab_size {vocab}: not an Orpheus checkpoint, "
+                             f"whose audio tokens need {MIN_VOCAB_SIZE} ids at least ({VOCAB_SIZE} in Orpheus 3B)")
         load_tokenizer(self.llm)
         check_snac_dir(self.snac)
 
@@ -156,8 +160,11 @@ def write_tokenizer(path: Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    special = [AddedToken(tok, special=True, normalized=False) for tok, i in vocab.items() if i >= BEGIN_OF_TEXT]
+    special = [AddedToken(tok, special=True, normalized=False) for tok, i in vocab.items()
+               if BEGIN_OF_TEXT <= i < CUSTOM_TOKEN_BASE]
     tokenizer.add_special_tokens(special)
+    # Orpheus adds its audio and control tokens as ordinary added tokens (add_tokens), not special ones.
+    tokenizer.add_tokens([AddedToken(tok, special=False) for tok, i in vocab.items() if i >= CUSTOM_TOKEN_BASE])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
         special_tokens=[("<|begin_of_text|>", BEGIN_OF_TEXT)],

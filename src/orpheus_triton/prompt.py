@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from .constants import (
     BEGIN_OF_TEXT,
@@ -98,10 +98,22 @@ def check_text(text: str) -> str:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    """The model's tokenizer.json, with every added token from BEGIN_OF_TEXT on marked special.
+
+    Orpheus adds its audio and control tokens ("<custom_token_N>") with ``add_tokens``, as ordinary
+    added tokens; only special ones are read as plain characters where ``build_prompt`` finds their
+    names in a request's text (``encode_special_tokens``). Marking them special changes no id."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the LLM directory must hold the model's tokenizer.json")
-    return Tokenizer.from_file(str(path))
+    tokenizer = Tokenizer.from_file(str(path))
+    ordinary = [token for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
+                if token_id >= BEGIN_OF_TEXT and not token.special]
+    if ordinary:
+        tokenizer.add_special_tokens([AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
+                                                 rstrip=token.rstrip, normalized=token.normalized, special=True)
+                                      for token in ordinary])
+    return tokenizer
 
 
 def build_prompt(tokenizer: Tokenizer, text: str, voice: str | None, voices: Voices = ENGLISH_VOICES) -> list[int]:
