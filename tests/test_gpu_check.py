@@ -36,6 +36,20 @@ def test_gpu_check_script_runs_every_check_on_a_cpu(tmp_path, capsys):
     assert "all checks passed" in capsys.readouterr().out
 
 
+def test_the_prefill_graph_check_reports_refused_graphs_instead_of_failing(tmp_path, monkeypatch):
+    """With the prefill graphs refused (bucket() None) the check's timing unpacked None: a TypeError was all
+    it reported, in the one case it exists to diagnose. Now it says the graphs are not in use, and compares."""
+    from orpheus_triton.demo_models import write_random_llama
+    from orpheus_triton.llama import BucketedPrefill, load_llama
+
+    check_gpu = load_check_gpu()
+    write_random_llama(tmp_path, check_gpu.SHAPES["tiny"], seed=1)
+    monkeypatch.setattr(BucketedPrefill, "bucket", lambda self, rows, width: None)
+    result = check_gpu.check_prefill_graphs(torch.device("cpu"), load_llama(tmp_path))
+    assert result["graphs_in_use"] is False and result["same_streams"] == "8 of 8"
+    assert "prefill_2x40_ms" not in result
+
+
 def test_a_gpu_check_run_cut_short_keeps_the_checks_it_did(tmp_path, monkeypatch):
     """A lent GPU's step limit can end the script mid-way: check_gpu.json is written after every check."""
     check_gpu = load_check_gpu()

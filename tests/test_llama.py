@@ -364,3 +364,62 @@ def test_prefill_graphs_are_checked_on_prompts_of_several_lengths(checkpoint, mo
     prefill = BucketedPrefill(model, first_slot=2, max_rows=4, max_tokens=64, use_graphs=True)
     assert prefill.capture_all() == 0 and prefill.bucket(1, 12) is None
     assert checked == [[8]]  # the first shape (1 x 16) checked at its row's position 8, and refused
+
+
+def test_a_prefill_with_keys_expanded_to_every_head_equals_the_grouped_one():
+    """On a GPU a prefill's keys and values are expanded to every query head (a mask with enable_gqa left
+    torch only its math kernel there); the attention is the grouped one's, head for head."""
+    from orpheus_triton.llama import _masked_attention
+
+    gen = torch.Generator().manual_seed(0)
+    batch, steps, heads, kv_heads, hd, seq = 3, 5, 6, 2, 8, 12
+    q = torch.randn(batch, steps, heads, hd, generator=gen)
+    k_cache, v_cache = (torch.randn(batch, seq, kv_heads, hd, generator=gen) for _ in range(2))
+    positions = torch.tensor([[0], [2], [4]]) + torch.arange(steps)  # rows at different depths
+    mask = (torch.arange(10)[None, None, :] <= positions[:, :, None])[:, None]
+    grouped = _masked_attention(q, k_cache, v_cache, 10, mask, expand_kv=False)
+    expanded = _masked_attention(q, k_cache, v_cache, 10, mask, expand_kv=True)
+    torch.testing.assert_close(expanded, grouped)
+    # and what each query head reads is its own KV head's: head h of the grouped call uses KV head h // 3
+    alone = _masked_attention(q[:, :, 3:6], k_cache[:, :, 1:2], v_cache[:, :, 1:2], 10, mask, expand_kv=True)
+    torch.testing.assert_close(alone, grouped[:, :, 3:6])
+
+
+def test_a_prefill_graph_is_replayed_once_on_first_use_and_a_refusal_keeps_none(checkpoint, monkeypatch):
+    """A graph captured on first use was replayed twice (its check replays it on those very inputs); and
+    capture_all counted the graphs captured before one was refused, which are dropped with it."""
+    from orpheus_triton import cuda_graphs
+    from orpheus_triton.llama import BucketedPrefill
+
+    replays = []
+
+    class Graph:
+        def replay(self):
+            replays.append(1)
+
+    captures = []
+
+    def stand_in(run, device, pool):
+        captures.append(1)
+        if refuse_at and len(captures) == refuse_at:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return Graph(), run()
+
+    monkeypatch.setattr(cuda_graphs, "capture", stand_in)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    model = load_llama(checkpoint)
+    model.allocate_cache(num_slots=6, max_seq_len=64)
+    refuse_at = 0
+    prefill = BucketedPrefill(model, first_slot=2, max_rows=2, max_tokens=64, use_graphs=True)
+    rows = prefill_rows(2)
+    tokens = torch.tensor([r + [r[0]] * (12 - len(r)) for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    with torch.inference_mode():
+        plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
+                             for r in rows])
+        torch.testing.assert_close(prefill(tokens, last), plain, rtol=1e-5, atol=1e-5)
+    assert len(replays) == 1  # the check's replay: not a second one
+    refuse_at = 2
+    captures.clear()
+    refused = BucketedPrefill(model, first_slot=2, max_rows=2, max_tokens=64, use_graphs=True)
+    assert refused.capture_all() == 0 and not refused.graphs and len(captures) == 2

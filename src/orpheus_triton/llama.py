@@ -212,7 +212,12 @@ def masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_len: int,
-                      mask: torch.Tensor) -> torch.Tensor:
+                      mask: torch.Tensor, expand_kv: bool | None = None) -> torch.Tensor:
+    """``masked_attention``'s arithmetic. ``expand_kv`` (None: on a GPU): a prefill's keys and values are
+    expanded to every query head first. A mask with ``enable_gqa`` leaves torch only its math kernel on a
+    GPU (FlashAttention takes no mask, memory-efficient attention no grouped heads), which materialises
+    every score in float32; expanded, memory-efficient attention takes it. On a CPU the grouped call is
+    the one measured (its kernel handles both)."""
     batch, steps, heads, hd = q.shape
     kv_heads = k_cache.shape[2]
     keys = k_cache[:, :context_len].transpose(1, 2)  # [B, kv_heads, L, hd]
@@ -226,6 +231,12 @@ def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         # query head (1.1-1.5x faster on CPU).
         y = F.scaled_dot_product_attention(q.reshape(batch, kv_heads, -1, hd), keys, values, attn_mask=mask)
         y = y.reshape(batch, heads, 1, hd)
+    elif q.is_cuda if expand_kv is None else expand_kv:
+        groups = heads // kv_heads  # query head h reads KV head h // groups, as enable_gqa and HF's repeat_kv
+        keys, values = (t[:, :, None].expand(batch, kv_heads, groups, *t.shape[2:]).reshape(batch, heads,
+                                                                                             *t.shape[2:])
+                        for t in (keys, values))
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     else:
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
     return y.transpose(1, 2)
@@ -669,30 +680,31 @@ class BucketedPrefill:
         self.last[:batch].copy_(last)
         if not self.use_graphs:
             return self._forward(rows, padded)[:batch]
-        graph_and_out = self.graphs.get(shape) or self._capture(rows, padded)
-        if graph_and_out is None:  # its check failed (logged): this once at the padded shape, eagerly
-            return self._forward(rows, padded)[:batch]
-        graph, out = graph_and_out
+        if shape not in self.graphs:  # captured now: its check replayed it on these very inputs
+            captured = self._capture(rows, padded)
+            # its check failed (logged): this once at the padded shape, eagerly
+            return (self._forward(rows, padded) if captured is None else captured[1])[:batch]
+        graph, out = self.graphs[shape]
         graph.replay()
         return out[:batch]
 
     @torch.inference_mode()
     def capture_all(self) -> int:
         """Capture every shape's graph now (a server's startup), each checked on random prompts of several
-        lengths (the last row's the whole width). Returns how many were captured."""
+        lengths (the last row's the whole width). Returns how many were captured and kept (none once one
+        failed its check: then every prefill is eager)."""
         if not self.use_graphs:
             return 0
         generator = torch.Generator(device=self.tokens.device).manual_seed(0)
-        captured = 0
+        before = len(self.graphs)
         for rows, width in self.shapes():
             if (rows, width) in self.graphs:
                 continue
             self.tokens.random_(0, self.model.config.vocab_size, generator=generator)
             self.last[:rows] = torch.linspace(width // 2, width - 1, rows, device=self.last.device).long()
             if self._capture(rows, width) is None:
-                break
-            captured += 1
-        return captured
+                return 0
+        return len(self.graphs) - before
 
     def _forward(self, rows: int, width: int) -> torch.Tensor:
         positions = torch.arange(width, device=self.tokens.device).expand(rows, width)
