@@ -303,6 +303,17 @@ def test_bucketed_prefill_equals_the_plain_prefill(checkpoint):
         BucketedPrefill(model, first_slot=4, max_rows=4, max_tokens=64, use_graphs=False)
 
 
+def two_padded_prompts(model):
+    """Two prompts padded to 12 tokens, each row's last prompt position, and their plain prefills' states."""
+    rows = prefill_rows(2)
+    tokens = torch.tensor([r + [r[0]] * (12 - len(r)) for r in rows])
+    last = torch.tensor([len(r) - 1 for r in rows])
+    with torch.inference_mode():
+        plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
+                             for r in rows])
+    return tokens, last, plain
+
+
 @pytest.mark.parametrize("fault", ["capture fails", "graph disagrees"])
 def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoint, monkeypatch, caplog, fault):
     """Checked when captured (a CUDA graph needs a GPU: the capture is stood in for here): a graph that cannot
@@ -325,12 +336,8 @@ def test_a_prefill_graph_that_fails_or_disagrees_leaves_prefills_eager(checkpoin
     model = load_llama(checkpoint)
     model.allocate_cache(num_slots=4, max_seq_len=64)
     prefill = BucketedPrefill(model, first_slot=2, max_rows=2, max_tokens=64, use_graphs=True)
-    rows = prefill_rows(2)
-    tokens = torch.tensor([r + [r[0]] * (12 - len(r)) for r in rows])
-    last = torch.tensor([len(r) - 1 for r in rows])
+    tokens, last, plain = two_padded_prompts(model)
     with torch.inference_mode():
-        plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
-                             for r in rows])
         first = prefill(tokens, last)
     assert not prefill.use_graphs and not prefill.graphs and prefill.bucket(2, 12) is None
     assert "prefilling eagerly" in caplog.text
@@ -411,12 +418,8 @@ def test_a_prefill_graph_is_replayed_once_on_first_use_and_a_refusal_keeps_none(
     model.allocate_cache(num_slots=6, max_seq_len=64)
     refuse_at = 0
     prefill = BucketedPrefill(model, first_slot=2, max_rows=2, max_tokens=64, use_graphs=True)
-    rows = prefill_rows(2)
-    tokens = torch.tensor([r + [r[0]] * (12 - len(r)) for r in rows])
-    last = torch.tensor([len(r) - 1 for r in rows])
+    tokens, last, plain = two_padded_prompts(model)
     with torch.inference_mode():
-        plain = torch.stack([model(torch.tensor([r]), torch.arange(len(r))[None], hidden_only=True)[0]
-                             for r in rows])
         torch.testing.assert_close(prefill(tokens, last), plain, rtol=1e-5, atol=1e-5)
     assert len(replays) == 1  # the check's replay: not a second one
     refuse_at = 2
