@@ -52,6 +52,20 @@ def test_control_token_names_in_the_text_are_read_as_text(tokenizer):
     assert tokenizer.encode("<custom_token_2>", add_special_tokens=False).ids == [c.END_OF_SPEECH]  # left as it was
 
 
+def test_a_fine_tunes_own_added_tokens_are_left_as_they_are(model_set, tmp_path):
+    """Only Orpheus's own added tokens are read as plain text in a request: a tag a fine-tune added after them
+    (an ordinary added token) stays the token it was trained as."""
+    from tokenizers import Tokenizer
+
+    extended = Tokenizer.from_file(str(model_set.llm / "tokenizer.json"))
+    extended.add_tokens(["<giggle>"])
+    extended.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.get_vocab_size() == c.VOCAB_SIZE + 1
+    inner = build_prompt(tokenizer, "hi <giggle><custom_token_2>", "tara")[2:-4]
+    assert c.VOCAB_SIZE in inner and c.END_OF_SPEECH not in inner
+
+
 def test_voice_is_case_insensitive(tokenizer):
     assert build_prompt(tokenizer, "hi", "TARA") == build_prompt(tokenizer, "hi", "tara")
 

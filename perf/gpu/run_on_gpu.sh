@@ -8,7 +8,7 @@
 #   perf/gpu/run_on_gpu.sh check          # on the GPU machine: perf/gpu/check_gpu.py, a pass or fail per GPU path
 #   perf/gpu/run_on_gpu.sh all [ARGS]     # setup, check, then bench
 #   perf/gpu/run_on_gpu.sh relay [ARGS]   # on the GPU machine's CPUs: perf/relay_bench.py, 4 relay processes
-#   perf/gpu/run_on_gpu.sh short [ARGS]   # setup, then within SHORT_SECONDS the steps of SHORT_STEPS (see short())
+#   perf/gpu/run_on_gpu.sh short [ARGS]   # setup, then the steps of SHORT_STEPS, all within SHORT_SECONDS (short())
 #
 # The GPU machine is expected to have Python 3.12 with PyTorch (CUDA), numpy,
 # transformers, tokenizers and safetensors installed. What it lacks comes as wheels
@@ -447,10 +447,13 @@ short() {
   "$py" perf/gpu/summarize.py "$out" || log "no summary"
   # The folder without its raw/ data (chunk arrival times, server logs: tens of MB) in one archive small
   # enough to hand back from a lent machine: perf/results/gpu-short.tgz.
-  tar -czf "$out.tgz" --exclude=raw -C "$(dirname "$out")" "$(basename "$out")" &&
-    log "$(du -h "$out.tgz" | cut -f1) in $out.tgz (without raw/)" || log "no archive"
-  # A lent machine hands back what its command leaves in $OUT: the archive goes there too, at once.
-  if [[ -n "${OUT:-}" && -d "${OUT:-}" && -f "$out.tgz" ]]; then cp "$out.tgz" "$OUT/" && log "copied to $OUT"; fi
+  # A lent machine hands back what its command leaves in $OUT: the archive goes there too, once it is whole.
+  if tar -czf "$out.tgz" --exclude=raw -C "$(dirname "$out")" "$(basename "$out")"; then
+    log "$(du -h "$out.tgz" | cut -f1) in $out.tgz (without raw/)"
+    if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then cp "$out.tgz" "$OUT/" && log "copied to $OUT"; fi
+  else
+    log "no archive"
+  fi
 }
 
 relay() {

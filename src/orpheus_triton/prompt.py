@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import Tokenizer
 
 from .constants import (
     BEGIN_OF_TEXT,
+    CUSTOM_TOKEN_BASE,
     DEFAULT_VOICE,
     END_OF_HUMAN,
     END_OF_TEXT,
@@ -16,6 +18,7 @@ from .constants import (
     START_OF_AI,
     START_OF_HUMAN,
     START_OF_SPEECH,
+    VOCAB_SIZE,
     VOICES,
 )
 
@@ -98,22 +101,22 @@ def check_text(text: str) -> str:
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The model's tokenizer.json, with every added token from BEGIN_OF_TEXT on marked special.
+    """The model's tokenizer.json, with Orpheus's own added tokens (ids CUSTOM_TOKEN_BASE to VOCAB_SIZE - 1)
+    marked special.
 
     Orpheus adds its audio and control tokens ("<custom_token_N>") with ``add_tokens``, as ordinary
     added tokens; only special ones are read as plain characters where ``build_prompt`` finds their
-    names in a request's text (``encode_special_tokens``). Marking them special changes no id."""
+    names in a request's text (``encode_special_tokens``). Marking them special changes no id; tokens a
+    fine-tune added beyond them (a tag of its own) stay as they are. Marked in the JSON before it is
+    read: re-adding 28,683 tokens through the tokenizer took 2.4 s on tokenizers 0.19-0.22."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the LLM directory must hold the model's tokenizer.json")
-    tokenizer = Tokenizer.from_file(str(path))
-    ordinary = [token for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
-                if token_id >= BEGIN_OF_TEXT and not token.special]
-    if ordinary:
-        tokenizer.add_special_tokens([AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
-                                                 rstrip=token.rstrip, normalized=token.normalized, special=True)
-                                      for token in ordinary])
-    return tokenizer
+    document = json.loads(path.read_text(encoding="utf-8"))
+    for token in document.get("added_tokens") or []:
+        if CUSTOM_TOKEN_BASE <= token.get("id", -1) < VOCAB_SIZE:
+            token["special"] = True
+    return Tokenizer.from_str(json.dumps(document))
 
 
 def build_prompt(tokenizer: Tokenizer, text: str, voice: str | None, voices: Voices = ENGLISH_VOICES) -> list[int]:
