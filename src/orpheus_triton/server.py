@@ -338,7 +338,9 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     Once ``ready`` says the models are loaded, a backend stub that dies (``StubWatch``: tritonserver 2.51 neither
     restarts it nor stops reporting ready) stops the server the same way, with exit status 1, so that
     whatever supervises `serve` (compose's restart policy, systemd) starts a whole one again.
-    Returns the server's exit status (128 + signal number when a signal ended it).
+    Returns 0 for a stop asked for by a signal that ended in time, 128 + that signal's number for one that
+    cut requests in flight off (the exit timeout expired; tritonserver exits 1 then, or hangs and is
+    killed: neither is a failure to restart for), 1 for a dead stub, else the server's own exit status.
     """
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
@@ -378,4 +380,9 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     kill_server_group(process)  # backend stubs a server that exited in haste left behind
     if failed:
         return 1
+    if received:
+        if status == 0:
+            return 0
+        log(f"stopped; requests in flight were cut off (tritonserver {'was killed' if killed else f'exited {status}'})")
+        return 128 + received[0]
     return status if status >= 0 else 128 - status

@@ -103,8 +103,9 @@ class EngineMetrics(PublishedMetrics):
                                               "time: its rate is the mean number of streams in the engine"),
             "queued_seconds": metrics.counter(LLM_QUEUED_SECONDS_METRIC, "Requests waiting for a slot, integrated "
                                               "over time: its rate is the mean number waiting"),
-            "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Requests dropped because the "
-                                         "client cancelled them"),
+            "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Streams ended early: by a stop, "
+                                         "or by the client cancelling its llm request (an ensemble's cancellation "
+                                         "does not reach it)"),
             "timed_out": metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
                                          "waiting max_queue_seconds for a stream slot"),
             "capped": metrics.counter("orpheus_llm_capped_requests_total", "Streams cut off at max_tokens before "
