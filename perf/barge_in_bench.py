@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,13 +27,14 @@ from common import (
     add_model_arguments,
     local_server,
     log,
+    machine_and_code,
     machine_info,
     machine_name,
     metric_values,
     model_set,
     run_folder,
-    source_line,
     source_state,
+    write_result,
 )
 
 from orpheus_triton.arguments import counts, max_tokens, positive
@@ -90,8 +90,7 @@ def report(result: dict) -> str:
     lines = [
         f"# Barge-in: streams of {result['max_tokens']} tokens left after their Nth chunk",
         "",
-        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
-        f"code {source_line(result['source'])}; {result['models']}",
+        f"* {machine_and_code(result)}; {result['models']}",
         "* each run: one stream through `OrpheusClient.synthesize`, left by raising in `on_chunk` (the "
         "`llm` stage's `stop`, then the stream read to its end); counters from the server's /metrics",
         "",
@@ -140,9 +139,7 @@ def main() -> int:
               "source": source_state(), "runs": runs,
               "summary": {str(after): summary([run for run in runs if run["after_chunks"] == after])
                           for after in args.chunks}}
-    (folder / "barge_in.json").write_text(json.dumps(result, indent=2))
-    (folder / "barge_in.md").write_text(report(result))
-    log(f"wrote {folder / 'barge_in.md'}")
+    write_result(folder, "barge_in", result, report(result))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import re
@@ -105,6 +106,12 @@ def source_line(source) -> str:
         return str(source)
     changed = source.get("uncommitted") or []
     return f"{source.get('commit')}" + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def machine_and_code(result: dict) -> str:
+    """A result's ``machine_info`` and ``source_state`` records in one report line's words."""
+    machine = result["machine"]
+    return f"machine: {machine['cpu']}, {machine['cores']} cores; code {source_line(result['source'])}"
 
 
 def load_average() -> list[float]:
@@ -325,6 +332,13 @@ def run_folder(machine: str | None = None, root: Path = RESULTS) -> Path:
     (folder / "raw").mkdir(parents=True, exist_ok=True)
     log(f"results go to {folder}")
     return folder
+
+
+def write_result(folder: Path, name: str, result: dict, markdown: str) -> None:
+    """A benchmark's result as ``name``.json and its report as ``name``.md in ``folder``, logged."""
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2))
+    (folder / f"{name}.md").write_text(markdown)
+    log(f"wrote {folder / f'{name}.md'}")
 
 
 @dataclass

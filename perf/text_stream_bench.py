@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from pathlib import Path
@@ -28,12 +27,13 @@ from common import (
     add_model_arguments,
     local_server,
     log,
+    machine_and_code,
     machine_info,
     machine_name,
     model_set,
     run_folder,
-    source_line,
     source_state,
+    write_result,
 )
 
 from orpheus_triton.arguments import counts, max_tokens, positive
@@ -71,8 +71,7 @@ def report(result: dict) -> str:
     lines = [
         f"# Sentence by sentence: {result['sentences']} sentences, {result['max_tokens']} tokens each at most",
         "",
-        f"* machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
-        f"code {source_line(result['source'])}",
+        f"* {machine_and_code(result)}",
         f"* reply: \"{result['text']}\"",
         "* each run: one reply through `AsyncOrpheusClient.stream_text` on a local server; stalls by the "
         "benchmark's playback rule (a chunk arriving after all audio before it has played)",
@@ -124,9 +123,7 @@ def main() -> int:
         "source": source_state(), "runs": runs,
         "summary": {str(v): summary([run for run in runs if run["concurrency"] == v]) for v in values},
     }
-    (folder / "text_stream.json").write_text(json.dumps(result, indent=2))
-    (folder / "text_stream.md").write_text(report(result))
-    log(f"wrote {folder / 'text_stream.md'}")
+    write_result(folder, "text_stream", result, report(result))
     return 0
 
 
