@@ -87,6 +87,7 @@ DEFAULT_TOP_P = 0.8
 DEFAULT_TOP_K = 0  # 0 = no top-k cut
 DEFAULT_REPETITION_PENALTY = 1.1
 DEFAULT_MAX_TOKENS = 1200  # ~14 s of audio
+MAX_TEXT_CHARS = 2000
 # The range a request's max_tokens may take: fewer than one frame's tokens can give no audio at all.
 MIN_MAX_TOKENS = TOKENS_PER_FRAME
 MAX_MAX_TOKENS = 8192
@@ -99,7 +100,7 @@ def max_tokens_refusal(max_tokens: int) -> str | None:
         return None
     return (f"max_tokens must be in [{MIN_MAX_TOKENS}, {MAX_MAX_TOKENS}] ({MIN_MAX_TOKENS} tokens: one SNAC frame, "
             f"the least that gives audio), got {max_tokens}")
-MAX_TEXT_CHARS = 2000
+
 
 # --- Triton model names ---------------------------------------------------------------
 ENSEMBLE_MODEL = "orpheus"

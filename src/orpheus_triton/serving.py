@@ -151,7 +151,7 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
 
 
 def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Callable[[], bool]], None],
-                       stop: Callable[[str], None]) -> None:
+                       stop: Callable[[str], None], stops_decoding: bool = True) -> None:
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once (one without an id is refused; one for
     an id no stream holds is answered the same, as TensorRT-LLM does: the stream may just have ended,
@@ -159,7 +159,8 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
     ``start(request_id, inputs by name, reply, is_cancelled)`` (``Reply``), and one it refuses (ValueError,
     StreamIdError) hears why; one whose start fails otherwise hears that it did, and the batch goes on.
     The request's REQUEST_START input (when preprocessing took it; now if absent) is not among the
-    inputs: it goes with the reply, to every response."""
+    inputs: it goes with the reply, to every response. ``stops_decoding``: a stop is passed on to the
+    SNAC decoder too (``stop_decoding``); not by an engine behind the relay, which passes it on itself."""
     for request in requests:
         arrived = time.time()
         request_id = request.request_id()
@@ -170,6 +171,8 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
         try:
             if stopping:
                 stop(require_stream_id(request_id))  # without an id it could stop nothing
+                if stops_decoding:
+                    stop_decoding(pb_utils, request_id)
                 sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             else:
                 start(request_id, inputs, sender, request.is_cancelled)

@@ -16,7 +16,6 @@ from orpheus_triton.serving import (
     log_to_triton,
     model_parameters,
     serve_llm_requests,
-    stop_decoding,
 )
 from orpheus_triton.triton_calls import response_threads
 from orpheus_triton.triton_llm import EngineMetrics, build_engine
@@ -39,13 +38,8 @@ class TritonPythonModel:
         self.engine.start()
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.start, self.stop)
+        serve_llm_requests(pb_utils, requests, self.start, self.streams.stop, stops_decoding=self.stops_decoding)
         return None
-
-    def stop(self, request_id):
-        self.streams.stop(request_id)
-        if self.stops_decoding:
-            stop_decoding(pb_utils, request_id)
 
     def start(self, request_id, inputs, sender, is_cancelled):
         self.streams.start(request_id, generation_settings(inputs.get), sender, is_cancelled)

@@ -14,7 +14,6 @@ from orpheus_triton.serving import (
     log_to_triton,
     model_parameters,
     serve_llm_requests,
-    stop_decoding,
     stop_request_inputs,
 )
 
@@ -57,12 +56,8 @@ class TritonPythonModel:
             pass
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.streams.start, self.stop)
+        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop)
         return None
-
-    def stop(self, request_id):
-        self.streams.stop(request_id)
-        stop_decoding(pb_utils, request_id)
 
     def finalize(self):
         self.streams.close()
