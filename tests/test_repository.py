@@ -307,3 +307,42 @@ def test_raw_pcm_is_not_written_to_a_terminal(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["say", "hello", "-o", "-", "--url", "localhost:1"])
     assert "a terminal cannot show" in str(stopped.value)
+
+
+def test_a_wheel_carries_every_template(tmp_path):
+    """`pip install .` (not editable) or a wheel: the package carries model_repository/ itself and
+    renders from it the same repositories as a checkout does."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "--wheel-dir", str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("orpheus_triton-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    script = (
+        "import sys; from pathlib import Path; import orpheus_triton\n"
+        "from orpheus_triton.repository import RelaySettings, RepositorySettings, render, render_with_relay\n"
+        "assert Path(orpheus_triton.__file__).is_relative_to(sys.argv[1]), orpheus_triton.__file__\n"
+        "settings = RepositorySettings(llm_dir='/m/llm', snac_dir='/m/snac')\n"
+        "render(settings, Path(sys.argv[2]) / 'plain')\n"
+        "render_with_relay(settings, Path(sys.argv[2]) / 'relay', RelaySettings())\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "site"), str(tmp_path / "wheel")], check=True,
+                   env=env, cwd=tmp_path)
+    settings = RepositorySettings(llm_dir="/m/llm", snac_dir="/m/snac")
+    from orpheus_triton.repository import RelaySettings, render_with_relay
+
+    render(settings, tmp_path / "checkout" / "plain")
+    render_with_relay(settings, tmp_path / "checkout" / "relay", RelaySettings())
+
+    def files(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for kind in ("plain", "relay"):
+        from_wheel, from_checkout = files(tmp_path / "wheel" / kind), files(tmp_path / "checkout" / kind)
+        assert from_wheel == from_checkout and any(name.endswith("model.py") for name in from_wheel)
+        models = {p.parent.name for p in (tmp_path / "checkout" / kind).glob("*/config.pbtxt")}
+        assert {p.parent.name for p in (tmp_path / "wheel" / kind).glob("*/1") if p.is_dir()} == models

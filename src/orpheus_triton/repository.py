@@ -195,7 +195,8 @@ def _values(settings) -> dict[str, str]:
 
 
 def _render_model(source: Path, target: Path, values: dict[str, str]) -> None:
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # .gitkeep: what keeps the ensemble's empty version folder in git (a wheel drops it; rendered below)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".gitkeep"))
     try:
         rendered = string.Template((source / "config.pbtxt").read_text()).substitute(values)
     except KeyError as missing:
