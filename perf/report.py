@@ -394,12 +394,20 @@ def _comparison_section(comp: dict) -> list[str]:
     lines = ["## Comparisons", ""] + (["![comparisons](comparisons.png)", ""] if _comparison_bars(comp) else [])
     serving = comp.get("serving")
     if serving:
+        threads = serving.get("in_process_threads")
+        failed = [f"{side}: {len(errors)} of {serving['repeats']} ({errors[0]})"
+                  for side, errors in (("served", serving.get("errors")),
+                                       ("in process", serving.get("in_process_errors"))) if errors]
         lines += [
             f"**(a) Serving cost, TTFA at concurrency 1**: through Triton {_ms(serving['served_ttfa_median'])} ms vs "
-            f"in-process {_ms(serving['in_process_ttfa_median'])} ms (medians of {serving['repeats']} interleaved "
-            f"streams): ratio **{_f(serving['ttfa_ratio'])}** (target <= {serving['target']}: "
-            f"{_met(serving['target_met'])}). Whole stream: ratio {_f(serving['total_ratio'])}. "
-            f"Other cores meanwhile: {_other(serving)}.",
+            f"in-process {_ms(serving['in_process_ttfa_median'])} ms (medians of {len(serving['served_ttfa'])} "
+            f"and {len(serving['in_process_ttfa'])} streams with audio, of {serving['repeats']} each, interleaved"
+            + (f"; in process with the served models' torch threads, {threads['llm']} for the engine and "
+               f"{threads['decoder']} for SNAC" if threads else "")
+            + f"): ratio **{_f(serving['ttfa_ratio'])}** (target <= {serving['target']}: "
+            f"{_met(serving['target_met'])}"
+            + (f"; streams without audio, {'; '.join(failed)}" if failed else "")
+            + f"). Whole stream: ratio {_f(serving['total_ratio'])}. Other cores meanwhile: {_other(serving)}.",
             "",
         ]
     snac = comp.get("snac")

@@ -42,7 +42,7 @@ from common import (
 from stacks import py_spy, stack_monitor
 
 from orpheus_triton.arguments import counts, max_tokens_or_zero, non_negative, positive, positive_seconds, rates
-from orpheus_triton.constants import CANCEL_CHECK_SECONDS
+from orpheus_triton.constants import CANCEL_CHECK_SECONDS, DECODER_MODEL, LLM_MODEL
 from orpheus_triton.loadgen import (
     SweepSettings,
     Utterance,
@@ -157,15 +157,18 @@ def perf_analyzer_sweep(result: dict, binary: str, server, folder: Path, args: a
         return {"skipped": note}
 
 
-def compare_serving(models, args: argparse.Namespace, guard: Guard, stream, warm: Utterance,
+def compare_serving(url: str, args: argparse.Namespace, guard: Guard, stream, warm: Utterance,
                     utterances: list[Utterance]) -> dict:
-    """Comparison (a): the served stream against an in-process pipeline on the same models, interleaved."""
-    pipeline = comparisons.InProcessPipeline(models, args.device, max_streams=8, max_seq_len=args.max_seq_len,
-                                             lead_in=not args.no_lead_in)
+    """Comparison (a): the served stream against an in-process pipeline on the same models, with the served
+    `llm` and `snac_decoder`'s own parameters (engine settings, CPU threads), interleaved."""
+    llm_params, _ = comparisons.served_parameters(url, LLM_MODEL)
+    decoder_params, max_windows = comparisons.served_parameters(url, DECODER_MODEL)
+    pipeline = comparisons.InProcessPipeline(llm_params, decoder_params, max_windows)
     try:
         pipeline.synthesize(warm)
-        return guard.run("serving", lambda: comparisons.compare_serving(
+        measured = guard.run("serving", lambda: comparisons.compare_serving(
             stream, pipeline.synthesize, utterances, args.serving_repeats))
+        return measured | {"in_process_threads": {"llm": pipeline.llm_threads, "decoder": pipeline.decoder_threads}}
     finally:
         pipeline.close()
         release_memory()
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             utterances = [Utterance(u.label, u.text, u.voice, u.max_tokens, u.seed)
                           for u in workload(labels, max_tokens=caps, count=args.serving_repeats)]
             serving = compare(result, "serving", lambda: compare_serving(
-                models, args, guard, stream, warm, utterances))
+                server.url, args, guard, stream, warm, utterances))
             if serving and serving["ttfa_ratio"] is not None:
                 log(f"    ratio {serving['ttfa_ratio']:.2f} (target <= 1.25)")
             elif serving:  # kept with its errors: the report shows them

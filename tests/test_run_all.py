@@ -1,6 +1,7 @@
 """perf/ bookkeeping: a comparison that fails is a note, not the end of the run; the GPU run's summary page."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -365,3 +366,56 @@ def test_perf_scripts_answer_help_without_doing_anything(script, tmp_path):
     assert "usage" in done.stdout.lower() or script[-1] in done.stdout, done.stdout
     assert not (tmp_path / "tools").exists()
     assert files() == before
+
+
+def test_the_in_process_side_of_comparison_a_runs_as_the_served_models_do(server, grpc_url, model_set):
+    """Comparison (a)'s in-process pipeline takes the served `llm` and `snac_decoder`'s own parameters:
+    their CPU threads above all (with torch's default, every core for both stages in one process, the
+    in-process side oversubscribed the cores and the ratio flattered the server). The target counts
+    as met only when every stream of both sides gave audio."""
+    import comparisons  # noqa: PLC0415 (perf/ is on the path above)
+    import torch
+
+    from orpheus_triton.loadgen import StreamRecord, Utterance, grpc_stream
+
+    llm_params, _ = comparisons.served_parameters(grpc_url, c.LLM_MODEL)
+    decoder_params, max_windows = comparisons.served_parameters(grpc_url, c.DECODER_MODEL)
+    assert llm_params["llm_dir"] == str(model_set.llm) and llm_params["max_streams"] == "4"
+    assert decoder_params["snac_dir"] == str(model_set.snac) and max_windows > 1
+    served_threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the server's 'auto', on a CPU
+    caller_threads = torch.get_num_threads()
+    pipeline = comparisons.InProcessPipeline(llm_params, decoder_params, max_windows)
+    try:
+        assert (pipeline.llm_threads, pipeline.decoder_threads) == (served_threads, served_threads)
+        assert pipeline.engine.max_streams == 4 and pipeline.engine.max_seq_len == 8192
+        utterance = Utterance("short", "Hello there.", "tara", 60, 1)
+        order = []
+
+        def served(u, start):
+            order.append("served")
+            return grpc_stream(grpc_url)(u, start)
+
+        def in_process(u, start):
+            order.append("in process")
+            return pipeline.synthesize(u, start)
+
+        result = comparisons.compare_serving(served, in_process, [utterance], repeats=2)
+        assert order == ["served", "in process", "in process", "served"]  # each side first in turn
+        assert len(result["served_ttfa"]) == len(result["in_process_ttfa"]) == 2 and not result["errors"]
+        assert result["ttfa_ratio"] == result["served_ttfa_median"] / result["in_process_ttfa_median"]
+
+        def failing(u, start):  # the server refuses 3 of 4 streams: the one that gave audio must not pass
+            record = StreamRecord(u.label, u.voice, 0.0)
+            record.arrivals, record.samples, record.total = [0.001], [2048], 0.01
+            if failing.calls % 4:
+                record.error, record.arrivals, record.samples = "server busy", [], []
+            failing.calls += 1
+            return record
+
+        failing.calls = 0
+        result = comparisons.compare_serving(failing, in_process, [utterance], repeats=4)
+        assert result["ttfa_ratio"] < 1 and not result["target_met"]
+        assert result["errors"] == ["server busy"] * 3 and result["in_process_errors"] == []
+    finally:
+        pipeline.close()
+    assert torch.get_num_threads() == caller_threads
