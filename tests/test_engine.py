@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 
 import numpy as np
@@ -707,6 +708,50 @@ def test_a_stop_that_comes_as_its_stream_ends_does_not_stop_the_next_stream_with
     engine.run_until_idle()
     assert second.finished and not second.errors and len(second.tokens) > 1  # not just [end_id]
     assert engine.stats.cancelled == 0
+
+
+def test_a_stop_while_its_stream_moves_from_the_queue_into_a_slot_is_not_lost(model):
+    """The stop (another thread: the llm model's execute) lands while the engine thread moves the stream
+    out of the queue into a decode slot. It used to find the stream in neither: stop_stream said no such
+    stream, and the stream generated to max_new_tokens while the client waited for its end."""
+    engine = make_engine(model)
+    out, found = Collector(), {}
+    engine.submit(request(PROMPTS[0], out, max_new_tokens=300, request_id="X"))
+    moving = threading.Event()
+
+    class MovingSlowly(list):
+        def extend(self, streams):
+            moving.set()
+            time.sleep(0.2)  # the stop arrives meanwhile
+            super().extend(streams)
+
+    engine.decoding = MovingSlowly()
+    stopper = threading.Thread(target=lambda: moving.wait(5) and found.update(stopped=engine.stop_stream("X")))
+    stopper.start()
+    engine.step()
+    stopper.join(5)
+    engine.run_until_idle()
+    assert found == {"stopped": True}
+    assert out.finished and out.tokens[-1] == END_OF_SPEECH and len(out.tokens) <= 3 and not out.errors
+
+
+def test_a_request_that_cannot_be_asked_about_cancellation_is_dropped_and_the_others_go_on(model, caplog):
+    """Triton's is_cancelled() can raise for a request that is gone. The engine asked it unguarded: every
+    step then failed, the running streams with it, and the queue behind it was never served."""
+    engine = make_engine(model, max_streams=1)
+    running, gone, later = Collector(), Collector(), Collector()
+
+    def cannot_ask():
+        raise RuntimeError("the request is no longer known")
+
+    engine.submit(request(PROMPTS[0], running, max_new_tokens=5, request_id="running"))
+    engine.submit(request(PROMPTS[1], gone, max_new_tokens=5, request_id="gone", is_cancelled=cannot_ask))
+    engine.submit(request(PROMPTS[2], later, max_new_tokens=5, request_id="later"))
+    with caplog.at_level(logging.WARNING, logger="orpheus_triton.engine"):
+        engine.run_until_idle()
+    assert running.finished and later.finished and not running.errors and not later.errors
+    assert gone.errors == ["request cancelled by the client"] and not gone.tokens
+    assert "could not ask whether request 'gone' was cancelled" in caplog.text
 
 
 def test_cpu_threads_parameter():

@@ -379,8 +379,12 @@ class InflightEngine:
         cancelled one (``is_cancelled``) is failed instead: nobody listens any more.
         Returns whether such a stream was queued or running.
         """
-        with self.lock:  # the streams themselves are marked: a later stream with this id is not stopped
-            streams = [s for s in [*self.queue, *self.decoding, *([self.prefilling] if self.prefilling else [])]
+        # The streams themselves are marked: a later stream with this id is not stopped. Under the lock,
+        # where the engine thread moves streams between the queue, ``prefilling`` and ``decoding``: a stream
+        # between two of them (popped from the queue, not yet decoding) was found nowhere and ran on.
+        with self.lock:
+            prefilling = self.prefilling
+            streams = [s for s in [*self.queue, *self.decoding, *([prefilling] if prefilling else [])]
                        if s.request.request_id == request_id]
             if request_id:
                 for stream in streams:
@@ -390,7 +394,15 @@ class InflightEngine:
 
     def _drop_cancelled(self) -> None:
         def cancelled(stream: _Stream) -> bool:
-            return stream.stop_requested or stream.request.is_cancelled()
+            if stream.stop_requested:
+                return True
+            try:
+                return stream.request.is_cancelled()
+            except Exception:  # noqa: BLE001 (one request that cannot be asked must not fail every step)
+                # Triton could not say: the request is gone, nobody listens any more (as CancellationWatch).
+                log.warning("could not ask whether request %r was cancelled; dropping it",
+                            stream.request.request_id, exc_info=True)
+                return True
 
         dropped = []
         for index in reversed(range(len(self.decoding))):
@@ -399,7 +411,8 @@ class InflightEngine:
                 self._leave(index)
         if self.prefilling and cancelled(self.prefilling):
             dropped.append(self.prefilling)
-            self.prefilling = None
+            with self.lock:
+                self.prefilling = None
         with self.lock:
             # Asked once per queued stream: a client may cancel between two questions, and a stream that
             # left the queue without being counted as dropped would never hear its end.
@@ -477,8 +490,9 @@ class InflightEngine:
         slot = len(self.decoding)
         self.model.copy_slot(self.scratch_slot, slot, stream.length)
         self.seen[slot] = self.seen[self.scratch_slot]
-        self.decoding.append(stream)
-        self.prefilling = None
+        with self.lock:
+            self.decoding.append(stream)
+            self.prefilling = None
         self._sample_and_emit([slot], hidden)
         return len(chunk)
 
@@ -508,10 +522,10 @@ class InflightEngine:
                 return 0
             for _ in group:
                 self.queue.popleft()
-        # Decoding from here on, so that a forward that fails fails them too (the loop's _fail_all): out of
-        # the queue and nowhere else, they would never hear their end.
-        first = len(self.decoding)
-        self.decoding.extend(group)
+            # Decoding from here on, so that a forward that fails fails them too (the loop's _fail_all): out
+            # of the queue and nowhere else, they would never hear their end (nor be found by a stop).
+            first = len(self.decoding)
+            self.decoding.extend(group)
         # Built on the host and copied over once, without waiting for the GPU's queued work (as every
         # input of a step: a blocking copy or a read of a device value here held the host until the
         # previous step's forward was done, so the prefill's kernel launches could not overlap it).
@@ -684,14 +698,18 @@ class InflightEngine:
             moved = self.decoding[last]
             self.model.copy_slot(last, slot, moved.length)
             self.seen[slot] = self.seen[last]
-            self.decoding[slot] = moved
-        self.decoding.pop()
+        with self.lock:  # the moved stream stays findable by stop_stream throughout
+            if slot != last:
+                self.decoding[slot] = self.decoding[last]
+            self.decoding.pop()
 
     def _fail_all(self, message: str) -> None:
         streams = self.decoding + ([self.prefilling] if self.prefilling else [])
         streams += [s for sampled in self._in_flight + self._launched for s in sampled.streams
                     if not s.ended and s not in streams]
-        self.decoding, self.prefilling, self._in_flight, self._launched = [], None, [], []
+        with self.lock:
+            self.decoding, self.prefilling = [], None
+        self._in_flight, self._launched = [], []
         for stream in streams:
             stream.ended = True
         # The stats as they are now: the failed step did not get to say so (a stale count of active streams
