@@ -332,3 +332,43 @@ def test_a_stop_the_decoder_cannot_take_is_logged_and_the_llm_stop_stands(caplog
     assert sent[0][2][c.DECODER_STOP].tolist() == [[True]] and sent[0][2][c.DECODER_TOKENS].dtype == np.int32
     assert "refused the stop of stream 'refused': unexpected inference input 'stop'" in caplog.text
     assert "could not pass the stop of stream 'unreachable' on to the decoder: stub gone" in caplog.text
+
+
+def test_a_new_stream_refused_while_the_last_one_with_its_id_ends_in_failure_still_hears_why():
+    """Stream A's end lets its id go; a new stream B with that id comes before A's final response is
+    queued, and is refused (server busy). One of A's earlier sends then fails (its client went away):
+    A's later calls are dropped, and B's refusal, queued among them under the same id, was dropped too,
+    leaving B's request unanswered for good."""
+    import threading
+    import time
+
+    sent, refused, client_gone = [], [], threading.Event()
+
+    def respond(sender, tokens, count, final):
+        if sender == "A":
+            client_gone.wait(5)
+            raise RuntimeError("client went away")
+        sent.append(sender)
+
+    engine = Engine()
+    streams = LlmStreams(engine, respond, lambda sender, message: refused.append((sender, message)),
+                         response_threads=1, tokens_per_response=7, hold_seconds=600)
+    streams.start("a", SETTINGS, "A", lambda: False)
+    first = engine.requests["a"]
+    first.emit(list(range(7)), False)  # its send waits on the response thread, and fails
+    release = streams.active.release
+
+    def b_comes_as_a_lets_go(request_id, completed=True):
+        release(request_id, completed)
+        streams.active.release = release
+        engine.full = True
+        streams.start("a", SETTINGS, "B", lambda: False)  # execute(), between A's release and A's final
+
+    streams.active.release = b_comes_as_a_lets_go
+    first.emit([END_OF_SPEECH], True)
+    client_gone.set()
+    deadline = time.monotonic() + 5
+    while not refused and time.monotonic() < deadline:
+        time.sleep(0.01)
+    streams.close()
+    assert refused == [("B", "server busy: 256 requests already queued")] and sent == []

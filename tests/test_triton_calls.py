@@ -282,6 +282,30 @@ def test_response_queue_sends_in_order_and_drops_a_failed_streams_rest():
         assert errors == [("a", "client went away")]
 
 
+def test_a_response_thread_outlives_a_failing_callback_and_an_alone_call_outlives_its_keys_failure():
+    """A ``lost`` callback that raises used to end the response thread: every later call then waited
+    for good (a producer in wait_for_room with it). A call put ``alone`` (another request's only
+    answer under the key) is made even while the key's stream is failed, and leaves its state as it is."""
+    from orpheus_triton.triton_calls import ResponseQueue
+
+    sent = []
+
+    def fails():
+        raise RuntimeError("client went away")
+
+    def broken_callback(error):
+        raise AttributeError("a bug in a stream's own bookkeeping")
+
+    queue = ResponseQueue(on_error=lambda key, error: None, threaded=True)
+    queue.put("a", fails, lost=broken_callback)
+    queue.put("a", lambda: sent.append("a, dropped"))  # stream a failed: dropped
+    queue.put("a", lambda: sent.append("refusal of another request"), alone=True)
+    queue.put("a", lambda: sent.append("a's last, dropped"), last=True)
+    queue.put("b", lambda: sent.append("b"), last=True)
+    queue.close()  # sends what is queued
+    assert sent == ["refusal of another request", "b"]
+
+
 def test_a_producer_waits_for_room_in_the_response_queue():
     """Threaded, wait_for_room holds its caller while more than ``most`` calls are queued; unthreaded it
     never waits (nothing is ever queued)."""

@@ -63,8 +63,9 @@ class LlmStreams:
             self.active.release(request_id)
             if not isinstance(error, CapacityError | ValueError):
                 raise  # a fault: the adapter tells the request, and nothing of the stream stays behind
-            # On the response thread, which may be asking about this request right now.
-            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), last=True,
+            # On the response thread, which may be asking about this request right now; alone: the id may
+            # still be a stream's that is ending, whose failed sends must not take this answer with them.
+            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), alone=True,
                                lost=lambda failure: log.debug("could not refuse request %r: %s", request_id, failure))
 
     def stop(self, request_id: str) -> None:

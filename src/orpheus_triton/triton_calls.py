@@ -45,7 +45,7 @@ class ResponseQueue:
                  before_last: Callable[[str], None] | None = None, name: str = "triton-responses"):
         self.on_error = on_error
         self.before_last = before_last  # called with a stream's key before its last call is made
-        self._queue: deque[tuple[str | None, Callable[[], None], bool, Lost | None] | None] = deque()
+        self._queue: deque[tuple[str | None, Callable[[], None], bool, Lost | None, bool] | None] = deque()
         self._ready = threading.Condition()
         self._failed: set[str] = set()
         self._thread = None
@@ -53,17 +53,20 @@ class ResponseQueue:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
-    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None) -> None:
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None,
+            alone: bool = False) -> None:
         """Queue ``send`` for stream ``key`` (None: a call for no stream); ``last``: the stream's
         final response (the key may be reused after it). ``lost``: told of this send's failure instead
         of ``on_error``, by the stream that made it (which knows whether the key is still its own).
-        Unthreaded, it runs here and now."""
+        ``alone``: the one and final answer of a request that only shares the key (a refusal of a new
+        stream with the id of one still ending): made even where the key's stream failed, leaving that
+        stream's calls to be dropped up to its own last one. Unthreaded, it runs here and now."""
         if self._thread is None:
             with self._ready:  # the engine thread and execute() may both be sending
-                self._deliver(key, send, last, lost)
+                self._deliver(key, send, last, lost, alone)
             return
         with self._ready:
-            self._queue.append((key, send, last, lost))
+            self._queue.append((key, send, last, lost, alone))
             self._ready.notify()
 
     def wait_for_room(self, most: int) -> None:
@@ -92,11 +95,21 @@ class ResponseQueue:
                 self._ready.notify_all()  # room for a producer in wait_for_room
             if entry is None:
                 return
-            self._deliver(*entry)
+            try:
+                self._deliver(*entry)
+            except Exception:  # noqa: BLE001 (a failing callback must not end the thread: every later call would wait)
+                log.exception("a call on the response thread failed")
 
-    def _deliver(self, key: str | None, send: Callable[[], None], last: bool, lost: Lost | None = None) -> None:
-        if last and key is not None and self.before_last is not None:
+    def _deliver(self, key: str | None, send: Callable[[], None], last: bool, lost: Lost | None = None,
+                 alone: bool = False) -> None:
+        if (last or alone) and key is not None and self.before_last is not None:
             self.before_last(key)
+        if alone:
+            try:
+                send()
+            except Exception as error:  # noqa: BLE001 (reported; nothing else of the key's changes)
+                (lost or (lambda failure: self.on_error(key, failure)))(error)
+            return
         if key not in self._failed:
             try:
                 send()
@@ -134,8 +147,9 @@ class ResponseLanes:
     def lane_of(self, key: str | None) -> int:
         return 0 if key is None else zlib.crc32(key.encode()) % len(self._lanes)
 
-    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None) -> None:
-        self._lanes[self.lane_of(key)].put(key, send, last, lost)
+    def put(self, key: str | None, send: Callable[[], None], last: bool = False, lost: Lost | None = None,
+            alone: bool = False) -> None:
+        self._lanes[self.lane_of(key)].put(key, send, last, lost, alone)
 
     def wait_for_room(self, most: int) -> None:
         """Wait until no lane holds more than its share of ``most`` queued calls."""

@@ -161,5 +161,8 @@ class TritonPythonModel:
                 item.reply.send(response, flags=FINAL)
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
-        delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
-        self.metrics.record_delivery(delivery, item.request_start, handed_over)
+        try:  # bookkeeping: its failure is not the stream's (the response queue would drop the stream's later answers)
+            delivery = self.scheduler.delivered(item, 0.0 if pcm is None else pcm.size / c.SAMPLE_RATE)
+            self.metrics.record_delivery(delivery, item.request_start, handed_over)
+        except Exception:  # noqa: BLE001
+            pb_utils.Logger.log_error("orpheus decoder: recording a delivery failed:\n" + traceback.format_exc())
