@@ -116,23 +116,29 @@ def level_row(runner, url: str, concurrency: int, processes: int, server_pid: in
            "audio_per_second": level["realtime_streams_served"],
            "loadgen_cores": usage.get("load generator", {}).get("cores"),
            "standin_cores": usage.get(ENSEMBLE_MODEL, {}).get("cores")}
-    log(f"{processes} process(es), {concurrency} streams: {row['audio_per_second']:.1f} s of audio a "
-        f"second, starved {row['starved']} of {row['streams']}, TTFA p99 {row['ttfa_p99'] * 1000:.0f} ms, "
+    log(f"{processes} process(es), {concurrency} streams: {_number(row['audio_per_second'], digits=1)} s of audio a "
+        f"second, failed {row['errors']}, starved {row['starved']}, TTFA p99 {_number(row['ttfa_p99'], 1000, 0)} ms, "
         f"load generator {row['loadgen_cores']} cores, stand-in {row['standin_cores']} cores")
     time.sleep(1.0)  # the stand-in's last streams wind down before the next level
     return row
+
+
+def _number(value, scale: float = 1.0, digits: int = 2) -> str:
+    """A figure, or "-" where a level had none (no stream gave audio)."""
+    return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
     lines = [f"Load generator ceiling: stand-in `orpheus` at {result['speed']}x real time, {result['max_tokens']} "
              "tokens a stream; *audio s / s*: seconds of audio received a second (a level of N streams served "
              f"without a stall needs about N x {result['speed']} while they generate).", "",
-             "| processes | streams | starved | TTFA p99 ms | RTF p50 | audio s / s | load generator cores | "
-             "stand-in cores |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in result["levels"]:
-        lines.append(f"| {row['processes']} | {row['concurrency']} | {row['starved']} of {row['streams']} | "
-                     f"{row['ttfa_p99'] * 1000:.0f} | {row['rtf_p50']:.2f} | {row['audio_per_second']:.1f} | "
-                     f"{row['loadgen_cores']} | {row['standin_cores']} |")
+             "| processes | streams | failed | starved | TTFA p99 ms | RTF p50 | audio s / s | load generator cores | "
+             "stand-in cores |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["levels"]:  # starved: of the streams that gave audio; failed ones count apart
+        lines.append(f"| {row['processes']} | {row['concurrency']} | {row.get('errors', '-')} | {row['starved']} | "
+                     f"{_number(row['ttfa_p99'], 1000, 0)} | {_number(row['rtf_p50'])} | "
+                     f"{_number(row['audio_per_second'], digits=1)} | {row['loadgen_cores']} | "
+                     f"{row['standin_cores']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,7 @@ from orpheus_triton.loadgen import (
     Utterance,
     grpc_stream,
     load_runner,
+    passing_above_capacity,
     realtime_capacity,
     sweep,
     text_labels,
@@ -199,6 +200,7 @@ def guarded_sweep(url: str, settings: SweepSettings, guard: Guard, metrics_url: 
             out[kind][key] = guard.run(f"{kind} {key}", measure)
             out["records"].update(parts["result"]["records"])
     out["realtime_capacity"] = realtime_capacity(out["closed_loop"], settings.ttfa_limit)
+    out["passing_above_capacity"] = passing_above_capacity(out["closed_loop"], settings.ttfa_limit)
     return out
 
 

@@ -175,7 +175,11 @@ def test_loadgen_bench_measures_the_load_generator_against_a_paced_stand_in(tmp_
         assert row["streams"] == 4 and row["errors"] == 0 and row["starved"] == 0
         # 10 chunks of 2048 samples at 4x real time: each stream about 0.21 s long, 0.85 s of audio
         assert 0.15 < row["rtf_p50"] < 0.6
-    assert "| 2 | 2 | 0 of 4 |" in (tmp_path / "loadgen_bench.md").read_text()
+    assert "| 2 | 2 | 0 | 0 |" in (tmp_path / "loadgen_bench.md").read_text()  # streams, failed, starved
+    # A level where every stream failed has no TTFA nor RTF: shown as such (its figures raised TypeError).
+    failed = rows[0] | {"errors": 4, "ttfa_p99": None, "rtf_p50": None, "audio_per_second": None}
+    text = loadgen_bench.markdown(json.loads((tmp_path / "loadgen_bench.json").read_text()) | {"levels": [failed]})
+    assert "| 1 | 2 | 4 | 0 | - | - | - |" in text
 
 
 def test_level_readings_pick_the_counted_span_where_it_holds_two_of_them():
@@ -324,6 +328,29 @@ def test_a_report_without_comparisons_links_no_comparisons_plot():
     result["comparisons"] = {}
     text = report.markdown(result)
     assert "comparisons.png" not in text and "Not run (`--skip-comparisons`" in text
+
+
+def test_the_report_says_what_a_capacity_and_its_levels_rest_on(monkeypatch, tmp_path):
+    """A level that passes above a failed one is named beside the capacity, not taken for it; a level whose
+    time ran out before all its streams started says how many it counted of those planned; a ratio without
+    a target is drawn neither passing nor failing."""
+    import report  # noqa: PLC0415
+
+    result = json.loads((ROOT / "perf" / "results" / "2026-11-26_cpu-2core-amd-epyc-5" / "result.json").read_text())
+    tts = result["tts"]
+    tts["realtime_capacity"], tts["passing_above_capacity"] = 1, [3]
+    tts["closed_loop"]["2"]["streams_planned"] = tts["closed_loop"]["2"]["streams"] + 3
+    text = report.markdown(result)
+    assert "**Real-time capacity: 1 concurrent streams** (the largest level up to which every level had" in text
+    assert "Above it, level 3 met that on its own." in text
+    assert f"| 2 | {tts['closed_loop']['2']['streams']} of {tts['closed_loop']['2']['streams'] + 3} |" in text
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.plot_comparisons(result, tmp_path / "comparisons.png")
+    colors = [bar.get_facecolor()[:3] for bar in figures[0].axes[0].patches]
+    import matplotlib.colors as mcolors  # noqa: PLC0415
+
+    assert colors[-1] == mcolors.to_rgb("tab:blue")  # the engine's speedup: no target here
 
 
 def test_the_engine_benchs_closed_loop_admits_newcomers_at_the_rate_streams_end(model_set):
