@@ -478,7 +478,9 @@ def _comparison_section(comp: dict) -> list[str]:
         lines += [
             f"**(c) In-flight batching**, {engine['streams']} streams x {engine['max_new_tokens']} tokens "
             f"({engine['device']}): {engine['batched_tokens_per_s']:.0f} tokens/s batched vs "
-            f"{engine['one_at_a_time_tokens_per_s']:.0f} tokens/s one at a time: **{engine['speedup']:.2f}x**. "
+            f"{engine['one_at_a_time_tokens_per_s']:.0f} tokens/s one at a time: **{engine['speedup']:.2f}x**"
+            + (f" (medians of {engine['repeats']} pairs of runs; each pair "
+               f"{', '.join(f'{x:.2f}x' for x in engine['speedups'])})" if engine.get("speedups") else "") + ". "
             f"Other cores meanwhile: {_other(engine)}.",
             "",
         ]
