@@ -119,6 +119,8 @@ def main() -> None:
                 where = "the server" if error.status() != "StatusCode.UNAVAILABLE" else f"the connection to {args.url}"
                 raise SystemExit(f"{where} failed: {error}")
             heard = True
+            # Ended with its final response, whatever happens while its audio is written (a Ctrl-C then).
+            finished = result.get_response().parameters["triton_final_response"].bool_param
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
@@ -130,8 +132,7 @@ def main() -> None:
                     print(f"first audio after {1000 * first_audio:.0f} ms", flush=True)
                 wav.writeframes(audio.astype("<i2").tobytes())
                 samples += audio.size
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                finished = True
+            if finished:
                 break
     finally:
         try:

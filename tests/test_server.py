@@ -393,6 +393,48 @@ def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch
     assert len(stops) == 1
 
 
+def test_a_caller_hanging_up_on_the_last_chunk_leaves_at_once(grpc_url, monkeypatch):
+    """The last chunk comes with the stream's final response: a caller that stops there leaves an ended
+    stream. Both clients sent it a stop and then waited for an end that had come already, the sync one
+    its whole 15 s."""
+    import asyncio
+    import contextlib
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    stops = []
+    for client_class in (OrpheusClient, AsyncOrpheusClient):
+        original = client_class._end_early
+        monkeypatch.setattr(client_class, "_end_early", lambda self, *args, original=original, **kwargs: (
+            stops.append(type(self).__name__), original(self, *args, **kwargs))[1])
+    client = OrpheusClient(grpc_url)
+    chunks = len(client.synthesize(TEXT, max_tokens=140, seed=3).chunks)
+    heard = []
+
+    def hang_up_on_the_last(chunk):
+        heard.append(chunk)
+        if len(heard) == chunks:
+            raise KeyboardInterrupt
+
+    started = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        client.synthesize(TEXT, max_tokens=140, seed=3, on_chunk=hang_up_on_the_last)
+    assert len(heard) == chunks and time.perf_counter() - started < 5
+
+    async def leave_at_the_last() -> int:
+        async with AsyncOrpheusClient(grpc_url) as aclient:
+            count = 0
+            async with contextlib.aclosing(aclient.stream(TEXT, max_tokens=140, seed=3)) as stream:
+                async for _ in stream:
+                    count += 1
+                    if count == chunks:
+                        break
+            return count
+
+    assert asyncio.run(leave_at_the_last()) == chunks
+    assert stops == []
+
+
 @pytest.mark.parametrize("after_each_stop", [
     [["stop error"], ["stream end"]],  # the stop failed: another one, then the stream's end
     [["stop end", "error"]],  # the stop answered, then an error: the stream's own end

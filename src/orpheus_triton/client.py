@@ -225,13 +225,17 @@ class OrpheusClient:
                     completed = True  # the server ended the stream itself
                     raise self._failure(error, first)
                 first = False
+                # The stream has ended with its final response, whatever on_chunk does with its audio: a caller
+                # hanging up on the last chunk sent a stop for a stream that was over, then waited 15 s for an
+                # end that had come already.
+                final = completed = _is_final(response)
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     audio = audio.reshape(-1)
                     result.chunks.append(Chunk(audio, arrived - started))
                     if on_chunk:
                         on_chunk(audio)
-                if _is_final(response):
+                if final:
                     break
             result.total_seconds = time.perf_counter() - started
             completed = True
@@ -474,6 +478,7 @@ class AsyncOrpheusClient:
                 if error is not None:
                     ended = True  # the server ended the stream itself
                     raise SynthesisError.of(error)
+                ended = _is_final(response)  # a caller leaving at the last chunk leaves an ended stream
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     yield audio.reshape(-1)
