@@ -264,6 +264,7 @@ def test_a_dropped_stream_is_answered_without_decoding_up_to_its_end():
     assert answer == [] and _names(decode) == [("a", 1), ("b", 3)]
     # Dropped while its first request is being decoded (no audio delivered yet): that one is decoded.
     assert scheduler.drop("a", still_open=True)
+    assert not scheduler.drop("a", still_open=True)  # a stop sent again ends nothing more (counted once)
     for item in decode:
         scheduler.delivered(item, 0.085)
     scheduler.add([_item("a", 3, arrived=4), _item("b", arrived=5)])

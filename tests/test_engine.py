@@ -754,6 +754,17 @@ def test_a_request_that_cannot_be_asked_about_cancellation_is_dropped_and_the_ot
     assert "could not ask whether request 'gone' was cancelled" in caplog.text
 
 
+def test_a_request_refused_for_a_full_queue_is_counted(model):
+    """stats.queue_full (orpheus_llm_queue_full_requests_total): 'server busy' at once was counted nowhere,
+    where one after max_queue_seconds was (timed_out)."""
+    engine = make_engine(model, max_streams=1, max_queue=1)
+    engine.submit(request(PROMPTS[0], Collector()))
+    for _ in range(2):
+        with pytest.raises(CapacityError, match="server busy"):
+            engine.submit(request(PROMPTS[1], Collector()))
+    assert engine.stats.queue_full == 2 and engine.stats.timed_out == 0 and len(engine.queue) == 1
+
+
 def test_cpu_threads_parameter():
     from orpheus_triton.triton_llm import set_cpu_threads
 

@@ -51,8 +51,17 @@ def test_release_drops_every_metric_before_any_family():
     release(metrics)
     gc.collect()
     kinds = [entry.split()[0] for entry in FakePbUtils.destroyed]
-    assert kinds == ["metric"] * 11 + ["family"] * 11
+    assert kinds == ["metric"] * 12 + ["family"] * 12
     assert not hasattr(metrics, "gauges") and metrics.metrics.families == []
+
+
+def test_a_stop_that_drops_a_stream_is_counted_once():
+    metrics = DecoderMetrics(FakePbUtils, interval=None)
+    metrics.record_stopped()
+    metrics.publish()
+    metrics.publish()  # nothing new: nothing more sent
+    assert sum(metrics.counters["stopped_streams"].values) == 1
+    release(metrics)
 
 
 def test_engine_counters_report_their_growth_and_are_released_before_their_families():

@@ -393,6 +393,23 @@ def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch
     assert len(stops) == 1
 
 
+def test_a_caller_hanging_up_mid_stream_is_counted_once_at_the_decoder(server, grpc_url):
+    """orpheus_decoder_stopped_streams_total: a stop that ends a stream with audio still to decode counts,
+    once, whether the llm stage was still generating it or had finished (on a CPU it runs seconds ahead
+    of the decoder, and the llm's cancelled count missed those hang-ups); a stop sent again does not."""
+    stopped = settled_server_metric(server, "orpheus_decoder_stopped_streams_total")
+
+    def hang_up(_chunk):
+        raise KeyboardInterrupt
+
+    request_id = str(uuid.uuid4())
+    with pytest.raises(KeyboardInterrupt):
+        OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=700, on_chunk=hang_up, request_id=request_id)
+    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 1
+    OrpheusClient(grpc_url).stop(request_id)  # again, for a stream already dropped
+    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 1
+
+
 def test_a_caller_hanging_up_on_the_last_chunk_leaves_at_once(grpc_url, monkeypatch):
     """The last chunk comes with the stream's final response: a caller that stops there leaves an ended
     stream. Both clients sent it a stop and then waited for an end that had come already, the sync one

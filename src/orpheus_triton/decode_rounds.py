@@ -111,16 +111,19 @@ class DecodeScheduler:
         """Decode nothing more of the stream with this id: its queued requests are answered without audio,
         in order, and, if its end has not arrived yet (``still_open``: StreamDecoderState still frames it,
         under ``request_start``), so are those still to come up to its end. Requests of it already taken
-        into a round are decoded. Returns whether anything of it was dropped or marked."""
+        into a round are decoded. Returns whether this drop ended anything not dropped before: windows
+        still to decode, or a stream not yet marked (a stop sent again counts once)."""
         now = self.clock()
         with self._ready:
             queue = self._queues.get(stream_id, ())
+            unheard = any(item.windows for item in queue)
             for item in queue:
                 item.windows = []
+            marked = still_open and self._dropped.get(stream_id, (object(),))[0] != request_start
             if still_open:
                 self._dropped[stream_id] = (request_start, now)
             self._ready.notify()
-            return bool(queue) or still_open
+            return unheard or marked
 
     def _skip_if_dropped(self, item: DecodeItem, now: float) -> None:
         dropped = self._dropped.get(item.stream_id)

@@ -178,6 +178,7 @@ class EngineStats:
     last_batch_size: int = 0
     cancelled: int = 0
     timed_out: int = 0  # refused after waiting max_queue_seconds for a slot
+    queue_full: int = 0  # refused at once: max_queue requests were already waiting (written by submit)
     capped: int = 0  # cut off at max_new_tokens before end of speech
 
 
@@ -298,6 +299,7 @@ class InflightEngine:
                              f"end-of-speech ({END_OF_SPEECH}); send that end_id, or turn the guard off")
         with self.lock:
             if len(self.queue) >= self.max_queue:
+                self.stats.queue_full += 1
                 raise CapacityError(
                     f"server busy: {len(self.queue)} requests already queued (max_queue {self.max_queue}); retry later"
                 )

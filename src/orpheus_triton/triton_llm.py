@@ -90,7 +90,9 @@ class EngineMetrics(PublishedMetrics):
         self.active = active
         self.active_streams = gauge("orpheus_llm_active_streams", "Streams holding a KV-cache slot")
         self.queued = gauge("orpheus_llm_queued_requests", "Requests waiting for a free slot")
-        self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step")
+        # One step of hundreds a second, and kept while idle: averages are the counters' rates.
+        self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step (for the mean: "
+                                  "rate of orpheus_llm_busy_seconds_total / rate of orpheus_llm_steps_total)")
         self.batch_size = gauge("orpheus_llm_decode_batch_size", "Streams in the last batched decode")
         self.tokens_per_second = gauge("orpheus_llm_tokens_per_second", "Tokens generated per second, all streams")
         # Engine counters (EngineStats fields) and the metric each one's growth is added to.
@@ -103,11 +105,13 @@ class EngineMetrics(PublishedMetrics):
                                               "time: its rate is the mean number of streams in the engine"),
             "queued_seconds": metrics.counter(LLM_QUEUED_SECONDS_METRIC, "Requests waiting for a slot, integrated "
                                               "over time: its rate is the mean number waiting"),
-            "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Streams ended early: by a stop, "
-                                         "or by the client cancelling its llm request (an ensemble's cancellation "
-                                         "does not reach it)"),
+            "cancelled": metrics.counter("orpheus_llm_cancelled_requests_total", "Streams whose generation "
+                                         "ended early: by a stop, or by the client cancelling its llm request "
+                                         "(an ensemble's cancellation does not reach it)"),
             "timed_out": metrics.counter("orpheus_llm_timed_out_requests_total", "Requests refused after "
                                          "waiting max_queue_seconds for a stream slot"),
+            "queue_full": metrics.counter("orpheus_llm_queue_full_requests_total", "Requests refused at once "
+                                          "(server busy): max_queue requests were already waiting for a slot"),
             "capped": metrics.counter("orpheus_llm_capped_requests_total", "Streams cut off at max_tokens before "
                                       "end of speech (their last words are missing)"),
         }

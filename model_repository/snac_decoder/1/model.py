@@ -71,7 +71,8 @@ class TritonPythonModel:
                 continue
             stop = pb_utils.get_input_tensor_by_name(request, c.DECODER_STOP)  # optional
             if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get, c.DECODER_STOP):
-                self.scheduler.drop(stream_id, *self.state.open_stream(stream_id))
+                if self.scheduler.drop(stream_id, *self.state.open_stream(stream_id)):
+                    self.metrics.record_stopped()
                 sender.send(flags=FINAL)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
