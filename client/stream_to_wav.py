@@ -13,6 +13,8 @@ timing figures is `orpheus-triton say` (orpheus_triton/client.py).
 import argparse
 import contextlib
 import queue
+import signal
+import sys
 import time
 import uuid
 import wave
@@ -79,10 +81,12 @@ def main() -> None:
     parser.add_argument("output")
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--voice", help="one of the server's voices (default: the server's default voice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--max-tokens", type=int,
                         help="audio tokens at most, 7 per 85 ms (default: the server's, 1200 or what fits)")
     args = parser.parse_args()
+    if not 0 <= args.seed < 2**64:  # numpy would wrap -1 into another seed without a word
+        parser.error(f"--seed {args.seed}: a seed is from 0 to 2**64 - 1")
 
     inputs = []
     for name, value, dtype, kind in (("text", args.text.encode(), np.object_, "BYTES"),
@@ -148,8 +152,17 @@ def main() -> None:
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # kill, timeout or a closed terminal end the stream as Ctrl-C does (a stop, then its end read); else the
+    # process died with generation running on to max_tokens and the request counted in flight on the server.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted") from None
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -309,6 +309,19 @@ def test_raw_pcm_is_not_written_to_a_terminal(monkeypatch, capsys):
     assert "a terminal cannot show" in str(stopped.value)
 
 
+def test_say_names_a_stream_that_timed_out_as_such(monkeypatch, capsys, tmp_path):
+    """TimeoutError is an OSError: `say` reported a stream's timeout as the output failing to be written."""
+    from orpheus_triton import cli
+
+    def stalls(*args, **kwargs):
+        raise TimeoutError("the stream did not end within its 600 s timeout")
+
+    monkeypatch.setattr(cli, "_synthesize", stalls)
+    assert cli.main(["say", "hello", "-o", str(tmp_path / "out.wav"), "--url", "localhost:1"]) == 1
+    err = capsys.readouterr().err
+    assert "error: the stream did not end within its 600 s timeout" in err and "writing" not in err
+
+
 def test_a_wheel_carries_every_template(tmp_path):
     """`pip install .` (not editable) or a wheel: the package carries model_repository/ itself and
     renders from it the same repositories as a checkout does."""

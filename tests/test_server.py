@@ -888,6 +888,45 @@ def test_example_client_ends_a_stream_with_stops_on_its_own_grpc_stream():
     assert not example.end_early(Stream(), "s", queue.Queue(), heard=True, timeout=0.3)
 
 
+def test_the_example_client_ends_its_stream_when_killed(server, grpc_url, tmp_path):
+    """SIGTERM (kill, timeout, a container stop) and SIGHUP end client/stream_to_wav.py's stream as Ctrl-C
+    does: a stop, its end read, status 130. It died at once, its generation running on to max_tokens and
+    the request counted in flight on the server."""
+    import signal
+    import subprocess
+    import sys
+
+    example = Path(__file__).parents[1] / "client" / "stream_to_wav.py"
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        cancelled = settled_server_metric(server, "orpheus_llm_cancelled_requests_total")
+        process = subprocess.Popen([sys.executable, str(example), "a long one", str(tmp_path / "killed.wav"),
+                                    "--url", grpc_url, "--max-tokens", str(LONG_STREAM_TOKENS)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout.readline().startswith("first audio after")
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert settled_server_metric(server, "orpheus_llm_cancelled_requests_total") == cancelled + 1
+        assert server_metric(server, "orpheus_llm_active_streams") == 0
+    refused = subprocess.run([sys.executable, str(example), "hi", str(tmp_path / "x.wav"), "--seed", "-1"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "a seed is from 0 to 2**64 - 1" in refused.stderr
+
+
+def test_say_from_stdin_is_timed_from_its_first_words(grpc_url):
+    """`say -`'s time to first audio and real-time factor counted the wait for another program's text."""
+    import asyncio
+
+    from orpheus_triton.cli import _speak_sentences
+
+    async def slow_text():
+        await asyncio.sleep(1.0)  # the program writing the text is thinking
+        yield "Hello there."
+
+    result, had_text = asyncio.run(_speak_sentences(grpc_url, slow_text(), lambda chunk: None, max_tokens=70))
+    assert had_text and result.chunks and result.chunks[0].arrived < 0.9
+
+
 def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     import subprocess
     import sys

@@ -120,3 +120,20 @@ def test_a_growing_wav_is_whole_after_every_chunk(tmp_path):
     assert rate == 24000 and samples.size == 3048 and samples[-1] == 999
     writer.close()
     assert read_wav(tmp_path / "growing.wav")[1].size == 3048
+
+
+def test_a_wav_past_4_gib_keeps_its_largest_sizes_instead_of_failing_after_the_write(tmp_path):
+    """The header's sizes are 32-bit: past 4 GiB of audio (24.8 hours) struct.pack raised, after the chunk's
+    data was written; they now stay at their largest, as streaming writers do."""
+    import struct
+
+    from orpheus_triton.wav import StreamingWavWriter, wav_header
+
+    header = wav_header(2**32)
+    assert struct.unpack("<I", header[4:8])[0] == struct.unpack("<I", header[40:44])[0] == 0xFFFFFFFF
+    writer = StreamingWavWriter(tmp_path / "long.wav")
+    writer.write(np.zeros(4, dtype=np.int16))
+    writer.data_bytes = 2**32 - 4  # as if a day of audio had come
+    writer.write(np.zeros(2048, dtype=np.int16))
+    writer.close()
+    assert (tmp_path / "long.wav").read_bytes()[40:44] == b"\xff\xff\xff\xff"

@@ -179,15 +179,18 @@ async def _speak_sentences(url: str, text, on_chunk, **options):
     result = SynthesisResult(request_id="one per sentence")
     had_text = isinstance(text, str) and has_words(text)  # some sentence has words iff the text has
 
+    started = time.perf_counter()
+
     async def noting_text(pieces):
-        nonlocal had_text
+        nonlocal had_text, started
         async for piece in pieces:
-            had_text = had_text or has_words(piece)
+            if not had_text and has_words(piece):
+                # Timed from the first words: a wait for another program's text is not the server's.
+                had_text, started = True, time.perf_counter()
             yield piece
 
     if not isinstance(text, str):
         text = noting_text(text)
-    started = time.perf_counter()
     async with AsyncOrpheusClient(url) as client:
         async for audio in client.stream_text(text, **options):
             result.chunks.append(Chunk(audio, time.perf_counter() - started))
@@ -248,6 +251,9 @@ def cmd_say(args) -> int:
         return 1
     except ConnectionError as error:
         print(f"error: could not synthesize: {error}", file=sys.stderr)
+        return 1
+    except TimeoutError as error:  # an OSError too, but the stream's, not the output's
+        print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # writing the output failed mid-stream (a full disk): the stream was stopped
         print(f"error: writing {args.output} failed: {error}", file=sys.stderr)

@@ -27,7 +27,8 @@ _END_MARKS = ".!?…"
 _CLOSERS = "\"'”’)]"
 # Words that end in a full stop without ending the sentence ("Dr. Smith", "e.g. this").
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e", "approx", "fig",
-                            "inc", "ltd", "mt", "vol", "dept", "est", "cf"})
+                            "inc", "ltd", "mt", "vol", "dept", "est", "cf",
+                            "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"})
 # A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
 _BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
 # Chinese and Japanese full-width end marks: no space follows them, so the next sentence's first

@@ -11,13 +11,17 @@ import numpy as np
 
 from .constants import SAMPLE_RATE
 
+# A WAV's sizes are 32-bit: past 4 GiB of audio (24.8 hours at 24 kHz) they stay at their largest, as
+# streaming writers do (readers then read to the end of the file) instead of failing after the data is written.
+MAX_WAV_SIZE = 0xFFFFFFFF
+
 
 def wav_header(data_bytes: int, sample_rate: int = SAMPLE_RATE, channels: int = 1, bits: int = 16) -> bytes:
     block = channels * bits // 8
     return (
-        b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVE"
+        b"RIFF" + struct.pack("<I", min(36 + data_bytes, MAX_WAV_SIZE)) + b"WAVE"
         + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, sample_rate, sample_rate * block, block, bits)
-        + b"data" + struct.pack("<I", data_bytes)
+        + b"data" + struct.pack("<I", min(data_bytes, MAX_WAV_SIZE))
     )
 
 
