@@ -68,3 +68,24 @@ def test_a_system_pythons_library_folder_does_not_shadow_the_cuda_compat_librari
     monkeypatch.setenv("LD_LIBRARY_PATH", "/usr/local/cuda/compat/lib:/usr/local/nvidia/lib64")
     paths = server.server_environment()["LD_LIBRARY_PATH"].split(":")
     assert paths[0] == first and "/usr/local/cuda/compat/lib" in paths
+
+
+def test_a_stub_that_dies_between_loading_and_the_watchs_start_is_noticed():
+    """serve watches the backend stubs once the models have loaded; a stub killed in the second before (as
+    the server turned ready) went unnoticed for good: the server ran on with that model failing every request."""
+    from orpheus_triton.server import StubWatch
+
+    class Watch(StubWatch):
+        def stubs(self):
+            return running[0]
+
+    watch = Watch(server_pid=1)
+    running = [{10: "preprocessing"}]
+    watch.look()  # loading: the models' stubs come up
+    running = [{10: "preprocessing", 11: "preprocessing", 12: "llm", 13: "snac_decoder"}]
+    watch.look()
+    running = [{11: "preprocessing", 12: "llm"}]  # one preprocessing stub was the loader's; the decoder's died
+    assert watch.start() == ["snac_decoder"]
+    assert watch.died() == []
+    running = [{12: "llm"}]
+    assert watch.died() == ["preprocessing"]

@@ -255,12 +255,24 @@ class StubWatch:
     tritonserver 2.51 does not restart a stub that died (the OOM killer, a crash in native code):
     every request to its model then fails ("Stub process ... is not healthy") while the server still
     reports itself ready, so a load balancer keeps sending it traffic. ``died`` names the models
-    whose stub was seen running and is gone (or a zombie) now.
+    whose stub was seen running and is gone (or a zombie) now. While the models load, stubs come and
+    go: ``look`` notes the models that have one, and ``start`` (once loaded) names those left with none,
+    whose stub died between the last look and the start (a stub killed right after the server was
+    ready went unnoticed for good).
     """
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
         self.seen: dict[int, str] = {}
+        self.models: set[str] = set()  # every model a stub was seen running for while loading
+
+    def look(self) -> None:
+        self.models |= set(self.stubs().values())
+
+    def start(self) -> list[str]:
+        """Watch the stubs running now; the models seen while loading that have none."""
+        self.seen = self.stubs()
+        return sorted(self.models - set(self.seen.values()))
 
     def died(self) -> list[str]:
         running = self.stubs()
@@ -356,11 +368,15 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 continue
             if deadline is None and ready is not None and time.monotonic() >= next_look:
                 next_look = time.monotonic() + 1.0
+                died = []
                 if not watching:  # watched once every model has loaded: while loading, stubs come and go
+                    stubs.look()
                     if ready():
                         watching = True
-                        stubs.died()  # the stubs running now are the ones watched
-                elif died := stubs.died():
+                        died = stubs.start()  # the stubs running now are the ones watched
+                else:
+                    died = stubs.died()
+                if died:
                     log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
                          "tritonserver does not restart it: every request to it would fail; stopping the server")
                     received.append(signal.SIGTERM)
