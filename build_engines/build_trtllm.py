@@ -30,6 +30,7 @@ import importlib.util
 import json
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -411,7 +412,9 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
         _log(f"building: {reason}")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     if checkpoint_dir is None:
-        checkpoint_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.checkpoint-", dir=output_dir.parent))
+        _remove_stale_checkpoints(output_dir)
+        checkpoint_dir = Path(tempfile.mkdtemp(prefix=CHECKPOINT_PREFIX.format(output_dir.name),
+                                               dir=output_dir.parent))
     else:  # TensorRT-LLM's save_checkpoint writes into it without creating it
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -440,6 +443,26 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
     _log(f"engine ready: {output_dir}")
     return output_dir
+
+
+# The temporary checkpoint beside the engine folder (several GB): removed when the build ends, or by the
+# next build where a killed one left it (SIGKILL skips every cleanup).
+CHECKPOINT_PREFIX = ".{}.checkpoint-"
+
+
+def _remove_stale_checkpoints(output_dir: Path) -> None:
+    for stale in output_dir.parent.glob(f"{CHECKPOINT_PREFIX.format(output_dir.name)}*"):
+        _log(f"removing {stale}, the temporary checkpoint of a build that did not finish")
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (docker stop, the GPU entry point passing it on) ends the build as Ctrl-C does: through its
+    cleanup (the temporary checkpoint removed; subprocess.run kills trtllm-build on the way out)."""
+    def stop(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,4 +518,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _stop_on_sigterm()
     sys.exit(main())

@@ -23,6 +23,12 @@ case "$1" in
             *)
                 if [ -f "$models/llm/config.json" ]; then
                     set -- "$@" --models "$models"
+                elif [ -n "${ORPHEUS_MODEL_DIR:-}" ]; then  # compose: a model set was asked for
+                    echo "[orpheus-entrypoint] ORPHEUS_MODEL_DIR=$ORPHEUS_MODEL_DIR is mounted at $models but" \
+                        "$models/llm/config.json cannot be read: a host folder that does not exist is created" \
+                        "empty, a relative path is taken from docker/ (the compose file's folder), and uid" \
+                        "$(id -u) must be able to read it" >&2
+                    exit 2
                 else
                     echo "[orpheus-entrypoint] no model set at $models (llm/config.json): serving the demo set" >&2
                 fi

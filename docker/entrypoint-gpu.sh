@@ -31,9 +31,24 @@ if [ ! -f "$models/llm/config.json" ]; then
     exit 2
 fi
 
+# The build runs for minutes with this shell as the container's first process, which ignores SIGTERM
+# unless it handles it: a stop (docker stop) is passed on to the build, which ends through its cleanup
+# (its temporary checkpoint, several GB on the engine volume, removed) instead of being killed later.
 # ORPHEUS_BUILD_ARGS is a list of flags: split on blanks on purpose.
 # shellcheck disable=SC2086
 "$python" "$home/build_engines/build_trtllm.py" --llm-dir "$models/llm" --output-dir "$engine" \
-    --skip-if-built ${ORPHEUS_BUILD_ARGS:-}
+    --skip-if-built ${ORPHEUS_BUILD_ARGS:-} &
+build=$!
+trap 'kill -TERM "$build" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$build" || status=$?
+while kill -0 "$build" 2>/dev/null; do  # a signal ended the wait: wait for the build's own end
+    status=0
+    wait "$build" || status=$?
+done
+trap - TERM INT HUP
+if [ "$status" -ne 0 ]; then
+    exit "$status"
+fi
 exec "$python" "$home/build_engines/render_gpu_repository.py" --models "$models" --engine-dir "$engine" \
     --serve "$@"

@@ -676,3 +676,32 @@ def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):
             "--serve"]
     assert gpu_repository.main(argv) == 2
     assert "tritonserver is not on PATH" in capsys.readouterr().err
+
+
+def test_a_stopped_build_cleans_up_and_the_next_removes_what_a_killed_one_left(tmp_path):
+    """SIGTERM ends build_trtllm.py through its cleanup (the temporary checkpoint removed, trtllm-build
+    killed by subprocess.run on the way out); a build killed outright (SIGKILL skips every cleanup) left
+    its checkpoint, several GB, on the engine volume for good: the next build removes it."""
+    import signal
+    import subprocess
+    import time
+
+    script = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT / 'build_engines')!r}); import build_trtllm\n"
+        "build_trtllm._stop_on_sigterm()\n"
+        "try:\n    print('building', flush=True); time.sleep(30)\n"
+        f"finally:\n    open({str(tmp_path / 'cleaned')!r}, 'w').write('yes')\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "building\n"
+    time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 128 + signal.SIGTERM and (tmp_path / "cleaned").read_text() == "yes"
+
+    engines = tmp_path / "engines"
+    for left in (".orpheus-3b.checkpoint-x1y2", ".orpheus-3b.checkpoint-z3"):
+        (engines / left / "rank0").mkdir(parents=True)
+    (engines / ".other-engine.checkpoint-a1").mkdir()  # another engine's build, maybe running: kept
+    (engines / "orpheus-3b").mkdir()
+    build_trtllm._remove_stale_checkpoints(engines / "orpheus-3b")
+    assert sorted(p.name for p in engines.iterdir()) == [".other-engine.checkpoint-a1", "orpheus-3b"]

@@ -102,7 +102,7 @@ def test_dockerignore_keeps_the_context_small():
 
 def test_cpu_image_installs_cpu_torch_and_serves_as_a_user():
     ops = instructions("Dockerfile.cpu")
-    assert ops[0] == ("FROM", "python:3.11-slim")
+    assert ops[0] == ("FROM", "python:3.11-slim-bookworm")
     runs = " ".join(args for op, args in ops if op == "RUN")
     assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in runs
     assert runs.index("torch==2.13.0") < runs.index("install --no-cache-dir -e .")  # CPU torch first
@@ -278,6 +278,17 @@ def test_cpu_entrypoint_serves_the_demo_set_without_models(tmp_path):
     assert "demo set" in err
 
 
+def test_cpu_entrypoint_refuses_a_model_set_asked_for_but_not_there(tmp_path):
+    """compose passes ORPHEUS_MODEL_DIR on: a folder that does not exist (created empty by Docker), a relative
+    path taken from docker/, or one uid 10001 cannot read was served as the noise-only demo set."""
+    code, out, err = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "none"),
+                                    ORPHEUS_MODEL_DIR="./models")
+    assert code == 2 and out == [] and "ORPHEUS_MODEL_DIR=./models is mounted at" in err
+    code, out, _ = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "none"),
+                                  ORPHEUS_MODEL_DIR="")  # compose without it: the demo set
+    assert code == 0 and out == ["orpheus-triton", "serve"]
+
+
 def test_cpu_entrypoint_uses_a_mounted_model_set(tmp_path):
     models = model_set(tmp_path)
     code, out, _ = run_entrypoint("entrypoint-cpu.sh", ["serve", "--max-streams", "8"], tmp_path,
@@ -327,6 +338,38 @@ def test_gpu_entrypoint_serves_through_the_base_images_entry_point(tmp_path):
     code, out, _ = run_entrypoint("entrypoint-gpu.sh", ["orpheus-triton", "say", "Hi"], tmp_path,
                                   ORPHEUS_NVIDIA_ENTRYPOINT=str(nvidia))
     assert code == 0 and out == ["orpheus-triton", "say", "Hi"]
+
+
+def test_a_stop_during_the_engine_build_reaches_the_build(tmp_path):
+    """docker stop's SIGTERM goes to the container's first process, the entry point's shell, which ignored it
+    while the engine built (minutes): the build was killed at the end of the grace period, its temporary
+    checkpoint left on the engine volume. It is passed on now; the build ends through its cleanup, and
+    nothing is served."""
+    import signal
+    import time
+
+    models = model_set(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(bin_dir, "orpheus-triton")
+    stopped = tmp_path / "stopped"
+    (bin_dir / "python3").write_text(  # the build: runs until told to stop, then cleans up and exits 143
+        '#!/bin/sh\ncase "$1" in *build_trtllm.py)\n'
+        f'  trap \'echo cleaned up > {stopped}; exit 143\' TERM\n'
+        '  echo building; while :; do sleep 0.05; done ;;\nesac\necho serving\n')
+    (bin_dir / "python3").chmod(0o755)
+    environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ORPHEUS_MODELS": str(models),
+                   "ORPHEUS_NVIDIA_ENTRYPOINT": str(tmp_path / "none")}
+    process = subprocess.Popen(["sh", str(DOCKER / "entrypoint-gpu.sh")], stdout=subprocess.PIPE, text=True,
+                               env=environment)
+    try:
+        assert process.stdout.readline() == "building\n"
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and stopped.read_text() == "cleaned up\n" and "serving" not in out
 
 
 def test_gpu_entrypoint_needs_a_model_set(tmp_path):
