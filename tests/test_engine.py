@@ -579,6 +579,50 @@ def test_ties_at_the_nucleus_edge_are_kept_together():
     assert set(_choose_sorted(scores, candidates, noise, settings).tolist()) == {0}
 
 
+def test_both_samplers_keep_the_kth_scores_ties_and_all_of_top_p_1():
+    """top-k by value in both pickers, as transformers: the sorting one (the GPU's graph sampler) dropped
+    the k-th score's ties by rank before the nucleus's mass, and picked only the first token where the
+    other picked any of four; top_p 1 keeps every candidate (float32 sums reach 1.0 before the last)."""
+    from orpheus_triton import sampling
+    from orpheus_triton.sampling import _choose, _choose_sorted, gumbel_noise
+
+    rows = 300
+    scores = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]])).repeat(rows, 1)
+    candidates = torch.arange(4).repeat(rows, 1)
+    settings = {"temperature": torch.ones(rows), "top_p": torch.full((rows,), 0.5), "top_k": torch.full((rows,), 2),
+                "seed": torch.arange(rows), "step": torch.zeros(rows, dtype=torch.long)}
+    noise = gumbel_noise(settings["seed"], settings["step"], candidates)
+    assert set(_choose_sorted(scores, candidates, noise, settings).tolist()) == {0, 1, 2, 3}
+    assert set(_choose(scores, candidates, settings, sort_all=False).tolist()) == {0, 1, 2, 3}
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 4097, generator=gen) * 4
+    candidates = torch.arange(4097).repeat(2, 1)
+    least = scores.argmin(dim=1)
+    probe = torch.zeros(2, 4097)
+    probe[torch.arange(2), least] = 1e6  # noise that picks the least likely candidate if it was kept
+    settings = {"temperature": torch.ones(2), "top_p": torch.ones(2), "top_k": torch.zeros(2, dtype=torch.long),
+                "seed": torch.arange(2), "step": torch.zeros(2, dtype=torch.long)}
+    assert torch.equal(_choose_sorted(scores, candidates, probe, settings), least)
+    original = sampling.gumbel_noise
+    try:
+        sampling.gumbel_noise = lambda seeds, steps, ids: probe
+        assert torch.equal(_choose(scores, candidates, settings, sort_all=False), least)
+    finally:
+        sampling.gumbel_noise = original
+
+
+def test_a_tiny_temperature_picks_the_best_candidate():
+    """Scores divided by 1e-39 overflowed to infinity: every positive score tied and the first was picked."""
+    from orpheus_triton.sampling import _choose
+
+    scores = torch.full((1, 64), -3.0)
+    scores[0, 10], scores[0, 20] = 1.0, 9.0
+    settings = {"temperature": torch.tensor([1e-39]), "top_p": torch.tensor([0.8]),
+                "top_k": torch.zeros(1, dtype=torch.long), "seed": torch.tensor([5]), "step": torch.tensor([0])}
+    assert _choose(scores, torch.arange(64)[None], settings).tolist() == [20]
+
+
 def test_gumbel_noise_is_a_pure_function_of_seed_step_token():
     ids = torch.arange(AUDIO_TOKEN_BASE, AUDIO_TOKEN_BASE + CODEBOOK_SIZE)[None]
     a = gumbel_noise(torch.tensor([7]), torch.tensor([3]), ids)

@@ -208,9 +208,13 @@ def guarded_seen(seen: torch.Tensor, table_rows: torch.Tensor, slots: torch.Tens
 
 def _tempered(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.Tensor]):
     """(scores divided by temperature, the rows' Gumbel noise, greedy rows): greedy rows (temperature
-    <= 0) keep their scores and draw no noise, so their pick is the argmax."""
+    <= 0) keep their scores and draw no noise, so their pick is the argmax.
+
+    Each row's best score is taken off first (no filter or softmax sees the shift): divided by a tiny
+    temperature (1e-39), the scores themselves overflowed to infinity, every positive one tied and the
+    first of them was picked instead of the best."""
     greedy = p["temperature"] <= 0
-    scores = scores / torch.where(greedy, 1.0, p["temperature"])[:, None]
+    scores = (scores - scores.amax(dim=1, keepdim=True)) / torch.where(greedy, 1.0, p["temperature"])[:, None]
     noise = gumbel_noise(p["seed"], p["step"], candidates)
     return scores, torch.where(greedy[:, None], torch.zeros_like(noise), noise), greedy
 
@@ -246,7 +250,8 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
         kth = scores.topk(min(max_top_k, width), dim=1).values.gather(1, kth_index)
         kept = torch.where((top_k[:, None] > 0) & (scores < kth), 0.0, weights)
     mass_before = (weights * higher).sum(dim=1) / kept.sum(dim=1)
-    inside &= greedy | (mass_before < p["top_p"])
+    # top_p 1 keeps every candidate (float32 sums reach 1.0 before the last of 4097 candidates)
+    inside &= greedy | (p["top_p"] >= 1) | (mass_before < p["top_p"])
     tokens = candidates.gather(1, pick).squeeze(1)
     if sort_all:
         return torch.where(inside, tokens, _choose_sorted(scores, candidates, noise, p))
@@ -279,13 +284,15 @@ def _choose_sorted(scores: torch.Tensor, candidates: torch.Tensor, noise: torch.
     tie group at its edge kept (the same test ``_choose`` applies without sorting).
     """
     sorted_scores = _sort_descending(scores)
-    rank = torch.arange(scores.shape[1], device=scores.device)[None, :]
     top_k = p["top_k"][:, None]
-    drop = (top_k > 0) & (rank >= top_k)
+    # By value, as _choose and transformers: the k-th score's ties stay (by rank, some of them were
+    # dropped from the nucleus's mass, and this path picked other tokens than _choose).
+    kth = sorted_scores.gather(1, top_k.clamp(1, scores.shape[1]) - 1)
+    drop = (top_k > 0) & (sorted_scores < kth)
     probs = torch.softmax(sorted_scores.masked_fill(drop, float("-inf")), dim=1)
-    # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+    # Keep the smallest prefix whose mass reaches top_p (always at least the best token; all at top_p 1).
     mass_before = probs.cumsum(dim=1) - probs
-    drop |= mass_before >= p["top_p"][:, None]
+    drop |= (p["top_p"][:, None] < 1) & (mass_before >= p["top_p"][:, None])
     drop[:, 0] = False
     lowest_kept = sorted_scores.masked_fill(drop, float("inf")).amin(dim=1, keepdim=True)
     kept = scores.masked_fill(scores < lowest_kept, float("-inf"))
