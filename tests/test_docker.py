@@ -3,6 +3,7 @@ entry points turn container arguments into the right commands. No Docker engine 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -361,14 +362,15 @@ def test_a_stop_during_the_engine_build_reaches_the_build(tmp_path):
     environment = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ORPHEUS_MODELS": str(models),
                    "ORPHEUS_NVIDIA_ENTRYPOINT": str(tmp_path / "none")}
     process = subprocess.Popen(["sh", str(DOCKER / "entrypoint-gpu.sh")], stdout=subprocess.PIPE, text=True,
-                               env=environment)
+                               env=environment, start_new_session=True)
     try:
         assert process.stdout.readline() == "building\n"
         time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=10)
-    finally:
-        process.kill()
+    finally:  # the build too, were the signal not passed on (it would run on, orphaned)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 143 and stopped.read_text() == "cleaned up\n" and "serving" not in out
 
 
