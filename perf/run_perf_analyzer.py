@@ -45,9 +45,10 @@ INSTALLER = PERF / "install_perf_analyzer.sh"
 
 
 def find_perf_analyzer(explicit: str | None = None, install: bool = False) -> str | None:
-    """An explicit path, perf_analyzer on PATH, a previous install under perf/.tools, or (install=True) a new one."""
+    """An explicit path (None if no such file), perf_analyzer on PATH, a previous install under perf/.tools, or
+    (install=True) a new one."""
     if explicit:
-        return explicit
+        return explicit if Path(explicit).is_file() else None
     for candidate in (shutil.which("perf_analyzer"), str(PERF / ".tools" / "bin" / "perf_analyzer")):
         if candidate and Path(candidate).is_file():
             return candidate
@@ -233,8 +234,18 @@ def main(argv: list[str] | None = None) -> int:
 
     perf_analyzer = find_perf_analyzer(args.perf_analyzer, args.install)
     if not perf_analyzer:
-        log("perf_analyzer not found: run perf/install_perf_analyzer.sh (or pass --install)")
+        log(f"error: no perf_analyzer at {args.perf_analyzer}" if args.perf_analyzer else
+            "perf_analyzer not found: run perf/install_perf_analyzer.sh (or pass --install)")
         return 1
+    if not Path(args.data).is_file():
+        log(f"error: no input data file {args.data} (perf/make_input_data.py writes them)")
+        return 1
+    if args.url:  # before the run folder is made: a server that is not there leaves no empty one behind
+        try:
+            require_ready_server(args.url)
+        except ConnectionError as error:
+            log(f"error: {error}")
+            return 1
     out = Path(args.out) if args.out else run_folder()
     (out / "raw").mkdir(parents=True, exist_ok=True)
     common = dict(out=out, concurrency=args.concurrency, decoder_concurrency=args.decoder_concurrency,
@@ -242,11 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                   max_tokens=args.max_tokens, request_count=args.request_count,
                   decoder_request_count=args.decoder_request_count, timeout=args.timeout, ttfa_limit=args.ttfa_limit)
     if args.url:
-        try:
-            require_ready_server(args.url)
-        except ConnectionError as error:
-            log(f"error: {error}")
-            return 1
         result = run(perf_analyzer, RunningServer(args.url, args.metrics_url), **common)
     else:
         from common import local_server, model_set  # noqa: PLC0415

@@ -458,3 +458,21 @@ def test_the_engine_comparison_takes_turns_and_keeps_every_pairs_speedup(model_s
     assert result["batched_tokens"] == result["one_at_a_time_tokens"] == 3 * 14
     assert result["speedup"] == result["batched_tokens_per_s"] / result["one_at_a_time_tokens_per_s"] > 0
     assert all(speedup > 0 for speedup in result["speedups"])
+
+
+def test_perf_analyzer_runs_name_a_missing_binary_data_file_or_server_and_leave_no_folder(tmp_path, capsys):
+    """A wrong --perf-analyzer or --data ended in a traceback; a server that was not there left an empty run
+    folder behind."""
+    import run_perf_analyzer  # noqa: PLC0415
+
+    out = tmp_path / "run"
+    assert run_perf_analyzer.main(["--perf-analyzer", str(tmp_path / "pa"), "--url", "localhost:1",
+                                   "--out", str(out)]) == 1
+    assert f"error: no perf_analyzer at {tmp_path / 'pa'}" in capsys.readouterr().out
+    binary = tmp_path / "perf_analyzer"
+    binary.write_text("#!/bin/sh\n")
+    assert run_perf_analyzer.main(["--perf-analyzer", str(binary), "--data", str(tmp_path / "nope.json"),
+                                   "--url", "localhost:1", "--out", str(out)]) == 1
+    assert f"error: no input data file {tmp_path / 'nope.json'}" in capsys.readouterr().out
+    assert run_perf_analyzer.main(["--perf-analyzer", str(binary), "--url", "localhost:1", "--out", str(out)]) == 1
+    assert "no ready Triton server at localhost:1" in capsys.readouterr().out and not out.exists()
