@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf/: common
 from common import log, machine_info, server_cpu_monitor  # noqa: E402
+from report import _f, _ms  # noqa: E402 (the reports' figures: "-" where there is none)
 
 from orpheus_triton.arguments import counts, max_tokens, positive_seconds  # noqa: E402
 from orpheus_triton.constants import (  # noqa: E402
@@ -116,16 +117,11 @@ def level_row(runner, url: str, concurrency: int, processes: int, server_pid: in
            "audio_per_second": level["realtime_streams_served"],
            "loadgen_cores": usage.get("load generator", {}).get("cores"),
            "standin_cores": usage.get(ENSEMBLE_MODEL, {}).get("cores")}
-    log(f"{processes} process(es), {concurrency} streams: {_number(row['audio_per_second'], digits=1)} s of audio a "
-        f"second, failed {row['errors']}, starved {row['starved']}, TTFA p99 {_number(row['ttfa_p99'], 1000, 0)} ms, "
+    log(f"{processes} process(es), {concurrency} streams: {_f(row['audio_per_second'], 1)} s of audio a "
+        f"second, failed {row['errors']}, starved {row['starved']}, TTFA p99 {_ms(row['ttfa_p99'])} ms, "
         f"load generator {row['loadgen_cores']} cores, stand-in {row['standin_cores']} cores")
     time.sleep(1.0)  # the stand-in's last streams wind down before the next level
     return row
-
-
-def _number(value, scale: float = 1.0, digits: int = 2) -> str:
-    """A figure, or "-" where a level had none (no stream gave audio)."""
-    return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
@@ -136,8 +132,8 @@ def markdown(result: dict) -> str:
              "stand-in cores |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["levels"]:  # starved: of the streams that gave audio; failed ones count apart
         lines.append(f"| {row['processes']} | {row['concurrency']} | {row.get('errors', '-')} | {row['starved']} | "
-                     f"{_number(row['ttfa_p99'], 1000, 0)} | {_number(row['rtf_p50'])} | "
-                     f"{_number(row['audio_per_second'], digits=1)} | {row['loadgen_cores']} | "
+                     f"{_ms(row['ttfa_p99'])} | {_f(row['rtf_p50'])} | "
+                     f"{_f(row['audio_per_second'], 1)} | {row['loadgen_cores']} | "
                      f"{row['standin_cores']} |")
     return "\n".join(lines) + "\n"
 

@@ -242,7 +242,7 @@ def _choose(scores: torch.Tensor, candidates: torch.Tensor, p: dict[str, torch.T
     higher = scores > picked
     top_k = p["top_k"]
     inside = (top_k <= 0) | (higher.sum(dim=1) < top_k)
-    weights = torch.exp(scores - scores.amax(dim=1, keepdim=True))
+    weights = torch.exp(scores)  # _tempered left each row's best score at 0
     kept = weights
     if max_top_k > 0:
         width = scores.shape[1]

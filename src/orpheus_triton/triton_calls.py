@@ -104,20 +104,15 @@ class ResponseQueue:
                  alone: bool = False) -> None:
         if (last or alone) and key is not None and self.before_last is not None:
             self.before_last(key)
-        if alone:
-            try:
-                send()
-            except Exception as error:  # noqa: BLE001 (reported; nothing else of the key's changes)
-                (lost or (lambda failure: self.on_error(key, failure)))(error)
-            return
-        if key not in self._failed:
+        if alone or key not in self._failed:
             try:
                 send()
             except Exception as error:  # noqa: BLE001 (reported; the stream is dropped)
                 if key is None:
                     log.exception("call on the response thread failed")
                     return
-                self._failed.add(key)
+                if not alone:  # an alone call answers a request of its own: the key's stream is not dropped
+                    self._failed.add(key)
                 if lost is not None:
                     lost(error)
                 else:
