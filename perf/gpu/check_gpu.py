@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,14 +206,15 @@ def check_prefill_graphs(device: torch.device, model) -> dict:
             "same_streams": f"{same} of {len(graphs)}", "graphs_in_use": in_use, **timed}
 
 
+SYNC_DEBUG_NOTICE = "Synchronization debug mode is a prototype feature"
+
+
 def check_overlap_waits(device: torch.device, model) -> dict:
     """An overlapped engine's steps, newcomers arriving, under CUDA's sync debug mode: nothing in a step may
     wait for the GPU but reading the step before's tokens back (anything else holds the host until the
     queued work is done, and its work can no longer run under the GPU's)."""
     if device.type != "cuda":
         return {"ok": NOT_APPLICABLE}
-    import warnings  # noqa: PLC0415
-
     from orpheus_triton import engine as engine_module  # noqa: PLC0415
 
     engine = InflightEngine(model, max_streams=8, max_seq_len=512, overlap=True)
@@ -251,9 +253,17 @@ def check_overlap_waits(device: torch.device, model) -> dict:
         torch.cuda.set_sync_debug_mode(0)
         engine_module._Sampled.read = plain_read
     engine.run_until_idle()
-    waits = [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}: {str(w.message)[:120]}" for w in caught
-             if "synchroniz" in str(w.message).lower()]
+    waits = sync_waits(caught)
     return {"ok": not waits, "waits_in_12_steps": len(waits), "first_waits": waits[:5]}
+
+
+def sync_waits(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The warnings of CUDA's sync debug mode that name an operation waiting for the GPU ("called a
+    synchronizing CUDA operation"), as file:line: message. torch also warns once that the mode is a
+    prototype (SYNC_DEBUG_NOTICE): no wait, though its text names synchronizing operations too (an H200
+    run's one "wait" was that notice)."""
+    return [f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}: {str(w.message)[:120]}" for w in caught
+            if "synchroniz" in str(w.message).lower() and not str(w.message).startswith(SYNC_DEBUG_NOTICE)]
 
 
 def misplaced_tokens(audio: list[int]) -> int:
@@ -414,9 +424,11 @@ def check_new_shapes(device: torch.device, model) -> dict:
     return result
 
 
-def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
+def check_served_stream(device: torch.device, log_path: Path, max_tokens: int = 120) -> dict:
     """The whole pipeline through tritonserver with both torch models on ``device``: one stream of
-    the demo model set, its first audio and length, or the error with the server log's last lines."""
+    the demo model set, its first audio and length, or the error with the server log's last lines.
+    The server's log goes to ``log_path`` and each stage says when it starts, so that a run its step's
+    time limit ends here still shows how far it got."""
     from orpheus_triton.client import OrpheusClient  # noqa: PLC0415 (tritonclient: only this check)
     from orpheus_triton.demo_models import demo_model_set  # noqa: PLC0415
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
@@ -428,11 +440,13 @@ def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
         repository = render(RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac),
                                                device=device.type, max_streams=8, max_seq_len=1024),
                             Path(tmp) / "repository")
-        log_path = Path(tmp) / "server.log"
         with open(log_path, "w") as log_file:
+            started = time.perf_counter()
+            progress(f"served_stream: starting tritonserver (its log: {log_path})")
             process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=10"])
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}", timeout=300)
+                progress(f"served_stream: server ready after {time.perf_counter() - started:.1f} s; one stream")
                 result = OrpheusClient(f"localhost:{ports.grpc}").synthesize(
                     "tara: The server streams this sentence.", max_tokens=max_tokens, seed=1, timeout=120)
                 return {"ok": result.time_to_first_audio is not None,
@@ -443,6 +457,10 @@ def check_served_stream(device: torch.device, max_tokens: int = 120) -> dict:
                         "server_log": log_tail(log_path, 30)}
             finally:
                 stop_server(process)
+
+
+def progress(message: str) -> None:
+    print(f"[check-gpu] {message}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -485,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             "snac": lambda: check_snac(device, args.snac_round),
             "calibration": lambda: check_calibration(device, checkpoint),
             "new_shapes": lambda: check_new_shapes(device, model),
-            "served_stream": lambda: check_served_stream(device),
+            "served_stream": lambda: check_served_stream(device, out / "served_stream_server.log"),
         }
         for name, check in checks.items():
             started = time.perf_counter()
@@ -495,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
                                  "trace": traceback.format_exc()[-2000:]}
             results[name]["seconds"] = round(time.perf_counter() - started, 2)
-            print(f"[check-gpu] {name}: {json.dumps(results[name])[:400]}", flush=True)
+            progress(f"{name}: {json.dumps(results[name])[:400]}")
             write_summary()
     summary = write_summary()
     failed = summary["failed"]
