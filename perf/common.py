@@ -470,7 +470,7 @@ def add_model_arguments(parser) -> None:
 @contextlib.contextmanager
 def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = True,
-                 overlap: bool = False, prefill_tokens: int = 0, lead_in: bool = True,
+                 overlap: bool | None = None, prefill_tokens: int = 0, lead_in: bool = True,
                  settings_overrides: dict | None = None, paced_llm: float = 0.0,
                  silent_snac: bool = False) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
@@ -482,7 +482,8 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
     settings = RepositorySettings(llm_dir=str(models.llm), snac_dir=str(models.snac), device=device,
                                   max_streams=max_streams, max_seq_len=max_seq_len,
-                                  llm_graph_sampling=graph_sampling, llm_overlap=overlap,
+                                  llm_graph_sampling=graph_sampling,
+                                  llm_overlap="auto" if overlap is None else overlap,
                                   prefill_chunk=prefill_tokens, decoder_lead_in=lead_in,
                                   **(settings_overrides or {}))
     render(settings, repository)

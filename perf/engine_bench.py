@@ -6,7 +6,7 @@
     python perf/engine_bench.py --shape orpheus-3b    # GPU: Orpheus 3B's exact shape, random weights
     python perf/engine_bench.py --shape orpheus-3b --llm MODELS/llm --no-graph-sampling   # a model set's
                                                       # checkpoint; without the engine's graph sampling
-    python perf/engine_bench.py --shape orpheus-3b --overlap   # the engine's overlap option
+    python perf/engine_bench.py --shape orpheus-3b --no-overlap   # without the engine's overlap (a GPU's default)
     python perf/engine_bench.py --burst 0+8,4+4 --burst-prefill 64,256,1024   # bursts at three prefill budgets
 
 Measures, in process (no Triton):
@@ -285,8 +285,9 @@ def main() -> int:
     parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
                         help="sample guarded rows from one CUDA graph per bucket (InflightEngine option; "
                              "on by default)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="read each step's tokens back after queueing the next (InflightEngine option)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="read each step's tokens back after queueing the next (InflightEngine option; "
+                             "default: the engine's, on a GPU)")
     parser.add_argument("--burst", default="0+8,4+4",
                         help="bursts RUNNING+ARRIVING: ARRIVING requests at once beside RUNNING decoding streams")
     parser.add_argument("--burst-prefill", type=counts, default=None,
@@ -324,6 +325,7 @@ def main() -> int:
                               graph_sampling=args.graph_sampling, overlap=args.overlap)
 
     engine = make_engine()
+    overlap = engine.overlap  # --overlap or the engine's default for the device
     # On GPU every decode shape's CUDA graph now, as a server does at load, not mid-measurement.
     engine.capture_graphs()
 
@@ -353,7 +355,7 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads()},
         "decode_attention": "per-row key lengths" if varlen else "masked (keys up to the longest row)",
         "sweep_contexts": f"spread evenly from {PROMPT_LEN} to {SWEEP_CONTEXT} positions",
-        "graph_sampling": graph_sampling, "overlap": args.overlap,
+        "graph_sampling": graph_sampling, "overlap": overlap,
         "shape": args.shape, "model": SHAPES[args.shape],
         "single_stream_tokens_per_s": single, "streams": args.streams,
         "batched_tokens_per_s": batched, "batching_gain": batched / single,
@@ -366,7 +368,9 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    options = ("" if args.graph_sampling else "_eager-sampling") + ("_overlap" if args.overlap else "")
+    # A run with an option other than the device's default says so in its name (a GPU's default: overlap)
+    options = (("" if args.graph_sampling else "_eager-sampling")
+               + ("" if overlap == device.startswith("cuda") else "_overlap" if overlap else "_no-overlap"))
     name = f"engine_{args.shape}_{device.split(':')[0]}{options}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [
@@ -381,7 +385,7 @@ def main() -> int:
         f"- streams at or above real time ({REAL_TIME_TOKENS_PER_SECOND:.0f} tokens/s each): "
         f"{result['real_time_streams']} of those measured",
         f"- step sweep: contexts {result['sweep_contexts']}; decode attention: {result['decode_attention']}; "
-        f"graph sampling: {'on' if graph_sampling else 'off'}; overlap: {'on' if args.overlap else 'off'}",
+        f"graph sampling: {'on' if graph_sampling else 'off'}; overlap: {'on' if overlap else 'off'}",
         "",
         "| active streams | step (ms) | tokens/s per stream | aggregate tokens/s | real time |",
         "|---:|---:|---:|---:|:---:|",

@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the server engine's prefill budget per step (0: its default for the device)")
     parser.add_argument("--no-lead-in", action="store_true",
                         help="streams start with frame 1's audio after 28 tokens, as upstream (decoder_lead_in off)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="the llm engine reads tokens back a step late (GPU; InflightEngine overlap)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="the llm engine reads tokens back a step late (InflightEngine overlap; default: "
+                             "the engine's, on a GPU)")
     for stage in ("llm", "decoder"):
         parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_cpu_threads,
                             help=f"torch threads of the server's {stage} process (default auto: half the cores on CPU)")
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         "tritonserver": tritonserver_source(),
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
-                            "graph_sampling": args.graph_sampling, "overlap": args.overlap,
+                            "graph_sampling": args.graph_sampling,
+                            "overlap": "auto" if args.overlap is None else args.overlap,
                             "lead_in": not args.no_lead_in,
                             "decoder_newcomer_horizon": args.decoder_newcomer_horizon, **server_overrides(args),
                             "prefill_tokens": args.prefill_tokens or "engine default"},

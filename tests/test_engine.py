@@ -13,6 +13,7 @@ import torch
 
 from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, NO_END_ID, TOKENS_PER_FRAME
 from orpheus_triton.engine import (
+    KV_CACHE_SHARE,
     PREFILL_GRAPH_ROWS,
     PREFILL_TOKENS_PER_STEP,
     CapacityError,
@@ -970,6 +971,35 @@ def test_the_llm_stage_builds_its_engine_with_the_options_of_its_config(model_se
     assert plain.prefill_chunk == build_engine({**params, "prefill_chunk": "0"}).prefill_chunk
     assert plain.prefill_chunk == PREFILL_TOKENS_PER_STEP["cpu"] < PREFILL_TOKENS_PER_STEP["cuda"]
     assert build_engine({**params, "prefill_chunk": "64"}).prefill_chunk == 64
+
+
+def test_the_llm_stage_picks_streams_and_overlap_by_device_unless_its_config_names_them(model_set, monkeypatch):
+    """As rendered by default (max_streams "0", overlap "auto"): 16 streams on a CPU (64 on a GPU, fewer where its
+    free memory holds fewer) and no overlap on a CPU (on a GPU, where an H200 measured it paying); a wrong
+    overlap value is named before the weights load."""
+    from orpheus_triton import engine as engine_module
+    from orpheus_triton.llama import kv_cache_bytes
+    from orpheus_triton.triton_llm import build_engine, overlap_setting
+
+    params = {"llm_dir": str(model_set.llm), "device": "cpu", "max_streams": "0", "max_seq_len": "256",
+              "overlap": "auto"}
+    engine = build_engine(params)
+    assert (engine.max_streams, engine.overlap) == (engine_module.MAX_STREAMS_BY_DEVICE["cpu"], False) == (16, False)
+    assert engine_module.MAX_STREAMS_BY_DEVICE["cuda"] == 64
+    assert build_engine({**params, "overlap": "TRUE "}).overlap
+    assert not build_engine({**params, "overlap": "false"}).overlap
+    assert (overlap_setting("auto"), overlap_setting(""), overlap_setting("true")) == (None, None, True)
+    with pytest.raises(ValueError, match="overlap must be auto, true or false, got 'on'"):
+        build_engine({**params, "llm_dir": "/nonexistent", "overlap": "on"})
+    # A device whose free memory holds 6 caches of max_seq_len: 5 streams beside the prefill slot
+    model = engine.model
+    per_stream = kv_cache_bytes(model.config, 1, 256, model.embed_tokens.weight.dtype)
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: int(6 * per_stream / KV_CACHE_SHARE) + 1)
+    assert engine_module.default_max_streams(model, 256) == 6 - 1
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: 0)
+    assert engine_module.default_max_streams(model, 256) == 1  # check_cache_fits then says what does not fit
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: None)
+    assert engine_module.default_max_streams(model, 256) == 16
 
 
 def test_a_prefill_budget_or_length_below_one_token_is_refused(model):

@@ -126,12 +126,12 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path))
     models = ModelSet(tmp_path / "models")
     for flags, exact in (([], "false"), (["--decoder-exact", "--decoder-cpu-threads", "2", "--no-graph-sampling",
-                                          "--overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
+                                          "--no-overlap", "--prefill-tokens", "512", "--no-lead-in", "--no-lead-out",
                                           "--max-queue-seconds", "2.5", "--max-queue", "32",
                                           "--cancel-check-seconds", "0.25", "--response-threads", "3",
                                           "--voices", "pierre,amelie", "--default-voice", "amelie"],
                                          "true")):
-        args = build_parser().parse_args(["serve", "--max-streams", "3", *flags])
+        args = build_parser().parse_args(["serve", *(["--max-streams", "3"] if flags else []), *flags])
         repository = _render(args, models)
         decoder = text_format.Parse((repository / c.DECODER_MODEL / "config.pbtxt").read_text(),
                                     model_config_pb2.ModelConfig())
@@ -141,9 +141,9 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
         assert decoder.parameters["lead_out"].string_value == ("false" if flags else "true")
         assert decoder.parameters["cpu_threads"].string_value == ("2" if flags else "auto")
         assert llm.parameters["cpu_threads"].string_value == "auto"
-        assert llm.parameters["max_streams"].string_value == "3"
+        assert llm.parameters["max_streams"].string_value == ("3" if flags else "0")  # 0: by device
         assert llm.parameters["graph_sampling"].string_value == ("false" if flags else "true")  # on by default
-        assert llm.parameters["overlap"].string_value == exact
+        assert llm.parameters["overlap"].string_value == ("false" if flags else "auto")  # auto: on a GPU
         assert llm.parameters["prefill_chunk"].string_value == ("512" if flags else "0")  # 0: by device
         assert llm.parameters["max_queue_seconds"].string_value == ("2.5" if flags else "0.0")  # 0: no limit
         assert llm.parameters["max_queue"].string_value == ("32" if flags else "256")

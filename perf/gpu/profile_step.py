@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15, help="operators listed per table")
     parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
                         help="the engine's graph sampling (on by default)")
-    parser.add_argument("--overlap", action="store_true", help="the engine's overlap option")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="the engine's overlap option (default: the engine's, on a GPU)")
     parser.add_argument("--out", default="perf/results/gpu-profile")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
@@ -84,16 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
 
+    overlap = device.startswith("cuda") if args.overlap is None else args.overlap  # the engine's default if unset
+
     def make_engine():
         return InflightEngine(model, max_streams=max(levels), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,
-                              graph_sampling=args.graph_sampling, overlap=args.overlap)
+                              graph_sampling=args.graph_sampling, overlap=overlap)
 
     results = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                "torch": torch.__version__, "shape": args.shape, "graph_sampling": args.graph_sampling,
-               "overlap": args.overlap,
+               "overlap": overlap,
                "profiles": {}}
     lines = [f"# Decode step profile, {args.shape} shape, on {results['device']} (torch {results['torch']}), "
-             f"graph sampling {'on' if args.graph_sampling else 'off'}, overlap {'on' if args.overlap else 'off'}", ""]
+             f"graph sampling {'on' if args.graph_sampling else 'off'}, overlap {'on' if overlap else 'off'}", ""]
     for n in levels:
         engine = decoding_engine(make_engine, n, SWEEP_CONTEXT)
         for _ in range(3):

@@ -300,8 +300,9 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, setup included; SHORT_STEPS names the steps, run
-  # in the order named (default "check models serving serving-overlap serving-paced engine round-trips
-  # perf-analyzer engine-overlap"; also "comparisons", "profile", "profile-overlap", "snac-sizes", "engine-eager-sampling",
+  # in the order named (default "check models serving serving-paced serving-plumbing engine perf-analyzer
+  # serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes", "engine-eager-sampling",
+  # "engine-no-overlap", "round-trips",
   # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
@@ -311,7 +312,7 @@ short() {
   local started="${SHORT_STARTED:-$SECONDS}" reserve="${SHORT_RESERVE_SECONDS:-30}"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short"
   local deadline=$((started + ${SHORT_SECONDS:-540} - reserve))
-  local steps="${SHORT_STEPS:-check models serving serving-overlap serving-paced engine round-trips perf-analyzer engine-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check models serving serving-paced serving-plumbing engine perf-analyzer serving-no-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -346,7 +347,7 @@ short() {
   [[ -x "$REPO/perf/.tools/bin/py-spy" ]] && stack_args=(--stack-seconds 5)
   for name in $steps; do
     case "$name" in
-      check) step check 130 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
+      check) step check 180 "$py" perf/gpu/check_gpu.py --out "$out/check" ;;
       # The Python backend's round trips on this host's CPU (about 20 s): what a response send (from 1, 2 and 4
       # threads) and a cancellation pass at 216 streams cost here, where the llm model's cancel_check_seconds is
       # decided.
@@ -361,10 +362,11 @@ short() {
       engine) model_set && step engine 200 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" --device cuda \
         --sweep 1,8,32,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
         --burst 0+216,64+128 --burst-prefill 256,2048,8192 --churn 32,64,128,216 --out "$out/engine" ;;
-      # The engine's overlap option (host work of a step under the GPU's next step): the A/B against the above.
-      engine-overlap) model_set && step engine-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b --llm "$llm" \
-        --device cuda --overlap --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 --burst 0+216 \
-        --out "$out/engine" ;;
+      # The engine without its overlap (on a GPU by default: host work of a step under the GPU's next step):
+      # the A/B against the above.
+      engine-no-overlap) model_set && step engine-no-overlap 120 "$py" perf/engine_bench.py --shape orpheus-3b \
+        --llm "$llm" --device cuda --no-overlap --sweep 1,64,128,192,256 --max-streams 256 --tokens 300 --repeat 2 \
+        --burst 0+216 --out "$out/engine" ;;
       # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
       # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
       # Eight load generator processes: in one, its GIL bounds what hundreds of streams can receive. Five
@@ -380,11 +382,12 @@ short() {
       perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \
         --device cuda --max-streams 64 --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 \
         --max-tokens 150 --request-count 8 --timeout 60 --out "$out/perf-analyzer" ;;
-      serving-overlap) model_set && step serving-overlap 150 "$py" perf/run_all.py --shape orpheus-3b --device cuda \
-        --max-streams 256 --max-seq-len 1400 --overlap --concurrency 1,128,216 --texts short --max-tokens 0 \
-        --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
+      # The served sweep without the engine's overlap: the A/B against `serving`.
+      serving-no-overlap) model_set && step serving-no-overlap 150 "$py" perf/run_all.py --shape orpheus-3b \
+        --device cuda --max-streams 256 --max-seq-len 1400 --no-overlap --concurrency 1,128,216 --texts short \
+        --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
         --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
-        "${stack_args[@]}" --out "$out/serving-overlap" "$@" ;;
+        "${stack_args[@]}" --out "$out/serving-no-overlap" "$@" ;;
       # The served sweep with the llm stage's engine a stand-in without a model (perf/paced_llm: 100 tokens a
       # second a stream, 1.2x real time): everything but the engine's arithmetic (the adapters, Triton, the
       # SNAC decoder on the GPU, the load generator), so what it carries is the pipeline's own ceiling.
@@ -436,8 +439,8 @@ short() {
         --out "$out/engine" ;;
       profile) model_set && step profile 90 "$py" perf/gpu/profile_step.py --shape orpheus-3b --llm "$llm" \
         --device cuda --streams 1,128 --out "$out/profile" ;;
-      profile-overlap) model_set && step profile-overlap 60 "$py" perf/gpu/profile_step.py --shape orpheus-3b \
-        --llm "$llm" --device cuda --streams 1,128 --overlap --out "$out/profile-overlap" ;;
+      profile-no-overlap) model_set && step profile-no-overlap 60 "$py" perf/gpu/profile_step.py --shape orpheus-3b \
+        --llm "$llm" --device cuda --streams 1,128 --no-overlap --out "$out/profile-no-overlap" ;;
       *) log "$name: no such step" ;;
     esac || true
   done

@@ -105,9 +105,9 @@ def perf_analyzer(folder: Path) -> list[str]:
 
 
 def profiles(folder: Path) -> list[str]:
-    """profile_step.py's figures (the opt-in `profile` and `profile-overlap` steps), when they ran."""
+    """profile_step.py's figures (the opt-in `profile` and `profile-no-overlap` steps), when they ran."""
     lines = []
-    for name in ("profile", "profile-overlap"):
+    for name in ("profile", "profile-no-overlap"):
         result = _load(folder / name / "profile.json")
         if result is None:
             continue
@@ -134,7 +134,7 @@ def summary(folder: Path) -> str:
                  serving(folder, "serving-paced-lanes")),
                 ("Served with stand-ins for the engine and SNAC (serving-plumbing)",
                  serving(folder, "serving-plumbing")),
-                ("Served with overlap (serving-overlap)", serving(folder, "serving-overlap")),
+                ("Served without the engine's overlap (serving-no-overlap)", serving(folder, "serving-no-overlap")),
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("Served with the decoder's responses inline (serving-decoder-inline)",
                  serving(folder, "serving-decoder-inline")),

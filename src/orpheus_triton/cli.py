@@ -95,7 +95,8 @@ def _render(args, model_set: ModelSet) -> Path:
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
         decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
         max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
-        llm_graph_sampling=args.graph_sampling, llm_overlap=args.overlap, prefill_chunk=args.prefill_tokens or 0,
+        llm_graph_sampling=args.graph_sampling, prefill_chunk=args.prefill_tokens or 0,
+        llm_overlap="auto" if args.overlap is None else args.overlap,
         llm_cancel_check_seconds=args.cancel_check_seconds,
         llm_response_thread=args.response_threads, decoder_response_thread=args.response_threads,
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
@@ -392,8 +393,9 @@ def _seconds(value: str) -> int:
 def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="model set directory with llm/ and snac/ (default: the demo set)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
-    parser.add_argument("--max-streams", type=positive, default=16, metavar="N",
-                        help="concurrent streams the LLM engine batches (default 16)")
+    parser.add_argument("--max-streams", type=positive, default=0, metavar="N",
+                        help="concurrent streams the LLM engine batches; more wait in its queue (default: 16 on a "
+                             "CPU, 64 on a GPU or as many as its free memory holds, if fewer)")
     parser.add_argument("--max-seq-len", type=positive, default=2048, metavar="N",
                         help=f"prompt + generated tokens per stream (default 2048; a request naming no max_tokens "
                              f"gets {DEFAULT_MAX_TOKENS} or what this leaves after its prompt, if less)")
@@ -418,10 +420,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graph-sampling", action=argparse.BooleanOptionalAction, default=True,
                         help="GPU: sample the guarded rows of a step from one CUDA graph per batch bucket "
                              "(fewer launches per step; on by default)")
-    parser.add_argument("--overlap", action="store_true",
-                        help="GPU: read each step's tokens back after queueing the next, so the host's work "
-                             "overlaps the GPU's (tokens arrive one step later; off by default until measured on a GPU "
-                             "with nothing else in a step waiting for it)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                        help="read each step's tokens back after queueing the next, so the host's work overlaps "
+                             "the GPU's (tokens arrive one step later; default: on a GPU, off on a CPU)")
     parser.add_argument("--response-threads", type=_response_threads, default="auto", metavar="auto|N",
                         help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
                              "stream's on one of them (auto: on a GPU 1 for the LLM stage and 2 for the SNAC decoder; "

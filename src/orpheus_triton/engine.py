@@ -18,7 +18,7 @@ A stream that finishes leaves at once: the last stream's cache moves into its
 slot so the decoding slots stay contiguous (views, no gathers), and the freed
 slot serves the next request at the following step.
 
-With ``overlap`` (for GPUs), a step's sampled tokens are read back only after
+With ``overlap`` (on a GPU by default), a step's sampled tokens are read back only after
 the next step is queued: the next forward takes them from the device, and the
 host's work of a step (reading tokens back, handing them out, preparing the
 next inputs) runs while the GPU computes instead of between its steps. Tokens
@@ -76,6 +76,35 @@ PREFILL_GRAPH_ROWS = 8
 KV_CACHE_SHARE = 0.9
 
 
+# Streams the engine batches where the settings name no number, by device. Every stream holds a slot
+# from its first token to its last, so slots beyond what the device keeps above real time starve every
+# stream in them, where a caller waiting in the queue for a slot only starts later. On a CPU 16; on a
+# GPU 64, served through Triton with every stream above real time and first audio p99 218 ms, where 128
+# starved some of theirs (an H200, perf/results/2026-11-27_h200); fewer where the device's free memory
+# holds fewer KV caches (default_max_streams).
+MAX_STREAMS_BY_DEVICE = {"cpu": 16, "cuda": 64}
+
+
+def streams_that_fit(model: Llama, max_seq_len: int, device: torch.device, scratch_slots: int = 1) -> int | None:
+    """KV caches of ``max_seq_len`` positions that KV_CACHE_SHARE of the device's free memory holds beside
+    ``scratch_slots`` (those prompts are prefilled in); None where the free memory is unknown."""
+    free = available_memory(device)
+    if free is None:
+        return None
+    return int(KV_CACHE_SHARE * free // kv_cache_bytes(model.config, 1, max_seq_len,
+                                                         model.embed_tokens.weight.dtype)) - scratch_slots
+
+
+def default_max_streams(model: Llama, max_seq_len: int) -> int:
+    """MAX_STREAMS_BY_DEVICE's number for the model's device, or as many as its free memory holds if fewer
+    (at least 1: check_cache_fits then says what does not fit)."""
+    device = model.embed_tokens.weight.device
+    wanted = MAX_STREAMS_BY_DEVICE.get(device.type, MAX_STREAMS_BY_DEVICE["cpu"])
+    scratch_slots = min(PREFILL_GRAPH_ROWS, wanted) if device.type == "cuda" else 1  # as InflightEngine has
+    fit = streams_that_fit(model, max_seq_len, device, scratch_slots)
+    return wanted if fit is None else max(1, min(wanted, fit))
+
+
 def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: torch.device,
                      scratch_slots: int = 1) -> None:
     """Refuse, with the numbers and what to change, a KV cache the device cannot hold, before
@@ -85,7 +114,7 @@ def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: t
     need = per_stream * (max_streams + scratch_slots)  # + the slots prompts are prefilled in
     free = available_memory(device)
     gib = 2**30
-    fit = None if free is None else int(KV_CACHE_SHARE * free // per_stream) - scratch_slots  # of this length
+    fit = streams_that_fit(model, max_seq_len, device, scratch_slots)  # of this length
     log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s%s)", max_streams, max_seq_len,
              need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device,
              "" if fit is None else f": room for about {fit} streams of this length, serve --max-streams")
@@ -193,7 +222,7 @@ class InflightEngine:
         cuda_graphs: bool | None = None,
         bucketed: bool | None = None,
         graph_sampling: bool = True,
-        overlap: bool = False,
+        overlap: bool | None = None,
         max_queue_seconds: float = 0.0,
     ):
         if max_streams < 1:
@@ -248,10 +277,12 @@ class InflightEngine:
         self.sampler = (GuardedSampler(model.lm_head.weight, self.seen, self.decoder.batch_buckets,
                                        self.decoder.use_graphs)
                         if graph_sampling and self.decoder is not None else None)
-        # overlap: read a step's tokens back after queueing the next (module docstring). Off by default
-        # until measured on a GPU with nothing else in a step waiting for it (perf/engine_bench.py --overlap;
-        # served on an H100 it changed nothing while the prefill and the penalty's marks still waited).
-        self.overlap = overlap
+        # overlap: read a step's tokens back after queueing the next (module docstring). By default on a GPU:
+        # on an H200 with nothing else in a step waiting for the GPU (check_gpu.py's overlap_waits), steps
+        # 9-13% shorter at 128-256 streams, and served at 128 streams 53 of 256 streams starved instead of
+        # 203 (perf/results/2026-11-27_h200). On a CPU, where the host's work is the step, it only delays
+        # every token by a step.
+        self.overlap = on_gpu if overlap is None else overlap
         self._in_flight: list[_Sampled] = []  # sampled by the previous step, read at the end of this one
         self._launched: list[_Sampled] = []  # sampled by this step
         self.decoding: list[_Stream] = []  # stream i lives in slot i

@@ -47,7 +47,7 @@ class RepositorySettings:
     llm_dir: str
     snac_dir: str
     device: str = "auto"  # auto = cuda if available, else cpu
-    max_streams: int = 16
+    max_streams: int = 0  # 0: by device (engine.MAX_STREAMS_BY_DEVICE: 16 on a CPU, 64 on a GPU)
     max_seq_len: int = 2048
     # The longest prompt the LLM takes (TensorRT-LLM: the engine's max_input_len), checked in preprocessing so
     # that a longer one hears why instead of the engine's internal error; 0: max_seq_len alone bounds it.
@@ -82,9 +82,9 @@ class RepositorySettings:
     # Guarded rows sample from one CUDA graph per batch bucket (InflightEngine graph_sampling;
     # on the GPU path only).
     llm_graph_sampling: bool = True
-    # Read each step's tokens back after the next step is queued (InflightEngine overlap; for GPUs, off
-    # until measured there with nothing else in a step waiting for the GPU).
-    llm_overlap: bool = False
+    # Read each step's tokens back after the next step is queued (InflightEngine overlap): auto (on a GPU),
+    # true or false.
+    llm_overlap: bool | str = "auto"
     decoder_exact: bool = False  # whole windows, row by row: sample-identical to upstream (snac_codec)
     # Streams start with the lead-in frame: first audio after 21 tokens, not 28 (frames.StreamFramer).
     decoder_lead_in: bool = True

@@ -9,7 +9,7 @@ import time
 import torch
 
 from .constants import LLM_MODEL
-from .engine import InflightEngine
+from .engine import InflightEngine, default_max_streams
 from .llama import load_llama
 from .metrics import (
     LLM_BUSY_METRIC,
@@ -50,18 +50,29 @@ def set_cpu_threads(params: dict[str, str], device: str) -> int:
     return threads
 
 
+def overlap_setting(value: str) -> bool | None:
+    """The llm model's ``overlap`` parameter: None for auto (the engine's default: on a GPU), or on or off."""
+    value = (value or "auto").strip().lower()
+    if value not in ("auto", "true", "false"):
+        raise ValueError(f"overlap must be auto, true or false, got {value!r}")
+    return None if value == "auto" else value == "true"
+
+
 def build_engine(params: dict[str, str]) -> InflightEngine:
     device = pick_device(params.get("device", "auto"))
     threads = set_cpu_threads(params, device)
+    overlap = overlap_setting(params.get("overlap", "auto"))  # a wrong value says so before the weights load
     model = load_llama(params["llm_dir"], device=device)
+    max_seq_len = int(params.get("max_seq_len", 2048))
     engine = InflightEngine(
         model,
-        max_streams=int(params.get("max_streams", 8)),
-        max_seq_len=int(params.get("max_seq_len", 2048)),
+        # 0: by device, fewer where its memory holds fewer (engine.default_max_streams)
+        max_streams=int(params.get("max_streams", 0)) or default_max_streams(model, max_seq_len),
+        max_seq_len=max_seq_len,
         max_queue=int(params.get("max_queue", 256)),
         prefill_chunk=int(params.get("prefill_chunk", 0)) or None,  # 0: the engine's default for its device
         graph_sampling=params.get("graph_sampling", "true").strip().lower() == "true",
-        overlap=params.get("overlap", "false").strip().lower() == "true",
+        overlap=overlap,
         max_queue_seconds=float(params.get("max_queue_seconds", 0)),
     )
     log.info("torch LLM engine on %s: %d streams x %d positions, prefill %d tokens a step, %d CPU threads, "
