@@ -96,6 +96,7 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     assert "- closed 1, `llm`, thread inflight-engine (500 samples): gumbel_noise 40%" in text
     assert "  - within InflightEngine.step: InflightEngine._decode 70%" in text
     assert "no serving-no-overlap/result.json" in text and "no perf-analyzer/perf_analyzer.json" in text
+    assert "## Served with the GPU shared under MPS (serving-mps)\n\nno serving-mps/result.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text
     assert "## Round trips of the Python backend (round-trips)" in text and "| 216 | 8.1 |" in text
 

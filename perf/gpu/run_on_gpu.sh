@@ -300,8 +300,8 @@ check() {
 short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, setup included; SHORT_STEPS names the steps, run
-  # in the order named (default "check models serving serving-paced serving-plumbing engine perf-analyzer
-  # serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes", "engine-eager-sampling",
+  # in the order named (default "check models serving serving-mps serving-paced serving-plumbing engine
+  # perf-analyzer serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes", "engine-eager-sampling",
   # "engine-no-overlap", "round-trips",
   # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
@@ -312,7 +312,8 @@ short() {
   local started="${SHORT_STARTED:-$SECONDS}" reserve="${SHORT_RESERVE_SECONDS:-30}"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short"
   local deadline=$((started + ${SHORT_SECONDS:-540} - reserve))
-  local steps="${SHORT_STEPS:-check models serving serving-paced serving-plumbing engine perf-analyzer serving-no-overlap}" name llm=""
+  local steps="${SHORT_STEPS:-check models serving serving-mps serving-paced serving-plumbing engine perf-analyzer
+    serving-no-overlap}" name llm=""
   mkdir -p "$out"
   export PYTHONPATH="$REPO/src:$REPO/perf" PYTHONUNBUFFERED=1
   {
@@ -382,6 +383,14 @@ short() {
       perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \
         --device cuda --max-streams 64 --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 \
         --max-tokens 150 --request-count 8 --timeout 60 --out "$out/perf-analyzer" ;;
+      # The served sweep with the GPU shared under MPS (perf/gpu/with_mps.sh): the engine's and the SNAC
+      # decoder's kernels at once instead of in turns (the decoder busy 99% of the time at 128 streams on an
+      # H200, the engine waiting for the GPU); the A/B against `serving` at its busiest levels.
+      serving-mps) model_set && step serving-mps 150 bash perf/gpu/with_mps.sh "$py" perf/run_all.py \
+        --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 --concurrency 1,128,216 --texts short \
+        --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+        "${stack_args[@]}" --out "$out/serving-mps" "$@" ;;
       # The served sweep without the engine's overlap: the A/B against `serving`.
       serving-no-overlap) model_set && step serving-no-overlap 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --no-overlap --concurrency 1,128,216 --texts short \

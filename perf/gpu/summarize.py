@@ -129,6 +129,7 @@ def summary(folder: Path) -> str:
     machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
                 ("Served (serving)", serving(folder, "serving")),
+                ("Served with the GPU shared under MPS (serving-mps)", serving(folder, "serving-mps")),
                 ("Served with a paced stand-in engine (serving-paced)", serving(folder, "serving-paced")),
                 ("The same, responses on two lanes a model (serving-paced-lanes)",
                  serving(folder, "serving-paced-lanes")),
