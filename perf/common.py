@@ -472,11 +472,12 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
                  max_seq_len: int = 2048, graph_sampling: bool = True,
                  overlap: bool | None = None, prefill_tokens: int = 0, lead_in: bool = True,
                  settings_overrides: dict | None = None, paced_llm: float = 0.0,
-                 silent_snac: bool = False) -> Iterator[RunningServer]:
+                 silent_snac: bool = False, mps: bool = False) -> Iterator[RunningServer]:
     """Render the repository for ``models`` (a ModelSet), run tritonserver on free ports, stop it after.
     ``settings_overrides``: further RepositorySettings fields, by name. ``paced_llm`` > 0: the llm
     stage's engine is the stand-in of perf/paced_llm (that many tokens a second a stream, no model);
-    ``silent_snac``: the snac_decoder's SNAC is perf/silent_snac's stand-in (silence, no model)."""
+    ``silent_snac``: the snac_decoder's SNAC is perf/silent_snac's stand-in (silence, no model); ``mps``: the
+    server runs under an MPS control daemon of its own (orpheus_triton.mps, GPU)."""
     from orpheus_triton.repository import RepositorySettings, render  # noqa: PLC0415
 
     repository = Path(tempfile.mkdtemp(prefix="perf-repository-"))
@@ -491,7 +492,7 @@ def local_server(models, max_streams: int, log_path: Path, device: str = "auto",
         use_paced_llm(repository, paced_llm)
     if silent_snac:
         use_silent_snac(repository)
-    with serve_repository(repository, log_path) as server:
+    with serve_repository(repository, log_path, mps) as server:
         yield server
 
 
@@ -526,15 +527,18 @@ def _append_stand_in(model_folder: Path, source: str, replaces: dict[str, str]) 
 
 
 @contextlib.contextmanager
-def serve_repository(repository: Path, log_path: Path) -> Iterator[RunningServer]:
-    """Run tritonserver on ``repository`` on free ports; stop it and remove the repository after."""
+def serve_repository(repository: Path, log_path: Path, mps: bool = False) -> Iterator[RunningServer]:
+    """Run tritonserver on ``repository`` on free ports (``mps``: under an MPS control daemon of its own);
+    stop it and remove the repository after."""
+    from orpheus_triton.mps import mps_daemon  # noqa: PLC0415
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     ports = Ports.free()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log_file:
+    with mps_daemon(log) if mps else contextlib.nullcontext({}) as environment, open(log_path, "w") as log_file:
         started = time.perf_counter()
-        process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"])
+        process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"],
+                               environment=environment)
         try:
             wait_until_ready(process, f"localhost:{ports.grpc}", timeout=900)
             log(f"tritonserver ready in {time.perf_counter() - started:.1f} s (gRPC :{ports.grpc}, log {log_path})")

@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="serve with the llm stage's engine replaced by a stand-in without a model that gives "
                              "every stream this many tokens a second (perf/paced_llm; with --skip-comparisons): "
                              "the pipeline's own ceiling, the engine's arithmetic left out (0: the real engine)")
+    parser.add_argument("--mps", action="store_true",
+                        help="the sweep's server under an NVIDIA MPS control daemon of its own (GPU; serve --mps): "
+                             "the llm's and the SNAC decoder's kernels sharing the GPU at once")
     parser.add_argument("--silent-snac", action="store_true",
                         help="serve with the snac_decoder's SNAC replaced by a stand-in without a model that answers "
                              "every window with a frame of silence (perf/silent_snac; with --skip-comparisons): "
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling,
                             "overlap": "auto" if args.overlap is None else args.overlap,
-                            "lead_in": not args.no_lead_in,
+                            "lead_in": not args.no_lead_in, "mps": args.mps,
                             "decoder_newcomer_horizon": args.decoder_newcomer_horizon, **server_overrides(args),
                             "prefill_tokens": args.prefill_tokens or "engine default"},
         "load_average_start": load_average(),
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                       max_seq_len=args.max_seq_len, graph_sampling=args.graph_sampling,
                       overlap=args.overlap, prefill_tokens=args.prefill_tokens,
                       lead_in=not args.no_lead_in, settings_overrides=server_overrides(args),
-                      paced_llm=args.paced_llm, silent_snac=args.silent_snac) as server:
+                      paced_llm=args.paced_llm, silent_snac=args.silent_snac, mps=args.mps) as server:
         stream = grpc_stream(server.url)
         warm = workload(labels, max_tokens=caps, count=1)[0]
         first = stream(warm, time.perf_counter())  # first request pays for lazy initialisation

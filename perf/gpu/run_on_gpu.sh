@@ -383,10 +383,10 @@ short() {
       perf-analyzer) model_set && step perf-analyzer 180 "$py" perf/run_perf_analyzer.py --shape orpheus-3b \
         --device cuda --max-streams 64 --max-seq-len 1400 --concurrency 1,16,64 --decoder-concurrency 1,16,64 \
         --max-tokens 150 --request-count 8 --timeout 60 --out "$out/perf-analyzer" ;;
-      # The served sweep with the GPU shared under MPS (perf/gpu/with_mps.sh): the engine's and the SNAC
-      # decoder's kernels at once instead of in turns (the decoder busy 99% of the time at 128 streams on an
-      # H200, the engine waiting for the GPU); the A/B against `serving` at its busiest levels.
-      serving-mps) model_set && step serving-mps 150 bash perf/gpu/with_mps.sh "$py" perf/run_all.py \
+      # The served sweep with the GPU shared under MPS (serve --mps): the engine's and the SNAC decoder's
+      # kernels at once instead of in turns (the decoder busy 99% of the time at 128 streams on an H200, the
+      # engine waiting for the GPU); the A/B against `serving` at its busiest levels.
+      serving-mps) model_set && step serving-mps 150 "$py" perf/run_all.py --mps \
         --shape orpheus-3b --device cuda --max-streams 256 --max-seq-len 1400 --concurrency 1,128,216 --texts short \
         --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
         --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \

@@ -107,19 +107,43 @@ def _render(args, model_set: ModelSet) -> Path:
     return render(settings, Path(tempfile.mkdtemp(prefix="repository-", dir=root)))
 
 
+def _check_mps(args) -> None:
+    """``--mps`` shares a GPU: refused, before any model loads, for a server on the CPU."""
+    if not args.mps:
+        return
+    if args.device == "cpu":
+        raise ValueError("--mps shares a GPU between the server's processes: not with --device cpu")
+    if args.device == "auto":
+        import torch  # noqa: PLC0415
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--mps shares a GPU between the server's processes, and this torch "
+                             f"({torch.__version__}) sees no CUDA GPU")
+
+
+def _mps(args) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """With ``--mps`` an MPS control daemon for the server's life (its environment for tritonserver)."""
+    from .mps import mps_daemon  # noqa: PLC0415
+
+    return mps_daemon(_log) if args.mps else contextlib.nullcontext({})
+
+
 def cmd_serve(args) -> int:
     from .server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _check_ports_free(ports)
     _check_device(args.device)
+    _check_mps(args)
     Voices.parse(args.voices, args.default_voice)  # a bad list is refused before any model loads
     repository = _render(args, _model_set(args.models))
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
     try:
-        process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
-        return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
+        with _mps(args) as environment:
+            process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
+                                   environment=environment)
+            return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
     finally:
         shutil.rmtree(repository, ignore_errors=True)
 
@@ -273,6 +297,7 @@ def cmd_demo(args) -> int:
         # Random weights never choose end-of-speech: cap the demo at ~5 s of audio.
         args.max_tokens = DEMO_MAX_TOKENS
     _check_device(args.device)
+    _check_mps(args)
     Voices.parse(args.voices, args.default_voice)
     check_text(args.text)  # what would fail the request, said before a server starts for it
     if args.output != "-":
@@ -285,8 +310,8 @@ def cmd_demo(args) -> int:
     _log(f"starting tritonserver (log: {log_path}) ...")
 
     try:
-        with _terminate_as_interrupt(), open(log_path, "w") as log_file:
-            process = start_server(repository, ports, log_file=log_file)
+        with _terminate_as_interrupt(), _mps(args) as environment, open(log_path, "w") as log_file:
+            process = start_server(repository, ports, log_file=log_file, environment=environment)
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
                 _log("server ready; synthesizing through the 'orpheus' ensemble")
@@ -423,6 +448,10 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                         help="read each step's tokens back after queueing the next, so the host's work overlaps "
                              "the GPU's (tokens arrive one step later; default: on a GPU, off on a CPU)")
+    parser.add_argument("--mps", action="store_true",
+                        help="GPU: run the server under an NVIDIA MPS control daemon of its own, so the LLM "
+                             "stage's and the SNAC decoder's kernels share the GPU at once instead of taking turns "
+                             "(needs nvidia-cuda-mps-control, from NVIDIA's driver)")
     parser.add_argument("--response-threads", type=_response_threads, default="auto", metavar="auto|N",
                         help="threads that send the LLM stage's and the SNAC decoder's responses to Triton, each "
                              "stream's on one of them (auto: on a GPU 1 for the LLM stage and 2 for the SNAC decoder; "

@@ -170,16 +170,18 @@ def log_tail(path: Path, lines: int) -> list[str]:
     return [line for line in text.splitlines() if line.strip() and line[0] not in "|+"][-lines:]
 
 
-def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None) -> subprocess.Popen:
+def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None,
+                 environment: dict[str, str] | None = None) -> subprocess.Popen:
     """Start tritonserver in the background, in its own process group (its backend stubs join it), so
     ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher.
+    ``environment``: variables added to its environment (``mps.mps_daemon``'s).
 
     Call it from the thread that lives as long as the server should: on Linux the server gets SIGTERM
     (Triton's graceful stop) when that thread's process or the thread itself ends, also when the
     launcher is killed with SIGKILL and cannot stop it (see ``ParentDeathSignal``).
     """
     return subprocess.Popen(
-        server_command(repository, ports, extra), env=server_environment(),
+        server_command(repository, ports, extra), env={**server_environment(), **(environment or {})},
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
         preexec_fn=ParentDeathSignal.for_child(),
     )
