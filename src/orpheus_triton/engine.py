@@ -79,9 +79,10 @@ KV_CACHE_SHARE = 0.9
 # Streams the engine batches where the settings name no number, by device. Every stream holds a slot
 # from its first token to its last, so slots beyond what the device keeps above real time starve every
 # stream in them, where a caller waiting in the queue for a slot only starts later. On a CPU 16; on a
-# GPU 64, served through Triton with every stream above real time and first audio p99 218 ms, where 128
-# starved some of theirs (an H200, perf/results/2026-11-27_h200); fewer where the device's free memory
-# holds fewer KV caches (default_max_streams).
+# GPU 64, the largest level served through Triton with every stream above real time (first audio p99
+# 218 ms; 128 starved 53 of 256 streams with overlap, 203 without; nothing between measured; an H200,
+# perf/results/2026-11-27_h200); fewer where the device's free memory holds fewer KV caches
+# (default_max_streams).
 MAX_STREAMS_BY_DEVICE = {"cpu": 16, "cuda": 64}
 
 
@@ -279,9 +280,9 @@ class InflightEngine:
                         if graph_sampling and self.decoder is not None else None)
         # overlap: read a step's tokens back after queueing the next (module docstring). By default on a GPU:
         # on an H200 with nothing else in a step waiting for the GPU (check_gpu.py's overlap_waits), steps
-        # 9-13% shorter at 128-256 streams, and served at 128 streams 53 of 256 streams starved instead of
-        # 203 (perf/results/2026-11-27_h200). On a CPU, where the host's work is the step, it only delays
-        # every token by a step.
+        # 9-13% shorter at 128-256 streams in one A/B (two runs without it differed by up to 7%), and served
+        # at 128 streams 53 of 256 streams starved instead of 203 (perf/results/2026-11-27_h200). On a CPU,
+        # where the host's work is the step, it only delays every token by a step.
         self.overlap = on_gpu if overlap is None else overlap
         self._in_flight: list[_Sampled] = []  # sampled by the previous step, read at the end of this one
         self._launched: list[_Sampled] = []  # sampled by this step

@@ -1,10 +1,10 @@
 """NVIDIA MPS for the server's processes: the LLM stage and the SNAC decoder on one GPU at once.
 
 Without MPS a GPU runs one process's kernels at a time: the ``llm`` and ``snac_decoder`` backend stubs
-take turns (time slices), so a decoder round waits while an engine step runs, though a decode step
-leaves most of the GPU's arithmetic idle. Under an MPS control daemon their kernels share the GPU. On
-an H200 at 128 streams (perf/results/2026-11-27_h200, one run each way): 31 of 256 streams heard a gap
-instead of 53, the decoder busy 86% of the time instead of 99%.
+take turns (time slices), so a decoder round waits while an engine step runs. Under an MPS control
+daemon their kernels share the GPU. On an H200 at 128 streams (perf/results/2026-11-27_h200, one run
+each way, on two machines): 31 of 256 streams heard a gap instead of 53, the decoder busy 86% of the
+time instead of 99%.
 
 ``mps_daemon`` starts a daemon of the server's own, its pipe and log folders in a temporary folder
 that tritonserver (and the stubs it starts) learns through CUDA_MPS_PIPE_DIRECTORY and
