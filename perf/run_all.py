@@ -221,6 +221,13 @@ def _round_records(records: dict) -> dict:
     return records
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether the server's engine runs on a GPU (``device`` as `serve --device` takes it)."""
+    from orpheus_triton.triton_llm import pick_device  # noqa: PLC0415 (torch: only for this question)
+
+    return pick_device(device).startswith("cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="random-weight LLM shape")
@@ -342,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling,
-                            "overlap": "auto" if args.overlap is None else args.overlap,
+                            # as the engine resolves it: on a GPU's by default
+                            "overlap": args.overlap if args.overlap is not None else _on_gpu(args.device),
                             "lead_in": not args.no_lead_in, "mps": args.mps,
                             "decoder_newcomer_horizon": args.decoder_newcomer_horizon, **server_overrides(args),
                             "prefill_tokens": args.prefill_tokens or "engine default"},

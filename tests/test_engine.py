@@ -991,10 +991,13 @@ def test_the_llm_stage_picks_streams_and_overlap_by_device_unless_its_config_nam
     assert (overlap_setting("auto"), overlap_setting(""), overlap_setting("true")) == (None, None, True)
     with pytest.raises(ValueError, match="overlap must be auto, true or false, got 'on'"):
         build_engine({**params, "llm_dir": "/nonexistent", "overlap": "on"})
-    # A device whose free memory holds 6 caches of max_seq_len: 5 streams beside the prefill slot
+    # A device whose free memory's default share holds 6 caches of max_seq_len: 5 streams beside the prefill
+    # slot (the share leaves room for CUDA graphs, activations and the SNAC decoder)
     model = engine.model
     per_stream = kv_cache_bytes(model.config, 1, 256, model.embed_tokens.weight.dtype)
-    monkeypatch.setattr(engine_module, "available_memory", lambda device: int(6 * per_stream / KV_CACHE_SHARE) + 1)
+    share = engine_module.DEFAULT_STREAMS_MEMORY_SHARE
+    assert share <= KV_CACHE_SHARE / 1.5
+    monkeypatch.setattr(engine_module, "available_memory", lambda device: int(6 * per_stream / share) + 1)
     assert engine_module.default_max_streams(model, 256) == 6 - 1
     monkeypatch.setattr(engine_module, "available_memory", lambda device: 0)
     assert engine_module.default_max_streams(model, 256) == 1  # check_cache_fits then says what does not fit

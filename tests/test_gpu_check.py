@@ -105,3 +105,23 @@ def test_the_overlap_wait_check_counts_waits_and_not_the_sync_debug_modes_notice
     assert check_gpu.sync_waits([notice]) == []
     assert check_gpu.sync_waits([notice, wait, warning("an unrelated warning")]) == [
         "__init__.py:1270: called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.h:148.)"]
+
+
+def test_the_overlap_check_compares_an_engine_without_overlap_against_one_with_it(tmp_path, monkeypatch):
+    """Overlap is the engine's default on a GPU: the check's plain run must turn it off by name, or on a GPU
+    it compares overlap with overlap and passes whatever overlap does to the tokens."""
+    from orpheus_triton.demo_models import write_random_llama
+    from orpheus_triton.llama import load_llama
+
+    check_gpu = load_check_gpu()
+    asked = []
+
+    class Recording(check_gpu.InflightEngine):
+        def __init__(self, *args, overlap=None, **kwargs):
+            asked.append(overlap)
+            super().__init__(*args, overlap=overlap, **kwargs)
+
+    monkeypatch.setattr(check_gpu, "InflightEngine", Recording)
+    write_random_llama(tmp_path, check_gpu.SHAPES["tiny"], seed=1)
+    assert check_gpu.check_overlap(torch.device("cpu"), load_llama(tmp_path))["ok"] is True
+    assert asked == [False, True]

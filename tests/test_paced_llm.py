@@ -138,3 +138,15 @@ def test_a_preprocessing_fault_fails_its_request_alone(model_set, tmp_path):
         with pytest.raises(SynthesisError, match=r"orpheus preprocessing: internal error \(a fault in preprocessing\)"):
             client.synthesize("boom", max_tokens=35, seed=3, timeout=30)
         assert client.synthesize("fine", max_tokens=35, seed=3, timeout=30).audio.size == 5 * c.SAMPLES_PER_FRAME
+
+
+def test_the_paced_stand_in_takes_a_gpu_engines_default_streams_where_the_config_leaves_them_to_the_device():
+    """A rendered max_streams of "0" (by device) gave the stand-in no slot: every request waited for good."""
+    sys.path.insert(0, str(ROOT / "perf" / "paced_llm"))
+    from paced_engine import build_paced_engine  # noqa: PLC0415 (perf/paced_llm is the model's folder)
+
+    from orpheus_triton.engine import MAX_STREAMS_BY_DEVICE
+
+    params = {"paced_tokens_per_second": "100", "max_streams": "0"}
+    assert build_paced_engine(params).max_streams == MAX_STREAMS_BY_DEVICE["cuda"]
+    assert build_paced_engine({**params, "max_streams": "3"}).max_streams == 3

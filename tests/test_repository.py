@@ -154,6 +154,9 @@ def test_serve_options_reach_the_rendered_repository(tmp_path, monkeypatch):
                                           model_config_pb2.ModelConfig())
         assert preprocessing.parameters["voices"].string_value == ("pierre,amelie" if flags else ",".join(c.VOICES))
         assert preprocessing.parameters["default_voice"].string_value == ("amelie" if flags else "")
+    overlapped = _render(build_parser().parse_args(["serve", "--overlap"]), models)  # on a CPU too, when asked
+    llm = text_format.Parse((overlapped / c.LLM_MODEL / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert llm.parameters["overlap"].string_value == "true"
 
 
 def test_the_newcomer_round_renders_as_a_decoder_parameter(tmp_path):

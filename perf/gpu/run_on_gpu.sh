@@ -301,9 +301,9 @@ short() {
   # A lent GPU for minutes, not hours: every GPU figure that fits, each step bounded so that a slow or failing
   # one leaves time for the next. SHORT_SECONDS (default 540) bounds the whole, setup included; SHORT_STEPS names the steps, run
   # in the order named (default "check models serving serving-mps serving-paced serving-plumbing engine
-  # perf-analyzer serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes", "engine-eager-sampling",
-  # "engine-no-overlap", "round-trips",
-  # "serving-newcomer-off", "serving-decoder-inline", "serving-plumbing", "serving-paced-lanes").
+  # perf-analyzer serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes",
+  # "engine-eager-sampling", "engine-no-overlap", "round-trips", "serving-newcomer-off", "serving-decoder-inline",
+  # "serving-paced-lanes").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""One page from a GPU short run's folder: what ran and passed, the engine's figures (with and without
-overlap, and its bursts), the served sweeps, perf_analyzer and the Python backend's round trips, written
-to SUMMARY.md and printed.
+"""One page from a GPU short run's folder: what ran and passed, the engine's figures (each engine_bench
+run's, with the GPU's default overlap and, where `engine-no-overlap` ran, without; and its bursts), the
+served sweeps, perf_analyzer and the Python backend's round trips, written to SUMMARY.md and printed.
 
     python perf/gpu/summarize.py perf/results/gpu-short
 

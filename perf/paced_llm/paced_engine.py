@@ -19,7 +19,7 @@ import time
 import torch
 
 from orpheus_triton.constants import CODEBOOK_SIZE
-from orpheus_triton.engine import CapacityError, EngineStats, GenerationRequest
+from orpheus_triton.engine import MAX_STREAMS_BY_DEVICE, CapacityError, EngineStats, GenerationRequest
 from orpheus_triton.frames import audio_token_id
 
 
@@ -111,6 +111,7 @@ class PacedEngine:
 
 
 def build_paced_engine(params: dict[str, str]) -> PacedEngine:
-    """``triton_llm.build_engine``'s stand-in: the pace from the model's ``paced_tokens_per_second``."""
-    return PacedEngine(float(params["paced_tokens_per_second"]), int(params.get("max_streams", 8)),
-                       int(params.get("max_queue", 256)))
+    """``triton_llm.build_engine``'s stand-in: the pace from the model's ``paced_tokens_per_second``; its
+    streams as a GPU's engine takes them by default where the configuration leaves them to the device ("0")."""
+    max_streams = int(params.get("max_streams", 0)) or MAX_STREAMS_BY_DEVICE["cuda"]
+    return PacedEngine(float(params["paced_tokens_per_second"]), max_streams, int(params.get("max_queue", 256)))

@@ -8,7 +8,6 @@ import codecs
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from .constants import (
     SAMPLE_RATE,
     VOICES,
 )
+from .interrupts import terminate_as_interrupt
 from .prompt import Voices, check_text
 
 if TYPE_CHECKING:  # demo_models imports torch: a second of start-up that `say` does without
@@ -119,6 +119,10 @@ def _check_mps(args) -> None:
         if not torch.cuda.is_available():
             raise ValueError(f"--mps shares a GPU between the server's processes, and this torch "
                              f"({torch.__version__}) sees no CUDA GPU")
+    from .mps import MPS_CONTROL  # noqa: PLC0415
+
+    if shutil.which(MPS_CONTROL) is None:
+        raise ValueError(f"--mps: no {MPS_CONTROL} on PATH (it comes with NVIDIA's driver)")
 
 
 def _mps(args) -> contextlib.AbstractContextManager[dict[str, str]]:
@@ -265,7 +269,7 @@ def cmd_say(args) -> int:
 
     try:
         text = None if args.text == "-" else args.text
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             _synthesize(args.url, text, args.output, sentences=args.sentences, **_options(args))
     except BrokenPipeError:  # -o - into a player that quit: the client has cancelled the stream
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
@@ -310,7 +314,7 @@ def cmd_demo(args) -> int:
     _log(f"starting tritonserver (log: {log_path}) ...")
 
     try:
-        with _terminate_as_interrupt(), _mps(args) as environment, open(log_path, "w") as log_file:
+        with terminate_as_interrupt(), _mps(args) as environment, open(log_path, "w") as log_file:
             process = start_server(repository, ports, log_file=log_file, environment=environment)
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
@@ -318,32 +322,12 @@ def cmd_demo(args) -> int:
                 _synthesize(f"localhost:{ports.grpc}", args.text, args.output, **_options(args))
             finally:
                 stop_server(process, timeout=30)
-                shutil.rmtree(repository, ignore_errors=True)
     except KeyboardInterrupt:
         print("interrupted: the server was stopped", file=sys.stderr)
         return 130
+    finally:  # also when no server started (an MPS daemon that did not)
+        shutil.rmtree(repository, ignore_errors=True)
     return 0
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM and SIGHUP (kill, `timeout`, a closed terminal) act as Ctrl-C does, so that what ends a
-    stream or stops a server on Ctrl-C runs for them too (by default they end Python at once: a stream
-    left running and counted in flight on the server). Under asyncio.run that is its own Ctrl-C
-    handling (the main task cancelled), elsewhere KeyboardInterrupt."""
-    def interrupt(signum, frame):
-        on_ctrl_c = signal.getsignal(signal.SIGINT)
-        if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
-            on_ctrl_c(signal.SIGINT, frame)
-            return
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def cmd_download(args) -> int:
@@ -420,7 +404,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     parser.add_argument("--max-streams", type=positive, default=0, metavar="N",
                         help="concurrent streams the LLM engine batches; more wait in its queue (default: 16 on a "
-                             "CPU, 64 on a GPU or as many as its free memory holds, if fewer)")
+                             "CPU, 64 on a GPU or as many as half its free memory holds, if fewer)")
     parser.add_argument("--max-seq-len", type=positive, default=2048, metavar="N",
                         help=f"prompt + generated tokens per stream (default 2048; a request naming no max_tokens "
                              f"gets {DEFAULT_MAX_TOKENS} or what this leaves after its prompt, if less)")

@@ -81,29 +81,40 @@ KV_CACHE_SHARE = 0.9
 # stream in them, where a caller waiting in the queue for a slot only starts later. On a CPU 16; on a
 # GPU 64, the largest level served through Triton with every stream above real time (first audio p99
 # 218 ms; 128 starved 53 of 256 streams with overlap, 203 without; nothing between measured; an H200,
-# perf/results/2026-11-27_h200); fewer where the device's free memory holds fewer KV caches
+# perf/results/2026-11-27_h200); fewer where half the device's free memory holds fewer KV caches
 # (default_max_streams).
 MAX_STREAMS_BY_DEVICE = {"cpu": 16, "cuda": 64}
 
+# The share of the free memory the KV caches of a default number of streams may take: the rest is for what
+# comes after the engine reads it (CUDA graphs, a step's activations, and the SNAC decoder, which Triton
+# may load onto the same GPU after). A number of streams that is set may take KV_CACHE_SHARE.
+DEFAULT_STREAMS_MEMORY_SHARE = 0.5
 
-def streams_that_fit(model: Llama, max_seq_len: int, device: torch.device, scratch_slots: int = 1) -> int | None:
-    """KV caches of ``max_seq_len`` positions that KV_CACHE_SHARE of the device's free memory holds beside
+
+def streams_that_fit(model: Llama, max_seq_len: int, device: torch.device, scratch_slots: int = 1,
+                     share: float = KV_CACHE_SHARE) -> int | None:
+    """KV caches of ``max_seq_len`` positions that ``share`` of the device's free memory holds beside
     ``scratch_slots`` (those prompts are prefilled in); None where the free memory is unknown."""
     free = available_memory(device)
     if free is None:
         return None
-    return int(KV_CACHE_SHARE * free // kv_cache_bytes(model.config, 1, max_seq_len,
-                                                         model.embed_tokens.weight.dtype)) - scratch_slots
+    return int(share * free // kv_cache_bytes(model.config, 1, max_seq_len,
+                                                model.embed_tokens.weight.dtype)) - scratch_slots
 
 
 def default_max_streams(model: Llama, max_seq_len: int) -> int:
-    """MAX_STREAMS_BY_DEVICE's number for the model's device, or as many as its free memory holds if fewer
-    (at least 1: check_cache_fits then says what does not fit)."""
+    """MAX_STREAMS_BY_DEVICE's number for the model's device, or as many as DEFAULT_STREAMS_MEMORY_SHARE of
+    its free memory holds if fewer (at least 1: check_cache_fits then says what does not fit)."""
     device = model.embed_tokens.weight.device
     wanted = MAX_STREAMS_BY_DEVICE.get(device.type, MAX_STREAMS_BY_DEVICE["cpu"])
     scratch_slots = min(PREFILL_GRAPH_ROWS, wanted) if device.type == "cuda" else 1  # as InflightEngine has
-    fit = streams_that_fit(model, max_seq_len, device, scratch_slots)
-    return wanted if fit is None else max(1, min(wanted, fit))
+    fit = streams_that_fit(model, max_seq_len, device, scratch_slots, DEFAULT_STREAMS_MEMORY_SHARE)
+    if fit is None or fit >= wanted:
+        return wanted
+    log.info("max_streams: %d, as many KV caches of %d positions as %.0f%% of the free memory on %s holds "
+             "(the default is %d; serve --max-streams sets it)", max(1, fit), max_seq_len,
+             100 * DEFAULT_STREAMS_MEMORY_SHARE, device, wanted)
+    return max(1, fit)
 
 
 def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: torch.device,
