@@ -26,6 +26,7 @@ container's restart policy starts a whole one again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import string
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-voice", default=RepositorySettings.default_voice, metavar="NAME",
                         help="the voice of requests that name none (default: the first of --voices)")
     parser.add_argument("--serve", action="store_true", help="then run tritonserver on the repository")
+    parser.add_argument("--mps", action="store_true",
+                        help="with --serve: the server under an NVIDIA MPS control daemon of its own, as "
+                             "`orpheus-triton serve --mps`: the engine's and the SNAC decoder's kernels share the GPU "
+                             "at once instead of taking turns (measured with the torch engine, not with TensorRT-LLM)")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(repository: Path, args) -> int:
+    from orpheus_triton.mps import MpsUnavailable, mps_daemon  # noqa: PLC0415
     from orpheus_triton.server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     if not shutil.which("tritonserver"):
@@ -175,12 +181,21 @@ def _serve(repository: Path, args) -> int:
         return 2
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
-    process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"])
-    return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
+    try:
+        with mps_daemon(_log) if args.mps else contextlib.nullcontext({}) as environment:
+            process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
+                                   environment=environment)
+            return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
+    except MpsUnavailable as error:
+        _log(f"error: --mps: {error}")
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.mps and not args.serve:
+        _log("error: --mps is for the server: give --serve too")
+        return 2
     models = ModelSet(Path(args.models).expanduser().resolve())
     engine_dir = Path(args.engine_dir).expanduser().resolve()
     try:

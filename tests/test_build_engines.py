@@ -655,7 +655,7 @@ def test_serve_runs_tritonserver_as_orpheus_triton_serve_does(tmp_path, monkeypa
     monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
     monkeypatch.setattr(gpu_repository, "TRITON_BACKENDS", tmp_path / "no-backends-folder")
     started, waited = [], []
-    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra: started.append(
+    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: started.append(
         (repository, ports, extra)) or "the server process")
     monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log: waited.append(
         (process, exit_timeout, ready)) or 1)
@@ -667,6 +667,34 @@ def test_serve_runs_tritonserver_as_orpheus_triton_serve_does(tmp_path, monkeypa
     assert repository == tmp_path / "repo" and ports.http == 8123 and extra == ["--exit-timeout-secs=12"]
     [(process, exit_timeout, ready)] = waited
     assert process == "the server process" and exit_timeout == 12 and ready()
+
+
+def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monkeypatch, capsys):
+    """--serve --mps (the GPU image's `docker run ... --mps`): the server gets the daemon's environment; without
+    --serve, or without nvidia-cuda-mps-control, it is refused saying why."""
+    import contextlib
+
+    from orpheus_triton import mps, server
+
+    monkeypatch.setattr(ModelSet, "check", lambda self: None)
+    monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
+    monkeypatch.setattr(gpu_repository, "TRITON_BACKENDS", tmp_path / "no-backends-folder")
+    environments = []
+    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: environments.append(
+        environment) or "the server process")
+    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log: 0)
+    monkeypatch.setattr(mps, "mps_daemon", lambda log: contextlib.nullcontext({"CUDA_MPS_PIPE_DIRECTORY": "/p"}))
+    argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
+            "--mps"]
+    assert gpu_repository.main(argv) == 2 and "--mps is for the server: give --serve too" in capsys.readouterr().err
+    assert gpu_repository.main([*argv, "--serve"]) == 0 and environments == [{"CUDA_MPS_PIPE_DIRECTORY": "/p"}]
+
+    def unavailable(log):
+        raise mps.MpsUnavailable("no nvidia-cuda-mps-control on PATH")
+
+    monkeypatch.setattr(mps, "mps_daemon", unavailable)
+    assert gpu_repository.main([*argv, "--serve"]) == 2
+    assert "error: --mps: no nvidia-cuda-mps-control on PATH" in capsys.readouterr().err
 
 
 def test_serve_needs_the_trtllm_image(tmp_path, monkeypatch, capsys):
