@@ -26,7 +26,6 @@ container's restart policy starts a whole one again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shutil
 import string
@@ -169,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(repository: Path, args) -> int:
-    from orpheus_triton.mps import MpsUnavailable, mps_daemon  # noqa: PLC0415
+    from orpheus_triton.mps import MpsUnavailable, mps_if  # noqa: PLC0415
     from orpheus_triton.server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     if not shutil.which("tritonserver"):
@@ -182,7 +181,7 @@ def _serve(repository: Path, args) -> int:
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
     try:
-        with mps_daemon(_log) if args.mps else contextlib.nullcontext({}) as environment:
+        with mps_if(args.mps, _log) as environment:
             process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
                                    environment=environment)
             return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)

@@ -531,13 +531,12 @@ def serve_repository(repository: Path, log_path: Path, mps: bool = False) -> Ite
     """Run tritonserver on ``repository`` on free ports (``mps``: under an MPS control daemon of its own);
     stop it and remove the repository after, also when a step's time limit (SIGTERM) ends the run."""
     from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
-    from orpheus_triton.mps import mps_daemon  # noqa: PLC0415
+    from orpheus_triton.mps import mps_if  # noqa: PLC0415
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     ports = Ports.free()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with terminate_as_interrupt(), mps_daemon(log) if mps else contextlib.nullcontext({}) as environment, \
-            open(log_path, "w") as log_file:
+    with terminate_as_interrupt(), mps_if(mps, log) as environment, open(log_path, "w") as log_file:
         started = time.perf_counter()
         process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"],
                                environment=environment)

@@ -125,14 +125,8 @@ def _check_mps(args) -> None:
         raise ValueError(f"--mps: no {MPS_CONTROL} on PATH (it comes with NVIDIA's driver)")
 
 
-def _mps(args) -> contextlib.AbstractContextManager[dict[str, str]]:
-    """With ``--mps`` an MPS control daemon for the server's life (its environment for tritonserver)."""
-    from .mps import mps_daemon  # noqa: PLC0415
-
-    return mps_daemon(_log) if args.mps else contextlib.nullcontext({})
-
-
 def cmd_serve(args) -> int:
+    from .mps import mps_if  # noqa: PLC0415
     from .server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
@@ -144,7 +138,7 @@ def cmd_serve(args) -> int:
     _log(f"model repository: {repository}")
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
     try:
-        with _mps(args) as environment:
+        with mps_if(args.mps, _log) as environment:
             process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
                                    environment=environment)
             return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
@@ -295,6 +289,7 @@ def cmd_say(args) -> int:
 
 def cmd_demo(args) -> int:
     """Serve the repository on free local ports, synthesize one WAV through the ensemble, stop."""
+    from .mps import mps_if  # noqa: PLC0415
     from .server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     if args.models is None and args.max_tokens is None:
@@ -314,7 +309,7 @@ def cmd_demo(args) -> int:
     _log(f"starting tritonserver (log: {log_path}) ...")
 
     try:
-        with terminate_as_interrupt(), _mps(args) as environment, open(log_path, "w") as log_file:
+        with terminate_as_interrupt(), mps_if(args.mps, _log) as environment, open(log_path, "w") as log_file:
             process = start_server(repository, ports, log_file=log_file, environment=environment)
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")

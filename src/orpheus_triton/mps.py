@@ -91,3 +91,9 @@ def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[di
             tail = _control_log(folder / "log")
             log(f"the MPS control daemon did not take 'quit' ({refused}); it may still run: its folder "
                 f"{folder} is kept{' (its log: ' + tail + ')' if tail else ''}")
+
+
+def mps_if(wanted: bool, log: Callable[[str], None] = lambda message: None
+           ) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """``mps_daemon(log)`` if ``wanted`` (a server's --mps), else no daemon and no environment to add."""
+    return mps_daemon(log) if wanted else contextlib.nullcontext({})
