@@ -370,11 +370,11 @@ short() {
         --burst 0+216 --out "$out/engine" ;;
       # Closed-loop levels with the workers' first streams spread over 3 s (about one short stream) and two
       # streams each: N concurrent callers in steady state; a burst of N at once is the engine step's bursts.
-      # Eight load generator processes: in one, its GIL bounds what hundreds of streams can receive. Five
+      # Eight load generator processes: in one, its GIL bounds what hundreds of streams can receive. Six
       # levels: a level runs a round of filler streams before the streams it counts (loadgen.run_closed_loop),
       # up to about 30 s at slower than real time, and the step has 240 s.
       serving) model_set && step serving 240 "$py" perf/run_all.py --shape orpheus-3b --device cuda --max-streams 256 \
-        --max-seq-len 1400 --concurrency 1,32,64,128,216 --texts short --max-tokens 0 --streams-per-worker 2 \
+        --max-seq-len 1400 --concurrency 1,32,64,96,128,216 --texts short --max-tokens 0 --streams-per-worker 2 \
         --ramp-seconds 3 --min-streams 8 --level-seconds 20 --poisson-rates 8,32 --poisson-streams 96 \
         --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 "${stack_args[@]}" \
         --out "$out/serving" "$@" ;;
