@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(repository: Path, args) -> int:
+    from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
     from orpheus_triton.mps import MpsUnavailable, mps_if  # noqa: PLC0415
     from orpheus_triton.server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
 
@@ -180,14 +181,17 @@ def _serve(repository: Path, args) -> int:
         return 2
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
-    try:
-        with mps_if(args.mps, _log) as environment:
+    try:  # SIGTERM or SIGHUP outside run_in_foreground's watch (an MPS daemon's start or quit) as Ctrl-C
+        with terminate_as_interrupt(), mps_if(args.mps, _log) as environment:
             process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
                                    environment=environment)
             return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
     except MpsUnavailable as error:
         _log(f"error: --mps: {error}")
         return 2
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -526,24 +526,38 @@ def _append_stand_in(model_folder: Path, source: str, replaces: dict[str, str]) 
                      f"{(PERF / source).read_text()}\n\n{rebind}")
 
 
+# How long a benchmark server interrupted by a signal (Ctrl-C, a step's time limit) may take to stop before
+# it is killed: its streams' results are of no use then.
+STOP_ON_SIGNAL_SECONDS = 5.0
+
+
 @contextlib.contextmanager
 def serve_repository(repository: Path, log_path: Path, mps: bool = False) -> Iterator[RunningServer]:
     """Run tritonserver on ``repository`` on free ports (``mps``: under an MPS control daemon of its own);
-    stop it and remove the repository after, also when a step's time limit (SIGTERM) ends the run."""
+    stop it and remove the repository after, also when a step's time limit (SIGTERM) ends the run: then
+    with STOP_ON_SIGNAL_SECONDS for the server's stop, so that the stop and the daemon's quit come before
+    the limit's SIGKILL (run_on_gpu.sh: 20 s later)."""
     from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
     from orpheus_triton.mps import mps_if  # noqa: PLC0415
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     ports = Ports.free()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with terminate_as_interrupt(), mps_if(mps, log) as environment, open(log_path, "w") as log_file:
-        started = time.perf_counter()
-        process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"],
-                               environment=environment)
-        try:
-            wait_until_ready(process, f"localhost:{ports.grpc}", timeout=900)
-            log(f"tritonserver ready in {time.perf_counter() - started:.1f} s (gRPC :{ports.grpc}, log {log_path})")
-            yield RunningServer(f"localhost:{ports.grpc}", f"http://localhost:{ports.metrics}/metrics", process)
-        finally:
-            stop_server(process)
-            shutil.rmtree(repository, ignore_errors=True)
+    try:
+        with terminate_as_interrupt(), mps_if(mps, log) as environment, open(log_path, "w") as log_file:
+            started = time.perf_counter()
+            process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"],
+                                   environment=environment)
+            stop_seconds = 60.0
+            try:
+                wait_until_ready(process, f"localhost:{ports.grpc}", timeout=900)
+                log(f"tritonserver ready in {time.perf_counter() - started:.1f} s (gRPC :{ports.grpc}, "
+                    f"log {log_path})")
+                yield RunningServer(f"localhost:{ports.grpc}", f"http://localhost:{ports.metrics}/metrics", process)
+            except KeyboardInterrupt:
+                stop_seconds = STOP_ON_SIGNAL_SECONDS
+                raise
+            finally:
+                stop_server(process, timeout=stop_seconds)
+    finally:  # also when no server started (MPS unavailable) or a second signal cut the stop short
+        shutil.rmtree(repository, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -54,6 +55,7 @@ from orpheus_triton.loadgen import (
     text_labels,
     workload,
 )
+from orpheus_triton.mps import MPS_CONTROL
 from orpheus_triton.server import log_tail
 from orpheus_triton.triton_calls import response_thread_setting
 
@@ -328,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                      "run the real models)")
     if args.silent_snac and not args.skip_comparisons:
         parser.error("--silent-snac: only with --skip-comparisons (the comparisons run the real models)")
+    if args.mps and not shutil.which(MPS_CONTROL):  # said now, not after the comparisons ran
+        parser.error(f"--mps: no {MPS_CONTROL} on PATH (it comes with NVIDIA's driver)")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()

@@ -26,7 +26,7 @@ def stand_in_control(folder: Path, start_status: int = 0, start_seconds: float =
     control = bin_folder / "nvidia-cuda-mps-control"
     control.write_text(f"""#!/bin/sh
 if [ "$1" = "-d" ]; then
-  echo "start $CUDA_MPS_PIPE_DIRECTORY" >> {folder}/control.log
+  echo "start $CUDA_MPS_PIPE_DIRECTORY${{CUDA_VISIBLE_DEVICES:+ devices $CUDA_VISIBLE_DEVICES}}" >> {folder}/control.log
   sleep {start_seconds}
   [ {start_status} = 0 ] || echo "An instance of this daemon is already running" >&2
   exit {start_status}
@@ -101,6 +101,7 @@ def test_a_daemon_whose_start_hangs_is_named_told_to_quit_and_leaves_nothing(mon
 def test_a_daemon_that_refuses_quit_keeps_its_folder_and_says_where(monkeypatch, tmp_path):
     stand_in_control(tmp_path, quit_status=1)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setattr(mps.tempfile, "tempdir", str(tmp_path))  # the kept folder goes with the test's
     said = []
     with mps_daemon(said.append) as environment:
         folder = Path(environment["CUDA_MPS_PIPE_DIRECTORY"]).parent
@@ -109,18 +110,21 @@ def test_a_daemon_that_refuses_quit_keeps_its_folder_and_says_where(monkeypatch,
 
 
 def test_a_step_limit_ends_a_benchmark_server_and_then_its_daemon(tmp_path):
-    """A GPU run's step ends by `timeout` (SIGTERM): perf's serve_repository stops the server and tells the
-    MPS daemon to quit (by default SIGTERM ended Python at once and left the daemon running)."""
+    """A GPU run's step ends by `timeout` (SIGTERM, SIGKILL 20 s later): perf's serve_repository stops the
+    server, one that does not stop on its own within seconds too, and tells the MPS daemon to quit in time (by
+    default SIGTERM ended Python at once and left the daemon running)."""
     control_log = stand_in_control(tmp_path)
+    seen = tmp_path / "seen"
     script = tmp_path / "serve.py"
     script.write_text(f"""
-import subprocess, sys, time
+import sys, time
 sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT / 'perf')!r}]
 from pathlib import Path
 import common
 from orpheus_triton import server
-server.start_server = lambda *args, **kwargs: subprocess.Popen(["sleep", "60"], start_new_session=True,
-                                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# tritonserver's stand-in: says what MPS pipes it was given, then ignores Triton's graceful stop (SIGINT)
+server.server_command = lambda repository, ports, extra: [
+    "sh", "-c", 'echo "$CUDA_MPS_PIPE_DIRECTORY" > {seen}; trap "" INT; exec sleep 60']
 server.wait_until_ready = lambda *args, **kwargs: None
 with common.serve_repository(Path({str(tmp_path / 'repository')!r}), Path({str(tmp_path / 'server.log')!r}),
                              mps=True):
@@ -131,12 +135,35 @@ with common.serve_repository(Path({str(tmp_path / 'repository')!r}), Path({str(t
     run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
     assert "ready" in [run.stdout.readline().strip() for _ in range(3)]  # after the perf log's lines
+    time.sleep(0.5)  # the stand-in server writing what it saw
     started = time.monotonic()
     run.send_signal(signal.SIGTERM)
     run.wait(timeout=30)
-    assert time.monotonic() - started < 20 and "KeyboardInterrupt: SIGTERM" in run.stderr.read()
-    assert control_log.read_text().splitlines()[-1] == "quit"
+    assert time.monotonic() - started < 15 and "KeyboardInterrupt: SIGTERM" in run.stderr.read()
+    pipes = seen.read_text().strip()
+    assert control_log.read_text().splitlines() == [f"start {pipes}", "quit"]  # the server was the daemon's
     assert not (tmp_path / "repository").exists()  # the repository went with the server
+
+
+def test_serve_mps_runs_the_server_under_its_daemon_and_cuda_visible_devices_goes_to_the_daemon_alone(
+        model_set, monkeypatch, tmp_path):
+    """`serve --mps` end to end with stand-ins for the daemon and tritonserver: the server gets the daemon's
+    pipes and not CUDA_VISIBLE_DEVICES (its clients see the daemon's devices renumbered from 0), the daemon gets
+    it, and is told to quit when the server ends."""
+    control_log = stand_in_control(tmp_path)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    seen = tmp_path / "seen"
+    monkeypatch.setattr(server, "server_command", lambda repository, ports, extra: [
+        "sh", "-c", f'echo "$CUDA_MPS_PIPE_DIRECTORY ${{CUDA_VISIBLE_DEVICES-unset}}" > {seen}'])
+    ports = server.Ports.free()
+    assert main(["serve", "--mps", "--models", str(model_set.root), "--grpc-port", str(ports.grpc),
+                 "--http-port", str(ports.http), "--metrics-port", str(ports.metrics)]) == 0
+    pipes, devices = seen.read_text().split()
+    assert devices == "unset" and control_log.read_text().splitlines() == [f"start {pipes} devices 1", "quit"]
+    assert not Path(pipes).exists()
 
 
 def test_mps_without_nvidia_cuda_mps_control_is_refused_before_any_model_loads(monkeypatch, tmp_path):

@@ -307,9 +307,9 @@ short() {
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
-  # The deadline counts from before setup, less SHORT_RESERVE_SECONDS (a step's 10 s kill margin, the summary,
+  # The deadline counts from before setup, less SHORT_RESERVE_SECONDS (a step's 20 s kill margin, the summary,
   # the archive): the whole command ends within SHORT_SECONDS, which a lent machine's per-call limit can bound.
-  local started="${SHORT_STARTED:-$SECONDS}" reserve="${SHORT_RESERVE_SECONDS:-30}"
+  local started="${SHORT_STARTED:-$SECONDS}" reserve="${SHORT_RESERVE_SECONDS:-35}"
   local py="$VENV/bin/python" out="$REPO/perf/results/gpu-short"
   local deadline=$((started + ${SHORT_SECONDS:-540} - reserve))
   local steps="${SHORT_STEPS:-check models serving serving-mps serving-paced serving-plumbing engine perf-analyzer
@@ -331,7 +331,7 @@ short() {
     ((deadline - SECONDS < limit)) && limit=$((deadline - SECONDS))
     if ((limit < 20)); then log "$name: skipped (deadline)"; echo "skipped: deadline" >"$out/$name.status"; return 1; fi
     log "$name (at most ${limit}s) ..."
-    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1 || code=$?
+    timeout --kill-after=20 "$limit" "$@" >"$out/$name.log" 2>&1 || code=$?
     echo "exit $code after $((SECONDS - begun)) s" >"$out/$name.status"
     log "$name: exit $code after $((SECONDS - begun)) s"
     tail -n 15 "$out/$name.log" >&2

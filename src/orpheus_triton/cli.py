@@ -134,16 +134,25 @@ def cmd_serve(args) -> int:
     _check_device(args.device)
     _check_mps(args)
     Voices.parse(args.voices, args.default_voice)  # a bad list is refused before any model loads
-    repository = _render(args, _model_set(args.models))
-    _log(f"model repository: {repository}")
-    _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
-    try:
-        with mps_if(args.mps, _log) as environment:
-            process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
-                                   environment=environment)
-            return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
-    finally:
-        shutil.rmtree(repository, ignore_errors=True)
+    # Until run_in_foreground takes the signals over (and after it), SIGTERM and SIGHUP end `serve` as
+    # Ctrl-C does: the rendered repository and an MPS daemon go with it.
+    with terminate_as_interrupt():
+        repository = None
+        try:
+            repository = _render(args, _model_set(args.models))
+            _log(f"model repository: {repository}")
+            _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
+            with mps_if(args.mps, _log) as environment:
+                process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
+                                       environment=environment)
+                return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http),
+                                         log=_log)
+        except KeyboardInterrupt:
+            _log("interrupted")
+            return 130
+        finally:
+            if repository is not None:
+                shutil.rmtree(repository, ignore_errors=True)
 
 
 def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, **options) -> None:

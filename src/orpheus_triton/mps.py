@@ -49,33 +49,47 @@ def _quit(control: str, env: dict[str, str]) -> str | None:
 
 
 @contextlib.contextmanager
-def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[dict[str, str]]:
-    """Run an MPS control daemon while the block runs; yield the environment variables that put a
-    process (tritonserver, its backend stubs) under it. Raises MpsUnavailable, naming why, where
-    there is no ``nvidia-cuda-mps-control`` or the daemon does not start.
+def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[dict[str, str | None]]:
+    """Run an MPS control daemon while the block runs; yield the changes to a process's environment
+    (tritonserver's, which its backend stubs inherit) that put it under the daemon: the daemon's folders,
+    and None for CUDA_VISIBLE_DEVICES (to be removed: the daemon takes it, and its clients see the
+    daemon's devices renumbered from 0, where the same variable again would name others or none).
+    Raises MpsUnavailable, naming why, where there is no ``nvidia-cuda-mps-control`` or the daemon
+    does not start.
 
     The daemon's output goes to a file, not a pipe: a daemon that kept a pipe open would hold its
-    starter for good. A daemon that does not take ``quit`` keeps its folder (its log is there), and the
-    log says where."""
+    starter for good. It starts in a session of its own, out of reach of a terminal's Ctrl-C while its
+    clients still run. Interrupted while starting or stopping (Ctrl-C, or a SIGTERM made one), it is told
+    to quit, or its folder is kept, and the interruption goes on. A daemon that does not take ``quit``
+    keeps its folder (its log is there), and the log says where."""
     control = shutil.which(MPS_CONTROL)
     if control is None:
-        raise MpsUnavailable(f"no {MPS_CONTROL} on PATH: MPS comes with NVIDIA's driver (serve without --mps)")
+        raise MpsUnavailable(f"no {MPS_CONTROL} on PATH: MPS comes with NVIDIA's driver (run without --mps)")
     folder = Path(tempfile.mkdtemp(prefix="orpheus-mps-"))
-    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
-    for path in env.values():
-        Path(path).mkdir()
-    daemon_env = {**os.environ, **env}
+    env: dict[str, str | None] = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
+                                  "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for name in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+        Path(str(env[name])).mkdir()
+    daemon_env = {**os.environ, **{name: str(value) for name, value in env.items()}}
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = None
+        log(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} goes to the MPS daemon alone: the "
+            "server sees the daemon's devices")
     started_log = folder / "start.log"
     try:
         with open(started_log, "w") as output:
             started = subprocess.run([control, "-d"], env=daemon_env, stdin=subprocess.DEVNULL, stdout=output,
-                                     stderr=subprocess.STDOUT, timeout=START_SECONDS)
+                                     stderr=subprocess.STDOUT, timeout=START_SECONDS, start_new_session=True)
         failure = None if started.returncode == 0 else f"exit {started.returncode}"
     except subprocess.TimeoutExpired:
         failure = f"no answer within {START_SECONDS:g} s"
         _quit(control, daemon_env)  # in case it started and then hung
     except (OSError, subprocess.SubprocessError) as error:
         failure = str(error)
+    except BaseException:  # interrupted while it starts: no daemon left behind
+        _quit(control, daemon_env)
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     if failure is not None:
         why = started_log.read_text(errors="replace").strip() or _control_log(folder / "log")
         shutil.rmtree(folder, ignore_errors=True)
@@ -84,16 +98,20 @@ def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[di
     try:
         yield env
     finally:
-        refused = _quit(control, daemon_env)
-        if refused is None:
-            shutil.rmtree(folder, ignore_errors=True)
-        else:
+        refused = "interrupted"
+        try:
+            refused = _quit(control, daemon_env)
+        finally:  # also when interrupted while it quits
             tail = _control_log(folder / "log")
-            log(f"the MPS control daemon did not take 'quit' ({refused}); it may still run: its folder "
-                f"{folder} is kept{' (its log: ' + tail + ')' if tail else ''}")
+            if refused is None:
+                log(f"MPS control daemon stopped{' (its log: ' + tail + ')' if tail else ''}")
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                log(f"the MPS control daemon did not take 'quit' ({refused}); it may still run: its folder "
+                    f"{folder} is kept{' (its log: ' + tail + ')' if tail else ''}")
 
 
 def mps_if(wanted: bool, log: Callable[[str], None] = lambda message: None
-           ) -> contextlib.AbstractContextManager[dict[str, str]]:
+           ) -> contextlib.AbstractContextManager[dict[str, str | None]]:
     """``mps_daemon(log)`` if ``wanted`` (a server's --mps), else no daemon and no environment to add."""
     return mps_daemon(log) if wanted else contextlib.nullcontext({})

@@ -171,17 +171,23 @@ def log_tail(path: Path, lines: int) -> list[str]:
 
 
 def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str] | None = None,
-                 environment: dict[str, str] | None = None) -> subprocess.Popen:
+                 environment: dict[str, str | None] | None = None) -> subprocess.Popen:
     """Start tritonserver in the background, in its own process group (its backend stubs join it), so
     ``stop_server`` can end them all and a terminal's Ctrl-C reaches it only through its launcher.
-    ``environment``: variables added to its environment (``mps.mps_daemon``'s).
+    ``environment``: changes to its environment (``mps.mps_daemon``'s), None for a variable to remove.
 
     Call it from the thread that lives as long as the server should: on Linux the server gets SIGTERM
     (Triton's graceful stop) when that thread's process or the thread itself ends, also when the
     launcher is killed with SIGKILL and cannot stop it (see ``ParentDeathSignal``).
     """
+    env = server_environment()
+    for name, value in (environment or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return subprocess.Popen(
-        server_command(repository, ports, extra), env={**server_environment(), **(environment or {})},
+        server_command(repository, ports, extra), env=env,
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
         preexec_fn=ParentDeathSignal.for_child(),
     )
