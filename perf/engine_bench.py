@@ -43,7 +43,7 @@ import torch
 from orpheus_triton.arguments import counts, positive
 from orpheus_triton.constants import LEAD_IN_TOKENS, NO_END_ID, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
-from orpheus_triton.engine import GenerationRequest, InflightEngine
+from orpheus_triton.engine import GenerationRequest, InflightEngine, overlap_for
 from orpheus_triton.llama import load_llama
 from orpheus_triton.loadgen import percentile
 from orpheus_triton.timing import synced_seconds
@@ -370,7 +370,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     # A run with an option other than the device's default says so in its name (a GPU's default: overlap)
     options = (("" if args.graph_sampling else "_eager-sampling")
-               + ("" if overlap == device.startswith("cuda") else "_overlap" if overlap else "_no-overlap"))
+               + ("" if overlap == overlap_for(device) else "_overlap" if overlap else "_no-overlap"))
     name = f"engine_{args.shape}_{device.split(':')[0]}{options}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     lines = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -44,6 +43,7 @@ from stacks import py_spy, stack_monitor
 
 from orpheus_triton.arguments import counts, max_tokens_or_zero, non_negative, positive, positive_seconds, rates
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS, DECODER_MODEL, LLM_MODEL
+from orpheus_triton.engine import overlap_for
 from orpheus_triton.loadgen import (
     SweepSettings,
     Utterance,
@@ -55,9 +55,10 @@ from orpheus_triton.loadgen import (
     text_labels,
     workload,
 )
-from orpheus_triton.mps import MPS_CONTROL
+from orpheus_triton.mps import MpsUnavailable, control_program
 from orpheus_triton.server import log_tail
 from orpheus_triton.triton_calls import response_thread_setting
+from orpheus_triton.triton_llm import pick_device
 
 BAR_TTFA = 0.2  # the GPU bar to beat: first audio under 200 ms (perf/gpu/README.md)
 
@@ -223,13 +224,6 @@ def _round_records(records: dict) -> dict:
     return records
 
 
-def _on_gpu(device: str) -> bool:
-    """Whether the server's engine runs on a GPU (``device`` as `serve --device` takes it)."""
-    from orpheus_triton.triton_llm import pick_device  # noqa: PLC0415 (torch: only for this question)
-
-    return pick_device(device).startswith("cuda")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="random-weight LLM shape")
@@ -330,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                      "run the real models)")
     if args.silent_snac and not args.skip_comparisons:
         parser.error("--silent-snac: only with --skip-comparisons (the comparisons run the real models)")
-    if args.mps and not shutil.which(MPS_CONTROL):  # said now, not after the comparisons ran
-        parser.error(f"--mps: no {MPS_CONTROL} on PATH (it comes with NVIDIA's driver)")
+    if args.mps:  # said now, not after the comparisons ran
+        try:
+            control_program()
+        except MpsUnavailable as error:
+            parser.error(f"--mps: {error}")
 
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
@@ -353,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "source": source_state(),
         "server_settings": {"max_streams": args.max_streams, "max_seq_len": args.max_seq_len, "device": args.device,
                             "graph_sampling": args.graph_sampling,
-                            # as the engine resolves it: on a GPU's by default
-                            "overlap": args.overlap if args.overlap is not None else _on_gpu(args.device),
+                            "overlap": overlap_for(pick_device(args.device), args.overlap),  # as the engine takes it
                             "lead_in": not args.no_lead_in, "mps": args.mps,
                             "decoder_newcomer_horizon": args.decoder_newcomer_horizon, **server_overrides(args),
                             "prefill_tokens": args.prefill_tokens or "engine default"},

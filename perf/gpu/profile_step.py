@@ -24,7 +24,7 @@ from engine_bench import PROMPT_LEN, SHAPES, SWEEP_CONTEXT, bench_model, decodin
 from torch.profiler import ProfilerActivity, profile
 
 from orpheus_triton.arguments import counts, positive
-from orpheus_triton.engine import InflightEngine
+from orpheus_triton.engine import InflightEngine, overlap_for
 from orpheus_triton.triton_llm import pick_device
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
 
-    overlap = device.startswith("cuda") if args.overlap is None else args.overlap  # the engine's default if unset
+    overlap = overlap_for(device, args.overlap)
 
     def make_engine():
         return InflightEngine(model, max_streams=max(levels), max_seq_len=PROMPT_LEN + SWEEP_CONTEXT + 64,

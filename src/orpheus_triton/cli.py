@@ -119,10 +119,12 @@ def _check_mps(args) -> None:
         if not torch.cuda.is_available():
             raise ValueError(f"--mps shares a GPU between the server's processes, and this torch "
                              f"({torch.__version__}) sees no CUDA GPU")
-    from .mps import MPS_CONTROL  # noqa: PLC0415
+    from .mps import MpsUnavailable, control_program  # noqa: PLC0415
 
-    if shutil.which(MPS_CONTROL) is None:
-        raise ValueError(f"--mps: no {MPS_CONTROL} on PATH (it comes with NVIDIA's driver)")
+    try:
+        control_program()
+    except MpsUnavailable as error:
+        raise ValueError(f"--mps: {error}") from None
 
 
 def cmd_serve(args) -> int:

@@ -91,15 +91,16 @@ MAX_STREAMS_BY_DEVICE = {"cpu": 16, "cuda": 64}
 DEFAULT_STREAMS_MEMORY_SHARE = 0.5
 
 
-def streams_that_fit(model: Llama, max_seq_len: int, device: torch.device, scratch_slots: int = 1,
+def overlap_for(device: str | torch.device, overlap: bool | None = None) -> bool:
+    """The engine's ``overlap`` on ``device``: as given, else on a GPU (InflightEngine's comment says why)."""
+    return torch.device(device).type == "cuda" if overlap is None else overlap
+
+
+def streams_that_fit(free: int | None, per_stream: int, scratch_slots: int = 1,
                      share: float = KV_CACHE_SHARE) -> int | None:
-    """KV caches of ``max_seq_len`` positions that ``share`` of the device's free memory holds beside
-    ``scratch_slots`` (those prompts are prefilled in); None where the free memory is unknown."""
-    free = available_memory(device)
-    if free is None:
-        return None
-    return int(share * free // kv_cache_bytes(model.config, 1, max_seq_len,
-                                                model.embed_tokens.weight.dtype)) - scratch_slots
+    """KV caches of ``per_stream`` bytes that ``share`` of ``free`` bytes holds beside ``scratch_slots``
+    (those prompts are prefilled in); None where the free memory is unknown."""
+    return None if free is None else int(share * free // per_stream) - scratch_slots
 
 
 def default_max_streams(model: Llama, max_seq_len: int) -> int:
@@ -108,7 +109,8 @@ def default_max_streams(model: Llama, max_seq_len: int) -> int:
     device = model.embed_tokens.weight.device
     wanted = MAX_STREAMS_BY_DEVICE.get(device.type, MAX_STREAMS_BY_DEVICE["cpu"])
     scratch_slots = min(PREFILL_GRAPH_ROWS, wanted) if device.type == "cuda" else 1  # as InflightEngine has
-    fit = streams_that_fit(model, max_seq_len, device, scratch_slots, DEFAULT_STREAMS_MEMORY_SHARE)
+    per_stream = kv_cache_bytes(model.config, 1, max_seq_len, model.embed_tokens.weight.dtype)
+    fit = streams_that_fit(available_memory(device), per_stream, scratch_slots, DEFAULT_STREAMS_MEMORY_SHARE)
     if fit is None or fit >= wanted:
         return wanted
     log.info("max_streams: %d, as many KV caches of %d positions as %.0f%% of the free memory on %s holds "
@@ -126,7 +128,7 @@ def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: t
     need = per_stream * (max_streams + scratch_slots)  # + the slots prompts are prefilled in
     free = available_memory(device)
     gib = 2**30
-    fit = streams_that_fit(model, max_seq_len, device, scratch_slots)  # of this length
+    fit = streams_that_fit(free, per_stream, scratch_slots)  # of this length
     log.info("KV cache: %d streams x %d positions, %.2f GiB (%s free on %s%s)", max_streams, max_seq_len,
              need / gib, "?" if free is None else f"{free / gib:.1f} GiB", device,
              "" if fit is None else f": room for about {fit} streams of this length, serve --max-streams")
@@ -294,7 +296,7 @@ class InflightEngine:
         # 9-13% shorter at 128-256 streams in one A/B (two runs without it differed by up to 7%), and served
         # at 128 streams 53 of 256 streams starved instead of 203 (perf/results/2026-11-27_h200). On a CPU,
         # where the host's work is the step, it only delays every token by a step.
-        self.overlap = on_gpu if overlap is None else overlap
+        self.overlap = overlap_for(self.device, overlap)
         self._in_flight: list[_Sampled] = []  # sampled by the previous step, read at the end of this one
         self._launched: list[_Sampled] = []  # sampled by this step
         self.decoding: list[_Stream] = []  # stream i lives in slot i

@@ -31,6 +31,14 @@ class MpsUnavailable(RuntimeError):
     """No MPS control daemon could be started here (and why)."""
 
 
+def control_program() -> str:
+    """Where ``nvidia-cuda-mps-control`` is; MpsUnavailable, naming it, where it is not on PATH."""
+    control = shutil.which(MPS_CONTROL)
+    if control is None:
+        raise MpsUnavailable(f"no {MPS_CONTROL} on PATH: MPS comes with NVIDIA's driver (run without --mps)")
+    return control
+
+
 def _control_log(folder: Path, lines: int = 5) -> str:
     path = folder / "control.log"
     if not path.is_file():
@@ -62,9 +70,7 @@ def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[di
     clients still run. Interrupted while starting or stopping (Ctrl-C, or a SIGTERM made one), it is told
     to quit, or its folder is kept, and the interruption goes on. A daemon that does not take ``quit``
     keeps its folder (its log is there), and the log says where."""
-    control = shutil.which(MPS_CONTROL)
-    if control is None:
-        raise MpsUnavailable(f"no {MPS_CONTROL} on PATH: MPS comes with NVIDIA's driver (run without --mps)")
+    control = control_program()
     folder = Path(tempfile.mkdtemp(prefix="orpheus-mps-"))
     env: dict[str, str | None] = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"),
                                   "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
