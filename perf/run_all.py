@@ -41,7 +41,15 @@ from common import (
 )
 from stacks import py_spy, stack_monitor
 
-from orpheus_triton.arguments import counts, max_tokens_or_zero, non_negative, positive, positive_seconds, rates
+from orpheus_triton.arguments import (
+    DefaultsHelpFormatter,
+    counts,
+    max_tokens_or_zero,
+    non_negative,
+    positive,
+    positive_seconds,
+    rates,
+)
 from orpheus_triton.constants import CANCEL_CHECK_SECONDS, DECODER_MODEL, LLM_MODEL
 from orpheus_triton.engine import overlap_for
 from orpheus_triton.loadgen import (
@@ -225,7 +233,7 @@ def _round_records(records: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="demo", help="random-weight LLM shape")
     parser.add_argument("--models", help="a real model set directory instead (llm/ + snac/)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from common import PERF, SHAPES, RunningServer, log, other_load_monitor, run_folder, wait_idle
 
-from orpheus_triton.arguments import counts, max_tokens_or_zero, positive, positive_seconds
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, max_tokens_or_zero, positive, positive_seconds
 from orpheus_triton.client import require_ready_server
 from orpheus_triton.constants import DECODER_MODEL, ENSEMBLE_MODEL, IN_MAX_TOKENS, OUT_AUDIO
 from orpheus_triton.loadgen import DEFAULT_TTFA_LIMIT, meets_realtime, percentile, playback, realtime_capacity
@@ -203,18 +203,21 @@ def run(perf_analyzer: str, server: RunningServer, out: Path, concurrency: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--url", help="gRPC endpoint of a running server (default: start one, see --shape)")
     parser.add_argument("--metrics-url", help="its metrics page, to wait for idle between levels")
     parser.add_argument("--perf-analyzer", help="perf_analyzer binary (default: PATH, then perf/.tools)")
     parser.add_argument("--install", action="store_true", help="run install_perf_analyzer.sh if none is found")
-    parser.add_argument("--concurrency", type=counts, default="1,2,4")
-    parser.add_argument("--decoder-concurrency", type=counts, default="1,4,8")
-    parser.add_argument("--data", default=str(DATA / "orpheus_short.json"))
-    parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=120,
-                        help="override max_tokens of every request (0: keep)")
+    parser.add_argument("--concurrency", type=counts, default="1,2,4",
+                        help="streams perf_analyzer keeps open against the orpheus ensemble, one level each")
+    parser.add_argument("--decoder-concurrency", type=counts, default="1,4,8",
+                        help="requests it keeps in flight against snac_decoder alone, one level each")
+    parser.add_argument("--data", default=str(DATA / "orpheus_short.json"), help="perf_analyzer input data file")
+    parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=100,
+                        help="override max_tokens of every request (0: keep the data file's)")
     parser.add_argument("--request-count", type=positive, default=4, help="requests per measurement window")
-    parser.add_argument("--decoder-request-count", type=positive, default=16)
+    parser.add_argument("--decoder-request-count", type=positive, default=16,
+                        help="snac_decoder requests per measurement window")
     parser.add_argument("--timeout", type=positive_seconds, default=300.0, help="seconds per perf_analyzer process")
     parser.add_argument("--ttfa-limit", type=positive_seconds, default=DEFAULT_TTFA_LIMIT,
                         help="p99 time to first audio (s) under which a level counts as real-time (default 0.5)")

@@ -148,6 +148,23 @@ def test_compose_config_is_valid_for_docker_compose():
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
 
 
+def test_a_relative_model_dir_is_taken_from_the_compose_files_folder_as_the_readme_says():
+    """docker/README: a relative ORPHEUS_MODEL_DIR starts with ./ or ../ and is taken from docker/; a bare
+    name is a named volume to compose, which refuses the file."""
+    if not _tool("docker-compose"):
+        pytest.skip("docker-compose is not installed")
+
+    def config(model_dir: str) -> subprocess.CompletedProcess:
+        return subprocess.run([_tool("docker-compose"), "-f", str(COMPOSE), "config"], capture_output=True,
+                              text=True, timeout=60, env={**os.environ, "ORPHEUS_MODEL_DIR": model_dir})
+
+    relative = config("../models")
+    assert relative.returncode == 0, relative.stderr
+    assert f"{COMPOSE.parent.parent / 'models'}:/models:ro" in relative.stdout
+    bare = config("models")
+    assert bare.returncode != 0 and 'Named volume "models:/models:ro"' in bare.stderr, bare.stderr
+
+
 def test_compose_services_ports_and_builds():
     spec = compose()
     services = {name: s for name, s in spec["services"].items() if name != "prometheus"}

@@ -481,3 +481,19 @@ def test_a_sweep_gives_its_monitor_the_span_the_counted_streams_ran():
     assert start - level_start >= 0.3 * 2 / 3 - 0.01  # after the ramp: the last worker's first start on
     assert start == pytest.approx(level_start + min(r["started"] for r in measured), abs=0.01)
     assert spans[1] is not None and levels[1][0] < spans[1][0] < spans[1][1] < levels[1][1]
+
+
+def test_the_command_lines_min_streams_and_max_tokens_reach_the_sweep(monkeypatch, tmp_path):
+    """Both were settings of the sweep that only run_all could set: the load generator alone counted at
+    least 4 streams a level, whatever its flags said, and ran each text to its own length."""
+    from orpheus_triton import loadgen
+
+    seen = []
+    monkeypatch.setattr(loadgen, "require_ready_server", lambda url, model=None: None)
+    monkeypatch.setattr(loadgen, "sweep", lambda url, settings: seen.append(settings) or {
+        "realtime_capacity": 0, "closed_loop": {}, "poisson": {}})
+    assert loadgen.main(["--concurrency", "1", "--min-streams", "1", "--max-tokens", "70",
+                         "--texts", "short,long"]) == 0
+    assert seen[-1].min_streams == 1 and seen[-1].max_tokens == {"short": 70, "long": 70}
+    assert loadgen.main(["--concurrency", "1"]) == 0
+    assert seen[-1].min_streams == 4 and seen[-1].max_tokens == {}  # each text's own length

@@ -1,5 +1,6 @@
 """The config.pbtxt templates agree with orpheus_triton.constants and render into loadable configs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,95 @@ def test_a_wheel_carries_every_template(tmp_path):
         assert from_wheel == from_checkout and any(name.endswith("model.py") for name in from_wheel)
         models = {p.parent.name for p in (tmp_path / "checkout" / kind).glob("*/config.pbtxt")}
         assert {p.parent.name for p in (tmp_path / "wheel" / kind).glob("*/1") if p.is_dir()} == models
+
+
+def test_help_says_every_options_default(capsys):
+    """Ports, the say's endpoint and the sampling options showed no default in --help; the benchmarks'
+    options without help text showed nothing at all."""
+    import argparse
+
+    from orpheus_triton.arguments import DefaultsHelpFormatter
+    from orpheus_triton.cli import build_parser
+
+    def help_of(*command: str) -> str:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    serve = help_of("serve")
+    assert all(f"(default {port})" in serve for port in (c.DEFAULT_GRPC_PORT, c.DEFAULT_HTTP_PORT,
+                                                          c.DEFAULT_METRICS_PORT))
+    assert "--llm-cpu-threads auto|N" in serve
+    say = help_of("say")
+    assert f"(default {c.DEFAULT_GRPC_URL}, serve's --grpc-port)" in say
+    for default in (c.DEFAULT_TEMPERATURE, c.DEFAULT_TOP_P, c.DEFAULT_REPETITION_PENALTY):
+        assert f"server default {default:g})" in say
+    assert "(default 0)" in say and f"(default {c.DEFAULT_MAX_TOKENS}," in say
+
+    parser = argparse.ArgumentParser(prog="bench", formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--levels", default="1,2")
+    parser.add_argument("--repeats", type=int, default=3, help="runs")
+    parser.add_argument("--seconds", default=5, help="how long (default: as long as it takes)")
+    parser.add_argument("--out", help="where")
+    parser.add_argument("--quick", action="store_true", help="fewer")
+    text = " ".join(parser.format_help().split())
+    assert "--levels LEVELS (default: 1,2)" in text and "runs (default: 3)" in text
+    assert "how long (default: as long as it takes) " in text and "where --quick fewer" in text
+
+
+@pytest.mark.parametrize("url", ["localhost:99999", "localhost:0", ":8001", "localhost:80x"])
+def test_an_endpoint_without_a_usable_port_is_refused_as_it_is_parsed(url, capsys):
+    from orpheus_triton.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["say", "hi", "--url", url])
+    assert f"expected HOST:PORT with a port from 1 to 65535, e.g. {c.DEFAULT_GRPC_URL}, got {url!r}" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["speech.mp3", "speech.OGG", "speech.flac"])
+def test_say_refuses_to_write_a_wav_under_a_compressed_formats_name(name, tmp_path):
+    from orpheus_triton.cli import main
+
+    with pytest.raises(SystemExit, match=f"-o {tmp_path / name}: the output is a WAV file .* name it "
+                                         f"{tmp_path / 'speech.wav'} and convert it"):
+        main(["say", "hi", "-o", str(tmp_path / name), "--url", "localhost:1"])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_a_max_seq_len_too_short_for_any_request_is_refused_before_the_models_load(command, model_set, capsys,
+                                                                                  monkeypatch):
+    """The server started and then refused every request, naming the text as the problem."""
+    from orpheus_triton import cli
+    from orpheus_triton.preprocess import check_max_seq_len
+    from orpheus_triton.prompt import ENGLISH_VOICES, load_tokenizer
+    from orpheus_triton.server import free_port
+
+    def no_render(*_):
+        raise AssertionError("the repository was rendered before the check")
+
+    monkeypatch.setattr(cli, "_model_set", lambda _: model_set)
+    monkeypatch.setattr(cli, "_render", no_render)
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    assert cli.main([command, "--max-seq-len", "10", *(ports if command == "serve" else [])]) == 2
+    error = capsys.readouterr().err
+    assert "error: --max-seq-len 10: max_seq_len 10 (prompt + audio tokens per stream) is too short for any " \
+           "request: a one-word prompt takes" in error
+    shortest = int(re.search(r"(\d+) at the least", error).group(1))
+    tokenizer = load_tokenizer(model_set.llm)
+    check_max_seq_len(tokenizer, ENGLISH_VOICES, shortest)  # the least it names is enough
+    with pytest.raises(ValueError, match="too short for any request"):
+        check_max_seq_len(tokenizer, ENGLISH_VOICES, shortest - 1)
+
+
+def test_serve_says_once_when_the_server_is_ready(capsys):
+    from orpheus_triton.cli import _announcing_ready
+    from orpheus_triton.server import Ports
+
+    answers = iter([False, True, True])
+    ready = _announcing_ready(Ports(8101, 8100, 8102), lambda port: next(answers))
+    assert [ready(), ready(), ready()] == [False, True, True]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "ready" in line]
+    assert lines == ['[orpheus-triton] ready: every model loaded; gRPC on :8101 (try `orpheus-triton say "Hello" '
+                     '--url localhost:8101`), HTTP on :8100, metrics on http://localhost:8102/metrics']

@@ -1527,3 +1527,45 @@ def test_a_counted_stream_that_fails_keeps_the_audio_it_had(grpc_url):
     # 1,400 tokens take the ensemble about 6 s here; its first audio may come a second late on a loaded machine
     record = grpc_stream(grpc_url, timeout=2.5)(Utterance("long", TEXT, "tara", 1400), time.perf_counter())
     assert record.error.startswith("TimeoutError") and record.arrivals and len(record.samples) == len(record.arrivals)
+
+
+def test_a_server_that_cannot_be_used_is_named_with_why(server):
+    """`say` and the load generator said 'no ready Triton server ... start one' for a server that was
+    running, given its HTTP or metrics port, or still loading its models."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from orpheus_triton.client import require_ready_server
+    from orpheus_triton.server import free_port
+
+    nobody = f"localhost:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"no ready Triton server at {nobody}: nothing answers there \\(.*\\); "
+                                              "start one with `orpheus-triton serve`"):
+        require_ready_server(nobody)
+    for port in (server.ports.http, server.ports.metrics):
+        with pytest.raises(ConnectionError, match="something listens there but does not answer Triton's gRPC; is it "
+                                                  "the server's HTTP or metrics port?"):
+            require_ready_server(f"localhost:{port}")
+    grpc_url = f"localhost:{server.ports.grpc}"
+    require_ready_server(grpc_url, c.ENSEMBLE_MODEL)
+    with pytest.raises(ConnectionError, match=f"the Triton server at {grpc_url} has no ready model 'nope'"):
+        require_ready_server(grpc_url, "nope")
+
+    class Loading(service_pb2_grpc.GRPCInferenceServiceServicer):  # a server whose models still load
+        def ServerLive(self, request, context):  # noqa: N802 (the service's method names)
+            return service_pb2.ServerLiveResponse(live=True)
+
+        def ServerReady(self, request, context):  # noqa: N802
+            return service_pb2.ServerReadyResponse(ready=False)
+
+    loading = grpc.server(ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Loading(), loading)
+    port = loading.add_insecure_port("localhost:0")
+    loading.start()
+    try:
+        with pytest.raises(ConnectionError, match="the server is up but not ready; its models are still loading"):
+            require_ready_server(f"localhost:{port}")
+    finally:
+        loading.stop(grace=None)

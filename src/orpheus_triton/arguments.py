@@ -88,3 +88,26 @@ def rates(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers > 0, comma-separated (e.g. 0.5,2), or nothing, "
                                          f"got {value!r}")
     return numbers
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default, where its own text does not already say it.
+
+    argparse's ArgumentDefaultsHelpFormatter appends the default to every option, also to those
+    whose help explains it in words, and to none that has no help text.
+    """
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._shows_default(action):  # argparse formats no help of an option without any
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or not self._shows_default(action):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        return bool(action.option_strings) and action.default not in (None, False, "", argparse.SUPPRESS)

@@ -19,8 +19,16 @@ from typing import TYPE_CHECKING
 from .arguments import max_tokens, non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_GRPC_URL,
+    DEFAULT_HTTP_PORT,
     DEFAULT_MAX_TOKENS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
     DEFAULT_VOICE,
+    ENSEMBLE_MODEL,
     MAX_RESPONSE_THREADS,
     MAX_TEXT_CHARS,
     SAMPLE_RATE,
@@ -30,8 +38,12 @@ from .interrupts import terminate_as_interrupt
 from .prompt import Voices, check_text
 
 if TYPE_CHECKING:  # demo_models imports torch: a second of start-up that `say` does without
+    from collections.abc import Callable
+
     from .demo_models import ModelSet
 
+# Names of formats `-o` does not write, refused instead of getting a WAV under their name.
+COMPRESSED_AUDIO_SUFFIXES = (".mp3", ".ogg", ".oga", ".opus", ".flac", ".m4a", ".aac", ".webm", ".wma")
 DEMO_MAX_TOKENS = 420  # 60 frames, about 5 s of audio
 DEFAULT_TEXT = "Hello! This is Orpheus, speaking through Triton Inference Server. <laugh> Pretty neat, right?"
 
@@ -107,6 +119,19 @@ def _render(args, model_set: ModelSet) -> Path:
     return render(settings, Path(tempfile.mkdtemp(prefix="repository-", dir=root)))
 
 
+def _check_max_seq_len(args, model_set: ModelSet) -> None:
+    """Refuse a ``--max-seq-len`` too short for any request before the models load (the server would
+    start and refuse every request)."""
+    from .preprocess import check_max_seq_len  # noqa: PLC0415
+    from .prompt import load_tokenizer  # noqa: PLC0415
+
+    try:
+        check_max_seq_len(load_tokenizer(model_set.llm), Voices.parse(args.voices, args.default_voice),
+                          args.max_seq_len)
+    except ValueError as error:
+        raise ValueError(f"--max-seq-len {args.max_seq_len}: {error}") from None
+
+
 def _check_mps(args) -> None:
     """``--mps`` shares a GPU: refused, before any model loads, for a server on the CPU."""
     if not args.mps:
@@ -141,13 +166,15 @@ def cmd_serve(args) -> int:
     with terminate_as_interrupt():
         repository = None
         try:
-            repository = _render(args, _model_set(args.models))
+            model_set = _model_set(args.models)
+            _check_max_seq_len(args, model_set)
+            repository = _render(args, model_set)
             _log(f"model repository: {repository}")
             _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
             with mps_if(args.mps, _log) as environment:
                 process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
                                        environment=environment)
-                return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http),
+                return run_in_foreground(process, args.exit_timeout, ready=_announcing_ready(ports, http_ready),
                                          log=_log)
         except KeyboardInterrupt:
             _log("interrupted")
@@ -155,6 +182,25 @@ def cmd_serve(args) -> int:
         finally:
             if repository is not None:
                 shutil.rmtree(repository, ignore_errors=True)
+
+
+def _announcing_ready(ports, http_ready) -> Callable[[], bool]:
+    """``run_in_foreground``'s readiness check, which says once that the server is ready and how to use it:
+    after tritonserver's own start-up tables, the line a user waits for."""
+    said = False
+
+    def ready() -> bool:
+        nonlocal said
+        if not http_ready(ports.http):
+            return False
+        if not said:
+            said = True
+            _log(f"ready: every model loaded; gRPC on :{ports.grpc} (try `orpheus-triton say \"Hello\" "
+                 f"--url localhost:{ports.grpc}`), HTTP on :{ports.http}, metrics on "
+                 f"http://localhost:{ports.metrics}/metrics")
+        return True
+
+    return ready
 
 
 def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, **options) -> None:
@@ -170,7 +216,7 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
                          f"(| aplay -f S16_LE -r {SAMPLE_RATE} -c 1) or give -o FILE.wav")
     if not to_stdout:
         _check_writable(Path(output))
-    require_ready_server(url)
+    require_ready_server(url, ENSEMBLE_MODEL)
     had_text = True
     with RawPcmWriter(sys.stdout.buffer) if to_stdout else StreamingWavWriter(output) as sink:
         if sentences or text is None:
@@ -181,9 +227,9 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
             result = client.synthesize(text, on_chunk=sink.write, **options)
             client.close()
     if not result.chunks and (sentences or text is None) and not had_text:
-        raise SystemExit("no audio: the text had no sentence to say")
+        raise SystemExit("error: no audio: the text had no sentence to say")
     if not result.chunks:
-        raise SystemExit("the server finished the stream without audio (try a longer --max-tokens)")
+        raise SystemExit("error: the server finished the stream without audio (try a longer --max-tokens)")
     target = "raw PCM to stdout" if to_stdout else output
     print(
         f"wrote {target} ({result.audio_seconds:.2f} s of {SAMPLE_RATE} Hz audio in {len(result.chunks)} chunks)\n"
@@ -198,6 +244,10 @@ def _check_writable(path: Path) -> None:
     itself is created with the first chunk)."""
     if path.is_dir():
         raise SystemExit(f"error: -o {path} is a folder; give a file name, e.g. -o {path / 'out.wav'}")
+    if path.suffix.lower() in COMPRESSED_AUDIO_SUFFIXES:
+        raise SystemExit(f"error: -o {path}: the output is a WAV file (16-bit PCM), not {path.suffix}; name it "
+                         f"{path.with_suffix('.wav')} and convert it afterwards (e.g. ffmpeg -i "
+                         f"{path.with_suffix('.wav')} {path})")
     if not path.parent.is_dir():
         raise SystemExit(f"error: -o {path}: the folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
@@ -312,7 +362,9 @@ def cmd_demo(args) -> int:
     check_text(args.text)  # what would fail the request, said before a server starts for it
     if args.output != "-":
         _check_writable(Path(args.output))
-    repository = _render(args, _model_set(args.models))
+    model_set = _model_set(args.models)
+    _check_max_seq_len(args, model_set)
+    repository = _render(args, model_set)
     ports = Ports.free()
     from .demo_models import cache_dir  # noqa: PLC0415
 
@@ -393,8 +445,14 @@ def _seed(value: str) -> int:
 def _grpc_url(value: str) -> str:
     """The server's gRPC endpoint, HOST:PORT (a URL with http:// names the HTTP server's form instead)."""
     if value.lower().startswith(("http://", "https://")) or ":" not in value:
-        raise argparse.ArgumentTypeError(f"expected the gRPC endpoint as HOST:PORT, e.g. localhost:8001 "
+        raise argparse.ArgumentTypeError(f"expected the gRPC endpoint as HOST:PORT, e.g. {DEFAULT_GRPC_URL} "
                                          f"(no http://: the server's gRPC port, not its HTTP one), got {value!r}")
+    if "://" in value or value.startswith("unix:"):  # another of gRPC's target forms (a Unix socket): as it is
+        return value
+    host, _, port = value.rpartition(":")
+    if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, "
+                                         f"got {value!r}")
     return value
 
 
@@ -461,7 +519,7 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-voice", default="", metavar="NAME",
                         help="the voice of requests that name none (default: the first of --voices)")
     for stage in ("llm", "decoder"):
-        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="N", type=_thread_count,
+        parser.add_argument(f"--{stage}-cpu-threads", default="auto", metavar="auto|N", type=_thread_count,
                             help=f"torch threads of the {stage} process (default auto: half the cores on CPU, "
                                  "torch's default on GPU)")
 
@@ -472,12 +530,19 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
                              f"(16-bit little-endian, {SAMPLE_RATE} Hz, mono: | aplay -f S16_LE -r {SAMPLE_RATE})")
     parser.add_argument("--voice", help=f"one of the server's voices (default: its default voice; Orpheus 3B English: "
                                          f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
-    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="sampling seed: the same text, voice, options and seed give the same audio (default 0)")
     parser.add_argument("--max-tokens", type=max_tokens, default=None, metavar="N",
-                        help="audio tokens to generate at most (7 per 85 ms)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
+                        help=f"audio tokens to generate at most, 7 per 85 ms (default {DEFAULT_MAX_TOKENS}, about "
+                             f"14 s, or what the server's --max-seq-len leaves after the prompt; the demo model set "
+                             f"never ends its speech by itself, so every request takes all of them)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="T",
+                        help=f"sampling temperature (server default {DEFAULT_TEMPERATURE:g})")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help=f"nucleus sampling's probability mass, in (0, 1] (server default {DEFAULT_TOP_P:g})")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                        help=f"in [1, 3]; Orpheus needs 1.1 or more for stable speech (server default "
+                             f"{DEFAULT_REPETITION_PENALTY:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,9 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run tritonserver in the foreground with the model repository")
     _server_options(serve)
-    serve.add_argument("--grpc-port", type=_port, default=8001)
-    serve.add_argument("--http-port", type=_port, default=8000)
-    serve.add_argument("--metrics-port", type=_port, default=8002)
+    serve.add_argument("--grpc-port", type=_port, default=DEFAULT_GRPC_PORT, metavar="PORT",
+                       help=f"gRPC endpoint, the one clients stream from (default {DEFAULT_GRPC_PORT})")
+    serve.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT, metavar="PORT",
+                       help=f"HTTP endpoint: health, model metadata, generate_stream (default {DEFAULT_HTTP_PORT})")
+    serve.add_argument("--metrics-port", type=_port, default=DEFAULT_METRICS_PORT, metavar="PORT",
+                       help=f"Prometheus metrics at /metrics (default {DEFAULT_METRICS_PORT})")
     serve.add_argument("--exit-timeout", type=_seconds, default=10, metavar="SECONDS",
                        help="on Ctrl-C or SIGTERM, how long requests in flight may take before the server "
                             "stops (default 10; streams through the orpheus ensemble are cut off then)")
@@ -497,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")
     say.add_argument("text", help="what to say; - reads it from stdin as it arrives (e.g. piped from an LLM) and "
                                   "speaks it sentence by sentence")
-    say.add_argument("--url", type=_grpc_url, default="localhost:8001", help="gRPC endpoint HOST:PORT")
+    say.add_argument("--url", type=_grpc_url, default=DEFAULT_GRPC_URL,
+                     help=f"the server's gRPC endpoint HOST:PORT (default {DEFAULT_GRPC_URL}, serve's --grpc-port)")
     say.add_argument("--sentences", action="store_true",
                      help="one request per sentence, each starting once the one before has generated: text of "
                           f"any length (one request takes at most {MAX_TEXT_CHARS} characters and --max-tokens "
@@ -506,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.set_defaults(run=cmd_say)
 
     demo = commands.add_parser("demo", help="start a server, synthesize one WAV through it, stop")
-    demo.add_argument("text", nargs="?", default=DEFAULT_TEXT)
+    demo.add_argument("text", nargs="?", default=DEFAULT_TEXT, help=f"what to say (default: {DEFAULT_TEXT!r})")
     _server_options(demo)
     _synthesis_options(demo)
     demo.set_defaults(run=cmd_demo)
@@ -514,8 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="fetch Orpheus 3B and SNAC 24 kHz weights (Hugging Face hub)")
     download.add_argument("dir", help="model set directory to create (llm/ and snac/)")
     download.add_argument("--token", help="Hugging Face token (Orpheus is a gated model)")
-    download.add_argument("--llm-repo", default="canopylabs/orpheus-3b-0.1-ft")
-    download.add_argument("--snac-repo", default="hubertsiuzdak/snac_24khz")
+    download.add_argument("--llm-repo", default="canopylabs/orpheus-3b-0.1-ft", metavar="REPO",
+                          help="Hugging Face repository of the Orpheus checkpoint (default %(default)s; a "
+                               "fine-tune of it works the same: serve it with its --voices)")
+    download.add_argument("--snac-repo", default="hubertsiuzdak/snac_24khz", metavar="REPO",
+                          help="Hugging Face repository of the SNAC codec (default %(default)s, the one Orpheus "
+                               "speaks)")
     download.set_defaults(run=cmd_download)
     return parser
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import socket
 import time
 import uuid
 import weakref
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .constants import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_GRPC_URL,
     ENSEMBLE_MODEL,
     IN_MAX_TOKENS,
     IN_REPETITION_PENALTY,
@@ -166,22 +169,52 @@ def _is_final(response) -> bool:
     return final is not None and final.bool_param
 
 
-def require_ready_server(url: str) -> None:
-    """Raise ConnectionError naming ``url`` unless a Triton server there is ready to serve."""
+def require_ready_server(url: str, model: str | None = None, timeout: float = 5.0) -> None:
+    """Raise ConnectionError naming ``url`` and why, unless a Triton server there is ready to serve
+    (and ``model``, if given, is ready on it).
+
+    The reasons differ in what the user does next: nothing listening (start a server, or fix the
+    port), something that is not Triton's gRPC endpoint (the HTTP or metrics port given instead),
+    a server still loading its models (wait), a server without ``model`` (another repository).
+    """
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
+    host, _, port = url.rpartition(":")
+    probed = port.isdigit() and "://" not in url and not url.startswith("unix:")  # HOST:PORT, no other gRPC target
+    if probed:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                pass
+        except OSError as error:
+            raise ConnectionError(f"no ready Triton server at {url}: nothing answers there "
+                                  f"({error.strerror or error}); start one with `orpheus-triton serve` (its gRPC "
+                                  f"port is {DEFAULT_GRPC_PORT} unless --grpc-port says otherwise)") from None
+    client = grpcclient.InferenceServerClient(url)
     try:
-        ready = grpcclient.InferenceServerClient(url).is_server_ready()
-    except Exception:  # noqa: BLE001 (grpc raises several kinds for "nobody listening")
-        ready = False
-    if not ready:
-        raise ConnectionError(f"no ready Triton server at {url} (start one with `orpheus-triton serve`)")
+        try:
+            live = client.is_server_live(client_timeout=timeout)
+        except Exception as error:  # noqa: BLE001 (an HTTP/1 server, or any other protocol, fails the gRPC call)
+            if not probed:
+                raise ConnectionError(f"no ready Triton server at {url}: {error}") from None
+            raise ConnectionError(
+                f"no ready Triton server at {url}: something listens there but does not answer Triton's gRPC; "
+                f"is it the server's HTTP or metrics port? Clients stream from its gRPC port "
+                f"({DEFAULT_GRPC_PORT} unless serve's --grpc-port says otherwise)") from None
+        if not live or not client.is_server_ready(client_timeout=timeout):
+            raise ConnectionError(f"no ready Triton server at {url}: the server is up but not ready; its models "
+                                  f"are still loading (`orpheus-triton serve` says when it is ready), or one "
+                                  f"failed to load (see the server's log)")
+        if model is not None and not client.is_model_ready(model, client_timeout=timeout):
+            raise ConnectionError(f"the Triton server at {url} has no ready model {model!r}: is it serving "
+                                  f"orpheus-triton's model repository?")
+    finally:
+        client.close()
 
 
 class OrpheusClient:
     """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread)."""
 
-    def __init__(self, url: str = "localhost:8001", model: str = ENSEMBLE_MODEL):
+    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self.url = url
@@ -425,7 +458,7 @@ class AsyncOrpheusClient:
     how the end of an utterance shows here.
     """
 
-    def __init__(self, url: str = "localhost:8001", model: str = ENSEMBLE_MODEL):
+    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
         import tritonclient.grpc.aio as grpcaio  # noqa: PLC0415
 
         self.url = url

@@ -102,6 +102,12 @@ def max_tokens_refusal(max_tokens: int) -> str | None:
             f"the least that gives audio), got {max_tokens}")
 
 
+# --- Triton endpoints (tritonserver's own defaults) -------------------------------------
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_METRICS_PORT = 8002
+DEFAULT_GRPC_URL = f"localhost:{DEFAULT_GRPC_PORT}"
+
 # --- Triton model names ---------------------------------------------------------------
 ENSEMBLE_MODEL = "orpheus"
 PREPROCESSING_MODEL = "preprocessing"

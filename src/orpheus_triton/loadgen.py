@@ -47,9 +47,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .arguments import counts, positive, positive_seconds, rates
+from .arguments import DefaultsHelpFormatter, counts, max_tokens_or_zero, positive, positive_seconds, rates
 from .client import require_ready_server
-from .constants import SAMPLE_RATE, STALL_TOLERANCE, VOICES
+from .constants import DEFAULT_GRPC_URL, ENSEMBLE_MODEL, SAMPLE_RATE, STALL_TOLERANCE, VOICES
 
 DEFAULT_TTFA_LIMIT = 0.5  # seconds, p99
 
@@ -735,12 +735,19 @@ def _ms(seconds: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orpheus_triton.loadgen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="localhost:8001", help="gRPC endpoint on this machine")
+                                     formatter_class=DefaultsHelpFormatter)
+    parser.add_argument("--url", default=DEFAULT_GRPC_URL, help="gRPC endpoint on this machine")
     parser.add_argument("--concurrency", type=counts, default="1,2,4", help="closed-loop levels, comma separated")
     parser.add_argument("--streams-per-worker", type=positive, default=2,
                         help="closed loop: streams a level counts, per worker (filler streams before and "
-                             "after them keep the load at the level's concurrency)")
+                             "after them keep the load at the level's concurrency; default 2)")
+    parser.add_argument("--min-streams", type=positive, default=4,
+                        help="closed loop: streams a level counts at the least, whatever its concurrency, so that "
+                             "its percentiles rest on a few streams (default 4)")
+    parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=0, metavar="N",
+                        help="cap every stream at N audio tokens (default 0: each text's own length, "
+                             + ", ".join(f"{label} {tokens}" for label, tokens in MAX_TOKENS.items())
+                             + "; the demo model set never ends its speech by itself, so a stream takes all)")
     parser.add_argument("--max-seconds", type=positive_seconds, default=120.0,
                         help="time bound per level: its counted streams start within it, and it ends when they do")
     parser.add_argument("--ramp-seconds", type=float, default=0.0,
@@ -759,17 +766,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ramp-seconds {args.ramp_seconds} must be >= 0 and below --max-seconds {args.max_seconds}")
     try:
         check_loopback(args.url)
-        require_ready_server(args.url)
+        require_ready_server(args.url, ENSEMBLE_MODEL)
     except ValueError as error:
         parser.error(str(error))
     except ConnectionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     settings = SweepSettings(
-        concurrency=args.concurrency, streams_per_worker=args.streams_per_worker,
+        concurrency=args.concurrency, streams_per_worker=args.streams_per_worker, min_streams=args.min_streams,
         ramp_seconds=args.ramp_seconds, max_seconds_per_level=args.max_seconds,
         poisson_rates=args.poisson_rates, poisson_streams=args.poisson_streams,
         poisson_seconds=args.max_seconds, ttfa_limit=args.ttfa_limit, labels=args.texts,
+        max_tokens={label: args.max_tokens for label in args.texts} if args.max_tokens else {},
         processes=args.processes,
     )
     result = sweep(args.url, settings)

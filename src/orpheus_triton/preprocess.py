@@ -75,13 +75,25 @@ def output_budget(prompt_tokens: int, max_tokens: int | None, max_seq_len: int |
     if room < MIN_MAX_TOKENS:
         raise PromptError(f"the prompt takes {prompt_tokens} tokens of the server's max_seq_len of {max_seq_len} "
                           f"(prompt + audio tokens), leaving {max(room, 0)} for audio, less than one SNAC frame "
-                          f"({MIN_MAX_TOKENS} tokens); shorten the text")
+                          f"({MIN_MAX_TOKENS} tokens); shorten the text (or serve with a longer max_seq_len: "
+                          f"`orpheus-triton serve --max-seq-len`)")
     if max_tokens is None:
         return min(DEFAULT_MAX_TOKENS, room)
     if max_tokens > room:
         raise PromptError(f"prompt of {prompt_tokens} tokens + max_tokens {max_tokens} exceeds the server's "
                           f"max_seq_len {max_seq_len}; shorten the text or lower max_tokens to {room} at most")
     return max_tokens
+
+
+def check_max_seq_len(tokenizer: Tokenizer, voices: Voices, max_seq_len: int) -> None:
+    """Raise ValueError if ``max_seq_len`` leaves no room for any request: the shortest prompt (a word
+    in the default voice) and one SNAC frame of audio. Said when the server starts, instead of by
+    every request it then refuses."""
+    shortest = len(build_prompt(tokenizer, "Hi", None, voices)) + MIN_MAX_TOKENS
+    if max_seq_len < shortest:
+        raise ValueError(f"max_seq_len {max_seq_len} (prompt + audio tokens per stream) is too short for any "
+                         f"request: a one-word prompt takes {shortest - MIN_MAX_TOKENS} tokens and one SNAC frame "
+                         f"{MIN_MAX_TOKENS} more: {shortest} at the least")
 
 
 def llm_inputs(tokenizer: Tokenizer, options: SynthesisOptions, voices: Voices = ENGLISH_VOICES,

@@ -26,14 +26,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
 from .demo_models import cache_dir
 
 
 @dataclass(frozen=True)
 class Ports:
-    grpc: int = 8001
-    http: int = 8000
-    metrics: int = 8002
+    grpc: int = DEFAULT_GRPC_PORT
+    http: int = DEFAULT_HTTP_PORT
+    metrics: int = DEFAULT_METRICS_PORT
 
     @classmethod
     def free(cls) -> Ports:

@@ -7,7 +7,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.preprocess import SynthesisOptions, llm_inputs
+from orpheus_triton.preprocess import SynthesisOptions, check_max_seq_len, llm_inputs
 from orpheus_triton.prompt import PromptError, Voices, load_tokenizer
 from orpheus_triton.serving import log_to_triton, model_parameters
 
@@ -36,6 +36,8 @@ class TritonPythonModel:
         self.voices = Voices.parse(parameters["voices"], parameters["default_voice"])
         self.max_seq_len = int(parameters["max_seq_len"]) or None  # 0: unknown here, the LLM checks
         self.max_prompt_tokens = int(parameters.get("max_prompt_tokens", 0)) or None  # 0: max_seq_len bounds it
+        if self.max_seq_len:
+            check_max_seq_len(self.tokenizer, self.voices, self.max_seq_len)
 
     def execute(self, requests):
         responses = []
