@@ -825,7 +825,7 @@ def test_cli_say_blames_the_server_when_sentences_gave_no_audio(monkeypatch, tmp
         return SynthesisResult(request_id="one per sentence"), True
 
     monkeypatch.setattr(cli, "_speak_sentences", no_audio)
-    monkeypatch.setattr("orpheus_triton.client.require_ready_server", lambda url: None)
+    monkeypatch.setattr("orpheus_triton.client.require_ready_server", lambda url, model=None: None)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello."))
     with pytest.raises(SystemExit, match="the server finished the stream without audio"):
         cli._synthesize("localhost:1", text, str(tmp_path / "x.wav"), sentences=True)
