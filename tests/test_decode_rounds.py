@@ -317,3 +317,56 @@ def test_the_decoder_state_says_which_streams_are_open():
     assert state.open_stream("a") == (True, 123.0) and state.open_stream("b") == (False, None)
     now[0] = 61.0
     assert state.open_stream("a") == (False, None)  # vanished
+
+
+def test_state_a_caller_of_the_decoder_alone_left_under_an_id_is_not_an_ensemble_streams():
+    """A request without a start (a caller of snac_decoder alone) left frames, or a stop, under an id; an
+    ensemble stream with that id (its requests carry preprocessing's start) took them over: other audio,
+    or none at all after such a stop. And the other way round."""
+    from orpheus_triton.decode_rounds import DecodeScheduler, StreamDecoderState
+    from orpheus_triton.frames import StreamFramer
+
+    tokens = [audio_token_id(code, i) for i, code in enumerate(range(1, 22))]
+    for first, then in ((None, 300.0), (300.0, None)):
+        state = StreamDecoderState()
+        state.items_for([("x", np.array(tokens[:10]), None, first)])  # 10 tokens: a frame and 3 more
+        (item,) = state.items_for([("x", np.array(tokens), None, then)])
+        assert [w.codes for w in item.windows] == [w.codes for w in StreamFramer().push(tokens)]
+        assert item.request_start == then
+    scheduler = DecodeScheduler(max_windows=8, idle_seconds=600, clock=lambda: 0.0)
+    assert scheduler.drop("x", still_open=True, request_start=None)  # a stop sent to the decoder alone
+    (item,) = StreamDecoderState().items_for([("x", np.array(tokens), None, 300.0)])
+    scheduler.add([item])
+    assert scheduler.next_round(timeout=0)[1] == [item] and item.windows  # decoded, not dropped
+
+
+def test_only_requests_of_callers_of_the_decoder_alone_are_asked_whether_they_were_cancelled():
+    """The ensemble's requests (with a start) are never cancelled by tritonserver 2.51: asking each would
+    cost a round trip a round for nothing. A request that cannot be asked is decoded."""
+    from orpheus_triton.decode_rounds import split_cancelled
+
+    direct, gone, broken, ensemble = (_item(name, arrived=i) for i, name in enumerate("abcd"))
+    ensemble.request_start = 5.0
+    asked = []
+
+    def is_cancelled(item):
+        asked.append(item.stream_id)
+        if item is broken:
+            raise RuntimeError("the request is gone")
+        return item is gone or item is ensemble
+
+    keep, cancelled = split_cancelled([direct, gone, broken, ensemble], is_cancelled)
+    assert keep == [direct, broken, ensemble] and cancelled == [gone] and asked == ["a", "b", "c"]
+
+
+def test_each_request_counts_its_token_ids_that_gave_no_audio():
+    """Token ids that are not audio (end-of-speech aside) or sit in the wrong frame slot were dropped
+    without a trace."""
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    frame = [audio_token_id(100 + i, i) for i in range(7)]
+    state = StreamDecoderState()
+    clean, noisy, rotated, end = state.items_for([
+        ("a", np.array(frame), None), ("a", np.array([-1, 2**31 - 1, 0, 5, 156_939, *frame]), None),
+        ("a", np.array(frame[1:] + frame[:1]), None), ("a", np.array([END_OF_SPEECH]), None)])
+    assert [item.dropped_tokens for item in (clean, noisy, rotated, end)] == [0, 5, 6, 0]

@@ -3,7 +3,7 @@ import pytest
 
 from orpheus_triton import constants as c
 from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
-from orpheus_triton.prompt import PromptError, build_prompt, load_tokenizer
+from orpheus_triton.prompt import PromptError, Voices, build_prompt, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,20 @@ def test_bad_voice_lists_are_named(names, default, message):
 
     with pytest.raises(ValueError, match=message):
         Voices.parse(names, default)
+
+
+def test_a_long_voice_or_request_id_is_shown_by_its_start_and_length_in_the_refusal():
+    """A 10 MB voice name came back whole in its refusal."""
+    from orpheus_triton.serving import ActiveStreams, StreamIdError
+
+    long = "x" * (10 << 20)
+    with pytest.raises(PromptError) as refused:
+        Voices().resolve(long)
+    assert str(refused.value) == (f"unknown voice {'x' * c.SHOWN_CHARS!r}... ({10 << 20} characters); choose one of: "
+                                  + ", ".join(c.VOICES))
+    assert "unknown voice 'bob'; choose" in str(pytest.raises(PromptError, Voices().resolve, "bob").value)
+    streams = ActiveStreams()
+    streams.claim(long)
+    with pytest.raises(StreamIdError, match=rf"request id 'x{{{c.SHOWN_CHARS}}}'\.\.\. \({10 << 20} characters\) is "
+                                            "already streaming"):
+        streams.claim(long)

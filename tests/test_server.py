@@ -16,6 +16,7 @@ from conftest import server_metric, settled_server_metric
 from snac import SNAC
 
 from orpheus_triton import constants as c
+from orpheus_triton import decode_rounds
 from orpheus_triton.client import OrpheusClient, SynthesisError, infer_input
 from orpheus_triton.frames import StreamFramer
 from orpheus_triton.preprocess import OUT_REPETITION_PENALTY, OUT_TEMPERATURE, SynthesisOptions, llm_inputs
@@ -1569,3 +1570,61 @@ def test_a_server_that_cannot_be_used_is_named_with_why(server):
             require_ready_server(f"localhost:{port}")
     finally:
         loading.stop(grace=None)
+
+
+def test_a_caller_of_the_decoder_alone_that_cancels_has_its_queued_windows_dropped(server, grpc_url):
+    """A client of `snac_decoder` alone that queued a long stream and cancelled it (hung up) had every
+    window decoded for nobody, ahead of the other streams (seconds of their audio late on 2 cores); the
+    next request under its id is decoded as usual."""
+    from orpheus_triton.frames import audio_token_id
+
+    frame = [audio_token_id(100 + i, i) for i in range(c.TOKENS_PER_FRAME)]
+    chunk = np.array([[frame * decode_rounds.MAX_REQUEST_FRAMES]], dtype=np.int32)
+    stopped = settled_server_metric(server, "orpheus_decoder_stopped_streams_total")
+    answered: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    client.start_stream(callback=lambda result, error: answered.put(error))
+    for _ in range(20):  # 640 windows: 10-15 s of this decoder's time on 2 cores
+        client.async_stream_infer(c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, chunk)],
+                                  request_id="hung-up-decoder-caller")
+    assert answered.get(timeout=60) is None  # decoding under way
+    assert settled_server_metric(server, "orpheus_decoder_queued_windows") > 400
+    client.stop_stream(cancel_requests=True)
+    hung_up = time.monotonic()
+    while server_metric(server, "orpheus_decoder_queued_windows") > 0:
+        assert time.monotonic() - hung_up < 4, "the cancelled stream's windows are still being decoded"
+        time.sleep(0.1)
+    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 1
+    end = np.array([[frame + [c.END_OF_SPEECH]]], dtype=np.int32)
+    audio = _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, end)], c.DECODER_AUDIO,
+                    request_id="hung-up-decoder-caller")
+    assert sum(len(chunk) for chunk in audio) > 0
+
+
+def test_token_ids_the_decoder_drops_are_counted(server, grpc_url):
+    dropped = settled_server_metric(server, "orpheus_decoder_dropped_tokens_total")
+    ids = np.array([[[-1, 2**31 - 1, 0, 5, c.AUDIO_TOKEN_BASE + c.CODEBOOK_SIZE * c.TOKENS_PER_FRAME,
+                      c.END_OF_SPEECH]]], dtype=np.int32)
+    assert _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, ids)], c.DECODER_AUDIO) == []
+    assert settled_server_metric(server, "orpheus_decoder_dropped_tokens_total") == dropped + 5
+
+
+def test_preprocessing_refuses_a_bad_request_as_invalid_not_as_an_internal_error(server, grpc_url):
+    """Its refusals came back as INTERNAL (HTTP 500): a client or load balancer could not tell a request
+    to fix from a server to retry elsewhere."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tritonclient.utils import InferenceServerException
+
+    text = np.array([b""], dtype=object)
+    with pytest.raises(InferenceServerException, match="orpheus: text is empty") as refused:
+        grpcclient.InferenceServerClient(grpc_url).infer(c.PREPROCESSING_MODEL, [infer_input(c.IN_TEXT, text)])
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    body = json.dumps({"inputs": [{"name": c.IN_TEXT, "shape": [1], "datatype": "BYTES", "data": [""]}]})
+    request = urllib.request.Request(f"http://localhost:{server.ports.http}/v2/models/{c.PREPROCESSING_MODEL}/infer",
+                                     data=body.encode(), method="POST")
+    with pytest.raises(urllib.error.HTTPError) as http_refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert http_refused.value.code == 400 and "text is empty" in http_refused.value.read().decode()

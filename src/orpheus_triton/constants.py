@@ -93,6 +93,18 @@ MIN_MAX_TOKENS = TOKENS_PER_FRAME
 MAX_MAX_TOKENS = 8192
 
 
+# A client's string (a voice, a request id) in an error message: at most this many characters of it.
+SHOWN_CHARS = 64
+
+
+def shown(value: str) -> str:
+    """``value`` as an error message quotes it: whole, or its start and its length (a 10 MB voice name
+    came back whole in its refusal)."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
+
+
 def max_tokens_refusal(max_tokens: int) -> str | None:
     """Why a request's ``max_tokens`` is refused, or None: the server's check (preprocessing), which the
     clients and the command lines repeat before anything is sent."""

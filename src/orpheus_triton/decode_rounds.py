@@ -40,6 +40,7 @@ class DecodeItem:
     last: bool = False  # it carried the stream's end_id
     arrived: float = field(default_factory=time.monotonic)
     request_start: float | None = None  # its stream's REQUEST_START, where the request carried one
+    dropped_tokens: int = 0  # its token ids that gave no audio: not audio tokens, or in the wrong frame slot
 
 
 @dataclass(frozen=True)
@@ -221,9 +222,33 @@ class DecodeScheduler:
         return 1, playback[0]
 
 
+def split_cancelled(items: Sequence[DecodeItem], is_cancelled: Callable[[DecodeItem], bool],
+                    ) -> tuple[list[DecodeItem], list[DecodeItem]]:
+    """A round's requests as (those to decode, those whose caller cancelled them).
+
+    Only requests without a request start are asked: a caller of the decoder alone, whose
+    queued windows would otherwise be decoded for nobody, ahead of every other stream's.
+    Tritonserver passes no cancellation on to a model inside an ensemble (the README's
+    *Cancellation*), so asking for the ensemble's requests, a round trip to the server each,
+    would find none. A request that cannot be asked counts as not cancelled.
+    """
+    keep, cancelled = [], []
+    for item in items:
+        try:
+            gone = item.request_start is None and is_cancelled(item)
+        except Exception:  # noqa: BLE001 (one request that cannot be asked must not fail the round)
+            gone = False
+        (cancelled if gone else keep).append(item)
+    return keep, cancelled
+
+
 def _another(known: float | None, start: float | None) -> bool:
-    """Whether a request start marks another request than the one a stream's state is for."""
-    return known is not None and start is not None and start != known
+    """Whether a request start marks another request than the one a stream's state is for.
+
+    No start (None) is a start too: a caller of the decoder alone sends none, every request through the
+    ensemble one (preprocessing's), so state left under an id by one is never taken for the other's.
+    """
+    return start != known
 
 
 @dataclass
@@ -279,8 +304,8 @@ class StreamDecoderState:
         return True, stream.request_start
 
     def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
-        """One item per (stream id, token ids, reply[, request start]) chunk; a stream keeps the first
-        request start it is given (REQUEST_START), and a chunk with another one starts a new stream."""
+        """One item per (stream id, token ids, reply[, request start]) chunk; a chunk whose request start
+        (REQUEST_START, or none) is not its stream's starts a new stream (``_another``)."""
         now = self.clock()
         result = []
         for request_id, tokens, reply, *start in chunks:
@@ -293,12 +318,14 @@ class StreamDecoderState:
                 framer = StreamFramer(lead_in=self.lead_in, lead_out=self.lead_out)
                 stream = self.streams[request_id] = _DecoderStream(framer, now)
             stream.last_seen = now
-            if stream.request_start is None and start is not None:
-                stream.request_start = start
+            stream.request_start = start
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
-            windows = stream.framer.push(flat) + (stream.framer.finish() if last else [])
-            result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start))
+            framer = stream.framer
+            dropped = framer.misaligned + framer.not_audio
+            windows = framer.push(flat) + (framer.finish() if last else [])
+            result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start,
+                                     dropped_tokens=framer.misaligned + framer.not_audio - dropped))
             if last:
                 del self.streams[request_id]
         self._sweep(self.streams, lambda stream: stream.last_seen, now)

@@ -34,6 +34,7 @@ import numpy as np
 from .constants import (
     AUDIO_TOKEN_BASE,
     CODEBOOK_SIZE,
+    END_OF_SPEECH,
     FRAMES_PER_WINDOW,
     SLOT_CODEBOOK,
     TOKENS_PER_FRAME,
@@ -118,9 +119,11 @@ class StreamFramer:
 
     ``push`` takes generated token ids in order and returns the windows that
     became complete. Tokens that are not audio (end-of-speech, stray text) are
-    skipped as the reference does. An audio token whose slot does not match its
-    position (possible only with the LLM's audio-token guard switched off) is
-    dropped and counted in ``misaligned``: keeping it would shift every later
+    skipped as the reference does; those other than end-of-speech are counted in
+    ``not_audio`` (from the LLM with its audio-token guard on there are none). An
+    audio token whose slot does not match its position (possible only with the
+    guard switched off, or from a client of the decoder alone) is dropped and
+    counted in ``misaligned``: keeping it would shift every later
     frame, which is the reference decoder's skipped-frames glitch. ``lead_in``: emit
     the lead-in window (see the module's docstring) once three frames are in;
     ``lead_out``: ``finish`` gives the lead-out windows.
@@ -131,6 +134,7 @@ class StreamFramer:
     recent_codes: list[int] = field(default_factory=list)  # at most one window
     position: int = 0  # audio tokens accepted so far
     misaligned: int = 0  # audio tokens dropped for arriving in the wrong slot
+    not_audio: int = 0  # token ids skipped for being no audio token, end-of-speech aside
 
     def push(self, token_ids: Iterable[int]) -> list[Window]:
         windows = []
@@ -138,6 +142,7 @@ class StreamFramer:
             token = int(token)
             slot = token_slot(token)
             if slot is None:
+                self.not_audio += token != END_OF_SPEECH
                 continue
             expected = self.position % TOKENS_PER_FRAME
             if slot != expected:

@@ -170,9 +170,13 @@ class DecoderMetrics(PublishedMetrics):
             "stalls": metrics.counter(STALLS_METRIC, "Chunks sent after their listener had played all audio sent "
                                       "before"),
             "stall_seconds": metrics.counter(STALL_SECONDS_METRIC, "Seconds listeners waited in those gaps"),
-            "stopped_streams": metrics.counter("orpheus_decoder_stopped_streams_total", "Streams a stop ended "
-                                               "with audio still to decode or to come (callers who hung up "
-                                               "mid-stream; once each)"),
+            "stopped_streams": metrics.counter("orpheus_decoder_stopped_streams_total", "Streams a stop (or, "
+                                               "calling the decoder alone, a cancellation) ended with audio "
+                                               "still to decode or to come (callers who hung up mid-stream; "
+                                               "once each)"),
+            "dropped_tokens": metrics.counter("orpheus_decoder_dropped_tokens_total", "Token ids that gave no "
+                                              "audio: not audio tokens (end-of-speech aside), or audio tokens in "
+                                              "the wrong frame slot (none from the LLM with its audio guard on)"),
         }
         self.first_audio = metrics.histogram(FIRST_AUDIO_METRIC, "From preprocessing taking a request to its "
                                              "first audio sent", FIRST_AUDIO_BUCKETS)
@@ -194,6 +198,11 @@ class DecoderMetrics(PublishedMetrics):
         """A round's whole time, from composing its SNAC call to its last answer (failed ones too)."""
         with self._lock:
             self._grow(busy_seconds=seconds)
+
+    def record_dropped_tokens(self, count: int) -> None:
+        if count:
+            with self._lock:
+                self._grow(dropped_tokens=count)
 
     def record_stopped(self) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from .constants import (
     START_OF_SPEECH,
     VOCAB_SIZE,
     VOICES,
+    shown,
 )
 
 
@@ -70,11 +71,12 @@ class Voices:
         if not voice:
             return self.default
         if not self.names:
-            raise PromptError(f"voice {voice!r} given, but this model is a single-speaker fine-tune: send no voice")
+            raise PromptError(f"voice {shown(voice)} given, but this model is a single-speaker fine-tune: "
+                              "send no voice")
         for name in self.names:
             if name.casefold() == voice.casefold():
                 return name
-        raise PromptError(f"unknown voice {voice!r}; choose one of: {', '.join(self.names)}")
+        raise PromptError(f"unknown voice {shown(voice)}; choose one of: {', '.join(self.names)}")
 
 
 ENGLISH_VOICES = Voices()  # Orpheus 3B's English fine-tune: the default
@@ -83,7 +85,7 @@ ENGLISH_VOICES = Voices()  # Orpheus 3B's English fine-tune: the default
 def _voice_name(name: str) -> str:
     name = name.strip()
     if not name or any(ch.isspace() or ch in ':"\\' for ch in name):
-        raise ValueError(f"voice name {name!r} must be one word without ':', '\"' or '\\' "
+        raise ValueError(f"voice name {shown(name)} must be one word without ':', '\"' or '\\' "
                          "(the prompt is 'voice: text')")
     return name
 

@@ -50,6 +50,7 @@ from .constants import (
     REQUEST_START,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
+    shown,
 )
 
 log = logging.getLogger(__name__)
@@ -369,12 +370,12 @@ class ActiveStreams:
             self._unfinished = {k: t for k, t in self._unfinished.items() if now - t < self.hold_seconds}
             if request_id in self._ids:
                 raise StreamIdError(
-                    f"request id {request_id!r} is already streaming; every concurrent stream needs its own id"
+                    f"request id {shown(request_id)} is already streaming; every concurrent stream needs its own id"
                 )
             if request_id in self._unfinished:
                 raise StreamIdError(
-                    f"request id {request_id!r} belonged to a stream that was stopped, cancelled or failed less than "
-                    f"{self.hold_seconds:.0f} s ago; use a new id for every stream"
+                    f"request id {shown(request_id)} belonged to a stream that was stopped, cancelled or failed "
+                    f"less than {self.hold_seconds:.0f} s ago; use a new id for every stream"
                 )
             self._ids.add(request_id)
 

@@ -59,8 +59,9 @@ class TritonPythonModel:
                 tensors = llm_inputs(self.tokenizer, options, self.voices, self.max_seq_len, self.max_prompt_tokens)
                 tensors[c.REQUEST_START] = np.array([[started]], dtype=np.float64)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
-            except (PromptError, UnicodeDecodeError, ValueError) as error:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"orpheus: {error}")))
+            except (PromptError, UnicodeDecodeError, ValueError) as error:  # the request's own: INVALID_ARG
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"orpheus: {error}", pb_utils.TritonError.INVALID_ARG)))
             except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
                 pb_utils.Logger.log_error(f"orpheus preprocessing failed:\n{traceback.format_exc()}")
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(

@@ -19,7 +19,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.decode_rounds import DecodeItem, DecodeScheduler, StreamDecoderState, request_size_refusal
+from orpheus_triton.decode_rounds import (
+    DecodeItem,
+    DecodeScheduler,
+    StreamDecoderState,
+    request_size_refusal,
+    split_cancelled,
+)
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     StreamIdError,
@@ -92,6 +98,7 @@ class TritonPythonModel:
             for _, _, sender, _ in chunks:
                 send_error(pb_utils, sender, "decoder", error)
             return None
+        self.metrics.record_dropped_tokens(sum(item.dropped_tokens for item in items))
         self.scheduler.add(items)
         return None
 
@@ -110,7 +117,13 @@ class TritonPythonModel:
             if (work := self.scheduler.next_round()) is None:
                 return
             answer, decode = work
-            for item in answer:
+            decode, cancelled = split_cancelled(decode, lambda item: item.reply.is_cancelled())
+            # A cancelled request's stream has what it queued answered without audio; not what comes later,
+            # which may be its caller's next stream under the id.
+            for item in cancelled:
+                if self.scheduler.drop(item.stream_id, still_open=False):
+                    self.metrics.record_stopped()
+            for item in [*answer, *cancelled]:
                 self._respond(item, None)
             if decode:
                 self._decode(decode)
