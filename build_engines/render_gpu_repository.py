@@ -17,8 +17,9 @@ TensorRT-LLM backends call ``seed`` (see ``--seed-tensor``).
     python build_engines/render_gpu_repository.py --models /models --engine-dir /engines/orpheus-3b --serve
 
 ``--serve`` then runs the image's ``tritonserver`` on the repository (ports as
-``orpheus-triton serve``) as ``serve`` runs it: SIGTERM and SIGINT passed on (Triton's graceful stop,
-requests in flight get ``--exit-timeout``), and a backend stub that dies after loading stops the server
+``orpheus-triton serve``) as ``serve`` runs it: SIGTERM and SIGINT drain it (new streams refused, those in
+flight get up to ``--exit-timeout`` to finish) and then stop it, and a backend stub that dies after loading
+stops the server
 with exit status 1 (tritonserver 2.51 neither restarts it nor stops reporting ready), so that the
 container's restart policy starts a whole one again.
 """
@@ -162,15 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--exit-timeout", type=non_negative, default=30, metavar="SECONDS",
-                        help="with --serve: on SIGTERM or Ctrl-C, how long requests in flight may take before the "
-                             "server stops (default 30, tritonserver's own)")
+                        help="with --serve: on SIGTERM or Ctrl-C, how long the streams in flight may take to finish, "
+                             "new ones refused meanwhile, before the server stops (default 30, tritonserver's own)")
     return parser
 
 
 def _serve(repository: Path, args) -> int:
     from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
     from orpheus_triton.mps import MpsUnavailable, mps_if  # noqa: PLC0415
-    from orpheus_triton.server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
+    from orpheus_triton.server import Ports, serve_until_stopped  # noqa: PLC0415
 
     if not shutil.which("tritonserver"):
         _log("error: tritonserver is not on PATH; the TensorRT-LLM backend ships in the Triton TensorRT-LLM "
@@ -183,9 +184,7 @@ def _serve(repository: Path, args) -> int:
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
     try:  # SIGTERM or SIGHUP outside run_in_foreground's watch (an MPS daemon's start or quit) as Ctrl-C
         with terminate_as_interrupt(), mps_if(args.mps, _log) as environment:
-            process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
-                                   environment=environment)
-            return run_in_foreground(process, args.exit_timeout, ready=lambda: http_ready(ports.http), log=_log)
+            return serve_until_stopped(repository, ports, args.exit_timeout, _log, environment=environment)
     except MpsUnavailable as error:
         _log(f"error: --mps: {error}")
         return 2

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 from orpheus_triton.constants import (
     DECODER_MODEL,
     DECODER_TOKENS,
+    DRAIN_FILE_ENV,
     ENGINE_MODEL,
     ENSEMBLE_MODEL,
     LLM_AUDIO_GUARD,
@@ -657,16 +658,18 @@ def test_serve_runs_tritonserver_as_orpheus_triton_serve_does(tmp_path, monkeypa
     started, waited = [], []
     monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: started.append(
         (repository, ports, extra)) or "the server process")
-    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log: waited.append(
-        (process, exit_timeout, ready)) or 1)
+    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log, drain: waited.append(
+        (process, exit_timeout, ready, drain)) or 1)
     monkeypatch.setattr(server, "http_ready", lambda port: port == 8123)
     argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
             "--serve", "--http-port", "8123", "--exit-timeout", "12"]
     assert gpu_repository.main(argv) == 1  # the server's exit status
     [(repository, ports, extra)] = started
-    assert repository == tmp_path / "repo" and ports.http == 8123 and extra == ["--exit-timeout-secs=12"]
-    [(process, exit_timeout, ready)] = waited
-    assert process == "the server process" and exit_timeout == 12 and ready()
+    # 12 s for the drain, tritonserver's own exit timeout after it
+    assert repository == tmp_path / "repo" and ports.http == 8123 and extra == [
+        f"--exit-timeout-secs={server.DRAINED_EXIT_SECONDS}"]
+    [(process, exit_timeout, ready, drain)] = waited
+    assert process == "the server process" and exit_timeout == 12 and ready() and drain.metrics_port == 8002
 
 
 def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monkeypatch, capsys):
@@ -682,12 +685,13 @@ def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monk
     environments = []
     monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: environments.append(
         environment) or "the server process")
-    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log: 0)
+    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log, drain: 0)
     monkeypatch.setattr(mps, "mps_daemon", lambda log: contextlib.nullcontext({"CUDA_MPS_PIPE_DIRECTORY": "/p"}))
     argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
             "--mps"]
     assert gpu_repository.main(argv) == 2 and "--mps is for the server: give --serve too" in capsys.readouterr().err
-    assert gpu_repository.main([*argv, "--serve"]) == 0 and environments == [{"CUDA_MPS_PIPE_DIRECTORY": "/p"}]
+    assert gpu_repository.main([*argv, "--serve"]) == 0
+    assert environments == [{"CUDA_MPS_PIPE_DIRECTORY": "/p", DRAIN_FILE_ENV: f"{tmp_path / 'repo'}.draining"}]
 
     def unavailable(log):
         raise mps.MpsUnavailable("no nvidia-cuda-mps-control on PATH")

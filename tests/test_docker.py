@@ -201,9 +201,9 @@ def test_gpu_service_is_behind_the_gpu_profile_and_reserves_gpus():
 
 def test_each_service_gets_the_time_its_server_takes_to_stop_before_it_is_killed():
     """compose kills a container its grace period after SIGTERM (10 s unless set): either service's launcher
-    waits its exit timeout plus its kill margin."""
+    drains for up to its exit timeout, then gives tritonserver its own (DRAINED_EXIT_SECONDS) and a kill margin."""
     from orpheus_triton.cli import build_parser
-    from orpheus_triton.server import STOP_GRACE_SECONDS
+    from orpheus_triton.server import DRAINED_EXIT_SECONDS, STOP_GRACE_SECONDS
 
     def seconds(value: str) -> float:
         assert value.endswith("s") and value[:-1].isdigit(), value
@@ -211,9 +211,9 @@ def test_each_service_gets_the_time_its_server_takes_to_stop_before_it_is_killed
 
     services = compose()["services"]
     serve_exit = build_parser().parse_args(["serve"]).exit_timeout
-    assert seconds(services["orpheus"]["stop_grace_period"]) > serve_exit + STOP_GRACE_SECONDS
+    assert seconds(services["orpheus"]["stop_grace_period"]) > serve_exit + DRAINED_EXIT_SECONDS + STOP_GRACE_SECONDS
     gpu_exit = gpu_repository_parser().parse_args(["--models", "m", "--engine-dir", "e"]).exit_timeout
-    assert seconds(services["orpheus-gpu"]["stop_grace_period"]) > gpu_exit + STOP_GRACE_SECONDS
+    assert seconds(services["orpheus-gpu"]["stop_grace_period"]) > gpu_exit + DRAINED_EXIT_SECONDS + STOP_GRACE_SECONDS
 
 
 def test_model_default_volume_is_declared():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,43 @@ def test_a_stub_that_dies_between_loading_and_the_watchs_start_is_noticed():
     assert watch.died() == []
     running = [{12: "llm"}]
     assert watch.died() == ["preprocessing"]
+
+
+def test_a_drain_reads_what_is_in_flight_from_the_servers_metrics():
+    """The llm stage's streams and queue and the decoder's queued windows; behind the relay to TensorRT-LLM,
+    which exports no llm gauges, the streams the decoder still frames. An unreadable page is not idle."""
+    import http.server
+    import threading
+
+    from orpheus_triton.server import Drain, free_port, streams_in_flight
+
+    page = [""]
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(page[0].encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("localhost", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        def torch_engine(active: int, queued: int, windows: int) -> str:
+            llm, decoder = '{model="llm",version="1"}', '{model="snac_decoder",version="1"}'
+            return (f"# HELP orpheus_llm_active_streams Streams\norpheus_llm_active_streams{llm} {active}\n"
+                    f"orpheus_llm_queued_requests{llm} {queued}\norpheus_decoder_streams{decoder} 3\n"
+                    f"orpheus_decoder_queued_windows{decoder} {windows}\n")
+
+        page[0] = torch_engine(1, 2, 5)
+        assert streams_in_flight(port) == 8  # the decoder's 3 streams (a bare cancellation's, say) aside
+        page[0] = torch_engine(0, 0, 0)
+        assert streams_in_flight(port) == 0 and Drain(Path("/nonexistent"), port).idle()
+        page[0] = 'orpheus_decoder_streams{model="snac_decoder",version="1"} 2\n'  # the relay's repository
+        assert streams_in_flight(port) == 2
+    finally:
+        server.shutdown()
+    assert streams_in_flight(free_port()) is None and not Drain(Path("/nonexistent"), free_port()).idle()

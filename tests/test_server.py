@@ -1260,8 +1260,8 @@ def test_serve_command_stops_on_sigterm(model_set, tmp_path):
     # Nothing is left in flight: the stopped stream ended normally through the whole ensemble
     # (ended with an error, the ensemble kept it in flight and the stop took the full timeout).
     status, log, took = serve.finish(timeout=60)
-    assert "gRPC on" in log and "SIGTERM: stopping" in log
-    assert status == 0 and took < 8, log[-2000:]
+    assert "gRPC on" in log and "SIGTERM: draining" in log and "drained: every stream has finished" in log
+    assert status == 0 and took < 10, log[-2000:]
 
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
@@ -1272,9 +1272,9 @@ def test_serve_command_stops_on_sigterm(model_set, tmp_path):
 
 
 def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_path):
-    """A stopping tritonserver refuses the ensemble's next step, so the stream cannot finish and the
-    server waits out its exit timeout (and 2.51 may hang after it): the command ends it in bounded time.
-    Stopped here by a closed terminal (SIGHUP): the server, in a session of its own, used to run on."""
+    """A stream that outlasts the drain is cut off when tritonserver stops (it refuses the ensemble's next
+    step, and 2.51 may hang after its exit timeout): the command ends it in bounded time. Stopped here by
+    a closed terminal (SIGHUP): the server, in a session of its own, used to run on."""
     import signal
 
     from orpheus_triton.server import STOP_GRACE_SECONDS
@@ -1283,12 +1283,39 @@ def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_pa
     thread, outcome = serve.stream_in_background(max_tokens=1400)
     serve.process.send_signal(signal.SIGHUP)
     status, log, took = serve.finish(timeout=30)
-    assert "SIGHUP: stopping; streams in flight get up to 1 s" in log
-    assert took < 1 + STOP_GRACE_SECONDS + 3
+    assert "SIGHUP: draining" in log and "streams still in flight after 1 s (--exit-timeout) are cut off" in log
+    assert took < 1 + 1 + STOP_GRACE_SECONDS + 3
     # A stop asked for that cut a stream off: 128 + the signal, told from a dead stub's 1 (it was 1 or 137)
     assert status == 128 + signal.SIGHUP and "requests in flight were cut off" in log, log[-2000:]
     thread.join(timeout=30)
     assert isinstance(outcome[0], SynthesisError)  # the client hears that its stream was cut off
+
+
+def test_serve_command_lets_the_streams_in_flight_finish_and_refuses_new_ones(model_set, tmp_path):
+    """A stopping tritonserver refuses the ensemble's next step into a composing model: at SIGTERM every
+    stream stopped where it was (no audio after it) and was cut off at the exit timeout. Now the streams
+    in flight end whole, a new one is refused as UNAVAILABLE-to-retry-elsewhere, and the command exits 0
+    once they have ended, well before its exit timeout."""
+    import signal
+
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "60")
+    try:
+        whole = OrpheusClient(serve.url).synthesize(TEXT, max_tokens=700)
+        thread, outcome = serve.stream_in_background(max_tokens=700)
+        serve.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(SynthesisError, match="server shutting down: it takes no new streams while those in "
+                                                 "flight finish; retry on another server"):
+            OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70)
+        thread.join(timeout=60)
+        status, log, took = serve.finish(timeout=60)
+    finally:
+        serve.kill()
+    assert not isinstance(outcome[0], Exception) and len(outcome[0].chunks) == len(whole.chunks)
+    assert "SIGTERM: draining" in log and "drained: every stream has finished; stopping tritonserver" in log
+    assert status == 0 and took < 30, log[-2000:]
+    assert "in-flight inferences" not in log.split("drained:")[1].replace("Found 0 model versions that have "
+                                                                           "in-flight inferences", "")
 
 
 def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):

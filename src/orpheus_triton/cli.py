@@ -154,7 +154,7 @@ def _check_mps(args) -> None:
 
 def cmd_serve(args) -> int:
     from .mps import mps_if  # noqa: PLC0415
-    from .server import Ports, http_ready, run_in_foreground, start_server  # noqa: PLC0415
+    from .server import Ports, http_ready, serve_until_stopped  # noqa: PLC0415
 
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
     _check_ports_free(ports)
@@ -172,10 +172,8 @@ def cmd_serve(args) -> int:
             _log(f"model repository: {repository}")
             _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}; Ctrl-C stops")
             with mps_if(args.mps, _log) as environment:
-                process = start_server(repository, ports, extra=[f"--exit-timeout-secs={args.exit_timeout}"],
-                                       environment=environment)
-                return run_in_foreground(process, args.exit_timeout, ready=_announcing_ready(ports, http_ready),
-                                         log=_log)
+                return serve_until_stopped(repository, ports, args.exit_timeout, _log,
+                                           ready=_announcing_ready(ports, http_ready), environment=environment)
         except KeyboardInterrupt:
             _log("interrupted")
             return 130
@@ -558,8 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=_port, default=DEFAULT_METRICS_PORT, metavar="PORT",
                        help=f"Prometheus metrics at /metrics (default {DEFAULT_METRICS_PORT})")
     serve.add_argument("--exit-timeout", type=_seconds, default=10, metavar="SECONDS",
-                       help="on Ctrl-C or SIGTERM, how long requests in flight may take before the server "
-                            "stops (default 10; streams through the orpheus ensemble are cut off then)")
+                       help="on Ctrl-C or SIGTERM, how long the streams in flight may take to finish, new ones "
+                            "refused meanwhile, before the server stops (default 10; those still going are cut off)")
     serve.set_defaults(run=cmd_serve)
 
     say = commands.add_parser("say", help="synthesize TEXT via a running server, streaming into a WAV")

@@ -119,6 +119,9 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_GRPC_URL = f"localhost:{DEFAULT_GRPC_PORT}"
+# The server's environment names the file whose presence means: stopping, take no new streams
+# (server.Drain raises it, preprocessing reads it).
+DRAIN_FILE_ENV = "ORPHEUS_DRAIN_FILE"
 
 # --- Triton model names ---------------------------------------------------------------
 ENSEMBLE_MODEL = "orpheus"

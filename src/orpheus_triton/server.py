@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT
+from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV
 from .demo_models import cache_dir
 
 
@@ -338,14 +338,88 @@ def http_ready(port: int) -> bool:
 # tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
 # ensemble stream is still counted in flight.
 STOP_GRACE_SECONDS = 5.0
+# tritonserver's own exit timeout behind a Drain: the drain has let the streams finish; what is left in
+# flight is their last answers (milliseconds), or ensemble requests a bare cancellation left behind,
+# which never finish.
+DRAINED_EXIT_SECONDS = 5
+# A drain's looks at the server's metrics: this far apart (longer than the llm stage's 0.5 s between
+# publishes), and this many in a row with nothing in flight before the server is stopped.
+DRAIN_LOOK_SECONDS = 0.6
+DRAIN_QUIET_LOOKS = 2
+
+
+def streams_in_flight(metrics_port: int) -> int | None:
+    """What the server on this machine still works on, by its own metrics: the llm stage's streams and
+    queued requests (where the stage exports none, as the relay in front of TensorRT-LLM, the streams the
+    decoder still frames) and the windows the decoder has still to decode. None if the page cannot be read."""
+    try:
+        with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
+            page = response.read().decode()
+    except OSError:
+        return None
+    values: dict[str, float] = {}
+    for line in page.splitlines():
+        name, _, value = line.partition(" ")
+        if not line.startswith("#") and value:
+            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value.split()[0])
+    streams = ("orpheus_llm_active_streams", "orpheus_llm_queued_requests")
+    if not any(name in values for name in streams):
+        streams = ("orpheus_decoder_streams",)
+    return int(sum(values.get(name, 0.0) for name in (*streams, "orpheus_decoder_queued_windows")))
+
+
+@dataclass
+class Drain:
+    """Lets a server's streams finish before it stops, refusing new ones meanwhile.
+
+    A stopping tritonserver refuses every new request, also an ensemble's next step into a
+    composing model: every stream through the `orpheus` ensemble stops where it is, and is cut
+    off at the exit timeout. So on the first stop signal the launcher raises this flag (a file
+    named in the server's environment, ``DRAIN_FILE_ENV``), which preprocessing reads to refuse
+    new streams (`server shutting down`, UNAVAILABLE), waits until the server's metrics show
+    nothing in flight (``streams_in_flight``) or ``--exit-timeout`` has passed, and only then
+    stops tritonserver.
+    """
+
+    flag: Path
+    metrics_port: int
+
+    def environment(self) -> dict[str, str]:
+        return {DRAIN_FILE_ENV: str(self.flag)}
+
+    def start(self) -> None:
+        self.flag.touch()
+
+    def idle(self) -> bool:
+        return streams_in_flight(self.metrics_port) == 0
+
+    def close(self) -> None:
+        self.flag.unlink(missing_ok=True)
 
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: Callable[[str], None],
+                        ready: Callable[[], bool] | None = None,
+                        environment: dict[str, str | None] | None = None) -> int:
+    """Run tritonserver with ``repository`` in the foreground until a signal stops it, its streams drained
+    first (``Drain``); ``run_in_foreground`` returns its exit status. ``ready``: as there (default: the
+    HTTP endpoint's readiness); ``environment``: as ``start_server``'s."""
+    drain = Drain(Path(f"{repository}.draining"), ports.metrics)
+    try:
+        process = start_server(repository, ports,
+                               extra=[f"--exit-timeout-secs={min(exit_timeout, DRAINED_EXIT_SECONDS)}"],
+                               environment={**(environment or {}), **drain.environment()})
+        return run_in_foreground(process, exit_timeout, ready=ready or (lambda: http_ready(ports.http)), log=log,
+                                 drain=drain)
+    finally:
+        drain.close()
+
+
 def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Callable[[], bool] | None = None,
-                      log: Callable[[str], None] = _to_stderr) -> int:
+                      log: Callable[[str], None] = _to_stderr, drain: Drain | None = None) -> int:
     """Wait for tritonserver (in its own process group), passing SIGINT and SIGTERM on to it (SIGHUP, a
     closed terminal, as SIGTERM: the server is in a session of its own and would not get it).
 
@@ -356,6 +430,9 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     finish then (its next step is a new request to a composing model, which a stopping
     Triton refuses), so it is cut off when that time is up. If the server is still there
     STOP_GRACE_SECONDS later, or at a second signal, it is killed with its backend stubs.
+    With a ``drain`` (``serve_until_stopped``'s), the first signal lets the streams in flight finish first,
+    new ones refused, for up to ``exit_timeout``; tritonserver (started with DRAINED_EXIT_SECONDS as
+    its own exit timeout) is stopped once they have.
     Once ``ready`` says the models are loaded, a backend stub that dies (``StubWatch``: tritonserver 2.51 neither
     restarts it nor stops reporting ready) stops the server the same way, with exit status 1, so that
     whatever supervises `serve` (compose's restart policy, systemd) starts a whole one again.
@@ -368,6 +445,14 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
+    draining_until, quiet_looks = None, 0
+    server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
+
+    def stop_server_now(reason: str) -> float:
+        log(reason)
+        process.send_signal(signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
+        return time.monotonic() + server_timeout + STOP_GRACE_SECONDS
+
     try:
         while True:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -390,11 +475,25 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                          "tritonserver does not restart it: every request to it would fail; stopping the server")
                     received.append(signal.SIGTERM)
                     failed = True
-            if received and deadline is None:
-                log(f"{signal.Signals(received[0]).name}: stopping; streams in flight get up to "
-                     f"{exit_timeout:g} s (--exit-timeout); Ctrl-C again stops at once")
-                process.send_signal(signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
-                deadline = time.monotonic() + exit_timeout + STOP_GRACE_SECONDS
+            name = signal.Signals(received[0]).name if received else ""
+            if received and deadline is None and draining_until is None and len(received) == 1:
+                if drain is None or failed or exit_timeout <= 0:
+                    deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
+                                               "(--exit-timeout); Ctrl-C again stops at once")
+                else:
+                    drain.start()
+                    log(f"{name}: draining: new streams are refused (retry them on another server) while those in "
+                        f"flight get up to {exit_timeout:g} s to finish (--exit-timeout); Ctrl-C again stops at once")
+                    draining_until, next_drain_look = time.monotonic() + exit_timeout, time.monotonic()
+            elif draining_until is not None and deadline is None and len(received) == 1:
+                if time.monotonic() >= next_drain_look:
+                    next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
+                    quiet_looks = quiet_looks + 1 if drain.idle() else 0
+                if quiet_looks >= DRAIN_QUIET_LOOKS:
+                    deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
+                elif time.monotonic() >= draining_until:
+                    deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout) "
+                                               "are cut off; stopping tritonserver")
             elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
                 log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
                 kill_server_group(process)

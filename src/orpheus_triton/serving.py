@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from .constants import (
     DECODER_MODEL,
     DECODER_STOP,
     DECODER_TOKENS,
+    DRAIN_FILE_ENV,
     LLM_AUDIO_GUARD,
     LLM_END_ID,
     LLM_INPUT_IDS,
@@ -92,6 +94,17 @@ def log_to_triton(pb_utils, level: int = logging.INFO) -> None:
     package.setLevel(level)
 
 GetInput = Callable[[str], "np.ndarray | None"]
+
+
+SHUTTING_DOWN = ("server shutting down: it takes no new streams while those in flight finish; retry on another "
+                 "server")
+
+
+def draining() -> bool:
+    """Whether the server is stopping and takes no new streams: the file its environment names
+    (``DRAIN_FILE_ENV``, raised by ``server.Drain``) exists."""
+    flag = os.environ.get(DRAIN_FILE_ENV)
+    return bool(flag) and os.path.exists(flag)
 
 
 def send_error(pb_utils, sender, stage: str, message) -> None:

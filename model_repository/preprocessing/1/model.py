@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 from orpheus_triton import constants as c
 from orpheus_triton.preprocess import SynthesisOptions, check_max_seq_len, llm_inputs
 from orpheus_triton.prompt import PromptError, Voices, load_tokenizer
-from orpheus_triton.serving import log_to_triton, model_parameters
+from orpheus_triton.serving import SHUTTING_DOWN, draining, log_to_triton, model_parameters
 
 
 def _optional(request, name, cast):
@@ -40,6 +40,9 @@ class TritonPythonModel:
             check_max_seq_len(self.tokenizer, self.voices, self.max_seq_len)
 
     def execute(self, requests):
+        if draining():  # the server is stopping: new streams go elsewhere, those in flight finish
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                f"orpheus: {SHUTTING_DOWN}", pb_utils.TritonError.UNAVAILABLE)) for _ in requests]
         responses = []
         for request in requests:
             started = time.time()
