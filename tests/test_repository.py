@@ -455,3 +455,23 @@ def test_serve_says_once_when_the_server_is_ready(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if "ready" in line]
     assert lines == ['[orpheus-triton] ready: every model loaded; gRPC on :8101 (try `orpheus-triton say "Hello" '
                      '--url localhost:8101`), HTTP on :8100, metrics on http://localhost:8102/metrics']
+
+
+def test_a_refusal_to_retry_raises_server_unavailable_and_say_exits_75(monkeypatch, capsys, tmp_path):
+    """`server busy` and `server shutting down` are the server's 'not now': a voice agent retries them on
+    another server, and catches them without reading messages; `say` exits EX_TEMPFAIL for them."""
+    from orpheus_triton import cli
+    from orpheus_triton.client import ServerUnavailable, SynthesisError, _stream_failure
+
+    for message in (f"in ensemble 'orpheus', orpheus llm: {c.SERVER_BUSY}: 256 requests already queued",
+                    f"in ensemble 'orpheus', orpheus: {c.SERVER_SHUTTING_DOWN}: it takes no new streams"):
+        assert type(_stream_failure("u", message, unavailable=False, first=True)) is ServerUnavailable
+    refused = _stream_failure("u", "orpheus: unknown voice 'bob'", unavailable=False, first=True)
+    assert type(refused) is SynthesisError
+
+    def busy(*args, **kwargs):
+        raise ServerUnavailable(f"orpheus llm: {c.SERVER_BUSY}: 256 requests already queued")
+
+    monkeypatch.setattr(cli, "_synthesize", busy)
+    assert cli.main(["say", "hello", "-o", str(tmp_path / "out.wav")]) == cli.RETRY_LATER_STATUS == 75
+    assert f"error: orpheus llm: {c.SERVER_BUSY}" in capsys.readouterr().err

@@ -1297,6 +1297,10 @@ def test_serve_command_lets_the_streams_in_flight_finish_and_refuses_new_ones(mo
     in flight end whole, a new one is refused as UNAVAILABLE-to-retry-elsewhere, and the command exits 0
     once they have ended, well before its exit timeout."""
     import signal
+    import subprocess
+    import sys
+
+    from orpheus_triton.client import ServerUnavailable
 
     serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "60")
     try:
@@ -1304,9 +1308,12 @@ def test_serve_command_lets_the_streams_in_flight_finish_and_refuses_new_ones(mo
         thread, outcome = serve.stream_in_background(max_tokens=700)
         serve.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
-        with pytest.raises(SynthesisError, match="server shutting down: it takes no new streams while those in "
-                                                 "flight finish; retry on another server"):
+        with pytest.raises(ServerUnavailable, match="server shutting down: it takes no new streams while those in "
+                                                    "flight finish; retry on another server"):
             OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70)
+        refused = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "Hi", "--url", serve.url, "-o",
+                                  str(tmp_path / "late.wav")], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 75 and "server shutting down" in refused.stderr  # EX_TEMPFAIL: retry
         thread.join(timeout=60)
         status, log, took = serve.finish(timeout=60)
     finally:

@@ -317,8 +317,13 @@ def _options(args) -> dict:
             "top_p": args.top_p, "repetition_penalty": args.repetition_penalty}
 
 
+# `say`'s exit status for a stream the server turned away for now (busy, or draining to stop): BSD's
+# EX_TEMPFAIL, so that a script can tell "retry" from a request to fix.
+RETRY_LATER_STATUS = 75
+
+
 def cmd_say(args) -> int:
-    from .client import SynthesisError  # noqa: PLC0415
+    from .client import ServerUnavailable, SynthesisError  # noqa: PLC0415
 
     try:
         text = None if args.text == "-" else args.text
@@ -328,6 +333,9 @@ def cmd_say(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         print("stopped: the reader of stdout went away", file=sys.stderr)
         return 1
+    except ServerUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return RETRY_LATER_STATUS
     except SynthesisError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

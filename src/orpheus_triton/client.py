@@ -34,6 +34,8 @@ from .constants import (
     LLM_MODEL,
     OUT_AUDIO,
     SAMPLE_RATE,
+    SERVER_BUSY,
+    SERVER_SHUTTING_DOWN,
     max_tokens_refusal,
 )
 from .serving import stop_request_inputs
@@ -62,6 +64,12 @@ class SynthesisError(RuntimeError):
         return _stream_failure(None, str(error), unavailable, first=False)
 
 
+class ServerUnavailable(SynthesisError):
+    """The server turned the stream away for now, before generating anything: every slot taken and its
+    queue full (`server busy`), or it is draining to stop (`server shutting down`). Retry the stream,
+    on another server or later; other SynthesisErrors are the request's own or a failure."""
+
+
 def _stop_failure(request_id: str, message: str) -> SynthesisError:
     """What a `stop` the server refused, or could not be sent, raises (either client)."""
     return SynthesisError(f"the stop for {request_id!r} failed: {message}")
@@ -75,6 +83,8 @@ def _stream_failure(url: str | None, message: str, unavailable: bool, first: boo
         return ConnectionError(f"no Triton server reachable at {url} ({message})")
     if unavailable:
         return SynthesisError(f"the connection to the server was lost mid-stream ({message})")
+    if SERVER_BUSY in message or SERVER_SHUTTING_DOWN in message:
+        return ServerUnavailable(message)
     return SynthesisError(message)
 
 

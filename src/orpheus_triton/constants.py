@@ -119,6 +119,10 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_GRPC_URL = f"localhost:{DEFAULT_GRPC_PORT}"
+# The words that open a refusal to retry, later or on another server (the bundled clients raise
+# ServerUnavailable for them): every slot taken and the queue full, or the server draining to stop.
+SERVER_BUSY = "server busy"
+SERVER_SHUTTING_DOWN = "server shutting down"
 # The server's environment names the file whose presence means: stopping, take no new streams
 # (server.Drain raises it, preprocessing reads it).
 DRAIN_FILE_ENV = "ORPHEUS_DRAIN_FILE"

@@ -45,6 +45,7 @@ from .constants import (
     DEFAULT_TOP_P,
     END_OF_SPEECH,
     NO_END_ID,
+    SERVER_BUSY,
     TOKENS_PER_FRAME,
 )
 from .llama import BucketedDecoder, BucketedPrefill, Llama, available_memory, kv_cache_bytes
@@ -346,7 +347,8 @@ class InflightEngine:
             if len(self.queue) >= self.max_queue:
                 self.stats.queue_full += 1
                 raise CapacityError(
-                    f"server busy: {len(self.queue)} requests already queued (max_queue {self.max_queue}); retry later"
+                    f"{SERVER_BUSY}: {len(self.queue)} requests already queued (max_queue {self.max_queue}); "
+                    "retry later"
                 )
             self.queue.append(_Stream(request))
             self.stats.queued_requests = len(self.queue)
@@ -493,7 +495,7 @@ class InflightEngine:
         for stream in overdue:
             stream.ended = True
         held = len(self.decoding) + (self.prefilling is not None)
-        self._notify(overdue, f"server busy: no stream slot came free within {self.max_queue_seconds:g} s "
+        self._notify(overdue, f"{SERVER_BUSY}: no stream slot came free within {self.max_queue_seconds:g} s "
                               f"(max_queue_seconds; {held} of {self.max_streams} stream slots in use); retry later")
 
     def _prefill(self) -> None:

@@ -50,6 +50,7 @@ from .constants import (
     LLM_TOP_K,
     LLM_TOP_P,
     REQUEST_START,
+    SERVER_SHUTTING_DOWN,
     STREAM_STATE_SECONDS,
     TOKENS_PER_FRAME,
     shown,
@@ -96,8 +97,7 @@ def log_to_triton(pb_utils, level: int = logging.INFO) -> None:
 GetInput = Callable[[str], "np.ndarray | None"]
 
 
-SHUTTING_DOWN = ("server shutting down: it takes no new streams while those in flight finish; retry on another "
-                 "server")
+SHUTTING_DOWN = f"{SERVER_SHUTTING_DOWN}: it takes no new streams while those in flight finish; retry on another server"
 
 
 def draining() -> bool:
