@@ -93,8 +93,9 @@ def test_a_stub_that_dies_between_loading_and_the_watchs_start_is_noticed():
 
 
 def test_a_drain_reads_what_is_in_flight_from_the_servers_metrics():
-    """The llm stage's streams and queue and the decoder's queued windows; behind the relay to TensorRT-LLM,
-    which exports no llm gauges, the streams the decoder still frames. An unreadable page is not idle."""
+    """The llm stage's streams and queue (or the relay's, in front of TensorRT-LLM) and the decoder's queued
+    windows; not the streams the decoder still frames, which a bare cancellation leaves for 10 minutes. A
+    page without the llm stage's figures, or none, is not known to be idle."""
     import http.server
     import threading
 
@@ -125,8 +126,74 @@ def test_a_drain_reads_what_is_in_flight_from_the_servers_metrics():
         assert streams_in_flight(port) == 8  # the decoder's 3 streams (a bare cancellation's, say) aside
         page[0] = torch_engine(0, 0, 0)
         assert streams_in_flight(port) == 0 and Drain(Path("/nonexistent"), port).idle()
-        page[0] = 'orpheus_decoder_streams{model="snac_decoder",version="1"} 2\n'  # the relay's repository
+        page[0] = 'orpheus_llm_relayed_streams{model="llm",version="1"} 2\n'  # the relay's repository
         assert streams_in_flight(port) == 2
+        page[0] = 'orpheus_decoder_streams{model="snac_decoder",version="1"} 2\n'  # the llm stage still loading
+        assert streams_in_flight(port) is None
+        page[0] = "orpheus_llm_active_streams{model=llm} not-a-number\n"
+        assert streams_in_flight(port) is None
     finally:
         server.shutdown()
     assert streams_in_flight(free_port()) is None and not Drain(Path("/nonexistent"), free_port()).idle()
+
+
+class _FakeDrain:
+    """A Drain whose server is idle after ``busy_looks`` looks; ``start`` fails with ``refuse``."""
+
+    def __init__(self, busy_looks: int = 0, refuse: OSError | None = None):
+        self.busy_looks, self.refuse, self.started = busy_looks, refuse, False
+
+    def start(self) -> None:
+        if self.refuse:
+            raise self.refuse
+        self.started = True
+
+    def idle(self) -> bool:
+        self.busy_looks -= 1
+        return self.busy_looks < 0
+
+
+def _stand_in_server():
+    """A process in a session of its own that, like tritonserver with a request a bare cancellation left in
+    flight, exits 1 on SIGTERM or SIGINT."""
+    import subprocess
+
+    return subprocess.Popen(["sh", "-c", 'trap "exit 1" TERM INT; while :; do sleep 0.05; done'],
+                            start_new_session=True)
+
+
+def _signal_soon(delay: float = 0.3):
+    import os
+    import signal
+    import threading
+
+    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+
+@pytest.mark.parametrize("case", ["drained", "not ready", "flag unwritable"])
+def test_the_drain_runs_only_once_the_models_are_ready_and_its_flag_is_up(case):
+    """A stop while the models still load waited out the whole exit timeout for metrics that were not
+    there yet; a drain whose flag could not be written ended the launcher with a traceback; a drain that
+    saw every stream end reported the requests a bare cancellation left in flight as streams cut off."""
+    import signal
+    import time
+
+    from orpheus_triton.server import run_in_foreground
+
+    drain = _FakeDrain(busy_looks=1, refuse=PermissionError(13, "Permission denied") if case == "flag unwritable"
+                       else None)
+    said = []
+    process = _stand_in_server()
+    _signal_soon()
+    started = time.monotonic()
+    status = run_in_foreground(process, exit_timeout=30, ready=lambda: case != "not ready", log=said.append,
+                               drain=drain)
+    took = time.monotonic() - started
+    if case == "drained":
+        assert drain.started and any("drained: every stream has finished" in line for line in said)
+        assert status == 0 and took < 5, said
+    else:
+        assert not drain.started and any("SIGTERM: stopping" in line for line in said), said
+        assert status == 128 + signal.SIGTERM and took < 3  # tritonserver exited 1: cut off, said as such
+    if case == "flag unwritable":
+        assert any("cannot drain ([Errno 13] Permission denied): stopping at once" in line for line in said)

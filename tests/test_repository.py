@@ -466,8 +466,9 @@ def test_a_refusal_to_retry_raises_server_unavailable_and_say_exits_75(monkeypat
     for message in (f"in ensemble 'orpheus', orpheus llm: {c.SERVER_BUSY}: 256 requests already queued",
                     f"in ensemble 'orpheus', orpheus: {c.SERVER_SHUTTING_DOWN}: it takes no new streams"):
         assert type(_stream_failure("u", message, unavailable=False, first=True)) is ServerUnavailable
-    refused = _stream_failure("u", "orpheus: unknown voice 'bob'", unavailable=False, first=True)
-    assert type(refused) is SynthesisError
+    for message in ("orpheus: unknown voice 'bob'", f"in ensemble 'orpheus', orpheus: unknown voice "
+                                                    f"'{c.SERVER_BUSY}'; choose one of: tara"):
+        assert type(_stream_failure("u", message, unavailable=False, first=True)) is SynthesisError
 
     def busy(*args, **kwargs):
         raise ServerUnavailable(f"orpheus llm: {c.SERVER_BUSY}: 256 requests already queued")

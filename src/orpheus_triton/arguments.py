@@ -110,4 +110,6 @@ class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     @staticmethod
     def _shows_default(action: argparse.Action) -> bool:
-        return bool(action.option_strings) and action.default not in (None, False, "", argparse.SUPPRESS)
+        default = action.default  # by identity: 0 and 0.0 are defaults worth showing, False is not
+        return bool(action.option_strings) and not (default is None or default is False or default == ""
+                                                      or default is argparse.SUPPRESS)

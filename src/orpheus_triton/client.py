@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import re
 import socket
 import time
 import uuid
@@ -64,6 +65,11 @@ class SynthesisError(RuntimeError):
         return _stream_failure(None, str(error), unavailable, first=False)
 
 
+# A refusal to retry as a stage opens it ("orpheus llm: server busy: ...", "orpheus: server shutting down: ..."),
+# not the words anywhere (an unknown voice named "server busy" is the request's own fault).
+_TURNED_AWAY = re.compile(rf"(?:^|[:,] )orpheus(?: \w+)?: (?:{SERVER_BUSY}|{SERVER_SHUTTING_DOWN}): ")
+
+
 class ServerUnavailable(SynthesisError):
     """The server turned the stream away for now, before generating anything: every slot taken and its
     queue full (`server busy`), or it is draining to stop (`server shutting down`). Retry the stream,
@@ -83,7 +89,7 @@ def _stream_failure(url: str | None, message: str, unavailable: bool, first: boo
         return ConnectionError(f"no Triton server reachable at {url} ({message})")
     if unavailable:
         return SynthesisError(f"the connection to the server was lost mid-stream ({message})")
-    if SERVER_BUSY in message or SERVER_SHUTTING_DOWN in message:
+    if _TURNED_AWAY.search(message):
         return ServerUnavailable(message)
     return SynthesisError(message)
 
@@ -210,11 +216,16 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
                 f"no ready Triton server at {url}: something listens there but does not answer Triton's gRPC; "
                 f"is it the server's HTTP or metrics port? Clients stream from its gRPC port "
                 f"({DEFAULT_GRPC_PORT} unless serve's --grpc-port says otherwise)") from None
-        if not live or not client.is_server_ready(client_timeout=timeout):
+        try:
+            ready = live and client.is_server_ready(client_timeout=timeout)
+            has_model = ready and (model is None or client.is_model_ready(model, client_timeout=timeout))
+        except Exception as error:  # noqa: BLE001 (a server that stopped answering meanwhile)
+            raise ConnectionError(f"no ready Triton server at {url}: {error}") from None
+        if not ready:
             raise ConnectionError(f"no ready Triton server at {url}: the server is up but not ready; its models "
                                   f"are still loading (`orpheus-triton serve` says when it is ready), or one "
                                   f"failed to load (see the server's log)")
-        if model is not None and not client.is_model_ready(model, client_timeout=timeout):
+        if not has_model:
             raise ConnectionError(f"the Triton server at {url} has no ready model {model!r}: is it serving "
                                   f"orpheus-triton's model repository?")
     finally:

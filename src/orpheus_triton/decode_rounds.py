@@ -295,6 +295,11 @@ class StreamDecoderState:
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
 
+    def forget(self, request_id: str) -> None:
+        """Drop the state of the stream with this id (its caller cancelled it): a next stream under the id
+        starts afresh, not inside the cancelled one's frames."""
+        self.streams.pop(request_id, None)
+
     def open_stream(self, request_id: str) -> tuple[bool, float | None]:
         """Whether a stream with this id is being framed (its end not arrived yet, not vanished), and its
         request start: what DecodeScheduler.drop needs to know to answer its requests still to come."""

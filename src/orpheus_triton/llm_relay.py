@@ -187,6 +187,11 @@ class RelayStreams:
             self.active.release(request_id, completed=False)
         self.stop_engine(request_id)
 
+    def in_flight(self) -> int:
+        """Streams being relayed: generating in the engine model, or waiting for its slots."""
+        with self._lock:
+            return len(self._threads)
+
     def close(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout`` in all) for the streams being relayed to end, then send what is queued."""
         deadline = time.monotonic() + timeout

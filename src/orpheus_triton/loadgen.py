@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="closed loop: streams a level counts at the least, whatever its concurrency, so that "
                              "its percentiles rest on a few streams (default 4)")
     parser.add_argument("--max-tokens", type=max_tokens_or_zero, default=0, metavar="N",
-                        help="cap every stream at N audio tokens (default 0: each text's own length, "
+                        help="every stream's max_tokens (default 0: each text's own length, "
                              + ", ".join(f"{label} {tokens}" for label, tokens in MAX_TOKENS.items())
                              + "; the demo model set never ends its speech by itself, so a stream takes all)")
     parser.add_argument("--max-seconds", type=positive_seconds, default=120.0,

@@ -24,6 +24,13 @@ LLM_STEPS_METRIC = "orpheus_llm_steps_total"
 LLM_BUSY_METRIC = "orpheus_llm_busy_seconds_total"
 LLM_STREAM_SECONDS_METRIC = "orpheus_llm_stream_seconds_total"
 LLM_QUEUED_SECONDS_METRIC = "orpheus_llm_queued_seconds_total"
+LLM_ACTIVE_STREAMS_METRIC = "orpheus_llm_active_streams"
+LLM_QUEUED_METRIC = "orpheus_llm_queued_requests"
+RELAYED_STREAMS_METRIC = "orpheus_llm_relayed_streams"
+DECODER_QUEUED_METRIC = "orpheus_decoder_queued_windows"
+# The llm stage's streams still generating or waiting for a slot (the torch engine's, or the relay's in front
+# of TensorRT-LLM): with the decoder's queued windows, what a draining server waits for (server.Drain).
+LLM_STREAM_METRICS = (LLM_ACTIVE_STREAMS_METRIC, LLM_QUEUED_METRIC, RELAYED_STREAMS_METRIC)
 LOAD_METRICS = (DECODER_BUSY_METRIC, DECODER_WINDOWS_METRIC, DECODER_CALLS_METRIC, LLM_TOKENS_METRIC,
                 LLM_STEPS_METRIC, LLM_BUSY_METRIC, LLM_STREAM_SECONDS_METRIC, LLM_QUEUED_SECONDS_METRIC)
 # Buckets (seconds) of the time-to-first-audio histogram: around the 200 ms a voice agent aims for, up to
@@ -130,6 +137,21 @@ class PublishedMetrics:
                 log.warning("%s: publishing failed: %s", threading.current_thread().name, failure)
 
 
+class RelayMetrics(PublishedMetrics):
+    """The streams the relay in front of TensorRT-LLM carries (generating there or waiting for its slots),
+    read from ``streams`` every ``interval`` seconds: TensorRT-LLM's own figures are not the llm stage's."""
+
+    def __init__(self, pb_utils, model: str, streams: Callable[[], int], interval: float | None = 0.5):
+        self.metrics = MetricSet(pb_utils, model)
+        self.relayed = self.metrics.gauge(RELAYED_STREAMS_METRIC, "Streams the relay carries to the engine model "
+                                          "(generating there, or waiting for its slots)")
+        self.streams = streams
+        self._start_publishing(interval, "relay-metrics")
+
+    def publish(self) -> None:
+        self.relayed.set(self.streams())
+
+
 class DecoderMetrics(PublishedMetrics):
     """What the SNAC decoder does: the stage that bounds real-time capacity on small machines.
 
@@ -158,7 +180,7 @@ class DecoderMetrics(PublishedMetrics):
             "call_windows": metrics.gauge("orpheus_decoder_call_windows", "Windows in the last SNAC call"),
             "call_seconds": metrics.gauge("orpheus_decoder_call_seconds", "Duration of the last SNAC call (kept "
                                           "while idle; the mean: busy_seconds over calls, as rates)"),
-            "queued": metrics.gauge("orpheus_decoder_queued_windows", "Windows waiting for a decoder round"),
+            "queued": metrics.gauge(DECODER_QUEUED_METRIC, "Windows waiting for a decoder round"),
         }
         self.counters = {
             "busy_seconds": metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV
 from .demo_models import cache_dir
+from .metrics import DECODER_QUEUED_METRIC, LLM_STREAM_METRICS
 
 
 @dataclass(frozen=True)
@@ -325,10 +327,15 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout: float = 300.0
     raise TimeoutError(f"tritonserver at {url} not ready after {timeout:.0f} s")
 
 
+# This machine's own server, asked directly: an http_proxy in the environment (a container's) must not
+# take the question elsewhere.
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_ready(port: int) -> bool:
     """Whether the tritonserver on this machine's HTTP ``port`` has loaded every model."""
     try:
-        with urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=2) as response:
+        with _LOCAL.open(f"http://localhost:{port}/v2/health/ready", timeout=2) as response:
             return response.status == 200
     except OSError:
         return False
@@ -350,22 +357,23 @@ DRAIN_QUIET_LOOKS = 2
 
 def streams_in_flight(metrics_port: int) -> int | None:
     """What the server on this machine still works on, by its own metrics: the llm stage's streams and
-    queued requests (where the stage exports none, as the relay in front of TensorRT-LLM, the streams the
-    decoder still frames) and the windows the decoder has still to decode. None if the page cannot be read."""
+    queued requests (the torch engine's, or the streams the relay in front of TensorRT-LLM carries) and
+    the windows the decoder has still to decode. None if the page cannot be read or has no llm stage's
+    figures (models still loading, a repository of another kind): not known to be idle."""
     try:
-        with urllib.request.urlopen(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
+        with _LOCAL.open(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
             page = response.read().decode()
-    except OSError:
+        values: dict[str, float] = {}
+        for line in page.splitlines():
+            name, _, value = line.partition(" ")
+            if not line.startswith("#") and value:
+                family = name.split("{")[0]
+                values[family] = values.get(family, 0.0) + float(value.split()[0])
+    except Exception:  # noqa: BLE001 (unreadable, cut short, unparsable: not known)
         return None
-    values: dict[str, float] = {}
-    for line in page.splitlines():
-        name, _, value = line.partition(" ")
-        if not line.startswith("#") and value:
-            values[name.split("{")[0]] = values.get(name.split("{")[0], 0.0) + float(value.split()[0])
-    streams = ("orpheus_llm_active_streams", "orpheus_llm_queued_requests")
-    if not any(name in values for name in streams):
-        streams = ("orpheus_decoder_streams",)
-    return int(sum(values.get(name, 0.0) for name in (*streams, "orpheus_decoder_queued_windows")))
+    if not any(name in values for name in LLM_STREAM_METRICS):
+        return None
+    return int(sum(values.get(name, 0.0) for name in (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC)))
 
 
 @dataclass
@@ -384,6 +392,12 @@ class Drain:
     flag: Path
     metrics_port: int
 
+    @classmethod
+    def for_server(cls, metrics_port: int) -> Drain:
+        """A drain whose flag is new to this run: a flag a killed launcher left (its finally never ran) must
+        not turn the next server's every stream away."""
+        return cls(Path(tempfile.mkdtemp(prefix="orpheus-drain-")) / "draining", metrics_port)
+
     def environment(self) -> dict[str, str]:
         return {DRAIN_FILE_ENV: str(self.flag)}
 
@@ -394,11 +408,21 @@ class Drain:
         return streams_in_flight(self.metrics_port) == 0
 
     def close(self) -> None:
-        self.flag.unlink(missing_ok=True)
+        shutil.rmtree(self.flag.parent, ignore_errors=True)
 
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _raised(drain: Drain, log: Callable[[str], None]) -> bool:
+    """Raise the drain's flag; False (and said) where it cannot be written: the server is stopped at once."""
+    try:
+        drain.start()
+    except OSError as error:
+        log(f"cannot drain ({error}): stopping at once")
+        return False
+    return True
 
 
 def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: Callable[[str], None],
@@ -407,7 +431,7 @@ def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: 
     """Run tritonserver with ``repository`` in the foreground until a signal stops it, its streams drained
     first (``Drain``); ``run_in_foreground`` returns its exit status. ``ready``: as there (default: the
     HTTP endpoint's readiness); ``environment``: as ``start_server``'s."""
-    drain = Drain(Path(f"{repository}.draining"), ports.metrics)
+    drain = Drain.for_server(ports.metrics)
     try:
         process = start_server(repository, ports,
                                extra=[f"--exit-timeout-secs={min(exit_timeout, DRAINED_EXIT_SECONDS)}"],
@@ -445,7 +469,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
-    draining_until, quiet_looks = None, 0
+    draining_until, quiet_looks, drained = None, 0, False
     server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
 
     def stop_server_now(reason: str) -> float:
@@ -473,23 +497,28 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 if died:
                     log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
                          "tritonserver does not restart it: every request to it would fail; stopping the server")
-                    received.append(signal.SIGTERM)
                     failed = True
+                    if draining_until is None:
+                        received.append(signal.SIGTERM)
+                    else:  # the streams still going through the other models end as a stop would end them
+                        deadline = stop_server_now("stopping tritonserver: the drain cannot finish")
             name = signal.Signals(received[0]).name if received else ""
             if received and deadline is None and draining_until is None and len(received) == 1:
-                if drain is None or failed or exit_timeout <= 0:
-                    deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
-                                               "(--exit-timeout); Ctrl-C again stops at once")
-                else:
-                    drain.start()
+                # Nothing to drain before the models are ready (nor before the first look, without ``ready``).
+                if drain is not None and not failed and exit_timeout > 0 and (watching or ready is None) \
+                        and _raised(drain, log):
                     log(f"{name}: draining: new streams are refused (retry them on another server) while those in "
                         f"flight get up to {exit_timeout:g} s to finish (--exit-timeout); Ctrl-C again stops at once")
                     draining_until, next_drain_look = time.monotonic() + exit_timeout, time.monotonic()
+                else:
+                    deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
+                                               "(--exit-timeout); Ctrl-C again stops at once")
             elif draining_until is not None and deadline is None and len(received) == 1:
                 if time.monotonic() >= next_drain_look:
                     next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
                     quiet_looks = quiet_looks + 1 if drain.idle() else 0
                 if quiet_looks >= DRAIN_QUIET_LOOKS:
+                    drained = True
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
                 elif time.monotonic() >= draining_until:
                     deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout) "
@@ -505,7 +534,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     if failed:
         return 1
     if received:
-        if status == 0:
+        if status == 0 or drained:  # drained: what tritonserver still held in flight had nobody to answer
             return 0
         log(f"stopped; requests in flight were cut off (tritonserver {'was killed' if killed else f'exited {status}'})")
         return 128 + received[0]

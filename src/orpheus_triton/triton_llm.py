@@ -12,7 +12,9 @@ from .constants import LLM_MODEL
 from .engine import InflightEngine, default_max_streams
 from .llama import load_llama
 from .metrics import (
+    LLM_ACTIVE_STREAMS_METRIC,
     LLM_BUSY_METRIC,
+    LLM_QUEUED_METRIC,
     LLM_QUEUED_SECONDS_METRIC,
     LLM_STEPS_METRIC,
     LLM_STREAM_SECONDS_METRIC,
@@ -99,8 +101,8 @@ class EngineMetrics(PublishedMetrics):
         gauge = metrics.gauge
         self.engine = engine
         self.active = active
-        self.active_streams = gauge("orpheus_llm_active_streams", "Streams holding a KV-cache slot")
-        self.queued = gauge("orpheus_llm_queued_requests", "Requests waiting for a free slot")
+        self.active_streams = gauge(LLM_ACTIVE_STREAMS_METRIC, "Streams holding a KV-cache slot")
+        self.queued = gauge(LLM_QUEUED_METRIC, "Requests waiting for a free slot")
         # One step of hundreds a second, and kept while idle: averages are the counters' rates.
         self.step_seconds = gauge("orpheus_llm_step_seconds", "Duration of the last engine step (for the mean: "
                                   "rate of orpheus_llm_busy_seconds_total / rate of orpheus_llm_steps_total)")

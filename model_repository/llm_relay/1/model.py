@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
 from orpheus_triton.llm_relay import ENGINE_OUTPUTS, EngineInputs, EngineResponse, HeldReferences, RelayStreams
+from orpheus_triton.metrics import RelayMetrics
 from orpheus_triton.serving import (
     llm_responders,
     llm_stream_options,
@@ -32,6 +33,7 @@ class TritonPythonModel:
                                        audio_guard=params.get("engine_audio_guard", "true") == "true"),
             **llm_stream_options(params),
         )
+        self.metrics = RelayMetrics(pb_utils, c.LLM_MODEL, self.streams.in_flight)
 
     def call(self, request_id, inputs):
         request = pb_utils.InferenceRequest(
@@ -61,4 +63,5 @@ class TritonPythonModel:
 
     def finalize(self):
         self.streams.close()
+        self.metrics.stop()
         self.held.clear()

@@ -118,9 +118,10 @@ class TritonPythonModel:
                 return
             answer, decode = work
             decode, cancelled = split_cancelled(decode, lambda item: item.reply.is_cancelled())
-            # A cancelled request's stream has what it queued answered without audio; not what comes later,
-            # which may be its caller's next stream under the id.
+            # A cancelled request's stream has what it queued answered without audio and its frames forgotten;
+            # what comes later under the id is its caller's next stream.
             for item in cancelled:
+                self.state.forget(item.stream_id)
                 if self.scheduler.drop(item.stream_id, still_open=False):
                     self.metrics.record_stopped()
             for item in [*answer, *cancelled]:
