@@ -370,3 +370,26 @@ def test_each_request_counts_its_token_ids_that_gave_no_audio():
         ("a", np.array(frame), None), ("a", np.array([-1, 2**31 - 1, 0, 5, 156_939, *frame]), None),
         ("a", np.array(frame[1:] + frame[:1]), None), ("a", np.array([END_OF_SPEECH]), None)])
     assert [item.dropped_tokens for item in (clean, noisy, rotated, end)] == [0, 5, 6, 0]
+
+
+def test_a_cancelled_streams_state_is_forgotten_by_the_thread_that_frames_unless_it_went_on():
+    """``forget`` comes from the decoder's worker thread while ``items_for`` runs on Triton's: it used to
+    change the dict under the framing (KeyError, a sweep's 'dictionary changed size'), failing a whole batch."""
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    now = [0.0]
+    state = StreamDecoderState(clock=lambda: now[0])
+    tokens = [audio_token_id(code, i) for i, code in enumerate(range(1, 15))]
+    state.items_for([("gone", np.array(tokens[:10]), None), ("on", np.array(tokens[:10]), None)])
+    now[0] = 1.0
+    state.forget("gone")
+    state.forget("on")
+    assert set(state.streams) == {"gone", "on"}  # not touched from the other thread
+    now[0] = 2.0
+    (on,) = state.items_for([("on", np.array(tokens[10:]), None)])  # the forgets are done first
+    assert "gone" not in state.streams and on.windows == []  # "on" starts afresh: 4 tokens, no frame yet
+    # Tokens framed after a forget was asked for (a call already under way on the other thread): kept.
+    state.forget("on")
+    state.streams["on"].last_seen = 3.0
+    state.items_for([])
+    assert "on" in state.streams

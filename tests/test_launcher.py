@@ -153,13 +153,14 @@ class _FakeDrain:
         return self.busy_looks < 0
 
 
-def _stand_in_server():
+def _stand_in_server(handler: bool = True):
     """A process in a session of its own that, like tritonserver with a request a bare cancellation left in
-    flight, exits 1 on SIGTERM or SIGINT."""
+    flight, exits 1 on SIGTERM or SIGINT; without ``handler``, as tritonserver while its models load, it is
+    killed by them."""
     import subprocess
 
-    return subprocess.Popen(["sh", "-c", 'trap "exit 1" TERM INT; while :; do sleep 0.05; done'],
-                            start_new_session=True)
+    trap = 'trap "exit 1" TERM INT; ' if handler else ""
+    return subprocess.Popen(["sh", "-c", f"{trap}while :; do sleep 0.05; done"], start_new_session=True)
 
 
 def _signal_soon(delay: float = 0.3):
@@ -197,3 +198,16 @@ def test_the_drain_runs_only_once_the_models_are_ready_and_its_flag_is_up(case):
         assert status == 128 + signal.SIGTERM and took < 3  # tritonserver exited 1: cut off, said as such
     if case == "flag unwritable":
         assert any("cannot drain ([Errno 13] Permission denied): stopping at once" in line for line in said)
+
+
+def test_a_stop_while_the_models_load_is_said_as_such_and_is_no_failure():
+    """tritonserver has no signal handler until its models have loaded: SIGTERM kills it. That was reported
+    as streams in flight cut off, exit 143, with nothing streaming yet."""
+    from orpheus_triton.server import run_in_foreground
+
+    said = []
+    process = _stand_in_server(handler=False)
+    _signal_soon()
+    assert run_in_foreground(process, exit_timeout=30, ready=lambda: False, log=said.append,
+                             drain=_FakeDrain()) == 0
+    assert said[-1] == "stopped while the models were loading", said

@@ -305,6 +305,23 @@ def test_abandoned_stream_is_stopped_through_the_relay(relay_server):
 
 
 @pytest.mark.server
+def test_each_relay_instance_counts_its_streams_under_its_own_label(relay_server):
+    """What a draining server waits for. The instances once set one shared gauge: the last writer's count
+    showed, not the sum, and tritonserver freed it under the others as the first unloaded (an abort)."""
+    import re
+    import urllib.request
+
+    from orpheus_triton.metrics import RELAYED_STREAMS_METRIC
+    from orpheus_triton.server import streams_in_flight
+
+    time.sleep(1.2)  # published every 0.5 s
+    page = urllib.request.urlopen(f"http://localhost:{relay_server.ports.metrics}/metrics", timeout=10).read().decode()
+    series = re.findall(rf"^{RELAYED_STREAMS_METRIC}{{(.*)}} (\S+)$", page, re.MULTILINE)
+    assert sorted(re.search(r'instance="([^"]+)"', labels).group(1) for labels, _ in series) == ["llm_0_0", "llm_0_1"]
+    assert streams_in_flight(relay_server.ports.metrics) == 0
+
+
+@pytest.mark.server
 def test_the_relay_passes_a_stop_on_to_the_decoder(relay_server):
     from test_server import leave_a_stream_the_llm_ran_ahead_of
 

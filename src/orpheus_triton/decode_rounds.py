@@ -294,11 +294,13 @@ class StreamDecoderState:
         self.clock = clock
         self.streams: dict[str, _DecoderStream] = {}
         self._sweep = IdleSweep(idle_seconds, clock())
+        self._forgotten: deque[tuple[str, float]] = deque()  # (id, as of): appended by any thread
 
     def forget(self, request_id: str) -> None:
-        """Drop the state of the stream with this id (its caller cancelled it): a next stream under the id
-        starts afresh, not inside the cancelled one's frames."""
-        self.streams.pop(request_id, None)
+        """Drop the state of the stream with this id (its caller cancelled it), unless tokens come for it from
+        now on (a new stream under the id): a next stream starts afresh, not inside the cancelled one's
+        frames. Called from another thread than ``items_for``: done there, before its next chunks."""
+        self._forgotten.append((request_id, self.clock()))
 
     def open_stream(self, request_id: str) -> tuple[bool, float | None]:
         """Whether a stream with this id is being framed (its end not arrived yet, not vanished), and its
@@ -312,6 +314,10 @@ class StreamDecoderState:
         """One item per (stream id, token ids, reply[, request start]) chunk; a chunk whose request start
         (REQUEST_START, or none) is not its stream's starts a new stream (``_another``)."""
         now = self.clock()
+        while self._forgotten:
+            request_id, as_of = self._forgotten.popleft()
+            if (stream := self.streams.get(request_id)) is not None and stream.last_seen <= as_of:
+                del self.streams[request_id]
         result = []
         for request_id, tokens, reply, *start in chunks:
             start = float(start[0]) if start and start[0] is not None else None

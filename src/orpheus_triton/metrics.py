@@ -51,9 +51,13 @@ class MetricSet:
     the families it creates.
     """
 
-    def __init__(self, pb_utils, model: str):
+    def __init__(self, pb_utils, model: str, instance: str | None = None):
         self.kinds = pb_utils.MetricFamily
         self.model = model
+        # A model of several instances labels each one's metrics with it: instances that set a metric of the
+        # same labels share it in tritonserver, which frees it when the first of them unloads while the
+        # others still set it (heap corruption, the server aborting; triton-inference-server/server#8663).
+        self.labels = {"model": model} | ({"instance": instance} if instance else {})
         self.families = []
         self.metric_types: set[type] = set()
 
@@ -69,7 +73,7 @@ class MetricSet:
     def _metric(self, name: str, text: str, kind, **options):
         family = self.kinds(name=name, description=text, kind=kind)
         self.families.append(family)
-        metric = family.Metric(labels={"model": self.model}, **options)
+        metric = family.Metric(labels=self.labels, **options)
         self.metric_types.add(type(metric))
         return metric
 
@@ -141,8 +145,9 @@ class RelayMetrics(PublishedMetrics):
     """The streams the relay in front of TensorRT-LLM carries (generating there or waiting for its slots),
     read from ``streams`` every ``interval`` seconds: TensorRT-LLM's own figures are not the llm stage's."""
 
-    def __init__(self, pb_utils, model: str, streams: Callable[[], int], interval: float | None = 0.5):
-        self.metrics = MetricSet(pb_utils, model)
+    def __init__(self, pb_utils, model: str, instance: str, streams: Callable[[], int],
+                 interval: float | None = 0.5):
+        self.metrics = MetricSet(pb_utils, model, instance)
         self.relayed = self.metrics.gauge(RELAYED_STREAMS_METRIC, "Streams the relay carries to the engine model "
                                           "(generating there, or waiting for its slots)")
         self.streams = streams

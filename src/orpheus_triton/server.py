@@ -337,7 +337,7 @@ def http_ready(port: int) -> bool:
     try:
         with _LOCAL.open(f"http://localhost:{port}/v2/health/ready", timeout=2) as response:
             return response.status == 200
-    except OSError:
+    except Exception:  # noqa: BLE001 (refused, cut short, garbled: not ready)
         return False
 
 
@@ -402,6 +402,7 @@ class Drain:
         return {DRAIN_FILE_ENV: str(self.flag)}
 
     def start(self) -> None:
+        self.flag.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a /tmp cleaner may have taken it
         self.flag.touch()
 
     def idle(self) -> bool:
@@ -431,15 +432,20 @@ def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: 
     """Run tritonserver with ``repository`` in the foreground until a signal stops it, its streams drained
     first (``Drain``); ``run_in_foreground`` returns its exit status. ``ready``: as there (default: the
     HTTP endpoint's readiness); ``environment``: as ``start_server``'s."""
-    drain = Drain.for_server(ports.metrics)
+    try:
+        drain = Drain.for_server(ports.metrics)
+    except OSError as error:  # no writable temporary folder: served, stopped without a drain
+        log(f"warning: no drain at a stop ({error}): streams in flight will be cut off then")
+        drain = None
     try:
         process = start_server(repository, ports,
                                extra=[f"--exit-timeout-secs={min(exit_timeout, DRAINED_EXIT_SECONDS)}"],
-                               environment={**(environment or {}), **drain.environment()})
+                               environment={**(environment or {}), **(drain.environment() if drain else {})})
         return run_in_foreground(process, exit_timeout, ready=ready or (lambda: http_ready(ports.http)), log=log,
                                  drain=drain)
     finally:
-        drain.close()
+        if drain is not None:
+            drain.close()
 
 
 def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Callable[[], bool] | None = None,
@@ -498,8 +504,10 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     log(f"error: the backend stub of {', '.join(map(repr, died))} died (out of memory?) and "
                          "tritonserver does not restart it: every request to it would fail; stopping the server")
                     failed = True
-                    if draining_until is None:
+                    if not received:
                         received.append(signal.SIGTERM)
+                    elif draining_until is None:  # a stop asked for in this same pass: stopped at once, gracefully
+                        deadline = stop_server_now("stopping tritonserver")
                     else:  # the streams still going through the other models end as a stop would end them
                         deadline = stop_server_now("stopping tritonserver: the drain cannot finish")
             name = signal.Signals(received[0]).name if received else ""
@@ -534,7 +542,11 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     if failed:
         return 1
     if received:
-        if status == 0 or drained:  # drained: what tritonserver still held in flight had nobody to answer
+        # drained: what tritonserver still held in flight (exiting 1, or hanging) had nobody to answer
+        if status == 0 or (drained and (status == 1 or killed)):
+            return 0
+        if not watching and status == -received[0]:  # stopped before its models had loaded: nothing streamed
+            log("stopped while the models were loading")
             return 0
         log(f"stopped; requests in flight were cut off (tritonserver {'was killed' if killed else f'exited {status}'})")
         return 128 + received[0]

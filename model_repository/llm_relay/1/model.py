@@ -33,7 +33,7 @@ class TritonPythonModel:
                                        audio_guard=params.get("engine_audio_guard", "true") == "true"),
             **llm_stream_options(params),
         )
-        self.metrics = RelayMetrics(pb_utils, c.LLM_MODEL, self.streams.in_flight)
+        self.metrics = RelayMetrics(pb_utils, c.LLM_MODEL, args["model_instance_name"], self.streams.in_flight)
 
     def call(self, request_id, inputs):
         request = pb_utils.InferenceRequest(
