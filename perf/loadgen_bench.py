@@ -112,7 +112,8 @@ def level_row(runner, url: str, concurrency: int, processes: int, server_pid: in
                   runner=runner)["closed_loop"][concurrency]
     usage = level.get("server_cpu", {})
     row = {"processes": processes, "concurrency": concurrency, "streams": level["streams"],
-           "errors": level["errors"], "starved": level["starved_streams"],
+           "errors": level["errors"], "error_examples": level["error_examples"][:3],
+           "starved": level["starved_streams"],
            "ttfa_p99": level["ttfa_p99"], "rtf_p50": level["rtf_p50"],
            "audio_per_second": level["realtime_streams_served"],
            "loadgen_cores": usage.get("load generator", {}).get("cores"),
