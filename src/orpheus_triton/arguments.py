@@ -90,6 +90,15 @@ def rates(value: str) -> list[float]:
     return numbers
 
 
+def grpc_host_port(target: str) -> tuple[str, str] | None:
+    """(host, port) of a gRPC target of the HOST:PORT form, the port as written; None for gRPC's other
+    target forms (a Unix socket, a scheme://), which are taken as they are."""
+    if "://" in target or target.startswith("unix:"):
+        return None
+    host, _, port = target.rpartition(":")
+    return host, port
+
+
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Help that shows each option's default, where its own text does not already say it.
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import max_tokens, non_negative_seconds, positive
+from .arguments import grpc_host_port, max_tokens, non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
     DEFAULT_GRPC_PORT,
@@ -453,9 +453,9 @@ def _grpc_url(value: str) -> str:
     if value.lower().startswith(("http://", "https://")) or ":" not in value:
         raise argparse.ArgumentTypeError(f"expected the gRPC endpoint as HOST:PORT, e.g. {DEFAULT_GRPC_URL} "
                                          f"(no http://: the server's gRPC port, not its HTTP one), got {value!r}")
-    if "://" in value or value.startswith("unix:"):  # another of gRPC's target forms (a Unix socket): as it is
+    if (target := grpc_host_port(value)) is None:
         return value
-    host, _, port = value.rpartition(":")
+    host, port = target
     if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
         raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, "
                                          f"got {value!r}")

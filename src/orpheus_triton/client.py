@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .arguments import grpc_host_port
 from .constants import (
     DEFAULT_GRPC_PORT,
     DEFAULT_GRPC_URL,
@@ -195,9 +196,10 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
     """
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-    host, _, port = url.rpartition(":")
-    probed = port.isdigit() and "://" not in url and not url.startswith("unix:")  # HOST:PORT, no other gRPC target
+    target = grpc_host_port(url)
+    probed = target is not None and target[1].isdigit()
     if probed:
+        host, port = target
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
                 pass

@@ -332,11 +332,10 @@ class StreamDecoderState:
             stream.request_start = start
             flat = np.asarray(tokens).reshape(-1)
             last = bool((flat == self.end_id).any())
-            framer = stream.framer
-            dropped = framer.misaligned + framer.not_audio
+            framer, dropped = stream.framer, stream.framer.dropped
             windows = framer.push(flat) + (framer.finish() if last else [])
             result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start,
-                                     dropped_tokens=framer.misaligned + framer.not_audio - dropped))
+                                     dropped_tokens=framer.dropped - dropped))
             if last:
                 del self.streams[request_id]
         self._sweep(self.streams, lambda stream: stream.last_seen, now)

@@ -136,6 +136,11 @@ class StreamFramer:
     misaligned: int = 0  # audio tokens dropped for arriving in the wrong slot
     not_audio: int = 0  # token ids skipped for being no audio token, end-of-speech aside
 
+    @property
+    def dropped(self) -> int:
+        """Token ids that gave no audio so far: ``misaligned`` and ``not_audio``."""
+        return self.misaligned + self.not_audio
+
     def push(self, token_ids: Iterable[int]) -> list[Window]:
         windows = []
         for token in token_ids:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
@@ -297,6 +297,17 @@ class DecoderMetrics(PublishedMetrics):
             self._growth[name] += value
 
 
+def family_totals(page: str, names: Iterable[str]) -> dict[str, float]:
+    """Each of ``names``' metric families on a /metrics page (Prometheus text), summed over its label sets
+    (models, instances); a family the page lacks is left out."""
+    wanted, totals = set(names), {}
+    for line in page.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
+
+
 @dataclass(frozen=True)
 class ListenerFigures:
     """The listener metrics of a /metrics page (Prometheus text), or the difference of two pages, and
@@ -310,7 +321,7 @@ class ListenerFigures:
 
     @classmethod
     def parse(cls, text: str) -> ListenerFigures:
-        buckets, values, counters = {}, {}, {}
+        buckets, values = {}, {}
         for line in text.splitlines():
             name, _, rest = line.partition("{")
             if name == FIRST_AUDIO_METRIC + "_bucket":
@@ -318,9 +329,8 @@ class ListenerFigures:
                 buckets[math.inf if bound == "+Inf" else float(bound)] = float(line.rsplit(" ", 1)[1])
             elif name in (STALLS_METRIC, STALL_SECONDS_METRIC):
                 values[name] = float(line.rsplit(" ", 1)[1])
-            elif name in LOAD_METRICS:
-                counters[name] = counters.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0), counters)
+        return cls(buckets, values.get(STALLS_METRIC, 0.0), values.get(STALL_SECONDS_METRIC, 0.0),
+                   family_totals(text, LOAD_METRICS))
 
     def __sub__(self, before: ListenerFigures) -> ListenerFigures:
         return ListenerFigures({bound: count - before.first_audio_buckets.get(bound, 0.0)

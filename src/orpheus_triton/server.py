@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV
 from .demo_models import cache_dir
-from .metrics import DECODER_QUEUED_METRIC, LLM_STREAM_METRICS
+from .metrics import DECODER_QUEUED_METRIC, LLM_STREAM_METRICS, family_totals
 
 
 @dataclass(frozen=True)
@@ -362,13 +362,7 @@ def streams_in_flight(metrics_port: int) -> int | None:
     figures (models still loading, a repository of another kind): not known to be idle."""
     try:
         with _LOCAL.open(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
-            page = response.read().decode()
-        values: dict[str, float] = {}
-        for line in page.splitlines():
-            name, _, value = line.partition(" ")
-            if not line.startswith("#") and value:
-                family = name.split("{")[0]
-                values[family] = values.get(family, 0.0) + float(value.split()[0])
+            values = family_totals(response.read().decode(), (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC))
     except Exception:  # noqa: BLE001 (unreadable, cut short, unparsable: not known)
         return None
     if not any(name in values for name in LLM_STREAM_METRICS):
