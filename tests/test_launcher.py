@@ -137,6 +137,23 @@ def test_a_drain_reads_what_is_in_flight_from_the_servers_metrics():
     assert streams_in_flight(free_port()) is None and not Drain(Path("/nonexistent"), free_port()).idle()
 
 
+def test_a_drains_folder_exists_only_while_it_is_raised(tmp_path, monkeypatch):
+    """A launcher killed outright (SIGKILL, the OOM killer) never runs its cleanup: a folder made at the
+    start of every run was left behind by each such kill."""
+    import tempfile  # noqa: PLC0415
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    first, second = server.Drain.for_server(0), server.Drain.for_server(0)
+    assert first.flag.parent.parent == tmp_path and first.flag != second.flag
+    assert list(tmp_path.iterdir()) == []  # nothing made before a stop
+    first.start()
+    assert first.flag.is_file() and (first.flag.parent.stat().st_mode & 0o777) == 0o700
+    assert first.environment() == {server.DRAIN_FILE_ENV: str(first.flag)}
+    first.close()
+    second.close()  # never raised: nothing to remove, no error
+    assert list(tmp_path.iterdir()) == []
+
+
 class _FakeDrain:
     """A Drain whose server is idle after ``busy_looks`` looks; ``start`` fails with ``refuse``."""
 

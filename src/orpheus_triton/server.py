@@ -14,6 +14,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -389,14 +390,16 @@ class Drain:
     @classmethod
     def for_server(cls, metrics_port: int) -> Drain:
         """A drain whose flag is new to this run: a flag a killed launcher left (its finally never ran) must
-        not turn the next server's every stream away."""
-        return cls(Path(tempfile.mkdtemp(prefix="orpheus-drain-")) / "draining", metrics_port)
+        not turn the next server's every stream away. Its folder, named at random (no other user can make it
+        first), is made only by ``start``: a launcher killed outright before any stop leaves nothing behind."""
+        folder = Path(tempfile.gettempdir()) / f"orpheus-drain-{secrets.token_hex(8)}"
+        return cls(folder / "draining", metrics_port)
 
     def environment(self) -> dict[str, str]:
         return {DRAIN_FILE_ENV: str(self.flag)}
 
     def start(self) -> None:
-        self.flag.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a /tmp cleaner may have taken it
+        self.flag.parent.mkdir(mode=0o700, exist_ok=True)
         self.flag.touch()
 
     def idle(self) -> bool:
