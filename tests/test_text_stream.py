@@ -111,6 +111,46 @@ def test_sentences_of_takes_a_string_an_iterable_or_an_async_iterable():
     assert asyncio.run(collect(pieces())) == want
 
 
+def test_a_sentence_the_text_pauses_after_is_spoken_without_waiting_for_the_next():
+    """A voice agent's "Let me check that for you." before a tool call: its audio came only with the words
+    after the call, seconds later."""
+    async def main():
+        tool_done = asyncio.Event()
+        closed = []
+
+        async def reply():
+            try:
+                yield "Let me check"
+                yield " that for you. "
+                await tool_done.wait()  # the tool call: nothing comes until its result
+                yield "Your order ships on Dr."
+                await asyncio.sleep(0.1)  # an abbreviation is no sentence end, pause or not
+                yield " Smith's day e.g."
+                await asyncio.sleep(0.1)
+                yield " Monday!"
+                await asyncio.sleep(10)  # closed while this read waits
+            finally:
+                closed.append(True)
+
+        sentences = sentences_of(reply(), pause_seconds=0.05)
+        first = await asyncio.wait_for(anext(sentences), 5)
+        tool_done.set()
+        rest = [await asyncio.wait_for(anext(sentences), 5)]
+        await sentences.aclose()
+        return first, rest, closed
+
+    assert run(main()) == ("Let me check that for you.", ["Your order ships on Dr. Smith's day e.g. Monday!"], [True])
+    with pytest.raises(ValueError, match="pause_seconds"):
+        run(anext(sentences_of("Hi.", pause_seconds=-1)))
+
+    splitter = SentenceSplitter()
+    for held, out in (("Fine.", ["Fine."]), ("“Fine!” ", ["“Fine!”"]), ("好。", ["好。"]), ("Fine", []),
+                      ("Ask Dr.", []), ("So J.", []), ("1.", []), ("", [])):
+        splitter.pending = held
+        assert splitter.paused() == out, held
+        assert splitter.pending == ("" if out else held)
+
+
 class FakeSpeech:
     """``speak`` for speak_in_order: each sentence yields (sentence, i) for i < 3, one item per loop turn
     (with ``hold``, the items after the first only once ``go`` is set). It records when each sentence

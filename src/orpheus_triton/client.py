@@ -41,7 +41,7 @@ from .constants import (
     max_tokens_refusal,
 )
 from .serving import stop_request_inputs
-from .text_stream import MAX_SENTENCE_CHARS, sentences_of, speak_in_order
+from .text_stream import MAX_SENTENCE_CHARS, PAUSE_SECONDS, sentences_of, speak_in_order
 
 # A stream ended early gets its `stop` again this often until one was sent after the stream's first
 # response: a stop reaches a stream only once the llm stage holds it, and one sent right after the
@@ -549,7 +549,7 @@ class AsyncOrpheusClient:
 
     async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 2,
                           concurrency: int = 1, max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
-                          **options) -> AsyncIterator[np.ndarray]:
+                          pause_seconds: float | None = PAUSE_SECONDS, **options) -> AsyncIterator[np.ndarray]:
         """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
 
         ``text``: a whole string, or its pieces as they arrive (an async iterable: a voice agent's LLM
@@ -560,12 +560,14 @@ class AsyncOrpheusClient:
         a gap; ``lookahead`` bounds how many sentences are started ahead of the one playing and
         ``concurrency`` how many generate at once (see ``text_stream.speak_in_order``). Text of any
         length is spoken whole, where one request takes at most MAX_TEXT_CHARS characters and plays
-        DEFAULT_MAX_TOKENS tokens unless asked for more. Leaving early ends every running request the
-        clean way (as ``stream``).
+        DEFAULT_MAX_TOKENS tokens unless asked for more. A sentence is complete once the next one begins,
+        or once the text has paused after its end mark for ``pause_seconds`` (a reply's "One moment." before
+        a tool call is spoken then, not with the words after the call; ``text_stream.sentences_of``).
+        Leaving early ends every running request the clean way (as ``stream``).
         """
         if "request_id" in options:
             raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")
-        sentences = sentences_of(text, max_chars)
+        sentences = sentences_of(text, max_chars, pause_seconds)
         speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout, **options),
                                 lookahead, concurrency)
         async with contextlib.aclosing(speech) as chunks:

@@ -71,38 +71,54 @@ class SentenceSplitter:
                 self.pending = self.pending[cut:]
         return sentences
 
+    def paused(self) -> list[str]:
+        """The text has paused: return what is held as a sentence if it ends as one would (an end mark,
+        closing quotes or brackets, maybe whitespace), else nothing.
+
+        ``push`` cuts a sentence only once the next one begins, as the end mark alone may not end it
+        ("e.g. this"). A voice agent's reply often stops right there for a while ("Let me check that
+        for you." before a tool call): waiting for its next words would hold that sentence's audio
+        back for the whole pause.
+        """
+        held = self.pending.rstrip()
+        if not held or self._next_cut(held + " X") != len(held):  # as if a sentence began next
+            return []
+        self.pending = ""
+        return _tidy(held)
+
     def finish(self) -> list[str]:
         """The text is complete: return what is left as the last sentence."""
         sentences = self.push("") + _tidy(self.pending)
         self.pending = ""
         return sentences
 
-    def _next_cut(self) -> int | None:
-        """Where the first complete sentence of ``pending`` ends, if one does."""
-        cuts = [match.start(1) for match in _WIDE_BOUNDARY.finditer(self.pending)][:1]
-        for match in _BOUNDARY.finditer(self.pending):
-            before = self.pending[: match.start()]
-            marks = self.pending[match.start() : match.start(1)].rstrip(_CLOSERS)
+    def _next_cut(self, text: str | None = None) -> int | None:
+        """Where the first complete sentence of ``text`` (default: ``pending``) ends, if one does."""
+        text = self.pending if text is None else text
+        cuts = [match.start(1) for match in _WIDE_BOUNDARY.finditer(text)][:1]
+        for match in _BOUNDARY.finditer(text):
+            before = text[: match.start()]
+            marks = text[match.start() : match.start(1)].rstrip(_CLOSERS)
             if match.group(2).islower() or not any(ch.isalpha() for ch in before) \
                     or (marks == "." and _is_abbreviation(before)):
                 continue  # "e.g. this", a list's "1.", "Dr. Smith": the sentence goes on
             cuts.append(match.start(1))
             break
-        start = len(self.pending) - len(self.pending.lstrip())
-        line_break = self.pending.find("\n", start)
+        start = len(text) - len(text.lstrip())
+        line_break = text.find("\n", start)
         if line_break >= 0:
             cuts.append(line_break + 1)
-        if cuts and len(_collapse(self.pending[: min(cuts)])) <= self.max_chars:
+        if cuts and len(_collapse(text[: min(cuts)])) <= self.max_chars:
             return min(cuts)
-        if len(_collapse(self.pending)) > self.max_chars:
-            return self._long_cut()
+        if len(_collapse(text)) > self.max_chars:
+            return self._long_cut(text)
         return None
 
-    def _long_cut(self) -> int:
-        """Where to cut a ``pending`` too long for one sentence: the last clause break or space in its first
+    def _long_cut(self, text: str) -> int:
+        """Where to cut ``text``, too long for one sentence: the last clause break or space in its first
         ``max_chars`` characters (counted after collapsing whitespace) outside a tag, else right there."""
-        limit = _raw_index(self.pending, self.max_chars)
-        head = self.pending[:limit]
+        limit = _raw_index(text, self.max_chars)
+        head = text[:limit]
         tag_start = head.rfind("<")
         if tag_start > 0 and tag_start > head.rfind(">"):  # a tag would be split: cut before it
             head = head[:tag_start]
@@ -150,11 +166,21 @@ def _raw_index(text: str, collapsed_chars: int) -> int:
     return len(text)
 
 
-async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
-                       max_chars: int = MAX_SENTENCE_CHARS) -> AsyncIterator[str]:
+# How long text may pause after what reads as a finished sentence before that sentence is spoken
+# (``SentenceSplitter.paused``): an LLM's tokens come tens of milliseconds apart, a tool call's pause
+# takes seconds.
+PAUSE_SECONDS = 0.3
+
+
+async def sentences_of(text: str | Iterable[str] | AsyncIterable[str], max_chars: int = MAX_SENTENCE_CHARS,
+                       pause_seconds: float | None = PAUSE_SECONDS) -> AsyncIterator[str]:
     """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable).
     Closed early, it closes its source too (a voice agent's LLM reply stops being read). A plain
-    iterable is read on the event loop: text that arrives over time wants an async iterable."""
+    iterable is read on the event loop: text that arrives over time wants an async iterable. What an
+    async source has sent so far, if it ends as a sentence does, comes out once the source has sent
+    nothing more for ``pause_seconds`` (None: only once the next sentence begins or the text ends)."""
+    if pause_seconds is not None and pause_seconds < 0:
+        raise ValueError(f"pause_seconds must be >= 0 or None, got {pause_seconds}")
     splitter = SentenceSplitter(max_chars)
     if isinstance(text, str):
         pieces: AsyncIterable[str] = _pieces([text])
@@ -162,11 +188,33 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str],
         pieces = text
     else:
         pieces = _pieces(text)
+        pause_seconds = None  # read at once: it never pauses
     closing = contextlib.aclosing(pieces) if hasattr(pieces, "aclose") else contextlib.nullcontext(pieces)
     async with closing:
-        async for piece in pieces:
-            for sentence in splitter.push(piece):
-                yield sentence
+        source = aiter(pieces)
+        reading: asyncio.Future | None = None
+        try:
+            while True:
+                reading = reading or asyncio.ensure_future(anext(source))
+                if pause_seconds is not None and splitter.pending.strip():
+                    done, _ = await asyncio.wait({reading}, timeout=pause_seconds)
+                    if not done:  # a pause after what may be a whole sentence
+                        for sentence in splitter.paused():
+                            yield sentence
+                        await asyncio.wait({reading})
+                try:
+                    piece = await reading
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if reading.done():
+                        reading = None
+                for sentence in splitter.push(piece):
+                    yield sentence
+        finally:
+            if reading is not None:  # the source is in the middle of a read: ended before it is closed
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
     for sentence in splitter.finish():
         yield sentence
 
