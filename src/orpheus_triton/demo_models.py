@@ -63,8 +63,13 @@ class ModelSet:
         return self.root / SNAC_DIR
 
     def check(self) -> None:
+        """Refuse a model set the server's models would refuse as they load, naming the file and the
+        problem: ``serve`` runs this before tritonserver starts, where a refusal left only "failed to load
+        all models", its reason buried in the server's log. Configs and the weight files' headers only:
+        no weights are read (Orpheus 3B's are 6 GB)."""
+        from .llama import check_checkpoint, read_llama_config  # noqa: PLC0415
         from .prompt import load_tokenizer  # noqa: PLC0415 (keeps import light)
-        from .snac_codec import check_snac_dir  # noqa: PLC0415
+        from .snac_codec import check_snac  # noqa: PLC0415
 
         if not self.root.is_dir():
             raise FileNotFoundError(f"model set {self.root} does not exist")
@@ -76,12 +81,13 @@ class ModelSet:
                 )
         if not list(self.llm.glob("*.safetensors")):
             raise FileNotFoundError(f"{self.llm} holds no *.safetensors weights")
-        vocab = json.loads((self.llm / "config.json").read_text()).get("vocab_size")
-        if not isinstance(vocab, int) or vocab < MIN_VOCAB_SIZE:  # the engine would fail every step
+        vocab = read_llama_config(self.llm).vocab_size
+        if vocab < MIN_VOCAB_SIZE:  # the engine would fail every step
             raise ValueError(f"{self.llm / 'config.json'} has vocab_size {vocab}: not an Orpheus checkpoint, "
                              f"whose audio tokens need {MIN_VOCAB_SIZE} ids at least ({VOCAB_SIZE} in Orpheus 3B)")
+        check_checkpoint(self.llm)
         load_tokenizer(self.llm)
-        check_snac_dir(self.snac)
+        check_snac(self.snac)
 
 
 def llama_config(shape: dict, max_position_embeddings: int = 131_072) -> dict:
@@ -198,8 +204,35 @@ def write_model_set(root: Path, llm_shape: dict = DEMO_LLM_SHAPE, seed: int = 0)
     return models
 
 
+CACHE_VARIABLE = "ORPHEUS_TRITON_CACHE"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("ORPHEUS_TRITON_CACHE", Path.home() / ".cache" / "orpheus-triton"))
+    """Where the demo model set, rendered repositories and the server's backends are kept."""
+    return Path(os.environ.get(CACHE_VARIABLE, Path.home() / ".cache" / "orpheus-triton"))
+
+
+def cache_folder(name: str = "") -> Path:
+    """``cache_dir()`` (or its sub-folder ``name``), made if it is not there. Raises ValueError naming the
+    cache folder and the variable that sets it where it cannot be made or written: mkdir's own error
+    ("No such file or directory: '/proc/nonexistent'") said neither."""
+    root = cache_dir()
+    folder = root / name if name else root
+    if CACHE_VARIABLE in os.environ:
+        what, advice = f"the cache folder {root} (set by {CACHE_VARIABLE})", f"point {CACHE_VARIABLE} at"
+    else:
+        what, advice = f"the cache folder {root} (the default)", f"set {CACHE_VARIABLE} to"
+    advice += " a folder this user can write"
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{what} is not a folder: {advice}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        made = "cannot be made" if folder == root else f"cannot be used: making {folder} failed"
+        raise ValueError(f"{what} {made}: {error.strerror or error}; {advice}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} cannot be used: {folder} is not writable by this user; {advice}")
+    return folder
 
 
 def demo_model_set(log=print) -> ModelSet:
@@ -207,7 +240,7 @@ def demo_model_set(log=print) -> ModelSet:
     target = cache_dir() / f"demo-models-{DEMO_VERSION}"
     if (target / ".complete").is_file():
         return ModelSet(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    cache_folder()
     log(f"generating the demo model set (random weights, audio will be noise) in {target} ...")
     staging = Path(tempfile.mkdtemp(prefix="demo-models-", dir=target.parent))
     try:

@@ -444,6 +444,28 @@ def checkpoint_names(config: LlamaConfig) -> list[str]:
     return wanted
 
 
+def checkpoint_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """``checkpoint_names`` with each tensor's shape, by arithmetic on the config: building the model on
+    the meta device for them cost 1.4 s of torch imports, which ``check_checkpoint`` runs before the
+    server starts (tests hold the two to the same names and shapes)."""
+    hidden, inter, vocab, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    layer = {
+        "self_attn.q_proj.weight": (config.num_heads * hd, hidden),
+        "self_attn.k_proj.weight": (config.num_kv_heads * hd, hidden),
+        "self_attn.v_proj.weight": (config.num_kv_heads * hd, hidden),
+        "self_attn.o_proj.weight": (hidden, config.num_heads * hd),
+        "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden),
+        "mlp.down_proj.weight": (hidden, inter),
+        "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,),
+    }
+    shapes = {"embed_tokens.weight": (vocab, hidden)}
+    for index in range(config.num_layers):
+        shapes |= {f"layers.{index}.{name}": shape for name, shape in layer.items()}
+    return shapes | {"norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+
+
 def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> None:
     """Replace each layer's q/k/v and gate/up weights in ``state`` by their concatenation (in place)."""
     for index in range(num_layers):
@@ -457,7 +479,10 @@ def weight_files(path: Path) -> list[Path]:
     model.safetensors, else every *.safetensors (a stale file beside the shards must not be read)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor names to file names: not a safetensors index")
+        names = sorted(set(weight_map.values()))
         if absent := [name for name in names if not (path / name).is_file()]:
             raise FileNotFoundError(f"{index} names {absent[:3]}, which {path} does not hold")
         return [path / name for name in names]
@@ -469,16 +494,157 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
-    """Load a Hugging Face Llama checkpoint (config.json + *.safetensors) from a local directory."""
+def _read_json(path: Path) -> dict:
+    """A JSON object from ``path``; ValueError naming the file where it is not one (json's own message
+    names only a line and column)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not JSON: it is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path} holds a JSON {type(document).__name__}, not an object")
+    return document
+
+
+# config.json's fields that give the model's shapes: whole numbers >= 1 where given (the first five must be).
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "num_key_value_heads", "head_dim")
+
+
+def read_llama_config(path: str | Path) -> LlamaConfig:
+    """The LlamaConfig of checkpoint directory ``path``'s config.json. Raises FileNotFoundError or ValueError
+    naming the file and the problem: not JSON, not a Llama, a shape field missing or not a whole number,
+    heads that do not group (json's, KeyError's and the rope's own messages named none of it)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"LLM directory {path} has no config.json (expected a Hugging Face Llama checkpoint)")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = _read_json(config_file)
     if hf_config.get("model_type", "llama") != "llama":
         raise ValueError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not 'llama'")
-    config = LlamaConfig.from_hf(hf_config)
+    for index, field in enumerate(SHAPE_FIELDS):
+        value = hf_config.get(field)
+        if value is None and index < 5:
+            raise ValueError(f"{config_file} lacks {field}: not a complete Llama config.json")
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{config_file} has {field} {value!r}: expected a whole number >= 1")
+    heads, kv_heads = hf_config["num_attention_heads"], hf_config.get("num_key_value_heads") or 0
+    if kv_heads and heads % kv_heads:
+        raise ValueError(f"{config_file} has num_attention_heads {heads}, not a multiple of num_key_value_heads "
+                         f"{kv_heads}: each key/value head serves a whole group of query heads")
+    try:
+        config = LlamaConfig.from_hf(hf_config)
+        rope_frequencies(config)  # an unknown or incomplete rope_scaling
+    except (ValueError, TypeError) as error:  # from_hf's messages begin "config.json has ...": name the file
+        detail = str(error)
+        raise ValueError(f"{config_file} {detail.removeprefix('config.json ')}" if detail.startswith("config.json ")
+                         else f"{config_file}: {detail}") from None
+    return config
+
+
+# The safetensors library's own bound on a header; a larger length is not a safetensors file's.
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of safetensors ``file``, from its header alone (8 bytes giving the header's
+    length, then the JSON header): what the checkpoint holds, without reading gigabytes of weights.
+
+    Raises ValueError naming the file for one that is not a safetensors file (a Git LFS pointer, a damaged
+    header) or is shorter than its header says (an interrupted download, which safetensors' loader
+    otherwise reports inside the server, with no file named)."""
+    size = file.stat().st_size
+    with file.open("rb") as weights:
+        start = weights.read(8)
+        if start.startswith(b"version "):
+            start += weights.read(56)
+            if start.startswith(b"version https://git-lfs"):
+                raise ValueError(f"{file} is a Git LFS pointer, not the weights: fetch them (git lfs pull)")
+        if len(start) < 8:
+            raise ValueError(f"{file} is not a safetensors file: it is {size} bytes long (cut short? fetch it again)")
+        length = int.from_bytes(start[:8], "little")
+        if length > SAFETENSORS_MAX_HEADER:
+            raise ValueError(f"{file} is not a safetensors file: its first 8 bytes do not give a header length")
+        if 8 + length > size:
+            raise ValueError(f"{file} is cut short: {size:,} bytes, where its header alone takes {8 + length:,} "
+                             "(an interrupted download or copy? fetch it again)")
+        weights.seek(8)
+        raw = weights.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise ValueError(f"{file} is not a safetensors file: its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file} is not a safetensors file: its header is not a JSON object")
+    shapes, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and isinstance(shape, list) and all(type(n) is int for n in shape)):
+            raise ValueError(f"{file} is not a safetensors file: its header's entry for {name!r} has no shape and "
+                             "data offsets")
+        shapes[name] = tuple(shape)
+        end = max(end, offsets[1])
+    if 8 + length + end > size:
+        raise ValueError(f"{file} is cut short: {size:,} bytes, where its header says {8 + length + end:,} "
+                         "(an interrupted download or copy? fetch it again)")
+    return shapes
+
+
+def _shape_summary(config: LlamaConfig) -> str:
+    return (f"vocab_size {config.vocab_size}, hidden_size {config.hidden_size}, intermediate_size "
+            f"{config.intermediate_size}, num_hidden_layers {config.num_layers}, num_attention_heads "
+            f"{config.num_heads}, num_key_value_heads {config.num_kv_heads}, head_dim {config.head_dim}")
+
+
+def _first(names: list[str], limit: int = 3) -> str:
+    return f"{names[:limit]}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_checkpoint(path: str | Path) -> LlamaConfig:
+    """Refuse, from config.json and the safetensors headers alone, a checkpoint ``load_llama`` would refuse
+    after reading every weight: a config.json that is not one, a weight file cut short, tensors missing,
+    of shapes other than the config's, or with no place in the model. Returns the config.
+
+    It costs milliseconds where loading costs seconds to minutes (6 GB for Orpheus 3B), so ``serve``
+    runs it before tritonserver starts: inside the server a mismatch left only "failed to load all
+    models", its reason buried in the server's log."""
+    path = Path(path)
+    config = read_llama_config(path)
+    config_file = path / "config.json"
+    wanted = checkpoint_shapes(config)
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for file in weight_files(path):
+        for key, shape in safetensors_shapes(file).items():
+            found[key.removeprefix("model.")] = (file, key, shape)
+    if config.tie_word_embeddings:  # the head is the embeddings (load_llama ignores a checkpoint's own)
+        wanted.pop("lm_head.weight", None)
+        found.pop("lm_head.weight", None)
+    advice = "use the config.json that came with these weights"
+    if missing := sorted(name for name in wanted if name not in found):
+        raise ValueError(f"checkpoint in {path} lacks {_first(missing)}, which its config.json calls for "
+                         f"(num_hidden_layers {config.num_layers}, tie_word_embeddings "
+                         f"{str(config.tie_word_embeddings).lower()}): {advice}")
+    if unused := sorted(name for name in found if name not in wanted and not name.endswith("rotary_emb.inv_freq")):
+        raise ValueError(f"checkpoint in {path} has tensors this Llama does not use: {_first(unused)} (its "
+                         f"config.json has num_hidden_layers {config.num_layers}): {advice}, or a plain Llama's")
+    if wrong := [name for name in wanted if found[name][2] != wanted[name]]:
+        file, key, shape = found[wrong[0]]
+        more = f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""
+        raise ValueError(f"{config_file} does not describe the weights in {file}: {key} is {list(shape)} there, "
+                         f"{list(wanted[wrong[0]])} by the config ({_shape_summary(config)}){more}: {advice}")
+    return config
+
+
+def load_llama(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Llama:
+    """Load a Hugging Face Llama checkpoint (config.json + *.safetensors) from a local directory."""
+    path = Path(path)
+    config = read_llama_config(path)
     files = weight_files(path)
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16

@@ -43,10 +43,17 @@ class Voices:
 
     @classmethod
     def parse(cls, names: str, default: str | None = None) -> Voices:
-        """From comma-separated ``names`` ("" or "none": a single-speaker model) and the ``default``
-        voice (the first name when not given). Names keep their case, as the checkpoint was trained
-        with them; requests may name them in any case. Raises ValueError naming what is wrong."""
-        if names.strip().lower() in ("", "none"):
+        """From comma-separated ``names`` ("none": a single-speaker model) and the ``default`` voice (the
+        first name when not given). Names keep their case, as the checkpoint was trained with them;
+        requests may name them in any case. Raises ValueError naming what is wrong.
+
+        An empty list is refused, not read as "none": it is what an unset shell variable gives
+        (``--voices "$VOICES"``), and a single-speaker prompt for a multi-speaker checkpoint would
+        change every request's prompt without a word."""
+        if not names.strip():
+            raise ValueError(f"the voices are empty ({names!r}: an unset shell variable?): list the checkpoint's "
+                             "voices, comma-separated, or give 'none' for a single-speaker fine-tune")
+        if names.strip().lower() == "none":
             if default and default.strip():
                 raise ValueError(f"default voice {default!r} given, but the voices are {names!r}: a single-speaker "
                                  "model has none")
@@ -110,15 +117,29 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
     added tokens; only special ones are read as plain characters where ``build_prompt`` finds their
     names in a request's text (``encode_special_tokens``). Marking them special changes no id; tokens a
     fine-tune added beyond them (a tag of its own) stay as they are. Marked in the JSON before it is
-    read: re-adding 28,683 tokens through the tokenizer took 2.4 s on tokenizers 0.19-0.22."""
+    read: re-adding 28,683 tokens through the tokenizer took 2.4 s on tokenizers 0.19-0.22.
+
+    Raises FileNotFoundError or ValueError naming the file and what is wrong with it (``tokenizers``' own
+    errors name neither: "data did not match any variant of untagged enum ModelUntagged")."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the LLM directory must hold the model's tokenizer.json")
-    document = json.loads(path.read_text(encoding="utf-8"))
-    for token in document.get("added_tokens") or []:
-        if CUSTOM_TOKEN_BASE <= token.get("id", -1) < VOCAB_SIZE:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a tokenizer.json: it is not UTF-8 text ({error.reason} at byte "
+                         f"{error.start})") from None
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    added = document.get("added_tokens") if isinstance(document, dict) else None
+    for token in added if isinstance(added, list) else []:  # anything else is tokenizers' to refuse, below
+        identity = token.get("id") if isinstance(token, dict) else None
+        if isinstance(identity, int) and CUSTOM_TOKEN_BASE <= identity < VOCAB_SIZE:
             token["special"] = True
-    return Tokenizer.from_str(json.dumps(document))
+    try:
+        return Tokenizer.from_str(json.dumps(document))
+    except Exception as error:  # noqa: BLE001 (tokenizers raises a bare Exception for a document it cannot read)
+        raise ValueError(f"{path} is not a tokenizer the `tokenizers` library can read: {error}") from None
 
 
 def build_prompt(tokenizer: Tokenizer, text: str, voice: str | None, voices: Voices = ENGLISH_VOICES) -> list[int]:

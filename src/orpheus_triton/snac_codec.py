@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,6 +164,61 @@ def check_snac_config(config: dict, where: Path) -> None:
                          "(Orpheus decodes with hubertsiuzdak/snac_24khz)")
 
 
+def read_snac_config(path: Path) -> dict:
+    """SNAC folder ``path``'s config.json, checked to decode Orpheus's codes (``check_snac_config``).
+    Raises ValueError naming the file."""
+    config_path = path / SNAC_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError too
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a SNAC config: it holds a JSON {type(config).__name__}, not an object")
+    check_snac_config(config, config_path)
+    return config
+
+
+def check_snac_weights(weights_path: Path) -> None:
+    """Refuse, from its first bytes and (for torch.save's zip) its directory at the end, a file that is not
+    the PyTorch checkpoint SNAC publishes, or is cut short. torch.load's own messages name no file, and
+    for a file in another format advise weights_only=False: unsafe, and no help."""
+    with weights_path.open("rb") as weights:
+        start = weights.read(64)
+    if start.startswith(b"version https://git-lfs"):
+        raise ValueError(f"{weights_path} is a Git LFS pointer, not the weights: fetch them (git lfs pull)")
+    if start.startswith(b"PK\x03\x04"):  # torch.save's zip archive: its directory, at the end, is read alone
+        try:
+            with zipfile.ZipFile(weights_path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as error:
+            raise ValueError(f"{weights_path} could not be read as SNAC weights: the zip archive torch.save writes "
+                             f"is cut short or damaged ({error}); fetch it again") from None
+        if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            raise ValueError(f"{weights_path} is a zip archive, but not a PyTorch checkpoint (no data.pkl in it); "
+                             f"fetch {SNAC_WEIGHTS} from hubertsiuzdak/snac_24khz again")
+        return
+    if start.startswith(b"\x80"):  # a legacy (pre-zip) torch.save pickle: torch.load reads it
+        return
+    length = int.from_bytes(start[:8], "little") if len(start) > 8 else 0
+    if start[8:9] == b"{" and 0 < length <= weights_path.stat().st_size:  # safetensors: header length, then JSON
+        raise ValueError(f"{weights_path} is not a PyTorch checkpoint: it looks like a safetensors file saved under "
+                         f"that name; the SNAC decoder reads torch.save's format: put hubertsiuzdak/snac_24khz's "
+                         f"{SNAC_WEIGHTS} there")
+    what = f"it starts with {start[:16]!r}" if start else "it is empty"
+    raise ValueError(f"{weights_path} is not a PyTorch checkpoint (torch.save's zip archive or pickle): {what}; fetch "
+                     f"{SNAC_WEIGHTS} from hubertsiuzdak/snac_24khz again")
+
+
+def check_snac(path: Path) -> dict:
+    """Refuse a SNAC folder the decoder would refuse at load, from its config and the weights' first bytes
+    (cheap: the weights are not read), so that ``serve`` says so before tritonserver starts. Returns the
+    config. Raises FileNotFoundError or ValueError naming the file and the problem."""
+    check_snac_dir(path)
+    config = read_snac_config(path)
+    check_snac_weights(path / SNAC_WEIGHTS)
+    return config
+
+
 def load_snac(path: str | Path, device: str | torch.device = "cpu", batch_invariant: bool = False) -> SNAC:
     """Load upstream-format SNAC from a local directory, ready for seeded, batched decoding.
 
@@ -170,16 +226,8 @@ def load_snac(path: str | Path, device: str | torch.device = "cpu", batch_invari
     Raises FileNotFoundError or ValueError naming the file for a directory that does not hold one.
     """
     path = Path(path)
-    check_snac_dir(path)
+    config = check_snac(path)
     config_path, weights_path = path / SNAC_CONFIG, path / SNAC_WEIGHTS
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    check_snac_config(config, config_path)
-    with weights_path.open("rb") as weights:
-        if weights.read(64).startswith(b"version https://git-lfs"):
-            raise ValueError(f"{weights_path} is a Git LFS pointer, not the weights: fetch them (git lfs pull)")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (a truncated or foreign file: torch raises several kinds)
