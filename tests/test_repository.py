@@ -476,3 +476,29 @@ def test_a_refusal_to_retry_raises_server_unavailable_and_say_exits_75(monkeypat
     monkeypatch.setattr(cli, "_synthesize", busy)
     assert cli.main(["say", "hello", "-o", str(tmp_path / "out.wav")]) == cli.RETRY_LATER_STATUS == 75
     assert f"error: orpheus llm: {c.SERVER_BUSY}" in capsys.readouterr().err
+
+
+def test_run_folders_of_processes_that_are_gone_are_removed(tmp_path):
+    """A launcher killed outright (SIGKILL, the out-of-memory killer) never removes its rendered repository:
+    a cache kept across containers filled with them. A folder whose lock no live process holds goes."""
+    import subprocess
+    import sys
+
+    from orpheus_triton.repository import release_run_folder, run_folder
+
+    # A process that makes its folder and is killed outright.
+    code = ("import sys, time, pathlib; from orpheus_triton.repository import run_folder; "
+            "print(run_folder(pathlib.Path(sys.argv[1])), flush=True); time.sleep(60)")
+    killed = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    gone = Path(killed.stdout.readline().strip())
+    live = run_folder(tmp_path)  # this process's: held
+    (live / "config.pbtxt").write_text("kept")
+    assert gone.is_dir() and gone.with_suffix(".lock").is_file()
+    killed.kill()
+    killed.wait()
+    another = run_folder(tmp_path)
+    assert not gone.exists() and not gone.with_suffix(".lock").exists()  # its process is gone
+    assert (live / "config.pbtxt").read_text() == "kept" and another.is_dir() and another != live
+    for folder in (live, another):
+        release_run_folder(folder)
+    assert list(tmp_path.iterdir()) == []

@@ -7,16 +7,14 @@ import asyncio
 import codecs
 import contextlib
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import grpc_host_port, max_tokens, non_negative_seconds, positive
+from .arguments import check_grpc_url, max_tokens, non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
     DEFAULT_GRPC_PORT,
@@ -98,9 +96,17 @@ def _check_ports_free(ports) -> None:
                                    f"running there; stop it or pick another with {flag}") from None
 
 
+def _check_cache() -> None:
+    """The cache folder (rendered repositories, the demo model set, tritonserver's backends) is made and
+    checked writable before anything is put in it, so that a bad ORPHEUS_TRITON_CACHE is named as such."""
+    from .demo_models import cache_folder  # noqa: PLC0415
+
+    cache_folder()
+
+
 def _render(args, model_set: ModelSet) -> Path:
-    from .demo_models import cache_dir  # noqa: PLC0415
-    from .repository import RepositorySettings, render  # noqa: PLC0415
+    from .demo_models import cache_folder  # noqa: PLC0415
+    from .repository import RepositorySettings, render, run_folder  # noqa: PLC0415
 
     settings = RepositorySettings(
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
@@ -114,9 +120,7 @@ def _render(args, model_set: ModelSet) -> Path:
         llm_cpu_threads=args.llm_cpu_threads, decoder_cpu_threads=args.decoder_cpu_threads,
         voices=args.voices, default_voice=args.default_voice,
     )
-    root = cache_dir() / "repositories"
-    root.mkdir(parents=True, exist_ok=True)
-    return render(settings, Path(tempfile.mkdtemp(prefix="repository-", dir=root)))
+    return render(settings, run_folder(cache_folder("repositories")))
 
 
 def _check_max_seq_len(args, model_set: ModelSet) -> None:
@@ -161,6 +165,7 @@ def cmd_serve(args) -> int:
     _check_device(args.device)
     _check_mps(args)
     Voices.parse(args.voices, args.default_voice)  # a bad list is refused before any model loads
+    _check_cache()
     # Until run_in_foreground takes the signals over (and after it), SIGTERM and SIGHUP end `serve` as
     # Ctrl-C does: the rendered repository and an MPS daemon go with it.
     with terminate_as_interrupt():
@@ -179,7 +184,9 @@ def cmd_serve(args) -> int:
             return 130
         finally:
             if repository is not None:
-                shutil.rmtree(repository, ignore_errors=True)
+                from .repository import release_run_folder  # noqa: PLC0415
+
+                release_run_folder(repository)
 
 
 def _announcing_ready(ports, http_ready) -> Callable[[], bool]:
@@ -368,13 +375,14 @@ def cmd_demo(args) -> int:
     check_text(args.text)  # what would fail the request, said before a server starts for it
     if args.output != "-":
         _check_writable(Path(args.output))
+    _check_cache()
     model_set = _model_set(args.models)
     _check_max_seq_len(args, model_set)
     repository = _render(args, model_set)
     ports = Ports.free()
-    from .demo_models import cache_dir  # noqa: PLC0415
+    from .demo_models import cache_folder  # noqa: PLC0415
 
-    log_path = cache_dir() / "demo-server.log"
+    log_path = cache_folder() / "demo-server.log"
     _log(f"starting tritonserver (log: {log_path}) ...")
 
     try:
@@ -390,7 +398,9 @@ def cmd_demo(args) -> int:
         print("interrupted: the server was stopped", file=sys.stderr)
         return 130
     finally:  # also when no server started (an MPS daemon that did not)
-        shutil.rmtree(repository, ignore_errors=True)
+        from .repository import release_run_folder  # noqa: PLC0415
+
+        release_run_folder(repository)
     return 0
 
 
@@ -449,17 +459,11 @@ def _seed(value: str) -> int:
 
 
 def _grpc_url(value: str) -> str:
-    """The server's gRPC endpoint, HOST:PORT (a URL with http:// names the HTTP server's form instead)."""
-    if value.lower().startswith(("http://", "https://")) or ":" not in value:
-        raise argparse.ArgumentTypeError(f"expected the gRPC endpoint as HOST:PORT, e.g. {DEFAULT_GRPC_URL} "
-                                         f"(no http://: the server's gRPC port, not its HTTP one), got {value!r}")
-    if (target := grpc_host_port(value)) is None:
-        return value
-    host, port = target
-    if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, "
-                                         f"got {value!r}")
-    return value
+    """The server's gRPC endpoint, HOST:PORT (``arguments.check_grpc_url``)."""
+    try:
+        return check_grpc_url(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _seconds(value: str) -> int:

@@ -7,8 +7,11 @@ changes between deployments (weight directories, engine capacity, device).
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import string
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -147,6 +150,44 @@ def render(settings: RepositorySettings, out: Path, templates: Path | None = Non
         _render_model(templates / model, out / model, values)
     (out / RENDERED_MARK).write_text("rendered by orpheus_triton.repository; replaced by the next render\n")
     return out
+
+
+# The locks of the folders ``run_folder`` made: held (open) for as long as this process lives.
+_HELD_LOCKS: dict[Path, object] = {}
+
+
+def run_folder(root: Path, prefix: str = "repository-") -> Path:
+    """A new folder in ``root`` for this process's rendered repository, locked while the process lives.
+
+    The launcher removes its folder as it stops, but one killed outright (SIGKILL, the out-of-memory
+    killer) never does, and a cache kept across containers filled with them. So each folder has a lock
+    file beside it (``<folder>.lock``, an flock the kernel releases when its holder dies), and the
+    folders whose lock nobody holds are removed first.
+    """
+    for lock_path in root.glob(f"{prefix}*.lock"):
+        try:
+            with open(lock_path, "rb") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its process is gone
+                shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+        except OSError:  # held by a live process (BlockingIOError), or gone meanwhile
+            continue
+    handle, lock_name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=root)
+    lock = os.fdopen(handle, "rb")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD_LOCKS[Path(lock_name)] = lock
+    folder = Path(lock_name).with_suffix("")
+    folder.mkdir(mode=0o755)
+    return folder
+
+
+def release_run_folder(folder: Path) -> None:
+    """Remove ``folder`` (``run_folder``'s) and its lock file, at this process's orderly end."""
+    shutil.rmtree(folder, ignore_errors=True)
+    lock_path = folder.with_suffix(".lock")
+    lock_path.unlink(missing_ok=True)
+    if (lock := _HELD_LOCKS.pop(lock_path, None)) is not None:
+        lock.close()
 
 
 def _check_replaceable(out: Path) -> None:
