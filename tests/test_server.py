@@ -258,16 +258,63 @@ def test_the_client_names_text_or_a_voice_that_is_not_a_str(text, voice, message
 
 
 def test_a_stop_that_cannot_reach_the_server_says_so():
+    """ConnectionError naming the url, as a stream's (from both clients); it was a SynthesisError."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
     from orpheus_triton.server import free_port
 
-    with pytest.raises(SynthesisError, match="the stop for 'x' failed: .*UNAVAILABLE"):
-        OrpheusClient(f"localhost:{free_port()}").stop("x", timeout=5)
+    url = f"localhost:{free_port()}"
+    with pytest.raises(ConnectionError, match=f"no Triton server reachable at {url} to stop 'x'"):
+        OrpheusClient(url).stop("x", timeout=5)
+
+    async def stop() -> None:
+        async with AsyncOrpheusClient(url) as client:
+            await client.stop("x", timeout=5)
+
+    with pytest.raises(ConnectionError, match=f"no Triton server reachable at {url} to stop 'x'"):
+        asyncio.run(stop())
+
+
+def test_the_clients_refuse_a_misspelt_option_or_url_by_name_and_bind_no_event_loop_early():
+    """A misspelt option raised Python's TypeError naming request_inputs, which the caller never called; an
+    http:// URL failed in gRPC as a 'Misformatted domain name', a host without a port went to port 443; an
+    AsyncOrpheusClient made before asyncio.run failed in it with a future 'attached to a different loop'."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
+    from orpheus_triton.server import free_port
+
+    url = f"localhost:{free_port()}"
+    with pytest.raises(TypeError, match=r"unknown option 'max_token' \(did you mean 'max_tokens'\?\); a stream "
+                                        r"takes voice, max_tokens, temperature, top_p, repetition_penalty, seed"):
+        OrpheusClient(url).synthesize("hello", max_token=50)
+    for bad in ("http://localhost:8001", "localhost", "localhost:0"):
+        for client_class in (OrpheusClient, AsyncOrpheusClient):
+            with pytest.raises(ValueError, match="expected"):
+                client_class(bad)
+    early = AsyncOrpheusClient(url)  # made outside any event loop
+
+    async def use(client) -> None:
+        with pytest.raises(TypeError, match="unknown option 'speed'"):
+            [chunk async for chunk in client.stream_text("Hi.", speed=2)]
+        with pytest.raises(ConnectionError, match=f"no Triton server reachable at {url}"):
+            [chunk async for chunk in client.stream("hello")]
+
+    asyncio.run(use(early))
+    with pytest.raises(RuntimeError, match="make one in each event loop"):
+        asyncio.run(use(early))
 
 
 def test_a_connection_lost_mid_stream_is_named_as_such():
+    """A lost connection is the server's or the network's, not the request's: ServerUnavailable, retry it
+    elsewhere (it was a plain SynthesisError, as an unknown voice is)."""
     from tritonclient.utils import InferenceServerException
 
+    from orpheus_triton.client import ServerUnavailable
+
     lost = InferenceServerException("Stream removed (Socket closed)", status="StatusCode.UNAVAILABLE")
+    assert isinstance(SynthesisError.of(lost), ServerUnavailable)
     assert str(SynthesisError.of(lost)) == ("the connection to the server was lost mid-stream "
                                             "([StatusCode.UNAVAILABLE] Stream removed (Socket closed))")
     refused = InferenceServerException("in ensemble 'orpheus', orpheus: text is empty", status="StatusCode.INTERNAL")
@@ -381,10 +428,11 @@ def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
 def test_a_stream_left_after_its_first_audio_gets_one_stop(grpc_url, monkeypatch):
     """A stop sent after the stream's first response lands (the llm stage holds the stream): it is not
     sent again every quarter second while the decoder drains (one abandoned stream made 12-14)."""
+    from orpheus_triton.client import _EarlyEnd
+
     stops = []
-    original = OrpheusClient._stop_on_stream
-    monkeypatch.setattr(OrpheusClient, "_stop_on_stream", lambda self, request_id: (stops.append(request_id),
-                                                                                    original(self, request_id)))
+    original = _EarlyEnd._send_stop
+    monkeypatch.setattr(_EarlyEnd, "_send_stop", lambda self: (stops.append(self.request_id), original(self)))
 
     def hang_up(_chunk):
         raise KeyboardInterrupt
@@ -421,9 +469,9 @@ def test_a_caller_hanging_up_on_the_last_chunk_leaves_at_once(grpc_url, monkeypa
     from orpheus_triton.client import AsyncOrpheusClient
 
     stops = []
-    for client_class in (OrpheusClient, AsyncOrpheusClient):
-        original = client_class._end_early
-        monkeypatch.setattr(client_class, "_end_early", lambda self, *args, original=original, **kwargs: (
+    for client_class, method in ((OrpheusClient, "_leave"), (AsyncOrpheusClient, "_end_early")):
+        original = getattr(client_class, method)
+        monkeypatch.setattr(client_class, method, lambda self, *args, original=original, **kwargs: (
             stops.append(type(self).__name__), original(self, *args, **kwargs))[1])
     client = OrpheusClient(grpc_url)
     chunks = len(client.synthesize(TEXT, max_tokens=140, seed=3).chunks)
@@ -453,15 +501,72 @@ def test_a_caller_hanging_up_on_the_last_chunk_leaves_at_once(grpc_url, monkeypa
     assert stops == []
 
 
+def test_a_server_that_stops_answering_does_not_hold_a_caller_past_its_timeout(server, grpc_url):
+    """A server that stops answering mid-stream (a network cut, a stopped process): a stream's own timeout, or
+    a task cancelled around it, went on waiting up to 15 s for the stream's clean end. The caller now goes
+    on END_WAIT_SECONDS after it leaves; the end, waited for beside it, lands once the server answers again
+    (the stream is stopped, not cancelled: nothing stays in flight)."""
+    import asyncio
+    import os
+    import signal
+
+    from orpheus_triton.client import END_WAIT_SECONDS, AsyncOrpheusClient
+
+    stopped = settled_server_metric(server, "orpheus_decoder_stopped_streams_total")
+    frozen: list[float] = []
+
+    def freeze(_chunk=None) -> None:
+        if not frozen:
+            os.kill(server.pid, signal.SIGSTOP)
+            frozen.append(time.perf_counter())
+
+    def thaw() -> None:
+        os.kill(server.pid, signal.SIGCONT)
+        frozen.clear()
+
+    timeout = 3.0
+    try:
+        client = OrpheusClient(grpc_url)
+        started = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            client.synthesize(TEXT, max_tokens=1400, timeout=timeout, on_chunk=freeze)
+        sync_took = time.perf_counter() - started
+        thaw()
+        for thread in [t for t in threading.enumerate() if t.name.startswith("orpheus-end-")]:
+            thread.join(timeout=20)  # the end, waited for beside the caller
+        assert len(client.synthesize(TEXT, max_tokens=70).chunks) > 0  # the next stream: a connection of its own
+
+        async def leave_on_timeout() -> tuple[float, float]:
+            async with AsyncOrpheusClient(grpc_url) as aclient:
+                started = time.perf_counter()
+                with pytest.raises(TimeoutError):
+                    async for _ in aclient.stream(TEXT, max_tokens=1400, timeout=timeout):
+                        freeze()
+                took = time.perf_counter() - started
+                thaw()
+            return took, time.perf_counter() - started
+
+        async_took, closed_after = asyncio.run(leave_on_timeout())
+    finally:
+        thaw()
+    for took in (sync_took, async_took):
+        assert timeout <= took < timeout + END_WAIT_SECONDS + 1.5, (sync_took, async_took)
+    assert closed_after < 20  # close waited for the end, which came once the server answered
+    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 2
+    assert settled_server_metric(server, "orpheus_llm_active_streams") == 0
+
+
 @pytest.mark.parametrize("after_each_stop", [
     [["stop error"], ["stream end"]],  # the stop failed: another one, then the stream's end
     [["stop end", "error"]],  # the stop answered, then an error: the stream's own end
     [["error"], ["stop end", "stop end"]],  # an error before the stop's answer: whose? one more stop settles it
 ])
 def test_a_stream_left_early_tells_its_end_from_its_stops(after_each_stop):
-    """OrpheusClient._end_early: the stop goes on the stream's own gRPC stream, whose events then carry
+    """OrpheusClient's _EarlyEnd: the stop goes on the stream's own gRPC stream, whose events then carry
     the stops' answers and errors beside the stream's; it ends the stream cleanly (no cancel) in each case."""
     from types import SimpleNamespace
+
+    from orpheus_triton.client import _EarlyEnd
 
     def response(model: str):
         parameters = {"triton_final_response": SimpleNamespace(bool_param=True)}
@@ -480,9 +585,7 @@ def test_a_stream_left_early_tells_its_end_from_its_stops(after_each_stop):
             for name in after_each_stop[len(sent) - 1]:
                 events.put(made[name]())
 
-    client = OrpheusClient("localhost:1")
-    client.client = Connection()
-    assert client._end_early("s", events, heard=True, timeout=5.0)
+    assert _EarlyEnd(Connection(), "s", events, heard=True).run(time.perf_counter() + 5.0)
     assert sent == [(c.LLM_MODEL, "s", True)] * len(after_each_stop)
 
 
@@ -1283,7 +1386,8 @@ def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_pa
     thread, outcome = serve.stream_in_background(max_tokens=1400)
     serve.process.send_signal(signal.SIGHUP)
     status, log, took = serve.finish(timeout=30)
-    assert "SIGHUP: draining" in log and "streams still in flight after 1 s (--exit-timeout) are cut off" in log
+    assert "SIGHUP: draining" in log
+    assert "streams still in flight after 1 s (--exit-timeout): stopping tritonserver" in log
     assert took < 1 + 1 + STOP_GRACE_SECONDS + 3
     # A stop asked for that cut a stream off: 128 + the signal, told from a dead stub's 1 (it was 1 or 137)
     assert status == 128 + signal.SIGHUP and "requests in flight were cut off" in log, log[-2000:]
@@ -1396,7 +1500,8 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
             reader = asyncio.ensure_future(listen())
             while outcomes.count("chunk") == heard:
                 await asyncio.sleep(0.05)
-        await reader  # its client closed while it read: its stream was stopped, and it ended
+        with pytest.raises(SynthesisError, match="the stream was cut off: its client was closed"):
+            await reader  # its client closed while it read: its stream was stopped, and its reader told
         async with AsyncOrpheusClient(serve.url) as client:
             async def speak() -> None:
                 try:
@@ -1576,7 +1681,8 @@ def test_a_server_that_cannot_be_used_is_named_with_why(server):
     from orpheus_triton.server import free_port
 
     nobody = f"localhost:{free_port()}"
-    with pytest.raises(ConnectionError, match=f"no ready Triton server at {nobody}: nothing answers there \\(.*\\); "
+    with pytest.raises(ConnectionError, match=f"no ready Triton server at {nobody}: nothing answers there \\(.*\\): "
+                                              "no server runs there, or one is still loading its models .*; "
                                               "start one with `orpheus-triton serve`"):
         require_ready_server(nobody)
     for port in (server.ports.http, server.ports.metrics):

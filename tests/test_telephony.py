@@ -104,6 +104,11 @@ def test_phone_audio_streams_bytes_for_the_line():
     # After flush, the same PhoneAudio serves the next utterance as a new one would.
     again = b"".join(phone.encode(chunk) for chunk in chunks) + phone.flush()
     assert again == data
+    # So it does after reset, an utterance cut short (a barge-in): what it held back is dropped, unsent.
+    phone.encode(tone(900, seconds=0.05))
+    phone.reset()
+    assert b"".join(phone.encode(chunk) for chunk in chunks) + phone.flush() == data
+    PhoneAudio("alaw", rate=SAMPLE_RATE).reset()  # nothing held back: nothing to drop
 
 
 def test_a_growing_wav_is_whole_after_every_chunk(tmp_path):

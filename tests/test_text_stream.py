@@ -27,6 +27,11 @@ CASES = {
     "「行こう。」彼は言った。": ["「行こう。」", "彼は言った。"],
     "他说：“好。”": ["他说：“好。”"],
     "We met on Jan. 5 and Sept. 12. Okay.": ["We met on Jan. 5 and Sept. 12.", "Okay."],
+    # Initialisms and a number's abbreviations before their number: cut there once ("The U.S." "Army...").
+    "The U.S. Army is here. Call No. 5 or see p. 12 now. Done.":
+        ["The U.S. Army is here.", "Call No. 5 or see p. 12 now.", "Done."],
+    "It is No. I refuse. We meet at 7 p.m. Then we eat.": ["It is No.", "I refuse.", "We meet at 7 p.m.",
+                                                            "Then we eat."],
 }
 
 

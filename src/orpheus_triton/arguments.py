@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .constants import max_tokens_refusal
+from .constants import DEFAULT_GRPC_URL, max_tokens_refusal
 
 
 def positive(value: str) -> int:
@@ -88,6 +88,22 @@ def rates(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected numbers > 0, comma-separated (e.g. 0.5,2), or nothing, "
                                          f"got {value!r}")
     return numbers
+
+
+def check_grpc_url(value: str) -> str:
+    """``value`` if it names a server's gRPC endpoint as HOST:PORT (or one of gRPC's other target forms: a
+    Unix socket, a scheme://); ValueError saying what is expected otherwise. Caught here, not by gRPC: an
+    http:// URL (the HTTP server's form) failed as a 'Misformatted domain name', and a host without a port
+    went to port 443."""
+    if value.lower().startswith(("http://", "https://")) or ":" not in value:
+        raise ValueError(f"expected the gRPC endpoint as HOST:PORT, e.g. {DEFAULT_GRPC_URL} "
+                         f"(no http://: the server's gRPC port, not its HTTP one), got {value!r}")
+    if (target := grpc_host_port(value)) is None:
+        return value
+    host, port = target
+    if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, got {value!r}")
+    return value
 
 
 def grpc_host_port(target: str) -> tuple[str, str] | None:

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
+import inspect
 import queue
 import re
 import socket
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arguments import grpc_host_port
+from .arguments import check_grpc_url, grpc_host_port
 from .constants import (
     DEFAULT_GRPC_PORT,
     DEFAULT_GRPC_URL,
@@ -53,6 +56,11 @@ STOP_REPEAT_SECONDS = 0.25
 # whose stop failed) decodes it first, seconds of work on a busy CPU server, and a cancelled stream
 # stays counted in flight on the server.
 END_EARLY_SECONDS = 15.0
+# How long of that the caller leaving waits before it goes on, the end waited for beside it: a server
+# that has stopped answering (a frozen process, a network cut) held a stream's own timeout, or a task
+# cancelled around it, up to END_EARLY_SECONDS past its time. A server that answers ends the stream
+# within a round trip or two.
+END_WAIT_SECONDS = 1.0
 
 
 class SynthesisError(RuntimeError):
@@ -72,24 +80,28 @@ _TURNED_AWAY = re.compile(rf"(?:^|[:,] )orpheus(?: \w+)?: (?:{SERVER_BUSY}|{SERV
 
 
 class ServerUnavailable(SynthesisError):
-    """The server turned the stream away for now, before generating anything: every slot taken and its
-    queue full (`server busy`), or it is draining to stop (`server shutting down`). Retry the stream,
-    on another server or later; other SynthesisErrors are the request's own or a failure."""
+    """The server cannot serve the stream now: it turned it away before generating anything (every slot
+    taken and its queue full: `server busy`; draining to stop: `server shutting down`), or the connection
+    to it was lost mid-stream (it stopped or crashed, the network failed). Retry the stream, on another
+    server or later; other SynthesisErrors are the request's own or a failure."""
 
 
-def _stop_failure(request_id: str, message: str) -> SynthesisError:
-    """What a `stop` the server refused, or could not be sent, raises (either client)."""
+def _stop_failure(url: str, request_id: str, message: str, unavailable: bool) -> Exception:
+    """What a `stop` the server refused (SynthesisError), or one no server took (ConnectionError naming
+    ``url``: gRPC's UNAVAILABLE), raises (either client)."""
+    if unavailable:
+        return ConnectionError(f"no Triton server reachable at {url} to stop {request_id!r} ({message})")
     return SynthesisError(f"the stop for {request_id!r} failed: {message}")
 
 
 def _stream_failure(url: str | None, message: str, unavailable: bool, first: bool) -> Exception:
     """What a stream's failure raises, from either client. A connection that failed (gRPC's UNAVAILABLE):
     before the stream's first response, ConnectionError naming ``url`` (nobody listening there); after
-    it, SynthesisError saying it was lost mid-stream. Anything else: SynthesisError with ``message``."""
+    it, ServerUnavailable saying it was lost mid-stream. Anything else: SynthesisError with ``message``."""
     if unavailable and first:
         return ConnectionError(f"no Triton server reachable at {url} ({message})")
     if unavailable:
-        return SynthesisError(f"the connection to the server was lost mid-stream ({message})")
+        return ServerUnavailable(f"the connection to the server was lost mid-stream ({message})")
     if _TURNED_AWAY.search(message):
         return ServerUnavailable(message)
     return SynthesisError(message)
@@ -180,6 +192,21 @@ def request_inputs(
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
 
 
+# The options a stream takes (``request_inputs``'s keyword arguments), for the clients' **options.
+REQUEST_OPTIONS = tuple(inspect.signature(request_inputs).parameters)[1:]
+
+
+def _inputs(text: str, options: dict) -> list:
+    """``request_inputs`` for a client's ``text`` and ``**options``, an unknown option refused by name (the
+    TypeError Python raises names ``request_inputs``, which the caller never called)."""
+    for name in options:
+        if name not in REQUEST_OPTIONS:
+            close = difflib.get_close_matches(name, REQUEST_OPTIONS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"unknown option {name!r}{hint}; a stream takes {', '.join(REQUEST_OPTIONS)}")
+    return request_inputs(text, **options)
+
+
 def _is_final(response) -> bool:
     """Whether a streamed response is its request's last (needs enable_empty_final_response)."""
     final = response.get_response().parameters.get("triton_final_response")
@@ -205,7 +232,9 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
                 pass
         except OSError as error:
             raise ConnectionError(f"no ready Triton server at {url}: nothing answers there "
-                                  f"({error.strerror or error}); start one with `orpheus-triton serve` (its gRPC "
+                                  f"({error.strerror or error}): no server runs there, or one is still loading its "
+                                  f"models (tritonserver opens its ports once they have loaded: `orpheus-triton "
+                                  f"serve` says when it is ready); start one with `orpheus-triton serve` (its gRPC "
                                   f"port is {DEFAULT_GRPC_PORT} unless --grpc-port says otherwise)") from None
     client = grpcclient.InferenceServerClient(url)
     try:
@@ -234,13 +263,86 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
         client.close()
 
 
+class _EarlyEnd:
+    """The clean end of a stream ``OrpheusClient.synthesize`` left early (an exception in ``on_chunk``,
+    Ctrl-C, a timeout), on the stream's connection.
+
+    Cancelling the gRPC stream alone is not enough with tritonserver 2.51: it does
+    not pass the cancellation to the `llm` request running inside the ensemble (so
+    generation would go on), and the cancelled ensemble request stays counted in
+    flight for good (a graceful stop then waits its whole exit timeout). So the
+    stream's `llm` request gets a `stop` (see ``OrpheusClient.stop``), which ends it
+    normally within a step, and the ensemble's remaining responses are read to its
+    final one. The `stop` goes on the gRPC stream being ended (``_send_stop``).
+    ``heard``: the stream had answered already; if not, the `stop` is sent again
+    every STOP_REPEAT_SECONDS until one goes after its first response (see there).
+    Each stop, like the stream, ends in exactly one final response or one error, and
+    tritonclient does not say which request an error is of: so the stream has ended
+    once more of them came than stops were sent; a stop that may have failed is sent
+    again.
+    """
+
+    def __init__(self, connection, request_id: str, events: queue.Queue, heard: bool) -> None:
+        self.connection = connection  # the tritonclient client whose stream is being ended
+        self.request_id = request_id
+        self.events = events
+        self.heard = heard
+        self.stops = self.ends = 0  # stops sent; stops answered and errors, whoever's
+        self.landed = False
+        self.next_stop = time.perf_counter()
+
+    def run(self, until: float) -> bool | None:
+        """Go on ending it until ``until`` (perf_counter): True once it has ended, None if not yet."""
+        while True:
+            now = time.perf_counter()
+            if not self.landed and now >= self.next_stop:
+                self._send_stop()
+                self.stops += 1
+                self.landed, self.next_stop = self.heard, time.perf_counter() + STOP_REPEAT_SECONDS
+            wait = (until if self.landed else min(until, self.next_stop)) - time.perf_counter()
+            try:
+                response, error, _ = self.events.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                response = error = None
+            answers_stop = response is not None and response.get_response().model_name == LLM_MODEL
+            if error is not None or answers_stop:
+                self.ends += 1
+                if self.ends > self.stops:
+                    return True  # the stream's own error came beside every stop's end
+                self.landed = self.landed and error is None  # the error may be a stop's: another one
+            elif response is not None:
+                if _is_final(response):
+                    return True
+                self.heard = True
+            if time.perf_counter() >= until:
+                return None
+
+    def finish(self, deadline: float) -> None:
+        """The rest of ``run``, up to ``deadline``, on a thread of its own; the connection is then closed,
+        its stream cancelled if it has not ended (the server stopped answering)."""
+        try:
+            ended = self.run(deadline) is True
+        except Exception:  # noqa: BLE001 (a stop that could not be sent: the server is gone)
+            ended = False
+        self.connection.stop_stream(cancel_requests=not ended)
+        self.connection.close()
+
+    def _send_stop(self) -> None:
+        """``stop`` for the stream, sent on that same gRPC stream: a caller hanging up needs no new
+        connection and no new threads, whose setup was seen to take over a second on a busy machine
+        while generation ran on. Its answer, an empty final response from the `llm` model (or an
+        error), comes among the stream's."""
+        self.connection.async_stream_infer(LLM_MODEL, stop_inputs(), request_id=self.request_id,
+                                           enable_empty_final_response=True)
+
+
 class OrpheusClient:
     """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread)."""
 
     def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-        self.url = url
+        self.url = check_grpc_url(url)
         self.model = model
         self.client = grpcclient.InferenceServerClient(url)
 
@@ -257,7 +359,7 @@ class OrpheusClient:
 
         events: queue.Queue = queue.Queue()
         result = SynthesisResult(request_id=request_id or str(uuid.uuid4()))
-        inputs = request_inputs(text, **options)  # a bad option is refused before anything is sent
+        inputs = _inputs(text, options)  # a bad option is refused before anything is sent
         completed, first = False, True
         # Timed from before the gRPC stream opens: its setup (a thread, a call) is the caller's wait too,
         # and took a second in a busy process.
@@ -297,71 +399,37 @@ class OrpheusClient:
             completed = True
             return result
         finally:
-            try:
-                ended = completed or self._end_early(result.request_id, events, heard=not first)
-            except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
-                ended = False
-            except BaseException:  # a second Ctrl-C while ending it: cancel at once
-                self.client.stop_stream(cancel_requests=True)
-                raise
-            self.client.stop_stream(cancel_requests=not ended)
+            if completed:
+                self.client.stop_stream()
+            else:
+                self._leave(_EarlyEnd(self.client, result.request_id, events, heard=not first))
 
     def _failure(self, error, first: bool) -> Exception:
         """What to raise for a stream's error (``_stream_failure``; ``first``: no response came yet)."""
         unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
         return _stream_failure(self.url, str(error), unavailable, first)
 
-    def _end_early(self, request_id: str, events: queue.Queue, heard: bool,
-                   timeout: float = END_EARLY_SECONDS) -> bool:
-        """End an abandoned stream (an exception in ``on_chunk``, Ctrl-C, a timeout) the clean way.
+    def _leave(self, ending: _EarlyEnd) -> None:
+        """End the abandoned stream (``_EarlyEnd``), waiting END_WAIT_SECONDS for it: if it has not ended by
+        then, a thread waits for the rest of END_EARLY_SECONDS on the stream's connection (the interpreter
+        waits for it at its exit: a stream cut off there would stay in flight on the server), and the
+        client's next stream gets a connection of its own."""
+        started = time.perf_counter()
+        try:
+            ended = ending.run(started + END_WAIT_SECONDS)
+        except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
+            ended = False
+        except BaseException:  # a second Ctrl-C while ending it: cancel at once
+            ending.connection.stop_stream(cancel_requests=True)
+            raise
+        if ended is not None:
+            ending.connection.stop_stream(cancel_requests=not ended)
+            return
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
-        Cancelling the gRPC stream alone is not enough with tritonserver 2.51: it does
-        not pass the cancellation to the `llm` request running inside the ensemble (so
-        generation would go on), and the cancelled ensemble request stays counted in
-        flight for good (a graceful stop then waits its whole exit timeout). So the
-        stream's `llm` request gets a `stop` (see ``stop``), which ends it normally
-        within a step, and the ensemble's remaining responses are read to its final
-        one. The `stop` goes on the gRPC stream being ended (``_stop_on_stream``).
-        ``heard``: the stream had answered already; if not, the `stop` is sent again
-        every STOP_REPEAT_SECONDS until one goes after its first response (see there).
-        Each stop, like the stream, ends in exactly one final response or one error, and
-        tritonclient does not say which request an error is of: so the stream has ended
-        once more of them came than stops were sent; a stop that may have failed is sent
-        again. Returns False if the end did not come within ``timeout`` (then cancel).
-        """
-        now = time.perf_counter()
-        deadline, next_stop, landed = now + timeout, now, False
-        stops = ends = 0  # stops sent; stops answered and errors, whoever's
-        while True:
-            if not landed and now >= next_stop:
-                self._stop_on_stream(request_id)
-                stops += 1
-                landed, next_stop = heard, time.perf_counter() + STOP_REPEAT_SECONDS
-            try:
-                response, error, _ = events.get(timeout=max(0.0, min(deadline, next_stop) - time.perf_counter()))
-            except queue.Empty:
-                response = error = None
-            now = time.perf_counter()
-            answers_stop = response is not None and response.get_response().model_name == LLM_MODEL
-            if error is not None or answers_stop:
-                ends += 1
-                if ends > stops:
-                    return True  # the stream's own error came beside every stop's end
-                landed = landed and error is None  # the error may be a stop's: another one
-            elif response is not None:
-                if _is_final(response):
-                    return True
-                heard = True
-            if now >= deadline:
-                return False
-
-    def _stop_on_stream(self, request_id: str) -> None:
-        """``stop`` for the stream open on this client, sent on that same gRPC stream: a caller hanging
-        up needs no new connection and no new threads, whose setup was seen to take over a second on a
-        busy machine while generation ran on. Its answer, an empty final response from the `llm` model
-        (or an error), comes among the stream's."""
-        self.client.async_stream_infer(LLM_MODEL, stop_inputs(), request_id=request_id,
-                                       enable_empty_final_response=True)
+        self.client = grpcclient.InferenceServerClient(self.url)
+        threading.Thread(target=ending.finish, args=(started + END_EARLY_SECONDS,),
+                         name=f"orpheus-end-{ending.request_id}").start()
 
     def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step.
@@ -371,8 +439,10 @@ class OrpheusClient:
         around it. It goes over a connection of its own, so it can be sent from
         anywhere (another thread, another process) while the stream is open; a stream
         left early while ``synthesize`` reads it gets its `stop` on its own gRPC stream.
-        Raises SynthesisError when the server refuses the stop or cannot be reached; one not
-        answered within ``timeout`` is left to the server (as ``AsyncOrpheusClient.stop`` does).
+        Raises SynthesisError when the server refuses the stop, ConnectionError when no server answers at
+        the url; one not answered within ``timeout`` is left to the server (as ``AsyncOrpheusClient.stop``
+        does). A stop for an id that is not streaming (ended already, or never sent) is no error: it
+        races with the stream's own end.
         """
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
@@ -394,7 +464,8 @@ class OrpheusClient:
             client.stop_stream()
             client.close()
         if error is not None:
-            raise _stop_failure(request_id, str(error))
+            unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
+            raise _stop_failure(self.url, request_id, str(error), unavailable)
 
     def close(self) -> None:
         self.client.close()
@@ -409,7 +480,7 @@ class _ShieldedReads:
 
     grpc.aio cancels a call whose read is cancelled (a cancelled task, a timeout around it). But a
     cancelled ensemble request is not passed on to the `llm` request inside it and stays counted in
-    flight with tritonserver 2.51 (see ``OrpheusClient._end_early``): a stream must end with a `stop`
+    flight with tritonserver 2.51 (see ``_EarlyEnd``): a stream must end with a `stop`
     and its responses read to its end. So each read runs as a task of its own, awaited through
     ``asyncio.shield``: a cancelled reader leaves it running, and the next ``next`` picks it up.
     A failed connection (gRPC's status) is raised as ConnectionError naming ``url`` before the first
@@ -482,15 +553,30 @@ class AsyncOrpheusClient:
     """
 
     def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
-        import tritonclient.grpc.aio as grpcaio  # noqa: PLC0415
-
-        self.url = url
+        self.url = check_grpc_url(url)
         self.model = model
-        self.client = grpcaio.InferenceServerClient(url)
+        self._client = None  # made in the event loop that first uses it (``client``)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned
         self._ending: set[asyncio.Future] = set()  # streams being ended early (``_end_early``)
         self._live: dict[str, asyncio.Future] = {}  # streams under way, by id: done when they have ended
+        self._cut_off: set[str] = set()  # streams read by other tasks that ``close`` stopped
         self._closing = False
+
+    @property
+    def client(self):
+        """The tritonclient asyncio client, made on first use in the running event loop: grpc.aio binds a
+        channel to the loop it is made in, and a client made before ``asyncio.run`` failed in it with a
+        future 'attached to a different loop'."""
+        loop = asyncio.get_running_loop()
+        if self._client is None:
+            import tritonclient.grpc.aio as grpcaio  # noqa: PLC0415
+
+            self._client, self._loop = grpcaio.InferenceServerClient(self.url), loop
+        elif loop is not self._loop:
+            raise RuntimeError("an AsyncOrpheusClient serves the event loop it was first used in; "
+                               "make one in each event loop (each asyncio.run)")
+        return self._client
 
     async def __aenter__(self) -> AsyncOrpheusClient:
         return self
@@ -499,7 +585,7 @@ class AsyncOrpheusClient:
         await self.close()
 
     def stream(self, text: str, request_id: str | None = None, timeout: float = 600.0,
-               **options) -> AsyncIterator[np.ndarray]:
+               **options) -> AsyncGenerator[np.ndarray, None]:
         """Yield the utterance's int16 chunks as they arrive; ``options`` as ``request_inputs`` takes them.
         Raises SynthesisError with the server's message when the stream fails (or its connection does),
         ConnectionError when no server answers at the url, TimeoutError when it has not ended within
@@ -508,11 +594,12 @@ class AsyncOrpheusClient:
         self._streams.add(chunks)  # ``close`` ends those still open
         return chunks
 
-    async def _stream(self, text: str, request_id: str | None, timeout: float, **options) -> AsyncIterator[np.ndarray]:
+    async def _stream(self, text: str, request_id: str | None, timeout: float,
+                      **options) -> AsyncGenerator[np.ndarray, None]:
         if self._closing:  # (stream_text's next sentence, say): it would be cut off as it started
             raise SynthesisError("the client is closed: no new stream")
         request_id = request_id or str(uuid.uuid4())
-        inputs = request_inputs(text, **options)
+        inputs = _inputs(text, options)
         deadline = asyncio.get_running_loop().time() + timeout
         # gRPC's own deadline only backs the one kept here: at gRPC's, the call would be cancelled.
         responses = _ShieldedReads(self._open(self.model, inputs, request_id, timeout + GRPC_DEADLINE_MARGIN),
@@ -525,6 +612,8 @@ class AsyncOrpheusClient:
                     response, error = await responses.next(deadline)
                 except StopAsyncIteration:
                     ended = True  # the server closed the stream after the last response
+                    if request_id in self._cut_off:  # not the utterance's end: ``close`` stopped it
+                        raise SynthesisError("the stream was cut off: its client was closed") from None
                     return
                 except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
                     raise TimeoutError(f"the stream did not end within its {timeout:g} s timeout") from None
@@ -549,7 +638,7 @@ class AsyncOrpheusClient:
 
     async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 2,
                           concurrency: int = 1, max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
-                          pause_seconds: float | None = PAUSE_SECONDS, **options) -> AsyncIterator[np.ndarray]:
+                          pause_seconds: float | None = PAUSE_SECONDS, **options) -> AsyncGenerator[np.ndarray, None]:
         """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
 
         ``text``: a whole string, or its pieces as they arrive (an async iterable: a voice agent's LLM
@@ -567,6 +656,7 @@ class AsyncOrpheusClient:
         """
         if "request_id" in options:
             raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")
+        _inputs("", options)  # an unknown option is refused here, not at the first sentence
         sentences = sentences_of(text, max_chars, pause_seconds)
         speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout, **options),
                                 lookahead, concurrency)
@@ -576,7 +666,7 @@ class AsyncOrpheusClient:
 
     async def stop(self, request_id: str, timeout: float = 10.0) -> None:
         """Ask the LLM stage to end the stream with this id at its next step (see ``OrpheusClient.stop``);
-        raises SynthesisError when the server refuses it or cannot be reached."""
+        raises SynthesisError when the server refuses it, ConnectionError when no server answers."""
         import grpc  # noqa: PLC0415
 
         inputs = stop_inputs()
@@ -585,19 +675,21 @@ class AsyncOrpheusClient:
         async def answered() -> None:
             async for _, error in responses:  # its one response, if any; then the server closes the stream
                 if error is not None:
-                    raise _stop_failure(request_id, str(error))
+                    unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
+                    raise _stop_failure(self.url, request_id, str(error), unavailable)
 
         try:
             await asyncio.wait_for(answered(), timeout)
         except asyncio.TimeoutError:
             responses.cancel()
         except grpc.aio.AioRpcError as error:
-            raise _stop_failure(request_id, f"{error.code().name}: {error.details()}") from None
+            raise _stop_failure(self.url, request_id, f"{error.code().name}: {error.details()}",
+                                error.code() == grpc.StatusCode.UNAVAILABLE) from None
 
     async def close(self) -> None:
         """Close the connection, once every stream left open has ended the clean way (see ``stream``):
-        one still being read by another task is stopped, and its reader sees it end. New streams are
-        refused from here on (SynthesisError)."""
+        one still being read by another task is stopped, and its reader gets SynthesisError (the stream
+        was cut off: not the utterance's end). New streams are refused from here on (SynthesisError)."""
         self._closing = True
         for chunks in list(self._streams):  # still referenced somewhere, but done with
             with contextlib.suppress(RuntimeError):  # being read by another task: stopped below
@@ -606,11 +698,13 @@ class AsyncOrpheusClient:
         # at the one after: it then registers its ending below.
         for _ in range(2):
             await asyncio.sleep(0)
+        self._cut_off.update(self._live)
         await asyncio.gather(*(self._stop_until_ended(request_id, ended)
                                for request_id, ended in list(self._live.items())))
         while self._ending:
             await asyncio.gather(*self._ending, return_exceptions=True)
-        await self.client.close()
+        if self._client is not None:
+            await self._client.close()
 
     async def _stop_until_ended(self, request_id: str, ended: asyncio.Future,
                                 timeout: float = END_EARLY_SECONDS) -> None:
@@ -630,11 +724,12 @@ class AsyncOrpheusClient:
         return self.client.stream_infer(requests(), stream_timeout=timeout)
 
     async def _end_early(self, request_id: str, responses: _ShieldedReads,
-                         timeout: float = END_EARLY_SECONDS) -> None:
-        """``OrpheusClient._end_early`` for this client: `stop`, then read on to the stream's end;
+                         timeout: float = END_EARLY_SECONDS, wait: float = END_WAIT_SECONDS) -> None:
+        """``_EarlyEnd`` for this client: `stop`, then read on to the stream's end;
         cancel the gRPC stream if that does not come within ``timeout``. It runs as a task of its own,
         which ``close`` waits for: a generator left without ``aclosing`` is closed when it is collected,
-        maybe after its client's ``async with`` has begun to close the connection."""
+        maybe after its client's ``async with`` has begun to close the connection. The caller waits
+        for it ``wait`` seconds at most (END_WAIT_SECONDS)."""
         async def end() -> None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
@@ -643,7 +738,7 @@ class AsyncOrpheusClient:
                     landed = responses.received
                     try:
                         await self.stop(request_id)
-                    except SynthesisError:  # refused or not sent: it has not landed; read on, then again
+                    except (SynthesisError, ConnectionError):  # refused or not sent: not landed; read on, again
                         landed = False
                     next_stop = deadline if landed else min(deadline, loop.time() + STOP_REPEAT_SECONDS)
                     try:
@@ -664,4 +759,4 @@ class AsyncOrpheusClient:
         ending = asyncio.ensure_future(end())
         self._ending.add(ending)
         ending.add_done_callback(self._ending.discard)
-        await asyncio.shield(ending)  # a caller cancelled again does not cut the stop short
+        await asyncio.wait({ending}, timeout=wait)  # a caller cancelled again does not cut the stop short

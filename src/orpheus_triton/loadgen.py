@@ -350,7 +350,7 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
         record = StreamRecord(utterance.label, utterance.voice, sent - run_start)
         received: list[tuple[float, int]] = []  # the chunks as they come, kept should the stream fail or be cut
 
-        def check(chunk) -> None:  # raising here ends the stream the clean way (OrpheusClient._end_early)
+        def check(chunk) -> None:  # raising here ends the stream the clean way (the client's _EarlyEnd)
             received.append((time.perf_counter() - sent, chunk.size))
             if stop is not None and stop():
                 raise LevelOver("cut at its level's end")

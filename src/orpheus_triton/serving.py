@@ -388,7 +388,8 @@ class ActiveStreams:
             if request_id in self._unfinished:
                 raise StreamIdError(
                     f"request id {shown(request_id)} belonged to a stream that was stopped, cancelled or failed "
-                    f"less than {self.hold_seconds:.0f} s ago; use a new id for every stream"
+                    f"less than {self.hold_seconds:.0f} s (about {self.hold_seconds / 60:.0f} minutes) ago; use a new "
+                    f"id for every stream"
                 )
             self._ids.add(request_id)
 

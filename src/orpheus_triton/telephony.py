@@ -69,9 +69,13 @@ class Resampler:
         # plus that delay, so the audio's last moments are not cut off.
         total = -(-(self.consumed + self.taps_per_phase // 2) * self.up // self.down)
         out = self._complete(signal, self.consumed + pad, limit=total)
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        """Forget the inputs given: the next ``push`` starts a new signal."""
         self.history = np.zeros(self.taps_per_phase - 1)
         self.consumed = self.produced = 0
-        return out
 
     def _complete(self, signal: np.ndarray, available: int, limit: int | None = None) -> np.ndarray:
         """Outputs ``produced``.. whose filter window ends within the first ``available`` inputs; ``signal``
@@ -157,7 +161,8 @@ class PhoneAudio:
         send(base64.b64encode(phone.flush()))  # the filter's last few samples
 
     ``encoding``: "mulaw", "alaw" (one byte per sample) or "pcm16" (little-endian int16);
-    ``rate``: the line's sample rate (8000 for G.711, 16000 for wideband).
+    ``rate``: the line's sample rate (8000 for G.711, 16000 for wideband). One converter serves one
+    utterance at a time: ``flush`` at its end, ``reset`` when it is cut short (a barge-in).
     """
 
     def __init__(self, encoding: str = "mulaw", rate: int = 8000):
@@ -168,10 +173,19 @@ class PhoneAudio:
         self.resampler = Resampler(rate) if rate != SAMPLE_RATE else None
 
     def encode(self, chunk: np.ndarray) -> bytes:
+        """``chunk`` (int16, 24 kHz mono) as the line's bytes. The resampling filter holds the chunk's last
+        few samples back until the next one (or ``flush``): chunk by chunk gives the same bytes as whole."""
         return self._bytes(self.resampler.push(chunk) if self.resampler else _int16(chunk))
 
     def flush(self) -> bytes:
+        """The bytes held back, at the utterance's end; the next ``encode`` starts a new utterance."""
         return self._bytes(self.resampler.flush()) if self.resampler else b""
+
+    def reset(self) -> None:
+        """Drop what is held back, unsent (the caller barged in: the rest of the utterance is not played);
+        the next ``encode`` starts a new utterance."""
+        if self.resampler:
+            self.resampler.reset()
 
     def _bytes(self, samples: np.ndarray) -> bytes:
         if self.encoding == "mulaw":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,6 +29,10 @@ _CLOSERS = "\"'”’)]"
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "e.g", "i.e", "approx", "fig",
                             "inc", "ltd", "mt", "vol", "dept", "est", "cf",
                             "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov", "dec"})
+# Letters each with a full stop, the last one's before the cut: "U.S", "U.K" ("U.S. Army" goes on).
+_INITIALISM = re.compile(r"(?:[^\W\d_]\.)+[^\W\d_]")
+# Abbreviations that end a sentence unless a number follows ("Call No. 5", "see p. 12").
+_BEFORE_NUMBERS = frozenset({"no", "nos", "nr", "p", "pp", "art", "sec", "ch", "fig", "vol"})
 # A sentence end: end marks, any closing quotes or brackets, whitespace, then the next sentence's first character.
 _BOUNDARY = re.compile(rf"[{re.escape(_END_MARKS)}]+[{re.escape(_CLOSERS)}]*(\s+)(\S)")
 # Chinese and Japanese full-width end marks: no space follows them, so the next sentence's first
@@ -44,9 +48,9 @@ class SentenceSplitter:
     A sentence ends at ``.``, ``!``, ``?`` or ``…`` (and closing quotes) followed by
     whitespace and a character that can start a sentence (not a lowercase letter:
     "e.g. this" and "Wait... what" go on), at ``。``, ``！`` or ``？`` (no space follows
-    those), or at a line break. Abbreviations and
-    initials ("Dr. Smith", "J. R. R. Tolkien") do not end one, nor do decimals (no
-    space after the point). A sentence longer than ``max_chars`` is cut at its last
+    those), or at a line break. Abbreviations,
+    initials and initialisms ("Dr. Smith", "J. R. R. Tolkien", "the U.S. Army", "No. 5") do not
+    end one, nor do decimals (no space after the point). A sentence longer than ``max_chars`` is cut at its last
     clause break (comma, semicolon, colon, dash) or space before that length, never
     inside a ``<tag>``. Sentences come out with their whitespace collapsed.
     """
@@ -100,8 +104,8 @@ class SentenceSplitter:
             before = text[: match.start()]
             marks = text[match.start() : match.start(1)].rstrip(_CLOSERS)
             if match.group(2).islower() or not any(ch.isalpha() for ch in before) \
-                    or (marks == "." and _is_abbreviation(before)):
-                continue  # "e.g. this", a list's "1.", "Dr. Smith": the sentence goes on
+                    or (marks == "." and _is_abbreviation(before, match.group(2))):
+                continue  # "e.g. this", a list's "1.", "Dr. Smith", "No. 5": the sentence goes on
             cuts.append(match.start(1))
             break
         start = len(text) - len(text.lstrip())
@@ -130,12 +134,15 @@ class SentenceSplitter:
         return space + 1 if space > 0 else max(len(head), 1)
 
 
-def _is_abbreviation(before: str) -> bool:
-    """Whether the word ending ``before`` (the text up to a full stop) is an abbreviation or an initial."""
+def _is_abbreviation(before: str, next_char: str = "") -> bool:
+    """Whether the word ending ``before`` (the text up to a full stop) is an abbreviation, an initial or
+    initialism ("U.S.", "J."), or a number's abbreviation followed by one ("No. 5", ``next_char`` a digit)."""
     word = before.rsplit(None, 1)[-1] if before.split() else ""
     word = word.lstrip("(\"'“‘")
     initial = len(word) == 1 and word.isalpha() and word.isupper() and word != "I"
-    return initial or word.lower() in _ABBREVIATIONS
+    numbered = next_char.isdigit() and word.lower() in _BEFORE_NUMBERS
+    initialism = word.isupper() and bool(_INITIALISM.fullmatch(word))  # not "a.m": it often ends one
+    return initial or initialism or numbered or word.lower() in _ABBREVIATIONS
 
 
 def _collapse(text: str) -> str:
@@ -173,7 +180,7 @@ PAUSE_SECONDS = 0.3
 
 
 async def sentences_of(text: str | Iterable[str] | AsyncIterable[str], max_chars: int = MAX_SENTENCE_CHARS,
-                       pause_seconds: float | None = PAUSE_SECONDS) -> AsyncIterator[str]:
+                       pause_seconds: float | None = PAUSE_SECONDS) -> AsyncGenerator[str, None]:
     """The sentences of ``text``: a whole string, or pieces as they arrive (an iterable or async iterable).
     Closed early, it closes its source too (a voice agent's LLM reply stops being read). A plain
     iterable is read on the event loop: text that arrives over time wants an async iterable. What an
@@ -219,7 +226,7 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str], max_chars
         yield sentence
 
 
-async def _pieces(items: Iterable[str]) -> AsyncIterator[str]:
+async def _pieces(items: Iterable[str]) -> AsyncGenerator[str, None]:
     try:
         for item in items:
             yield item
@@ -239,8 +246,8 @@ class _Failed:
 _DONE = object()
 
 
-async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], AsyncIterator[T]],
-                         lookahead: int = 2, concurrency: int = 1) -> AsyncIterator[T]:
+async def speak_in_order(sentences: AsyncIterable[str], speak: Callable[[str], AsyncGenerator[T, None]],
+                         lookahead: int = 2, concurrency: int = 1) -> AsyncGenerator[T, None]:
     """Every item of ``speak(sentence)`` for each sentence, sentence by sentence in order.
 
     A sentence starts once the one before it has finished generating (with
