@@ -1,7 +1,8 @@
 #!/bin/sh
 # Entry point of the CPU image: arguments are an `orpheus-triton` command (default: serve).
 # `serve` and `demo` use the model set at $ORPHEUS_MODELS (default /models) when one is
-# mounted there and no --models is given; otherwise the demo model set.
+# mounted there and no --models is given; a folder mounted there without one is refused (exit 2);
+# with nothing there, the demo model set.
 # Anything that is not an orpheus-triton command (bash, python, ...) runs as is.
 set -eu
 
@@ -28,6 +29,13 @@ case "$1" in
                         "$models/llm/config.json cannot be read: a host folder that does not exist is created" \
                         "empty, a relative path is taken from docker/ (the compose file's folder), and uid" \
                         "$(id -u) must be able to read it" >&2
+                    exit 2
+                elif [ -n "$(ls -A "$models" 2>/dev/null)" ] \
+                    || grep -qs " $models " /proc/self/mountinfo; then  # `docker run -v WRONG:/models`
+                    echo "[orpheus-entrypoint] a folder is mounted at $models but holds no model set" \
+                        "($models/llm/config.json cannot be read): mount the folder that holds llm/ and snac/" \
+                        "(see \`orpheus-triton download\`), readable by uid $(id -u); without a mount the" \
+                        "demo set is served" >&2
                     exit 2
                 else
                     echo "[orpheus-entrypoint] no model set at $models (llm/config.json): serving the demo set" >&2

@@ -170,13 +170,13 @@ class _FakeDrain:
         return self.busy_looks < 0
 
 
-def _stand_in_server(handler: bool = True):
+def _stand_in_server(handler: bool = True, linger: float = 0.0):
     """A process in a session of its own that, like tritonserver with a request a bare cancellation left in
-    flight, exits 1 on SIGTERM or SIGINT; without ``handler``, as tritonserver while its models load, it is
-    killed by them."""
+    flight, exits 1 on SIGTERM or SIGINT (``linger`` seconds later, as tritonserver finishing what it holds);
+    without ``handler``, as tritonserver while its models load, it is killed by them."""
     import subprocess
 
-    trap = 'trap "exit 1" TERM INT; ' if handler else ""
+    trap = f'trap "sleep {linger}; exit 1" TERM INT; ' if handler else ""
     return subprocess.Popen(["sh", "-c", f"{trap}while :; do sleep 0.05; done"], start_new_session=True)
 
 
@@ -228,3 +228,44 @@ def test_a_stop_while_the_models_load_is_said_as_such_and_is_no_failure():
     assert run_in_foreground(process, exit_timeout=30, ready=lambda: False, log=said.append,
                              drain=_FakeDrain()) == 0
     assert said[-1] == "stopped while the models were loading", said
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(finished):
+    """A drain that ran out of time stops tritonserver, which still finishes the streams whose audio it
+    holds (their generation over, their decoding queued) within its own exit timeout, then exits 1 for
+    its models' unloading: every stream had ended whole, and `serve` said they were cut off, exit 143."""
+    import signal
+    import time
+
+    from orpheus_triton.server import run_in_foreground
+
+    class SlowDrain(_FakeDrain):  # busy past the exit timeout, idle while the server stops (or never)
+        def idle(self) -> bool:
+            return finished and time.monotonic() > busy_until
+
+    said = []
+    busy_until = time.monotonic() + 1.8
+    process = _stand_in_server(linger=3.0)
+    _signal_soon()
+    status = run_in_foreground(process, exit_timeout=1, ready=lambda: True, log=said.append, drain=SlowDrain())
+    assert any("streams still in flight after 1 s (--exit-timeout): stopping tritonserver" in line for line in said)
+    if finished:
+        assert status == 0 and said[-1] == "stopped: every stream had finished", said
+    else:
+        assert status == 128 + signal.SIGTERM and said[-1].startswith("stopped; requests in flight were cut off")
+
+
+def test_a_tritonserver_that_dies_on_its_own_is_said_to_have_died():
+    """`serve` exited 137 without a word when tritonserver itself was killed (the OOM killer, `kill -9`)."""
+    import os
+    import signal
+    import threading
+
+    from orpheus_triton.server import run_in_foreground
+
+    said = []
+    process = _stand_in_server()
+    threading.Timer(0.3, os.kill, (process.pid, signal.SIGKILL)).start()
+    assert run_in_foreground(process, exit_timeout=30, ready=lambda: True, log=said.append) == 128 + signal.SIGKILL
+    assert said[-1].startswith("error: tritonserver was killed by SIGKILL (the kernel's out-of-memory killer"), said

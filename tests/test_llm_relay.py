@@ -311,13 +311,15 @@ def test_each_relay_instance_counts_its_streams_under_its_own_label(relay_server
     import re
     import urllib.request
 
-    from orpheus_triton.metrics import RELAYED_STREAMS_METRIC
+    from orpheus_triton.metrics import INSTANCE_LABEL, RELAYED_STREAMS_METRIC
     from orpheus_triton.server import streams_in_flight
 
     time.sleep(1.2)  # published every 0.5 s
     page = urllib.request.urlopen(f"http://localhost:{relay_server.ports.metrics}/metrics", timeout=10).read().decode()
     series = re.findall(rf"^{RELAYED_STREAMS_METRIC}{{(.*)}} (\S+)$", page, re.MULTILINE)
-    assert sorted(re.search(r'instance="([^"]+)"', labels).group(1) for labels, _ in series) == ["llm_0_0", "llm_0_1"]
+    # Labelled model_instance: an "instance" label of its own, Prometheus renames to exported_instance.
+    instances = sorted(re.search(rf'{INSTANCE_LABEL}="([^"]+)"', labels).group(1) for labels, _ in series)
+    assert instances == ["llm_0_0", "llm_0_1"] and 'instance="' not in page.replace(f'{INSTANCE_LABEL}="', "")
     assert streams_in_flight(relay_server.ports.metrics) == 0
 
 

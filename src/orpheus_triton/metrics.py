@@ -44,6 +44,10 @@ PUBLISH_SECONDS = 0.1
 log = logging.getLogger(__name__)
 
 
+# The label telling a model's instances apart (``MetricSet``).
+INSTANCE_LABEL = "model_instance"
+
+
 class MetricSet:
     """Gauges, counters and histograms of one model, labelled ``model=<name>``.
 
@@ -57,7 +61,9 @@ class MetricSet:
         # A model of several instances labels each one's metrics with it: instances that set a metric of the
         # same labels share it in tritonserver, which frees it when the first of them unloads while the
         # others still set it (heap corruption, the server aborting; triton-inference-server/server#8663).
-        self.labels = {"model": model} | ({"instance": instance} if instance else {})
+        # Not "instance": Prometheus gives every scraped series that label (the target) and renames a
+        # series' own to exported_instance.
+        self.labels = {"model": model} | ({INSTANCE_LABEL: instance} if instance else {})
         self.families = []
         self.metric_types: set[type] = set()
 

@@ -515,6 +515,8 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     log(f"{name}: draining: new streams are refused (retry them on another server) while those in "
                         f"flight get up to {exit_timeout:g} s to finish (--exit-timeout); Ctrl-C again stops at once")
                     draining_until, next_drain_look = time.monotonic() + exit_timeout, time.monotonic()
+                elif not watching and ready is not None:
+                    deadline = stop_server_now(f"{name}: stopping (the models are still loading)")
                 else:
                     deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
                                                "(--exit-timeout); Ctrl-C again stops at once")
@@ -526,12 +528,20 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     drained = True
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
                 elif time.monotonic() >= draining_until:
-                    deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout) "
-                                               "are cut off; stopping tritonserver")
+                    deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout): "
+                                               f"stopping tritonserver; those it cannot finish in its own "
+                                               f"{server_timeout:g} s are cut off")
             elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
                 log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
                 kill_server_group(process)
                 killed = True
+            elif draining_until is not None and not drained and time.monotonic() >= next_drain_look:
+                # Stopping, tritonserver still answers what it had taken (a stream whose generation has ended
+                # has its audio's decoding queued already) and its metrics: a stream cut off is one still
+                # in flight when it exits.
+                next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
+                quiet_looks = quiet_looks + 1 if drain.idle() else 0
+                drained = quiet_looks >= DRAIN_QUIET_LOOKS
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -541,10 +551,18 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     if received:
         # drained: what tritonserver still held in flight (exiting 1, or hanging) had nobody to answer
         if status == 0 or (drained and (status == 1 or killed)):
+            log("stopped: every stream had finished" if drained else "stopped")
             return 0
         if not watching and status == -received[0]:  # stopped before its models had loaded: nothing streamed
             log("stopped while the models were loading")
             return 0
         log(f"stopped; requests in flight were cut off (tritonserver {'was killed' if killed else f'exited {status}'})")
         return 128 + received[0]
-    return status if status >= 0 else 128 - status
+    if status < 0:  # nobody here asked for it
+        name = signal.Signals(-status).name if -status in signal.valid_signals() else f"signal {-status}"
+        log(f"error: tritonserver was killed by {name}"
+            + (" (the kernel's out-of-memory killer sends it, as does `kill -9`)" if -status == signal.SIGKILL else ""))
+        return 128 - status
+    if status != 0:
+        log(f"error: tritonserver exited with status {status}: its log above says why")
+    return status
