@@ -1,8 +1,8 @@
 #!/bin/sh
 # Entry point of the CPU image: arguments are an `orpheus-triton` command (default: serve).
 # `serve` and `demo` use the model set at $ORPHEUS_MODELS (default /models) when one is
-# mounted there and no --models is given; a folder mounted there without one is refused (exit 2);
-# with nothing there, the demo model set.
+# mounted there and no --models is given; a folder there that holds files but no model set is refused
+# (exit 2: a wrong mount); with it empty (compose's default volume, no mount), the demo model set.
 # Anything that is not an orpheus-triton command (bash, python, ...) runs as is.
 set -eu
 
@@ -30,11 +30,10 @@ case "$1" in
                         "empty, a relative path is taken from docker/ (the compose file's folder), and uid" \
                         "$(id -u) must be able to read it" >&2
                     exit 2
-                elif [ -n "$(ls -A "$models" 2>/dev/null)" ] \
-                    || grep -qs " $models " /proc/self/mountinfo; then  # `docker run -v WRONG:/models`
-                    echo "[orpheus-entrypoint] a folder is mounted at $models but holds no model set" \
+                elif [ -n "$(ls -A "$models" 2>/dev/null)" ]; then  # `docker run -v WRONG:/models`
+                    echo "[orpheus-entrypoint] $models holds files but no model set" \
                         "($models/llm/config.json cannot be read): mount the folder that holds llm/ and snac/" \
-                        "(see \`orpheus-triton download\`), readable by uid $(id -u); without a mount the" \
+                        "(see \`orpheus-triton download\`), readable by uid $(id -u); with $models empty the" \
                         "demo set is served" >&2
                     exit 2
                 else
