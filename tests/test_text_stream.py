@@ -156,6 +156,32 @@ def test_a_sentence_the_text_pauses_after_is_spoken_without_waiting_for_the_next
         assert splitter.pending == ("" if out else held)
 
 
+def test_an_async_source_is_read_by_one_task_from_start_to_end():
+    """A voice agent's LLM wrapper may hold an asyncio.timeout, an anyio cancel scope or a context variable
+    across its pieces: all need one task. Each read in a task of its own broke them (a timeout that never
+    fired, 'cancel scope in a different task', a variable lost at the next piece)."""
+    import contextvars
+
+    where = contextvars.ContextVar("where", default="unset")
+
+    async def reply(tasks: list):
+        where.set("set in the source")
+        for piece in ("First. ", "Second", " one."):
+            tasks.append((asyncio.current_task(), where.get()))
+            yield piece
+            await asyncio.sleep(0.02)
+
+    async def main(pause):
+        tasks: list = []
+        said = [s async for s in sentences_of(reply(tasks), pause_seconds=pause)]
+        return said, tasks
+
+    for pause in (0.01, None):
+        said, tasks = run(main(pause))
+        assert said == ["First.", "Second one."]
+        assert len({task for task, _ in tasks}) == 1 and {value for _, value in tasks} == {"set in the source"}
+
+
 class FakeSpeech:
     """``speak`` for speak_in_order: each sentence yields (sentence, i) for i < 3, one item per loop turn
     (with ``hold``, the items after the first only once ``go`` is set). It records when each sentence

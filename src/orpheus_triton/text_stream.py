@@ -82,7 +82,8 @@ class SentenceSplitter:
         ``push`` cuts a sentence only once the next one begins, as the end mark alone may not end it
         ("e.g. this"). A voice agent's reply often stops right there for a while ("Let me check that
         for you." before a tool call): waiting for its next words would hold that sentence's audio
-        back for the whole pause.
+        back for the whole pause. A number's point at a pause ("It is 3." then, later, "14 in all") is
+        taken as the end it more often is ("Your total is 42.").
         """
         held = self.pending.rstrip()
         if not held or self._next_cut(held + " X") != len(held):  # as if a sentence began next
@@ -198,32 +199,56 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str], max_chars
         pause_seconds = None  # read at once: it never pauses
     closing = contextlib.aclosing(pieces) if hasattr(pieces, "aclose") else contextlib.nullcontext(pieces)
     async with closing:
-        source = aiter(pieces)
-        reading: asyncio.Future | None = None
-        try:
-            while True:
-                reading = reading or asyncio.ensure_future(anext(source))
-                if pause_seconds is not None and splitter.pending.strip():
-                    done, _ = await asyncio.wait({reading}, timeout=pause_seconds)
-                    if not done:  # a pause after what may be a whole sentence
-                        for sentence in splitter.paused():
-                            yield sentence
-                        await asyncio.wait({reading})
-                try:
-                    piece = await reading
-                except StopAsyncIteration:
-                    break
-                finally:
-                    if reading.done():
-                        reading = None
+        if pause_seconds is None:
+            async for piece in pieces:
                 for sentence in splitter.push(piece):
                     yield sentence
-        finally:
-            if reading is not None:  # the source is in the middle of a read: ended before it is closed
-                reading.cancel()
-                await asyncio.gather(reading, return_exceptions=True)
+        else:  # its reading task ends before the source is closed
+            async with contextlib.aclosing(_with_pauses(pieces, splitter, pause_seconds)) as sentences:
+                async for sentence in sentences:
+                    yield sentence
     for sentence in splitter.finish():
         yield sentence
+
+
+async def _with_pauses(pieces: AsyncIterable[str], splitter: SentenceSplitter,
+                       pause_seconds: float) -> AsyncGenerator[str, None]:
+    """``sentences_of``'s reading of an async source that may pause: one task reads the whole source (its
+    own ``asyncio.timeout`` or cancel scopes, its context variables, stay in that one task), a piece at a
+    time, while this one waits for each piece at most ``pause_seconds`` before ``splitter.paused``."""
+    arrived: asyncio.Queue = asyncio.Queue(maxsize=1)  # the source is read no further ahead than before
+
+    async def read() -> None:
+        try:
+            async for piece in pieces:
+                await arrived.put(piece)
+        except Exception as error:  # noqa: BLE001 (raised to the reader, where it belongs)
+            await arrived.put(_Failed(error))
+        else:
+            await arrived.put(_DONE)
+
+    reader = asyncio.create_task(read())
+    getting: asyncio.Future | None = None
+    try:
+        while True:
+            # asyncio.wait, not wait_for: wait_for (before Python 3.12) returns an item that came as this task
+            # was cancelled, and the cancellation is lost (a barge-in's close then waited for good).
+            getting = asyncio.ensure_future(arrived.get())
+            if splitter.pending.strip() and not (await asyncio.wait({getting}, timeout=pause_seconds))[0]:
+                for sentence in splitter.paused():  # a pause after what may be a whole sentence
+                    yield sentence
+            piece = await getting
+            if piece is _DONE:
+                return
+            if isinstance(piece, _Failed):
+                raise piece.error
+            for sentence in splitter.push(piece):
+                yield sentence
+    finally:  # the reader stops where it is; the source is then closed by sentences_of
+        for task in (getting, reader):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(task for task in (getting, reader) if task is not None), return_exceptions=True)
 
 
 async def _pieces(items: Iterable[str]) -> AsyncGenerator[str, None]:
