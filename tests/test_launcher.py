@@ -124,6 +124,7 @@ def test_a_drain_reads_what_is_in_flight_from_the_servers_metrics():
 
         page[0] = torch_engine(1, 2, 5)
         assert streams_in_flight(port) == 8  # the decoder's 3 streams (a bare cancellation's, say) aside
+        assert streams_in_flight(port, decoding=False) == 3  # still generating, or waiting to
         page[0] = torch_engine(0, 0, 0)
         assert streams_in_flight(port) == 0 and Drain(Path("/nonexistent"), port).idle()
         page[0] = 'orpheus_llm_relayed_streams{model="llm",version="1"} 2\n'  # the relay's repository
@@ -168,6 +169,9 @@ class _FakeDrain:
     def idle(self) -> bool:
         self.busy_looks -= 1
         return self.busy_looks < 0
+
+    def generating(self) -> bool:
+        return False
 
 
 def _stand_in_server(handler: bool = True, linger: float = 0.0):
@@ -230,11 +234,12 @@ def test_a_stop_while_the_models_load_is_said_as_such_and_is_no_failure():
     assert said[-1] == "stopped while the models were loading", said
 
 
-@pytest.mark.parametrize("finished", [True, False])
-def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(finished):
+@pytest.mark.parametrize("finished,generating", [(True, False), (False, False), (True, True)])
+def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(finished, generating):
     """A drain that ran out of time stops tritonserver, which still finishes the streams whose audio it
     holds (their generation over, their decoding queued) within its own exit timeout, then exits 1 for
-    its models' unloading: every stream had ended whole, and `serve` said they were cut off, exit 143."""
+    its models' unloading: every stream had ended whole, and `serve` said they were cut off, exit 143.
+    A stream still generating at the stop is cut off (its next step refused), though its count falls to 0."""
     import signal
     import time
 
@@ -244,13 +249,16 @@ def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(f
         def idle(self) -> bool:
             return finished and time.monotonic() > busy_until
 
+        def generating(self) -> bool:
+            return generating
+
     said = []
     busy_until = time.monotonic() + 1.8
     process = _stand_in_server(linger=3.0)
     _signal_soon()
     status = run_in_foreground(process, exit_timeout=1, ready=lambda: True, log=said.append, drain=SlowDrain())
     assert any("streams still in flight after 1 s (--exit-timeout): stopping tritonserver" in line for line in said)
-    if finished:
+    if finished and not generating:
         assert status == 0 and said[-1] == "stopped: every stream had finished", said
     else:
         assert status == 128 + signal.SIGTERM and said[-1].startswith("stopped; requests in flight were cut off")

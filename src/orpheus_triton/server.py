@@ -356,11 +356,11 @@ DRAIN_LOOK_SECONDS = 0.6
 DRAIN_QUIET_LOOKS = 2
 
 
-def streams_in_flight(metrics_port: int) -> int | None:
+def streams_in_flight(metrics_port: int, decoding: bool = True) -> int | None:
     """What the server on this machine still works on, by its own metrics: the llm stage's streams and
     queued requests (the torch engine's, or the streams the relay in front of TensorRT-LLM carries) and
-    the windows the decoder has still to decode. None if the page cannot be read or has no llm stage's
-    figures (models still loading, a repository of another kind): not known to be idle."""
+    (``decoding``) the windows the decoder has still to decode. None if the page cannot be read or has no
+    llm stage's figures (models still loading, a repository of another kind): not known to be idle."""
     try:
         with _LOCAL.open(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
             values = family_totals(response.read().decode(), (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC))
@@ -368,7 +368,8 @@ def streams_in_flight(metrics_port: int) -> int | None:
         return None
     if not any(name in values for name in LLM_STREAM_METRICS):
         return None
-    return int(sum(values.get(name, 0.0) for name in (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC)))
+    counted = (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC) if decoding else LLM_STREAM_METRICS
+    return int(sum(values.get(name, 0.0) for name in counted))
 
 
 @dataclass
@@ -404,6 +405,11 @@ class Drain:
 
     def idle(self) -> bool:
         return streams_in_flight(self.metrics_port) == 0
+
+    def generating(self) -> bool:
+        """Whether a stream is still generating (or waiting to), or that is not known: such a stream cannot
+        finish once tritonserver stops (its next step is refused), though its count still falls to 0."""
+        return streams_in_flight(self.metrics_port, decoding=False) != 0
 
     def close(self) -> None:
         shutil.rmtree(self.flag.parent, ignore_errors=True)
@@ -472,7 +478,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
-    draining_until, quiet_looks, drained = None, 0, False
+    draining_until, quiet_looks, drained, watch_stop = None, 0, False, False
     server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
 
     def stop_server_now(reason: str) -> float:
@@ -528,6 +534,8 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     drained = True
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
                 elif time.monotonic() >= draining_until:
+                    # Watched on only if no stream is still generating: the rest is the decoder's to finish.
+                    watch_stop, quiet_looks = not drain.generating(), 0
                     deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout): "
                                                f"stopping tritonserver; those it cannot finish in its own "
                                                f"{server_timeout:g} s are cut off")
@@ -535,8 +543,8 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
                 kill_server_group(process)
                 killed = True
-            elif draining_until is not None and not drained and time.monotonic() >= next_drain_look:
-                # Stopping, tritonserver still answers what it had taken (a stream whose generation has ended
+            elif watch_stop and not drained and time.monotonic() >= next_drain_look:
+                # Stopping, tritonserver still answers what it had taken (a stream whose generation had ended
                 # has its audio's decoding queued already) and its metrics: a stream cut off is one still
                 # in flight when it exits.
                 next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
