@@ -1,6 +1,7 @@
 """The config.pbtxt templates agree with orpheus_triton.constants and render into loadable configs."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -499,6 +500,17 @@ def test_run_folders_of_processes_that_are_gone_are_removed(tmp_path):
     another = run_folder(tmp_path)
     assert not gone.exists() and not gone.with_suffix(".lock").exists()  # its process is gone
     assert (live / "config.pbtxt").read_text() == "kept" and another.is_dir() and another != live
-    for folder in (live, another):
+    # A lock file is locked before it takes its name: one being made (under .pending-) is left alone, one
+    # whose launcher died making it goes once it is a minute old.
+    import os
+
+    making, abandoned = tmp_path / ".pending-repository-a.lock", tmp_path / ".pending-repository-b.lock"
+    making.touch()
+    abandoned.touch()
+    os.utime(abandoned, (time.time() - 120, time.time() - 120))
+    third = run_folder(tmp_path)
+    assert making.exists() and not abandoned.exists()
+    making.unlink()
+    for folder in (live, another, third):
         release_run_folder(folder)
     assert list(tmp_path.iterdir()) == []

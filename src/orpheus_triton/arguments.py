@@ -103,6 +103,8 @@ def check_grpc_url(value: str) -> str:
     host, port = target
     if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):  # "::1" would read as host ":"
+        raise ValueError(f"an IPv6 address goes in brackets before its port, e.g. [::1]:8001, got {value!r}")
     return value
 
 

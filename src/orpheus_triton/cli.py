@@ -212,7 +212,7 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
     """Stream ``text`` into ``output``: a WAV file, or with "-" raw PCM on stdout (the summary then goes
     to stderr, out of the audio's way). One request, or with ``sentences`` one per sentence; ``text``
     None: read it from stdin as it arrives, sentence by sentence."""
-    from .client import OrpheusClient, require_ready_server  # noqa: PLC0415
+    from .client import END_EARLY_SECONDS, OrpheusClient, require_ready_server  # noqa: PLC0415
     from .wav import RawPcmWriter, StreamingWavWriter  # noqa: PLC0415
 
     to_stdout = output == "-"
@@ -228,7 +228,7 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
             result, had_text = asyncio.run(_speak_sentences(url, _stdin_pieces() if text is None else text,
                                                             sink.write, **options))
         else:
-            client = OrpheusClient(url)
+            client = OrpheusClient(url, end_wait=END_EARLY_SECONDS)  # the process ends next: the end, whole
             result = client.synthesize(text, on_chunk=sink.write, **options)
             client.close()
     if not result.chunks and (sentences or text is None) and not had_text:
@@ -262,7 +262,7 @@ def _check_writable(path: Path) -> None:
 async def _speak_sentences(url: str, text, on_chunk, **options):
     """``AsyncOrpheusClient.stream_text`` into ``on_chunk``, timed as one ``SynthesisResult``, and whether
     the text had a sentence to say (without one no request goes out; with one, no audio is the server's)."""
-    from .client import AsyncOrpheusClient, Chunk, SynthesisResult  # noqa: PLC0415
+    from .client import END_EARLY_SECONDS, AsyncOrpheusClient, Chunk, SynthesisResult  # noqa: PLC0415
     from .text_stream import has_words  # noqa: PLC0415
 
     result = SynthesisResult(request_id="one per sentence")
@@ -280,7 +280,7 @@ async def _speak_sentences(url: str, text, on_chunk, **options):
 
     if not isinstance(text, str):
         text = noting_text(text)
-    async with AsyncOrpheusClient(url) as client:
+    async with AsyncOrpheusClient(url, end_wait=END_EARLY_SECONDS) as client:
         async for audio in client.stream_text(text, **options):
             result.chunks.append(Chunk(audio, time.perf_counter() - started))
             on_chunk(audio)

@@ -99,7 +99,9 @@ def _stream_failure(url: str | None, message: str, unavailable: bool, first: boo
     before the stream's first response, ConnectionError naming ``url`` (nobody listening there); after
     it, ServerUnavailable saying it was lost mid-stream. Anything else: SynthesisError with ``message``."""
     if unavailable and first:
-        return ConnectionError(f"no Triton server reachable at {url} ({message})")
+        return ConnectionError(f"no Triton server reachable at {url} ({message}); is that the server's gRPC port "
+                               f"({DEFAULT_GRPC_PORT} unless serve's --grpc-port says otherwise), not its HTTP or "
+                               f"metrics one?")
     if unavailable:
         return ServerUnavailable(f"the connection to the server was lost mid-stream ({message})")
     if _TURNED_AWAY.search(message):
@@ -337,13 +339,19 @@ class _EarlyEnd:
 
 
 class OrpheusClient:
-    """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread)."""
+    """One gRPC connection; ``synthesize`` runs one stream at a time on it (use one client per thread).
 
-    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
+    ``end_wait``: how long a stream left early holds its caller for its clean end (``_leave``); a program
+    that exits right after (a command line tool) or measures what follows wants END_EARLY_SECONDS.
+    """
+
+    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL,
+                 end_wait: float = END_WAIT_SECONDS):
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self.url = check_grpc_url(url)
         self.model = model
+        self.end_wait = end_wait
         self.client = grpcclient.InferenceServerClient(url)
 
     def synthesize(
@@ -410,13 +418,13 @@ class OrpheusClient:
         return _stream_failure(self.url, str(error), unavailable, first)
 
     def _leave(self, ending: _EarlyEnd) -> None:
-        """End the abandoned stream (``_EarlyEnd``), waiting END_WAIT_SECONDS for it: if it has not ended by
-        then, a thread waits for the rest of END_EARLY_SECONDS on the stream's connection (the interpreter
+        """End the abandoned stream (``_EarlyEnd``), waiting ``end_wait`` seconds for it: if it has not ended
+        by then, a thread waits for the rest of END_EARLY_SECONDS on the stream's connection (the interpreter
         waits for it at its exit: a stream cut off there would stay in flight on the server), and the
         client's next stream gets a connection of its own."""
         started = time.perf_counter()
         try:
-            ended = ending.run(started + END_WAIT_SECONDS)
+            ended = ending.run(started + min(self.end_wait, END_EARLY_SECONDS))
         except Exception:  # noqa: BLE001 (the stop could not be sent: the error raised is the stream's)
             ended = False
         except BaseException:  # a second Ctrl-C while ending it: cancel at once
@@ -549,12 +557,17 @@ class AsyncOrpheusClient:
 
     Streams may run concurrently on one client. Each request goes on a gRPC stream of its own, closed
     for writing once sent: the server ends that stream after the request's last response, which is
-    how the end of an utterance shows here.
+    how the end of an utterance shows here. A caller leaving a stream waits ``end_wait`` seconds at most
+    for its clean end, which goes on beside it: close the client (``async with``) before the event loop
+    ends, or the ends still under way are cancelled with it (a bare cancellation, which tritonserver
+    2.51 keeps counted in flight).
     """
 
-    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL):
+    def __init__(self, url: str = DEFAULT_GRPC_URL, model: str = ENSEMBLE_MODEL,
+                 end_wait: float = END_WAIT_SECONDS):
         self.url = check_grpc_url(url)
         self.model = model
+        self.end_wait = end_wait  # as OrpheusClient's
         self._client = None  # made in the event loop that first uses it (``client``)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned
@@ -630,7 +643,7 @@ class AsyncOrpheusClient:
         finally:
             try:
                 if not ended:
-                    await self._end_early(request_id, responses)
+                    await self._end_early(request_id, responses, wait=self.end_wait)
             finally:
                 live.set_result(None)
                 if self._live.get(request_id) is live:

@@ -445,9 +445,8 @@ def checkpoint_names(config: LlamaConfig) -> list[str]:
 
 
 def checkpoint_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """``checkpoint_names`` with each tensor's shape, by arithmetic on the config: building the model on
-    the meta device for them cost 1.4 s of torch imports, which ``check_checkpoint`` runs before the
-    server starts (tests hold the two to the same names and shapes)."""
+    """``checkpoint_names`` with each tensor's shape, by arithmetic on the config (no model is built, not
+    even on the meta device; tests hold the two to the same names and shapes)."""
     hidden, inter, vocab, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
     layer = {
         "self_attn.q_proj.weight": (config.num_heads * hd, hidden),

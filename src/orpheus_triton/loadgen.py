@@ -337,7 +337,7 @@ StreamFunction = Callable[[Utterance, float, Callable[[], bool] | None], StreamR
 
 def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
     """A function that runs one utterance as one gRPC stream and records what arrived when."""
-    from .client import OrpheusClient  # noqa: PLC0415 (tritonclient import only when streaming)
+    from .client import END_EARLY_SECONDS, OrpheusClient  # noqa: PLC0415 (tritonclient import only when streaming)
 
     check_loopback(url)
     local = threading.local()
@@ -345,7 +345,9 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
     def run(utterance: Utterance, run_start: float, stop: Callable[[], bool] | None = None) -> StreamRecord:
         client = getattr(local, "client", None)
         if client is None:
-            client = local.client = OrpheusClient(url)
+            # A filler cut at a level's end is ended whole before its worker goes on: the next level's
+            # figures must not carry the last one's streams.
+            client = local.client = OrpheusClient(url, end_wait=END_EARLY_SECONDS)
         sent = time.perf_counter()
         record = StreamRecord(utterance.label, utterance.voice, sent - run_start)
         received: list[tuple[float, int]] = []  # the chunks as they come, kept should the stream fail or be cut

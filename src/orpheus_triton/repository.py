@@ -12,6 +12,7 @@ import os
 import shutil
 import string
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -162,23 +163,40 @@ def run_folder(root: Path, prefix: str = "repository-") -> Path:
     The launcher removes its folder as it stops, but one killed outright (SIGKILL, the out-of-memory
     killer) never does, and a cache kept across containers filled with them. So each folder has a lock
     file beside it (``<folder>.lock``, an flock the kernel releases when its holder dies), and the
-    folders whose lock nobody holds are removed first.
+    folders whose lock nobody holds are removed first. A lock file takes its name only once locked (made
+    under a ``.pending-`` name, renamed): another launcher's sweep never finds it unlocked. Where the
+    file system has no flock, the folder is made without one (and left, if its launcher is killed).
     """
-    for lock_path in root.glob(f"{prefix}*.lock"):
+    _sweep(root, f"{prefix}*.lock", older_than=0.0)
+    _sweep(root, f".pending-{prefix}*.lock", older_than=60.0)  # a launcher killed between its two steps
+    handle, pending = tempfile.mkstemp(prefix=f".pending-{prefix}", suffix=".lock", dir=root)
+    lock = os.fdopen(handle, "rb")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no flock here (some network file systems)
+        lock.close()
+        os.unlink(pending)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    lock_path = root / Path(pending).name.removeprefix(".pending-")
+    os.rename(pending, lock_path)
+    _HELD_LOCKS[lock_path] = lock
+    folder = lock_path.with_suffix("")
+    folder.mkdir(mode=0o755)
+    return folder
+
+
+def _sweep(root: Path, pattern: str, older_than: float) -> None:
+    """Remove the lock files matching ``pattern`` that no live process holds, with their folders."""
+    for lock_path in root.glob(pattern):
         try:
+            if older_than and time.time() - lock_path.stat().st_mtime < older_than:
+                continue
             with open(lock_path, "rb") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its process is gone
                 shutil.rmtree(lock_path.with_suffix(""), ignore_errors=True)
                 lock_path.unlink(missing_ok=True)
-        except OSError:  # held by a live process (BlockingIOError), or gone meanwhile
+        except OSError:  # held by a live process (BlockingIOError), gone meanwhile, or no flock here
             continue
-    handle, lock_name = tempfile.mkstemp(prefix=prefix, suffix=".lock", dir=root)
-    lock = os.fdopen(handle, "rb")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    _HELD_LOCKS[Path(lock_name)] = lock
-    folder = Path(lock_name).with_suffix("")
-    folder.mkdir(mode=0o755)
-    return folder
 
 
 def release_run_folder(folder: Path) -> None:
