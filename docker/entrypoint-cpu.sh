@@ -30,7 +30,11 @@ case "$1" in
                         "empty, a relative path is taken from docker/ (the compose file's folder), and uid" \
                         "$(id -u) must be able to read it" >&2
                     exit 2
-                elif [ -n "$(ls -A "$models" 2>/dev/null)" ]; then  # `docker run -v WRONG:/models`
+                elif [ -e "$models" ] && ! { [ -r "$models" ] && [ -x "$models" ]; }; then
+                    echo "[orpheus-entrypoint] $models cannot be read by uid $(id -u): make the mounted" \
+                        "model set readable to it" >&2
+                    exit 2
+                elif [ -n "$(ls -A "$models" | grep -vx 'lost+found')" ]; then  # `docker run -v WRONG:/models`
                     echo "[orpheus-entrypoint] $models holds files but no model set" \
                         "($models/llm/config.json cannot be read): mount the folder that holds llm/ and snac/" \
                         "(see \`orpheus-triton download\`), readable by uid $(id -u); with $models empty the" \

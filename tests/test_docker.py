@@ -315,9 +315,13 @@ def test_cpu_entrypoint_refuses_a_mount_that_holds_no_model_set(tmp_path):
     (wrong / "orpheus" / "llm").mkdir(parents=True)
     code, out, err = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(wrong))
     assert code == 2 and out == [] and f"{wrong} holds files but no model set" in err
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "lost+found").mkdir(parents=True)  # a new ext4 volume's: still empty
     code, out, err = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "empty"))
     assert code == 0 and out == ["orpheus-triton", "serve"] and "demo set" in err
+    if os.geteuid() != 0:  # root reads anything: a folder the container's user cannot read is refused
+        (tmp_path / "closed").mkdir(mode=0o000)
+        code, out, err = run_entrypoint("entrypoint-cpu.sh", [], tmp_path, ORPHEUS_MODELS=str(tmp_path / "closed"))
+        assert code == 2 and "cannot be read by uid" in err
 
 
 def test_cpu_entrypoint_uses_a_mounted_model_set(tmp_path):

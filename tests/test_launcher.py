@@ -170,17 +170,17 @@ class _FakeDrain:
         self.busy_looks -= 1
         return self.busy_looks < 0
 
-    def generating(self) -> bool:
-        return False
+    def generating(self) -> int:
+        return 0
 
 
-def _stand_in_server(handler: bool = True, linger: float = 0.0):
+def _stand_in_server(handler: bool = True, linger: float = 0.0, status: int = 1):
     """A process in a session of its own that, like tritonserver with a request a bare cancellation left in
     flight, exits 1 on SIGTERM or SIGINT (``linger`` seconds later, as tritonserver finishing what it holds);
     without ``handler``, as tritonserver while its models load, it is killed by them."""
     import subprocess
 
-    trap = f'trap "sleep {linger}; exit 1" TERM INT; ' if handler else ""
+    trap = f'trap "sleep {linger}; exit {status}" TERM INT; ' if handler else ""
     return subprocess.Popen(["sh", "-c", f"{trap}while :; do sleep 0.05; done"], start_new_session=True)
 
 
@@ -234,8 +234,9 @@ def test_a_stop_while_the_models_load_is_said_as_such_and_is_no_failure():
     assert said[-1] == "stopped while the models were loading", said
 
 
-@pytest.mark.parametrize("finished,generating", [(True, False), (False, False), (True, True)])
-def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(finished, generating):
+@pytest.mark.parametrize("finished,generating,exit_status", [(True, False, 1), (False, False, 1), (True, True, 1),
+                                                            (True, True, 0)])
+def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(finished, generating, exit_status):
     """A drain that ran out of time stops tritonserver, which still finishes the streams whose audio it
     holds (their generation over, their decoding queued) within its own exit timeout, then exits 1 for
     its models' unloading: every stream had ended whole, and `serve` said they were cut off, exit 143.
@@ -249,12 +250,12 @@ def test_streams_that_finish_while_tritonserver_stops_are_not_reported_cut_off(f
         def idle(self) -> bool:
             return finished and time.monotonic() > busy_until
 
-        def generating(self) -> bool:
-            return generating
+        def generating(self) -> int:
+            return int(generating)
 
     said = []
     busy_until = time.monotonic() + 1.8
-    process = _stand_in_server(linger=3.0)
+    process = _stand_in_server(linger=3.0, status=exit_status)  # 0 or 1: one still generating is cut off
     _signal_soon()
     status = run_in_foreground(process, exit_timeout=1, ready=lambda: True, log=said.append, drain=SlowDrain())
     assert any("streams still in flight after 1 s (--exit-timeout): stopping tritonserver" in line for line in said)

@@ -410,6 +410,20 @@ def test_an_endpoint_without_a_usable_port_is_refused_as_it_is_parsed(url, capsy
         in capsys.readouterr().err
 
 
+def test_grpc_targets_of_every_form_pass_and_an_unbracketed_ipv6_address_is_refused():
+    """gRPC's scheme forms (dns:, ipv4:, ipv6:, vsock:) were read as HOST:PORT: refused as unbracketed IPv6
+    addresses, or probed as hosts named "dns:localhost"."""
+    from orpheus_triton.arguments import check_grpc_url, grpc_host_port
+
+    for target in ("localhost:8001", "[::1]:8001", "[fe80::1%eth0]:8001", "my-host.example:8001", "unix:/tmp/s",
+                   "dns:///localhost:8001", "dns:localhost:8001", "ipv4:127.0.0.1:8001", "ipv6:[::1]:8001"):
+        assert check_grpc_url(target) == target
+    assert grpc_host_port("ipv4:127.0.0.1:8001") is None and grpc_host_port("[::1]:8001") == ("[::1]", "8001")
+    for target in ("::1:8001", "fe80::1%eth0:8001"):
+        with pytest.raises(ValueError, match=r"an IPv6 address goes in brackets before its port, e\.g\. \[::1\]:8001"):
+            check_grpc_url(target)
+
+
 @pytest.mark.parametrize("name", ["speech.mp3", "speech.OGG", "speech.flac"])
 def test_say_refuses_to_write_a_wav_under_a_compressed_formats_name(name, tmp_path):
     from orpheus_triton.cli import main

@@ -181,6 +181,35 @@ def test_an_async_source_is_read_by_one_task_from_start_to_end():
         assert said == ["First.", "Second one."]
         assert len({task for task, _ in tasks}) == 1 and {value for _, value in tasks} == {"set in the source"}
 
+    async def left_early() -> bool:  # a barge-in: the source's own clean-up runs in the task that read it
+        tasks: list = []
+
+        async def endless():
+            try:
+                while True:
+                    tasks.append(asyncio.current_task())
+                    yield "More. "
+                    await asyncio.sleep(0.01)
+            finally:
+                tasks.append(asyncio.current_task())
+
+        async with contextlib.aclosing(sentences_of(endless(), pause_seconds=0.01)) as sentences:
+            async for _ in sentences:
+                break
+        return len(set(tasks)) == 1 and len(tasks) >= 2
+
+    assert run(left_early())
+
+    async def cancelled_source():  # the agent's LLM task, cancelled under the source: raised, not waited on
+        yield "Hello. "
+        raise asyncio.CancelledError
+
+    async def read_all():
+        return [s async for s in sentences_of(cancelled_source(), pause_seconds=0.01)]
+
+    with pytest.raises(asyncio.CancelledError):
+        run(read_all())
+
 
 class FakeSpeech:
     """``speak`` for speak_in_order: each sentence yields (sentence, i) for i < 3, one item per loop turn

@@ -8,6 +8,7 @@ would have failed.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 
 from .constants import DEFAULT_GRPC_URL, max_tokens_refusal
@@ -103,15 +104,26 @@ def check_grpc_url(value: str) -> str:
     host, port = target
     if not host or not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, e.g. {DEFAULT_GRPC_URL}, got {value!r}")
-    if ":" in host and not (host.startswith("[") and host.endswith("]")):  # "::1" would read as host ":"
+    if _is_ipv6(host):  # unbracketed, its last group and the port cannot be told apart
         raise ValueError(f"an IPv6 address goes in brackets before its port, e.g. [::1]:8001, got {value!r}")
     return value
 
 
+def _is_ipv6(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host.split("%")[0]), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+# gRPC's target forms other than HOST:PORT that need no "//" (grpc/doc/naming.md).
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:", "vsock:", "xds:")
+
+
 def grpc_host_port(target: str) -> tuple[str, str] | None:
     """(host, port) of a gRPC target of the HOST:PORT form, the port as written; None for gRPC's other
-    target forms (a Unix socket, a scheme://), which are taken as they are."""
-    if "://" in target or target.startswith("unix:"):
+    target forms (a Unix socket, a scheme such as dns: or ipv4:), which are taken as they are."""
+    if "://" in target or target.startswith(_GRPC_SCHEMES):
         return None
     host, _, port = target.rpartition(":")
     return host, port

@@ -265,6 +265,12 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
         client.close()
 
 
+def _seconds_at_least_0(name: str, value: float) -> float:
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 class _EarlyEnd:
     """The clean end of a stream ``OrpheusClient.synthesize`` left early (an exception in ``on_chunk``,
     Ctrl-C, a timeout), on the stream's connection.
@@ -351,7 +357,7 @@ class OrpheusClient:
 
         self.url = check_grpc_url(url)
         self.model = model
-        self.end_wait = end_wait
+        self.end_wait = _seconds_at_least_0("end_wait", end_wait)
         self.client = grpcclient.InferenceServerClient(url)
 
     def synthesize(
@@ -567,7 +573,7 @@ class AsyncOrpheusClient:
                  end_wait: float = END_WAIT_SECONDS):
         self.url = check_grpc_url(url)
         self.model = model
-        self.end_wait = end_wait  # as OrpheusClient's
+        self.end_wait = _seconds_at_least_0("end_wait", end_wait)  # as OrpheusClient's
         self._client = None  # made in the event loop that first uses it (``client``)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: weakref.WeakSet = weakref.WeakSet()  # the generators ``stream`` returned

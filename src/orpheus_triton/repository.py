@@ -169,13 +169,19 @@ def run_folder(root: Path, prefix: str = "repository-") -> Path:
     """
     _sweep(root, f"{prefix}*.lock", older_than=0.0)
     _sweep(root, f".pending-{prefix}*.lock", older_than=60.0)  # a launcher killed between its two steps
-    handle, pending = tempfile.mkstemp(prefix=f".pending-{prefix}", suffix=".lock", dir=root)
-    lock = os.fdopen(handle, "rb")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # no flock here (some network file systems)
-        lock.close()
-        os.unlink(pending)
+    for _ in range(3):
+        handle, pending = tempfile.mkstemp(prefix=f".pending-{prefix}", suffix=".lock", dir=root)
+        lock = os.fdopen(handle, "rb")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:  # another launcher's sweep took it as stale (a clock far off): a new one
+            lock.close()
+        except OSError:  # no flock here (some network file systems)
+            lock.close()
+            Path(pending).unlink(missing_ok=True)
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    else:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     lock_path = root / Path(pending).name.removeprefix(".pending-")
     os.rename(pending, lock_path)

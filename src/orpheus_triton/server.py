@@ -362,7 +362,7 @@ def streams_in_flight(metrics_port: int, decoding: bool = True) -> int | None:
     (``decoding``) the windows the decoder has still to decode. None if the page cannot be read or has no
     llm stage's figures (models still loading, a repository of another kind): not known to be idle."""
     try:
-        with _LOCAL.open(f"http://localhost:{metrics_port}/metrics", timeout=2) as response:
+        with _LOCAL.open(f"http://localhost:{metrics_port}/metrics", timeout=1) as response:
             values = family_totals(response.read().decode(), (*LLM_STREAM_METRICS, DECODER_QUEUED_METRIC))
     except Exception:  # noqa: BLE001 (unreadable, cut short, unparsable: not known)
         return None
@@ -406,10 +406,10 @@ class Drain:
     def idle(self) -> bool:
         return streams_in_flight(self.metrics_port) == 0
 
-    def generating(self) -> bool:
-        """Whether a stream is still generating (or waiting to), or that is not known: such a stream cannot
+    def generating(self) -> int | None:
+        """How many streams are still generating (or waiting to), None if not known: such a stream cannot
         finish once tritonserver stops (its next step is refused), though its count still falls to 0."""
-        return streams_in_flight(self.metrics_port, decoding=False) != 0
+        return streams_in_flight(self.metrics_port, decoding=False)
 
     def close(self) -> None:
         shutil.rmtree(self.flag.parent, ignore_errors=True)
@@ -478,7 +478,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
-    draining_until, quiet_looks, drained, watch_stop = None, 0, False, False
+    draining_until, quiet_looks, drained, watch_stop, cut_off = None, 0, False, False, False
     server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
 
     def stop_server_now(reason: str) -> float:
@@ -535,7 +535,8 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
                 elif time.monotonic() >= draining_until:
                     # Watched on only if no stream is still generating: the rest is the decoder's to finish.
-                    watch_stop, quiet_looks = not drain.generating(), 0
+                    generating = drain.generating()
+                    watch_stop, cut_off, quiet_looks = generating == 0, bool(generating), 0
                     deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout): "
                                                f"stopping tritonserver; those it cannot finish in its own "
                                                f"{server_timeout:g} s are cut off")
@@ -558,7 +559,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
         return 1
     if received:
         # drained: what tritonserver still held in flight (exiting 1, or hanging) had nobody to answer
-        if status == 0 or (drained and (status == 1 or killed)):
+        if (status == 0 and not cut_off) or (drained and (status == 1 or killed)):
             log("stopped: every stream had finished" if drained else "stopped")
             return 0
         if not watching and status == -received[0]:  # stopped before its models had loaded: nothing streamed

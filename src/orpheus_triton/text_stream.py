@@ -197,32 +197,35 @@ async def sentences_of(text: str | Iterable[str] | AsyncIterable[str], max_chars
     else:
         pieces = _pieces(text)
         pause_seconds = None  # read at once: it never pauses
-    closing = contextlib.aclosing(pieces) if hasattr(pieces, "aclose") else contextlib.nullcontext(pieces)
-    async with closing:
-        if pause_seconds is None:
+    if pause_seconds is None:
+        async with _closing(pieces):
             async for piece in pieces:
                 for sentence in splitter.push(piece):
                     yield sentence
-        else:  # its reading task ends before the source is closed
-            async with contextlib.aclosing(_with_pauses(pieces, splitter, pause_seconds)) as sentences:
-                async for sentence in sentences:
-                    yield sentence
+    else:  # the source is read, and closed, by a task of its own
+        async with contextlib.aclosing(_with_pauses(pieces, splitter, pause_seconds)) as sentences:
+            async for sentence in sentences:
+                yield sentence
     for sentence in splitter.finish():
         yield sentence
 
 
 async def _with_pauses(pieces: AsyncIterable[str], splitter: SentenceSplitter,
                        pause_seconds: float) -> AsyncGenerator[str, None]:
-    """``sentences_of``'s reading of an async source that may pause: one task reads the whole source (its
-    own ``asyncio.timeout`` or cancel scopes, its context variables, stay in that one task), a piece at a
-    time, while this one waits for each piece at most ``pause_seconds`` before ``splitter.paused``."""
-    arrived: asyncio.Queue = asyncio.Queue(maxsize=1)  # the source is read no further ahead than before
+    """``sentences_of``'s reading of an async source that may pause: one task reads the whole source and
+    closes it (its own ``asyncio.timeout`` or cancel scopes, its context variables, stay in that one
+    task), while this one waits for each piece at most ``pause_seconds`` before ``splitter.paused``."""
+    arrived: asyncio.Queue = asyncio.Queue(maxsize=1)  # a piece or two read ahead, not the whole source
+    closing = False  # the reader is being cancelled from here: its CancelledError is its own
 
     async def read() -> None:
         try:
-            async for piece in pieces:
-                await arrived.put(piece)
-        except Exception as error:  # noqa: BLE001 (raised to the reader, where it belongs)
+            async with _closing(pieces):
+                async for piece in pieces:
+                    await arrived.put(piece)
+        except BaseException as error:  # the source's own failure (a CancelledError too): raised to the reader
+            if closing:
+                raise
             await arrived.put(_Failed(error))
         else:
             await arrived.put(_DONE)
@@ -244,11 +247,17 @@ async def _with_pauses(pieces: AsyncIterable[str], splitter: SentenceSplitter,
                 raise piece.error
             for sentence in splitter.push(piece):
                 yield sentence
-    finally:  # the reader stops where it is; the source is then closed by sentences_of
+    finally:  # the reader stops where it is, and closes the source
+        closing = True
         for task in (getting, reader):
             if task is not None:
                 task.cancel()
         await asyncio.gather(*(task for task in (getting, reader) if task is not None), return_exceptions=True)
+
+
+def _closing(pieces: AsyncIterable[str]):
+    """A context that closes ``pieces`` on its way out where it can be closed (an async generator)."""
+    return contextlib.aclosing(pieces) if hasattr(pieces, "aclose") else contextlib.nullcontext(pieces)
 
 
 async def _pieces(items: Iterable[str]) -> AsyncGenerator[str, None]:
