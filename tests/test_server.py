@@ -735,6 +735,32 @@ def test_a_sweep_in_several_load_generator_processes(grpc_url):
     assert all(r["arrivals"] for r in counted + result["records"]["poisson_20.0"])
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_load_generator_told_to_stop_ends_its_streams_with_a_stop(server, grpc_url, processes):
+    """SIGTERM ended the load generator at once, its streams cancelled bare: the decoder went on decoding
+    their queued audio for nobody (a core for seconds). Now each stream under way ends with a stop."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    stopped = settled_server_metric(server, "orpheus_decoder_stopped_streams_total")
+    started = server_metric(server, "orpheus_llm_generated_tokens_total")
+    command = [sys.executable, "-m", "orpheus_triton.loadgen", "--url", grpc_url, "--concurrency", "2",
+               "--texts", "short", "--max-tokens", "1400", "--processes", processes]
+    loadgen = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.monotonic() + 60
+    while server_metric(server, "orpheus_llm_generated_tokens_total") < started + 200:  # streams under way
+        assert loadgen.poll() is None and time.monotonic() < deadline, loadgen.stdout.read()
+        time.sleep(0.2)
+    loadgen.send_signal(signal.SIGTERM)
+    output, _ = loadgen.communicate(timeout=60)
+    assert loadgen.returncode == 130 and "stopping: the streams under way end with a stop each" in output, output
+    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") >= stopped + 2
+    assert settled_server_metric(server, "orpheus_decoder_queued_windows") == 0
+
+
 def test_async_client_streams_the_same_audio_and_a_barge_in_stops_generation(server, grpc_url):
     """AsyncOrpheusClient: the threaded client's audio for the same request, two streams at once on one
     client, and leaving a long stream after two chunks ends its generation (the llm's `stop`)."""

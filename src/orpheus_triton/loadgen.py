@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from .arguments import DefaultsHelpFormatter, counts, max_tokens_or_zero, positive, positive_seconds, rates
 from .client import require_ready_server
 from .constants import DEFAULT_GRPC_URL, ENSEMBLE_MODEL, SAMPLE_RATE, STALL_TOLERANCE, VOICES
+from .interrupts import terminate_as_interrupt
 
 DEFAULT_TTFA_LIMIT = 0.5  # seconds, p99
 
@@ -330,6 +331,25 @@ class LevelOver(Exception):
     """A filler stream cut because the streams its level counts have all ended."""
 
 
+# Set when the load generator is told to stop (Ctrl-C, SIGTERM): every stream under way ends the clean
+# way at its next chunk, with a `stop` (a process that died with its streams cancelled them bare: the
+# server's decoder went on decoding their queued audio for nobody, a core for seconds), and no new one
+# starts.
+STOPPING = threading.Event()
+_UNDER_WAY = threading.Condition()  # guards _streams_under_way, notified as each stream ends
+_streams_under_way = [0]
+
+
+def stop_streams(log: Callable[[str], None] = print, timeout: float = 20.0) -> None:
+    """Set STOPPING and wait up to ``timeout`` for this process's streams under way to end. Counted, not
+    joined: a KeyboardInterrupt inside Thread.join marks the thread stopped in Python 3.11 (bpo-45274's
+    fix), and a join after it returns at once."""
+    STOPPING.set()
+    log("stopping: the streams under way end with a stop each")
+    with _UNDER_WAY:
+        _UNDER_WAY.wait_for(lambda: _streams_under_way[0] == 0, timeout=timeout)
+
+
 # What runs one utterance as one stream: (utterance, the run's start, stop) -> its record. ``stop``, where
 # given, says when to cut the stream short (a filler's, once its level is over).
 StreamFunction = Callable[[Utterance, float, Callable[[], bool] | None], StreamRecord]
@@ -356,7 +376,11 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
             received.append((time.perf_counter() - sent, chunk.size))
             if stop is not None and stop():
                 raise LevelOver("cut at its level's end")
+            if STOPPING.is_set():
+                raise LevelOver("cut: the load generator was stopped")
 
+        with _UNDER_WAY:
+            _streams_under_way[0] += 1
         try:
             result = client.synthesize(utterance.text, voice=utterance.voice, max_tokens=utterance.max_tokens,
                                        seed=utterance.seed, timeout=timeout, on_chunk=check)
@@ -369,6 +393,10 @@ def grpc_stream(url: str, timeout: float = 120.0) -> StreamFunction:
                 record.error = _error_text(error)
             record.total = time.perf_counter() - run_start - record.started
             record.arrivals, record.samples = [a for a, _ in received], [n for _, n in received]
+        finally:
+            with _UNDER_WAY:
+                _streams_under_way[0] -= 1
+                _UNDER_WAY.notify_all()
         return record
 
     return run
@@ -451,7 +479,7 @@ def run_closed_loop(stream: StreamFunction, concurrency: int, utterances: Sequen
                 if to_start[0] and now >= max_seconds:  # too late for the rest: the level does not wait for them
                     count_down(to_start[0])
                     to_start[0] = 0
-                if not to_start[0] and level_over():
+                if (not to_start[0] and level_over()) or STOPPING.is_set():
                     return
                 measured = bool(to_start[0]) and now >= steady_from
                 if measured:
@@ -496,7 +524,10 @@ def run_poisson(stream: StreamFunction, rate: float, utterances: Sequence[Uttera
     threads = []
     for i, offset in list(enumerate(schedule))[share[0] :: share[1]]:
         time.sleep(max(0.0, start + offset - time.perf_counter()))
-        thread = threading.Thread(target=one, args=(utterances[i % len(utterances)],), daemon=True)
+        if STOPPING.is_set():
+            break
+        thread = threading.Thread(target=one, args=(utterances[i % len(utterances)],), name=f"loadgen-poisson-{i}",
+                                  daemon=True)
         thread.start()
         threads.append(thread)
     for t in threads:
@@ -577,20 +608,26 @@ class LoadProcesses:
             records += answer
         return sorted(records, key=lambda r: r.started)
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Tell the children to stop and wait for them. ``interrupted`` (the parent told to stop mid-level):
+        SIGTERM first, which ends their streams under way with a stop each (``stop_streams``); a child
+        killed with its streams would leave the server decoding their queued audio for nobody."""
         for here in self.pipes:
             with contextlib.suppress(OSError):
                 here.send(None)
+        if interrupted:
+            for process in self.processes:
+                process.terminate()
         for process in self.processes:
-            process.join(timeout=10)
+            process.join(timeout=30 if interrupted else 10)
             if process.is_alive():
                 process.kill()
 
     def __enter__(self) -> LoadProcesses:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
 
 def _load_process(pipe, url: str, timeout: float, outstanding) -> None:
@@ -601,15 +638,19 @@ def _load_process(pipe, url: str, timeout: float, outstanding) -> None:
         pipe.send(f"{type(error).__name__}: {error}")
         return
     pipe.send("ready")
-    while (job := pipe.recv()) is not None:
-        kind, arguments = job
+    with terminate_as_interrupt():  # its parent stopping (a daemon child gets SIGTERM) ends its streams cleanly
         try:
-            if kind == "closed":
-                pipe.send(run_closed_loop(stream, **arguments, outstanding=outstanding))
-            else:
-                pipe.send(run_poisson(stream, **arguments))
-        except Exception as error:  # noqa: BLE001
-            pipe.send(f"{type(error).__name__}: {error}")
+            while (job := pipe.recv()) is not None:
+                kind, arguments = job
+                try:
+                    if kind == "closed":
+                        pipe.send(run_closed_loop(stream, **arguments, outstanding=outstanding))
+                    else:
+                        pipe.send(run_poisson(stream, **arguments))
+                except Exception as error:  # noqa: BLE001
+                    pipe.send(f"{type(error).__name__}: {error}")
+        except (KeyboardInterrupt, EOFError):
+            stop_streams(log=lambda line: None)
 
 
 @dataclass
@@ -782,7 +823,12 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens={label: args.max_tokens for label in args.texts} if args.max_tokens else {},
         processes=args.processes,
     )
-    result = sweep(args.url, settings)
+    with terminate_as_interrupt():
+        try:
+            result = sweep(args.url, settings)
+        except KeyboardInterrupt:
+            stop_streams()
+            return 130
     print(f"real-time capacity: {result['realtime_capacity']} streams "
           f"(p99 TTFA < {settings.ttfa_limit * 1000:.0f} ms, no starved stream)")
     if args.out:
