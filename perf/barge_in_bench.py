@@ -37,7 +37,7 @@ from common import (
     write_result,
 )
 
-from orpheus_triton.arguments import counts, max_tokens, positive
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, max_tokens, positive
 from orpheus_triton.client import END_EARLY_SECONDS, OrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE, SAMPLES_PER_FRAME
 from orpheus_triton.metrics import DECODER_WINDOWS_METRIC as WINDOWS
@@ -115,7 +115,7 @@ def summary(runs: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--chunks", type=counts, default="1,10,30,60", help="leave each stream after this chunk")
     parser.add_argument("--runs", type=positive, default=3, help="runs per point")
     parser.add_argument("--max-tokens", type=max_tokens, default=1200,

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from orpheus_triton.arguments import counts, positive
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, positive
 from orpheus_triton.constants import LEAD_IN_TOKENS, NO_END_ID, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.demo_models import DEMO_LLM_SHAPE, ORPHEUS_3B_SHAPE, write_random_llama
 from orpheus_triton.engine import GenerationRequest, InflightEngine, overlap_for
@@ -274,7 +274,7 @@ def step_sweep(make_engine, levels: list[int], context: int, device: str) -> lis
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, default="small")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--streams", type=positive, default=8)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf/: common
 from common import log, machine_info, server_cpu_monitor  # noqa: E402
 from report import _f, _ms  # noqa: E402 (the reports' figures: "-" where there is none)
 
-from orpheus_triton.arguments import counts, max_tokens, positive_seconds  # noqa: E402
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, max_tokens, positive_seconds  # noqa: E402
 from orpheus_triton.constants import (  # noqa: E402
     ENSEMBLE_MODEL,
     IN_MAX_TOKENS,
@@ -64,7 +64,7 @@ def standin_config(speed: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--concurrency", type=counts, default="16,64,128,216", help="closed-loop levels")
     parser.add_argument("--processes", type=int, default=4, help="load generator processes of the second run")
     parser.add_argument("--speed", type=float, default=1.5, help="the stand-in's pace, times real time")
@@ -98,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "loadgen_bench.json").write_text(json.dumps(result, indent=1))
         (args.out / "loadgen_bench.md").write_text(markdown(result))
     print(markdown(result))
+    if failed := [row for row in rows if row["errors"]]:  # a level with failed streams measured nothing it claims
+        kept = args.out / "server.log" if args.out else work / "server.log"
+        if args.out:
+            shutil.copy(work / "server.log", kept)
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"error: {sum(row['errors'] for row in failed)} streams failed, e.g. "
+              f"{(failed[0]['error_examples'] or ['?'])[0]}; the stand-in server's log: {kept}", file=sys.stderr)
+        return 1
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

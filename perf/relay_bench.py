@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from common import PERF, log, machine_info, serve_repository, source_state, tree_jiffies
 
-from orpheus_triton.arguments import counts, positive
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, positive
 from orpheus_triton.constants import ENGINE_MODEL, LLM_MODEL, REAL_TIME_TOKENS_PER_SECOND
 from orpheus_triton.repository import RelaySettings, RepositorySettings, render_relay
 
@@ -124,7 +124,7 @@ def measure(url: str, model: str, streams: int, tokens: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--streams", type=counts, default="16,64", help="concurrent streams, comma-separated")
     parser.add_argument("--tokens", type=positive, default=400, help="tokens per stream")
     parser.add_argument("--rate", type=float, default=REAL_TIME_TOKENS_PER_SECOND,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def find_perf_analyzer(explicit: str | None = None, install: bool = False) -> st
     (install=True) a new one."""
     if explicit:
         return explicit if Path(explicit).is_file() else None
-    for candidate in (shutil.which("perf_analyzer"), str(PERF / ".tools" / "bin" / "perf_analyzer")):
+    tools = Path(os.environ.get("PERF_TOOLS_DIR") or PERF / ".tools")  # where install_perf_analyzer.sh put it
+    for candidate in (shutil.which("perf_analyzer"), str(tools / "bin" / "perf_analyzer")):
         if candidate and Path(candidate).is_file():
             return candidate
     if install:
@@ -206,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--url", help="gRPC endpoint of a running server (default: start one, see --shape)")
     parser.add_argument("--metrics-url", help="its metrics page, to wait for idle between levels")
-    parser.add_argument("--perf-analyzer", help="perf_analyzer binary (default: PATH, then perf/.tools)")
+    parser.add_argument("--perf-analyzer",
+                        help="perf_analyzer binary (default: PATH, then $PERF_TOOLS_DIR or perf/.tools)")
     parser.add_argument("--install", action="store_true", help="run install_perf_analyzer.sh if none is found")
     parser.add_argument("--concurrency", type=counts, default="1,2,4",
                         help="streams perf_analyzer keeps open against the orpheus ensemble, one level each")

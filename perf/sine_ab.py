@@ -26,6 +26,7 @@ from common import log, machine_info, source_state  # noqa: E402
 from comparisons import random_windows  # noqa: E402
 
 from orpheus_triton import snake  # noqa: E402
+from orpheus_triton.arguments import DefaultsHelpFormatter
 from orpheus_triton.demo_models import demo_model_set  # noqa: E402
 from orpheus_triton.snac_codec import load_window_decoder, warm_up  # noqa: E402
 
@@ -34,7 +35,7 @@ DEFAULT_SINE = snake.sine
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the server's decoder runs one)")
     parser.add_argument("--windows", type=int, default=8)

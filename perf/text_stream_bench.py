@@ -36,7 +36,7 @@ from common import (
     write_result,
 )
 
-from orpheus_triton.arguments import counts, max_tokens, positive
+from orpheus_triton.arguments import DefaultsHelpFormatter, counts, max_tokens, positive
 from orpheus_triton.client import AsyncOrpheusClient
 from orpheus_triton.constants import SAMPLE_RATE
 from orpheus_triton.loadgen import playback
@@ -92,7 +92,7 @@ def report(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsHelpFormatter)
     parser.add_argument("--concurrency", type=counts, default="1,2", help="stream_text concurrency values, alternated")
     parser.add_argument("--runs", type=positive, default=5, help="runs per value")
     parser.add_argument("--max-tokens", type=max_tokens, default=140,

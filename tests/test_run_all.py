@@ -183,6 +183,22 @@ def test_loadgen_bench_measures_the_load_generator_against_a_paced_stand_in(tmp_
     assert "| 1 | 2 | 4 | 0 | - | - | - |" in text
 
 
+def test_loadgen_bench_fails_when_streams_failed_and_keeps_the_servers_log(tmp_path, monkeypatch, capsys):
+    """A level whose streams all failed exited 0, and the stand-in server's log, the only trace of why,
+    went with its temporary folder."""
+    import loadgen_bench
+
+    def failing_level(runner, url, concurrency, processes, server_pid, args) -> dict:
+        return {"processes": processes, "concurrency": concurrency, "streams": 4, "errors": 4, "starved": 0,
+                "error_examples": ["ConnectionError: no Triton server reachable"], "ttfa_p99": None,
+                "rtf_p50": None, "audio_per_second": None, "loadgen_cores": None, "standin_cores": None}
+
+    monkeypatch.setattr(loadgen_bench, "level_row", failing_level)
+    assert loadgen_bench.main(["--concurrency", "2", "--processes", "2", "--out", str(tmp_path)]) == 1
+    assert "error: 8 streams failed, e.g. ConnectionError: no Triton server reachable" in capsys.readouterr().err
+    assert (tmp_path / "server.log").is_file() and (tmp_path / "loadgen_bench.json").is_file()
+
+
 def test_level_readings_pick_the_counted_span_where_it_holds_two_of_them():
     import time  # noqa: PLC0415
 
