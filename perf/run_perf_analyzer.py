@@ -252,6 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         except ConnectionError as error:
             log(f"error: {error}")
             return 1
+        if args.metrics_url:  # read between levels to wait for an idle engine: unread, that wait was skipped
+            from common import metrics_page  # noqa: PLC0415
+
+            try:
+                metrics_page(args.metrics_url)
+            except (OSError, ValueError) as error:
+                log(f"error: --metrics-url {args.metrics_url}: {error}; give the server's metrics page "
+                    f"(http://HOST:METRICS_PORT/metrics), or leave the option out")
+                return 1
     out = Path(args.out) if args.out else run_folder()
     (out / "raw").mkdir(parents=True, exist_ok=True)
     common = dict(out=out, concurrency=args.concurrency, decoder_concurrency=args.decoder_concurrency,

@@ -493,3 +493,16 @@ def test_perf_analyzer_runs_name_a_missing_binary_data_file_or_server_and_leave_
     assert f"error: no input data file {tmp_path / 'nope.json'}" in capsys.readouterr().out
     assert run_perf_analyzer.main(["--perf-analyzer", str(binary), "--url", "localhost:1", "--out", str(out)]) == 1
     assert "no ready Triton server at localhost:1" in capsys.readouterr().out and not out.exists()
+
+
+def test_perf_analyzer_runs_refuse_a_metrics_page_they_cannot_read(server, tmp_path, capsys):
+    """An unreadable --metrics-url went unsaid: the wait for an idle engine between levels (request ids
+    restart with each level) was skipped."""
+    import run_perf_analyzer  # noqa: PLC0415
+
+    binary = tmp_path / "perf_analyzer"
+    binary.write_text("#!/bin/sh\n")
+    out = tmp_path / "run"
+    assert run_perf_analyzer.main(["--perf-analyzer", str(binary), "--url", f"localhost:{server.ports.grpc}",
+                                   "--metrics-url", "http://localhost:9/metrics", "--out", str(out)]) == 1
+    assert "error: --metrics-url http://localhost:9/metrics: " in capsys.readouterr().out and not out.exists()
