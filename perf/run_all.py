@@ -338,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         except MpsUnavailable as error:
             parser.error(f"--mps: {error}")
 
+    if max(args.concurrency) > args.max_streams:  # allowed (queueing is worth measuring), but said
+        log(f"note: --concurrency up to {max(args.concurrency)} with --max-streams {args.max_streams}: the streams "
+            f"beyond {args.max_streams} wait for an engine slot, and their first audio counts that wait")
     busy_before = wait_quiet(args.wait_quiet) if args.wait_quiet else None
     started = time.perf_counter()
     folder = Path(args.out) if args.out else run_folder(args.machine)

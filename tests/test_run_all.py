@@ -255,6 +255,11 @@ def test_bad_benchmark_arguments_are_refused_before_anything_runs(tmp_path, caps
     with pytest.raises(SystemExit):
         run_perf_analyzer.main(["--decoder-concurrency", "4,,-8"])
     assert "argument --decoder-concurrency: expected whole numbers >= 1" in capsys.readouterr().err
+    # More streams than engine slots is allowed (queueing is worth measuring), and said before the run.
+    with pytest.raises(pytest.fail.Exception, match="the run started"):
+        run_all.main(["--concurrency", "1,32", "--max-streams", "16", "--out", str(tmp_path / "run")])
+    assert "note: --concurrency up to 32 with --max-streams 16: the streams beyond 16 wait for an engine slot" \
+        in capsys.readouterr().out
 
 
 def test_argument_types_read_lists_and_numbers():
