@@ -255,9 +255,11 @@ def _server_view(levels: dict) -> list[str]:
         "from preprocessing taking a request to its first audio sent, quantiles interpolated within the "
         "histogram's buckets; `orpheus_decoder_stalls_total`: chunks sent after their listener had played "
         "everything before them, playback counted from the first audio sent; *decoder busy*: the level's share "
-        "of time in decoder rounds (SNAC and answering), `orpheus_decoder_busy_seconds_total`, 1 = saturated):",
+        "of time in decoder rounds (SNAC and answering), `orpheus_decoder_busy_seconds_total`, 1 = saturated, "
+        "a little over 1 where a round spans the level's edges; *streams with first audio*: how many streams the "
+        "server sent first audio for, fillers included):",
         "",
-        "| streams | first audio, server | TTFA p50 ms, server / client | TTFA p99 ms, server / client | "
+        "| streams | streams with first audio, server | TTFA p50 ms, server / client | TTFA p99 ms, server / client | "
         "stalls, server / client | decoder busy |",
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {c} | {lv['server_first_audio']} | {_ms(lv['server_ttfa_p50'])} / {_ms(lv['ttfa_p50'])} | "
@@ -397,7 +399,9 @@ def _perf_analyzer_section(pa: dict | None) -> list[str]:
     lines += ["", "Each `snac_decoder` request is one whole stream decoded from one window (see "
               "perf/make_input_data.py), so windows/s "
               f"x {SAMPLES_PER_FRAME / SAMPLE_RATE * 1000:.1f} ms is the audio the decoder alone can produce per "
-              "second, and concurrency c lets the decoder batch up to c windows in one round.", ""]
+              "second, and concurrency c lets the decoder batch up to c windows in one round. Its *server compute* "
+              "is Triton's, which for a decoupled model is the time `execute` takes to queue a request, not its "
+              "decoding (that runs on the decoder's own thread): the latency is the figure to read.", ""]
     return lines
 
 
@@ -481,7 +485,8 @@ def _comparison_section(comp: dict) -> list[str]:
             f"{engine['one_at_a_time_tokens_per_s']:.0f} tokens/s one at a time: **{engine['speedup']:.2f}x**"
             + (f" (medians of {engine['repeats']} pairs of runs; each pair "
                f"{', '.join(f'{x:.2f}x' for x in engine['speedups'])})" if engine.get("speedups") else "") + ". "
-            f"Other cores meanwhile: {_other(engine)}.",
+            f"Other cores meanwhile: {_other(engine)}. No target here: the demo model's steps are mostly fixed "
+            "costs; the engine's target (>= 4x) is `perf/engine_bench.py`'s, with a small Llama.",
             "",
         ]
     return lines
