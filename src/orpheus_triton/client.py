@@ -71,7 +71,9 @@ class SynthesisError(RuntimeError):
         """From the error a stream's callback got: the server's message, or for a connection lost
         mid-stream (the server stopped or crashed, the network failed) a message that says so."""
         unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
-        return _stream_failure(None, str(error), unavailable, first=False)
+        failure = _stream_failure(None, str(error), unavailable, first=False)
+        assert isinstance(failure, SynthesisError)  # after a stream's first response: never a ConnectionError
+        return failure
 
 
 # A refusal to retry as a stage opens it ("orpheus llm: server busy: ...", "orpheus: server shutting down: ..."),
@@ -169,10 +171,10 @@ def request_inputs(
     the server's defaults). Raises TypeError for text or a voice that is not a str, and ValueError for a
     whole number its tensor's type cannot hold (numpy would wrap it: a seed of -1 would become another
     seed, a huge max_tokens a negative one) or a max_tokens the server refuses."""
-    for name, value in ((IN_TEXT, text), (IN_VOICE, voice)):
-        if not isinstance(value, str) and not (name == IN_VOICE and value is None):
-            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    given = [
+    for name, words in ((IN_TEXT, text), (IN_VOICE, voice)):
+        if not isinstance(words, str) and not (name == IN_VOICE and words is None):
+            raise TypeError(f"{name} must be a str, got {type(words).__name__}")
+    given: list[tuple[str, object, type]] = [
         (IN_TEXT, text.encode("utf-8"), np.object_),
         (IN_VOICE, voice.encode("utf-8") if voice is not None else None, np.object_),
         (IN_MAX_TOKENS, max_tokens, np.int32),
@@ -227,7 +229,7 @@ def require_ready_server(url: str, model: str | None = None, timeout: float = 5.
 
     target = grpc_host_port(url)
     probed = target is not None and target[1].isdigit()
-    if probed:
+    if target is not None and probed:
         host, port = target
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
@@ -383,11 +385,12 @@ class OrpheusClient:
             try:
                 self.client.async_stream_infer(self.model, inputs, request_id=result.request_id,
                                                enable_empty_final_response=True)
-            except InferenceServerException as error:  # the stream broke before the request went out
+            except InferenceServerException as broken:  # the stream broke before the request went out
                 completed = True  # nothing to end
+                cause = broken
                 with contextlib.suppress(queue.Empty):  # tritonclient only says that; its callback has why
-                    error = events.get(timeout=1.0)[1] or error
-                raise self._failure(error, first=True) from None
+                    cause = events.get(timeout=1.0)[1] or broken
+                raise self._failure(cause, first=True) from None
             while True:
                 try:
                     response, error, arrived = events.get(timeout=max(0.0, started + timeout - time.perf_counter()))

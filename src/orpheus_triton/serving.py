@@ -104,7 +104,7 @@ def draining() -> bool:
     """Whether the server is stopping and takes no new streams: the file its environment names
     (``DRAIN_FILE_ENV``, raised by ``server.Drain``) exists."""
     flag = os.environ.get(DRAIN_FILE_ENV)
-    return bool(flag) and os.path.exists(flag)
+    return flag is not None and flag != "" and os.path.exists(flag)
 
 
 def send_error(pb_utils, sender, stage: str, message) -> None:
