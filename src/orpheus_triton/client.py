@@ -70,8 +70,7 @@ class SynthesisError(RuntimeError):
     def of(cls, error) -> SynthesisError:
         """From the error a stream's callback got: the server's message, or for a connection lost
         mid-stream (the server stopped or crashed, the network failed) a message that says so."""
-        unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
-        failure = _stream_failure(None, str(error), unavailable, first=False)
+        failure = _stream_failure(None, str(error), _unavailable(error), first=False)
         assert isinstance(failure, SynthesisError)  # after a stream's first response: never a ConnectionError
         return failure
 
@@ -86,6 +85,11 @@ class ServerUnavailable(SynthesisError):
     taken and its queue full: `server busy`; draining to stop: `server shutting down`), or the connection
     to it was lost mid-stream (it stopped or crashed, the network failed). Retry the stream, on another
     server or later; other SynthesisErrors are the request's own or a failure."""
+
+
+def _unavailable(error) -> bool:
+    """Whether a tritonclient error is gRPC's UNAVAILABLE: no connection to the server (none there, or lost)."""
+    return getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
 
 
 def _stop_failure(url: str, request_id: str, message: str, unavailable: bool) -> Exception:
@@ -423,8 +427,7 @@ class OrpheusClient:
 
     def _failure(self, error, first: bool) -> Exception:
         """What to raise for a stream's error (``_stream_failure``; ``first``: no response came yet)."""
-        unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
-        return _stream_failure(self.url, str(error), unavailable, first)
+        return _stream_failure(self.url, str(error), _unavailable(error), first)
 
     def _leave(self, ending: _EarlyEnd) -> None:
         """End the abandoned stream (``_EarlyEnd``), waiting ``end_wait`` seconds for it: if it has not ended
@@ -481,8 +484,7 @@ class OrpheusClient:
             client.stop_stream()
             client.close()
         if error is not None:
-            unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
-            raise _stop_failure(self.url, request_id, str(error), unavailable)
+            raise _stop_failure(self.url, request_id, str(error), _unavailable(error))
 
     def close(self) -> None:
         self.client.close()
@@ -697,8 +699,7 @@ class AsyncOrpheusClient:
         async def answered() -> None:
             async for _, error in responses:  # its one response, if any; then the server closes the stream
                 if error is not None:
-                    unavailable = getattr(error, "status", lambda: None)() == "StatusCode.UNAVAILABLE"
-                    raise _stop_failure(self.url, request_id, str(error), unavailable)
+                    raise _stop_failure(self.url, request_id, str(error), _unavailable(error))
 
         try:
             await asyncio.wait_for(answered(), timeout)

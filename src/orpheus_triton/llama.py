@@ -478,7 +478,7 @@ def weight_files(path: Path) -> list[Path]:
     model.safetensors, else every *.safetensors (a stale file beside the shards must not be read)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
             raise ValueError(f"{index} has no weight_map of tensor names to file names: not a safetensors index")
         names = sorted(set(weight_map.values()))
@@ -493,7 +493,7 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
     """A JSON object from ``path``; ValueError naming the file where it is not one (json's own message
     names only a line and column)."""
     try:
@@ -520,7 +520,7 @@ def read_llama_config(path: str | Path) -> LlamaConfig:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"LLM directory {path} has no config.json (expected a Hugging Face Llama checkpoint)")
-    hf_config = _read_json(config_file)
+    hf_config = read_json_object(config_file)
     if hf_config.get("model_type", "llama") != "llama":
         raise ValueError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not 'llama'")
     for index, field in enumerate(SHAPE_FIELDS):

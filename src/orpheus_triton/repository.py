@@ -169,26 +169,33 @@ def run_folder(root: Path, prefix: str = "repository-") -> Path:
     """
     _sweep(root, f"{prefix}*.lock", older_than=0.0)
     _sweep(root, f".pending-{prefix}*.lock", older_than=60.0)  # a launcher killed between its two steps
-    for _ in range(3):
-        handle, pending = tempfile.mkstemp(prefix=f".pending-{prefix}", suffix=".lock", dir=root)
-        lock = os.fdopen(handle, "rb")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:  # another launcher's sweep took it as stale (a clock far off): a new one
-            lock.close()
-        except OSError:  # no flock here (some network file systems)
-            lock.close()
-            Path(pending).unlink(missing_ok=True)
-            return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    else:
+    if (locked := _locked_pending_file(root, prefix)) is None:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    lock_path = root / Path(pending).name.removeprefix(".pending-")
+    pending, lock = locked
+    lock_path = root / pending.name.removeprefix(".pending-")
     os.rename(pending, lock_path)
     _HELD_LOCKS[lock_path] = lock
     folder = lock_path.with_suffix("")
     folder.mkdir(mode=0o755)
     return folder
+
+
+def _locked_pending_file(root: Path, prefix: str, tries: int = 3):
+    """A new ``.pending-`` lock file in ``root`` and its open file, flock held; None where the file system
+    has no flock, or another launcher's sweep took each one made as stale (a clock far off)."""
+    for _ in range(tries):
+        handle, name = tempfile.mkstemp(prefix=f".pending-{prefix}", suffix=".lock", dir=root)
+        lock = os.fdopen(handle, "rb")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return Path(name), lock
+        except BlockingIOError:  # taken by a sweep, which removes it: a new one
+            lock.close()
+        except OSError:  # no flock here (some network file systems)
+            lock.close()
+            Path(name).unlink(missing_ok=True)
+            return None
+    return None
 
 
 def _sweep(root: Path, pattern: str, older_than: float) -> None:

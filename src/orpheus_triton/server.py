@@ -415,6 +415,20 @@ class Drain:
         shutil.rmtree(self.flag.parent, ignore_errors=True)
 
 
+class _QuietLooks:
+    """A drain's looks at the server's metrics (``idle``), one every DRAIN_LOOK_SECONDS: ``seen`` once
+    DRAIN_QUIET_LOOKS in a row found nothing in flight."""
+
+    def __init__(self, idle: Callable[[], bool]) -> None:
+        self.idle, self.quiet, self.next_look = idle, 0, time.monotonic()
+
+    def seen(self) -> bool:
+        if time.monotonic() >= self.next_look:
+            self.next_look = time.monotonic() + DRAIN_LOOK_SECONDS
+            self.quiet = self.quiet + 1 if self.idle() else 0
+        return self.quiet >= DRAIN_QUIET_LOOKS
+
+
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -478,7 +492,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
-    draining_until, quiet_looks, drained, watch_stop, cut_off = None, 0, False, False, False
+    draining_until, quiet, drained, watch_stop, cut_off = None, None, False, False, False
     server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
 
     def stop_server_now(reason: str) -> float:
@@ -520,23 +534,20 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                         and _raised(drain, log):
                     log(f"{name}: draining: new streams are refused (retry them on another server) while those in "
                         f"flight get up to {exit_timeout:g} s to finish (--exit-timeout); Ctrl-C again stops at once")
-                    draining_until, next_drain_look = time.monotonic() + exit_timeout, time.monotonic()
+                    draining_until, quiet = time.monotonic() + exit_timeout, _QuietLooks(drain.idle)
                 elif not watching and ready is not None:
                     deadline = stop_server_now(f"{name}: stopping (the models are still loading)")
                 else:
                     deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
                                                "(--exit-timeout); Ctrl-C again stops at once")
             elif draining_until is not None and deadline is None and len(received) == 1:
-                if time.monotonic() >= next_drain_look:
-                    next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
-                    quiet_looks = quiet_looks + 1 if drain.idle() else 0
-                if quiet_looks >= DRAIN_QUIET_LOOKS:
+                if quiet.seen():
                     drained = True
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
                 elif time.monotonic() >= draining_until:
                     # Watched on only if no stream is still generating: the rest is the decoder's to finish.
                     generating = drain.generating()
-                    watch_stop, cut_off, quiet_looks = generating == 0, bool(generating), 0
+                    watch_stop, cut_off, quiet = generating == 0, bool(generating), _QuietLooks(drain.idle)
                     deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout): "
                                                f"stopping tritonserver; those it cannot finish in its own "
                                                f"{server_timeout:g} s are cut off")
@@ -544,13 +555,11 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
                 kill_server_group(process)
                 killed = True
-            elif watch_stop and not drained and time.monotonic() >= next_drain_look:
+            elif watch_stop and not drained:
                 # Stopping, tritonserver still answers what it had taken (a stream whose generation had ended
                 # has its audio's decoding queued already) and its metrics: a stream cut off is one still
                 # in flight when it exits.
-                next_drain_look = time.monotonic() + DRAIN_LOOK_SECONDS
-                quiet_looks = quiet_looks + 1 if drain.idle() else 0
-                drained = quiet_looks >= DRAIN_QUIET_LOOKS
+                drained = quiet.seen()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -103,8 +103,8 @@ SHUTTING_DOWN = f"{SERVER_SHUTTING_DOWN}: it takes no new streams while those in
 def draining() -> bool:
     """Whether the server is stopping and takes no new streams: the file its environment names
     (``DRAIN_FILE_ENV``, raised by ``server.Drain``) exists."""
-    flag = os.environ.get(DRAIN_FILE_ENV)
-    return flag is not None and flag != "" and os.path.exists(flag)
+    flag = os.environ.get(DRAIN_FILE_ENV, "")
+    return bool(flag) and os.path.exists(flag)
 
 
 def send_error(pb_utils, sender, stage: str, message) -> None:

@@ -37,7 +37,6 @@ Depthwise convolutions and the elementwise layers are batch-invariant as they ar
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import math
 import time
@@ -67,6 +66,7 @@ from .constants import (
 )
 from .cuda_graphs import GraphRefused, capture_checked, padded_sizes
 from .frames import Window, split_codebooks
+from .llama import read_json_object
 from .snac_span import Span, SpanDecoder
 from .snake import Snake, fold_snake_scales
 
@@ -168,12 +168,7 @@ def read_snac_config(path: Path) -> dict:
     """SNAC folder ``path``'s config.json, checked to decode Orpheus's codes (``check_snac_config``).
     Raises ValueError naming the file."""
     config_path = path / SNAC_CONFIG
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as error:  # UnicodeDecodeError too
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} is not a SNAC config: it holds a JSON {type(config).__name__}, not an object")
+    config = read_json_object(config_path)
     check_snac_config(config, config_path)
     return config
 

@@ -249,10 +249,10 @@ async def _with_pauses(pieces: AsyncIterable[str], splitter: SentenceSplitter,
                 yield sentence
     finally:  # the reader stops where it is, and closes the source
         closing = True
-        for task in (getting, reader):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(task for task in (getting, reader) if task is not None), return_exceptions=True)
+        tasks = [task for task in (getting, reader) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _closing(pieces: AsyncIterable[str]):
