@@ -278,3 +278,21 @@ def test_a_tritonserver_that_dies_on_its_own_is_said_to_have_died():
     threading.Timer(0.3, os.kill, (process.pid, signal.SIGKILL)).start()
     assert run_in_foreground(process, exit_timeout=30, ready=lambda: True, log=said.append) == 128 + signal.SIGKILL
     assert said[-1].startswith("error: tritonserver was killed by SIGKILL (the kernel's out-of-memory killer"), said
+
+
+def test_a_stop_just_after_the_models_became_ready_drains():
+    """Readiness is looked at once a second: a stream could be under way already when a stop came before
+    the next look, which took the server for one still loading, stopped it at once and cut the stream off
+    (seen as a flaky `serve` test: killed, exit 129, where it should have drained)."""
+    import time
+
+    from orpheus_triton.server import run_in_foreground
+
+    ready_at = time.monotonic() + 0.35  # after the first look (0.2 s in), well before the next (1.2 s)
+    said, drain = [], _FakeDrain()
+    process = _stand_in_server()
+    _signal_soon(0.6)
+    status = run_in_foreground(process, exit_timeout=30, ready=lambda: time.monotonic() >= ready_at,
+                               log=said.append, drain=drain)
+    assert drain.started and any("SIGTERM: draining" in line for line in said), said
+    assert status == 0 and said[-1] == "stopped: every stream had finished", said

@@ -507,7 +507,10 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 break
             if killed:
                 continue
-            if deadline is None and ready is not None and time.monotonic() >= next_look:
+            # A signal before the models were seen ready looks again at once: a stream may be under way
+            # already (the ready look comes once a second), and stopping as if loading would cut it off.
+            if deadline is None and ready is not None and (time.monotonic() >= next_look
+                                                           or (received and not watching)):
                 next_look = time.monotonic() + 1.0
                 died = []
                 if not watching:  # watched once every model has loaded: while loading, stubs come and go
