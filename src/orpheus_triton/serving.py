@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -241,7 +241,10 @@ def _scalar(get: GetInput, name: str, default, cast):
 REQUEST_START_RANGE_SECONDS = 3600.0
 
 
-def request_start_of(value: np.ndarray | None, default: float | None, now: float | None = None) -> float | None:
+_Default = TypeVar("_Default", float, None)
+
+
+def request_start_of(value: np.ndarray | None, default: _Default, now: float | None = None) -> float | _Default:
     """A request's REQUEST_START input (epoch seconds), or ``default`` where it is absent, empty or not a
     time of the last hour (nor of the future, beyond a minute's clock skew)."""
     if value is None or value.size == 0:
