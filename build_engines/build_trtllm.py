@@ -22,12 +22,14 @@ An engine only runs on the GPU model and TensorRT-LLM version it was built with.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import gc
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import signal
@@ -228,9 +230,24 @@ def check_toolchain() -> str:
         tensorrt_llm = importlib.import_module("tensorrt_llm")
     except Exception as error:  # noqa: BLE001 (CUDA or MPI libraries missing, no driver, ...)
         raise BuildError(f"importing tensorrt_llm failed: {error}. {where}") from error
+    if not hasattr(importlib.import_module("tensorrt_llm.models"), "LLaMAForCausalLM"):
+        raise BuildError(f"tensorrt_llm {tensorrt_llm.__version__} no longer builds TensorRT engines "
+                         "(tensorrt_llm.models.LLaMAForCausalLM is gone): use an image whose TensorRT-LLM still "
+                         "has trtllm-build and the tensorrtllm backend, as build_engines/README.md says")
     if shutil.which("trtllm-build") is None:
         raise BuildError(f"trtllm-build is not on PATH (tensorrt_llm {tensorrt_llm.__version__} is). {where}")
     return str(tensorrt_llm.__version__)
+
+
+MPI_JOB_PREFIXES = ("OMPI_", "PMIX_", "PMI_", "PRTE_")  # what MPI_Init leaves in a process's environment
+
+
+def without_mpi_job(environment: collections.abc.Mapping[str, str]) -> dict[str, str]:
+    """``environment`` without the variables of this process's MPI job. Importing tensorrt_llm (to
+    convert or quantize the checkpoint here) initialises MPI, which exports them: a trtllm-build that
+    inherits them takes itself for another rank of this job and may hang or fail at its own MPI_Init
+    (TensorRT-LLM drops them the same way before starting processes of its own)."""
+    return {name: value for name, value in environment.items() if not name.startswith(MPI_JOB_PREFIXES)}
 
 
 def gpu_name() -> str:
@@ -432,7 +449,7 @@ def build(llm_dir: Path, output_dir: Path, options: BuildOptions, checkpoint_dir
         _empty(output_dir)  # no stale engine or metadata survives a failed build
         argv = trtllm_build_argv(options, checkpoint_dir, output_dir)
         started = _step(3, "compiling the engine (several minutes): " + shlex.join(argv))
-        result = subprocess.run(argv, check=False)
+        result = subprocess.run(argv, check=False, env=without_mpi_job(os.environ))
         if result.returncode != 0:
             raise BuildError(f"trtllm-build exited with code {result.returncode} (its log is above)", exit_code=1)
         expected["built_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -281,7 +282,9 @@ class StandIns:
         self.quantizations.append(options)
         (checkpoint_dir / "config.json").write_text("{}")
 
-    def run(self, argv, check):
+    def run(self, argv, check, env):
+        assert not [name for name in env if name.startswith(("OMPI_", "PMIX_"))]  # not another rank of ours
+        assert env["PATH"] == os.environ["PATH"]
         self.builds.append(argv)
         flags = flag_values(argv)
         assert (Path(flags["--checkpoint_dir"]) / "config.json").is_file()
@@ -294,6 +297,9 @@ class StandIns:
 
 
 def test_build_converts_compiles_records_and_cleans_up(tmp_path, monkeypatch):
+    # As importing tensorrt_llm (MPI_Init) leaves them: trtllm-build inheriting them may hang as another rank
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    monkeypatch.setenv("PMIX_SERVER_URI41", "pmix-server.1234;tcp4://127.0.0.1:40000")
     fake_checkpoint(tmp_path / "models")
     engines = tmp_path / "engines"
     stand_ins = StandIns(monkeypatch)
@@ -738,3 +744,26 @@ def test_a_stopped_build_cleans_up_and_the_next_removes_what_a_killed_one_left(t
     (engines / "orpheus-3b").mkdir()
     build_trtllm._remove_stale_checkpoints(engines / "orpheus-3b")
     assert sorted(p.name for p in engines.iterdir()) == [".other-engine.checkpoint-a1", "orpheus-3b"]
+
+
+@pytest.mark.parametrize("has_llama", [True, False])
+def test_a_tensorrt_llm_without_the_engine_workflow_is_named_before_anything_runs(monkeypatch, has_llama):
+    """TensorRT-LLM's later releases drop the TensorRT engine workflow (tensorrt_llm.models' classes,
+    trtllm-build): an image that has it no more failed mid-conversion with an ImportError."""
+    import importlib.machinery
+    import types
+
+    package = types.ModuleType("tensorrt_llm")
+    package.__spec__ = importlib.machinery.ModuleSpec("tensorrt_llm", None, is_package=True)
+    package.__version__ = "9.0.0"
+    models = types.ModuleType("tensorrt_llm.models")
+    if has_llama:
+        models.LLaMAForCausalLM = object
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", package)
+    monkeypatch.setitem(sys.modules, "tensorrt_llm.models", models)
+    monkeypatch.setattr(build_trtllm.shutil, "which", lambda name: f"/usr/local/bin/{name}")
+    if has_llama:
+        assert build_trtllm.check_toolchain() == "9.0.0"
+    else:
+        with pytest.raises(build_trtllm.BuildError, match=r"tensorrt_llm 9.0.0 no longer builds TensorRT engines"):
+            build_trtllm.check_toolchain()
