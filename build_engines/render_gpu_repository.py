@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import string
 import sys
@@ -124,6 +125,20 @@ def engine_build_setting(engine_dir: Path, name: str) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def engine_world_size(engine_dir: Path) -> int:
+    """How many GPUs (ranks) the engine in ``engine_dir`` runs on: its build's tensor-parallel size (1 where
+    its config.json does not say)."""
+    try:
+        mapping = json.loads((Path(engine_dir) / "config.json").read_text())["pretrained_config"]["mapping"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+    size = mapping.get("world_size") if isinstance(mapping, dict) else None
+    return size if isinstance(size, int) and size > 1 else 1
+
+
+ORCHESTRATOR_ENV = "TRTLLM_ORCHESTRATOR"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="render_gpu_repository.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -168,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(repository: Path, args) -> int:
+def _serve(repository: Path, args, world_size: int = 1) -> int:
     from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
     from orpheus_triton.mps import MpsUnavailable, mps_if  # noqa: PLC0415
     from orpheus_triton.server import Ports, serve_until_stopped  # noqa: PLC0415
@@ -181,10 +196,18 @@ def _serve(repository: Path, args) -> int:
         _log(f"error: {TRITON_BACKENDS} has no tensorrtllm backend; use the -trtllm-python-py3 Triton image")
         return 2
     ports = Ports(args.grpc_port, args.http_port, args.metrics_port)
+    orchestrator: dict[str, str | None] = {}
+    if world_size > 1 and ORCHESTRATOR_ENV not in os.environ:
+        # One tritonserver: without MPI's ranks the backend sees a world of 1 and refuses a tensor-parallel
+        # engine; in orchestrator mode it spawns a worker per GPU itself (trtllmExecutorWorker).
+        _log(f"the engine runs on {world_size} GPUs: the tensorrtllm backend spawns a worker per GPU "
+             f"({ORCHESTRATOR_ENV}=1)")
+        orchestrator[ORCHESTRATOR_ENV] = "1"
     _log(f"gRPC on :{ports.grpc}, HTTP on :{ports.http}, metrics on :{ports.metrics}")
     try:  # SIGTERM or SIGHUP outside run_in_foreground's watch (an MPS daemon's start or quit) as Ctrl-C
         with terminate_as_interrupt(), mps_if(args.mps, _log) as environment:
-            return serve_until_stopped(repository, ports, args.exit_timeout, _log, environment=environment)
+            return serve_until_stopped(repository, ports, args.exit_timeout, _log,
+                                       environment={**environment, **orchestrator})
     except MpsUnavailable as error:
         _log(f"error: --mps: {error}")
         return 2
@@ -233,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"model repository: {repository} ({ENGINE_MODEL}: TensorRT-LLM engine {engine_dir}, max batch "
          f"{max_batch_size}, behind the llm relay)")
     if args.serve:
-        return _serve(repository, args)
+        return _serve(repository, args, engine_world_size(engine_dir))
     print(repository)
     return 0
 

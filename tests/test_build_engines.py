@@ -767,3 +767,34 @@ def test_a_tensorrt_llm_without_the_engine_workflow_is_named_before_anything_run
     else:
         with pytest.raises(build_trtllm.BuildError, match=r"tensorrt_llm 9.0.0 no longer builds TensorRT engines"):
             build_trtllm.check_toolchain()
+
+
+@pytest.mark.parametrize("world_size,preset", [(1, None), (2, None), (4, "0")])
+def test_a_tensor_parallel_engine_is_served_in_orchestrator_mode(tmp_path, monkeypatch, capsys, world_size, preset):
+    """One tritonserver is a world of one MPI process: the backend refused an engine built with --tp-size 2.
+    In orchestrator mode (TRTLLM_ORCHESTRATOR=1) it spawns a worker per GPU; one the operator set is kept."""
+    from orpheus_triton import server
+
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 64}, "pretrained_config": {
+        "mapping": {"world_size": world_size, "tp_size": world_size, "pp_size": 1}}}))
+    assert gpu_repository.engine_world_size(engine) == world_size
+    assert gpu_repository.engine_world_size(tmp_path / "none") == 1
+    if preset is None:
+        monkeypatch.delenv("TRTLLM_ORCHESTRATOR", raising=False)
+    else:
+        monkeypatch.setenv("TRTLLM_ORCHESTRATOR", preset)
+    monkeypatch.setattr(ModelSet, "check", lambda self: None)
+    monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
+    monkeypatch.setattr(gpu_repository, "TRITON_BACKENDS", tmp_path / "no-backends-folder")
+    environments = []
+    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: environments.append(
+        environment) or "the server process")
+    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log, drain: 0)
+    assert gpu_repository.main(["--models", str(tmp_path), "--engine-dir", str(engine), "--out",
+                                str(tmp_path / "repo"), "--serve"]) == 0
+    [environment] = environments
+    orchestrated = world_size > 1 and preset is None
+    assert environment.get("TRTLLM_ORCHESTRATOR") == ("1" if orchestrated else None)
+    assert ("spawns a worker per GPU" in capsys.readouterr().err) == orchestrated
