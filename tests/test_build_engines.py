@@ -678,12 +678,9 @@ def test_serve_runs_tritonserver_as_orpheus_triton_serve_does(tmp_path, monkeypa
     assert process == "the server process" and exit_timeout == 12 and ready() and drain.metrics_port == 8002
 
 
-def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monkeypatch, capsys):
-    """--serve --mps (the GPU image's `docker run ... --mps`): the server gets the daemon's environment; without
-    --serve, or without nvidia-cuda-mps-control, it is refused saying why."""
-    import contextlib
-
-    from orpheus_triton import mps, server
+def _serving_stand_ins(tmp_path, monkeypatch) -> list[dict]:
+    """--serve in the TensorRT-LLM image, its tritonserver a stand-in that exits 0: the environments it got."""
+    from orpheus_triton import server
 
     monkeypatch.setattr(ModelSet, "check", lambda self: None)
     monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
@@ -692,6 +689,17 @@ def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monk
     monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: environments.append(
         environment) or "the server process")
     monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log, drain: 0)
+    return environments
+
+
+def test_serve_with_mps_runs_the_server_under_a_daemon_of_its_own(tmp_path, monkeypatch, capsys):
+    """--serve --mps (the GPU image's `docker run ... --mps`): the server gets the daemon's environment; without
+    --serve, or without nvidia-cuda-mps-control, it is refused saying why."""
+    import contextlib
+
+    from orpheus_triton import mps
+
+    environments = _serving_stand_ins(tmp_path, monkeypatch)
     monkeypatch.setattr(mps, "mps_daemon", lambda log: contextlib.nullcontext({"CUDA_MPS_PIPE_DIRECTORY": "/p"}))
     argv = ["--models", str(tmp_path), "--engine-dir", str(tmp_path / "engine"), "--out", str(tmp_path / "repo"),
             "--mps"]
@@ -773,8 +781,6 @@ def test_a_tensorrt_llm_without_the_engine_workflow_is_named_before_anything_run
 def test_a_tensor_parallel_engine_is_served_in_orchestrator_mode(tmp_path, monkeypatch, capsys, world_size, preset):
     """One tritonserver is a world of one MPI process: the backend refused an engine built with --tp-size 2.
     In orchestrator mode (TRTLLM_ORCHESTRATOR=1) it spawns a worker per GPU; one the operator set is kept."""
-    from orpheus_triton import server
-
     engine = tmp_path / "engine"
     engine.mkdir()
     (engine / "config.json").write_text(json.dumps({"build_config": {"max_batch_size": 64}, "pretrained_config": {
@@ -785,13 +791,7 @@ def test_a_tensor_parallel_engine_is_served_in_orchestrator_mode(tmp_path, monke
         monkeypatch.delenv("TRTLLM_ORCHESTRATOR", raising=False)
     else:
         monkeypatch.setenv("TRTLLM_ORCHESTRATOR", preset)
-    monkeypatch.setattr(ModelSet, "check", lambda self: None)
-    monkeypatch.setattr(gpu_repository.shutil, "which", lambda name: f"/opt/tritonserver/bin/{name}")
-    monkeypatch.setattr(gpu_repository, "TRITON_BACKENDS", tmp_path / "no-backends-folder")
-    environments = []
-    monkeypatch.setattr(server, "start_server", lambda repository, ports, extra, environment: environments.append(
-        environment) or "the server process")
-    monkeypatch.setattr(server, "run_in_foreground", lambda process, exit_timeout, ready, log, drain: 0)
+    environments = _serving_stand_ins(tmp_path, monkeypatch)
     assert gpu_repository.main(["--models", str(tmp_path), "--engine-dir", str(engine), "--out",
                                 str(tmp_path / "repo"), "--serve"]) == 0
     [environment] = environments
