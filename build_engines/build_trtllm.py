@@ -351,7 +351,7 @@ def quantize_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptio
         from tensorrt_llm.models.modeling_utils import QuantConfig  # noqa: PLC0415
         from tensorrt_llm.quantization import QuantAlgo  # noqa: PLC0415
 
-    from orpheus_triton.calibration import write_calibration_set  # noqa: PLC0415
+    from orpheus_triton.calibration import read_back_length, write_calibration_set  # noqa: PLC0415
 
     calibration_dir = checkpoint_dir.with_name(checkpoint_dir.name + ".calibration")
     try:
@@ -362,7 +362,7 @@ def quantize_checkpoint(llm_dir: Path, checkpoint_dir: Path, options: BuildOptio
             str(llm_dir), str(checkpoint_dir), dtype=options.dtype, mapping=mapping,
             quant_config=QuantConfig(quant_algo=QuantAlgo.FP8, kv_cache_quant_algo=QuantAlgo.FP8),
             calib_dataset=str(calibration_dir), calib_batches=options.calibration_sequences,
-            calib_max_seq_length=options.calibration_length,
+            calib_max_seq_length=read_back_length(options.calibration_length),
         )
     finally:
         shutil.rmtree(calibration_dir, ignore_errors=True)

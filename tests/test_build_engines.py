@@ -798,3 +798,32 @@ def test_a_tensor_parallel_engine_is_served_in_orchestrator_mode(tmp_path, monke
     orchestrated = world_size > 1 and preset is None
     assert environment.get("TRTLLM_ORCHESTRATOR") == ("1" if orchestrated else None)
     assert ("spawns a worker per GPU" in capsys.readouterr().err) == orchestrated
+
+
+def test_quantization_reads_back_whole_calibration_sequences(tmp_path, monkeypatch):
+    """TensorRT-LLM encodes the calibration texts again (its tokenizer's BOS in front) and cuts them at
+    calib_max_seq_length: at --calibration-length itself every sequence lost its last token."""
+    import types
+
+    from orpheus_triton import calibration
+
+    quantized = {}
+
+    class Llama:
+        @staticmethod
+        def quantize(*args, **kwargs):
+            quantized.update(kwargs, calibration=sorted(p.name for p in Path(kwargs["calib_dataset"]).iterdir()))
+
+    fake = {"tensorrt_llm": types.ModuleType("tensorrt_llm"),
+            "tensorrt_llm.mapping": types.SimpleNamespace(Mapping=lambda **kwargs: kwargs),
+            "tensorrt_llm.models": types.SimpleNamespace(LLaMAForCausalLM=Llama),
+            "tensorrt_llm.llmapi": types.SimpleNamespace(QuantAlgo=types.SimpleNamespace(FP8="FP8"),
+                                                         QuantConfig=lambda **kwargs: kwargs)}
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(calibration, "write_calibration_set", lambda llm_dir, out_dir, **kwargs: (
+        Path(out_dir).mkdir(), (Path(out_dir) / calibration.CALIBRATION_FILE).write_text("{}\n")))
+    options = build_trtllm.BuildOptions(quantization="fp8", calibration_length=512)
+    build_trtllm.quantize_checkpoint(tmp_path / "llm", tmp_path / "checkpoint", options)
+    assert quantized["calib_max_seq_length"] == 513 and quantized["calibration"] == [calibration.CALIBRATION_FILE]
+    assert not (tmp_path / "checkpoint.calibration").exists()  # removed after

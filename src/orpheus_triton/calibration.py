@@ -35,6 +35,13 @@ from .triton_llm import pick_device
 
 CALIBRATION_FILE = "train.jsonl"
 
+
+def read_back_length(length: int) -> int:
+    """How many tokens TensorRT-LLM's calibration reads back for a sequence of ``length``: it encodes each
+    text again, which puts the tokenizer's BOS in front. Its maximum sequence length is this, so that the
+    sequence's last token is not cut off."""
+    return length + 1
+
 # Long enough that the speech for each nearly fills a calibration sequence (about 2.5 words a second of
 # speech at 82 tokens a second: 1024 tokens are some 12 s, 30 words), and varied the way callers' text is:
 # questions, numbers, spelled-out codes, emotive tags, short replies run together.
