@@ -251,6 +251,19 @@ def test_engine_inputs_are_mapped_to_the_engines_names_as_single_requests():
     assert set(torch_engine) == {*INPUTS, LLM_SEED, LLM_AUDIO_GUARD}
 
 
+def test_a_padded_prompt_goes_to_the_engine_cut_to_its_input_lengths():
+    """TensorRT-LLM reads a lone request's input_ids whole (input_lengths only splits a batch): a client's
+    padded prompt was generated from with its padding, where the torch engine reads input_lengths ids."""
+    relay, engine, sent, refused = make()
+    padded = INPUTS | {"input_ids": np.array([[5, 6, 7, 0, 0]], np.int32)}
+    relay.start("a", padded, "sender", lambda: False)
+    assert engine.called.wait(10)
+    engine.send("a", None)
+    relay.close()
+    assert engine.inputs["a"]["input_ids"].tolist() == [[5, 6, 7]] and engine.inputs["a"]["input_lengths"] == 3
+    assert not refused
+
+
 # --- through a real tritonserver -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from .constants import (
     CANCEL_CHECK_SECONDS,
     END_OF_SPEECH,
     LLM_AUDIO_GUARD,
+    LLM_INPUT_IDS,
     LLM_OUTPUT_IDS,
     LLM_SEED,
     LLM_SEQUENCE_LENGTH,
@@ -116,11 +117,15 @@ class EngineInputs:
     seed: str = LLM_SEED
     audio_guard: bool = True  # whether the engine takes `audio_token_guard`
 
-    def map(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def map(self, inputs: dict[str, np.ndarray], prompt_length: int | None = None) -> dict[str, np.ndarray]:
         """The inputs to send on, each as [1, n]: one request, as a client sends it (the relay's
-        own config may reshape them on the way in). Raises ValueError for one the engine cannot honour."""
+        own config may reshape them on the way in), its ids cut to ``prompt_length`` (its checked
+        `input_lengths`: TensorRT-LLM reads a lone request's ids whole, padding included, where the torch
+        engine reads that many). Raises ValueError for one the engine cannot honour."""
         mapped = {name: value.reshape(1, -1) for name, value in inputs.items()}
         mapped.pop(LLM_STOP, None)
+        if prompt_length is not None and LLM_INPUT_IDS in mapped:
+            mapped[LLM_INPUT_IDS] = mapped[LLM_INPUT_IDS][:, :prompt_length]
         guard = mapped.get(LLM_AUDIO_GUARD)
         if not self.audio_guard and guard is not None:
             if guard.size and bool(guard.reshape(-1)[0]):
@@ -158,7 +163,7 @@ class RelayStreams:
         """Claim the id and start relaying; raises StreamIdError or ValueError (nothing claimed,
         nothing sent) for the adapter to refuse."""
         settings = generation_settings(inputs.get)  # the torch engine's checks, for the same clear errors
-        forwarded = self.engine_inputs.map(inputs)
+        forwarded = self.engine_inputs.map(inputs, prompt_length=len(settings["prompt"]))
         end_id = settings.get("end_id", END_OF_SPEECH)
         self.active.claim(request_id)
         check = self.cancellations.watch(request_id, is_cancelled)
