@@ -185,11 +185,21 @@ def _stand_in_server(handler: bool = True, linger: float = 0.0, status: int = 1)
 
 
 def _signal_soon(delay: float = 0.3):
+    """SIGTERM to this process ``delay`` s from now, once run_in_foreground's handler is in place: sent
+    before it (a slow start on a loaded machine), it would end the whole test run."""
     import os
     import signal
     import threading
+    import time
 
-    threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    def send() -> None:
+        due = time.monotonic() + delay
+        while signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) and time.monotonic() < due + 10:
+            time.sleep(0.01)
+        time.sleep(max(0.0, due - time.monotonic()))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send, daemon=True).start()
 
 
 @pytest.mark.parametrize("case", ["drained", "not ready", "flag unwritable"])
@@ -296,3 +306,72 @@ def test_a_stop_just_after_the_models_became_ready_drains():
                                log=said.append, drain=drain)
     assert drain.started and any("SIGTERM: draining" in line for line in said), said
     assert status == 0 and said[-1] == "stopped: every stream had finished", said
+
+
+@pytest.mark.parametrize("loaded", [False, True])
+def test_a_server_that_never_became_ready_exits_3_not_as_a_dead_stub(loaded):
+    """tritonserver exits 1 when a model fails to load, as `serve` exits 1 for a backend stub that died while
+    serving: a supervisor could not leave a server that cannot start stopped while restarting a crashed one."""
+    import subprocess
+    import time
+
+    from orpheus_triton.server import NEVER_READY_STATUS, run_in_foreground
+
+    said = []
+    process = subprocess.Popen(["sh", "-c", "sleep 0.5; exit 1"], start_new_session=True)
+    started = time.monotonic()
+    status = run_in_foreground(process, exit_timeout=30, ready=lambda: loaded, log=said.append, drain=_FakeDrain())
+    assert time.monotonic() - started < 5
+    if loaded:
+        assert status == 1 and said[-1] == "error: tritonserver exited with status 1: its log above says why", said
+    else:
+        assert status == NEVER_READY_STATUS == 3, said
+        assert said[-1].startswith("error: tritonserver exited with status 1 before its models were ready"), said
+
+
+def test_a_stop_during_a_readiness_look_is_decided_on_a_look_after_it():
+    """A look asked before the models were ready but answered after a stop signal came is stale: the
+    stop was taken for one while loading, cutting off a stream already under way."""
+    import os
+    import signal
+
+    from orpheus_triton.server import run_in_foreground
+
+    looks = []
+
+    def ready() -> bool:
+        looks.append(len(looks))
+        if len(looks) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while this look is under way
+            return False
+        return True
+
+    said, drain = [], _FakeDrain()
+    status = run_in_foreground(_stand_in_server(), exit_timeout=30, ready=ready, log=said.append, drain=drain)
+    assert len(looks) >= 2 and drain.started and any("SIGTERM: draining" in line for line in said), said
+    assert status == 0, said
+
+
+def test_a_server_holding_a_stream_cut_off_is_killed_soon_after_its_own_exit_timeout():
+    """tritonserver 2.51 may hang after its exit timeout with a stream it cannot finish: `serve` waited
+    STOP_GRACE_SECONDS more each time (5 s), where such a stop is known to end so."""
+    import signal
+    import time
+
+    from orpheus_triton.server import CUT_OFF_GRACE_SECONDS, run_in_foreground
+
+    class Generating(_FakeDrain):
+        def idle(self) -> bool:
+            return False
+
+        def generating(self) -> int:
+            return 1
+
+    said = []
+    process = _stand_in_server(linger=30.0)  # hangs on SIGTERM
+    _signal_soon()
+    started = time.monotonic()
+    status = run_in_foreground(process, exit_timeout=1, ready=lambda: True, log=said.append, drain=Generating())
+    took = time.monotonic() - started
+    assert status == 128 + signal.SIGTERM and "tritonserver did not exit in time: killing it" in said, said
+    assert took < 0.3 + 1 + 1 + CUT_OFF_GRACE_SECONDS + 1.5, (took, said)  # drain, tritonserver's 1 s, grace

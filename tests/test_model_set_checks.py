@@ -20,7 +20,7 @@ from orpheus_triton import cli
 from orpheus_triton.demo_models import SNAC_24KHZ_CONFIG, ModelSet
 from orpheus_triton.llama import FUSED_PROJECTIONS, Llama, checkpoint_names
 from orpheus_triton.prompt import Voices, load_tokenizer
-from orpheus_triton.server import free_port
+from orpheus_triton.server import Ports
 
 
 @pytest.fixture
@@ -34,6 +34,11 @@ def models(model_set, tmp_path) -> ModelSet:
             (copy.root / folder.name / file.name).symlink_to(file)
     copy.check()  # whole, it passes
     return copy
+
+
+def _free_port_arguments() -> list[str]:
+    ports = Ports.free()
+    return ["--grpc-port", str(ports.grpc), "--http-port", str(ports.http), "--metrics-port", str(ports.metrics)]
 
 
 def replace(path: Path, data: bytes | str | Callable[[bytes], bytes]) -> Path:
@@ -235,7 +240,7 @@ def test_a_cache_folder_that_cannot_be_made_is_named_with_its_variable(tmp_path,
         cache_folder("repositories")
     monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(bad))
     monkeypatch.setattr(cli, "_model_set", lambda _: pytest.fail("the model set was prepared before the cache check"))
-    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = _free_port_arguments()
     assert cli.main(["serve", *ports]) == 2
     assert capsys.readouterr().err == (f"error: the cache folder {bad} (set by ORPHEUS_TRITON_CACHE) cannot be made: "
                                        "Not a directory; point ORPHEUS_TRITON_CACHE at a folder this user can write\n")
@@ -253,7 +258,7 @@ def test_an_empty_voice_list_is_refused_and_none_still_means_single_speaker(monk
             Voices.parse(empty)
     assert Voices.parse("none") == Voices((), None) == Voices.parse(" None ")
     monkeypatch.setattr(cli, "_model_set", lambda _: pytest.fail("the model set was prepared before the check"))
-    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = _free_port_arguments()
     assert cli.main(["serve", "--voices", "", *ports]) == 2
     assert "error: the voices are empty ('': an unset shell variable?)" in capsys.readouterr().err
 
@@ -261,7 +266,7 @@ def test_an_empty_voice_list_is_refused_and_none_still_means_single_speaker(monk
 def test_serve_refuses_a_broken_model_set_in_one_line_before_any_server_starts(models, tmp_path):
     """The walkthrough's first finding, end to end: exit 2 and one line, no traceback, no tritonserver."""
     replace(models.llm / "tokenizer.json", '{"version": "1.0", "model": {}}')
-    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    ports = _free_port_arguments()
     done = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(models.root),
                            "--device", "cpu", *ports], capture_output=True, text=True, timeout=120,
                           env=os.environ | {"ORPHEUS_TRITON_CACHE": str(tmp_path / "cache")})
@@ -269,3 +274,19 @@ def test_serve_refuses_a_broken_model_set_in_one_line_before_any_server_starts(m
     assert done.stderr == (f"error: {models.llm / 'tokenizer.json'} is not a tokenizer the `tokenizers` library can "
                            "read: data did not match any variant of untagged enum ModelUntagged at line 1 column 31\n")
     assert not (tmp_path / "cache" / "repositories").exists()  # refused before a repository was rendered
+
+
+def test_a_server_whose_models_fail_to_load_exits_3_not_as_a_dead_stub(models, tmp_path):
+    """A SNAC config that passes the checks but does not fit its weights fails inside tritonserver, which
+    exits 1, as `serve` exits 1 for a backend stub that died while serving: a supervisor could not tell a
+    server that cannot start from one that crashed."""
+    from orpheus_triton.server import NEVER_READY_STATUS
+
+    replace(models.snac / "config.json", json.dumps({**SNAC_24KHZ_CONFIG, "decoder_dim": 512}))
+    models.check()  # the weights' shapes are found only as the model loads
+    done = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(models.root),
+                           "--device", "cpu", *_free_port_arguments()], capture_output=True, text=True, timeout=240,
+                          env=os.environ | {"ORPHEUS_TRITON_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == NEVER_READY_STATUS == 3, done.stderr[-3000:]
+    assert "error: tritonserver exited with status 1 before its models were ready" in done.stderr
+    assert "snac_decoder" in done.stderr  # tritonserver's own log says which model and why

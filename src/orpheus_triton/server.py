@@ -345,7 +345,12 @@ def http_ready(port: int) -> bool:
 # How long past its own exit timeout a stopping tritonserver may take before it is killed:
 # tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
 # ensemble stream is still counted in flight.
+# `serve`'s exit status for a tritonserver that ended on its own before its models were ready: a model that
+# failed to load, a port in use. Told apart from 1 (a backend stub died once serving) so that a supervisor
+# may leave a server that cannot start stopped (systemd's RestartPreventExitStatus=2 3).
+NEVER_READY_STATUS = 3
 STOP_GRACE_SECONDS = 5.0
+CUT_OFF_GRACE_SECONDS = 1.0  # after its exit timeout, for a tritonserver known to hold a stream it cannot finish
 # tritonserver's own exit timeout behind a Drain: the drain has let the streams finish; what is left in
 # flight is their last answers (milliseconds), or ensemble requests a bare cancellation left behind,
 # which never finish.
@@ -485,20 +490,22 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
     whatever supervises `serve` (compose's restart policy, systemd) starts a whole one again.
     Returns 0 for a stop asked for by a signal that ended in time, 128 + that signal's number for one that
     cut requests in flight off (the exit timeout expired; tritonserver exits 1 then, or hangs and is
-    killed: neither is a failure to restart for), 1 for a dead stub, else the server's own exit status.
+    killed: neither is a failure to restart for), 1 for a dead stub, NEVER_READY_STATUS for a server that
+    ended on its own before ``ready`` said its models were loaded, else the server's own exit status.
     """
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum))
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     deadline, killed, failed = None, False, False
     stubs, next_look, watching = StubWatch(process.pid), time.monotonic(), False
+    looked_after = 0  # how many signals had come when the last ready look was taken
     draining_until, quiet, drained, watch_stop, cut_off = None, None, False, False, False
     server_timeout = exit_timeout if drain is None else min(exit_timeout, DRAINED_EXIT_SECONDS)  # tritonserver's
 
-    def stop_server_now(reason: str) -> float:
+    def stop_server_now(reason: str, grace: float = STOP_GRACE_SECONDS) -> float:
         log(reason)
         process.send_signal(signal.SIGINT if received[0] == signal.SIGINT else signal.SIGTERM)
-        return time.monotonic() + server_timeout + STOP_GRACE_SECONDS
+        return time.monotonic() + server_timeout + grace
 
     try:
         while True:
@@ -507,14 +514,16 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 break
             if killed:
                 continue
-            # A signal before the models were seen ready looks again at once: a stream may be under way
-            # already (the ready look comes once a second), and stopping as if loading would cut it off.
+            # A signal before the models were seen ready is decided on a look taken after it: a stream may be
+            # under way already (the ready look comes once a second, and one answered just before the signal
+            # is stale), and stopping as if loading would cut it off.
             if deadline is None and ready is not None and (time.monotonic() >= next_look
-                                                           or (received and not watching)):
+                                                           or (not watching and len(received) > looked_after)):
                 next_look = time.monotonic() + 1.0
                 died = []
                 if not watching:  # watched once every model has loaded: while loading, stubs come and go
                     stubs.look()
+                    looked_after = len(received)
                     if ready():
                         watching = True
                         died = stubs.start()  # the stubs running now are the ones watched
@@ -531,7 +540,8 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     else:  # the streams still going through the other models end as a stop would end them
                         deadline = stop_server_now("stopping tritonserver: the drain cannot finish")
             name = signal.Signals(received[0]).name if received else ""
-            if received and deadline is None and draining_until is None and len(received) == 1:
+            if received and deadline is None and draining_until is None and len(received) == 1 \
+                    and (watching or ready is None or looked_after == len(received)):
                 # Nothing to drain before the models are ready (nor before the first look, without ``ready``).
                 if drain is not None and not failed and exit_timeout > 0 and (watching or ready is None) \
                         and _raised(drain, log):
@@ -551,9 +561,12 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     # Watched on only if no stream is still generating: the rest is the decoder's to finish.
                     generating = drain.generating()
                     watch_stop, cut_off, quiet = generating == 0, bool(generating), _QuietLooks(drain.idle)
+                    # A stream cut off stays in flight through tritonserver's own timeout, after which 2.51 may
+                    # hang rather than exit: killed a moment later, not STOP_GRACE_SECONDS.
                     deadline = stop_server_now(f"streams still in flight after {exit_timeout:g} s (--exit-timeout): "
                                                f"stopping tritonserver; those it cannot finish in its own "
-                                               f"{server_timeout:g} s are cut off")
+                                               f"{server_timeout:g} s are cut off",
+                                               grace=CUT_OFF_GRACE_SECONDS if cut_off else STOP_GRACE_SECONDS)
             elif len(received) > 1 or (deadline is not None and time.monotonic() > deadline):
                 log("stopping at once" if len(received) > 1 else "tritonserver did not exit in time: killing it")
                 kill_server_group(process)
@@ -584,6 +597,10 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
         log(f"error: tritonserver was killed by {name}"
             + (" (the kernel's out-of-memory killer sends it, as does `kill -9`)" if -status == signal.SIGKILL else ""))
         return 128 - status
+    if status > 0 and not watching and ready is not None:
+        log(f"error: tritonserver exited with status {status} before its models were ready (a model that failed "
+            "to load, a port in use): its log above says why")
+        return NEVER_READY_STATUS
     if status != 0:
         log(f"error: tritonserver exited with status {status}: its log above says why")
     return status
