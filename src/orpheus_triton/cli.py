@@ -559,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orpheus-triton", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run tritonserver in the foreground with the model repository")
+    serve = commands.add_parser(
+        "serve", help="run tritonserver in the foreground with the model repository",
+        epilog="exit status: 0 stopped, every stream finished; 2 refused before the start (options, model set, "
+               "ports); 3 tritonserver ended before its models were ready (its log says why: a model that failed "
+               "to load); 1 a backend stub died while serving, or tritonserver failed; 128 + N stopped by signal N "
+               "with streams in flight cut off (143: SIGTERM, 130: Ctrl-C)")
     _server_options(serve)
     serve.add_argument("--grpc-port", type=_port, default=DEFAULT_GRPC_PORT, metavar="PORT",
                        help=f"gRPC endpoint, the one clients stream from (default {DEFAULT_GRPC_PORT})")
