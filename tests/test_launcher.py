@@ -375,3 +375,23 @@ def test_a_server_holding_a_stream_cut_off_is_killed_soon_after_its_own_exit_tim
     took = time.monotonic() - started
     assert status == 128 + signal.SIGTERM and "tritonserver did not exit in time: killing it" in said, said
     assert took < 0.3 + 1 + 1 + CUT_OFF_GRACE_SECONDS + 1.5, (took, said)  # drain, tritonserver's 1 s, grace
+
+
+def test_a_stream_whose_figures_show_a_publish_late_is_still_drained():
+    """The llm stage publishes its figures every 0.5 s, from a thread a busy machine may run late: two
+    quiet looks 0.6 s apart stopped a server whose stream, taken just before the drain, had not shown yet."""
+    import time
+
+    from orpheus_triton.server import run_in_foreground
+
+    class LatePublish(_FakeDrain):  # the stream shows 0.7 s after the signal and runs until 3 s after it
+        def idle(self) -> bool:
+            self.started_at = getattr(self, "started_at", time.monotonic())
+            return not 0.7 <= time.monotonic() - self.started_at < 3.0
+
+    said, drain = [], LatePublish()
+    _signal_soon()
+    status = run_in_foreground(_stand_in_server(), exit_timeout=30, ready=lambda: True, log=said.append,
+                               drain=drain)
+    assert status == 0 and any("drained: every stream has finished" in line for line in said), said
+    assert time.monotonic() - drain.started_at >= 3.0  # drained after the stream ended, not before it showed

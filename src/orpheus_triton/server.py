@@ -356,9 +356,10 @@ CUT_OFF_GRACE_SECONDS = 1.0  # after its exit timeout, for a tritonserver known 
 # which never finish.
 DRAINED_EXIT_SECONDS = 5
 # A drain's looks at the server's metrics: this far apart (longer than the llm stage's 0.5 s between
-# publishes), and this many in a row with nothing in flight before the server is stopped.
+# publishes), and this many in a row with nothing in flight before the server is stopped: three span two
+# publishes, so that a stream taken just before the drain began shows though one publish came late.
 DRAIN_LOOK_SECONDS = 0.6
-DRAIN_QUIET_LOOKS = 2
+DRAIN_QUIET_LOOKS = 3
 
 
 def streams_in_flight(metrics_port: int, decoding: bool = True) -> int | None:
