@@ -34,12 +34,29 @@ def server_settings(model_set, **overrides):
     } | overrides)
 
 
-def server_metric(server, name: str) -> float:
-    """The value of metric ``name`` (its first line) on a ``running_server``'s /metrics page."""
+def server_metrics(server, *names: str) -> list[float]:
+    """The values of metrics ``names`` (each its first line), read from one look at a ``running_server``'s
+    /metrics page."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
-    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+    lines = text.splitlines()
+    return [float(next(line for line in lines if line.startswith(name)).split()[-1]) for name in names]
+
+
+def server_metric(server, name: str) -> float:
+    """The value of metric ``name`` (its first line) on a ``running_server``'s /metrics page."""
+    return server_metrics(server, name)[0]
+
+
+def wait_for_metric(server, name: str, predicate, timeout: float = 30.0) -> float:
+    """Metric ``name`` once ``predicate`` holds for it, looked at every 0.1 s (the decoder publishes its
+    metrics that often, the engine every 0.5 s); fails with its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate(value := server_metric(server, name)):
+        assert time.monotonic() < deadline, f"{name} is still {value} after {timeout:g} s"
+        time.sleep(0.1)
+    return value
 
 
 def settled_server_metric(server, name: str) -> float:

@@ -144,12 +144,14 @@ def test_a_send_that_fails_after_its_streams_end_holds_the_id_and_spares_the_nex
     relay = RelayStreams(engine.call, engine.stop, respond, lambda sender, message: refused.append(message),
                          engine_inputs=EngineInputs(), tokens_per_response=7, hold_seconds=600)
     relay.start("a", INPUTS, "gone", lambda: False)
+    relaying = relay._threads["a"]
     engine.send("a", *tokens(*range(1, 8)), None)  # a frame (its send will fail), then the engine's end
-    deadline = time.monotonic() + 5
-    while "a" in relay.active._ids and time.monotonic() < deadline:
-        time.sleep(0.01)
+    relaying.join(timeout=5)  # the stream has ended: its id let go, its final response queued behind the frame
+    assert not relaying.is_alive() and "a" not in relay.active._ids
     behind.set()
-    time.sleep(0.3)
+    handled = threading.Event()  # the response thread calls in order: the frame's failure is handled before this
+    relay.responses.put(None, handled.set)
+    assert handled.wait(5)
     with pytest.raises(StreamIdError, match="cancelled or failed"):  # its end was lost: held, as a cancel's
         relay.active.claim("a")
     relay.active.hold_seconds = 0  # later on

@@ -323,7 +323,10 @@ def test_closed_loop_counts_only_streams_that_met_the_full_load():
     assert all(not r.measured for r in records if r.started < first)  # the ramp's streams
     during = [n for at, n in samples if start + first + 0.01 < at < start + last - 0.01]
     assert during and min(during) >= 3  # at full load but for a worker between two streams
-    assert cut and ended - start < last + 0.05  # the fillers still running were cut, not waited for
+    # The fillers still running were cut (``cut``: ended before their 0.1 s because the level said so), not
+    # waited for: waited for, none would end early. And the level returned once they had noticed (a poll
+    # every 2 ms), with room for a busy machine's thread wake-ups.
+    assert cut and ended - start < last + 0.2
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the failing worker's

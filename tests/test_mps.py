@@ -122,9 +122,9 @@ sys.path[:0] = [{str(ROOT / 'src')!r}, {str(ROOT / 'perf')!r}]
 from pathlib import Path
 import common
 from orpheus_triton import server
-# tritonserver's stand-in: says what MPS pipes it was given, then ignores Triton's graceful stop (SIGINT)
+# tritonserver's stand-in: ignores Triton's graceful stop (SIGINT), then says what MPS pipes it was given
 server.server_command = lambda repository, ports, extra: [
-    "sh", "-c", 'echo "$CUDA_MPS_PIPE_DIRECTORY" > {seen}; trap "" INT; exec sleep 60']
+    "sh", "-c", 'trap "" INT; echo "$CUDA_MPS_PIPE_DIRECTORY" > {seen}; exec sleep 60']
 server.wait_until_ready = lambda *args, **kwargs: None
 with common.serve_repository(Path({str(tmp_path / 'repository')!r}), Path({str(tmp_path / 'server.log')!r}),
                              mps=True):
@@ -135,7 +135,10 @@ with common.serve_repository(Path({str(tmp_path / 'repository')!r}), Path({str(t
     run = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
     assert "ready" in [run.stdout.readline().strip() for _ in range(3)]  # after the perf log's lines
-    time.sleep(0.5)  # the stand-in server writing what it saw
+    deadline = time.monotonic() + 30
+    while not (seen.is_file() and seen.read_text().endswith("\n")):  # the stand-in server has said what it saw
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.05)
     started = time.monotonic()
     run.send_signal(signal.SIGTERM)
     run.wait(timeout=30)

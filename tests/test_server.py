@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import server_metric, settled_server_metric
+from conftest import server_metric, server_metrics, settled_server_metric, wait_for_metric
 from snac import SNAC
 
 from orpheus_triton import constants as c
@@ -724,14 +724,25 @@ def test_a_sweep_in_several_load_generator_processes(grpc_url):
     # the counted streams, from the last worker's first on, had ended (across both processes).
     records = result["records"]["closed_3"]
     starts = sorted(r["started"] for r in records)
-    assert starts[0] < 0.3 and starts[2] < 0.4 + 0.3  # (two processes on a loaded 2-core machine lag by 0.1 s)
+    # (A stream's start is taken once its worker has woken and, for its first, set its client up: tenths of
+    # a second late on a loaded 2-core machine; never early.)
+    assert starts[0] < 0.5 and starts[2] < 0.4 + 0.5
     counted = [r for r in records if r["measured"]]
     assert len(counted) == 3 and min(r["started"] for r in counted) >= 0.4 - 0.01
-    assert closed["filler_streams"] >= 2 and closed["streams_in_flight_mean"] > 2.5
-    # The two arrivals of the schedule, one in each process, each at its offset from the level's one start.
+    assert closed["filler_streams"] >= 2 and closed["streams_in_flight_mean"] > 2.0  # (3 but for the gaps)
+    # A counted stream that ended while another still ran was followed in its worker by the next stream
+    # (a filler), whichever process held the one still running: looked at where that one ran on for more than
+    # a worker's wake-up between two streams (0.2 s here allows for a busy machine).
+    wake_up = 0.2
+    last_end = max(r["started"] + r["total"] for r in counted)
+    for ended in (r["started"] + r["total"] for r in counted):
+        if ended < last_end - wake_up:
+            assert any(ended <= r["started"] <= ended + wake_up for r in records), (ended, records)
+    # The two arrivals of the schedule, one in each process, each at its offset from the level's one start:
+    # never before it (each waits for its offset), and late by no more than a wake-up and a client's setup.
     scheduled = poisson_schedule(20.0, 2, 60.0, seed=0)
     arrived = sorted(r["started"] for r in result["records"]["poisson_20.0"])
-    assert arrived == pytest.approx(scheduled, abs=0.15)
+    assert all(offset - 0.001 <= at < offset + 0.5 for at, offset in zip(arrived, scheduled, strict=True)), arrived
     assert all(r["arrivals"] for r in counted + result["records"]["poisson_20.0"])
 
 
@@ -1049,12 +1060,24 @@ def test_say_from_stdin_is_timed_from_its_first_words(grpc_url):
 
     from orpheus_triton.cli import _speak_sentences
 
+    written, heard = [], []
+
     async def slow_text():
         await asyncio.sleep(1.0)  # the program writing the text is thinking
+        written.append(time.perf_counter())
         yield "Hello there."
 
-    result, had_text = asyncio.run(_speak_sentences(grpc_url, slow_text(), lambda chunk: None, max_tokens=70))
-    assert had_text and result.chunks and result.chunks[0].arrived < 0.9
+    def on_chunk(_audio):
+        if not heard:
+            heard.append(time.perf_counter())
+
+    result, had_text = asyncio.run(_speak_sentences(grpc_url, slow_text(), on_chunk, max_tokens=70))
+    done = time.perf_counter()
+    assert had_text and result.chunks and heard
+    # Timed from the words: no longer than from their writing to the first audio heard, and to the end, here
+    # (the report takes its times between those). Counted from the call, both were a second longer.
+    assert 0 < result.chunks[0].arrived <= heard[0] - written[0]
+    assert result.chunks[0].arrived < result.total_seconds <= done - written[0]
 
 
 def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
@@ -1286,17 +1309,17 @@ class ServeCommand:
         import subprocess
         import sys
 
-        from orpheus_triton.server import Ports, free_port, wait_until_ready
+        from orpheus_triton.server import Ports, wait_until_ready
 
-        self.url = f"localhost:{free_port()}"
-        self.metrics_port = free_port()
-        self.ports = Ports(grpc=int(self.url.split(":")[1]), http=0, metrics=self.metrics_port)  # for server_metric
+        self.ports = Ports.free()  # (.metrics for server_metric)
+        self.url = f"localhost:{self.ports.grpc}"
+        self.metrics_port = self.ports.metrics
         env = dict(os.environ, ORPHEUS_TRITON_CACHE=str(tmp_path / "cache"))
         self.log_path = tmp_path / "serve.log"  # a file, not a pipe: server processes inherit it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(model_set.root), "--device", "cpu",
-             "--grpc-port", self.url.split(":")[1], "--http-port", str(free_port()),
-             "--metrics-port", str(self.metrics_port), "--max-streams", "2", *options],
+             "--grpc-port", str(self.ports.grpc), "--http-port", str(self.ports.http),
+             "--metrics-port", str(self.ports.metrics), "--max-streams", "2", *options],
             env=env, stdout=subprocess.DEVNULL, stderr=(log_file := self.log_path.open("w")),
         )
         log_file.close()  # the command has its own copy
@@ -1322,6 +1345,13 @@ class ServeCommand:
         thread.start()
         assert first_chunk.wait(timeout=60)
         return thread, outcome
+
+    def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        """Return once the command's log says ``text``; fails if it does not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text():
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log_path.read_text()[-2000:]}"
+            time.sleep(0.05)
 
     def server_processes(self) -> list[int]:
         """The pids of this command's tritonserver and its stubs still running."""
@@ -1370,27 +1400,48 @@ def _read(path) -> bytes:
         return b""
 
 
+def drained_stop_seconds() -> float:
+    """The most `serve` takes from a stop signal to its end where nothing is left in flight: the drain's
+    quiet looks at the metrics, then tritonserver's own exit timeout behind a drain (its models' unloading
+    counts in it: 2.5-3 s here, longer on a busy machine, after which 2.51 may hang rather than exit) and
+    the grace before it is killed; a few seconds more cover the looks' metric reads and the launcher's exit."""
+    from orpheus_triton.server import DRAIN_LOOK_SECONDS, DRAIN_QUIET_LOOKS, DRAINED_EXIT_SECONDS, STOP_GRACE_SECONDS
+
+    return DRAIN_QUIET_LOOKS * DRAIN_LOOK_SECONDS + DRAINED_EXIT_SECONDS + STOP_GRACE_SECONDS + 3
+
+
+def in_flight_at_exit(log: str) -> list[str]:
+    """tritonserver's lines, once drained, naming requests it still held in flight as it stopped."""
+    return [line for line in log.split("drained:")[-1].splitlines()
+            if "in-flight inferences" in line and "Found 0 model versions" not in line]
+
+
 def test_serve_command_stops_on_sigterm(model_set, tmp_path):
     """`docker stop` signals the container's first process, the serve command: it passes SIGTERM on."""
     import signal
     import subprocess
     import sys
 
-    serve = ServeCommand(model_set, tmp_path)
-    assert OrpheusClient(serve.url).synthesize("served", max_tokens=35).audio.size > 0
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "30")  # far longer than a drained stop
+    try:
+        assert OrpheusClient(serve.url).synthesize("served", max_tokens=35).audio.size > 0
 
-    def hang_up(_chunk):
-        raise KeyboardInterrupt  # as `say` does at Ctrl-C: cancel, then `stop` the llm stream
+        def hang_up(_chunk):
+            raise KeyboardInterrupt  # as `say` does at Ctrl-C: cancel, then `stop` the llm stream
 
-    with pytest.raises(KeyboardInterrupt):
-        OrpheusClient(serve.url).synthesize("walked away from", max_tokens=700, on_chunk=hang_up)
-    time.sleep(1)
-    serve.process.send_signal(signal.SIGTERM)
-    # Nothing is left in flight: the stopped stream ended normally through the whole ensemble
-    # (ended with an error, the ensemble kept it in flight and the stop took the full timeout).
-    status, log, took = serve.finish(timeout=60)
+        with pytest.raises(KeyboardInterrupt):
+            OrpheusClient(serve.url).synthesize("walked away from", max_tokens=700, on_chunk=hang_up)
+        time.sleep(1)
+        serve.process.send_signal(signal.SIGTERM)
+        status, log, took = serve.finish(timeout=60)
+    finally:
+        serve.kill()
+    # Nothing is left in flight: the stopped stream ended normally through the whole ensemble. Ended with
+    # an error, the ensemble kept it in flight: in the llm stage's figures, the drain waited out the whole
+    # exit timeout; in tritonserver's own, it names the request as it stops.
     assert "gRPC on" in log and "SIGTERM: draining" in log and "drained: every stream has finished" in log
-    assert status == 0 and took < 10, log[-2000:]
+    assert not in_flight_at_exit(log), log[-2000:]
+    assert status == 0 and took < drained_stop_seconds(), log[-2000:]
 
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "serve", "--models", str(tmp_path / "nope")],
                          capture_output=True, text=True, timeout=60)
@@ -1406,15 +1457,21 @@ def test_serve_command_stop_is_bounded_with_a_stream_in_flight(model_set, tmp_pa
     a closed terminal (SIGHUP): the server, in a session of its own, used to run on."""
     import signal
 
-    from orpheus_triton.server import STOP_GRACE_SECONDS
+    from orpheus_triton.server import CUT_OFF_GRACE_SECONDS, STOP_GRACE_SECONDS
 
     serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "1")
-    thread, outcome = serve.stream_in_background(max_tokens=1400)
-    serve.process.send_signal(signal.SIGHUP)
-    status, log, took = serve.finish(timeout=30)
+    try:
+        thread, outcome = serve.stream_in_background(max_tokens=1400)
+        serve.process.send_signal(signal.SIGHUP)
+        status, log, took = serve.finish(timeout=30)
+    finally:
+        serve.kill()
     assert "SIGHUP: draining" in log
     assert "streams still in flight after 1 s (--exit-timeout): stopping tritonserver" in log
-    assert took < 1 + 1 + STOP_GRACE_SECONDS + 3
+    # The drain's 1 s, tritonserver's own 1 s and, as it holds a stream it cannot finish, CUT_OFF_GRACE_SECONDS
+    # before it is killed (2.51 may hang after its exit timeout); 4 s more for the drain's last metric read and
+    # the launcher's exit, still short of a kill after STOP_GRACE_SECONDS.
+    assert took < 1 + 1 + CUT_OFF_GRACE_SECONDS + 4 <= 1 + 1 + STOP_GRACE_SECONDS, log[-2000:]
     # A stop asked for that cut a stream off: 128 + the signal, told from a dead stub's 1 (it was 1 or 137)
     assert status == 128 + signal.SIGHUP and "requests in flight were cut off" in log, log[-2000:]
     thread.join(timeout=30)
@@ -1437,7 +1494,7 @@ def test_serve_command_lets_the_streams_in_flight_finish_and_refuses_new_ones(mo
         whole = OrpheusClient(serve.url).synthesize(TEXT, max_tokens=700)
         thread, outcome = serve.stream_in_background(max_tokens=700)
         serve.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        serve.wait_for_log("SIGTERM: draining")  # logged once the drain's flag is up
         with pytest.raises(ServerUnavailable, match="server shutting down: it takes no new streams while those in "
                                                     "flight finish; retry on another server"):
             OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70)
@@ -1459,15 +1516,19 @@ def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     import signal
 
     serve = ServeCommand(model_set, tmp_path)  # exit timeout 10 s
-    serve.stream_in_background(max_tokens=1400)
-    serve.process.send_signal(signal.SIGINT)
-    time.sleep(0.5)
-    assert serve.process.poll() is None  # waiting for the stream
-    serve.process.send_signal(signal.SIGINT)
-    status, log, took = serve.finish(timeout=10)
-    assert "stopping at once" in log
-    # A stop asked for, which cut a stream off: 128 + the signal (was 137, the kill's: read as an OOM kill)
-    assert status == 128 + signal.SIGINT and took < 3
+    try:
+        serve.stream_in_background(max_tokens=1400)
+        serve.process.send_signal(signal.SIGINT)
+        serve.wait_for_log("SIGINT: draining")
+        assert serve.process.poll() is None  # waiting for the stream
+        serve.process.send_signal(signal.SIGINT)
+        status, log, took = serve.finish(timeout=30)
+    finally:
+        serve.kill()
+    assert "stopping at once" in log and "drained:" not in log, log[-2000:]
+    # A stop asked for, which cut a stream off: 128 + the signal (was 137, the kill's: read as an OOM kill).
+    # At once: the launcher's next pass (0.2 s), the kill and its exit, not the drain's wait for the stream.
+    assert status == 128 + signal.SIGINT and took < 5, log[-2000:]
 
 
 def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_set, tmp_path):
@@ -1485,7 +1546,7 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
 
     from orpheus_triton.client import AsyncOrpheusClient
 
-    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "20")
+    serve = ServeCommand(model_set, tmp_path, "--exit-timeout", "30")  # far longer than a drained stop
     long = "A long sentence that takes a while to say. " * 3
 
     async def main() -> list[str]:
@@ -1553,7 +1614,7 @@ def test_async_streams_ended_early_in_every_way_leave_nothing_in_flight(model_se
         serve.kill()
     assert "no timeout" not in outcomes
     assert not re.findall(r"has [1-9][0-9]* in-flight inferences", log), log[-2000:]
-    assert took < 10  # a request left in flight made it wait the whole 20 s exit timeout
+    assert took < drained_stop_seconds()  # a request left in flight made it wait the whole 30 s exit timeout
 
 
 def test_an_id_reused_after_its_grpc_stream_was_cancelled_gets_its_own_audio(model_set, tmp_path):
@@ -1754,13 +1815,16 @@ def test_a_caller_of_the_decoder_alone_that_cancels_has_its_queued_windows_dropp
         client.async_stream_infer(c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, chunk)],
                                   request_id="hung-up-decoder-caller")
     assert answered.get(timeout=60) is None  # decoding under way
-    assert settled_server_metric(server, "orpheus_decoder_queued_windows") > 400
+    queued, windows = "orpheus_decoder_queued_windows", "orpheus_decoder_windows_total"
+    wait_for_metric(server, queued, lambda value: value > 400)
+    queued_at_hang_up, decoded_at_hang_up = server_metrics(server, queued, windows)
     client.stop_stream(cancel_requests=True)
-    hung_up = time.monotonic()
-    while server_metric(server, "orpheus_decoder_queued_windows") > 0:
-        assert time.monotonic() - hung_up < 4, "the cancelled stream's windows are still being decoded"
-        time.sleep(0.1)
-    assert settled_server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 1
+    wait_for_metric(server, queued, lambda value: value == 0, timeout=120)  # dropped, or else decoded
+    # Dropped: what was decoded after the hang-up is the round under way as the cancellation came (32 windows
+    # here), not the hundreds queued, however fast or slow the machine decodes.
+    decoded_after = settled_server_metric(server, windows) - decoded_at_hang_up
+    assert decoded_after < queued_at_hang_up / 2, (decoded_after, queued_at_hang_up)
+    assert server_metric(server, "orpheus_decoder_stopped_streams_total") == stopped + 1
     end = np.array([[frame + [c.END_OF_SPEECH]]], dtype=np.int32)
     audio = _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, end)], c.DECODER_AUDIO,
                     request_id="hung-up-decoder-caller")

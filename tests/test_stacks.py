@@ -2,7 +2,6 @@
 
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -72,9 +71,11 @@ def test_a_level_records_where_a_running_process_threads_were(tmp_path):
         "    while True:\n"
         "        hash32(12345)\n"
         "threading.Thread(target=busy, name='busy-worker', daemon=True).start()\n"
-        "time.sleep(60)\n")])
+        "print('busy', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(1.0)
+        # Sampled once the thread runs (the child's imports take a second or more on a busy machine).
+        assert child.stdout.readline() == "busy\n"
         start = stacks.stack_monitor(lambda: {"worker": child.pid}, seconds=1.0, delay=0.2, folder=tmp_path)
         finish = start()
         threading.Event().wait(1.5)
@@ -82,6 +83,7 @@ def test_a_level_records_where_a_running_process_threads_were(tmp_path):
     finally:
         child.kill()
         child.wait()
+        child.stdout.close()
     summary = level["server_stacks"]["worker"]
     assert "error" not in summary, summary
     assert summary["busy-worker"]["functions"][0][0] == "hash32"

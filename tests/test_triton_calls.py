@@ -65,40 +65,48 @@ def test_a_pass_never_asks_a_request_whose_id_a_new_stream_took_meanwhile():
     assert asked == ["new a"] and reused["check"]()  # the new stream's cancellation is seen
 
 
-def test_cancellation_passes_take_at_most_their_duty_of_the_time():
+def test_cancellation_passes_take_at_most_their_duty_of_the_time(monkeypatch):
     """After a pass of d seconds the next waits d (1 - duty) / duty: with few streams (short passes) a pass at
-    every step, with many as often as the share allows, so that the questions never crowd out the responses."""
-    import time
+    every step, with many as often as the share allows, so that the questions never crowd out the responses.
+    Timed on a clock the test moves (each ask takes what it says, a step 1 ms): on the real clock a pass
+    held up by a busy machine counts as a long one, and its rest nine times over."""
+    import types
 
+    from orpheus_triton import triton_calls
     from orpheus_triton.triton_calls import CancellationWatch
 
     with pytest.raises(ValueError, match="duty must be in"):
         CancellationWatch(duty=0.0)
+    now = [0.0]
+    monkeypatch.setattr(triton_calls, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    step = 0.001
+    durations = [0.005, 0.005, 0.005, 0.020, 0.001, 0.005]  # what each pass's ask takes
     starts = []
 
     def slow_ask():
-        starts.append(time.monotonic())
-        time.sleep(0.005)
+        starts.append(now[0])
+        now[0] += durations[min(len(starts), len(durations)) - 1]
         return False
 
     watch = CancellationWatch(run=lambda call: call(), duty=0.1)  # each pass runs at once, in the check
     check = watch.watch("a", slow_ask)
-    deadline = time.monotonic() + 0.4
     checks = 0
-    while time.monotonic() < deadline:
+    while now[0] < 0.4:
         check()
         checks += 1
-        time.sleep(0.001)
-    # Passes of about 5 ms, each followed by about 45 ms of rest: at most one pass in 50 ms.
-    assert checks > 100 and 3 <= len(starts) <= 9
-    assert all(b - a >= 0.05 * 0.99 for a, b in zip(starts, starts[1:], strict=False))
+        now[0] += step  # the engine's next step
+    # Each pass, then ten times its length from its start to the next one's (nine of them at rest), to the
+    # step: 0, 50, 100, 150 ms, then a 20 ms pass rests 180 ms (350), a 1 ms one 9 ms (360).
+    assert len(starts) == len(durations) and checks > 300
+    for d, a, b in zip(durations, starts, starts[1:], strict=False):
+        assert d / 0.1 - 1e-9 <= b - a <= d / 0.1 + step + 1e-9, (d, b - a)
     quick = CancellationWatch(run=lambda call: call(), duty=0.1)
     fast_asks = []
-    quick_check = quick.watch("b", lambda: fast_asks.append(1) or False)
-    for _ in range(20):  # a pass of microseconds rests microseconds: a pass at (nearly) every step
+    quick_check = quick.watch("b", lambda: fast_asks.append(now[0]) or False)
+    for _ in range(20):  # a pass that takes no time rests none: a pass at every step
         quick_check()
-        time.sleep(0.002)
-    assert len(fast_asks) >= 15
+        now[0] += step
+    assert len(fast_asks) == 20
 
 
 def test_passes_on_their_thread_hold_up_no_response_and_a_final_one_waits_out_an_ask_of_its_stream():
