@@ -155,12 +155,49 @@ def test_stop_ends_the_stream_in_the_engine_and_retires_its_id():
     assert engine.stopped == ["a", "nobody"]
     with pytest.raises(StreamIdError, match="cancelled or failed"):
         streams.active.claim("a")
-    # A stream the engine fails (the client cancelled it) is told why, and its id stays retired too.
+    # A stream the engine fails once it has streamed (the client cancelled it) is told why, and its id stays
+    # retired too: the decoder may hold its audio's state.
     streams.start("b", SETTINGS, "sender-b", lambda: True)
+    engine.requests["b"].emit(list(range(7)), False)
     engine.requests["b"].fail("request cancelled by the client")
     assert refused == [("sender-b", "request cancelled by the client")]
     with pytest.raises(StreamIdError):
         streams.active.claim("b")
+
+
+def test_a_request_refused_before_it_streamed_leaves_its_id_free_for_a_retry():
+    """A request that waited for a slot in vain was refused as `server busy ... retry later`, and its id
+    retired for 10 minutes: the retry with the same id was refused as a stopped stream's."""
+    streams, engine, sent, refused = make()
+    streams.start("a", SETTINGS, "sender-a", lambda: False)
+    engine.requests["a"].emit([1, 2, 3], False)  # less than a frame: nothing went out
+    engine.requests["a"].fail("server busy: no stream slot came free within 5 s; retry later")
+    assert refused == [("sender-a", "server busy: no stream slot came free within 5 s; retry later")] and not sent
+    streams.start("a", SETTINGS, "sender-a2", lambda: False)  # the retry
+    assert "a" in streams.active._ids
+
+
+def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
+    """A stop sent right after its request can reach the llm stage first (the request goes through
+    preprocessing): it found no stream, was answered as done, and the stream ran to its end."""
+    import time
+
+    from orpheus_triton import llm_streams
+
+    streams, engine, _, _ = make()
+    streams.stop("early")
+    assert engine.stopped == ["early"] and "early" in streams._early_stops
+    streams.start("early", SETTINGS, "sender", lambda: False)
+    assert engine.stopped == ["early", "early"] and not streams._early_stops  # stopped as it came, once
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        streams.active.claim("early")
+    # One whose request never came is forgotten after EARLY_STOP_SECONDS: a later stream with the id runs.
+    streams.stop("late")
+    streams._early_stops["late"] = time.monotonic() - llm_streams.EARLY_STOP_SECONDS
+    streams.stop("other")  # forgets the expired ones
+    assert set(streams._early_stops) == {"other"}
+    streams.start("late", SETTINGS, "sender", lambda: False)
+    assert engine.stopped.count("late") == 1
 
 
 class FakePbUtils:

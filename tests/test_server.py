@@ -896,6 +896,24 @@ def test_an_http_stream_is_stopped_with_the_llm_stop_request(server):
     assert settled_server_metric(server, "orpheus_llm_active_streams") == 0  # (the gauge is refreshed every 0.5 s)
 
 
+def test_a_stop_that_overtakes_its_request_still_stops_the_stream(server):
+    """A stop posted right after its request can reach the llm stage before the request, which goes
+    through preprocessing first: it found no stream, was answered as done all the same, and the stream
+    ran to its max_tokens. Posted first here, it now waits for its stream and stops it as it arrives."""
+    import json
+    import urllib.request
+
+    base = f"http://localhost:{server.ports.http}/v2/models"
+    stop = {"id": "overtaken", "stop": True, "input_ids": [0], "input_lengths": [1], "request_output_len": [1]}
+    assert _sse_events(f"{base}/{c.LLM_MODEL}/generate_stream", stop) == (200, [])
+    body = json.dumps({"id": "overtaken", "text": "A long one.", "max_tokens": LONG_STREAM_TOKENS}).encode()
+    with urllib.request.urlopen(urllib.request.Request(f"{base}/{c.ENSEMBLE_MODEL}/generate_stream", data=body,
+                                                       method="POST"), timeout=120) as response:
+        events = [json.loads(line[len(b"data:"):]) for line in response if line.startswith(b"data:")]
+    assert all("error" not in event for event in events), events
+    assert sum(len(event["audio"]) for event in events) < 8 * c.SAMPLES_PER_FRAME  # stopped at its start
+
+
 def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_path):
     """`say -` reads the text from a pipe as it arrives; `say --sentences` speaks text longer than one
     request takes. Both: one request per sentence, each sentence's own audio, in order."""

@@ -12,7 +12,11 @@ sender; this class keeps the rules that make streams safe to serve:
   on GPU it is asked at most every ``CANCEL_CHECK_SECONDS``, all streams in one pass on a thread
   of its own, the passes taking at most ``CANCEL_CHECK_DUTY`` of its time;
 * a send that fails drops the stream at the engine's next step;
-* ``stop`` (TensorRT-LLM's control request) ends a stream normally.
+* ``stop`` (TensorRT-LLM's control request) ends a stream normally; one that comes before its stream
+  (sent right after the request, it can overtake it on the way through preprocessing) is kept for
+  ``EARLY_STOP_SECONDS`` and stops the stream as it arrives;
+* a request refused before it streamed anything (server busy: no slot came free in time) leaves its
+  id free: a client's retry with it is not refused as a stopped stream's.
 
 How a response is built and sent is the adapter's business (``respond``,
 ``refuse``): here they are plain callables, so all of this is unit tested.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +36,9 @@ from .serving import ActiveStreams, FrameChunker, Refuse, Respond
 from .triton_calls import CancellationWatch, response_queue
 
 log = logging.getLogger(__name__)
+
+# How long a stop for an id no stream holds yet waits for its stream (the request it overtook).
+EARLY_STOP_SECONDS = 10.0
 
 
 class LlmStreams:
@@ -48,16 +56,26 @@ class LlmStreams:
         # A stream's end against a failed send of it (_emitter). Taken before the engine's lock (stop_stream),
         # never under it: the engine calls emit outside its lock.
         self._ends = threading.Lock()
+        # Stops that came before their streams: id -> when. A stop and a start look at it and at the engine
+        # under this lock (before the engine's), so that a stop is never between the two unseen by both.
+        self._early_stops: dict[str, float] = {}
+        self._stops = threading.Lock()
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
         """Claim the id and queue the stream in the engine; raises StreamIdError or ValueError (nothing
         claimed, nothing sent) for the adapter to refuse, and refuses a request beyond capacity itself."""
         self.active.claim(request_id)
+        streamed = threading.Event()  # a response of the stream went out: the decoder holds state for its id
         try:
-            self.engine.submit(GenerationRequest(
-                **settings, emit=self._emitter(sender, request_id), fail=self._failer(sender, request_id),
-                is_cancelled=self.cancellations.watch(request_id, is_cancelled), request_id=request_id,
-            ))
+            with self._stops:
+                self.engine.submit(GenerationRequest(
+                    **settings, emit=self._emitter(sender, request_id, streamed),
+                    fail=self._failer(sender, request_id, streamed),
+                    is_cancelled=self.cancellations.watch(request_id, is_cancelled), request_id=request_id,
+                ))
+                stopped_early = self._early_stops.pop(request_id, None) is not None
+            if stopped_early:
+                self.stop(request_id)
         except Exception as error:
             self.cancellations.forget(request_id)
             self.active.release(request_id)
@@ -70,8 +88,15 @@ class LlmStreams:
 
     def stop(self, request_id: str) -> None:
         """End the stream with this id at the engine's next step. It ends normally, but its client
-        may have cancelled the ensemble, which then never passes the end on: the id stays retired."""
-        if self.engine.stop_stream(request_id):
+        may have cancelled the ensemble, which then never passes the end on: the id stays retired.
+        A stop for an id no stream holds is kept for EARLY_STOP_SECONDS, for a stream it overtook."""
+        with self._stops:
+            found = self.engine.stop_stream(request_id)
+            if not found:
+                now = time.monotonic()
+                self._early_stops = {k: t for k, t in self._early_stops.items() if now - t < EARLY_STOP_SECONDS}
+                self._early_stops[request_id] = now
+        if found:
             self.active.release(request_id, completed=False)
 
     def close(self) -> None:
@@ -79,7 +104,7 @@ class LlmStreams:
         self.responses.close()
         self.cancellations.close()
 
-    def _emitter(self, sender: Any, request_id: str) -> Callable[[list[int], bool], None]:
+    def _emitter(self, sender: Any, request_id: str, streamed: threading.Event) -> Callable[[list[int], bool], None]:
         chunks = FrameChunker(self.tokens_per_response)
         released = threading.Event()  # the id was let go: it may be another stream's now
 
@@ -98,6 +123,7 @@ class LlmStreams:
             if ready is None:
                 return
             sent = chunks.sent
+            streamed.set()
             if finished:
                 # Before the put: the client may reuse the id as soon as the final response is out.
                 # A new stream's responses come from the engine thread (this one), after this put.
@@ -110,7 +136,7 @@ class LlmStreams:
 
         return emit
 
-    def _failer(self, sender: Any, request_id: str) -> Callable[[str], None]:
+    def _failer(self, sender: Any, request_id: str, streamed: threading.Event) -> Callable[[str], None]:
         def fail(message: str) -> None:
             def send() -> None:
                 try:
@@ -120,7 +146,8 @@ class LlmStreams:
 
             self.cancellations.forget(request_id)
             self.responses.put(request_id, send, last=True)
-            self.active.release(request_id, completed=False)
+            # Nothing streamed (refused from the queue: server busy): the decoder holds nothing for the id
+            self.active.release(request_id, completed=not streamed.is_set())
 
         return fail
 
