@@ -425,11 +425,13 @@ def test_a_failed_prefill_fails_the_streams_it_took_from_the_queue(model, monkey
 
 
 def test_capacity_errors_are_clear(model):
-    engine = make_engine(model, max_seq_len=64, max_queue=1)
+    engine = make_engine(model, max_seq_len=64, max_streams=1, max_queue=1)
     with pytest.raises(CapacityError, match="exceeds the engine's max_seq_len 64"):
         engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=60))
-    engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
-    with pytest.raises(CapacityError, match="server busy"):
+    for _ in range(2):  # one for the free slot, one waiting
+        engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    with pytest.raises(CapacityError, match=r"server busy: 1 requests already waiting for a stream slot \(max_queue 1; "
+                                            r"0 of 1 slots in use\)"):
         engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
 
 
@@ -803,11 +805,30 @@ def test_a_request_refused_for_a_full_queue_is_counted(model):
     """stats.queue_full (orpheus_llm_queue_full_requests_total): 'server busy' at once was counted nowhere,
     where one after max_queue_seconds was (timed_out)."""
     engine = make_engine(model, max_streams=1, max_queue=1)
-    engine.submit(request(PROMPTS[0], Collector()))
+    engine.submit(request(PROMPTS[0], Collector()))  # the free slot's
+    engine.submit(request(PROMPTS[0], Collector()))  # waiting
     for _ in range(2):
         with pytest.raises(CapacityError, match="server busy"):
             engine.submit(request(PROMPTS[1], Collector()))
-    assert engine.stats.queue_full == 2 and engine.stats.timed_out == 0 and len(engine.queue) == 1
+    assert engine.stats.queue_full == 2 and engine.stats.timed_out == 0 and len(engine.queue) == 2
+
+
+def test_max_queue_counts_only_the_requests_beyond_the_free_slots(model):
+    """A request waits in the queue until the engine thread takes it, free slot or not: a burst of 12 into
+    an engine with 16 free slots and max_queue 4 was refused from the fifth on, with every slot free."""
+    engine = make_engine(model, max_streams=16, max_queue=4)
+    for _ in range(16 + 4):  # not started: every request stays queued, 16 of them for free slots
+        engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    with pytest.raises(CapacityError, match="4 requests already waiting"):
+        engine.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    # max_queue 0: a request is refused exactly when no slot is free for it
+    strict = make_engine(model, max_streams=2, max_queue=0)
+    strict.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    strict.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    with pytest.raises(CapacityError, match="server busy"):
+        strict.submit(request(PROMPTS[0], Collector(), max_new_tokens=5))
+    with pytest.raises(ValueError, match="max_queue must be >= 0"):
+        make_engine(model, max_queue=-1)
 
 
 def test_cpu_threads_parameter():

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .arguments import check_grpc_url, max_tokens, non_negative_seconds, positive
+from .arguments import check_grpc_url, max_tokens, non_negative, non_negative_seconds, positive
 from .constants import (
     CANCEL_CHECK_SECONDS,
     DEFAULT_GRPC_PORT,
@@ -482,9 +482,9 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=positive, default=2048, metavar="N",
                         help=f"prompt + generated tokens per stream (default 2048; a request naming no max_tokens "
                              f"gets {DEFAULT_MAX_TOKENS} or what this leaves after its prompt, if less)")
-    parser.add_argument("--max-queue", type=positive, default=256, metavar="N",
+    parser.add_argument("--max-queue", type=non_negative, default=256, metavar="N",
                         help="requests that may wait for a stream slot; beyond them one is refused at once with "
-                             "'server busy' (default 256)")
+                             "'server busy' (default 256; 0: refused whenever every slot is taken)")
     parser.add_argument("--max-queue-seconds", type=non_negative_seconds, default=0.0, metavar="S",
                         help="refuse a request still waiting for a stream slot after S seconds, so its caller can "
                              "try another server (default 0: requests wait as long as it takes)")

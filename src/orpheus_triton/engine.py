@@ -244,6 +244,8 @@ class InflightEngine:
             raise ValueError("max_streams must be >= 1")
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1 (prompt + generated tokens per stream), got {max_seq_len}")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0: refuse a request no slot is free for), got {max_queue}")
         if not max_queue_seconds >= 0:
             raise ValueError(f"max_queue_seconds must be >= 0 (0: no limit), got {max_queue_seconds}")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -344,10 +346,15 @@ class InflightEngine:
             raise ValueError(f"end_id {request.end_id} with the audio-token guard on: the guard ends a stream with "
                              f"end-of-speech ({END_OF_SPEECH}); send that end_id, or turn the guard off")
         with self.lock:
-            if len(self.queue) >= self.max_queue:
+            # The queue holds requests the engine thread has not taken yet, free slots or not: only those
+            # beyond the free slots wait for one (a burst into an idle engine was refused at max_queue).
+            free = self.max_streams - len(self.decoding) - (self.prefilling is not None)
+            waiting = len(self.queue) - max(0, free)
+            if waiting >= self.max_queue:
                 self.stats.queue_full += 1
                 raise CapacityError(
-                    f"{SERVER_BUSY}: {len(self.queue)} requests already queued (max_queue {self.max_queue}); "
+                    f"{SERVER_BUSY}: {max(0, waiting)} requests already waiting for a stream slot (max_queue "
+                    f"{self.max_queue}; {self.max_streams - max(0, free)} of {self.max_streams} slots in use); "
                     "retry later"
                 )
             self.queue.append(_Stream(request))
