@@ -194,7 +194,7 @@ def request_inputs(
             raise ValueError(f"{name} must be a whole number, got {value!r}")
         if name == IN_MAX_TOKENS and (refusal := max_tokens_refusal(int(value))) is not None:
             raise ValueError(refusal)
-        bounds = np.iinfo(dtype)
+        bounds: np.iinfo = np.iinfo(dtype)
         if not bounds.min <= value <= bounds.max:
             raise ValueError(f"{name} must be a whole number from {bounds.min} to {bounds.max}, got {value!r}")
     return [infer_input(name, np.array([value], dtype=dtype)) for name, value, dtype in given if value is not None]
