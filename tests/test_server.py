@@ -1274,9 +1274,15 @@ def leave_a_stream_the_llm_ran_ahead_of(server, url: str) -> None:
         pass
 
     def hang_up(_chunk):
-        time.sleep(2.0)  # the llm runs on ahead of the decoder meanwhile
-        at_hang_up["generated"] = (server_metric(server, tokens) - tokens_before) // c.TOKENS_PER_FRAME
-        at_hang_up["decoded"] = server_metric(server, windows) - windows_before
+        # The llm runs on ahead of the decoder meanwhile: hung up once its figures (published every 0.5 s,
+        # so behind it) show 24 frames generated and not decoded (a fixed 2 s showed 18 to 40, by the machine)
+        deadline = time.monotonic() + 15
+        while True:
+            time.sleep(0.25)
+            at_hang_up["generated"] = (server_metric(server, tokens) - tokens_before) // c.TOKENS_PER_FRAME
+            at_hang_up["decoded"] = server_metric(server, windows) - windows_before
+            if at_hang_up["generated"] - at_hang_up["decoded"] >= 24 or time.monotonic() > deadline:
+                break
         at_hang_up["time"] = time.monotonic()
         raise HungUp
 
