@@ -1160,10 +1160,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
         finally:
             terminated.kill()
         assert read_wav(wav)[1].size > 0
-        deadline = time.monotonic() + 10
-        while server_metric(server, "orpheus_llm_active_streams") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert server_metric(server, "orpheus_llm_active_streams") == 0, how  # its generation was stopped
+        wait_for_metric(server, "orpheus_llm_active_streams", lambda value: value == 0, timeout=10)  # stopped
     # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
     import signal
 
@@ -1177,10 +1174,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
         assert interrupted.wait(timeout=30) != 0  # it was still streaming: 980 tokens take seconds
     finally:
         interrupted.kill()
-    deadline = time.monotonic() + 10
-    while server_metric(server, "orpheus_llm_active_streams") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert server_metric(server, "orpheus_llm_active_streams") == 0  # its generation was stopped
+    wait_for_metric(server, "orpheus_llm_active_streams", lambda value: value == 0, timeout=10)  # stopped
 
     bad = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "hi", "-o", str(tmp_path / "x.wav"),
                           "--url", "localhost:1"], capture_output=True, text=True, timeout=60)
@@ -1279,8 +1273,9 @@ def leave_a_stream_the_llm_ran_ahead_of(server, url: str) -> None:
         deadline = time.monotonic() + 15
         while True:
             time.sleep(0.25)
-            at_hang_up["generated"] = (server_metric(server, tokens) - tokens_before) // c.TOKENS_PER_FRAME
-            at_hang_up["decoded"] = server_metric(server, windows) - windows_before
+            generated, decoded = server_metrics(server, tokens, windows)
+            at_hang_up["generated"] = (generated - tokens_before) // c.TOKENS_PER_FRAME
+            at_hang_up["decoded"] = decoded - windows_before
             if at_hang_up["generated"] - at_hang_up["decoded"] >= 24 or time.monotonic() > deadline:
                 break
         at_hang_up["time"] = time.monotonic()

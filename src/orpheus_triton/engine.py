@@ -348,14 +348,13 @@ class InflightEngine:
         with self.lock:
             # The queue holds requests the engine thread has not taken yet, free slots or not: only those
             # beyond the free slots wait for one (a burst into an idle engine was refused at max_queue).
-            free = self.max_streams - len(self.decoding) - (self.prefilling is not None)
-            waiting = len(self.queue) - max(0, free)
+            in_use = self._slots_in_use()
+            waiting = len(self.queue) - max(0, self.max_streams - in_use)
             if waiting >= self.max_queue:
                 self.stats.queue_full += 1
                 raise CapacityError(
-                    f"{SERVER_BUSY}: {max(0, waiting)} requests already waiting for a stream slot (max_queue "
-                    f"{self.max_queue}; {self.max_streams - max(0, free)} of {self.max_streams} slots in use); "
-                    "retry later"
+                    f"{SERVER_BUSY}: {waiting} requests already waiting for a stream slot (max_queue "
+                    f"{self.max_queue}; {in_use} of {self.max_streams} slots in use); retry later"
                 )
             self.queue.append(_Stream(request))
             self.stats.queued_requests = len(self.queue)
@@ -379,6 +378,10 @@ class InflightEngine:
 
     def idle(self) -> bool:
         return not (self.decoding or self.prefilling or self.queue or self._in_flight)
+
+    def _slots_in_use(self) -> int:
+        """Stream slots held: the streams decoding and the one prefilling."""
+        return len(self.decoding) + (self.prefilling is not None)
 
     def run_until_idle(self) -> None:
         """Step until every request is done (for tests and in-process benchmarks)."""
@@ -423,7 +426,7 @@ class InflightEngine:
         since = started if self._last_step_end is None else self._last_step_end
         self.stats.stream_seconds += held * (ended - since)
         self.stats.queued_seconds += queued * (ended - since)
-        self.stats.active_streams = len(self.decoding) + (self.prefilling is not None)
+        self.stats.active_streams = self._slots_in_use()
         self.stats.queued_requests = len(self.queue)
         self._last_step_end = None if self.idle() else ended
 
@@ -501,9 +504,9 @@ class InflightEngine:
         self.stats.timed_out += len(overdue)
         for stream in overdue:
             stream.ended = True
-        held = len(self.decoding) + (self.prefilling is not None)
         self._notify(overdue, f"{SERVER_BUSY}: no stream slot came free within {self.max_queue_seconds:g} s "
-                              f"(max_queue_seconds; {held} of {self.max_streams} stream slots in use); retry later")
+                              f"(max_queue_seconds; {self._slots_in_use()} of {self.max_streams} stream slots in "
+                              "use); retry later")
 
     def _prefill(self) -> None:
         """Spend the step's prefill budget: first on the prompt being prefilled chunk by chunk, if any, then on

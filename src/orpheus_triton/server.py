@@ -342,13 +342,13 @@ def http_ready(port: int) -> bool:
         return False
 
 
-# How long past its own exit timeout a stopping tritonserver may take before it is killed:
-# tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
-# ensemble stream is still counted in flight.
 # `serve`'s exit status for a tritonserver that ended on its own before its models were ready: a model that
 # failed to load, a port in use. Told apart from 1 (a backend stub died once serving) so that a supervisor
 # may leave a server that cannot start stopped (systemd's RestartPreventExitStatus=2 3).
 NEVER_READY_STATUS = 3
+# How long past its own exit timeout a stopping tritonserver may take before it is killed:
+# tritonserver 2.51 can hang after "Exit timeout expired. Exiting immediately" while an
+# ensemble stream is still counted in flight.
 STOP_GRACE_SECONDS = 5.0
 CUT_OFF_GRACE_SECONDS = 1.0  # after its exit timeout, for a tritonserver known to hold a stream it cannot finish
 # tritonserver's own exit timeout behind a Drain: the drain has let the streams finish; what is left in
