@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the backend's seed input: 'seed' (current releases) or 'random_seed' (older ones)")
     parser.add_argument("--relay-instances", type=positive, default=TrtllmSettings.relay_instances,
                         help="processes of the llm relay in front of the engine (about 60 real-time streams each)")
+    parser.add_argument("--max-callers", type=non_negative, default=RepositorySettings.max_callers, metavar="N",
+                        help="callers in flight at most, each from its request to its last audio; more are "
+                             "refused with 'server busy' (counted with --serve; 0: no bound beyond the engine's)")
     parser.add_argument("--decoder-max-batch-size", type=positive, default=RepositorySettings.decoder_max_batch_size)
     parser.add_argument("--preprocessing-instances", type=positive, default=RepositorySettings.preprocessing_instances)
     parser.add_argument("--voices", default=RepositorySettings.voices, metavar="NAMES",
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seq_len=engine_build_setting(engine_dir, "max_seq_len") or 0,
         max_prompt_tokens=engine_build_setting(engine_dir, "max_input_len") or 0,
         decoder_max_batch_size=args.decoder_max_batch_size, preprocessing_instances=args.preprocessing_instances,
-        voices=args.voices, default_voice=args.default_voice,
+        voices=args.voices, default_voice=args.default_voice, max_callers=args.max_callers,
     )
     trt = TrtllmSettings(
         engine_dir=str(engine_dir), triton_max_batch_size=max_batch_size,

@@ -34,14 +34,23 @@ def server_settings(model_set, **overrides):
     } | overrides)
 
 
+def metrics_page(server) -> str:
+    """A ``running_server``'s /metrics page."""
+    import urllib.request
+
+    return urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
+
+
 def server_metrics(server, *names: str) -> list[float]:
     """The values of metrics ``names`` (each its first line), read from one look at a ``running_server``'s
     /metrics page."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://localhost:{server.ports.metrics}/metrics", timeout=10).read().decode()
-    lines = text.splitlines()
+    lines = metrics_page(server).splitlines()
     return [float(next(line for line in lines if line.startswith(name)).split()[-1]) for name in names]
+
+
+def metric_series(server, name: str) -> list[float]:
+    """The values of every series of metric ``name`` (one per model instance, say)."""
+    return [float(line.split()[-1]) for line in metrics_page(server).splitlines() if line.startswith(name + "{")]
 
 
 def server_metric(server, name: str) -> float:
@@ -67,15 +76,16 @@ def settled_server_metric(server, name: str) -> float:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, work: Path, extra: list[str] | None = None):
-    """A real tritonserver on free ports serving ``repository`` (``extra``: more tritonserver options); yields
-    the process (``.ports``, ``.log_path``)."""
+def running_server(repository: Path, work: Path, extra: list[str] | None = None,
+                   environment: dict[str, str] | None = None):
+    """A real tritonserver on free ports serving ``repository`` (``extra``: more tritonserver options,
+    ``environment``: more of its environment); yields the process (``.ports``, ``.log_path``)."""
     from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready
 
     ports = Ports.free()
     log_path = work / "server.log"
     with open(log_path, "w") as log:
-        process = start_server(repository, ports, log_file=log, extra=extra)
+        process = start_server(repository, ports, log_file=log, extra=extra, environment=environment)
         process.started = time.time()
         try:
             wait_until_ready(process, f"localhost:{ports.grpc}", timeout=180)
@@ -92,12 +102,17 @@ def running_server(repository: Path, work: Path, extra: list[str] | None = None)
 
 @pytest.fixture(scope="session")
 def server(model_set, tmp_path_factory):
-    """A real tritonserver with the rendered repository; yields its gRPC url."""
+    """A real tritonserver with the rendered repository, counting its callers in flight as `serve` has it
+    do (``.callers``: their leases); yields the process."""
+    from orpheus_triton.callers import CallerLeases
+    from orpheus_triton.constants import CALLERS_DIR_ENV
     from orpheus_triton.repository import render
 
     work = tmp_path_factory.mktemp("server")
     os.environ.setdefault("ORPHEUS_TRITON_CACHE", str(work / "cache"))
-    with running_server(render(server_settings(model_set), work / "repository"), work) as process:
+    callers = {CALLERS_DIR_ENV: str(work / "callers")}
+    with running_server(render(server_settings(model_set), work / "repository"), work, environment=callers) as process:
+        process.callers = CallerLeases(work / "callers")
         yield process
 
 

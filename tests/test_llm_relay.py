@@ -371,3 +371,24 @@ def test_held_references_let_go_only_after_their_time():
     assert alive() is None and len(held) == 2  # the first let go; the second and the empty one held
     held.clear()
     assert len(held) == 0
+
+
+def test_the_caller_is_gone_where_a_relayed_stream_ends_before_its_end_reaches_the_decoder(monkeypatch):
+    gone = []
+    engine = Engine()
+    relay = RelayStreams(engine.call, engine.stop, lambda *response: None, lambda sender, message: None,
+                         engine_inputs=EngineInputs(), tokens_per_response=7, hold_seconds=600,
+                         cancel_check_seconds=0.1, caller_gone=gone.append)
+    relay.start("done", INPUTS, "sender", lambda: False)
+    engine.send("done", *tokens(*range(8)), EngineResponse([]), None)
+    relay.start("failed", INPUTS, "sender", lambda: False)
+    engine.send("failed", *tokens(1, 2), EngineResponse([], "engine out of KV cache"), None)
+    relay.start("stopped", INPUTS, "sender", lambda: False)
+    relay.stop("stopped")
+    engine.send("stopped", EngineResponse([END_OF_SPEECH]), None)
+    relay.close()
+    assert sorted(gone) == ["failed", "stopped"]  # the stop's end goes on to the decoder, which has its caller go
+    monkeypatch.setattr(threading.Thread, "start", lambda self: (_ for _ in ()).throw(RuntimeError("no thread")))
+    with pytest.raises(RuntimeError):
+        relay.start("no-thread", INPUTS, "sender", lambda: False)
+    assert gone[-1] == "no-thread"

@@ -418,3 +418,60 @@ def test_a_new_stream_refused_while_the_last_one_with_its_id_ends_in_failure_sti
         time.sleep(0.01)
     streams.close()
     assert refused == [("B", "server busy: 256 requests already queued")] and sent == []
+
+
+def test_the_caller_is_gone_wherever_a_stream_ends_before_its_end_reaches_the_decoder():
+    """The leases of callers in flight (orpheus_triton.callers) end at the decoder's last audio, and in the
+    llm stage where a stream's end never goes that far: refused, failed, stopped, its sends lost."""
+    gone = []
+    engine = Engine()
+    failing = Sender()
+
+    def respond(sender, tokens, count, final):
+        if sender is failing:
+            raise RuntimeError("client went away")
+
+    streams = LlmStreams(engine, respond, lambda sender, message: None, response_threads=0, tokens_per_response=7,
+                         hold_seconds=600, caller_gone=gone.append)
+    streams.start("done", SETTINGS, Sender(), lambda: False)
+    engine.requests["done"].emit([*range(7), END_OF_SPEECH], True)
+    assert gone == []  # the decoder ends it, with the stream's last audio
+    engine.full = True
+    streams.start("busy", SETTINGS, Sender(), lambda: False)
+    engine.full = False
+    streams.start("timed-out", SETTINGS, Sender(), lambda: False)
+    engine.requests["timed-out"].fail("server busy: no stream slot came free within 5 s")
+    streams.start("failed", SETTINGS, Sender(), lambda: False)
+    engine.requests["failed"].emit(list(range(7)), False)
+    engine.requests["failed"].fail("request cancelled by the client")
+    streams.start("stopped", SETTINGS, Sender(), lambda: False)
+    streams.stop("stopped")
+    streams.stop("unknown")
+    streams.start("lost", SETTINGS, failing, lambda: False)
+    engine.requests["lost"].emit(list(range(7)), False)
+    streams.close()
+    assert gone == ["busy", "timed-out", "failed", "stopped", "lost"]
+
+
+def test_a_request_refused_as_it_starts_lets_its_caller_go_unless_its_id_is_a_live_streams():
+    from orpheus_triton.serving import ActiveStreams, serve_llm_requests
+
+    gone = []
+    active = ActiveStreams(hold_seconds=600)
+    active.claim("live")
+    active.release("held", completed=False)
+
+    def start(request_id, inputs, reply, is_cancelled):
+        if request_id == "bad":
+            raise ValueError("temperature must be in [0, 5]")
+        if request_id == "broken":
+            raise KeyError("a fault in the stage")
+        active.claim(request_id)
+
+    requests = [FakeRequest(request_id, [1, 2]) for request_id in ("live", "held", "bad", "broken", "fine")]
+    stop = FakeRequest("fine", [0])
+    stop.tensors[LLM_STOP] = np.ones((1, 1), np.bool_)
+    serve_llm_requests(ErrorPbUtils, [*requests, stop], start, stop=lambda request_id: None, stops_decoding=False,
+                       caller_gone=gone.append)
+    assert gone == ["held", "bad", "broken"]
+    assert "already streaming" in requests[0].sender.sent[0][0]

@@ -280,3 +280,28 @@ def test_listener_figures_from_the_metrics_page_and_their_difference():
     # beyond the last finite bound: that bound, as Prometheus gives
     late = ListenerFigures({0.5: 1.0, math.inf: 4.0})
     assert late.first_audio_quantile(0.99) == 0.5
+
+
+def test_the_callers_in_flight_are_counted_at_most_once_a_second_and_only_where_counted(monkeypatch):
+    from orpheus_triton import metrics as metrics_module
+
+    assert "callers" not in DecoderMetrics(FakePbUtils, interval=None).gauges  # a server counting none
+    counts = iter([3, 2, 0])
+    metrics = DecoderMetrics(FakePbUtils, interval=None, callers=lambda: next(counts))
+    now = [100.0]
+    monkeypatch.setattr(metrics_module.time, "monotonic", lambda: now[0])
+    metrics.publish()
+    metrics.publish()  # within the second: not counted again
+    now[0] += metrics_module.CALLERS_COUNT_SECONDS
+    metrics.publish()
+    assert metrics.gauges["callers"].values == [3, 2]
+
+    def gone():
+        raise FileNotFoundError("no such folder")
+
+    failing = DecoderMetrics(FakePbUtils, interval=None, callers=gone)
+    failing.record_streams(4)
+    failing.publish()  # the other figures still go out
+    assert failing.gauges["streams"].values == [4] and failing.gauges["callers"].values == []
+    release(metrics)
+    release(failing)

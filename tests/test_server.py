@@ -12,7 +12,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import server_metric, server_metrics, settled_server_metric, wait_for_metric
+from conftest import metric_series, server_metric, server_metrics, settled_server_metric, wait_for_metric
 from snac import SNAC
 
 from orpheus_triton import constants as c
@@ -401,6 +401,18 @@ def test_concurrent_reuse_of_a_request_id_is_refused(grpc_url):
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=shared, seed=1)
     fresh = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, seed=1)
     assert_same_audio(again.audio, fresh.audio)
+
+
+def test_a_caller_counts_from_its_request_to_its_last_audio(server, grpc_url):
+    """Its lease (orpheus_triton.callers) is held while its audio still comes, after its generation has
+    ended, and gone once the last audio has come: the client may send the id again at once."""
+    caller = f"counted-{uuid.uuid4()}"
+    held = []
+    result = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=caller,
+                                                on_chunk=lambda _: held.append(server.callers._path(caller).exists()))
+    # Held as each chunk came, and let go before the last one was sent
+    assert len(held) == len(result.chunks) > 2 and all(held[:-1]) and not held[-1]
+    OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=35, request_id=caller)
 
 
 def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
@@ -1380,6 +1392,20 @@ class ServeCommand:
         repository = re.search(r"model repository: (\S+)", self.log_path.read_text()).group(1).encode()
         return [int(path.parent.name) for path in Path("/proc").glob("[0-9]*/cmdline") if repository in _read(path)]
 
+    def callers(self):
+        """The leases of the server's callers in flight (callers.CallerLeases), in the folder its
+        tritonserver's environment names."""
+        from pathlib import Path
+
+        from orpheus_triton.callers import CallerLeases
+
+        for pid in self.server_processes():
+            for variable in _read(Path(f"/proc/{pid}/environ")).split(b"\0"):
+                name, _, value = variable.decode().partition("=")
+                if name == c.CALLERS_DIR_ENV:
+                    return CallerLeases(value)
+        raise AssertionError(f"no server process has {c.CALLERS_DIR_ENV} in its environment")
+
     def kill(self) -> None:
         """SIGKILL the command and what is left of its server (a failing test must not leave them)."""
         import contextlib
@@ -1531,6 +1557,38 @@ def test_serve_command_lets_the_streams_in_flight_finish_and_refuses_new_ones(mo
                                                                            "in-flight inferences", "")
 
 
+def test_serve_command_admits_callers_end_to_end_up_to_max_callers(model_set, tmp_path):
+    """--max-streams counts streams generating: a caller whose generation had ended, its audio still
+    decoding (seconds of it on a CPU), no longer counted, and callers past what the decoder plays in real
+    time were let in, each of them stuttering. --max-callers counts each caller until its last audio."""
+    import signal
+
+    from orpheus_triton.client import ServerUnavailable
+
+    serve = ServeCommand(model_set, tmp_path, "--max-callers", "1")  # and 2 stream slots
+    busy = r"server busy: 1 callers in flight, as many as this server takes \(--max-callers 1\)"
+    try:
+        thread, outcome = serve.stream_in_background(max_tokens=1400)  # 200 frames, the llm 2-3x ahead
+        with pytest.raises(ServerUnavailable, match=busy):
+            OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70)
+        assert wait_for_metric(serve, "orpheus_callers_in_flight", lambda value: value == 1) == 1
+        assert sum(metric_series(serve, "orpheus_callers_refused_total")) == 1  # of two instances
+        wait_for_metric(serve, "orpheus_llm_active_streams", lambda value: value == 0)
+        assert thread.is_alive()  # its generation has ended; its audio is still coming
+        with pytest.raises(ServerUnavailable, match=busy):
+            OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70)
+        thread.join(timeout=120)
+        assert not isinstance(outcome[0], Exception) and len(outcome[0].chunks) >= 1400 // c.TOKENS_PER_FRAME - 3
+        wait_for_metric(serve, "orpheus_callers_in_flight", lambda value: value == 0)
+        assert OrpheusClient(serve.url).synthesize(TEXT, max_tokens=70).audio.size > 0
+        assert sum(metric_series(serve, "orpheus_callers_refused_total")) == 2
+        serve.process.send_signal(signal.SIGTERM)
+        status, log, _ = serve.finish(timeout=60)
+    finally:
+        serve.kill()
+    assert status == 0 and "warn" not in log.lower(), log[-3000:]
+
+
 def test_serve_command_stops_at_once_on_a_second_ctrl_c(model_set, tmp_path):
     import signal
 
@@ -1657,6 +1715,11 @@ def test_an_id_reused_after_its_grpc_stream_was_cancelled_gets_its_own_audio(mod
         while server_metric(serve, "orpheus_llm_active_streams") and time.monotonic() < deadline:
             time.sleep(0.2)  # the llm stage runs the stream to its end
         time.sleep(0.5)
+        # Its caller still counts (no stage saw the stream end): the id is refused until its lease expires
+        # (callers.LEASE_IDLE_SECONDS, a minute), stood in for here by removing the lease.
+        with pytest.raises(SynthesisError, match="already streaming"):
+            OrpheusClient(serve.url).synthesize(TEXT, seed=7, max_tokens=140, request_id=reused)
+        serve.callers()._path(reused).unlink()
         fresh = OrpheusClient(serve.url).synthesize(TEXT, seed=7, max_tokens=140)
         again = OrpheusClient(serve.url).synthesize(TEXT, seed=7, max_tokens=140, request_id=reused)
         assert len(again.chunks) == len(fresh.chunks)

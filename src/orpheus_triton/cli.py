@@ -112,7 +112,7 @@ def _render(args, model_set: ModelSet) -> Path:
         llm_dir=str(model_set.llm), snac_dir=str(model_set.snac), device=args.device,
         max_streams=args.max_streams, max_seq_len=args.max_seq_len, decoder_exact=args.decoder_exact,
         decoder_lead_in=not args.no_lead_in, decoder_lead_out=not args.no_lead_out,
-        max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds,
+        max_queue=args.max_queue, max_queue_seconds=args.max_queue_seconds, max_callers=args.max_callers,
         llm_graph_sampling=args.graph_sampling, prefill_chunk=args.prefill_tokens or 0,
         llm_overlap="auto" if args.overlap is None else args.overlap,
         llm_cancel_check_seconds=args.cancel_check_seconds,
@@ -364,7 +364,7 @@ def cmd_say(args) -> int:
 def cmd_demo(args) -> int:
     """Serve the repository on free local ports, synthesize one WAV through the ensemble, stop."""
     from .mps import mps_if  # noqa: PLC0415
-    from .server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
+    from .server import Ports, counted_callers, start_server, stop_server, wait_until_ready  # noqa: PLC0415
 
     if args.models is None and args.max_tokens is None:
         # Random weights never choose end-of-speech: cap the demo at ~5 s of audio.
@@ -386,8 +386,9 @@ def cmd_demo(args) -> int:
     _log(f"starting tritonserver (log: {log_path}) ...")
 
     try:
-        with terminate_as_interrupt(), mps_if(args.mps, _log) as environment, open(log_path, "w") as log_file:
-            process = start_server(repository, ports, log_file=log_file, environment=environment)
+        with (terminate_as_interrupt(), mps_if(args.mps, _log) as environment, counted_callers(_log) as callers,
+              open(log_path, "w") as log_file):
+            process = start_server(repository, ports, log_file=log_file, environment={**environment, **callers})
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
                 _log("server ready; synthesizing through the 'orpheus' ensemble")
@@ -488,6 +489,12 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-seconds", type=non_negative_seconds, default=0.0, metavar="S",
                         help="refuse a request still waiting for a stream slot after S seconds, so its caller can "
                              "try another server (default 0: requests wait as long as it takes)")
+    parser.add_argument("--max-callers", type=non_negative, default=0, metavar="N",
+                        help="callers in flight at most, each from its request to its last audio; one more is "
+                             "refused at once with 'server busy'. Set it to the server's measured real-time "
+                             "capacity: --max-streams and --max-queue count streams generating, and a stream's "
+                             "audio may still be decoding, on a CPU seconds behind (default 0: no bound beyond "
+                             "them)")
     parser.add_argument("--prefill-tokens", type=positive, metavar="N",
                         help="prompt tokens the LLM engine prefills per step at most: larger admits a burst of "
                              "callers in fewer steps, each step longer (default: 256 on CPU, 2048 on GPU)")

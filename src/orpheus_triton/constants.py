@@ -126,6 +126,9 @@ SERVER_SHUTTING_DOWN = "server shutting down"
 # The server's environment names the file whose presence means: stopping, take no new streams
 # (server.Drain raises it, preprocessing reads it).
 DRAIN_FILE_ENV = "ORPHEUS_DRAIN_FILE"
+# ... and the folder where its stages keep a lease per caller in flight (callers.CallerLeases; the launcher
+# makes one per run).
+CALLERS_DIR_ENV = "ORPHEUS_CALLERS_DIR"
 
 # --- Triton model names ---------------------------------------------------------------
 ENSEMBLE_MODEL = "orpheus"

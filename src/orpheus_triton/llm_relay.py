@@ -140,12 +140,13 @@ class EngineInputs:
 class RelayStreams:
     def __init__(self, call: CallEngine, stop: StopEngine, respond: Respond, refuse: Refuse, *,
                  engine_inputs: EngineInputs, tokens_per_response: int, hold_seconds: float,
-                 cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
+                 cancel_check_seconds: float = CANCEL_CHECK_SECONDS,
+                 caller_gone: Callable[[str], None] = lambda request_id: None):
         self.call, self.stop_engine = call, stop
         self.respond, self.refuse = respond, refuse
         self.engine_inputs = engine_inputs
         self.tokens_per_response = tokens_per_response
-        self.active = ActiveStreams(hold_seconds=hold_seconds)
+        self.active = ActiveStreams(hold_seconds=hold_seconds, caller_gone=caller_gone)
         # Triton is asked about cancellations on a thread of its own, every request in one pass, at most
         # once per cancel_check_seconds and within the passes' duty: each question is a round trip to the server.
         self.cancellations = CancellationWatch(threaded=True, min_interval=cancel_check_seconds)
@@ -177,7 +178,7 @@ class RelayStreams:
             with self._lock:
                 self._threads.pop(request_id, None)
             self.cancellations.forget(request_id)
-            self.active.release(request_id)
+            self.active.drop(request_id)
             raise
 
     def stop(self, request_id: str) -> None:

@@ -43,11 +43,12 @@ EARLY_STOP_SECONDS = 10.0
 
 class LlmStreams:
     def __init__(self, engine: InflightEngine, respond: Respond, refuse: Refuse, *, response_threads: int,
-                 tokens_per_response: int, hold_seconds: float, cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
+                 tokens_per_response: int, hold_seconds: float, cancel_check_seconds: float = CANCEL_CHECK_SECONDS,
+                 caller_gone: Callable[[str], None] = lambda request_id: None):
         self.engine = engine
         self.respond, self.refuse = respond, refuse
         self.tokens_per_response = tokens_per_response
-        self.active = ActiveStreams(hold_seconds=hold_seconds)
+        self.active = ActiveStreams(hold_seconds=hold_seconds, caller_gone=caller_gone)
         # Threaded (GPU): one pass over every stream at most every cancel_check_seconds and within the passes'
         # duty, on a thread of its own; else the engine asks each stream's request itself at every step (a few
         # streams, on a CPU).
@@ -78,7 +79,7 @@ class LlmStreams:
                 self.stop(request_id)
         except Exception as error:
             self.cancellations.forget(request_id)
-            self.active.release(request_id)
+            self.active.drop(request_id)
             if not isinstance(error, CapacityError | ValueError):
                 raise  # a fault: the adapter tells the request, and nothing of the stream stays behind
             # On the response thread, which may be asking about this request right now; alone: the id may
@@ -146,8 +147,10 @@ class LlmStreams:
 
             self.cancellations.forget(request_id)
             self.responses.put(request_id, send, last=True)
-            # Nothing streamed (refused from the queue: server busy): the decoder holds nothing for the id
-            self.active.release(request_id, completed=not streamed.is_set())
+            if streamed.is_set():
+                self.active.release(request_id, completed=False)
+            else:  # refused from the queue (server busy): the decoder holds nothing for the id
+                self.active.drop(request_id)
 
         return fail
 

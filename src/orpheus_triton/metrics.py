@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -40,6 +41,10 @@ LOAD_METRICS = (DECODER_BUSY_METRIC, DECODER_WINDOWS_METRIC, DECODER_CALLS_METRI
 FIRST_AUDIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 # How often the decoder's metrics thread sends Triton what changed (DecoderMetrics).
 PUBLISH_SECONDS = 0.1
+# Callers in flight (callers.CallerLeases: a look at every lease) are counted at most this often.
+CALLERS_COUNT_SECONDS = 1.0
+CALLERS_METRIC = "orpheus_callers_in_flight"
+CALLERS_REFUSED_METRIC = "orpheus_callers_refused_total"
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +187,8 @@ class DecoderMetrics(PublishedMetrics):
     (``PublishedMetrics``) sends what changed every ``interval`` seconds.
     """
 
-    def __init__(self, pb_utils, model: str = DECODER_MODEL, interval: float | None = PUBLISH_SECONDS):
+    def __init__(self, pb_utils, model: str = DECODER_MODEL, interval: float | None = PUBLISH_SECONDS,
+                 callers: Callable[[], int] | None = None):
         metrics = MetricSet(pb_utils, model)
         self.metrics = metrics
         self.gauges = {
@@ -193,6 +199,12 @@ class DecoderMetrics(PublishedMetrics):
                                           "while idle; the mean: busy_seconds over calls, as rates)"),
             "queued": metrics.gauge(DECODER_QUEUED_METRIC, "Windows waiting for a decoder round"),
         }
+        # ``callers``: how many callers are in flight (callers.CallerLeases.count), where the server counts them.
+        self._callers, self._callers_due = callers, 0.0
+        if callers is not None:
+            self.gauges["callers"] = metrics.gauge(CALLERS_METRIC, "Callers in flight, from preprocessing taking "
+                                                   "their request to their last audio (serve --max-callers "
+                                                   "bounds them)")
         self.counters = {
             "busy_seconds": metrics.counter(DECODER_BUSY_METRIC, "Seconds the decoder spent on its rounds (SNAC "
                                             "and answering): its rate is the share of time it is busy "
@@ -242,12 +254,14 @@ class DecoderMetrics(PublishedMetrics):
             self._grow(stopped_streams=1)
 
     def record_streams(self, streams: int) -> None:
-        with self._lock:
-            self._gauge_values["streams"] = streams
+        self.record_gauge("streams", streams)
 
     def record_queued(self, windows: int) -> None:
+        self.record_gauge("queued", windows)
+
+    def record_gauge(self, name: str, value: float) -> None:
         with self._lock:
-            self._gauge_values["queued"] = windows
+            self._gauge_values[name] = value
 
     def record_delivery(self, delivery, request_start: float | None, now: float) -> None:
         """A request's answer (decode_rounds.Delivery); ``request_start`` and ``now`` in seconds since the epoch."""
@@ -263,6 +277,12 @@ class DecoderMetrics(PublishedMetrics):
     def publish(self) -> None:
         """Send Triton what changed since the last publish: gauges with a new value, counters' growth, and
         the first-audio times observed meanwhile."""
+        if self._callers is not None and time.monotonic() >= self._callers_due:
+            self._callers_due = time.monotonic() + CALLERS_COUNT_SECONDS
+            try:
+                self.record_gauge("callers", self._callers())
+            except OSError as error:  # the leases' folder gone: the other figures still go out
+                log.warning("could not count the callers in flight: %s", error)
         with self._lock:
             gauges = {name: value for name, value in self._gauge_values.items()
                       if self._published_gauges.get(name) != value}

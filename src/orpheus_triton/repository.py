@@ -58,6 +58,9 @@ class RepositorySettings:
     max_prompt_tokens: int = 0
     max_queue: int = 256
     max_queue_seconds: float = 0.0  # a request waiting this long for a stream slot is refused; 0: no limit
+    # Callers in flight at most, from preprocessing taking the request to its last audio (callers.py); more are
+    # refused. 0: no bound beyond max_streams and max_queue, which count streams generating.
+    max_callers: int = 0
     prefill_chunk: int = 0  # prompt tokens prefilled per step at most; 0: by device (engine.PREFILL_TOKENS_PER_STEP)
     tokens_per_response: int = TOKENS_PER_FRAME  # one SNAC frame per LLM response (1 = token by token)
     llm_max_batch_size: int = 64

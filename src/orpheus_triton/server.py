@@ -24,11 +24,11 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV
+from .constants import CALLERS_DIR_ENV, DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, DEFAULT_METRICS_PORT, DRAIN_FILE_ENV
 from .demo_models import cache_dir
 from .metrics import DECODER_QUEUED_METRIC, LLM_STREAM_METRICS, family_totals
 
@@ -449,6 +449,24 @@ def _raised(drain: Drain, log: Callable[[str], None]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def counted_callers(log: Callable[[str], None]) -> Iterator[dict[str, str]]:
+    """A new folder where the server's stages count its callers in flight (callers.CallerLeases), for one
+    run of tritonserver: yields the environment that names it, and removes it after. A lease a killed run
+    left must not count against the next one. Without a writable temporary folder, nothing (said): the
+    server then counts no callers, and refuses to load a ``--max-callers``."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="orpheus-callers-"))
+    except OSError as error:
+        log(f"warning: callers in flight are not counted ({error})")
+        yield {}
+        return
+    try:
+        yield {CALLERS_DIR_ENV: str(folder)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: Callable[[str], None],
                         ready: Callable[[], bool] | None = None,
                         environment: dict[str, str | None] | None = None) -> int:
@@ -461,11 +479,13 @@ def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: 
         log(f"warning: no drain at a stop ({error}): streams in flight will be cut off then")
         drain = None
     try:
-        process = start_server(repository, ports,
-                               extra=[f"--exit-timeout-secs={min(exit_timeout, DRAINED_EXIT_SECONDS)}"],
-                               environment={**(environment or {}), **(drain.environment() if drain else {})})
-        return run_in_foreground(process, exit_timeout, ready=ready or (lambda: http_ready(ports.http)), log=log,
-                                 drain=drain)
+        with counted_callers(log) as callers:
+            process = start_server(repository, ports,
+                                   extra=[f"--exit-timeout-secs={min(exit_timeout, DRAINED_EXIT_SECONDS)}"],
+                                   environment={**(environment or {}), **callers,
+                                                **(drain.environment() if drain else {})})
+            return run_in_foreground(process, exit_timeout, ready=ready or (lambda: http_ready(ports.http)),
+                                     log=log, drain=drain)
     finally:
         if drain is not None:
             drain.close()

@@ -165,7 +165,8 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
 
 
 def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Callable[[], bool]], None],
-                       stop: Callable[[str], None], stops_decoding: bool = True) -> None:
+                       stop: Callable[[str], None], stops_decoding: bool = True,
+                       caller_gone: Callable[[str], None] = lambda request_id: None) -> None:
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once (one without an id is refused; one for
     an id no stream holds is answered the same, as TensorRT-LLM does: the stream may just have ended,
@@ -174,7 +175,9 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
     StreamIdError) hears why; one whose start fails otherwise hears that it did, and the batch goes on.
     The request's REQUEST_START input (when preprocessing took it; now if absent) is not among the
     inputs: it goes with the reply, to every response. ``stops_decoding``: a stop is passed on to the
-    SNAC decoder too (``stop_decoding``); not by an engine behind the relay, which passes it on itself."""
+    SNAC decoder too (``stop_decoding``); not by an engine behind the relay, which passes it on itself.
+    ``caller_gone(request_id)``: told of a stream refused or failed as it started (unless its id is another
+    stream's in flight), whose caller then leaves (callers.CallerLeases.end)."""
     for request in requests:
         arrived = time.time()
         request_id = request.request_id()
@@ -191,8 +194,12 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
             else:
                 start(request_id, inputs, sender, request.is_cancelled)
         except ValueError as error:  # StreamIdError among them
+            if not stopping and not isinstance(error, StreamInUse):
+                caller_gone(request_id)
             send_error(pb_utils, sender, "llm", error)
         except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
+            if not stopping:
+                caller_gone(request_id)
             what = "stopping" if stopping else "starting"
             log.exception("%s stream %r failed", what, request_id)
             try:
@@ -216,6 +223,10 @@ def model_parameters(args: dict) -> dict[str, str]:
 
 class StreamIdError(ValueError):
     """The request's id cannot serve as a stream key."""
+
+
+class StreamInUse(StreamIdError):
+    """The request's id is a stream's in flight: what is refused is the newcomer, not that stream."""
 
 
 def require_stream_id(request_id: str) -> str:
@@ -373,10 +384,13 @@ class ActiveStreams:
     ``hold_seconds`` outlasts the decoder's idle eviction (StreamDecoderState; ID_HOLD_MARGIN_SECONDS).
     """
 
-    def __init__(self, hold_seconds: float = STREAM_STATE_SECONDS):
+    def __init__(self, hold_seconds: float = STREAM_STATE_SECONDS,
+                 caller_gone: Callable[[str], None] = lambda request_id: None):
         self._ids: set[str] = set()
         self._unfinished: dict[str, float] = {}  # id -> when its stream ended without end_id
         self.hold_seconds = hold_seconds
+        # Told of a stream that ended where its end never reaches the decoder (callers.CallerLeases.end).
+        self.caller_gone = caller_gone
         self._lock = threading.Lock()
 
     def claim(self, request_id: str) -> None:
@@ -385,7 +399,7 @@ class ActiveStreams:
         with self._lock:
             self._unfinished = {k: t for k, t in self._unfinished.items() if now - t < self.hold_seconds}
             if request_id in self._ids:
-                raise StreamIdError(
+                raise StreamInUse(
                     f"request id {shown(request_id)} is already streaming; every concurrent stream needs its own id"
                 )
             if request_id in self._unfinished:
@@ -400,8 +414,11 @@ class ActiveStreams:
         """A stream let go of as completed lost its end after all (its final response could not be sent):
         hold its id as unfinished, unless a new stream has claimed it meanwhile."""
         with self._lock:
-            if request_id not in self._ids:
+            retired = request_id not in self._ids
+            if retired:
                 self._unfinished[request_id] = time.monotonic()
+        if retired:
+            self.caller_gone(request_id)
 
     def release(self, request_id: str, completed: bool = True) -> None:
         """The stream left the engine; ``completed`` = it ended with end_id (downstream saw its end)."""
@@ -409,6 +426,15 @@ class ActiveStreams:
             self._ids.discard(request_id)
             if not completed:
                 self._unfinished[request_id] = time.monotonic()
+        if not completed:
+            self.caller_gone(request_id)
+
+    def drop(self, request_id: str) -> None:
+        """A claimed stream ended before any of it streamed (refused: server busy): the decoder holds
+        nothing for its id, which is free at once; its caller is gone."""
+        with self._lock:
+            self._ids.discard(request_id)
+        self.caller_gone(request_id)
 
     def __len__(self) -> int:
         return len(self._ids)

@@ -7,6 +7,7 @@ through BLS, its responses read on a thread per stream.
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
+from orpheus_triton.callers import caller_gone_hook
 from orpheus_triton.llm_relay import ENGINE_OUTPUTS, EngineInputs, EngineResponse, HeldReferences, RelayStreams
 from orpheus_triton.metrics import RelayMetrics
 from orpheus_triton.serving import (
@@ -27,11 +28,12 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.engine_model = params["engine_model"]
         self.held = HeldReferences()
+        self.caller_gone = caller_gone_hook()
         self.streams = RelayStreams(
             self.call, self.stop_engine, respond, refuse,
             engine_inputs=EngineInputs(seed=params.get("engine_seed_input", c.LLM_SEED),
                                        audio_guard=params.get("engine_audio_guard", "true") == "true"),
-            **llm_stream_options(params),
+            **llm_stream_options(params), caller_gone=self.caller_gone,
         )
         self.metrics = RelayMetrics(pb_utils, c.LLM_MODEL, args["model_instance_name"], self.streams.in_flight)
 
@@ -58,7 +60,7 @@ class TritonPythonModel:
             pass
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop)
+        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop, caller_gone=self.caller_gone)
         return None
 
     def finalize(self):

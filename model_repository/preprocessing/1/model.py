@@ -7,6 +7,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
+from orpheus_triton.callers import CallerLeases, CallersFull, admission_check
+from orpheus_triton.metrics import CALLERS_REFUSED_METRIC, MetricSet, release
 from orpheus_triton.preprocess import SynthesisOptions, check_max_seq_len, llm_inputs
 from orpheus_triton.prompt import PromptError, Voices, load_tokenizer
 from orpheus_triton.serving import SHUTTING_DOWN, draining, log_to_triton, model_parameters
@@ -38,6 +40,12 @@ class TritonPythonModel:
         self.max_prompt_tokens = int(parameters.get("max_prompt_tokens", 0)) or None  # 0: max_seq_len bounds it
         if self.max_seq_len:
             check_max_seq_len(self.tokenizer, self.voices, self.max_seq_len)
+        self.max_callers = int(parameters.get("max_callers", 0))  # 0: no bound beyond the llm stage's
+        self.callers = CallerLeases.from_environment()
+        admission_check(self.callers, self.max_callers)
+        self.metrics = MetricSet(pb_utils, c.PREPROCESSING_MODEL, args["model_instance_name"])
+        self.refused = self.metrics.counter(CALLERS_REFUSED_METRIC, "Callers turned away as `server busy`: as "
+                                            "many in flight as the server takes (serve --max-callers)")
 
     def execute(self, requests):
         if draining():  # the server is stopping: new streams go elsewhere, those in flight finish
@@ -61,7 +69,13 @@ class TritonPythonModel:
                 options = SynthesisOptions(**{k: v for k, v in given.items() if v is not None})
                 tensors = llm_inputs(self.tokenizer, options, self.voices, self.max_seq_len, self.max_prompt_tokens)
                 tensors[c.REQUEST_START] = np.array([[started]], dtype=np.float64)
+                if self.callers is not None and request.request_id():  # one without an id: the llm refuses it
+                    self.callers.admit(request.request_id(), self.max_callers)
                 responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in tensors.items()]))
+            except CallersFull as error:  # to retry elsewhere, as a draining server's refusal
+                self.refused.increment(1)
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"orpheus: {error}", pb_utils.TritonError.UNAVAILABLE)))
             except (PromptError, UnicodeDecodeError, ValueError) as error:  # the request's own: INVALID_ARG
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"orpheus: {error}", pb_utils.TritonError.INVALID_ARG)))
@@ -70,3 +84,6 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"orpheus preprocessing: internal error ({error}); see server log")))
         return responses
+
+    def finalize(self):
+        release(self)  # before the interpreter's teardown, where the stub would crash (metrics.release)

@@ -19,6 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
+from orpheus_triton.callers import CallerLeases
 from orpheus_triton.decode_rounds import (
     DecodeItem,
     DecodeScheduler,
@@ -60,7 +61,10 @@ class TritonPythonModel:
                                         lead_out=params.get("lead_out", "true") == "true")
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
-        self.metrics = DecoderMetrics(pb_utils)  # published by a thread of its own
+        # Callers in flight (where the server counts them): their leases are kept alive as their tokens arrive
+        # and their audio leaves, and end with their stream.
+        self.callers = CallerLeases.from_environment()
+        self.metrics = DecoderMetrics(pb_utils, callers=self.callers.count if self.callers else None)  # own thread
         # Responses leave inline in the worker, or (GPU by default: two) from the response thread(s).
         threads = response_threads(params, device.split(":")[0], on_gpu=c.DECODER_GPU_RESPONSE_THREADS)
         self.responses = response_queue(self._undeliverable, threads)
@@ -79,24 +83,27 @@ class TritonPythonModel:
             if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get, c.DECODER_STOP):
                 if self.scheduler.drop(stream_id, *self.state.open_stream(stream_id)):
                     self.metrics.record_stopped()
+                self._caller_gone(stream_id)
                 sender.send(flags=FINAL)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
-                send_error(pb_utils, sender, "decoder", f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send "
-                                                        "one stream's tokens per request (one row)")
+                self._refuse(sender, stream_id, f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send one "
+                                                "stream's tokens per request (one row)")
                 continue
             if (refusal := request_size_refusal(tokens.size, self.scheduler.max_windows)) is not None:
-                send_error(pb_utils, sender, "decoder", refusal)
+                self._refuse(sender, stream_id, refusal)
                 continue
+            if self.callers is not None:
+                self.callers.touch(stream_id)
             start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
             start = None if start is None else request_start_of(start.as_numpy(), None)
             chunks.append((stream_id, tokens, sender, start))
         try:
             items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
-            for _, _, sender, _ in chunks:
-                send_error(pb_utils, sender, "decoder", error)
+            for stream_id, _, sender, _ in chunks:
+                self._refuse(sender, stream_id, error)
             return None
         self.metrics.record_dropped_tokens(sum(item.dropped_tokens for item in items))
         self.scheduler.add(items)
@@ -121,6 +128,7 @@ class TritonPythonModel:
             # A cancelled request's stream has what it queued answered without audio and its frames forgotten;
             # what comes later under the id is its caller's next stream.
             for item in cancelled:
+                self._caller_gone(item.stream_id)
                 self.state.forget(item.stream_id)
                 if self.scheduler.drop(item.stream_id, still_open=False):
                     self.metrics.record_stopped()
@@ -130,6 +138,15 @@ class TritonPythonModel:
                 self._decode(decode)
             self.metrics.record_queued(self.scheduler.queued_windows())
             self.metrics.record_streams(len(self.state.streams))
+
+    def _refuse(self, sender, stream_id: str, error) -> None:
+        """An error ends the ensemble's request: its caller is gone."""
+        self._caller_gone(stream_id)
+        send_error(pb_utils, sender, "decoder", error)
+
+    def _caller_gone(self, stream_id: str) -> None:
+        if self.callers is not None:
+            self.callers.end(stream_id)
 
     def _respond(self, item: DecodeItem, pcm, error=None):
         self.responses.put(item.stream_id, lambda: self._answer(item, pcm, error), last=item.last)
@@ -166,6 +183,8 @@ class TritonPythonModel:
 
     def _answer(self, item: DecodeItem, pcm, error=None):
         handed_over = time.time()  # first audio "sent" is when Triton takes it, not when the send has returned
+        if self.callers is not None:  # before the last audio goes out: its caller may send the id again at once
+            (self.callers.end if item.last or error is not None else self.callers.touch)(item.stream_id)
         try:
             if error is not None:
                 send_error(pb_utils, item.reply, "decoder", error)

@@ -1,0 +1,163 @@
+"""Callers in flight across the ensemble's processes: admitting them end to end (``serve --max-callers``).
+
+The llm stage's limits (``--max-streams``, ``--max-queue``) count streams generating, and a stream's slot
+frees when its last token is generated, while its audio may still be decoding seconds behind: generation
+runs ahead of real time, and on a CPU the decoder is the bottleneck. A server admitting by those alone
+takes more callers than it can play in real time, and then every caller stutters at once.
+
+So a caller counts from preprocessing's admission until the decoder hands over its stream's last audio,
+or until its stream ends otherwise (stopped, cancelled, refused or failed in the llm stage). The stages
+are processes of their own (Python backend stubs), so the count is kept as files: a lease per caller in a
+folder the launcher makes for the server's run and names in its environment (``CALLERS_DIR_ENV``), named
+by a hash of the request id (any string, not a file name; not written down either: anyone with a stream's
+id can stop it). Every stage that sees the stream touches its lease now and then; one untouched for
+``LEASE_IDLE_SECONDS`` no longer counts, so a caller lost where no stage sees its end (a bare gRPC
+cancellation through the ensemble, a stub that crashed) frees its place then.
+
+The lease is also the id's: preprocessing refuses a second caller with the id of one in flight, where
+the llm stage alone let one in as soon as the first stream's generation ended, its audio still decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .constants import CALLERS_DIR_ENV, SERVER_BUSY, shown
+from .serving import IdleSweep, StreamIdError
+
+# A lease no stage touched for this long no longer counts. The longest gap between touches of a caller
+# that is still there: its wait for a stream slot (none with --max-callers at or below --max-streams).
+LEASE_IDLE_SECONDS = 60.0
+# A stage touches a stream's lease at most this often (a file's time set: a system call).
+LEASE_TOUCH_SECONDS = 5.0
+# Named so that no request id's lease can take it (those are hex digits).
+_ADMISSION_LOCK = ".admission.lock"
+
+
+class CallersFull(RuntimeError):
+    """As many callers are in flight as the server takes (``--max-callers``): retry on another server."""
+
+
+class CallerLeases:
+    """The leases of the callers in flight, in ``folder`` (shared by the server's processes).
+
+    ``admit`` (preprocessing) takes a lease, ``touch`` (the decoder, as a stream's tokens arrive and its
+    audio leaves) keeps it alive, ``end`` (the decoder at a stream's last audio, the llm stage where a
+    stream ends before reaching it) gives it back. Thread-safe; any number of processes may share a folder.
+    """
+
+    def __init__(self, folder: Path | str, idle_seconds: float = LEASE_IDLE_SECONDS,
+                 touch_seconds: float = LEASE_TOUCH_SECONDS, clock: Callable[[], float] = time.time):
+        self.folder = Path(folder)
+        self.idle_seconds, self.touch_seconds, self.clock = idle_seconds, touch_seconds, clock
+        self._touched: dict[str, float] = {}  # lease -> when this process last touched it
+        self._sweep = IdleSweep(idle_seconds, clock())
+        self._lock = threading.Lock()  # an flock is per open file: the threads of a process take turns first
+
+    @classmethod
+    def from_environment(cls) -> CallerLeases | None:
+        """The server's leases (the folder ``CALLERS_DIR_ENV`` names, made here if missing), or None where
+        the server was started without one (tritonserver run directly: callers are not counted)."""
+        folder = os.environ.get(CALLERS_DIR_ENV, "")
+        if not folder:
+            return None
+        Path(folder).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(folder)
+
+    def admit(self, request_id: str, max_callers: int = 0) -> None:
+        """Take a lease for ``request_id``'s caller. Raises CallersFull where ``max_callers`` (> 0) live
+        leases are held already, StreamIdError where one is the id's own (a caller in flight with it)."""
+        path = self._path(request_id)
+        with self._admission():
+            now = self.clock()
+            if path.exists() and not self._expired(path, now):
+                raise StreamIdError(f"request id {shown(request_id)} is already streaming (its audio may still be "
+                                    "playing); every concurrent stream needs its own id")
+            if max_callers > 0 and (held := self._count(now)) >= max_callers:
+                raise CallersFull(f"{SERVER_BUSY}: {held} callers in flight, as many as this server takes "
+                                  f"(--max-callers {max_callers}); retry on another server or later")
+            path.touch()
+            os.utime(path, (now, now))
+        with self._lock:
+            self._touched[path.name] = now
+
+    def touch(self, request_id: str) -> None:
+        """The caller is still there (a stage saw its stream): at most once per ``touch_seconds`` per
+        process. A lease that is gone stays gone (its stream ended; the id may be a new caller's soon)."""
+        name, now = self._name(request_id), self.clock()
+        with self._lock:
+            if now - self._touched.get(name, -self.touch_seconds) < self.touch_seconds:
+                return
+            self._touched[name] = now
+            self._sweep(self._touched, lambda touched: touched, now)
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.folder / name, (now, now))
+
+    def end(self, request_id: str) -> None:
+        """The caller's stream ended: its place is free (for a new caller with its id too)."""
+        name = self._name(request_id)
+        with self._lock:
+            self._touched.pop(name, None)
+        (self.folder / name).unlink(missing_ok=True)
+
+    def count(self) -> int:
+        """Callers in flight (live leases); expired leases are removed on the way."""
+        return self._count(self.clock())
+
+    def _count(self, now: float) -> int:
+        live = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # ended meanwhile
+                    if now - entry.stat().st_mtime <= self.idle_seconds:
+                        live += 1
+                    else:
+                        os.unlink(entry.path)
+        return live
+
+    def _expired(self, path: Path, now: float) -> bool:
+        try:
+            return now - path.stat().st_mtime > self.idle_seconds
+        except FileNotFoundError:
+            return True
+
+    @contextlib.contextmanager
+    def _admission(self) -> Iterator[None]:
+        """Counting and taking a lease as one step, across the server's processes (an flock)."""
+        with self._lock, open(self.folder / _ADMISSION_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _path(self, request_id: str) -> Path:
+        return self.folder / self._name(request_id)
+
+    @staticmethod
+    def _name(request_id: str) -> str:
+        return hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def caller_gone_hook() -> Callable[[str], None]:
+    """The llm stage's ``caller_gone`` (serving.ActiveStreams): the server's leases' ``end``, or nothing
+    where the server counts no callers."""
+    leases = CallerLeases.from_environment()
+    return leases.end if leases is not None else lambda request_id: None
+
+
+def admission_check(leases: CallerLeases | None, max_callers: int) -> None:
+    """Refuse (ValueError, as the preprocessing model loads) a ``max_callers`` that cannot be kept: negative,
+    or on a server whose stages count no callers."""
+    if max_callers < 0:
+        raise ValueError(f"max_callers must be >= 0 (0: no bound beyond the llm stage's), got {max_callers}")
+    if max_callers and leases is None:
+        raise ValueError(f"max_callers {max_callers} needs the folder where the server's stages count callers in "
+                         f"flight, named by the environment variable {CALLERS_DIR_ENV}, which `orpheus-triton "
+                         "serve` sets: start tritonserver through it, or set it to a new folder for each start")

@@ -1,0 +1,148 @@
+"""Callers in flight across the server's processes (orpheus_triton.callers): leases in a shared folder."""
+
+import multiprocessing
+import os
+
+import pytest
+
+from orpheus_triton.callers import (
+    LEASE_IDLE_SECONDS,
+    LEASE_TOUCH_SECONDS,
+    CallerLeases,
+    CallersFull,
+    admission_check,
+    caller_gone_hook,
+)
+from orpheus_triton.constants import CALLERS_DIR_ENV
+from orpheus_triton.serving import StreamIdError
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def leases_on(folder, clock=None):
+    folder.mkdir(exist_ok=True)
+    return CallerLeases(folder, clock=clock or Clock())
+
+
+def test_callers_are_admitted_up_to_the_bound_and_each_end_frees_a_place(tmp_path):
+    leases = leases_on(tmp_path / "callers")
+    for caller in ("a", "b", "c"):
+        leases.admit(caller, max_callers=3)
+    with pytest.raises(CallersFull, match=r"^server busy: 3 callers in flight, as many as this server takes "
+                                          r"\(--max-callers 3\)"):
+        leases.admit("d", max_callers=3)
+    assert leases.count() == 3
+    leases.end("b")
+    leases.end("b")  # an end told twice (the llm stage and the decoder) frees one place
+    leases.admit("d", max_callers=3)
+    assert leases.count() == 3
+    leases.admit("e")  # 0: no bound, still counted
+    assert leases.count() == 4
+    # The leases do not say whose they are: anyone who knows a stream's id can stop it.
+    assert all(set(name) <= set("0123456789abcdef") for name in os.listdir(tmp_path / "callers")
+               if not name.startswith("."))
+
+
+def test_an_id_in_flight_is_refused_to_a_second_caller_and_free_once_its_caller_ends(tmp_path):
+    leases = leases_on(tmp_path / "callers")
+    leases.admit("same")
+    with pytest.raises(StreamIdError, match="request id 'same' is already streaming"):
+        leases.admit("same")
+    leases.end("same")
+    leases.admit("same")
+
+
+def test_a_lease_nobody_touches_stops_counting_and_a_touched_one_lives_on(tmp_path):
+    clock = Clock()
+    leases = leases_on(tmp_path / "callers", clock)
+    other_process = CallerLeases(tmp_path / "callers", clock=clock)  # the decoder's, say
+    leases.admit("lost", max_callers=2)
+    leases.admit("playing", max_callers=2)
+    for _ in range(3):
+        clock.now += LEASE_IDLE_SECONDS / 2
+        other_process.touch("playing")
+    assert leases.count() == 1  # "lost" was removed as it expired
+    leases.admit("lost", max_callers=2)  # its id and its place are free again
+    clock.now += LEASE_IDLE_SECONDS + 1
+    leases.admit("newcomer", max_callers=2)  # both expired
+    assert leases.count() == 1
+
+
+def test_touches_are_at_most_one_per_interval_and_never_bring_an_ended_lease_back(tmp_path):
+    clock = Clock()
+    leases = leases_on(tmp_path / "callers", clock)
+    leases.admit("a")
+    path = leases._path("a")
+    admitted = path.stat().st_mtime
+    clock.now += LEASE_TOUCH_SECONDS / 2
+    leases.touch("a")
+    assert path.stat().st_mtime == admitted  # the admission counts as a touch
+    clock.now += LEASE_TOUCH_SECONDS
+    leases.touch("a")
+    assert path.stat().st_mtime == clock.now
+    leases.end("a")
+    clock.now += LEASE_TOUCH_SECONDS
+    leases.touch("a")  # a late chunk of the ended stream
+    assert not path.exists() and leases.count() == 0
+
+
+def _admit_all(folder: str, ids: list[str], limit: int, admitted) -> None:
+    leases = CallerLeases(folder)
+    for request_id in ids:
+        try:
+            leases.admit(request_id, max_callers=limit)
+            admitted.put(request_id)
+        except CallersFull:
+            pass
+
+
+def test_processes_admitting_at_once_take_no_more_than_the_bound(tmp_path):
+    """Preprocessing runs as several processes (instances): counting and taking a lease is one step."""
+    folder = tmp_path / "callers"
+    folder.mkdir()
+    context = multiprocessing.get_context("fork")
+    admitted = context.Queue()
+    workers = [context.Process(target=_admit_all, args=(str(folder), [f"{n}-{i}" for i in range(20)], 13, admitted))
+               for n in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert CallerLeases(folder).count() == 13
+    assert len({admitted.get(timeout=5) for _ in range(13)}) == 13 and admitted.empty()
+
+
+def test_the_servers_folder_comes_from_its_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(CALLERS_DIR_ENV, raising=False)
+    assert CallerLeases.from_environment() is None
+    caller_gone_hook()("anyone")  # counting nothing: harmless
+    monkeypatch.setenv(CALLERS_DIR_ENV, str(tmp_path / "run" / "callers"))
+    leases = CallerLeases.from_environment()
+    leases.admit("a")
+    caller_gone_hook()("a")
+    assert leases.count() == 0
+
+
+def test_a_bound_that_cannot_be_kept_is_refused_as_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match=f"max_callers 4 needs .*{CALLERS_DIR_ENV}.*`orpheus-triton serve`"):
+        admission_check(None, 4)
+    with pytest.raises(ValueError, match="max_callers must be >= 0"):
+        admission_check(leases_on(tmp_path / "callers"), -1)
+    admission_check(None, 0)
+
+
+def test_a_full_server_is_a_refusal_the_clients_retry_elsewhere(tmp_path):
+    from orpheus_triton.client import _TURNED_AWAY
+
+    leases = leases_on(tmp_path / "callers")
+    leases.admit("a", max_callers=1)
+    with pytest.raises(CallersFull) as refusal:
+        leases.admit("b", max_callers=1)
+    assert _TURNED_AWAY.search(f"orpheus: {refusal.value}")  # as the preprocessing model words it
