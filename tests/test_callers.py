@@ -146,3 +146,28 @@ def test_a_full_server_is_a_refusal_the_clients_retry_elsewhere(tmp_path):
     with pytest.raises(CallersFull) as refusal:
         leases.admit("b", max_callers=1)
     assert _TURNED_AWAY.search(f"orpheus: {refusal.value}")  # as the preprocessing model words it
+
+
+def test_a_killed_launchers_folder_goes_with_the_next_start(tmp_path, monkeypatch):
+    """A lease a killed run left must not count against the next one, nor its folder stay for good."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from orpheus_triton.server import counted_callers
+
+    monkeypatch.setenv("ORPHEUS_TRITON_CACHE", str(tmp_path / "cache"))
+    serving = ("import time\nfrom orpheus_triton.server import counted_callers\n"
+               "with counted_callers(print) as env:\n"
+               f"    print(env[{CALLERS_DIR_ENV!r}], flush=True)\n    time.sleep(60)")
+    killed = subprocess.Popen([sys.executable, "-c", serving], stdout=subprocess.PIPE, text=True)
+    try:
+        left = Path(killed.stdout.readline().strip())
+        CallerLeases(left).admit("a caller of the killed run")
+    finally:
+        killed.kill()
+        killed.wait()
+    with counted_callers(print) as environment:
+        folder = Path(environment[CALLERS_DIR_ENV])
+        assert folder.is_dir() and not left.exists()
+    assert not folder.exists()

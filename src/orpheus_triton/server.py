@@ -453,18 +453,23 @@ def _raised(drain: Drain, log: Callable[[str], None]) -> bool:
 def counted_callers(log: Callable[[str], None]) -> Iterator[dict[str, str]]:
     """A new folder where the server's stages count its callers in flight (callers.CallerLeases), for one
     run of tritonserver: yields the environment that names it, and removes it after. A lease a killed run
-    left must not count against the next one. Without a writable temporary folder, nothing (said): the
-    server then counts no callers, and refuses to load a ``--max-callers``."""
+    left must not count against the next one. The folder is a run folder in the cache
+    (``repository.run_folder``), as a rendered repository is: one a killed launcher left behind goes with
+    the next launcher's start. Where none can be made, nothing (said): the server then counts no callers,
+    and a ``--max-callers`` fails to load."""
+    from .demo_models import cache_folder  # noqa: PLC0415
+    from .repository import release_run_folder, run_folder  # noqa: PLC0415
+
     try:
-        folder = Path(tempfile.mkdtemp(prefix="orpheus-callers-"))
-    except OSError as error:
+        folder = run_folder(cache_folder("callers"), prefix="callers-")
+    except (OSError, ValueError) as error:
         log(f"warning: callers in flight are not counted ({error})")
         yield {}
         return
     try:
         yield {CALLERS_DIR_ENV: str(folder)}
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        release_run_folder(folder)
 
 
 def serve_until_stopped(repository: Path, ports: Ports, exit_timeout: int, log: Callable[[str], None],
