@@ -207,6 +207,44 @@ def test_a_stop_that_reaches_the_engine_before_the_relays_own_call_is_passed_on_
     assert ignored == ["a"] and sent == [(2, True)]  # stopped after the engine's first token, ended normally
 
 
+def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
+    """A stop sent right after its request can reach the `llm` stage first (the request goes through
+    preprocessing): the relay answered it as done, and the stream ran to max_tokens."""
+    import time
+
+    from orpheus_triton.serving import EARLY_STOP_SECONDS
+
+    live, sent = set(), []
+
+    def call(request_id, inputs):
+        live.add(request_id)
+        for token in range(1, 50):
+            if request_id not in live:
+                break
+            yield EngineResponse([token])
+            time.sleep(0.01)
+
+    def new_relay():
+        return RelayStreams(call, live.discard, lambda sender, tokens, count, final: sent.append((count, final)),
+                            lambda sender, message: None, engine_inputs=EngineInputs(), tokens_per_response=7,
+                            hold_seconds=600)
+
+    relay = new_relay()
+    relay.stop("early")
+    relay.start("early", INPUTS, "sender", lambda: False)
+    relay.close()
+    assert sent[-1][1] and sent[-1][0] < 10  # stopped within its first tokens, ended normally
+    with pytest.raises(StreamIdError, match="cancelled or failed"):
+        relay.active.claim("early")
+    # One whose request never came in time stops nothing: a later stream with the id runs to its end.
+    relay, sent[:] = new_relay(), []
+    relay.stop("late")
+    relay._early_stops._kept["late"] = time.monotonic() - EARLY_STOP_SECONDS
+    relay.start("late", INPUTS, "sender", lambda: False)
+    relay.close()
+    assert sent[-1] == (50, True)
+
+
 def test_requests_are_checked_before_anything_is_claimed():
     relay, engine, _, _ = make(engine_inputs=EngineInputs(audio_guard=False))
     with pytest.raises(ValueError, match="missing input 'input_ids'"):

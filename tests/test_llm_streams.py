@@ -182,7 +182,7 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
     preprocessing): it found no stream, was answered as done, and the stream ran to its end."""
     import time
 
-    from orpheus_triton import llm_streams
+    from orpheus_triton.serving import EARLY_STOP_SECONDS
 
     streams, engine, _, _ = make()
     streams.stop("early")
@@ -193,11 +193,13 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
         streams.active.claim("early")
     # One whose request never came is forgotten after EARLY_STOP_SECONDS: a later stream with the id runs.
     streams.stop("late")
-    streams._early_stops["late"] = time.monotonic() - llm_streams.EARLY_STOP_SECONDS
-    streams.stop("other")  # forgets the expired ones
-    assert set(streams._early_stops) == {"other"}
-    streams.start("late", SETTINGS, "sender", lambda: False)
+    streams._early_stops._kept["late"] = time.monotonic() - EARLY_STOP_SECONDS
+    streams.start("late", SETTINGS, "sender", lambda: False)  # its stop expired, though nothing swept it
     assert engine.stopped.count("late") == 1
+    streams.stop("gone")
+    streams._early_stops._kept["gone"] = time.monotonic() - EARLY_STOP_SECONDS
+    streams.stop("other")  # forgets the expired ones
+    assert "gone" not in streams._early_stops and "other" in streams._early_stops
 
 
 class FakePbUtils:

@@ -12,7 +12,8 @@ model (``tensorrt_llm``) itself and hands on what the decoder wants:
 * every stream ends with end_id, appended when the engine left it out, so the
   decoder drops the stream's state at once;
 * stream ids are guarded as in the torch engine's adapter (``ActiveStreams``);
-* ``stop`` is passed on to the engine, and so is a client's cancellation of the
+* ``stop`` is passed on to the engine (one that came before its stream, to this instance, when the stream
+  comes), and so is a client's cancellation of the
   relay's own request (asked of Triton for all streams in one pass, at most every
   ``CANCEL_CHECK_SECONDS`` and within ``CANCEL_CHECK_DUTY``: each question is a round trip to the server);
 * input names are mapped: the seed's input is ``seed`` in current TensorRT-LLM
@@ -49,7 +50,7 @@ from .constants import (
     LLM_SEQUENCE_LENGTH,
     LLM_STOP,
 )
-from .serving import ActiveStreams, FrameChunker, Refuse, Respond, generation_settings
+from .serving import ActiveStreams, EarlyStops, FrameChunker, Refuse, Respond, generation_settings
 from .triton_calls import CancellationWatch, ResponseQueue
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ class RelayStreams:
         # Streams a `stop` came for: passed on again once the engine has answered, since an engine that does
         # not hold the id yet (the relay's own call still on its way) ignores it, as TensorRT-LLM does.
         self._stopped: set[str] = set()
+        # Stops that came before their streams (to this instance): a stream that comes within their time is
+        # stopped as it starts. Looked at with _threads under _lock.
+        self._early_stops = EarlyStops()
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -172,23 +176,33 @@ class RelayStreams:
                                   args=(request_id, forwarded, end_id, sender, check))
         with self._lock:
             self._threads[request_id] = thread
+            stopped_early = self._early_stops.take(request_id)
+            if stopped_early:  # passed on again once the engine answers, as a stop that comes now would be
+                self._stopped.add(request_id)
         try:
             thread.start()
         except Exception:  # e.g. no thread to be had: the adapter tells the request; nothing of it stays behind
             with self._lock:
                 self._threads.pop(request_id, None)
+                self._stopped.discard(request_id)
             self.cancellations.forget(request_id)
             self.active.drop(request_id)
             raise
+        if stopped_early:
+            self.active.release(request_id, completed=False)
+            self.stop_engine(request_id)
 
     def stop(self, request_id: str) -> None:
         """Pass a `stop` on to the engine. The stream ends normally (with end_id), but its client may
         have cancelled the ensemble, which then never passes the end on: the id stays retired.
-        Sent on whether or not this relay knows the id: another instance of it may hold the stream."""
+        Sent on whether or not this relay knows the id: another instance of it may hold the stream. One
+        this relay does not know is also kept for EARLY_STOP_SECONDS, for a stream it overtook."""
         with self._lock:
             known = request_id in self._threads
             if known:
                 self._stopped.add(request_id)
+            else:
+                self._early_stops.keep(request_id)
         if known:
             self.active.release(request_id, completed=False)
         self.stop_engine(request_id)

@@ -26,19 +26,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from .constants import CANCEL_CHECK_SECONDS
 from .engine import CapacityError, GenerationRequest, InflightEngine
-from .serving import ActiveStreams, FrameChunker, Refuse, Respond
+from .serving import ActiveStreams, EarlyStops, FrameChunker, Refuse, Respond
 from .triton_calls import CancellationWatch, response_queue
 
 log = logging.getLogger(__name__)
-
-# How long a stop for an id no stream holds yet waits for its stream (the request it overtook).
-EARLY_STOP_SECONDS = 10.0
 
 
 class LlmStreams:
@@ -57,9 +53,9 @@ class LlmStreams:
         # A stream's end against a failed send of it (_emitter). Taken before the engine's lock (stop_stream),
         # never under it: the engine calls emit outside its lock.
         self._ends = threading.Lock()
-        # Stops that came before their streams: id -> when. A stop and a start look at it and at the engine
-        # under this lock (before the engine's), so that a stop is never between the two unseen by both.
-        self._early_stops: dict[str, float] = {}
+        # Stops that came before their streams. A stop and a start look at them and at the engine under this
+        # lock (before the engine's), so that a stop is never between the two unseen by both.
+        self._early_stops = EarlyStops()
         self._stops = threading.Lock()
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
@@ -74,7 +70,7 @@ class LlmStreams:
                     fail=self._failer(sender, request_id, streamed),
                     is_cancelled=self.cancellations.watch(request_id, is_cancelled), request_id=request_id,
                 ))
-                stopped_early = self._early_stops.pop(request_id, None) is not None
+                stopped_early = self._early_stops.take(request_id)
             if stopped_early:
                 self.stop(request_id)
         except Exception as error:
@@ -94,9 +90,7 @@ class LlmStreams:
         with self._stops:
             found = self.engine.stop_stream(request_id)
             if not found:
-                now = time.monotonic()
-                self._early_stops = {k: t for k, t in self._early_stops.items() if now - t < EARLY_STOP_SECONDS}
-                self._early_stops[request_id] = now
+                self._early_stops.keep(request_id)
         if found:
             self.active.release(request_id, completed=False)
 

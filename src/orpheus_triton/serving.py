@@ -440,6 +440,39 @@ class ActiveStreams:
         return len(self._ids)
 
 
+# How long a stop for an id no stream holds yet waits for its stream (the request it overtook).
+EARLY_STOP_SECONDS = 10.0
+
+
+class EarlyStops:
+    """Stops that came before their streams, each kept ``seconds`` for the request it overtook.
+
+    A `stop` sent right after its request can reach the llm stage first: the request goes through
+    preprocessing, the stop straight to the llm stage. Found no stream, it was answered as done and the
+    stream ran to its ``max_tokens``. Its owner looks here and at its streams under one lock of its own,
+    so that a stop is never between a start and the streams unseen by both."""
+
+    def __init__(self, seconds: float = EARLY_STOP_SECONDS, clock: Callable[[], float] = time.monotonic):
+        self.seconds, self.clock = seconds, clock
+        self._kept: dict[str, float] = {}  # id -> when its stop came
+
+    def keep(self, request_id: str) -> None:
+        now = self.clock()
+        self._kept = {k: t for k, t in self._kept.items() if now - t < self.seconds}
+        self._kept[request_id] = now
+
+    def take(self, request_id: str) -> bool:
+        """Whether a stop came for ``request_id`` within ``seconds`` (it is used up)."""
+        came = self._kept.pop(request_id, None)
+        return came is not None and self.clock() - came < self.seconds
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._kept
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
 class FrameChunker:
     """Groups a stream's tokens into responses of ``size`` tokens (one SNAC frame by default).
 
