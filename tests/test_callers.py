@@ -11,7 +11,7 @@ from orpheus_triton.callers import (
     CallerLeases,
     CallersFull,
     admission_check,
-    caller_gone_hook,
+    ended_by,
 )
 from orpheus_triton.constants import CALLERS_DIR_ENV
 from orpheus_triton.serving import StreamIdError
@@ -34,7 +34,7 @@ def test_callers_are_admitted_up_to_the_bound_and_each_end_frees_a_place(tmp_pat
     leases = leases_on(tmp_path / "callers")
     for caller in ("a", "b", "c"):
         leases.admit(caller, max_callers=3)
-    with pytest.raises(CallersFull, match=r"^server busy: 3 callers in flight, as many as this server takes "
+    with pytest.raises(CallersFull, match=r"^server busy: 3 in flight, as many callers as this server takes "
                                           r"\(--max-callers 3\)"):
         leases.admit("d", max_callers=3)
     assert leases.count() == 3
@@ -52,7 +52,8 @@ def test_callers_are_admitted_up_to_the_bound_and_each_end_frees_a_place(tmp_pat
 def test_an_id_in_flight_is_refused_to_a_second_caller_and_free_once_its_caller_ends(tmp_path):
     leases = leases_on(tmp_path / "callers")
     leases.admit("same")
-    with pytest.raises(StreamIdError, match="request id 'same' is already streaming"):
+    with pytest.raises(StreamIdError, match=r"request id 'same' is already streaming \(a caller with it is still in "
+                                            r"flight\)"):
         leases.admit("same")
     leases.end("same")
     leases.admit("same")
@@ -67,7 +68,8 @@ def test_a_lease_nobody_touches_stops_counting_and_a_touched_one_lives_on(tmp_pa
     for _ in range(3):
         clock.now += LEASE_IDLE_SECONDS / 2
         other_process.touch("playing")
-    assert leases.count() == 1  # "lost" was removed as it expired
+    assert leases.count() == 1
+    assert leases._path("lost").exists()  # counting removes nothing: only admission does, under its lock
     leases.admit("lost", max_callers=2)  # its id and its place are free again
     clock.now += LEASE_IDLE_SECONDS + 1
     leases.admit("newcomer", max_callers=2)  # both expired
@@ -79,10 +81,13 @@ def test_touches_are_at_most_one_per_interval_and_never_bring_an_ended_lease_bac
     leases = leases_on(tmp_path / "callers", clock)
     leases.admit("a")
     path = leases._path("a")
-    admitted = path.stat().st_mtime
+    clock.now += 1
+    leases.touch("a")
+    touched = path.stat().st_mtime
+    assert touched == clock.now
     clock.now += LEASE_TOUCH_SECONDS / 2
     leases.touch("a")
-    assert path.stat().st_mtime == admitted  # the admission counts as a touch
+    assert path.stat().st_mtime == touched  # within the interval: not again
     clock.now += LEASE_TOUCH_SECONDS
     leases.touch("a")
     assert path.stat().st_mtime == clock.now
@@ -122,11 +127,11 @@ def test_processes_admitting_at_once_take_no_more_than_the_bound(tmp_path):
 def test_the_servers_folder_comes_from_its_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(CALLERS_DIR_ENV, raising=False)
     assert CallerLeases.from_environment() is None
-    caller_gone_hook()("anyone")  # counting nothing: harmless
+    ended_by(None)("anyone")  # counting nothing: harmless
     monkeypatch.setenv(CALLERS_DIR_ENV, str(tmp_path / "run" / "callers"))
     leases = CallerLeases.from_environment()
     leases.admit("a")
-    caller_gone_hook()("a")
+    ended_by(leases)("a")
     assert leases.count() == 0
 
 
@@ -171,3 +176,46 @@ def test_a_killed_launchers_folder_goes_with_the_next_start(tmp_path, monkeypatc
         folder = Path(environment[CALLERS_DIR_ENV])
         assert folder.is_dir() and not left.exists()
     assert not folder.exists()
+
+
+def test_admission_keeps_no_record_per_caller_and_removes_expired_leases_unbounded_too(tmp_path):
+    clock = Clock()
+    leases = leases_on(tmp_path / "callers", clock)
+    for n in range(50):
+        leases.admit(f"caller-{n}")
+    assert not leases._touched  # a preprocessing process admits millions of callers over its life
+    clock.now += LEASE_IDLE_SECONDS + 1  # all lost, unseen (bare cancellations, say)
+    leases.admit("next")
+    assert sorted(os.listdir(tmp_path / "callers")) == [".admission.lock", leases._path("next").name]
+
+
+def test_a_folder_that_went_is_made_again_and_one_that_cannot_be_leaves_callers_uncounted(tmp_path, caplog):
+    import shutil
+
+    leases = leases_on(tmp_path / "callers")
+    shutil.rmtree(tmp_path / "callers")  # a cache cleaned while serving
+    leases.admit("a", max_callers=2)
+    assert leases.count() == 1
+    (tmp_path / "file").write_text("")
+    lost = CallerLeases(tmp_path / "file" / "callers")  # cannot be made
+    lost.admit("b")  # unbounded: let in, uncounted, said
+    lost.admit("c")
+    assert caplog.text.count("callers in flight are not counted") == 1
+    with pytest.raises(OSError):
+        lost.admit("d", max_callers=2)
+    lost.end("b")  # nothing to free: no error
+
+
+def test_the_llm_stages_streams_are_kept_alive_while_they_wait_or_generate(tmp_path):
+    import time
+
+    (tmp_path / "callers").mkdir()
+    leases = CallerLeases(tmp_path / "callers", idle_seconds=0.4, touch_seconds=0.05)
+    leases.admit("queued")
+    leases.admit("gone")
+    leases.keep_alive(lambda: ["queued", "never admitted"])
+    time.sleep(0.8)
+    assert leases.count() == 1 and not leases._path("never admitted").exists()
+    leases.close()
+    time.sleep(0.8)
+    assert leases.count() == 0

@@ -245,6 +245,15 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
     assert sent[-1] == (50, True)
 
 
+def test_a_stop_that_comes_after_its_stream_ended_does_not_stop_the_ids_next_stream():
+    relay, engine, sent, _ = make()
+    relay.start("a", INPUTS, "sender", lambda: False)
+    engine.send("a", *tokens(*range(8)), EngineResponse([]), None)
+    relay.close(timeout=5)
+    relay.stop("a")  # late: the stream has ended
+    assert "a" not in relay._early_stops
+
+
 def test_requests_are_checked_before_anything_is_claimed():
     relay, engine, _, _ = make(engine_inputs=EngineInputs(audio_guard=False))
     with pytest.raises(ValueError, match="missing input 'input_ids'"):

@@ -455,25 +455,32 @@ def test_the_caller_is_gone_wherever_a_stream_ends_before_its_end_reaches_the_de
     assert gone == ["busy", "timed-out", "failed", "stopped", "lost"]
 
 
-def test_a_request_refused_as_it_starts_lets_its_caller_go_unless_its_id_is_a_live_streams():
-    from orpheus_triton.serving import ActiveStreams, serve_llm_requests
+def test_a_request_refused_before_its_claim_leaves_the_caller_with_its_id_alone():
+    """Only a claimed stream's end, or a retired id's refusal, lets a caller go: a request with a live
+    caller's id (a client of the `llm` model alone) is refused and that caller stays. (Bad input is refused
+    in serving.serve_llm_requests before any claim, and frees nothing.)"""
+    from orpheus_triton.serving import ActiveStreams
 
     gone = []
-    active = ActiveStreams(hold_seconds=600)
+    active = ActiveStreams(hold_seconds=600, caller_gone=gone.append)
     active.claim("live")
     active.release("held", completed=False)
+    gone.clear()
+    with pytest.raises(StreamIdError, match="already streaming"):
+        active.claim("live")
+    with pytest.raises(StreamIdError, match="stopped, cancelled or failed"):
+        active.claim("held")
+    assert gone == ["held"] and active.ids() == ["live"]
 
-    def start(request_id, inputs, reply, is_cancelled):
-        if request_id == "bad":
-            raise ValueError("temperature must be in [0, 5]")
-        if request_id == "broken":
-            raise KeyError("a fault in the stage")
-        active.claim(request_id)
 
-    requests = [FakeRequest(request_id, [1, 2]) for request_id in ("live", "held", "bad", "broken", "fine")]
-    stop = FakeRequest("fine", [0])
-    stop.tensors[LLM_STOP] = np.ones((1, 1), np.bool_)
-    serve_llm_requests(ErrorPbUtils, [*requests, stop], start, stop=lambda request_id: None, stops_decoding=False,
-                       caller_gone=gone.append)
-    assert gone == ["held", "bad", "broken"]
-    assert "already streaming" in requests[0].sender.sent[0][0]
+def test_a_stop_that_comes_after_its_stream_ended_does_not_stop_the_ids_next_stream():
+    """A stop for a stream whose generation had ended (its audio still decoding) found no stream and was
+    kept as an early stop: the id's next stream, sent once the audio had come, was stopped at once and
+    ended with no audio and no error."""
+    streams, engine, sent, _ = make()
+    streams.start("a", SETTINGS, "first", lambda: False)
+    engine.requests.pop("a").emit([*range(7), END_OF_SPEECH], True)  # ended: the engine holds it no more
+    streams.stop("a")  # late
+    streams.start("a", SETTINGS, "next", lambda: False)
+    assert engine.stopped == ["a"]  # the late stop's own look, not the next stream's
+    assert "a" in streams.active.ids()

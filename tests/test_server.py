@@ -415,6 +415,24 @@ def test_a_caller_counts_from_its_request_to_its_last_audio(server, grpc_url):
     OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=35, request_id=caller)
 
 
+def test_a_stop_after_a_streams_generation_ended_spares_the_ids_next_stream(server, grpc_url):
+    """A stop sent once a stream's generation had ended, its audio still decoding, was kept as one that
+    overtook its request: the id's next stream, sent once the audio had come, ended at once, with no
+    audio and no error."""
+    caller = f"late-stop-{uuid.uuid4()}"
+    stopped = []
+
+    def stop_once_generated(_chunk):
+        if not stopped and server_metric(server, "orpheus_llm_active_streams") == 0:
+            OrpheusClient(grpc_url).stop(caller)
+            stopped.append(True)
+
+    OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=1400, request_id=caller, on_chunk=stop_once_generated)
+    assert stopped  # the llm ran ahead of the decoder (2-3x here): its generation ended mid-audio
+    again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=caller)
+    assert len(again.chunks) >= 140 // c.TOKENS_PER_FRAME - 3
+
+
 def test_id_of_a_cancelled_stream_is_not_reused(grpc_url):
     """A cancelled stream never reached end-of-speech downstream, so its id stays retired."""
     retired = f"retired-{uuid.uuid4()}"
@@ -1566,7 +1584,7 @@ def test_serve_command_admits_callers_end_to_end_up_to_max_callers(model_set, tm
     from orpheus_triton.client import ServerUnavailable
 
     serve = ServeCommand(model_set, tmp_path, "--max-callers", "1")  # and 2 stream slots
-    busy = r"server busy: 1 callers in flight, as many as this server takes \(--max-callers 1\)"
+    busy = r"server busy: 1 in flight, as many callers as this server takes \(--max-callers 1\)"
     try:
         thread, outcome = serve.stream_in_background(max_tokens=1400)  # 200 frames, the llm 2-3x ahead
         with pytest.raises(ServerUnavailable, match=busy):

@@ -6,13 +6,15 @@ runs ahead of real time, and on a CPU the decoder is the bottleneck. A server ad
 takes more callers than it can play in real time, and then every caller stutters at once.
 
 So a caller counts from preprocessing's admission until the decoder hands over its stream's last audio,
-or until its stream ends otherwise (stopped, cancelled, refused or failed in the llm stage). The stages
-are processes of their own (Python backend stubs), so the count is kept as files: a lease per caller in a
-folder the launcher makes for the server's run and names in its environment (``CALLERS_DIR_ENV``), named
-by a hash of the request id (any string, not a file name; not written down either: anyone with a stream's
-id can stop it). Every stage that sees the stream touches its lease now and then; one untouched for
-``LEASE_IDLE_SECONDS`` no longer counts, so a caller lost where no stage sees its end (a bare gRPC
-cancellation through the ensemble, a stub that crashed) frees its place then.
+or until its stream ends before its end reaches the decoder (stopped, cancelled, refused or failed in the
+llm stage). The stages are processes of their own (Python backend stubs), so the count is kept as files:
+a lease per caller in a folder the launcher makes for the server's run and names in its environment
+(``CALLERS_DIR_ENV``), named by a hash of the request id (any string, not a file name; not written down
+either: anyone with a stream's id can stop it). The llm stage touches the leases of its streams (waiting
+for a slot or generating) and the decoder those of the streams whose tokens arrive and audio leaves; a
+lease untouched for ``LEASE_IDLE_SECONDS`` no longer counts, so a caller lost where no stage sees its end
+(a bare gRPC cancellation through the ensemble, a closed HTTP connection, a stub that crashed) frees its
+place then.
 
 The lease is also the id's: preprocessing refuses a second caller with the id of one in flight, where
 the llm stage alone let one in as soon as the first stream's generation ended, its audio still decoding.
@@ -23,22 +25,28 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .constants import CALLERS_DIR_ENV, SERVER_BUSY, shown
 from .serving import IdleSweep, StreamIdError
 
-# A lease no stage touched for this long no longer counts. The longest gap between touches of a caller
-# that is still there: its wait for a stream slot (none with --max-callers at or below --max-streams).
-LEASE_IDLE_SECONDS = 60.0
+log = logging.getLogger(__name__)
+
+# A lease no stage touched for this long no longer counts: the longest a caller still there goes untouched
+# is its way from preprocessing into the llm stage, and from the llm stage's end of its stream to the
+# decoder's next answer of it, a round or a few (seconds on an overloaded CPU).
+LEASE_IDLE_SECONDS = 30.0
 # A stage touches a stream's lease at most this often (a file's time set: a system call).
 LEASE_TOUCH_SECONDS = 5.0
 # Named so that no request id's lease can take it (those are hex digits).
 _ADMISSION_LOCK = ".admission.lock"
+# A folder that cannot be written (gone, and not to be made again) is said at most this often.
+_WARN_SECONDS = 60.0
 
 
 class CallersFull(RuntimeError):
@@ -48,9 +56,10 @@ class CallersFull(RuntimeError):
 class CallerLeases:
     """The leases of the callers in flight, in ``folder`` (shared by the server's processes).
 
-    ``admit`` (preprocessing) takes a lease, ``touch`` (the decoder, as a stream's tokens arrive and its
-    audio leaves) keeps it alive, ``end`` (the decoder at a stream's last audio, the llm stage where a
-    stream ends before reaching it) gives it back. Thread-safe; any number of processes may share a folder.
+    ``admit`` (preprocessing) takes a lease; ``keep_alive`` (the llm stage, for its streams) and ``touch``
+    (the decoder, as a stream's tokens arrive and its audio leaves) keep it alive; ``end`` (the decoder
+    before a stream's last audio, the llm stage where a stream ends before its end reaches the decoder)
+    gives it back. Thread-safe; any number of processes may share a folder.
     """
 
     def __init__(self, folder: Path | str, idle_seconds: float = LEASE_IDLE_SECONDS,
@@ -59,7 +68,10 @@ class CallerLeases:
         self.idle_seconds, self.touch_seconds, self.clock = idle_seconds, touch_seconds, clock
         self._touched: dict[str, float] = {}  # lease -> when this process last touched it
         self._sweep = IdleSweep(idle_seconds, clock())
+        self._next_removal = clock()  # when admission next removes expired leases, bounded or not
         self._lock = threading.Lock()  # an flock is per open file: the threads of a process take turns first
+        self._closed = threading.Event()
+        self._warned = -_WARN_SECONDS
 
     @classmethod
     def from_environment(cls) -> CallerLeases | None:
@@ -73,20 +85,28 @@ class CallerLeases:
 
     def admit(self, request_id: str, max_callers: int = 0) -> None:
         """Take a lease for ``request_id``'s caller. Raises CallersFull where ``max_callers`` (> 0) live
-        leases are held already, StreamIdError where one is the id's own (a caller in flight with it)."""
+        leases are held already, StreamIdError where one is the id's own (a caller in flight with it).
+        A folder that cannot be written is made again; where that fails too, the caller is let in
+        uncounted (said in the log) unless the server is bounded, which then raises the OSError."""
         path = self._path(request_id)
-        with self._admission():
-            now = self.clock()
-            if path.exists() and not self._expired(path, now):
-                raise StreamIdError(f"request id {shown(request_id)} is already streaming (its audio may still be "
-                                    "playing); every concurrent stream needs its own id")
-            if max_callers > 0 and (held := self._count(now)) >= max_callers:
-                raise CallersFull(f"{SERVER_BUSY}: {held} callers in flight, as many as this server takes "
-                                  f"(--max-callers {max_callers}); retry on another server or later")
-            path.touch()
-            os.utime(path, (now, now))
-        with self._lock:
-            self._touched[path.name] = now
+        try:
+            with self._admission():
+                now = self.clock()
+                if path.exists() and not self._expired(path, now):
+                    raise StreamIdError(f"request id {shown(request_id)} is already streaming (a caller with it is "
+                                        "still in flight); every concurrent stream needs its own id")
+                if max_callers > 0 or now >= self._next_removal:  # expired leases go, bounded or not
+                    self._next_removal = now + self.idle_seconds
+                    held = self._count(now, remove_expired=True)
+                    if max_callers > 0 and held >= max_callers:
+                        raise CallersFull(f"{SERVER_BUSY}: {held} in flight, as many callers as this server takes "
+                                          f"(--max-callers {max_callers}); retry on another server or later")
+                path.touch()
+                os.utime(path, (now, now))
+        except OSError as error:
+            if max_callers > 0:
+                raise
+            self._warn(f"callers in flight are not counted ({error})")
 
     def touch(self, request_id: str) -> None:
         """The caller is still there (a stage saw its stream): at most once per ``touch_seconds`` per
@@ -97,21 +117,43 @@ class CallerLeases:
                 return
             self._touched[name] = now
             self._sweep(self._touched, lambda touched: touched, now)
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.folder / name, (now, now))
+        self._set_time(name, now)
+
+    def keep_alive(self, request_ids: Callable[[], Iterable[str]]) -> None:
+        """Touch the leases of ``request_ids()`` every ``touch_seconds``, on a thread of its own, until
+        ``close``: the llm stage's streams, waiting for a slot or generating, whose tokens may not reach
+        the decoder for a while."""
+        def run() -> None:
+            while not self._closed.wait(self.touch_seconds):
+                try:
+                    now = self.clock()
+                    for request_id in request_ids():
+                        self._set_time(self._name(request_id), now)
+                except Exception:  # noqa: BLE001 (the thread must outlive a bad pass; its callers expire at worst)
+                    log.exception("touching the leases of the callers in flight failed")
+
+        threading.Thread(target=run, name="caller-leases", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
 
     def end(self, request_id: str) -> None:
         """The caller's stream ended: its place is free (for a new caller with its id too)."""
         name = self._name(request_id)
         with self._lock:
             self._touched.pop(name, None)
-        (self.folder / name).unlink(missing_ok=True)
+        try:
+            (self.folder / name).unlink(missing_ok=True)
+        except OSError as error:  # the folder unreadable: nothing to free there
+            self._warn(f"could not end a caller's lease ({error})")
 
     def count(self) -> int:
-        """Callers in flight (live leases); expired leases are removed on the way."""
+        """Callers in flight (live leases)."""
         return self._count(self.clock())
 
-    def _count(self, now: float) -> int:
+    def _count(self, now: float, remove_expired: bool = False) -> int:
+        """Live leases; with ``remove_expired`` (only under the admission's lock, where no lease of the same
+        name is being taken meanwhile), the expired ones are removed."""
         live = 0
         with os.scandir(self.folder) as entries:
             for entry in entries:
@@ -120,9 +162,13 @@ class CallerLeases:
                 with contextlib.suppress(FileNotFoundError):  # ended meanwhile
                     if now - entry.stat().st_mtime <= self.idle_seconds:
                         live += 1
-                    else:
+                    elif remove_expired:
                         os.unlink(entry.path)
         return live
+
+    def _set_time(self, name: str, now: float) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.folder / name, (now, now))
 
     def _expired(self, path: Path, now: float) -> bool:
         try:
@@ -130,12 +176,21 @@ class CallerLeases:
         except FileNotFoundError:
             return True
 
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= _WARN_SECONDS:
+            self._warned = now
+            log.warning("%s", message)
+
     @contextlib.contextmanager
     def _admission(self) -> Iterator[None]:
-        """Counting and taking a lease as one step, across the server's processes (an flock)."""
-        with self._lock, open(self.folder / _ADMISSION_LOCK, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        """Counting and taking a lease as one step, across the server's processes (an flock). The folder is
+        made again if it went (a cache cleaned while serving)."""
+        with self._lock:
+            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(self.folder / _ADMISSION_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                yield
 
     def _path(self, request_id: str) -> Path:
         return self.folder / self._name(request_id)
@@ -145,11 +200,13 @@ class CallerLeases:
         return hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def caller_gone_hook() -> Callable[[str], None]:
-    """The llm stage's ``caller_gone`` (serving.ActiveStreams): the server's leases' ``end``, or nothing
-    where the server counts no callers."""
-    leases = CallerLeases.from_environment()
-    return leases.end if leases is not None else lambda request_id: None
+def _nobody(request_id: str) -> None:
+    """Where the server counts no callers, a stream's end frees no place."""
+
+
+def ended_by(leases: CallerLeases | None) -> Callable[[str], None]:
+    """The llm stage's ``caller_gone`` (serving.ActiveStreams): ``leases.end``, or nothing without leases."""
+    return leases.end if leases is not None else _nobody
 
 
 def admission_check(leases: CallerLeases | None, max_callers: int) -> None:
@@ -160,4 +217,5 @@ def admission_check(leases: CallerLeases | None, max_callers: int) -> None:
     if max_callers and leases is None:
         raise ValueError(f"max_callers {max_callers} needs the folder where the server's stages count callers in "
                          f"flight, named by the environment variable {CALLERS_DIR_ENV}, which `orpheus-triton "
-                         "serve` sets: start tritonserver through it, or set it to a new folder for each start")
+                         "serve` (and `render_gpu_repository.py --serve`) sets: start tritonserver through it, or "
+                         "set it to a new folder for each start")

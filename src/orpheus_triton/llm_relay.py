@@ -201,7 +201,7 @@ class RelayStreams:
             known = request_id in self._threads
             if known:
                 self._stopped.add(request_id)
-            else:
+            elif not self.active.ended_lately(request_id):  # else it came late, for that stream
                 self._early_stops.keep(request_id)
         if known:
             self.active.release(request_id, completed=False)

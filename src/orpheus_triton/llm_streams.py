@@ -86,10 +86,11 @@ class LlmStreams:
     def stop(self, request_id: str) -> None:
         """End the stream with this id at the engine's next step. It ends normally, but its client
         may have cancelled the ensemble, which then never passes the end on: the id stays retired.
-        A stop for an id no stream holds is kept for EARLY_STOP_SECONDS, for a stream it overtook."""
+        A stop for an id no stream holds is kept for EARLY_STOP_SECONDS, for a stream it overtook (unless a
+        stream with the id ended lately: the stop came after it)."""
         with self._stops:
             found = self.engine.stop_stream(request_id)
-            if not found:
+            if not found and not self.active.ended_lately(request_id):  # else it came late, for that stream
                 self._early_stops.keep(request_id)
         if found:
             self.active.release(request_id, completed=False)

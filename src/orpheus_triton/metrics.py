@@ -200,7 +200,7 @@ class DecoderMetrics(PublishedMetrics):
             "queued": metrics.gauge(DECODER_QUEUED_METRIC, "Windows waiting for a decoder round"),
         }
         # ``callers``: how many callers are in flight (callers.CallerLeases.count), where the server counts them.
-        self._callers, self._callers_due = callers, 0.0
+        self._callers, self._callers_due, self._callers_failing = callers, 0.0, False
         if callers is not None:
             self.gauges["callers"] = metrics.gauge(CALLERS_METRIC, "Callers in flight, from preprocessing taking "
                                                    "their request to their last audio (serve --max-callers "
@@ -281,8 +281,11 @@ class DecoderMetrics(PublishedMetrics):
             self._callers_due = time.monotonic() + CALLERS_COUNT_SECONDS
             try:
                 self.record_gauge("callers", self._callers())
+                self._callers_failing = False
             except OSError as error:  # the leases' folder gone: the other figures still go out
-                log.warning("could not count the callers in flight: %s", error)
+                if not self._callers_failing:  # said once, not every second
+                    log.warning("could not count the callers in flight: %s", error)
+                self._callers_failing = True
         with self._lock:
             gauges = {name: value for name, value in self._gauge_values.items()
                       if self._published_gauges.get(name) != value}

@@ -462,6 +462,7 @@ def counted_callers(log: Callable[[str], None]) -> Iterator[dict[str, str]]:
 
     try:
         folder = run_folder(cache_folder("callers"), prefix="callers-")
+        folder.chmod(0o700)  # the leases are this server's alone
     except (OSError, ValueError) as error:
         log(f"warning: callers in flight are not counted ({error})")
         yield {}

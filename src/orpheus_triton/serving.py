@@ -165,8 +165,7 @@ def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
 
 
 def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Callable[[], bool]], None],
-                       stop: Callable[[str], None], stops_decoding: bool = True,
-                       caller_gone: Callable[[str], None] = lambda request_id: None) -> None:
+                       stop: Callable[[str], None], stops_decoding: bool = True) -> None:
     """The llm stage's execute(), for the torch engine's adapter and the relay alike: a `stop` request
     ends the stream with its id (``stop``) and is answered at once (one without an id is refused; one for
     an id no stream holds is answered the same, as TensorRT-LLM does: the stream may just have ended,
@@ -175,9 +174,7 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
     StreamIdError) hears why; one whose start fails otherwise hears that it did, and the batch goes on.
     The request's REQUEST_START input (when preprocessing took it; now if absent) is not among the
     inputs: it goes with the reply, to every response. ``stops_decoding``: a stop is passed on to the
-    SNAC decoder too (``stop_decoding``); not by an engine behind the relay, which passes it on itself.
-    ``caller_gone(request_id)``: told of a stream refused or failed as it started (unless its id is another
-    stream's in flight), whose caller then leaves (callers.CallerLeases.end)."""
+    SNAC decoder too (``stop_decoding``); not by an engine behind the relay, which passes it on itself."""
     for request in requests:
         arrived = time.time()
         request_id = request.request_id()
@@ -194,12 +191,8 @@ def serve_llm_requests(pb_utils, requests, start: Callable[[str, dict, Any, Call
             else:
                 start(request_id, inputs, sender, request.is_cancelled)
         except ValueError as error:  # StreamIdError among them
-            if not stopping and not isinstance(error, StreamInUse):
-                caller_gone(request_id)
             send_error(pb_utils, sender, "llm", error)
         except Exception as error:  # noqa: BLE001 (a fault: this request hears it, the batch's others go on)
-            if not stopping:
-                caller_gone(request_id)
             what = "stopping" if stopping else "starting"
             log.exception("%s stream %r failed", what, request_id)
             try:
@@ -223,10 +216,6 @@ def model_parameters(args: dict) -> dict[str, str]:
 
 class StreamIdError(ValueError):
     """The request's id cannot serve as a stream key."""
-
-
-class StreamInUse(StreamIdError):
-    """The request's id is a stream's in flight: what is refused is the newcomer, not that stream."""
 
 
 def require_stream_id(request_id: str) -> str:
@@ -382,12 +371,17 @@ class ActiveStreams:
     id of a stream that was stopped, cancelled or failed: its end_id may never have reached the
     decoder, whose state for that id would otherwise carry into the new stream.
     ``hold_seconds`` outlasts the decoder's idle eviction (StreamDecoderState; ID_HOLD_MARGIN_SECONDS).
+
+    ``caller_gone(request_id)`` is told of a claimed stream whose end will not reach the decoder (and of a
+    request refused for a retired id): its caller has left (callers.CallerLeases.end). Not of a request
+    refused before its claim: its id may be another caller's, in flight.
     """
 
     def __init__(self, hold_seconds: float = STREAM_STATE_SECONDS,
                  caller_gone: Callable[[str], None] = lambda request_id: None):
         self._ids: set[str] = set()
         self._unfinished: dict[str, float] = {}  # id -> when its stream ended without end_id
+        self._ended: dict[str, float] = {}  # id -> when its stream ended with end_id, the last EARLY_STOP_SECONDS
         self.hold_seconds = hold_seconds
         # Told of a stream that ended where its end never reaches the decoder (callers.CallerLeases.end).
         self.caller_gone = caller_gone
@@ -399,16 +393,19 @@ class ActiveStreams:
         with self._lock:
             self._unfinished = {k: t for k, t in self._unfinished.items() if now - t < self.hold_seconds}
             if request_id in self._ids:
-                raise StreamInUse(
+                raise StreamIdError(
                     f"request id {shown(request_id)} is already streaming; every concurrent stream needs its own id"
                 )
-            if request_id in self._unfinished:
-                raise StreamIdError(
-                    f"request id {shown(request_id)} belonged to a stream that was stopped, cancelled or failed "
-                    f"less than {self.hold_seconds:.0f} s (about {self.hold_seconds / 60:.0f} minutes) ago; use a new "
-                    f"id for every stream"
-                )
-            self._ids.add(request_id)
+            retired = request_id in self._unfinished
+            if not retired:
+                self._ids.add(request_id)
+        if retired:
+            self.caller_gone(request_id)
+            raise StreamIdError(
+                f"request id {shown(request_id)} belonged to a stream that was stopped, cancelled or failed "
+                f"less than {self.hold_seconds:.0f} s (about {self.hold_seconds / 60:.0f} minutes) ago; use a new "
+                f"id for every stream"
+            )
 
     def retire(self, request_id: str) -> None:
         """A stream let go of as completed lost its end after all (its final response could not be sent):
@@ -422,19 +419,37 @@ class ActiveStreams:
 
     def release(self, request_id: str, completed: bool = True) -> None:
         """The stream left the engine; ``completed`` = it ended with end_id (downstream saw its end)."""
+        now = time.monotonic()
         with self._lock:
             self._ids.discard(request_id)
             if not completed:
-                self._unfinished[request_id] = time.monotonic()
+                self._unfinished[request_id] = now
+            else:
+                self._ended.pop(request_id, None)
+                self._ended[request_id] = now  # in the order they ended: the oldest go first
+                while now - next(iter(self._ended.values())) >= EARLY_STOP_SECONDS:
+                    del self._ended[next(iter(self._ended))]
         if not completed:
             self.caller_gone(request_id)
 
     def drop(self, request_id: str) -> None:
-        """A claimed stream ended before any of it streamed (refused: server busy): the decoder holds
-        nothing for its id, which is free at once; its caller is gone."""
+        """A claimed stream ended before any of it streamed (refused: server busy; a fault as it started):
+        the decoder holds nothing for its id, which is free at once; its caller is gone."""
         with self._lock:
             self._ids.discard(request_id)
         self.caller_gone(request_id)
+
+    def ended_lately(self, request_id: str) -> bool:
+        """Whether a stream with this id ended with its end_id within EARLY_STOP_SECONDS: a `stop` for it
+        that finds no stream came late, not early, and must not stop the id's next stream."""
+        with self._lock:
+            ended = self._ended.get(request_id)
+            return ended is not None and time.monotonic() - ended < EARLY_STOP_SECONDS
+
+    def ids(self) -> list[str]:
+        """The ids of the streams claimed now (waiting for a slot or generating)."""
+        with self._lock:
+            return list(self._ids)
 
     def __len__(self) -> int:
         return len(self._ids)

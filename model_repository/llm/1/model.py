@@ -7,7 +7,7 @@ one with the FINAL flag, sent in order (on a thread of their own on GPU).
 
 import triton_python_backend_utils as pb_utils
 
-from orpheus_triton.callers import caller_gone_hook
+from orpheus_triton.callers import CallerLeases, ended_by
 from orpheus_triton.constants import LLM_MODEL
 from orpheus_triton.llm_streams import LlmStreams
 from orpheus_triton.serving import (
@@ -31,18 +31,19 @@ class TritonPythonModel:
         # The ensemble's `llm` passes a stop on to the decoder; behind the relay (the engine model), the relay does.
         self.stops_decoding = args["model_name"] == LLM_MODEL
         # Callers in flight are counted by the ensemble's `llm`; behind the relay, by the relay.
-        self.caller_gone = caller_gone_hook() if self.stops_decoding else lambda request_id: None
+        self.callers = CallerLeases.from_environment() if self.stops_decoding else None
         self.engine = build_engine(params)
         self.streams = LlmStreams(
             self.engine, respond, refuse, response_threads=response_threads(params, self.engine.device.type),
-            **llm_stream_options(params), caller_gone=self.caller_gone,
+            **llm_stream_options(params), caller_gone=ended_by(self.callers),
         )
+        if self.callers is not None:
+            self.callers.keep_alive(self.streams.active.ids)
         self.metrics = EngineMetrics(pb_utils, self.engine, self.streams.active)
         self.engine.start()
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.start, self.streams.stop, stops_decoding=self.stops_decoding,
-                           caller_gone=self.caller_gone)
+        serve_llm_requests(pb_utils, requests, self.start, self.streams.stop, stops_decoding=self.stops_decoding)
         return None
 
     def start(self, request_id, inputs, sender, is_cancelled):
@@ -52,3 +53,5 @@ class TritonPythonModel:
         self.engine.stop()
         self.metrics.stop()  # once the engine has stopped counting: its last counts are published too
         self.streams.close()
+        if self.callers is not None:
+            self.callers.close()

@@ -7,7 +7,7 @@ through BLS, its responses read on a thread per stream.
 import triton_python_backend_utils as pb_utils
 
 from orpheus_triton import constants as c
-from orpheus_triton.callers import caller_gone_hook
+from orpheus_triton.callers import CallerLeases, ended_by
 from orpheus_triton.llm_relay import ENGINE_OUTPUTS, EngineInputs, EngineResponse, HeldReferences, RelayStreams
 from orpheus_triton.metrics import RelayMetrics
 from orpheus_triton.serving import (
@@ -28,13 +28,15 @@ class TritonPythonModel:
         params = model_parameters(args)
         self.engine_model = params["engine_model"]
         self.held = HeldReferences()
-        self.caller_gone = caller_gone_hook()
+        self.callers = CallerLeases.from_environment()
         self.streams = RelayStreams(
             self.call, self.stop_engine, respond, refuse,
             engine_inputs=EngineInputs(seed=params.get("engine_seed_input", c.LLM_SEED),
                                        audio_guard=params.get("engine_audio_guard", "true") == "true"),
-            **llm_stream_options(params), caller_gone=self.caller_gone,
+            **llm_stream_options(params), caller_gone=ended_by(self.callers),
         )
+        if self.callers is not None:
+            self.callers.keep_alive(self.streams.active.ids)
         self.metrics = RelayMetrics(pb_utils, c.LLM_MODEL, args["model_instance_name"], self.streams.in_flight)
 
     def call(self, request_id, inputs):
@@ -60,10 +62,12 @@ class TritonPythonModel:
             pass
 
     def execute(self, requests):
-        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop, caller_gone=self.caller_gone)
+        serve_llm_requests(pb_utils, requests, self.streams.start, self.streams.stop)
         return None
 
     def finalize(self):
         self.streams.close()
+        if self.callers is not None:
+            self.callers.close()
         self.metrics.stop()
         self.held.clear()

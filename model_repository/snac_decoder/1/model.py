@@ -62,7 +62,9 @@ class TritonPythonModel:
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
         # Callers in flight (where the server counts them): their leases are kept alive as their tokens arrive
-        # and their audio leaves, and end with their stream.
+        # and their audio leaves, and end before a stream's last audio (or the error that ends it) is sent. Not
+        # at a refusal or a stop: a request with a caller's id need not be that caller's (a client of the
+        # decoder alone), and a stopped stream's end still comes (its last request, answered without audio).
         self.callers = CallerLeases.from_environment()
         self.metrics = DecoderMetrics(pb_utils, callers=self.callers.count if self.callers else None)  # own thread
         # Responses leave inline in the worker, or (GPU by default: two) from the response thread(s).
@@ -83,16 +85,15 @@ class TritonPythonModel:
             if stop is not None and is_stop_request({c.DECODER_STOP: stop.as_numpy()}.get, c.DECODER_STOP):
                 if self.scheduler.drop(stream_id, *self.state.open_stream(stream_id)):
                     self.metrics.record_stopped()
-                self._caller_gone(stream_id)
                 sender.send(flags=FINAL)
                 continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
-                self._refuse(sender, stream_id, f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send one "
-                                                "stream's tokens per request (one row)")
+                send_error(pb_utils, sender, "decoder", f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send "
+                                                        "one stream's tokens per request (one row)")
                 continue
             if (refusal := request_size_refusal(tokens.size, self.scheduler.max_windows)) is not None:
-                self._refuse(sender, stream_id, refusal)
+                send_error(pb_utils, sender, "decoder", refusal)
                 continue
             if self.callers is not None:
                 self.callers.touch(stream_id)
@@ -102,8 +103,8 @@ class TritonPythonModel:
         try:
             items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
-            for stream_id, _, sender, _ in chunks:
-                self._refuse(sender, stream_id, error)
+            for _, _, sender, _ in chunks:
+                send_error(pb_utils, sender, "decoder", error)
             return None
         self.metrics.record_dropped_tokens(sum(item.dropped_tokens for item in items))
         self.scheduler.add(items)
@@ -128,7 +129,6 @@ class TritonPythonModel:
             # A cancelled request's stream has what it queued answered without audio and its frames forgotten;
             # what comes later under the id is its caller's next stream.
             for item in cancelled:
-                self._caller_gone(item.stream_id)
                 self.state.forget(item.stream_id)
                 if self.scheduler.drop(item.stream_id, still_open=False):
                     self.metrics.record_stopped()
@@ -138,15 +138,6 @@ class TritonPythonModel:
                 self._decode(decode)
             self.metrics.record_queued(self.scheduler.queued_windows())
             self.metrics.record_streams(len(self.state.streams))
-
-    def _refuse(self, sender, stream_id: str, error) -> None:
-        """An error ends the ensemble's request: its caller is gone."""
-        self._caller_gone(stream_id)
-        send_error(pb_utils, sender, "decoder", error)
-
-    def _caller_gone(self, stream_id: str) -> None:
-        if self.callers is not None:
-            self.callers.end(stream_id)
 
     def _respond(self, item: DecodeItem, pcm, error=None):
         self.responses.put(item.stream_id, lambda: self._answer(item, pcm, error), last=item.last)
