@@ -51,6 +51,7 @@ from common import (
 from report import _f, _ms
 
 from orpheus_triton.arguments import DefaultsHelpFormatter, positive, positive_seconds, rates
+from orpheus_triton.callers import CALLERS_FULL
 from orpheus_triton.client import OrpheusClient
 from orpheus_triton.constants import SERVER_BUSY, VOICES
 from orpheus_triton.interrupts import terminate_as_interrupt
@@ -68,9 +69,6 @@ from orpheus_triton.metrics import CALLERS_METRIC, CALLERS_REFUSED_METRIC, STALL
 from orpheus_triton.server import ParentDeathSignal, Ports, log_tail, wait_until_ready
 
 TEXT = "medium"
-# The refusal --max-callers gives (callers.CallerLeases.admit); other `server busy` refusals are the llm stage's
-# (its queue full), which the report counts apart.
-CALLERS_REFUSAL = "callers in flight, as many as this server takes"
 READY_SECONDS = 600.0  # a fresh server loads its models in about 20 s here; much longer on a busy machine
 STOP_SECONDS = 60.0  # `serve` drains for its --exit-timeout (10 s) first, then stops tritonserver
 SETTLE_SECONDS = 30.0  # after the last stream: how long the server may take to count its callers gone
@@ -253,7 +251,8 @@ def setting_figures(records: list[StreamRecord], wall_seconds: float) -> dict:
         "admitted": len(admitted),
         "admitted_no_audio": level["no_audio"],
         "refused_busy": len(refused),
-        "refused_by_max_callers": sum(CALLERS_REFUSAL in r.error for r in refused),
+        # The refusal --max-callers gives; other `server busy` refusals are the llm stage's (its queue full).
+        "refused_by_max_callers": sum(CALLERS_FULL in r.error for r in refused),
         "refusal_seconds_p50": percentile(refusal, 50),
         "refusal_seconds_p99": percentile(refusal, 99),
         "other_errors": len(failed),

@@ -45,6 +45,8 @@ LEASE_IDLE_SECONDS = 30.0
 LEASE_TOUCH_SECONDS = 5.0
 # Named so that no request id's lease can take it (those are hex digits).
 _ADMISSION_LOCK = ".admission.lock"
+# What a refusal at the bound says after `server busy: K in flight, ` (read by perf/overload_bench.py).
+CALLERS_FULL = "as many callers as this server takes"
 # A folder that cannot be written (gone, and not to be made again) is said at most this often.
 _WARN_SECONDS = 60.0
 
@@ -99,7 +101,7 @@ class CallerLeases:
                     self._next_removal = now + self.idle_seconds
                     held = self._count(now, remove_expired=True)
                     if max_callers > 0 and held >= max_callers:
-                        raise CallersFull(f"{SERVER_BUSY}: {held} in flight, as many callers as this server takes "
+                        raise CallersFull(f"{SERVER_BUSY}: {held} in flight, {CALLERS_FULL} "
                                           f"(--max-callers {max_callers}); retry on another server or later")
                 path.touch()
                 os.utime(path, (now, now))
