@@ -50,7 +50,7 @@ from .constants import (
     LLM_SEQUENCE_LENGTH,
     LLM_STOP,
 )
-from .serving import ActiveStreams, EarlyStops, FrameChunker, Refuse, Respond, generation_settings
+from .serving import ActiveStreams, FrameChunker, RecentIds, Refuse, Respond, generation_settings
 from .triton_calls import CancellationWatch, ResponseQueue
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class RelayStreams:
         self._stopped: set[str] = set()
         # Stops that came before their streams (to this instance): a stream that comes within their time is
         # stopped as it starts. Looked at with _threads under _lock.
-        self._early_stops = EarlyStops()
+        self._early_stops = RecentIds()
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
 
@@ -202,7 +202,7 @@ class RelayStreams:
             if known:
                 self._stopped.add(request_id)
             elif not self.active.ended_lately(request_id):  # else it came late, for that stream
-                self._early_stops.keep(request_id)
+                self._early_stops.note(request_id)
         if known:
             self.active.release(request_id, completed=False)
         self.stop_engine(request_id)

@@ -31,7 +31,7 @@ from typing import Any
 
 from .constants import CANCEL_CHECK_SECONDS
 from .engine import CapacityError, GenerationRequest, InflightEngine
-from .serving import ActiveStreams, EarlyStops, FrameChunker, Refuse, Respond
+from .serving import ActiveStreams, FrameChunker, RecentIds, Refuse, Respond
 from .triton_calls import CancellationWatch, response_queue
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class LlmStreams:
         self._ends = threading.Lock()
         # Stops that came before their streams. A stop and a start look at them and at the engine under this
         # lock (before the engine's), so that a stop is never between the two unseen by both.
-        self._early_stops = EarlyStops()
+        self._early_stops = RecentIds()
         self._stops = threading.Lock()
 
     def start(self, request_id: str, settings: dict, sender: Any, is_cancelled: Callable[[], bool]) -> None:
@@ -91,7 +91,7 @@ class LlmStreams:
         with self._stops:
             found = self.engine.stop_stream(request_id)
             if not found and not self.active.ended_lately(request_id):  # else it came late, for that stream
-                self._early_stops.keep(request_id)
+                self._early_stops.note(request_id)
         if found:
             self.active.release(request_id, completed=False)
 

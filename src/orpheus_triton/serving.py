@@ -381,7 +381,7 @@ class ActiveStreams:
                  caller_gone: Callable[[str], None] = lambda request_id: None):
         self._ids: set[str] = set()
         self._unfinished: dict[str, float] = {}  # id -> when its stream ended without end_id
-        self._ended: dict[str, float] = {}  # id -> when its stream ended with end_id, the last EARLY_STOP_SECONDS
+        self._ended = RecentIds(EARLY_STOP_SECONDS)  # the streams that ended with end_id lately
         self.hold_seconds = hold_seconds
         # Told of a stream that ended where its end never reaches the decoder (callers.CallerLeases.end).
         self.caller_gone = caller_gone
@@ -419,16 +419,12 @@ class ActiveStreams:
 
     def release(self, request_id: str, completed: bool = True) -> None:
         """The stream left the engine; ``completed`` = it ended with end_id (downstream saw its end)."""
-        now = time.monotonic()
         with self._lock:
             self._ids.discard(request_id)
             if not completed:
-                self._unfinished[request_id] = now
+                self._unfinished[request_id] = time.monotonic()
             else:
-                self._ended.pop(request_id, None)
-                self._ended[request_id] = now  # in the order they ended: the oldest go first
-                while now - next(iter(self._ended.values())) >= EARLY_STOP_SECONDS:
-                    del self._ended[next(iter(self._ended))]
+                self._ended.note(request_id)
         if not completed:
             self.caller_gone(request_id)
 
@@ -443,8 +439,7 @@ class ActiveStreams:
         """Whether a stream with this id ended with its end_id within EARLY_STOP_SECONDS: a `stop` for it
         that finds no stream came late, not early, and must not stop the id's next stream."""
         with self._lock:
-            ended = self._ended.get(request_id)
-            return ended is not None and time.monotonic() - ended < EARLY_STOP_SECONDS
+            return request_id in self._ended
 
     def ids(self) -> list[str]:
         """The ids of the streams claimed now (waiting for a slot or generating)."""
@@ -455,34 +450,37 @@ class ActiveStreams:
         return len(self._ids)
 
 
-# How long a stop for an id no stream holds yet waits for its stream (the request it overtook).
+# How long a stop for an id no stream holds yet waits for its stream (the request it overtook), and how
+# long after a stream's end a stop for its id is taken as late, for that stream.
 EARLY_STOP_SECONDS = 10.0
 
 
-class EarlyStops:
-    """Stops that came before their streams, each kept ``seconds`` for the request it overtook.
+class RecentIds:
+    """Ids noted within the last ``seconds``, in the order noted: the oldest are let go first, as more come.
 
-    A `stop` sent right after its request can reach the llm stage first: the request goes through
-    preprocessing, the stop straight to the llm stage. Found no stream, it was answered as done and the
-    stream ran to its ``max_tokens``. Its owner looks here and at its streams under one lock of its own,
-    so that a stop is never between a start and the streams unseen by both."""
+    The llm stage's stops that came before their streams (a `stop` sent right after its request can
+    reach the llm stage first: the request goes through preprocessing, the stop straight there), and the
+    streams that ended lately (``ActiveStreams.ended_lately``). Not thread-safe: its owner holds a lock."""
 
     def __init__(self, seconds: float = EARLY_STOP_SECONDS, clock: Callable[[], float] = time.monotonic):
         self.seconds, self.clock = seconds, clock
-        self._kept: dict[str, float] = {}  # id -> when its stop came
+        self._kept: dict[str, float] = {}  # id -> when it was noted
 
-    def keep(self, request_id: str) -> None:
+    def note(self, request_id: str) -> None:
         now = self.clock()
-        self._kept = {k: t for k, t in self._kept.items() if now - t < self.seconds}
+        self._kept.pop(request_id, None)
         self._kept[request_id] = now
+        while now - next(iter(self._kept.values())) >= self.seconds:
+            del self._kept[next(iter(self._kept))]
 
     def take(self, request_id: str) -> bool:
-        """Whether a stop came for ``request_id`` within ``seconds`` (it is used up)."""
-        came = self._kept.pop(request_id, None)
-        return came is not None and self.clock() - came < self.seconds
+        """Whether ``request_id`` was noted within ``seconds`` (it is let go)."""
+        noted = self._kept.pop(request_id, None)
+        return noted is not None and self.clock() - noted < self.seconds
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._kept
+        noted = self._kept.get(request_id)
+        return noted is not None and self.clock() - noted < self.seconds
 
     def __len__(self) -> int:
         return len(self._kept)
