@@ -11,7 +11,7 @@ llm stage). The stages are processes of their own (Python backend stubs), so the
 a lease per caller in a folder the launcher makes for the server's run and names in its environment
 (``CALLERS_DIR_ENV``), named by a hash of the request id (any string, not a file name; not written down
 either: anyone with a stream's id can stop it). The llm stage touches the leases of its streams (waiting
-for a slot or generating) and the decoder those of the streams whose tokens arrive and audio leaves; a
+for a slot or generating) and the decoder those of the streams whose audio leaves; a
 lease untouched for ``LEASE_IDLE_SECONDS`` no longer counts, so a caller lost where no stage sees its end
 (a bare gRPC cancellation through the ensemble, a closed HTTP connection, a stub that crashed) frees its
 place then.
@@ -59,7 +59,7 @@ class CallerLeases:
     """The leases of the callers in flight, in ``folder`` (shared by the server's processes).
 
     ``admit`` (preprocessing) takes a lease; ``keep_alive`` (the llm stage, for its streams) and ``touch``
-    (the decoder, as a stream's tokens arrive and its audio leaves) keep it alive; ``end`` (the decoder
+    (the decoder, as a stream's audio leaves) keep it alive; ``end`` (the decoder
     before a stream's last audio, the llm stage where a stream ends before its end reaches the decoder)
     gives it back. Thread-safe; any number of processes may share a folder.
     """
@@ -149,9 +149,13 @@ class CallerLeases:
         except OSError as error:  # the folder unreadable: nothing to free there
             self._warn(f"could not end a caller's lease ({error})")
 
-    def count(self) -> int:
-        """Callers in flight (live leases)."""
-        return self._count(self.clock())
+    def count(self) -> int | None:
+        """Callers in flight (live leases); None where the folder cannot be read (said in the log)."""
+        try:
+            return self._count(self.clock())
+        except OSError as error:
+            self._warn(f"could not count the callers in flight ({error})")
+            return None
 
     def _count(self, now: float, remove_expired: bool = False) -> int:
         """Live leases; with ``remove_expired`` (only under the admission's lock, where no lease of the same

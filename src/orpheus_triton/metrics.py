@@ -188,7 +188,7 @@ class DecoderMetrics(PublishedMetrics):
     """
 
     def __init__(self, pb_utils, model: str = DECODER_MODEL, interval: float | None = PUBLISH_SECONDS,
-                 callers: Callable[[], int] | None = None):
+                 callers: Callable[[], int | None] | None = None):
         metrics = MetricSet(pb_utils, model)
         self.metrics = metrics
         self.gauges = {
@@ -199,8 +199,9 @@ class DecoderMetrics(PublishedMetrics):
                                           "while idle; the mean: busy_seconds over calls, as rates)"),
             "queued": metrics.gauge(DECODER_QUEUED_METRIC, "Windows waiting for a decoder round"),
         }
-        # ``callers``: how many callers are in flight (callers.CallerLeases.count), where the server counts them.
-        self._callers, self._callers_due, self._callers_failing = callers, 0.0, False
+        # ``callers``: how many callers are in flight (callers.CallerLeases.count: None where it cannot tell), where
+        # the server counts them.
+        self._callers, self._callers_due = callers, 0.0
         if callers is not None:
             self.gauges["callers"] = metrics.gauge(CALLERS_METRIC, "Callers in flight, from preprocessing taking "
                                                    "their request to their last audio (serve --max-callers "
@@ -279,13 +280,8 @@ class DecoderMetrics(PublishedMetrics):
         the first-audio times observed meanwhile."""
         if self._callers is not None and time.monotonic() >= self._callers_due:
             self._callers_due = time.monotonic() + CALLERS_COUNT_SECONDS
-            try:
-                self.record_gauge("callers", self._callers())
-                self._callers_failing = False
-            except OSError as error:  # the leases' folder gone: the other figures still go out
-                if not self._callers_failing:  # said once, not every second
-                    log.warning("could not count the callers in flight: %s", error)
-                self._callers_failing = True
+            if (held := self._callers()) is not None:
+                self.record_gauge("callers", held)
         with self._lock:
             gauges = {name: value for name, value in self._gauge_values.items()
                       if self._published_gauges.get(name) != value}

@@ -61,8 +61,9 @@ class TritonPythonModel:
                                         lead_out=params.get("lead_out", "true") == "true")
         self.scheduler = DecodeScheduler(max_windows=max_windows, idle_seconds=idle,
                                          defer_horizon=float(params.get("newcomer_horizon", c.NEWCOMER_ROUND_HORIZON)))
-        # Callers in flight (where the server counts them): their leases are kept alive as their tokens arrive
-        # and their audio leaves, and end before a stream's last audio (or the error that ends it) is sent. Not
+        # Callers in flight (where the server counts them): their leases are kept alive as their audio leaves (the
+        # llm stage keeps them while it generates), and end before a stream's last audio (or the error that ends
+        # it) is sent. Not
         # at a refusal or a stop: a request with a caller's id need not be that caller's (a client of the
         # decoder alone), and a stopped stream's end still comes (its last request, answered without audio).
         self.callers = CallerLeases.from_environment()
@@ -95,8 +96,6 @@ class TritonPythonModel:
             if (refusal := request_size_refusal(tokens.size, self.scheduler.max_windows)) is not None:
                 send_error(pb_utils, sender, "decoder", refusal)
                 continue
-            if self.callers is not None:
-                self.callers.touch(stream_id)
             start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
             start = None if start is None else request_start_of(start.as_numpy(), None)
             chunks.append((stream_id, tokens, sender, start))
