@@ -114,7 +114,7 @@ def main() -> None:
         raise SystemExit(f"could not reach the server at {args.url}: {reason}") from None
 
     wav, samples, finished = None, 0, False  # the file is created with the first audio: a failed request leaves none
-    heard = False
+    heard, finish_reason = False, None
     try:
         while True:
             result, error = responses.get(timeout=600)
@@ -125,6 +125,9 @@ def main() -> None:
             heard = True
             # Ended with its final response, whatever happens while its audio is written (a Ctrl-C then).
             finished = result.get_response().parameters["triton_final_response"].bool_param
+            reason = result.as_numpy("finish_reason")  # with the stream's last audio: why it ended
+            if reason is not None:
+                finish_reason = reason.reshape(-1)[0].decode()
             audio = result.as_numpy("audio")
             if audio is not None and audio.size:
                 if wav is None:
@@ -150,6 +153,8 @@ def main() -> None:
             finally:  # a second Ctrl-C cuts the wait short: the stream is cancelled, not waited for
                 client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
+    if finish_reason == "max_tokens":  # end_of_speech: the model ended its speech; stopped: a stop ended it
+        print("the audio was cut at --max-tokens: the text's last words may be missing")
 
 
 def interrupt(signum, frame) -> None:

@@ -85,7 +85,7 @@ def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
     sink[i] = {"tokens": 0, "first": None, "window": None, "last": None, "max_gap": 0.0,
                "submitted": time.perf_counter()}
 
-    def emit(new, finished, i=i):
+    def emit(new, finish, i=i):
         entry, now = sink[i], time.perf_counter()
         entry["tokens"] += len(new)
         entry["first"] = entry["first"] or now
@@ -94,7 +94,7 @@ def submit(engine: InflightEngine, i: int, tokens: int, sink: dict) -> None:
         if entry["last"] is not None:
             entry["max_gap"] = max(entry["max_gap"], now - entry["last"])
         entry["last"] = now
-        if finished:
+        if finish is not None:
             entry["done"] = now
 
     # NO_END_ID: never stop early, so every stream generates exactly `tokens`.

@@ -20,6 +20,7 @@ from orpheus_triton.constants import (
     ENGINE_MODEL,
     ENSEMBLE_MODEL,
     LLM_AUDIO_GUARD,
+    LLM_FINISH_REASON,
     LLM_MODEL,
     LLM_OUTPUT_IDS,
     LLM_SEED,
@@ -548,7 +549,7 @@ def test_relay_has_the_torch_engines_contract(configs, tmp_path):
 def test_engine_takes_every_input_the_relay_sends_it(configs):
     """What the relay forwards (EngineInputs.map) is declared by the TensorRT-LLM model, type and shape alike.
     The request's start is the relay's own: taken off the inputs and answered with every response
-    (serving.serve_llm_requests), never sent to the engine."""
+    (serving.serve_llm_requests), never sent to the engine; so is the finish reason (TensorRT-LLM has none)."""
     relay = configs[LLM_MODEL]
     engine_io = {t.name: t for t in [*configs[ENGINE_MODEL].input, *configs[ENGINE_MODEL].output]}
     parameters = {key: value.string_value for key, value in relay.parameters.items()}
@@ -560,7 +561,7 @@ def test_engine_takes_every_input_the_relay_sends_it(configs):
     for name in sent:
         ours, theirs = relay_inputs[relay_name.get(name, name)], engine_io[name]
         assert (theirs.data_type, list(theirs.dims)) == (ours.data_type, list(ours.dims)), name
-    for output in (o for o in relay.output if o.name != REQUEST_START):
+    for output in (o for o in relay.output if o.name not in (REQUEST_START, LLM_FINISH_REASON)):
         theirs = engine_io[output.name]
         assert (theirs.data_type, list(theirs.dims)) == (output.data_type, list(output.dims)), output.name
     required = {i.name for i in configs[ENGINE_MODEL].input if not i.optional}

@@ -25,6 +25,20 @@ def test_decoder_state_is_per_stream_and_ends_with_end_of_speech():
     assert again[0].windows[0].codes == tuple(range(100, 128)) and again[0].windows[0].frame_index == 0
 
 
+def test_a_streams_finish_reason_goes_with_its_last_item_only():
+    """The llm stage says why a stream ended with its last tokens; the decoder hands it on with the stream's
+    last answer. One on a chunk without the end (a client of the decoder alone) is not a stream's end."""
+    from orpheus_triton.decode_rounds import StreamDecoderState
+
+    state = StreamDecoderState()
+    tokens = [audio_token_id(c, i) for i, c in enumerate(range(1, 15))]
+    first, last = state.items_for([("a", np.array(tokens[:7]), None, 1.0, "max_tokens"),
+                                   ("a", np.array(tokens[7:] + [END_OF_SPEECH]), None, 1.0, "max_tokens")])
+    assert (first.finish_reason, last.finish_reason, last.last) == (None, "max_tokens", True)
+    (untold,) = state.items_for([("b", np.array(tokens + [END_OF_SPEECH]), None, 1.0)])
+    assert untold.last and untold.finish_reason is None
+
+
 def _item(stream_id, windows=1, last=False, arrived=0.0):
     from orpheus_triton.decode_rounds import DecodeItem
     from orpheus_triton.frames import Window

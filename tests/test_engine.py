@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from orpheus_triton.constants import AUDIO_TOKEN_BASE, CODEBOOK_SIZE, END_OF_SPEECH, NO_END_ID, TOKENS_PER_FRAME
+from orpheus_triton.constants import (
+    AUDIO_TOKEN_BASE,
+    CODEBOOK_SIZE,
+    END_OF_SPEECH,
+    FINISH_END_OF_SPEECH,
+    FINISH_MAX_TOKENS,
+    FINISH_STOPPED,
+    NO_END_ID,
+    TOKENS_PER_FRAME,
+)
 from orpheus_triton.engine import (
     KV_CACHE_SHARE,
     PREFILL_GRAPH_ROWS,
@@ -38,11 +47,11 @@ def make_engine(model, **kw):
 
 class Collector:
     def __init__(self):
-        self.tokens, self.finished, self.errors = [], False, []
+        self.tokens, self.finished, self.errors = [], None, []  # finished: why the stream ended, once it has
 
-    def emit(self, tokens, finished):
+    def emit(self, tokens, finish):
         self.tokens += tokens
-        self.finished = finished
+        self.finished = finish
 
     def fail(self, message):
         self.errors.append(message)
@@ -731,10 +740,29 @@ def test_stop_request_drops_a_stream_by_id(model):
     engine.step()
     # It ends as TensorRT-LLM ends a stopped request: normally, with end_id last (so an
     # ensemble around it completes), not with an error.
-    assert victim.tokens[produced:] == [END_OF_SPEECH] and victim.finished and not victim.errors
+    assert victim.tokens[produced:] == [END_OF_SPEECH] and victim.finished == FINISH_STOPPED and not victim.errors
     assert engine.stats.cancelled == 1 and len(engine.decoding) == 1
     engine.run_until_idle()
     assert other.finished and not other.errors
+
+
+def test_each_stream_ends_saying_why(model):
+    """With its last tokens a stream says why it ended: its end_id (end of speech), its max_new_tokens (its
+    text's last words may be missing: the client is told), or a stop; only a cut is counted as capped."""
+    ending = stream_ending_on_its_own_token(model)
+    expected_length = ending.pop("expected_length")
+    engine = make_engine(model)
+    spoke, capped, stopped = Collector(), Collector(), Collector()
+    engine.submit(request(PROMPTS[5], spoke, **ending))
+    engine.submit(request(PROMPTS[0], capped, max_new_tokens=5))
+    engine.submit(request(PROMPTS[1], stopped, max_new_tokens=300, request_id="stopped"))
+    engine.step()
+    engine.stop_stream("stopped")
+    engine.run_until_idle()
+    assert len(spoke.tokens) == expected_length and spoke.finished == FINISH_END_OF_SPEECH
+    assert capped.tokens[5:] == [END_OF_SPEECH] and capped.finished == FINISH_MAX_TOKENS
+    assert stopped.tokens[-1] == END_OF_SPEECH and stopped.finished == FINISH_STOPPED
+    assert engine.stats.capped == 1 and engine.stats.cancelled == 1
 
 
 def test_a_stop_that_comes_as_its_stream_ends_does_not_stop_the_next_stream_with_its_id(model):
@@ -743,9 +771,9 @@ def test_a_stop_that_comes_as_its_stream_ends_does_not_stop_the_next_stream_with
     engine = make_engine(model)
     first, second = Collector(), Collector()
 
-    def emit(tokens, finished):
-        first.emit(tokens, finished)
-        if finished:
+    def emit(tokens, finish):
+        first.emit(tokens, finish)
+        if finish is not None:
             assert engine.stop_stream("X")  # still known: the step has not let it go yet
 
     engine.submit(GenerationRequest(prompt=PROMPTS[0], max_new_tokens=5, emit=emit, fail=first.fail,

@@ -10,7 +10,15 @@ import time
 import numpy as np
 import pytest
 
-from orpheus_triton.constants import END_OF_SPEECH, LLM_AUDIO_GUARD, LLM_SEED, LLM_STOP
+from orpheus_triton.constants import (
+    END_OF_SPEECH,
+    FINISH_END_OF_SPEECH,
+    FINISH_MAX_TOKENS,
+    FINISH_STOPPED,
+    LLM_AUDIO_GUARD,
+    LLM_SEED,
+    LLM_STOP,
+)
 from orpheus_triton.llm_relay import EngineInputs, EngineResponse, RelayStreams
 from orpheus_triton.serving import StreamIdError
 
@@ -47,11 +55,11 @@ def make(fail_sends=(), engine_inputs=None, cancel_check_seconds=0.1):
     engine, sent, refused = Engine(), [], []
     relay = None
 
-    def respond(sender, tokens, count, final):
+    def respond(sender, tokens, count, finish):
         if sender in fail_sends:
             raise RuntimeError("client went away")
-        reusable = final and "a" not in relay.active._ids
-        sent.append((tokens, count, final, reusable))
+        reusable = finish is not None and "a" not in relay.active._ids
+        sent.append((tokens, count, finish, reusable))
 
     def refuse(sender, message):
         refused.append(str(message))
@@ -71,10 +79,24 @@ def test_token_by_token_stream_goes_out_in_frames_and_ends_with_end_id():
     relay.start("a", INPUTS, "sender", lambda: False)
     engine.send("a", *tokens(*range(10, 19)), EngineResponse([]), None)  # an empty final response
     relay.close()
-    assert sent == [(list(range(10, 17)), 7, False, False),
-                    ([17, 18, END_OF_SPEECH], 10, True, True)]  # the id is free before the final response
+    # The id is free before the final response, which says why the stream ended: short of its
+    # request_output_len (100) and not stopped, so on its end_id, which TensorRT-LLM leaves out.
+    assert sent == [(list(range(10, 17)), 7, None, False),
+                    ([17, 18, END_OF_SPEECH], 10, FINISH_END_OF_SPEECH, True)]
     assert not refused
     relay.active.claim("a")
+
+
+@pytest.mark.parametrize("engine_sends_end_id", [False, True], ids=["tensorrt-llm", "torch-engine"])
+def test_a_stream_cut_at_its_request_output_len_ends_saying_so(engine_sends_end_id):
+    """At request_output_len the engine ends the stream (the torch engine with its end_id appended, TensorRT-LLM
+    without it): the final response says max_tokens, so the client knows the text's last words are missing."""
+    relay, engine, sent, _ = make()
+    capped = {**INPUTS, "request_output_len": np.array([9], np.int32)}
+    relay.start("a", capped, "sender", lambda: False)
+    engine.send("a", *tokens(*range(1, 10)), *tokens(END_OF_SPEECH)[:engine_sends_end_id], None)
+    relay.close()
+    assert sent == [([1, 2, 3, 4, 5, 6, 7], 7, None, False), ([8, 9, END_OF_SPEECH], 10, FINISH_MAX_TOKENS, True)]
 
 
 def test_end_id_from_the_engine_is_not_doubled_and_nothing_after_it_goes_out():
@@ -82,7 +104,7 @@ def test_end_id_from_the_engine_is_not_doubled_and_nothing_after_it_goes_out():
     relay.start("a", INPUTS, "sender", lambda: False)
     engine.send("a", *tokens(1, 2, 3, 4, 5, 6, 7, 8), EngineResponse([END_OF_SPEECH, 99]), None)
     relay.close()
-    assert sent == [([1, 2, 3, 4, 5, 6, 7], 7, False, False), ([8, END_OF_SPEECH], 9, True, True)]
+    assert sent == [([1, 2, 3, 4, 5, 6, 7], 7, None, False), ([8, END_OF_SPEECH], 9, FINISH_END_OF_SPEECH, True)]
 
 
 def test_an_engine_error_reaches_the_client_and_retires_the_id():
@@ -110,7 +132,7 @@ def test_a_cancelled_client_stops_the_engine_once_and_gets_nothing_more():
     engine.send("a", None)
     relay.close()
     assert engine.stopped == ["a"]
-    assert all(not final for _, _, final, _ in sent)
+    assert all(finish is None for _, _, finish, _ in sent)
     assert refused == ["request cancelled by the client"]
 
 
@@ -135,11 +157,11 @@ def test_a_send_that_fails_after_its_streams_end_holds_the_id_and_spares_the_nex
     engine, sent, refused = Engine(), [], []
     behind = threading.Event()
 
-    def respond(sender, tokens, count, final):
+    def respond(sender, tokens, count, finish):
         if sender == "gone":
             behind.wait(5)
             raise RuntimeError("client went away")
-        sent.append((sender, final))
+        sent.append((sender, finish))
 
     relay = RelayStreams(engine.call, engine.stop, respond, lambda sender, message: refused.append(message),
                          engine_inputs=EngineInputs(), tokens_per_response=7, hold_seconds=600)
@@ -159,7 +181,7 @@ def test_a_send_that_fails_after_its_streams_end_holds_the_id_and_spares_the_nex
     relay.start("a", INPUTS, "new", lambda: False)
     engine.send("a", *tokens(*range(10, 30)), None)
     relay.close()
-    assert engine.stopped == [] and refused == [] and sent[-1] == ("new", True)
+    assert engine.stopped == [] and refused == [] and sent[-1] == ("new", FINISH_END_OF_SPEECH)
 
 
 def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
@@ -170,7 +192,7 @@ def test_stop_is_passed_on_and_the_stream_ends_normally_with_its_id_retired():
     engine.send("a", *tokens(1, 2), None)  # the engine ends a stopped stream
     relay.close()
     assert engine.stopped == ["a", "a"]  # and again once the engine has answered (see the next test)
-    assert sent == [([1, 2, END_OF_SPEECH], 3, True, True)]  # ends normally: the ensemble completes
+    assert sent == [([1, 2, END_OF_SPEECH], 3, FINISH_STOPPED, True)]  # ends normally: the ensemble completes
     with pytest.raises(StreamIdError):
         relay.active.claim("a")
     relay.stop("unknown")  # another relay instance's stream, maybe: the engine is told anyway
@@ -197,14 +219,14 @@ def test_a_stop_that_reaches_the_engine_before_the_relays_own_call_is_passed_on_
         else:
             ignored.append(request_id)
 
-    relay = RelayStreams(call, stop, lambda sender, tokens, count, final: sent.append((count, final)),
+    relay = RelayStreams(call, stop, lambda sender, tokens, count, finish: sent.append((count, finish)),
                          lambda sender, message: None, engine_inputs=EngineInputs(), tokens_per_response=7,
                          hold_seconds=600)
     relay.start("a", INPUTS, "sender", lambda: False)
     relay.stop("a")
     calling.set()
     relay.close()
-    assert ignored == ["a"] and sent == [(2, True)]  # stopped after the engine's first token, ended normally
+    assert ignored == ["a"] and sent == [(2, FINISH_STOPPED)]  # stopped after the engine's first token, ended normally
 
 
 def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
@@ -225,7 +247,7 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
             time.sleep(0.01)
 
     def new_relay():
-        return RelayStreams(call, live.discard, lambda sender, tokens, count, final: sent.append((count, final)),
+        return RelayStreams(call, live.discard, lambda sender, tokens, count, finish: sent.append((count, finish)),
                             lambda sender, message: None, engine_inputs=EngineInputs(), tokens_per_response=7,
                             hold_seconds=600)
 
@@ -233,7 +255,7 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
     relay.stop("early")
     relay.start("early", INPUTS, "sender", lambda: False)
     relay.close()
-    assert sent[-1][1] and sent[-1][0] < 10  # stopped within its first tokens, ended normally
+    assert sent[-1][1] == FINISH_STOPPED and sent[-1][0] < 10  # stopped within its first tokens, ended normally
     with pytest.raises(StreamIdError, match="cancelled or failed"):
         relay.active.claim("early")
     # One whose request never came in time stops nothing: a later stream with the id runs to its end.
@@ -242,7 +264,7 @@ def test_a_stop_that_overtakes_its_request_stops_the_stream_as_it_arrives():
     relay._early_stops._kept["late"] = time.monotonic() - EARLY_STOP_SECONDS
     relay.start("late", INPUTS, "sender", lambda: False)
     relay.close()
-    assert sent[-1] == (50, True)
+    assert sent[-1] == (50, FINISH_END_OF_SPEECH)
 
 
 def test_a_stop_that_comes_after_its_stream_ended_does_not_stop_the_ids_next_stream():
@@ -342,6 +364,7 @@ def test_relay_serves_the_same_audio_in_frames(relay_server, grpc_url, model_set
     relayed = OrpheusClient(relay_url).synthesize(TEXT, max_tokens=300, seed=11)
     assert relayed.audio.size > 0
     assert_same_audio(relayed.audio, direct.audio)
+    assert relayed.finish_reason == direct.finish_reason == FINISH_MAX_TOKENS  # said through the relay too
 
     # Behind the relay the engine answers token by token; the relay, frame by frame, ended by end_id.
     engine_responses = llm_tokens(relay_url, model_set, text=TEXT, max_tokens=60, seed=2, model=ENGINE_MODEL,

@@ -3,7 +3,16 @@
 import numpy as np
 import pytest
 
-from orpheus_triton.constants import CANCEL_CHECK_SECONDS, END_OF_SPEECH, LLM_INPUT_IDS, LLM_STOP, REQUEST_START
+from orpheus_triton.constants import (
+    CANCEL_CHECK_SECONDS,
+    END_OF_SPEECH,
+    FINISH_END_OF_SPEECH,
+    FINISH_MAX_TOKENS,
+    LLM_FINISH_REASON,
+    LLM_INPUT_IDS,
+    LLM_STOP,
+    REQUEST_START,
+)
 from orpheus_triton.constants import LLM_OUTPUT_IDS as OUT_IDS
 from orpheus_triton.constants import LLM_SEQUENCE_LENGTH as OUT_LENGTH
 from orpheus_triton.engine import CapacityError
@@ -34,12 +43,12 @@ def make(threaded: bool | int = False, fail_sends=(), cancel_check_seconds=CANCE
     sent, refused = [], []
     streams = None
 
-    def respond(sender, tokens, count, final):
+    def respond(sender, tokens, count, finish):
         if sender in fail_sends:
             raise RuntimeError("client went away")
         # What a client may do the moment the final response arrives: reuse the id.
-        reusable = final and "a" not in streams.active._ids
-        sent.append((sender, tokens, count, final, reusable))
+        reusable = finish is not None and "a" not in streams.active._ids
+        sent.append((sender, tokens, count, finish, reusable))
 
     def refuse(sender, message):
         refused.append((sender, message))
@@ -55,12 +64,12 @@ def test_a_stream_sends_frames_in_order_and_frees_its_id_before_the_final_respon
     streams, engine, sent, _ = make(threaded)
     streams.start("a", SETTINGS, "sender-a", lambda: False)
     emit = engine.requests["a"].emit
-    emit([10, 11, 12], False)  # not a frame yet
-    emit([13, 14, 15, 16], False)
-    emit([17, END_OF_SPEECH], True)
+    emit([10, 11, 12], None)  # not a frame yet
+    emit([13, 14, 15, 16], None)
+    emit([17, END_OF_SPEECH], FINISH_END_OF_SPEECH)
     streams.close()
-    assert sent == [("sender-a", [10, 11, 12, 13, 14, 15, 16], 7, False, False),
-                    ("sender-a", [17, END_OF_SPEECH], 9, True, True)]
+    assert sent == [("sender-a", [10, 11, 12, 13, 14, 15, 16], 7, None, False),
+                    ("sender-a", [17, END_OF_SPEECH], 9, FINISH_END_OF_SPEECH, True)]
     streams.active.claim("a")  # free again
 
 
@@ -88,9 +97,9 @@ def test_a_request_beyond_capacity_is_refused_and_claims_nothing():
 def test_a_send_that_fails_drops_the_stream_and_retires_its_id():
     streams, engine, sent, _ = make(fail_sends={"sender-a"})
     streams.start("a", SETTINGS, "sender-a", lambda: False)
-    engine.requests["a"].emit(list(range(7)), False)
+    engine.requests["a"].emit(list(range(7)), None)
     assert engine.stopped == ["a"] and not sent
-    engine.requests["a"].emit([END_OF_SPEECH], True)  # the engine ends it: nothing more is sent
+    engine.requests["a"].emit([END_OF_SPEECH], FINISH_END_OF_SPEECH)  # the engine ends it: nothing more is sent
     assert not sent
     with pytest.raises(StreamIdError, match="cancelled or failed"):
         streams.active.claim("a")
@@ -110,11 +119,11 @@ def test_a_send_that_fails_after_its_streams_end_spares_the_next_stream_with_its
     def behind_then_failing():
         behind = threading.Event()
 
-        def respond(sender, tokens, count, final):
+        def respond(sender, tokens, count, finish):
             if sender == "gone":
                 behind.wait(5)
                 raise RuntimeError("client went away")
-            sent.append((sender, tokens, final))
+            sent.append((sender, tokens, finish))
 
         engine = Engine()
         return LlmStreams(engine, respond, lambda sender, message: None, response_threads=1,
@@ -123,22 +132,22 @@ def test_a_send_that_fails_after_its_streams_end_spares_the_next_stream_with_its
     streams, engine, behind = behind_then_failing()
     streams.start("a", SETTINGS, "gone", lambda: False)
     old = engine.requests["a"]
-    old.emit(list(range(7)), False)  # a frame, whose send will fail
-    old.emit([7, END_OF_SPEECH], True)  # the end: the id is let go
+    old.emit(list(range(7)), None)  # a frame, whose send will fail
+    old.emit([7, END_OF_SPEECH], FINISH_END_OF_SPEECH)  # the end: the id is let go
     streams.start("a", SETTINGS, "new", lambda: False)  # and taken again
     behind.set()
     time.sleep(0.3)
     assert engine.stopped == [] and "a" in streams.active._ids  # the new stream goes on
     new = engine.requests["a"]
-    new.emit(list(range(100, 107)), False)
-    new.emit([END_OF_SPEECH], True)
+    new.emit(list(range(100, 107)), None)
+    new.emit([END_OF_SPEECH], FINISH_END_OF_SPEECH)
     streams.close()
-    assert [final for sender, _, final in sent if sender == "new"] == [False, True]
+    assert [finish for sender, _, finish in sent if sender == "new"] == [None, FINISH_END_OF_SPEECH]
     # Without a new stream, the lost end holds the id, as a cancelled stream's does.
     streams, engine, behind = behind_then_failing()
     streams.start("b", SETTINGS, "gone", lambda: False)
-    engine.requests["b"].emit(list(range(7)), False)
-    engine.requests["b"].emit([END_OF_SPEECH], True)
+    engine.requests["b"].emit(list(range(7)), None)
+    engine.requests["b"].emit([END_OF_SPEECH], FINISH_END_OF_SPEECH)
     assert "b" not in streams.active._ids
     behind.set()
     streams.close()
@@ -158,7 +167,7 @@ def test_stop_ends_the_stream_in_the_engine_and_retires_its_id():
     # A stream the engine fails once it has streamed (the client cancelled it) is told why, and its id stays
     # retired too: the decoder may hold its audio's state.
     streams.start("b", SETTINGS, "sender-b", lambda: True)
-    engine.requests["b"].emit(list(range(7)), False)
+    engine.requests["b"].emit(list(range(7)), None)
     engine.requests["b"].fail("request cancelled by the client")
     assert refused == [("sender-b", "request cancelled by the client")]
     with pytest.raises(StreamIdError):
@@ -170,7 +179,7 @@ def test_a_request_refused_before_it_streamed_leaves_its_id_free_for_a_retry():
     retired for 10 minutes: the retry with the same id was refused as a stopped stream's."""
     streams, engine, sent, refused = make()
     streams.start("a", SETTINGS, "sender-a", lambda: False)
-    engine.requests["a"].emit([1, 2, 3], False)  # less than a frame: nothing went out
+    engine.requests["a"].emit([1, 2, 3], None)  # less than a frame: nothing went out
     engine.requests["a"].fail("server busy: no stream slot came free within 5 s; retry later")
     assert refused == [("sender-a", "server busy: no stream slot came free within 5 s; retry later")] and not sent
     streams.start("a", SETTINGS, "sender-a2", lambda: False)  # the retry
@@ -222,19 +231,26 @@ class Sender:
     ({OUT_IDS}, [OUT_IDS]),  # what the ensemble asks of the llm stage
     ({OUT_IDS, OUT_LENGTH}, [OUT_IDS, OUT_LENGTH]),
     ({OUT_IDS, REQUEST_START}, [OUT_IDS, REQUEST_START]),  # with the request's start, for the decoder
-    (set(), [OUT_IDS, OUT_LENGTH, REQUEST_START]),  # a caller that names no outputs gets all
+    ({OUT_IDS, LLM_FINISH_REASON}, [OUT_IDS, LLM_FINISH_REASON]),  # and why it ended, for the client
+    (set(), [OUT_IDS, OUT_LENGTH, REQUEST_START, LLM_FINISH_REASON]),  # a caller that names no outputs gets all
 ])
 def test_responses_carry_only_the_outputs_asked_for(asked, expected):
     """An output the caller did not ask for is not built at all: Triton's Python backend would drop it
-    inside send() after releasing the GIL, which crashes the stub on Python 3.12."""
+    inside send() after releasing the GIL, which crashes the stub on Python 3.12. The final response says
+    why the stream ended; the others do not (they have no finish reason)."""
     respond, _ = llm_responders(FakePbUtils)
     sender = Sender()
-    respond(Reply(sender, frozenset(asked), 1234.5), [5, 6, 7], 3, True)
-    [(response, flags)] = sender.sent
+    respond(Reply(sender, frozenset(asked), 1234.5), [5, 6], 2, None)
+    respond(Reply(sender, frozenset(asked), 1234.5), [7], 3, FINISH_MAX_TOKENS)
+    [(going_on, not_final), (response, flags)] = sender.sent
+    assert [name for name, _ in going_on] == [name for name in expected if name != LLM_FINISH_REASON]
+    assert not_final == 0
     assert [name for name, _ in response] == expected and flags == FakePbUtils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-    assert dict(response)[OUT_IDS] == [[[5, 6, 7]]]
+    assert dict(response)[OUT_IDS] == [[[7]]]
     if REQUEST_START in expected:
         assert dict(response)[REQUEST_START] == [[1234.5]]
+    if LLM_FINISH_REASON in expected:
+        assert dict(response)[LLM_FINISH_REASON] == [[FINISH_MAX_TOKENS.encode()]]
 
 
 def test_threaded_a_stream_is_asked_about_cancellation_in_passes_within_their_duty():
@@ -392,7 +408,7 @@ def test_a_new_stream_refused_while_the_last_one_with_its_id_ends_in_failure_sti
 
     sent, refused, client_gone = [], [], threading.Event()
 
-    def respond(sender, tokens, count, final):
+    def respond(sender, tokens, count, finish):
         if sender == "A":
             client_gone.wait(5)
             raise RuntimeError("client went away")
@@ -403,7 +419,7 @@ def test_a_new_stream_refused_while_the_last_one_with_its_id_ends_in_failure_sti
                          response_threads=1, tokens_per_response=7, hold_seconds=600)
     streams.start("a", SETTINGS, "A", lambda: False)
     first = engine.requests["a"]
-    first.emit(list(range(7)), False)  # its send waits on the response thread, and fails
+    first.emit(list(range(7)), None)  # its send waits on the response thread, and fails
     release = streams.active.release
 
     def b_comes_as_a_lets_go(request_id, completed=True):
@@ -413,7 +429,7 @@ def test_a_new_stream_refused_while_the_last_one_with_its_id_ends_in_failure_sti
         streams.start("a", SETTINGS, "B", lambda: False)  # execute(), between A's release and A's final
 
     streams.active.release = b_comes_as_a_lets_go
-    first.emit([END_OF_SPEECH], True)
+    first.emit([END_OF_SPEECH], FINISH_END_OF_SPEECH)
     client_gone.set()
     deadline = time.monotonic() + 5
     while not refused and time.monotonic() < deadline:
@@ -429,14 +445,14 @@ def test_the_caller_is_gone_wherever_a_stream_ends_before_its_end_reaches_the_de
     engine = Engine()
     failing = Sender()
 
-    def respond(sender, tokens, count, final):
+    def respond(sender, tokens, count, finish):
         if sender is failing:
             raise RuntimeError("client went away")
 
     streams = LlmStreams(engine, respond, lambda sender, message: None, response_threads=0, tokens_per_response=7,
                          hold_seconds=600, caller_gone=gone.append)
     streams.start("done", SETTINGS, Sender(), lambda: False)
-    engine.requests["done"].emit([*range(7), END_OF_SPEECH], True)
+    engine.requests["done"].emit([*range(7), END_OF_SPEECH], FINISH_END_OF_SPEECH)
     assert gone == []  # the decoder ends it, with the stream's last audio
     engine.full = True
     streams.start("busy", SETTINGS, Sender(), lambda: False)
@@ -444,13 +460,13 @@ def test_the_caller_is_gone_wherever_a_stream_ends_before_its_end_reaches_the_de
     streams.start("timed-out", SETTINGS, Sender(), lambda: False)
     engine.requests["timed-out"].fail("server busy: no stream slot came free within 5 s")
     streams.start("failed", SETTINGS, Sender(), lambda: False)
-    engine.requests["failed"].emit(list(range(7)), False)
+    engine.requests["failed"].emit(list(range(7)), None)
     engine.requests["failed"].fail("request cancelled by the client")
     streams.start("stopped", SETTINGS, Sender(), lambda: False)
     streams.stop("stopped")
     streams.stop("unknown")
     streams.start("lost", SETTINGS, failing, lambda: False)
-    engine.requests["lost"].emit(list(range(7)), False)
+    engine.requests["lost"].emit(list(range(7)), None)
     streams.close()
     assert gone == ["busy", "timed-out", "failed", "stopped", "lost"]
 
@@ -479,7 +495,7 @@ def test_a_stop_that_comes_after_its_stream_ended_does_not_stop_the_ids_next_str
     ended with no audio and no error."""
     streams, engine, sent, _ = make()
     streams.start("a", SETTINGS, "first", lambda: False)
-    engine.requests.pop("a").emit([*range(7), END_OF_SPEECH], True)  # ended: the engine holds it no more
+    engine.requests.pop("a").emit([*range(7), END_OF_SPEECH], FINISH_END_OF_SPEECH)  # ended: no longer held
     streams.stop("a")  # late
     streams.start("a", SETTINGS, "next", lambda: False)
     assert engine.stopped == ["a"]  # the late stop's own look, not the next stream's

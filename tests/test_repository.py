@@ -40,8 +40,10 @@ def test_ensemble_public_contract(configs):
     assert types == {c.IN_TEXT: "TYPE_STRING", c.IN_VOICE: "TYPE_STRING", c.IN_MAX_TOKENS: "TYPE_INT32",
                      c.IN_TEMPERATURE: "TYPE_FP32", c.IN_TOP_P: "TYPE_FP32", c.IN_REPETITION_PENALTY: "TYPE_FP32",
                      c.IN_SEED: "TYPE_UINT64"}
-    (audio,) = ensemble.output
+    audio, finish_reason = ensemble.output
     assert (audio.name, list(audio.dims), audio.data_type) == (c.OUT_AUDIO, [-1], model_config_pb2.TYPE_INT16)
+    assert (finish_reason.name, list(finish_reason.dims), finish_reason.data_type) == (
+        c.OUT_FINISH_REASON, [1], model_config_pb2.TYPE_STRING)
     assert [s.model_name for s in ensemble.ensemble_scheduling.step] == [
         c.PREPROCESSING_MODEL, c.LLM_MODEL, c.DECODER_MODEL]
 
@@ -55,11 +57,11 @@ def test_every_mapped_tensor_exists_with_the_constant_names(configs):
     assert {c.LLM_INPUT_IDS, c.LLM_INPUT_LENGTHS, c.LLM_REQUEST_OUTPUT_LEN, c.LLM_END_ID, c.LLM_PAD_ID,
             c.LLM_STREAMING, c.LLM_TEMPERATURE, c.LLM_TOP_P, c.LLM_TOP_K, c.LLM_REPETITION_PENALTY, c.LLM_SEED,
             c.LLM_AUDIO_GUARD, c.LLM_STOP, c.REQUEST_START} == set(names(llm.input))
-    assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH, c.REQUEST_START]
+    assert names(llm.output) == [c.LLM_OUTPUT_IDS, c.LLM_SEQUENCE_LENGTH, c.REQUEST_START, c.LLM_FINISH_REASON]
     assert llm.model_transaction_policy.decoupled
     decoder = configs[c.DECODER_MODEL]
-    assert names(decoder.input) == [c.DECODER_TOKENS, c.REQUEST_START, c.DECODER_STOP]
-    assert names(decoder.output) == [c.DECODER_AUDIO]
+    assert names(decoder.input) == [c.DECODER_TOKENS, c.REQUEST_START, c.DECODER_STOP, c.DECODER_FINISH_REASON]
+    assert names(decoder.output) == [c.DECODER_AUDIO, c.DECODER_FINISH_REASON]
     assert c.REQUEST_START in names(configs[c.PREPROCESSING_MODEL].output)
     assert decoder.model_transaction_policy.decoupled and decoder.HasField("dynamic_batching")
     pre_outputs = set(names(configs[c.PREPROCESSING_MODEL].output))

@@ -49,13 +49,14 @@ def llm_tokens(url: str, model_set, model: str = c.LLM_MODEL, per_response: bool
     return responses if per_response else sum(responses, [])
 
 
-def _stream(url, model, inputs, output, request_id=None) -> list[list]:
-    """Every response's values of ``output`` (responses without it left out)."""
+def _stream(url, model, inputs, output, request_id=None, outputs=None) -> list[list]:
+    """Every response's values of ``output`` (responses without it left out); ``outputs``: those asked for
+    (none named: all)."""
     events: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: events.put((result, error)))
     client.async_stream_infer(model, inputs, request_id=str(uuid.uuid4()) if request_id is None else request_id,
-                              enable_empty_final_response=True)
+                              outputs=outputs, enable_empty_final_response=True)
     values = []
     while True:
         result, error = events.get(timeout=120)
@@ -101,6 +102,24 @@ def test_the_decoder_alone_decodes_a_stream_with_or_without_its_start_time(serve
     long = np.array([[[audio_token_id(7, i) for i in range(c.TOKENS_PER_FRAME * 300)]]], dtype=np.int32)
     with pytest.raises(SynthesisError, match=r"output_ids holds 2100 token ids; send at most \d+ a request"):
         _stream(grpc_url, c.DECODER_MODEL, [infer_input(c.DECODER_TOKENS, long)], c.DECODER_AUDIO)
+
+
+def test_the_decoder_alone_hands_a_finish_reason_on_and_answers_only_what_is_asked_for(server, grpc_url):
+    """A stream's last request may carry why it ended (the llm stage's finish_reason): its answer hands it on
+    beside the audio. Asked for the finish reason alone, the decoder refuses, naming the audio every answer
+    carries (an output not asked for would be dropped inside the backend's send)."""
+    from orpheus_triton.frames import audio_token_id
+
+    tokens = np.array([[[audio_token_id(100 + i, i) for i in range(c.TOKENS_PER_FRAME)] + [c.END_OF_SPEECH]]],
+                      dtype=np.int32)
+    reason = infer_input(c.DECODER_FINISH_REASON, np.array([[c.FINISH_MAX_TOKENS.encode()]], dtype=np.object_))
+    inputs = [infer_input(c.DECODER_TOKENS, tokens), reason]
+    assert _stream(grpc_url, c.DECODER_MODEL, inputs, c.DECODER_FINISH_REASON) == [[c.FINISH_MAX_TOKENS.encode()]]
+    assert [len(chunk) for chunk in _stream(grpc_url, c.DECODER_MODEL, inputs, c.DECODER_AUDIO)] == [
+        c.SAMPLES_PER_FRAME]
+    with pytest.raises(SynthesisError, match="every answer carries 'audio': ask for it too"):
+        _stream(grpc_url, c.DECODER_MODEL, inputs, c.DECODER_FINISH_REASON,
+                outputs=[grpcclient.InferRequestedOutput(c.DECODER_FINISH_REASON)])
 
 
 def test_the_models_log_into_the_server_log(server):
@@ -867,6 +886,28 @@ def test_async_client_speaks_text_as_it_arrives_sentence_by_sentence(grpc_url):
     assert_same_audio(asyncio.run(main()), expected)
 
 
+def test_both_clients_hear_why_a_streams_audio_ended(grpc_url):
+    """The stream's last response says why its audio ended: here its max_tokens (random weights never end
+    their speech), so a caller knows the text's last words may be missing. The threaded client keeps it on
+    the result; the asyncio client's ``on_finish`` hears it, once per stream and per sentence of stream_text."""
+    import asyncio
+
+    from orpheus_triton.client import AsyncOrpheusClient
+
+    result = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=70)
+    assert result.finish_reason == c.FINISH_MAX_TOKENS and result.audio.size == 10 * c.SAMPLES_PER_FRAME
+
+    async def main():
+        heard: list[str] = []
+        async with AsyncOrpheusClient(grpc_url) as client:
+            chunks = [chunk async for chunk in client.stream(TEXT, max_tokens=70, on_finish=heard.append)]
+            assert sum(map(len, chunks)) == 10 * c.SAMPLES_PER_FRAME and heard == [c.FINISH_MAX_TOKENS]
+            [chunk async for chunk in client.stream_text("One. Two.", max_tokens=14, on_finish=heard.append)]
+        return heard
+
+    assert asyncio.run(main()) == [c.FINISH_MAX_TOKENS] * 3
+
+
 def _sse_events(url: str, body: dict) -> tuple[int, list[dict]]:
     """POST ``body`` to a Triton generate_stream endpoint: the HTTP status and the server-sent events' JSON."""
     import json
@@ -891,6 +932,10 @@ def test_http_clients_stream_the_same_audio_as_server_sent_events(server, grpc_u
     status, events = _sse_events(url, {"id": "http-stream-1", "text": TEXT, "seed": 3, "max_tokens": 140})
     assert status == 200 and len(events) > 5 and all("error" not in event for event in events)
     assert_same_audio(np.concatenate([np.array(event[c.OUT_AUDIO], dtype=np.int16) for event in events]), expected)
+    # The last event, with the last audio, says why it ended: here its max_tokens (random weights never end
+    # their speech); no other event says anything of its end.
+    assert [event.get(c.OUT_FINISH_REASON) for event in events] == [None] * (len(events) - 1) + [c.FINISH_MAX_TOKENS]
+    assert events[-1][c.OUT_AUDIO]
     status, refused = _sse_events(url, {"text": TEXT})  # no "id": the request has no stream key
     assert status == 400 and len(refused) == 1 and "this request has no id" in refused[0]["error"]
 
@@ -924,6 +969,8 @@ def test_an_http_stream_is_stopped_with_the_llm_stop_request(server):
     listener.join(60)
     assert status == 200 and answer == [] and not listener.is_alive()
     assert all("error" not in event for event in events) and len(events) < LONG_STREAM_TOKENS // c.TOKENS_PER_FRAME // 2
+    # The stream's last event says the stop ended it; no other says anything of its end.
+    assert [event.get(c.OUT_FINISH_REASON) for event in events] == [None] * (len(events) - 1) + [c.FINISH_STOPPED]
     assert settled_server_metric(server, "orpheus_llm_active_streams") == 0  # (the gauge is refreshed every 0.5 s)
 
 
@@ -942,7 +989,9 @@ def test_a_stop_that_overtakes_its_request_still_stops_the_stream(server):
                                                        method="POST"), timeout=120) as response:
         events = [json.loads(line[len(b"data:"):]) for line in response if line.startswith(b"data:")]
     assert all("error" not in event for event in events), events
-    assert sum(len(event["audio"]) for event in events) < 8 * c.SAMPLES_PER_FRAME  # stopped at its start
+    # Stopped at its start; its last event says so, with no audio where the stop left none to send.
+    assert sum(len(event.get(c.OUT_AUDIO, [])) for event in events) < 8 * c.SAMPLES_PER_FRAME
+    assert events[-1][c.OUT_FINISH_REASON] == c.FINISH_STOPPED
 
 
 def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_path):
@@ -961,6 +1010,8 @@ def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_p
     )
     assert piped.returncode == 0, piped.stderr
     assert_same_audio(read_wav(tmp_path / "piped.wav")[1], expected)
+    assert "note: the audio was cut at max_tokens (28 tokens) before the speech ended" in piped.stdout
+    assert "--sentences" not in piped.stdout  # it is spoken sentence by sentence already
     # A failure ends the command at once, though the program writing its stdin has not finished.
     writer = subprocess.Popen(
         [sys.executable, "-m", "orpheus_triton.cli", "say", "-", "-o", str(tmp_path / "refused.wav"), "--url",
@@ -1143,6 +1194,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     )
     assert say.returncode == 0, say.stderr
     assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
+    assert "note: the audio was cut at max_tokens (70 tokens) before the speech ended" in say.stdout
     rate, audio = read_wav(tmp_path / "say.wav")
     assert rate == c.SAMPLE_RATE and audio.size == 10 * c.SAMPLES_PER_FRAME  # 10 frames
     # -o -: the same audio as raw PCM on stdout, the summary on stderr
@@ -1173,6 +1225,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
                           "--url", grpc_url, "--max-tokens", "70"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert read_wav(tmp_path / "ex.wav")[1].size > 0
+    assert "the audio was cut at --max-tokens" in run.stdout
     # SIGTERM mid-stream (kill, `timeout`): `say` ends the stream as on Ctrl-C and leaves a whole WAV
     # (it ended at once: the header said 0 frames, the stream ran on, counted in flight)
     import signal

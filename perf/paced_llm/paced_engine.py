@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from orpheus_triton.constants import CODEBOOK_SIZE
+from orpheus_triton.constants import CODEBOOK_SIZE, FINISH_MAX_TOKENS, FINISH_STOPPED
 from orpheus_triton.engine import MAX_STREAMS_BY_DEVICE, CapacityError, EngineStats, GenerationRequest
 from orpheus_triton.frames import audio_token_id
 
@@ -93,7 +93,7 @@ class PacedEngine:
             if request.request_id in stopped or request.is_cancelled():
                 self.stats.cancelled += 1
                 if request.request_id in stopped:
-                    request.emit([request.end_id], True)
+                    request.emit([request.end_id], FINISH_STOPPED)
                 elif request.fail:
                     request.fail("request cancelled by the client")
                 continue
@@ -101,7 +101,7 @@ class PacedEngine:
             stream[1] = made = made + 1
             self.stats.tokens_generated += 1
             done = made >= request.max_new_tokens
-            request.emit([token, request.end_id] if done else [token], done)
+            request.emit([token, request.end_id] if done else [token], FINISH_MAX_TOKENS if done else None)
             if done:
                 self.stats.capped += 1
             else:

@@ -130,9 +130,9 @@ def generate_sequences(model, requests: list[tuple[list[int], int]], length: int
     done = [0]
 
     def collect(index: int):
-        def emit(tokens: list[int], finished: bool) -> None:
+        def emit(tokens: list[int], finish: str | None) -> None:
             outputs[index].extend(tokens)
-            if finished:
+            if finish is not None:
                 done[0] += 1
                 if progress is not None:
                     progress(done[0], len(requests))

@@ -27,6 +27,7 @@ from .constants import (
     DEFAULT_TOP_P,
     DEFAULT_VOICE,
     ENSEMBLE_MODEL,
+    FINISH_MAX_TOKENS,
     MAX_RESPONSE_THREADS,
     MAX_TEXT_CHARS,
     SAMPLE_RATE,
@@ -208,10 +209,12 @@ def _announcing_ready(ports, http_ready) -> Callable[[], bool]:
     return ready
 
 
-def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, **options) -> None:
+def _synthesize(url: str, text: str | None, output: str, sentences: bool = False, cut_note: str | None = None,
+                **options) -> None:
     """Stream ``text`` into ``output``: a WAV file, or with "-" raw PCM on stdout (the summary then goes
     to stderr, out of the audio's way). One request, or with ``sentences`` one per sentence; ``text``
-    None: read it from stdin as it arrives, sentence by sentence."""
+    None: read it from stdin as it arrives, sentence by sentence. Audio the server cut at max_tokens is
+    said in a note after the summary (``cut_note``: that note's text, where the caller knows better)."""
     from .client import END_EARLY_SECONDS, OrpheusClient, require_ready_server  # noqa: PLC0415
     from .wav import RawPcmWriter, StreamingWavWriter  # noqa: PLC0415
 
@@ -236,12 +239,18 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
     if not result.chunks:
         raise SystemExit("error: the server finished the stream without audio (try a longer --max-tokens)")
     target = "raw PCM to stdout" if to_stdout else output
+    summary = sys.stderr if to_stdout else sys.stdout
     print(
         f"wrote {target} ({result.audio_seconds:.2f} s of {SAMPLE_RATE} Hz audio in {len(result.chunks)} chunks)\n"
         f"time to first audio: {result.time_to_first_audio * 1000:.0f} ms\n"
         f"real-time factor:    {result.real_time_factor:.2f} (wall time / audio time; < 1 is faster than real time)",
-        file=sys.stderr if to_stdout else sys.stdout,
+        file=summary,
     )
+    if result.finish_reason == FINISH_MAX_TOKENS:
+        print(cut_note or f"note: the audio was cut at max_tokens ({_max_tokens_said(options)}) before the speech "
+              "ended: the text's last words may be missing; raise --max-tokens"
+              + ("" if sentences or text is None else " or speak it sentence by sentence (--sentences)"),
+              file=summary)
 
 
 def _check_writable(path: Path) -> None:
@@ -280,8 +289,12 @@ async def _speak_sentences(url: str, text, on_chunk, **options):
 
     if not isinstance(text, str):
         text = noting_text(text)
+    def noting_cuts(reason: str) -> None:  # one sentence cut at max_tokens is said as the reply's
+        if reason == FINISH_MAX_TOKENS or result.finish_reason is None:
+            result.finish_reason = reason
+
     async with AsyncOrpheusClient(url, end_wait=END_EARLY_SECONDS) as client:
-        async for audio in client.stream_text(text, **options):
+        async for audio in client.stream_text(text, on_finish=noting_cuts, **options):
             result.chunks.append(Chunk(audio, time.perf_counter() - started))
             on_chunk(audio)
     result.total_seconds = time.perf_counter() - started
@@ -317,6 +330,14 @@ async def _stdin_pieces():
         if isinstance(piece, OSError):
             raise RuntimeError(f"reading the text from stdin failed: {piece}")
         yield piece
+
+
+def _max_tokens_said(options: dict) -> str:
+    """The max_tokens a request asked for, as the note on a cut says it."""
+    asked = options.get("max_tokens")
+    if asked:
+        return f"{asked} tokens"
+    return f"{DEFAULT_MAX_TOKENS} tokens, or fewer where the server's --max-seq-len left fewer"
 
 
 def _options(args) -> dict:
@@ -392,7 +413,10 @@ def cmd_demo(args) -> int:
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
                 _log("server ready; synthesizing through the 'orpheus' ensemble")
-                _synthesize(f"localhost:{ports.grpc}", args.text, args.output, **_options(args))
+                # Random weights never choose end-of-speech: their cut is the demo's cap, not a missing word.
+                cut_note = None if args.models else (f"note: the audio stops at {args.max_tokens} tokens (the demo "
+                                                     "model's random weights never end their speech)")
+                _synthesize(f"localhost:{ports.grpc}", args.text, args.output, cut_note=cut_note, **_options(args))
             finally:
                 stop_server(process, timeout=30)
     except KeyboardInterrupt:

@@ -38,12 +38,13 @@ from .constants import (
     IN_VOICE,
     LLM_MODEL,
     OUT_AUDIO,
+    OUT_FINISH_REASON,
     SAMPLE_RATE,
     SERVER_BUSY,
     SERVER_SHUTTING_DOWN,
     max_tokens_refusal,
 )
-from .serving import stop_request_inputs
+from .serving import finish_reason_of, stop_request_inputs
 from .text_stream import MAX_SENTENCE_CHARS, PAUSE_SECONDS, sentences_of, speak_in_order
 
 # A stream ended early gets its `stop` again this often until one was sent after the stream's first
@@ -126,6 +127,9 @@ class SynthesisResult:
     request_id: str
     chunks: list[Chunk] = field(default_factory=list)
     total_seconds: float = 0.0
+    # Why the audio ended, as the server said with the stream's last audio: FINISH_END_OF_SPEECH,
+    # FINISH_MAX_TOKENS (the text's last words may be missing) or FINISH_STOPPED; None where it did not say.
+    finish_reason: str | None = None
 
     @property
     def audio(self) -> np.ndarray:
@@ -213,6 +217,11 @@ def _inputs(text: str, options: dict) -> list:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise TypeError(f"unknown option {name!r}{hint}; a stream takes {', '.join(REQUEST_OPTIONS)}")
     return request_inputs(text, **options)
+
+
+def _finish_reason(response) -> str | None:
+    """Why the stream's audio ended, where this response of it says (the one with its last audio)."""
+    return finish_reason_of(response.as_numpy(OUT_FINISH_REASON))
 
 
 def _is_final(response) -> bool:
@@ -408,6 +417,7 @@ class OrpheusClient:
                 # hanging up on the last chunk sent a stop for a stream that was over, then waited 15 s for an
                 # end that had come already.
                 final = completed = _is_final(response)
+                result.finish_reason = _finish_reason(response) or result.finish_reason
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     audio = audio.reshape(-1)
@@ -609,17 +619,19 @@ class AsyncOrpheusClient:
         await self.close()
 
     def stream(self, text: str, request_id: str | None = None, timeout: float = 600.0,
-               **options) -> AsyncGenerator[np.ndarray, None]:
+               on_finish: Callable[[str], None] | None = None, **options) -> AsyncGenerator[np.ndarray, None]:
         """Yield the utterance's int16 chunks as they arrive; ``options`` as ``request_inputs`` takes them.
+        ``on_finish`` hears why the audio ended (``SynthesisResult.finish_reason``: FINISH_MAX_TOKENS means
+        the text's last words may be missing) as the server says it, before the last chunk is yielded.
         Raises SynthesisError with the server's message when the stream fails (or its connection does),
         ConnectionError when no server answers at the url, TimeoutError when it has not ended within
         ``timeout`` seconds (it is then ended the clean way)."""
-        chunks = self._stream(text, request_id, timeout, **options)
+        chunks = self._stream(text, request_id, timeout, on_finish, **options)
         self._streams.add(chunks)  # ``close`` ends those still open
         return chunks
 
     async def _stream(self, text: str, request_id: str | None, timeout: float,
-                      **options) -> AsyncGenerator[np.ndarray, None]:
+                      on_finish: Callable[[str], None] | None, **options) -> AsyncGenerator[np.ndarray, None]:
         if self._closing:  # (stream_text's next sentence, say): it would be cut off as it started
             raise SynthesisError("the client is closed: no new stream")
         request_id = request_id or str(uuid.uuid4())
@@ -648,6 +660,8 @@ class AsyncOrpheusClient:
                     ended = True  # the server ended the stream itself
                     raise SynthesisError.of(error)
                 ended = _is_final(response)  # a caller leaving at the last chunk leaves an ended stream
+                if on_finish is not None and (reason := _finish_reason(response)) is not None:
+                    on_finish(reason)
                 audio = response.as_numpy(OUT_AUDIO)
                 if audio is not None and audio.size:
                     yield audio.reshape(-1)
@@ -662,7 +676,8 @@ class AsyncOrpheusClient:
 
     async def stream_text(self, text: str | Iterable[str] | AsyncIterable[str], lookahead: int = 2,
                           concurrency: int = 1, max_chars: int = MAX_SENTENCE_CHARS, timeout: float = 600.0,
-                          pause_seconds: float | None = PAUSE_SECONDS, **options) -> AsyncGenerator[np.ndarray, None]:
+                          pause_seconds: float | None = PAUSE_SECONDS, on_finish: Callable[[str], None] | None = None,
+                          **options) -> AsyncGenerator[np.ndarray, None]:
         """Speak ``text`` sentence by sentence, starting as soon as its first sentence is complete.
 
         ``text``: a whole string, or its pieces as they arrive (an async iterable: a voice agent's LLM
@@ -676,13 +691,15 @@ class AsyncOrpheusClient:
         DEFAULT_MAX_TOKENS tokens unless asked for more. A sentence is complete once the next one begins,
         or once the text has paused after its end mark for ``pause_seconds`` (a reply's "One moment." before
         a tool call is spoken then, not with the words after the call; ``text_stream.sentences_of``).
-        Leaving early ends every running request the clean way (as ``stream``).
+        Leaving early ends every running request the clean way (as ``stream``). ``on_finish`` hears why each
+        sentence's audio ended, as ``stream``'s does.
         """
         if "request_id" in options:
             raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")
         _inputs("", options)  # an unknown option is refused here, not at the first sentence
         sentences = sentences_of(text, max_chars, pause_seconds)
-        speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout, **options),
+        speech = speak_in_order(sentences, lambda sentence: self.stream(sentence, timeout=timeout,
+                                                                        on_finish=on_finish, **options),
                                 lookahead, concurrency)
         async with contextlib.aclosing(speech) as chunks:
             async for chunk in chunks:

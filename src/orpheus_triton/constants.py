@@ -148,6 +148,12 @@ IN_TOP_P = "top_p"
 IN_REPETITION_PENALTY = "repetition_penalty"
 IN_SEED = "seed"
 OUT_AUDIO = "audio"
+# Why a stream's audio ended (BYTES [1], UTF-8), on the response that carries its last audio (or on its
+# empty final response): the llm stage says it with its last tokens, the decoder hands it on.
+OUT_FINISH_REASON = "finish_reason"
+FINISH_END_OF_SPEECH = "end_of_speech"  # the model ended its speech (its end-of-speech token)
+FINISH_MAX_TOKENS = "max_tokens"  # cut at the request's max_tokens: the text's last words may be missing
+FINISH_STOPPED = "stopped"  # a `stop` for its id ended it
 
 # --- The LLM stage: the TensorRT-LLM backend's tensor names -----------------------------
 LLM_INPUT_IDS = "input_ids"
@@ -164,6 +170,8 @@ LLM_SEED = "random_seed"
 LLM_STOP = "stop"  # TensorRT-LLM's "stop this request id" input
 LLM_OUTPUT_IDS = "output_ids"
 LLM_SEQUENCE_LENGTH = "sequence_length"
+# Not part of TensorRT-LLM's contract: why the stream ended (FINISH_*), on its final response only.
+LLM_FINISH_REASON = OUT_FINISH_REASON
 # Not part of TensorRT-LLM's contract: the torch engine's per-request switch for
 # the audio-token guard (on when absent).
 LLM_AUDIO_GUARD = "audio_token_guard"
@@ -171,6 +179,9 @@ LLM_AUDIO_GUARD = "audio_token_guard"
 # --- snac_decoder -----------------------------------------------------------------------
 DECODER_TOKENS = "output_ids"
 DECODER_AUDIO = "audio"
+# Why the stream ended (the llm stage's LLM_FINISH_REASON), on its last request; handed on with the
+# stream's last response.
+DECODER_FINISH_REASON = OUT_FINISH_REASON
 # Decode nothing more of the stream with this request's id (BOOL; the llm stage passes its `stop` on):
 # what of it is queued, or still to come up to its end, is answered without audio.
 DECODER_STOP = "stop"

@@ -41,6 +41,7 @@ class DecodeItem:
     arrived: float = field(default_factory=time.monotonic)
     request_start: float | None = None  # its stream's REQUEST_START, where the request carried one
     dropped_tokens: int = 0  # its token ids that gave no audio: not audio tokens, or in the wrong frame slot
+    finish_reason: str | None = None  # why its stream ended (FINISH_*), on its last request: said with its answer
 
 
 @dataclass(frozen=True)
@@ -311,16 +312,18 @@ class StreamDecoderState:
         return True, stream.request_start
 
     def items_for(self, chunks: Sequence[tuple]) -> list[DecodeItem]:
-        """One item per (stream id, token ids, reply[, request start]) chunk; a chunk whose request start
-        (REQUEST_START, or none) is not its stream's starts a new stream (``_another``)."""
+        """One item per (stream id, token ids, reply[, request start[, finish reason]]) chunk; a chunk whose
+        request start (REQUEST_START, or none) is not its stream's starts a new stream (``_another``). A finish
+        reason is kept by the stream's last item (the chunk with its end_id)."""
         now = self.clock()
         while self._forgotten:
             request_id, as_of = self._forgotten.popleft()
             if (stream := self.streams.get(request_id)) is not None and stream.last_seen <= as_of:
                 del self.streams[request_id]
         result = []
-        for request_id, tokens, reply, *start in chunks:
-            start = float(start[0]) if start and start[0] is not None else None
+        for request_id, tokens, reply, *extra in chunks:
+            start, finish = (*extra, None, None)[:2]
+            start = None if start is None else float(start)
             stream = self.streams.get(request_id)
             if stream is None or self._sweep.expired(stream.last_seen, now) or _another(stream.request_start, start):
                 # A vanished stream's state goes: idle too long, or its id now starts another request (a
@@ -335,7 +338,7 @@ class StreamDecoderState:
             framer, dropped = stream.framer, stream.framer.dropped
             windows = framer.push(flat) + (framer.finish() if last else [])
             result.append(DecodeItem(request_id, windows, reply, last, now, stream.request_start,
-                                     dropped_tokens=framer.dropped - dropped))
+                                     dropped_tokens=framer.dropped - dropped, finish_reason=finish if last else None))
             if last:
                 del self.streams[request_id]
         self._sweep(self.streams, lambda stream: stream.last_seen, now)

@@ -44,6 +44,9 @@ from .constants import (
     DEFAULT_TOP_K,
     DEFAULT_TOP_P,
     END_OF_SPEECH,
+    FINISH_END_OF_SPEECH,
+    FINISH_MAX_TOKENS,
+    FINISH_STOPPED,
     NO_END_ID,
     SERVER_BUSY,
     TOKENS_PER_FRAME,
@@ -149,11 +152,13 @@ class CapacityError(RuntimeError):
 
 @dataclass
 class GenerationRequest:
-    """What one stream asks for; ``emit(tokens, finished)`` receives its output as it is made."""
+    """What one stream asks for; ``emit(tokens, finish)`` receives its output as it is made: ``finish`` is
+    None while the stream goes on, and with its last tokens why it ended (FINISH_END_OF_SPEECH, its end_id;
+    FINISH_MAX_TOKENS; FINISH_STOPPED, a ``stop_stream``)."""
 
     prompt: list[int]
     max_new_tokens: int
-    emit: Callable[[list[int], bool], None]
+    emit: Callable[[list[int], str | None], None]
     end_id: int = END_OF_SPEECH
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
@@ -485,7 +490,7 @@ class InflightEngine:
         stopped = [s for s in dropped if s.stop_requested]
         for stream in stopped:
             try:
-                stream.request.emit([stream.request.end_id], True)
+                stream.request.emit([stream.request.end_id], FINISH_STOPPED)
             except Exception:
                 log.exception("could not end stopped request %r", stream.request.request_id)
         self._notify([s for s in dropped if s not in stopped], "request cancelled by the client")
@@ -732,8 +737,9 @@ class InflightEngine:
             # A stream always ends with end_id, even when cut at max_new_tokens:
             # downstream stages use it to know the stream is complete.
             out = [token] if ended or not done else [token, stream.request.end_id]
+            finish = None if not done else FINISH_END_OF_SPEECH if ended else FINISH_MAX_TOKENS
             try:
-                stream.request.emit(out, done)
+                stream.request.emit(out, finish)
             except Exception:
                 log.exception("emit failed for request %r; dropping it", stream.request.request_id)
                 self._notify([stream], "could not deliver generated tokens; see server log")
@@ -741,7 +747,7 @@ class InflightEngine:
             if done:
                 stream.ended = True
                 finished.append(stream)
-                if not ended and len(stream.generated) >= stream.request.max_new_tokens:
+                if finish == FINISH_MAX_TOKENS:
                     self.stats.capped += 1
         if not finished:
             return

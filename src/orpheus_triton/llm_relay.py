@@ -43,6 +43,9 @@ import numpy as np
 from .constants import (
     CANCEL_CHECK_SECONDS,
     END_OF_SPEECH,
+    FINISH_END_OF_SPEECH,
+    FINISH_MAX_TOKENS,
+    FINISH_STOPPED,
     LLM_AUDIO_GUARD,
     LLM_INPUT_IDS,
     LLM_OUTPUT_IDS,
@@ -170,10 +173,11 @@ class RelayStreams:
         settings = generation_settings(inputs.get)  # the torch engine's checks, for the same clear errors
         forwarded = self.engine_inputs.map(inputs, prompt_length=len(settings["prompt"]))
         end_id = settings.get("end_id", END_OF_SPEECH)
+        max_tokens = settings["max_new_tokens"]
         self.active.claim(request_id)
         check = self.cancellations.watch(request_id, is_cancelled)
         thread = threading.Thread(target=self._relay, name=f"relay-{request_id}", daemon=True,
-                                  args=(request_id, forwarded, end_id, sender, check))
+                                  args=(request_id, forwarded, end_id, max_tokens, sender, check))
         with self._lock:
             self._threads[request_id] = thread
             stopped_early = self._early_stops.take(request_id)
@@ -226,10 +230,11 @@ class RelayStreams:
         """For a send queued without its own ``lost`` (none is: each stream's sends say what a failure means)."""
         log.warning("could not send a response of request %r (%s)", request_id, error)
 
-    def _relay(self, request_id: str, inputs: dict[str, np.ndarray], end_id: int, sender: Any,
+    def _relay(self, request_id: str, inputs: dict[str, np.ndarray], end_id: int, max_tokens: int, sender: Any,
                is_cancelled: Callable[[], bool]) -> None:
         chunks = FrameChunker(self.tokens_per_response)
-        ended = cancelled = False
+        ended = cancelled = stopped = False
+        generated = 0
         error = None
         finished = threading.Event()  # _finish let the id go: it may be another stream's now
 
@@ -253,16 +258,19 @@ class RelayStreams:
                 if ended or cancelled:
                     continue  # read the engine's stream to its end; nothing more goes out
                 tokens = response.tokens
-                if end_id in tokens:  # the torch engine sends it; it goes out with the final response
-                    chunks.pending += tokens[: tokens.index(end_id) + 1]
-                    ended = True
+                if end_id in tokens:  # the torch engine sends it; what came before it goes with the final response
+                    tokens, ended = tokens[: tokens.index(end_id)], True
+                generated += len(tokens)
+                if ended:
+                    chunks.pending += tokens
                 elif (ready := chunks.add(tokens, finished=False)) is not None:
-                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, False),
+                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, None),
                                        lost=lost)
                 with self._lock:
                     cancelled = request_id in self._undelivered
                     stop_again = request_id in self._stopped
                     self._stopped.discard(request_id)
+                stopped = stopped or stop_again
                 cancelled = cancelled or is_cancelled()
                 if cancelled or stop_again:
                     self.stop_engine(request_id)
@@ -272,22 +280,27 @@ class RelayStreams:
         finally:
             with self._lock:
                 self._threads.pop(request_id, None)
+                stopped = stopped or request_id in self._stopped
                 self._stopped.discard(request_id)
-        self._finish(request_id, sender, chunks, end_id, ended, cancelled, error, finished)
+        # TensorRT-LLM leaves end_id out of its output: a stream that ended short of max_tokens unstopped ended on it.
+        finish = (FINISH_MAX_TOKENS if generated >= max_tokens else FINISH_STOPPED if stopped
+                  else FINISH_END_OF_SPEECH)
+        chunks.pending.append(end_id)  # every stream ends with end_id (the decoder's sign that it is over)
+        self._finish(request_id, sender, chunks, finish, cancelled, error, finished)
 
-    def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, end_id: int, ended: bool,
+    def _finish(self, request_id: str, sender: Any, chunks: FrameChunker, finish: str,
                 cancelled: bool, error: str | None, finished: threading.Event) -> None:
         with self._lock:  # a send of this stream failing from now on is told to the next one with its id no more
             finished.set()
             cancelled = cancelled or request_id in self._undelivered
             self._undelivered.discard(request_id)
         completed = error is None and not cancelled
-        last = chunks.add([] if ended else [end_id], finished=True)
+        last = chunks.add([], finished=True)
 
         def send() -> None:
             try:
                 if completed:
-                    self.respond(sender, last, chunks.sent, True)
+                    self.respond(sender, last, chunks.sent, finish)
                 else:
                     self.refuse(sender, error or "request cancelled by the client")
             except Exception:  # noqa: BLE001 (a cancelled request's sender is closed: nobody listens)

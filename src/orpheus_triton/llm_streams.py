@@ -100,7 +100,8 @@ class LlmStreams:
         self.responses.close()
         self.cancellations.close()
 
-    def _emitter(self, sender: Any, request_id: str, streamed: threading.Event) -> Callable[[list[int], bool], None]:
+    def _emitter(self, sender: Any, request_id: str,
+                 streamed: threading.Event) -> Callable[[list[int], str | None], None]:
         chunks = FrameChunker(self.tokens_per_response)
         released = threading.Event()  # the id was let go: it may be another stream's now
 
@@ -114,20 +115,20 @@ class LlmStreams:
             log.warning("could not deliver tokens of request %r (%s) after its end", request_id, error)
             self.active.retire(request_id)
 
-        def emit(tokens: list[int], finished: bool) -> None:
-            ready = chunks.add(tokens, finished)
+        def emit(tokens: list[int], finish: str | None) -> None:
+            ready = chunks.add(tokens, finished=finish is not None)
             if ready is None:
                 return
             sent = chunks.sent
             streamed.set()
-            if finished:
+            if finish is not None:
                 # Before the put: the client may reuse the id as soon as the final response is out.
                 # A new stream's responses come from the engine thread (this one), after this put.
                 self.cancellations.forget(request_id)
                 with self._ends:
                     released.set()
                     self.active.release(request_id)
-            self.responses.put(request_id, lambda: self.respond(sender, ready, sent, finished), last=finished,
+            self.responses.put(request_id, lambda: self.respond(sender, ready, sent, finish), last=finish is not None,
                                lost=lost)
 
         return emit

@@ -37,6 +37,7 @@ from .constants import (
     DRAIN_FILE_ENV,
     LLM_AUDIO_GUARD,
     LLM_END_ID,
+    LLM_FINISH_REASON,
     LLM_INPUT_IDS,
     LLM_INPUT_LENGTHS,
     LLM_OUTPUT_IDS,
@@ -107,14 +108,29 @@ def draining() -> bool:
     return bool(flag) and os.path.exists(flag)
 
 
+def finish_reason_tensor(finish: str) -> np.ndarray:
+    """A stream's finish reason (FINISH_*) as the llm stage and the decoder send it: BYTES [1, 1] (a batch of
+    one)."""
+    return np.array([[finish.encode()]], dtype=np.object_)
+
+
+def finish_reason_of(value: np.ndarray | None) -> str | None:
+    """The finish reason a request or response carries (``finish_reason_tensor``), None where it has none."""
+    if value is None or value.size != 1:
+        return None
+    item = value.reshape(-1)[0]
+    return item.decode(errors="replace") if isinstance(item, bytes) else str(item)
+
+
 def send_error(pb_utils, sender, stage: str, message) -> None:
     """End a decoupled request with a Triton error that names the stage and the problem."""
     error = pb_utils.TritonError(f"orpheus {stage}: {message}")
     sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-# respond(sender, tokens, tokens sent so far, final) and refuse(sender, message) talk to Triton.
-Respond = Callable[[Any, list[int], int, bool], None]
+# respond(sender, tokens, tokens sent so far, finish) and refuse(sender, message) talk to Triton; finish:
+# None mid-stream, why the stream ended (FINISH_*) on its final response.
+Respond = Callable[[Any, list[int], int, str | None], None]
 Refuse = Callable[[Any, str], None]
 
 
@@ -146,17 +162,20 @@ class Reply:
 
 
 def llm_responders(pb_utils) -> tuple[Respond, Refuse]:
-    """The llm stage's ``respond(reply, tokens, tokens sent so far, final)`` and ``refuse(reply,
+    """The llm stage's ``respond(reply, tokens, tokens sent so far, finish)`` and ``refuse(reply,
     message)``, in TensorRT-LLM's tensors: the torch engine's adapter and the relay answer alike.
-    A response carries only the outputs its ``Reply`` asked for."""
+    A response carries only the outputs its ``Reply`` asked for; the final one (``finish``: why the
+    stream ended) also LLM_FINISH_REASON."""
     final_flag = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-    def respond(reply: Reply, tokens: list[int], sent: int, final: bool) -> None:
+    def respond(reply: Reply, tokens: list[int], sent: int, finish: str | None) -> None:
         values = {LLM_OUTPUT_IDS: lambda: np.array([[tokens]], dtype=np.int32),
                   LLM_SEQUENCE_LENGTH: lambda: np.array([sent], dtype=np.int32),
                   REQUEST_START: lambda: np.array([[reply.request_start]], dtype=np.float64)}
+        if finish is not None:
+            values[LLM_FINISH_REASON] = lambda: finish_reason_tensor(finish)
         outputs = [pb_utils.Tensor(name, value()) for name, value in values.items() if reply.wants(name)]
-        reply.send(pb_utils.InferenceResponse(outputs), flags=final_flag if final else 0)
+        reply.send(pb_utils.InferenceResponse(outputs), flags=0 if finish is None else final_flag)
 
     def refuse(sender, message) -> None:
         send_error(pb_utils, sender, "llm", message)

@@ -30,6 +30,8 @@ from orpheus_triton.decode_rounds import (
 from orpheus_triton.metrics import DecoderMetrics
 from orpheus_triton.serving import (
     StreamIdError,
+    finish_reason_of,
+    finish_reason_tensor,
     is_stop_request,
     log_to_triton,
     model_parameters,
@@ -88,6 +90,11 @@ class TritonPythonModel:
                     self.metrics.record_stopped()
                 sender.send(flags=FINAL)
                 continue
+            outputs = request.requested_output_names()
+            if outputs and c.DECODER_AUDIO not in outputs:  # unasked, it would be dropped inside send()
+                send_error(pb_utils, sender, "decoder", f"every answer carries {c.DECODER_AUDIO!r}: ask for it too "
+                                                        "(or name no outputs)")
+                continue
             tokens = pb_utils.get_input_tensor_by_name(request, c.DECODER_TOKENS).as_numpy()
             if tokens.size != tokens.shape[-1]:  # several rows would be framed as one stream
                 send_error(pb_utils, sender, "decoder", f"{c.DECODER_TOKENS} has shape {list(tokens.shape)}: send "
@@ -98,11 +105,15 @@ class TritonPythonModel:
                 continue
             start = pb_utils.get_input_tensor_by_name(request, c.REQUEST_START)  # optional
             start = None if start is None else request_start_of(start.as_numpy(), None)
-            chunks.append((stream_id, tokens, sender, start))
+            finish = None  # why the stream ended (on its last request), said with its last answer where asked for
+            if not outputs or c.DECODER_FINISH_REASON in outputs:
+                finish = pb_utils.get_input_tensor_by_name(request, c.DECODER_FINISH_REASON)  # optional
+                finish = None if finish is None else finish_reason_of(finish.as_numpy())
+            chunks.append((stream_id, tokens, sender, start, finish))
         try:
             items = self.state.items_for(chunks)
         except Exception as error:  # noqa: BLE001 (every stream of the batch must hear why it ends)
-            for _, _, sender, _ in chunks:
+            for _, _, sender, *_ in chunks:
                 send_error(pb_utils, sender, "decoder", error)
             return None
         self.metrics.record_dropped_tokens(sum(item.dropped_tokens for item in items))
@@ -176,13 +187,15 @@ class TritonPythonModel:
         if self.callers is not None:  # before the last audio goes out: its caller may send the id again at once
             (self.callers.end if item.last or error is not None else self.callers.touch)(item.stream_id)
         try:
+            outputs = [] if pcm is None else [pb_utils.Tensor(c.DECODER_AUDIO, pcm[None, :])]
+            if item.finish_reason is not None:
+                outputs.append(pb_utils.Tensor(c.DECODER_FINISH_REASON, finish_reason_tensor(item.finish_reason)))
             if error is not None:
                 send_error(pb_utils, item.reply, "decoder", error)
-            elif pcm is None:
+            elif not outputs:
                 item.reply.send(flags=FINAL)
             else:
-                response = pb_utils.InferenceResponse([pb_utils.Tensor(c.DECODER_AUDIO, pcm[None, :])])
-                item.reply.send(response, flags=FINAL)
+                item.reply.send(pb_utils.InferenceResponse(outputs), flags=FINAL)
         except Exception as failure:  # noqa: BLE001 (e.g. a cancelled request: the others go on)
             pb_utils.Logger.log_error(f"orpheus decoder: answering stream {item.stream_id!r} failed: {failure}")
         try:  # bookkeeping: its failure is not the stream's (the response queue would drop the stream's later answers)
