@@ -10,12 +10,17 @@ any batch, on CPU and GPU, with the whole batch computed in a few tensor ops.
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 
 MASK32 = 0xFFFFFFFF
 
 
+@overload
+def hash32(x: torch.Tensor) -> torch.Tensor: ...
+@overload
+def hash32(x: int) -> int: ...
 def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
     """A 32-bit integer mixer ("lowbias32") on int64 tensors holding values < 2**32, or on one Python
     integer (the same operators; computed on the host).

@@ -154,7 +154,9 @@ class DecodeScheduler:
                 return [], []
             if self._closed:
                 return None
-            answer, heads, windows = [], [], 0
+            answer: list[DecodeItem] = []
+            heads: list[DecodeItem] = []
+            windows = 0
             deferrable = self._deferrable()
             for stream_id in sorted(self._queues, key=self._urgency):
                 queue = self._queues[stream_id]
@@ -233,7 +235,8 @@ def split_cancelled(items: Sequence[DecodeItem], is_cancelled: Callable[[DecodeI
     *Cancellation*), so asking for the ensemble's requests, a round trip to the server each,
     would find none. A request that cannot be asked counts as not cancelled.
     """
-    keep, cancelled = [], []
+    keep: list[DecodeItem] = []
+    cancelled: list[DecodeItem] = []
     for item in items:
         try:
             gone = item.request_start is None and is_cancelled(item)

@@ -139,7 +139,7 @@ def check_cache_fits(model: Llama, max_streams: int, max_seq_len: int, device: t
     if free is None or need <= KV_CACHE_SHARE * free:
         return
     advice = (f"lower max_streams (serve --max-streams; about {fit} fit at this length) or max_seq_len "
-              "(--max-seq-len)" if fit >= 1 else "lower max_seq_len (--max-seq-len): not one stream fits")
+              "(--max-seq-len)" if (fit or 0) >= 1 else "lower max_seq_len (--max-seq-len): not one stream fits")
     raise ValueError(
         f"the KV cache for {max_streams} streams of {max_seq_len} positions needs {need / gib:.2f} GiB "
         f"({per_stream / 2**20:.1f} MiB a stream), more than {KV_CACHE_SHARE:.0%} of the {free / gib:.2f} GiB "
@@ -575,7 +575,8 @@ class InflightEngine:
             return 0
         free = self.max_streams - len(self.decoding)
         with self.lock:
-            group, used = [], 0
+            group: list[_Stream] = []
+            used = 0
             for stream in self.queue:
                 size = len(stream.request.prompt)
                 if len(group) == free or used + size > budget:
@@ -708,13 +709,15 @@ class InflightEngine:
         """The guarded rows from the graph sampler, the rest (audio guard off) through ``sample``: one stream
         with the guard off would otherwise send every row of the batch the eager way (a couple of hundred
         launches a step for all of them)."""
+        sampler = self.sampler
+        assert sampler is not None  # called only where graph sampling is on
         if all(host.guarded):
-            return self.sampler(hidden, reals, whole)
+            return sampler(hidden, reals, whole)
         guarded = [row for row, on in enumerate(host.guarded) if on]
         others = [row for row, on in enumerate(host.guarded) if not on]
         order = host_to_device(torch.tensor(guarded + others), self.device)
         first, rest = order[: len(guarded)], order[len(guarded) :]
-        from_graph = self.sampler(hidden[first], reals[:, first], whole[:, first])
+        from_graph = sampler(hidden[first], reals[:, first], whole[:, first])
         tokens = torch.empty(len(host.guarded), dtype=from_graph.dtype, device=self.device)
         tokens[first] = from_graph
         unguarded = HostRows(guarded=[False] * len(others), slots=[host.slots[row] for row in others],

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,8 @@ class Attention(nn.Module):
         v = qkv[..., (heads + kv_heads) * hd :].view(batch, steps, kv_heads, hd)
 
         slots = slice(inputs.first_slot, inputs.first_slot + batch)
+        # Llama.allocate_cache sets both before any forward (without them there is nowhere to attend)
+        assert self.k_cache is not None and self.v_cache is not None
         k_cache, v_cache = self.k_cache[slots], self.v_cache[slots]  # views
         k_cache[inputs.cache_rows, inputs.positions] = k.to(k_cache.dtype)
         v_cache[inputs.cache_rows, inputs.positions] = v.to(v_cache.dtype)
@@ -337,6 +341,8 @@ class Llama(nn.Module):
     """Llama-3 decoder; parameter names follow Hugging Face's, but for the fused projections that
     ``load_llama`` builds from a checkpoint's (``FUSED_PROJECTIONS``)."""
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.config = config
@@ -366,7 +372,7 @@ class Llama(nn.Module):
         # 128-216 streams on an H100, perf/results/2026-11-27_h100).
         self.kv_cache = torch.zeros((len(self.layers), 2, num_slots, max_seq_len, self.config.num_kv_heads,
                                      self.config.head_dim), dtype=param.dtype, device=param.device)
-        for layer, (keys, values) in zip(self.layers, self.kv_cache, strict=True):
+        for layer, (keys, values) in zip(cast("Iterable[DecoderLayer]", self.layers), self.kv_cache, strict=True):
             layer.self_attn.k_cache, layer.self_attn.v_cache = keys, values
         self.max_seq_len, self.num_slots = max_seq_len, num_slots
 
@@ -383,6 +389,7 @@ class Llama(nn.Module):
     def copy_slot(self, source: int, target: int, length: int, count: int = 1) -> None:
         """Move the first ``length`` cached positions of ``count`` slots from ``source``.. to ``target``..
         (every layer's, in one copy; the two ranges must not overlap)."""
+        assert self.kv_cache is not None  # slots exist once allocate_cache made them
         self.kv_cache[:, :, target : target + count, :length] = self.kv_cache[:, :, source : source + count, :length]
 
     def forward(
@@ -459,7 +466,7 @@ def checkpoint_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,),
     }
-    shapes = {"embed_tokens.weight": (vocab, hidden)}
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (vocab, hidden)}
     for index in range(config.num_layers):
         shapes |= {f"layers.{index}.{name}": shape for name, shape in layer.items()}
     return shapes | {"norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
@@ -882,7 +889,8 @@ class BucketedPrefill:
             graph, out = capture_checked(lambda: self._forward(rows, width), self.tokens.device, self.pool,
                                          tolerance=lambda eager: 1e-2 * max(1.0, eager.float().abs().max().item()))
         except GraphRefused as refused:
-            return self._give_up(f"{rows} x {width} tokens: {refused}")
+            self._give_up(f"{rows} x {width} tokens: {refused}")
+            return None
         self.graphs[(rows, width)] = (graph, out)
         return graph, out
 

@@ -31,6 +31,7 @@ so all of this is unit tested.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -264,7 +265,7 @@ class RelayStreams:
                 if ended:
                     chunks.pending += tokens
                 elif (ready := chunks.add(tokens, finished=False)) is not None:
-                    self.responses.put(request_id, lambda r=ready, n=chunks.sent: self.respond(sender, r, n, None),
+                    self.responses.put(request_id, functools.partial(self.respond, sender, ready, chunks.sent, None),
                                        lost=lost)
                 with self._lock:
                     cancelled = request_id in self._undelivered
@@ -295,7 +296,7 @@ class RelayStreams:
             cancelled = cancelled or request_id in self._undelivered
             self._undelivered.discard(request_id)
         completed = error is None and not cancelled
-        last = chunks.add([], finished=True)
+        last = chunks.add([], finished=True) or []  # (never None once finished)
 
         def send() -> None:
             try:

@@ -24,6 +24,7 @@ How a response is built and sent is the adapter's business (``respond``,
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -80,7 +81,7 @@ class LlmStreams:
                 raise  # a fault: the adapter tells the request, and nothing of the stream stays behind
             # On the response thread, which may be asking about this request right now; alone: the id may
             # still be a stream's that is ending, whose failed sends must not take this answer with them.
-            self.responses.put(request_id, lambda message=str(error): self.refuse(sender, message), alone=True,
+            self.responses.put(request_id, functools.partial(self.refuse, sender, str(error)), alone=True,
                                lost=lambda failure: log.debug("could not refuse request %r: %s", request_id, failure))
 
     def stop(self, request_id: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .constants import DECODER_MODEL, SAMPLE_RATE, SAMPLES_PER_FRAME
 
@@ -69,7 +71,7 @@ class MetricSet:
         # Not "instance": Prometheus gives every scraped series that label (the target) and renames a
         # series' own to exported_instance.
         self.labels = {"model": model} | ({INSTANCE_LABEL: instance} if instance else {})
-        self.families = []
+        self.families: list[Any] = []
         self.metric_types: set[type] = set()
 
     def gauge(self, name: str, text: str):
@@ -270,7 +272,7 @@ class DecoderMetrics(PublishedMetrics):
         if not timed and not delivery.stall > 0:
             return  # most answers: nothing to record, no lock taken
         with self._lock:
-            if timed:
+            if timed and request_start is not None:  # (timed says it is)
                 self._first_audio_seconds.append(max(0.0, now - request_start))
             if delivery.stall > 0:
                 self._grow(stalls=1, stall_seconds=delivery.stall)
@@ -302,14 +304,14 @@ class DecoderMetrics(PublishedMetrics):
 
         unsent_gauges = {}
         for name, value in gauges.items():
-            if sent(lambda name=name, value=value: self.gauges[name].set(value)):
+            if sent(functools.partial(self.gauges[name].set, value)):
                 self._published_gauges[name] = value
             else:
                 unsent_gauges[name] = value
         unsent_growth = {name: value for name, value in growth.items()
-                         if value and not sent(lambda name=name, value=value: self.counters[name].increment(value))}
+                         if value and not sent(functools.partial(self.counters[name].increment, value))}
         unsent_times = [seconds for seconds in first_audio
-                        if not sent(lambda seconds=seconds: self.first_audio.observe(seconds))]
+                        if not sent(functools.partial(self.first_audio.observe, seconds))]
         if failures:
             with self._lock:
                 self._gauge_values = unsent_gauges | self._gauge_values  # a newer value wins
@@ -325,7 +327,7 @@ class DecoderMetrics(PublishedMetrics):
 def family_totals(page: str, names: Iterable[str]) -> dict[str, float]:
     """Each of ``names``' metric families on a /metrics page (Prometheus text), summed over its label sets
     (models, instances); a family the page lacks is left out."""
-    wanted, totals = set(names), {}
+    wanted, totals = set(names), dict[str, float]()
     for line in page.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in wanted:

@@ -104,7 +104,7 @@ def mps_daemon(log: Callable[[str], None] = lambda message: None) -> Iterator[di
     try:
         yield env
     finally:
-        refused = "interrupted"
+        refused: str | None = "interrupted"
         try:
             refused = _quit(control, daemon_env)
         finally:  # also when interrupted while it quits

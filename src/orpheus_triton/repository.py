@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import IO
 
 from .constants import (
     CANCEL_CHECK_SECONDS,
@@ -157,7 +158,7 @@ def render(settings: RepositorySettings, out: Path, templates: Path | None = Non
 
 
 # The locks of the folders ``run_folder`` made: held (open) for as long as this process lives.
-_HELD_LOCKS: dict[Path, object] = {}
+_HELD_LOCKS: dict[Path, IO[bytes]] = {}
 
 
 def run_folder(root: Path, prefix: str = "repository-") -> Path:

@@ -581,6 +581,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                     deadline = stop_server_now(f"{name}: stopping; streams in flight get up to {server_timeout:g} s "
                                                "(--exit-timeout); Ctrl-C again stops at once")
             elif draining_until is not None and deadline is None and len(received) == 1:
+                assert quiet is not None and drain is not None  # draining_until is set only with a drain and quiet
                 if quiet.seen():
                     drained = True
                     deadline = stop_server_now("drained: every stream has finished; stopping tritonserver")
@@ -599,6 +600,7 @@ def run_in_foreground(process: subprocess.Popen, exit_timeout: int, ready: Calla
                 kill_server_group(process)
                 killed = True
             elif watch_stop and not drained:
+                assert quiet is not None  # watch_stop is set only with a new quiet
                 # Stopping, tritonserver still answers what it had taken (a stream whose generation had ended
                 # has its audio's decoding queued already) and its metrics: a stream cut off is one still
                 # in flight when it exits.

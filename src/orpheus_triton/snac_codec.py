@@ -43,6 +43,7 @@ import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -256,7 +257,7 @@ def _swap_modules(module: nn.Module, batch_invariant: bool) -> None:
             setattr(module, name, SeededNoise(child))
             _swap_modules(getattr(module, name), batch_invariant)
         elif batch_invariant and type(child) in (nn.Conv1d, nn.ConvTranspose1d) and child.groups == 1:
-            setattr(module, name, RowwiseConv1d(child))
+            setattr(module, name, RowwiseConv1d(cast("nn.Conv1d | nn.ConvTranspose1d", child)))
         else:
             _swap_modules(child, batch_invariant)
 
@@ -358,12 +359,13 @@ class WindowDecoder:
     def kept_samples(self, codes: list[torch.Tensor], seeds: torch.Tensor) -> torch.Tensor:
         """Kept samples [B, 2048] of windows given as their three codebooks' codes [B, n] and seeds [B]."""
         codes = [book.to(self.device) for book in codes]
+        row_seeds: torch.Tensor | None  # the blocks' seeds: None where each row has a generator
         if self.noise == NOISE_COUNTER:
-            seeds, generators = seeds.to(self.device), None
+            row_seeds, generators = seeds.to(self.device), None
         else:
-            seeds, generators = None, [torch.Generator().manual_seed(seed) for seed in seeds.tolist()]
+            row_seeds, generators = None, [torch.Generator().manual_seed(seed) for seed in seeds.tolist()]
         for block in self.noise_blocks:
-            block.seeds, block.generators = seeds, generators
+            block.seeds, block.generators = row_seeds, generators
         try:
             return self._decode_kept(self.model.quantizer.from_codes(codes))[:, 0]
         finally:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import weakref
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,8 @@ def output_length(module: nn.Module, length: int) -> int:
         return length
     conv = _conv_of(module)
     if isinstance(conv, nn.ConvTranspose1d):
-        (k,), (s,), (p,), (op,), (d,) = conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation
+        padding = cast("tuple[int, ...]", conv.padding)  # a string ('same') only for a Conv1d
+        (k,), (s,), (p,), (op,), (d,) = conv.kernel_size, conv.stride, padding, conv.output_padding, conv.dilation
         if d != 1 or op > p:
             raise UnsupportedLayer(f"transposed convolution with dilation {d}, output_padding {op}")
         return (length - 1) * s - 2 * p + k + op
@@ -128,8 +130,9 @@ def input_span(module: nn.Module, out: Span, length: int) -> Span:
         return Span(min(inner.start, out.start), max(inner.stop, out.stop))
     if _is_pointwise(module) or _is_noise(module):
         return out
-    conv = _conv_of(module)
-    (k,), (p,) = conv.kernel_size, conv.padding
+    # Every other leaf is a convolution: output_length raises UnsupportedLayer for one that is not.
+    conv = cast("nn.Conv1d | nn.ConvTranspose1d", _conv_of(module))
+    (k,), (p,) = conv.kernel_size, cast("tuple[int, ...]", conv.padding)  # 'same' checked in output_length
     if isinstance(conv, nn.ConvTranspose1d):
         s = conv.stride[0]
         # Output t sums input i over taps j with t = i*s - p + j, 0 <= j < k.
@@ -149,6 +152,7 @@ def _plan(container: nn.Module, out: Span, length: int) -> tuple[tuple[tuple[nn.
     """A container's layers as (layer, its input length, the output span it must produce), in order,
     and the input span the container needs for ``out``."""
     children = _children(container)
+    assert children is not None  # both callers plan containers only (``_children`` not None)
     lengths = [length]
     for child in children[:-1]:
         lengths.append(output_length(child, lengths[-1]))
@@ -156,6 +160,14 @@ def _plan(container: nn.Module, out: Span, length: int) -> tuple[tuple[tuple[nn.
     for child, child_length in zip(reversed(children), reversed(lengths), strict=True):
         spans.insert(0, input_span(child, spans[0], child_length))
     return tuple(zip(children, lengths, spans[1:], strict=True)), spans[0]
+
+
+class _NoiseLayer(Protocol):
+    """What ``_run`` uses of a noise layer (``_is_noise``: snac_codec's SeededNoise)."""
+
+    linear: nn.Conv1d
+
+    def draw_noise(self, batch: int, length: int, like: torch.Tensor) -> torch.Tensor: ...
 
 
 def _is_noise(module: nn.Module) -> bool:
@@ -193,10 +205,12 @@ def _run(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out: Spa
         return _pointwise(module, _cut(x, x_start, out))
     if _is_noise(module):
         x = _cut(x, x_start, out)
-        noise = module.draw_noise(x.shape[0], length, x)[..., out.start : out.stop]  # [B, 1, T]
+        noisy = cast(_NoiseLayer, module)
+        noise = noisy.draw_noise(x.shape[0], length, x)[..., out.start : out.stop]  # [B, 1, T]
         # Upstream's x + noise * h, in place on the fresh h: addcmul with a broadcast noise runs 1.6x slower.
-        return _dense(module.linear, x).mul_(noise.transpose(1, 2)).add_(x)
-    conv = _conv_of(module)
+        return _dense(noisy.linear, x).mul_(noise.transpose(1, 2)).add_(x)
+    # Every other leaf is a convolution: output_length raises UnsupportedLayer for one that is not.
+    conv = cast("nn.Conv1d | nn.ConvTranspose1d", _conv_of(module))
     rowwise = conv is not module  # RowwiseConv1d: keep its one-row-at-a-time rounding
     needed = input_span(module, out, length)
     x = _cut(x, x_start, needed)
@@ -211,7 +225,7 @@ def _run(module: nn.Module, x: torch.Tensor, x_start: int, length: int, out: Spa
         return _cut(y, needed.start * conv.stride[0] - conv.padding[0], out)
     # A 'same' convolution on a stretch: its zero padding lands where the stretch ends, outside
     # ``out`` unless the stretch ends where the signal does (then it is the layer's own padding).
-    (p,) = conv.padding
+    (p,) = cast("tuple[int, ...]", conv.padding)  # not 'same': output_length checked
     if _is_depthwise(conv):
         y = _depthwise(conv, x)  # batch-invariant: no row loop needed
     elif conv.groups == 1:
@@ -343,7 +357,8 @@ def _polyphase_weights(conv: nn.ConvTranspose1d) -> tuple[tuple[torch.Tensor, ..
     weights [(r, out), in] and the bias, or None where the layer is not of this
     form (and the transposed convolution runs as it is).
     """
-    (k,), (s,), (d,), (op,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.output_padding, conv.padding
+    padding = cast("tuple[int, ...]", conv.padding)  # a string ('same') only for a Conv1d
+    (k,), (s,), (d,), (op,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.output_padding, padding
     if conv.groups != 1 or d != 1 or k != 2 * s or op > p:
         return None
     w = conv.weight.detach()  # [in, out, 2s]
@@ -359,7 +374,7 @@ def _run_polyphase(conv: nn.ConvTranspose1d, rowwise: bool, x: torch.Tensor, x_s
                    out: Span) -> torch.Tensor:
     """Outputs ``out`` of ``conv`` from time-major ``x`` (input positions ``x_span``), via ``_polyphase_weights``."""
     taps, bias = _polyphase_weights(conv)
-    (s,), (p,) = conv.stride, conv.padding
+    (s,), (p,) = conv.stride, cast("tuple[int, ...]", conv.padding)  # a string ('same') only for a Conv1d
     first, last = (out.start + p) // s, (out.stop - 1 + p) // s  # the m of the first and last output
     inputs = Span(first - 1, last + 1)
     real = inputs.clamp(length)

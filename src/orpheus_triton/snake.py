@@ -13,6 +13,8 @@ differently, as the span decode's shortened products already make them.
 
 from __future__ import annotations
 
+from typing import TypeGuard, cast
+
 import numpy as np
 import torch
 from snac.layers import Snake1d
@@ -97,10 +99,11 @@ def numpy_sine(u: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _is_conv(module: nn.Module) -> bool:
+def _is_conv(module: nn.Module) -> TypeGuard[nn.Conv1d | nn.ConvTranspose1d]:
     """A convolution whose channels can be scaled one by one: dense or depthwise."""
+    conv = cast("nn.Conv1d | nn.ConvTranspose1d", module)  # its attributes read only once type() says so
     return type(module) in (nn.Conv1d, nn.ConvTranspose1d) and (
-        module.groups == 1 or module.groups == module.in_channels == module.out_channels)
+        conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels)
 
 
 @torch.no_grad()
@@ -143,8 +146,8 @@ def fold_snake_scales(model: nn.Module) -> int:
             _scale_input_channels(following, (alpha + 1e-9).reciprocal())
             previous = layers[index - 1] if index > 0 else None
             input_scaled = previous is not None and _is_conv(previous) and previous.out_channels == alpha.numel()
-            if input_scaled:
-                _scale_output_channels(previous, alpha)
+            if input_scaled:  # previous is a convolution (_is_conv)
+                _scale_output_channels(cast("nn.Conv1d | nn.ConvTranspose1d", previous), alpha)
             container[index] = FoldedSnake(layer, input_scaled)
             folded += 1
     return folded

@@ -222,8 +222,8 @@ class CancellationWatch:
         self.duty = duty  # and take at most this share of the time: a pass of d seconds rests d (1 - duty) / duty
         self._passes = None
         if threaded and run is None:
-            self._passes = ResponseQueue(on_error=lambda key, error: None, name="triton-cancellations")
-            run = lambda call: self._passes.put(None, call)  # noqa: E731
+            passes = self._passes = ResponseQueue(on_error=lambda key, error: None, name="triton-cancellations")
+            run = lambda call: passes.put(None, call)  # noqa: E731
         self.run = run
         self._watched: dict[str, tuple[Callable[[], bool], threading.Event]] = {}
         self._lock = threading.Lock()
@@ -247,6 +247,7 @@ class CancellationWatch:
                 if ask:
                     self._pass_waiting, self._next_pass = True, now + self.min_interval
             if ask:
+                assert self.run is not None  # check is made only where self.run is set (see above)
                 self.run(self._pass)
             return flag.is_set()
 
