@@ -1,6 +1,6 @@
 # Two entry points, both starting from a bare checkout:
 #   make demo   install, serve the demo model set, synthesize hello.wav through the ensemble
-#   make test   install (with test tools) and run lint + the test suite (real tritonserver included)
+#   make test   install (with test tools) and run lint (ruff, mypy) + the test suite (real tritonserver included)
 #
 # CPU torch: `pip install torch==2.13.0` picks a local CPU wheel where one is configured
 # (pip find-links). Elsewhere pass the CPU index, e.g.
@@ -36,9 +36,10 @@ demo: install
 
 lint: install-test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -46,8 +46,7 @@ class Snake(nn.Module):
         """The same on [batch, time, channels] (snac_span's layout)."""
         return self.activate(x, self.alpha.view(1, 1, -1))
 
-    @staticmethod
-    def activate(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    def activate(self, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         y = torch.mul(x, alpha).sin_()
         # y * y, not square_(): the same products (pow special-cases 2), but square_ runs 1.7x slower on CPU.
         y.mul_(y).mul_((alpha + 1e-9).reciprocal())
