@@ -154,7 +154,8 @@ def main() -> None:
                 client.stop_stream(cancel_requests=not finished)
     print(f"wrote {args.output}: {samples / SAMPLE_RATE:.2f} s of audio in {time.perf_counter() - started:.2f} s")
     if finish_reason == "max_tokens":  # end_of_speech: the model ended its speech; stopped: a stop ended it
-        print("the audio was cut at --max-tokens: the text's last words may be missing")
+        print("the audio was cut at the request's max_tokens (--max-tokens, or the server's default): the text's "
+              "last words may be missing")
 
 
 def interrupt(signum, frame) -> None:

@@ -292,6 +292,35 @@ def test_a_dropped_stream_is_answered_without_decoding_up_to_its_end():
     assert _names(scheduler.next_round(timeout=0)[1]) == [("a", 7)]
 
 
+def test_a_stream_whose_audio_a_stop_cut_short_ends_saying_stopped():
+    """The llm stage runs ahead of the decoder: a stop often comes once generation has ended (max_tokens or
+    end of speech), its audio still queued. The stream's end then says it was stopped, not max_tokens (a
+    client told "raise max_tokens" for audio its own stop cut); a stop that cut nothing leaves the reason."""
+    from orpheus_triton.decode_rounds import DecodeScheduler
+
+    def ended(stream_id, windows, arrived, reason="max_tokens"):
+        item = _item(stream_id, windows, last=True, arrived=arrived)
+        item.finish_reason = reason
+        return item
+
+    scheduler = DecodeScheduler(max_windows=64, idle_seconds=60, clock=lambda: 0.0)
+    # Generated whole, its last two requests still queued: the stop cuts their audio.
+    cut, untold = ended("cut", 3, arrived=2), ended("untold", 1, arrived=4, reason=None)
+    scheduler.add([_item("cut", arrived=1), cut, _item("untold", arrived=3), untold])
+    assert scheduler.drop("cut", still_open=False) and scheduler.drop("untold", still_open=False)
+    assert cut.finish_reason == "stopped" and untold.finish_reason is None  # none asked for: none made up
+    # Its whole audio decoded already, only its windowless end queued: nothing was cut.
+    heard = ended("heard", 0, arrived=5)
+    scheduler.add([heard])
+    assert not scheduler.drop("heard", still_open=False) and heard.finish_reason == "max_tokens"
+    # Stopped while its tokens still come: its end, when it arrives, says stopped.
+    scheduler.add([_item("open", arrived=6)])
+    scheduler.drop("open", still_open=True)
+    later = ended("open", 2, arrived=7, reason="end_of_speech")
+    scheduler.add([later])
+    assert later.finish_reason == "stopped" and later.windows == []
+
+
 def test_a_dropped_stream_whose_end_never_comes_is_forgotten():
     """A dropped stream's mark goes with a new request start under its id, or after idle_seconds; a
     stream whose end had arrived is not marked at all (a later stream with the id, even without a

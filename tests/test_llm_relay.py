@@ -390,6 +390,29 @@ def test_abandoned_stream_is_stopped_through_the_relay(relay_server):
 
 
 @pytest.mark.server
+def test_a_stopped_stream_says_so_whichever_relay_instance_the_stop_reached(relay_server):
+    """A stop reaches one relay instance; the stream may be another's, which then sees its engine stream
+    end short of max_tokens and took it for the end of speech. The decoder, which every stop reaches,
+    says the stream was stopped: the client is not told its text's end was spoken."""
+    import uuid
+
+    from orpheus_triton.client import OrpheusClient
+
+    url = f"localhost:{relay_server.ports.grpc}"
+    for _ in range(4):  # each stop reaches either of the two instances
+        caller, chunks = f"stopped-{uuid.uuid4()}", []
+
+        def stop_after_two(chunk, caller=caller, chunks=chunks):
+            chunks.append(chunk)
+            if len(chunks) == 2:
+                OrpheusClient(url).stop(caller)
+
+        result = OrpheusClient(url).synthesize("A long one.", max_tokens=6000, request_id=caller,
+                                               on_chunk=stop_after_two)
+        assert result.finish_reason == FINISH_STOPPED and result.audio_seconds < 30
+
+
+@pytest.mark.server
 def test_each_relay_instance_counts_its_streams_under_its_own_label(relay_server):
     """What a draining server waits for. The instances once set one shared gauge: the last writer's count
     showed, not the sum, and tritonserver freed it under the others as the first unloaded (an abort)."""

@@ -447,8 +447,10 @@ def test_a_stop_after_a_streams_generation_ended_spares_the_ids_next_stream(serv
             OrpheusClient(grpc_url).stop(caller)
             stopped.append(True)
 
-    OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=1400, request_id=caller, on_chunk=stop_once_generated)
+    first = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=1400, request_id=caller, on_chunk=stop_once_generated)
     assert stopped  # the llm ran ahead of the decoder (2-3x here): its generation ended mid-audio
+    # Its generation ended at max_tokens, but the stop cut its audio: it says it was stopped.
+    assert first.finish_reason == c.FINISH_STOPPED and first.audio_seconds < 1400 / c.REAL_TIME_TOKENS_PER_SECOND
     again = OrpheusClient(grpc_url).synthesize(TEXT, max_tokens=140, request_id=caller)
     assert len(again.chunks) >= 140 // c.TOKENS_PER_FRAME - 3
 
@@ -1010,7 +1012,7 @@ def test_cli_say_speaks_stdin_and_long_text_sentence_by_sentence(grpc_url, tmp_p
     )
     assert piped.returncode == 0, piped.stderr
     assert_same_audio(read_wav(tmp_path / "piped.wav")[1], expected)
-    assert "note: the audio was cut at max_tokens (28 tokens) before the speech ended" in piped.stdout
+    assert "note: the audio was cut at its --max-tokens (28 tokens) before the speech ended" in piped.stdout
     assert "--sentences" not in piped.stdout  # it is spoken sentence by sentence already
     # A failure ends the command at once, though the program writing its stdin has not finished.
     writer = subprocess.Popen(
@@ -1194,7 +1196,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     )
     assert say.returncode == 0, say.stderr
     assert "time to first audio" in say.stdout and "real-time factor" in say.stdout
-    assert "note: the audio was cut at max_tokens (70 tokens) before the speech ended" in say.stdout
+    assert "note: the audio was cut at its --max-tokens (70 tokens) before the speech ended" in say.stdout
     rate, audio = read_wav(tmp_path / "say.wav")
     assert rate == c.SAMPLE_RATE and audio.size == 10 * c.SAMPLES_PER_FRAME  # 10 frames
     # -o -: the same audio as raw PCM on stdout, the summary on stderr
@@ -1225,7 +1227,7 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
                           "--url", grpc_url, "--max-tokens", "70"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert read_wav(tmp_path / "ex.wav")[1].size > 0
-    assert "the audio was cut at --max-tokens" in run.stdout
+    assert "the audio was cut at the request's max_tokens" in run.stdout
     # SIGTERM mid-stream (kill, `timeout`): `say` ends the stream as on Ctrl-C and leaves a whole WAV
     # (it ended at once: the header said 0 frames, the stream ran on, counted in flight)
     import signal
@@ -1902,6 +1904,16 @@ def test_a_request_naming_no_max_tokens_gets_what_the_servers_length_leaves(othe
     with pytest.raises(SynthesisError, match=f"prompt of {prompt} tokens \\+ max_tokens {room + 1} exceeds the "
                                              f"server's max_seq_len {OTHER_MAX_SEQ_LEN}"):
         client.synthesize("Bonjour.", seed=1, max_tokens=room + 1)
+    # `say` naming no --max-tokens: its note on the cut names the server's length as its bound, not only the default.
+    import subprocess
+    import sys
+
+    say = subprocess.run([sys.executable, "-m", "orpheus_triton.cli", "say", "Bonjour.", "-o", "/dev/null",
+                          "--url", other_server], capture_output=True, text=True, timeout=120)
+    assert say.returncode == 0, say.stderr
+    assert ("cut at its max_tokens (1200 tokens by default, fewer where the server's --max-seq-len leaves fewer after "
+            "the prompt)") in say.stdout
+    assert "raise --max-tokens (up to what the server's --max-seq-len leaves)" in say.stdout
 
 
 def test_a_counted_stream_that_fails_keeps_the_audio_it_had(grpc_url):

@@ -247,10 +247,7 @@ def _synthesize(url: str, text: str | None, output: str, sentences: bool = False
         file=summary,
     )
     if result.finish_reason == FINISH_MAX_TOKENS:
-        print(cut_note or f"note: the audio was cut at max_tokens ({_max_tokens_said(options)}) before the speech "
-              "ended: the text's last words may be missing; raise --max-tokens"
-              + ("" if sentences or text is None else " or speak it sentence by sentence (--sentences)"),
-              file=summary)
+        print(cut_note or _cut_note(options, offer_sentences=not sentences and text is not None), file=summary)
 
 
 def _check_writable(path: Path) -> None:
@@ -332,12 +329,17 @@ async def _stdin_pieces():
         yield piece
 
 
-def _max_tokens_said(options: dict) -> str:
-    """The max_tokens a request asked for, as the note on a cut says it."""
-    asked = options.get("max_tokens")
-    if asked:
-        return f"{asked} tokens"
-    return f"{DEFAULT_MAX_TOKENS} tokens, or fewer where the server's --max-seq-len left fewer"
+def _cut_note(options: dict, offer_sentences: bool) -> str:
+    """The note on audio the server cut at its max_tokens: where the cut came from, and what helps
+    (``offer_sentences``: the command takes --sentences, and did not speak sentence by sentence)."""
+    if asked := options.get("max_tokens"):
+        cause, remedy = f"its --max-tokens ({asked} tokens)", "raise --max-tokens"
+    else:  # the server's default, or what its --max-seq-len leaves after the prompt (more is refused)
+        cause = (f"its max_tokens ({DEFAULT_MAX_TOKENS} tokens by default, fewer where the server's --max-seq-len "
+                 "leaves fewer after the prompt)")
+        remedy = "raise --max-tokens (up to what the server's --max-seq-len leaves)"
+    return (f"note: the audio was cut at {cause} before the speech ended: the text's last words may be missing; "
+            + remedy + (" or speak it sentence by sentence (--sentences)" if offer_sentences else ""))
 
 
 def _options(args) -> dict:
@@ -414,8 +416,9 @@ def cmd_demo(args) -> int:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
                 _log("server ready; synthesizing through the 'orpheus' ensemble")
                 # Random weights never choose end-of-speech: their cut is the demo's cap, not a missing word.
-                cut_note = None if args.models else (f"note: the audio stops at {args.max_tokens} tokens (the demo "
-                                                     "model's random weights never end their speech)")
+                cut_note = (_cut_note(_options(args), offer_sentences=False) if args.models
+                            else f"note: the audio stops at {args.max_tokens} tokens (the demo model's random weights "
+                                 "never end their speech)")
                 _synthesize(f"localhost:{ports.grpc}", args.text, args.output, cut_note=cut_note, **_options(args))
             finally:
                 stop_server(process, timeout=30)

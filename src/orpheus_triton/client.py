@@ -692,7 +692,8 @@ class AsyncOrpheusClient:
         or once the text has paused after its end mark for ``pause_seconds`` (a reply's "One moment." before
         a tool call is spoken then, not with the words after the call; ``text_stream.sentences_of``).
         Leaving early ends every running request the clean way (as ``stream``). ``on_finish`` hears why each
-        sentence's audio ended, as ``stream``'s does.
+        sentence's audio ended as its stream's last response arrives: when the sentence has been decoded,
+        which may be before it plays (``lookahead``), and with ``concurrency`` over 1 not always in text order.
         """
         if "request_id" in options:
             raise ValueError("stream_text gives each sentence a request id of its own; pass no request_id")

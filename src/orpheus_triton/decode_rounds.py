@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 from .constants import (
     DECODER_TOKENS,
     END_OF_SPEECH,
+    FINISH_STOPPED,
     NEWCOMER_ROUND_HORIZON,
     STALL_TOLERANCE,
     STREAM_STATE_SECONDS,
@@ -113,14 +114,19 @@ class DecodeScheduler:
         """Decode nothing more of the stream with this id: its queued requests are answered without audio,
         in order, and, if its end has not arrived yet (``still_open``: StreamDecoderState still frames it,
         under ``request_start``), so are those still to come up to its end. Requests of it already taken
-        into a round are decoded. Returns whether this drop ended anything not dropped before: windows
-        still to decode, or a stream not yet marked (a stop sent again counts once)."""
+        into a round are decoded. A stream whose audio this cuts short ends saying it was stopped (its last
+        request's finish reason, where it has one), whatever ended its generation: the llm stage runs ahead
+        of the decoder, so a stop often comes once generation has ended. Returns whether this drop ended
+        anything not dropped before: windows still to decode, or a stream not yet marked (a stop sent
+        again counts once)."""
         now = self.clock()
         with self._ready:
             queue = self._queues.get(stream_id, ())
             unheard = any(item.windows for item in queue)
             for item in queue:
                 item.windows = []
+            if unheard:
+                _say_stopped(queue)
             marked = still_open and self._dropped.get(stream_id, (object(),))[0] != request_start
             if still_open:
                 self._dropped[stream_id] = (request_start, now)
@@ -137,6 +143,7 @@ class DecodeScheduler:
         item.windows = []
         if item.last:
             del self._dropped[item.stream_id]
+            _say_stopped([item])
 
     def queued_windows(self) -> int:
         with self._ready:
@@ -278,6 +285,16 @@ def request_size_refusal(tokens: int, max_windows: int) -> str | None:
     return (f"{DECODER_TOKENS} holds {tokens} token ids; send at most {most} a request "
             f"({most // TOKENS_PER_FRAME} frames): "
             "a stream's tokens may come in several requests with the same id")
+
+
+def _say_stopped(items: Iterable[DecodeItem]) -> None:
+    """The stream of ``items`` (in order, maybe followed by a later stream's under its id) was cut short by a
+    stop: its last request, if among them, says so where it says why the stream ended."""
+    for item in items:
+        if item.last:
+            if item.finish_reason is not None:
+                item.finish_reason = FINISH_STOPPED
+            return
 
 
 class StreamDecoderState:
