@@ -568,7 +568,8 @@ def _server_options(parser: argparse.ArgumentParser) -> None:
                                  "torch's default on GPU)")
 
 
-def _synthesis_options(parser: argparse.ArgumentParser) -> None:
+def _synthesis_options(parser: argparse.ArgumentParser, demo: bool = False) -> None:
+    """The options of a request, for `say` and `demo` (``demo``: its own default max_tokens)."""
     parser.add_argument("-o", "--output", default="out.wav",
                         help=f"WAV file to write (default: out.wav), or - for raw PCM on stdout as it arrives "
                              f"(16-bit little-endian, {SAMPLE_RATE} Hz, mono: | aplay -f S16_LE -r {SAMPLE_RATE})")
@@ -576,10 +577,11 @@ def _synthesis_options(parser: argparse.ArgumentParser) -> None:
                                          f"{', '.join(VOICES)}, default {DEFAULT_VOICE})")
     parser.add_argument("--seed", type=_seed, default=0,
                         help="sampling seed: the same text, voice, options and seed give the same audio (default 0)")
+    served = f"{DEFAULT_MAX_TOKENS}, about 14 s, or what the server's --max-seq-len leaves after the prompt"
+    default = (f"{DEMO_MAX_TOKENS}, about 5 s, with the demo model set; with --models {served}" if demo
+               else f"{served}; the demo model set never ends its speech by itself, so it takes all of them")
     parser.add_argument("--max-tokens", type=max_tokens, default=None, metavar="N",
-                        help=f"audio tokens to generate at most, 7 per 85 ms (default {DEFAULT_MAX_TOKENS}, about "
-                             f"14 s, or what the server's --max-seq-len leaves after the prompt; the demo model set "
-                             f"never ends its speech by itself, so every request takes all of them)")
+                        help=f"audio tokens to generate at most, 7 per 85 ms (default {default})")
     parser.add_argument("--temperature", type=float, default=None, metavar="T",
                         help=f"sampling temperature (server default {DEFAULT_TEMPERATURE:g})")
     parser.add_argument("--top-p", type=float, default=None, metavar="P",
@@ -626,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start a server, synthesize one WAV through it, stop")
     demo.add_argument("text", nargs="?", default=DEFAULT_TEXT, help=f"what to say (default: {DEFAULT_TEXT!r})")
     _server_options(demo)
-    _synthesis_options(demo)
+    _synthesis_options(demo, demo=True)
     demo.set_defaults(run=cmd_demo)
 
     download = commands.add_parser("download", help="fetch Orpheus 3B and SNAC 24 kHz weights (Hugging Face hub)")
