@@ -395,3 +395,29 @@ def test_a_stream_whose_figures_show_a_publish_late_is_still_drained():
                                drain=drain)
     assert status == 0 and any("drained: every stream has finished" in line for line in said), said
     assert time.monotonic() - drain.started_at >= 3.0  # drained after the stream ended, not before it showed
+
+
+PRINT_PARENT_DEATH_SIGNAL = (
+    "import ctypes, os; value = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(value));"  # PR_GET_PDEATHSIG
+    " print(os.getpid(), value.value)"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_command_run_with_the_parent_death_signal_is_the_child_itself_and_gets_sigterm():
+    """The command becomes the child (its pid, the one a launcher signals) with SIGTERM as its
+    parent-death signal, set without a ``preexec_fn`` (which made the child fork where gRPC's fork handlers
+    can kill it before its exec); a command that cannot run says so."""
+    import signal
+    import subprocess
+
+    command = server.with_parent_death_signal([sys.executable, "-c", PRINT_PARENT_DEATH_SIGNAL])
+    child = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert child.returncode == 0, child.stderr
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    pid, death_signal = process.communicate(timeout=30)[0].split()
+    assert int(pid) == process.pid and int(death_signal) == signal.SIGTERM
+    missing = subprocess.run(server.with_parent_death_signal(["/nonexistent/tritonserver", "--help"]),
+                             capture_output=True, text=True, timeout=30)
+    assert missing.returncode == 1
+    assert "cannot run /nonexistent/tritonserver: [Errno 2] No such file or directory" in missing.stderr

@@ -1250,10 +1250,15 @@ def test_cli_say_and_example_client_write_wavs(server, grpc_url, tmp_path):
     # Ctrl-C mid-stream: the example sends the llm's `stop` and ends (it hung on tritonclient's thread)
     import signal
 
-    # (SIGINT as in a terminal: a test run started in the background inherits it ignored)
-    interrupted = subprocess.Popen([sys.executable, "-u", str(example), "a long one", str(tmp_path / "cut.wav"),
-                                    "--url", grpc_url, "--max-tokens", "980"], stdout=subprocess.PIPE, text=True,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (SIGINT as in a terminal: a test run started in the background has it ignored, and a child inherits
+    # that; a handler is not inherited. Not a preexec_fn: it makes the child fork, which gRPC's fork
+    # handlers in this process can kill before its exec)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupted = subprocess.Popen([sys.executable, "-u", str(example), "a long one", str(tmp_path / "cut.wav"),
+                                        "--url", grpc_url, "--max-tokens", "980"], stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert interrupted.stdout.readline().startswith("first audio after")
     interrupted.send_signal(signal.SIGINT)
     try:

@@ -182,7 +182,7 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
 
     Call it from the thread that lives as long as the server should: on Linux the server gets SIGTERM
     (Triton's graceful stop) when that thread's process or the thread itself ends, also when the
-    launcher is killed with SIGKILL and cannot stop it (see ``ParentDeathSignal``).
+    launcher is killed with SIGKILL and cannot stop it (see ``with_parent_death_signal``).
     """
     env = server_environment()
     for name, value in (environment or {}).items():
@@ -191,42 +191,39 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
         else:
             env[name] = value
     return subprocess.Popen(
-        server_command(repository, ports, extra), env=env,
+        with_parent_death_signal(server_command(repository, ports, extra)), env=env,
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
-        preexec_fn=ParentDeathSignal.for_child(),
     )
 
 
-class ParentDeathSignal:
-    """Run in a freshly forked child (``preexec_fn``): ask Linux to send it SIGTERM when its parent ends.
+# Run by a fresh Python in the child's place: set the parent-death signal, then become the command.
+_PARENT_DEATH_SIGNAL = """\
+import ctypes, os, signal, sys
+parent, command = int(sys.argv[1]), sys.argv[2:]
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the parent ended before the call
+    os.kill(os.getpid(), signal.SIGTERM)
+try:
+    os.execvp(command[0], command)
+except OSError as error:
+    sys.exit(f"cannot run {command[0]}: {error}")
+"""
+
+
+def with_parent_death_signal(command: list[str]) -> list[str]:
+    """``command`` run so that Linux sends it SIGTERM when the thread that started it ends.
 
     A server in a session of its own outlives a launcher that dies without stopping it (SIGKILL, the OOM
     killer), holding its ports and memory. The kernel's parent-death signal (prctl PR_SET_PDEATHSIG) ends
-    it then; it survives the exec into tritonserver. libc's ``prctl`` is looked up before the fork, so the
-    child only makes the call. If the parent is already gone by then, the child ends itself at once.
+    it then; it survives the exec into the command, and the process keeps its pid. A short Python sets it
+    and execs, not a ``preexec_fn``: that hook makes ``subprocess`` fork where it would vfork, and in a
+    process with gRPC channels open (a client, a benchmark) grpcio's fork handlers start a poller in the
+    child whose descriptor ``close_fds`` then closes, so the child can die before its exec (grpcio 1.81 and
+    later, grpc/grpc#43055). Elsewhere than on Linux, ``command`` as it is.
     """
-
-    PR_SET_PDEATHSIG = 1
-
-    def __init__(self, prctl, parent: int) -> None:
-        self._prctl = prctl
-        self._parent = parent
-
-    @classmethod
-    def for_child(cls) -> ParentDeathSignal | None:
-        """The hook for this process's next child, or None where the kernel has no parent-death signal."""
-        if not sys.platform.startswith("linux"):
-            return None
-        import ctypes  # noqa: PLC0415
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
-        return cls(prctl, os.getpid())
-
-    def __call__(self) -> None:
-        self._prctl(self.PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != self._parent:  # the parent ended between the fork and the call
-            os.kill(os.getpid(), signal.SIGTERM)
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-I", "-S", "-c", _PARENT_DEATH_SIGNAL, str(os.getpid()), *command]
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
