@@ -6,6 +6,7 @@ import os
 import pytest
 
 from orpheus_triton.callers import (
+    EXACT_COUNT_SECONDS,
     LEASE_IDLE_SECONDS,
     LEASE_TOUCH_SECONDS,
     CallerLeases,
@@ -220,3 +221,31 @@ def test_the_llm_stages_streams_are_kept_alive_while_they_wait_or_generate(tmp_p
     leases.close()
     time.sleep(0.8)
     assert leases.count() == 0
+
+
+def test_a_bounded_admission_counts_leases_by_name_and_looks_at_them_at_most_once_a_second(tmp_path, monkeypatch):
+    """A bounded admission counted the live leases by looking at each (a stat per lease, under the
+    admission's lock: a millisecond at hundreds of callers). Their names are enough below the bound;
+    where the names reach it, expired leases are looked for at most every EXACT_COUNT_SECONDS, so a lost
+    caller's place frees that long after its lease expired, and only live leases count."""
+    clock = Clock()
+    leases = leases_on(tmp_path / "callers", clock)
+    for n in range(3):
+        leases.admit(f"caller-{n}", max_callers=5)
+    looked = []
+    real_count = CallerLeases._count
+    monkeypatch.setattr(CallerLeases, "_count", lambda self, *a, **k: looked.append(1) or real_count(self, *a, **k))
+    leases.admit("caller-3", max_callers=5)
+    leases.admit("caller-4", max_callers=5)  # 4 named before it: under 5, in
+    with pytest.raises(CallersFull, match="5 in flight"):
+        leases.admit("caller-5", max_callers=5)  # by the names: the live leases were looked at under a second ago
+    assert not looked
+    clock.now += EXACT_COUNT_SECONDS
+    with pytest.raises(CallersFull, match="5 in flight"):
+        leases.admit("caller-5", max_callers=5)
+    assert looked == [1]
+    clock.now += LEASE_IDLE_SECONDS / 2
+    leases.touch("caller-0")
+    clock.now += LEASE_IDLE_SECONDS / 2 + 1  # all but caller-0 expired: 5 named, 1 live
+    leases.admit("caller-5", max_callers=2)
+    assert leases.count() == 2 and len(os.listdir(tmp_path / "callers")) == 3  # the lock file and two leases

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 LEASE_IDLE_SECONDS = 30.0
 # A stage touches a stream's lease at most this often (a file's time set: a system call).
 LEASE_TOUCH_SECONDS = 5.0
+# A bounded admission that finds as many leases as its bound by their names looks for expired ones among
+# them at most this often: a lost caller's place is free at most this long after its lease expired.
+EXACT_COUNT_SECONDS = 1.0
 # Named so that no request id's lease can take it (those are hex digits).
 _ADMISSION_LOCK = ".admission.lock"
 # What a refusal at the bound says after `server busy: K in flight, ` (read by perf/overload_bench.py).
@@ -71,6 +74,7 @@ class CallerLeases:
         self._touched: dict[str, float] = {}  # lease -> when this process last touched it
         self._sweep = IdleSweep(idle_seconds, clock())
         self._next_removal = clock()  # when admission next removes expired leases, bounded or not
+        self._next_exact = self._next_removal  # the earliest a bounded admission at its bound next does
         self._lock = threading.Lock()  # an flock is per open file: the threads of a process take turns first
         self._closed = threading.Event()
         self._warned = -_WARN_SECONDS
@@ -97,12 +101,19 @@ class CallerLeases:
                 if path.exists() and not self._expired(path, now):
                     raise StreamIdError(f"request id {shown(request_id)} is already streaming (a caller with it is "
                                         "still in flight); every concurrent stream needs its own id")
-                if max_callers > 0 or now >= self._next_removal:  # expired leases go, bounded or not
-                    self._next_removal = now + self.idle_seconds
+                # Bounded, the leases are counted by their names (expired ones too: never fewer than live
+                # ones); expired leases go every idle_seconds, bounded or not, and at most every
+                # EXACT_COUNT_SECONDS where the names reach the bound, which then counts live leases only.
+                due, held = now >= self._next_removal, 0
+                if max_callers > 0 and not due:
+                    held = self._named()
+                    due = held >= max_callers and now >= self._next_exact
+                if due:
+                    self._next_removal, self._next_exact = now + self.idle_seconds, now + EXACT_COUNT_SECONDS
                     held = self._count(now, remove_expired=True)
-                    if max_callers > 0 and held >= max_callers:
-                        raise CallersFull(f"{SERVER_BUSY}: {held} in flight, {CALLERS_FULL} "
-                                          f"(--max-callers {max_callers}); retry on another server or later")
+                if max_callers > 0 and held >= max_callers:
+                    raise CallersFull(f"{SERVER_BUSY}: {held} in flight, {CALLERS_FULL} "
+                                      f"(--max-callers {max_callers}); retry on another server or later")
                 path.touch()
                 os.utime(path, (now, now))
         except OSError as error:
@@ -171,6 +182,12 @@ class CallerLeases:
                     elif remove_expired:
                         os.unlink(entry.path)
         return live
+
+    def _named(self) -> int:
+        """At least as many as the live leases, from the folder's listing alone (expired leases too): at
+        hundreds of callers in flight, looking at each lease took a bounded admission a millisecond, under
+        the admission's lock."""
+        return sum(not name.startswith(".") for name in os.listdir(self.folder))
 
     def _set_time(self, name: str, now: float) -> None:
         with contextlib.suppress(FileNotFoundError):
