@@ -536,18 +536,27 @@ def serve_repository(repository: Path, log_path: Path, mps: bool = False) -> Ite
     """Run tritonserver on ``repository`` on free ports (``mps``: under an MPS control daemon of its own);
     stop it and remove the repository after, also when a step's time limit (SIGTERM) ends the run: then
     with STOP_ON_SIGNAL_SECONDS for the server's stop, so that the stop and the daemon's quit come before
-    the limit's SIGKILL (run_on_gpu.sh: 20 s later)."""
+    the limit's SIGKILL (run_on_gpu.sh: 20 s later). Its stages count the callers in flight in a folder of
+    the run's, as `serve`'s do (``counted_callers``): what is measured is what `serve` runs, leases and all,
+    and a repository rendered with a ``max_callers`` loads."""
     from orpheus_triton.interrupts import terminate_as_interrupt  # noqa: PLC0415
     from orpheus_triton.mps import mps_if  # noqa: PLC0415
-    from orpheus_triton.server import Ports, start_server, stop_server, wait_until_ready  # noqa: PLC0415
+    from orpheus_triton.server import (  # noqa: PLC0415
+        Ports,
+        counted_callers,
+        start_server,
+        stop_server,
+        wait_until_ready,
+    )
 
     ports = Ports.free()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with terminate_as_interrupt(), mps_if(mps, log) as environment, open(log_path, "w") as log_file:
+        with (terminate_as_interrupt(), mps_if(mps, log) as environment, counted_callers(log) as callers,
+              open(log_path, "w") as log_file):
             started = time.perf_counter()
             process = start_server(repository, ports, log_file=log_file, extra=["--exit-timeout-secs=15"],
-                                   environment=environment)
+                                   environment={**environment, **callers})
             stop_seconds = 60.0
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}", timeout=900)

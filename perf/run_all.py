@@ -88,7 +88,7 @@ def server_overrides(args: argparse.Namespace) -> dict:
     overrides = {"llm_cpu_threads": args.llm_cpu_threads, "decoder_cpu_threads": args.decoder_cpu_threads,
                  "llm_response_thread": args.llm_response_thread,
                  "decoder_response_thread": args.decoder_response_thread,
-                 "llm_cancel_check_seconds": args.llm_cancel_check_seconds}
+                 "llm_cancel_check_seconds": args.llm_cancel_check_seconds, "max_callers": args.max_callers}
     if args.decoder_newcomer_horizon is not None:
         overrides["decoder_newcomer_horizon"] = args.decoder_newcomer_horizon
     return overrides
@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with the response thread, how often Triton is asked about every stream's "
                              "cancellation (default CANCEL_CHECK_SECONDS, 0: at every engine step, within the "
                              "passes' duty)")
+    parser.add_argument("--max-callers", type=non_negative, default=0, metavar="N",
+                        help="the server takes at most N callers in flight, end to end (serve --max-callers; 0: no "
+                             "bound, as serve's default); callers are counted either way, as serve counts them")
     parser.add_argument("--paced-llm", type=float, default=0.0, metavar="TOKENS_PER_S",
                         help="serve with the llm stage's engine replaced by a stand-in without a model that gives "
                              "every stream this many tokens a second (perf/paced_llm; with --skip-comparisons): "

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,8 @@ def test_the_gpu_summary_reads_a_short_runs_folder(tmp_path):
     assert "## Served with the GPU shared under MPS (serving-mps)\n\nno serving-mps/result.json" in text
     assert "- profile, 1 streams: step 7.88 ms, device busy 5.10 ms, 1650 kernels a step" in text
     assert "## Round trips of the Python backend (round-trips)" in text and "| 216 | 8.1 |" in text
+    assert "## Counting the callers in flight (callers)\n\nnot run (SHORT_STEPS without callers)" in text
+    assert "no serving-max-callers/result.json" in text
 
 
 def test_text_stream_bench_summarises_and_reports_its_runs():
@@ -394,6 +397,7 @@ def test_the_engine_benchs_closed_loop_admits_newcomers_at_the_rate_streams_end(
 @pytest.mark.parametrize("script", [
     [sys.executable, "make_input_data.py"], [sys.executable, "report.py"], ["bash", "install_perf_analyzer.sh"],
     [sys.executable, "run_all.py"], [sys.executable, "run_perf_analyzer.py"], [sys.executable, "engine_bench.py"],
+    [sys.executable, "callers_bench.py"],
 ])
 def test_perf_scripts_answer_help_without_doing_anything(script, tmp_path):
     """--help printed usage only after the work had started: a venv created, packages installed, files
@@ -511,3 +515,55 @@ def test_perf_analyzer_runs_refuse_a_metrics_page_they_cannot_read(server, tmp_p
     assert run_perf_analyzer.main(["--perf-analyzer", str(binary), "--url", f"localhost:{server.ports.grpc}",
                                    "--metrics-url", "http://localhost:9/metrics", "--out", str(out)]) == 1
     assert "error: --metrics-url http://localhost:9/metrics: " in capsys.readouterr().out and not out.exists()
+
+
+def test_benchmark_servers_count_their_callers_as_serve_does(model_set, tmp_path):
+    """perf's servers (common.serve_repository) ran without the folder where `serve`'s stages count the
+    callers in flight: what they measured left the leases' work out, and a repository rendered with a
+    max_callers (run_all's --max-callers) failed to load."""
+    import threading
+    import urllib.request
+
+    from common import serve_repository
+    from conftest import server_settings
+
+    from orpheus_triton.callers import CALLERS_FULL
+    from orpheus_triton.client import OrpheusClient, ServerUnavailable
+    from orpheus_triton.metrics import CALLERS_METRIC
+    from orpheus_triton.repository import render
+
+    repository = render(server_settings(model_set, max_callers=1), tmp_path / "repository")
+    with serve_repository(repository, tmp_path / "server.log") as server:
+        long_one = threading.Thread(target=OrpheusClient(server.url).synthesize, args=("a long one",),
+                                    kwargs={"max_tokens": 1400})
+        long_one.start()
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+                if [line for line in page.splitlines() if line.startswith(CALLERS_METRIC) and line.endswith(" 1")]:
+                    break  # counted (a series per preprocessing instance)
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"no caller counted in flight: {CALLERS_METRIC} not 1 in 30 s")
+            with pytest.raises(ServerUnavailable, match=CALLERS_FULL):
+                OrpheusClient(server.url).synthesize("Hello there.", max_tokens=70)
+        finally:
+            long_one.join(timeout=120)
+
+
+def test_callers_bench_times_each_lease_operation_and_leaves_no_lease(tmp_path):
+    """perf/callers_bench.py end to end, in a folder of the test's: every operation timed at each level,
+    the report's table, and the folder as empty as it was (the admission's lock file aside)."""
+    import callers_bench
+
+    folder = tmp_path / "leases"
+    assert callers_bench.main(["--held", "1,40", "--ops", "20", "--folder", str(folder),
+                               "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "callers_bench.json").read_text())
+    assert [row["held"] for row in result["levels"]] == [1, 40]
+    for row in result["levels"]:
+        assert all(0 < row[name] < 0.5 for name in callers_bench.OPERATIONS), row
+        assert row["core_share"] > 0 and row["core_share_bounded"] > 0
+    assert "| 40 | " in (tmp_path / "out" / "callers_bench.md").read_text()
+    assert [path.name for path in folder.iterdir()] == [".admission.lock"]

@@ -303,7 +303,7 @@ short() {
   # in the order named (default "check models serving serving-mps serving-paced serving-plumbing engine
   # perf-analyzer serving-no-overlap"; also "comparisons", "profile", "profile-no-overlap", "snac-sizes",
   # "engine-eager-sampling", "engine-no-overlap", "round-trips", "serving-newcomer-off", "serving-decoder-inline",
-  # "serving-paced-lanes").
+  # "serving-paced-lanes", "serving-max-callers", "callers").
   # A step that needs the model set makes it first when `models` has not run. Results in perf/results/gpu-short/.
   [[ -x "$VENV/bin/python" ]] || { log "run '$0 setup' first"; exit 1; }
   cd "$REPO"
@@ -424,6 +424,15 @@ short() {
         --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates "" \
         --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
         "${stack_args[@]}" --out "$out/serving-plumbing" "$@" ;;
+      # The served sweep bounded with serve's --max-callers (above the levels: nobody refused): every admission then
+      # counts the callers in flight (`serving` counts them too, unbounded, as serve does); the A/B against it.
+      serving-max-callers) model_set && step serving-max-callers 150 "$py" perf/run_all.py --shape orpheus-3b \
+        --device cuda --max-streams 256 --max-seq-len 1400 --max-callers 256 --concurrency 1,128,216 --texts short \
+        --max-tokens 0 --streams-per-worker 2 --ramp-seconds 3 --min-streams 8 --level-seconds 15 --poisson-rates 32 \
+        --poisson-streams 96 --skip-comparisons --no-perf-analyzer --retry-busy 0 --loadgen-processes 8 \
+        "${stack_args[@]}" --out "$out/serving-max-callers" "$@" ;;
+      # What each lease operation costs on this host's CPU and disk (perf/callers_bench.py; no GPU, seconds).
+      callers) step callers 60 "$py" perf/callers_bench.py --out "$out/callers" ;;
       # The decoder's newcomer round off (0 s): the A/B against `serving` for first audio under arrivals.
       serving-newcomer-off) model_set && step serving-newcomer-off 150 "$py" perf/run_all.py --shape orpheus-3b \
         --device cuda --max-streams 256 --max-seq-len 1400 --decoder-newcomer-horizon 0 \

@@ -125,6 +125,14 @@ def round_trips(folder: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if not line.startswith("# ")]
 
 
+def callers(folder: Path) -> list[str]:
+    """perf/callers_bench.py's table (the `callers` step): the leases' operations on this host."""
+    path = folder / "callers" / "callers_bench.md"
+    if not path.is_file():
+        return ["not run (SHORT_STEPS without callers)"]
+    return [line for line in path.read_text().splitlines() if not line.startswith("# ")]
+
+
 def summary(folder: Path) -> str:
     machine = (folder / "machine.txt").read_text().splitlines()[:3] if (folder / "machine.txt").is_file() else []
     sections = [("Steps", steps(folder)), ("check_gpu", check(folder)), ("Engine", engine(folder)),
@@ -139,6 +147,8 @@ def summary(folder: Path) -> str:
                 ("Served without the newcomer round (serving-newcomer-off)", serving(folder, "serving-newcomer-off")),
                 ("Served with the decoder's responses inline (serving-decoder-inline)",
                  serving(folder, "serving-decoder-inline")),
+                ("Served bounded by --max-callers (serving-max-callers)", serving(folder, "serving-max-callers")),
+                ("Counting the callers in flight (callers)", callers(folder)),
                 ("perf_analyzer", perf_analyzer(folder)), ("Step profile", profiles(folder)),
                 ("Round trips of the Python backend (round-trips)", round_trips(folder))]
     parts = [f"# GPU short run: {folder}", "", *machine]
