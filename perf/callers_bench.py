@@ -88,8 +88,9 @@ def report(result: dict) -> str:
         "",
         f"* {machine_and_code(result)}",
         f"* folder: {result['folder_kind']}; {result['ops']} operations each, median",
-        "* admit: preprocessing's admission (`serve`, no bound); admit bounded: with `--max-callers` (counts "
-        "the live leases each time); end: the decoder's release; touch: the decoder's call per answer (within "
+        "* admit: preprocessing's admission (`serve`, no bound); admit bounded: with `--max-callers` above the "
+        "leases held (they are counted by their names); end: the decoder's release; touch: the decoder's call "
+        "per answer (within "
         f"{LEASE_TOUCH_SECONDS:.0f} s of the last: no system call); refresh: a lease's time set (the llm stage, "
         f"every {LEASE_TOUCH_SECONDS:.0f} s per stream)",
         f"* share of a core: at N streams of {seconds:g} s each (N / {seconds:g} admissions and ends a second), "

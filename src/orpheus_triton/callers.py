@@ -14,7 +14,8 @@ either: anyone with a stream's id can stop it). The llm stage touches the leases
 for a slot or generating) and the decoder those of the streams whose audio leaves; a
 lease untouched for ``LEASE_IDLE_SECONDS`` no longer counts, so a caller lost where no stage sees its end
 (a bare gRPC cancellation through the ensemble, a closed HTTP connection, a stub that crashed) frees its
-place then.
+place then (at the bound, up to ``EXACT_COUNT_SECONDS`` later: a bounded admission counts the leases by
+their names and looks for expired ones only where the names reach the bound).
 
 The lease is also the id's: preprocessing refuses a second caller with the id of one in flight, where
 the llm stage alone let one in as soon as the first stream's generation ended, its audio still decoding.
