@@ -66,7 +66,7 @@ from orpheus_triton.loadgen import (
     workload,
 )
 from orpheus_triton.metrics import CALLERS_METRIC, CALLERS_REFUSED_METRIC, STALL_SECONDS_METRIC, STALLS_METRIC
-from orpheus_triton.server import Ports, log_tail, wait_until_ready, with_parent_death_signal
+from orpheus_triton.server import Ports, log_tail, popen_with_parent_death_signal, wait_until_ready
 
 TEXT = "medium"
 READY_SECONDS = 600.0  # a fresh server loads its models in about 20 s here; much longer on a busy machine
@@ -125,7 +125,7 @@ def serve(max_callers: int, log_path: Path) -> Iterator[RunningServer]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log_file:  # a file, not a pipe: the server's processes inherit it
         # Its parent-death signal: a benchmark killed outright (SIGKILL) still stops its server.
-        process = subprocess.Popen(with_parent_death_signal(command), stdout=log_file, stderr=subprocess.STDOUT)
+        process = popen_with_parent_death_signal(command, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"localhost:{ports.grpc}"
     try:
         started = time.perf_counter()

@@ -407,17 +407,36 @@ PRINT_PARENT_DEATH_SIGNAL = (
 def test_a_command_run_with_the_parent_death_signal_is_the_child_itself_and_gets_sigterm():
     """The command becomes the child (its pid, the one a launcher signals) with SIGTERM as its
     parent-death signal, set without a ``preexec_fn`` (which made the child fork where gRPC's fork handlers
-    can kill it before its exec); a command that cannot run says so."""
+    can kill it before its exec), and SIGPIPE and SIGXFSZ not ignored (Python's own, kept by an exec); a
+    command that cannot run raises as Popen does."""
     import signal
     import subprocess
 
-    command = server.with_parent_death_signal([sys.executable, "-c", PRINT_PARENT_DEATH_SIGNAL])
-    child = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    assert child.returncode == 0, child.stderr
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = server.popen_with_parent_death_signal([sys.executable, "-c", PRINT_PARENT_DEATH_SIGNAL],
+                                                    stdout=subprocess.PIPE, text=True)
     pid, death_signal = process.communicate(timeout=30)[0].split()
     assert int(pid) == process.pid and int(death_signal) == signal.SIGTERM
-    missing = subprocess.run(server.with_parent_death_signal(["/nonexistent/tritonserver", "--help"]),
-                             capture_output=True, text=True, timeout=30)
-    assert missing.returncode == 1
-    assert "cannot run /nonexistent/tritonserver: [Errno 2] No such file or directory" in missing.stderr
+    status = server.popen_with_parent_death_signal(["cat", "/proc/self/status"], stdout=subprocess.PIPE, text=True)
+    ignored = next(line.split()[1] for line in status.communicate(timeout=30)[0].splitlines()
+                   if line.startswith("SigIgn:"))  # cat's own: not a Python's, which ignores both itself
+    assert not int(ignored, 16) & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), ignored
+    with pytest.raises(FileNotFoundError, match=r"No such file or directory: '/nonexistent/tritonserver'"):
+        server.popen_with_parent_death_signal(["/nonexistent/tritonserver", "--help"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_thread_that_ends_at_once_after_starting_a_command_still_ends_it():
+    """The parent-death signal is set before the start returns: a thread that ended right after starting
+    the command left it running (the signal was set by the child tens of milliseconds later)."""
+    import subprocess
+    import threading
+
+    started = []
+    thread = threading.Thread(target=lambda: started.append(server.popen_with_parent_death_signal(
+        [sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.DEVNULL)))
+    thread.start()
+    thread.join()
+    try:
+        assert started[0].wait(timeout=10) == -15  # SIGTERM as the thread ended
+    finally:
+        started[0].kill()

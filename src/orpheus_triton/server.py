@@ -182,7 +182,7 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
 
     Call it from the thread that lives as long as the server should: on Linux the server gets SIGTERM
     (Triton's graceful stop) when that thread's process or the thread itself ends, also when the
-    launcher is killed with SIGKILL and cannot stop it (see ``with_parent_death_signal``).
+    launcher is killed with SIGKILL and cannot stop it (see ``popen_with_parent_death_signal``).
     """
     env = server_environment()
     for name, value in (environment or {}).items():
@@ -190,28 +190,35 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
             env.pop(name, None)
         else:
             env[name] = value
-    return subprocess.Popen(
-        with_parent_death_signal(server_command(repository, ports, extra)), env=env,
+    return popen_with_parent_death_signal(
+        server_command(repository, ports, extra), env=env,
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
     )
 
 
-# Run by a fresh Python in the child's place: set the parent-death signal, then become the command.
+# Run by a fresh Python in the child's place: set the parent-death signal, then become the command. The
+# pipe (argv[2], a descriptor) closes at the exec: its parent waits for that, so the signal is set before
+# the thread that started it may end; a command that cannot run writes its errno and strerror there.
 _PARENT_DEATH_SIGNAL = """\
 import ctypes, os, signal, sys
-parent, command = int(sys.argv[1]), sys.argv[2:]
+parent, pipe, command = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != parent:  # the parent ended before the call
     os.kill(os.getpid(), signal.SIGTERM)
+for name in ("SIGPIPE", "SIGXFSZ"):  # Python ignores them, an exec keeps that: as subprocess leaves them
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+os.set_inheritable(pipe, False)
 try:
     os.execvp(command[0], command)
 except OSError as error:
-    sys.exit(f"cannot run {command[0]}: {error}")
+    os.write(pipe, f"{error.errno}\\0{error.strerror}".encode())
+    os._exit(127)
 """
 
 
-def with_parent_death_signal(command: list[str]) -> list[str]:
-    """``command`` run so that Linux sends it SIGTERM when the thread that started it ends.
+def popen_with_parent_death_signal(command: list[str], **options) -> subprocess.Popen:
+    """``subprocess.Popen(command, **options)``, the child getting SIGTERM when the thread that started it
+    ends (on Linux; elsewhere a plain Popen).
 
     A server in a session of its own outlives a launcher that dies without stopping it (SIGKILL, the OOM
     killer), holding its ports and memory. The kernel's parent-death signal (prctl PR_SET_PDEATHSIG) ends
@@ -219,11 +226,28 @@ def with_parent_death_signal(command: list[str]) -> list[str]:
     and execs, not a ``preexec_fn``: that hook makes ``subprocess`` fork where it would vfork, and in a
     process with gRPC channels open (a client, a benchmark) grpcio's fork handlers start a poller in the
     child whose descriptor ``close_fds`` then closes, so the child can die before its exec (grpcio 1.81 and
-    later, grpc/grpc#43055). Elsewhere than on Linux, ``command`` as it is.
+    later, grpc/grpc#43055). This returns once the child has exec'd (the signal set), as Popen does, and
+    raises as Popen does where the command cannot run (FileNotFoundError for a missing one).
     """
     if not sys.platform.startswith("linux"):
-        return list(command)
-    return [sys.executable, "-I", "-S", "-c", _PARENT_DEATH_SIGNAL, str(os.getpid()), *command]
+        return subprocess.Popen(command, **options)
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _PARENT_DEATH_SIGNAL, str(os.getpid()), str(write_end), *command],
+            pass_fds=(write_end,), **options)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        failure = pipe.read()  # until the exec closes it (or the wrapper ends)
+    if failure:
+        process.wait()
+        number, _, message = failure.decode(errors="replace").partition("\0")
+        raise OSError(int(number), message, command[0])
+    return process
 
 
 def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
