@@ -112,7 +112,7 @@ def test_processes_admitting_at_once_take_no_more_than_the_bound(tmp_path):
     """Preprocessing runs as several processes (instances): counting and taking a lease is one step."""
     folder = tmp_path / "callers"
     folder.mkdir()
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # not fork: this process may have gRPC channels open
     admitted = context.Queue()
     workers = [context.Process(target=_admit_all, args=(str(folder), [f"{n}-{i}" for i in range(20)], 13, admitted))
                for n in range(4)]
@@ -229,9 +229,10 @@ def test_a_bounded_admission_counts_leases_by_name_and_looks_at_them_at_most_onc
     where the names reach it, expired leases are looked for at most every EXACT_COUNT_SECONDS, so a lost
     caller's place frees that long after its lease expired, and only live leases count."""
     clock = Clock()
+    start = clock.now
     leases = leases_on(tmp_path / "callers", clock)
     for n in range(3):
-        leases.admit(f"caller-{n}", max_callers=5)
+        leases.admit(f"caller-{n}", max_callers=5)  # the first one counts them (none yet); the next in 30 s
     looked = []
     real_count = CallerLeases._count
     monkeypatch.setattr(CallerLeases, "_count", lambda self, *a, **k: looked.append(1) or real_count(self, *a, **k))
@@ -240,12 +241,41 @@ def test_a_bounded_admission_counts_leases_by_name_and_looks_at_them_at_most_onc
     with pytest.raises(CallersFull, match="5 in flight"):
         leases.admit("caller-5", max_callers=5)  # by the names: the live leases were looked at under a second ago
     assert not looked
-    clock.now += EXACT_COUNT_SECONDS
+    clock.now = start + EXACT_COUNT_SECONDS
     with pytest.raises(CallersFull, match="5 in flight"):
         leases.admit("caller-5", max_callers=5)
-    assert looked == [1]
-    clock.now += LEASE_IDLE_SECONDS / 2
+    assert looked == [1]  # and the next look at every lease is due 30 s later (at start + 31)
+    clock.now = start + 15
     leases.touch("caller-0")
-    clock.now += LEASE_IDLE_SECONDS / 2 + 1  # all but caller-0 expired: 5 named, 1 live
-    leases.admit("caller-5", max_callers=2)
+    clock.now = start + LEASE_IDLE_SECONDS + 0.5  # all but caller-0 expired: 5 named, 1 live
+    leases.admit("caller-5", max_callers=2)  # at the bound by the names: a look at each frees four places
+    assert looked == [1, 1]
     assert leases.count() == 2 and len(os.listdir(tmp_path / "callers")) == 3  # the lock file and two leases
+
+
+def test_a_bounded_admission_looks_at_the_leases_after_the_clock_went_back(tmp_path):
+    """Its looks at every lease are planned by the wall clock: set back by ten minutes, the clock put them
+    off by as much, and the places of lost callers stayed taken meanwhile."""
+    clock = Clock()
+    leases = leases_on(tmp_path / "callers", clock)
+    leases.admit("lost", max_callers=1)
+    clock.now += LEASE_IDLE_SECONDS + 1  # its lease expired...
+    clock.now -= 600  # ...and the clock went back (an NTP step), leaving it in the future by the clock
+    leases._set_time(leases._name("lost"), clock.now - LEASE_IDLE_SECONDS - 1)  # expired by the clock now
+    leases.admit("next", max_callers=1)
+    assert leases.count() == 1
+
+
+def test_a_caller_whose_own_lease_expired_is_not_counted_against_itself(tmp_path):
+    """Its lease would be taken again, not added: counted among the names, it refused the caller for up to
+    a second after a look at every lease."""
+    clock = Clock()
+    start = clock.now
+    leases = leases_on(tmp_path / "callers", clock)
+    leases.admit("again", max_callers=1)
+    clock.now = start + LEASE_IDLE_SECONDS - 0.1
+    with pytest.raises(CallersFull):
+        leases.admit("other", max_callers=1)  # a look at every lease: "again" still live
+    clock.now = start + LEASE_IDLE_SECONDS + 0.1  # lost (unseen), and the same id comes back within the second
+    leases.admit("again", max_callers=1)
+    assert leases.count() == 1

@@ -91,8 +91,9 @@ class CallerLeases:
         return cls(folder)
 
     def admit(self, request_id: str, max_callers: int = 0) -> None:
-        """Take a lease for ``request_id``'s caller. Raises CallersFull where ``max_callers`` (> 0) live
-        leases are held already, StreamIdError where one is the id's own (a caller in flight with it).
+        """Take a lease for ``request_id``'s caller. Raises CallersFull where ``max_callers`` (> 0) leases
+        are held already (live ones, or for up to EXACT_COUNT_SECONDS leases that expired meanwhile),
+        StreamIdError where a live one is the id's own (a caller in flight with it).
         A folder that cannot be written is made again; where that fails too, the caller is let in
         uncounted (said in the log) unless the server is bounded, which then raises the OSError."""
         path = self._path(request_id)
@@ -103,12 +104,13 @@ class CallerLeases:
                     raise StreamIdError(f"request id {shown(request_id)} is already streaming (a caller with it is "
                                         "still in flight); every concurrent stream needs its own id")
                 # Bounded, the leases are counted by their names (expired ones too: never fewer than live
-                # ones); expired leases go every idle_seconds, bounded or not, and at most every
-                # EXACT_COUNT_SECONDS where the names reach the bound, which then counts live leases only.
-                due, held = now >= self._next_removal, 0
+                # ones; the caller's own, expired, would be taken again); expired leases go every
+                # idle_seconds, bounded or not, and at most every EXACT_COUNT_SECONDS where the names reach
+                # the bound, which then counts live leases only.
+                due, held = _due(now, self._next_removal, self.idle_seconds), 0
                 if max_callers > 0 and not due:
-                    held = self._named()
-                    due = held >= max_callers and now >= self._next_exact
+                    held = self._named() - path.exists()
+                    due = held >= max_callers and _due(now, self._next_exact, EXACT_COUNT_SECONDS)
                 if due:
                     self._next_removal, self._next_exact = now + self.idle_seconds, now + EXACT_COUNT_SECONDS
                     held = self._count(now, remove_expired=True)
@@ -222,6 +224,12 @@ class CallerLeases:
     @staticmethod
     def _name(request_id: str) -> str:
         return hashlib.sha256(request_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _due(now: float, at: float, interval: float) -> bool:
+    """Whether a step planned for ``at`` (``interval`` after it last ran) is due ``now``: also where the
+    clock went back since (``at`` more than ``interval`` ahead), which would otherwise put it off that long."""
+    return now >= at or at - now > interval
 
 
 def _nobody(request_id: str) -> None:
