@@ -9,8 +9,10 @@ is a round trip from the backend stub to the server. This benchmark holds
 times, for ``--seconds`` each: sends of a frame's tokens and of a window's
 audio, ``is_cancelled``, a whole cancellation pass over every stream, a send and
 an ask in turn on one thread (passes on the response thread), sends beside
-a second thread that asks (passes on a thread of their own), and sends of audio
-from 2 and 4 threads at once, each on its own share of the streams. From those:
+a second thread that asks (passes on a thread of their own), sends of audio
+from 2 and 4 threads at once, each on its own share of the streams, and a
+request's own lookups (an input, an optional one it lacks, the outputs it asks
+for: the snac_decoder adapter's per request). From those:
 what a cancellation pass costs at a given number of streams, how many responses a
 second one thread can send, and how many several threads can.
 
@@ -44,6 +46,9 @@ ROWS = (  # (result key, what it is)
     ("send_beside_pass_thread", "a send, while a second thread runs passes back to back"),
     ("send_audio_2_threads", "sends of a frame's audio from 2 threads at once (a second: theirs together)"),
     ("send_audio_4_threads", "sends of a frame's audio from 4 threads at once (a second: theirs together)"),
+    ("input_there", "look up an input the request has (no round trip)"),
+    ("input_absent", "look up an optional input the request lacks (no round trip)"),
+    ("outputs_asked", "the outputs the request asks for (no round trip)"),
 )
 
 

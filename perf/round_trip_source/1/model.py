@@ -4,8 +4,10 @@ Held requests are the streams. A measuring request starts a thread that, for
 ``seconds`` per pattern, sends responses and asks ``is_cancelled`` on the held
 streams round robin, in the patterns the llm and snac_decoder adapters use
 (triton_calls.ResponseQueue, triton_calls.CancellationWatch), and sends from several threads
-at once (a send releases the GIL while the server takes it), then answers with the timings
-and ends every held stream. No request is asked anything after its final response.
+at once (a send releases the GIL while the server takes it), and a request's own lookups (an input
+there and one not, the outputs it asks for: local to the stub, no round trip; the snac_decoder adapter
+makes several a request), then answers with the timings and ends every held stream. No request is asked
+anything after its final response.
 """
 
 import json
@@ -34,14 +36,14 @@ def _timed(call, seconds: float) -> dict:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.held = []  # senders of the held streams
+        self.held = []  # (request, sender) of the held streams
 
     def execute(self, requests):
         for request in requests:
             seconds = float(pb_utils.get_input_tensor_by_name(request, "seconds").as_numpy().reshape(-1)[0])
             sender = request.get_response_sender()
             if seconds <= 0:
-                self.held.append(sender)
+                self.held.append((request, sender))
             else:
                 held, self.held = self.held, []
                 threading.Thread(target=self.measure, args=(sender, held, seconds), daemon=True).start()
@@ -53,13 +55,14 @@ class TritonPythonModel:
         except Exception as error:  # noqa: BLE001 (the client hears it)
             result = {"error": repr(error)}
         finally:
-            for stream in held:
+            for _, stream in held:
                 stream.send(flags=FINAL)
         sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("result", np.array([json.dumps(result)],
                                                                                       dtype=object))]), flags=FINAL)
 
     @staticmethod
-    def patterns(held, seconds) -> dict:
+    def patterns(streams, seconds) -> dict:
+        requests, held = [request for request, _ in streams], [sender for _, sender in streams]
         tokens = pb_utils.Tensor("tokens", np.arange(TOKENS_PER_FRAME, dtype=np.int32))  # an llm response
         audio = pb_utils.Tensor("audio", np.zeros(SAMPLES_PER_FRAME, dtype=np.int16))  # a decoder response
         n = len(held)
@@ -72,6 +75,15 @@ class TritonPythonModel:
 
         def ask(i):
             held[i % n].is_cancelled()
+
+        def input_there(i):
+            pb_utils.get_input_tensor_by_name(requests[i % n], "seconds")
+
+        def input_absent(i):  # an optional input the request did not send (the decoder's stop, start, finish)
+            pb_utils.get_input_tensor_by_name(requests[i % n], "absent")
+
+        def outputs_asked(i):
+            requests[i % n].requested_output_names()
 
         def cancellation_pass(_):
             for stream in held:
@@ -132,4 +144,7 @@ class TritonPythonModel:
             "pass_thread_beside_sends": passes_beside,
             "send_audio_2_threads": from_threads(2),
             "send_audio_4_threads": from_threads(4),
+            "input_there": _timed(input_there, seconds),
+            "input_absent": _timed(input_absent, seconds),
+            "outputs_asked": _timed(outputs_asked, seconds),
         }
