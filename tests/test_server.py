@@ -2033,3 +2033,36 @@ def test_preprocessing_refuses_a_bad_request_as_invalid_not_as_an_internal_error
     with pytest.raises(urllib.error.HTTPError) as http_refused:
         urllib.request.urlopen(request, timeout=30)
     assert http_refused.value.code == 400 and "text is empty" in http_refused.value.read().decode()
+
+
+def test_a_killed_servers_shared_memory_regions_are_removed(tmp_path):
+    """Triton removes its Python backend stubs' shared memory regions (/dev/shm, 1 MiB and up each) as
+    it stops, but not those of stubs killed outright: a server killed after its exit timeout, or a second
+    Ctrl-C, held that memory until the next reboot (hundreds of MiB after days of test runs). Each server
+    names its regions with a prefix of its own, and ``kill_server_group`` removes what is left."""
+    import os
+    import shutil
+    import signal
+    import sys
+
+    from orpheus_triton import server as launcher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "perf"))
+    import loadgen_bench  # the load generator's stand-in `orpheus`: one Python model, loads in a second
+
+    model = tmp_path / "repository" / c.ENSEMBLE_MODEL
+    shutil.copytree(loadgen_bench.STANDIN / "1", model / "1")
+    (model / "config.pbtxt").write_text(loadgen_bench.standin_config(1.0))
+    ports = launcher.Ports.free()
+    with open(tmp_path / "server.log", "w") as log:
+        process = launcher.start_server(tmp_path / "repository", ports, log_file=log)
+    prefix = launcher._SHM_PREFIXES[process.pid]
+    try:
+        launcher.wait_until_ready(process, f"localhost:{ports.grpc}", timeout=120)
+        assert list(launcher.SHM_FOLDER.glob(f"{prefix}*")), "the stub's regions carry the server's prefix"
+        os.killpg(process.pid, signal.SIGKILL)  # no stop: nothing of it removes its regions
+        process.wait(timeout=30)
+        assert list(launcher.SHM_FOLDER.glob(f"{prefix}*"))
+    finally:
+        launcher.kill_server_group(process)
+    assert not list(launcher.SHM_FOLDER.glob(f"{prefix}*"))

@@ -190,10 +190,21 @@ def start_server(repository: Path, ports: Ports, log_file=None, extra: list[str]
             env.pop(name, None)
         else:
             env[name] = value
-    return popen_with_parent_death_signal(
-        server_command(repository, ports, extra), env=env,
+    prefix = f"orpheus_triton_{os.getpid()}_{secrets.token_hex(4)}_"
+    shm = [f"--backend-config=python,shm-region-prefix-name={prefix}"]
+    process = popen_with_parent_death_signal(
+        server_command(repository, ports, [*(extra or []), *shm]), env=env,
         stdout=log_file, stderr=subprocess.STDOUT if log_file else None, start_new_session=True,
     )
+    _SHM_PREFIXES[process.pid] = prefix
+    return process
+
+
+# The prefix of each started server's Python backend shared memory regions (files in /dev/shm, 1 MiB and up
+# a stub), by the server's pid: Triton removes them as it stops, but not those of stubs killed outright (a
+# server killed after its exit timeout, a second Ctrl-C), which held that memory until the next reboot.
+_SHM_PREFIXES: dict[int, str] = {}
+SHM_FOLDER = Path("/dev/shm")
 
 
 # Run by a fresh Python in the child's place: set the parent-death signal, then become the command. The
@@ -266,9 +277,14 @@ def stop_server(process: subprocess.Popen, timeout: float = 60.0) -> int:
 
 def kill_server_group(process: subprocess.Popen) -> None:
     """SIGKILL a ``start_server`` process's group: the server and its backend stubs, also when the
-    server itself is already gone (a crashed or hastily exited server leaves its stubs running)."""
+    server itself is already gone (a crashed or hastily exited server leaves its stubs running); and
+    remove the shared memory regions its stubs left (``_SHM_PREFIXES``)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
+    if prefix := _SHM_PREFIXES.pop(process.pid, None):  # what its stubs' shared memory left (none after a clean stop)
+        for region in SHM_FOLDER.glob(f"{prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
 
 
 PYTHON_STUB = "triton_python_backend_stub"
