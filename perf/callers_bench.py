@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine_info(), "source": source_state(), "folder_kind": kind, "ops": args.ops,
               "stream_seconds": args.stream_seconds, "levels": levels}
-    write_result(folder, "callers_bench", result, report(result))
-    print(report(result))
+    text = report(result)
+    write_result(folder, "callers_bench", result, text)
+    print(text)
     return 0
 
 

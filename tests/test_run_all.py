@@ -522,9 +522,8 @@ def test_benchmark_servers_count_their_callers_as_serve_does(model_set, tmp_path
     callers in flight: what they measured left the leases' work out, and a repository rendered with a
     max_callers (run_all's --max-callers) failed to load."""
     import threading
-    import urllib.request
 
-    from common import serve_repository
+    from common import metric_values, serve_repository
     from conftest import server_settings
 
     from orpheus_triton.callers import CALLERS_FULL
@@ -540,8 +539,7 @@ def test_benchmark_servers_count_their_callers_as_serve_does(model_set, tmp_path
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                page = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-                if [line for line in page.splitlines() if line.startswith(CALLERS_METRIC) and line.endswith(" 1")]:
+                if 1.0 in metric_values(server.metrics_url, CALLERS_METRIC):
                     break  # counted (a series per preprocessing instance)
                 time.sleep(0.1)
             else:

@@ -99,8 +99,8 @@ class CallerLeases:
         path = self._path(request_id)
         try:
             with self._admission():
-                now = self.clock()
-                if path.exists() and not self._expired(path, now):
+                now, own = self.clock(), path.exists()
+                if own and not self._expired(path, now):
                     raise StreamIdError(f"request id {shown(request_id)} is already streaming (a caller with it is "
                                         "still in flight); every concurrent stream needs its own id")
                 # Bounded, the leases are counted by their names (expired ones too: never fewer than live
@@ -109,7 +109,7 @@ class CallerLeases:
                 # the bound, which then counts live leases only.
                 due, held = _due(now, self._next_removal, self.idle_seconds), 0
                 if max_callers > 0 and not due:
-                    held = self._named() - path.exists()
+                    held = self._named() - own
                     due = held >= max_callers and _due(now, self._next_exact, EXACT_COUNT_SECONDS)
                 if due:
                     self._next_removal, self._next_exact = now + self.idle_seconds, now + EXACT_COUNT_SECONDS

@@ -415,11 +415,12 @@ def cmd_demo(args) -> int:
             try:
                 wait_until_ready(process, f"localhost:{ports.grpc}")
                 _log("server ready; synthesizing through the 'orpheus' ensemble")
+                options = _options(args)
                 # Random weights never choose end-of-speech: their cut is the demo's cap, not a missing word.
-                cut_note = (_cut_note(_options(args), offer_sentences=False) if args.models
+                cut_note = (_cut_note(options, offer_sentences=False) if args.models
                             else f"note: the audio stops at {args.max_tokens} tokens (the demo model's random weights "
                                  "never end their speech)")
-                _synthesize(f"localhost:{ports.grpc}", args.text, args.output, cut_note=cut_note, **_options(args))
+                _synthesize(f"localhost:{ports.grpc}", args.text, args.output, cut_note=cut_note, **options)
             finally:
                 stop_server(process, timeout=30)
     except KeyboardInterrupt:
